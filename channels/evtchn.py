@@ -1,0 +1,97 @@
+"""Event channels, the domain side: a port bound between two domains, with a doorbell each way.
+
+hyperd owns the port tables (hyper/evtchn.py) and creates the doorbell semaphores; a domain
+asks for ports with hypercalls and then rings its peer's doorbell directly, so a notification
+costs one semaphore post, not a round trip through hyperd:
+
+    frontend                                  backend
+    ch = alloc_unbound(hc, remote_dom=0)
+    (publish ch.port in the store)            ch = bind_interdomain(hc, front_domid, port)
+    ch.notify()  ── posts backend's doorbell ─► ch.wait(timeout)
+    ch.wait()    ◄─ posts frontend's doorbell ─ ch.notify()
+
+Notifications coalesce (channels/doorbell.py): N notifies before the peer wakes give one wakeup,
+so a consumer must always re-check its ring after waking, never count wakeups.
+"""
+
+from __future__ import annotations
+
+from channels.doorbell import Doorbell
+from channels.hypercall import (
+    EvtchnAllocUnbound,
+    EvtchnBindInterdomain,
+    EvtchnClose,
+    EvtchnStatus,
+    HypercallClient,
+    HypercallError,
+)
+
+
+class EventChannel:
+    """One local port. ``wait`` blocks on our doorbell; ``notify`` rings the peer's."""
+
+    def __init__(
+        self, hc: HypercallClient, port: int, doorbell: str, peer_doorbell: str | None
+    ) -> None:
+        self._hc = hc
+        self.port = port
+        self._doorbell = Doorbell(doorbell)
+        self._peer: Doorbell | None = Doorbell(peer_doorbell) if peer_doorbell else None
+        self._closed = False
+
+    @property
+    def bound(self) -> bool:
+        return self._peer is not None or self._refresh()
+
+    def _refresh(self) -> bool:
+        """An unbound port learns its peer's doorbell once the peer has bound to it."""
+        status = self._hc.call(EvtchnStatus(port=self.port))
+        if status.get("peer_doorbell"):
+            self._peer = Doorbell(status["peer_doorbell"])
+            return True
+        return False
+
+    def notify(self) -> None:
+        """Ring the peer. Before the peer binds this is dropped: binding sets the new port
+        pending, so the peer re-checks its ring as soon as it exists."""
+        if self._peer is None and not self._refresh():
+            return
+        assert self._peer is not None
+        self._peer.ring()
+
+    def wait(self, timeout: float | None) -> bool:
+        """Block until notified (True) or ``timeout`` seconds pass (False)."""
+        return self._doorbell.wait(timeout)
+
+    def kick(self) -> None:
+        """Ring our own doorbell: wakes whoever waits on this port (used to stop a waiter)."""
+        self._doorbell.ring()
+
+    def close(self) -> None:
+        """Free the port. The peer's port returns to unbound (it may be re-bound later)."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self._hc.call(EvtchnClose(port=self.port))
+        except HypercallError:
+            pass  # the domain or the hypervisor is going away; the port goes with it
+        self._doorbell.close()
+        if self._peer is not None:
+            self._peer.close()
+
+
+def alloc_unbound(hc: HypercallClient, remote_dom: int) -> EventChannel:
+    result = hc.call(EvtchnAllocUnbound(remote_dom=remote_dom))
+    return EventChannel(hc, result["port"], result["doorbell"], None)
+
+
+def bind_interdomain(hc: HypercallClient, remote_dom: int, remote_port: int) -> EventChannel:
+    result = hc.call(EvtchnBindInterdomain(remote_dom=remote_dom, remote_port=remote_port))
+    return EventChannel(hc, result["port"], result["doorbell"], result["peer_doorbell"])
+
+
+def from_status(hc: HypercallClient, port: int) -> EventChannel:
+    """Open a port hyperd bound for us at build time (the store and console channels)."""
+    status = hc.call(EvtchnStatus(port=port))
+    return EventChannel(hc, port, status["doorbell"], status.get("peer_doorbell"))

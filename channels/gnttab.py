@@ -1,0 +1,113 @@
+"""Grant tables over shared memory: a granting domain's pool of pages, and a peer's view of it.
+
+A *pool* is one shared-memory object hyperd creates for one device connection (so a backend can
+never reach another connection's or another domain's pages). It starts with the pool's grant
+table, Xen's v1 entries of 8 bytes, one per page, followed by the pages themselves:
+
+    offset 0                     entries[pages]: u16 flags, u16 domid, u32 frame
+    offset table_pages * 4096    page 0, page 1, ... page pages-1
+
+Grant ref ``gref_base + i`` names entry i. The granter writes domid and frame first, then flags
+(GTF_permit_access, optionally GTF_readonly), as Xen's ordering rules ask. The grantee resolves
+a gref by copying the entry once and validating the copy: the ref is in the pool, the entry
+permits access to *this* domain, the frame is inside the pool, and a write needs an entry that
+is not read-only. Any failure raises GrantError, which a backend turns into an error response.
+"""
+
+from __future__ import annotations
+
+import struct
+
+from channels.ring import PAGE_SIZE
+from channels.shm import Segment, attach
+
+GTF_invalid = 0
+GTF_permit_access = 1
+GTF_type_mask = 3
+GTF_readonly = 1 << 2
+
+ENTRY = struct.Struct("<HHI")
+
+
+class GrantError(Exception):
+    """A grant reference that does not name a page the caller may use this way."""
+
+
+def table_pages(pages: int) -> int:
+    return (pages * ENTRY.size + PAGE_SIZE - 1) // PAGE_SIZE
+
+
+def pool_bytes(pages: int) -> int:
+    return (table_pages(pages) + pages) * PAGE_SIZE
+
+
+class _Pool:
+    def __init__(self, segment: Segment, gref_base: int, pages: int) -> None:
+        self._segment = segment
+        self.gref_base = gref_base
+        self.pages = pages
+        self._data_offset = table_pages(pages) * PAGE_SIZE
+        self.buf = segment.buf
+
+    def page(self, frame: int) -> memoryview:
+        start = self._data_offset + frame * PAGE_SIZE
+        return self.buf[start : start + PAGE_SIZE]
+
+    def __contains__(self, gref: int) -> bool:
+        return self.gref_base <= gref < self.gref_base + self.pages
+
+    def close(self) -> None:
+        self.buf = memoryview(b"")
+        self._segment.close()
+
+
+class GrantPool(_Pool):
+    """The granting side (a frontend): hands out grefs for its pages."""
+
+    @classmethod
+    def open(cls, name: str, gref_base: int, pages: int) -> GrantPool:
+        return cls(attach(name), gref_base, pages)
+
+    def grant(self, index: int, domid: int, *, readonly: bool, frame: int | None = None) -> int:
+        """Grant page ``frame`` (default: ``index``) to ``domid`` through entry ``index``."""
+        frame = index if frame is None else frame
+        if not (0 <= index < self.pages and 0 <= frame < self.pages):
+            raise GrantError(f"entry {index} / frame {frame} outside a pool of {self.pages}")
+        offset = index * ENTRY.size
+        flags = GTF_permit_access | (GTF_readonly if readonly else 0)
+        # domid and frame first, then flags: the peer never sees a valid type with stale fields.
+        struct.pack_into("<HI", self.buf, offset + 2, domid, frame)
+        struct.pack_into("<H", self.buf, offset, flags)
+        return self.gref_base + index
+
+    def end_access(self, gref: int) -> None:
+        if gref not in self:
+            raise GrantError(f"gref {gref} is not in this pool")
+        struct.pack_into("<H", self.buf, (gref - self.gref_base) * ENTRY.size, GTF_invalid)
+
+
+class MappedPool(_Pool):
+    """The grantee side (a backend): resolves grefs to pages after validating them."""
+
+    def __init__(self, segment: Segment, gref_base: int, pages: int, domid: int) -> None:
+        super().__init__(segment, gref_base, pages)
+        self.domid = domid
+
+    @classmethod
+    def open(cls, name: str, gref_base: int, pages: int, domid: int) -> MappedPool:
+        return cls(attach(name), gref_base, pages, domid)
+
+    def resolve(self, gref: int, *, write: bool) -> memoryview:
+        """The page behind ``gref``, checked on a private copy of its entry."""
+        if gref not in self:
+            raise GrantError(f"gref {gref} outside pool {self.gref_base}+{self.pages}")
+        flags, domid, frame = ENTRY.unpack_from(self.buf, (gref - self.gref_base) * ENTRY.size)
+        if flags & GTF_type_mask != GTF_permit_access:
+            raise GrantError(f"gref {gref} is not granted")
+        if domid != self.domid:
+            raise GrantError(f"gref {gref} is granted to domain {domid}, not {self.domid}")
+        if frame >= self.pages:
+            raise GrantError(f"gref {gref} names frame {frame} outside the pool")
+        if write and flags & GTF_readonly:
+            raise GrantError(f"gref {gref} is read-only")
+        return self.page(frame)

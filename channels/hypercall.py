@@ -1,0 +1,362 @@
+"""The hypercall ABI: what a domain may ask of hyperd, and how.
+
+Every domain gets one end of a SOCK_SEQPACKET socket pair when hyperd spawns it. The socket *is*
+the caller's identity: hyperd knows which domain holds which end, so no message carries a trusted
+domid. A message is one JSON object:
+
+    request   {"id": 7, "op": "evtchn_alloc_unbound", "args": {"remote_dom": 0}}
+    reply     {"id": 7, "ok": true, "result": {...}}
+              {"id": 7, "ok": false, "error": "EPERM", "message": "..."}
+    event     {"event": "domain_state", "data": {...}}        (hyperd -> dom0 only)
+
+Each operation is a pydantic model below. Its docstring says who may call it; operations marked
+``privileged`` are refused with EPERM to every domain but dom0. Arguments are validated on the
+hyperd side against these models (unknown keys forbidden), because a domU may send anything.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import socket
+import threading
+from collections.abc import Callable
+from typing import Any, ClassVar, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+log = logging.getLogger(__name__)
+
+DOMID_MAX = 0x7FEF  # ids from 0x7FF0 up are reserved, as in Xen
+MAX_MESSAGE = 256 * 1024
+
+DomId = int
+
+
+class HypercallError(Exception):
+    """hyperd refused or failed a hypercall; ``errno_name`` is e.g. "EPERM" or "EINVAL"."""
+
+    def __init__(self, op: str, errno_name: str, message: str) -> None:
+        super().__init__(f"{op}: {errno_name}: {message}")
+        self.op = op
+        self.errno_name = errno_name
+        self.message = message
+
+
+class HypervisorGone(HypercallError):
+    """The hypercall socket closed: hyperd exited or was killed."""
+
+    def __init__(self, op: str) -> None:
+        super().__init__(op, "ENOTCONN", "hypervisor connection closed")
+
+
+class Op(BaseModel):
+    """Base of every hypercall; subclasses set ``op`` and, for dom0-only calls, ``privileged``."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    op: ClassVar[str]
+    privileged: ClassVar[bool] = False
+
+
+# -- event channels --------------------------------------------------------------------------
+
+
+class EvtchnAllocUnbound(Op):
+    """Any domain: allocate a local port that only ``remote_dom`` may bind to.
+
+    Result: {"port", "doorbell"} where doorbell names the semaphore this port waits on."""
+
+    op = "evtchn_alloc_unbound"
+    remote_dom: int = Field(ge=0, le=DOMID_MAX)
+
+
+class EvtchnBindInterdomain(Op):
+    """Any domain: bind a new local port to ``remote_port`` of ``remote_dom``, which must have been
+    allocated unbound for the caller. Result: {"port", "doorbell", "peer_doorbell"}."""
+
+    op = "evtchn_bind_interdomain"
+    remote_dom: int = Field(ge=0, le=DOMID_MAX)
+    remote_port: int = Field(ge=1)
+
+
+class EvtchnStatus(Op):
+    """Any domain, own ports only. Result: {"state": "unbound"|"interdomain", "remote_dom",
+    "remote_port", "doorbell", "peer_doorbell" (None while unbound)}."""
+
+    op = "evtchn_status"
+    port: int = Field(ge=1)
+
+
+class EvtchnClose(Op):
+    """Any domain, own ports only: free the port; the peer's port returns to unbound."""
+
+    op = "evtchn_close"
+    port: int = Field(ge=1)
+
+
+# -- grant tables ----------------------------------------------------------------------------
+
+
+class GnttabSetupPool(Op):
+    """Any domain: a pool of ``pages`` 4 KiB pages that the caller may grant to ``peer`` only.
+
+    Result: {"pool", "name", "gref_base", "pages"}: grant refs gref_base..gref_base+pages-1 name
+    the pool's pages; the pool's own grant entries say which of them are currently granted."""
+
+    op = "gnttab_setup_pool"
+    peer: int = Field(ge=0, le=DOMID_MAX)
+    pages: int = Field(ge=1, le=4096)
+
+
+class GnttabMapPool(Op):
+    """Any domain: map the pool of ``granter`` that contains ``gref``; refused unless the pool
+    was set up for the caller. Result: {"pool", "name", "gref_base", "pages"}."""
+
+    op = "gnttab_map_pool"
+    granter: int = Field(ge=0, le=DOMID_MAX)
+    gref: int = Field(ge=0)
+
+
+class GnttabReleasePool(Op):
+    """The granting domain: destroy one of its pools (the peer's mapping stays valid until the
+    peer unmaps it, as a revoked grant does not yank a live mapping)."""
+
+    op = "gnttab_release_pool"
+    pool: int = Field(ge=0)
+
+
+# -- scheduling ------------------------------------------------------------------------------
+
+
+class SchedBooted(Op):
+    """A domU kernel: boot finished, the workload runs. The domain's state becomes running."""
+
+    op = "sched_booted"
+
+
+class SchedShutdown(Op):
+    """Any domain, about itself: it is shutting down for ``reason`` (SCHEDOP_shutdown).
+    ``code`` is the workload's exit status, for the log."""
+
+    op = "sched_shutdown"
+    reason: Literal["poweroff", "reboot", "crash"]
+    code: int = 0
+
+
+# -- domain control (dom0 only) --------------------------------------------------------------
+
+
+class DomctlCreate(Op):
+    """dom0: build a domain from a validated config (hyper.config.DomainConfig as JSON).
+    Result: DomainInfo of the new domain."""
+
+    op = "domctl_create"
+    privileged = True
+    config: dict[str, Any]
+
+
+class DomctlDestroy(Op):
+    """dom0: kill a domain now and release everything it holds."""
+
+    op = "domctl_destroy"
+    privileged = True
+    domid: int = Field(ge=1, le=DOMID_MAX)
+
+
+class DomctlPause(Op):
+    """dom0: freeze (pause=True) or thaw (pause=False) every process of a domain."""
+
+    op = "domctl_pause"
+    privileged = True
+    domid: int = Field(ge=1, le=DOMID_MAX)
+    pause: bool
+
+
+class DomctlList(Op):
+    """dom0: every domain, dom0 included. Result: {"domains": [DomainInfo...]}."""
+
+    op = "domctl_list"
+    privileged = True
+
+
+class DomctlExecTarget(Op):
+    """dom0: where a process must go to run inside a domain's sandbox.
+    Result: {"pid": host pid of the domain's workload init, "cgroup_procs": [paths]}."""
+
+    op = "domctl_exec_target"
+    privileged = True
+    domid: int = Field(ge=1, le=DOMID_MAX)
+
+
+class DomctlSetSched(Op):
+    """dom0: change a domain's cpu_weight and/or cap (xl sched-credit)."""
+
+    op = "domctl_set_sched"
+    privileged = True
+    domid: int = Field(ge=1, le=DOMID_MAX)
+    cpu_weight: int | None = Field(default=None, ge=1, le=65535)
+    cap: int | None = Field(default=None, ge=0)
+
+
+class SysctlDmesg(Op):
+    """dom0: the hypervisor's log. Result: {"lines": [...]}."""
+
+    op = "sysctl_dmesg"
+    privileged = True
+    clear: bool = False
+
+
+class SysctlInfo(Op):
+    """dom0: host and hypervisor facts for `hyperctl info`."""
+
+    op = "sysctl_info"
+    privileged = True
+
+
+class SysctlHalt(Op):
+    """dom0: destroy every domU, then stop dom0 and hyperd."""
+
+    op = "sysctl_halt"
+    privileged = True
+
+
+OPS: dict[str, type[Op]] = {
+    cls.op: cls
+    for cls in (
+        EvtchnAllocUnbound,
+        EvtchnBindInterdomain,
+        EvtchnStatus,
+        EvtchnClose,
+        GnttabSetupPool,
+        GnttabMapPool,
+        GnttabReleasePool,
+        SchedBooted,
+        SchedShutdown,
+        DomctlCreate,
+        DomctlDestroy,
+        DomctlPause,
+        DomctlList,
+        DomctlExecTarget,
+        DomctlSetSched,
+        SysctlDmesg,
+        SysctlInfo,
+        SysctlHalt,
+    )
+}
+
+
+def parse_request(data: bytes) -> tuple[int, Op]:
+    """Decode one request from a (possibly hostile) domain; raises ValueError naming the fault."""
+    try:
+        msg = json.loads(data)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ValueError("not JSON") from exc
+    if not isinstance(msg, dict) or not isinstance(msg.get("id"), int):
+        raise ValueError("not a request object")
+    cls = OPS.get(str(msg.get("op")))
+    if cls is None:
+        raise ValueError(f"unknown op {msg.get('op')!r}")
+    try:
+        return msg["id"], cls.model_validate(msg.get("args") or {})
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc']) or 'args'}: {e['msg']}" for e in exc.errors()
+        )
+        raise ValueError(f"{cls.op}: {problems}") from exc
+
+
+def encode(obj: dict[str, Any]) -> bytes:
+    return json.dumps(obj, separators=(",", ":")).encode()
+
+
+class HypercallClient:
+    """The domain side of the hypercall socket: blocking calls, plus events for dom0.
+
+    A reader thread matches replies to callers by id and hands events to ``on_event`` (run on
+    the reader thread: keep it short, or queue the work)."""
+
+    def __init__(
+        self,
+        sock: socket.socket,
+        on_event: Callable[[str, dict[str, Any]], None] | None = None,
+        timeout: float = 30.0,
+    ) -> None:
+        self._sock = sock
+        self._on_event = on_event
+        self._timeout = timeout
+        self._ids = itertools.count(1)
+        self._lock = threading.Lock()
+        self._waiting: dict[int, list[Any]] = {}
+        self._closed = False
+        self._reader = threading.Thread(target=self._read_loop, name="hypercall", daemon=True)
+        self._reader.start()
+
+    def call(self, op: Op) -> dict[str, Any]:
+        req_id = next(self._ids)
+        slot: list[Any] = [threading.Event(), None]
+        with self._lock:
+            if self._closed:
+                raise HypervisorGone(op.op)
+            self._waiting[req_id] = slot
+        try:
+            self._sock.send(encode({"id": req_id, "op": op.op, "args": op.model_dump(mode="json")}))
+        except OSError as exc:
+            raise HypervisorGone(op.op) from exc
+        if not slot[0].wait(self._timeout):
+            with self._lock:
+                self._waiting.pop(req_id, None)
+            raise HypercallError(op.op, "ETIMEDOUT", f"no reply in {self._timeout:.0f} s")
+        reply = slot[1]
+        if reply is None:
+            raise HypervisorGone(op.op)
+        if not reply.get("ok"):
+            raise HypercallError(op.op, reply.get("error", "EIO"), reply.get("message", ""))
+        return reply.get("result") or {}
+
+    def _read_loop(self) -> None:
+        while True:
+            try:
+                data = self._sock.recv(MAX_MESSAGE)
+            except OSError:
+                data = b""
+            if not data:
+                break
+            try:
+                msg = json.loads(data)
+            except ValueError:
+                log.warning("hypercall: undecodable message from hyperd dropped")
+                continue
+            if "event" in msg:
+                if self._on_event is not None:
+                    try:
+                        self._on_event(msg["event"], msg.get("data") or {})
+                    except Exception:
+                        log.exception("hypercall event handler failed on %s", msg["event"])
+                continue
+            with self._lock:
+                slot = self._waiting.pop(msg.get("id"), None)
+            if slot is not None:
+                slot[1] = msg
+                slot[0].set()
+        with self._lock:
+            self._closed = True
+            pending, self._waiting = self._waiting, {}
+        for slot in pending.values():
+            slot[0].set()
+        if self._on_event is not None:
+            try:
+                self._on_event("hypervisor_gone", {})
+            except Exception:
+                log.exception("hypercall event handler failed on hypervisor_gone")
+
+    @property
+    def connected(self) -> bool:
+        return not self._closed
+
+    def close(self) -> None:
+        try:
+            self._sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self._sock.close()

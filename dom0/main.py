@@ -1,0 +1,63 @@
+"""dom0: the store, the toolstack and the backends, in one privileged process.
+
+hyperd starts it with its hypercall socket (``--hypercall-fd``) and restarts it if it dies.
+Threads: the hypercall reader, the toolstack's event thread (domain introductions and deaths
+from hyperd), the control socket, and one per domain for each backend.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import queue
+import signal
+import socket
+import threading
+from pathlib import Path
+from typing import Any
+
+from channels.hypercall import HypercallClient
+from channels.xs import XsClient
+from dom0.store.core import Store
+from dom0.toolstack import Toolstack
+from hyper.paths import RunDir
+
+log = logging.getLogger("dom0")
+
+
+def local_client(store: Store, domid: int = 0) -> XsClient:
+    """A store client for code running inside dom0: requests go straight into the store."""
+    client: XsClient
+    conn = None
+
+    def send(data: bytes) -> None:
+        assert conn is not None
+        conn.feed(data)
+
+    client = XsClient(send)
+    conn = store.connect(domid, client.feed)
+    return client
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="dom0")
+    parser.add_argument("--hypercall-fd", type=int, required=True)
+    parser.add_argument("--run-dir", type=Path, default=None)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s dom0 %(name)s: %(message)s")
+    run = RunDir(args.run_dir) if args.run_dir else RunDir()
+    store = Store()
+    xs = local_client(store)
+    # Events may arrive as soon as the socket is read: queue them for the toolstack.
+    events: queue.Queue[tuple[str, dict[str, Any]]] = queue.Queue()
+    hc = HypercallClient(socket.socket(fileno=args.hypercall_fd),
+                         on_event=lambda name, data: events.put((name, data)))
+    toolstack = Toolstack(hc, store, xs, run.toolstack_socket, events)
+    signal.signal(signal.SIGTERM, lambda *_: toolstack.stopped.set())
+    threading.Thread(target=toolstack.run_events, name="events", daemon=True).start()
+    threading.Thread(target=toolstack.serve, name="control", daemon=True).start()
+    log.info("dom0 up; toolstack on %s", run.toolstack_socket)
+    toolstack.stopped.wait()
+    toolstack.close()
+    log.info("dom0 stopping")
+    return 0

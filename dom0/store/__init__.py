@@ -1,0 +1,45 @@
+"""The store: dom0's XenStore, one module per concept (like xenstored).
+
+Code map::
+
+    core.py          Store: the lock, tree, connections, domains; watch firing; introduce/release
+    requests.py      one handler per message type (xenstored's wire_funcs[]), payload parsing
+    nodes.py         read/write/mkdir/rm/directory/perms with permission and quota checks
+    tree.py          Node, the live Tree (per-node generation counters), the View protocol
+    perms.py         permission rules: owner first, inheritance, who may change what
+    watches.py       watch records and which change fires which watch
+    transactions.py  private overlay per transaction, EAGAIN on conflicting commit
+    domains.py       introduced domains, per-domain quota overrides
+    quota.py         Quota and xenstored's default limits
+    connection.py    Connection: framing, dispatch, bounded output and backpressure
+    local.py         in-process transport (client and store in one process)
+    stream.py        stream-socket transport and the dom0-local Unix socket server
+
+Typical use::
+
+    store = Store()
+    with connect_local(store, 0) as dom0:            # or UnixSocketServer(store, path)
+        dom0.client.write("/local/domain/3/name", "web")
+    conn = store.connect(domid, send)                # a transport of its own
+    conn.feed(data)                                  # from the transport's reader
+"""
+
+from channels.xs_wire import Perm, XsError, XsProtocolError
+from dom0.store.connection import Connection
+from dom0.store.core import Store
+from dom0.store.local import LocalTransport, connect_local
+from dom0.store.quota import Quota
+from dom0.store.stream import StreamConnection, UnixSocketServer
+
+__all__ = [
+    "Connection",
+    "LocalTransport",
+    "Perm",
+    "Quota",
+    "Store",
+    "StreamConnection",
+    "UnixSocketServer",
+    "XsError",
+    "XsProtocolError",
+    "connect_local",
+]

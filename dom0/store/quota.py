@@ -1,0 +1,31 @@
+"""Per-domain store quotas, with xenstored's defaults.
+
+Quotas bound what one unprivileged domain can make the store hold: a domain past one gets an
+error reply (ENOSPC, E2BIG) while every other domain carries on. dom0 is exempt from all of them
+except the output bounds (``outstanding``, ``queued_events``), which are flow control: they keep
+memory bounded when any client stops reading, privileged or not.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class Quota:
+    """Limits for one domain. Defaults follow xenstored (tools/xenstored/domain.c)."""
+
+    nodes: int = 1000  # nodes owned by the domain -> ENOSPC
+    watches: int = 128  # watches registered by the domain -> E2BIG
+    transactions: int = 10  # transactions open at once -> ENOSPC
+    transaction_nodes: int = 1024  # nodes one transaction may touch -> ENOSPC
+    value_size: int = 2048  # bytes in one node's value -> ENOSPC
+    perms: int = 5  # entries in one node's permission list -> ENOSPC
+    outstanding: int = 20  # unsent replies before the connection stops reading requests
+    queued_events: int = 256  # unsent watch events before they collapse per watch
+
+    def __post_init__(self) -> None:
+        for name in self.__slots__:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"store quota {name}={value!r} must be a positive int")

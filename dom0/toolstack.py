@@ -1,0 +1,478 @@
+"""The toolstack (libxl's role): what `hyperctl` asks for, done with hypercalls and the store.
+
+It owns the domain skeleton in the store (the paths and permissions of xen-split-driver.md
+§6.6), starts the store and console backends of each domain when hyperd introduces it, and
+answers the control socket. Each control method's docstring says when it is allowed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import queue
+import socket
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from channels import hypercall as hc
+from channels import xenbus
+from channels.xs import Perm, XsClient
+from dom0.console import ConsoleBackend
+from dom0.store.core import Store
+from dom0.xenstored import RingServer
+from hyper.config import ConfigError, parse_config
+from hyper.control import MAX_LINE, read_line, send_json
+
+log = logging.getLogger(__name__)
+
+BOOT_TIMEOUT = 30.0
+SHUTDOWN_TIMEOUT = 30.0
+
+
+class RequestError(Exception):
+    def __init__(self, message: str, lines: list[str] | None = None, usage: bool = False):
+        super().__init__(message)
+        self.lines = lines or [message]
+        self.usage = usage
+
+
+@dataclass
+class DomainState:
+    domid: int
+    name: str
+    info: dict[str, Any]
+    store: RingServer | None = None
+    console: ConsoleBackend | None = None
+    running: threading.Event = field(default_factory=threading.Event)
+    gone: threading.Event = field(default_factory=threading.Event)
+    ended: str | None = None  # why it stopped, for a waiting create
+
+
+class Toolstack:
+    def __init__(
+        self,
+        hcall: hc.HypercallClient,
+        store: Store,
+        xs: XsClient,
+        socket_path: Path,
+        events: queue.Queue[tuple[str, dict[str, Any]]],
+    ) -> None:
+        self.hc = hcall
+        self.store = store
+        self.xs = xs
+        self.socket_path = socket_path
+        self.domains: dict[int, DomainState] = {}
+        self.lock = threading.Lock()
+        self.events = events
+        self.stopped = threading.Event()
+        self._listener: socket.socket | None = None
+
+    # -- events from hyperd (queued by the hypercall reader, handled on one thread) ----------
+
+    def run_events(self) -> None:
+        while True:
+            name, data = self.events.get()
+            if name == "hypervisor_gone":
+                log.error("hyperd is gone; dom0 stops")
+                self.stopped.set()
+                return
+            try:
+                getattr(self, "ev_" + name)(data)
+            except Exception:
+                log.exception("handling event %s failed", name)
+
+    def ev_domain_introduced(self, info: dict[str, Any]) -> None:
+        domid = info["domid"]
+        state = DomainState(domid, info["name"], info)
+        with self.lock:
+            old = self.domains.get(domid)
+            self.domains[domid] = state
+        if old is not None:
+            self._teardown(old)
+        self._write_skeleton(info)
+        self.store.introduce_domain(domid)
+        state.store = RingServer(self.store, self.hc, domid, info["store"])
+        state.console = ConsoleBackend(self.hc, domid, info["console"])
+        log.info("dom%d (%s) introduced", domid, info["name"])
+
+    def ev_domain_running(self, data: dict[str, Any]) -> None:
+        state = self.domains.get(data["domid"])
+        if state is not None:
+            state.running.set()
+
+    def ev_domain_shutdown(self, data: dict[str, Any]) -> None:
+        state = self.domains.get(data["domid"])
+        if state is None:
+            return
+        state.ended = f"{data['reason']} ({data['action']})"
+        if data["action"] == "preserve":
+            self._stop_backends(state)
+            state.gone.set()
+
+    def ev_domain_destroyed(self, data: dict[str, Any]) -> None:
+        with self.lock:
+            state = self.domains.pop(data["domid"], None)
+        if state is not None:
+            if state.ended is None:
+                state.ended = "destroyed"
+            self._teardown(state)
+            state.gone.set()
+
+    def _stop_backends(self, state: DomainState) -> None:
+        for backend in (state.store, state.console):
+            if backend is not None:
+                backend.close()
+        state.store = state.console = None
+
+    def _teardown(self, state: DomainState) -> None:
+        self._stop_backends(state)
+        self.store.release_domain(state.domid)
+        for path in (xenbus.domain_path(state.domid), xenbus.tool_path(state.domid),
+                     xenbus.vm_path(state.info["uuid"])):
+            self.xs.rm(path)
+
+    def _write_skeleton(self, info: dict[str, Any]) -> None:
+        domid = info["domid"]
+        home = xenbus.domain_path(domid)
+        readonly = [Perm(0, "n"), Perm(domid, "r")]
+        guest = [Perm(domid, "n")]
+        console = info["console"]
+        entries: list[tuple[str, str, list[Perm] | None]] = [
+            (home, "", readonly),
+            (xenbus.domain_name_path(domid), info["name"], None),
+            (xenbus.domain_domid_path(domid), str(domid), None),
+            (xenbus.domain_vm_path(domid), xenbus.vm_path(info["uuid"]), None),
+            (xenbus.memory_target_path(domid), str(info["memory"] * 1024), None),
+            (xenbus.memory_static_max_path(domid), str(info["memory"] * 1024), None),
+            (xenbus.device_type_path(domid, "vif"), "", None),
+            (xenbus.console_path(domid), "", None),
+            (xenbus.console_port_path(domid), str(console["domu_port"]), None),
+            (xenbus.console_type_path(domid), "xenconsoled", None),
+            (xenbus.vm_path(info["uuid"]), "", [Perm(0, "n")]),
+            (xenbus.join_path(xenbus.vm_path(info["uuid"]), "name"), info["name"], None),
+            (xenbus.join_path(xenbus.vm_path(info["uuid"]), "uuid"), info["uuid"], None),
+            (xenbus.tool_path(domid), json.dumps(info["config"]), [Perm(0, "n")]),
+        ]
+        for vcpu in range(info["vcpus"]):
+            entries.append((xenbus.cpu_availability_path(domid, vcpu), "online", None))
+        guest_dirs = [(p, "", guest) for p in xenbus.guest_writable_paths(domid)]
+
+        def write(tx: Any) -> None:
+            for path, value, perms in entries + guest_dirs:
+                tx.write(path, value)
+                if perms is not None:
+                    tx.set_perms(path, perms)
+
+        self.xs.transaction(write)
+
+    # -- the control socket -----------------------------------------------------------------
+
+    def serve(self) -> None:
+        path = self.socket_path
+        path.unlink(missing_ok=True)
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        old = os.umask(0o177)
+        try:
+            listener.bind(str(path))
+        finally:
+            os.umask(old)
+        listener.listen(64)
+        self._listener = listener
+        while not self.stopped.is_set():
+            try:
+                client, _ = listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve_client, args=(client,), daemon=True).start()
+
+    def close(self) -> None:
+        self.stopped.set()
+        if self._listener is not None:
+            self._listener.close()
+            self.socket_path.unlink(missing_ok=True)
+
+    def _serve_client(self, client: socket.socket) -> None:
+        with client:
+            if not _peer_is_root(client):
+                send_json(client, {"ok": False, "error": "permission denied: root only"})
+                return
+            client.settimeout(30.0)
+            buffer = bytearray()
+            try:
+                line = read_line(client, buffer)
+                if line is None:
+                    return
+                request = json.loads(line)
+                method = str(request.get("method"))
+                params = request.get("params") or {}
+            except (ValueError, OSError, Exception) as exc:
+                send_json(client, {"ok": False, "error": f"bad request: {exc}"})
+                return
+            handler: Callable[..., Any] | None = getattr(self, "m_" + method, None)
+            if handler is None or not isinstance(params, dict):
+                send_json(client, {"ok": False, "error": f"unknown method {method!r}"})
+                return
+            client.settimeout(None)
+            try:
+                if method in STREAMING:
+                    handler(client, buffer, **params)
+                    return
+                result = handler(**params)
+                send_json(client, {"ok": True, "result": result})
+            except RequestError as exc:
+                send_json(client, {"ok": False, "error": str(exc), "lines": exc.lines,
+                                   "usage": exc.usage})
+            except hc.HypercallError as exc:
+                send_json(client, {"ok": False, "error": exc.message or str(exc)})
+            except TypeError as exc:
+                send_json(client, {"ok": False, "error": f"{method}: {exc}"})
+            except OSError:
+                pass  # the client went away
+            except Exception as exc:
+                log.exception("control method %s failed", method)
+                send_json(client, {"ok": False, "error": f"{method}: internal error: {exc}"})
+
+    # -- helpers ----------------------------------------------------------------------------
+
+    def _list(self) -> list[dict[str, Any]]:
+        return list(self.hc.call(hc.DomctlList())["domains"])
+
+    def find(self, domain: str | int) -> dict[str, Any]:
+        for info in self._list():
+            if str(info["domid"]) == str(domain) or info["name"] == domain:
+                return info
+        raise RequestError(f"no domain named {domain!r}")
+
+    def _domu(self, domain: str | int) -> dict[str, Any]:
+        info = self.find(domain)
+        if info["domid"] == 0:
+            raise RequestError("that is dom0; use `hyperctl halt` to stop everything", usage=True)
+        return info
+
+    # -- methods ----------------------------------------------------------------------------
+
+    def m_create(self, config_text: str, source: str, base_dir: str, wait: bool = True) -> Any:
+        """Always allowed. Validates the config (one line per problem, nothing created),
+        builds the domain and returns once its workload runs."""
+        try:
+            config = parse_config(config_text, source=source, base_dir=Path(base_dir))
+        except ConfigError as exc:
+            raise RequestError("invalid config", exc.lines, usage=True) from exc
+        normalised = config.normalised()
+        if any(info["name"] == config.name for info in self._list()):
+            raise RequestError(
+                "duplicate name",
+                [f"{source}: name: a domain named {config.name!r} already exists"], usage=True)
+        info = self.hc.call(hc.DomctlCreate(config=normalised))
+        domid = info["domid"]
+        state = self._wait_state(domid)
+        if not wait:
+            return info
+        deadline = time.monotonic() + BOOT_TIMEOUT
+        while time.monotonic() < deadline:
+            if state.running.wait(0.05):
+                return self.find(domid)
+            if state.gone.is_set() or (state.ended and not state.running.is_set()):
+                break
+        raise RequestError(f"domain {config.name} did not boot: {state.ended or 'timeout'} "
+                           f"(see `hyperctl dmesg`)")
+
+    def _wait_state(self, domid: int) -> DomainState:
+        deadline = time.monotonic() + 10.0
+        while time.monotonic() < deadline:
+            with self.lock:
+                state = self.domains.get(domid)
+            if state is not None:
+                return state
+            time.sleep(0.01)
+        raise RequestError(f"domain {domid} was never introduced")
+
+    def m_list(self) -> Any:
+        """Always allowed: every domain, dom0 included."""
+        return self._list()
+
+    def m_destroy(self, domain: str) -> Any:
+        """Any domU, in any state: kill it now and release everything."""
+        info = self._domu(domain)
+        self.hc.call(hc.DomctlDestroy(domid=info["domid"]))
+        return {"domid": info["domid"]}
+
+    def _request_shutdown(self, domain: str, kind: str, wait: bool, timeout: float) -> Any:
+        info = self._domu(domain)
+        domid = info["domid"]
+        with self.lock:
+            state = self.domains.get(domid)
+        if state is None or info["status"] != "running":
+            raise RequestError(f"domain {info['name']} is not running")
+        self.xs.write(xenbus.control_shutdown_path(domid), kind)
+        if kind == "reboot":
+            return {"domid": domid}
+
+        def enforce() -> bool:
+            if state.gone.wait(timeout):
+                return True
+            log.warning("dom%d ignored shutdown for %.0f s; destroying it", domid, timeout)
+            try:
+                self.hc.call(hc.DomctlDestroy(domid=domid))
+            except hc.HypercallError:
+                pass
+            return False
+
+        if wait:
+            return {"domid": domid, "cooperative": enforce()}
+        threading.Thread(target=enforce, daemon=True).start()
+        return {"domid": domid}
+
+    def m_shutdown(self, domain: str, wait: bool = False,
+                   grace: float = SHUTDOWN_TIMEOUT) -> Any:
+        """A running domU: ask it to power off (control/shutdown); destroyed if it has not
+        within ``grace`` seconds. With ``wait``, returns when it is gone."""
+        return self._request_shutdown(domain, "poweroff", wait, grace)
+
+    def m_reboot(self, domain: str) -> Any:
+        """A running domU: ask it to reboot; ``on_reboot`` decides what follows."""
+        return self._request_shutdown(domain, "reboot", False, SHUTDOWN_TIMEOUT)
+
+    def m_pause(self, domain: str) -> Any:
+        """A running, unpaused domU."""
+        info = self._domu(domain)
+        self.hc.call(hc.DomctlPause(domid=info["domid"], pause=True))
+        return {"domid": info["domid"]}
+
+    def m_unpause(self, domain: str) -> Any:
+        """A paused domU."""
+        info = self._domu(domain)
+        self.hc.call(hc.DomctlPause(domid=info["domid"], pause=False))
+        return {"domid": info["domid"]}
+
+    def m_exec_target(self, domain: str) -> Any:
+        """A running, unpaused domU: where `hyperctl exec` must enter."""
+        info = self._domu(domain)
+        return self.hc.call(hc.DomctlExecTarget(domid=info["domid"]))
+
+    def m_sched_credit(self, domain: str, cpu_weight: int | None = None,
+                       cap: int | None = None) -> Any:
+        """Any domU: set (or, with neither given, show) its weight and cap."""
+        info = self._domu(domain)
+        return self.hc.call(hc.DomctlSetSched(domid=info["domid"], cpu_weight=cpu_weight,
+                                              cap=cap))
+
+    def m_info(self) -> Any:
+        """Always allowed: host and hypervisor facts."""
+        return self.hc.call(hc.SysctlInfo())
+
+    def m_dmesg(self, clear: bool = False) -> Any:
+        """Always allowed: the hypervisor's log."""
+        return self.hc.call(hc.SysctlDmesg(clear=clear))["lines"]
+
+    def m_halt(self) -> Any:
+        """Always allowed: destroy every domain, then stop dom0 and hyperd."""
+        self.hc.call(hc.SysctlHalt())
+        return {}
+
+    def m_store_ls(self, path: str) -> Any:
+        """Always allowed (as dom0): the subtree under ``path`` as (path, value) pairs."""
+        return self._walk(path)
+
+    def _walk(self, path: str) -> list[list[str]]:
+        out = [[path, self._read(path)]]
+        for child in self._directory(path):
+            out.extend(self._walk(xenbus.join_path(path, child) if path != "/" else "/" + child))
+        return out
+
+    def _read(self, path: str) -> str:
+        try:
+            return self.xs.read(path)
+        except Exception as exc:
+            raise RequestError(f"{path}: {exc}") from exc
+
+    def _directory(self, path: str) -> list[str]:
+        try:
+            return self.xs.directory(path)
+        except Exception as exc:
+            raise RequestError(f"{path}: {exc}") from exc
+
+    def m_store_read(self, path: str) -> Any:
+        return self._read(path)
+
+    def m_store_write(self, path: str, value: str) -> Any:
+        try:
+            self.xs.write(path, value)
+        except Exception as exc:
+            raise RequestError(f"{path}: {exc}") from exc
+        return {}
+
+    def m_store_rm(self, path: str) -> Any:
+        try:
+            self.xs.rm(path)
+        except Exception as exc:
+            raise RequestError(f"{path}: {exc}") from exc
+        return {}
+
+    # -- streaming methods --------------------------------------------------------------------
+
+    def m_console(self, client: socket.socket, buffer: bytearray, domain: str) -> None:
+        """A running domU: attach to its console until the client hangs up."""
+        info = self._domu(domain)
+        with self.lock:
+            state = self.domains.get(info["domid"])
+        console = state.console if state else None
+        if console is None:
+            raise RequestError(f"domain {info['name']} has no console")
+        send_json(client, {"ok": True, "result": {"domid": info["domid"]}})
+        client.sendall(console.history())
+        console.attach(client)
+        try:
+            if buffer:
+                console.to_guest(bytes(buffer))
+            while True:
+                data = client.recv(4096)
+                if not data:
+                    break
+                console.to_guest(data)
+        finally:
+            console.detach(client)
+
+    def m_store_watch(self, client: socket.socket, buffer: bytearray, path: str) -> None:
+        """Always allowed (as dom0): one JSON line per event until the client hangs up."""
+        try:
+            watch = self.xs.watch(path)
+        except Exception as exc:
+            raise RequestError(f"{path}: {exc}") from exc
+        send_json(client, {"ok": True, "result": {}})
+        gone = threading.Event()
+
+        def hangup() -> None:
+            try:
+                while client.recv(MAX_LINE):
+                    pass
+            except OSError:
+                pass
+            gone.set()
+
+        threading.Thread(target=hangup, daemon=True).start()
+        try:
+            while not gone.is_set():
+                try:
+                    event = watch.get(timeout=0.5)
+                except TimeoutError:
+                    continue
+                send_json(client, {"path": event.path, "token": event.token})
+        except OSError:
+            pass
+        finally:
+            watch.unwatch()
+
+
+STREAMING = {"console", "store_watch"}
+
+
+def _peer_is_root(client: socket.socket) -> bool:
+    creds = client.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12)
+    uid = int.from_bytes(creds[4:8], "little")
+    return uid == 0

@@ -1,0 +1,164 @@
+"""The domain kernel: pid 1 of a domU, the guest OS of this architecture.
+
+It holds the domain's only ways out, its hypercall socket and its channels, and it runs the
+frontends: the store client over the store ring, the console frontend, and (with the net and
+block issues) the XenBus frontends. Programs never see any of it: they run under the workload
+init (domu/init.py) in a mount namespace without the rings, as an unprivileged user.
+
+Lifecycle: mount /proc and /sys, set the hostname, bring up lo, fork the workload init, connect
+the store and the console, advertise ``control/feature-poweroff`` and ``feature-reboot``, tell
+hyperd it booted. Then wait for one of: the workload ended (poweroff, or crash if a signal
+killed it), or the toolstack wrote ``control/shutdown``. Either way it stops the workload,
+tells hyperd why (``sched_shutdown``) and exits, which ends the pid namespace.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import signal
+import socket
+import threading
+from typing import Any
+
+from channels import xenbus
+from channels.bytering import xenstore_rings
+from channels.evtchn import EventChannel, from_status
+from channels.hypercall import HypercallClient, SchedBooted, SchedShutdown
+from channels.shm import Segment, attach
+from channels.stream import RingStream
+from channels.xs import XsClient
+from domu import init as workload_init
+from domu import linux, sandbox
+from domu.console import ConsoleFrontend
+
+log = logging.getLogger("domu.kernel")
+
+SHUTDOWN_GRACE = 5.0
+
+
+def _loopback_up() -> None:
+    from pyroute2 import IPRoute
+
+    with IPRoute() as ipr:
+        ipr.link("set", index=ipr.link_lookup(ifname="lo")[0], state="up")
+
+
+class StoreConnection:
+    """The domain's store client over its store ring (xenstore-ring.txt)."""
+
+    def __init__(self, hc: HypercallClient, info: dict[str, Any]) -> None:
+        self.segment: Segment = attach(info["segment"])
+        self.evtchn: EventChannel = from_status(hc, info["domu_port"])
+        req, rsp = xenstore_rings(self.segment.buf)
+        self.client = XsClient(self._send)
+        # We produce requests and consume responses.
+        self.stream = RingStream(rsp, req, self.evtchn, self.client.feed,
+                                 self._lost, name="xenstore")
+        self.stream.start()
+
+    def _send(self, data: bytes) -> None:
+        self.stream.send(data)
+
+    def _lost(self, exc: Exception | None) -> None:
+        self.client.connection_lost(exc)
+
+
+class Kernel:
+    def __init__(self, params: dict[str, Any], hc: HypercallClient, init_pid: int,
+                 status_fd: int, tty_master: int) -> None:
+        self.params = params
+        self.domid = int(params["domid"])
+        self.hc = hc
+        self.init_pid = init_pid
+        self.status_fd = status_fd
+        self.events: queue.Queue[tuple[str, Any]] = queue.Queue()
+        self.store = StoreConnection(hc, params["store"])
+        self.console = ConsoleFrontend(hc, params["console"], tty_master)
+
+    def run(self) -> int:
+        xs = self.store.client
+        for feature in ("feature-poweroff", "feature-reboot"):
+            xs.write(xenbus.join_path(xenbus.control_path(self.domid), feature), "1")
+        watch = xs.watch(xenbus.control_shutdown_path(self.domid), "shutdown")
+        threading.Thread(target=self._watch_shutdown, args=(watch,), daemon=True).start()
+        threading.Thread(target=self._watch_workload, daemon=True).start()
+        self.hc.call(SchedBooted())
+        kind, value = self.events.get()
+        if kind == "workload":
+            code = os.waitstatus_to_exitcode(value)
+            reason = "crash" if code < 0 else "poweroff"
+            self.hc.call(SchedShutdown(reason=reason, code=code))
+            return 0
+        # Acknowledge the request as Linux's manage.c does, then stop the workload.
+        xs.write(xenbus.control_shutdown_path(self.domid), "")
+        reason = "reboot" if value == "reboot" else "poweroff"
+        self.hc.call(SchedShutdown(reason=reason, code=0))
+        self._stop_workload()
+        return 0
+
+    def _watch_shutdown(self, watch: Any) -> None:
+        xs = self.store.client
+        while True:
+            try:
+                watch.get()
+                value = xs.read_optional(xenbus.control_shutdown_path(self.domid))
+            except Exception as exc:
+                log.warning("shutdown watch ended: %s", exc)
+                return
+            if value in ("poweroff", "halt", "reboot"):
+                self.events.put(("shutdown", value))
+                return
+
+    def _watch_workload(self) -> None:
+        """The init reports how the command ended, then exits; or it dies on its own."""
+        line = b""
+        with os.fdopen(self.status_fd, "rb", buffering=0) as status:
+            while not line.endswith(b"\n"):
+                chunk = status.read(64)
+                if not chunk:
+                    break
+                line += chunk
+        if line.startswith(b"exit "):
+            self.events.put(("workload", int(line.split()[1])))
+        else:
+            # The init itself died (OOM, or killed): the domain has crashed.
+            self.events.put(("workload", signal.SIGKILL))
+
+    def _stop_workload(self) -> None:
+        try:
+            os.kill(self.init_pid, signal.SIGTERM)
+        except ProcessLookupError:
+            return
+
+
+def _reap_forever() -> None:
+    """pid 1 adopts orphans that `hyperctl exec` leaves behind: reap them."""
+    while True:
+        try:
+            os.waitpid(-1, 0)
+        except ChildProcessError:
+            threading.Event().wait(1.0)
+
+
+def main(params: dict[str, Any], hypercall_fd: int) -> int:
+    logging.basicConfig(level=logging.INFO,
+                        format=f"dom{params['domid']} %(name)s: %(message)s")
+    linux.set_comm("hyper-kernel")
+    sandbox.enter_kernel_mounts(params["name"])
+    _loopback_up()
+    tty_master, tty_slave = os.openpty()
+    status_r, status_w = os.pipe()
+    # Fork before any thread exists: the init keeps running Python code after the fork.
+    init_pid = os.fork()
+    if init_pid == 0:
+        os.close(tty_master)
+        os.close(status_r)
+        os.close(hypercall_fd)
+        os._exit(workload_init.main(params, tty_slave, status_w))
+    os.close(tty_slave)
+    os.close(status_w)
+    hc = HypercallClient(socket.socket(fileno=hypercall_fd))
+    threading.Thread(target=_reap_forever, name="reaper", daemon=True).start()
+    return Kernel(params, hc, init_pid, status_r, tty_master).run()

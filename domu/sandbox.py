@@ -1,0 +1,149 @@
+"""The domU sandbox: what a domain's processes can see of the host.
+
+A domain is built in three steps, each in a process of its own (see domu/boot.py):
+
+1. As host root, in a fresh mount namespace owned by the host's user namespace, ``build_root``
+   makes the domain's root file system: a recursive, read-only bind of the host's ``/``, private
+   tmpfs on ``/tmp``, ``/run`` and ``/var/tmp`` (so neither the toolstack socket under /run/hyper
+   nor any host scratch file is reachable), and the host's ``/dev/shm`` left writable, because the
+   domain kernel opens its rings and doorbells there by name. Directories the interpreter needs but
+   the domain's unprivileged host uid could not traverse (``/root/.pyenv`` on some machines) are
+   re-exposed read-only on a tmpfs that hides everything else in the hidden ancestor.
+2. After the user namespace exists, a second mount namespace is unshared inside it; the kernel
+   of the domain (pid 1) mounts its own ``/proc`` and ``/sys``. Mounts copied from step 1 are locked
+   there: nobody in the domain can unmount them to reveal what they cover.
+3. The workload runs in a third mount namespace (``enter_workload_mounts``) with a private, empty
+   ``/dev/shm``: the workload never sees a ring or doorbell name, let alone opens one.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+from collections.abc import Iterable
+from pathlib import Path
+
+from domu import linux
+
+#: Inside the user namespace: uid/gid 0 is the domain kernel, WORKLOAD_UID runs programs.
+WORKLOAD_UID = 1000
+WORKLOAD_GID = 1000
+#: Each domain gets this many host uids, starting at uid_base(domid).
+ID_RANGE = 65536
+_ID_BASE = 1_000_000_000
+
+WORKLOAD_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+
+def uid_base(domid: int) -> int:
+    """The first host uid (and gid) of a domain's private range; never shared between domains."""
+    return _ID_BASE + domid * ID_RANGE
+
+
+def id_map(domid: int) -> str:
+    """The uid_map/gid_map line for a domain: inside 0..65535 -> its host range."""
+    return f"0 {uid_base(domid)} {ID_RANGE}\n"
+
+
+def _others_can_enter(path: Path) -> bool:
+    try:
+        return bool(path.stat().st_mode & 0o001)
+    except OSError:
+        return False
+
+
+def hidden_ancestor(path: Path) -> Path | None:
+    """The highest ancestor of ``path`` that other users cannot traverse, if any."""
+    for ancestor in reversed(path.parents):
+        if ancestor != Path("/") and not _others_can_enter(ancestor):
+            return ancestor
+    return None
+
+
+def interpreter_paths() -> list[Path]:
+    """Directories the domain's Python must read after it has lost host root."""
+    here = Path(__file__).resolve().parent.parent
+    candidates = {Path(sys.prefix), Path(sys.base_prefix), here}
+    candidates.update(Path(p) for p in sys.path if p and Path(p).is_dir())
+    # Only paths behind a hidden ancestor need exposing ("/" itself, from `python -m` run in
+    # "/", never does); keep the outermost of nested ones.
+    resolved = sorted({p.resolve() for p in candidates if hidden_ancestor(p.resolve())})
+    return [p for p in resolved if not any(q != p and q in p.parents for q in resolved)]
+
+
+def _expose(newroot: str, needed: Iterable[Path]) -> None:
+    covered: set[Path] = set()
+    for path in needed:
+        hidden = hidden_ancestor(path)
+        if hidden is None:
+            continue
+        if hidden not in covered:
+            linux.mount("tmpfs", newroot + str(hidden), "tmpfs", linux.MS_NOSUID, "mode=0755")
+            covered.add(hidden)
+        target = newroot + str(path)
+        os.makedirs(target, mode=0o755, exist_ok=True)
+        linux.mount(str(path), target, None, linux.MS_BIND | linux.MS_REC)
+
+
+def build_root(newroot: str) -> None:
+    """Make the domain's root file system and pivot into it. Runs as host root in a new mount ns."""
+    linux.mount(None, "/", None, linux.MS_REC | linux.MS_PRIVATE)
+    linux.mount("/", newroot, None, linux.MS_BIND | linux.MS_REC)
+    _expose(newroot, interpreter_paths())
+    linux.mount_setattr(newroot, set_=linux.MOUNT_ATTR_RDONLY, recursive=True)
+    # The kernel of the domain opens its rings and doorbells by name in the host's /dev/shm;
+    # hyperd makes each object readable only by the host ids of the two domains it connects.
+    linux.mount_setattr(newroot + "/dev/shm", clear=linux.MOUNT_ATTR_RDONLY)
+    # The kernel of a user namespace lets the domain mount its own proc and sysfs only over
+    # copies that are no more restricted than the new mounts; both are covered at once.
+    for pseudo in ("/proc", "/sys"):
+        linux.mount_setattr(newroot + pseudo, clear=linux.MOUNT_ATTR_RDONLY)
+    for scratch in ("/tmp", "/run", "/var/tmp"):
+        if os.path.isdir(newroot + scratch):
+            linux.mount("tmpfs", newroot + scratch, "tmpfs", linux.MS_NOSUID | linux.MS_NODEV,
+                        "mode=1777")
+    os.chdir(newroot)
+    linux.pivot_root(".", ".")
+    linux.umount(".", linux.MNT_DETACH)
+    os.chdir("/")
+
+
+def enter_kernel_mounts(hostname: str) -> None:
+    """In the domain's pid 1: its own /proc and /sys, and its name as hostname."""
+    linux.mount("proc", "/proc", "proc", linux.MS_NOSUID | linux.MS_NODEV | linux.MS_NOEXEC)
+    try:
+        # sysfs shows the network devices of the mounter's netns: mount our own so the
+        # host's interfaces are not even listed.
+        linux.mount("sysfs", "/sys", "sysfs",
+                    linux.MS_NOSUID | linux.MS_NODEV | linux.MS_NOEXEC | linux.MS_RDONLY)
+    except OSError:
+        pass  # the host's read-only /sys stays; nothing in it is writable from here
+    socket.sethostname(hostname)
+
+
+def enter_workload_mounts() -> None:
+    """A mount namespace for programs: private, empty /dev/shm, /tmp and /run."""
+    linux.unshare(linux.CLONE_NEWNS)
+    for scratch in ("/dev/shm", "/tmp", "/run"):
+        linux.mount("tmpfs", scratch, "tmpfs", linux.MS_NOSUID | linux.MS_NODEV, "mode=1777")
+
+
+def drop_to_workload_user() -> None:
+    """Become the unprivileged workload user for good (no capabilities, no new privileges)."""
+    os.setgroups([])
+    os.setresgid(WORKLOAD_GID, WORKLOAD_GID, WORKLOAD_GID)
+    os.setresuid(WORKLOAD_UID, WORKLOAD_UID, WORKLOAD_UID)
+    linux.prctl(linux.PR_SET_NO_NEW_PRIVS, 1)
+
+
+def workload_env(extra: dict[str, str], hostname: str) -> dict[str, str]:
+    env = {
+        "PATH": WORKLOAD_PATH,
+        "HOME": "/tmp",
+        "HOSTNAME": hostname,
+        "TERM": os.environ.get("TERM", "xterm"),
+        "LANG": "C.UTF-8",
+    }
+    env.update(extra)
+    return env

@@ -1,0 +1,651 @@
+"""Per-domain cgroups on cgroup v1 or v2: one API over whichever hierarchy the host has.
+
+hyperd gives every domain a group of its own, ``<parent>/<name>`` (``hyper/dom3``), under a
+parent group that hyper creates and owns (default ``hyper``). hyper never moves, writes or
+removes a cgroup it did not create: on v2 it enables controllers in its own parent's
+``cgroup.subtree_control`` only, and fails if the root does not already delegate them.
+
+Detection (``open_hierarchy``):
+
+- **v2** when ``<root>/cgroup.controllers`` exists (``root`` defaults to ``/sys/fs/cgroup``)
+  and lists ``cpu``, ``memory`` and ``pids``. Domain groups are children of the parent; the
+  parent itself never holds a process (v2's no-internal-process rule). Freezing is the core
+  ``cgroup.freeze`` interface and needs no controller.
+- **v1** otherwise, when ``memory``, ``cpu``, ``cpuacct``, ``pids`` and ``freezer`` are all
+  mounted. Each controller's mount point comes from ``/proc/self/mountinfo``, so separate
+  mounts (``/sys/fs/cgroup/cpu`` and ``/sys/fs/cgroup/cpuacct``) and co-mounted ones
+  (``/sys/fs/cgroup/cpu,cpuacct``) both work; a group has one directory per distinct mount.
+  An empty cgroup2 mount beside the v1 controllers (``/sys/fs/cgroup/unified``) is ignored.
+
+Mapping of a domain's ``Limits`` (xl.cfg names) to the kernel's files:
+
+=================  ==========================================  ===============================
+Limits field       cgroup v1                                   cgroup v2
+=================  ==========================================  ===============================
+memory_mib (MiB)   memory.limit_in_bytes, and                  memory.max, and
+                   memory.memsw.limit_in_bytes if present      memory.swap.max = 0 if present
+                   (so swap does not escape the limit)
+cpu_weight         cpu.shares = weight * 1024 / 256,           cpu.weight = weight * 100 / 256
+(1..65535, 256)    clamped to 2..262144                        rounded half up, clamped 1..10000
+cap (% of one      cpu.cfs_period_us = 100000,                 cpu.max = "<cap*1000> 100000",
+CPU, 0 = none)     cpu.cfs_quota_us = cap * 1000 (-1 = none)   or "max 100000"
+pids_max           pids.max                                    pids.max
+=================  ==========================================  ===============================
+
+Controls and statistics:
+
+=================  ==========================================  ===============================
+operation          cgroup v1                                   cgroup v2
+=================  ==========================================  ===============================
+freeze / thaw      freezer.state FROZEN / THAWED; freeze waits cgroup.freeze 1 / 0; freeze
+                   until it reads back FROZEN (FREEZING is     waits for "frozen 1" in
+                   transitional)                               cgroup.events
+kill_all           SIGKILL each member until empty             cgroup.kill (Linux >= 5.14),
+                                                               then the same loop
+cpu_time_ns        cpuacct.usage (ns)                          cpu.stat usage_usec * 1000
+memory_bytes       memory.usage_in_bytes                       memory.current
+oom_kills          memory.oom_control "oom_kill N"             memory.events "oom_kill N"
+                   (Linux >= 4.13)
+=================  ==========================================  ===============================
+
+A process joins a domain by writing its pid into every file ``procs_file_paths()`` names;
+the domain's boot process does that itself before it unshares its namespaces. Every
+failure is a ``CgroupError`` naming the file or group.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import re
+import signal
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar, Literal
+
+log = logging.getLogger(__name__)
+
+CGROUP_ROOT = Path("/sys/fs/cgroup")
+MOUNTINFO = Path("/proc/self/mountinfo")
+PARENT = "hyper"
+CFS_PERIOD_US = 100_000
+V1_CONTROLLERS = ("memory", "cpu", "cpuacct", "pids", "freezer")
+V2_CONTROLLERS = ("cpu", "memory", "pids")
+
+# Letters, digits, '-' and '_': no '/', no '..', and no '.' at all, so a group can never be
+# mistaken for (or collide with) an interface file such as "memory.max" or "cgroup.procs".
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
+_MIB = 1 << 20
+
+
+class CgroupError(Exception):
+    """A cgroup could not be found, created, configured, frozen, emptied or removed."""
+
+
+@dataclass(frozen=True)
+class Limits:
+    """A domain's resource limits, in xl.cfg's units."""
+
+    memory_mib: int
+    cpu_weight: int = 256
+    cap: int = 0
+    pids_max: int = 512
+
+    def __post_init__(self) -> None:
+        if self.memory_mib < 1:
+            raise ValueError(f"memory_mib must be >= 1, not {self.memory_mib}")
+        if not 1 <= self.cpu_weight <= 65535:
+            raise ValueError(f"cpu_weight must be in 1..65535, not {self.cpu_weight}")
+        if self.cap < 0:
+            raise ValueError(f"cap must be >= 0 (0 = no cap), not {self.cap}")
+        if self.pids_max < 1:
+            raise ValueError(f"pids_max must be >= 1, not {self.pids_max}")
+
+
+def v1_cpu_shares(cpu_weight: int) -> int:
+    """xl's credit weight (256 = default) as v1 cpu.shares (1024 = default)."""
+    return min(max(cpu_weight * 1024 // 256, 2), 262144)
+
+
+def v2_cpu_weight(cpu_weight: int) -> int:
+    """xl's credit weight (256 = default) as v2 cpu.weight (100 = default)."""
+    return min(max((cpu_weight * 100 + 128) // 256, 1), 10000)
+
+
+def cfs_quota_us(cap: int) -> int | None:
+    """CPU time per CFS_PERIOD_US period for a cap in % of one CPU; None for no cap."""
+    return cap * CFS_PERIOD_US // 100 if cap else None
+
+
+# ---------------------------------------------------------------------------------------
+# File access: every read and write goes through these, so every failure names its file.
+
+
+def _read(path: Path) -> str:
+    try:
+        return path.read_text()
+    except OSError as exc:
+        raise CgroupError(f"cannot read {path}: {exc.strerror or exc}") from exc
+
+
+def _write(path: Path, value: str) -> None:
+    # No O_CREAT: an interface file the kernel does not provide is an error, not a new file.
+    # One write() call, because the kernel parses each write to a cgroup file on its own.
+    # O_TRUNC is what a shell's '>' does; the kernel ignores it.
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_TRUNC | os.O_CLOEXEC)
+        try:
+            os.write(fd, value.encode())
+        finally:
+            os.close(fd)
+    except OSError as exc:
+        raise CgroupError(f"cannot write {value!r} to {path}: {exc.strerror or exc}") from exc
+
+
+def _read_int(path: Path) -> int:
+    text = _read(path).strip()
+    try:
+        return int(text)
+    except ValueError as exc:
+        raise CgroupError(f"{path}: expected an integer, read {text!r}") from exc
+
+
+def _read_keyed(path: Path, key: str) -> int:
+    """One value of a flat keyed file ("key value" per line: cpu.stat, memory.events, ...)."""
+    for line in _read(path).splitlines():
+        name, _, value = line.partition(" ")
+        if name == key:
+            try:
+                return int(value)
+            except ValueError as exc:
+                raise CgroupError(f"{path}: {key} is not an integer: {value!r}") from exc
+    raise CgroupError(f"{path}: no {key!r} entry (kernel too old?)")
+
+
+def _wait_for(done: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    delay = 0.001
+    while not done():
+        if time.monotonic() >= deadline:
+            raise CgroupError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(delay)
+        delay = min(delay * 2, 0.05)
+
+
+class CgroupFs:
+    """The two directory operations where cgroupfs differs from an ordinary filesystem.
+
+    The kernel fills a new group with its interface files and rmdir removes a group with
+    them; a test substitutes a fake that does the same in a temporary directory.
+    """
+
+    def mkdir(self, path: Path) -> None:
+        os.mkdir(path)
+
+    def rmdir(self, path: Path) -> None:
+        os.rmdir(path)
+
+
+def _mkdir(fs: CgroupFs, path: Path) -> None:
+    try:
+        fs.mkdir(path)
+    except FileExistsError as exc:
+        raise CgroupError(f"cgroup {path} already exists") from exc
+    except OSError as exc:
+        raise CgroupError(f"cannot create cgroup {path}: {exc.strerror or exc}") from exc
+
+
+def _rmdir(fs: CgroupFs, path: Path, timeout: float) -> None:
+    """Remove a group directory; a missing one is fine.
+
+    EBUSY is retried: the last member may still be exiting when cgroup.procs reads empty.
+    """
+
+    def removed() -> bool:
+        try:
+            fs.rmdir(path)
+        except FileNotFoundError:
+            return True
+        except OSError as exc:
+            if exc.errno == errno.EBUSY:
+                return False
+            raise CgroupError(f"cannot remove cgroup {path}: {exc.strerror or exc}") from exc
+        return True
+
+    _wait_for(removed, timeout, f"cgroup {path} to become removable")
+
+
+def _unique(paths: Mapping[str, Path]) -> tuple[Path, ...]:
+    return tuple(dict.fromkeys(paths.values()))
+
+
+def check_name(name: str) -> str:
+    """Return name if it is a valid group name, else raise CgroupError."""
+    if not _NAME.fullmatch(name):
+        raise CgroupError(
+            f"invalid cgroup name {name!r}: use 1-64 letters, digits, '-' or '_', "
+            "starting with a letter or digit"
+        )
+    return name
+
+
+# ---------------------------------------------------------------------------------------
+# Mount discovery
+
+
+def _unescape(field: str) -> str:
+    # mountinfo writes space, tab, newline and backslash as \ooo octal escapes.
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m[1], 8)), field)
+
+
+def v1_mounts(mountinfo: Path = MOUNTINFO) -> dict[str, Path]:
+    """Mount point of each mounted v1 controller, read from a mountinfo file."""
+    mounts: dict[str, Path] = {}
+    for line in _read(mountinfo).splitlines():
+        before, sep, after = line.partition(" - ")
+        fields, tail = before.split(), after.split()
+        if not sep or len(fields) < 5 or len(tail) < 3 or tail[0] != "cgroup":
+            continue
+        for option in tail[2].split(","):
+            if option in V1_CONTROLLERS:
+                mounts.setdefault(option, Path(_unescape(fields[4])))
+    return mounts
+
+
+def open_hierarchy(
+    root: Path = CGROUP_ROOT,
+    *,
+    parent: str = PARENT,
+    mountinfo: Path = MOUNTINFO,
+    fs: CgroupFs | None = None,
+) -> Hierarchy:
+    """Detect the host's cgroup version and return hyper's hierarchy on it.
+
+    ``root`` is where a v2 hierarchy would be mounted, ``mountinfo`` where v1 mount points
+    are read from, ``parent`` the name of hyper's own group; nothing is created yet.
+    """
+    check_name(parent)
+    fs = fs or CgroupFs()
+    if (root / "cgroup.controllers").exists():
+        available = _read(root / "cgroup.controllers").split()
+        missing = [c for c in V2_CONTROLLERS if c not in available]
+        if missing:
+            raise CgroupError(
+                f"cgroup v2 at {root} lacks controllers {', '.join(missing)} "
+                f"(cgroup.controllers: {' '.join(available) or 'empty'})"
+            )
+        return V2Hierarchy(root / parent, fs)
+    mounts = v1_mounts(mountinfo)
+    missing = [c for c in V1_CONTROLLERS if c not in mounts]
+    if missing:
+        raise CgroupError(
+            f"no usable cgroup hierarchy: {root} is not cgroup v2 and {mountinfo} "
+            f"shows no v1 mount for {', '.join(missing)}"
+        )
+    return V1Hierarchy({c: mounts[c] / parent for c in V1_CONTROLLERS}, fs)
+
+
+# ---------------------------------------------------------------------------------------
+# Domain groups
+
+
+class DomainGroup(ABC):
+    """One domain's group: ``<parent>/<name>`` in every controller hyper uses."""
+
+    def __init__(self, name: str, dirs: Mapping[str, Path], fs: CgroupFs) -> None:
+        self.name = name
+        self._by_controller = dict(dirs)
+        self._dirs = _unique(dirs)
+        self._fs = fs
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.name} at {', '.join(map(str, self._dirs))}>"
+
+    @property
+    def dirs(self) -> list[Path]:
+        """The group's directories, one per distinct controller mount (one on v2)."""
+        return list(self._dirs)
+
+    def path(self, controller: str) -> Path:
+        """The directory holding one controller's files (on v2, always the same one)."""
+        try:
+            return self._by_controller[controller]
+        except KeyError as exc:
+            raise CgroupError(f"cgroup {self.name}: no {controller!r} controller") from exc
+
+    def procs_file_paths(self) -> list[Path]:
+        """Every cgroup.procs file a process must write its own pid into to join."""
+        return [d / "cgroup.procs" for d in self._dirs]
+
+    def attach(self, pid: int) -> None:
+        """Move process pid (with all its threads) into this group."""
+        for procs in self.procs_file_paths():
+            _write(procs, str(pid))
+
+    def pids(self) -> list[int]:
+        """Every process in the group, in any controller (a partly removed group is fine)."""
+        found: set[int] = set()
+        for procs in self.procs_file_paths():
+            if procs.parent.is_dir():
+                found.update(int(pid) for pid in _read(procs).split())
+        return sorted(found)
+
+    def kill_all(self, timeout: float = 10.0) -> None:
+        """SIGKILL every process in the group, again and again, until the group is empty."""
+        if self.path("freezer").is_dir():
+            self.thaw()  # a v1-frozen process cannot act on its SIGKILL until thawed
+        self._kill_at_once()
+
+        def empty() -> bool:
+            pids = self.pids()
+            if pids:
+                self._sigkill_members(pids)
+            return not pids
+
+        _wait_for(empty, timeout, f"cgroup {self.name} to empty")
+
+    def remove(self, timeout: float = 10.0) -> None:
+        """Kill every process, then remove the group in every controller (missing is fine)."""
+        if any(d.is_dir() for d in self._dirs):
+            self.kill_all(timeout)
+        for d in self._dirs:
+            _rmdir(self._fs, d, timeout)
+        log.debug("removed cgroup %s", self.name)
+
+    def _sigkill_members(self, pids: list[int]) -> None:
+        # A pid read from cgroup.procs may exit and be reused by an unrelated host process
+        # before we signal it. A pidfd pins one process; signalling only the pidfds whose pid
+        # is still a member after they were opened can never hit a stranger.
+        pidfds: dict[int, int] = {}
+        try:
+            for pid in pids:
+                try:
+                    pidfds[pid] = os.pidfd_open(pid)
+                except ProcessLookupError:
+                    continue
+            members = set(self.pids())
+            for pid, pidfd in pidfds.items():
+                if pid in members:
+                    try:
+                        signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+                    except ProcessLookupError:
+                        continue
+        except OSError as exc:
+            raise CgroupError(f"cgroup {self.name}: cannot kill members: {exc}") from exc
+        finally:
+            for pidfd in pidfds.values():
+                os.close(pidfd)
+
+    @abstractmethod
+    def _kill_at_once(self) -> None:
+        """Kill the whole group with one write where the kernel offers it."""
+
+    @abstractmethod
+    def set_limits(self, limits: Limits) -> None:
+        """Write every limit; later calls change them (xl mem-set, sched-credit)."""
+
+    @abstractmethod
+    def freeze(self, timeout: float = 10.0) -> None:
+        """Stop every process and return once all are frozen (xl pause)."""
+
+    @abstractmethod
+    def thaw(self) -> None:
+        """Let every process run again (xl unpause)."""
+
+    @property
+    @abstractmethod
+    def frozen(self) -> bool:
+        """Whether the whole group is frozen (not merely freezing)."""
+
+    @abstractmethod
+    def cpu_time_ns(self) -> int:
+        """CPU time consumed by the group's processes, in nanoseconds."""
+
+    @abstractmethod
+    def memory_bytes(self) -> int:
+        """Memory currently charged to the group, in bytes."""
+
+    @abstractmethod
+    def oom_kills(self) -> int:
+        """How many processes the OOM killer has killed in the group."""
+
+
+class V1Group(DomainGroup):
+    """A domain group on v1 controllers: one directory per distinct controller mount."""
+
+    def set_limits(self, limits: Limits) -> None:
+        self._set_memory(limits.memory_mib * _MIB)
+        cpu = self.path("cpu")
+        _write(cpu / "cpu.shares", str(v1_cpu_shares(limits.cpu_weight)))
+        _write(cpu / "cpu.cfs_period_us", str(CFS_PERIOD_US))
+        _write(cpu / "cpu.cfs_quota_us", str(cfs_quota_us(limits.cap) or -1))
+        _write(self.path("pids") / "pids.max", str(limits.pids_max))
+
+    def _set_memory(self, limit: int) -> None:
+        memory = self.path("memory") / "memory.limit_in_bytes"
+        memsw = self.path("memory") / "memory.memsw.limit_in_bytes"
+        order = [memory]
+        if memsw.exists():
+            # The kernel refuses memsw.limit < limit at every step: when raising, raise
+            # memsw first; when lowering, lower the plain limit first.
+            order = [memsw, memory] if limit >= _read_int(memory) else [memory, memsw]
+        for path in order:
+            _write(path, str(limit))
+
+    def freeze(self, timeout: float = 10.0) -> None:
+        _write(self._state_file, "FROZEN")
+        try:
+            _wait_for(lambda: self.frozen, timeout, f"cgroup {self.name} to freeze")
+        except CgroupError:
+            self.thaw()  # a domain stuck in FREEZING is neither running nor paused
+            raise
+
+    def thaw(self) -> None:
+        _write(self._state_file, "THAWED")
+
+    @property
+    def frozen(self) -> bool:
+        return _read(self._state_file).strip() == "FROZEN"
+
+    @property
+    def _state_file(self) -> Path:
+        return self.path("freezer") / "freezer.state"
+
+    def cpu_time_ns(self) -> int:
+        return _read_int(self.path("cpuacct") / "cpuacct.usage")
+
+    def memory_bytes(self) -> int:
+        return _read_int(self.path("memory") / "memory.usage_in_bytes")
+
+    def oom_kills(self) -> int:
+        return _read_keyed(self.path("memory") / "memory.oom_control", "oom_kill")
+
+    def _kill_at_once(self) -> None:
+        """v1 has no cgroup.kill: kill_all's loop does it all."""
+
+
+class V2Group(DomainGroup):
+    """A domain group on the unified hierarchy: one directory for every controller."""
+
+    @property
+    def _dir(self) -> Path:
+        return self._dirs[0]
+
+    def set_limits(self, limits: Limits) -> None:
+        _write(self._dir / "memory.max", str(limits.memory_mib * _MIB))
+        if (self._dir / "memory.swap.max").exists():
+            _write(self._dir / "memory.swap.max", "0")
+        _write(self._dir / "cpu.weight", str(v2_cpu_weight(limits.cpu_weight)))
+        quota = cfs_quota_us(limits.cap)
+        _write(self._dir / "cpu.max", f"{quota or 'max'} {CFS_PERIOD_US}")
+        _write(self._dir / "pids.max", str(limits.pids_max))
+
+    def freeze(self, timeout: float = 10.0) -> None:
+        _write(self._dir / "cgroup.freeze", "1")
+        try:
+            _wait_for(lambda: self.frozen, timeout, f"cgroup {self.name} to freeze")
+        except CgroupError:
+            self.thaw()
+            raise
+
+    def thaw(self) -> None:
+        _write(self._dir / "cgroup.freeze", "0")
+
+    @property
+    def frozen(self) -> bool:
+        return _read_keyed(self._dir / "cgroup.events", "frozen") == 1
+
+    def cpu_time_ns(self) -> int:
+        return _read_keyed(self._dir / "cpu.stat", "usage_usec") * 1000
+
+    def memory_bytes(self) -> int:
+        return _read_int(self._dir / "memory.current")
+
+    def oom_kills(self) -> int:
+        return _read_keyed(self._dir / "memory.events", "oom_kill")
+
+    def _kill_at_once(self) -> None:
+        if (self._dir / "cgroup.kill").exists():
+            _write(self._dir / "cgroup.kill", "1")
+
+
+# ---------------------------------------------------------------------------------------
+# Hierarchies
+
+
+class Hierarchy(ABC):
+    """hyper's parent group on one host hierarchy, and the domain groups under it."""
+
+    version: ClassVar[Literal[1, 2]]
+
+    def __init__(self, parents: Mapping[str, Path], fs: CgroupFs) -> None:
+        self._parents = dict(parents)  # controller -> <mount>/<parent>
+        self._fs = fs
+
+    def __repr__(self) -> str:
+        dirs = ", ".join(map(str, _unique(self._parents)))
+        return f"<{type(self).__name__} v{self.version} at {dirs}>"
+
+    def parent_dirs(self) -> list[Path]:
+        """hyper's parent group, one directory per distinct controller mount."""
+        return list(_unique(self._parents))
+
+    def create(self, name: str, limits: Limits) -> DomainGroup:
+        """Create ``<parent>/<name>`` with limits; on failure, remove whatever was created."""
+        check_name(name)
+        self._ensure_parent()
+        group = self._group(name)
+        created: list[Path] = []
+        try:
+            for path in group.dirs:
+                _mkdir(self._fs, path)
+                created.append(path)
+            group.set_limits(limits)
+        except BaseException:
+            for path in reversed(created):
+                self._discard(path)
+            raise
+        log.debug("created cgroup %r with %s", group, limits)
+        return group
+
+    def open(self, name: str) -> DomainGroup:
+        """An existing domain group; CgroupError if it is missing in any controller."""
+        group = self._group(check_name(name))
+        for path in group.dirs:
+            if not path.is_dir():
+                raise CgroupError(f"cgroup {name} does not exist: no {path}")
+        return group
+
+    def list(self) -> list[str]:
+        """Names of every group under hyper's parent, complete or not (for cleanup)."""
+        names: set[str] = set()
+        for parent in self.parent_dirs():
+            if parent.is_dir():
+                names.update(p.name for p in parent.iterdir() if p.is_dir())
+        return sorted(names)
+
+    def remove_all(self, timeout: float = 10.0) -> None:
+        """Kill and remove every group under hyper's parent, then the parent itself."""
+        for name in self.list():
+            self._group(name).remove(timeout)
+        for parent in self.parent_dirs():
+            _rmdir(self._fs, parent, timeout)
+
+    def _ensure_parent(self) -> None:
+        created: list[Path] = []
+        try:
+            for parent in self.parent_dirs():
+                if not parent.is_dir():
+                    try:
+                        _mkdir(self._fs, parent)
+                        created.append(parent)
+                    except CgroupError:
+                        if not parent.is_dir():  # else another hyperd made it first
+                            raise
+            self._enable_controllers()
+        except BaseException:
+            for path in reversed(created):
+                self._discard(path)
+            raise
+
+    def _discard(self, path: Path) -> None:
+        """Best-effort removal of an empty group just created, while unwinding a failure."""
+        try:
+            self._fs.rmdir(path)
+        except OSError as exc:
+            log.warning("could not remove cgroup %s after a failure: %s", path, exc)
+
+    @abstractmethod
+    def _enable_controllers(self) -> None:
+        """Make the controllers available to the parent's children."""
+
+    @abstractmethod
+    def _group(self, name: str) -> DomainGroup: ...
+
+
+class V1Hierarchy(Hierarchy):
+    """hyper's groups on v1 controllers, each controller mounted on its own or co-mounted."""
+
+    version = 1
+
+    def _group(self, name: str) -> DomainGroup:
+        dirs = {c: parent / name for c, parent in self._parents.items()}
+        return V1Group(name, dirs, self._fs)
+
+    def _enable_controllers(self) -> None:
+        """Each v1 controller is its own hierarchy: a new group has it already."""
+
+
+class V2Hierarchy(Hierarchy):
+    """hyper's groups on the unified (v2) hierarchy."""
+
+    version = 2
+
+    def __init__(self, parent: Path, fs: CgroupFs) -> None:
+        super().__init__({c: parent for c in (*V2_CONTROLLERS, "cpuacct", "freezer")}, fs)
+        self._parent = parent
+
+    def _group(self, name: str) -> DomainGroup:
+        dirs = {c: parent / name for c, parent in self._parents.items()}
+        return V2Group(name, dirs, self._fs)
+
+    def _enable_controllers(self) -> None:
+        # A controller reaches the parent only if the root's subtree_control enables it;
+        # that file belongs to the host, so hyper reports the gap instead of writing it.
+        available = _read(self._parent / "cgroup.controllers").split()
+        missing = [c for c in V2_CONTROLLERS if c not in available]
+        if missing:
+            raise CgroupError(
+                f"{self._parent.parent / 'cgroup.subtree_control'} does not delegate "
+                f"{', '.join(missing)} to {self._parent}; enable them there (hyper does not "
+                "change cgroups it did not create)"
+            )
+        subtree = self._parent / "cgroup.subtree_control"
+        enabled = _read(subtree).split()
+        wanted = [f"+{c}" for c in V2_CONTROLLERS if c not in enabled]
+        if wanted:
+            _write(subtree, " ".join(wanted))

@@ -1,0 +1,80 @@
+"""`hyperctl cleanup`: remove whatever a killed hypervisor left on the host.
+
+Safe to run at any time: it refuses while a hyperd holds its pidfile lock (use `hyperctl halt`
+for a live one). It kills every process in hyper's cgroups (dom0, domain kernels, workloads),
+removes the cgroups, unlinks hyper's shared memory and semaphores, deletes the network
+interfaces dom0 made, and removes the runtime directory.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import signal
+from collections.abc import Iterator
+
+from hyper import cgroup
+from hyper.paths import RunDir
+from hyper.resources import leftovers
+
+
+class HypervisorRunning(Exception):
+    pass
+
+
+def hyperd_alive(run: RunDir) -> bool:
+    try:
+        fd = os.open(run.pidfile, os.O_RDONLY)
+    except FileNotFoundError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+    return False
+
+
+def _kill_pidfile_owner(run: RunDir) -> Iterator[str]:
+    try:
+        pid = int(run.pidfile.read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return
+    try:
+        os.kill(pid, signal.SIGKILL)
+        yield f"killed stale hyperd {pid}"
+    except ProcessLookupError:
+        pass
+
+
+def _remove_interfaces() -> Iterator[str]:
+    from pyroute2 import IPRoute
+
+    with IPRoute() as ipr:
+        for link in ipr.get_links():
+            name = link.get_attr("IFLA_IFNAME") or ""
+            if name.startswith("vif") and "." in name:
+                ipr.link("del", index=link["index"])
+                yield f"removed interface {name}"
+
+
+def cleanup(run: RunDir) -> Iterator[str]:
+    if hyperd_alive(run):
+        raise HypervisorRunning("a hypervisor is running; use `hyperctl halt` to stop it")
+    yield from _kill_pidfile_owner(run)
+    try:
+        hierarchy = cgroup.open_hierarchy()
+    except cgroup.CgroupError as exc:
+        yield f"cgroups: {exc}"
+    else:
+        for name in hierarchy.list():
+            yield f"removing cgroup {name} and its processes"
+        hierarchy.remove_all()
+    for path in leftovers():
+        path.unlink(missing_ok=True)
+        yield f"removed {path}"
+    yield from _remove_interfaces()
+    if run.root.exists():
+        run.remove()
+        yield f"removed {run.root}"

@@ -1,0 +1,467 @@
+"""hyperctl: the user's tool, shaped like Xen's xl. A thin table over the toolstack.
+
+Every command except ``create --dry-run`` and ``cleanup`` talks to dom0's toolstack over its
+root-only socket; ``create`` starts the hypervisor first when none runs. Exit status: 0 on
+success, 1 when the operation failed, 2 for bad input (usage, config errors), and for ``exec``
+the status of the command run in the domain.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import select
+import shutil
+import subprocess
+import sys
+import termios
+import time
+import tty
+from pathlib import Path
+from typing import Any
+
+from hyper import control
+from hyper.config import ConfigError, load_config
+from hyper.control import ControlError, NotRunning
+from hyper.paths import RunDir
+
+DETACH = b"\x1d"  # Ctrl-]
+HYPERD_START_TIMEOUT = 30.0
+WORKLOAD_UID = 1000
+
+
+class CliError(Exception):
+    def __init__(self, message: str, status: int = 1, lines: list[str] | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.lines = lines or [message]
+
+
+def _run() -> RunDir:
+    return RunDir()
+
+
+def _call(method: str, timeout: float | None = 120.0, **params: Any) -> Any:
+    try:
+        return control.call(_run().toolstack_socket, method, timeout=timeout, **params)
+    except NotRunning as exc:
+        raise CliError(str(exc)) from exc
+    except ControlError as exc:
+        raise CliError(str(exc), 2 if exc.usage else 1, exc.lines) from exc
+
+
+# -- create ------------------------------------------------------------------------------------
+
+
+def _hyperd_running() -> bool:
+    try:
+        control.Connection(_run().toolstack_socket, timeout=5.0).close()
+    except NotRunning:
+        return False
+    return True
+
+
+def ensure_hypervisor() -> None:
+    """Start hyperd in the background unless one already answers."""
+    if _hyperd_running():
+        return
+    run = _run()
+    subprocess.Popen(
+        [sys.executable, "-m", "hyper.hyperd", "--run-dir", str(run.root)],
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        start_new_session=True, cwd="/",
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)},
+    )
+    deadline = time.monotonic() + HYPERD_START_TIMEOUT
+    while time.monotonic() < deadline:
+        if _hyperd_running():
+            return
+        time.sleep(0.1)
+    raise CliError(f"the hypervisor did not start; see {run.log('hyperd')}")
+
+
+def cmd_create(args: argparse.Namespace) -> int:
+    try:
+        config = load_config(args.file)
+    except ConfigError as exc:
+        raise CliError("invalid config", 2, exc.lines) from exc
+    if args.dry_run:
+        print(config.normalised_json())
+        return 0
+    ensure_hypervisor()
+    path = Path(args.file)
+    print(f"Parsing config from {args.file}", file=sys.stderr)
+    info = _call("create", config_text=path.read_text(), source=args.file,
+                 base_dir=str(path.resolve().parent))
+    print(f"Created domain {info['name']} (id {info['domid']})", file=sys.stderr)
+    if args.console:
+        return _console(str(info["domid"]))
+    if args.foreground:
+        return _wait_gone(info["domid"])
+    return 0
+
+
+def _wait_gone(domid: int) -> int:
+    """Block until the domain is gone or stopped (xl create -F)."""
+    with control.Connection(_run().toolstack_socket, timeout=None) as conn:
+        conn.request("store_watch", path="@releaseDomain")
+        while True:
+            alive = [d for d in _call("list") if d["domid"] == domid
+                     and d["status"] in ("building", "running")]
+            if not alive:
+                return 0
+            if control.read_line(conn.sock, conn.buffer) is None:
+                return 1
+
+
+# -- list, top, info, dmesg --------------------------------------------------------------------
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    domains = _call("list")
+    if args.json:
+        keys = ("name", "domid", "state", "memory", "vcpus", "cpu_time", "pid", "status")
+        print(json.dumps([{k: d[k] for k in keys} for d in domains], indent=2))
+        return 0
+    print(f"{'Name':<40}{'ID':>5}{'Mem':>7}{'VCPUs':>6}  {'State':<8}{'Time(s)':>9}")
+    for d in domains:
+        print(f"{d['name']:<40}{d['domid']:>5}{d['memory']:>7}{d['vcpus']:>6}  "
+              f"{d['state']:<8}{d['cpu_time']:>9.1f}")
+    return 0
+
+
+def _top_rows(before: dict[int, float], domains: list[dict[str, Any]], interval: float
+              ) -> list[list[str]]:
+    rows = []
+    for d in domains:
+        prev = before.get(d["domid"])
+        pct = 0.0 if prev is None or interval <= 0 else 100.0 * (d["cpu_time"] - prev) / interval
+        rows.append([d["name"], d["state"], f"{d['cpu_time']:.1f}", f"{pct:.1f}",
+                     str(d.get("mem_usage", 0) // 1024), str(d["memory"] * 1024),
+                     str(d["vcpus"])])
+    return rows
+
+
+TOP_COLUMNS = ["NAME", "STATE", "CPU(sec)", "CPU(%)", "MEM(k)", "MAXMEM(k)", "VCPUS"]
+
+
+def cmd_top(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.live import Live
+    from rich.table import Table
+
+    def table(rows: list[list[str]]) -> Table:
+        t = Table(box=None, header_style="bold")
+        for col in TOP_COLUMNS:
+            t.add_column(col, justify="left" if col in ("NAME", "STATE") else "right")
+        for row in rows:
+            t.add_row(*row)
+        return t
+
+    before: dict[int, float] = {}
+    last = time.monotonic()
+    iteration = 0
+    live: Live | None = None
+    if not args.batch:
+        live = Live(table([]), console=Console(), auto_refresh=False)
+        live.start()
+    try:
+        while args.iterations is None or iteration < args.iterations:
+            domains = _call("list")
+            now = time.monotonic()
+            rows = _top_rows(before, domains, now - last)
+            before = {d["domid"]: d["cpu_time"] for d in domains}
+            last = now
+            iteration += 1
+            if live is not None:
+                live.update(table(rows), refresh=True)
+            else:
+                print(" ".join(f"{c:>10}" for c in TOP_COLUMNS))
+                for row in rows:
+                    print(" ".join(f"{c:>10}" for c in row))
+                print(flush=True)
+            if args.iterations is not None and iteration >= args.iterations:
+                break
+            time.sleep(args.delay)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        if live is not None:
+            live.stop()
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    info = _call("info")
+    for key, value in info.items():
+        print(f"{key:<20}: {value}")
+    return 0
+
+
+def cmd_dmesg(args: argparse.Namespace) -> int:
+    for line in _call("dmesg", clear=args.clear):
+        print(line)
+    return 0
+
+
+# -- lifecycle ---------------------------------------------------------------------------------
+
+
+def cmd_simple(method: str) -> Any:
+    def run(args: argparse.Namespace) -> int:
+        _call(method, domain=args.domain)
+        return 0
+
+    return run
+
+
+def cmd_shutdown(args: argparse.Namespace) -> int:
+    result = _call("shutdown", timeout=None, domain=args.domain, wait=args.wait,
+                   grace=args.timeout)
+    if args.wait and not result.get("cooperative", True):
+        print(f"{args.domain} did not shut down in {args.timeout:.0f} s: destroyed",
+              file=sys.stderr)
+    return 0
+
+
+def cmd_halt(args: argparse.Namespace) -> int:
+    try:
+        control.call(_run().toolstack_socket, "halt", timeout=60.0)
+    except NotRunning:
+        print("hyperctl: the hypervisor is not running", file=sys.stderr)
+        return 0
+    deadline = time.monotonic() + 60.0
+    while time.monotonic() < deadline and _run().pidfile.exists():
+        time.sleep(0.1)
+    return 0
+
+
+def cmd_cleanup(args: argparse.Namespace) -> int:
+    from hyper.cleanup import HypervisorRunning, cleanup
+
+    try:
+        for line in cleanup(_run()):
+            print(line)
+    except HypervisorRunning as exc:
+        raise CliError(str(exc)) from exc
+    return 0
+
+
+def cmd_sched_credit(args: argparse.Namespace) -> int:
+    result = _call("sched_credit", domain=args.domain, cpu_weight=args.weight, cap=args.cap)
+    print(f"{'Name':<40}{'Weight':>8}{'Cap':>6}")
+    print(f"{args.domain:<40}{result['cpu_weight']:>8}{result['cap']:>6}")
+    return 0
+
+
+# -- exec and console --------------------------------------------------------------------------
+
+
+def cmd_exec(args: argparse.Namespace) -> int:
+    command = args.command[1:] if args.command[:1] == ["--"] else args.command
+    if not command:
+        raise CliError("exec: no command given (hyperctl exec NAME -- CMD...)", 2)
+    target = _call("exec_target", domain=args.domain)
+    env = ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "HOME=/tmp",
+           f"TERM={os.environ.get('TERM', 'dumb')}", "LANG=C.UTF-8"]
+    argv = [
+        shutil.which("nsenter") or "nsenter", f"--target={target['pid']}",
+        "--user", "--mount", "--net", "--pid", "--uts", "--ipc", "--cgroup", "--wd=/tmp",
+        "--", "setpriv", f"--reuid={WORKLOAD_UID}", f"--regid={WORKLOAD_UID}",
+        "--clear-groups", "--no-new-privs", "--", "env", "-i", *env, *command,
+    ]
+    procs = [Path(p) for p in target["cgroup_procs"]]
+
+    def join_domain_cgroup() -> None:
+        for path in procs:
+            path.write_text(f"{os.getpid()}\n")
+
+    proc = subprocess.Popen(argv, preexec_fn=join_domain_cgroup, close_fds=True)
+    while True:
+        try:
+            code = proc.wait()
+            break
+        except KeyboardInterrupt:
+            continue  # the terminal's ^C reached the command too; keep waiting for it
+    return code if code >= 0 else 128 - code
+
+
+def _console(domain: str) -> int:
+    conn = control.Connection(_run().toolstack_socket, timeout=None)
+    try:
+        conn.request("console", domain=domain)
+    except ControlError as exc:
+        conn.close()
+        raise CliError(str(exc)) from exc
+    interactive = sys.stdin.isatty()
+    saved = termios.tcgetattr(sys.stdin) if interactive else None
+    if interactive:
+        print("(Ctrl-] detaches)", file=sys.stderr)
+        tty.setraw(sys.stdin.fileno())
+    try:
+        _relay(conn, interactive)
+    finally:
+        if saved is not None:
+            termios.tcsetattr(sys.stdin, termios.TCSADRAIN, saved)
+        conn.close()
+    return 0
+
+
+def _relay(conn: control.Connection, interactive: bool) -> None:
+    out = sys.stdout.buffer
+    if conn.buffer:
+        out.write(bytes(conn.buffer))
+        out.flush()
+    stdin_open = True
+    while True:
+        fds = [conn.sock] + ([sys.stdin] if stdin_open else [])
+        readable, _, _ = select.select(fds, [], [])
+        if conn.sock in readable:
+            data = conn.sock.recv(65536)
+            if not data:
+                return
+            out.write(data)
+            out.flush()
+        if sys.stdin in readable:
+            data = os.read(sys.stdin.fileno(), 4096)
+            if not data:
+                stdin_open = False
+                if not interactive:
+                    return
+                continue
+            if DETACH in data:
+                before = data.split(DETACH, 1)[0]
+                if before:
+                    conn.sock.sendall(before)
+                return
+            conn.sock.sendall(data)
+
+
+def cmd_console(args: argparse.Namespace) -> int:
+    return _console(args.domain)
+
+
+# -- store -------------------------------------------------------------------------------------
+
+
+def cmd_store(args: argparse.Namespace) -> int:
+    if args.op == "ls":
+        for path, value in _call("store_ls", path=args.path):
+            print(f"{path} = {json.dumps(value)}")
+    elif args.op == "read":
+        print(_call("store_read", path=args.path))
+    elif args.op == "write":
+        if args.value is None:
+            raise CliError("store write: a value is required", 2)
+        _call("store_write", path=args.path, value=args.value)
+    elif args.op == "rm":
+        _call("store_rm", path=args.path)
+    elif args.op == "watch":
+        with control.Connection(_run().toolstack_socket, timeout=None) as conn:
+            conn.request("store_watch", path=args.path)
+            count = 0
+            while args.count is None or count < args.count:
+                line = control.read_line(conn.sock, conn.buffer)
+                if line is None:
+                    break
+                event = json.loads(line)
+                print(f"{event['path']} {event['token']}", flush=True)
+                count += 1
+    return 0
+
+
+# -- the table ---------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="hyperctl", description="Manage hyper domains (an xl-shaped tool).")
+    sub = parser.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("create", help="create a domain from a YAML config")
+    p.add_argument("file")
+    p.add_argument("-c", dest="console", action="store_true", help="attach the console")
+    p.add_argument("-F", dest="foreground", action="store_true",
+                   help="stay in the foreground until the domain dies")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the normalised config as JSON; create nothing")
+    p.set_defaults(func=cmd_create)
+
+    p = sub.add_parser("list", help="list domains")
+    p.add_argument("--json", "-l", action="store_true")
+    p.set_defaults(func=cmd_list)
+
+    for name, helptext in (("destroy", "kill a domain now"), ("pause", "pause a domain"),
+                           ("unpause", "unpause a domain"), ("reboot", "reboot a domain")):
+        p = sub.add_parser(name, help=helptext)
+        p.add_argument("domain")
+        p.set_defaults(func=cmd_simple(name))
+
+    p = sub.add_parser("shutdown", help="ask a domain to power off")
+    p.add_argument("domain")
+    p.add_argument("-w", dest="wait", action="store_true", help="wait until it is gone")
+    p.add_argument("--timeout", type=float, default=30.0,
+                   help="destroy it if it has not shut down after this many seconds")
+    p.set_defaults(func=cmd_shutdown)
+
+    p = sub.add_parser("exec", help="run a command inside a domain")
+    p.add_argument("domain")
+    p.add_argument("command", nargs=argparse.REMAINDER)
+    p.set_defaults(func=cmd_exec)
+
+    p = sub.add_parser("console", help="attach to a domain's console (Ctrl-] detaches)")
+    p.add_argument("domain")
+    p.set_defaults(func=cmd_console)
+
+    sub.add_parser("info", help="host and hypervisor information").set_defaults(func=cmd_info)
+
+    p = sub.add_parser("dmesg", help="the hypervisor's log")
+    p.add_argument("-c", dest="clear", action="store_true", help="clear it after printing")
+    p.set_defaults(func=cmd_dmesg)
+
+    p = sub.add_parser("top", help="per-domain CPU and memory, refreshing")
+    p.add_argument("-b", dest="batch", action="store_true", help="batch output")
+    p.add_argument("-n", dest="iterations", type=int, default=None)
+    p.add_argument("-d", dest="delay", type=float, default=3.0)
+    p.set_defaults(func=cmd_top)
+
+    p = sub.add_parser("sched-credit", help="show or set a domain's weight and cap")
+    p.add_argument("-d", dest="domain", required=True)
+    p.add_argument("-w", dest="weight", type=int, default=None)
+    p.add_argument("-c", dest="cap", type=int, default=None)
+    p.set_defaults(func=cmd_sched_credit)
+
+    p = sub.add_parser("store", help="read and change the store")
+    p.add_argument("op", choices=["ls", "read", "write", "rm", "watch"])
+    p.add_argument("path")
+    p.add_argument("value", nargs="?")
+    p.add_argument("-n", dest="count", type=int, default=None, help="watch: stop after N events")
+    p.set_defaults(func=cmd_store)
+
+    sub.add_parser("halt", help="destroy every domain and stop the hypervisor").set_defaults(
+        func=cmd_halt)
+    sub.add_parser("cleanup", help="remove whatever a killed hypervisor left behind"
+                   ).set_defaults(func=cmd_cleanup)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if os.geteuid() != 0 and not getattr(args, "dry_run", False):
+        print("hyperctl: must run as root", file=sys.stderr)
+        return 1
+    try:
+        return int(args.func(args))
+    except CliError as exc:
+        for line in exc.lines:
+            print(line if exc.status == 2 else f"hyperctl: {line}", file=sys.stderr)
+        return exc.status
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,103 @@
+"""Event-channel port tables: hyperd's half of channels/evtchn.py.
+
+Each domain has its own port space (ports from 1). A port is *unbound* (allocated for a named
+remote domain) or *interdomain* (connected to a port of that domain). Each port owns one doorbell
+semaphore, the one its domain waits on; binding hands each side the name of the other's doorbell
+so notifications go straight from domain to domain. Closing a port returns its peer to unbound,
+which is what lets a backend or a frontend reconnect.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from hyper.resources import Resources, sharing_gid
+
+MAX_PORTS = 4096  # the 2-level ABI's limit on 64-bit guests
+
+
+class EvtchnError(Exception):
+    def __init__(self, errno_name: str, message: str) -> None:
+        super().__init__(message)
+        self.errno_name = errno_name
+
+
+@dataclass
+class Port:
+    domid: int
+    port: int
+    remote_dom: int
+    doorbell: str
+    owner: Resources  # the domU whose death frees this port's doorbell
+    remote_port: int | None = None  # None while unbound
+
+    @property
+    def state(self) -> str:
+        return "unbound" if self.remote_port is None else "interdomain"
+
+
+class EventChannels:
+    def __init__(self) -> None:
+        self._ports: dict[tuple[int, int], Port] = {}
+
+    def _new_port(self, domid: int, remote_dom: int, resources: Resources) -> Port:
+        used = {p for (d, p) in self._ports if d == domid}
+        if len(used) >= MAX_PORTS:
+            raise EvtchnError("ENOSPC", f"domain {domid}: no free event-channel port")
+        port = next(p for p in range(1, MAX_PORTS + 1) if p not in used)
+        try:
+            gid = sharing_gid(domid, remote_dom)
+        except PermissionError as exc:
+            raise EvtchnError("EPERM", str(exc)) from exc
+        doorbell = resources.new_doorbell(f"evtchn{port}", gid)
+        entry = Port(domid, port, remote_dom, doorbell, resources)
+        self._ports[domid, port] = entry
+        return entry
+
+    def get(self, domid: int, port: int) -> Port:
+        entry = self._ports.get((domid, port))
+        if entry is None:
+            raise EvtchnError("EINVAL", f"domain {domid} has no port {port}")
+        return entry
+
+    def peer_doorbell(self, entry: Port) -> str | None:
+        if entry.remote_port is None:
+            return None
+        return self._ports[entry.remote_dom, entry.remote_port].doorbell
+
+    def alloc_unbound(self, domid: int, remote_dom: int, resources: Resources) -> Port:
+        return self._new_port(domid, remote_dom, resources)
+
+    def bind_interdomain(
+        self, domid: int, remote_dom: int, remote_port: int, resources: Resources
+    ) -> Port:
+        remote = self._ports.get((remote_dom, remote_port))
+        if remote is None or remote.remote_port is not None or remote.remote_dom != domid:
+            raise EvtchnError(
+                "EINVAL", f"domain {remote_dom} port {remote_port} is not unbound for {domid}"
+            )
+        local = self._new_port(domid, remote_dom, resources)
+        local.remote_port = remote.port
+        remote.remote_port = local.port
+        return local
+
+    def close(self, domid: int, port: int) -> None:
+        entry = self._ports.pop((domid, port), None)
+        if entry is None:
+            raise EvtchnError("EINVAL", f"domain {domid} has no port {port}")
+        if entry.remote_port is not None:
+            peer = self._ports.get((entry.remote_dom, entry.remote_port))
+            if peer is not None:
+                peer.remote_port = None
+        entry.owner.drop_doorbell(entry.doorbell)
+
+    def close_domain(self, domid: int) -> None:
+        """A domain died: close its ports, and its peers' ports bound to it (their doorbells
+        belong to the dead domain's resources)."""
+        doomed = [key for key, p in self._ports.items() if domid in (key[0], p.remote_dom)]
+        for d, port in doomed:
+            if (d, port) in self._ports:
+                self.close(d, port)
+
+    def ports_of(self, domid: int) -> list[Port]:
+        return [p for (d, _), p in self._ports.items() if d == domid]

@@ -1,0 +1,678 @@
+"""hyperd, the hypervisor: a small supervisor that builds, watches and destroys domains.
+
+It owns the domain table, the event-channel port tables and the grant tables; it creates every
+shared-memory object and doorbell; it answers hypercalls on one socket per domain, where the
+socket identifies the caller; and it reaps every domain process (it is their child subreaper),
+applying ``on_poweroff``/``on_reboot``/``on_crash`` when one dies. Drivers, the store and policy
+live in dom0, not here.
+
+One thread runs a selector loop over the hypercall sockets, the boot sync sockets and a
+self-pipe for signals, so every state change happens in one place and in one order.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import contextlib
+import fcntl
+import json
+import logging
+import os
+import platform
+import selectors
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from channels import hypercall as hc
+from channels.hypercall import Op
+from domu import linux
+from hyper import cgroup
+from hyper.domain import (
+    Domain,
+    RingInfo,
+    Status,
+    find_workload_init,
+    ring_sizes,
+    spawn_boot,
+    write_id_maps,
+)
+from hyper.evtchn import EventChannels, EvtchnError
+from hyper.gnttab import GnttabError, GrantTables
+from hyper.paths import RunDir
+from hyper.resources import Resources, host_gid
+
+log = logging.getLogger("hyperd")
+
+DOM0_NAME = "Domain-0"
+PIDS_MAX = 1024
+BUILD_TIMEOUT = 30.0
+
+
+class HvError(Exception):
+    def __init__(self, errno_name: str, message: str) -> None:
+        super().__init__(message)
+        self.errno_name = errno_name
+
+
+class DmesgHandler(logging.Handler):
+    """Keeps the last lines of the hypervisor log for `hyperctl dmesg`."""
+
+    def __init__(self, size: int = 2000) -> None:
+        super().__init__()
+        self.lines: collections.deque[str] = collections.deque(maxlen=size)
+        self.setFormatter(logging.Formatter("(XEN) [%(asctime)s] %(message)s"))
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(self.format(record))
+
+
+class Hypervisor:
+    def __init__(self, run: RunDir, hierarchy: cgroup.Hierarchy, dmesg: DmesgHandler) -> None:
+        self.run = run
+        self.cgroups = hierarchy
+        self.dmesg = dmesg
+        self.domains: dict[int, Domain] = {}
+        self.evtchn = EventChannels()
+        self.gnttab = GrantTables()
+        self.selector = selectors.DefaultSelector()
+        self.halting = False
+        self.halt_requested = False
+        self.dom0_restarts = 0
+        self._sig_r, self._sig_w = socket.socketpair()
+        self._sig_r.setblocking(False)
+        self._sig_w.setblocking(False)
+
+    # -- main loop -------------------------------------------------------------------------
+
+    def serve(self) -> None:
+        signal.set_wakeup_fd(self._sig_w.fileno())
+        for signum in (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, lambda *_: None)
+        self.selector.register(self._sig_r, selectors.EVENT_READ, ("signal", None))
+        self.start_dom0()
+        while not (self.halting and not self.domains):
+            for key, _ in self.selector.select(timeout=1.0):
+                kind, domain = key.data
+                try:
+                    if kind == "signal":
+                        self._on_signal()
+                    elif kind == "hypercall":
+                        self._on_hypercall(domain)
+                    elif kind == "sync":
+                        self._on_sync(domain)
+                except Exception:
+                    log.exception("internal error handling %s", kind)
+            self._check_builds()
+            if self.halt_requested:
+                self.halt()
+
+    def _on_signal(self) -> None:
+        try:
+            data = self._sig_r.recv(512)
+        except BlockingIOError:
+            data = b""
+        if {signal.SIGTERM, signal.SIGINT} & set(data):
+            self.halt()
+        self._reap()
+
+    def _reap(self) -> None:
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            for domain in list(self.domains.values()):
+                if domain.pid == pid:
+                    domain.reaped = True
+                    self._on_death(domain, status)
+                elif domain.boot is not None and domain.boot.pid == pid:
+                    domain.boot.returncode = os.waitstatus_to_exitcode(status)
+
+    # -- dom0 ------------------------------------------------------------------------------
+
+    def start_dom0(self) -> None:
+        dom0 = self.domains.get(0)
+        if dom0 is None:
+            dom0 = Domain(0, DOM0_NAME, {"memory": _host_memory_mib(), "vcpus": os.cpu_count()},
+                          Resources(0))
+            # dom0 is accounted, not limited: its group only measures what it uses.
+            unlimited = cgroup.Limits(memory_mib=_host_memory_mib(), pids_max=1 << 16)
+            dom0.cgroup = self.cgroups.create("dom0", unlimited)
+            self.domains[0] = dom0
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        with open(self.run.log("dom0"), "ab") as out:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "dom0", "--hypercall-fd", str(theirs.fileno()),
+                 "--run-dir", str(self.run.root)],
+                pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL, stdout=out, stderr=out,
+                env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)},
+            )
+        theirs.close()
+        assert dom0.cgroup is not None
+        dom0.cgroup.attach(proc.pid)
+        dom0.pid = proc.pid
+        dom0.reaped = False
+        dom0.sock = ours
+        dom0.status = Status.RUNNING
+        self.selector.register(ours, selectors.EVENT_READ, ("hypercall", dom0))
+        log.info("dom0 started, pid %d", proc.pid)
+        # A restarted dom0 learns the domains that already exist, as if they were new.
+        for domain in self.domains.values():
+            if domain.domid != 0 and domain.status is not Status.BUILDING:
+                self.event("domain_introduced", self.info(domain))
+                if domain.status is Status.RUNNING:
+                    self.event("domain_running", {"domid": domain.domid})
+
+    def event(self, name: str, data: dict[str, Any]) -> None:
+        dom0 = self.domains.get(0)
+        if dom0 is None or dom0.sock is None:
+            return
+        try:
+            dom0.sock.send(hc.encode({"event": name, "data": data}))
+        except OSError as exc:
+            log.warning("event %s to dom0 lost: %s", name, exc)
+
+    # -- hypercalls ------------------------------------------------------------------------
+
+    def _on_hypercall(self, caller: Domain) -> None:
+        assert caller.sock is not None
+        try:
+            data = caller.sock.recv(hc.MAX_MESSAGE)
+        except OSError:
+            data = b""
+        if not data:
+            self._drop_socket(caller)
+            return
+        try:
+            req_id, op = hc.parse_request(data)
+        except ValueError as exc:
+            log.warning("dom%d: bad hypercall: %s", caller.domid, exc)
+            self._reply(caller, {"id": _request_id(data), "ok": False, "error": "EINVAL",
+                                 "message": str(exc)})
+            return
+        try:
+            result = self.handle(caller, op)
+            reply: dict[str, Any] = {"id": req_id, "ok": True, "result": result}
+        except (HvError, EvtchnError, GnttabError) as exc:
+            reply = {"id": req_id, "ok": False, "error": exc.errno_name, "message": str(exc)}
+        except Exception as exc:
+            log.exception("dom%d: hypercall %s failed", caller.domid, op.op)
+            reply = {"id": req_id, "ok": False, "error": "EIO", "message": str(exc)}
+        self._reply(caller, reply)
+
+    def _reply(self, caller: Domain, reply: dict[str, Any]) -> None:
+        if caller.sock is None:
+            return
+        try:
+            caller.sock.send(hc.encode(reply))
+        except OSError as exc:
+            log.warning("dom%d: reply lost: %s", caller.domid, exc)
+
+    def _drop_socket(self, domain: Domain) -> None:
+        if domain.sock is not None:
+            self.selector.unregister(domain.sock)
+            domain.sock.close()
+            domain.sock = None
+
+    def handle(self, caller: Domain, op: Op) -> dict[str, Any]:
+        if op.privileged and caller.domid != 0:
+            raise HvError("EPERM", f"{op.op} is privileged; domain {caller.domid} may not call it")
+        handler = getattr(self, "do_" + op.op)
+        result: dict[str, Any] = handler(caller, op)
+        return result
+
+    def _domu(self, domid: int) -> Domain:
+        domain = self.domains.get(domid)
+        if domain is None or domid == 0:
+            raise HvError("ESRCH", f"no domain {domid}")
+        return domain
+
+    def _shared_resources(self, a: int, b: int) -> Resources:
+        """Objects shared by dom0 and a domU belong to the domU: they die with it."""
+        return self._domu(b if a == 0 else a).resources
+
+    def do_evtchn_alloc_unbound(self, caller: Domain, op: hc.EvtchnAllocUnbound) -> dict[str, Any]:
+        resources = self._shared_resources(caller.domid, op.remote_dom)
+        port = self.evtchn.alloc_unbound(caller.domid, op.remote_dom, resources)
+        return {"port": port.port, "doorbell": port.doorbell}
+
+    def do_evtchn_bind_interdomain(
+        self, caller: Domain, op: hc.EvtchnBindInterdomain
+    ) -> dict[str, Any]:
+        resources = self._shared_resources(caller.domid, op.remote_dom)
+        port = self.evtchn.bind_interdomain(caller.domid, op.remote_dom, op.remote_port, resources)
+        return {"port": port.port, "doorbell": port.doorbell,
+                "peer_doorbell": self.evtchn.peer_doorbell(port)}
+
+    def do_evtchn_status(self, caller: Domain, op: hc.EvtchnStatus) -> dict[str, Any]:
+        port = self.evtchn.get(caller.domid, op.port)
+        return {"state": port.state, "remote_dom": port.remote_dom,
+                "remote_port": port.remote_port, "doorbell": port.doorbell,
+                "peer_doorbell": self.evtchn.peer_doorbell(port)}
+
+    def do_evtchn_close(self, caller: Domain, op: hc.EvtchnClose) -> dict[str, Any]:
+        self.evtchn.close(caller.domid, op.port)
+        return {}
+
+    def do_gnttab_setup_pool(self, caller: Domain, op: hc.GnttabSetupPool) -> dict[str, Any]:
+        resources = self._shared_resources(caller.domid, op.peer)
+        return self.gnttab.setup_pool(caller.domid, op.peer, op.pages, resources).result()
+
+    def do_gnttab_map_pool(self, caller: Domain, op: hc.GnttabMapPool) -> dict[str, Any]:
+        return self.gnttab.map_pool(caller.domid, op.granter, op.gref).result()
+
+    def do_gnttab_release_pool(self, caller: Domain, op: hc.GnttabReleasePool) -> dict[str, Any]:
+        resources = caller.resources
+        self.gnttab.release_pool(caller.domid, op.pool, resources)
+        return {}
+
+    def do_sched_booted(self, caller: Domain, op: hc.SchedBooted) -> dict[str, Any]:
+        if caller.status is Status.BUILDING:
+            caller.status = Status.RUNNING
+            log.info("dom%d (%s) running", caller.domid, caller.name)
+            self.event("domain_running", {"domid": caller.domid})
+        return {}
+
+    def do_sched_shutdown(self, caller: Domain, op: hc.SchedShutdown) -> dict[str, Any]:
+        if caller.domid == 0:
+            raise HvError("EINVAL", "dom0 shuts down with sysctl_halt")
+        caller.shutdown_reason = op.reason
+        caller.exit_code = op.code
+        log.info("dom%d (%s) shutting down: %s (code %d)", caller.domid, caller.name,
+                 op.reason, op.code)
+        return {}
+
+    def do_domctl_create(self, caller: Domain, op: hc.DomctlCreate) -> dict[str, Any]:
+        if self.halting:
+            raise HvError("ESHUTDOWN", "the hypervisor is halting")
+        name = str(op.config.get("name", ""))
+        if any(d.name == name for d in self.domains.values()):
+            raise HvError("EEXIST", f"a domain named {name!r} already exists")
+        return self.info(self.build(op.config))
+
+    def do_domctl_destroy(self, caller: Domain, op: hc.DomctlDestroy) -> dict[str, Any]:
+        self.destroy(self._domu(op.domid))
+        return {}
+
+    def do_domctl_pause(self, caller: Domain, op: hc.DomctlPause) -> dict[str, Any]:
+        domain = self._domu(op.domid)
+        if domain.cgroup is None or domain.status is not Status.RUNNING:
+            raise HvError("EINVAL", f"domain {op.domid} is {domain.status.value}")
+        if op.pause:
+            domain.cgroup.freeze()
+        else:
+            domain.cgroup.thaw()
+        log.info("dom%d %s", op.domid, "paused" if op.pause else "unpaused")
+        return {}
+
+    def do_domctl_list(self, caller: Domain, op: hc.DomctlList) -> dict[str, Any]:
+        return {"domains": [self.info(d) for d in sorted(self.domains.values(),
+                                                         key=lambda d: d.domid)]}
+
+    def do_domctl_exec_target(self, caller: Domain, op: hc.DomctlExecTarget) -> dict[str, Any]:
+        domain = self._domu(op.domid)
+        if domain.status is not Status.RUNNING or domain.pid is None or domain.cgroup is None:
+            raise HvError("EINVAL", f"domain {op.domid} is not running")
+        if domain.cgroup.frozen:
+            raise HvError("EBUSY", f"domain {op.domid} is paused")
+        init = find_workload_init(domain.pid)
+        if init is None:
+            raise HvError("ESRCH", f"domain {op.domid} has no workload init")
+        return {"pid": init, "cgroup_procs": [str(p) for p in domain.cgroup.procs_file_paths()]}
+
+    def do_domctl_set_sched(self, caller: Domain, op: hc.DomctlSetSched) -> dict[str, Any]:
+        domain = self._domu(op.domid)
+        if op.cpu_weight is not None:
+            domain.config["cpu_weight"] = op.cpu_weight
+        if op.cap is not None:
+            domain.config["cap"] = op.cap
+        if domain.cgroup is not None:
+            domain.cgroup.set_limits(_limits(domain.config))
+        return {"cpu_weight": domain.config.get("cpu_weight"), "cap": domain.config.get("cap")}
+
+    def do_sysctl_dmesg(self, caller: Domain, op: hc.SysctlDmesg) -> dict[str, Any]:
+        lines = list(self.dmesg.lines)
+        if op.clear:
+            self.dmesg.lines.clear()
+        return {"lines": lines}
+
+    def do_sysctl_info(self, caller: Domain, op: hc.SysctlInfo) -> dict[str, Any]:
+        uname = platform.uname()
+        return {
+            "host": uname.node,
+            "release": uname.release,
+            "machine": uname.machine,
+            "nr_cpus": os.cpu_count(),
+            "total_memory": _host_memory_mib(),
+            "free_memory": _host_available_mib(),
+            "hyper_version": "0.1.0",
+            "cgroup_version": self.cgroups.version,
+            "hyperd_pid": os.getpid(),
+            "nr_domains": len(self.domains),
+            "dom0_restarts": self.dom0_restarts,
+        }
+
+    def do_sysctl_halt(self, caller: Domain, op: hc.SysctlHalt) -> dict[str, Any]:
+        # Reply first: halting stops dom0, which would never see the answer.
+        self.halt_requested = True
+        return {}
+
+    # -- building and destroying -------------------------------------------------------------
+
+    def info(self, domain: Domain) -> dict[str, Any]:
+        info = domain.info(self._state_letters(domain), self._cpu_ns(domain))
+        try:
+            info["mem_usage"] = domain.cgroup.memory_bytes() if domain.cgroup else 0
+        except cgroup.CgroupError:
+            info["mem_usage"] = 0
+        return info
+
+    def _cpu_ns(self, domain: Domain) -> int:
+        if domain.cgroup is None:
+            return domain.final_cpu_ns
+        try:
+            return domain.cgroup.cpu_time_ns()
+        except cgroup.CgroupError:
+            return domain.final_cpu_ns
+
+    def _state_letters(self, domain: Domain) -> str:
+        letters = ["-"] * 6
+        if domain.status is Status.RUNNING and domain.cgroup is not None:
+            if domain.cgroup.frozen:
+                letters[2] = "p"
+            elif _any_running(domain.cgroup.pids()):
+                letters[0] = "r"
+            else:
+                letters[1] = "b"
+        elif domain.status is Status.SHUTDOWN:
+            letters[3] = "s"
+        elif domain.status is Status.CRASHED:
+            letters[4] = "c"
+        elif domain.status is Status.DYING:
+            letters[5] = "d"
+        return "".join(letters)
+
+    def _next_domid(self) -> int:
+        used = set(self.domains)
+        return next(d for d in range(1, hc.DOMID_MAX + 1) if d not in used)
+
+    def build(self, config: dict[str, Any]) -> Domain:
+        domid = self._next_domid()
+        domain = Domain(domid, str(config["name"]), dict(config), Resources(domid))
+        try:
+            domain.cgroup = self.cgroups.create(f"dom{domid}", _limits(config))
+            sizes = ring_sizes()
+            domain.store = self._ring(domain, "store", sizes["store"])
+            domain.console = self._ring(domain, "console", sizes["console"])
+            spawn_boot(domain, self.run.rootfs, self.run.log(f"dom{domid}"))
+        except Exception as exc:
+            self._release(domain)
+            raise HvError("EIO", f"building domain {domid}: {exc}") from exc
+        assert domain.sock is not None and domain.sync is not None
+        self.domains[domid] = domain
+        self.selector.register(domain.sock, selectors.EVENT_READ, ("hypercall", domain))
+        self.selector.register(domain.sync, selectors.EVENT_READ, ("sync", domain))
+        log.info("dom%d (%s) created: %d MiB, %d vcpus", domid, domain.name, domain.memory,
+                 domain.vcpus)
+        self.event("domain_introduced", self.info(domain))
+        return domain
+
+    def _ring(self, domain: Domain, kind: str, size: int) -> RingInfo:
+        segment = domain.resources.new_segment(kind, size, host_gid(domain.domid))
+        domu_port = self.evtchn.alloc_unbound(domain.domid, 0, domain.resources)
+        dom0_port = self.evtchn.bind_interdomain(0, domain.domid, domu_port.port,
+                                                 domain.resources)
+        return RingInfo(segment, domu_port.port, dom0_port.port)
+
+    def _on_sync(self, domain: Domain) -> None:
+        assert domain.sync is not None
+        try:
+            data = domain.sync.recv(4096)
+        except OSError:
+            data = b""
+        if not data:
+            self._end_sync(domain)
+            if domain.pid is None and domain.status is Status.BUILDING:
+                log.error("dom%d: boot failed (see %s)", domain.domid,
+                          self.run.log(f"dom{domain.domid}"))
+                self._finish(domain, "crash")
+            return
+        domain.sync_buffer += data
+        while b"\n" in domain.sync_buffer:
+            line, domain.sync_buffer = domain.sync_buffer.split(b"\n", 1)
+            word, _, arg = line.decode(errors="replace").partition(" ")
+            if word == "needs_id_map" and domain.boot is not None:
+                write_id_maps(domain.boot.pid, domain.domid)
+                domain.sync.sendall(b"mapped\n")
+            elif word == "kernel_pid":
+                domain.pid = int(arg)
+            else:
+                log.warning("dom%d: unexpected boot message %r", domain.domid, line[:80])
+
+    def _end_sync(self, domain: Domain) -> None:
+        if domain.sync is not None:
+            self.selector.unregister(domain.sync)
+            domain.sync.close()
+            domain.sync = None
+
+    def _check_builds(self) -> None:
+        now = time.time()
+        for domain in list(self.domains.values()):
+            if domain.status is Status.BUILDING and now - domain.created > BUILD_TIMEOUT:
+                log.error("dom%d: did not boot in %.0f s", domain.domid, BUILD_TIMEOUT)
+                self._finish(domain, "crash")
+
+    def _on_death(self, domain: Domain, status: int) -> None:
+        if domain.domid == 0:
+            self._on_dom0_death(status)
+            return
+        if domain.status is Status.DYING:
+            return
+        reason = domain.shutdown_reason or "crash"
+        if domain.shutdown_reason is None:
+            code = os.waitstatus_to_exitcode(status)
+            log.info("dom%d (%s) died unexpectedly (%s)", domain.domid, domain.name,
+                     f"signal {-code}" if code < 0 else f"exit {code}")
+        self._finish(domain, reason)
+
+    def _finish(self, domain: Domain, reason: str) -> None:
+        """Apply the config's on_<reason> action to a domain that stopped."""
+        action = str(domain.config.get(f"on_{reason}", "destroy"))
+        if self.halting:
+            action = "destroy"
+        log.info("dom%d (%s): %s -> %s", domain.domid, domain.name, reason, action)
+        self.event("domain_shutdown", {"domid": domain.domid, "reason": reason,
+                                       "action": action})
+        if action == "preserve":
+            self._stop(domain)
+            domain.status = Status.CRASHED if reason == "crash" else Status.SHUTDOWN
+            return
+        config = domain.config
+        self.destroy(domain)
+        if action == "restart":
+            try:
+                self.build(config)
+            except HvError as exc:
+                log.error("restarting %s failed: %s", config.get("name"), exc)
+
+    def _stop(self, domain: Domain) -> None:
+        """Kill every process and free every channel; keep the record (for preserve)."""
+        domain.final_cpu_ns = self._cpu_ns(domain)
+        if domain.pid is not None:
+            try:
+                os.kill(domain.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        if domain.cgroup is not None:
+            domain.cgroup.kill_all()
+        if domain.pid is not None and not domain.reaped:
+            # Dead now (SIGKILL, and its cgroup is empty): reap it here, or it stays a zombie.
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(domain.pid, 0)
+            domain.reaped = True
+        self._drop_socket(domain)
+        self._end_sync(domain)
+        self.evtchn.close_domain(domain.domid)
+        self.gnttab.release_domain(domain.domid, domain.resources)
+        domain.resources.release()
+
+    def _release(self, domain: Domain) -> None:
+        self._stop(domain)
+        if domain.cgroup is not None:
+            domain.cgroup.remove()
+            domain.cgroup = None
+
+    def destroy(self, domain: Domain) -> None:
+        domain.status = Status.DYING
+        self._release(domain)
+        self.domains.pop(domain.domid, None)
+        log.info("dom%d (%s) destroyed", domain.domid, domain.name)
+        self.event("domain_destroyed", {"domid": domain.domid, "name": domain.name})
+
+    def _on_dom0_death(self, status: int) -> None:
+        dom0 = self.domains[0]
+        self._drop_socket(dom0)
+        dom0.pid = None
+        if self.halting:
+            self.domains.pop(0, None)
+            if dom0.cgroup is not None:
+                dom0.cgroup.remove()
+            return
+        self.dom0_restarts += 1
+        log.error("dom0 died (%s); restarting it", _describe(status))
+        self.start_dom0()
+
+    def halt(self) -> None:
+        """Destroy every domU, then stop dom0; the main loop then exits."""
+        if self.halting:
+            return
+        self.halting = True
+        log.info("halting: destroying every domain")
+        for domain in [d for d in self.domains.values() if d.domid != 0]:
+            self.destroy(domain)
+        dom0 = self.domains.pop(0, None)
+        if dom0 is None:
+            return
+        self._drop_socket(dom0)
+        if dom0.pid is not None:
+            _terminate(dom0.pid)
+        if dom0.cgroup is not None:
+            dom0.cgroup.remove()
+
+
+def _terminate(pid: int, grace: float = 5.0) -> None:
+    """SIGTERM, then SIGKILL after ``grace`` seconds; reaps the child either way."""
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline:
+        try:
+            done, _ = os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if done:
+            return
+        time.sleep(0.02)
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGKILL)
+    with contextlib.suppress(ChildProcessError):
+        os.waitpid(pid, 0)
+
+
+def _limits(config: dict[str, Any]) -> cgroup.Limits:
+    return cgroup.Limits(
+        memory_mib=int(config.get("memory", 128)),
+        cpu_weight=int(config.get("cpu_weight", 256)),
+        cap=int(config.get("cap", 0)),
+        pids_max=PIDS_MAX,
+    )
+
+
+def _any_running(pids: list[int]) -> bool:
+    for pid in pids:
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+        except OSError:
+            continue
+        if stat.rsplit(")", 1)[1].split()[0] == "R":
+            return True
+    return False
+
+
+def _meminfo(key: str) -> int:
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1]) // 1024
+    return 0
+
+
+def _host_memory_mib() -> int:
+    return _meminfo("MemTotal")
+
+
+def _host_available_mib() -> int:
+    return _meminfo("MemAvailable")
+
+
+def _describe(status: int) -> str:
+    code = os.waitstatus_to_exitcode(status)
+    return f"signal {-code}" if code < 0 else f"exit status {code}"
+
+
+def _request_id(data: bytes) -> int | None:
+    try:
+        value = json.loads(data).get("id")
+    except (ValueError, AttributeError):
+        return None
+    return value if isinstance(value, int) else None
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="hyperd", description="the hyper hypervisor")
+    parser.add_argument("--run-dir", default=None, help="state directory (default /run/hyper)")
+    args = parser.parse_args(argv)
+    if os.geteuid() != 0:
+        print("hyperd: must run as root", file=sys.stderr)
+        return 1
+    run = RunDir(Path(args.run_dir)) if args.run_dir else RunDir()
+    run.create()
+    lock = open(run.pidfile, "a+")  # noqa: SIM115 - held for the daemon's lifetime
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        print("hyperd: already running", file=sys.stderr)
+        return 1
+    lock.seek(0)
+    lock.truncate()
+    lock.write(f"{os.getpid()}\n")
+    lock.flush()
+    dmesg = DmesgHandler()
+    logging.basicConfig(
+        level=logging.INFO,
+        format="%(asctime)s %(name)s: %(message)s",
+        handlers=[logging.FileHandler(run.log("hyperd")), logging.StreamHandler()],
+    )
+    logging.getLogger().addHandler(dmesg)
+    linux.prctl(linux.PR_SET_CHILD_SUBREAPER, 1)
+    os.umask(0o077)
+    hypervisor = Hypervisor(run, cgroup.open_hierarchy(), dmesg)
+    log.info("hyperd %d starting (cgroup v%d)", os.getpid(), hypervisor.cgroups.version)
+    try:
+        hypervisor.serve()
+    finally:
+        log.info("hyperd stopped")
+        hypervisor.cgroups.remove_all()
+        run.remove()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

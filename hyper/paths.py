@@ -1,0 +1,45 @@
+"""Where hyper keeps its runtime state on the host (all of it under one root-only directory)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+DEFAULT_RUN_DIR = Path(os.environ.get("HYPER_RUN_DIR", "/run/hyper"))
+
+
+@dataclass(frozen=True)
+class RunDir:
+    root: Path = DEFAULT_RUN_DIR
+
+    @property
+    def pidfile(self) -> Path:
+        return self.root / "hyperd.pid"
+
+    @property
+    def toolstack_socket(self) -> Path:
+        return self.root / "toolstack.sock"
+
+    @property
+    def rootfs(self) -> Path:
+        """An empty directory each domain's boot process mounts its sandbox root on (privately)."""
+        return self.root / "rootfs"
+
+    @property
+    def logs(self) -> Path:
+        return self.root / "log"
+
+    def log(self, name: str) -> Path:
+        return self.logs / f"{name}.log"
+
+    def create(self) -> None:
+        self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
+        os.chmod(self.root, 0o700)
+        # Traversable but not listable: boot processes need to reach rootfs, nothing else.
+        self.rootfs.mkdir(mode=0o755, exist_ok=True)
+        self.logs.mkdir(mode=0o700, exist_ok=True)
+
+    def remove(self) -> None:
+        shutil.rmtree(self.root, ignore_errors=True)

@@ -1,0 +1,498 @@
+"""hyper.cgroup against fake cgroup trees in a temporary directory (no root needed).
+
+The fakes lay out files as the kernel exposes them: a v2 tree whose mkdir adds the files of
+the controllers its parent's subtree_control enables, and v1 trees (cpu and cpuacct mounted
+apart, as on this machine, or co-mounted as cpu,cpuacct) found through a fake mountinfo.
+A written file holds the last value written, so a test reads back exactly what hyper wrote.
+
+No test here puts a fake pid into a group it then kills: kill_all signals real pids.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from pathlib import Path
+
+import pytest
+
+from hyper.cgroup import (
+    CgroupError,
+    CgroupFs,
+    Hierarchy,
+    Limits,
+    cfs_quota_us,
+    open_hierarchy,
+    v1_cpu_shares,
+    v1_mounts,
+    v2_cpu_weight,
+)
+
+MIB = 1 << 20
+LIMITS = Limits(memory_mib=64, cpu_weight=512, cap=50, pids_max=100)
+
+V2_CORE = {
+    "cgroup.procs": "",
+    "cgroup.events": "populated 0\nfrozen 0\n",
+    "cgroup.freeze": "0",
+    "cgroup.kill": "",
+    "cgroup.subtree_control": "",
+}
+V2_CONTROLLER_FILES = {
+    "memory": {
+        "memory.max": "max\n",
+        "memory.swap.max": "max\n",
+        "memory.current": "0\n",
+        "memory.events": "low 0\nhigh 0\nmax 0\noom 0\noom_kill 0\noom_group_kill 0\n",
+    },
+    "cpu": {
+        "cpu.weight": "100\n",
+        "cpu.max": "max 100000\n",
+        "cpu.stat": "usage_usec 0\nuser_usec 0\nsystem_usec 0\n",
+    },
+    "pids": {"pids.max": "max\n", "pids.current": "0\n"},
+    "io": {"io.max": ""},
+}
+V1_CONTROLLER_FILES = {
+    "memory": {
+        "memory.limit_in_bytes": "9223372036854771712\n",
+        "memory.memsw.limit_in_bytes": "9223372036854771712\n",
+        "memory.usage_in_bytes": "0\n",
+        "memory.oom_control": "oom_kill_disable 0\nunder_oom 0\noom_kill 0\n",
+    },
+    "cpu": {"cpu.shares": "1024\n", "cpu.cfs_period_us": "100000\n", "cpu.cfs_quota_us": "-1\n"},
+    "cpuacct": {"cpuacct.usage": "0\n"},
+    "pids": {"pids.max": "max\n", "pids.current": "0\n"},
+    "freezer": {"freezer.state": "THAWED\n"},
+}
+
+
+def write_files(directory: Path, files: dict[str, str], omit: frozenset[str]) -> None:
+    for name, text in files.items():
+        if name not in omit:
+            (directory / name).write_text(text)
+
+
+def rmdir_like_cgroupfs(path: Path) -> None:
+    if (path / "cgroup.procs").read_text().split() or any(p.is_dir() for p in path.iterdir()):
+        raise OSError(errno.EBUSY, os.strerror(errno.EBUSY), str(path))
+    for file in path.iterdir():
+        file.unlink()
+    os.rmdir(path)
+
+
+class FakeV2Fs(CgroupFs):
+    """mkdir adds the core files and those of the controllers the parent enables."""
+
+    def __init__(self, omit: frozenset[str] = frozenset()) -> None:
+        self.omit = omit
+
+    def mkdir(self, path: Path) -> None:
+        os.mkdir(path)
+        subtree = (path.parent / "cgroup.subtree_control").read_text().split()
+        enabled = [c.lstrip("+") for c in subtree]
+        files = {**V2_CORE, "cgroup.controllers": " ".join(enabled)}
+        for controller in enabled:
+            files.update(V2_CONTROLLER_FILES[controller])
+        write_files(path, files, self.omit)
+
+    def rmdir(self, path: Path) -> None:
+        rmdir_like_cgroupfs(path)
+
+
+class FakeV1Fs(CgroupFs):
+    """mkdir adds the files of the controllers mounted on the hierarchy it is in."""
+
+    def __init__(self, mounts: dict[Path, tuple[str, ...]], omit: frozenset[str]) -> None:
+        self.mounts = mounts
+        self.omit = omit
+
+    def mkdir(self, path: Path) -> None:
+        os.mkdir(path)
+        controllers = next(cs for mount, cs in self.mounts.items() if path.is_relative_to(mount))
+        files = {"cgroup.procs": "", "tasks": ""}
+        for controller in controllers:
+            files.update(V1_CONTROLLER_FILES[controller])
+        write_files(path, files, self.omit)
+
+    def rmdir(self, path: Path) -> None:
+        rmdir_like_cgroupfs(path)
+
+
+def make_v2(
+    tmp_path: Path, delegated: str = "cpu io memory pids", omit: frozenset[str] = frozenset()
+) -> tuple[Path, Hierarchy]:
+    root = tmp_path / "cgroup"
+    root.mkdir()
+    (root / "cgroup.controllers").write_text("cpuset cpu io memory hugetlb pids rdma misc\n")
+    (root / "cgroup.subtree_control").write_text(delegated + "\n")
+    (root / "cgroup.procs").write_text("1\n")
+    mountinfo = tmp_path / "mountinfo"
+    mountinfo.write_text(f"30 23 0:26 / {root} rw,nosuid - cgroup2 cgroup2 rw,nsdelegate\n")
+    return root, open_hierarchy(root, mountinfo=mountinfo, fs=FakeV2Fs(omit))
+
+
+def make_v1(
+    tmp_path: Path, hierarchies: list[tuple[str, ...]], omit: frozenset[str] = frozenset()
+) -> tuple[Path, Hierarchy]:
+    """A tmpfs-like root with one mount per hierarchy, plus the empty cgroup2 beside them."""
+    root = tmp_path / "cgroup"
+    root.mkdir()
+    lines = [f"31 23 0:28 / {root} rw,relatime - tmpfs tmpfs rw,mode=755"]
+    mounts: dict[Path, tuple[str, ...]] = {}
+    for number, controllers in enumerate(hierarchies, start=32):
+        mount = root / ",".join(controllers)
+        mount.mkdir()
+        (mount / "cgroup.procs").write_text("1\n")
+        mounts[mount] = controllers
+        options = ",".join(controllers)
+        lines.append(f"{number} 31 0:{number} / {mount} rw,relatime - cgroup cgroup rw,{options}")
+    (root / "unified").mkdir()
+    (root / "unified" / "cgroup.controllers").write_text("")
+    lines.append(f"41 31 0:38 / {root}/unified rw,relatime - cgroup2 cgroup2 rw")
+    lines.append(f"40 31 0:37 / {root}/systemd rw,relatime - cgroup cgroup rw,name=systemd")
+    mountinfo = tmp_path / "mountinfo"
+    mountinfo.write_text("\n".join(lines) + "\n")
+    return root, open_hierarchy(root, mountinfo=mountinfo, fs=FakeV1Fs(mounts, omit))
+
+
+SEPARATE = [("cpu",), ("cpuacct",), ("cpuset",), ("memory",), ("pids",), ("freezer",)]
+COMOUNTED = [("cpu", "cpuacct"), ("memory",), ("pids",), ("freezer",), ("blkio",)]
+
+
+def read(path: Path) -> str:
+    return path.read_text().strip()
+
+
+# --- conversions and validation ----------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("weight", "shares", "v2_weight"),
+    [(256, 1024, 100), (512, 2048, 200), (128, 512, 50), (1, 4, 1), (65535, 262140, 10000)],
+)
+def test_cpu_weight_maps_to_shares_and_v2_weight(weight: int, shares: int, v2_weight: int):
+    assert v1_cpu_shares(weight) == shares
+    assert v2_cpu_weight(weight) == v2_weight
+
+
+def test_cap_maps_to_quota_per_100ms_period():
+    assert cfs_quota_us(0) is None
+    assert cfs_quota_us(50) == 50_000
+    assert cfs_quota_us(200) == 200_000
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"memory_mib": 0},
+        {"memory_mib": 64, "cpu_weight": 0},
+        {"memory_mib": 64, "cpu_weight": 65536},
+        {"memory_mib": 64, "cap": -1},
+        {"memory_mib": 64, "pids_max": 0},
+    ],
+)
+def test_limits_refuse_out_of_range_values(bad: dict[str, int]):
+    with pytest.raises(ValueError):
+        Limits(**bad)
+
+
+@pytest.mark.parametrize("name", ["", ".", "..", "../etc", "a/b", "memory.max", "x" * 65, "-a"])
+def test_group_and_parent_names_are_validated(tmp_path: Path, name: str):
+    root, hierarchy = make_v2(tmp_path)
+    with pytest.raises(CgroupError, match="invalid cgroup name"):
+        hierarchy.create(name, LIMITS)
+    with pytest.raises(CgroupError, match="invalid cgroup name"):
+        open_hierarchy(root, parent=name, fs=FakeV2Fs())
+    assert not (root / "hyper").exists()
+
+
+# --- detection ------------------------------------------------------------------------------
+
+
+def test_v2_is_detected_from_the_root_controllers(tmp_path: Path):
+    _, hierarchy = make_v2(tmp_path)
+    assert hierarchy.version == 2
+
+
+def test_v1_is_detected_beside_an_empty_cgroup2(tmp_path: Path):
+    _, hierarchy = make_v1(tmp_path, SEPARATE)
+    assert hierarchy.version == 1
+
+
+def test_an_empty_cgroup2_root_without_v1_is_not_usable(tmp_path: Path):
+    root = tmp_path / "unified"
+    root.mkdir()
+    (root / "cgroup.controllers").write_text("\n")
+    with pytest.raises(CgroupError, match="lacks controllers cpu, memory, pids"):
+        open_hierarchy(root, mountinfo=tmp_path / "absent")
+
+
+def test_v1_without_a_freezer_mount_is_refused(tmp_path: Path):
+    with pytest.raises(CgroupError, match="no v1 mount for freezer"):
+        make_v1(tmp_path, [("cpu", "cpuacct"), ("memory",), ("pids",)])
+
+
+def test_v1_mounts_reads_separate_comounted_and_escaped_mount_points(tmp_path: Path):
+    mountinfo = tmp_path / "mountinfo"
+    mountinfo.write_text(
+        "32 31 0:29 / /cg/cpu,cpuacct rw,relatime shared:9 - cgroup cgroup rw,cpu,cpuacct\n"
+        "35 31 0:32 / /cg/my\\040memory rw,relatime - cgroup cgroup rw,memory\n"
+        "36 31 0:33 / /cg/pids rw,relatime - cgroup cgroup rw,pids\n"
+        "40 31 0:37 / /cg/systemd rw,relatime - cgroup cgroup rw,name=systemd\n"
+        "41 31 0:38 / /cg/unified rw,relatime - cgroup2 cgroup2 rw\n"
+        "42 31 0:39 / /cg/pids2 rw,relatime - cgroup cgroup rw,pids\n"
+    )
+    assert v1_mounts(mountinfo) == {
+        "cpu": Path("/cg/cpu,cpuacct"),
+        "cpuacct": Path("/cg/cpu,cpuacct"),
+        "memory": Path("/cg/my memory"),
+        "pids": Path("/cg/pids"),
+    }
+
+
+# --- v2 -------------------------------------------------------------------------------------
+
+
+def test_v2_create_writes_each_limit(tmp_path: Path):
+    root, hierarchy = make_v2(tmp_path)
+    group = hierarchy.create("dom3", LIMITS)
+    directory = root / "hyper" / "dom3"
+    assert group.dirs == [directory]
+    assert read(directory / "memory.max") == str(64 * MIB)
+    assert read(directory / "memory.swap.max") == "0"
+    assert read(directory / "cpu.weight") == "200"
+    assert read(directory / "cpu.max") == "50000 100000"
+    assert read(directory / "pids.max") == "100"
+
+
+def test_v2_set_limits_without_cap_writes_max_quota(tmp_path: Path):
+    root, hierarchy = make_v2(tmp_path)
+    group = hierarchy.create("dom3", LIMITS)
+    group.set_limits(Limits(memory_mib=32))
+    directory = root / "hyper" / "dom3"
+    assert read(directory / "memory.max") == str(32 * MIB)
+    assert read(directory / "cpu.weight") == "100"
+    assert read(directory / "cpu.max") == "max 100000"
+    assert read(directory / "pids.max") == "512"
+
+
+def test_v2_without_swap_accounting_skips_swap_max(tmp_path: Path):
+    root, hierarchy = make_v2(tmp_path, omit=frozenset({"memory.swap.max"}))
+    hierarchy.create("dom3", LIMITS)
+    assert read(root / "hyper" / "dom3" / "memory.max") == str(64 * MIB)
+    assert not (root / "hyper" / "dom3" / "memory.swap.max").exists()
+
+
+def test_v2_enables_controllers_in_hypers_own_subtree_control_only(tmp_path: Path):
+    root, hierarchy = make_v2(tmp_path)
+    hierarchy.create("dom3", LIMITS)
+    assert read(root / "cgroup.subtree_control") == "cpu io memory pids"
+    assert read(root / "hyper" / "cgroup.subtree_control").split() == ["+cpu", "+memory", "+pids"]
+    assert read(root / "hyper" / "cgroup.procs") == ""
+
+
+def test_v2_undelegated_controller_is_an_error_and_leaves_nothing(tmp_path: Path):
+    root, hierarchy = make_v2(tmp_path, delegated="memory pids")
+    with pytest.raises(CgroupError, match="does not delegate cpu"):
+        hierarchy.create("dom3", LIMITS)
+    assert read(root / "cgroup.subtree_control") == "memory pids"
+    assert not (root / "hyper").exists()
+
+
+def test_v2_failed_create_removes_the_group(tmp_path: Path):
+    root, hierarchy = make_v2(tmp_path, omit=frozenset({"pids.max"}))
+    with pytest.raises(CgroupError, match=r"dom3/pids\.max"):
+        hierarchy.create("dom3", LIMITS)
+    assert not (root / "hyper" / "dom3").exists()
+    assert hierarchy.list() == []
+
+
+def test_v2_create_refuses_an_existing_group(tmp_path: Path):
+    root, hierarchy = make_v2(tmp_path)
+    hierarchy.create("dom3", LIMITS)
+    with pytest.raises(CgroupError, match="already exists"):
+        hierarchy.create("dom3", Limits(memory_mib=32))
+    assert read(root / "hyper" / "dom3" / "memory.max") == str(64 * MIB)
+
+
+def test_v2_open_finds_existing_groups_only(tmp_path: Path):
+    root, hierarchy = make_v2(tmp_path)
+    hierarchy.create("dom3", LIMITS)
+    assert hierarchy.open("dom3").dirs == [root / "hyper" / "dom3"]
+    with pytest.raises(CgroupError, match="dom4 does not exist"):
+        hierarchy.open("dom4")
+
+
+def test_v2_procs_file_is_the_groups_one_cgroup_procs(tmp_path: Path):
+    root, hierarchy = make_v2(tmp_path)
+    group = hierarchy.create("dom3", LIMITS)
+    assert group.procs_file_paths() == [root / "hyper" / "dom3" / "cgroup.procs"]
+    group.attach(4242)
+    assert read(root / "hyper" / "dom3" / "cgroup.procs") == "4242"
+
+
+def test_v2_freeze_writes_cgroup_freeze_and_waits_for_frozen_event(tmp_path: Path):
+    root, hierarchy = make_v2(tmp_path)
+    group = hierarchy.create("dom3", LIMITS)
+    directory = root / "hyper" / "dom3"
+    (directory / "cgroup.events").write_text("populated 1\nfrozen 1\n")
+    group.freeze(timeout=1.0)
+    assert read(directory / "cgroup.freeze") == "1"
+    assert group.frozen
+    group.thaw()
+    assert read(directory / "cgroup.freeze") == "0"
+
+
+def test_v2_freeze_that_never_completes_times_out_and_thaws(tmp_path: Path):
+    root, hierarchy = make_v2(tmp_path)
+    group = hierarchy.create("dom3", LIMITS)
+    with pytest.raises(CgroupError, match="dom3 to freeze"):
+        group.freeze(timeout=0.05)
+    assert read(root / "hyper" / "dom3" / "cgroup.freeze") == "0"
+    assert not group.frozen
+
+
+def test_v2_statistics_are_parsed_from_keyed_files(tmp_path: Path):
+    root, hierarchy = make_v2(tmp_path)
+    group = hierarchy.create("dom3", LIMITS)
+    directory = root / "hyper" / "dom3"
+    (directory / "cpu.stat").write_text("usage_usec 1234567\nuser_usec 1000000\n")
+    (directory / "memory.current").write_text("3145728\n")
+    (directory / "memory.events").write_text("low 0\nhigh 0\nmax 9\noom 3\noom_kill 2\n")
+    assert group.cpu_time_ns() == 1_234_567_000
+    assert group.memory_bytes() == 3 * MIB
+    assert group.oom_kills() == 2
+
+
+def test_v2_kill_all_writes_cgroup_kill(tmp_path: Path):
+    root, hierarchy = make_v2(tmp_path)
+    group = hierarchy.create("dom3", LIMITS)
+    group.kill_all(timeout=1.0)
+    assert read(root / "hyper" / "dom3" / "cgroup.kill") == "1"
+
+
+def test_v2_remove_all_removes_every_group_and_the_parent(tmp_path: Path):
+    root, hierarchy = make_v2(tmp_path)
+    hierarchy.create("dom3", LIMITS)
+    hierarchy.create("dom4", LIMITS)
+    assert hierarchy.list() == ["dom3", "dom4"]
+    hierarchy.remove_all(timeout=1.0)
+    assert not (root / "hyper").exists()
+    assert read(root / "cgroup.subtree_control") == "cpu io memory pids"
+    hierarchy.remove_all(timeout=1.0)  # nothing left: still fine
+
+
+def test_remove_of_a_missing_group_is_fine(tmp_path: Path):
+    root, hierarchy = make_v2(tmp_path)
+    group = hierarchy.create("dom3", LIMITS)
+    group.remove(timeout=1.0)
+    group.remove(timeout=1.0)
+    assert not (root / "hyper" / "dom3").exists()
+
+
+# --- v1 -------------------------------------------------------------------------------------
+
+
+def test_v1_create_writes_each_limit_with_cpu_and_cpuacct_apart(tmp_path: Path):
+    root, hierarchy = make_v1(tmp_path, SEPARATE)
+    group = hierarchy.create("dom3", LIMITS)
+    assert read(root / "memory/hyper/dom3/memory.limit_in_bytes") == str(64 * MIB)
+    assert read(root / "memory/hyper/dom3/memory.memsw.limit_in_bytes") == str(64 * MIB)
+    assert read(root / "cpu/hyper/dom3/cpu.shares") == "2048"
+    assert read(root / "cpu/hyper/dom3/cpu.cfs_period_us") == "100000"
+    assert read(root / "cpu/hyper/dom3/cpu.cfs_quota_us") == "50000"
+    assert read(root / "pids/hyper/dom3/pids.max") == "100"
+    assert sorted(group.procs_file_paths()) == sorted(
+        root / c / "hyper/dom3/cgroup.procs"
+        for c in ("memory", "cpu", "cpuacct", "pids", "freezer")
+    )
+    assert not (root / "cpuset" / "hyper").exists()
+
+
+def test_v1_co_mounted_cpu_cpuacct_is_one_directory(tmp_path: Path):
+    root, hierarchy = make_v1(tmp_path, COMOUNTED)
+    group = hierarchy.create("dom3", LIMITS)
+    both = root / "cpu,cpuacct" / "hyper" / "dom3"
+    assert group.path("cpu") == group.path("cpuacct") == both
+    assert len(group.procs_file_paths()) == 4
+    assert read(both / "cpu.shares") == "2048"
+    (both / "cpuacct.usage").write_text("987654321\n")
+    assert group.cpu_time_ns() == 987_654_321
+
+
+def test_v1_set_limits_without_cap_writes_minus_one_quota(tmp_path: Path):
+    root, hierarchy = make_v1(tmp_path, SEPARATE)
+    group = hierarchy.create("dom3", LIMITS)
+    group.set_limits(Limits(memory_mib=128))
+    assert read(root / "cpu/hyper/dom3/cpu.cfs_quota_us") == "-1"
+    assert read(root / "cpu/hyper/dom3/cpu.shares") == "1024"
+    assert read(root / "memory/hyper/dom3/memory.limit_in_bytes") == str(128 * MIB)
+    assert read(root / "memory/hyper/dom3/memory.memsw.limit_in_bytes") == str(128 * MIB)
+
+
+def test_v1_without_swap_accounting_writes_the_plain_limit(tmp_path: Path):
+    root, hierarchy = make_v1(tmp_path, SEPARATE, omit=frozenset({"memory.memsw.limit_in_bytes"}))
+    hierarchy.create("dom3", LIMITS)
+    assert read(root / "memory/hyper/dom3/memory.limit_in_bytes") == str(64 * MIB)
+
+
+def test_v1_attach_writes_the_pid_into_every_controller(tmp_path: Path):
+    _, hierarchy = make_v1(tmp_path, COMOUNTED)
+    group = hierarchy.create("dom3", LIMITS)
+    group.attach(4242)
+    assert [read(p) for p in group.procs_file_paths()] == ["4242"] * 4
+    assert group.pids() == [4242]
+
+
+def test_v1_freeze_writes_frozen_and_waits_for_it_to_read_back(tmp_path: Path):
+    root, hierarchy = make_v1(tmp_path, SEPARATE)
+    group = hierarchy.create("dom3", LIMITS)
+    group.freeze(timeout=1.0)
+    assert read(root / "freezer/hyper/dom3/freezer.state") == "FROZEN"
+    assert group.frozen
+    group.thaw()
+    assert read(root / "freezer/hyper/dom3/freezer.state") == "THAWED"
+    assert not group.frozen
+
+
+def test_v1_statistics_are_parsed(tmp_path: Path):
+    root, hierarchy = make_v1(tmp_path, SEPARATE)
+    group = hierarchy.create("dom3", LIMITS)
+    (root / "memory/hyper/dom3/memory.usage_in_bytes").write_text("1048576\n")
+    (root / "memory/hyper/dom3/memory.oom_control").write_text(
+        "oom_kill_disable 0\nunder_oom 0\noom_kill 5\n"
+    )
+    assert group.memory_bytes() == MIB
+    assert group.oom_kills() == 5
+
+
+def test_v1_kernel_without_oom_kill_count_is_reported(tmp_path: Path):
+    root, hierarchy = make_v1(tmp_path, SEPARATE)
+    group = hierarchy.create("dom3", LIMITS)
+    (root / "memory/hyper/dom3/memory.oom_control").write_text("oom_kill_disable 0\nunder_oom 0\n")
+    with pytest.raises(CgroupError, match="no 'oom_kill' entry"):
+        group.oom_kills()
+
+
+def test_v1_failed_create_removes_the_group_in_every_controller(tmp_path: Path):
+    _, hierarchy = make_v1(tmp_path, SEPARATE, omit=frozenset({"pids.max"}))
+    with pytest.raises(CgroupError, match=r"pids/hyper/dom3/pids\.max"):
+        hierarchy.create("dom3", LIMITS)
+    assert hierarchy.list() == []
+    assert all(p.is_dir() for p in hierarchy.parent_dirs())
+
+
+def test_v1_open_refuses_a_partial_group_and_remove_all_cleans_it(tmp_path: Path):
+    root, hierarchy = make_v1(tmp_path, SEPARATE)
+    hierarchy.create("dom3", LIMITS)
+    hierarchy.create("dom4", LIMITS)
+    rmdir_like_cgroupfs(root / "freezer/hyper/dom4")
+    with pytest.raises(CgroupError, match="dom4 does not exist"):
+        hierarchy.open("dom4")
+    assert hierarchy.list() == ["dom3", "dom4"]
+    hierarchy.remove_all(timeout=1.0)
+    assert not any(p.exists() for p in hierarchy.parent_dirs())
+    assert sorted(p.name for p in root.iterdir()) == sorted(
+        [",".join(cs) for cs in SEPARATE] + ["unified"]
+    )

@@ -1,0 +1,168 @@
+"""channels.doorbell: coalescing, timeouts, a vanished peer, create/unlink."""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+import threading
+import uuid
+from collections.abc import Iterator
+
+import posix_ipc
+import pytest
+
+from channels.doorbell import (
+    Doorbell,
+    DoorbellError,
+    create_doorbell,
+    sem_path,
+    unlink_doorbell,
+)
+
+SHORT = 0.05  # a wait that is expected to time out
+LONG = 10.0  # a wait that is expected to succeed; reaching it fails the test
+
+
+@pytest.fixture
+def name() -> Iterator[str]:
+    """A fresh doorbell, always unlinked afterwards."""
+    bell_name = f"hyper-test-bell-{uuid.uuid4().hex}"
+    create_doorbell(bell_name)
+    yield bell_name
+    unlink_doorbell(bell_name)
+    assert not os.path.exists(sem_path(bell_name))
+
+
+@pytest.fixture
+def pair(name: str) -> Iterator[tuple[Doorbell, Doorbell]]:
+    """Two handles on one doorbell: the ringer's and the waiter's."""
+    ringer, waiter = Doorbell(name), Doorbell(name)
+    yield ringer, waiter
+    ringer.close()
+    waiter.close()
+
+
+def test_a_fresh_doorbell_is_not_rung(pair: tuple[Doorbell, Doorbell]) -> None:
+    _, waiter = pair
+    assert waiter.wait(SHORT) is False
+
+
+def test_ring_then_wait(pair: tuple[Doorbell, Doorbell]) -> None:
+    ringer, waiter = pair
+    ringer.ring()
+    assert waiter.wait(LONG) is True
+    assert waiter.wait(SHORT) is False
+
+
+def test_many_rings_coalesce_into_one_wakeup(pair: tuple[Doorbell, Doorbell]) -> None:
+    ringer, waiter = pair
+    for _ in range(100):
+        ringer.ring()
+    assert waiter.wait(LONG) is True
+    assert waiter.wait(SHORT) is False
+
+
+def test_wait_drains_counts_posted_by_concurrent_ringers(
+    name: str, pair: tuple[Doorbell, Doorbell]
+) -> None:
+    _, waiter = pair
+    raw = posix_ipc.Semaphore("/" + name)  # two ringers that both saw 0 and both posted
+    try:
+        raw.release()
+        raw.release()
+        raw.release()
+        assert waiter.wait(LONG) is True
+        assert raw.value == 0
+        assert waiter.wait(SHORT) is False
+    finally:
+        raw.close()
+
+
+def test_ring_wakes_a_sleeping_waiter(pair: tuple[Doorbell, Doorbell]) -> None:
+    ringer, waiter = pair
+    result: list[bool] = []
+    sleeper = threading.Thread(target=lambda: result.append(waiter.wait(LONG)))
+    sleeper.start()
+    ringer.ring()
+    sleeper.join(LONG + 5)
+    assert result == [True]
+
+
+def test_ring_after_the_name_is_unlinked_is_silent(name: str) -> None:
+    with Doorbell(name) as ringer, Doorbell(name) as waiter:
+        unlink_doorbell(name)  # hyperd tore the channel down; our handles stay valid
+        ringer.ring()
+        assert waiter.wait(LONG) is True
+
+
+def test_ring_does_not_post_while_a_count_is_pending(name: str) -> None:
+    with Doorbell(name) as ringer:
+        raw = posix_ipc.Semaphore("/" + name)
+        try:
+            for _ in range(3):
+                raw.release()
+            ringer.ring()  # value > 0: coalesced, no post
+            assert raw.value == 3
+        finally:
+            raw.close()
+
+
+class _FullSemaphore:
+    """Stands in for a semaphore another poster drove to SEM_VALUE_MAX between check and post."""
+
+    value = 0
+
+    def release(self) -> None:
+        raise OSError(errno.EOVERFLOW, os.strerror(errno.EOVERFLOW))
+
+
+def test_ring_on_an_overflowing_semaphore_is_silent(name: str) -> None:
+    bell = Doorbell(name)
+    real, bell._sem = bell._sem, _FullSemaphore()  # type: ignore[assignment]
+    try:
+        bell.ring()  # already rung as far as it goes: not an error
+    finally:
+        bell._sem = real
+        bell.close()
+
+
+def test_closed_doorbell_refuses_use(name: str) -> None:
+    bell = Doorbell(name)
+    bell.close()
+    bell.close()  # idempotent
+    with pytest.raises(DoorbellError, match=f"doorbell {name}: rung after close"):
+        bell.ring()
+    with pytest.raises(DoorbellError, match="waited on after close"):
+        bell.wait(SHORT)
+
+
+def test_opening_a_missing_doorbell_names_it() -> None:
+    missing = f"hyper-test-missing-{uuid.uuid4().hex}"
+    with pytest.raises(DoorbellError, match=f"doorbell {missing}: does not exist"):
+        Doorbell(missing)
+
+
+def test_create_twice_fails_and_unlink_missing_is_fine(name: str) -> None:
+    with pytest.raises(DoorbellError, match="already exists"):
+        create_doorbell(name)
+    unlink_doorbell(name)
+    unlink_doorbell(name)
+
+
+def test_create_applies_the_exact_mode() -> None:
+    bell_name = f"hyper-test-mode-{uuid.uuid4().hex}"
+    old_umask = os.umask(0o077)
+    try:
+        create_doorbell(bell_name, mode=0o660)
+        assert stat.S_IMODE(os.stat(sem_path(bell_name)).st_mode) == 0o660
+    finally:
+        os.umask(old_umask)
+        unlink_doorbell(bell_name)
+    assert not os.path.exists(sem_path(bell_name))
+
+
+@pytest.mark.parametrize("bad", ["", "a/b", "..", "nul\0"])
+def test_names_with_slashes_or_nul_are_refused(bad: str) -> None:
+    with pytest.raises(ValueError, match="invalid doorbell name"):
+        create_doorbell(bad)
