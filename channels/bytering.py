@@ -8,7 +8,9 @@ value above ``size`` is impossible and raises :class:`channels.ring.RingBroken`,
 view keeps raising it (the caller disconnects the peer). The object is a stateless view: both
 indices are re-read from shared memory on every call and snapshotted once per call. Data is
 copied out once (``read``/``peek`` return bytes), so a peer rewriting the page afterwards cannot
-change what the caller validates.
+change what the caller validates. Indices are read and written through native u32 views
+(:func:`channels.ring.u32_view`), one load or store each; ``close()`` a ByteRing before
+unmapping its segment.
 
 XenStore interface page (``docs/misc/xenstore-ring.txt``, ``io/xs_wire.h``), one 4 KiB page::
 

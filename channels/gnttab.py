@@ -48,6 +48,11 @@ class _Pool:
         self.pages = pages
         self._data_offset = table_pages(pages) * PAGE_SIZE
         self.buf = segment.buf
+        # Entry fields are written through native-width views: one store each, never the
+        # zero-then-value pair struct.pack_into makes, which a peer could observe half done.
+        table = self.buf[: pages * ENTRY.size]
+        self._u16 = table.cast("H")
+        self._u32 = table.cast("I")
 
     def page(self, frame: int) -> memoryview:
         start = self._data_offset + frame * PAGE_SIZE
@@ -57,6 +62,8 @@ class _Pool:
         return self.gref_base <= gref < self.gref_base + self.pages
 
     def close(self) -> None:
+        self._u16.release()
+        self._u32.release()
         self.buf = memoryview(b"")
         self._segment.close()
 
@@ -73,17 +80,17 @@ class GrantPool(_Pool):
         frame = index if frame is None else frame
         if not (0 <= index < self.pages and 0 <= frame < self.pages):
             raise GrantError(f"entry {index} / frame {frame} outside a pool of {self.pages}")
-        offset = index * ENTRY.size
         flags = GTF_permit_access | (GTF_readonly if readonly else 0)
         # domid and frame first, then flags: the peer never sees a valid type with stale fields.
-        struct.pack_into("<HI", self.buf, offset + 2, domid, frame)
-        struct.pack_into("<H", self.buf, offset, flags)
+        self._u16[index * 4 + 1] = domid
+        self._u32[index * 2 + 1] = frame
+        self._u16[index * 4] = flags
         return self.gref_base + index
 
     def end_access(self, gref: int) -> None:
         if gref not in self:
             raise GrantError(f"gref {gref} is not in this pool")
-        struct.pack_into("<H", self.buf, (gref - self.gref_base) * ENTRY.size, GTF_invalid)
+        self._u16[(gref - self.gref_base) * 4] = GTF_invalid
 
 
 class MappedPool(_Pool):

@@ -104,6 +104,7 @@ class WatchQueue:
         self._cond = threading.Condition()
         self._events: OrderedDict[WatchEvent, None] = OrderedDict()
         self._max_pending = max_pending
+        self._collapsed: dict[str, WatchEvent] = {}  # token -> its pending catch-all event
         self._lost: BaseException | None = None
 
     def __len__(self) -> int:
@@ -113,8 +114,8 @@ class WatchQueue:
     def put(self, event: WatchEvent, watched_path: str) -> None:
         """Queue ``event``; past ``max_pending`` it collapses to ``watched_path`` for its token."""
         with self._cond:
-            if event in self._events:
-                return
+            if event in self._events or event.token in self._collapsed:
+                return  # already pending, or covered by a pending catch-all event
             if len(self._events) >= self._max_pending:
                 self._collapse(event.token, watched_path)
             else:
@@ -124,7 +125,16 @@ class WatchQueue:
     def _collapse(self, token: str, watched_path: str) -> None:
         for pending in [e for e in self._events if e.token == token]:
             del self._events[pending]
-        self._events[WatchEvent(watched_path, token)] = None
+        catch_all = WatchEvent(watched_path, token)
+        self._events[catch_all] = None
+        self._collapsed[token] = catch_all
+
+    def _pop(self) -> WatchEvent:
+        event = next(iter(self._events))
+        del self._events[event]
+        if self._collapsed.get(event.token) == event:
+            del self._collapsed[event.token]
+        return event
 
     def get(self, timeout: float | None = None) -> WatchEvent:
         """Pop the oldest event.
@@ -135,20 +145,13 @@ class WatchQueue:
             if not self._cond.wait_for(lambda: self._events or self._lost, timeout):
                 raise XsTimeoutError(f"no store watch event within {timeout} s")
             if not self._events:
-                raise XsConnectionLost(
-                    "store connection lost while waiting for a watch event"
-                ) from (self._lost)
-            event = next(iter(self._events))
-            del self._events[event]
-            return event
+                lost = XsConnectionLost("store connection lost while waiting for a watch event")
+                raise lost from self._lost
+            return self._pop()
 
     def get_nowait(self) -> WatchEvent | None:
         with self._cond:
-            if not self._events:
-                return None
-            event = next(iter(self._events))
-            del self._events[event]
-            return event
+            return self._pop() if self._events else None
 
     def close(self, exc: BaseException) -> None:
         """Wake every consumer: the connection is gone (queued events are still returned first)."""

@@ -28,12 +28,14 @@ class ConsoleBackend:
         self._segment = attach(info["segment"])
         self._evtchn = from_status(hc, info["dom0_port"])
         in_, out = console_rings(self._segment.buf)
+        self._rings = (in_, out)
         self._lock = threading.Lock()
         self._history = bytearray()
         self._clients: list[socket.socket] = []
         # The guest produces on "out" and consumes "in": we do the opposite.
-        self._stream = RingStream(out, in_, self._evtchn, self._from_guest,
-                                  name=f"console-{domid}").start()
+        self._stream = RingStream(
+            out, in_, self._evtchn, self._from_guest, name=f"console-{domid}"
+        ).start()
 
     def _from_guest(self, data: bytes) -> None:
         with self._lock:
@@ -75,4 +77,6 @@ class ConsoleBackend:
                 client.shutdown(socket.SHUT_RDWR)
             except OSError:
                 pass
+        for ring in self._rings:
+            ring.close()
         self._segment.close()

@@ -50,8 +50,10 @@ def main(argv: list[str] | None = None) -> int:
     xs = local_client(store)
     # Events may arrive as soon as the socket is read: queue them for the toolstack.
     events: queue.Queue[tuple[str, dict[str, Any]]] = queue.Queue()
-    hc = HypercallClient(socket.socket(fileno=args.hypercall_fd),
-                         on_event=lambda name, data: events.put((name, data)))
+    hc = HypercallClient(
+        socket.socket(fileno=args.hypercall_fd),
+        on_event=lambda name, data: events.put((name, data)),
+    )
     toolstack = Toolstack(hc, store, xs, run.toolstack_socket, events)
     signal.signal(signal.SIGTERM, lambda *_: toolstack.stopped.set())
     threading.Thread(target=toolstack.run_events, name="events", daemon=True).start()

@@ -132,8 +132,11 @@ class Toolstack:
     def _teardown(self, state: DomainState) -> None:
         self._stop_backends(state)
         self.store.release_domain(state.domid)
-        for path in (xenbus.domain_path(state.domid), xenbus.tool_path(state.domid),
-                     xenbus.vm_path(state.info["uuid"])):
+        for path in (
+            xenbus.domain_path(state.domid),
+            xenbus.tool_path(state.domid),
+            xenbus.vm_path(state.info["uuid"]),
+        ):
             self.xs.rm(path)
 
     def _write_skeleton(self, info: dict[str, Any]) -> None:
@@ -225,8 +228,9 @@ class Toolstack:
                 result = handler(**params)
                 send_json(client, {"ok": True, "result": result})
             except RequestError as exc:
-                send_json(client, {"ok": False, "error": str(exc), "lines": exc.lines,
-                                   "usage": exc.usage})
+                send_json(
+                    client, {"ok": False, "error": str(exc), "lines": exc.lines, "usage": exc.usage}
+                )
             except hc.HypercallError as exc:
                 send_json(client, {"ok": False, "error": exc.message or str(exc)})
             except TypeError as exc:
@@ -263,11 +267,23 @@ class Toolstack:
             config = parse_config(config_text, source=source, base_dir=Path(base_dir))
         except ConfigError as exc:
             raise RequestError("invalid config", exc.lines, usage=True) from exc
+        unsupported = [
+            f"{source}: {kind}.{i}: {what} devices are not supported yet"
+            for kind, what, entries in (
+                ("vif", "network", config.vif),
+                ("disk", "block", config.disk),
+            )
+            for i in range(len(entries))
+        ]
+        if unsupported:
+            raise RequestError("unsupported devices", unsupported, usage=True)
         normalised = config.normalised()
         if any(info["name"] == config.name for info in self._list()):
             raise RequestError(
                 "duplicate name",
-                [f"{source}: name: a domain named {config.name!r} already exists"], usage=True)
+                [f"{source}: name: a domain named {config.name!r} already exists"],
+                usage=True,
+            )
         info = self.hc.call(hc.DomctlCreate(config=normalised))
         domid = info["domid"]
         state = self._wait_state(domid)
@@ -279,8 +295,9 @@ class Toolstack:
                 return self.find(domid)
             if state.gone.is_set() or (state.ended and not state.running.is_set()):
                 break
-        raise RequestError(f"domain {config.name} did not boot: {state.ended or 'timeout'} "
-                           f"(see `hyperctl dmesg`)")
+        raise RequestError(
+            f"domain {config.name} did not boot: {state.ended or 'timeout'} (see `hyperctl dmesg`)"
+        )
 
     def _wait_state(self, domid: int) -> DomainState:
         deadline = time.monotonic() + 10.0
@@ -328,8 +345,7 @@ class Toolstack:
         threading.Thread(target=enforce, daemon=True).start()
         return {"domid": domid}
 
-    def m_shutdown(self, domain: str, wait: bool = False,
-                   grace: float = SHUTDOWN_TIMEOUT) -> Any:
+    def m_shutdown(self, domain: str, wait: bool = False, grace: float = SHUTDOWN_TIMEOUT) -> Any:
         """A running domU: ask it to power off (control/shutdown); destroyed if it has not
         within ``grace`` seconds. With ``wait``, returns when it is gone."""
         return self._request_shutdown(domain, "poweroff", wait, grace)
@@ -355,12 +371,12 @@ class Toolstack:
         info = self._domu(domain)
         return self.hc.call(hc.DomctlExecTarget(domid=info["domid"]))
 
-    def m_sched_credit(self, domain: str, cpu_weight: int | None = None,
-                       cap: int | None = None) -> Any:
+    def m_sched_credit(
+        self, domain: str, cpu_weight: int | None = None, cap: int | None = None
+    ) -> Any:
         """Any domU: set (or, with neither given, show) its weight and cap."""
         info = self._domu(domain)
-        return self.hc.call(hc.DomctlSetSched(domid=info["domid"], cpu_weight=cpu_weight,
-                                              cap=cap))
+        return self.hc.call(hc.DomctlSetSched(domid=info["domid"], cpu_weight=cpu_weight, cap=cap))
 
     def m_info(self) -> Any:
         """Always allowed: host and hypervisor facts."""

@@ -87,5 +87,6 @@ class RingServer:
         self._thread.join(timeout=5.0)
         self._conn.close()
         self._evtchn.close()
-        del self._req, self._rsp
+        self._req.close()
+        self._rsp.close()
         self._segment.close()

@@ -22,8 +22,12 @@ import sys
 from domu import kernel, linux, sandbox
 
 NAMESPACES = (
-    linux.CLONE_NEWNS | linux.CLONE_NEWNET | linux.CLONE_NEWUTS | linux.CLONE_NEWIPC
-    | linux.CLONE_NEWPID | linux.CLONE_NEWCGROUP
+    linux.CLONE_NEWNS
+    | linux.CLONE_NEWNET
+    | linux.CLONE_NEWUTS
+    | linux.CLONE_NEWIPC
+    | linux.CLONE_NEWPID
+    | linux.CLONE_NEWCGROUP
 )
 
 

@@ -26,14 +26,15 @@ class ConsoleFrontend:
         self._tty = tty_master
         self._segment = attach(info["segment"])
         in_, out = console_rings(self._segment.buf)
-        self._stream = RingStream(in_, out, from_status(hc, info["domu_port"]),
-                                  self._to_tty, name="console").start()
+        self._stream = RingStream(
+            in_, out, from_status(hc, info["domu_port"]), self._to_tty, name="console"
+        ).start()
         threading.Thread(target=self._from_tty, name="console-tty", daemon=True).start()
 
     def _to_tty(self, data: bytes) -> None:
         view = memoryview(data)
         while view:
-            view = view[os.write(self._tty, view):]
+            view = view[os.write(self._tty, view) :]
 
     def _from_tty(self) -> None:
         while True:

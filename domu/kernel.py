@@ -54,8 +54,9 @@ class StoreConnection:
         req, rsp = xenstore_rings(self.segment.buf)
         self.client = XsClient(self._send)
         # We produce requests and consume responses.
-        self.stream = RingStream(rsp, req, self.evtchn, self.client.feed,
-                                 self._lost, name="xenstore")
+        self.stream = RingStream(
+            rsp, req, self.evtchn, self.client.feed, self._lost, name="xenstore"
+        )
         self.stream.start()
 
     def _send(self, data: bytes) -> None:
@@ -66,8 +67,14 @@ class StoreConnection:
 
 
 class Kernel:
-    def __init__(self, params: dict[str, Any], hc: HypercallClient, init_pid: int,
-                 status_fd: int, tty_master: int) -> None:
+    def __init__(
+        self,
+        params: dict[str, Any],
+        hc: HypercallClient,
+        init_pid: int,
+        status_fd: int,
+        tty_master: int,
+    ) -> None:
         self.params = params
         self.domid = int(params["domid"])
         self.hc = hc
@@ -143,8 +150,7 @@ def _reap_forever() -> None:
 
 
 def main(params: dict[str, Any], hypercall_fd: int) -> int:
-    logging.basicConfig(level=logging.INFO,
-                        format=f"dom{params['domid']} %(name)s: %(message)s")
+    logging.basicConfig(level=logging.INFO, format=f"dom{params['domid']} %(name)s: %(message)s")
     linux.set_comm("hyper-kernel")
     sandbox.enter_kernel_mounts(params["name"])
     _loopback_up()

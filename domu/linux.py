@@ -68,9 +68,7 @@ def mount(
     def enc(s: str | None) -> bytes | None:
         return None if s is None else os.fsencode(s)
 
-    result = _libc.mount(
-        enc(source), enc(target), enc(fstype), ctypes.c_ulong(flags), enc(data)
-    )
+    result = _libc.mount(enc(source), enc(target), enc(fstype), ctypes.c_ulong(flags), enc(data))
     _check(result, f"mount {source or fstype} on {target}")
 
 
@@ -110,8 +108,13 @@ def mount_setattr(path: str, *, set_: int = 0, clear: int = 0, recursive: bool =
 
 def prctl(option: int, arg: int = 0) -> None:
     _check(
-        _libc.prctl(ctypes.c_int(option), ctypes.c_ulong(arg), ctypes.c_ulong(0),
-                    ctypes.c_ulong(0), ctypes.c_ulong(0)),
+        _libc.prctl(
+            ctypes.c_int(option),
+            ctypes.c_ulong(arg),
+            ctypes.c_ulong(0),
+            ctypes.c_ulong(0),
+            ctypes.c_ulong(0),
+        ),
         f"prctl {option}",
     )
 
@@ -119,5 +122,9 @@ def prctl(option: int, arg: int = 0) -> None:
 def set_comm(name: str) -> None:
     """The name ps shows for this process (at most 15 bytes)."""
     buf = ctypes.create_string_buffer(name.encode()[:15])
-    _check(_libc.prctl(ctypes.c_int(PR_SET_NAME), buf, ctypes.c_ulong(0), ctypes.c_ulong(0),
-                       ctypes.c_ulong(0)), "prctl PR_SET_NAME")
+    _check(
+        _libc.prctl(
+            ctypes.c_int(PR_SET_NAME), buf, ctypes.c_ulong(0), ctypes.c_ulong(0), ctypes.c_ulong(0)
+        ),
+        "prctl PR_SET_NAME",
+    )

@@ -101,8 +101,9 @@ def build_root(newroot: str) -> None:
         linux.mount_setattr(newroot + pseudo, clear=linux.MOUNT_ATTR_RDONLY)
     for scratch in ("/tmp", "/run", "/var/tmp"):
         if os.path.isdir(newroot + scratch):
-            linux.mount("tmpfs", newroot + scratch, "tmpfs", linux.MS_NOSUID | linux.MS_NODEV,
-                        "mode=1777")
+            linux.mount(
+                "tmpfs", newroot + scratch, "tmpfs", linux.MS_NOSUID | linux.MS_NODEV, "mode=1777"
+            )
     os.chdir(newroot)
     linux.pivot_root(".", ".")
     linux.umount(".", linux.MNT_DETACH)
@@ -115,8 +116,12 @@ def enter_kernel_mounts(hostname: str) -> None:
     try:
         # sysfs shows the network devices of the mounter's netns: mount our own so the
         # host's interfaces are not even listed.
-        linux.mount("sysfs", "/sys", "sysfs",
-                    linux.MS_NOSUID | linux.MS_NODEV | linux.MS_NOEXEC | linux.MS_RDONLY)
+        linux.mount(
+            "sysfs",
+            "/sys",
+            "sysfs",
+            linux.MS_NOSUID | linux.MS_NODEV | linux.MS_NOEXEC | linux.MS_RDONLY,
+        )
     except OSError:
         pass  # the host's read-only /sys stays; nothing in it is writable from here
     socket.sethostname(hostname)

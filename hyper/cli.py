@@ -69,8 +69,11 @@ def ensure_hypervisor() -> None:
     run = _run()
     subprocess.Popen(
         [sys.executable, "-m", "hyper.hyperd", "--run-dir", str(run.root)],
-        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        start_new_session=True, cwd="/",
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+        cwd="/",
         env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)},
     )
     deadline = time.monotonic() + HYPERD_START_TIMEOUT
@@ -91,9 +94,12 @@ def cmd_create(args: argparse.Namespace) -> int:
         return 0
     ensure_hypervisor()
     path = Path(args.file)
-    print(f"Parsing config from {args.file}", file=sys.stderr)
-    info = _call("create", config_text=path.read_text(), source=args.file,
-                 base_dir=str(path.resolve().parent))
+    info = _call(
+        "create",
+        config_text=path.read_text(),
+        source=args.file,
+        base_dir=str(path.resolve().parent),
+    )
     print(f"Created domain {info['name']} (id {info['domid']})", file=sys.stderr)
     if args.console:
         return _console(str(info["domid"]))
@@ -107,8 +113,11 @@ def _wait_gone(domid: int) -> int:
     with control.Connection(_run().toolstack_socket, timeout=None) as conn:
         conn.request("store_watch", path="@releaseDomain")
         while True:
-            alive = [d for d in _call("list") if d["domid"] == domid
-                     and d["status"] in ("building", "running")]
+            alive = [
+                d
+                for d in _call("list")
+                if d["domid"] == domid and d["status"] in ("building", "running")
+            ]
             if not alive:
                 return 0
             if control.read_line(conn.sock, conn.buffer) is None:
@@ -121,25 +130,35 @@ def _wait_gone(domid: int) -> int:
 def cmd_list(args: argparse.Namespace) -> int:
     domains = _call("list")
     if args.json:
-        keys = ("name", "domid", "state", "memory", "vcpus", "cpu_time", "pid", "status")
-        print(json.dumps([{k: d[k] for k in keys} for d in domains], indent=2))
+        print(json.dumps(domains, indent=2))
         return 0
     print(f"{'Name':<40}{'ID':>5}{'Mem':>7}{'VCPUs':>6}  {'State':<8}{'Time(s)':>9}")
     for d in domains:
-        print(f"{d['name']:<40}{d['domid']:>5}{d['memory']:>7}{d['vcpus']:>6}  "
-              f"{d['state']:<8}{d['cpu_time']:>9.1f}")
+        print(
+            f"{d['name']:<40}{d['domid']:>5}{d['memory']:>7}{d['vcpus']:>6}  "
+            f"{d['state']:<8}{d['cpu_time']:>9.1f}"
+        )
     return 0
 
 
-def _top_rows(before: dict[int, float], domains: list[dict[str, Any]], interval: float
-              ) -> list[list[str]]:
+def _top_rows(
+    before: dict[int, float], domains: list[dict[str, Any]], interval: float
+) -> list[list[str]]:
     rows = []
     for d in domains:
         prev = before.get(d["domid"])
         pct = 0.0 if prev is None or interval <= 0 else 100.0 * (d["cpu_time"] - prev) / interval
-        rows.append([d["name"], d["state"], f"{d['cpu_time']:.1f}", f"{pct:.1f}",
-                     str(d.get("mem_usage", 0) // 1024), str(d["memory"] * 1024),
-                     str(d["vcpus"])])
+        rows.append(
+            [
+                d["name"],
+                d["state"],
+                f"{d['cpu_time']:.1f}",
+                f"{pct:.1f}",
+                str(d.get("mem_usage", 0) // 1024),
+                str(d["memory"] * 1024),
+                str(d["vcpus"]),
+            ]
+        )
     return rows
 
 
@@ -217,11 +236,11 @@ def cmd_simple(method: str) -> Any:
 
 
 def cmd_shutdown(args: argparse.Namespace) -> int:
-    result = _call("shutdown", timeout=None, domain=args.domain, wait=args.wait,
-                   grace=args.timeout)
+    result = _call("shutdown", timeout=None, domain=args.domain, wait=args.wait, grace=args.timeout)
     if args.wait and not result.get("cooperative", True):
-        print(f"{args.domain} did not shut down in {args.timeout:.0f} s: destroyed",
-              file=sys.stderr)
+        print(
+            f"{args.domain} did not shut down in {args.timeout:.0f} s: destroyed", file=sys.stderr
+        )
     return 0
 
 
@@ -263,13 +282,34 @@ def cmd_exec(args: argparse.Namespace) -> int:
     if not command:
         raise CliError("exec: no command given (hyperctl exec NAME -- CMD...)", 2)
     target = _call("exec_target", domain=args.domain)
-    env = ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "HOME=/tmp",
-           f"TERM={os.environ.get('TERM', 'dumb')}", "LANG=C.UTF-8"]
+    env = [
+        "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+        "HOME=/tmp",
+        f"TERM={os.environ.get('TERM', 'dumb')}",
+        "LANG=C.UTF-8",
+    ]
     argv = [
-        shutil.which("nsenter") or "nsenter", f"--target={target['pid']}",
-        "--user", "--mount", "--net", "--pid", "--uts", "--ipc", "--cgroup", "--wd=/tmp",
-        "--", "setpriv", f"--reuid={WORKLOAD_UID}", f"--regid={WORKLOAD_UID}",
-        "--clear-groups", "--no-new-privs", "--", "env", "-i", *env, *command,
+        shutil.which("nsenter") or "nsenter",
+        f"--target={target['pid']}",
+        "--user",
+        "--mount",
+        "--net",
+        "--pid",
+        "--uts",
+        "--ipc",
+        "--cgroup",
+        "--wd=/tmp",
+        "--",
+        "setpriv",
+        f"--reuid={WORKLOAD_UID}",
+        f"--regid={WORKLOAD_UID}",
+        "--clear-groups",
+        "--no-new-privs",
+        "--",
+        "env",
+        "-i",
+        *env,
+        *command,
     ]
     procs = [Path(p) for p in target["cgroup_procs"]]
 
@@ -376,24 +416,34 @@ def cmd_store(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="hyperctl", description="Manage hyper domains (an xl-shaped tool).")
+        prog="hyperctl", description="Manage hyper domains (an xl-shaped tool)."
+    )
     sub = parser.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
 
     p = sub.add_parser("create", help="create a domain from a YAML config")
     p.add_argument("file")
     p.add_argument("-c", dest="console", action="store_true", help="attach the console")
-    p.add_argument("-F", dest="foreground", action="store_true",
-                   help="stay in the foreground until the domain dies")
-    p.add_argument("--dry-run", action="store_true",
-                   help="print the normalised config as JSON; create nothing")
+    p.add_argument(
+        "-F",
+        dest="foreground",
+        action="store_true",
+        help="stay in the foreground until the domain dies",
+    )
+    p.add_argument(
+        "--dry-run", action="store_true", help="print the normalised config as JSON; create nothing"
+    )
     p.set_defaults(func=cmd_create)
 
     p = sub.add_parser("list", help="list domains")
     p.add_argument("--json", "-l", action="store_true")
     p.set_defaults(func=cmd_list)
 
-    for name, helptext in (("destroy", "kill a domain now"), ("pause", "pause a domain"),
-                           ("unpause", "unpause a domain"), ("reboot", "reboot a domain")):
+    for name, helptext in (
+        ("destroy", "kill a domain now"),
+        ("pause", "pause a domain"),
+        ("unpause", "unpause a domain"),
+        ("reboot", "reboot a domain"),
+    ):
         p = sub.add_parser(name, help=helptext)
         p.add_argument("domain")
         p.set_defaults(func=cmd_simple(name))
@@ -401,8 +451,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("shutdown", help="ask a domain to power off")
     p.add_argument("domain")
     p.add_argument("-w", dest="wait", action="store_true", help="wait until it is gone")
-    p.add_argument("--timeout", type=float, default=30.0,
-                   help="destroy it if it has not shut down after this many seconds")
+    p.add_argument(
+        "--timeout",
+        type=float,
+        default=30.0,
+        help="destroy it if it has not shut down after this many seconds",
+    )
     p.set_defaults(func=cmd_shutdown)
 
     p = sub.add_parser("exec", help="run a command inside a domain")
@@ -440,9 +494,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_store)
 
     sub.add_parser("halt", help="destroy every domain and stop the hypervisor").set_defaults(
-        func=cmd_halt)
-    sub.add_parser("cleanup", help="remove whatever a killed hypervisor left behind"
-                   ).set_defaults(func=cmd_cleanup)
+        func=cmd_halt
+    )
+    sub.add_parser("cleanup", help="remove whatever a killed hypervisor left behind").set_defaults(
+        func=cmd_cleanup
+    )
     return parser
 
 

@@ -73,8 +73,9 @@ class Connection:
             raise ControlError(f"{method}: the toolstack closed the connection")
         reply = json.loads(line)
         if not reply.get("ok"):
-            raise ControlError(reply.get("error", "failed"), reply.get("lines"),
-                               bool(reply.get("usage")))
+            raise ControlError(
+                reply.get("error", "failed"), reply.get("lines"), bool(reply.get("usage"))
+            )
         return reply.get("result")
 
     def close(self) -> None:

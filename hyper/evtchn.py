@@ -13,7 +13,11 @@ from dataclasses import dataclass
 
 from hyper.resources import Resources, sharing_gid
 
-MAX_PORTS = 4096  # the 2-level ABI's limit on 64-bit guests
+MAX_PORTS = 4096  # ports a domain may hold at once: the 2-level ABI's limit on 64-bit guests
+#: Port numbers are handed out in increasing order and wrap here. Never reusing a number soon
+#: matters: dom0 closes its end of a dead domain's channel some time after hyperd has already
+#: released it, and must not close a newer channel that happened to get the same number.
+PORT_NUMBERS = 1 << 20
 
 
 class EvtchnError(Exception):
@@ -39,12 +43,18 @@ class Port:
 class EventChannels:
     def __init__(self) -> None:
         self._ports: dict[tuple[int, int], Port] = {}
+        self._last: dict[int, int] = {}
 
     def _new_port(self, domid: int, remote_dom: int, resources: Resources) -> Port:
         used = {p for (d, p) in self._ports if d == domid}
         if len(used) >= MAX_PORTS:
             raise EvtchnError("ENOSPC", f"domain {domid}: no free event-channel port")
-        port = next(p for p in range(1, MAX_PORTS + 1) if p not in used)
+        port = self._last.get(domid, 0)
+        while True:
+            port = port % (PORT_NUMBERS - 1) + 1
+            if port not in used:
+                break
+        self._last[domid] = port
         try:
             gid = sharing_gid(domid, remote_dom)
         except PermissionError as exc:
@@ -98,6 +108,7 @@ class EventChannels:
         for d, port in doomed:
             if (d, port) in self._ports:
                 self.close(d, port)
+        self._last.pop(domid, None)
 
     def ports_of(self, domid: int) -> list[Port]:
         return [p for (d, _), p in self._ports.items() if d == domid]

@@ -32,8 +32,12 @@ class Pool:
     pages: int
 
     def result(self) -> dict[str, object]:
-        return {"pool": self.pool, "name": self.name, "gref_base": self.gref_base,
-                "pages": self.pages}
+        return {
+            "pool": self.pool,
+            "name": self.name,
+            "gref_base": self.gref_base,
+            "pages": self.pages,
+        }
 
 
 class GrantTables:

@@ -83,6 +83,7 @@ class Hypervisor:
         self.selector = selectors.DefaultSelector()
         self.halting = False
         self.halt_requested = False
+        self.last_domid = 0
         self.dom0_restarts = 0
         self._sig_r, self._sig_w = socket.socketpair()
         self._sig_r.setblocking(False)
@@ -141,8 +142,9 @@ class Hypervisor:
     def start_dom0(self) -> None:
         dom0 = self.domains.get(0)
         if dom0 is None:
-            dom0 = Domain(0, DOM0_NAME, {"memory": _host_memory_mib(), "vcpus": os.cpu_count()},
-                          Resources(0))
+            dom0 = Domain(
+                0, DOM0_NAME, {"memory": _host_memory_mib(), "vcpus": os.cpu_count()}, Resources(0)
+            )
             # dom0 is accounted, not limited: its group only measures what it uses.
             unlimited = cgroup.Limits(memory_mib=_host_memory_mib(), pids_max=1 << 16)
             dom0.cgroup = self.cgroups.create("dom0", unlimited)
@@ -150,9 +152,19 @@ class Hypervisor:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         with open(self.run.log("dom0"), "ab") as out:
             proc = subprocess.Popen(
-                [sys.executable, "-m", "dom0", "--hypercall-fd", str(theirs.fileno()),
-                 "--run-dir", str(self.run.root)],
-                pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL, stdout=out, stderr=out,
+                [
+                    sys.executable,
+                    "-m",
+                    "dom0",
+                    "--hypercall-fd",
+                    str(theirs.fileno()),
+                    "--run-dir",
+                    str(self.run.root),
+                ],
+                pass_fds=(theirs.fileno(),),
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=out,
                 env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)},
             )
         theirs.close()
@@ -195,8 +207,10 @@ class Hypervisor:
             req_id, op = hc.parse_request(data)
         except ValueError as exc:
             log.warning("dom%d: bad hypercall: %s", caller.domid, exc)
-            self._reply(caller, {"id": _request_id(data), "ok": False, "error": "EINVAL",
-                                 "message": str(exc)})
+            self._reply(
+                caller,
+                {"id": _request_id(data), "ok": False, "error": "EINVAL", "message": str(exc)},
+            )
             return
         try:
             result = self.handle(caller, op)
@@ -249,14 +263,21 @@ class Hypervisor:
     ) -> dict[str, Any]:
         resources = self._shared_resources(caller.domid, op.remote_dom)
         port = self.evtchn.bind_interdomain(caller.domid, op.remote_dom, op.remote_port, resources)
-        return {"port": port.port, "doorbell": port.doorbell,
-                "peer_doorbell": self.evtchn.peer_doorbell(port)}
+        return {
+            "port": port.port,
+            "doorbell": port.doorbell,
+            "peer_doorbell": self.evtchn.peer_doorbell(port),
+        }
 
     def do_evtchn_status(self, caller: Domain, op: hc.EvtchnStatus) -> dict[str, Any]:
         port = self.evtchn.get(caller.domid, op.port)
-        return {"state": port.state, "remote_dom": port.remote_dom,
-                "remote_port": port.remote_port, "doorbell": port.doorbell,
-                "peer_doorbell": self.evtchn.peer_doorbell(port)}
+        return {
+            "state": port.state,
+            "remote_dom": port.remote_dom,
+            "remote_port": port.remote_port,
+            "doorbell": port.doorbell,
+            "peer_doorbell": self.evtchn.peer_doorbell(port),
+        }
 
     def do_evtchn_close(self, caller: Domain, op: hc.EvtchnClose) -> dict[str, Any]:
         self.evtchn.close(caller.domid, op.port)
@@ -286,8 +307,9 @@ class Hypervisor:
             raise HvError("EINVAL", "dom0 shuts down with sysctl_halt")
         caller.shutdown_reason = op.reason
         caller.exit_code = op.code
-        log.info("dom%d (%s) shutting down: %s (code %d)", caller.domid, caller.name,
-                 op.reason, op.code)
+        log.info(
+            "dom%d (%s) shutting down: %s (code %d)", caller.domid, caller.name, op.reason, op.code
+        )
         return {}
 
     def do_domctl_create(self, caller: Domain, op: hc.DomctlCreate) -> dict[str, Any]:
@@ -314,8 +336,9 @@ class Hypervisor:
         return {}
 
     def do_domctl_list(self, caller: Domain, op: hc.DomctlList) -> dict[str, Any]:
-        return {"domains": [self.info(d) for d in sorted(self.domains.values(),
-                                                         key=lambda d: d.domid)]}
+        return {
+            "domains": [self.info(d) for d in sorted(self.domains.values(), key=lambda d: d.domid)]
+        }
 
     def do_domctl_exec_target(self, caller: Domain, op: hc.DomctlExecTarget) -> dict[str, Any]:
         domain = self._domu(op.domid)
@@ -401,8 +424,13 @@ class Hypervisor:
         return "".join(letters)
 
     def _next_domid(self) -> int:
-        used = set(self.domains)
-        return next(d for d in range(1, hc.DOMID_MAX + 1) if d not in used)
+        """Domain ids increase (as Xen's do) and wrap; a restarted domain gets a new one."""
+        domid = self.last_domid
+        while True:
+            domid = domid % hc.DOMID_MAX + 1
+            if domid not in self.domains:
+                self.last_domid = domid
+                return domid
 
     def build(self, config: dict[str, Any]) -> Domain:
         domid = self._next_domid()
@@ -420,16 +448,16 @@ class Hypervisor:
         self.domains[domid] = domain
         self.selector.register(domain.sock, selectors.EVENT_READ, ("hypercall", domain))
         self.selector.register(domain.sync, selectors.EVENT_READ, ("sync", domain))
-        log.info("dom%d (%s) created: %d MiB, %d vcpus", domid, domain.name, domain.memory,
-                 domain.vcpus)
+        log.info(
+            "dom%d (%s) created: %d MiB, %d vcpus", domid, domain.name, domain.memory, domain.vcpus
+        )
         self.event("domain_introduced", self.info(domain))
         return domain
 
     def _ring(self, domain: Domain, kind: str, size: int) -> RingInfo:
         segment = domain.resources.new_segment(kind, size, host_gid(domain.domid))
         domu_port = self.evtchn.alloc_unbound(domain.domid, 0, domain.resources)
-        dom0_port = self.evtchn.bind_interdomain(0, domain.domid, domu_port.port,
-                                                 domain.resources)
+        dom0_port = self.evtchn.bind_interdomain(0, domain.domid, domu_port.port, domain.resources)
         return RingInfo(segment, domu_port.port, dom0_port.port)
 
     def _on_sync(self, domain: Domain) -> None:
@@ -441,8 +469,9 @@ class Hypervisor:
         if not data:
             self._end_sync(domain)
             if domain.pid is None and domain.status is Status.BUILDING:
-                log.error("dom%d: boot failed (see %s)", domain.domid,
-                          self.run.log(f"dom{domain.domid}"))
+                log.error(
+                    "dom%d: boot failed (see %s)", domain.domid, self.run.log(f"dom{domain.domid}")
+                )
                 self._finish(domain, "crash")
             return
         domain.sync_buffer += data
@@ -479,8 +508,12 @@ class Hypervisor:
         reason = domain.shutdown_reason or "crash"
         if domain.shutdown_reason is None:
             code = os.waitstatus_to_exitcode(status)
-            log.info("dom%d (%s) died unexpectedly (%s)", domain.domid, domain.name,
-                     f"signal {-code}" if code < 0 else f"exit {code}")
+            log.info(
+                "dom%d (%s) died unexpectedly (%s)",
+                domain.domid,
+                domain.name,
+                f"signal {-code}" if code < 0 else f"exit {code}",
+            )
         self._finish(domain, reason)
 
     def _finish(self, domain: Domain, reason: str) -> None:
@@ -489,8 +522,7 @@ class Hypervisor:
         if self.halting:
             action = "destroy"
         log.info("dom%d (%s): %s -> %s", domain.domid, domain.name, reason, action)
-        self.event("domain_shutdown", {"domid": domain.domid, "reason": reason,
-                                       "action": action})
+        self.event("domain_shutdown", {"domid": domain.domid, "reason": reason, "action": action})
         if action == "preserve":
             self._stop(domain)
             domain.status = Status.CRASHED if reason == "crash" else Status.SHUTDOWN

@@ -8,11 +8,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 DEFAULT_RUN_DIR = Path(os.environ.get("HYPER_RUN_DIR", "/run/hyper"))
+#: Logs outlive the hypervisor (a halt or a crash is when you want them).
+DEFAULT_LOG_DIR = Path(os.environ.get("HYPER_LOG_DIR", "/var/log/hyper"))
 
 
 @dataclass(frozen=True)
 class RunDir:
     root: Path = DEFAULT_RUN_DIR
+    logs: Path = DEFAULT_LOG_DIR
 
     @property
     def pidfile(self) -> Path:
@@ -26,10 +29,6 @@ class RunDir:
     def rootfs(self) -> Path:
         """An empty directory each domain's boot process mounts its sandbox root on (privately)."""
         return self.root / "rootfs"
-
-    @property
-    def logs(self) -> Path:
-        return self.root / "log"
 
     def log(self, name: str) -> Path:
         return self.logs / f"{name}.log"

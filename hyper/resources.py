@@ -90,6 +90,7 @@ class Resources:
 def leftovers() -> list[Path]:
     """Every hyper object in /dev/shm, live or not (for cleanup and the leak checks)."""
     return sorted(
-        p for p in SHM_DIR.iterdir()
+        p
+        for p in SHM_DIR.iterdir()
         if p.name.startswith(PREFIX) or p.name.startswith(f"sem.{PREFIX}")
     )

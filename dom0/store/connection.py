@@ -8,16 +8,20 @@ The transport that owns the connection (in-process, Unix socket, the guest's byt
   connection only. Every other failure of a request, including a bug, becomes an error reply.
 * ``send(data) -> bool | None`` (given to ``Store.connect``): must not block and must take a whole
   message or refuse it. None or True means taken; False means "full, keep it": the connection
-  queues it and sends nothing more until the transport calls ``output_drained()``.
+  queues it and sends nothing more until the transport calls ``output_drained()``. A transport
+  with less room than one message (the 1 KiB XenStore ring, against messages of up to 4112
+  bytes) accepts a message when its buffer is empty, keeps the unwritten rest itself, and
+  refuses further messages until that rest is out.
 * ``wants_input()``: False while the client has ``outstanding`` replies it has not taken. The
   transport should stop reading then (a ring transport leaves bytes in the ring); requests fed
   anyway wait, decoded, up to a bound. Watch events queued meanwhile are deduplicated and past
   ``queued_events`` collapse into one event per watch for the watched path, so a client that
   never reads costs bounded memory and no other connection waits for it.
 * ``close()``: the transport is gone; the store forgets this connection's watches and
-  transactions. When the store drops a connection itself (a protocol violation, a failing
-  ``send``, ``release_domain``), it sets ``closed`` and calls the ``on_close`` callback given
-  to ``Store.connect``, with the store lock held, so the transport can tear down.
+  transactions. The store also closes connections itself (a protocol violation, a failing
+  ``send``, ``release_domain``). Either way ``closed`` becomes True and the ``on_close``
+  callback given to ``Store.connect`` runs once, with the store lock held, so the transport
+  can tear down.
 
 Replies go out before the watch events that the same request caused. All state is guarded by
 the store's lock, so a transport may call in from any thread.

@@ -103,8 +103,7 @@ class StreamConnection:
             self._input_ready.clear()
             if self._closing:
                 return False
-            if self.conn.wants_input():
-                return True
+            return True
             self._input_ready.wait()
 
     def _stop(self) -> None:

@@ -1,0 +1,179 @@
+"""Fixtures for the real-system tests: a running hypervisor, domains, and leak checks.
+
+Everything here is real: hyperd, dom0 and the domains are processes in namespaces and cgroups,
+driven through `hyperctl` exactly as a user would. The session starts one hypervisor and halts
+it at the end, then asserts the machine is as clean as it was. Each domain a test creates is
+destroyed by the fixture that made it, even when the test fails; a failing test also gets the
+hypervisor's log attached to its report.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from hyper.paths import RunDir
+
+REPO = Path(__file__).resolve().parents[2]
+RUN = RunDir()
+
+pytestmark = pytest.mark.root
+
+
+def require_root() -> None:
+    if os.geteuid() != 0:
+        pytest.skip("needs root: real namespaces, cgroups and /dev/shm objects")
+
+
+class Result:
+    def __init__(self, proc: subprocess.CompletedProcess[str]) -> None:
+        self.status = proc.returncode
+        self.out = proc.stdout
+        self.err = proc.stderr
+
+    def __repr__(self) -> str:
+        return f"Result(status={self.status}, out={self.out!r}, err={self.err!r})"
+
+
+def hyperctl(
+    *args: str, check: bool = True, input: str | None = None, timeout: float = 120.0
+) -> Result:
+    """Run `hyperctl ARGS` as a user would; fail the test on a non-zero status if ``check``."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "hyper.cli", *args],
+        cwd=REPO,
+        input=input,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
+    result = Result(proc)
+    if check and result.status != 0:
+        raise AssertionError(f"hyperctl {' '.join(args)} failed: {result}")
+    return result
+
+
+def domains() -> list[dict[str, Any]]:
+    return list(json.loads(hyperctl("list", "--json").out))
+
+
+def domain_info(name: str) -> dict[str, Any] | None:
+    return next((d for d in domains() if d["name"] == name), None)
+
+
+def wait_for(
+    condition: Callable[[], Any], timeout: float, what: str, interval: float = 0.05
+) -> Any:
+    """Poll ``condition`` until it is truthy; fail naming ``what`` after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+        time.sleep(interval)
+
+
+def leftovers() -> list[str]:
+    """Everything of hyper's that could be on the host: it must be empty when nothing runs."""
+    found = [f"/dev/shm/{p.name}" for p in Path("/dev/shm").iterdir() if "hyper." in p.name]
+    for root in Path("/sys/fs/cgroup").iterdir():
+        for group in (root / "hyper", root):
+            if group.is_dir() and group.name == "hyper":
+                found.append(str(group))
+    for mount in Path("/proc/self/mounts").read_text().splitlines():
+        if "/run/hyper" in mount:
+            found.append(f"mount {mount.split()[1]}")
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            comm = (proc / "comm").read_text().strip()
+            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        if (
+            comm in ("hyper-kernel", "hyper-init")
+            or "hyper.hyperd" in cmdline
+            or ("-m dom0" in cmdline or "domu.boot" in cmdline)
+        ):
+            found.append(f"process {proc.name} {comm}")
+    if RUN.root.exists():
+        found.append(str(RUN.root))
+    return found
+
+
+def start_hypervisor() -> None:
+    subprocess.Popen(
+        [sys.executable, "-m", "hyper.hyperd"],
+        cwd="/",
+        start_new_session=True,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
+    wait_for(lambda: hyperctl("list", check=False).status == 0, 30, "the hypervisor to start")
+
+
+def stop_hypervisor() -> None:
+    hyperctl("halt", check=False)
+    wait_for(lambda: not leftovers(), 30, "the hypervisor to leave nothing behind")
+
+
+@pytest.fixture(scope="session")
+def hypervisor() -> Iterator[None]:
+    """One hypervisor for the session; the machine must be clean before and after."""
+    require_root()
+    stale = leftovers()
+    assert not stale, f"the machine is not clean before the tests: {stale}"
+    start_hypervisor()
+    try:
+        yield
+    finally:
+        stop_hypervisor()
+
+
+_names = itertools.count()
+
+
+@pytest.fixture
+def make_domain(
+    hypervisor: None, tmp_path: Path, request: pytest.FixtureRequest
+) -> Iterator[Callable[..., str]]:
+    """Create domains from YAML text (a unique name is filled in); destroys them afterwards."""
+    created: list[str] = []
+
+    def make(body: str = "", name: str | None = None, check: bool = True) -> str:
+        name = name or f"t{os.getpid() % 1000}-{next(_names)}"
+        config = tmp_path / f"{name}.yaml"
+        config.write_text(f"name: {name}\n{body}")
+        created.append(name)
+        hyperctl("create", str(config), check=check)
+        return name
+
+    yield make
+    for name in created:
+        if domain_info(name) is not None:
+            hyperctl("destroy", name, check=False)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    outcome = yield
+    report = outcome.get_result()
+    if report.failed and RUN.logs.exists():
+        for log in sorted(RUN.logs.glob("*.log")):
+            lines = log.read_text(errors="replace").splitlines()[-40:]
+            report.sections.append((f"hyper log {log.name}", "\n".join(lines)))

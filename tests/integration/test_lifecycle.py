@@ -1,0 +1,191 @@
+"""Domains come and go without a trace; bad input creates nothing; on_* actions apply."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from tests.integration.conftest import (
+    REPO,
+    RUN,
+    domain_info,
+    domains,
+    hyperctl,
+    leftovers,
+    start_hypervisor,
+    wait_for,
+)
+
+pytestmark = pytest.mark.root
+
+
+def domain_objects(domid: int) -> list[str]:
+    """The host-side traces of one domain: shm/semaphores, cgroups, processes."""
+    found = [p.name for p in Path("/dev/shm").iterdir() if f"hyper.d{domid}." in p.name]
+    found += [str(g) for g in Path("/sys/fs/cgroup").glob(f"*/hyper/dom{domid}")]
+    return found
+
+
+def test_fifty_create_destroy_cycles_leave_nothing(
+    make_domain: Callable[..., str], tmp_path: Path
+) -> None:
+    before = set(leftovers())
+    for cycle in range(50):
+        name = make_domain(name=f"cycle{cycle}")
+        info = domain_info(name)
+        assert info is not None and info["status"] == "running"
+        assert domain_objects(info["domid"]), "a running domain holds rings and a cgroup"
+        kernel = info["pid"]
+        hyperctl("destroy", name)
+        assert domain_info(name) is None
+        assert domain_objects(info["domid"]) == [], f"cycle {cycle} left objects behind"
+        assert not Path(f"/proc/{kernel}").exists(), f"cycle {cycle} left its kernel"
+        assert set(leftovers()) == before, f"cycle {cycle} left something behind"
+
+
+def test_shutdown_is_cooperative_and_poweroff_destroys(make_domain: Callable[..., str]) -> None:
+    name = make_domain()
+    hyperctl("shutdown", "-w", name)
+    assert domain_info(name) is None
+    assert "shutting down: poweroff" in hyperctl("dmesg").out
+
+
+def test_a_finished_command_is_preserved_when_asked(make_domain: Callable[..., str]) -> None:
+    name = make_domain('command: ["sh", "-c", "echo done; exit 0"]\non_poweroff: preserve\n')
+    info = wait_for(
+        lambda: (d := domain_info(name)) and d["status"] == "shutdown" and d,
+        30,
+        "the domain to power off",
+    )
+    assert info["state"] == "---s--"
+    assert info["exit_code"] == 0
+    hyperctl("destroy", name)
+    assert domain_info(name) is None
+
+
+def test_reboot_restarts_the_domain(make_domain: Callable[..., str]) -> None:
+    name = make_domain()
+    first = domain_info(name)
+    assert first is not None
+    hyperctl("reboot", name)
+    again = wait_for(
+        lambda: (
+            (d := domain_info(name))
+            and d["status"] == "running"
+            and d["domid"] != first["domid"]
+            and d
+        ),
+        30,
+        "the domain to restart",
+    )
+    assert hyperctl("exec", name, "--", "hostname").out.strip() == name
+    assert again["uuid"] != first["uuid"]
+
+
+def test_pause_and_unpause(make_domain: Callable[..., str]) -> None:
+    name = make_domain()
+    hyperctl("pause", name)
+    assert domain_info(name)["state"] == "--p---"  # type: ignore[index]
+    hyperctl("unpause", name)
+    assert domain_info(name)["state"][2] == "-"  # type: ignore[index]
+    assert hyperctl("exec", name, "--", "true").status == 0
+
+
+@pytest.mark.parametrize(
+    ("body", "expected"),
+    [
+        ("memroy: 64\n", "memroy: unknown key"),
+        ("memory: -5\n", "memory:"),
+        ("memory: [64\n", "YAML"),
+        ('command: "not a list"\n', "command:"),
+    ],
+)
+def test_bad_config_exits_2_with_one_line_per_error_and_creates_nothing(
+    hypervisor: None, tmp_path: Path, body: str, expected: str
+) -> None:
+    config = tmp_path / "bad.yaml"
+    config.write_text(f"name: bad\n{body}")
+    shm_before = set(os.listdir("/dev/shm"))
+    result = hyperctl("create", str(config), check=False)
+    assert result.status == 2
+    lines = result.err.strip().splitlines()
+    assert len(lines) == 1, result.err
+    assert lines[0].startswith(f"{config}:") and expected in lines[0], lines[0]
+    assert domain_info("bad") is None
+    assert set(os.listdir("/dev/shm")) == shm_before
+
+
+def test_two_errors_give_two_lines(hypervisor: None, tmp_path: Path) -> None:
+    config = tmp_path / "two.yaml"
+    config.write_text("name: two\nmemory: -1\nvcpus: 0\n")
+    result = hyperctl("create", str(config), check=False)
+    assert result.status == 2
+    lines = result.err.strip().splitlines()
+    assert len(lines) == 2 and lines[0].startswith(f"{config}: memory:"), lines
+    assert lines[1].startswith(f"{config}: vcpus:"), lines
+
+
+def test_a_duplicate_name_exits_2_and_creates_nothing(
+    make_domain: Callable[..., str], tmp_path: Path
+) -> None:
+    name = make_domain()
+    count = len(domains())
+    config = tmp_path / "dup.yaml"
+    config.write_text(f"name: {name}\n")
+    result = hyperctl("create", str(config), check=False)
+    assert result.status == 2
+    assert result.err.strip() == f"{config}: name: a domain named {name!r} already exists"
+    assert len(domains()) == count
+
+
+def test_unknown_domain_and_missing_file_are_errors(hypervisor: None) -> None:
+    assert hyperctl("destroy", "no-such-domain", check=False).status == 1
+    missing = hyperctl("create", "/nonexistent/x.yaml", check=False)
+    assert missing.status == 2 and "/nonexistent/x.yaml" in missing.err
+    assert hyperctl("frobnicate", check=False).status == 2
+
+
+def test_dry_run_prints_normalised_json_and_creates_nothing(hypervisor: None) -> None:
+    count = len(domains())
+    result = hyperctl("create", "--dry-run", str(REPO / "configs" / "idle.yaml"))
+    assert '"name": "idle"' in result.out and '"cpu_weight": 256' in result.out
+    assert len(domains()) == count
+
+
+def test_cleanup_after_hyperd_is_killed_leaves_nothing(tmp_path: Path) -> None:
+    """Runs its own hypervisor: the session's is halted and restarted around it."""
+    from tests.integration import conftest
+
+    if RUN.pidfile.exists():
+        conftest.stop_hypervisor()
+    try:
+        start_hypervisor()
+        for i in range(2):
+            config = tmp_path / f"victim{i}.yaml"
+            config.write_text(f"name: victim{i}\n")
+            hyperctl("create", str(config))
+        pid = int(RUN.pidfile.read_text().split()[0])
+        os.kill(pid, signal.SIGKILL)
+        wait_for(
+            lambda: (
+                not Path(f"/proc/{pid}").exists()
+                or "Z" in Path(f"/proc/{pid}/stat").read_text().split()[2]
+            ),
+            10,
+            "hyperd to die",
+        )
+        assert leftovers(), "domains and dom0 outlive a killed hyperd until cleanup"
+        result = hyperctl("cleanup")
+        assert "removed" in result.out
+        wait_for(lambda: not leftovers(), 10, "cleanup to leave nothing")
+    finally:
+        subprocess.run(
+            [sys.executable, "-m", "hyper.cli", "cleanup"], cwd=REPO, capture_output=True
+        )
+        start_hypervisor()
