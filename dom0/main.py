@@ -16,8 +16,11 @@ import threading
 from pathlib import Path
 from typing import Any
 
+from channels import xenbus
 from channels.hypercall import HypercallClient
+from channels.xenbus_bus import Bus
 from channels.xs import XsClient
+from dom0.drivers import BACKEND_DRIVERS
 from dom0.store.core import Store
 from dom0.toolstack import Toolstack
 from hyper.paths import RunDir
@@ -56,10 +59,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     toolstack = Toolstack(hc, store, xs, run.toolstack_socket, events)
     signal.signal(signal.SIGTERM, lambda *_: toolstack.stopped.set())
+    xs.write(xenbus.backend_root_path(0), "")
+    backends = Bus(xs, xenbus.backend_root_path(0), "backend", BACKEND_DRIVERS).start()
     threading.Thread(target=toolstack.run_events, name="events", daemon=True).start()
     threading.Thread(target=toolstack.serve, name="control", daemon=True).start()
     log.info("dom0 up; toolstack on %s", run.toolstack_socket)
     toolstack.stopped.wait()
     toolstack.close()
+    backends.stop()
     log.info("dom0 stopping")
     return 0

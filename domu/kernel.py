@@ -28,10 +28,12 @@ from channels.evtchn import EventChannel, from_status
 from channels.hypercall import HypercallClient, SchedBooted, SchedShutdown
 from channels.shm import Segment, attach
 from channels.stream import RingStream
+from channels.xenbus_bus import Bus
 from channels.xs import XsClient
 from domu import init as workload_init
 from domu import linux, sandbox
 from domu.console import ConsoleFrontend
+from domu.drivers import FRONTEND_DRIVERS
 
 log = logging.getLogger("domu.kernel")
 
@@ -86,6 +88,12 @@ class Kernel:
 
     def run(self) -> int:
         xs = self.store.client
+        self.bus = Bus(
+            xs,
+            xenbus.join_path(xenbus.domain_path(self.domid), "device"),
+            "frontend",
+            FRONTEND_DRIVERS,
+        ).start()
         for feature in ("feature-poweroff", "feature-reboot"):
             xs.write(xenbus.join_path(xenbus.control_path(self.domid), feature), "1")
         watch = xs.watch(xenbus.control_shutdown_path(self.domid), "shutdown")

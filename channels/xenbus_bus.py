@@ -1,0 +1,225 @@
+"""The XenBus bus: finds devices in the store and drives each through its driver.
+
+Both sides run one: the domU's frontend bus watches its ``device`` directory, dom0's backend bus
+watches ``/local/domain/0/backend``. For each device directory that appears, the bus reads the
+path and domain of the other end (``backend``/``backend-id`` on the front, ``frontend``/
+``frontend-id`` on the back), hands the device to the driver registered for its type
+(``probe``), and from then on tells the driver whenever the other end's ``state`` node changes
+(``otherend_changed``) and when the device directory goes away (``remove``).
+
+Everything happens on the bus's one thread, in the order the store reported it, so a driver
+never races itself. A driver that raises fails only its own device: the bus writes the device's
+``error`` node and moves it to Closing, as Linux's ``xenbus_dev_fatal`` does, and carries on.
+Watches may fire spuriously and coalesce: drivers read the state they are given, never count.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass, field
+from typing import Literal, Protocol
+
+from channels import xenbus
+from channels.xenbus import XenbusState
+from channels.xs import Watch, XsClient, XsConnectionLost, XsError, XsTimeoutError
+
+log = logging.getLogger(__name__)
+
+Side = Literal["frontend", "backend"]
+
+
+@dataclass
+class XenbusDevice:
+    """One device as one side sees it."""
+
+    xs: XsClient
+    devtype: str
+    devid: int
+    nodename: str  # our directory
+    otherend: str  # the other side's directory
+    otherend_id: int
+    frontend_id: int  # the domU this device belongs to (ours on the front)
+    state: XenbusState = XenbusState.Unknown
+    driver_data: object = None
+    _watch: Watch | None = field(default=None, repr=False)
+
+    def path(self, key: str) -> str:
+        return xenbus.join_path(self.nodename, key)
+
+    def read(self, key: str) -> str | None:
+        return self.xs.read_optional(self.path(key))
+
+    def write(self, key: str, value: str) -> None:
+        self.xs.write(self.path(key), value)
+
+    def read_otherend(self, key: str) -> str | None:
+        return self.xs.read_optional(xenbus.join_path(self.otherend, key))
+
+    def otherend_state(self) -> XenbusState:
+        """The other side's state; a missing or garbled node reads as Unknown, as in Linux."""
+        value = self.read_otherend("state")
+        try:
+            return XenbusState(int(value or 0))
+        except ValueError:
+            return XenbusState.Unknown
+
+    def switch_state(self, state: XenbusState) -> None:
+        if state == self.state:
+            return
+        self.write("state", str(int(state)))
+        self.state = state
+
+    def fatal(self, message: str) -> None:
+        """Report a device error in the store and start closing this device only."""
+        log.warning("%s: %s", self.nodename, message)
+        try:
+            self.write("error", message[:1000])
+            self.switch_state(XenbusState.Closing)
+        except XsError as exc:
+            log.warning("%s: could not report the error: %s", self.nodename, exc)
+
+
+class Driver(Protocol):
+    """What a device type implements on one side. Each call runs on the bus thread."""
+
+    def probe(self, dev: XenbusDevice) -> None: ...
+
+    def otherend_changed(self, dev: XenbusDevice, state: XenbusState) -> None: ...
+
+    def remove(self, dev: XenbusDevice) -> None: ...
+
+
+class Bus:
+    def __init__(self, xs: XsClient, root: str, side: Side, drivers: dict[str, Driver]):
+        self.xs = xs
+        self.root = root
+        self.side = side
+        self.drivers = drivers
+        self.devices: dict[str, XenbusDevice] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"xenbus-{side}", daemon=True)
+        self._root_watch: Watch | None = None
+
+    def start(self) -> Bus:
+        self._root_watch = self.xs.watch(self.root, f"xenbus-{self.side}")
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._root_watch is not None:
+            self._root_watch.queue.close(XsConnectionLost("the bus was stopped"))
+        self._thread.join(timeout=5.0)
+
+    # -- the thread -----------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        assert self._root_watch is not None
+        queue = self._root_watch.queue
+        while not self._stop.is_set():
+            try:
+                event = queue.get()
+            except XsConnectionLost:
+                return  # the store connection is gone, or we were stopped
+            try:
+                self._dispatch(event.token)
+            except (XsError, XsTimeoutError) as exc:
+                log.warning("xenbus %s: %s", self.side, exc)
+            except XsConnectionLost:
+                return
+
+    def _dispatch(self, token: str) -> None:
+        if token.startswith("otherend:"):
+            dev = self.devices.get(token.removeprefix("otherend:"))
+            if dev is not None:
+                self._call(dev, "otherend_changed", dev.otherend_state())
+            return
+        self._scan()
+
+    def _scan(self) -> None:
+        present = set(self._device_dirs())
+        for nodename in sorted(set(self.devices) - present):
+            self._remove(self.devices.pop(nodename))
+        for nodename in sorted(present - set(self.devices)):
+            self._probe(nodename)
+        for dev in list(self.devices.values()):
+            self._check_own_state(dev)
+
+    def _check_own_state(self, dev: XenbusDevice) -> None:
+        """The toolstack closes a device by writing *our* state (libxl writes Closing into the
+        backend directory on hot-unplug): tell the driver, which then sees ``dev.state``."""
+        value = dev.read("state")
+        try:
+            state = XenbusState(int(value or 0))
+        except ValueError:
+            return
+        if state != dev.state and dev.state is not XenbusState.Unknown:
+            dev.state = state
+            self._call(dev, "otherend_changed", dev.otherend_state())
+
+    def _device_dirs(self) -> list[str]:
+        """Frontends live at root/<type>/<devid>; backends at root/<type>/<frontid>/<devid>."""
+        levels = 2 if self.side == "frontend" else 3
+        found = [self.root]
+        for _ in range(levels):
+            found = [xenbus.join_path(p, child) for p in found for child in self._children(p)]
+        return found
+
+    def _children(self, path: str) -> list[str]:
+        try:
+            return self.xs.directory(path)
+        except XsError:
+            return []
+
+    def _probe(self, nodename: str) -> None:
+        parts = nodename.removeprefix(self.root + "/").split("/")
+        devtype = parts[0]
+        driver = self.drivers.get(devtype)
+        if driver is None:
+            return
+        other_key = "backend" if self.side == "frontend" else "frontend"
+        otherend = self.xs.read_optional(xenbus.join_path(nodename, other_key))
+        other_id = self.xs.read_optional(xenbus.join_path(nodename, f"{other_key}-id"))
+        try:
+            devid = int(parts[-1])
+            frontend_id = int(parts[1]) if self.side == "backend" else -1
+            if otherend is None or other_id is None:
+                raise ValueError(f"{other_key} or {other_key}-id missing")
+            dev = XenbusDevice(
+                self.xs,
+                devtype,
+                devid,
+                nodename,
+                xenbus.validate_path(otherend),
+                int(other_id),
+                frontend_id,
+            )
+        except ValueError as exc:
+            log.warning("xenbus %s: ignoring %s: %s", self.side, nodename, exc)
+            return
+        self.devices[nodename] = dev
+        assert self._root_watch is not None
+        dev._watch = self.xs.watch(
+            xenbus.join_path(otherend, "state"),
+            f"otherend:{nodename}",
+            queue=self._root_watch.queue,
+        )
+        self._call(dev, "probe")
+
+    def _remove(self, dev: XenbusDevice) -> None:
+        if dev._watch is not None:
+            try:
+                dev._watch.unwatch()
+            except (XsError, XsTimeoutError, XsConnectionLost):
+                pass
+        self._call(dev, "remove")
+
+    def _call(self, dev: XenbusDevice, method: str, *args: object) -> None:
+        driver = self.drivers[dev.devtype]
+        try:
+            getattr(driver, method)(dev, *args)
+        except Exception as exc:
+            log.exception("xenbus %s: %s.%s failed", self.side, dev.nodename, method)
+            if method != "remove":
+                dev.fatal(f"{method} failed: {exc}")

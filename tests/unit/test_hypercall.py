@@ -1,0 +1,167 @@
+"""The hypercall ABI: hostile requests are refused, privileged ones only from dom0.
+
+No root needed: the hypervisor's dispatcher and tables run with an in-memory stand-in for the
+objects hyperd would create in /dev/shm (their names are all the tables keep).
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+from pathlib import Path
+
+import pytest
+
+from channels import hypercall as hc
+from hyper import hyperd
+from hyper.domain import Domain
+from hyper.evtchn import EventChannels, EvtchnError
+from hyper.gnttab import GnttabError, GrantTables
+from hyper.paths import RunDir
+from hyper.resources import Resources
+
+
+class FakeResources(Resources):
+    """Names instead of /dev/shm objects: enough for the tables' bookkeeping."""
+
+    _counter = itertools.count()
+
+    def new_segment(self, kind: str, size: int, gid: int) -> str:
+        name = f"seg.{kind}.{next(self._counter)}"
+        self.segments.add(name)
+        return name
+
+    def new_doorbell(self, kind: str, gid: int) -> str:
+        name = f"bell.{kind}.{next(self._counter)}"
+        self.doorbells.add(name)
+        return name
+
+    def drop_segment(self, name: str) -> None:
+        self.segments.discard(name)
+
+    def drop_doorbell(self, name: str) -> None:
+        self.doorbells.discard(name)
+
+
+def request(op: str, **args: object) -> bytes:
+    return json.dumps({"id": 1, "op": op, "args": args}).encode()
+
+
+@pytest.mark.parametrize(
+    ("data", "fault"),
+    [
+        (b"\xff\xfe", "not JSON"),
+        (b"[1, 2]", "not a request"),
+        (json.dumps({"op": "evtchn_close"}).encode(), "not a request"),
+        (request("domctl_frobnicate"), "unknown op"),
+        (request("evtchn_close", port=1, extra=2), "extra"),
+        (request("evtchn_close", port="one"), "port"),
+        (request("evtchn_close", port=0), "port"),
+        (request("gnttab_setup_pool", peer=0, pages=10**9), "pages"),
+        (request("evtchn_alloc_unbound", remote_dom=0x7FF0), "remote_dom"),
+    ],
+)
+def test_malformed_requests_are_refused_with_the_fault_named(data: bytes, fault: str) -> None:
+    with pytest.raises(ValueError, match=fault):
+        hc.parse_request(data)
+
+
+def test_a_good_request_parses_to_its_typed_op() -> None:
+    req_id, op = hc.parse_request(request("evtchn_alloc_unbound", remote_dom=0))
+    assert req_id == 1
+    assert op == hc.EvtchnAllocUnbound(remote_dom=0)
+
+
+@pytest.fixture
+def hypervisor(tmp_path: Path) -> hyperd.Hypervisor:
+    return hyperd.Hypervisor(RunDir(tmp_path), None, hyperd.DmesgHandler())  # type: ignore[arg-type]
+
+
+PRIVILEGED = [
+    hc.DomctlList(),
+    hc.DomctlDestroy(domid=1),
+    hc.DomctlPause(domid=1, pause=True),
+    hc.DomctlCreate(config={"name": "evil"}),
+    hc.DomctlExecTarget(domid=1),
+    hc.DomctlSetSched(domid=1, cap=0),
+    hc.SysctlDmesg(),
+    hc.SysctlInfo(),
+    hc.SysctlHalt(),
+]
+
+
+@pytest.mark.parametrize("op", PRIVILEGED, ids=lambda op: op.op)
+def test_a_domu_is_refused_every_privileged_hypercall(
+    hypervisor: hyperd.Hypervisor, op: hc.Op
+) -> None:
+    domu = Domain(3, "guest", {}, FakeResources(3))
+    with pytest.raises(hyperd.HvError) as refused:
+        hypervisor.handle(domu, op)
+    assert refused.value.errno_name == "EPERM"
+    assert not hypervisor.halt_requested
+
+
+def test_every_op_is_declared_privileged_or_handled(hypervisor: hyperd.Hypervisor) -> None:
+    for name, cls in hc.OPS.items():
+        assert hasattr(hypervisor, "do_" + name), f"{name} has no handler"
+        assert cls.op == name
+    assert {op.op for op in PRIVILEGED} == {n for n, c in hc.OPS.items() if c.privileged}
+
+
+def test_event_channel_bind_only_for_the_named_peer() -> None:
+    table = EventChannels()
+    resources = FakeResources(5)
+    unbound = table.alloc_unbound(5, 0, resources)
+    with pytest.raises(EvtchnError) as wrong_peer:
+        table.bind_interdomain(6, 5, unbound.port, FakeResources(6))
+    assert wrong_peer.value.errno_name == "EINVAL"
+    bound = table.bind_interdomain(0, 5, unbound.port, resources)
+    assert table.peer_doorbell(bound) == unbound.doorbell
+    assert table.peer_doorbell(unbound) == bound.doorbell
+    with pytest.raises(EvtchnError):
+        table.bind_interdomain(0, 5, unbound.port, resources)  # already bound
+
+
+def test_closing_returns_the_peer_to_unbound_and_numbers_are_not_reused() -> None:
+    table = EventChannels()
+    resources = FakeResources(5)
+    front = table.alloc_unbound(5, 0, resources)
+    back = table.bind_interdomain(0, 5, front.port, resources)
+    table.close(0, back.port)
+    assert table.get(5, front.port).state == "unbound"
+    again = table.bind_interdomain(0, 5, front.port, resources)
+    assert again.port != back.port, "a closed port's number must not come back at once"
+
+
+def test_a_dead_domain_takes_its_ports_and_its_peers_ports_with_it() -> None:
+    table = EventChannels()
+    resources = FakeResources(5)
+    front = table.alloc_unbound(5, 0, resources)
+    back = table.bind_interdomain(0, 5, front.port, resources)
+    table.close_domain(5)
+    assert table.ports_of(5) == [] and table.ports_of(0) == []
+    assert resources.doorbells == set()
+    with pytest.raises(EvtchnError):
+        table.get(0, back.port)
+
+
+def test_channels_between_two_domus_are_refused() -> None:
+    table = EventChannels()
+    with pytest.raises(EvtchnError) as refused:
+        table.alloc_unbound(5, 6, FakeResources(5))
+    assert refused.value.errno_name == "EPERM"
+
+
+def test_grant_pools_map_only_for_their_peer() -> None:
+    tables = GrantTables()
+    resources = FakeResources(5)
+    pool = tables.setup_pool(5, 0, 16, resources)
+    assert pool.gref_base >= 8, "grant refs 0..7 are reserved"
+    assert tables.map_pool(0, 5, pool.gref_base + 15) == pool
+    with pytest.raises(GnttabError) as outside:
+        tables.map_pool(0, 5, pool.gref_base + 16)
+    assert outside.value.errno_name == "EINVAL"
+    other = tables.setup_pool(5, 0, 4, resources)
+    assert other.gref_base == pool.gref_base + 16
+    tables.release_domain(5, resources)
+    assert resources.segments == set()
