@@ -242,3 +242,20 @@ def console_rings(area: memoryview, name: str = "console") -> tuple[ByteRing, By
         f"{name} out ring",
     )
     return in_, out
+
+
+class Word:
+    """One u32 status field of an interface page (the xenstore page's connection and error
+    fields), read and written with single aligned accesses."""
+
+    def __init__(self, area: memoryview, offset: int) -> None:
+        self._view = u32_view(area, offset)
+
+    def get(self) -> int:
+        return int(self._view[0])
+
+    def set(self, value: int) -> None:
+        self._view[0] = value
+
+    def close(self) -> None:
+        self._view.release()

@@ -8,7 +8,8 @@ that finds the ring full waits until the reader side of this stream sees the pee
 
 Each stream runs one reader thread that calls ``on_data`` with every chunk received, in order.
 A peer that corrupts the ring indices makes the stream ``broken``: ``on_close`` runs with the
-error and the stream stops, without touching any other stream.
+error and the stream stops, without touching any other stream. ``peer_error`` lets a protocol
+report a failure the peer signals in its interface page (the xenstore page's error field).
 """
 
 from __future__ import annotations
@@ -41,12 +42,14 @@ class RingStream:
         on_data: Callable[[bytes], None],
         on_close: Callable[[Exception | None], None] | None = None,
         name: str = "stream",
+        peer_error: Callable[[], Exception | None] | None = None,
     ) -> None:
         self._rx = rx
         self._tx = tx
         self.evtchn = evtchn
         self._on_data = on_data
         self._on_close = on_close
+        self._peer_error = peer_error
         self.name = name
         self._space = threading.Condition()
         self._closed = False
@@ -108,6 +111,10 @@ class RingStream:
                 with self._space:
                     self._space.notify_all()
                 self.evtchn.wait(HEAL_TIMEOUT)
+                error = self._peer_error() if self._peer_error is not None else None
+                if error is not None:
+                    self._break(error)
+                    return
         except RingBroken as exc:
             self._break(exc)
             return

@@ -18,10 +18,11 @@ own queue; pass one shared ``WatchQueue`` to several ``watch`` calls to serve th
 thread (each ``WatchEvent`` carries its token). Events are never delivered on the transport's
 reader thread to user code, so a consumer may call the store freely. The queue is bounded
 without losing information: a pending (path, token) pair is not queued twice, and once a queue
-holds ``max_pending`` events further events of a watch collapse into one event for the watched
-path itself, which tells the consumer "something below changed, re-read" (a watch storm from a
-hostile peer costs bounded memory; XSA-349). The server fires every watch once when it is
-registered, so the first event is already queued when ``watch`` returns or shortly after.
+holds ``max_pending`` events, a watch's pending events collapse into one event for the watched
+path itself, which tells the consumer "something below changed, re-read" and absorbs that
+watch's further events until it is taken (a watch storm from a hostile peer costs bounded
+memory; XSA-349). The server fires every watch once when it is registered, so the first
+event is already queued when ``watch`` returns or shortly after.
 
 Transactions. ``transaction_start()`` returns a ``Transaction``; pass it as ``tx=`` (or call its
 own methods) so requests carry its tx_id, then ``transaction_end``. ``transaction(fn)`` runs

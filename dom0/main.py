@@ -19,27 +19,13 @@ from typing import Any
 from channels import xenbus
 from channels.hypercall import HypercallClient
 from channels.xenbus_bus import Bus
-from channels.xs import XsClient
 from dom0.drivers import BACKEND_DRIVERS
 from dom0.store.core import Store
+from dom0.store.local import connect_local
 from dom0.toolstack import Toolstack
 from hyper.paths import RunDir
 
 log = logging.getLogger("dom0")
-
-
-def local_client(store: Store, domid: int = 0) -> XsClient:
-    """A store client for code running inside dom0: requests go straight into the store."""
-    client: XsClient
-    conn = None
-
-    def send(data: bytes) -> None:
-        assert conn is not None
-        conn.feed(data)
-
-    client = XsClient(send)
-    conn = store.connect(domid, client.feed)
-    return client
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -50,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s dom0 %(name)s: %(message)s")
     run = RunDir(args.run_dir) if args.run_dir else RunDir()
     store = Store()
-    xs = local_client(store)
+    xs = connect_local(store, 0).client
     # Events may arrive as soon as the socket is read: queue them for the toolstack.
     events: queue.Queue[tuple[str, dict[str, Any]]] = queue.Queue()
     hc = HypercallClient(

@@ -11,14 +11,15 @@ protocol, loses its store connection (the ring's error field says why); nothing 
 from __future__ import annotations
 
 import logging
-import struct
 import threading
 from typing import Any
 
 from channels.bytering import (
+    XENSTORE_ERROR_COMM,
     XENSTORE_ERROR_OFFSET,
     XENSTORE_ERROR_PROTO,
     XENSTORE_ERROR_RINGIDX,
+    Word,
     xenstore_rings,
 )
 from channels.evtchn import from_status
@@ -42,25 +43,44 @@ class RingServer:
         self._evtchn = from_status(hc, info["dom0_port"])
         self._req, self._rsp = xenstore_rings(self._segment.buf, name=f"xenstore-{domid}")
         self._stopping = False
-        self._conn = store.connect(domid, self._send)
+        self._wlock = threading.Lock()
+        self._tail = b""
+        self._conn = store.connect(domid, self._send, self._evtchn.kick)
         self._thread = threading.Thread(target=self._run, name=f"xenstored-{domid}", daemon=True)
         self._thread.start()
 
     def _send(self, data: bytes) -> bool:
-        """Called with the store lock held, from any thread: never blocks."""
-        try:
-            if self._rsp.free() < len(data):
+        """Called with the store lock held, from any thread: never blocks.
+
+        A message (up to 4112 bytes) may not fit the 1024-byte ring even when it is empty: we
+        take it whole, write what fits and keep the rest, and refuse the next message until
+        the rest is out (then the connection queues it and waits for ``output_drained``)."""
+        with self._wlock:
+            if self._tail:
                 return False
-            self._rsp.write(data)
-        except RingBroken:
-            return False
+            try:
+                written = self._rsp.write(data)
+            except RingBroken:
+                return False
+            self._tail = data[written:]
         self._evtchn.notify()
         return True
+
+    def _flush_tail(self) -> bool:
+        """Write what is left of a partly sent message; True when nothing is left."""
+        with self._wlock:
+            if self._tail:
+                written = self._rsp.write(self._tail)
+                self._tail = self._tail[written:]
+                if written:
+                    self._evtchn.notify()
+            return not self._tail
 
     def _run(self) -> None:
         try:
             while not self._stopping and not self._conn.closed:
-                self._conn.output_drained()
+                if self._flush_tail():
+                    self._conn.output_drained()
                 data = self._req.read(READ_BUDGET) if self._conn.wants_input() else b""
                 if data:
                     self._evtchn.notify()  # room in the request ring
@@ -73,12 +93,17 @@ class RingServer:
             self._fail(XENSTORE_ERROR_PROTO, exc)
         except Exception:
             log.exception("xenstored %d: transport failed", self.domid)
+        else:
+            if not self._stopping:  # the store dropped this domain (released)
+                self._fail(XENSTORE_ERROR_COMM, ConnectionError("connection dropped by the store"))
         finally:
             self._conn.close()
 
     def _fail(self, code: int, exc: Exception) -> None:
         log.warning("xenstored %d: disconnecting: %s", self.domid, exc)
-        struct.pack_into("<I", self._segment.buf, XENSTORE_ERROR_OFFSET, code)
+        error = Word(self._segment.buf, XENSTORE_ERROR_OFFSET)
+        error.set(code)
+        error.close()
         self._evtchn.notify()
 
     def close(self) -> None:

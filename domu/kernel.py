@@ -23,13 +23,11 @@ import threading
 from typing import Any
 
 from channels import xenbus
-from channels.bytering import xenstore_rings
 from channels.evtchn import EventChannel, from_status
 from channels.hypercall import HypercallClient, SchedBooted, SchedShutdown
 from channels.shm import Segment, attach
-from channels.stream import RingStream
 from channels.xenbus_bus import Bus
-from channels.xs import XsClient
+from channels.xs_ring import XenstoreRing
 from domu import init as workload_init
 from domu import linux, sandbox
 from domu.console import ConsoleFrontend
@@ -48,24 +46,13 @@ def _loopback_up() -> None:
 
 
 class StoreConnection:
-    """The domain's store client over its store ring (xenstore-ring.txt)."""
+    """The domain's store client over its store ring."""
 
     def __init__(self, hc: HypercallClient, info: dict[str, Any]) -> None:
         self.segment: Segment = attach(info["segment"])
         self.evtchn: EventChannel = from_status(hc, info["domu_port"])
-        req, rsp = xenstore_rings(self.segment.buf)
-        self.client = XsClient(self._send)
-        # We produce requests and consume responses.
-        self.stream = RingStream(
-            rsp, req, self.evtchn, self.client.feed, self._lost, name="xenstore"
-        )
-        self.stream.start()
-
-    def _send(self, data: bytes) -> None:
-        self.stream.send(data)
-
-    def _lost(self, exc: Exception | None) -> None:
-        self.client.connection_lost(exc)
+        self.ring = XenstoreRing(self.segment.buf, self.evtchn).start()
+        self.client = self.ring.client
 
 
 class Kernel:

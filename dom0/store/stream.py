@@ -103,7 +103,8 @@ class StreamConnection:
             self._input_ready.clear()
             if self._closing:
                 return False
-            return True
+            if self.conn.wants_input():
+                return True
             self._input_ready.wait()
 
     def _stop(self) -> None:

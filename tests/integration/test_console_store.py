@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 
@@ -97,3 +98,52 @@ def test_the_guest_sees_the_store_through_its_ring(make_domain: Callable[..., st
     assert hyperctl("store", "read", feature).out == "1\n"
     hyperctl("shutdown", name)
     wait_for(lambda: domain_info(name) is None, 30, "the domain to power off")
+
+
+def test_ctrl_right_bracket_detaches_the_console(make_domain: Callable[..., str]) -> None:
+    """On a terminal, Ctrl-] ends `hyperctl console` and leaves the domain running."""
+    import pty
+
+    name = make_domain()
+    pid, fd = pty.fork()
+    if pid == 0:
+        os.chdir(REPO)
+        os.execvpe(sys.executable, [sys.executable, "-m", "hyper.cli", "console", name],
+                   {**os.environ, "PYTHONPATH": str(REPO)})
+    try:
+        seen = b""
+        deadline = time.monotonic() + 15
+        while b"detaches" not in seen and time.monotonic() < deadline:
+            if select.select([fd], [], [], 0.5)[0]:
+                seen += os.read(fd, 4096)
+        os.write(fd, b"\x1d")
+        _, status = wait_for(lambda: (r := os.waitpid(pid, os.WNOHANG)) != (0, 0) and r, 10,
+                             "hyperctl console to detach")
+        assert os.waitstatus_to_exitcode(status) == 0
+    finally:
+        try:
+            os.kill(pid, 9)
+            os.waitpid(pid, 0)
+        except (ProcessLookupError, ChildProcessError):
+            pass
+        os.close(fd)
+    assert domain_info(name) is not None
+
+
+def test_top_in_batch_mode_shows_every_domain(make_domain: Callable[..., str]) -> None:
+    name = make_domain()
+    out = hyperctl("top", "-b", "-n", "2", "-d", "0.2").out.splitlines()
+    headers = [line for line in out if "CPU(%)" in line]
+    assert len(headers) == 2
+    assert any(line.split()[0] == "Domain-0" for line in out)
+    assert any(line.split()[0] == name for line in out)
+
+
+def test_create_in_the_foreground_returns_when_the_domain_ends(
+    hypervisor: None, tmp_path: Path
+) -> None:
+    config = tmp_path / "fg.yaml"
+    config.write_text('name: fg\ncommand: ["sh", "-c", "sleep 1"]\n')
+    result = hyperctl("create", "-F", str(config), timeout=60)
+    assert result.status == 0
+    assert domain_info("fg") is None

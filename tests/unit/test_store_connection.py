@@ -416,8 +416,8 @@ def test_a_socket_client_that_stops_reading_stalls_only_itself(
         decoder = Decoder()
         replies: list[Message] = []
         client_sock.settimeout(TIMEOUT)
-        while len(replies) < count:
-            replies += decoder.feed(client_sock.recv(1 << 16))
+        while len(replies) < count and (data := client_sock.recv(1 << 16)):
+            replies += decoder.feed(data)
         assert [m.req_id for m in replies] == list(range(count))
         assert all(m.type is XsType.READ and len(m.payload) == 4000 for m in replies)
         assert server.alive

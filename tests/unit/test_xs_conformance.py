@@ -38,6 +38,7 @@ from channels.xs import (
 )
 from channels.xs_wire import Perm
 from dom0.store import Quota, Store, StreamConnection, connect_local
+from tests.unit.ringlink import ByteRingLink
 
 TIMEOUT = 5.0
 
@@ -65,6 +66,7 @@ class SocketPairLink:
 TRANSPORTS: dict[str, Callable[[Store, int], Link]] = {
     "in-process": lambda store, domid: connect_local(store, domid, timeout=TIMEOUT),
     "socketpair": SocketPairLink,
+    "byte-ring": ByteRingLink,
 }
 
 
@@ -635,3 +637,15 @@ def test_one_client_serves_many_threads_and_matches_replies(xs: Harness) -> None
     assert errors == []
     assert not any(thread.is_alive() for thread in threads)
     assert len(xs.dom0.directory("/tool/threads")) == 8
+
+
+def test_messages_larger_than_a_ring_cross_intact(xs: Harness) -> None:
+    """A reply can be four times the 1 KiB xenstore ring: it must cross in pieces, whole."""
+    dom1 = xs.domain(1)
+    value = bytes(range(256)) * 8  # 2048 bytes, the value-size quota
+    dom1.write("data/big", value)
+    assert dom1.read_bytes("data/big") == value
+    names = [f"child-{i:03d}-{'x' * 20}" for i in range(120)]  # a ~3.5 KiB directory reply
+    for name in names:
+        xs.dom0.write(f"/local/domain/1/data/many/{name}", "")
+    assert sorted(dom1.directory("data/many")) == names
