@@ -13,7 +13,6 @@ import os
 import queue
 import socket
 import threading
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -68,6 +67,8 @@ class Toolstack:
         self.socket_path = socket_path
         self.domains: dict[int, DomainState] = {}
         self.lock = threading.Lock()
+        #: Notified after every event from hyperd; waits for a domain's progress use it.
+        self.changed = threading.Condition(self.lock)
         self.events = events
         self.stopped = threading.Event()
         self._listener: socket.socket | None = None
@@ -85,6 +86,8 @@ class Toolstack:
                 getattr(self, "ev_" + name)(data)
             except Exception:
                 log.exception("handling event %s failed", name)
+            with self.changed:
+                self.changed.notify_all()
 
     def ev_domain_introduced(self, info: dict[str, Any]) -> None:
         domid = info["domid"]
@@ -289,25 +292,22 @@ class Toolstack:
         state = self._wait_state(domid)
         if not wait:
             return info
-        deadline = time.monotonic() + BOOT_TIMEOUT
-        while time.monotonic() < deadline:
-            if state.running.wait(0.05):
-                return self.find(domid)
-            if state.gone.is_set() or (state.ended and not state.running.is_set()):
-                break
+        with self.changed:
+            self.changed.wait_for(lambda: state.running.is_set() or state.ended, BOOT_TIMEOUT)
+        if state.running.is_set():
+            return self.find(domid)
         raise RequestError(
             f"domain {config.name} did not boot: {state.ended or 'timeout'} (see `hyperctl dmesg`)"
         )
 
     def _wait_state(self, domid: int) -> DomainState:
-        deadline = time.monotonic() + 10.0
-        while time.monotonic() < deadline:
-            with self.lock:
-                state = self.domains.get(domid)
-            if state is not None:
-                return state
-            time.sleep(0.01)
-        raise RequestError(f"domain {domid} was never introduced")
+        """The toolstack's record of a domain hyperd has just built (its introduction event
+        may still be queued)."""
+        with self.changed:
+            state = self.changed.wait_for(lambda: self.domains.get(domid), 10.0)
+        if state is None:
+            raise RequestError(f"domain {domid} was never introduced")
+        return state
 
     def m_list(self) -> Any:
         """Always allowed: every domain, dom0 included."""
