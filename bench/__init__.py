@@ -1,0 +1,1 @@
+"""Benchmarks: they measure and print, never assert (see bench/README.md)."""
