@@ -22,6 +22,8 @@ import socket
 import threading
 from typing import Any
 
+from pyroute2 import IPRoute
+
 from channels import xenbus
 from channels.evtchn import EventChannel, from_status
 from channels.hypercall import HypercallClient, SchedBooted, SchedShutdown
@@ -39,8 +41,6 @@ SHUTDOWN_GRACE = 5.0
 
 
 def _loopback_up() -> None:
-    from pyroute2 import IPRoute
-
     with IPRoute() as ipr:
         ipr.link("set", index=ipr.link_lookup(ifname="lo")[0], state="up")
 

@@ -61,36 +61,52 @@ def hidden_ancestor(path: Path) -> Path | None:
     return None
 
 
+SCRATCH_DIRS = ("/tmp", "/run", "/var/tmp")
+
+
+def _under_scratch(path: Path) -> bool:
+    return any(path == Path(d) or Path(d) in path.parents for d in SCRATCH_DIRS)
+
+
 def interpreter_paths() -> list[Path]:
-    """Directories the domain's Python must read after it has lost host root."""
+    """Directories the domain's Python must read after it has lost host root and its scratch
+    directories were replaced: the interpreter, its site-packages and hyper's own source, when
+    they lie behind a directory others cannot enter (/root/.pyenv) or under /tmp (a CI clone).
+    The outermost of nested paths; "/" (sys.path's entry under `python -m` run in /) never."""
     here = Path(__file__).resolve().parent.parent
     candidates = {Path(sys.prefix), Path(sys.base_prefix), here}
     candidates.update(Path(p) for p in sys.path if p and Path(p).is_dir())
-    # Only paths behind a hidden ancestor need exposing ("/" itself, from `python -m` run in
-    # "/", never does); keep the outermost of nested ones.
-    resolved = sorted({p.resolve() for p in candidates if hidden_ancestor(p.resolve())})
-    return [p for p in resolved if not any(q != p and q in p.parents for q in resolved)]
+    resolved = sorted({p.resolve() for p in candidates} - {Path("/")})
+    needed = [p for p in resolved if _under_scratch(p) or hidden_ancestor(p)]
+    return [p for p in needed if not any(q != p and q in p.parents for q in needed)]
 
 
-def _expose(newroot: str, needed: Iterable[Path]) -> None:
+def _bind_readonly(path: Path, target: str) -> None:
+    os.makedirs(target, mode=0o755, exist_ok=True)
+    linux.mount(str(path), target, None, linux.MS_BIND | linux.MS_REC)
+    linux.mount_setattr(target, set_=linux.MOUNT_ATTR_RDONLY, recursive=True)
+
+
+def _expose_hidden(newroot: str, needed: Iterable[Path]) -> None:
+    """Paths behind an ancestor others cannot enter: a tmpfs replaces that ancestor (hiding the
+    rest of it) and only the needed paths are bound back."""
     covered: set[Path] = set()
     for path in needed:
         hidden = hidden_ancestor(path)
-        if hidden is None:
+        if hidden is None or _under_scratch(path):
             continue
         if hidden not in covered:
             linux.mount("tmpfs", newroot + str(hidden), "tmpfs", linux.MS_NOSUID, "mode=0755")
             covered.add(hidden)
-        target = newroot + str(path)
-        os.makedirs(target, mode=0o755, exist_ok=True)
-        linux.mount(str(path), target, None, linux.MS_BIND | linux.MS_REC)
+        _bind_readonly(path, newroot + str(path))
 
 
 def build_root(newroot: str) -> None:
     """Make the domain's root file system and pivot into it. Runs as host root in a new mount ns."""
+    needed = interpreter_paths()
     linux.mount(None, "/", None, linux.MS_REC | linux.MS_PRIVATE)
     linux.mount("/", newroot, None, linux.MS_BIND | linux.MS_REC)
-    _expose(newroot, interpreter_paths())
+    _expose_hidden(newroot, needed)
     linux.mount_setattr(newroot, set_=linux.MOUNT_ATTR_RDONLY, recursive=True)
     # The kernel of the domain opens its rings and doorbells by name in the host's /dev/shm;
     # hyperd makes each object readable only by the host ids of the two domains it connects.
@@ -99,11 +115,15 @@ def build_root(newroot: str) -> None:
     # copies that are no more restricted than the new mounts; both are covered at once.
     for pseudo in ("/proc", "/sys"):
         linux.mount_setattr(newroot + pseudo, clear=linux.MOUNT_ATTR_RDONLY)
-    for scratch in ("/tmp", "/run", "/var/tmp"):
+    for scratch in SCRATCH_DIRS:
         if os.path.isdir(newroot + scratch):
             linux.mount(
                 "tmpfs", newroot + scratch, "tmpfs", linux.MS_NOSUID | linux.MS_NODEV, "mode=1777"
             )
+    # Code under a scratch directory (a checkout in /tmp) is bound back, read-only.
+    for path in needed:
+        if _under_scratch(path):
+            _bind_readonly(path, newroot + str(path))
     os.chdir(newroot)
     linux.pivot_root(".", ".")
     linux.umount(".", linux.MNT_DETACH)

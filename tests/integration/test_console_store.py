@@ -108,8 +108,11 @@ def test_ctrl_right_bracket_detaches_the_console(make_domain: Callable[..., str]
     pid, fd = pty.fork()
     if pid == 0:
         os.chdir(REPO)
-        os.execvpe(sys.executable, [sys.executable, "-m", "hyper.cli", "console", name],
-                   {**os.environ, "PYTHONPATH": str(REPO)})
+        os.execvpe(
+            sys.executable,
+            [sys.executable, "-m", "hyper.cli", "console", name],
+            {**os.environ, "PYTHONPATH": str(REPO)},
+        )
     try:
         seen = b""
         deadline = time.monotonic() + 15
@@ -117,8 +120,11 @@ def test_ctrl_right_bracket_detaches_the_console(make_domain: Callable[..., str]
             if select.select([fd], [], [], 0.5)[0]:
                 seen += os.read(fd, 4096)
         os.write(fd, b"\x1d")
-        _, status = wait_for(lambda: (r := os.waitpid(pid, os.WNOHANG)) != (0, 0) and r, 10,
-                             "hyperctl console to detach")
+        _, status = wait_for(
+            lambda: (r := os.waitpid(pid, os.WNOHANG)) != (0, 0) and r,
+            10,
+            "hyperctl console to detach",
+        )
         assert os.waitstatus_to_exitcode(status) == 0
     finally:
         try:

@@ -1,0 +1,206 @@
+"""netif: the network split-driver protocol (Xen's io/netif.h), declared once for both sides.
+
+Rings (one page each, x86_64 layouts)::
+
+    tx request  12  gref u32, offset u16, flags u16, id u16, size u16     front -> back
+    tx response  4  id u16, status s16                                   (slot 12)
+    rx request   8  id u16, pad u16, gref u32                            front posts empty pages
+    rx response  8  id u16, offset u16, flags u16, status s16            status = bytes, < 0 error
+    extra info   8  type u8, flags u8, 6 bytes of union (on tx padded to 12)
+
+A transmitted packet is one first slot whose ``size`` is the *total* length, optional extra
+slots (``extra_info`` flag; GSO: MSS and TCPv4/TCPv6), then fragment slots chained by
+``more_data``; every slot's ``offset + size`` stays inside its 4 KiB page, and the first slot's
+own length is the total minus the other fragments. A received packet fills posted pages the same
+way: each rx response's ``status`` is that slot's byte count, ``more_data`` chains, and a GSO
+extra overlays the response slot right after the first. Responses keep the slot of the request
+they answer (Linux netfront ignores rx response ids).
+
+Store keys. Backend dir (written at probe): ``feature-sg``, ``feature-gso-tcpv4``,
+``feature-gso-tcpv6``, ``feature-rx-copy``, plus what the toolstack wrote (``mac``, ``bridge``,
+``mtu``, ``rate`` as "bytes,usec", ``handle``). Frontend dir: the toolstack writes ``mac``,
+``mtu``, ``ip``, ``gateway``; the frontend writes ``tx-ring-ref``, ``rx-ring-ref``,
+``event-channel``, ``request-rx-copy``, ``feature-rx-notify``, ``feature-sg``,
+``feature-gso-tcpv4``/``-tcpv6`` in one transaction before it connects.
+
+Handshake (Linux order, unlike blkif)::
+
+    backend  Initialising --probe--> InitWait
+    frontend (sees InitWait) publishes rings, event channel, features --> Connected
+    backend  (sees Connected) maps rings, binds, starts the data path --> Connected
+    teardown: Closing, then Closed, on both sides
+
+Both ends here are TAP devices with ``IFF_VNET_HDR``: each frame comes with a virtio_net_hdr
+(``VnetHeader``) whose checksum and GSO fields map onto the netif flags and GSO extra.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+
+from channels.ring import declare_ring
+
+# -- rings ------------------------------------------------------------------------------------
+
+TX_RING = declare_ring("netif-tx", "<IHHHH", "<Hh")
+RX_RING = declare_ring("netif-rx", "<HxxI", "<HHHh")
+EXTRA = struct.Struct("<BBHBxH")  # type, flags, gso.size, gso.type, pad, gso.features
+EXTRA_TX_SLOT = struct.Struct("<BBHBxHxxxx")  # an extra overlaid on a 12-byte tx slot
+
+NETIF_RSP_DROPPED = -2
+NETIF_RSP_ERROR = -1
+NETIF_RSP_OKAY = 0
+NETIF_RSP_NULL = 1  # the response slot of an extra-info request
+
+# tx request flags
+NETTXF_csum_blank = 1 << 0
+NETTXF_data_validated = 1 << 1
+NETTXF_more_data = 1 << 2
+NETTXF_extra_info = 1 << 3
+# rx response flags (bits 0 and 1 are swapped relative to tx, as in Xen)
+NETRXF_data_validated = 1 << 0
+NETRXF_csum_blank = 1 << 1
+NETRXF_more_data = 1 << 2
+NETRXF_extra_info = 1 << 3
+
+XEN_NETIF_EXTRA_TYPE_NONE = 0
+XEN_NETIF_EXTRA_TYPE_GSO = 1
+XEN_NETIF_EXTRA_TYPE_MCAST_ADD = 2
+XEN_NETIF_EXTRA_TYPE_MCAST_DEL = 3
+XEN_NETIF_EXTRA_TYPE_HASH = 4
+XEN_NETIF_EXTRA_TYPE_MAX = 5
+XEN_NETIF_EXTRA_FLAG_MORE = 1 << 0
+
+XEN_NETIF_GSO_TYPE_NONE = 0
+XEN_NETIF_GSO_TYPE_TCPV4 = 1
+XEN_NETIF_GSO_TYPE_TCPV6 = 2
+
+XEN_NETIF_MAX_TX_SIZE = 0xFFFF
+XEN_NETIF_NR_SLOTS_MIN = 18
+ETH_HLEN = 14
+PAGE_SIZE = 4096
+
+
+@dataclass(frozen=True, slots=True)
+class Extra:
+    type: int
+    flags: int
+    gso_size: int = 0
+    gso_type: int = 0
+
+    @classmethod
+    def unpack(cls, data: bytes) -> Extra:
+        type_, flags, size, gso_type, _features = EXTRA.unpack_from(data)
+        return cls(type_, flags, size, gso_type)
+
+    def pack_tx(self) -> bytes:
+        return EXTRA_TX_SLOT.pack(self.type, self.flags, self.gso_size, self.gso_type, 0)
+
+    def pack_rx(self) -> bytes:
+        return EXTRA.pack(self.type, self.flags, self.gso_size, self.gso_type, 0)
+
+
+# -- the TAP side: virtio_net_hdr ---------------------------------------------------------------
+
+VNET_HDR = struct.Struct("<BBHHHH")  # flags, gso_type, hdr_len, gso_size, csum_start, csum_offset
+VIRTIO_NET_HDR_F_NEEDS_CSUM = 1
+VIRTIO_NET_HDR_F_DATA_VALID = 2
+VIRTIO_NET_HDR_GSO_NONE = 0
+VIRTIO_NET_HDR_GSO_TCPV4 = 1
+VIRTIO_NET_HDR_GSO_TCPV6 = 4
+VIRTIO_NET_HDR_GSO_ECN = 0x80
+
+_GSO_TO_NETIF = {
+    VIRTIO_NET_HDR_GSO_TCPV4: XEN_NETIF_GSO_TYPE_TCPV4,
+    VIRTIO_NET_HDR_GSO_TCPV6: XEN_NETIF_GSO_TYPE_TCPV6,
+}
+_NETIF_TO_GSO = {v: k for k, v in _GSO_TO_NETIF.items()}
+
+
+@dataclass(frozen=True, slots=True)
+class Offload:
+    """What the netif flags and GSO extra say about one packet, side-independent."""
+
+    csum_blank: bool = False  # the L4 checksum is not filled in yet
+    data_validated: bool = False  # the checksum was verified already
+    gso_type: int = XEN_NETIF_GSO_TYPE_NONE
+    gso_size: int = 0
+
+
+class UnsupportedOffload(ValueError):
+    """A TAP gave a frame whose offload netif cannot carry (UDP GSO, for one)."""
+
+
+def offload_from_vnet(header: bytes) -> Offload:
+    flags, gso_type, _hdr_len, gso_size, _start, _off = VNET_HDR.unpack_from(header)
+    base = gso_type & ~VIRTIO_NET_HDR_GSO_ECN
+    if base != VIRTIO_NET_HDR_GSO_NONE and base not in _GSO_TO_NETIF:
+        raise UnsupportedOffload(f"virtio GSO type {gso_type}")
+    return Offload(
+        csum_blank=bool(flags & VIRTIO_NET_HDR_F_NEEDS_CSUM),
+        data_validated=bool(flags & (VIRTIO_NET_HDR_F_NEEDS_CSUM | VIRTIO_NET_HDR_F_DATA_VALID)),
+        gso_type=_GSO_TO_NETIF.get(base, XEN_NETIF_GSO_TYPE_NONE),
+        gso_size=gso_size if base != VIRTIO_NET_HDR_GSO_NONE else 0,
+    )
+
+
+def vnet_from_offload(offload: Offload, frame_head: bytes) -> bytes:
+    """The virtio_net_hdr for a frame, given its first bytes (headers) for the checksum offsets.
+
+    netif carries no checksum offsets: like Linux netback's skb_checksum_setup we find the L4
+    header ourselves. A frame we cannot parse goes out without offload flags (the receiver then
+    checks or drops it, as it would any frame with a bad checksum)."""
+    if not offload.csum_blank and offload.gso_type == XEN_NETIF_GSO_TYPE_NONE:
+        flags = VIRTIO_NET_HDR_F_DATA_VALID if offload.data_validated else 0
+        return VNET_HDR.pack(flags, 0, 0, 0, 0, 0)
+    layout = l4_layout(frame_head)
+    if layout is None:
+        return VNET_HDR.pack(0, 0, 0, 0, 0, 0)
+    l4_start, csum_offset, header_len = layout
+    gso = _NETIF_TO_GSO.get(offload.gso_type, VIRTIO_NET_HDR_GSO_NONE)
+    return VNET_HDR.pack(
+        VIRTIO_NET_HDR_F_NEEDS_CSUM,
+        gso,
+        header_len,
+        offload.gso_size if gso else 0,
+        l4_start,
+        csum_offset,
+    )
+
+
+_ETH_P_IP = 0x0800
+_ETH_P_IPV6 = 0x86DD
+_ETH_P_8021Q = 0x8100
+_IPPROTO_TCP = 6
+_IPPROTO_UDP = 17
+
+
+def l4_layout(frame: bytes) -> tuple[int, int, int] | None:
+    """(L4 header offset, checksum field offset within it, total header length) of a TCP or
+    UDP frame over IPv4/IPv6 (with at most one VLAN tag), or None if it is not one."""
+    try:
+        offset = ETH_HLEN
+        (ethertype,) = struct.unpack_from("!H", frame, 12)
+        if ethertype == _ETH_P_8021Q:
+            (ethertype,) = struct.unpack_from("!H", frame, 16)
+            offset += 4
+        if ethertype == _ETH_P_IP:
+            ihl = (frame[offset] & 0x0F) * 4
+            proto = frame[offset + 9]
+            if ihl < 20:
+                return None
+            offset += ihl
+        elif ethertype == _ETH_P_IPV6:
+            proto = frame[offset + 6]  # extension headers are not followed: no offload then
+            offset += 40
+        else:
+            return None
+        if proto == _IPPROTO_TCP:
+            data_offset = (frame[offset + 12] >> 4) * 4
+            return offset, 16, offset + max(data_offset, 20)
+        if proto == _IPPROTO_UDP:
+            return offset, 6, offset + 8
+    except (IndexError, struct.error):
+        return None
+    return None

@@ -1,0 +1,105 @@
+#!/usr/bin/env bash
+# The demo: set up, start the hypervisor with one domU from configs/domu.yaml, look at it from
+# outside and from inside, run a small workload in it, then tear everything down and say whether
+# anything was left on the host. Run as root. Teardown runs even when a step fails or on Ctrl-C.
+set -euo pipefail
+
+repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+run_dir=${HYPER_RUN_DIR:-/run/hyper}
+
+say() { printf 'demo: %s\n' "$*" >&2; }
+[ "$(id -u)" -eq 0 ] || { say "run as root (sudo $0)"; exit 1; }
+
+python=$(bash "$repo/scripts/setup.sh")
+# From the checkout's top, `python -m hyper.cli` runs this checkout's hyperctl.
+cd "$repo"
+hyperctl() { "$python" -m hyper.cli "$@"; }
+# Shows each command as one would type it: arguments with spaces or shell syntax in quotes.
+shown() {
+    local arg out=()
+    for arg in "$@"; do
+        if [[ $arg =~ [^A-Za-z0-9_./=:,-] ]]; then out+=("'$arg'"); else out+=("$arg"); fi
+    done
+    printf '\n$ hyperctl %s\n' "${out[*]}"
+}
+step() {
+    shown "$@"
+    hyperctl "$@"
+}
+
+# Everything of hyper's that can be on the host; prints nothing when the host is clean.
+leftovers() {
+    find /dev/shm -maxdepth 1 \( -name 'hyper.*' -o -name 'sem.hyper.*' \) 2>/dev/null
+    find /sys/fs/cgroup -maxdepth 2 -type d -name hyper 2>/dev/null
+    [ ! -e "$run_dir" ] || echo "$run_dir"
+    ip -o link show 2>/dev/null | awk -F': ' '$2 ~ /^vif[0-9]+\./ {print "interface " $2}'
+    pgrep -a -x hyper-kernel || true
+    pgrep -a -x hyper-init || true
+    pgrep -a -f 'hyper\.hyperd|-m dom0( |$)|domu\.boot' || true
+}
+
+wait_until_clean() {
+    local deadline=$((SECONDS + $1))
+    while [ -n "$(leftovers)" ]; do
+        [ "$SECONDS" -lt "$deadline" ] || return 1
+        sleep 0.2
+    done
+}
+
+teardown() {
+    local status=$? left
+    set +e
+    trap - EXIT INT TERM
+    if hyperctl list >/dev/null 2>&1; then
+        say "a step failed (status $status): destroying the domain and halting the hypervisor"
+        hyperctl destroy demo 2>/dev/null
+        hyperctl halt
+    fi
+    if ! wait_until_clean 15; then
+        say "the host is not clean after halt; running hyperctl cleanup"
+        hyperctl cleanup
+        wait_until_clean 15
+    fi
+    left=$(leftovers)
+    printf '\n'
+    if [ -z "$left" ]; then
+        echo "Left behind: nothing (no shared memory, semaphore, cgroup, interface, process or $run_dir)"
+    else
+        printf 'Left behind:\n%s\n' "$left"
+        [ "$status" -ne 0 ] || status=1
+    fi
+    [ "$status" -eq 0 ] && echo "Demo finished." || say "demo failed (status $status)"
+    exit "$status"
+}
+
+if hyperctl list >/dev/null 2>&1; then
+    say "a hypervisor is already running; the demo ends by halting it, so stop it yourself first:"
+    say "  $python -m hyper.cli halt   (from $repo)"
+    exit 1
+fi
+trap teardown EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
+step cleanup
+step create configs/domu.yaml
+step list
+step exec demo -- sh -c 'hostname; id; ip -o link; ps -e'
+
+# A disk-free workload: write a file in the domain's private /tmp, checksum it inside, and
+# compare with the same computation on the host.
+workload='seq 1 100000 >/tmp/numbers && ls -ln /tmp/numbers && sha256sum /tmp/numbers'
+shown exec demo -- sh -c "$workload"
+inside=$(hyperctl exec demo -- sh -c "$workload")
+echo "$inside"
+expected=$(seq 1 100000 | sha256sum | cut -d' ' -f1)
+if grep -q "^$expected " <<<"$inside"; then
+    echo "checksum matches the same computation on the host"
+else
+    say "checksum differs from the host's ($expected)"
+    exit 1
+fi
+
+step top -b -n 1
+step destroy demo
+step halt

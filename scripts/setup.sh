@@ -1,0 +1,114 @@
+#!/usr/bin/env bash
+# Install everything hyper needs on a Debian or Ubuntu host, idempotently, and print the path of
+# the Python interpreter to use on stdout (everything else goes to stderr):
+#
+#   py=$(scripts/setup.sh) && "$py" -m hyper.cli list
+#
+# Host tools (apt-get, only when one is missing): python3, python3-pip, iproute2,
+# util-linux (nsenter, setpriv, flock), procps, iperf3, fio.
+# Python packages: `pip install -e '.[test]'` (hyper, editable, with its test extras) into the
+# interpreter itself: python3 on PATH, or $PYTHON (at least 3.11). Only when hyper is not yet
+# installed from this checkout, or pyproject.toml's requirements changed since it was.
+#
+# Why not a venv inside the checkout: a domain's sandbox hides the host's /tmp behind a tmpfs of
+# its own, so for a checkout under /tmp (as CI clones are) a venv there would vanish from inside
+# the domains. Installing into the interpreter keeps the packages where the sandbox shows them.
+# Debian 12 and Ubuntu 24.04 mark their python3 "externally managed" (PEP 668); only then does
+# pip get --break-system-packages, and --ignore-installed so that it never tries to remove a
+# package apt installed. Run as root when apt-get or a system-wide pip has work to do.
+set -euo pipefail
+
+repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+python=${PYTHON:-python3}
+
+APT_PACKAGES=(python3 python3-pip iproute2 util-linux procps iperf3 fio)
+HOST_TOOLS=(ip nsenter setpriv flock ps pgrep iperf3 fio)
+
+say() { printf 'setup: %s\n' "$*" >&2; }
+die() {
+    say "$*"
+    exit 1
+}
+
+python_ok() {
+    command -v "$python" >/dev/null 2>&1 &&
+        "$python" -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null &&
+        "$python" -m pip --version >/dev/null 2>&1
+}
+
+missing_host_tools() {
+    local tool
+    for tool in "${HOST_TOOLS[@]}"; do
+        command -v "$tool" >/dev/null 2>&1 || printf '%s ' "$tool"
+    done
+    python_ok || printf '%s ' "$python>=3.11-with-pip"
+}
+
+install_host_tools() {
+    local missing
+    missing=$(missing_host_tools)
+    [ -z "$missing" ] && return 0
+    command -v apt-get >/dev/null 2>&1 ||
+        die "missing: $missing; install them by hand (this script knows only apt-get)"
+    [ "$(id -u)" -eq 0 ] || die "missing: $missing; run as root (sudo) so apt-get can install them"
+    say "installing ${APT_PACKAGES[*]} (missing: $missing)"
+    export DEBIAN_FRONTEND=noninteractive # iperf3 would ask whether to start a daemon
+    apt-get update -qq >&2
+    apt-get install -y -qq --no-install-recommends "${APT_PACKAGES[@]}" >&2
+    missing=$(missing_host_tools)
+    [ -z "$missing" ] ||
+        die "still missing after apt-get: $missing (hyper needs Python >= 3.11; set PYTHON=...)"
+}
+
+# Exit 0 if hyper is installed, editable, from this checkout, with pyproject.toml's current
+# requirements, and everything it and its tests import loads.
+installed() {
+    (cd / && "$python" - "$repo" <<'PY'
+import json, sys, tomllib
+from importlib.metadata import PackageNotFoundError, distribution
+from pathlib import Path
+
+repo = Path(sys.argv[1])
+try:
+    dist = distribution("hyper")
+except PackageNotFoundError:
+    sys.exit(1)
+url = json.loads(dist.read_text("direct_url.json") or "{}")
+if url.get("url") != repo.as_uri() or not url.get("dir_info", {}).get("editable"):
+    sys.exit(1)
+project = tomllib.loads((repo / "pyproject.toml").read_text())["project"]
+wanted = set(project["dependencies"]) | {
+    f'{req}; extra == "{extra}"'
+    for extra, reqs in project.get("optional-dependencies", {}).items()
+    for req in reqs
+}
+if set(dist.requires or []) != wanted:
+    sys.exit(1)
+import hyper.cli, pydantic, yaml, posix_ipc, pyroute2, rich, pytest, pytest_timeout, hypothesis
+import ruff
+PY
+    ) >/dev/null 2>&1
+}
+
+install_python_packages() {
+    local flags=(--no-input --quiet --root-user-action=ignore)
+    if "$python" -c 'import sys, sysconfig, os
+sys.exit(not os.path.exists(os.path.join(sysconfig.get_path("stdlib"), "EXTERNALLY-MANAGED")))'; then
+        flags+=(--break-system-packages --ignore-installed)
+    fi
+    say "pip install ${flags[*]} -e '.[test]' with $python"
+    (cd "$repo" && "$python" -m pip install "${flags[@]}" -e '.[test]' >&2)
+    installed || die "hyper is still not importable after pip install; see the messages above"
+}
+
+install_host_tools
+python=$("$python" -c 'import sys; print(sys.executable)') # past any pyenv shim
+if ! installed; then
+    # Two checkouts setting up at once would run two pips over one site-packages.
+    exec 9>"${TMPDIR:-/tmp}/hyper-setup.lock"
+    flock 9
+    installed || install_python_packages
+    flock -u 9
+fi
+say "ready: $python ($("$python" --version 2>&1)), hyper from $repo"
+echo "$python"
