@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 import threading
 from dataclasses import dataclass, field
-from typing import Literal, Protocol
+from typing import Any, Literal, Protocol
 
 from channels import xenbus
 from channels.xenbus import XenbusState
@@ -50,8 +50,17 @@ class XenbusDevice:
     def read(self, key: str) -> str | None:
         return self.xs.read_optional(self.path(key))
 
-    def write(self, key: str, value: str) -> None:
-        self.xs.write(self.path(key), value)
+    def write(self, key: str, value: str) -> bool:
+        """Write one of our keys, unless our directory is gone (the device is being removed:
+        a write would bring the directory back). False if it was gone."""
+
+        def write(tx: Any) -> bool:
+            if tx.read_optional(self.nodename) is None:
+                return False
+            tx.write(self.path(key), value)
+            return True
+
+        return bool(self.xs.transaction(write))
 
     def read_otherend(self, key: str) -> str | None:
         return self.xs.read_optional(xenbus.join_path(self.otherend, key))
@@ -68,7 +77,7 @@ class XenbusDevice:
         if state == self.state:
             return
         self.write("state", str(int(state)))
-        self.state = state
+        self.state = state  # even if the directory is gone: that is where we stand
 
     def fatal(self, message: str) -> None:
         """Report a device error in the store and start closing this device only."""

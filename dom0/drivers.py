@@ -6,6 +6,15 @@ Adding a device kind means one folder with its backend and one entry here; the b
 
 from __future__ import annotations
 
-from channels.xenbus_bus import Driver
+from channels.hypercall import HypercallClient
+from dom0.netback.xenbus import NetbackDriver
 
-BACKEND_DRIVERS: dict[str, Driver] = {}
+
+class BackendDrivers:
+    """One driver instance per device type; the toolstack asks them for device statistics."""
+
+    def __init__(self, hc: HypercallClient) -> None:
+        self.netback = NetbackDriver(hc)
+
+    def by_type(self) -> dict[str, object]:
+        return {"vif": self.netback}

@@ -19,7 +19,8 @@ from typing import Any
 from channels import xenbus
 from channels.hypercall import HypercallClient
 from channels.xenbus_bus import Bus
-from dom0.drivers import BACKEND_DRIVERS
+from dom0.drivers import BackendDrivers
+from dom0.netback.tap import remove_our_bridges
 from dom0.store.core import Store
 from dom0.store.local import connect_local
 from dom0.toolstack import Toolstack
@@ -46,12 +47,16 @@ def main(argv: list[str] | None = None) -> int:
     toolstack = Toolstack(hc, store, xs, run.toolstack_socket, events)
     signal.signal(signal.SIGTERM, lambda *_: toolstack.stopped.set())
     xs.write(xenbus.backend_root_path(0), "")
-    backends = Bus(xs, xenbus.backend_root_path(0), "backend", BACKEND_DRIVERS).start()
+    drivers = BackendDrivers(hc)
+    toolstack.drivers = drivers
+    backends = Bus(xs, xenbus.backend_root_path(0), "backend", drivers.by_type()).start()  # type: ignore[arg-type]
     threading.Thread(target=toolstack.run_events, name="events", daemon=True).start()
     threading.Thread(target=toolstack.serve, name="control", daemon=True).start()
     log.info("dom0 up; toolstack on %s", run.toolstack_socket)
     toolstack.stopped.wait()
     toolstack.close()
     backends.stop()
+    for bridge in remove_our_bridges():
+        log.info("removed bridge %s", bridge)
     log.info("dom0 stopping")
     return 0

@@ -20,16 +20,19 @@ from typing import Any
 
 from channels import hypercall as hc
 from channels import xenbus
+from channels.xenbus import XenbusState
 from channels.xs import Perm, XsClient
 from dom0.console import ConsoleBackend
+from dom0.devices import DevicePaths, add_device, device_paths, remove_device
 from dom0.store.core import Store
 from dom0.xenstored import RingServer
-from hyper.config import ConfigError, parse_config
+from hyper.config import ConfigError, parse_config, parse_vif_spec, random_mac
 from hyper.control import MAX_LINE, read_line, send_json
 
 log = logging.getLogger(__name__)
 
 BOOT_TIMEOUT = 30.0
+DEVICE_TIMEOUT = 20.0
 SHUTDOWN_TIMEOUT = 30.0
 
 
@@ -72,6 +75,7 @@ class Toolstack:
         self.events = events
         self.stopped = threading.Event()
         self._listener: socket.socket | None = None
+        self.drivers: Any = None  # dom0.drivers.BackendDrivers, set by dom0.main
 
     # -- events from hyperd (queued by the hypercall reader, handled on one thread) ----------
 
@@ -101,7 +105,50 @@ class Toolstack:
         self.store.introduce_domain(domid)
         state.store = RingServer(self.store, self.hc, domid, info["store"])
         state.console = ConsoleBackend(self.hc, domid, info["console"])
+        for devid, vif in enumerate(info["config"].get("vif") or []):
+            self._add_vif(domid, devid, vif)
         log.info("dom%d (%s) introduced", domid, info["name"])
+
+    # -- network devices ----------------------------------------------------------------------
+
+    def _add_vif(self, domid: int, devid: int, vif: dict[str, Any]) -> DevicePaths:
+        """Write a vif's frontend and backend directories (libxl's libxl__device_nic_add)."""
+        mac = vif.get("mac") or random_mac()
+        front = {"handle": str(devid), "mac": mac, "mtu": str(vif["mtu"])}
+        for key in ("ip", "gateway"):
+            if vif.get(key):
+                front[key] = str(vif[key])
+        back = {
+            "handle": str(devid),
+            "mac": mac,
+            "bridge": vif["bridge"],
+            "mtu": str(vif["mtu"]),
+            "type": "vif",
+        }
+        rate = vif.get("rate")
+        if rate:
+            credit = max(1, rate["bytes_per_second"] * rate["window_us"] // 1_000_000)
+            back["rate"] = f"{credit},{rate['window_us']}"
+        return add_device(self.xs, domid, int(vif.get("backend") or 0), "vif", devid, front, back)
+
+    def _wait_connected(self, domid: int, devtype: str, devid: int, timeout: float) -> None:
+        path = xenbus.state_path(xenbus.frontend_path(domid, devtype, devid))
+        try:
+            xenbus.wait_for_state(self.xs, path, {XenbusState.Connected}, timeout)
+        except TimeoutError as exc:
+            error = (
+                self.xs.read_optional(
+                    xenbus.error_path(xenbus.frontend_path(domid, devtype, devid))
+                )
+                or "no error reported"
+            )
+            raise RequestError(f"{devtype} {domid}/{devid} did not connect: {error}") from exc
+
+    def _vif_ids(self, domid: int) -> list[int]:
+        try:
+            return sorted(int(d) for d in self.xs.directory(xenbus.device_type_path(domid, "vif")))
+        except Exception:
+            return []
 
     def ev_domain_running(self, data: dict[str, Any]) -> None:
         state = self.domains.get(data["domid"])
@@ -136,6 +183,7 @@ class Toolstack:
         self._stop_backends(state)
         self.store.release_domain(state.domid)
         for path in (
+            xenbus.backend_domain_path(0, "vif", state.domid),
             xenbus.domain_path(state.domid),
             xenbus.tool_path(state.domid),
             xenbus.vm_path(state.info["uuid"]),
@@ -271,12 +319,8 @@ class Toolstack:
         except ConfigError as exc:
             raise RequestError("invalid config", exc.lines, usage=True) from exc
         unsupported = [
-            f"{source}: {kind}.{i}: {what} devices are not supported yet"
-            for kind, what, entries in (
-                ("vif", "network", config.vif),
-                ("disk", "block", config.disk),
-            )
-            for i in range(len(entries))
+            f"{source}: disk.{i}: block devices are not supported yet"
+            for i in range(len(config.disk))
         ]
         if unsupported:
             raise RequestError("unsupported devices", unsupported, usage=True)
@@ -295,6 +339,8 @@ class Toolstack:
         with self.changed:
             self.changed.wait_for(lambda: state.running.is_set() or state.ended, BOOT_TIMEOUT)
         if state.running.is_set():
+            for devid in range(len(config.vif)):
+                self._wait_connected(domid, "vif", devid, DEVICE_TIMEOUT)
             return self.find(domid)
         raise RequestError(
             f"domain {config.name} did not boot: {state.ended or 'timeout'} (see `hyperctl dmesg`)"
@@ -429,6 +475,45 @@ class Toolstack:
         except Exception as exc:
             raise RequestError(f"{path}: {exc}") from exc
         return {}
+
+    def m_network_list(self, domain: str) -> Any:
+        """A domU: its vifs with their configuration, state and counters."""
+        info = self._domu(domain)
+        domid = info["domid"]
+        stats = {s["devid"]: s for s in self.drivers.netback.stats(domid)} if self.drivers else {}
+        out = []
+        for devid in self._vif_ids(domid):
+            front = xenbus.frontend_path(domid, "vif", devid)
+            entry: dict[str, Any] = {"devid": devid}
+            for key in ("mac", "ip", "mtu", "state", "backend"):
+                entry[key] = self.xs.read_optional(xenbus.join_path(front, key))
+            entry.update(stats.get(devid, {}))
+            out.append(entry)
+        return out
+
+    def m_network_attach(self, domain: str, spec: str) -> Any:
+        """A running domU: add a vif (xl network-attach); returns once it is connected."""
+        try:
+            vif = parse_vif_spec(spec, source="vifspec")
+        except ConfigError as exc:
+            raise RequestError("invalid vif", exc.lines, usage=True) from exc
+        info = self._domu(domain)
+        if info["status"] != "running":
+            raise RequestError(f"domain {info['name']} is not running")
+        domid = info["domid"]
+        devid = max(self._vif_ids(domid), default=-1) + 1
+        self._add_vif(domid, devid, vif.model_dump(mode="json"))
+        self._wait_connected(domid, "vif", devid, DEVICE_TIMEOUT)
+        return {"domid": domid, "devid": devid}
+
+    def m_network_detach(self, domain: str, devid: int) -> Any:
+        """A domU's vif: close it through XenBus and remove it (its TAP goes with it)."""
+        info = self._domu(domain)
+        domid = info["domid"]
+        if devid not in self._vif_ids(domid):
+            raise RequestError(f"domain {info['name']} has no vif {devid}")
+        paths = device_paths(domid, 0, "vif", devid)
+        return {"domid": domid, "devid": devid, "clean": remove_device(self.xs, paths)}
 
     # -- streaming methods --------------------------------------------------------------------
 

@@ -6,6 +6,10 @@ Adding a device kind means one folder with its frontend and one entry here; the 
 
 from __future__ import annotations
 
+from channels.hypercall import HypercallClient
 from channels.xenbus_bus import Driver
+from domu.netfront.xenbus import NetfrontDriver
 
-FRONTEND_DRIVERS: dict[str, Driver] = {}
+
+def frontend_drivers(hc: HypercallClient) -> dict[str, Driver]:
+    return {"vif": NetfrontDriver(hc)}

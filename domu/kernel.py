@@ -33,14 +33,19 @@ from channels.xs_ring import XenstoreRing
 from domu import init as workload_init
 from domu import linux, sandbox
 from domu.console import ConsoleFrontend
-from domu.drivers import FRONTEND_DRIVERS
+from domu.drivers import frontend_drivers
+from domu.sandbox import ID_RANGE
 
 log = logging.getLogger("domu.kernel")
 
 SHUTDOWN_GRACE = 5.0
 
 
-def _loopback_up() -> None:
+def _network_up() -> None:
+    """lo up, and unprivileged ICMP sockets for the workload (ping without CAP_NET_RAW), as
+    current distributions allow by default; both only in the domain's own netns."""
+    with open("/proc/sys/net/ipv4/ping_group_range", "w") as f:
+        f.write(f"0 {ID_RANGE - 1}")  # every gid mapped in the domain
     with IPRoute() as ipr:
         ipr.link("set", index=ipr.link_lookup(ifname="lo")[0], state="up")
 
@@ -79,7 +84,7 @@ class Kernel:
             xs,
             xenbus.join_path(xenbus.domain_path(self.domid), "device"),
             "frontend",
-            FRONTEND_DRIVERS,
+            frontend_drivers(self.hc),
         ).start()
         for feature in ("feature-poweroff", "feature-reboot"):
             xs.write(xenbus.join_path(xenbus.control_path(self.domid), feature), "1")
@@ -148,7 +153,7 @@ def main(params: dict[str, Any], hypercall_fd: int) -> int:
     logging.basicConfig(level=logging.INFO, format=f"dom{params['domid']} %(name)s: %(message)s")
     linux.set_comm("hyper-kernel")
     sandbox.enter_kernel_mounts(params["name"])
-    _loopback_up()
+    _network_up()
     tty_master, tty_slave = os.openpty()
     status_r, status_w = os.pipe()
     # Fork before any thread exists: the init keeps running Python code after the fork.

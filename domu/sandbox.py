@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import os
 import socket
+import stat
 import sys
 from collections.abc import Iterable
 from pathlib import Path
@@ -101,12 +102,40 @@ def _expose_hidden(newroot: str, needed: Iterable[Path]) -> None:
         _bind_readonly(path, newroot + str(path))
 
 
-def build_root(newroot: str) -> None:
+#: Devices the domain kernel needs (its frontends create TAPs and serve FUSE): (path, major,
+#: minor). Hosts often make them root-only; the domain gets its own nodes, usable by its kernel
+#: alone (group: the kernel's host gid, mode 0660), never by its workload.
+KERNEL_DEVICES = (("/dev/net/tun", 10, 200), ("/dev/fuse", 10, 229))
+
+
+def _kernel_devices(newroot: str, kernel_gid: int) -> None:
+    """Bind private device nodes over the host's (never create anything in host-backed paths:
+    newroot is a bind of the host's root). The nodes live on a staging tmpfs on /run, which the
+    scratch /run later covers; the binds stay."""
+    staging = newroot + "/run"
+    linux.mount("tmpfs", staging, "tmpfs", linux.MS_NOSUID, "mode=0755")
+    for path, major, minor in KERNEL_DEVICES:
+        target = newroot + path
+        if not os.path.exists(target):
+            continue  # the host has no such device: neither has the domain
+        node = f"{staging}/{major}-{minor}"
+        _mknod(node, major, minor, kernel_gid)
+        linux.mount(node, target, None, linux.MS_BIND)
+
+
+def _mknod(node: str, major: int, minor: int, gid: int) -> None:
+    os.mknod(node, 0o660 | stat.S_IFCHR, os.makedev(major, minor))
+    os.chown(node, 0, gid)
+    os.chmod(node, 0o660)
+
+
+def build_root(newroot: str, kernel_gid: int) -> None:
     """Make the domain's root file system and pivot into it. Runs as host root in a new mount ns."""
     needed = interpreter_paths()
     linux.mount(None, "/", None, linux.MS_REC | linux.MS_PRIVATE)
     linux.mount("/", newroot, None, linux.MS_BIND | linux.MS_REC)
     _expose_hidden(newroot, needed)
+    _kernel_devices(newroot, kernel_gid)
     linux.mount_setattr(newroot, set_=linux.MOUNT_ATTR_RDONLY, recursive=True)
     # The kernel of the domain opens its rings and doorbells by name in the host's /dev/shm;
     # hyperd makes each object readable only by the host ids of the two domains it connects.

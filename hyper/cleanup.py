@@ -51,12 +51,16 @@ def _kill_pidfile_owner(run: RunDir) -> Iterator[str]:
 def _remove_interfaces() -> Iterator[str]:
     from pyroute2 import IPRoute
 
+    from dom0.netback.tap import remove_our_bridges
+
     with IPRoute() as ipr:
         for link in ipr.get_links():
             name = link.get_attr("IFLA_IFNAME") or ""
             if name.startswith("vif") and "." in name:
                 ipr.link("del", index=link["index"])
                 yield f"removed interface {name}"
+    for bridge in remove_our_bridges():
+        yield f"removed bridge {bridge}"
 
 
 def cleanup(run: RunDir) -> Iterator[str]:

@@ -384,6 +384,44 @@ def cmd_console(args: argparse.Namespace) -> int:
     return _console(args.domain)
 
 
+# -- network devices ---------------------------------------------------------------------------
+
+
+def cmd_network_attach(args: argparse.Namespace) -> int:
+    result = _call("network_attach", domain=args.domain, spec=args.vifspec)
+    print(f"vif {result['domid']}/{result['devid']} attached", file=sys.stderr)
+    return 0
+
+
+def cmd_network_detach(args: argparse.Namespace) -> int:
+    result = _call("network_detach", domain=args.domain, devid=args.devid)
+    if not result["clean"]:
+        print(
+            f"vif {args.devid}: the backend did not close in time; removed anyway", file=sys.stderr
+        )
+    return 0
+
+
+def cmd_network_list(args: argparse.Namespace) -> int:
+    vifs = _call("network_list", domain=args.domain)
+    if args.json:
+        print(json.dumps(vifs, indent=2))
+        return 0
+    print(
+        f"{'Idx':>3} {'MAC':<18}{'IP':<19}{'State':>5} {'TX pkts':>9} {'TX bytes':>12} "
+        f"{'RX pkts':>9} {'RX bytes':>12} {'Err':>5} {'Drop':>5}"
+    )
+    for v in vifs:
+        errors = v.get("tx_errors", 0) + v.get("rx_errors", 0)
+        drops = v.get("tx_dropped", 0) + v.get("rx_dropped", 0)
+        print(
+            f"{v['devid']:>3} {v.get('mac') or '-':<18}{v.get('ip') or '-':<19}"
+            f"{v.get('state') or '-':>5} {v.get('tx_packets', 0):>9} {v.get('tx_bytes', 0):>12} "
+            f"{v.get('rx_packets', 0):>9} {v.get('rx_bytes', 0):>12} {errors:>5} {drops:>5}"
+        )
+    return 0
+
+
 # -- store -------------------------------------------------------------------------------------
 
 
@@ -487,6 +525,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-w", dest="weight", type=int, default=None)
     p.add_argument("-c", dest="cap", type=int, default=None)
     p.set_defaults(func=cmd_sched_credit)
+
+    p = sub.add_parser("network-attach", help="give a running domain a new vif")
+    p.add_argument("domain")
+    p.add_argument("vifspec", help="xl-style vif spec, e.g. bridge=hyperbr0,ip=10.0.0.5/24")
+    p.set_defaults(func=cmd_network_attach)
+
+    p = sub.add_parser("network-detach", help="remove a vif from a domain")
+    p.add_argument("domain")
+    p.add_argument("devid", type=int)
+    p.set_defaults(func=cmd_network_detach)
+
+    p = sub.add_parser("network-list", help="a domain's vifs and their counters")
+    p.add_argument("domain")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_network_list)
 
     p = sub.add_parser("store", help="read and change the store")
     p.add_argument("op", choices=["ls", "read", "write", "rm", "watch"])

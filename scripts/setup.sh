@@ -5,7 +5,7 @@
 #   py=$(scripts/setup.sh) && "$py" -m hyper.cli list
 #
 # Host tools (apt-get, only when one is missing): python3, python3-pip, iproute2,
-# util-linux (nsenter, setpriv, flock), procps, iperf3, fio.
+# util-linux (nsenter, setpriv, flock), procps, iperf3, fio, iputils-ping.
 # Python packages: `pip install -e '.[test]'` (hyper, editable, with its test extras) into the
 # interpreter itself: python3 on PATH, or $PYTHON (at least 3.11). Only when hyper is not yet
 # installed from this checkout, or pyproject.toml's requirements changed since it was.
@@ -21,8 +21,8 @@ set -euo pipefail
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 python=${PYTHON:-python3}
 
-APT_PACKAGES=(python3 python3-pip iproute2 util-linux procps iperf3 fio)
-HOST_TOOLS=(ip nsenter setpriv flock ps pgrep iperf3 fio)
+APT_PACKAGES=(python3 python3-pip iproute2 util-linux procps iperf3 fio iputils-ping)
+HOST_TOOLS=(ip nsenter setpriv flock ps pgrep iperf3 fio ping)
 
 say() { printf 'setup: %s\n' "$*" >&2; }
 die() {

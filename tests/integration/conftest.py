@@ -111,7 +111,22 @@ def leftovers() -> list[str]:
             found.append(f"process {proc.name} {comm}")
     if RUN.root.exists():
         found.append(str(RUN.root))
+    found += [f"interface {name}" for name in _our_interfaces()]
     return found
+
+
+def _our_interfaces() -> list[str]:
+    from pyroute2 import IPRoute
+
+    from dom0.netback.tap import OURS
+
+    with IPRoute() as ipr:
+        return [
+            link.get_attr("IFLA_IFNAME")
+            for link in ipr.get_links()
+            if link.get_attr("IFLA_IFALIAS") == OURS
+            or (link.get_attr("IFLA_IFNAME") or "").startswith("vif")
+        ]
 
 
 def start_hypervisor() -> None:

@@ -1,0 +1,50 @@
+"""A grantee's view of every pool a granting domain shares with it, mapped on first use.
+
+A backend sees only grant refs in requests; the first ref of each unknown pool costs one
+``gnttab_map_pool`` hypercall (which hyperd refuses unless the pool was set up for the caller),
+later refs in that pool resolve locally, each checked on a copy of its grant entry.
+"""
+
+from __future__ import annotations
+
+import threading
+
+from channels.gnttab import GrantError, MappedPool
+from channels.hypercall import GnttabMapPool, HypercallClient, HypercallError
+
+
+class GrantMapper:
+    def __init__(self, hc: HypercallClient, granter: int, domid: int) -> None:
+        self._hc = hc
+        self.granter = granter
+        self.domid = domid
+        self._pools: list[MappedPool] = []
+        self._lock = threading.Lock()
+
+    def _pool(self, gref: int) -> MappedPool:
+        for pool in self._pools:
+            if gref in pool:
+                return pool
+        with self._lock:
+            for pool in self._pools:
+                if gref in pool:
+                    return pool
+            try:
+                info = self._hc.call(GnttabMapPool(granter=self.granter, gref=gref))
+            except HypercallError as exc:
+                raise GrantError(f"gref {gref} of domain {self.granter}: {exc.message}") from exc
+            except ValueError as exc:  # a gref that no request model accepts (negative...)
+                raise GrantError(f"gref {gref}: {exc}") from exc
+            pool = MappedPool.open(info["name"], info["gref_base"], info["pages"], self.domid)
+            self._pools = [*self._pools, pool]
+            return pool
+
+    def resolve(self, gref: int, *, write: bool) -> memoryview:
+        """The granted page behind ``gref``; GrantError if the granter did not allow it."""
+        return self._pool(gref).resolve(gref, write=write)
+
+    def close(self) -> None:
+        with self._lock:
+            pools, self._pools = self._pools, []
+        for pool in pools:
+            pool.close()

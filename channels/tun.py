@@ -1,0 +1,42 @@
+"""Opening a TAP device's queue: the Linux tun driver's ioctls, for both ends of a vif.
+
+pyroute2 creates and configures interfaces (netlink); reading and writing frames needs a file
+descriptor on /dev/net/tun bound to the interface with TUNSETIFF, which netlink cannot give.
+Frames carry a virtio_net_hdr (IFF_VNET_HDR, 10 bytes), and TUNSETOFFLOAD lets the kernel hand
+us (and accept from us) checksum-offloaded and TSO frames up to 64 KiB, so one ring packet can
+carry a whole TCP burst.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import struct
+
+TUNSETIFF = 0x400454CA
+TUNSETOFFLOAD = 0x400454D0
+TUNSETVNETHDRSZ = 0x400454D8
+IFF_TAP = 0x0002
+IFF_NO_PI = 0x1000
+IFF_VNET_HDR = 0x4000
+TUN_F_CSUM = 0x01
+TUN_F_TSO4 = 0x02
+TUN_F_TSO6 = 0x04
+
+VNET_HDR_SIZE = 10
+
+
+def open_tap(name: str, *, offload: bool = True) -> int:
+    """A non-blocking, close-on-exec fd for frames of TAP ``name`` (created if it does not
+    exist, in the caller's network namespace)."""
+    fd = os.open("/dev/net/tun", os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        ifreq = struct.pack("16sH", name.encode(), IFF_TAP | IFF_NO_PI | IFF_VNET_HDR)
+        fcntl.ioctl(fd, TUNSETIFF, ifreq)
+        fcntl.ioctl(fd, TUNSETVNETHDRSZ, struct.pack("i", VNET_HDR_SIZE))
+        flags = TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6 if offload else 0
+        fcntl.ioctl(fd, TUNSETOFFLOAD, flags)
+    except OSError:
+        os.close(fd)
+        raise
+    return fd

@@ -1,0 +1,382 @@
+"""netback's data path: the tx ring into the host TAP, the host TAP into the rx ring.
+
+Two threads per vif. The frontend is hostile (xen-split-driver.md §1.7): every request is
+copied out of the ring once (BackRing returns copies) and checked before use; grant refs are
+resolved through GrantMapper, which checks each one; a bad packet is answered NETIF_RSP_ERROR
+and counted; a protocol violation (impossible ring index, a slot chain longer than any honest
+frontend makes) stops this vif only, through ``on_fatal``.
+
+Data never passes through a Python bytes object: a transmitted packet goes to the TAP as one
+writev of slices of the granted pages, a received frame is read with one readv straight into
+the pages the frontend posted. Each wakeup handles every request or frame that is ready.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import select
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from channels import netif as N
+from channels.evtchn import EventChannel
+from channels.gnttab import GrantError
+from channels.grants import GrantMapper
+from channels.ring import BackRing, RingBroken, RingError
+from channels.tun import VNET_HDR_SIZE
+
+log = logging.getLogger(__name__)
+
+HEAL_TIMEOUT = 10.0
+#: An honest frontend never chains more slots than this into one packet (Linux netback's
+#: fatal_skb_slots); more is a protocol violation. 19..20 slots are dropped with an error.
+FATAL_SLOTS = 20
+MAX_FRAME_PAGES = 17  # 65535 bytes of frame in 4 KiB pages, rounded up
+BUDGET = 64  # packets per wakeup before looking at the other direction's fairness
+
+
+class FatalProtocolError(Exception):
+    """The frontend broke the protocol: disconnect the vif."""
+
+
+@dataclass
+class Counters:
+    """Per vif, from the domain's point of view: tx = sent by the domain."""
+
+    tx_packets: int = 0
+    tx_bytes: int = 0
+    tx_errors: int = 0
+    tx_dropped: int = 0
+    rx_packets: int = 0
+    rx_bytes: int = 0
+    rx_errors: int = 0
+    rx_dropped: int = 0
+    errors_by_reason: dict[str, int] = field(default_factory=dict)
+
+    def error(self, reason: str) -> None:
+        self.tx_errors += 1
+        self.errors_by_reason[reason] = self.errors_by_reason.get(reason, 0) + 1
+
+
+class BadPacket(Exception):
+    """One packet is refused (answered NETIF_RSP_ERROR); the vif carries on."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+@dataclass
+class RateLimit:
+    """netback's credit scheduler: ``credit`` bytes per ``window_us`` microseconds."""
+
+    credit: int
+    window_us: int
+    remaining: int = 0
+    next_refill: float = 0.0
+
+    def wait_time(self, size: int) -> float:
+        """Seconds to wait before ``size`` bytes may go (0: send now, and the credit is taken)."""
+        now = time.monotonic()
+        if now >= self.next_refill:
+            self.remaining = self.credit
+            self.next_refill = now + self.window_us / 1e6
+        # A packet larger than a whole window's credit goes once the window is fresh.
+        if size <= self.remaining or self.remaining == self.credit:
+            self.remaining -= size
+            return 0.0
+        return self.next_refill - now
+
+
+class TxPath:
+    """Frontend -> host: consume tx requests, transmit on the TAP, answer every slot."""
+
+    def __init__(
+        self,
+        ring: BackRing,
+        evtchn: EventChannel,
+        grants: GrantMapper,
+        tap_fd: int,
+        counters: Counters,
+        rate: RateLimit | None,
+        on_fatal: Callable[[str], None],
+    ):
+        self.ring = ring
+        self.evtchn = evtchn
+        self.grants = grants
+        self.tap_fd = tap_fd
+        self.counters = counters
+        self.rate = rate
+        self.on_fatal = on_fatal
+        self.stopping = False
+        self._slots: list[tuple[bool, tuple[int, ...] | bytes]] = []  # (is_extra, request)
+        self.thread = threading.Thread(target=self._run, name="netback-tx", daemon=True)
+
+    def _run(self) -> None:
+        try:
+            while not self.stopping:
+                if not self._work() and not self.ring.final_check_for_requests():
+                    self.evtchn.wait(HEAL_TIMEOUT)
+        except (RingBroken, FatalProtocolError) as exc:
+            self.on_fatal(f"tx: {exc}")
+        except RingError:
+            pass  # closed under us: the vif is going away
+        except Exception as exc:
+            log.exception("netback tx failed")
+            self.on_fatal(f"tx: internal error: {exc}")
+
+    def _work(self) -> bool:
+        did = False
+        for _ in range(BUDGET):
+            if not self.ring.unconsumed_requests():
+                break
+            self._take_slot()
+            did = True
+        if did and self.ring.push_responses():
+            self.evtchn.notify()
+        return did
+
+    def _take_slot(self) -> None:
+        """Add one slot to the packet being collected; transmit it when its chain ends."""
+        raw = self.ring.get_request_raw()
+        expect_extra = bool(self._slots) and self._wants_extra()
+        if expect_extra:
+            self._slots.append((True, raw))
+        else:
+            self._slots.append((False, N.TX_RING.request.unpack_from(raw)))
+        if len(self._slots) > FATAL_SLOTS:
+            raise FatalProtocolError(f"a packet of more than {FATAL_SLOTS} slots")
+        if self._complete():
+            slots, self._slots = self._slots, []
+            self._transmit(slots)
+
+    def _wants_extra(self) -> bool:
+        is_extra, last = self._slots[-1]
+        if is_extra:
+            return bool(N.Extra.unpack(last).flags & N.XEN_NETIF_EXTRA_FLAG_MORE)  # type: ignore[arg-type]
+        # The extras come right after the first request, if it has extra_info.
+        return len(self._slots) == 1 and bool(last[2] & N.NETTXF_extra_info)  # type: ignore[index]
+
+    def _complete(self) -> bool:
+        if self._wants_extra():
+            return False
+        is_extra, last = self._slots[-1]
+        if is_extra:  # extras done: data follows only if the first request said more_data
+            first = self._slots[0][1]
+            return not first[2] & N.NETTXF_more_data  # type: ignore[index]
+        return not last[2] & N.NETTXF_more_data  # type: ignore[index]
+
+    def _transmit(self, slots: list[tuple[bool, tuple[int, ...] | bytes]]) -> None:
+        data = [s for is_extra, s in slots if not is_extra]
+        extras = [N.Extra.unpack(s) for is_extra, s in slots if is_extra]  # type: ignore[arg-type]
+        try:
+            total = self._send(data, extras)  # type: ignore[arg-type]
+            status = N.NETIF_RSP_OKAY
+            self.counters.tx_packets += 1
+            self.counters.tx_bytes += total
+        except BadPacket as exc:
+            status = N.NETIF_RSP_ERROR
+            self.counters.error(exc.reason)
+        for is_extra, s in slots:
+            if is_extra:
+                self.ring.put_response((0, N.NETIF_RSP_NULL))
+            else:
+                self.ring.put_response((s[3], status))  # type: ignore[index]
+
+    def _send(self, data: list[tuple[int, int, int, int, int]], extras: list[N.Extra]) -> int:
+        first = data[0]
+        total = first[4]
+        offload = self._offload(first[2], extras)
+        if offload is None:
+            return 0  # a multicast-control request: answered OKAY, nothing sent
+        if len(data) > N.XEN_NETIF_NR_SLOTS_MIN:
+            raise BadPacket("too many slots")
+        if total < N.ETH_HLEN:
+            raise BadPacket("first slot shorter than an Ethernet header")
+        rest = sum(d[4] for d in data[1:])
+        if any(d[4] == 0 for d in data[1:]):
+            raise BadPacket("empty fragment")
+        if rest > total:
+            raise BadPacket("fragments longer than the packet")
+        views = [b""]
+        sizes = [total - rest] + [d[4] for d in data[1:]]
+        if sizes[0] < N.ETH_HLEN:
+            raise BadPacket("first slot shorter than an Ethernet header")
+        for (gref, offset, _flags, _id, _size), size in zip(data, sizes, strict=True):
+            if offset + size > N.PAGE_SIZE:
+                raise BadPacket("slot crosses its page")
+            try:
+                page = self.grants.resolve(gref, write=False)
+            except GrantError as exc:
+                raise BadPacket("bad grant ref") from exc
+            views.append(page[offset : offset + size])
+        views[0] = N.vnet_from_offload(offload, bytes(views[1][:128]))
+        if self.rate is not None:
+            delay = self.rate.wait_time(total)
+            while delay > 0 and not self.stopping:
+                time.sleep(min(delay, 0.05))
+                delay = self.rate.wait_time(total)
+        try:
+            os.writev(self.tap_fd, views)
+        except BlockingIOError:
+            self.counters.tx_dropped += 1
+        except OSError as exc:
+            if exc.errno not in (errno.EIO, errno.EINVAL):
+                raise
+            raise BadPacket(f"TAP refused the frame: {exc.strerror}") from exc
+        return total
+
+    @staticmethod
+    def _offload(flags: int, extras: list[N.Extra]) -> N.Offload | None:
+        gso_type, gso_size = N.XEN_NETIF_GSO_TYPE_NONE, 0
+        for extra in extras:
+            if extra.type == N.XEN_NETIF_EXTRA_TYPE_GSO:
+                if extra.gso_size == 0:
+                    raise BadPacket("GSO size 0")
+                if extra.gso_type not in (N.XEN_NETIF_GSO_TYPE_TCPV4, N.XEN_NETIF_GSO_TYPE_TCPV6):
+                    raise BadPacket("unknown GSO type")
+                gso_type, gso_size = extra.gso_type, extra.gso_size
+            elif extra.type in (N.XEN_NETIF_EXTRA_TYPE_MCAST_ADD, N.XEN_NETIF_EXTRA_TYPE_MCAST_DEL):
+                return None
+            elif not N.XEN_NETIF_EXTRA_TYPE_NONE < extra.type < N.XEN_NETIF_EXTRA_TYPE_MAX:
+                raise BadPacket("unknown extra type")
+        return N.Offload(
+            csum_blank=bool(flags & N.NETTXF_csum_blank),
+            data_validated=bool(flags & N.NETTXF_data_validated),
+            gso_type=gso_type,
+            gso_size=gso_size,
+        )
+
+
+class RxPath:
+    """Host -> frontend: read each frame from the TAP straight into the pages the frontend
+    posted, and answer the posted requests in ring order (netfront ignores rx response ids
+    and matches responses to its requests by slot)."""
+
+    def __init__(
+        self,
+        ring: BackRing,
+        evtchn: EventChannel,
+        grants: GrantMapper,
+        tap_fd: int,
+        counters: Counters,
+        gso: bool,
+        on_fatal: Callable[[str], None],
+    ) -> None:
+        self.ring = ring
+        self.evtchn = evtchn
+        self.grants = grants
+        self.tap_fd = tap_fd
+        self.counters = counters
+        self.gso = gso
+        self.on_fatal = on_fatal
+        self.stopping = False
+        self.stop_r, self.stop_w = os.pipe()
+        self._held: deque[tuple[int, memoryview]] = deque()  # posted requests: (id, page)
+        self._header = bytearray(VNET_HDR_SIZE)
+        self.thread = threading.Thread(target=self._run, name="netback-rx", daemon=True)
+
+    def stop(self) -> None:
+        self.stopping = True
+        os.write(self.stop_w, b"x")
+        self.evtchn.kick()
+
+    def _run(self) -> None:
+        try:
+            while not self.stopping:
+                self._loop_once()
+        except (RingBroken, FatalProtocolError) as exc:
+            self.on_fatal(f"rx: {exc}")
+        except RingError:
+            pass
+        except Exception as exc:
+            log.exception("netback rx failed")
+            self.on_fatal(f"rx: internal error: {exc}")
+        finally:
+            self._held.clear()
+            os.close(self.stop_r)
+            os.close(self.stop_w)
+
+    def _need(self) -> int:
+        return MAX_FRAME_PAGES + 1 if self.gso else 1
+
+    def _fill(self) -> None:
+        """Take posted requests off the ring until a whole frame (and its extra) fits."""
+        while len(self._held) < self._need() and self.ring.unconsumed_requests():
+            rid, gref = self.ring.get_request()
+            try:
+                page = self.grants.resolve(gref, write=True)
+            except GrantError as exc:
+                raise FatalProtocolError(f"rx buffer gref {gref}: {exc}") from exc
+            self._held.append((rid, page))
+
+    def _loop_once(self) -> None:
+        self._fill()
+        if len(self._held) < self._need():
+            if not self.ring.final_check_for_requests():
+                self.evtchn.wait(HEAL_TIMEOUT)
+            return
+        ready, _, _ = select.select([self.tap_fd, self.stop_r], [], [])
+        if self.stop_r in ready:
+            return
+        frames = 0
+        while frames < BUDGET and not self.stopping:
+            self._fill()
+            if len(self._held) < self._need() or not self._receive():
+                break
+            frames += 1
+        if frames and self.ring.push_responses():
+            self.evtchn.notify()
+
+    def _receive(self) -> bool:
+        pages = [page for _, page in list(self._held)[:MAX_FRAME_PAGES]]
+        try:
+            n = os.readv(self.tap_fd, [self._header, *pages])
+        except BlockingIOError:
+            return False
+        length = n - VNET_HDR_SIZE
+        if length <= 0:
+            self.counters.rx_errors += 1
+            return True
+        used = (length + N.PAGE_SIZE - 1) // N.PAGE_SIZE
+        try:
+            offload = N.offload_from_vnet(bytes(self._header))
+        except N.UnsupportedOffload:
+            self.counters.rx_dropped += 1
+            return True
+        gso = offload.gso_type != N.XEN_NETIF_GSO_TYPE_NONE
+        if gso:
+            if not self.gso:
+                self.counters.rx_dropped += 1
+                return True
+            # The GSO extra takes the second response slot: move fragments 2.. one page on.
+            held = list(self._held)
+            for i in range(used - 1, 0, -1):
+                held[i + 1][1][:] = held[i][1]
+        self._respond(offload, length, used, gso)
+        self.counters.rx_packets += 1
+        self.counters.rx_bytes += length
+        return True
+
+    def _respond(self, offload: N.Offload, length: int, used: int, gso: bool) -> None:
+        flags = (N.NETRXF_csum_blank if offload.csum_blank else 0) | (
+            N.NETRXF_data_validated if offload.data_validated else 0
+        )
+        sizes = [min(N.PAGE_SIZE, length - i * N.PAGE_SIZE) for i in range(used)]
+        rid, _ = self._held.popleft()
+        first_flags = flags | (N.NETRXF_more_data if used > 1 else 0)
+        first_flags |= N.NETRXF_extra_info if gso else 0
+        self.ring.put_response((rid, 0, first_flags, sizes[0]))
+        if gso:
+            self._held.popleft()
+            extra = N.Extra(N.XEN_NETIF_EXTRA_TYPE_GSO, 0, offload.gso_size, offload.gso_type)
+            self.ring.put_response_raw(extra.pack_rx())
+        for i, size in enumerate(sizes[1:], start=1):
+            rid, _ = self._held.popleft()
+            more = N.NETRXF_more_data if i < used - 1 else 0
+            self.ring.put_response((rid, 0, more, size))

@@ -1,0 +1,94 @@
+"""The native network driver of dom0: host TAP devices and the bridges they join (pyroute2).
+
+A vif's host side is the TAP ``vif<domid>.<devid>``: opened on /dev/net/tun (channels/tun.py),
+which creates it, then enslaved to its bridge and brought up through netlink. A bridge hyper
+creates is marked by an alias so that it is removed with its last vif (and by `hyperctl
+cleanup`); a bridge that already existed is used as found and never removed.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+
+from pyroute2 import IPRoute
+from pyroute2.netlink.exceptions import NetlinkError
+
+from channels.tun import open_tap
+
+log = logging.getLogger(__name__)
+
+OURS = "hyper-bridge"  # the IFLA_IFALIAS of bridges hyper created
+_bridge_lock = threading.Lock()
+
+
+class TapError(Exception):
+    pass
+
+
+def vif_name(domid: int, devid: int) -> str:
+    return f"vif{domid}.{devid}"
+
+
+def _index(ipr: IPRoute, name: str) -> int | None:
+    found = ipr.link_lookup(ifname=name)
+    return found[0] if found else None
+
+
+def ensure_bridge(ipr: IPRoute, name: str) -> int:
+    index = _index(ipr, name)
+    if index is None:
+        try:
+            ipr.link("add", ifname=name, kind="bridge")
+        except NetlinkError as exc:
+            if exc.code != 17:  # EEXIST: another vif made it first
+                raise TapError(f"bridge {name}: {exc}") from exc
+        index = _index(ipr, name)
+        assert index is not None
+        ipr.link("set", index=index, ifalias=OURS, state="up")
+        log.info("created bridge %s", name)
+    return index
+
+
+def create_tap(domid: int, devid: int, bridge: str, mtu: int) -> int:
+    """Create the host TAP of a vif on ``bridge``; returns its frame fd."""
+    name = vif_name(domid, devid)
+    fd = open_tap(name)
+    try:
+        with _bridge_lock, IPRoute() as ipr:
+            master = ensure_bridge(ipr, bridge)
+            index = _index(ipr, name)
+            assert index is not None
+            ipr.link("set", index=index, mtu=mtu, master=master, state="up")
+    except (NetlinkError, OSError, TapError) as exc:
+        os.close(fd)
+        raise TapError(f"{name}: {exc}") from exc
+    return fd
+
+
+def destroy_tap(fd: int, domid: int, devid: int, bridge: str) -> None:
+    """Close the TAP (the kernel removes it) and the bridge if hyper made it and it is empty."""
+    os.close(fd)
+    with _bridge_lock, IPRoute() as ipr:
+        index = _index(ipr, bridge)
+        if index is None:
+            return
+        link = ipr.get_links(index)[0]
+        if link.get_attr("IFLA_IFALIAS") != OURS:
+            return
+        ports = [p for p in ipr.get_links() if p.get_attr("IFLA_MASTER") == index]
+        if not ports:
+            ipr.link("del", index=index)
+            log.info("removed bridge %s", bridge)
+
+
+def remove_our_bridges() -> list[str]:
+    """For cleanup: every bridge hyper created, whatever is still on it."""
+    removed = []
+    with IPRoute() as ipr:
+        for link in ipr.get_links():
+            if link.get_attr("IFLA_IFALIAS") == OURS:
+                ipr.link("del", index=link["index"])
+                removed.append(link.get_attr("IFLA_IFNAME"))
+    return removed

@@ -1,0 +1,256 @@
+"""netfront's data path: eth<N> (a TAP in the domain's own netns) to the rings, and back.
+
+The frontend owns two grant pools of pages, granted once to the backend when the vif connects:
+tx pages (read-only to the backend) and rx pages (writable). A frame the workload sends is read
+from the TAP with one readv straight into free tx pages; a frame from the backend is written to
+the TAP with one writev straight out of the rx pages it filled. The backend is not trusted
+either (§1.8): responses are copied once, ids must name a request in flight, sizes must fit
+their page; anything else marks the vif broken (an ``error`` node, Closing).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import select
+import threading
+from collections import deque
+from collections.abc import Callable
+
+from channels import netif as N
+from channels.evtchn import EventChannel
+from channels.gnttab import GrantPool
+from channels.ring import FrontRing, RingBroken, RingError
+from channels.tun import VNET_HDR_SIZE
+
+log = logging.getLogger(__name__)
+
+HEAL_TIMEOUT = 10.0
+MAX_FRAME_PAGES = 17
+BUDGET = 64
+
+
+class BackendMisbehaved(Exception):
+    pass
+
+
+class TxPath:
+    def __init__(
+        self,
+        ring: FrontRing,
+        evtchn: EventChannel,
+        pool: GrantPool,
+        grefs: list[int],
+        tap_fd: int,
+        gso: bool,
+        on_broken: Callable[[str], None],
+    ) -> None:
+        self.ring = ring
+        self.evtchn = evtchn
+        self.pages = [pool.page(i) for i in range(pool.pages)]
+        self.grefs = grefs
+        self.tap_fd = tap_fd
+        self.gso = gso
+        self.on_broken = on_broken
+        self.free: deque[int] = deque(range(pool.pages))
+        self.in_flight: set[int] = set()
+        self.stopping = False
+        self.stop_r, self.stop_w = os.pipe()
+        self._header = bytearray(VNET_HDR_SIZE)
+        self.thread = threading.Thread(target=self._run, name="netfront-tx", daemon=True)
+
+    def stop(self) -> None:
+        self.stopping = True
+        os.write(self.stop_w, b"x")
+        self.evtchn.kick()
+
+    def _run(self) -> None:
+        try:
+            while not self.stopping:
+                self._reap()
+                if len(self.free) < MAX_FRAME_PAGES + 1 or self.ring.free_requests() < (
+                    MAX_FRAME_PAGES + 2
+                ):
+                    if not self.ring.final_check_for_responses():
+                        self.evtchn.wait(HEAL_TIMEOUT)
+                    continue
+                ready, _, _ = select.select([self.tap_fd, self.stop_r], [], [])
+                if self.stop_r in ready:
+                    break
+                self._send_batch()
+        except (RingBroken, BackendMisbehaved) as exc:
+            self.on_broken(f"tx: {exc}")
+        except RingError:
+            pass
+        finally:
+            os.close(self.stop_r)
+            os.close(self.stop_w)
+
+    def _reap(self) -> None:
+        for rid, status in self.ring.get_responses():
+            if status == N.NETIF_RSP_NULL:
+                continue
+            if rid not in self.in_flight:
+                raise BackendMisbehaved(f"tx response for id {rid}, which is not in flight")
+            self.in_flight.discard(rid)
+            self.free.append(rid)
+
+    def _send_batch(self) -> None:
+        sent = 0
+        while (
+            sent < BUDGET
+            and len(self.free) > MAX_FRAME_PAGES
+            and (self.ring.free_requests() >= MAX_FRAME_PAGES + 2)
+        ):
+            ids = [self.free[i] for i in range(MAX_FRAME_PAGES)]
+            try:
+                n = os.readv(self.tap_fd, [self._header, *(self.pages[i] for i in ids)])
+            except BlockingIOError:
+                break
+            length = n - VNET_HDR_SIZE
+            if length <= 0:
+                continue
+            try:
+                offload = N.offload_from_vnet(bytes(self._header))
+            except N.UnsupportedOffload:
+                continue
+            self._post(ids, length, offload)
+            sent += 1
+        if sent and self.ring.push_requests():
+            self.evtchn.notify()
+
+    def _post(self, ids: list[int], length: int, offload: N.Offload) -> None:
+        used = (length + N.PAGE_SIZE - 1) // N.PAGE_SIZE
+        gso = offload.gso_type != N.XEN_NETIF_GSO_TYPE_NONE and self.gso
+        flags = (N.NETTXF_csum_blank if offload.csum_blank else 0) | (
+            N.NETTXF_data_validated if offload.data_validated else 0
+        )
+        sizes = [min(N.PAGE_SIZE, length - i * N.PAGE_SIZE) for i in range(used)]
+        first = flags | (N.NETTXF_more_data if used > 1 else 0)
+        first |= N.NETTXF_extra_info if gso else 0
+        requests: list[tuple[int, ...] | bytes] = [(self.grefs[ids[0]], 0, first, ids[0], length)]
+        if gso:
+            extra = N.Extra(N.XEN_NETIF_EXTRA_TYPE_GSO, 0, offload.gso_size, offload.gso_type)
+            requests.append(extra.pack_tx())
+        for i in range(1, used):
+            more = N.NETTXF_more_data if i < used - 1 else 0
+            requests.append((self.grefs[ids[i]], 0, more, ids[i], sizes[i]))
+        for request in requests:
+            if isinstance(request, bytes):
+                self.ring.put_request_raw(request)
+            else:
+                self.ring.put_request(request)
+        for i in ids[:used]:
+            self.free.popleft()
+            self.in_flight.add(i)
+
+
+class RxPath:
+    def __init__(
+        self,
+        ring: FrontRing,
+        evtchn: EventChannel,
+        pool: GrantPool,
+        grefs: list[int],
+        tap_fd: int,
+        on_broken: Callable[[str], None],
+    ) -> None:
+        self.ring = ring
+        self.evtchn = evtchn
+        self.pages = [pool.page(i) for i in range(pool.pages)]
+        self.grefs = grefs
+        self.tap_fd = tap_fd
+        self.on_broken = on_broken
+        self.stopping = False
+        self.slot_page: dict[int, int] = {}  # ring slot -> the page posted in it
+        self.thread = threading.Thread(target=self._run, name="netfront-rx", daemon=True)
+
+    def post_all(self) -> None:
+        for page in range(min(len(self.pages), self.ring.nr_ents)):
+            self._post(page)
+        if self.ring.push_requests():
+            self.evtchn.notify()
+
+    def _post(self, page: int) -> None:
+        self.slot_page[self.ring.req_prod_pvt & (self.ring.nr_ents - 1)] = page
+        self.ring.put_request((page, self.grefs[page]))
+
+    def stop(self) -> None:
+        self.stopping = True
+        self.evtchn.kick()
+
+    def _run(self) -> None:
+        try:
+            while not self.stopping:
+                if not self._receive_batch() and not self.ring.final_check_for_responses():
+                    self.evtchn.wait(HEAL_TIMEOUT)
+        except (RingBroken, BackendMisbehaved) as exc:
+            self.on_broken(f"rx: {exc}")
+        except RingError:
+            pass
+
+    def _next(self) -> tuple[int, tuple[int, ...] | bytes]:
+        """The page of the next response's slot, and the response (raw for an extra)."""
+        slot = self.ring.rsp_cons & (self.ring.nr_ents - 1)
+        page = self.slot_page[slot]
+        return page, self.ring.get_response_raw()
+
+    def _receive_batch(self) -> bool:
+        frames = 0
+        repost: list[int] = []
+        while frames < BUDGET and self.ring.unconsumed_responses():
+            page, raw = self._next()
+            repost.append(page)
+            _rid, offset, flags, status = N.RX_RING.response.unpack_from(raw)
+            chain = [(page, offset, status)]
+            gso = N.Offload()
+            if flags & N.NETRXF_extra_info:
+                extra_page, extra_raw = self._next_or_fail()
+                repost.append(extra_page)
+                extra = N.Extra.unpack(extra_raw)
+                if extra.type == N.XEN_NETIF_EXTRA_TYPE_GSO:
+                    gso = N.Offload(gso_type=extra.gso_type, gso_size=extra.gso_size)
+            more = flags & N.NETRXF_more_data
+            while more:
+                next_page, next_raw = self._next_or_fail()
+                repost.append(next_page)
+                _rid, noffset, nflags, nstatus = N.RX_RING.response.unpack_from(next_raw)
+                chain.append((next_page, noffset, nstatus))
+                more = nflags & N.NETRXF_more_data
+                if len(chain) > MAX_FRAME_PAGES + 1:
+                    raise BackendMisbehaved("an rx chain longer than any frame")
+            self._deliver(chain, flags, gso)
+            frames += 1
+        for page in repost:
+            self._post(page)
+        if repost and self.ring.push_requests():
+            self.evtchn.notify()
+        return frames > 0
+
+    def _next_or_fail(self) -> tuple[int, bytes]:
+        if not self.ring.unconsumed_responses():
+            raise BackendMisbehaved("a packet's response chain is cut short")
+        page, raw = self._next()
+        return page, raw  # type: ignore[return-value]
+
+    def _deliver(self, chain: list[tuple[int, int, int]], flags: int, gso: N.Offload) -> None:
+        views = []
+        for page, offset, size in chain:
+            if size < 0:
+                return  # an error response: the backend dropped the frame
+            if offset + size > N.PAGE_SIZE:
+                raise BackendMisbehaved(f"rx response offset {offset} + size {size} past the page")
+            views.append(self.pages[page][offset : offset + size])
+        if not views or len(views[0]) < N.ETH_HLEN:
+            return
+        offload = N.Offload(
+            csum_blank=bool(flags & N.NETRXF_csum_blank),
+            data_validated=bool(flags & N.NETRXF_data_validated),
+            gso_type=gso.gso_type,
+            gso_size=gso.gso_size,
+        )
+        header = N.vnet_from_offload(offload, bytes(views[0][:128]))
+        try:
+            os.writev(self.tap_fd, [header, *views])
+        except OSError as exc:
+            log.debug("eth write failed: %s", exc)
