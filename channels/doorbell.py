@@ -127,9 +127,14 @@ class Doorbell:
         self._drain()
         return True
 
+    #: Honest ringers leave at most a count or two behind (ring() posts only on 0). A peer that
+    #: writes a huge value into the semaphore's shared word must not make us spin through it:
+    #: what is left merely wakes us again at once, each time doing the bounded work of a wakeup.
+    DRAIN_LIMIT = 64
+
     def _drain(self) -> None:
         """Consume counts from concurrent ringers so N rings give one wakeup."""
-        while True:
+        for _ in range(self.DRAIN_LIMIT):
             try:
                 self._sem.acquire(0)
             except posix_ipc.BusyError:

@@ -250,13 +250,13 @@ def parse_request(data: bytes) -> tuple[int, Op]:
     """Decode one request from a (possibly hostile) domain; raises ValueError naming the fault."""
     try:
         msg = json.loads(data)
-    except (ValueError, UnicodeDecodeError) as exc:
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
         raise ValueError("not JSON") from exc
     if not isinstance(msg, dict) or not isinstance(msg.get("id"), int):
         raise ValueError("not a request object")
     cls = OPS.get(str(msg.get("op")))
     if cls is None:
-        raise ValueError(f"unknown op {msg.get('op')!r}")
+        raise ValueError(f"unknown op {str(msg.get('op'))[:40]!r}")
     try:
         return msg["id"], cls.model_validate(msg.get("args") or {})
     except ValidationError as exc:

@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 
 BOOT_TIMEOUT = 30.0
 DEVICE_TIMEOUT = 20.0
+CONSOLE_CLIENT_TIMEOUT = 2.0
 SHUTDOWN_TIMEOUT = 30.0
 
 
@@ -527,12 +528,18 @@ class Toolstack:
             raise RequestError(f"domain {info['name']} has no console")
         send_json(client, {"ok": True, "result": {"domid": info["domid"]}})
         client.sendall(console.history())
+        # A client that stops reading (a paused pager) is dropped after this long, rather than
+        # stalling the console ring for the domain: the ring thread sends to every client.
+        client.settimeout(CONSOLE_CLIENT_TIMEOUT)
         console.attach(client)
         try:
             if buffer:
                 console.to_guest(bytes(buffer))
             while True:
-                data = client.recv(4096)
+                try:
+                    data = client.recv(4096)
+                except TimeoutError:
+                    continue
                 if not data:
                     break
                 console.to_guest(data)

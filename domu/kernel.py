@@ -75,6 +75,7 @@ class Kernel:
         self.init_pid = init_pid
         self.status_fd = status_fd
         self.events: queue.Queue[tuple[str, Any]] = queue.Queue()
+        self.init_gone = threading.Event()
         self.store = StoreConnection(hc, params["store"])
         self.console = ConsoleFrontend(hc, params["console"], tty_master)
 
@@ -101,8 +102,8 @@ class Kernel:
         # Acknowledge the request as Linux's manage.c does, then stop the workload.
         xs.write(xenbus.control_shutdown_path(self.domid), "")
         reason = "reboot" if value == "reboot" else "poweroff"
-        self.hc.call(SchedShutdown(reason=reason, code=0))
         self._stop_workload()
+        self.hc.call(SchedShutdown(reason=reason, code=0))
         return 0
 
     def _watch_shutdown(self, watch: Any) -> None:
@@ -134,19 +135,26 @@ class Kernel:
             self.events.put(("workload", signal.SIGKILL))
 
     def _stop_workload(self) -> None:
+        """TERM the init, which TERMs every program and KILLs what is left after its grace;
+        wait for it, since our own exit (pid 1) would KILL them all at once."""
         try:
             os.kill(self.init_pid, signal.SIGTERM)
         except ProcessLookupError:
             return
+        self.init_gone.wait(SHUTDOWN_GRACE)
 
 
-def _reap_forever() -> None:
-    """pid 1 adopts orphans that `hyperctl exec` leaves behind: reap them."""
+def _reap_forever(init_pid: int, init_gone: threading.Event) -> None:
+    """pid 1 adopts orphans that `hyperctl exec` leaves behind: reap them, and say when the
+    workload's init has gone."""
     while True:
         try:
-            os.waitpid(-1, 0)
+            pid, _ = os.waitpid(-1, 0)
         except ChildProcessError:
             threading.Event().wait(1.0)
+            continue
+        if pid == init_pid:
+            init_gone.set()
 
 
 def main(params: dict[str, Any], hypercall_fd: int) -> int:
@@ -166,5 +174,8 @@ def main(params: dict[str, Any], hypercall_fd: int) -> int:
     os.close(tty_slave)
     os.close(status_w)
     hc = HypercallClient(socket.socket(fileno=hypercall_fd))
-    threading.Thread(target=_reap_forever, name="reaper", daemon=True).start()
-    return Kernel(params, hc, init_pid, status_r, tty_master).run()
+    kernel = Kernel(params, hc, init_pid, status_r, tty_master)
+    threading.Thread(
+        target=_reap_forever, args=(init_pid, kernel.init_gone), name="reaper", daemon=True
+    ).start()
+    return kernel.run()

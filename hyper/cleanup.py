@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import fcntl
 import os
-import signal
 from collections.abc import Iterator
 
 from hyper import cgroup
@@ -36,18 +35,6 @@ def hyperd_alive(run: RunDir) -> bool:
     return False
 
 
-def _kill_pidfile_owner(run: RunDir) -> Iterator[str]:
-    try:
-        pid = int(run.pidfile.read_text().split()[0])
-    except (OSError, ValueError, IndexError):
-        return
-    try:
-        os.kill(pid, signal.SIGKILL)
-        yield f"killed stale hyperd {pid}"
-    except ProcessLookupError:
-        pass
-
-
 def _remove_interfaces() -> Iterator[str]:
     from pyroute2 import IPRoute
 
@@ -66,7 +53,6 @@ def _remove_interfaces() -> Iterator[str]:
 def cleanup(run: RunDir) -> Iterator[str]:
     if hyperd_alive(run):
         raise HypervisorRunning("a hypervisor is running; use `hyperctl halt` to stop it")
-    yield from _kill_pidfile_owner(run)
     try:
         hierarchy = cgroup.open_hierarchy()
     except cgroup.CgroupError as exc:

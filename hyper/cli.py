@@ -9,6 +9,8 @@ the status of the command run in the domain.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import fcntl
 import json
 import os
 import select
@@ -302,31 +304,74 @@ def cmd_exec(args: argparse.Namespace) -> int:
         "--cgroup",
         "--wd=/tmp",
         "--",
-        "setpriv",
+        shutil.which("setpriv") or "/usr/bin/setpriv",
         f"--reuid={WORKLOAD_UID}",
         f"--regid={WORKLOAD_UID}",
         "--clear-groups",
         "--no-new-privs",
         "--",
-        "env",
+        shutil.which("env") or "/usr/bin/env",
         "-i",
         *env,
         *command,
     ]
     procs = [Path(p) for p in target["cgroup_procs"]]
+    interactive = sys.stdin.isatty() and sys.stdout.isatty()
+    master, slave = os.openpty() if interactive else (-1, -1)
 
-    def join_domain_cgroup() -> None:
+    def enter_domain() -> None:
         for path in procs:
             path.write_text(f"{os.getpid()}\n")
+        if interactive:
+            fcntl.ioctl(0, termios.TIOCSCTTY, 0)
 
-    proc = subprocess.Popen(argv, preexec_fn=join_domain_cgroup, close_fds=True)
+    # A new session, our environment left behind, and (on a terminal) a terminal of its own, as
+    # `docker exec -t` does: a program in the domain must never reach the caller's terminal
+    # (TIOCSTI would type into the caller's shell) or see root's environment.
+    stdio = {"stdin": slave, "stdout": slave, "stderr": slave} if interactive else {}
+    proc = subprocess.Popen(
+        argv, preexec_fn=enter_domain, close_fds=True, start_new_session=True, env={}, **stdio
+    )
+    if interactive:
+        os.close(slave)
+        _relay_pty(master, proc)
     while True:
         try:
             code = proc.wait()
             break
         except KeyboardInterrupt:
-            continue  # the terminal's ^C reached the command too; keep waiting for it
+            continue  # on a pipe, ^C reached the command's group too; wait for it
     return code if code >= 0 else 128 - code
+
+
+def _relay_pty(master: int, proc: subprocess.Popen[bytes]) -> None:
+    """Copy between our terminal (raw) and the command's pty until the command's side closes."""
+    saved = termios.tcgetattr(sys.stdin)
+    with contextlib.suppress(OSError):
+        fcntl.ioctl(master, termios.TIOCSWINSZ, fcntl.ioctl(0, termios.TIOCGWINSZ, b"\0" * 8))
+    tty.setraw(sys.stdin.fileno())
+    try:
+        stdin_open = True
+        while True:
+            fds = [master] + ([sys.stdin.fileno()] if stdin_open else [])
+            readable, _, _ = select.select(fds, [], [])
+            if master in readable:
+                try:
+                    data = os.read(master, 65536)
+                except OSError:
+                    data = b""  # EIO: the command and all it started have closed the pty
+                if not data:
+                    return
+                os.write(sys.stdout.fileno(), data)
+            if sys.stdin.fileno() in readable:
+                data = os.read(sys.stdin.fileno(), 4096)
+                if data:
+                    os.write(master, data)
+                else:
+                    stdin_open = False
+    finally:
+        termios.tcsetattr(sys.stdin, termios.TCSADRAIN, saved)
+        os.close(master)
 
 
 def _console(domain: str) -> int:

@@ -14,6 +14,7 @@ Building a domU (the domain builder of Xen's toolstack, here inside the hypervis
 
 from __future__ import annotations
 
+import collections
 import enum
 import json
 import os
@@ -73,6 +74,9 @@ class Domain:
     shutdown_reason: str | None = None  # what the domain said in sched_shutdown
     exit_code: int | None = None
     final_cpu_ns: int = 0
+    outq: collections.deque[bytes] = field(default_factory=collections.deque)  # unsent replies
+    bad_calls: int = 0
+    process: subprocess.Popen[bytes] | None = None  # dom0's process (kept: see hyperd._reap)
 
     @property
     def memory(self) -> int:

@@ -52,6 +52,7 @@ log = logging.getLogger("hyperd")
 DOM0_NAME = "Domain-0"
 PIDS_MAX = 1024
 BUILD_TIMEOUT = 30.0
+OUTQ_LIMIT = 4096
 
 
 class HvError(Exception):
@@ -98,11 +99,13 @@ class Hypervisor:
         self.selector.register(self._sig_r, selectors.EVENT_READ, ("signal", None))
         self.start_dom0()
         while not (self.halting and not self.domains):
-            for key, _ in self.selector.select(timeout=1.0):
+            for key, mask in self.selector.select(timeout=1.0):
                 kind, domain = key.data
                 try:
                     if kind == "signal":
                         self._on_signal()
+                    elif kind == "hypercall" and mask & selectors.EVENT_WRITE:
+                        self._flush(domain)
                     elif kind == "hypercall":
                         self._on_hypercall(domain)
                     elif kind == "sync":
@@ -133,6 +136,8 @@ class Hypervisor:
             for domain in list(self.domains.values()):
                 if domain.pid == pid:
                     domain.reaped = True
+                    if domain.process is not None:
+                        domain.process.returncode = os.waitstatus_to_exitcode(status)
                     self._on_death(domain, status)
                 elif domain.boot is not None and domain.boot.pid == pid:
                     domain.boot.returncode = os.waitstatus_to_exitcode(status)
@@ -172,6 +177,10 @@ class Hypervisor:
         dom0.cgroup.attach(proc.pid)
         dom0.pid = proc.pid
         dom0.reaped = False
+        # Keep the Popen: one dropped while its process runs is polled by every later Popen
+        # (subprocess._cleanup), which could collect dom0's exit status before _reap does.
+        dom0.process = proc
+        ours.setblocking(False)
         dom0.sock = ours
         dom0.status = Status.RUNNING
         self.selector.register(ours, selectors.EVENT_READ, ("hypercall", dom0))
@@ -185,12 +194,42 @@ class Hypervisor:
 
     def event(self, name: str, data: dict[str, Any]) -> None:
         dom0 = self.domains.get(0)
-        if dom0 is None or dom0.sock is None:
+        if dom0 is not None:
+            self._send(dom0, hc.encode({"event": name, "data": data}))
+
+    def _send(self, domain: Domain, message: bytes) -> None:
+        """Queue a message for a domain without ever blocking the loop. While a domain has
+        unsent replies it is not read from: one that never reads can queue only the replies
+        to what it already sent (and dom0, events, up to OUTQ_LIMIT)."""
+        if domain.sock is None:
             return
-        try:
-            dom0.sock.send(hc.encode({"event": name, "data": data}))
-        except OSError as exc:
-            log.warning("event %s to dom0 lost: %s", name, exc)
+        if not domain.outq:
+            try:
+                domain.sock.send(message)
+                return
+            except BlockingIOError:
+                pass
+            except OSError as exc:
+                log.warning("dom%d: message lost: %s", domain.domid, exc)
+                return
+        if len(domain.outq) >= OUTQ_LIMIT:
+            log.error("dom%d does not read its hypercall socket; dropping a message", domain.domid)
+            return
+        domain.outq.append(message)
+        self.selector.modify(domain.sock, selectors.EVENT_WRITE, ("hypercall", domain))
+
+    def _flush(self, domain: Domain) -> None:
+        assert domain.sock is not None
+        while domain.outq:
+            try:
+                domain.sock.send(domain.outq[0])
+            except BlockingIOError:
+                return
+            except OSError:
+                domain.outq.clear()
+                break
+            domain.outq.popleft()
+        self.selector.modify(domain.sock, selectors.EVENT_READ, ("hypercall", domain))
 
     # -- hypercalls ------------------------------------------------------------------------
 
@@ -206,11 +245,12 @@ class Hypervisor:
         try:
             req_id, op = hc.parse_request(data)
         except ValueError as exc:
-            log.warning("dom%d: bad hypercall: %s", caller.domid, exc)
-            self._reply(
-                caller,
-                {"id": _request_id(data), "ok": False, "error": "EINVAL", "message": str(exc)},
-            )
+            message = str(exc)[:200]  # the domain chose this text: keep the log bounded
+            if caller.bad_calls < 10:
+                log.warning("dom%d: bad hypercall: %s", caller.domid, message)
+            caller.bad_calls += 1
+            reply = {"id": _request_id(data), "ok": False, "error": "EINVAL", "message": message}
+            self._reply(caller, reply)
             return
         try:
             result = self.handle(caller, op)
@@ -223,18 +263,15 @@ class Hypervisor:
         self._reply(caller, reply)
 
     def _reply(self, caller: Domain, reply: dict[str, Any]) -> None:
-        if caller.sock is None:
-            return
-        try:
-            caller.sock.send(hc.encode(reply))
-        except OSError as exc:
-            log.warning("dom%d: reply lost: %s", caller.domid, exc)
+        self._send(caller, hc.encode(reply))
 
     def _drop_socket(self, domain: Domain) -> None:
         if domain.sock is not None:
-            self.selector.unregister(domain.sock)
+            with contextlib.suppress(KeyError, ValueError):  # a build that failed early
+                self.selector.unregister(domain.sock)
             domain.sock.close()
             domain.sock = None
+            domain.outq.clear()
 
     def handle(self, caller: Domain, op: Op) -> dict[str, Any]:
         if op.privileged and caller.domid != 0:
@@ -445,6 +482,7 @@ class Hypervisor:
             self._release(domain)
             raise HvError("EIO", f"building domain {domid}: {exc}") from exc
         assert domain.sock is not None and domain.sync is not None
+        domain.sock.setblocking(False)
         self.domains[domid] = domain
         self.selector.register(domain.sock, selectors.EVENT_READ, ("hypercall", domain))
         self.selector.register(domain.sync, selectors.EVENT_READ, ("sync", domain))
@@ -488,7 +526,8 @@ class Hypervisor:
 
     def _end_sync(self, domain: Domain) -> None:
         if domain.sync is not None:
-            self.selector.unregister(domain.sync)
+            with contextlib.suppress(KeyError, ValueError):
+                self.selector.unregister(domain.sync)
             domain.sync.close()
             domain.sync = None
 
@@ -538,11 +577,10 @@ class Hypervisor:
     def _stop(self, domain: Domain) -> None:
         """Kill every process and free every channel; keep the record (for preserve)."""
         domain.final_cpu_ns = self._cpu_ns(domain)
-        if domain.pid is not None:
-            try:
+        if domain.pid is not None and not domain.reaped:
+            # Still our unreaped child, so the pid cannot have been reused by anyone else.
+            with contextlib.suppress(ProcessLookupError):
                 os.kill(domain.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
         if domain.cgroup is not None:
             domain.cgroup.kill_all()
         if domain.pid is not None and not domain.reaped:
@@ -594,8 +632,11 @@ class Hypervisor:
         if dom0 is None:
             return
         self._drop_socket(dom0)
-        if dom0.pid is not None:
+        if dom0.pid is not None and not dom0.reaped:
             _terminate(dom0.pid)
+            dom0.reaped = True
+            if dom0.process is not None:
+                dom0.process.returncode = 0
         if dom0.cgroup is not None:
             dom0.cgroup.remove()
 
@@ -662,7 +703,7 @@ def _describe(status: int) -> str:
 def _request_id(data: bytes) -> int | None:
     try:
         value = json.loads(data).get("id")
-    except (ValueError, AttributeError):
+    except (ValueError, AttributeError, RecursionError):
         return None
     return value if isinstance(value, int) else None
 

@@ -148,3 +148,18 @@ def test_escape_attempts_all_fail(
     os.kill(hyperd_pid, 0)  # still alive
     assert not Path("/usr/hyper-escape").exists()
     assert hyperctl("exec", name, "--", "true").status == 0, "the domain itself still works"
+
+
+def test_exec_leaves_the_callers_environment_and_terminal_behind(
+    make_domain: Callable[..., str],
+) -> None:
+    name = make_domain()
+    env = dict(
+        line.split("=", 1)
+        for line in hyperctl("exec", name, "--", "env").out.splitlines()
+        if "=" in line
+    )
+    assert set(env) <= {"PATH", "HOME", "TERM", "LANG"}, env
+    assert env["HOME"] == "/tmp"
+    # Run from a pipe, the command gets no terminal at all (and none of the caller's).
+    assert hyperctl("exec", name, "--", "tty", check=False).out.strip() == "not a tty"
