@@ -21,7 +21,7 @@ from typing import Any
 from channels import hypercall as hc
 from channels import xenbus
 from channels.xenbus import XenbusState
-from channels.xs import Perm, XsClient
+from channels.xs import Perm, XsClient, XsError
 from dom0.console import ConsoleBackend
 from dom0.devices import DevicePaths, add_device, device_paths, remove_device
 from dom0.store.core import Store
@@ -189,7 +189,10 @@ class Toolstack:
             xenbus.tool_path(state.domid),
             xenbus.vm_path(state.info["uuid"]),
         ):
-            self.xs.rm(path)
+            try:
+                self.xs.rm(path)
+            except XsError as exc:  # ENOENT when a parent never existed (no vif at all)
+                log.debug("teardown of dom%d: %s", state.domid, exc)
 
     def _write_skeleton(self, info: dict[str, Any]) -> None:
         domid = info["domid"]

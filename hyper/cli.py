@@ -384,8 +384,10 @@ def _console(domain: str) -> int:
     interactive = sys.stdin.isatty()
     saved = termios.tcgetattr(sys.stdin) if interactive else None
     if interactive:
-        print("(Ctrl-] detaches)", file=sys.stderr)
         tty.setraw(sys.stdin.fileno())
+        # Said only once the terminal is raw: a Ctrl-] typed from now on reaches us at once.
+        sys.stderr.write("(Ctrl-] detaches)\r\n")
+        sys.stderr.flush()
     try:
         _relay(conn, interactive)
     finally:

@@ -84,10 +84,13 @@ class RateLimit:
         """Seconds to wait before ``size`` bytes may go (0: send now, and the credit is taken)."""
         now = time.monotonic()
         if now >= self.next_refill:
-            self.remaining = self.credit
+            # A new window's credit, less what the last packet overdrew.
+            self.remaining = self.credit + min(0, self.remaining)
             self.next_refill = now + self.window_us / 1e6
-        # A packet larger than a whole window's credit goes once the window is fresh.
-        if size <= self.remaining or self.remaining == self.credit:
+        # Any credit left lets the next packet go, however large (a 64 KiB GSO packet is more
+        # than a window's credit at low rates); what it overdraws is paid from the next window,
+        # so the long-run rate is exactly credit per window.
+        if self.remaining > 0:
             self.remaining -= size
             return 0.0
         return self.next_refill - now
