@@ -1,0 +1,220 @@
+"""netback's tx path against a hostile frontend, with real rings, grants and doorbells.
+
+The test plays the frontend: it writes raw requests into a real tx ring on shared memory,
+grants pages from a real grant pool, and rings a real doorbell. netback's TxPath runs as it does
+in dom0, except that its "TAP" is one end of a SOCK_SEQPACKET pair (one message per frame, so
+the test sees exactly what would have reached the host) and its hypercalls come from a table.
+Each bad request listed in the issue must be answered NETIF_RSP_ERROR and counted, with nothing
+transmitted; a protocol violation must end the vif (``on_fatal``) and nothing else.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import socket
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+
+from channels import hypercall as hc
+from channels import netif as N
+from channels.doorbell import create_doorbell, unlink_doorbell
+from channels.evtchn import from_status
+from channels.gnttab import GrantPool, pool_bytes
+from channels.grants import GrantMapper
+from channels.ring import PAGE_SIZE, BackRing, FrontRing, u32_view
+from channels.shm import attach, create_segment, unlink_segment
+from dom0.netback.datapath import Counters, TxPath
+
+FRONT = 5
+_ids = itertools.count()
+
+
+class Hypercalls:
+    def __init__(self, pool: tuple[str, int, int], bells: tuple[str, str]) -> None:
+        self.pool = pool
+        self.bells = bells
+
+    def call(self, op: hc.Op) -> dict[str, Any]:
+        if isinstance(op, hc.GnttabMapPool):
+            name, base, pages = self.pool
+            if not base <= op.gref < base + pages:
+                raise hc.HypercallError(op.op, "EINVAL", f"no gref {op.gref}")
+            return {"pool": 0, "name": name, "gref_base": base, "pages": pages}
+        if isinstance(op, hc.EvtchnStatus):
+            return {
+                "state": "interdomain",
+                "doorbell": self.bells[0],
+                "peer_doorbell": self.bells[1],
+            }
+        if isinstance(op, hc.EvtchnClose):
+            return {}
+        raise AssertionError(op)
+
+
+@dataclass
+class Vif:
+    front: FrontRing
+    pool: GrantPool
+    peer: socket.socket
+    tx: TxPath
+    counters: Counters
+    fatal: list[str] = field(default_factory=list)
+    fatal_event: threading.Event = field(default_factory=threading.Event)
+
+    def page(self, index: int, data: bytes) -> int:
+        self.pool.page(index)[: len(data)] = data
+        return self.pool.gref_base + index
+
+    def send(self, *slots: tuple[int, ...] | bytes) -> None:
+        for slot in slots:
+            if isinstance(slot, bytes):
+                self.front.put_request_raw(slot)
+            else:
+                self.front.put_request(slot)
+        self.front.push_requests()
+        self.tx.evtchn.kick()
+
+    def responses(self, count: int, timeout: float = 5.0) -> list[tuple[int, int]]:
+        got: list[tuple[int, int]] = []
+        deadline = threading.Event()
+        for _ in range(int(timeout / 0.01)):
+            got += self.front.get_responses()
+            if len(got) >= count or deadline.wait(0.01):
+                break
+        assert len(got) == count, f"wanted {count} responses, got {got}"
+        return got
+
+    def transmitted(self) -> list[bytes]:
+        frames = []
+        while True:
+            try:
+                frames.append(self.peer.recv(70000, socket.MSG_DONTWAIT))
+            except BlockingIOError:
+                return frames
+
+
+FRAME = bytes.fromhex("ffffffffffff 00163e000001 0800") + bytes(range(50))
+
+
+@pytest.fixture
+def vif() -> Iterator[Vif]:
+    tag = f"hyper-test-netback-{os.getpid()}-{next(_ids)}"
+    ring_name, pool_name, bells = f"{tag}-ring", f"{tag}-pool", (f"{tag}-b", f"{tag}-f")
+    create_segment(ring_name, PAGE_SIZE)
+    create_segment(pool_name, pool_bytes(8))
+    for bell in bells:
+        create_doorbell(bell)
+    ring_segment = attach(ring_name)
+    front = FrontRing.init(N.TX_RING, ring_segment.buf)
+    back = BackRing.attach(N.TX_RING, ring_segment.buf)
+    pool = GrantPool.open(pool_name, 8, 8)
+    for i in range(8):
+        pool.grant(i, 0, readonly=True)
+    calls = Hypercalls((pool_name, 8, 8), bells)
+    grants = GrantMapper(calls, FRONT, 0)  # type: ignore[arg-type]
+    tap, peer = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    counters = Counters()
+    state = Vif(front, pool, peer, None, counters)  # type: ignore[arg-type]
+
+    def on_fatal(message: str) -> None:
+        state.fatal.append(message)
+        state.fatal_event.set()
+
+    evtchn = from_status(calls, 1)  # type: ignore[arg-type]
+    state.tx = TxPath(back, evtchn, grants, tap.fileno(), counters, None, on_fatal)
+    state.tx.thread.start()
+    yield state
+    state.tx.stopping = True
+    evtchn.kick()
+    state.tx.thread.join(5)
+    front.close()
+    back.close()
+    grants.close()
+    pool.close()
+    ring_segment.close()
+    tap.close()
+    peer.close()
+    unlink_segment(ring_name)
+    unlink_segment(pool_name)
+    for bell in bells:
+        unlink_doorbell(bell)
+
+
+def test_a_good_packet_is_transmitted_and_answered_okay(vif: Vif) -> None:
+    gref = vif.page(0, FRAME)
+    vif.send((gref, 0, 0, 7, len(FRAME)))
+    assert vif.responses(1) == [(7, N.NETIF_RSP_OKAY)]
+    frames = vif.transmitted()
+    assert len(frames) == 1 and frames[0][10:] == FRAME  # after the virtio-net header
+    assert (vif.counters.tx_packets, vif.counters.tx_errors) == (1, 0)
+
+
+def test_a_fragmented_packet_with_a_gso_extra_goes_as_one_frame(vif: Vif) -> None:
+    first, second = vif.page(0, FRAME), vif.page(1, b"x" * 100)
+    extra = N.Extra(N.XEN_NETIF_EXTRA_TYPE_GSO, 0, 1448, N.XEN_NETIF_GSO_TYPE_TCPV4).pack_tx()
+    flags = N.NETTXF_more_data | N.NETTXF_extra_info
+    vif.send((first, 0, flags, 1, len(FRAME) + 100), extra, (second, 0, 0, 2, 100))
+    assert vif.responses(3) == [(1, 0), (0, N.NETIF_RSP_NULL), (2, 0)]
+    assert vif.transmitted()[0][10:] == FRAME + b"x" * 100
+
+
+def extra_of(type_: int, size: int = 1448, gso_type: int = 1) -> bytes:
+    return N.Extra(type_, 0, size, gso_type).pack_tx()
+
+
+BAD = {
+    "offset + size past the page": lambda g: [(g, 4000, 0, 1, 200)],
+    "first slot shorter than an Ethernet header": lambda g: [(g, 0, 0, 1, 10)],
+    "bad grant ref": lambda g: [(9999, 0, 0, 1, 60)],
+    "grant ref outside any pool": lambda g: [(3, 0, 0, 1, 60)],
+    "unknown extra type": lambda g: [(g, 0, N.NETTXF_extra_info, 1, 60), extra_of(9)],
+    "zero GSO size": lambda g: [(g, 0, N.NETTXF_extra_info, 1, 60), extra_of(1, size=0)],
+    "unknown GSO type": lambda g: [(g, 0, N.NETTXF_extra_info, 1, 60), extra_of(1, gso_type=7)],
+    "fragments longer than the packet": lambda g: [
+        (g, 0, N.NETTXF_more_data, 1, 60),
+        (g, 0, 0, 2, 100),
+    ],
+    "an empty fragment": lambda g: [(g, 0, N.NETTXF_more_data, 1, 60), (g, 0, 0, 2, 0)],
+    "too many slots": lambda g: (
+        [(g, 0, N.NETTXF_more_data, i, 4000) for i in range(18)] + [(g, 0, 0, 18, 100)]
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD))
+def test_each_bad_request_is_refused_and_counted(vif: Vif, case: str) -> None:
+    gref = vif.page(0, FRAME)
+    slots = BAD[case](gref)
+    vif.send(*slots)
+    answers = vif.responses(len(slots))
+    data_answers = [
+        status for (rid, status), s in zip(answers, slots, strict=True) if not isinstance(s, bytes)
+    ]
+    assert data_answers and set(data_answers) == {N.NETIF_RSP_ERROR}, answers
+    assert vif.counters.tx_errors == 1
+    assert vif.transmitted() == []
+    assert not vif.fatal
+    # The vif still works afterwards.
+    vif.send((vif.page(1, FRAME), 0, 0, 99, len(FRAME)))
+    assert vif.responses(1) == [(99, N.NETIF_RSP_OKAY)]
+
+
+def test_a_chain_longer_than_any_honest_packet_disconnects_the_vif(vif: Vif) -> None:
+    gref = vif.page(0, FRAME)
+    vif.send(*[(gref, 0, N.NETTXF_more_data, i, 100) for i in range(25)])
+    assert vif.fatal_event.wait(5), "the vif must be disconnected"
+    assert "slots" in vif.fatal[0]
+
+
+def test_an_impossible_req_prod_disconnects_the_vif(vif: Vif) -> None:
+    req_prod = u32_view(vif.front._area, 0)
+    req_prod[0] = (req_prod[0] + 1000) & 0xFFFFFFFF
+    req_prod.release()
+    vif.tx.evtchn.kick()
+    assert vif.fatal_event.wait(5), "the vif must be disconnected"
+    assert vif.transmitted() == []
