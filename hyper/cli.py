@@ -146,12 +146,16 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 def _top_rows(
-    before: dict[int, float], domains: list[dict[str, Any]], interval: float
+    before: dict[int, float],
+    domains: list[dict[str, Any]],
+    interval: float,
+    vifs: list[dict[str, Any]],
 ) -> list[list[str]]:
     rows = []
     for d in domains:
         prev = before.get(d["domid"])
         pct = 0.0 if prev is None or interval <= 0 else 100.0 * (d["cpu_time"] - prev) / interval
+        mine = [v for v in vifs if v["domid"] == d["domid"]]
         rows.append(
             [
                 d["name"],
@@ -161,12 +165,26 @@ def _top_rows(
                 str(d.get("mem_usage", 0) // 1024),
                 str(d["memory"] * 1024),
                 str(d["vcpus"]),
+                str(len(mine)),
+                str(sum(v["tx_bytes"] for v in mine) // 1024),
+                str(sum(v["rx_bytes"] for v in mine) // 1024),
             ]
         )
     return rows
 
 
-TOP_COLUMNS = ["NAME", "STATE", "CPU(sec)", "CPU(%)", "MEM(k)", "MAXMEM(k)", "VCPUS"]
+TOP_COLUMNS = [
+    "NAME",
+    "STATE",
+    "CPU(sec)",
+    "CPU(%)",
+    "MEM(k)",
+    "MAXMEM(k)",
+    "VCPUS",
+    "NETS",
+    "NETTX(k)",
+    "NETRX(k)",
+]
 
 
 def cmd_top(args: argparse.Namespace) -> int:
@@ -193,7 +211,7 @@ def cmd_top(args: argparse.Namespace) -> int:
         while args.iterations is None or iteration < args.iterations:
             domains = _call("list")
             now = time.monotonic()
-            rows = _top_rows(before, domains, now - last)
+            rows = _top_rows(before, domains, now - last, _call("net_stats"))
             before = {d["domid"]: d["cpu_time"] for d in domains}
             last = now
             iteration += 1
