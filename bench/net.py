@@ -388,7 +388,12 @@ class Lab:
         deadline = time.monotonic() + BRIDGE_GONE_TIMEOUT
         while bridge.exists() and time.monotonic() < deadline:
             time.sleep(0.1)
-        if bridge.exists():
+        if not bridge.exists():
+            return
+        ports = sorted(p.name for p in (bridge / "brif").iterdir())
+        if ports:  # a domain the script could not destroy: say so, do not cut its vif off
+            progress(f"[red]bridge {self.bridge} is still there, with {' '.join(ports)}")
+        else:
             progress(f"[red]hyper left bridge {self.bridge} behind after its last vif; removing")
             run(["ip", "link", "del", self.bridge], check=False)
 
@@ -402,22 +407,9 @@ class Lab:
     def veth_pair(self, ns_a: str, ns_b: str) -> None:
         """eth0 in each namespace, one veth pair between them (deleted with the namespaces)."""
         run(
-            [
-                "ip",
-                "-n",
-                ns_a,
-                "link",
-                "add",
-                "eth0",
-                "type",
-                "veth",
-                "peer",
-                "name",
-                "eth0",
-                "netns",
-                ns_b,
-            ]
-        )
+            ["ip", "-n", ns_a, "link", "add", "eth0", "type", "veth",
+             "peer", "name", "eth0", "netns", ns_b]
+        )  # fmt: skip
         for ns, host in ((ns_a, 1), (ns_b, 2)):
             run(["ip", "-n", ns, "addr", "add", f"{VETH_NET}.{host}/24", "dev", "eth0"])
             run(["ip", "-n", ns, "link", "set", "eth0", "up"])
