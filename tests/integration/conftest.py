@@ -184,6 +184,17 @@ def make_domain(
             hyperctl("destroy", name, check=False)
 
 
+_subnets = itertools.count(10)
+
+
+@pytest.fixture
+def lan() -> Iterator[tuple[str, str]]:
+    """A bridge name and a /24 prefix ("10.77.N") of our own."""
+    n = next(_subnets)
+    yield f"hytest{n}", f"10.77.{n}"
+    subprocess.run(["ip", "link", "del", f"hytest{n}"], capture_output=True)
+
+
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
     outcome = yield

@@ -5,7 +5,6 @@ Each test uses its own bridge and subnet so that tests never see each other's tr
 
 from __future__ import annotations
 
-import itertools
 import json
 import os
 import signal
@@ -18,16 +17,6 @@ import pytest
 from tests.integration.conftest import RUN, domain_info, hyperctl, wait_for
 
 pytestmark = pytest.mark.root
-
-_subnets = itertools.count(10)
-
-
-@pytest.fixture
-def lan() -> Iterator[tuple[str, str]]:
-    """A bridge name and a /24 prefix ("10.77.N") of our own."""
-    n = next(_subnets)
-    yield f"hytest{n}", f"10.77.{n}"
-    subprocess.run(["ip", "link", "del", f"hytest{n}"], capture_output=True)
 
 
 def vif(bridge: str, ip: str, extra: str = "") -> str:

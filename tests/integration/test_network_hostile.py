@@ -1,0 +1,218 @@
+"""A hostile frontend against the real netback, while a neighbour's iperf3 runs.
+
+The test takes over a real domain's vif: it pauses the domain (its netfront is frozen, so only
+the test writes the ring), maps the domain's tx ring page and tx buffer pool from /dev/shm as
+root can, writes raw requests, and rings the domain's doorbells. netback in dom0 sees exactly
+what a compromised domain kernel could produce. Every bad request must be answered with an
+error and counted; the violations must disconnect that vif alone; the neighbours' iperf3 must
+finish meanwhile.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import posix_ipc
+import pytest
+
+from channels import netif as N
+from channels.gnttab import table_pages
+from channels.ring import HEADER_SIZE, PAGE_SIZE, u32_view
+from channels.shm import Segment, attach
+from tests.integration.conftest import REPO, domain_info, hyperctl, wait_for
+from tests.integration.test_network import vif
+
+pytestmark = pytest.mark.root
+
+TX_POOL_PAGES = 256  # netfront's tx pool (domu/netfront/xenbus.py)
+FRAME = bytes.fromhex("ffffffffffff 00163e0000aa 0800") + bytes(50)
+
+
+class HostileFrontend:
+    """Raw access to a paused domain's vif 0 tx ring and tx pages."""
+
+    def __init__(self, domid: int) -> None:
+        self.domid = domid
+        front = f"/local/domain/{domid}/device/vif/0"
+        self.ring_ref = int(hyperctl("store", "read", f"{front}/tx-ring-ref").out)
+        self.segments: list[Segment] = []
+        ring_pool = self._pool("gnt0")
+        tx_pool = self._pool("gnt1")
+        self.ring = ring_pool.buf[table_pages(2) * PAGE_SIZE :][:PAGE_SIZE]
+        self.index = u32_view(self.ring, 0, 4)  # req_prod, req_event, rsp_prod, rsp_event
+        self.data = tx_pool.buf[table_pages(TX_POOL_PAGES) * PAGE_SIZE :]
+        self.tx_base = self.ring_ref + 2  # netfront grants its 2 ring pages, then the tx pool
+        self.req_prod = self.index[0]
+        self.rsp_cons = self.index[2]
+        self.nr_ents = N.TX_RING.nr_ents(PAGE_SIZE)
+
+    def _pool(self, kind: str) -> Segment:
+        path = next(Path("/dev/shm").glob(f"hyper.d{self.domid}.{kind}.*"))
+        segment = attach(path.name)
+        self.segments.append(segment)
+        return segment
+
+    def page(self, index: int, data: bytes) -> int:
+        self.data[index * PAGE_SIZE : index * PAGE_SIZE + len(data)] = data
+        return self.tx_base + index
+
+    def send(self, *slots: tuple[int, ...] | bytes) -> None:
+        for slot in slots:
+            offset = HEADER_SIZE + (self.req_prod % self.nr_ents) * N.TX_RING.slot_size
+            raw = slot if isinstance(slot, bytes) else N.TX_RING.request.pack(*slot)
+            self.ring[offset : offset + len(raw)] = raw
+            self.req_prod = (self.req_prod + 1) & 0xFFFFFFFF
+        self.index[0] = self.req_prod
+        self.kick()
+
+    def lie(self, req_prod: int) -> None:
+        self.index[0] = req_prod & 0xFFFFFFFF
+        self.kick()
+
+    def kick(self) -> None:
+        """Ring every doorbell of the domain: netback's among them (spurious ones are fine)."""
+        for sem in Path("/dev/shm").glob(f"sem.hyper.d{self.domid}.*"):
+            bell = posix_ipc.Semaphore("/" + sem.name.removeprefix("sem."))
+            bell.release()
+            bell.close()
+
+    def responses(self, count: int) -> list[tuple[int, int]]:
+        def arrived() -> bool:
+            return (self.index[2] - self.rsp_cons) & 0xFFFFFFFF >= count
+
+        wait_for(arrived, 10, f"{count} responses from netback")
+        got = []
+        for _ in range(count):
+            offset = HEADER_SIZE + (self.rsp_cons % self.nr_ents) * N.TX_RING.slot_size
+            got.append(struct.unpack_from("<Hh", self.ring, offset))
+            self.rsp_cons = (self.rsp_cons + 1) & 0xFFFFFFFF
+        return got
+
+    def close(self) -> None:
+        self.index.release()
+        del self.ring, self.data
+        for segment in self.segments:
+            segment.close()
+
+
+@pytest.fixture
+def neighbours(
+    make_domain: Callable[..., str], lan: tuple[str, str]
+) -> Iterator[subprocess.Popen[str]]:
+    """Two domains on the same bridge with iperf3 running between them for 20 s."""
+    bridge, net = lan
+    server = make_domain(vif(bridge, f"{net}.2"))
+    client = make_domain(vif(bridge, f"{net}.3"))
+    hyperctl("exec", server, "--", "iperf3", "-s", "-1", "-D")
+    wait_for(
+        lambda: (
+            hyperctl("exec", server, "--", "sh", "-c", "ss -ltn | grep -q 5201", check=False).status
+            == 0
+        ),
+        10,
+        "iperf3 to listen",
+    )
+    run = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "hyper.cli",
+            "exec",
+            client,
+            "--",
+            "iperf3",
+            "-c",
+            f"{net}.2",
+            "-t",
+            "20",
+            "-J",
+        ],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    yield run
+    run.kill()
+    run.wait()
+
+
+def tx_errors(name: str) -> int:
+    return int(json.loads(hyperctl("network-list", "--json", name).out)[0]["tx_errors"])
+
+
+BAD_REQUESTS: list[tuple[str, Callable[[int], list[tuple[int, ...] | bytes]]]] = [
+    ("offset + size past the page", lambda g: [(g, 4000, 0, 1, 200)]),
+    (
+        "total size over 65535",
+        lambda g: (
+            [(g, 0, N.NETTXF_more_data, 1, 65535)]
+            + [(g, 0, N.NETTXF_more_data, i, 4096) for i in range(2, 17)]
+            + [(g, 0, 0, 17, 4096)]
+        ),
+    ),
+    ("first slot shorter than an Ethernet header", lambda g: [(g, 0, 0, 1, 10)]),
+    ("bad grant ref", lambda g: [(123456, 0, 0, 1, 64)]),
+    (
+        "unknown extra type",
+        lambda g: [(g, 0, N.NETTXF_extra_info, 1, 64), N.Extra(9, 0, 0, 0).pack_tx()],
+    ),
+    (
+        "zero GSO size",
+        lambda g: [(g, 0, N.NETTXF_extra_info, 1, 64), N.Extra(1, 0, 0, 1).pack_tx()],
+    ),
+    (
+        "too many slots",
+        lambda g: [(g, 0, N.NETTXF_more_data, i, 1000) for i in range(19)] + [(g, 0, 0, 19, 1000)],
+    ),
+]
+
+
+def test_hostile_frontend_is_refused_and_disconnected_while_a_neighbour_runs(
+    make_domain: Callable[..., str],
+    lan: tuple[str, str],
+    neighbours: subprocess.Popen[str],
+) -> None:
+    bridge, net = lan
+    victim = make_domain(vif(bridge, f"{net}.9"))
+    info = domain_info(victim)
+    assert info is not None
+    hyperctl("pause", victim)
+    evil = HostileFrontend(info["domid"])
+    try:
+        gref = evil.page(0, FRAME)
+        for count, (what, slots_of) in enumerate(BAD_REQUESTS, start=1):
+            slots = slots_of(gref)
+            evil.send(*slots)
+            answers = evil.responses(len(slots))
+            statuses = {
+                s
+                for (_, s), slot in zip(answers, slots, strict=True)
+                if not isinstance(slot, bytes)
+            }
+            assert statuses == {N.NETIF_RSP_ERROR}, f"{what}: {answers}"
+            assert tx_errors(victim) == count, what
+        evil.send((gref, 0, 0, 77, len(FRAME)))
+        assert evil.responses(1) == [(77, N.NETIF_RSP_OKAY)], "the vif still works"
+
+        # A protocol violation: an impossible req_prod. Only this vif is disconnected.
+        evil.lie(evil.rsp_cons + 5000)
+        backend = f"/local/domain/0/backend/vif/{info['domid']}/0"
+        wait_for(
+            lambda: hyperctl("store", "read", f"{backend}/error", check=False).status == 0,
+            10,
+            "netback to report the error",
+        )
+        assert "req" in hyperctl("store", "read", f"{backend}/error").out.lower()
+    finally:
+        evil.close()
+    out, err = neighbours.communicate(timeout=60)
+    assert neighbours.returncode == 0, err
+    report = json.loads(out)
+    assert report["end"]["sum_received"]["bytes"] > 0
+    assert "error" not in report
