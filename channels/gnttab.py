@@ -53,10 +53,16 @@ class _Pool:
         table = self.buf[: pages * ENTRY.size]
         self._u16 = table.cast("H")
         self._u32 = table.cast("I")
+        self._pages: list[memoryview] | None = None
 
     def page(self, frame: int) -> memoryview:
-        start = self._data_offset + frame * PAGE_SIZE
-        return self.buf[start : start + PAGE_SIZE]
+        """A view of one page (made once: data paths ask for the same pages again and again)."""
+        if self._pages is None:
+            off = self._data_offset
+            self._pages = [
+                self.buf[off + i * PAGE_SIZE : off + (i + 1) * PAGE_SIZE] for i in range(self.pages)
+            ]
+        return self._pages[frame]
 
     def __contains__(self, gref: int) -> bool:
         return self.gref_base <= gref < self.gref_base + self.pages
@@ -64,6 +70,9 @@ class _Pool:
     def close(self) -> None:
         self._u16.release()
         self._u32.release()
+        for view in self._pages or ():
+            view.release()
+        self._pages = None
         self.buf = memoryview(b"")
         self._segment.close()
 

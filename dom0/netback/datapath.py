@@ -37,7 +37,8 @@ HEAL_TIMEOUT = 10.0
 #: fatal_skb_slots); more is a protocol violation. 19..20 slots are dropped with an error.
 FATAL_SLOTS = 20
 MAX_FRAME_PAGES = 17  # 65535 bytes of frame in 4 KiB pages, rounded up
-BUDGET = 64  # packets per wakeup before looking at the other direction's fairness
+BUDGET = 64  # frames per wakeup on the rx side
+BUDGET_SLOTS = 256  # tx slots per wakeup: a full ring's worth
 
 
 class FatalProtocolError(Exception):
@@ -118,6 +119,9 @@ class TxPath:
         self.on_fatal = on_fatal
         self.stopping = False
         self._slots: list[tuple[bool, tuple[int, ...] | bytes]] = []  # (is_extra, request)
+        self._expect_extra = False  # the packet being collected has more extra slots to come
+        self._first_more = False  # ... and fragments after its extras
+        self._responses: list[tuple[int, int]] = []
         self.thread = threading.Thread(target=self._run, name="netback-tx", daemon=True)
 
     def _run(self) -> None:
@@ -134,45 +138,42 @@ class TxPath:
             self.on_fatal(f"tx: internal error: {exc}")
 
     def _work(self) -> bool:
-        did = False
-        for _ in range(BUDGET):
-            if not self.ring.unconsumed_requests():
-                break
-            self._take_slot()
-            did = True
-        if did and self.ring.push_responses():
-            self.evtchn.notify()
-        return did
-
-    def _take_slot(self) -> None:
-        """Add one slot to the packet being collected; transmit it when its chain ends."""
-        raw = self.ring.get_request_raw()
-        expect_extra = bool(self._slots) and self._wants_extra()
-        if expect_extra:
-            self._slots.append((True, raw))
-        else:
-            self._slots.append((False, N.TX_RING.request.unpack_from(raw)))
-        if len(self._slots) > FATAL_SLOTS:
-            raise FatalProtocolError(f"a packet of more than {FATAL_SLOTS} slots")
-        if self._complete():
-            slots, self._slots = self._slots, []
-            self._transmit(slots)
-
-    def _wants_extra(self) -> bool:
-        is_extra, last = self._slots[-1]
-        if is_extra:
-            return bool(N.Extra.unpack(last).flags & N.XEN_NETIF_EXTRA_FLAG_MORE)  # type: ignore[arg-type]
-        # The extras come right after the first request, if it has extra_info.
-        return len(self._slots) == 1 and bool(last[2] & N.NETTXF_extra_info)  # type: ignore[index]
-
-    def _complete(self) -> bool:
-        if self._wants_extra():
+        """Take every slot the frontend has published (a private copy each, in one batch),
+        transmit the packets they complete, answer them all, push once."""
+        raws = self.ring.get_requests_raw(BUDGET_SLOTS)
+        if not raws:
             return False
-        is_extra, last = self._slots[-1]
-        if is_extra:  # extras done: data follows only if the first request said more_data
-            first = self._slots[0][1]
-            return not first[2] & N.NETTXF_more_data  # type: ignore[index]
-        return not last[2] & N.NETTXF_more_data  # type: ignore[index]
+        unpack = N.TX_RING.request.unpack_from
+        for raw in raws:
+            if self._expect_extra:
+                self._slots.append((True, raw))
+                if not N.Extra.unpack(raw).flags & N.XEN_NETIF_EXTRA_FLAG_MORE:
+                    self._expect_extra = False
+                    if not self._first_more:
+                        self._finish_packet()
+            else:
+                request = unpack(raw)
+                self._slots.append((False, request))
+                flags = request[2]
+                if len(self._slots) == 1:
+                    self._first_more = bool(flags & N.NETTXF_more_data)
+                    self._expect_extra = bool(flags & N.NETTXF_extra_info)
+                    if not self._expect_extra and not self._first_more:
+                        self._finish_packet()
+                elif not flags & N.NETTXF_more_data:
+                    self._finish_packet()
+            if len(self._slots) > FATAL_SLOTS:
+                raise FatalProtocolError(f"a packet of more than {FATAL_SLOTS} slots")
+        if self._responses:
+            self.ring.put_responses(self._responses)
+            self._responses = []
+            if self.ring.push_responses():
+                self.evtchn.notify()
+        return True
+
+    def _finish_packet(self) -> None:
+        slots, self._slots = self._slots, []
+        self._transmit(slots)
 
     def _transmit(self, slots: list[tuple[bool, tuple[int, ...] | bytes]]) -> None:
         data = [s for is_extra, s in slots if not is_extra]
@@ -186,10 +187,7 @@ class TxPath:
             status = N.NETIF_RSP_ERROR
             self.counters.error(exc.reason)
         for is_extra, s in slots:
-            if is_extra:
-                self.ring.put_response((0, N.NETIF_RSP_NULL))
-            else:
-                self.ring.put_response((s[3], status))  # type: ignore[index]
+            self._responses.append((0, N.NETIF_RSP_NULL) if is_extra else (s[3], status))  # type: ignore[index]
 
     def _send(self, data: list[tuple[int, int, int, int, int]], extras: list[N.Extra]) -> int:
         first = data[0]

@@ -128,18 +128,15 @@ class TxPath:
         sizes = [min(N.PAGE_SIZE, length - i * N.PAGE_SIZE) for i in range(used)]
         first = flags | (N.NETTXF_more_data if used > 1 else 0)
         first |= N.NETTXF_extra_info if gso else 0
-        requests: list[tuple[int, ...] | bytes] = [(self.grefs[ids[0]], 0, first, ids[0], length)]
+        requests: list[tuple[int, ...]] = [(self.grefs[ids[0]], 0, first, ids[0], length)]
         if gso:
             extra = N.Extra(N.XEN_NETIF_EXTRA_TYPE_GSO, 0, offload.gso_size, offload.gso_type)
-            requests.append(extra.pack_tx())
+            # An extra overlays a request slot: the same 12 bytes, seen as a request tuple.
+            requests.append(N.TX_RING.request.unpack(extra.pack_tx()))
         for i in range(1, used):
             more = N.NETTXF_more_data if i < used - 1 else 0
             requests.append((self.grefs[ids[i]], 0, more, ids[i], sizes[i]))
-        for request in requests:
-            if isinstance(request, bytes):
-                self.ring.put_request_raw(request)
-            else:
-                self.ring.put_request(request)
+        self.ring.put_requests(requests)
         for i in ids[:used]:
             self.free.popleft()
             self.in_flight.add(i)
