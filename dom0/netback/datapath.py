@@ -279,6 +279,7 @@ class RxPath:
         self.stopping = False
         self.stop_r, self.stop_w = os.pipe()
         self._held: deque[tuple[int, memoryview]] = deque()  # posted requests: (id, page)
+        self._responses: list[tuple[int, int, int, int]] = []
         self._header = bytearray(VNET_HDR_SIZE)
         self.thread = threading.Thread(target=self._run, name="netback-rx", daemon=True)
 
@@ -303,13 +304,13 @@ class RxPath:
             os.close(self.stop_r)
             os.close(self.stop_w)
 
-    def _need(self) -> int:
-        return MAX_FRAME_PAGES + 1 if self.gso else 1
+    NEED = MAX_FRAME_PAGES + 1  # a whole frame's pages, and the slot of its GSO extra
 
     def _fill(self) -> None:
-        """Take posted requests off the ring until a whole frame (and its extra) fits."""
-        while len(self._held) < self._need() and self.ring.unconsumed_requests():
-            rid, gref = self.ring.get_request()
+        """Take posted requests off the ring (in one batch) until a whole frame fits."""
+        if len(self._held) >= self.NEED:
+            return
+        for rid, gref in self.ring.get_requests(BUDGET):
             try:
                 page = self.grants.resolve(gref, write=True)
             except GrantError as exc:
@@ -318,7 +319,7 @@ class RxPath:
 
     def _loop_once(self) -> None:
         self._fill()
-        if len(self._held) < self._need():
+        if len(self._held) < self.NEED:
             if not self.ring.final_check_for_requests():
                 self.evtchn.wait(HEAL_TIMEOUT)
             return
@@ -328,14 +329,21 @@ class RxPath:
         frames = 0
         while frames < BUDGET and not self.stopping:
             self._fill()
-            if len(self._held) < self._need() or not self._receive():
+            if len(self._held) < self.NEED or not self._receive():
                 break
             frames += 1
+        if self._responses:
+            self.ring.put_responses(self._responses)
+            self._responses = []
         if frames and self.ring.push_responses():
             self.evtchn.notify()
 
     def _receive(self) -> bool:
-        pages = [page for _, page in list(self._held)[:MAX_FRAME_PAGES]]
+        """Read one frame. Its first page is the first posted buffer; the rest go from the third
+        on, leaving the second for a GSO extra, so a GSO frame (the common large one) is never
+        moved; a large frame without GSO is moved back one page."""
+        held = self._held
+        pages = [held[0][1], *(held[i][1] for i in range(2, self.NEED))]
         try:
             n = os.readv(self.tap_fd, [self._header, *pages])
         except BlockingIOError:
@@ -351,14 +359,12 @@ class RxPath:
             self.counters.rx_dropped += 1
             return True
         gso = offload.gso_type != N.XEN_NETIF_GSO_TYPE_NONE
-        if gso:
-            if not self.gso:
-                self.counters.rx_dropped += 1
-                return True
-            # The GSO extra takes the second response slot: move fragments 2.. one page on.
-            held = list(self._held)
-            for i in range(used - 1, 0, -1):
-                held[i + 1][1][:] = held[i][1]
+        if gso and not self.gso:
+            self.counters.rx_dropped += 1
+            return True
+        if not gso:
+            for i in range(1, used):
+                held[i][1][:] = held[i + 1][1]
         self._respond(offload, length, used, gso)
         self.counters.rx_packets += 1
         self.counters.rx_bytes += length
@@ -368,16 +374,15 @@ class RxPath:
         flags = (N.NETRXF_csum_blank if offload.csum_blank else 0) | (
             N.NETRXF_data_validated if offload.data_validated else 0
         )
-        sizes = [min(N.PAGE_SIZE, length - i * N.PAGE_SIZE) for i in range(used)]
-        rid, _ = self._held.popleft()
+        held, out = self._held, self._responses
         first_flags = flags | (N.NETRXF_more_data if used > 1 else 0)
         first_flags |= N.NETRXF_extra_info if gso else 0
-        self.ring.put_response((rid, 0, first_flags, sizes[0]))
+        out.append((held.popleft()[0], 0, first_flags, min(N.PAGE_SIZE, length)))
         if gso:
-            self._held.popleft()
+            held.popleft()
             extra = N.Extra(N.XEN_NETIF_EXTRA_TYPE_GSO, 0, offload.gso_size, offload.gso_type)
-            self.ring.put_response_raw(extra.pack_rx())
-        for i, size in enumerate(sizes[1:], start=1):
-            rid, _ = self._held.popleft()
+            out.append(N.RX_RING.response.unpack(extra.pack_rx()))
+        for i in range(1, used):
             more = N.NETRXF_more_data if i < used - 1 else 0
-            self.ring.put_response((rid, 0, more, size))
+            size = min(N.PAGE_SIZE, length - i * N.PAGE_SIZE)
+            out.append((held.popleft()[0], 0, more, size))

@@ -163,14 +163,16 @@ class RxPath:
         self.thread = threading.Thread(target=self._run, name="netfront-rx", daemon=True)
 
     def post_all(self) -> None:
-        for page in range(min(len(self.pages), self.ring.nr_ents)):
-            self._post(page)
+        self._post(list(range(min(len(self.pages), self.ring.nr_ents))))
         if self.ring.push_requests():
             self.evtchn.notify()
 
-    def _post(self, page: int) -> None:
-        self.slot_page[self.ring.req_prod_pvt & (self.ring.nr_ents - 1)] = page
-        self.ring.put_request((page, self.grefs[page]))
+    def _post(self, pages: list[int]) -> None:
+        mask = self.ring.nr_ents - 1
+        prod = self.ring.req_prod_pvt
+        for k, page in enumerate(pages):
+            self.slot_page[(prod + k) & mask] = page
+        self.ring.put_requests([(page, self.grefs[page]) for page in pages])
 
     def stop(self) -> None:
         self.stopping = True
@@ -186,49 +188,44 @@ class RxPath:
         except RingError:
             pass
 
-    def _next(self) -> tuple[int, tuple[int, ...] | bytes]:
-        """The page of the next response's slot, and the response (raw for an extra)."""
-        slot = self.ring.rsp_cons & (self.ring.nr_ents - 1)
-        page = self.slot_page[slot]
-        return page, self.ring.get_response_raw()
-
     def _receive_batch(self) -> bool:
-        frames = 0
-        repost: list[int] = []
-        while frames < BUDGET and self.ring.unconsumed_responses():
-            page, raw = self._next()
-            repost.append(page)
-            _rid, offset, flags, status = N.RX_RING.response.unpack_from(raw)
-            chain = [(page, offset, status)]
+        """Copy out every response available (once), deliver the frames they complete, repost
+        the pages of every slot consumed (each response sits in its request's slot)."""
+        mask = self.ring.nr_ents - 1
+        first_slot = self.ring.rsp_cons
+        raws = self.ring.get_responses_raw()
+        if not raws:
+            return False
+        pages = [self.slot_page[(first_slot + i) & mask] for i in range(len(raws))]
+        unpack = N.RX_RING.response.unpack_from
+        i = 0
+        while i < len(raws):
+            _rid, offset, flags, status = unpack(raws[i])
+            chain = [(pages[i], offset, status)]
+            i += 1
             gso = N.Offload()
             if flags & N.NETRXF_extra_info:
-                extra_page, extra_raw = self._next_or_fail()
-                repost.append(extra_page)
-                extra = N.Extra.unpack(extra_raw)
+                if i >= len(raws):
+                    raise BackendMisbehaved("a packet's extra slot is missing")
+                extra = N.Extra.unpack(raws[i])
+                i += 1
                 if extra.type == N.XEN_NETIF_EXTRA_TYPE_GSO:
                     gso = N.Offload(gso_type=extra.gso_type, gso_size=extra.gso_size)
             more = flags & N.NETRXF_more_data
             while more:
-                next_page, next_raw = self._next_or_fail()
-                repost.append(next_page)
-                _rid, noffset, nflags, nstatus = N.RX_RING.response.unpack_from(next_raw)
-                chain.append((next_page, noffset, nstatus))
+                if i >= len(raws):
+                    raise BackendMisbehaved("a packet's response chain is cut short")
+                _rid, noffset, nflags, nstatus = unpack(raws[i])
+                chain.append((pages[i], noffset, nstatus))
+                i += 1
                 more = nflags & N.NETRXF_more_data
                 if len(chain) > MAX_FRAME_PAGES + 1:
                     raise BackendMisbehaved("an rx chain longer than any frame")
             self._deliver(chain, flags, gso)
-            frames += 1
-        for page in repost:
-            self._post(page)
-        if repost and self.ring.push_requests():
+        self._post(pages)
+        if self.ring.push_requests():
             self.evtchn.notify()
-        return frames > 0
-
-    def _next_or_fail(self) -> tuple[int, bytes]:
-        if not self.ring.unconsumed_responses():
-            raise BackendMisbehaved("a packet's response chain is cut short")
-        page, raw = self._next()
-        return page, raw  # type: ignore[return-value]
+        return True
 
     def _deliver(self, chain: list[tuple[int, int, int]], flags: int, gso: N.Offload) -> None:
         views = []
