@@ -9,8 +9,10 @@ carry a whole TCP burst.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
+import select
 import struct
 
 TUNSETIFF = 0x400454CA
@@ -40,3 +42,27 @@ def open_tap(name: str, *, offload: bool = True) -> int:
         os.close(fd)
         raise
     return fd
+
+
+class TapWaiter:
+    """Sleep until a TAP has a frame to read, or until another thread interrupts the sleep.
+
+    The data-path threads block here rather than on the fd alone so that stopping a vif never
+    waits for traffic."""
+
+    def __init__(self, tap_fd: int) -> None:
+        self.tap_fd = tap_fd
+        self._r, self._w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+
+    def wait(self) -> bool:
+        """True when the TAP is readable; False when interrupted."""
+        ready, _, _ = select.select([self.tap_fd, self._r], [], [])
+        return self._r not in ready
+
+    def interrupt(self) -> None:
+        with contextlib.suppress(BlockingIOError):
+            os.write(self._w, b"x")
+
+    def close(self) -> None:
+        os.close(self._r)
+        os.close(self._w)

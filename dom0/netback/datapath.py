@@ -16,7 +16,6 @@ from __future__ import annotations
 import errno
 import logging
 import os
-import select
 import threading
 import time
 from collections import deque
@@ -28,7 +27,7 @@ from channels.evtchn import EventChannel
 from channels.gnttab import GrantError
 from channels.grants import GrantMapper
 from channels.ring import BackRing, RingBroken, RingError
-from channels.tun import VNET_HDR_SIZE
+from channels.tun import VNET_HDR_SIZE, TapWaiter
 
 log = logging.getLogger(__name__)
 
@@ -277,7 +276,7 @@ class RxPath:
         self.gso = gso
         self.on_fatal = on_fatal
         self.stopping = False
-        self.stop_r, self.stop_w = os.pipe()
+        self.waiter = TapWaiter(tap_fd)
         self._held: deque[tuple[int, memoryview]] = deque()  # posted requests: (id, page)
         self._responses: list[tuple[int, int, int, int]] = []
         self._header = bytearray(VNET_HDR_SIZE)
@@ -285,7 +284,7 @@ class RxPath:
 
     def stop(self) -> None:
         self.stopping = True
-        os.write(self.stop_w, b"x")
+        self.waiter.interrupt()
         self.evtchn.kick()
 
     def _run(self) -> None:
@@ -301,8 +300,7 @@ class RxPath:
             self.on_fatal(f"rx: internal error: {exc}")
         finally:
             self._held.clear()
-            os.close(self.stop_r)
-            os.close(self.stop_w)
+            self.waiter.close()
 
     NEED = MAX_FRAME_PAGES + 1  # a whole frame's pages, and the slot of its GSO extra
 
@@ -323,8 +321,7 @@ class RxPath:
             if not self.ring.final_check_for_requests():
                 self.evtchn.wait(HEAL_TIMEOUT)
             return
-        ready, _, _ = select.select([self.tap_fd, self.stop_r], [], [])
-        if self.stop_r in ready:
+        if not self.waiter.wait():
             return
         frames = 0
         while frames < BUDGET and not self.stopping:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 import os
-import select
 import threading
 from collections import deque
 from collections.abc import Callable
@@ -21,7 +20,7 @@ from channels import netif as N
 from channels.evtchn import EventChannel
 from channels.gnttab import GrantPool
 from channels.ring import FrontRing, RingBroken, RingError
-from channels.tun import VNET_HDR_SIZE
+from channels.tun import VNET_HDR_SIZE, TapWaiter
 
 log = logging.getLogger(__name__)
 
@@ -55,13 +54,13 @@ class TxPath:
         self.free: deque[int] = deque(range(pool.pages))
         self.in_flight: set[int] = set()
         self.stopping = False
-        self.stop_r, self.stop_w = os.pipe()
+        self.waiter = TapWaiter(tap_fd)
         self._header = bytearray(VNET_HDR_SIZE)
         self.thread = threading.Thread(target=self._run, name="netfront-tx", daemon=True)
 
     def stop(self) -> None:
         self.stopping = True
-        os.write(self.stop_w, b"x")
+        self.waiter.interrupt()
         self.evtchn.kick()
 
     def _run(self) -> None:
@@ -74,8 +73,7 @@ class TxPath:
                     if not self.ring.final_check_for_responses():
                         self.evtchn.wait(HEAL_TIMEOUT)
                     continue
-                ready, _, _ = select.select([self.tap_fd, self.stop_r], [], [])
-                if self.stop_r in ready:
+                if not self.waiter.wait():
                     break
                 self._send_batch()
         except (RingBroken, BackendMisbehaved) as exc:
@@ -83,8 +81,7 @@ class TxPath:
         except RingError:
             pass
         finally:
-            os.close(self.stop_r)
-            os.close(self.stop_w)
+            self.waiter.close()
 
     def _reap(self) -> None:
         for rid, status in self.ring.get_responses():

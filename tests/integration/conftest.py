@@ -195,6 +195,17 @@ def lan() -> Iterator[tuple[str, str]]:
     subprocess.run(["ip", "link", "del", f"hytest{n}"], capture_output=True)
 
 
+def start_iperf3_server(domain: str, *options: str) -> None:
+    """`iperf3 -s -1 -D` inside a domain, returning once it listens."""
+    hyperctl("exec", domain, "--", "iperf3", "-s", "-1", "-D", *options)
+
+    def listening() -> bool:
+        probe = hyperctl("exec", domain, "--", "sh", "-c", "ss -ltn | grep -q 5201", check=False)
+        return probe.status == 0
+
+    wait_for(listening, 10, f"iperf3 to listen in {domain}")
+
+
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
     outcome = yield

@@ -14,7 +14,13 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.conftest import RUN, domain_info, hyperctl, wait_for
+from tests.integration.conftest import (
+    RUN,
+    domain_info,
+    hyperctl,
+    start_iperf3_server,
+    wait_for,
+)
 
 pytestmark = pytest.mark.root
 
@@ -38,17 +44,7 @@ def test_two_domains_ping_and_iperf3_through_the_rings(
         assert [line.split(": ")[1].split("@")[0] for line in links] == ["lo", "eth0"]
     assert hyperctl("exec", client, "--", "ping", "-c", "2", "-W", "5", f"{net}.2").status == 0
 
-    hyperctl(
-        "exec", server, "--", "iperf3", "-s", "-1", "-D", "-J", "--logfile", "/tmp/iperf3.json"
-    )
-    wait_for(
-        lambda: (
-            hyperctl("exec", server, "--", "sh", "-c", "ss -ltn | grep -q 5201", check=False).status
-            == 0
-        ),
-        10,
-        "iperf3 to listen",
-    )
+    start_iperf3_server(server, "-J", "--logfile", "/tmp/iperf3.json")
     sent = json.loads(
         hyperctl("exec", client, "--", "iperf3", "-c", f"{net}.2", "-t", "3", "-J").out
     )
@@ -214,15 +210,7 @@ def test_rate_10mbit_holds_iperf3_near_10mbit(
     bridge, net = lan
     server = make_domain(vif(bridge, f"{net}.2"))
     client = make_domain(vif(bridge, f"{net}.3", "    rate: 10Mb/s\n"))
-    hyperctl("exec", server, "--", "iperf3", "-s", "-1", "-D")
-    wait_for(
-        lambda: (
-            hyperctl("exec", server, "--", "sh", "-c", "ss -ltn | grep -q 5201", check=False).status
-            == 0
-        ),
-        10,
-        "iperf3 to listen",
-    )
+    start_iperf3_server(server)
     report = json.loads(
         hyperctl("exec", client, "--", "iperf3", "-c", f"{net}.2", "-t", "4", "-J").out
     )

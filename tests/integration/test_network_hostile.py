@@ -24,7 +24,13 @@ from channels import netif as N
 from channels.gnttab import table_pages
 from channels.ring import HEADER_SIZE, PAGE_SIZE, u32_view
 from channels.shm import Segment, attach
-from tests.integration.conftest import REPO, domain_info, hyperctl, wait_for
+from tests.integration.conftest import (
+    REPO,
+    domain_info,
+    hyperctl,
+    start_iperf3_server,
+    wait_for,
+)
 from tests.integration.test_network import vif
 
 pytestmark = pytest.mark.root
@@ -108,15 +114,7 @@ def neighbours(
     bridge, net = lan
     server = make_domain(vif(bridge, f"{net}.2"))
     client = make_domain(vif(bridge, f"{net}.3"))
-    hyperctl("exec", server, "--", "iperf3", "-s", "-1", "-D")
-    wait_for(
-        lambda: (
-            hyperctl("exec", server, "--", "sh", "-c", "ss -ltn | grep -q 5201", check=False).status
-            == 0
-        ),
-        10,
-        "iperf3 to listen",
-    )
+    start_iperf3_server(server)
     run = subprocess.Popen(
         [
             sys.executable,
