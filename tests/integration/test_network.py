@@ -9,6 +9,7 @@ import json
 import os
 import signal
 import subprocess
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -216,3 +217,37 @@ def test_rate_10mbit_holds_iperf3_near_10mbit(
     )
     mbit = report["end"]["sum_received"]["bits_per_second"] / 1e6
     assert 7 <= mbit <= 12, f"rate 10Mb/s gave {mbit:.1f} Mbit/s"
+
+
+def test_the_workload_cannot_reconfigure_its_network(
+    make_domain: Callable[..., str], lan: tuple[str, str]
+) -> None:
+    bridge, net = lan
+    name = make_domain(vif(bridge, f"{net}.2"))
+    for attempt in (
+        ["ip", "link", "set", "eth0", "mtu", "1400"],
+        ["ip", "addr", "add", f"{net}.50/24", "dev", "eth0"],
+        ["ip", "link", "add", "evil0", "type", "dummy"],
+        ["ip", "route", "add", "default", "via", f"{net}.1"],
+    ):
+        assert hyperctl("exec", name, "--", *attempt, check=False).status != 0, attempt
+    assert "mtu 1500" in hyperctl("exec", name, "--", "ip", "link", "show", "eth0").out
+
+
+def test_idle_vifs_cost_no_cpu(make_domain: Callable[..., str], lan: tuple[str, str]) -> None:
+    """No polling: with nothing to send, neither dom0 nor the domains use CPU time."""
+    bridge, net = lan
+    names = [make_domain(vif(bridge, f"{net}.{i}")) for i in (2, 3)]
+
+    def cpu() -> dict[str, float]:
+        listed = json.loads(hyperctl("list", "--json").out)
+        return {d["name"]: d["cpu_time"] for d in listed if d["name"] in [*names, "Domain-0"]}
+
+    time.sleep(1.0)  # the vifs' connection work ends
+    before = cpu()
+    time.sleep(5.0)
+    after = cpu()
+    used = {name: after[name] - before[name] for name in before}
+    # dom0 answers this test's own hyperctl calls; a few ms of that is all it may use.
+    assert used["Domain-0"] < 0.1, used
+    assert all(used[name] < 0.02 for name in names), used
