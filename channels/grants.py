@@ -3,6 +3,12 @@
 A backend sees only grant refs in requests; the first ref of each unknown pool costs one
 ``gnttab_map_pool`` hypercall (which hyperd refuses unless the pool was set up for the caller),
 later refs in that pool resolve locally, each checked on a copy of its grant entry.
+
+A ref that passed its check stays usable, as a persistent grant does in Xen (blkif's and
+netif-staging's): frontends grant their buffer pages once per connection and reuse them, and
+checking each use again costs the data path more than anything else per slot. Ending access
+to a page the backend already used therefore does not take it back before the connection
+ends, which can only ever expose the granter's own page of its own pool to this backend.
 """
 
 from __future__ import annotations
@@ -12,6 +18,9 @@ import threading
 from channels.gnttab import GrantError, MappedPool
 from channels.hypercall import GnttabMapPool, HypercallClient, HypercallError
 
+#: Refs remembered per connection: a frontend's whole buffer pools (netif: 2 x 256 pages).
+MAX_CHECKED = 4096
+
 
 class GrantMapper:
     def __init__(self, hc: HypercallClient, granter: int, domid: int) -> None:
@@ -20,6 +29,7 @@ class GrantMapper:
         self.domid = domid
         self._pools: list[MappedPool] = []
         self._last: MappedPool | None = None
+        self._checked: dict[tuple[int, bool], memoryview] = {}
         self._lock = threading.Lock()
 
     def _pool(self, gref: int) -> MappedPool:
@@ -48,11 +58,17 @@ class GrantMapper:
 
     def resolve(self, gref: int, *, write: bool) -> memoryview:
         """The granted page behind ``gref``; GrantError if the granter did not allow it."""
-        return self._pool(gref).resolve(gref, write=write)
+        page = self._checked.get((gref, write))
+        if page is None:
+            page = self._pool(gref).resolve(gref, write=write)
+            if len(self._checked) < MAX_CHECKED:
+                self._checked[gref, write] = page
+        return page
 
     def close(self) -> None:
         with self._lock:
             pools, self._pools = self._pools, []
             self._last = None
+            self._checked.clear()
         for pool in pools:
             pool.close()
