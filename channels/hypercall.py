@@ -199,6 +199,16 @@ class DomctlSetSched(Op):
     cap: int | None = Field(default=None, ge=0)
 
 
+class DomctlSetMemory(Op):
+    """dom0: change a domain's memory limit, in MiB (xl mem-set). Refused (EBUSY) when the
+    domain already uses more than the new limit allows it to reclaim."""
+
+    op = "domctl_set_memory"
+    privileged = True
+    domid: int = Field(ge=1, le=DOMID_MAX)
+    memory: int = Field(ge=32, le=1 << 22)
+
+
 class SysctlDmesg(Op):
     """dom0: the hypervisor's log. Result: {"lines": [...]}."""
 
@@ -239,6 +249,7 @@ OPS: dict[str, type[Op]] = {
         DomctlList,
         DomctlExecTarget,
         DomctlSetSched,
+        DomctlSetMemory,
         SysctlDmesg,
         SysctlInfo,
         SysctlHalt,

@@ -26,7 +26,7 @@ from dom0.console import ConsoleBackend
 from dom0.devices import DevicePaths, add_device, device_paths, remove_device
 from dom0.store.core import Store
 from dom0.xenstored import RingServer
-from hyper.config import ConfigError, parse_config, parse_vif_spec, random_mac
+from hyper.config import ConfigError, parse_config, parse_size, parse_vif_spec, random_mac
 from hyper.control import MAX_LINE, read_line, send_json
 
 log = logging.getLogger(__name__)
@@ -427,6 +427,18 @@ class Toolstack:
         """Any domU: set (or, with neither given, show) its weight and cap."""
         info = self._domu(domain)
         return self.hc.call(hc.DomctlSetSched(domid=info["domid"], cpu_weight=cpu_weight, cap=cap))
+
+    def m_mem_set(self, domain: str, memory: str) -> Any:
+        """A domU: set its memory limit (xl mem-set); a bare number is MiB."""
+        try:
+            mib = int(memory) if memory.isdigit() else parse_size(memory) // (1 << 20)
+        except ValueError as exc:
+            raise RequestError(f"mem-set: {memory!r}: {exc}", usage=True) from exc
+        info = self._domu(domain)
+        domid = info["domid"]
+        result = self.hc.call(hc.DomctlSetMemory(domid=domid, memory=mib))
+        self.xs.write(xenbus.memory_target_path(domid), str(mib * 1024))
+        return result
 
     def m_info(self) -> Any:
         """Always allowed: host and hypervisor facts."""

@@ -289,6 +289,11 @@ def cmd_cleanup(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_mem_set(args: argparse.Namespace) -> int:
+    _call("mem_set", domain=args.domain, memory=args.memory)
+    return 0
+
+
 def cmd_sched_credit(args: argparse.Namespace) -> int:
     result = _call("sched_credit", domain=args.domain, cpu_weight=args.weight, cap=args.cap)
     print(f"{'Name':<40}{'Weight':>8}{'Cap':>6}")
@@ -584,6 +589,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-n", dest="iterations", type=int, default=None)
     p.add_argument("-d", dest="delay", type=float, default=3.0)
     p.set_defaults(func=cmd_top)
+
+    p = sub.add_parser("mem-set", help="change a domain's memory limit")
+    p.add_argument("domain")
+    p.add_argument("memory", help="MiB, or a size such as 256M or 1G")
+    p.set_defaults(func=cmd_mem_set)
 
     p = sub.add_parser("sched-credit", help="show or set a domain's weight and cap")
     p.add_argument("-d", dest="domain", required=True)

@@ -398,6 +398,20 @@ class Hypervisor:
             domain.cgroup.set_limits(_limits(domain.config))
         return {"cpu_weight": domain.config.get("cpu_weight"), "cap": domain.config.get("cap")}
 
+    def do_domctl_set_memory(self, caller: Domain, op: hc.DomctlSetMemory) -> dict[str, Any]:
+        domain = self._domu(op.domid)
+        old = domain.config.get("memory")
+        domain.config["memory"] = op.memory
+        if domain.cgroup is not None:
+            try:
+                domain.cgroup.set_limits(_limits(domain.config))
+            except cgroup.CgroupError as exc:
+                domain.config["memory"] = old
+                message = f"domain {op.domid}: cannot set {op.memory} MiB: {exc}"
+                raise HvError("EBUSY", message) from exc
+        log.info("dom%d memory limit %s -> %d MiB", op.domid, old, op.memory)
+        return {"memory": op.memory}
+
     def do_sysctl_dmesg(self, caller: Domain, op: hc.SysctlDmesg) -> dict[str, Any]:
         lines = list(self.dmesg.lines)
         if op.clear:

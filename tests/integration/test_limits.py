@@ -72,3 +72,16 @@ def test_twenty_idle_domains_cost_almost_nothing(make_domain: Callable[..., str]
     used = sum(after[n] - before[n] for n in names)
     assert len(after) == 20
     assert used < 0.2, f"20 idle domains used {used:.3f} s of CPU in 10 s (limit 2% = 0.2 s)"
+
+
+def test_mem_set_changes_the_limit_and_the_store(make_domain: Callable[..., str]) -> None:
+    name = make_domain("memory: 128\n")
+    hyperctl("mem-set", name, "96")
+    info = domain_info(name)
+    assert info is not None and info["memory"] == 96
+    target = hyperctl("store", "read", f"/local/domain/{info['domid']}/memory/target").out
+    assert target.strip() == str(96 * 1024)
+    assert hyperctl("mem-set", name, "not-a-size", check=False).status == 2
+    # The new limit holds: a 200 MiB allocation inside is OOM-killed.
+    hog = hyperctl("exec", name, "--", "python3", "-c", "x = b'x' * (200 << 20)", check=False)
+    assert hog.status != 0

@@ -84,6 +84,7 @@ PRIVILEGED = [
     hc.DomctlCreate(config={"name": "evil"}),
     hc.DomctlExecTarget(domid=1),
     hc.DomctlSetSched(domid=1, cap=0),
+    hc.DomctlSetMemory(domid=1, memory=64),
     hc.SysctlDmesg(),
     hc.SysctlInfo(),
     hc.SysctlHalt(),
