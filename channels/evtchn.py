@@ -51,6 +51,10 @@ class EventChannel:
             return True
         return False
 
+    def doorbell_names(self) -> tuple[str, str | None]:
+        """(ours, the peer's): what a process that only rings and waits needs to open."""
+        return self._doorbell.name, self._peer.name if self._peer else None
+
     def notify(self) -> None:
         """Ring the peer. Before the peer binds this is dropped: binding sets the new port
         pending, so the peer re-checks its ring as soon as it exists."""

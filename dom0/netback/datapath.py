@@ -20,7 +20,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from channels import netif as N
 from channels.evtchn import EventChannel
@@ -44,23 +44,51 @@ class FatalProtocolError(Exception):
     """The frontend broke the protocol: disconnect the vif."""
 
 
-@dataclass
-class Counters:
-    """Per vif, from the domain's point of view: tx = sent by the domain."""
+COUNTER_FIELDS = (
+    "tx_packets",
+    "tx_bytes",
+    "tx_errors",
+    "tx_dropped",
+    "rx_packets",
+    "rx_bytes",
+    "rx_errors",
+    "rx_dropped",
+)
 
-    tx_packets: int = 0
-    tx_bytes: int = 0
-    tx_errors: int = 0
-    tx_dropped: int = 0
-    rx_packets: int = 0
-    rx_bytes: int = 0
-    rx_errors: int = 0
-    rx_dropped: int = 0
-    errors_by_reason: dict[str, int] = field(default_factory=dict)
+
+class Counters:
+    """Per vif, from the domain's point of view: tx = sent by the domain.
+
+    The values live in ``buf`` (eight native u64), so a vif's worker process can count in a
+    page that dom0 reads whenever `hyperctl network-list` asks; without a buffer, in memory."""
+
+    def __init__(self, buf: memoryview | None = None) -> None:
+        self._values = (buf if buf is not None else memoryview(bytearray(64)))[:64].cast("Q")
+        self.errors_by_reason: dict[str, int] = {}
 
     def error(self, reason: str) -> None:
         self.tx_errors += 1
         self.errors_by_reason[reason] = self.errors_by_reason.get(reason, 0) + 1
+
+    def as_dict(self) -> dict[str, int]:
+        return {name: int(self._values[i]) for i, name in enumerate(COUNTER_FIELDS)}
+
+    def release(self) -> None:
+        self._values.release()
+
+
+def _counter(index: int) -> property:
+    def get(self: Counters) -> int:
+        return int(self._values[index])
+
+    def put(self: Counters, value: int) -> None:
+        self._values[index] = value
+
+    return property(get, put)
+
+
+for _i, _name in enumerate(COUNTER_FIELDS):
+    setattr(Counters, _name, _counter(_i))
 
 
 class BadPacket(Exception):

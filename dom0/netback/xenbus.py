@@ -9,19 +9,26 @@ violation by the frontend, fails this vif alone (error node, Closing).
 
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
+import mmap
+import os
+import socket
+import subprocess
+import sys
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
-from channels import netif as N
 from channels.evtchn import EventChannel, bind_interdomain
 from channels.gnttab import GrantError
-from channels.grants import GrantMapper
-from channels.hypercall import HypercallClient, HypercallError
-from channels.ring import BackRing
+from channels.hypercall import GnttabMapPool, HypercallClient, HypercallError
 from channels.xenbus import XenbusState
 from channels.xenbus_bus import XenbusDevice
-from dom0.netback.datapath import Counters, RateLimit, RxPath, TxPath
+from dom0.netback.datapath import COUNTER_FIELDS, Counters, RateLimit
 from dom0.netback.tap import TapError, create_tap, destroy_tap, vif_name
 
 log = logging.getLogger(__name__)
@@ -43,16 +50,124 @@ class Vif:
     devid: int
     bridge: str
     tap_fd: int
-    counters: Counters = field(default_factory=Counters)
-    grants: GrantMapper | None = None
+    counters: Counters | None = None
+    final_counters: dict[str, int] = field(default_factory=dict)
     channels: list[EventChannel] = field(default_factory=list)
-    rings: list[BackRing] = field(default_factory=list)
-    tx: TxPath | None = None
-    rx: RxPath | None = None
+    worker: Worker | None = None
 
     @property
     def name(self) -> str:
         return vif_name(self.domid, self.devid)
+
+    def counter_values(self) -> dict[str, int]:
+        if self.worker is not None:
+            return self.worker.counters.as_dict()
+        return self.final_counters or dict.fromkeys(COUNTER_FIELDS, 0)
+
+
+class Worker:
+    """dom0's handle on a vif's data-path process (dom0/netback/worker.py)."""
+
+    def __init__(
+        self,
+        process: subprocess.Popen[bytes],
+        control: socket.socket,
+        counters_fd: int,
+        hc: HypercallClient,
+        on_fatal: Callable[[str], None],
+    ):
+        self.process = process
+        self.control = control
+        self._page = mmap.mmap(counters_fd, mmap.PAGESIZE)
+        os.close(counters_fd)
+        self.counters = Counters(memoryview(self._page))
+        self._hc = hc
+        self._on_fatal = on_fatal
+        self._thread = threading.Thread(target=self._serve, name="netback-worker", daemon=True)
+        self._thread.start()
+
+    @classmethod
+    def start(
+        cls,
+        params: dict[str, Any],
+        tap_fd: int,
+        hc: HypercallClient,
+        on_fatal: Callable[[str], None],
+    ) -> Worker:
+        ours, theirs = socket.socketpair()
+        counters_fd = os.memfd_create("hyper-vif-counters", os.MFD_CLOEXEC)
+        os.ftruncate(counters_fd, mmap.PAGESIZE)
+        fds = (tap_fd, theirs.fileno(), counters_fd)
+        params = {
+            **params,
+            "tap_fd": tap_fd,
+            "control_fd": theirs.fileno(),
+            "counters_fd": counters_fd,
+        }
+        process = subprocess.Popen(
+            [sys.executable, "-m", "dom0.netback.worker"],
+            stdin=subprocess.PIPE,
+            pass_fds=fds,
+            env={**os.environ, "PYTHONPATH": _SOURCE_ROOT},
+        )
+        assert process.stdin is not None
+        process.stdin.write(json.dumps(params).encode())
+        process.stdin.close()
+        theirs.close()
+        return cls(process, ours, counters_fd, hc, on_fatal)
+
+    def _serve(self) -> None:
+        buffer = b""
+        while True:
+            try:
+                data = self.control.recv(65536)
+            except OSError:
+                data = b""
+            if not data:
+                break
+            buffer += data
+            while b"\n" in buffer:
+                line, buffer = buffer.split(b"\n", 1)
+                self._handle(json.loads(line))
+        if self.process.poll() is not None and self.process.returncode != 0:
+            self._on_fatal(f"data path died ({_describe(self.process.returncode)})")
+
+    def _handle(self, message: dict[str, Any]) -> None:
+        if "fatal" in message:
+            self._on_fatal(str(message["fatal"])[:500])
+            return
+        request = message.get("map_pool") or {}
+        try:
+            result = self._hc.call(
+                GnttabMapPool(granter=int(request["granter"]), gref=int(request["gref"]))
+            )
+            reply: dict[str, Any] = {"id": message["id"], "result": result}
+        except HypercallError as exc:
+            reply = {"id": message["id"], "error": exc.errno_name, "message": exc.message}
+        except (KeyError, TypeError, ValueError) as exc:
+            reply = {"id": message.get("id"), "error": "EINVAL", "message": str(exc)}
+        with contextlib.suppress(OSError):
+            self.control.sendall(json.dumps(reply).encode() + b"\n")
+
+    def stop(self) -> None:
+        """Hang up; the worker stops its threads and exits."""
+        with contextlib.suppress(OSError):
+            self.control.shutdown(socket.SHUT_RDWR)
+        try:
+            self.process.wait(timeout=5.0)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+        self.control.close()
+        self.counters.release()
+        self._page.close()
+
+
+def _describe(code: int) -> str:
+    return f"signal {-code}" if code < 0 else f"exit status {code}"
+
+
+_SOURCE_ROOT = str(Path(__file__).resolve().parents[2])
 
 
 class NetbackDriver:
@@ -97,7 +212,7 @@ class NetbackDriver:
         if state == S.Connected and dev.state == S.InitWait:
             try:
                 self._connect(dev, vif)
-            except (KeyError, ValueError, GrantError, HypercallError) as exc:
+            except (KeyError, ValueError, OSError, GrantError, HypercallError) as exc:
                 self._disconnect(vif)
                 dev.fatal(f"connecting: {exc}")
                 return
@@ -126,48 +241,34 @@ class NetbackDriver:
 
         if dev.read_otherend("request-rx-copy") != "1":
             raise ValueError("frontend does not request rx-copy")
-        grants = GrantMapper(self.hc, dev.frontend_id, 0)
-        vif.grants = grants
-        tx_page = grants.resolve(key("tx-ring-ref"), write=True)
-        rx_page = grants.resolve(key("rx-ring-ref"), write=True)
-        tx_ring = BackRing.attach(N.TX_RING, tx_page, name=f"{vif.name}-tx")
-        rx_ring = BackRing.attach(N.RX_RING, rx_page, name=f"{vif.name}-rx")
-        vif.rings = [tx_ring, rx_ring]
         tx_ch = bind_interdomain(self.hc, dev.frontend_id, key("event-channel-tx"))
         vif.channels.append(tx_ch)
         rx_ch = bind_interdomain(self.hc, dev.frontend_id, key("event-channel-rx"))
         vif.channels.append(rx_ch)
-        gso = dev.read_otherend("feature-gso-tcpv4") == "1"
         rate = _parse_rate(dev.read("rate"))
-
-        def fatal(message: str) -> None:
-            dev.fatal(f"{vif.name}: {message}")
-
-        vif.tx = TxPath(tx_ring, tx_ch, grants, vif.tap_fd, vif.counters, rate, fatal)
-        vif.rx = RxPath(rx_ring, rx_ch, grants, vif.tap_fd, vif.counters, gso, fatal)
-        vif.tx.thread.start()
-        vif.rx.thread.start()
+        params = {
+            "name": vif.name,
+            "frontend": dev.frontend_id,
+            "tx_ring_ref": key("tx-ring-ref"),
+            "rx_ring_ref": key("rx-ring-ref"),
+            "tx_doorbells": tx_ch.doorbell_names(),
+            "rx_doorbells": rx_ch.doorbell_names(),
+            "gso": dev.read_otherend("feature-gso-tcpv4") == "1",
+            "rate": [rate.credit, rate.window_us] if rate else None,
+        }
+        vif.worker = Worker.start(
+            params, vif.tap_fd, self.hc, lambda message: dev.fatal(f"{vif.name}: {message}")
+        )
+        vif.counters = vif.worker.counters
 
     def _disconnect(self, vif: Vif) -> None:
-        if vif.tx is not None:
-            vif.tx.stopping = True
-        if vif.rx is not None:
-            vif.rx.stop()
-        for channel in vif.channels:
-            channel.kick()
-        for path in (vif.tx, vif.rx):
-            if path is not None and path.thread.is_alive():
-                path.thread.join(timeout=5.0)
-        vif.tx = vif.rx = None
-        for ring in vif.rings:
-            ring.close()
-        vif.rings = []
+        if vif.worker is not None:
+            vif.final_counters = vif.worker.counters.as_dict()
+            vif.worker.stop()
+            vif.worker = None
         for channel in vif.channels:
             channel.close()
         vif.channels = []
-        if vif.grants is not None:
-            vif.grants.close()
-            vif.grants = None
 
     def stats(self, domid: int | None = None) -> list[dict[str, object]]:
         with self._lock:
@@ -178,21 +279,9 @@ class NetbackDriver:
                 "devid": v.devid,
                 "name": v.name,
                 "bridge": v.bridge,
-                "connected": v.tx is not None,
-                **{
-                    k: getattr(v.counters, k)
-                    for k in (
-                        "tx_packets",
-                        "tx_bytes",
-                        "tx_errors",
-                        "tx_dropped",
-                        "rx_packets",
-                        "rx_bytes",
-                        "rx_errors",
-                        "rx_dropped",
-                    )
-                },
-                "errors_by_reason": dict(v.counters.errors_by_reason),
+                "connected": v.worker is not None,
+                "worker_pid": v.worker.process.pid if v.worker is not None else None,
+                **v.counter_values(),
             }
             for v in vifs
         ]

@@ -53,6 +53,8 @@ class HostileFrontend:
         self.index = u32_view(self.ring, 0, 4)  # req_prod, req_event, rsp_prod, rsp_event
         self.data = tx_pool.buf[table_pages(TX_POOL_PAGES) * PAGE_SIZE :]
         self.tx_base = self.ring_ref + 2  # netfront grants its 2 ring pages, then the tx pool
+        # Whatever the real netfront sent before the pause must be answered first.
+        wait_for(lambda: self.index[0] == self.index[2], 10, "the tx ring to go quiet")
         self.req_prod = self.index[0]
         self.rsp_cons = self.index[2]
         self.nr_ents = N.TX_RING.nr_ents(PAGE_SIZE)
