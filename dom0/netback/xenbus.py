@@ -50,7 +50,6 @@ class Vif:
     devid: int
     bridge: str
     tap_fd: int
-    counters: Counters | None = None
     final_counters: dict[str, int] = field(default_factory=dict)
     channels: list[EventChannel] = field(default_factory=list)
     worker: Worker | None = None
@@ -259,7 +258,6 @@ class NetbackDriver:
         vif.worker = Worker.start(
             params, vif.tap_fd, self.hc, lambda message: dev.fatal(f"{vif.name}: {message}")
         )
-        vif.counters = vif.worker.counters
 
     def _disconnect(self, vif: Vif) -> None:
         if vif.worker is not None:
