@@ -53,6 +53,7 @@ teardown() {
     if hyperctl list >/dev/null 2>&1; then
         say "a step failed (status $status): destroying the domain and halting the hypervisor"
         hyperctl destroy demo 2>/dev/null
+        hyperctl destroy demo-peer 2>/dev/null
         hyperctl halt
     fi
     if ! wait_until_clean 15; then
@@ -83,8 +84,19 @@ trap 'exit 143' TERM
 
 step cleanup
 step create configs/domu.yaml
+step create configs/peer.yaml
 step list
-step exec demo -- sh -c 'hostname; id; ip -o link; ps -e'
+step exec demo -- sh -c 'hostname; id; ip -o link; ip -o -4 addr show eth0; ps -e'
+
+# Network traffic: every frame crosses the netif rings to dom0's netback and back.
+step exec demo -- ping -c 3 10.0.0.3
+step exec demo-peer -- iperf3 -s -1 -D
+for _ in $(seq 50); do
+    hyperctl exec demo-peer -- sh -c 'ss -ltn | grep -q :5201' && break
+    sleep 0.1
+done
+step exec demo -- iperf3 -c 10.0.0.3 -t 3
+step network-list demo
 
 # A disk-free workload: write a file in the domain's private /tmp, checksum it inside, and
 # compare with the same computation on the host.
@@ -102,4 +114,5 @@ fi
 
 step top -b -n 1
 step destroy demo
+step destroy demo-peer
 step halt

@@ -33,7 +33,7 @@ def test_create_the_demo_domain_and_look_inside(hypervisor: None) -> None:
         assert uid != 0
         assert host + (uid - inside) != 0, "the workload must not be root on the host"
         links = [line for line in out[3:] if line[:1].isdigit() and ": " in line]
-        assert [line.split(": ")[1] for line in links] == ["lo"]
+        assert [line.split(": ")[1] for line in links] == ["lo", "eth0"], "and its one vif"
         ps = out[3 + len(links) :]
         assert ps[0].split()[0] == "PID", "/dev/shm must be empty, so ls prints nothing"
         commands = sorted(line.split()[-1] for line in ps[1:])

@@ -85,11 +85,12 @@ def test_loading_every_config_creates_nothing() -> None:
     assert sorted(CONFIGS.iterdir()) == before
 
 
-def test_demo_domain_is_idle_and_named_demo() -> None:
+def test_demo_domain_is_idle_with_one_vif() -> None:
     demo = load_config(CONFIGS / "domu.yaml")
     assert demo.name == "demo"
     assert demo.command is None
-    assert (demo.vif, demo.disk) == ([], [])
+    assert [str(v.ip) for v in demo.vif] == ["10.0.0.2/24"]
+    assert demo.disk == []
 
 
 def test_a_name_alone_gets_every_default(tmp_path: Path) -> None:
