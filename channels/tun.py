@@ -53,6 +53,7 @@ class TapWaiter:
     def __init__(self, tap_fd: int) -> None:
         self.tap_fd = tap_fd
         self._r, self._w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+        self._closed = False
 
     def wait(self) -> bool:
         """True when the TAP is readable; False when interrupted."""
@@ -60,9 +61,14 @@ class TapWaiter:
         return self._r not in ready
 
     def interrupt(self) -> None:
-        with contextlib.suppress(BlockingIOError):
-            os.write(self._w, b"x")
+        """Wake the waiter (a no-op once its thread has ended and closed us)."""
+        if not self._closed:
+            # EAGAIN: a wakeup is pending already; EBADF: the thread closed us meanwhile.
+            with contextlib.suppress(OSError):
+                os.write(self._w, b"x")
 
     def close(self) -> None:
-        os.close(self._r)
-        os.close(self._w)
+        if not self._closed:
+            self._closed = True
+            os.close(self._r)
+            os.close(self._w)

@@ -1,0 +1,241 @@
+"""netfront against a hostile backend, with real rings, grants and doorbells.
+
+The test plays netback: it writes raw responses into netfront's rings and rings its doorbell.
+netfront's data path runs as it does in a domain, its "eth0" one end of a SOCK_SEQPACKET pair.
+An honest response is delivered; anything a correct backend never writes (an impossible
+rsp_prod, an id that is not in flight, sizes past the page, a chain cut short) marks the vif
+broken through ``on_broken``, without a crash or a hang.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import socket
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import pytest
+
+from channels import netif as N
+from channels.doorbell import create_doorbell, unlink_doorbell
+from channels.evtchn import from_status
+from channels.gnttab import GrantPool, pool_bytes
+from channels.ring import HEADER_SIZE, PAGE_SIZE, FrontRing, u32_view
+from channels.shm import Segment, attach, create_segment, unlink_segment
+from channels.tun import VNET_HDR_SIZE
+from domu.netfront.datapath import RxPath, TxPath
+from tests.unit.test_netback_hostile import Hypercalls
+
+PAGES = 32
+_ids = itertools.count()
+FRAME = bytes.fromhex("ffffffffffff 00163e0000bb 0800") + bytes(46)
+
+
+@dataclass
+class Backend:
+    """The test's side of one netfront ring: raw slots and the shared indices."""
+
+    area: memoryview
+    slot_size: int
+    nr_ents: int
+    index: memoryview = field(init=False)
+    rsp_prod: int = 0
+    req_cons: int = 0
+
+    def __post_init__(self) -> None:
+        self.index = u32_view(self.area, 0, 4)  # req_prod, req_event, rsp_prod, rsp_event
+
+    def requests(self, fmt: N.struct.Struct) -> list[tuple[int, ...]]:
+        out = []
+        while self.req_cons != self.index[0]:
+            offset = HEADER_SIZE + (self.req_cons % self.nr_ents) * self.slot_size
+            out.append(fmt.unpack_from(self.area, offset))
+            self.req_cons = (self.req_cons + 1) & 0xFFFFFFFF
+        return out
+
+    def respond(self, *slots: bytes) -> None:
+        for raw in slots:
+            offset = HEADER_SIZE + (self.rsp_prod % self.nr_ents) * self.slot_size
+            self.area[offset : offset + self.slot_size] = raw.ljust(self.slot_size, b"\0")
+            self.rsp_prod = (self.rsp_prod + 1) & 0xFFFFFFFF
+        self.index[2] = self.rsp_prod
+
+    def lie(self, rsp_prod: int) -> None:
+        self.index[2] = rsp_prod & 0xFFFFFFFF
+
+
+@dataclass
+class Harness:
+    ring: FrontRing
+    backend: Backend
+    pool: GrantPool
+    peer: socket.socket
+    kick: threading.Event
+    broken: list[str] = field(default_factory=list)
+    broken_event: threading.Event = field(default_factory=threading.Event)
+
+    def on_broken(self, message: str) -> None:
+        self.broken.append(message)
+        self.broken_event.set()
+
+    def delivered(self, timeout: float = 5.0) -> bytes:
+        self.peer.settimeout(timeout)
+        return self.peer.recv(70000)
+
+
+@pytest.fixture
+def setup() -> Iterator[tuple[Segment, GrantPool, socket.socket, socket.socket, object]]:
+    tag = f"hyper-test-netfront-{os.getpid()}-{next(_ids)}"
+    names = (f"{tag}-ring", f"{tag}-pool", f"{tag}-f", f"{tag}-b")
+    create_segment(names[0], PAGE_SIZE)
+    create_segment(names[1], pool_bytes(PAGES))
+    create_doorbell(names[2])
+    create_doorbell(names[3])
+    segment = attach(names[0])
+    pool = GrantPool.open(names[1], 8, PAGES)
+    tap, peer = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    tap.setblocking(False)  # as a TAP's fd is: netfront reads until EAGAIN
+    calls = Hypercalls((names[1], 8, PAGES), (names[2], names[3]))
+    evtchn = from_status(calls, 1)  # type: ignore[arg-type]
+    yield segment, pool, tap, peer, evtchn
+    tap.close()
+    peer.close()
+    pool.close()
+    segment.close()
+    for name in names[:2]:
+        unlink_segment(name)
+    for name in names[2:]:
+        unlink_doorbell(name)
+
+
+@pytest.fixture
+def rx(setup: tuple) -> Iterator[Harness]:  # type: ignore[type-arg]
+    segment, pool, tap, peer, evtchn = setup
+    ring = FrontRing.init(N.RX_RING, segment.buf)
+    backend = Backend(segment.buf, N.RX_RING.slot_size, N.RX_RING.nr_ents(PAGE_SIZE))
+    grefs = [pool.grant(i, 0, readonly=False) for i in range(PAGES)]
+    harness = Harness(ring, backend, pool, peer, threading.Event())
+    path = RxPath(ring, evtchn, pool, grefs, tap.fileno(), harness.on_broken)
+    path.post_all()
+    path.thread.start()
+    yield harness
+    path.stop()
+    path.thread.join(5)
+    backend.index.release()
+    ring.close()
+
+
+def rx_response(rid: int, size: int, flags: int = 0, offset: int = 0) -> bytes:
+    return N.RX_RING.response.pack(rid, offset, flags, size)
+
+
+def fill_page(harness: Harness, slot: int, data: bytes) -> None:
+    harness.pool.page(slot)[: len(data)] = data
+
+
+def test_an_honest_rx_response_is_delivered(rx: Harness) -> None:
+    requests = rx.backend.requests(N.RX_RING.request)
+    assert len(requests) == PAGES  # every page posted
+    fill_page(rx, 0, FRAME)
+    rx.backend.respond(rx_response(requests[0][0], len(FRAME)))
+    from_status_kick(rx)
+    assert rx.delivered()[VNET_HDR_SIZE:] == FRAME
+    assert not rx.broken
+
+
+def from_status_kick(harness: Harness) -> None:
+    """Ring netfront's doorbell (what netback's notify does)."""
+    for path in os.listdir("/dev/shm"):
+        if path.startswith("sem.hyper-test-netfront") and path.endswith("-f"):
+            import posix_ipc
+
+            bell = posix_ipc.Semaphore("/" + path.removeprefix("sem."))
+            bell.release()
+            bell.close()
+
+
+@pytest.mark.parametrize(
+    ("what", "responses"),
+    [
+        ("size past the page", [rx_response(0, 200, offset=4000)]),
+        ("chain cut short", [rx_response(0, 4096, flags=N.NETRXF_more_data)]),
+        ("extra slot missing", [rx_response(0, 60, flags=N.NETRXF_extra_info)]),
+        (
+            "chain longer than any frame",
+            [rx_response(0, 4096, flags=N.NETRXF_more_data)] * 20 + [rx_response(0, 10)],
+        ),
+    ],
+)
+def test_a_hostile_rx_response_breaks_the_vif(
+    rx: Harness, what: str, responses: list[bytes]
+) -> None:
+    rx.backend.requests(N.RX_RING.request)
+    rx.backend.respond(*responses)
+    from_status_kick(rx)
+    assert rx.broken_event.wait(5), f"{what}: the vif must be marked broken"
+
+
+def test_an_impossible_rsp_prod_breaks_the_vif(rx: Harness) -> None:
+    rx.backend.lie(rx.backend.rsp_prod + 5000)
+    from_status_kick(rx)
+    assert rx.broken_event.wait(5)
+    assert "rsp_prod" in rx.broken[0]
+
+
+def test_an_error_status_drops_the_frame_only(rx: Harness) -> None:
+    requests = rx.backend.requests(N.RX_RING.request)
+    rx.backend.respond(N.RX_RING.response.pack(requests[0][0], 0, 0, N.NETIF_RSP_ERROR))
+    fill_page(rx, 1, FRAME)
+    rx.backend.respond(rx_response(requests[1][0], len(FRAME)))
+    from_status_kick(rx)
+    assert rx.delivered()[VNET_HDR_SIZE:] == FRAME
+    assert not rx.broken
+
+
+@pytest.fixture
+def tx(setup: tuple) -> Iterator[Harness]:  # type: ignore[type-arg]
+    segment, pool, tap, peer, evtchn = setup
+    ring = FrontRing.init(N.TX_RING, segment.buf)
+    backend = Backend(segment.buf, N.TX_RING.slot_size, N.TX_RING.nr_ents(PAGE_SIZE))
+    grefs = [pool.grant(i, 0, readonly=True) for i in range(PAGES)]
+    harness = Harness(ring, backend, pool, peer, threading.Event())
+    path = TxPath(ring, evtchn, pool, grefs, tap.fileno(), False, harness.on_broken)
+    path.thread.start()
+    yield harness
+    path.stop()
+    path.thread.join(5)
+    backend.index.release()
+    ring.close()
+
+
+def send_frame(harness: Harness) -> tuple[int, ...]:
+    harness.peer.sendall(bytes(VNET_HDR_SIZE) + FRAME)  # the workload sends on eth0
+    for _ in range(500):
+        requests = harness.backend.requests(N.TX_RING.request)
+        if requests:
+            return requests[0]
+        threading.Event().wait(0.01)
+    raise AssertionError("netfront never posted the frame")
+
+
+@pytest.mark.parametrize("bad_id", [7777, "again"])
+def test_a_tx_response_for_a_request_not_in_flight_breaks_the_vif(
+    tx: Harness, bad_id: int | str
+) -> None:
+    request = send_frame(tx)
+    assert request[4] == len(FRAME)
+    rid = request[3]
+    if bad_id == "again":  # the right id, twice: the second is not in flight any more
+        tx.backend.respond(N.TX_RING.response.pack(rid, 0), N.TX_RING.response.pack(rid, 0))
+    else:
+        tx.backend.respond(N.TX_RING.response.pack(int(bad_id), 0))
+    from_status_kick(tx)
+    send_frame_nowait(tx)  # netfront reaps responses before it reads the next frame
+    assert tx.broken_event.wait(5)
+    assert "not in flight" in tx.broken[0]
+
+
+def send_frame_nowait(harness: Harness) -> None:
+    harness.peer.sendall(bytes(VNET_HDR_SIZE) + FRAME)
