@@ -13,13 +13,14 @@ the pages the frontend posted. Each wakeup handles every request or frame that i
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from channels import netif as N
@@ -124,6 +125,21 @@ class RateLimit:
         return self.next_refill - now
 
 
+@contextlib.contextmanager
+def _fatal_on_violation(direction: str, on_fatal: Callable[[str], None]) -> Iterator[None]:
+    """How a data-path thread ends: a protocol violation (or our own bug) disconnects the vif;
+    a ring closed under us means the vif is already going away."""
+    try:
+        yield
+    except (RingBroken, FatalProtocolError) as exc:
+        on_fatal(f"{direction}: {exc}")
+    except RingError:
+        pass
+    except Exception as exc:
+        log.exception("netback %s failed", direction)
+        on_fatal(f"{direction}: internal error: {exc}")
+
+
 class TxPath:
     """Frontend -> host: consume tx requests, transmit on the TAP, answer every slot."""
 
@@ -152,17 +168,10 @@ class TxPath:
         self.thread = threading.Thread(target=self._run, name="netback-tx", daemon=True)
 
     def _run(self) -> None:
-        try:
+        with _fatal_on_violation("tx", self.on_fatal):
             while not self.stopping:
                 if not self._work() and not self.ring.final_check_for_requests():
                     self.evtchn.wait(HEAL_TIMEOUT)
-        except (RingBroken, FatalProtocolError) as exc:
-            self.on_fatal(f"tx: {exc}")
-        except RingError:
-            pass  # closed under us: the vif is going away
-        except Exception as exc:
-            log.exception("netback tx failed")
-            self.on_fatal(f"tx: internal error: {exc}")
 
     def _work(self) -> bool:
         """Take every slot the frontend has published (a private copy each, in one batch),
@@ -317,15 +326,9 @@ class RxPath:
 
     def _run(self) -> None:
         try:
-            while not self.stopping:
-                self._loop_once()
-        except (RingBroken, FatalProtocolError) as exc:
-            self.on_fatal(f"rx: {exc}")
-        except RingError:
-            pass
-        except Exception as exc:
-            log.exception("netback rx failed")
-            self.on_fatal(f"rx: internal error: {exc}")
+            with _fatal_on_violation("rx", self.on_fatal):
+                while not self.stopping:
+                    self._loop_once()
         finally:
             self._held.clear()
             self.waiter.close()
