@@ -2,7 +2,7 @@
 
 The domain kernel produces requests into the page's request ring and consumes replies and watch
 events from its response ring, ringing its store event channel after every update. The server
-(dom0/xenstored.py) reports a connection it has dropped through the page's error field; the
+(dom0/relay.py, for dom0) reports a connection it has dropped through the page's error field; the
 client then fails every call with XsConnectionLost instead of waiting out its timeouts.
 """
 

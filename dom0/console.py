@@ -1,21 +1,16 @@
-"""The console backend (xenconsoled's role): one per domU, over its console ring.
+"""The console backend (xenconsoled's role): one per domU, fed by the domain's relay process.
 
 It keeps the last bytes each domain wrote (so `hyperctl console` shows what happened before it
-attached) and relays between the ring and any attached `hyperctl console` sessions.
+attached) and relays between the domain's console ring (through dom0/relay.py, which alone maps
+it) and any attached `hyperctl console` sessions.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import socket
 import threading
-from typing import Any
-
-from channels.bytering import console_rings
-from channels.evtchn import from_status
-from channels.hypercall import HypercallClient
-from channels.shm import attach
-from channels.stream import RingStream, StreamClosed
 
 log = logging.getLogger(__name__)
 
@@ -23,19 +18,27 @@ HISTORY = 64 * 1024
 
 
 class ConsoleBackend:
-    def __init__(self, hc: HypercallClient, domid: int, info: dict[str, Any]) -> None:
+    def __init__(self, domid: int, relay: socket.socket) -> None:
         self.domid = domid
-        self._segment = attach(info["segment"])
-        self._evtchn = from_status(hc, info["dom0_port"])
-        in_, out = console_rings(self._segment.buf)
-        self._rings = (in_, out)
+        self._relay = relay
+        self._relay.settimeout(5.0)  # a guest that never reads its console drops input
         self._lock = threading.Lock()
         self._history = bytearray()
         self._clients: list[socket.socket] = []
-        # The guest produces on "out" and consumes "in": we do the opposite.
-        self._stream = RingStream(
-            out, in_, self._evtchn, self._from_guest, name=f"console-{domid}"
-        ).start()
+        self._thread = threading.Thread(target=self._read, name=f"console-{domid}", daemon=True)
+        self._thread.start()
+
+    def _read(self) -> None:
+        while True:
+            try:
+                data = self._relay.recv(65536)
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            if not data:
+                return
+            self._from_guest(data)
 
     def _from_guest(self, data: bytes) -> None:
         with self._lock:
@@ -63,20 +66,17 @@ class ConsoleBackend:
 
     def to_guest(self, data: bytes) -> None:
         try:
-            self._stream.send(data, timeout=5.0)
-        except (StreamClosed, TimeoutError) as exc:
+            self._relay.sendall(data)
+        except OSError as exc:
             log.info("console %d: input dropped: %s", self.domid, exc)
 
     def close(self) -> None:
-        self._stream.close()
-        self._evtchn.close()
+        with contextlib.suppress(OSError):
+            self._relay.shutdown(socket.SHUT_RDWR)
+        self._thread.join(timeout=5.0)
+        self._relay.close()
         with self._lock:
             clients, self._clients = self._clients, []
         for client in clients:
-            try:
+            with contextlib.suppress(OSError):
                 client.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-        for ring in self._rings:
-            ring.close()
-        self._segment.close()

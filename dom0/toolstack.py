@@ -24,8 +24,8 @@ from channels.xenbus import XenbusState
 from channels.xs import Perm, XsClient, XsError
 from dom0.console import ConsoleBackend
 from dom0.devices import DevicePaths, add_device, device_paths, remove_device
+from dom0.relay import Relay
 from dom0.store.core import Store
-from dom0.xenstored import RingServer
 from hyper.config import ConfigError, parse_config, parse_size, parse_vif_spec, random_mac
 from hyper.control import MAX_LINE, read_line, send_json
 
@@ -49,7 +49,7 @@ class DomainState:
     domid: int
     name: str
     info: dict[str, Any]
-    store: RingServer | None = None
+    relay: Relay | None = None  # the process that alone maps the domain's store and console rings
     console: ConsoleBackend | None = None
     running: threading.Event = field(default_factory=threading.Event)
     gone: threading.Event = field(default_factory=threading.Event)
@@ -104,8 +104,8 @@ class Toolstack:
             self._teardown(old)
         self._write_skeleton(info)
         self.store.introduce_domain(domid)
-        state.store = RingServer(self.store, self.hc, domid, info["store"])
-        state.console = ConsoleBackend(self.hc, domid, info["console"])
+        state.relay = Relay.start(self.hc, self.store, domid, info)
+        state.console = ConsoleBackend(domid, state.relay.console)
         for devid, vif in enumerate(info["config"].get("vif") or []):
             self._add_vif(domid, devid, vif)
         log.info("dom%d (%s) introduced", domid, info["name"])
@@ -175,10 +175,11 @@ class Toolstack:
             state.gone.set()
 
     def _stop_backends(self, state: DomainState) -> None:
-        for backend in (state.store, state.console):
-            if backend is not None:
-                backend.close()
-        state.store = state.console = None
+        if state.console is not None:
+            state.console.close()
+        if state.relay is not None:
+            state.relay.stop()
+        state.relay = state.console = None
 
     def _teardown(self, state: DomainState) -> None:
         self._stop_backends(state)

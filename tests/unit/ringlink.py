@@ -9,16 +9,19 @@ from __future__ import annotations
 
 import itertools
 import os
+import socket
+import threading
 from typing import Any
 
 from channels import hypercall as hc
-from channels.bytering import XENSTORE_PAGE_SIZE
+from channels.bytering import XENSTORE_PAGE_SIZE, xenstore_rings
 from channels.doorbell import create_doorbell, unlink_doorbell
 from channels.evtchn import from_status
 from channels.shm import attach, create_segment, unlink_segment
 from channels.xs_ring import XenstoreRing
+from dom0.relay import relay
 from dom0.store.core import Store
-from dom0.xenstored import RingServer
+from dom0.store.stream import StreamConnection
 
 _ids = itertools.count()
 
@@ -39,7 +42,9 @@ class FakeHypercalls:
 
 
 class ByteRingLink:
-    """``client`` acts as ``domid`` through a xenstore ring page, exactly as a domU kernel."""
+    """``client`` acts as ``domid`` through a xenstore ring page, exactly as a domU kernel does,
+    and the page is served as dom0 serves it: the relay's store loop (dom0/relay.py, here in a
+    thread) between the page and a socket, the store's StreamConnection on the socket."""
 
     def __init__(self, store: Store, domid: int) -> None:
         tag = f"hyper-test-xsring-{os.getpid()}-{next(_ids)}"
@@ -47,15 +52,20 @@ class ByteRingLink:
         create_segment(tag, XENSTORE_PAGE_SIZE)
         create_doorbell(self.names[1])
         create_doorbell(self.names[2])
-        hcalls = FakeHypercalls(
-            {1: (self.names[1], self.names[2]), 2: (self.names[2], self.names[1])}
+        dom0_end, relay_end = socket.socketpair()
+        self.conn = StreamConnection(store, domid, dom0_end)
+        self.done = threading.Event()
+        params = {
+            "segment": tag,
+            "doorbell": self.names[2],
+            "peer_doorbell": self.names[1],
+            "fd": relay_end.detach(),
+        }
+        self.relay = threading.Thread(
+            target=relay, args=("store", params, xenstore_rings, self.done), daemon=True
         )
-        self.server = RingServer(
-            store,
-            hcalls,
-            domid,  # type: ignore[arg-type]
-            {"segment": tag, "dom0_port": 2},
-        )
+        self.relay.start()
+        hcalls = FakeHypercalls({1: (self.names[1], self.names[2])})
         self.segment = attach(tag)
         evtchn = from_status(hcalls, 1)  # type: ignore[arg-type]
         self.ring = XenstoreRing(self.segment.buf, evtchn, timeout=5.0).start()
@@ -63,7 +73,8 @@ class ByteRingLink:
 
     def close(self) -> None:
         self.ring.close()
-        self.server.close()
+        self.conn.close()
+        self.done.wait(5.0)
         self.segment.close()
         unlink_segment(self.names[0])
         unlink_doorbell(self.names[1])
