@@ -18,10 +18,13 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from channels.bytering import ByteRing
-from channels.evtchn import EventChannel
 from channels.ring import RingBroken
+
+if TYPE_CHECKING:
+    from channels.evtchn import EventChannel
 
 log = logging.getLogger(__name__)
 

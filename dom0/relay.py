@@ -27,7 +27,7 @@ import sys
 import threading
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from channels.bytering import (
     XENSTORE_ERROR_COMM,
@@ -37,14 +37,33 @@ from channels.bytering import (
     console_rings,
     xenstore_rings,
 )
-from channels.evtchn import EventChannel
-from channels.hypercall import EvtchnStatus, HypercallClient
+from channels.doorbell import Doorbell
 from channels.shm import attach
 from channels.stream import RingStream, StreamClosed
-from dom0.store.core import Store
-from dom0.store.stream import StreamConnection
+
+if TYPE_CHECKING:
+    from channels.hypercall import HypercallClient
+    from dom0.store.core import Store
+    from dom0.store.stream import StreamConnection
 
 log = logging.getLogger("relay")
+
+
+class _Channel:
+    """An event channel dom0 bound at build time: our doorbell to wait on, the guest's to ring."""
+
+    def __init__(self, mine: str, peer: str) -> None:
+        self._mine = Doorbell(mine)
+        self._peer = Doorbell(peer)
+
+    def wait(self, timeout: float | None) -> bool:
+        return self._mine.wait(timeout)
+
+    def notify(self) -> None:
+        self._peer.ring()
+
+    def kick(self) -> None:
+        self._mine.ring()
 
 
 def relay(
@@ -57,7 +76,7 @@ def relay(
     segment = attach(params["segment"])
     sock = socket.socket(fileno=params["fd"])
     rx, tx = rings(segment.buf)
-    evtchn = EventChannel(None, 0, params["doorbell"], params["peer_doorbell"])  # type: ignore[arg-type]
+    evtchn = _Channel(params["doorbell"], params["peer_doorbell"])
 
     def to_dom0(data: bytes) -> None:
         try:
@@ -65,7 +84,8 @@ def relay(
         except OSError:
             done.set()
 
-    stream = RingStream(rx, tx, evtchn, to_dom0, lambda exc: done.set(), name=kind).start()
+    stream = RingStream(rx, tx, evtchn, to_dom0, lambda exc: done.set(), name=kind)  # type: ignore[arg-type]
+    stream.start()
     while True:
         try:
             data = sock.recv(65536)
@@ -118,6 +138,11 @@ class Relay:
 
     @classmethod
     def start(cls, hc: HypercallClient, store: Store, domid: int, info: dict[str, Any]) -> Relay:
+        # Imported here, not at the top: the relay process itself must stay small (one per
+        # domain), and these bring pydantic and the store along.
+        from channels.hypercall import EvtchnStatus
+        from dom0.store.stream import StreamConnection
+
         params: dict[str, Any] = {}
         ours: dict[str, socket.socket] = {}
         theirs: list[socket.socket] = []
