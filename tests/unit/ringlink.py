@@ -72,10 +72,12 @@ class ByteRingLink:
         self.client = self.ring.client
 
     def close(self) -> None:
-        self.ring.close()
-        self.conn.close()
-        self.done.wait(5.0)
-        self.segment.close()
-        unlink_segment(self.names[0])
-        unlink_doorbell(self.names[1])
-        unlink_doorbell(self.names[2])
+        try:
+            self.ring.close()
+            self.conn.close()
+            self.done.wait(5.0)
+            self.segment.close()
+        finally:  # the names go whatever happened above
+            unlink_segment(self.names[0])
+            unlink_doorbell(self.names[1])
+            unlink_doorbell(self.names[2])
