@@ -576,19 +576,37 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--count and --repeat must be at least 1, --idle-seconds positive")
     if os.geteuid() != 0:
         parser.error("needs root (hyperctl talks to a root-only socket)")
-    signal.signal(signal.SIGTERM, _interrupt)  # clean up on kill as on ^C
+    return run_bench(
+        "bench/create.py",
+        lambda: measure(args),
+        print_report,
+        args.json,
+        "its domains are destroyed",
+    )
+
+
+def run_bench(
+    name: str,
+    measure_all: Callable[[], dict[str, Any]],
+    report: Callable[[dict[str, Any]], None],
+    as_json: bool,
+    interrupted: str,
+) -> int:
+    """What every benchmark's main does after its arguments: measure, cleaning up on ^C or
+    SIGTERM as on an error, print the figures, and say if anything of hyper's was left."""
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
-        results = measure(args)
+        results = measure_all()
     except BenchError as exc:
-        err.print(f"[red]bench/create.py: {exc}")
+        err.print(f"[red]{name}: {exc}")
         return 1
     except KeyboardInterrupt:
-        err.print("[red]bench/create.py: interrupted; its domains are destroyed")
+        err.print(f"[red]{name}: interrupted; {interrupted}")
         return 130
-    if args.json:
+    if as_json:
         print(json.dumps(results, indent=2))
     else:
-        print_report(results)
+        report(results)
     if not hypervisor_running() and leftovers():
         err.print(f"[red]left behind in /dev/shm: {' '.join(leftovers())}")
     return 0

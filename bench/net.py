@@ -62,10 +62,10 @@ from bench.create import (  # noqa: E402
     BenchError,
     hyperctl,
     hypervisor,
-    hypervisor_running,
-    leftovers,
     progress,
+    run_bench,
 )
+from dom0.netback.datapath import COUNTER_FIELDS  # noqa: E402
 from hyper.cgroup import CgroupError, DomainGroup, open_hierarchy  # noqa: E402
 
 VETH, PEER, DOMU, SLIRP = "veth", "domU -> peer", "domU <-> domU", "slirp4netns"
@@ -83,16 +83,7 @@ BRIDGE_GONE_TIMEOUT = 10.0
 RTT_RE = re.compile(r"= ([\d.]+)/([\d.]+)/([\d.]+)/([\d.]+) ms")
 SENT_RE = re.compile(r"(\d+) packets transmitted, (\d+) (?:packets )?received")
 TIME_RE = re.compile(r"time=([\d.]+) ms")
-NETBACK_KEYS = (
-    "tx_packets",
-    "tx_bytes",
-    "tx_errors",
-    "tx_dropped",
-    "rx_packets",
-    "rx_bytes",
-    "rx_errors",
-    "rx_dropped",
-)
+NETBACK_KEYS = COUNTER_FIELDS
 KERNEL_KEYS = ("packets", "bytes", "errors", "dropped")
 
 # Wide enough for the main table when piped (rich assumes 80 columns off a terminal).
@@ -332,15 +323,14 @@ def vif_snapshot(name: str, domid: int) -> dict[str, Any]:
     vif = vifs[0] if vifs else {}
     return {
         "netback": {k: vif.get(k, 0) for k in NETBACK_KEYS},
-        "errors_by_reason": vif.get("errors_by_reason", {}),
         "host_tap": kernel_stats((), f"vif{domid}.0"),
         "domU_eth0": kernel_stats(in_domain(name, "").prefix, "eth0"),
     }
 
 
 def delta(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
-    """Counter increments between two snapshots (reasons as found at the end)."""
-    result: dict[str, Any] = {"errors_by_reason": after["errors_by_reason"]}
+    """Counter increments between two snapshots."""
+    result: dict[str, Any] = {}
     for part in ("netback", "host_tap", "domU_eth0"):
         result[part] = {k: after[part][k] - before[part].get(k, 0) for k in after[part]}
     return result
@@ -652,11 +642,10 @@ def counters_table(results: dict[str, Any]) -> Table:
     for name in (PEER, DOMU):
         for domain, v in results["paths"].get(name, {}).get("vifs", {}).items():
             nb = v["netback"]
-            reasons = ", ".join(f"{r} {n}" for r, n in v["errors_by_reason"].items())
             t.add_row(
                 name,
                 domain,
-                "netback" + (f" ({reasons})" if reasons else ""),
+                "netback",
                 str(nb["tx_packets"]),
                 str(nb["rx_packets"]),
                 str(nb["tx_errors"] + nb["rx_errors"]),
@@ -718,10 +707,6 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     return results
 
 
-def _interrupt(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--time", type=int, default=5, help="seconds per iperf3 run (5)")
@@ -733,22 +718,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--time and --pings must be at least 1")
     if os.geteuid() != 0:
         parser.error("needs root (namespaces, veths, and hyperctl's root-only socket)")
-    signal.signal(signal.SIGTERM, _interrupt)  # clean up on kill as on ^C
-    try:
-        results = measure(args)
-    except BenchError as exc:
-        err.print(f"[red]bench/net.py: {exc}")
-        return 1
-    except KeyboardInterrupt:
-        err.print("[red]bench/net.py: interrupted; what it made is removed")
-        return 130
-    if args.json:
-        print(json.dumps(results, indent=2))
-    else:
-        print_report(results)
-    if not hypervisor_running() and leftovers():
-        err.print(f"[red]left behind in /dev/shm: {' '.join(leftovers())}")
-    return 0
+    return run_bench(
+        "bench/net.py", lambda: measure(args), print_report, args.json, "what it made is removed"
+    )
 
 
 if __name__ == "__main__":

@@ -39,10 +39,6 @@ class EventChannel:
         self._peer: Doorbell | None = Doorbell(peer_doorbell) if peer_doorbell else None
         self._closed = False
 
-    @property
-    def bound(self) -> bool:
-        return self._peer is not None or self._refresh()
-
     def _refresh(self) -> bool:
         """An unbound port learns its peer's doorbell once the peer has bound to it."""
         status = self._hc.call(EvtchnStatus(port=self.port))

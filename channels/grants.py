@@ -28,17 +28,12 @@ class GrantMapper:
         self.granter = granter
         self.domid = domid
         self._pools: list[MappedPool] = []
-        self._last: MappedPool | None = None
         self._checked: dict[tuple[int, bool], memoryview] = {}
         self._lock = threading.Lock()
 
     def _pool(self, gref: int) -> MappedPool:
-        last = self._last  # a packet's refs are almost always in the pool of the one before
-        if last is not None and last.gref_base <= gref < last.gref_base + last.pages:
-            return last
         for pool in self._pools:
             if gref in pool:
-                self._last = pool
                 return pool
             if gref in pool:
                 return pool
@@ -68,7 +63,6 @@ class GrantMapper:
     def close(self) -> None:
         with self._lock:
             pools, self._pools = self._pools, []
-            self._last = None
             self._checked.clear()
         for pool in pools:
             pool.close()

@@ -30,7 +30,7 @@ from typing import Any
 from channels.bytering import CONSOLE_PAGE_SIZE, XENSTORE_PAGE_SIZE
 from domu.sandbox import id_map
 from hyper.cgroup import DomainGroup
-from hyper.resources import Resources, host_gid
+from hyper.resources import Resources
 
 
 class Status(enum.Enum):
@@ -146,10 +146,6 @@ def write_id_maps(pid: int, domid: int) -> None:
     """Map the domain's user namespace onto its private host id range (domu/sandbox.py)."""
     for name in ("uid_map", "gid_map"):
         Path(f"/proc/{pid}/{name}").write_text(id_map(domid))
-
-
-def source_gid(domid: int) -> int:
-    return host_gid(domid)
 
 
 def _source_root() -> str:

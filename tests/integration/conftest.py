@@ -88,10 +88,9 @@ def wait_for(
 def leftovers() -> list[str]:
     """Everything of hyper's that could be on the host: it must be empty when nothing runs."""
     found = [f"/dev/shm/{p.name}" for p in Path("/dev/shm").iterdir() if "hyper." in p.name]
-    for root in Path("/sys/fs/cgroup").iterdir():
-        for group in (root / "hyper", root):
-            if group.is_dir() and group.name == "hyper":
-                found.append(str(group))
+    found += [str(group) for group in Path("/sys/fs/cgroup").glob("*/hyper")]
+    if Path("/sys/fs/cgroup/hyper").is_dir():  # cgroup v2
+        found.append("/sys/fs/cgroup/hyper")
     for mount in Path("/proc/self/mounts").read_text().splitlines():
         if "/run/hyper" in mount:
             found.append(f"mount {mount.split()[1]}")

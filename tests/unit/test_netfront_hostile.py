@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import pytest
 
 from channels import netif as N
-from channels.doorbell import create_doorbell, unlink_doorbell
+from channels.doorbell import Doorbell, create_doorbell, unlink_doorbell
 from channels.evtchn import from_status
 from channels.gnttab import GrantPool, pool_bytes
 from channels.ring import HEADER_SIZE, PAGE_SIZE, FrontRing, u32_view
@@ -72,7 +72,7 @@ class Harness:
     backend: Backend
     pool: GrantPool
     peer: socket.socket
-    kick: threading.Event
+    doorbell: Doorbell  # netfront's: the one netback rings
     broken: list[str] = field(default_factory=list)
     broken_event: threading.Event = field(default_factory=threading.Event)
 
@@ -86,7 +86,7 @@ class Harness:
 
 
 @pytest.fixture
-def setup() -> Iterator[tuple[Segment, GrantPool, socket.socket, socket.socket, object]]:
+def setup() -> Iterator[tuple[Segment, GrantPool, socket.socket, socket.socket, object, str]]:
     tag = f"hyper-test-netfront-{os.getpid()}-{next(_ids)}"
     names = (f"{tag}-ring", f"{tag}-pool", f"{tag}-f", f"{tag}-b")
     create_segment(names[0], PAGE_SIZE)
@@ -99,7 +99,7 @@ def setup() -> Iterator[tuple[Segment, GrantPool, socket.socket, socket.socket, 
     tap.setblocking(False)  # as a TAP's fd is: netfront reads until EAGAIN
     calls = Hypercalls((names[1], 8, PAGES), (names[2], names[3]))
     evtchn = from_status(calls, 1)  # type: ignore[arg-type]
-    yield segment, pool, tap, peer, evtchn
+    yield segment, pool, tap, peer, evtchn, names[2]
     tap.close()
     peer.close()
     pool.close()
@@ -112,11 +112,11 @@ def setup() -> Iterator[tuple[Segment, GrantPool, socket.socket, socket.socket, 
 
 @pytest.fixture
 def rx(setup: tuple) -> Iterator[Harness]:  # type: ignore[type-arg]
-    segment, pool, tap, peer, evtchn = setup
+    segment, pool, tap, peer, evtchn, bell = setup
     ring = FrontRing.init(N.RX_RING, segment.buf)
     backend = Backend(segment.buf, N.RX_RING.slot_size, N.RX_RING.nr_ents(PAGE_SIZE))
     grefs = [pool.grant(i, 0, readonly=False) for i in range(PAGES)]
-    harness = Harness(ring, backend, pool, peer, threading.Event())
+    harness = Harness(ring, backend, pool, peer, Doorbell(bell))
     path = RxPath(ring, evtchn, pool, grefs, tap.fileno(), harness.on_broken)
     path.post_all()
     path.thread.start()
@@ -124,6 +124,7 @@ def rx(setup: tuple) -> Iterator[Harness]:  # type: ignore[type-arg]
     path.stop()
     path.thread.join(5)
     backend.index.release()
+    harness.doorbell.close()
     ring.close()
 
 
@@ -147,13 +148,7 @@ def test_an_honest_rx_response_is_delivered(rx: Harness) -> None:
 
 def from_status_kick(harness: Harness) -> None:
     """Ring netfront's doorbell (what netback's notify does)."""
-    for path in os.listdir("/dev/shm"):
-        if path.startswith("sem.hyper-test-netfront") and path.endswith("-f"):
-            import posix_ipc
-
-            bell = posix_ipc.Semaphore("/" + path.removeprefix("sem."))
-            bell.release()
-            bell.close()
+    harness.doorbell.ring()
 
 
 @pytest.mark.parametrize(
@@ -196,17 +191,18 @@ def test_an_error_status_drops_the_frame_only(rx: Harness) -> None:
 
 @pytest.fixture
 def tx(setup: tuple) -> Iterator[Harness]:  # type: ignore[type-arg]
-    segment, pool, tap, peer, evtchn = setup
+    segment, pool, tap, peer, evtchn, bell = setup
     ring = FrontRing.init(N.TX_RING, segment.buf)
     backend = Backend(segment.buf, N.TX_RING.slot_size, N.TX_RING.nr_ents(PAGE_SIZE))
     grefs = [pool.grant(i, 0, readonly=True) for i in range(PAGES)]
-    harness = Harness(ring, backend, pool, peer, threading.Event())
+    harness = Harness(ring, backend, pool, peer, Doorbell(bell))
     path = TxPath(ring, evtchn, pool, grefs, tap.fileno(), False, harness.on_broken)
     path.thread.start()
     yield harness
     path.stop()
     path.thread.join(5)
     backend.index.release()
+    harness.doorbell.close()
     ring.close()
 
 
