@@ -28,13 +28,12 @@ class GrantMapper:
         self.granter = granter
         self.domid = domid
         self._pools: list[MappedPool] = []
-        self._checked: dict[tuple[int, bool], memoryview] = {}
+        # Pages already checked, by gref: [read-only use, writable use].
+        self._checked: tuple[dict[int, memoryview], dict[int, memoryview]] = ({}, {})
         self._lock = threading.Lock()
 
     def _pool(self, gref: int) -> MappedPool:
         for pool in self._pools:
-            if gref in pool:
-                return pool
             if gref in pool:
                 return pool
         with self._lock:
@@ -53,16 +52,18 @@ class GrantMapper:
 
     def resolve(self, gref: int, *, write: bool) -> memoryview:
         """The granted page behind ``gref``; GrantError if the granter did not allow it."""
-        page = self._checked.get((gref, write))
+        checked = self._checked[write]
+        page = checked.get(gref)
         if page is None:
             page = self._pool(gref).resolve(gref, write=write)
-            if len(self._checked) < MAX_CHECKED:
-                self._checked[gref, write] = page
+            if len(checked) < MAX_CHECKED:
+                checked[gref] = page
         return page
 
     def close(self) -> None:
         with self._lock:
             pools, self._pools = self._pools, []
-            self._checked.clear()
+            for checked in self._checked:
+                checked.clear()
         for pool in pools:
             pool.close()

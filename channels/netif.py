@@ -94,6 +94,19 @@ class Extra:
         type_, flags, size, gso_type, _features = EXTRA.unpack_from(data)
         return cls(type_, flags, size, gso_type)
 
+    @classmethod
+    def from_tx_slot(cls, slot: tuple[int, ...]) -> Extra:
+        """An extra from a tx slot already unpacked as a request: (gref, offset, ...) hold
+        type | flags << 8 | gso.size << 16, and gso.type | pad << 8."""
+        word, low = slot[0], slot[1]
+        return cls(word & 0xFF, (word >> 8) & 0xFF, word >> 16, low & 0xFF)
+
+    @classmethod
+    def from_rx_slot(cls, slot: tuple[int, ...]) -> Extra:
+        """An extra from an rx slot already unpacked as a response: (id, offset, flags, ...)
+        hold type | flags << 8, gso.size, and gso.type | pad << 8."""
+        return cls(slot[0] & 0xFF, slot[0] >> 8, slot[1], slot[2] & 0xFF)
+
     def pack_tx(self) -> bytes:
         return EXTRA_TX_SLOT.pack(self.type, self.flags, self.gso_size, self.gso_type, 0)
 

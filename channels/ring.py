@@ -161,6 +161,10 @@ class RingType:
     request: struct.Struct
     response: struct.Struct
     slot_size: int
+    #: The same structs padded to a whole slot: ``iter_unpack`` over a block of copied slots,
+    #: and the item format of the block packers.
+    request_slot: struct.Struct
+    response_slot: struct.Struct
 
     def nr_ents(self, area_bytes: int) -> int:
         """RING_SIZE for an area of `area_bytes`: slots that fit, rounded down to a power of 2."""
@@ -186,7 +190,20 @@ def declare_ring(name: str, request_format: str, response_format: str) -> RingTy
             raise ValueError(f"{name} ring: {what} format {fmt!r} is empty")
         structs.append(compiled)
     request, response = structs
-    return RingType(name, request, response, max(request.size, response.size))
+    slot_size = max(request.size, response.size)
+    return RingType(
+        name,
+        request,
+        response,
+        slot_size,
+        _padded(request, slot_size),
+        _padded(response, slot_size),
+    )
+
+
+def _padded(compiled: struct.Struct, slot_size: int) -> struct.Struct:
+    pad = slot_size - compiled.size
+    return struct.Struct(compiled.format + (f"{pad}x" if pad else ""))
 
 
 # --- Front and back ends ---------------------------------------------------------------------
@@ -197,7 +214,10 @@ class _Ring:
 
     __slots__ = (
         "_area",
+        "_blocks",
         "_dead",
+        "_fields",
+        "_item",
         "_mask",
         "_offsets",
         "_raw",
@@ -217,6 +237,9 @@ class _Ring:
         self._offsets = tuple(HEADER_SIZE + i * rtype.slot_size for i in range(self.nr_ents))
         self._raw = struct.Struct(f"{rtype.slot_size}s")
         self._zero = bytes(rtype.slot_size)
+        self._item = self._produced(rtype)
+        self._fields = len(self._item.unpack(bytes(self._item.size)))
+        self._blocks: dict[int, struct.Struct] = {}  # slot count -> packer of that many items
         self._dead: tuple[type[RingError], str] | None = None  # broken or closed, for good
 
     def close(self) -> None:
@@ -265,6 +288,50 @@ class _Ring:
         area, offsets, mask = self._area, self._offsets, self._mask
         return [unpack(area, offsets[(cons + i) & mask]) for i in range(n)]
 
+    @staticmethod
+    def _produced(rtype: RingType) -> struct.Struct:
+        """The slot struct this end writes (requests at the front, responses at the back)."""
+        raise NotImplementedError
+
+    def _copy_slots(self, cons: int, n: int) -> bytes:
+        """Copy ``n`` whole slots from index ``cons`` out as one bytes object (the one copy a
+        consumer makes), in two pieces when the run wraps past the end of the slot array."""
+        size, start = len(self._zero), cons & self._mask
+        first = min(n, self.nr_ents - start)
+        offset = HEADER_SIZE + start * size
+        data = self._area[offset : offset + first * size].tobytes()
+        if first < n:
+            data += self._area[HEADER_SIZE : HEADER_SIZE + (n - first) * size].tobytes()
+        return data
+
+    def _block(self, n: int) -> struct.Struct:
+        packer = self._blocks.get(n)
+        if packer is None:
+            body = self._item.format.lstrip("<")
+            packer = self._blocks[n] = struct.Struct("<" + body * n)
+        return packer
+
+    def _pack_flat(self, prod: int, values: Sequence[int]) -> int:
+        """Pack items given as one flat run of field values into whole slots from ``prod``
+        (padding zeroed); returns the number of slots written."""
+        fields = self._fields
+        n, rest = divmod(len(values), fields)
+        if rest:
+            raise ValueError(f"{self.name} ring: {len(values)} values are not whole items")
+        start = prod & self._mask
+        first = min(n, self.nr_ents - start)
+        offset = HEADER_SIZE + start * len(self._zero)
+        try:
+            if first == n:
+                self._block(n).pack_into(self._area, offset, *values)
+            else:
+                split = first * fields
+                self._block(first).pack_into(self._area, offset, *values[:split])
+                self._block(n - first).pack_into(self._area, HEADER_SIZE, *values[split:])
+        except struct.error as e:
+            raise ValueError(f"{self.name} ring: cannot pack {values!r}") from e
+        return n
+
     def _pack_many(self, pack: Callable[..., None], prod: int, items: Sequence[tuple]) -> None:
         area, offsets, mask = self._area, self._offsets, self._mask
         try:
@@ -293,6 +360,10 @@ class FrontRing(_Ring):
     """The frontend's end: produces requests, consumes responses. Make one with ``init``."""
 
     __slots__ = ("_pack_req", "_req_prod", "_rsp_prod", "_unpack_rsp", "req_prod_pvt", "rsp_cons")
+
+    @staticmethod
+    def _produced(rtype: RingType) -> struct.Struct:
+        return rtype.request_slot
 
     def __init__(self, rtype: RingType, area: memoryview, name: str | None = None) -> None:
         super().__init__(rtype, area, name)
@@ -344,6 +415,13 @@ class FrontRing(_Ring):
         prod = self._claim(len(items))
         self._pack_many(self._pack_req, prod, items)
         self.req_prod_pvt = (prod + len(items)) & MASK32
+
+    def put_requests_flat(self, values: Sequence[int]) -> None:
+        """Pack a batch of requests given as one flat run of their field values (the fast
+        path: one ``pack_into`` per batch); all or nothing."""
+        prod = self._claim(len(values) // self._fields)
+        n = self._pack_flat(prod, values)
+        self.req_prod_pvt = (prod + n) & MASK32
 
     def put_request_raw(self, data: bytes) -> None:
         """Write raw bytes (at most one slot) as the next request; the rest of the slot is 0."""
@@ -416,6 +494,14 @@ class FrontRing(_Ring):
         self.rsp_cons = (self.rsp_cons + n) & MASK32
         return out
 
+    def get_responses_block(self, limit: int | None = None) -> bytes:
+        """Copy out and consume up to `limit` whole response slots as one bytes object (the
+        fast path; read it with ``rtype.response_slot.iter_unpack``)."""
+        n = self._available(limit)
+        out = self._copy_slots(self.rsp_cons, n)
+        self.rsp_cons = (self.rsp_cons + n) & MASK32
+        return out
+
     def final_check_for_responses(self) -> bool:
         """RING_FINAL_CHECK_FOR_RESPONSES: True if there is work; else arm rsp_event first."""
         if self.unconsumed_responses():
@@ -430,6 +516,10 @@ class BackRing(_Ring):
     Make one with ``attach``."""
 
     __slots__ = ("_pack_rsp", "_req_prod", "_rsp_prod", "_unpack_req", "req_cons", "rsp_prod_pvt")
+
+    @staticmethod
+    def _produced(rtype: RingType) -> struct.Struct:
+        return rtype.response_slot
 
     def __init__(self, rtype: RingType, area: memoryview, name: str | None = None) -> None:
         super().__init__(rtype, area, name)
@@ -506,6 +596,14 @@ class BackRing(_Ring):
         self.req_cons = (self.req_cons + n) & MASK32
         return out
 
+    def get_requests_block(self, limit: int | None = None) -> bytes:
+        """Copy out and consume up to `limit` whole request slots as one bytes object (the
+        fast path; read it with ``rtype.request_slot.iter_unpack``)."""
+        n = self._available(limit)
+        out = self._copy_slots(self.req_cons, n)
+        self.req_cons = (self.req_cons + n) & MASK32
+        return out
+
     def get_requests_raw(self, limit: int | None = None) -> list[bytes]:
         """Like get_requests, but each slot is returned whole as bytes."""
         n = self._available(limit)
@@ -531,6 +629,13 @@ class BackRing(_Ring):
         prod = self._claim(len(items))
         self._pack_many(self._pack_rsp, prod, items)
         self.rsp_prod_pvt = (prod + len(items)) & MASK32
+
+    def put_responses_flat(self, values: Sequence[int]) -> None:
+        """Pack a batch of responses given as one flat run of their field values (the fast
+        path: one ``pack_into`` per batch); all or nothing."""
+        prod = self._claim(len(values) // self._fields)
+        n = self._pack_flat(prod, values)
+        self.rsp_prod_pvt = (prod + n) & MASK32
 
     def put_response_raw(self, data: bytes) -> None:
         """Write raw bytes (at most one slot) as the next response; the rest of the slot is 0."""

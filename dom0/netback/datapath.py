@@ -41,6 +41,13 @@ BUDGET = 64  # frames per wakeup on the rx side
 BUDGET_SLOTS = 256  # tx slots per wakeup: a full ring's worth
 
 
+#: A tx slot as copied out: (gref, offset, flags, id, size); an extra slot reads the same way.
+Slot = tuple[int, int, int, int, int]
+_TX_SLOT = N.TX_RING.request_slot
+_RX_REQ = N.RX_RING.request_slot
+_FIRST, _EXTRA, _FRAGMENT, _DONE = range(4)  # where TxPath is in the packet it collects
+
+
 class FatalProtocolError(Exception):
     """The frontend broke the protocol: disconnect the vif."""
 
@@ -162,10 +169,10 @@ class TxPath:
         self.rate = rate
         self.on_fatal = on_fatal
         self.stopping = False
-        self._slots: list[tuple[bool, tuple[int, ...] | bytes]] = []  # (is_extra, request)
-        self._expect_extra = False  # the packet being collected has more extra slots to come
-        self._first_more = False  # ... and fragments after its extras
-        self._responses: list[tuple[int, int]] = []
+        self._slots: list[Slot] = []  # the packet being collected, first slot first
+        self._state = _FIRST  # what its next slot must be
+        self._extras = 0  # how many extra slots follow its first
+        self._responses: list[int] = []  # flat (id, status) pairs, in slot order
         self.thread = threading.Thread(target=self._run, name="netback-tx", daemon=True)
 
     def _run(self) -> None:
@@ -175,84 +182,86 @@ class TxPath:
                     self.evtchn.wait(HEAL_TIMEOUT)
 
     def _work(self) -> bool:
-        """Take every slot the frontend has published (a private copy each, in one batch),
-        transmit the packets they complete, answer them all, push once."""
-        raws = self.ring.get_requests_raw(BUDGET_SLOTS)
-        if not raws:
+        """Take every slot the frontend has published (one private copy of the whole run),
+        transmit the packets they complete, answer them all in one block, push once."""
+        block = self.ring.get_requests_block(BUDGET_SLOTS)
+        if not block:
             return False
-        unpack = N.TX_RING.request.unpack_from
-        for raw in raws:
-            if self._expect_extra:
-                self._slots.append((True, raw))
-                if not N.Extra.unpack(raw).flags & N.XEN_NETIF_EXTRA_FLAG_MORE:
-                    self._expect_extra = False
-                    if not self._first_more:
-                        self._finish_packet()
+        slots, state, extras = self._slots, self._state, self._extras
+        for slot in _TX_SLOT.iter_unpack(block):
+            slots.append(slot)
+            if state == _EXTRA:
+                # An extra overlays the slot: its type and flags are the gref's low bytes.
+                extras += 1
+                if not (slot[0] >> 8) & N.XEN_NETIF_EXTRA_FLAG_MORE:
+                    state = _FRAGMENT if slots[0][2] & N.NETTXF_more_data else _DONE
+            elif state == _FIRST and slot[2] & N.NETTXF_extra_info:
+                state = _EXTRA
             else:
-                request = unpack(raw)
-                self._slots.append((False, request))
-                flags = request[2]
-                if len(self._slots) == 1:
-                    self._first_more = bool(flags & N.NETTXF_more_data)
-                    self._expect_extra = bool(flags & N.NETTXF_extra_info)
-                    if not self._expect_extra and not self._first_more:
-                        self._finish_packet()
-                elif not flags & N.NETTXF_more_data:
-                    self._finish_packet()
-            if len(self._slots) > FATAL_SLOTS:
+                state = _FRAGMENT if slot[2] & N.NETTXF_more_data else _DONE
+            if state == _DONE:
+                self._transmit(slots, extras)
+                slots, state, extras = [], _FIRST, 0
+            elif len(slots) > FATAL_SLOTS:
                 raise FatalProtocolError(f"a packet of more than {FATAL_SLOTS} slots")
+        self._slots, self._state, self._extras = slots, state, extras
         if self._responses:
-            self.ring.put_responses(self._responses)
+            self.ring.put_responses_flat(self._responses)
             self._responses = []
             if self.ring.push_responses():
                 self.evtchn.notify()
         return True
 
-    def _finish_packet(self) -> None:
-        slots, self._slots = self._slots, []
-        self._transmit(slots)
-
-    def _transmit(self, slots: list[tuple[bool, tuple[int, ...] | bytes]]) -> None:
-        data = [s for is_extra, s in slots if not is_extra]
-        extras = [N.Extra.unpack(s) for is_extra, s in slots if is_extra]  # type: ignore[arg-type]
+    def _transmit(self, slots: list[Slot], extras: int) -> None:
+        """Send one packet and answer each of its slots: extras NETIF_RSP_NULL, the rest the
+        packet's status."""
         try:
-            total = self._send(data, extras)  # type: ignore[arg-type]
+            total = self._send(slots, extras)
             status = N.NETIF_RSP_OKAY
             self.counters.tx_packets += 1
             self.counters.tx_bytes += total
         except BadPacket as exc:
             status = N.NETIF_RSP_ERROR
             self.counters.error(exc.reason)
-        for is_extra, s in slots:
-            self._responses.append((0, N.NETIF_RSP_NULL) if is_extra else (s[3], status))  # type: ignore[index]
+        out = self._responses
+        out += (slots[0][3], status)
+        out += (0, N.NETIF_RSP_NULL) * extras
+        for slot in slots[1 + extras :]:
+            out += (slot[3], status)
 
-    def _send(self, data: list[tuple[int, int, int, int, int]], extras: list[N.Extra]) -> int:
-        first = data[0]
+    def _send(self, slots: list[Slot], extras: int) -> int:
+        first = slots[0]
         total = first[4]
-        offload = self._offload(first[2], extras)
+        offload = self._offload(first[2], slots[1 : 1 + extras])
         if offload is None:
             return 0  # a multicast-control request: answered OKAY, nothing sent
-        if len(data) > N.XEN_NETIF_NR_SLOTS_MIN:
+        if len(slots) - extras > N.XEN_NETIF_NR_SLOTS_MIN:
             raise BadPacket("too many slots")
         if total < N.ETH_HLEN:
             raise BadPacket("first slot shorter than an Ethernet header")
-        rest = sum(d[4] for d in data[1:])
-        if any(d[4] == 0 for d in data[1:]):
-            raise BadPacket("empty fragment")
-        if rest > total:
-            raise BadPacket("fragments longer than the packet")
-        views = [b""]
-        sizes = [total - rest] + [d[4] for d in data[1:]]
-        if sizes[0] < N.ETH_HLEN:
-            raise BadPacket("first slot shorter than an Ethernet header")
-        for (gref, offset, _flags, _id, _size), size in zip(data, sizes, strict=True):
-            if offset + size > N.PAGE_SIZE:
+        resolve = self.grants.resolve
+        views: list[bytes | memoryview] = [b"", b""]
+        rest = 0
+        try:
+            for gref, offset, _flags, _id, size in slots[1 + extras :]:
+                if size == 0:
+                    raise BadPacket("empty fragment")
+                if offset + size > N.PAGE_SIZE:
+                    raise BadPacket("slot crosses its page")
+                views.append(resolve(gref, write=False)[offset : offset + size])
+                rest += size
+            head = total - rest  # the first slot's own length
+            if head < N.ETH_HLEN:
+                raise BadPacket(
+                    "fragments longer than the packet"
+                    if rest > total
+                    else "first slot shorter than an Ethernet header"
+                )
+            if first[1] + head > N.PAGE_SIZE:
                 raise BadPacket("slot crosses its page")
-            try:
-                page = self.grants.resolve(gref, write=False)
-            except GrantError as exc:
-                raise BadPacket("bad grant ref") from exc
-            views.append(page[offset : offset + size])
+            views[1] = resolve(first[0], write=False)[first[1] : first[1] + head]
+        except GrantError as exc:
+            raise BadPacket("bad grant ref") from exc
         views[0] = N.vnet_from_offload(offload, bytes(views[1][:128]))
         if self.rate is not None:
             delay = self.rate.wait_time(total)
@@ -270,9 +279,9 @@ class TxPath:
         return total
 
     @staticmethod
-    def _offload(flags: int, extras: list[N.Extra]) -> N.Offload | None:
+    def _offload(flags: int, slots: list[Slot]) -> N.Offload | None:
         gso_type, gso_size = N.XEN_NETIF_GSO_TYPE_NONE, 0
-        for extra in extras:
+        for extra in map(N.Extra.from_tx_slot, slots):
             if extra.type == N.XEN_NETIF_EXTRA_TYPE_GSO:
                 if extra.gso_size == 0:
                     raise BadPacket("GSO size 0")
@@ -316,7 +325,7 @@ class RxPath:
         self.stopping = False
         self.waiter = TapWaiter(tap_fd)
         self._held: deque[tuple[int, memoryview]] = deque()  # posted requests: (id, page)
-        self._responses: list[tuple[int, int, int, int]] = []
+        self._responses: list[int] = []  # flat (id, offset, flags, status) per slot
         self._header = bytearray(VNET_HDR_SIZE)
         self.thread = threading.Thread(target=self._run, name="netback-rx", daemon=True)
 
@@ -340,12 +349,12 @@ class RxPath:
         """Take posted requests off the ring (in one batch) until a whole frame fits."""
         if len(self._held) >= self.NEED:
             return
-        for rid, gref in self.ring.get_requests(BUDGET):
+        resolve, held = self.grants.resolve, self._held
+        for rid, gref in _RX_REQ.iter_unpack(self.ring.get_requests_block(BUDGET)):
             try:
-                page = self.grants.resolve(gref, write=True)
+                held.append((rid, resolve(gref, write=True)))
             except GrantError as exc:
                 raise FatalProtocolError(f"rx buffer gref {gref}: {exc}") from exc
-            self._held.append((rid, page))
 
     def _loop_once(self) -> None:
         self._fill()
@@ -362,7 +371,7 @@ class RxPath:
                 break
             frames += 1
         if self._responses:
-            self.ring.put_responses(self._responses)
+            self.ring.put_responses_flat(self._responses)
             self._responses = []
         if frames and self.ring.push_responses():
             self.evtchn.notify()
@@ -383,7 +392,7 @@ class RxPath:
             return True
         used = (length + N.PAGE_SIZE - 1) // N.PAGE_SIZE
         try:
-            offload = N.offload_from_vnet(bytes(self._header))
+            offload = N.offload_from_vnet(self._header)
         except N.UnsupportedOffload:
             self.counters.rx_dropped += 1
             return True
@@ -406,12 +415,12 @@ class RxPath:
         held, out = self._held, self._responses
         first_flags = flags | (N.NETRXF_more_data if used > 1 else 0)
         first_flags |= N.NETRXF_extra_info if gso else 0
-        out.append((held.popleft()[0], 0, first_flags, min(N.PAGE_SIZE, length)))
+        out += (held.popleft()[0], 0, first_flags, min(N.PAGE_SIZE, length))
         if gso:
             held.popleft()
             extra = N.Extra(N.XEN_NETIF_EXTRA_TYPE_GSO, 0, offload.gso_size, offload.gso_type)
-            out.append(N.RX_RING.response.unpack(extra.pack_rx()))
-        for i in range(1, used):
-            more = N.NETRXF_more_data if i < used - 1 else 0
-            size = min(N.PAGE_SIZE, length - i * N.PAGE_SIZE)
-            out.append((held.popleft()[0], 0, more, size))
+            out += N.RX_RING.response.unpack(extra.pack_rx())
+        for _ in range(used - 2):
+            out += (held.popleft()[0], 0, N.NETRXF_more_data, N.PAGE_SIZE)
+        if used > 1:
+            out += (held.popleft()[0], 0, 0, length - (used - 1) * N.PAGE_SIZE)

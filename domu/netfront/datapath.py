@@ -13,7 +13,6 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from collections import deque
 from collections.abc import Callable
 
 from channels import netif as N
@@ -27,6 +26,8 @@ log = logging.getLogger(__name__)
 HEAL_TIMEOUT = 10.0
 MAX_FRAME_PAGES = 17
 BUDGET = 64
+_TX_RSP = N.TX_RING.response_slot
+_RX_RSP = N.RX_RING.response_slot
 
 
 class BackendMisbehaved(Exception):
@@ -51,8 +52,8 @@ class TxPath:
         self.tap_fd = tap_fd
         self.gso = gso
         self.on_broken = on_broken
-        self.free: deque[int] = deque(range(pool.pages))
-        self.in_flight: set[int] = set()
+        self.free = list(range(pool.pages))  # a stack: the page freed last is reused first
+        self.in_flight = bytearray(pool.pages)  # 1 for each page a tx request still holds
         self.stopping = False
         self.waiter = TapWaiter(tap_fd)
         self._header = bytearray(VNET_HDR_SIZE)
@@ -84,31 +85,34 @@ class TxPath:
             self.waiter.close()
 
     def _reap(self) -> None:
-        for rid, status in self.ring.get_responses():
+        block = self.ring.get_responses_block()
+        in_flight, free = self.in_flight, self.free
+        for rid, status in _TX_RSP.iter_unpack(block):
             if status == N.NETIF_RSP_NULL:
                 continue
-            if rid not in self.in_flight:
+            if rid >= len(in_flight) or not in_flight[rid]:
                 raise BackendMisbehaved(f"tx response for id {rid}, which is not in flight")
-            self.in_flight.discard(rid)
-            self.free.append(rid)
+            in_flight[rid] = 0
+            free.append(rid)
 
     def _send_batch(self) -> None:
         sent = 0
+        free, pages = self.free, self.pages
         while (
             sent < BUDGET
-            and len(self.free) > MAX_FRAME_PAGES
+            and len(free) > MAX_FRAME_PAGES
             and (self.ring.free_requests() >= MAX_FRAME_PAGES + 2)
         ):
-            ids = [self.free[i] for i in range(MAX_FRAME_PAGES)]
+            ids = free[-MAX_FRAME_PAGES:]
             try:
-                n = os.readv(self.tap_fd, [self._header, *(self.pages[i] for i in ids)])
+                n = os.readv(self.tap_fd, [self._header, *[pages[i] for i in ids]])
             except BlockingIOError:
                 break
             length = n - VNET_HDR_SIZE
             if length <= 0:
                 continue
             try:
-                offload = N.offload_from_vnet(bytes(self._header))
+                offload = N.offload_from_vnet(self._header)
             except N.UnsupportedOffload:
                 continue
             self._post(ids, length, offload)
@@ -117,26 +121,29 @@ class TxPath:
             self.evtchn.notify()
 
     def _post(self, ids: list[int], length: int, offload: N.Offload) -> None:
+        """Queue one frame read into the pages ``ids`` (in order) as tx requests."""
         used = (length + N.PAGE_SIZE - 1) // N.PAGE_SIZE
         gso = offload.gso_type != N.XEN_NETIF_GSO_TYPE_NONE and self.gso
         flags = (N.NETTXF_csum_blank if offload.csum_blank else 0) | (
             N.NETTXF_data_validated if offload.data_validated else 0
         )
-        sizes = [min(N.PAGE_SIZE, length - i * N.PAGE_SIZE) for i in range(used)]
-        first = flags | (N.NETTXF_more_data if used > 1 else 0)
-        first |= N.NETTXF_extra_info if gso else 0
-        requests: list[tuple[int, ...]] = [(self.grefs[ids[0]], 0, first, ids[0], length)]
+        flags |= N.NETTXF_more_data if used > 1 else 0
+        grefs = self.grefs
+        values = [grefs[ids[0]], 0, flags | (N.NETTXF_extra_info if gso else 0), ids[0], length]
         if gso:
+            # An extra overlays a request slot: the same 12 bytes, read as request fields.
             extra = N.Extra(N.XEN_NETIF_EXTRA_TYPE_GSO, 0, offload.gso_size, offload.gso_type)
-            # An extra overlays a request slot: the same 12 bytes, seen as a request tuple.
-            requests.append(N.TX_RING.request.unpack(extra.pack_tx()))
-        for i in range(1, used):
-            more = N.NETTXF_more_data if i < used - 1 else 0
-            requests.append((self.grefs[ids[i]], 0, more, ids[i], sizes[i]))
-        self.ring.put_requests(requests)
+            values += N.TX_RING.request.unpack(extra.pack_tx())
+        for i in ids[1 : used - 1]:
+            values += (grefs[i], 0, N.NETTXF_more_data, i, N.PAGE_SIZE)
+        if used > 1:
+            last = ids[used - 1]
+            values += (grefs[last], 0, 0, last, length - (used - 1) * N.PAGE_SIZE)
+        self.ring.put_requests_flat(values)
+        in_flight = self.in_flight
         for i in ids[:used]:
-            self.free.popleft()
-            self.in_flight.add(i)
+            in_flight[i] = 1
+        del self.free[len(self.free) - len(ids) : len(self.free) - len(ids) + used]
 
 
 class RxPath:
@@ -156,7 +163,7 @@ class RxPath:
         self.tap_fd = tap_fd
         self.on_broken = on_broken
         self.stopping = False
-        self.slot_page: dict[int, int] = {}  # ring slot -> the page posted in it
+        self.slot_page = [0] * ring.nr_ents  # ring slot -> the page posted in it
         self.thread = threading.Thread(target=self._run, name="netfront-rx", daemon=True)
 
     def post_all(self) -> None:
@@ -167,9 +174,12 @@ class RxPath:
     def _post(self, pages: list[int]) -> None:
         mask = self.ring.nr_ents - 1
         prod = self.ring.req_prod_pvt
+        slot_page, grefs = self.slot_page, self.grefs
+        values: list[int] = []
         for k, page in enumerate(pages):
-            self.slot_page[(prod + k) & mask] = page
-        self.ring.put_requests([(page, self.grefs[page]) for page in pages])
+            slot_page[(prod + k) & mask] = page
+            values += (page, grefs[page])
+        self.ring.put_requests_flat(values)
 
     def stop(self) -> None:
         self.stopping = True
@@ -190,29 +200,30 @@ class RxPath:
         the pages of every slot consumed (each response sits in its request's slot)."""
         mask = self.ring.nr_ents - 1
         first_slot = self.ring.rsp_cons
-        raws = self.ring.get_responses_raw()
-        if not raws:
+        responses = list(_RX_RSP.iter_unpack(self.ring.get_responses_block()))
+        if not responses:
             return False
-        pages = [self.slot_page[(first_slot + i) & mask] for i in range(len(raws))]
-        unpack = N.RX_RING.response.unpack_from
+        n = len(responses)
+        slot_page = self.slot_page
+        pages = [slot_page[(first_slot + i) & mask] for i in range(n)]
         i = 0
-        while i < len(raws):
-            _rid, offset, flags, status = unpack(raws[i])
+        while i < n:
+            _rid, offset, flags, status = responses[i]
             chain = [(pages[i], offset, status)]
             i += 1
             gso = N.Offload()
             if flags & N.NETRXF_extra_info:
-                if i >= len(raws):
+                if i >= n:
                     raise BackendMisbehaved("a packet's extra slot is missing")
-                extra = N.Extra.unpack(raws[i])
+                extra = N.Extra.from_rx_slot(responses[i])
                 i += 1
                 if extra.type == N.XEN_NETIF_EXTRA_TYPE_GSO:
                     gso = N.Offload(gso_type=extra.gso_type, gso_size=extra.gso_size)
             more = flags & N.NETRXF_more_data
             while more:
-                if i >= len(raws):
+                if i >= n:
                     raise BackendMisbehaved("a packet's response chain is cut short")
-                _rid, noffset, nflags, nstatus = unpack(raws[i])
+                _rid, noffset, nflags, nstatus = responses[i]
                 chain.append((pages[i], noffset, nstatus))
                 i += 1
                 more = nflags & N.NETRXF_more_data

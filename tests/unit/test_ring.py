@@ -285,6 +285,64 @@ def test_raw_data_larger_than_a_slot_is_refused() -> None:
     assert front.free_requests() == front.nr_ents
 
 
+# --- block (fast-path) copies and packers ------------------------------------------------------
+
+NARROW = declare_ring("narrow", "<IHH", "<Hh")  # an 8-byte request, a 4-byte response
+
+
+def test_block_round_trip_across_the_wrap_matches_the_per_item_api() -> None:
+    _, front, back = make_pair(NARROW, start=2**32 - 5)
+    ring_end = front.nr_ents - 3  # start far enough in that the second batch wraps the slots
+    front.put_requests_flat([v for i in range(ring_end) for v in (i, i & 0xFFFF, 7)])
+    front.push_requests()
+    assert back.get_requests(ring_end) == [(i, i & 0xFFFF, 7) for i in range(ring_end)]
+    back.put_responses_flat([v for i in range(ring_end) for v in (i & 0xFFFF, 0)])
+    back.push_responses()
+    front.get_responses()
+    front.put_requests_flat([v for i in range(10) for v in (1000 + i, i, 1)])
+    front.push_requests()
+    block = back.get_requests_block()
+    assert len(block) == 10 * NARROW.slot_size
+    assert list(NARROW.request_slot.iter_unpack(block)) == [(1000 + i, i, 1) for i in range(10)]
+    back.put_responses_flat([v for i in range(10) for v in (i, -i)])
+    back.push_responses()
+    rsp = front.get_responses_block()
+    assert list(NARROW.response_slot.iter_unpack(rsp)) == [(i, -i) for i in range(10)]
+    assert front.free_requests() == front.nr_ents
+
+
+def test_block_copy_honours_its_limit_and_is_private() -> None:
+    area, front, back = make_pair()
+    front.put_requests_flat([v for i in range(6) for v in (i, i)])
+    front.push_requests()
+    block = back.get_requests_block(4)
+    area[HEADER_SIZE : HEADER_SIZE + 16] = b"B" * 16  # the frontend rewrites a consumed slot
+    assert isinstance(block, bytes)
+    assert list(ECHO.request_slot.iter_unpack(block)) == [(i, i) for i in range(4)]
+    assert back.unconsumed_requests() == 2
+
+
+def test_flat_packers_zero_the_padding_of_every_slot() -> None:
+    area, front, back = make_pair(NARROW)
+    front.put_requests_flat([1, 2, 3, 4, 5, 6])
+    front.push_requests()
+    back.get_requests_block()
+    back.put_responses_flat([7, -1, 8, -2])
+    slots = bytes(area[HEADER_SIZE : HEADER_SIZE + 16])
+    assert slots == struct.pack("<Hh4xHh4x", 7, -1, 8, -2)  # no request bytes left behind
+
+
+def test_flat_packers_refuse_partial_items_and_bad_values_without_claiming() -> None:
+    _, front, _ = make_pair(NARROW)
+    with pytest.raises(ValueError, match="not whole items"):
+        front.put_requests_flat([1, 2])
+    with pytest.raises(ValueError, match="cannot pack"):
+        front.put_requests_flat([1, 2, -3])
+    with pytest.raises(RingError, match="only"):
+        front.put_requests_flat([0] * 3 * (front.nr_ents + 1))
+    assert front.free_requests() == front.nr_ents
+
+
 # --- hostile peers --------------------------------------------------------------------------
 
 
