@@ -150,3 +150,33 @@ class Doorbell:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class DoorbellPair:
+    """A bound event channel's two doorbells, opened by name in a process that only waits and
+    rings (a relay, a data-path worker, a FUSE server): the process that holds the hypercall
+    socket bound the channel and closes it. The interface is EventChannel's data-path half."""
+
+    def __init__(self, mine: str, peer: str) -> None:
+        self._mine = Doorbell(mine)
+        try:
+            self._peer = Doorbell(peer)
+        except DoorbellError:
+            self._mine.close()
+            raise
+
+    def wait(self, timeout: float | None) -> bool:
+        """Sleep until the peer rings (True) or ``timeout`` seconds pass (False)."""
+        return self._mine.wait(timeout)
+
+    def notify(self) -> None:
+        """Ring the peer."""
+        self._peer.ring()
+
+    def kick(self) -> None:
+        """Ring our own doorbell: wakes our waiter (to stop it)."""
+        self._mine.ring()
+
+    def close(self) -> None:
+        self._mine.close()
+        self._peer.close()

@@ -48,7 +48,10 @@ class EventChannel:
         return False
 
     def doorbell_names(self) -> tuple[str, str | None]:
-        """(ours, the peer's): what a process that only rings and waits needs to open."""
+        """(ours, the peer's): what a process that only rings and waits needs to open. The
+        peer's is None until the peer has bound its end."""
+        if self._peer is None:
+            self._refresh()
         return self._doorbell.name, self._peer.name if self._peer else None
 
     def notify(self) -> None:

@@ -64,6 +64,11 @@ class _Pool:
             ]
         return self._pages[frame]
 
+    @property
+    def name(self) -> str:
+        """The pool's shared-memory object, for another process of the granter to open."""
+        return self._segment.name
+
     def __contains__(self, gref: int) -> bool:
         return self.gref_base <= gref < self.gref_base + self.pages
 

@@ -7,6 +7,7 @@ Adding a device kind means one folder with its backend and one entry here; the b
 from __future__ import annotations
 
 from channels.hypercall import HypercallClient
+from dom0.blkback.xenbus import BlkbackDriver
 from dom0.netback.xenbus import NetbackDriver
 
 
@@ -15,6 +16,7 @@ class BackendDrivers:
 
     def __init__(self, hc: HypercallClient) -> None:
         self.netback = NetbackDriver(hc)
+        self.blkback = BlkbackDriver(hc)
 
     def by_type(self) -> dict[str, object]:
-        return {"vif": self.netback}
+        return {"vif": self.netback, "vbd": self.blkback}

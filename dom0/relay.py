@@ -37,7 +37,7 @@ from channels.bytering import (
     console_rings,
     xenstore_rings,
 )
-from channels.doorbell import Doorbell
+from channels.doorbell import DoorbellPair
 from channels.shm import attach
 from channels.stream import RingStream, StreamClosed
 
@@ -47,23 +47,6 @@ if TYPE_CHECKING:
     from dom0.store.stream import StreamConnection
 
 log = logging.getLogger("relay")
-
-
-class _Channel:
-    """An event channel dom0 bound at build time: our doorbell to wait on, the guest's to ring."""
-
-    def __init__(self, mine: str, peer: str) -> None:
-        self._mine = Doorbell(mine)
-        self._peer = Doorbell(peer)
-
-    def wait(self, timeout: float | None) -> bool:
-        return self._mine.wait(timeout)
-
-    def notify(self) -> None:
-        self._peer.ring()
-
-    def kick(self) -> None:
-        self._mine.ring()
 
 
 def relay(
@@ -76,7 +59,7 @@ def relay(
     segment = attach(params["segment"])
     sock = socket.socket(fileno=params["fd"])
     rx, tx = rings(segment.buf)
-    evtchn = _Channel(params["doorbell"], params["peer_doorbell"])
+    evtchn = DoorbellPair(params["doorbell"], params["peer_doorbell"])
 
     def to_dom0(data: bytes) -> None:
         try:

@@ -7,6 +7,7 @@ answers the control socket. Each control method's docstring says when it is allo
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -18,15 +19,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from channels import blkif, xenbus
 from channels import hypercall as hc
-from channels import xenbus
 from channels.xenbus import XenbusState
 from channels.xs import Perm, XsClient, XsError
 from dom0.console import ConsoleBackend
 from dom0.devices import DevicePaths, add_device, device_paths, remove_device
 from dom0.relay import Relay
 from dom0.store.core import Store
-from hyper.config import ConfigError, parse_config, parse_size, parse_vif_spec, random_mac
+from hyper.config import (
+    ConfigError,
+    parse_config,
+    parse_disk_spec,
+    parse_size,
+    parse_vif_spec,
+    random_mac,
+)
 from hyper.control import MAX_LINE, read_line, send_json
 
 log = logging.getLogger(__name__)
@@ -108,6 +116,8 @@ class Toolstack:
         state.console = ConsoleBackend(domid, state.relay.console)
         for devid, vif in enumerate(info["config"].get("vif") or []):
             self._add_vif(domid, devid, vif)
+        for disk in info["config"].get("disk") or []:
+            self._add_vbd(domid, disk)
         log.info("dom%d (%s) introduced", domid, info["name"])
 
     # -- network devices ----------------------------------------------------------------------
@@ -132,6 +142,28 @@ class Toolstack:
             back["rate"] = f"{credit},{rate['window_us']}"
         return add_device(self.xs, domid, int(vif.get("backend") or 0), "vif", devid, front, back)
 
+    # -- block devices ------------------------------------------------------------------------
+
+    def _add_vbd(self, domid: int, disk: dict[str, Any]) -> DevicePaths:
+        """Write a vbd's frontend and backend directories (libxl's libxl__device_disk_add)."""
+        vdev = disk["vdev"]
+        devid = blkif.vdev_number(vdev)
+        front = {"virtual-device": str(devid), "device-type": "disk", "dev": vdev}
+        back = {
+            "params": disk["target"],
+            "mode": "w" if disk["access"] == "rw" else "r",
+            "dev": vdev,
+            "type": "file",
+            "device-type": "disk",
+            "removable": "0",
+            "bootable": "1",
+        }
+        backend = int(disk.get("backend") or 0)
+        return add_device(self.xs, domid, backend, "vbd", devid, front, back)
+
+    def _vbd_ids(self, domid: int) -> list[int]:
+        return self._device_ids(domid, "vbd")
+
     def _wait_connected(self, domid: int, devtype: str, devid: int, timeout: float) -> None:
         path = xenbus.state_path(xenbus.frontend_path(domid, devtype, devid))
         try:
@@ -146,8 +178,13 @@ class Toolstack:
             raise RequestError(f"{devtype} {domid}/{devid} did not connect: {error}") from exc
 
     def _vif_ids(self, domid: int) -> list[int]:
+        return self._device_ids(domid, "vif")
+
+    def _device_ids(self, domid: int, devtype: str) -> list[int]:
         try:
-            return sorted(int(d) for d in self.xs.directory(xenbus.device_type_path(domid, "vif")))
+            return sorted(
+                int(d) for d in self.xs.directory(xenbus.device_type_path(domid, devtype))
+            )
         except Exception:
             return []
 
@@ -186,6 +223,7 @@ class Toolstack:
         self.store.release_domain(state.domid)
         for path in (
             xenbus.backend_domain_path(0, "vif", state.domid),
+            xenbus.backend_domain_path(0, "vbd", state.domid),
             xenbus.domain_path(state.domid),
             xenbus.tool_path(state.domid),
             xenbus.vm_path(state.info["uuid"]),
@@ -209,6 +247,7 @@ class Toolstack:
             (xenbus.memory_target_path(domid), str(info["memory"] * 1024), None),
             (xenbus.memory_static_max_path(domid), str(info["memory"] * 1024), None),
             (xenbus.device_type_path(domid, "vif"), "", None),
+            (xenbus.device_type_path(domid, "vbd"), "", None),
             (xenbus.console_path(domid), "", None),
             (xenbus.console_port_path(domid), str(console["domu_port"]), None),
             (xenbus.console_type_path(domid), "xenconsoled", None),
@@ -323,12 +362,6 @@ class Toolstack:
             config = parse_config(config_text, source=source, base_dir=Path(base_dir))
         except ConfigError as exc:
             raise RequestError("invalid config", exc.lines, usage=True) from exc
-        unsupported = [
-            f"{source}: disk.{i}: block devices are not supported yet"
-            for i in range(len(config.disk))
-        ]
-        if unsupported:
-            raise RequestError("unsupported devices", unsupported, usage=True)
         normalised = config.normalised()
         if any(info["name"] == config.name for info in self._list()):
             raise RequestError(
@@ -336,7 +369,14 @@ class Toolstack:
                 [f"{source}: name: a domain named {config.name!r} already exists"],
                 usage=True,
             )
-        info = self.hc.call(hc.DomctlCreate(config=normalised))
+        images = _Images(source)
+        for i, disk in enumerate(config.disk):
+            images.create(f"disk.{i}", disk.target, disk.size)
+        try:
+            info = self.hc.call(hc.DomctlCreate(config=normalised))
+        except hc.HypercallError:
+            images.remove_created()
+            raise
         domid = info["domid"]
         state = self._wait_state(domid)
         if not wait:
@@ -346,6 +386,8 @@ class Toolstack:
         if state.running.is_set():
             for devid in range(len(config.vif)):
                 self._wait_connected(domid, "vif", devid, DEVICE_TIMEOUT)
+            for disk in config.disk:
+                self._wait_connected(domid, "vbd", disk.virtual_device, DEVICE_TIMEOUT)
             return self.find(domid)
         raise RequestError(
             f"domain {config.name} did not boot: {state.ended or 'timeout'} (see `hyperctl dmesg`)"
@@ -536,6 +578,70 @@ class Toolstack:
         paths = device_paths(domid, 0, "vif", devid)
         return {"domid": domid, "devid": devid, "clean": remove_device(self.xs, paths)}
 
+    def m_block_list(self, domain: str) -> Any:
+        """A domU: its vbds with their configuration, state and counters."""
+        info = self._domu(domain)
+        domid = info["domid"]
+        stats = {s["devid"]: s for s in self.drivers.blkback.stats(domid)} if self.drivers else {}
+        out = []
+        for devid in self._vbd_ids(domid):
+            front = xenbus.frontend_path(domid, "vbd", devid)
+            back = self.xs.read_optional(xenbus.join_path(front, "backend")) or ""
+            entry: dict[str, Any] = {"devid": devid}
+            entry["vdev"] = self.xs.read_optional(xenbus.join_path(front, "dev"))
+            entry["state"] = self.xs.read_optional(xenbus.join_path(front, "state"))
+            for key in ("params", "mode", "sectors"):
+                entry[key] = self.xs.read_optional(xenbus.join_path(back, key)) if back else None
+            entry["backend"] = back
+            entry.update(stats.get(devid, {}))
+            out.append(entry)
+        return out
+
+    def m_blk_stats(self) -> Any:
+        """Always allowed: every vbd's counters (for `hyperctl top`)."""
+        return self.drivers.blkback.stats() if self.drivers else []
+
+    def m_block_attach(self, domain: str, spec: str, base_dir: str) -> Any:
+        """A running domU: add a vbd (xl block-attach); returns once it is connected."""
+        try:
+            disk = parse_disk_spec(spec, Path(base_dir), source="diskspec")
+        except ConfigError as exc:
+            raise RequestError("invalid disk", exc.lines, usage=True) from exc
+        info = self._domu(domain)
+        if info["status"] != "running":
+            raise RequestError(f"domain {info['name']} is not running")
+        domid = info["domid"]
+        devid = disk.virtual_device
+        if devid in self._vbd_ids(domid):
+            raise RequestError(
+                "invalid disk",
+                [f"diskspec: vdev: {disk.vdev} is already used by domain {info['name']}"],
+                usage=True,
+            )
+        images = _Images("diskspec")
+        images.create("target", disk.target, disk.size)
+        paths = self._add_vbd(domid, disk.model_dump(mode="json"))
+        try:
+            self._wait_connected(domid, "vbd", devid, DEVICE_TIMEOUT)
+        except RequestError:
+            remove_device(self.xs, paths)
+            images.remove_created()
+            raise
+        return {"domid": domid, "devid": devid, "vdev": disk.vdev}
+
+    def m_block_detach(self, domain: str, vdev: str) -> Any:
+        """A domU's vbd: close it through XenBus and remove it (its loop device goes too)."""
+        info = self._domu(domain)
+        domid = info["domid"]
+        try:
+            devid = blkif.vdev_number(vdev) if not vdev.isdigit() else int(vdev)
+        except ValueError as exc:
+            raise RequestError("invalid vdev", [f"vdev: {exc}"], usage=True) from exc
+        if devid not in self._vbd_ids(domid):
+            raise RequestError(f"domain {info['name']} has no disk {vdev}")
+        paths = device_paths(domid, 0, "vbd", devid)
+        return {"domid": domid, "devid": devid, "clean": remove_device(self.xs, paths)}
+
     # -- streaming methods --------------------------------------------------------------------
 
     def m_console(self, client: socket.socket, buffer: bytearray, domain: str) -> None:
@@ -598,6 +704,44 @@ class Toolstack:
 
 
 STREAMING = {"console", "store_watch"}
+
+
+class _Images:
+    """Disk images a request creates (sparse, when missing and a size is given), so that a
+    request that fails removes exactly what it made and nothing else."""
+
+    def __init__(self, source: str) -> None:
+        self.source = source
+        self.created: list[Path] = []
+
+    def create(self, field: str, target: Path, size: int | None) -> None:
+        if target.exists() or size is None:
+            return
+        try:
+            fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        except FileExistsError:
+            return  # made meanwhile by someone else: used as it is
+        except OSError as exc:
+            self.remove_created()
+            raise RequestError(
+                "cannot create image", [f"{self.source}: {field}: {target}: {exc.strerror}"]
+            ) from exc
+        self.created.append(target)
+        try:
+            os.ftruncate(fd, size)
+        except OSError as exc:
+            self.remove_created()
+            raise RequestError(
+                "cannot create image", [f"{self.source}: {field}: {target}: {exc.strerror}"]
+            ) from exc
+        finally:
+            os.close(fd)
+
+    def remove_created(self) -> None:
+        for path in self.created:
+            with contextlib.suppress(OSError):
+                path.unlink()
+        self.created = []
 
 
 def _peer_is_root(client: socket.socket) -> bool:

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 from channels.hypercall import HypercallClient
 from channels.xenbus_bus import Driver
+from domu.blkfront.xenbus import BlkfrontDriver
 from domu.netfront.xenbus import NetfrontDriver
 
 
 def frontend_drivers(hc: HypercallClient) -> dict[str, Driver]:
-    return {"vif": NetfrontDriver(hc)}
+    return {"vif": NetfrontDriver(hc), "vbd": BlkfrontDriver(hc)}

@@ -102,41 +102,70 @@ def _expose_hidden(newroot: str, needed: Iterable[Path]) -> None:
         _bind_readonly(path, newroot + str(path))
 
 
-#: Devices the domain kernel needs (its frontends create TAPs and serve FUSE): (path, major,
-#: minor). Hosts often make them root-only; the domain gets its own nodes, usable by its kernel
-#: alone (group: the kernel's host gid, mode 0660), never by its workload.
-KERNEL_DEVICES = (("/dev/net/tun", 10, 200), ("/dev/fuse", 10, 229))
+#: The domain's /dev is a small tmpfs of its own, never the host's: ordinary character devices
+#: for programs (path, major, minor), all 0666 as on any Linux system ...
+PROGRAM_DEVICES = (
+    ("null", 1, 3),
+    ("zero", 1, 5),
+    ("full", 1, 7),
+    ("random", 1, 8),
+    ("urandom", 1, 9),
+    ("tty", 5, 0),
+    ("ptmx", 5, 2),
+)
+#: ... devices the domain kernel alone needs (its frontends create TAPs and serve FUSE), group:
+#: the kernel's host gid, mode 0660, never usable by its workload ...
+KERNEL_DEVICES = (("net/tun", 10, 200), ("fuse", 10, 229))
+#: ... and the host's pseudo-terminals and shared memory, bound in (the domain kernel opens its
+#: rings and doorbells in /dev/shm by name). No host disk, loop device or anything else.
+HOST_DEV_MOUNTS = ("pts", "shm")
+DEV_LINKS = (
+    ("fd", "/proc/self/fd"),
+    ("stdin", "/proc/self/fd/0"),
+    ("stdout", "/proc/self/fd/1"),
+    ("stderr", "/proc/self/fd/2"),
+)
 
 
-def _kernel_devices(newroot: str, kernel_gid: int) -> None:
-    """Bind private device nodes over the host's (never create anything in host-backed paths:
-    newroot is a bind of the host's root). The nodes live on a staging tmpfs on /run, which the
-    scratch /run later covers; the binds stay."""
-    staging = newroot + "/run"
-    linux.mount("tmpfs", staging, "tmpfs", linux.MS_NOSUID, "mode=0755")
-    for path, major, minor in KERNEL_DEVICES:
-        target = newroot + path
-        if not os.path.exists(target):
-            continue  # the host has no such device: neither has the domain
-        node = f"{staging}/{major}-{minor}"
-        _mknod(node, major, minor, kernel_gid)
-        linux.mount(node, target, None, linux.MS_BIND)
+def _domain_dev(newroot: str, kernel_id: int) -> None:
+    """Cover the host's /dev with the domain's own. Its root belongs to the domain kernel, which
+    makes the mount points of its disks there (``/dev/xvda``); its workload cannot."""
+    dev = newroot + "/dev"
+    linux.mount(
+        "tmpfs",
+        dev,
+        "tmpfs",
+        linux.MS_NOSUID | linux.MS_NOEXEC,
+        f"mode=0755,uid={kernel_id},gid={kernel_id},size=256k,nr_inodes=1024",
+    )
+    for name, major, minor in PROGRAM_DEVICES:
+        _mknod(f"{dev}/{name}", major, minor, 0, 0o666)
+    for name, major, minor in KERNEL_DEVICES:
+        if os.path.exists(f"/dev/{name}"):  # the host has no such device: neither has the domain
+            os.makedirs(os.path.dirname(f"{dev}/{name}"), mode=0o755, exist_ok=True)
+            _mknod(f"{dev}/{name}", major, minor, kernel_id, 0o660)
+    for name in HOST_DEV_MOUNTS:
+        os.mkdir(f"{dev}/{name}", 0o755)
+        linux.mount(f"/dev/{name}", f"{dev}/{name}", None, linux.MS_BIND)
+    for name, target in DEV_LINKS:
+        os.symlink(target, f"{dev}/{name}")
 
 
-def _mknod(node: str, major: int, minor: int, gid: int) -> None:
-    os.mknod(node, 0o660 | stat.S_IFCHR, os.makedev(major, minor))
+def _mknod(node: str, major: int, minor: int, gid: int, mode: int) -> None:
+    os.mknod(node, mode | stat.S_IFCHR, os.makedev(major, minor))
     os.chown(node, 0, gid)
-    os.chmod(node, 0o660)
+    os.chmod(node, mode)
 
 
-def build_root(newroot: str, kernel_gid: int) -> None:
+def build_root(newroot: str, kernel_id: int) -> None:
     """Make the domain's root file system and pivot into it. Runs as host root in a new mount ns."""
     needed = interpreter_paths()
     linux.mount(None, "/", None, linux.MS_REC | linux.MS_PRIVATE)
     linux.mount("/", newroot, None, linux.MS_BIND | linux.MS_REC)
     _expose_hidden(newroot, needed)
-    _kernel_devices(newroot, kernel_gid)
+    _domain_dev(newroot, kernel_id)
     linux.mount_setattr(newroot, set_=linux.MOUNT_ATTR_RDONLY, recursive=True)
+    linux.mount_setattr(newroot + "/dev", clear=linux.MOUNT_ATTR_RDONLY)
     # The kernel of the domain opens its rings and doorbells by name in the host's /dev/shm;
     # hyperd makes each object readable only by the host ids of the two domains it connects.
     linux.mount_setattr(newroot + "/dev/shm", clear=linux.MOUNT_ATTR_RDONLY)
@@ -174,6 +203,9 @@ def enter_kernel_mounts(hostname: str) -> None:
     except OSError:
         pass  # the host's read-only /sys stays; nothing in it is writable from here
     socket.sethostname(hostname)
+    # Disks are mounted on /dev/xvdX after the workload's mount namespace exists: a shared /dev
+    # propagates them there (both namespaces belong to the domain's user namespace).
+    linux.mount(None, "/dev", None, linux.MS_SHARED)
 
 
 def enter_workload_mounts() -> None:

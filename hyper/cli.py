@@ -150,12 +150,14 @@ def _top_rows(
     domains: list[dict[str, Any]],
     interval: float,
     vifs: list[dict[str, Any]],
+    vbds: list[dict[str, Any]],
 ) -> list[list[str]]:
     rows = []
     for d in domains:
         prev = before.get(d["domid"])
         pct = 0.0 if prev is None or interval <= 0 else 100.0 * (d["cpu_time"] - prev) / interval
         mine = [v for v in vifs if v["domid"] == d["domid"]]
+        disks = [v for v in vbds if v["domid"] == d["domid"]]
         rows.append(
             [
                 d["name"],
@@ -168,6 +170,8 @@ def _top_rows(
                 str(len(mine)),
                 str(sum(v["tx_bytes"] for v in mine) // 1024),
                 str(sum(v["rx_bytes"] for v in mine) // 1024),
+                str(len(disks)),
+                *(str(sum(v[key] for v in disks)) for key in _VBD_KEYS),
             ]
         )
     return rows
@@ -184,7 +188,14 @@ TOP_COLUMNS = [
     "NETS",
     "NETTX(k)",
     "NETRX(k)",
+    "VBDS",
+    "VBD_OO",
+    "VBD_RD",
+    "VBD_WR",
+    "VBD_RSECT",
+    "VBD_WSECT",
 ]
+_VBD_KEYS = ("oo_req", "rd_req", "wr_req", "rd_sect", "wr_sect")
 
 
 def cmd_top(args: argparse.Namespace) -> int:
@@ -211,7 +222,7 @@ def cmd_top(args: argparse.Namespace) -> int:
         while args.iterations is None or iteration < args.iterations:
             domains = _call("list")
             now = time.monotonic()
-            rows = _top_rows(before, domains, now - last, _call("net_stats"))
+            rows = _top_rows(before, domains, now - last, _call("net_stats"), _call("blk_stats"))
             before = {d["domid"]: d["cpu_time"] for d in domains}
             last = now
             iteration += 1
@@ -492,6 +503,43 @@ def cmd_network_list(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- block devices -----------------------------------------------------------------------------
+
+
+def cmd_block_attach(args: argparse.Namespace) -> int:
+    result = _call("block_attach", domain=args.domain, spec=args.diskspec, base_dir=os.getcwd())
+    print(f"vbd {result['domid']}/{result['vdev']} attached", file=sys.stderr)
+    return 0
+
+
+def cmd_block_detach(args: argparse.Namespace) -> int:
+    result = _call("block_detach", domain=args.domain, vdev=args.vdev)
+    if not result["clean"]:
+        print(f"{args.vdev}: the backend did not close in time; removed anyway", file=sys.stderr)
+    return 0
+
+
+def cmd_block_list(args: argparse.Namespace) -> int:
+    vbds = _call("block_list", domain=args.domain)
+    if args.json:
+        print(json.dumps(vbds, indent=2))
+        return 0
+    print(
+        f"{'Vdev':<6}{'BE':>4} {'State':>5} {'Mode':<5}{'Sectors':>12} {'RD req':>9} "
+        f"{'WR req':>9} {'RD sect':>11} {'WR sect':>11} {'OO':>5} {'Err':>5}  Target"
+    )
+    for v in vbds:
+        backend = (v.get("backend") or "").split("/")
+        print(
+            f"{v.get('vdev') or v['devid']:<6}{backend[3] if len(backend) > 3 else '-':>4} "
+            f"{v.get('state') or '-':>5} {v.get('mode') or '-':<5}{v.get('sectors') or '-':>12} "
+            f"{v.get('rd_req', 0):>9} {v.get('wr_req', 0):>9} {v.get('rd_sect', 0):>11} "
+            f"{v.get('wr_sect', 0):>11} {v.get('oo_req', 0):>5} {v.get('errors', 0):>5}  "
+            f"{v.get('params') or '-'}"
+        )
+    return 0
+
+
 # -- store -------------------------------------------------------------------------------------
 
 
@@ -615,6 +663,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("domain")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_network_list)
+
+    p = sub.add_parser("block-attach", help="give a running domain a new disk")
+    p.add_argument("domain")
+    p.add_argument("diskspec", help="xl-style disk spec, e.g. target=data.img,size=64M,vdev=xvdb")
+    p.set_defaults(func=cmd_block_attach)
+
+    p = sub.add_parser("block-detach", help="remove a disk from a domain")
+    p.add_argument("domain")
+    p.add_argument("vdev", help="the disk's vdev (xvdb) or its devid")
+    p.set_defaults(func=cmd_block_detach)
+
+    p = sub.add_parser("block-list", help="a domain's disks and their counters")
+    p.add_argument("domain")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_block_list)
 
     p = sub.add_parser("store", help="read and change the store")
     p.add_argument("op", choices=["ls", "read", "write", "rm", "watch"])

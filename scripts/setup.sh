@@ -5,7 +5,8 @@
 #   py=$(scripts/setup.sh) && "$py" -m hyper.cli list
 #
 # Host tools (apt-get, only when one is missing): python3, python3-pip, iproute2,
-# util-linux (nsenter, setpriv, flock), procps, iperf3, fio, iputils-ping.
+# util-linux (nsenter, setpriv, flock), procps, iperf3, fio, iputils-ping, e2fsprogs (mkfs.ext4
+# and fsck.ext4 for the block tests), fuse3 (libfuse3, which blkfront's mfusepy loads).
 # Python packages: `pip install -e '.[test]'` (hyper, editable, with its test extras) into the
 # interpreter itself: python3 on PATH, or $PYTHON (at least 3.11). Only when hyper is not yet
 # installed from this checkout, or pyproject.toml's requirements changed since it was.
@@ -21,8 +22,8 @@ set -euo pipefail
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 python=${PYTHON:-python3}
 
-APT_PACKAGES=(python3 python3-pip iproute2 util-linux procps iperf3 fio iputils-ping)
-HOST_TOOLS=(ip nsenter setpriv flock ps pgrep iperf3 fio ping)
+APT_PACKAGES=(python3 python3-pip iproute2 util-linux procps iperf3 fio iputils-ping e2fsprogs fuse3)
+HOST_TOOLS=(ip nsenter setpriv flock ps pgrep iperf3 fio ping mkfs.ext4 fsck.ext4 fusermount3)
 
 say() { printf 'setup: %s\n' "$*" >&2; }
 die() {
@@ -85,7 +86,9 @@ wanted = set(project["dependencies"]) | {
 if set(dist.requires or []) != wanted:
     sys.exit(1)
 import hyper.cli, pydantic, yaml, posix_ipc, pyroute2, rich, pytest, pytest_timeout, hypothesis
-import ruff
+import ruff, os
+os.environ["FUSE_LIBRARY_NAME"] = "fuse3"
+import mfusepy
 PY
     ) >/dev/null 2>&1
 }

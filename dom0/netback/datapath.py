@@ -29,6 +29,7 @@ from channels.gnttab import GrantError
 from channels.grants import GrantMapper
 from channels.ring import BackRing, RingBroken, RingError
 from channels.tun import VNET_HDR_SIZE, TapWaiter
+from dom0.datapath_worker import CounterPage
 
 log = logging.getLogger(__name__)
 
@@ -64,40 +65,25 @@ COUNTER_FIELDS = (
 )
 
 
-class Counters:
-    """Per vif, from the domain's point of view: tx = sent by the domain.
+class Counters(CounterPage):
+    """Per vif, from the domain's point of view: tx = sent by the domain."""
 
-    The values live in ``buf`` (eight native u64), so a vif's worker process can count in a
-    page that dom0 reads whenever `hyperctl network-list` asks; without a buffer, in memory."""
-
-    def __init__(self, buf: memoryview | None = None) -> None:
-        self._values = (buf if buf is not None else memoryview(bytearray(64)))[:64].cast("Q")
+    FIELDS = COUNTER_FIELDS
+    # Declared for type checkers; CounterPage makes each a property over the page.
+    tx_packets: int
+    tx_bytes: int
+    tx_errors: int
+    tx_dropped: int
+    rx_packets: int
+    rx_bytes: int
+    rx_errors: int
+    rx_dropped: int
 
     def error(self, reason: str) -> None:
         """A refused tx packet: counted; its reason goes to the log (not per packet above
         debug level: a hostile frontend chooses how often)."""
         self.tx_errors += 1
         log.debug("tx packet refused: %s", reason)
-
-    def as_dict(self) -> dict[str, int]:
-        return {name: int(self._values[i]) for i, name in enumerate(COUNTER_FIELDS)}
-
-    def release(self) -> None:
-        self._values.release()
-
-
-def _counter(index: int) -> property:
-    def get(self: Counters) -> int:
-        return int(self._values[index])
-
-    def put(self: Counters, value: int) -> None:
-        self._values[index] = value
-
-    return property(get, put)
-
-
-for _i, _name in enumerate(COUNTER_FIELDS):
-    setattr(Counters, _name, _counter(_i))
 
 
 class BadPacket(Exception):

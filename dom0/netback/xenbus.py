@@ -9,26 +9,17 @@ violation by the frontend, fails this vif alone (error node, Closing).
 
 from __future__ import annotations
 
-import contextlib
-import json
 import logging
-import mmap
-import os
-import socket
-import subprocess
-import sys
 import threading
-from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
 
 from channels.evtchn import EventChannel, bind_interdomain
 from channels.gnttab import GrantError
-from channels.hypercall import GnttabMapPool, HypercallClient, HypercallError
+from channels.hypercall import HypercallClient, HypercallError
 from channels.xenbus import XenbusState
 from channels.xenbus_bus import XenbusDevice
-from dom0.netback.datapath import COUNTER_FIELDS, Counters, RateLimit
+from dom0.datapath_worker import WorkerProcess
+from dom0.netback.datapath import COUNTER_FIELDS, RateLimit
 from dom0.netback.tap import TapError, create_tap, destroy_tap, vif_name
 
 log = logging.getLogger(__name__)
@@ -52,7 +43,7 @@ class Vif:
     tap_fd: int
     final_counters: dict[str, int] = field(default_factory=dict)
     channels: list[EventChannel] = field(default_factory=list)
-    worker: Worker | None = None
+    worker: WorkerProcess | None = None
 
     @property
     def name(self) -> str:
@@ -60,113 +51,8 @@ class Vif:
 
     def counter_values(self) -> dict[str, int]:
         if self.worker is not None:
-            return self.worker.counters.as_dict()
+            return self.worker.counter_values(COUNTER_FIELDS)
         return self.final_counters or dict.fromkeys(COUNTER_FIELDS, 0)
-
-
-class Worker:
-    """dom0's handle on a vif's data-path process (dom0/netback/worker.py)."""
-
-    def __init__(
-        self,
-        process: subprocess.Popen[bytes],
-        control: socket.socket,
-        counters_fd: int,
-        hc: HypercallClient,
-        on_fatal: Callable[[str], None],
-    ):
-        self.process = process
-        self.control = control
-        self._page = mmap.mmap(counters_fd, mmap.PAGESIZE)
-        os.close(counters_fd)
-        self.counters = Counters(memoryview(self._page))
-        self._hc = hc
-        self._on_fatal = on_fatal
-        self._thread = threading.Thread(target=self._serve, name="netback-worker", daemon=True)
-        self._thread.start()
-
-    @classmethod
-    def start(
-        cls,
-        params: dict[str, Any],
-        tap_fd: int,
-        hc: HypercallClient,
-        on_fatal: Callable[[str], None],
-    ) -> Worker:
-        ours, theirs = socket.socketpair()
-        counters_fd = os.memfd_create("hyper-vif-counters", os.MFD_CLOEXEC)
-        os.ftruncate(counters_fd, mmap.PAGESIZE)
-        fds = (tap_fd, theirs.fileno(), counters_fd)
-        params = {
-            **params,
-            "tap_fd": tap_fd,
-            "control_fd": theirs.fileno(),
-            "counters_fd": counters_fd,
-        }
-        process = subprocess.Popen(
-            [sys.executable, "-m", "dom0.netback.worker"],
-            stdin=subprocess.PIPE,
-            pass_fds=fds,
-            env={**os.environ, "PYTHONPATH": _SOURCE_ROOT},
-        )
-        assert process.stdin is not None
-        process.stdin.write(json.dumps(params).encode())
-        process.stdin.close()
-        theirs.close()
-        return cls(process, ours, counters_fd, hc, on_fatal)
-
-    def _serve(self) -> None:
-        buffer = b""
-        while True:
-            try:
-                data = self.control.recv(65536)
-            except OSError:
-                data = b""
-            if not data:
-                break
-            buffer += data
-            while b"\n" in buffer:
-                line, buffer = buffer.split(b"\n", 1)
-                self._handle(json.loads(line))
-        if self.process.poll() is not None and self.process.returncode != 0:
-            self._on_fatal(f"data path died ({_describe(self.process.returncode)})")
-
-    def _handle(self, message: dict[str, Any]) -> None:
-        if "fatal" in message:
-            self._on_fatal(str(message["fatal"])[:500])
-            return
-        request = message.get("map_pool") or {}
-        try:
-            result = self._hc.call(
-                GnttabMapPool(granter=int(request["granter"]), gref=int(request["gref"]))
-            )
-            reply: dict[str, Any] = {"id": message["id"], "result": result}
-        except HypercallError as exc:
-            reply = {"id": message["id"], "error": exc.errno_name, "message": exc.message}
-        except (KeyError, TypeError, ValueError) as exc:
-            reply = {"id": message.get("id"), "error": "EINVAL", "message": str(exc)}
-        with contextlib.suppress(OSError):
-            self.control.sendall(json.dumps(reply).encode() + b"\n")
-
-    def stop(self) -> None:
-        """Hang up; the worker stops its threads and exits."""
-        with contextlib.suppress(OSError):
-            self.control.shutdown(socket.SHUT_RDWR)
-        try:
-            self.process.wait(timeout=5.0)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
-        self.control.close()
-        self.counters.release()
-        self._page.close()
-
-
-def _describe(code: int) -> str:
-    return f"signal {-code}" if code < 0 else f"exit status {code}"
-
-
-_SOURCE_ROOT = str(Path(__file__).resolve().parents[2])
 
 
 class NetbackDriver:
@@ -255,13 +141,17 @@ class NetbackDriver:
             "gso": dev.read_otherend("feature-gso-tcpv4") == "1",
             "rate": [rate.credit, rate.window_us] if rate else None,
         }
-        vif.worker = Worker.start(
-            params, vif.tap_fd, self.hc, lambda message: dev.fatal(f"{vif.name}: {message}")
+        vif.worker = WorkerProcess.start(
+            "dom0.netback.worker",
+            params,
+            vif.tap_fd,
+            self.hc,
+            lambda message: dev.fatal(f"{vif.name}: {message}"),
         )
 
     def _disconnect(self, vif: Vif) -> None:
         if vif.worker is not None:
-            vif.final_counters = vif.worker.counters.as_dict()
+            vif.final_counters = vif.worker.counter_values(COUNTER_FIELDS)
             vif.worker.stop()
             vif.worker = None
         for channel in vif.channels:

@@ -105,13 +105,27 @@ def leftovers() -> list[str]:
         if (
             comm in ("hyper-kernel", "hyper-init")
             or "hyper.hyperd" in cmdline
-            or ("-m dom0" in cmdline or "domu.boot" in cmdline)
+            or ("-m dom0" in cmdline or "domu.boot" in cmdline or "domu.blkfront" in cmdline)
         ):
             found.append(f"process {proc.name} {comm}")
     if RUN.root.exists():
         found.append(str(RUN.root))
     found += [f"interface {name}" for name in _our_interfaces()]
+    found += [f"loop device {loop}" for loop in _our_loops()]
     return found
+
+
+def _our_loops() -> list[str]:
+    """Loop devices over a test's or the demo's images (other loops on the host are not ours)."""
+    loops = []
+    for backing in Path("/sys/block").glob("loop*/loop/backing_file"):
+        try:
+            path = backing.read_text().strip()
+        except OSError:
+            continue
+        if "/pytest-of-" in path or "hyper-demo" in path:
+            loops.append(f"{backing.parts[3]} ({path})")
+    return loops
 
 
 def _our_interfaces() -> list[str]:

@@ -85,12 +85,12 @@ def test_loading_every_config_creates_nothing() -> None:
     assert sorted(CONFIGS.iterdir()) == before
 
 
-def test_demo_domain_is_idle_with_one_vif() -> None:
+def test_demo_domain_is_idle_with_one_vif_and_one_disk() -> None:
     demo = load_config(CONFIGS / "domu.yaml")
     assert demo.name == "demo"
     assert demo.command is None
     assert [str(v.ip) for v in demo.vif] == ["10.0.0.2/24"]
-    assert demo.disk == []
+    assert [(d.vdev, d.access, d.size) for d in demo.disk] == [("xvda", "rw", 256 << 20)]
 
 
 def test_a_name_alone_gets_every_default(tmp_path: Path) -> None:

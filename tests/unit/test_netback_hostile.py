@@ -16,11 +16,9 @@ import socket
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
 
 import pytest
 
-from channels import hypercall as hc
 from channels import netif as N
 from channels.doorbell import create_doorbell, unlink_doorbell
 from channels.evtchn import from_status
@@ -29,31 +27,10 @@ from channels.grants import GrantMapper
 from channels.ring import PAGE_SIZE, BackRing, FrontRing, u32_view
 from channels.shm import attach, create_segment, unlink_segment
 from dom0.netback.datapath import Counters, TxPath
+from tests.unit.backend_hypercalls import Hypercalls
 
 FRONT = 5
 _ids = itertools.count()
-
-
-class Hypercalls:
-    def __init__(self, pool: tuple[str, int, int], bells: tuple[str, str]) -> None:
-        self.pool = pool
-        self.bells = bells
-
-    def call(self, op: hc.Op) -> dict[str, Any]:
-        if isinstance(op, hc.GnttabMapPool):
-            name, base, pages = self.pool
-            if not base <= op.gref < base + pages:
-                raise hc.HypercallError(op.op, "EINVAL", f"no gref {op.gref}")
-            return {"pool": 0, "name": name, "gref_base": base, "pages": pages}
-        if isinstance(op, hc.EvtchnStatus):
-            return {
-                "state": "interdomain",
-                "doorbell": self.bells[0],
-                "peer_doorbell": self.bells[1],
-            }
-        if isinstance(op, hc.EvtchnClose):
-            return {}
-        raise AssertionError(op)
 
 
 @dataclass

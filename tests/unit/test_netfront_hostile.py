@@ -26,7 +26,7 @@ from channels.ring import HEADER_SIZE, PAGE_SIZE, FrontRing, u32_view
 from channels.shm import Segment, attach, create_segment, unlink_segment
 from channels.tun import VNET_HDR_SIZE
 from domu.netfront.datapath import RxPath, TxPath
-from tests.unit.test_netback_hostile import Hypercalls
+from tests.unit.backend_hypercalls import Hypercalls
 
 PAGES = 32
 _ids = itertools.count()

@@ -164,19 +164,6 @@ def test_config_reference_lists_exactly_the_model_keys(header: str, model: type[
     assert keys == list(model.model_fields), f"the '{header}' table disagrees with {model.__name__}"
 
 
-def test_disk_is_marked_not_yet_usable() -> None:
-    body = section("Configuration reference")
-    row = next(line for line in body.splitlines() if line.startswith("| `disk` |"))
-    assert "not yet usable" in row, row
-
-
-def test_status_matches_the_toolstack_refusing_devices() -> None:
-    toolstack = (REPO / "dom0" / "toolstack.py").read_text(encoding="utf-8")
-    refuses = "block devices are not supported yet" in toolstack
-    says_missing = "drivers are **not implemented yet**" in section("What hyper is")
-    assert refuses == says_missing, "README's Status and `hyperctl create` disagree on devices"
-
-
 # -- CLI reference ------------------------------------------------------------------------------
 
 

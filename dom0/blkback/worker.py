@@ -1,0 +1,50 @@
+"""A vbd's data path in a process of its own: ``python -m dom0.blkback.worker``.
+
+See dom0/datapath_worker.py for why and how. Besides the common fds (``device_fd`` is the loop
+device, opened for direct I/O), the parameters are the vbd's name, the frontend's domid, its
+ring ref, the event channel's doorbell names, the disk's size in sectors, whether it is
+read-only, and how many I/O threads to run.
+"""
+
+from __future__ import annotations
+
+import mmap
+import socket
+from typing import Any
+
+from channels import blkif as B
+from channels.evtchn import EventChannel
+from channels.grants import GrantMapper
+from channels.ring import BackRing
+from dom0.blkback.datapath import Counters, VbdPath
+from dom0.datapath_worker import Dom0Link, worker_main
+
+
+def run(params: dict[str, Any]) -> int:
+    link = Dom0Link(socket.socket(fileno=params["control_fd"]))
+    page = mmap.mmap(params["counters_fd"], mmap.PAGESIZE)
+    grants = GrantMapper(link, params["frontend"], 0)  # type: ignore[arg-type]
+    ring = BackRing.attach(
+        B.BLK_RING, grants.resolve(params["ring_ref"], write=True), name=params["name"]
+    )
+    mine, peer = params["doorbells"]
+    channel = EventChannel(link, 0, mine, peer)  # type: ignore[arg-type]
+    path = VbdPath(
+        ring,
+        channel,
+        grants,
+        params["device_fd"],
+        params["sectors"],
+        readonly=params["readonly"],
+        counters=Counters(memoryview(page)),
+        on_fatal=link.fatal,
+        io_threads=params["io_threads"],
+    )
+    path.start()
+    link.closed.wait()  # dom0 hangs up when the vbd disconnects
+    path.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    worker_main(run)

@@ -1,0 +1,201 @@
+"""blkback's negotiation: the vbd backend driver on dom0's XenBus bus (blkif order).
+
+probe: attach the image (``params``, read-only unless ``mode`` is ``w``) to a loop device,
+publish the transport features, go InitWait. When the frontend is Initialised (Linux also
+accepts Connected): read its ring ref, event channel and protocol, bind the channel, start the
+data path in a worker process, publish the disk's properties (``sectors``, ``sector-size``,
+``info``) and go Connected. When either side closes: stop the worker, release the channel, go
+Closed; the loop device goes when the vbd is removed (closing its last descriptor detaches it).
+Any failure, or a protocol violation by the frontend, fails this vbd alone (error node,
+Closing).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from dataclasses import dataclass, field
+from typing import Any
+
+from channels import blkif as B
+from channels.evtchn import EventChannel, bind_interdomain
+from channels.hypercall import HypercallClient, HypercallError
+from channels.xenbus import XenbusState
+from channels.xenbus_bus import XenbusDevice
+from dom0.blkback.datapath import COUNTER_FIELDS
+from dom0.blkback.loop import LoopDevice, LoopError, attach
+from dom0.datapath_worker import WorkerProcess
+
+log = logging.getLogger(__name__)
+S = XenbusState
+
+IO_THREADS = 8
+
+TRANSPORT_FEATURES = {
+    "feature-flush-cache": "1",
+    "feature-persistent": "1",
+    "feature-max-indirect-segments": str(B.MAX_INDIRECT_SEGMENTS),
+}
+
+
+@dataclass
+class Vbd:
+    domid: int
+    devid: int
+    vdev: str
+    loop: LoopDevice
+    final_counters: dict[str, int] = field(default_factory=dict)
+    channel: EventChannel | None = None
+    worker: WorkerProcess | None = None
+
+    @property
+    def name(self) -> str:
+        return f"vbd{self.domid}.{self.vdev}"
+
+    def counter_values(self) -> dict[str, int]:
+        if self.worker is not None:
+            return self.worker.counter_values(COUNTER_FIELDS)
+        return self.final_counters or dict.fromkeys(COUNTER_FIELDS, 0)
+
+
+class BlkbackDriver:
+    def __init__(self, hc: HypercallClient) -> None:
+        self.hc = hc
+        self.vbds: dict[tuple[int, int], Vbd] = {}
+        self._lock = threading.Lock()
+
+    # -- XenBus ---------------------------------------------------------------------------------
+
+    def probe(self, dev: XenbusDevice) -> None:
+        image = dev.read("params")
+        if not image:
+            dev.fatal("no params (image path) in the backend directory")
+            return
+        readonly = dev.read("mode") != "w"
+        try:
+            loop = attach(image, readonly=readonly)
+        except LoopError as exc:
+            dev.fatal(f"attaching the image: {exc}")
+            return
+        vbd = Vbd(dev.frontend_id, dev.devid, dev.read("dev") or str(dev.devid), loop)
+        dev.driver_data = vbd
+        with self._lock:
+            self.vbds[dev.frontend_id, dev.devid] = vbd
+        rdev = os.fstat(loop.fd).st_rdev
+        features = {
+            **TRANSPORT_FEATURES,
+            "feature-discard": "0" if readonly else "1",
+            "discard-granularity": "4096",
+            "discard-alignment": "0",
+            "physical-device": f"{os.major(rdev):x}:{os.minor(rdev):x}",
+            "physical-device-path": loop.path,
+        }
+        for key, value in features.items():
+            dev.write(key, value)
+        dev.switch_state(S.InitWait)
+        log.info("%s: %s on %s, waiting for the frontend", vbd.name, image, loop.path)
+
+    def otherend_changed(self, dev: XenbusDevice, state: XenbusState) -> None:
+        vbd = dev.driver_data
+        if not isinstance(vbd, Vbd):
+            return
+        if state in (S.Closing, S.Closed, S.Unknown) or dev.state in (S.Closing, S.Closed):
+            self._disconnect(vbd)
+            if state in (S.Closed, S.Unknown):
+                dev.switch_state(S.Closed)
+            elif state == S.Closing:
+                dev.switch_state(S.Closing)
+            return
+        if state in (S.Initialised, S.Connected) and dev.state == S.InitWait:
+            try:
+                self._connect(dev, vbd)
+            except (KeyError, ValueError, OSError, HypercallError) as exc:
+                self._disconnect(vbd)
+                dev.fatal(f"connecting: {exc}")
+                return
+            dev.switch_state(S.Connected)
+            log.info("%s: connected", vbd.name)
+
+    def remove(self, dev: XenbusDevice) -> None:
+        vbd = dev.driver_data
+        if not isinstance(vbd, Vbd):
+            return
+        self._disconnect(vbd)
+        with self._lock:
+            self.vbds.pop((vbd.domid, vbd.devid), None)
+        vbd.loop.close()
+        dev.driver_data = None
+        log.info("%s: removed", vbd.name)
+
+    # -- connecting ---------------------------------------------------------------------------
+
+    def _connect(self, dev: XenbusDevice, vbd: Vbd) -> None:
+        def key(name: str) -> int:
+            value = dev.read_otherend(name)
+            if value is None:
+                raise KeyError(f"frontend {name} missing")
+            return int(value)
+
+        protocol = dev.read_otherend("protocol")
+        if protocol not in (None, B.XEN_IO_PROTO_ABI_X86_64):
+            raise ValueError(f"unsupported protocol {protocol!r}")
+        order = dev.read_otherend("ring-page-order")
+        if order not in (None, "0"):
+            raise ValueError(f"ring-page-order {order} above the maximum 0")
+        vbd.channel = bind_interdomain(self.hc, dev.frontend_id, key("event-channel"))
+        params: dict[str, Any] = {
+            "name": vbd.name,
+            "frontend": dev.frontend_id,
+            "ring_ref": key("ring-ref"),
+            "doorbells": vbd.channel.doorbell_names(),
+            "sectors": vbd.loop.sectors,
+            "readonly": vbd.loop.readonly,
+            "io_threads": IO_THREADS,
+        }
+        vbd.worker = WorkerProcess.start(
+            "dom0.blkback.worker",
+            params,
+            vbd.loop.fd,
+            self.hc,
+            lambda message: dev.fatal(f"{vbd.name}: {message}"),
+        )
+        properties = {
+            "sectors": str(vbd.loop.sectors),
+            "sector-size": str(B.SECTOR_SIZE),
+            "physical-sector-size": str(B.SECTOR_SIZE),
+            "info": str(B.VDISK_READONLY if vbd.loop.readonly else 0),
+        }
+
+        def publish(tx: Any) -> None:
+            for name, value in properties.items():
+                tx.write(dev.path(name), value)
+
+        dev.xs.transaction(publish)
+
+    def _disconnect(self, vbd: Vbd) -> None:
+        if vbd.worker is not None:
+            vbd.final_counters = vbd.worker.counter_values(COUNTER_FIELDS)
+            vbd.worker.stop()
+            vbd.worker = None
+        if vbd.channel is not None:
+            vbd.channel.close()
+            vbd.channel = None
+
+    def stats(self, domid: int | None = None) -> list[dict[str, object]]:
+        with self._lock:
+            vbds = [v for v in self.vbds.values() if domid is None or v.domid == domid]
+        return [
+            {
+                "domid": v.domid,
+                "devid": v.devid,
+                "vdev": v.vdev,
+                "loop": v.loop.path,
+                "sectors": v.loop.sectors,
+                "readonly": v.loop.readonly,
+                "connected": v.worker is not None,
+                "worker_pid": v.worker.process.pid if v.worker is not None else None,
+                **v.counter_values(),
+            }
+            for v in vbds
+        ]

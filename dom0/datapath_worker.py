@@ -1,0 +1,253 @@
+"""A backend device's data path in a process of its own, and dom0's handle on it.
+
+dom0 negotiates a device (XenBus, event channels, the native device: a TAP, a loop device) and
+then hands its data path to one worker process per device (``python -m dom0.netback.worker``,
+``python -m dom0.blkback.worker``). Two reasons: CPython's GIL would otherwise serialise every
+device's I/O through one interpreter, and the worker is the only process that touches the memory
+the frontend shares, so a frontend that truncates its own pages to make the reader fault
+(SIGBUS) brings down its own device's worker, never dom0.
+
+The worker reads one JSON object on stdin: the device's parameters plus the numbers of the fds it
+inherited: ``device_fd`` (the native device), ``control_fd`` (a socket to dom0) and
+``counters_fd`` (a page of u64 counters that dom0 reads whenever it is asked). Over the control
+socket, one JSON object per line, it asks dom0 to map grant pools (dom0 holds the hypercall
+socket) and reports a fatal protocol error; dom0 hanging up tells it to stop.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import json
+import logging
+import mmap
+import os
+import socket
+import subprocess
+import sys
+import threading
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from channels import hypercall as hc
+from channels.hypercall import GnttabMapPool, HypercallClient, HypercallError
+
+log = logging.getLogger(__name__)
+
+_SOURCE_ROOT = str(Path(__file__).resolve().parents[1])
+
+
+# -- the counter page ---------------------------------------------------------------------------
+
+
+class CounterPage:
+    """A device's counters as native u64s in ``buf`` (a page the worker counts in and dom0
+    reads whenever asked), or in memory without a buffer. A subclass names them in ``FIELDS``,
+    and each becomes an attribute: ``counters.rx_packets += 1``."""
+
+    FIELDS: tuple[str, ...] = ()
+
+    def __init_subclass__(cls) -> None:
+        super().__init_subclass__()
+        for index, name in enumerate(cls.FIELDS):
+            setattr(cls, name, _counter(index))
+
+    def __init__(self, buf: memoryview | None = None) -> None:
+        size = 8 * len(self.FIELDS)
+        self._values = (buf if buf is not None else memoryview(bytearray(size)))[:size].cast("Q")
+
+    def as_dict(self) -> dict[str, int]:
+        return {name: int(self._values[i]) for i, name in enumerate(self.FIELDS)}
+
+    def release(self) -> None:
+        self._values.release()
+
+
+def _counter(index: int) -> property:
+    def get(self: CounterPage) -> int:
+        return int(self._values[index])
+
+    def put(self: CounterPage, value: int) -> None:
+        self._values[index] = value
+
+    return property(get, put)
+
+
+# -- dom0's side --------------------------------------------------------------------------------
+
+
+class WorkerProcess:
+    """dom0's handle on one device's data-path process."""
+
+    def __init__(
+        self,
+        process: subprocess.Popen[bytes],
+        control: socket.socket,
+        counters_fd: int,
+        hc: HypercallClient,
+        on_fatal: Callable[[str], None],
+    ) -> None:
+        self.process = process
+        self.control = control
+        self._page = mmap.mmap(counters_fd, mmap.PAGESIZE)
+        os.close(counters_fd)
+        self._hc = hc
+        self._on_fatal = on_fatal
+        self._thread = threading.Thread(target=self._serve, name="worker-link", daemon=True)
+        self._thread.start()
+
+    @classmethod
+    def start(
+        cls,
+        module: str,
+        params: dict[str, Any],
+        device_fd: int,
+        hc: HypercallClient,
+        on_fatal: Callable[[str], None],
+    ) -> WorkerProcess:
+        """Run ``python -m module`` with ``params`` and the device, control and counter fds."""
+        ours, theirs = socket.socketpair()
+        counters_fd = os.memfd_create("hyper-counters", os.MFD_CLOEXEC)
+        os.ftruncate(counters_fd, mmap.PAGESIZE)
+        fds = (device_fd, theirs.fileno(), counters_fd)
+        params = {
+            **params,
+            "device_fd": device_fd,
+            "control_fd": theirs.fileno(),
+            "counters_fd": counters_fd,
+        }
+        process = subprocess.Popen(
+            [sys.executable, "-m", module],
+            stdin=subprocess.PIPE,
+            pass_fds=fds,
+            env={**os.environ, "PYTHONPATH": _SOURCE_ROOT},
+        )
+        assert process.stdin is not None
+        process.stdin.write(json.dumps(params).encode())
+        process.stdin.close()
+        theirs.close()
+        return cls(process, ours, counters_fd, hc, on_fatal)
+
+    def counter_values(self, fields: Sequence[str]) -> dict[str, int]:
+        """The worker's counters, named ``fields`` in page order."""
+        values = memoryview(self._page)[: 8 * len(fields)].cast("Q")
+        try:
+            return {name: int(values[i]) for i, name in enumerate(fields)}
+        finally:
+            values.release()
+
+    def _serve(self) -> None:
+        buffer = b""
+        while True:
+            try:
+                data = self.control.recv(65536)
+            except OSError:
+                data = b""
+            if not data:
+                break
+            buffer += data
+            while b"\n" in buffer:
+                line, buffer = buffer.split(b"\n", 1)
+                self._handle(json.loads(line))
+        if self.process.poll() is not None and self.process.returncode != 0:
+            self._on_fatal(f"data path died ({_describe(self.process.returncode)})")
+
+    def _handle(self, message: dict[str, Any]) -> None:
+        if "fatal" in message:
+            self._on_fatal(str(message["fatal"])[:500])
+            return
+        request = message.get("map_pool") or {}
+        try:
+            result = self._hc.call(
+                GnttabMapPool(granter=int(request["granter"]), gref=int(request["gref"]))
+            )
+            reply: dict[str, Any] = {"id": message["id"], "result": result}
+        except HypercallError as exc:
+            reply = {"id": message["id"], "error": exc.errno_name, "message": exc.message}
+        except (KeyError, TypeError, ValueError) as exc:
+            reply = {"id": message.get("id"), "error": "EINVAL", "message": str(exc)}
+        with contextlib.suppress(OSError):
+            self.control.sendall(json.dumps(reply).encode() + b"\n")
+
+    def stop(self) -> None:
+        """Hang up; the worker stops its threads and exits."""
+        with contextlib.suppress(OSError):
+            self.control.shutdown(socket.SHUT_RDWR)
+        try:
+            self.process.wait(timeout=5.0)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+        self.control.close()
+        self._page.close()
+
+
+def _describe(code: int) -> str:
+    return f"signal {-code}" if code < 0 else f"exit status {code}"
+
+
+# -- the worker's side ---------------------------------------------------------------------------
+
+
+class Dom0Link:
+    """The worker's side of the control socket: a hypercall client whose calls dom0 makes."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self._sock = sock
+        self._ids = itertools.count(1)
+        self._lock = threading.Lock()
+        self._replies: dict[int, Any] = {}
+        self._arrived = threading.Condition()
+        self.closed = threading.Event()
+        self._buffer = b""
+        threading.Thread(target=self._read, name="dom0-link", daemon=True).start()
+
+    def _read(self) -> None:
+        while True:
+            try:
+                data = self._sock.recv(65536)
+            except OSError:
+                data = b""
+            if not data:
+                break
+            self._buffer += data
+            while b"\n" in self._buffer:
+                line, self._buffer = self._buffer.split(b"\n", 1)
+                reply = json.loads(line)
+                with self._arrived:
+                    self._replies[reply["id"]] = reply
+                    self._arrived.notify_all()
+        self.closed.set()
+        with self._arrived:
+            self._arrived.notify_all()
+
+    def _send(self, message: dict[str, Any]) -> None:
+        with self._lock:
+            self._sock.sendall(json.dumps(message).encode() + b"\n")
+
+    def call(self, op: hc.Op) -> dict[str, Any]:
+        """Only grant-pool mapping travels this way; the event channels are already bound."""
+        if not isinstance(op, hc.GnttabMapPool):
+            return {}
+        req_id = next(self._ids)
+        self._send({"id": req_id, "map_pool": {"granter": op.granter, "gref": op.gref}})
+        with self._arrived:
+            self._arrived.wait_for(lambda: req_id in self._replies or self.closed.is_set(), 10)
+            reply = self._replies.pop(req_id, None)
+        if reply is None:
+            raise hc.HypercallError(op.op, "ENOTCONN", "dom0 is gone")
+        if "error" in reply:
+            raise hc.HypercallError(op.op, reply["error"], reply.get("message", ""))
+        return dict(reply["result"])
+
+    def fatal(self, message: str) -> None:
+        with contextlib.suppress(OSError):
+            self._send({"fatal": message})
+
+
+def worker_main(run: Callable[[dict[str, Any]], object]) -> None:
+    """A worker process's main: parameters from stdin, ``run`` them, exit without teardown."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    run(json.load(sys.stdin))
+    os._exit(0)  # no interpreter teardown over shared memory a peer may have broken

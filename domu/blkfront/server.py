@@ -1,0 +1,219 @@
+"""A disk's FUSE server: ``python -m domu.blkfront.server``, one process per connected disk.
+
+The domain kernel negotiates the disk (XenBus, grant pools, the event channel) and then starts
+this process in its own namespaces, as the domain's root, with one JSON object on stdin: the
+disk's name and mount point (``/dev/xvda``), its size, whether it is read-only, the largest
+request the backend takes, the shared objects to open (ring page, data pages, indirect pages:
+pool name, first gref, pages) and the two doorbells. It mounts a FUSE file system whose root
+*is* the disk, over the regular file the kernel made at the mount point, with mfusepy (ctypes
+over libfuse3's multi-threaded loop), and serves it until its stdin closes (the kernel
+disconnects the disk) or the file system is unmounted.
+
+A process of its own, not a thread of the kernel: FUSE callbacks and the copies into the
+granted pages get an interpreter (and a GIL) of their own, libfuse's signal handling stays out
+of the kernel, and a server that dies takes only its disk with it.
+
+Mount options: ``allow_other`` (the workload is another uid of the domain's user namespace;
+the kernel allows it there, fuse.conf matters only to fusermount) with ``default_permissions``,
+so the file's owner and mode decide: the workload user owns its disks, mode 0600 (0400 and a
+read-only mount for an ``ro`` disk, so writes fail with EROFS). Every open gets ``direct_io``:
+no page cache in the domain, each read and write becomes blkif requests at once, up to 1 MiB.
+An ``O_DSYNC`` write (which direct I/O delivers without a separate fsync) is followed by a
+flush, as a disk honours FUA.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno
+import json
+import logging
+import os
+import stat
+import sys
+import threading
+import time
+from typing import Any
+
+os.environ.setdefault("FUSE_LIBRARY_NAME", "fuse3")  # mfusepy prefers libfuse2 when both exist
+import mfusepy
+
+from channels import blkif as B
+from channels.doorbell import DoorbellPair
+from channels.gnttab import GrantPool
+from channels.ring import FrontRing
+from domu.blkfront.datapath import DiskPath
+
+log = logging.getLogger("blkfront")
+
+FALLOC_FL_KEEP_SIZE = 0x01
+FALLOC_FL_PUNCH_HOLE = 0x02
+MNT_DETACH = 2
+FUSE_THREADS = 8
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
+
+
+class DiskOps(mfusepy.Operations):  # type: ignore[misc]
+    """The FUSE file system: one regular file, the disk, at the root."""
+
+    use_ns = True
+
+    def __init__(self, disk: DiskPath, *, readonly: bool, uid: int, gid: int) -> None:
+        self.disk = disk
+        self.readonly = readonly
+        self.uid, self.gid = uid, gid
+        self.size = disk.sectors * B.SECTOR_SIZE
+        self.born = time.time_ns()
+
+    def init_with_config(self, conn: Any, config: Any) -> None:
+        """FUSE_INIT: the file system is mounted. Tune it, and tell the kernel (it waits for
+        this line before it goes Connected)."""
+        if conn is not None:
+            conn.max_background = 32  # requests the kernel may queue (readahead, async I/O)
+            conn.congestion_threshold = 24
+        if config is not None:
+            config.direct_io = 1
+            config.nullpath_ok = 1
+            config.attr_timeout = config.entry_timeout = 3600.0
+        sys.stdout.write("mounted\n")
+        sys.stdout.flush()
+
+    def getattr(self, path: str | None, fh: int | None = None) -> dict[str, int]:
+        if path not in ("/", None):
+            raise mfusepy.FuseOSError(errno.ENOENT)
+        t = self.born
+        mode = 0o400 if self.readonly else 0o600
+        return {
+            "st_mode": stat.S_IFREG | mode,
+            "st_nlink": 1,
+            "st_size": self.size,
+            "st_uid": self.uid,
+            "st_gid": self.gid,
+            "st_blksize": 4096,
+            "st_blocks": self.size // B.SECTOR_SIZE,
+            "st_atime": t,
+            "st_mtime": t,
+            "st_ctime": t,
+        }
+
+    def open(self, path: str, fi: Any) -> int:
+        fi.direct_io = 1
+        fi.keep_cache = 0
+        return 0
+
+    def read(self, path: str | None, size: int, offset: int, fi: Any) -> bytes:
+        return self._io(lambda: self.disk.read(offset, size))
+
+    def write(self, path: str | None, data: bytes, offset: int, fi: Any) -> int:
+        if offset >= self.size:
+            raise mfusepy.FuseOSError(errno.ENOSPC)
+        size = min(len(data), self.size - offset)
+        written = self._io(lambda: self.disk.write(offset, memoryview(data)[:size]))
+        if fi.flags & os.O_DSYNC:  # O_SYNC includes it
+            self._io(self.disk.flush)
+        return written
+
+    def fsync(self, path: str | None, datasync: int, fi: Any) -> int:
+        if not self.readonly:
+            self._io(self.disk.flush)
+        return 0
+
+    def flush(self, path: str | None, fi: Any) -> int:
+        return 0  # close(2) of one descriptor, not a disk cache flush
+
+    def fallocate(self, path: str | None, mode: int, offset: int, length: int, fi: Any) -> int:
+        if mode == FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE:
+            self._io(lambda: self.disk.discard(offset, length))
+            return 0
+        if mode in (0, FALLOC_FL_KEEP_SIZE) and offset + length <= self.size:
+            return 0  # a disk is always fully allocated
+        raise mfusepy.FuseOSError(errno.EOPNOTSUPP)
+
+    def truncate(self, path: str | None, length: int, fh: int | None = None) -> int:
+        return 0  # a disk keeps its size (dd without conv=notrunc asks for 0)
+
+    def chmod(self, path: str | None, mode: int) -> int:
+        raise mfusepy.FuseOSError(errno.EPERM)
+
+    def chown(self, path: str | None, uid: int, gid: int) -> int:
+        raise mfusepy.FuseOSError(errno.EPERM)
+
+    def utimens(self, path: str | None, times: Any = None) -> int:
+        return 0
+
+    def release(self, path: str | None, fi: Any) -> int:
+        return 0
+
+    @staticmethod
+    def _io(call: Any) -> Any:
+        try:
+            return call()
+        except OSError as exc:
+            raise mfusepy.FuseOSError(exc.errno or errno.EIO) from exc
+
+
+def _unmount_when_closed(mountpoint: str) -> None:
+    """The kernel closes our stdin to disconnect the disk: unmount, which ends the FUSE loop
+    (lazily if a program still has the disk open: the loop ends when it closes it)."""
+    with contextlib.suppress(OSError):
+        while os.read(0, 4096):
+            pass
+    if _libc.umount2(mountpoint.encode(), 0) != 0:
+        _libc.umount2(mountpoint.encode(), MNT_DETACH)
+
+
+def serve(params: dict[str, Any]) -> None:
+    pools = {
+        kind: GrantPool.open(spec["name"], spec["gref_base"], spec["pages"])
+        for kind, spec in params["pools"].items()
+    }
+    # The kernel initialised the ring (indices 0) before publishing it: a fresh front end
+    # over the page starts where it left off.
+    ring = FrontRing(B.BLK_RING, pools["ring"].page(0), name=params["name"])
+    evtchn = DoorbellPair(*params["doorbells"])
+    indirect = pools.get("indirect")
+    disk = DiskPath(
+        ring,
+        evtchn,
+        pools["data"],
+        [pools["data"].gref_base + i for i in range(pools["data"].pages)],
+        indirect,
+        [indirect.gref_base + i for i in range(indirect.pages)] if indirect else [],
+        sectors=params["sectors"],
+        max_segments=params["max_segments"],
+        on_broken=lambda reason: log.error("%s: %s", params["name"], reason),
+    )
+    disk.start()
+    mountpoint = params["mountpoint"]
+    threading.Thread(target=_unmount_when_closed, args=(mountpoint,), daemon=True).start()
+    ops = DiskOps(disk, readonly=params["readonly"], uid=params["uid"], gid=params["gid"])
+    options: dict[str, Any] = {"allow_other": True, "default_permissions": True}
+    if params["readonly"]:
+        options["ro"] = True
+    try:
+        mfusepy.FUSE(
+            ops,
+            mountpoint,
+            foreground=True,
+            raw_fi=True,
+            fsname=f"xvd:{params['name']}",
+            max_threads=FUSE_THREADS,
+            **options,
+        )
+    except RuntimeError as exc:  # libfuse's own SIGTERM handling ends the loop this way
+        log.info("%s: FUSE loop ended: %s", params["name"], exc)
+    finally:
+        disk.stop()
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    serve(json.loads(sys.stdin.readline()))
+    os._exit(0)  # no interpreter teardown over shared memory a peer may have broken
+
+
+if __name__ == "__main__":
+    main()

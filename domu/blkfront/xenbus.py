@@ -1,0 +1,210 @@
+"""blkfront's negotiation: the vbd frontend driver on the domain kernel's XenBus bus.
+
+blkif order (xen-split-driver.md §5.4): when the backend reaches InitWait, the frontend reads its
+features, sets up one ring page, a pool of data pages and one indirect page per ring slot (all
+granted to the backend once: persistent grants), allocates the event channel, initialises the
+ring, publishes ``ring-ref``, ``event-channel``, ``protocol`` and ``feature-persistent`` in one
+transaction and goes Initialised. When the backend is Connected, it reads the disk's
+properties, makes the mount point ``/dev/<vdev>`` (an empty regular file on the domain's own
+/dev), starts the disk's FUSE server (domu/blkfront/server.py) and goes Connected once the
+server has mounted. When the backend closes or the device goes away: the server is told to
+stop (it unmounts), the mount point is removed and every pool, ring and channel released.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import json
+import logging
+import os
+import subprocess
+import sys
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from channels import blkif as B
+from channels.evtchn import EventChannel, alloc_unbound
+from channels.gnttab import GrantPool
+from channels.hypercall import GnttabReleasePool, GnttabSetupPool, HypercallClient, HypercallError
+from channels.ring import PAGE_SIZE, FrontRing
+from channels.xenbus import XenbusState
+from channels.xenbus_bus import XenbusDevice
+from domu import sandbox
+
+log = logging.getLogger(__name__)
+S = XenbusState
+
+DATA_PAGES = 1024  # 4 MiB in flight: four 1 MiB requests, or the whole ring of small ones
+MOUNT_TIMEOUT = 10.0
+_SOURCE_ROOT = str(Path(__file__).resolve().parents[2])
+MNT_DETACH = 2
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
+
+
+@dataclass
+class Blkfront:
+    vdev: str
+    pools: dict[str, tuple[int, GrantPool]] = field(default_factory=dict)  # kind: (id, pool)
+    channel: EventChannel | None = None
+    server: subprocess.Popen[bytes] | None = None
+    mounted: threading.Event = field(default_factory=threading.Event)
+
+    @property
+    def mountpoint(self) -> str:
+        return f"/dev/{self.vdev}"
+
+
+class BlkfrontDriver:
+    def __init__(self, hc: HypercallClient) -> None:
+        self.hc = hc
+
+    def probe(self, dev: XenbusDevice) -> None:
+        vdev = dev.read("dev") or B.vdev_name(dev.devid)
+        B.parse_vdev(vdev)  # the toolstack wrote it; still, never build a path from a bad name
+        dev.driver_data = Blkfront(vdev)
+
+    def otherend_changed(self, dev: XenbusDevice, state: XenbusState) -> None:
+        bf = dev.driver_data
+        if not isinstance(bf, Blkfront):
+            return
+        try:
+            if state == S.InitWait and dev.state in (S.Unknown, S.Initialising):
+                self._initialise(dev, bf)
+                dev.switch_state(S.Initialised)
+            elif state == S.Connected and dev.state == S.Initialised:
+                self._connect(dev, bf)
+                dev.switch_state(S.Connected)
+                log.info("%s connected", bf.vdev)
+            elif state in (S.Closing, S.Closed, S.Unknown) and dev.state != S.Closed:
+                self._release(bf)
+                dev.switch_state(S.Closed)
+        except (OSError, ValueError, KeyError, HypercallError, TimeoutError) as exc:
+            self._release(bf)
+            dev.fatal(f"{bf.vdev}: {exc}")
+
+    def remove(self, dev: XenbusDevice) -> None:
+        bf = dev.driver_data
+        if isinstance(bf, Blkfront):
+            self._release(bf)
+        dev.driver_data = None
+
+    # -- connecting -----------------------------------------------------------------------------
+
+    def _pool(self, bf: Blkfront, kind: str, backend: int, pages: int, *, readonly: bool) -> None:
+        info = self.hc.call(GnttabSetupPool(peer=backend, pages=pages))
+        pool = GrantPool.open(info["name"], info["gref_base"], info["pages"])
+        bf.pools[kind] = (info["pool"], pool)
+        for i in range(pages):
+            # Zero before granting: nothing of ours may leak through a fresh page (XSA-403).
+            pool.page(i)[:] = bytes(PAGE_SIZE)
+            pool.grant(i, backend, readonly=readonly)
+
+    def _initialise(self, dev: XenbusDevice, bf: Blkfront) -> None:
+        backend = dev.otherend_id
+        order = dev.read_otherend("max-ring-page-order")
+        if order not in (None, "0") and not (order.isdigit() and int(order) >= 0):
+            raise ValueError(f"backend max-ring-page-order {order!r} is not a number")
+        self._pool(bf, "ring", backend, 1, readonly=False)
+        self._pool(bf, "data", backend, DATA_PAGES, readonly=False)
+        if _indirect_segments(dev) > B.BLKIF_MAX_SEGMENTS_PER_REQUEST:
+            self._pool(bf, "indirect", backend, B.nr_ents(0), readonly=True)
+        ring_pool = bf.pools["ring"][1]
+        FrontRing.init(B.BLK_RING, ring_pool.page(0), name=bf.vdev).close()
+        bf.channel = alloc_unbound(self.hc, backend)
+        keys = {
+            "ring-ref": str(ring_pool.gref_base),
+            "event-channel": str(bf.channel.port),
+            "protocol": B.XEN_IO_PROTO_ABI_X86_64,
+            "feature-persistent": "1",
+        }
+
+        def publish(tx: Any) -> None:
+            for key, value in keys.items():
+                tx.write(dev.path(key), value)
+
+        dev.xs.transaction(publish)
+
+    def _connect(self, dev: XenbusDevice, bf: Blkfront) -> None:
+        sectors = int(dev.read_otherend("sectors") or "")
+        sector_size = int(dev.read_otherend("sector-size") or B.SECTOR_SIZE)
+        if sector_size != B.SECTOR_SIZE or sectors <= 0:
+            raise ValueError(f"unsupported disk: {sectors} sectors of {sector_size} bytes")
+        readonly = bool(int(dev.read_otherend("info") or 0) & B.VDISK_READONLY)
+        segments = _indirect_segments(dev) if "indirect" in bf.pools else 0
+        assert bf.channel is not None
+        mine, peer = bf.channel.doorbell_names()
+        if peer is None:
+            raise ValueError("the backend has not bound the event channel")
+        params = {
+            "name": bf.vdev,
+            "mountpoint": bf.mountpoint,
+            "sectors": sectors,
+            "readonly": readonly,
+            "max_segments": max(segments, B.BLKIF_MAX_SEGMENTS_PER_REQUEST),
+            "pools": {
+                kind: {"name": pool.name, "gref_base": pool.gref_base, "pages": pool.pages}
+                for kind, (_, pool) in bf.pools.items()
+            },
+            "doorbells": [mine, peer],
+            "uid": sandbox.WORKLOAD_UID,
+            "gid": sandbox.WORKLOAD_GID,
+        }
+        fd = os.open(bf.mountpoint, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        os.close(fd)
+        bf.server = subprocess.Popen(
+            [sys.executable, "-m", "domu.blkfront.server"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            env={**os.environ, "PYTHONPATH": _SOURCE_ROOT},
+        )
+        assert bf.server.stdin is not None
+        bf.server.stdin.write(json.dumps(params).encode() + b"\n")
+        bf.server.stdin.flush()
+        threading.Thread(target=_watch_server, args=(bf, dev), daemon=True).start()
+        if not bf.mounted.wait(MOUNT_TIMEOUT):
+            raise TimeoutError(f"the FUSE server did not mount {bf.mountpoint}")
+
+    def _release(self, bf: Blkfront) -> None:
+        server, bf.server = bf.server, None
+        if server is not None:
+            with contextlib.suppress(OSError):
+                assert server.stdin is not None
+                server.stdin.close()  # the server unmounts and exits
+            try:
+                server.wait(timeout=5.0)
+            except subprocess.TimeoutExpired:
+                server.kill()
+                server.wait()
+        if os.path.lexists(bf.mountpoint):
+            _libc.umount2(bf.mountpoint.encode(), MNT_DETACH)  # a server that died left it
+            with contextlib.suppress(OSError):
+                os.unlink(bf.mountpoint)
+        if bf.channel is not None:
+            bf.channel.close()
+            bf.channel = None
+        for pool_id, pool in bf.pools.values():
+            pool.close()
+            with contextlib.suppress(HypercallError):
+                self.hc.call(GnttabReleasePool(pool=pool_id))
+        bf.pools = {}
+
+
+def _indirect_segments(dev: XenbusDevice) -> int:
+    value = dev.read_otherend("feature-max-indirect-segments") or "0"
+    return min(int(value), B.MAX_INDIRECT_SEGMENTS) if value.isdigit() else 0
+
+
+def _watch_server(bf: Blkfront, dev: XenbusDevice) -> None:
+    """The server says "mounted" once; its stdout closing means it has ended."""
+    server = bf.server
+    if server is None or server.stdout is None:
+        return
+    for line in server.stdout:
+        if line.strip() == b"mounted":
+            bf.mounted.set()
+    if bf.server is server:  # it ended without being asked to: the disk is gone
+        dev.fatal(f"{bf.vdev}: the FUSE server ended")

@@ -1,0 +1,30 @@
+"""A hypercall table for data-path tests: the calls a backend's data path makes, answered from
+one grant pool and one event channel's doorbells (what hyperd would answer for a real device)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from channels import hypercall as hc
+
+
+class Hypercalls:
+    def __init__(self, pool: tuple[str, int, int], bells: tuple[str, str]) -> None:
+        self.pool = pool  # (shared-memory name, first gref, pages)
+        self.bells = bells  # (the caller's doorbell, the peer's)
+
+    def call(self, op: hc.Op) -> dict[str, Any]:
+        if isinstance(op, hc.GnttabMapPool):
+            name, base, pages = self.pool
+            if not base <= op.gref < base + pages:
+                raise hc.HypercallError(op.op, "EINVAL", f"no gref {op.gref}")
+            return {"pool": 0, "name": name, "gref_base": base, "pages": pages}
+        if isinstance(op, hc.EvtchnStatus):
+            return {
+                "state": "interdomain",
+                "doorbell": self.bells[0],
+                "peer_doorbell": self.bells[1],
+            }
+        if isinstance(op, hc.EvtchnClose):
+            return {}
+        raise AssertionError(op)
