@@ -43,6 +43,7 @@ from channels import blkif as B
 from channels.doorbell import DoorbellPair
 from channels.gnttab import GrantPool
 from channels.ring import FrontRing
+from domu import linux
 from domu.blkfront.datapath import DiskPath
 
 log = logging.getLogger("blkfront")
@@ -210,6 +211,7 @@ def serve(params: dict[str, Any]) -> None:
 
 
 def main() -> None:
+    linux.set_comm("hyper-blkfront")  # what ps shows inside the domain
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     serve(json.loads(sys.stdin.readline()))
     os._exit(0)  # no interpreter teardown over shared memory a peer may have broken
