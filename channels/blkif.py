@@ -67,8 +67,8 @@ Request checks blkback makes, on its private copy of each request (the frontend 
 malicious; a failed check answers that request BLKIF_RSP_ERROR and processing continues)::
 
     * operation known, else BLKIF_RSP_EOPNOTSUPP (WRITE_BARRIER too, since it is not offered);
-      a DISCARD without feature-discard, or with BLKIF_DISCARD_SECURE without discard-secure,
-      is EOPNOTSUPP as well
+      a DISCARD with BLKIF_DISCARD_SECURE (discard-secure is never offered) is EOPNOTSUPP as
+      well
     * READ/WRITE: 1 <= nr_segments <= BLKIF_MAX_SEGMENTS_PER_REQUEST; FLUSH_DISKCACHE also 0
     * INDIRECT: indirect_op READ or WRITE; 1 <= nr_segments <= the advertised
       feature-max-indirect-segments; the segment descriptors are copied out of the mapped
@@ -77,7 +77,8 @@ malicious; a failed check answers that request BLKIF_RSP_ERROR and processing co
       fails the whole request)
     * sector_number and each segment's sector count aligned to sector-size / 512
     * sector_number + total sectors <= sectors ("access beyond end of device")
-    * mode "r": WRITE, WRITE_BARRIER, FLUSH_DISKCACHE and DISCARD refused
+    * mode "r": WRITE, WRITE_BARRIER, FLUSH_DISKCACHE and DISCARD refused with
+      BLKIF_RSP_ERROR, as Linux does (a read-only vbd also publishes feature-discard 0)
     * DISCARD: the range lies within the device (and is aligned, as above)
     * the response is packed field by field into a zeroed slot (no stale bytes reach the peer)
 

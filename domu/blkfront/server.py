@@ -156,6 +156,14 @@ class DiskOps(mfusepy.Operations):  # type: ignore[misc]
             raise mfusepy.FuseOSError(exc.errno or errno.EIO) from exc
 
 
+def _report_broken(reason: str) -> None:
+    """The backend broke the protocol: the kernel, reading our stdout, writes the device's
+    ``error`` node and closes it (we hold no store connection of our own)."""
+    log.error("disk broken: %s", reason)
+    sys.stdout.write("broken " + " ".join(reason.split())[:400] + "\n")
+    sys.stdout.flush()
+
+
 def _unmount_when_closed(mountpoint: str) -> None:
     """The kernel closes our stdin to disconnect the disk: unmount, which ends the FUSE loop
     (lazily if a program still has the disk open: the loop ends when it closes it)."""
@@ -185,7 +193,7 @@ def serve(params: dict[str, Any]) -> None:
         [indirect.gref_base + i for i in range(indirect.pages)] if indirect else [],
         sectors=params["sectors"],
         max_segments=params["max_segments"],
-        on_broken=lambda reason: log.error("%s: %s", params["name"], reason),
+        on_broken=_report_broken,
     )
     disk.start()
     mountpoint = params["mountpoint"]

@@ -199,12 +199,16 @@ def _indirect_segments(dev: XenbusDevice) -> int:
 
 
 def _watch_server(bf: Blkfront, dev: XenbusDevice) -> None:
-    """The server says "mounted" once; its stdout closing means it has ended."""
+    """The server says "mounted" once, "broken <reason>" if the backend broke the protocol;
+    its stdout closing means it has ended."""
     server = bf.server
     if server is None or server.stdout is None:
         return
-    for line in server.stdout:
-        if line.strip() == b"mounted":
+    for raw in server.stdout:
+        line = raw.decode(errors="replace").strip()
+        if line == "mounted":
             bf.mounted.set()
+        elif line.startswith("broken "):
+            dev.fatal(f"{bf.vdev}: backend misbehaved: {line[len('broken ') :]}")
     if bf.server is server:  # it ended without being asked to: the disk is gone
         dev.fatal(f"{bf.vdev}: the FUSE server ended")

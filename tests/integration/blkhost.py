@@ -116,6 +116,7 @@ class HostileBlkfront:
         self.all_pools = list(pools.values())
         self.segments: list[Segment] = []
         self.views: list[memoryview] = []
+        self.nr_ents = B.nr_ents(0)
         try:
             self._map(pools)
             self.bells = self._backend_doorbells(domain, port)
@@ -150,7 +151,9 @@ class HostileBlkfront:
         assert isinstance(pid, int), f"{self.vdev}: no blkback worker"
         bells = mapped_doorbells(pid)
         assert len(bells) == 2, f"{self.vdev}: the worker maps {bells}, not one channel"
-        frontends = {b for b in bells if b.startswith(f"hyper.d{self.domid}.evtchn{frontend_port}.")}
+        frontends = {
+            b for b in bells if b.startswith(f"hyper.d{self.domid}.evtchn{frontend_port}.")
+        }
         # Port numbers of dom0 and the domain could coincide: then ring both (a spurious
         # notification of the frozen frontend is harmless).
         return sorted(bells - frontends) or sorted(bells)
