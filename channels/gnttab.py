@@ -64,6 +64,10 @@ class _Pool:
             ]
         return self._pages[frame]
 
+    def region(self) -> memoryview:
+        """All the pool's pages as one contiguous view (page i at i * PAGE_SIZE)."""
+        return self.buf[self._data_offset : self._data_offset + self.pages * PAGE_SIZE]
+
     @property
     def name(self) -> str:
         """The pool's shared-memory object, for another process of the granter to open."""

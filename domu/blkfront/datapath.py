@@ -19,9 +19,11 @@ with EIO. Nothing it writes can make the frontend crash or spin.
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import logging
 import threading
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -37,6 +39,86 @@ PAGE_SIZE = 4096
 SECTORS_PER_PAGE = PAGE_SIZE // B.SECTOR_SIZE
 _RESPONSE = B.BLK_RING.response_slot
 _STATUS_ERRNO = {B.BLKIF_RSP_ERROR: errno.EIO, B.BLKIF_RSP_EOPNOTSUPP: errno.EOPNOTSUPP}
+
+
+#: Moves n bytes between the caller's memory (at byte ``done`` of its transfer) and ``region``.
+_Copy = Callable[[int, memoryview, int], None]
+
+
+def _into_view(view: memoryview) -> _Copy:
+    def copy(done: int, region: memoryview, n: int) -> None:
+        view[done : done + n] = region[:n]
+
+    return copy
+
+
+def _from_view(view: memoryview) -> _Copy:
+    def copy(done: int, region: memoryview, n: int) -> None:
+        region[:n] = view[done : done + n]
+
+    return copy
+
+
+def _address_of(region: memoryview) -> int:
+    return ctypes.addressof(ctypes.c_char.from_buffer(region))
+
+
+def _into_address(address: int) -> _Copy:
+    def copy(done: int, region: memoryview, n: int) -> None:
+        ctypes.memmove(address + done, _address_of(region), n)
+
+    return copy
+
+
+def _from_address(address: int) -> _Copy:
+    def copy(done: int, region: memoryview, n: int) -> None:
+        ctypes.memmove(_address_of(region), address + done, n)
+
+    return copy
+
+
+class Extents:
+    """A buddy allocator of contiguous page runs in a pool of ``pages`` (a power of two): a
+    request's pages are one region, copied with one ``memmove`` and named by consecutive grefs.
+    A run of n pages takes the next power of two; freeing merges buddies back."""
+
+    def __init__(self, pages: int) -> None:
+        if pages <= 0 or pages & (pages - 1):
+            raise ValueError(f"a pool of {pages} pages is not a power of two")
+        self.pages = pages
+        self.top = pages.bit_length() - 1
+        self._free: list[set[int]] = [set() for _ in range(self.top + 1)]
+        self._free[self.top].add(0)
+
+    @staticmethod
+    def order(count: int) -> int:
+        return (count - 1).bit_length()
+
+    def take(self, count: int) -> int | None:
+        """The first page of a free run of at least ``count`` pages, or None."""
+        want = self.order(count)
+        for order in range(want, self.top + 1):
+            if self._free[order]:
+                first = self._free[order].pop()
+                while order > want:  # split, keeping the upper halves free
+                    order -= 1
+                    self._free[order].add(first + (1 << order))
+                return first
+        return None
+
+    def give(self, first: int, count: int) -> None:
+        order = self.order(count)
+        while order < self.top:
+            buddy = first ^ (1 << order)
+            if buddy not in self._free[order]:
+                break
+            self._free[order].remove(buddy)
+            first = min(first, buddy)
+            order += 1
+        self._free[order].add(first)
+
+    def free_pages(self) -> int:
+        return sum(len(runs) << order for order, runs in enumerate(self._free))
 
 
 class DiskBroken(OSError):
@@ -74,14 +156,15 @@ class DiskPath:
         self.sectors = sectors
         self.max_segments = max_segments
         self.on_broken = on_broken
-        self._pages = [data.page(i) for i in range(len(data_grefs))]
+        # The data pages are contiguous in the pool: a run of them is one region to copy.
+        self._data = data.region()
         self._grefs = data_grefs
         self._indirect = [indirect.page(i) for i in range(len(indirect_grefs))] if indirect else []
         self._indirect_grefs = indirect_grefs
         self._lock = threading.Lock()
         self._room = threading.Condition(self._lock)  # pages or ring slots were freed
         self._rmw = threading.Lock()
-        self._free_pages = list(range(len(data_grefs)))
+        self._extents = Extents(len(data_grefs))
         self._free_ids = list(range(ring.nr_ents))  # request id = index of its indirect page
         self._in_flight: dict[int, _InFlight] = {}
         self._broken: str | None = None
@@ -93,13 +176,25 @@ class DiskPath:
     def read(self, offset: int, size: int) -> bytes:
         """``size`` bytes at ``offset`` (cut at the end of the disk)."""
         size = max(0, min(size, self.sectors * B.SECTOR_SIZE - offset))
-        start = offset - offset % B.SECTOR_SIZE
-        end = -(-(offset + size) // B.SECTOR_SIZE) * B.SECTOR_SIZE
         if size == 0:
             return b""
+        start = offset - offset % B.SECTOR_SIZE
+        end = -(-(offset + size) // B.SECTOR_SIZE) * B.SECTOR_SIZE
         out = bytearray(end - start)
-        self._transfer(B.BLKIF_OP_READ, start, memoryview(out))
-        return bytes(out[offset - start : offset - start + size])
+        view = memoryview(out)
+        self._transfer(B.BLKIF_OP_READ, start, len(out), _into_view(view))
+        return bytes(view[offset - start : offset - start + size])
+
+    def read_into(self, address: int, size: int, offset: int) -> int:
+        """Read up to ``size`` bytes at ``offset`` straight into memory at ``address`` (one
+        copy, from the granted pages); returns the bytes read (cut at the end of the disk)."""
+        size = max(0, min(size, self.sectors * B.SECTOR_SIZE - offset))
+        if offset % B.SECTOR_SIZE or size % B.SECTOR_SIZE:
+            data = self.read(offset, size)
+            ctypes.memmove(address, data, len(data))
+            return len(data)
+        self._transfer(B.BLKIF_OP_READ, offset, size, _into_address(address))
+        return size
 
     def write(self, offset: int, data: bytes | memoryview) -> int:
         """Write ``data`` at ``offset``; a partial sector is read, modified and written back."""
@@ -109,12 +204,22 @@ class DiskPath:
         start = offset - offset % B.SECTOR_SIZE
         end = -(-(offset + size) // B.SECTOR_SIZE) * B.SECTOR_SIZE
         if start == offset and end == offset + size:
-            self._transfer(B.BLKIF_OP_WRITE, start, memoryview(data))
+            self._transfer(B.BLKIF_OP_WRITE, start, size, _from_view(memoryview(data)))
             return size
         with self._rmw:  # two partial writes to one sector must not interleave
             buf = bytearray(self.read(start, end - start))
             buf[offset - start : offset - start + size] = data
-            self._transfer(B.BLKIF_OP_WRITE, start, memoryview(buf))
+            self._transfer(B.BLKIF_OP_WRITE, start, len(buf), _from_view(memoryview(buf)))
+        return size
+
+    def write_from(self, address: int, size: int, offset: int) -> int:
+        """Write ``size`` bytes from memory at ``address`` to ``offset`` (one copy, into the
+        granted pages)."""
+        if offset + size > self.sectors * B.SECTOR_SIZE:
+            raise OSError(errno.ENOSPC, "write past the end of the disk")
+        if offset % B.SECTOR_SIZE or size % B.SECTOR_SIZE:
+            return self.write(offset, ctypes.string_at(address, size))
+        self._transfer(B.BLKIF_OP_WRITE, offset, size, _from_address(address))
         return size
 
     def flush(self) -> None:
@@ -133,47 +238,61 @@ class DiskPath:
 
     # -- requests -------------------------------------------------------------------------------
 
-    def _transfer(self, operation: int, offset: int, buf: memoryview) -> None:
-        """Move ``buf`` (whole sectors) to or from the disk at ``offset``, in requests of at
-        most ``max_segments`` pages, all posted before any is waited for."""
+    def _transfer(self, operation: int, offset: int, nbytes: int, copy: _Copy) -> None:
+        """Move ``nbytes`` (whole sectors) to or from the disk at ``offset`` in requests of at
+        most ``max_segments`` pages, each over one run of contiguous pages, posted as fast as
+        pages allow (when the pool is short, the oldest request is finished first).
+        ``copy(done, region, n)`` moves n bytes between the caller's memory at ``done`` and
+        ``region``, a view of the run: in before a write, out after a read."""
         chunk = self.max_segments * PAGE_SIZE
-        posted: list[tuple[_InFlight, list[int], memoryview]] = []
-        try:
-            for start in range(0, len(buf), chunk):
-                part = buf[start : start + chunk]
-                pages = self._take_pages(-(-len(part) // PAGE_SIZE))
-                if operation == B.BLKIF_OP_WRITE:
-                    for i, page in enumerate(pages):
-                        piece = part[i * PAGE_SIZE : (i + 1) * PAGE_SIZE]
-                        self._pages[page][: len(piece)] = piece
-                sector = (offset + start) // B.SECTOR_SIZE
-                try:
-                    op = self._post_rw(operation, sector, pages, len(part))
-                except BaseException:
-                    self._give_pages(pages)
-                    raise
-                posted.append((op, pages, part))
-        finally:
-            failure: OSError | None = None
-            for op, pages, part in posted:
-                try:
-                    self._wait(op)
-                    if operation == B.BLKIF_OP_READ:
-                        for i, page in enumerate(pages):
-                            piece = part[i * PAGE_SIZE : (i + 1) * PAGE_SIZE]
-                            piece[:] = self._pages[page][: len(piece)]
-                except OSError as exc:
-                    failure = failure or exc
-                finally:
-                    self._give_pages(pages)
-            if failure is not None:
-                raise failure
+        posted: deque[tuple[_InFlight, int, int, int]] = deque()  # (request, first, pages, done)
+        failure: OSError | None = None
 
-    def _post_rw(self, operation: int, sector: int, pages: list[int], nbytes: int) -> _InFlight:
+        def finish() -> None:
+            nonlocal failure
+            op, first, count, done = posted.popleft()
+            try:
+                self._wait(op)
+                if operation == B.BLKIF_OP_READ:
+                    n = min(chunk, nbytes - done)
+                    copy(done, self._region(first, n), n)
+            except OSError as exc:
+                failure = failure or exc
+            finally:
+                self._give_pages(first, count)
+
+        try:
+            for done in range(0, nbytes, chunk):
+                n = min(chunk, nbytes - done)
+                count = -(-n // PAGE_SIZE)
+                first = self._take_pages(count, wait=not posted)
+                while first is None:
+                    finish()
+                    first = self._take_pages(count, wait=not posted)
+                try:
+                    if operation == B.BLKIF_OP_WRITE:
+                        copy(done, self._region(first, n), n)
+                    sector = (offset + done) // B.SECTOR_SIZE
+                    op = self._post_rw(operation, sector, first, n)
+                except BaseException:
+                    self._give_pages(first, count)
+                    raise
+                posted.append((op, first, count, done))
+        finally:
+            while posted:
+                finish()
+        if failure is not None:
+            raise failure
+
+    def _region(self, first: int, nbytes: int) -> memoryview:
+        return self._data[first * PAGE_SIZE : first * PAGE_SIZE + nbytes]
+
+    def _post_rw(self, operation: int, sector: int, first: int, nbytes: int) -> _InFlight:
         sectors = nbytes // B.SECTOR_SIZE
+        grefs = self._grefs
         segments = [
-            B.Segment(self._grefs[page], 0, min(SECTORS_PER_PAGE, sectors - i * 8) - 1)
-            for i, page in enumerate(pages)
+            B.Segment(grefs[first + i], 0, min(SECTORS_PER_PAGE, sectors - i * 8) - 1)
+            for i in range(-(-sectors // SECTORS_PER_PAGE))
         ]
         if len(segments) <= B.BLKIF_MAX_SEGMENTS_PER_REQUEST:
             return self._submit(lambda rid: B.Request.rw(operation, rid, sector, segments))
@@ -215,19 +334,23 @@ class DiskPath:
             code = _STATUS_ERRNO.get(op.status, errno.EIO)
             raise OSError(code, f"the backend answered {op.status}")
 
-    def _take_pages(self, count: int) -> list[int]:
-        if count > len(self._pages):
+    def _take_pages(self, count: int, *, wait: bool) -> int | None:
+        """The first of ``count`` contiguous free data pages; while none are free, wait (or
+        return None at once when not ``wait``)."""
+        if count > self._extents.pages:
             raise OSError(errno.EINVAL, f"a request of {count} pages exceeds the pool")
         with self._room:
-            self._room.wait_for(lambda: len(self._free_pages) >= count or self._broken is not None)
             self._check()
-            taken = self._free_pages[-count:]
-            del self._free_pages[-count:]
-            return taken
+            first = self._extents.take(count)
+            while first is None and wait:
+                self._room.wait()
+                self._check()
+                first = self._extents.take(count)
+            return first
 
-    def _give_pages(self, pages: list[int]) -> None:
+    def _give_pages(self, first: int, count: int) -> None:
         with self._room:
-            self._free_pages += pages
+            self._extents.give(first, count)
             self._room.notify_all()
 
     def _check(self) -> None:

@@ -1,0 +1,229 @@
+"""blkfront's data path against the real blkback data path, over real rings, grants and
+doorbells in shared memory, with an image file as the disk (no root, no FUSE): what a program
+reads and writes through /dev/xvdX, minus the FUSE layer."""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno
+import itertools
+import os
+import random
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from channels import blkif as B
+from channels.doorbell import DoorbellPair, create_doorbell, unlink_doorbell
+from channels.evtchn import from_status
+from channels.gnttab import GrantPool, pool_bytes
+from channels.grants import GrantMapper
+from channels.ring import BackRing, FrontRing
+from channels.shm import create_segment, unlink_segment
+from dom0.blkback.datapath import Counters, VbdPath
+from domu.blkfront.datapath import DiskPath, Extents
+from tests.unit.backend_hypercalls import Hypercalls
+
+DATA_PAGES = 512
+INDIRECT_PAGES = 32
+DISK = 8 << 20
+_ids = itertools.count()
+
+
+# -- the page allocator ---------------------------------------------------------------------------
+
+
+def test_extents_hand_out_aligned_contiguous_runs_and_merge_them_back() -> None:
+    extents = Extents(16)
+    a = extents.take(1)
+    b = extents.take(3)  # rounded up to 4
+    c = extents.take(8)
+    assert a is not None and b is not None and c is not None
+    assert b % 4 == 0 and c % 8 == 0
+    runs = {range(a, a + 1), range(b, b + 4), range(c, c + 8)}
+    assert len(set().union(*map(set, runs))) == 13, "runs never overlap"
+    assert extents.take(8) is None
+    assert extents.free_pages() == 3
+    for first, count in ((a, 1), (b, 3), (c, 8)):
+        extents.give(first, count)
+    assert extents.free_pages() == 16
+    assert extents.take(16) == 0, "every buddy merged back into the whole pool"
+
+
+def test_extents_refuse_a_pool_that_is_not_a_power_of_two() -> None:
+    with pytest.raises(ValueError, match="power of two"):
+        Extents(12)
+
+
+def test_extents_survive_random_use() -> None:
+    extents, held, rng = Extents(64), [], random.Random(5)
+    for _ in range(2000):
+        if held and rng.random() < 0.5:
+            extents.give(*held.pop(rng.randrange(len(held))))
+            continue
+        count = rng.choice((1, 1, 2, 3, 8, 17))
+        first = extents.take(count)
+        if first is not None:
+            held.append((first, count))
+    taken = [p for first, count in held for p in range(first, first + count)]
+    assert len(taken) == len(set(taken))
+    for run in held:
+        extents.give(*run)
+    assert extents.take(64) == 0
+
+
+# -- the disk over a real ring ------------------------------------------------------------------
+
+
+@pytest.fixture
+def disk(tmp_path: Path) -> Iterator[tuple[DiskPath, Path, Counters]]:
+    with contextlib.ExitStack() as stack:
+        yield _connect(stack, tmp_path)
+
+
+def _connect(stack: contextlib.ExitStack, tmp_path: Path) -> tuple[DiskPath, Path, Counters]:
+    tag = f"hyper-test-blkfront-{os.getpid()}-{next(_ids)}"
+    names = {kind: f"{tag}-{kind}" for kind in ("ring", "data", "indirect")}
+    sizes = {"ring": 1, "data": DATA_PAGES, "indirect": INDIRECT_PAGES}
+    bases = {"ring": 8, "data": 9, "indirect": 9 + DATA_PAGES}
+    for kind, name in names.items():
+        create_segment(name, pool_bytes(sizes[kind]))
+        stack.callback(unlink_segment, name)
+    bells = (f"{tag}-back", f"{tag}-front")
+    for bell in bells:
+        create_doorbell(bell)
+        stack.callback(unlink_doorbell, bell)
+    pools = {k: GrantPool.open(names[k], bases[k], sizes[k]) for k in names}
+    for kind, pool in pools.items():
+        stack.callback(pool.close)
+        for i in range(pool.pages):
+            pool.grant(i, 0, readonly=kind == "indirect")
+    front = FrontRing.init(B.BLK_RING, pools["ring"].page(0))
+    stack.callback(front.close)
+
+    # The backend: its grant mapper sees one pool per call here, so it gets all three through a
+    # table that answers by gref.
+    class AllPools(Hypercalls):
+        def call(self, op):  # type: ignore[no-untyped-def]
+            for kind in ("ring", "data", "indirect"):
+                if bases[kind] <= getattr(op, "gref", -1) < bases[kind] + sizes[kind]:
+                    return Hypercalls((names[kind], bases[kind], sizes[kind]), bells).call(op)
+            return super().call(op)
+
+    calls = AllPools((names["ring"], 8, 1), bells)
+    grants = GrantMapper(calls, 5, 0)  # type: ignore[arg-type]
+    stack.callback(grants.close)
+    back = BackRing.attach(B.BLK_RING, grants.resolve(8, write=True))
+    stack.callback(back.close)
+    image = tmp_path / f"{tag}.img"
+    image.write_bytes(bytes(DISK))
+    fd = os.open(image, os.O_RDWR)
+    stack.callback(os.close, fd)
+    counters = Counters()
+    evtchn = from_status(calls, 1)  # type: ignore[arg-type]
+    backend = VbdPath(
+        back,
+        evtchn,
+        grants,
+        fd,
+        DISK // 512,
+        readonly=False,
+        counters=counters,
+        on_fatal=lambda message: None,
+    )
+    backend.start()
+    stack.callback(evtchn.close)
+    stack.callback(backend.stop)
+    broken: list[str] = []
+    path = DiskPath(
+        front,
+        DoorbellPair(bells[1], bells[0]),
+        pools["data"],
+        [bases["data"] + i for i in range(DATA_PAGES)],
+        pools["indirect"],
+        [bases["indirect"] + i for i in range(INDIRECT_PAGES)],
+        sectors=DISK // 512,
+        max_segments=256,
+        on_broken=broken.append,
+    )
+    path.start()
+    stack.callback(path.stop)
+    return path, image, counters
+
+
+def test_a_large_write_crosses_in_whole_requests_and_reads_back(
+    disk: tuple[DiskPath, Path, Counters],
+) -> None:
+    path, image, counters = disk
+    data = random.Random(1).randbytes(3 << 20)
+    assert path.write(1 << 20, data) == len(data)
+    assert image.read_bytes()[1 << 20 : 4 << 20] == data
+    assert path.read(1 << 20, len(data)) == data
+    assert counters.wr_req == 3, "one indirect request per MiB"
+    assert counters.errors == 0
+
+
+def test_unaligned_writes_read_modify_write_their_sectors(
+    disk: tuple[DiskPath, Path, Counters],
+) -> None:
+    path, image, _ = disk
+    path.write(0, b"\xaa" * 2048)
+    path.write(5, b"hello")
+    path.write(1000, b"x" * 100)
+    expected = bytearray(b"\xaa" * 2048)
+    expected[5:10] = b"hello"
+    expected[1000:1100] = b"x" * 100
+    assert image.read_bytes()[:2048] == expected
+    assert path.read(3, 10) == bytes(expected[3:13])
+
+
+def test_addresses_are_read_into_and_written_from_directly(
+    disk: tuple[DiskPath, Path, Counters],
+) -> None:
+    path, image, _ = disk
+    source = ctypes.create_string_buffer(random.Random(2).randbytes(64 << 10), 64 << 10)
+    assert path.write_from(ctypes.addressof(source), 64 << 10, 4096) == 64 << 10
+    target = ctypes.create_string_buffer(64 << 10)
+    assert path.read_into(ctypes.addressof(target), 64 << 10, 4096) == 64 << 10
+    assert target.raw == source.raw == image.read_bytes()[4096 : 4096 + (64 << 10)]
+    tail = ctypes.create_string_buffer(8192)
+    assert path.read_into(ctypes.addressof(tail), 8192, DISK - 4096) == 4096, "cut at the end"
+
+
+def test_many_callers_at_once_each_get_their_own_data(
+    disk: tuple[DiskPath, Path, Counters],
+) -> None:
+    path, _, counters = disk
+    blocks = {i: random.Random(i).randbytes(4096 * (1 + i % 5)) for i in range(64)}
+
+    def write_then_read(i: int) -> bool:
+        offset = i * (64 << 10)
+        path.write(offset, blocks[i])
+        return path.read(offset, len(blocks[i])) == blocks[i]
+
+    with ThreadPoolExecutor(16) as pool:
+        assert all(pool.map(write_then_read, blocks))
+    assert counters.errors == 0
+
+
+def test_flush_and_discard_reach_the_image(disk: tuple[DiskPath, Path, Counters]) -> None:
+    path, image, counters = disk
+    path.write(0, b"\xff" * (1 << 20))
+    path.flush()
+    path.discard(4096, 8192)
+    assert image.read_bytes()[4096 : 4096 + 8192] == bytes(8192)
+    assert image.read_bytes()[:4096] == b"\xff" * 4096
+    assert counters.flush_req == 1 and counters.discard_req == 1
+
+
+def test_writing_past_the_end_fails_and_the_disk_keeps_working(
+    disk: tuple[DiskPath, Path, Counters],
+) -> None:
+    path, _, _ = disk
+    with pytest.raises(OSError) as raised:
+        path.write(DISK - 512, bytes(1024))
+    assert raised.value.errno == errno.ENOSPC
+    assert path.read(DISK - 512, 1024) == bytes(512)
