@@ -60,6 +60,7 @@ FIO = [
     "--direct=1",
     "--size=32M",
     "--verify=crc32c",
+    "--verify_state_save=0",  # a timed run would save its verify state into the cwd
     "--time_based",
     "--runtime=20",
     "--output-format=json",
