@@ -25,7 +25,6 @@ import logging
 import threading
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
 from channels import blkif as B
 from channels.evtchn import EventChannel
@@ -128,11 +127,22 @@ class DiskBroken(OSError):
         super().__init__(errno.EIO, f"disk broken: {reason}")
 
 
-@dataclass
 class _InFlight:
-    answers: frozenset[int]
-    done: threading.Event = field(default_factory=threading.Event)
-    status: int = B.BLKIF_RSP_OKAY
+    """One request on the ring. Its caller sleeps on a lock the reaper releases (a bare lock:
+    an Event would make a Condition and a new lock at every wait)."""
+
+    __slots__ = ("answers", "done", "status")
+
+    def __init__(self, answers: frozenset[int]) -> None:
+        self.answers = answers
+        self.status = B.BLKIF_RSP_OKAY
+        self.done = threading.Lock()
+        self.done.acquire()
+
+    def finish(self, status: int) -> None:
+        """Called once, by whoever takes the request out of the in-flight table."""
+        self.status = status
+        self.done.release()
 
 
 class DiskPath:
@@ -329,7 +339,7 @@ class DiskPath:
         return op
 
     def _wait(self, op: _InFlight) -> None:
-        op.done.wait()
+        op.done.acquire()
         if op.status != B.BLKIF_RSP_OKAY:
             code = _STATUS_ERRNO.get(op.status, errno.EIO)
             raise OSError(code, f"the backend answered {op.status}")
@@ -387,15 +397,17 @@ class DiskPath:
             return False
         with self._room:
             for rid, operation, status in _RESPONSE.iter_unpack(block):
-                op = self._in_flight.pop(rid, None)
+                op = self._in_flight.get(rid)
                 if op is None:
                     raise DiskBroken(f"response for id {rid}, which is not in flight")
                 if operation not in op.answers:
                     raise DiskBroken(f"response for id {rid} names operation {operation}")
                 if status not in (B.BLKIF_RSP_OKAY, *_STATUS_ERRNO):
                     raise DiskBroken(f"response for id {rid} has unknown status {status}")
-                op.status = status
-                op.done.set()
+                # Only a good response leaves the table: after a bad one, _fail_all still
+                # finds (and fails) its request, so its caller never waits forever.
+                del self._in_flight[rid]
+                op.finish(status)
                 self._free_ids.append(rid)
             self._room.notify_all()
         return True
@@ -404,7 +416,6 @@ class DiskPath:
         with self._room:
             self._broken = self._broken or reason
             for op in self._in_flight.values():
-                op.status = B.BLKIF_RSP_ERROR
-                op.done.set()
+                op.finish(B.BLKIF_RSP_ERROR)
             self._in_flight.clear()
             self._room.notify_all()
