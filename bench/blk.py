@@ -14,8 +14,8 @@ run, over that same image:
 - **passthrough**: ``bench/fuse_passthrough.py``, a plain Python FUSE file mounted by the
   script over a regular file in its directory, serving each request with one
   ``preadv``/``pwritev`` on the loop device (``O_DIRECT``, through a pool of page-aligned
-  bounce buffers). Same binding (mfusepy over libfuse3), threads (8), mount options and
-  ``direct_io`` as hyper's disk server: the ceiling of FUSE in Python without rings. It serves
+  bounce buffers). Same binding (mfusepy over libfuse3), mount options and ``direct_io``
+  as hyper's disk server, 8 threads: the ceiling of FUSE in Python without rings. It serves
   the loop device the raw path measured (kept attached) and is unmounted before hyper's turn.
 - **hyper**: a domU made by the script with ``disk: [{target: IMAGE, vdev: xvda}]``; programs
   run inside through ``hyperctl exec`` as its unprivileged workload user, on ``/dev/xvda``:

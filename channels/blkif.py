@@ -88,6 +88,7 @@ has outstanding and ``status`` is one of the three above; otherwise the device i
 
 from __future__ import annotations
 
+import functools
 import re
 import struct
 from collections.abc import Sequence
@@ -388,17 +389,33 @@ def pack_indirect_frames(segments: Sequence[Segment]) -> list[bytes]:
     frames = []
     for start in range(0, len(segments), SEGS_PER_INDIRECT_FRAME):
         page = bytearray(PAGE_SIZE)
-        for i, s in enumerate(segments[start : start + SEGS_PER_INDIRECT_FRAME]):
-            SEGMENT.pack_into(page, i * SEGMENT.size, s.gref, s.first_sect, s.last_sect)
+        chunk = segments[start : start + SEGS_PER_INDIRECT_FRAME]
+        pack_segments_into(page, [v for s in chunk for v in (s.gref, s.first_sect, s.last_sect)])
         frames.append(bytes(page))
     return frames
 
 
-def unpack_indirect_frame(frame: bytes | bytearray | memoryview, count: int) -> tuple[Segment, ...]:
-    """Copy the first `count` descriptors out of one indirect page, each read once. Total:
-    `count` is clamped to what the page holds, so a hostile count cannot read past it."""
+def pack_segments_into(frame: bytearray | memoryview, flat: Sequence[int]) -> None:
+    """Write segment descriptors, given as one flat run of (gref, first_sect, last_sect), at the
+    start of an indirect page, in one call (a frontend's hot path: 256 of them per MiB)."""
+    _segments_struct(len(flat) // 3).pack_into(frame, 0, *flat)
+
+
+@functools.cache
+def _segments_struct(count: int) -> struct.Struct:
+    if not 0 < count <= SEGS_PER_INDIRECT_FRAME:
+        raise ValueError(f"{count} segments do not fit one indirect page")
+    return struct.Struct("<" + SEGMENT.format.lstrip("<") * count)
+
+
+def unpack_indirect_frame(
+    frame: bytes | bytearray | memoryview, count: int
+) -> list[tuple[int, int, int]]:
+    """Copy the first `count` descriptors out of one indirect page as (gref, first_sect,
+    last_sect), each read once. Total: `count` is clamped to what the page holds, so a hostile
+    count cannot read past it. Plain tuples, not Segments: a backend reads 256 per MiB."""
     n = max(0, min(count, SEGS_PER_INDIRECT_FRAME, len(frame) // SEGMENT.size))
-    return tuple(Segment(*f) for f in SEGMENT.iter_unpack(frame[: n * SEGMENT.size]))
+    return list(SEGMENT.iter_unpack(bytes(frame[: n * SEGMENT.size])))
 
 
 # -- virtual-device numbers (xen-vbd-interface(7)) ----------------------------------------------

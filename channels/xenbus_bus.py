@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
@@ -78,6 +79,23 @@ class XenbusDevice:
             return
         self.write("state", str(int(state)))
         self.state = state  # even if the directory is gone: that is where we stand
+
+    def backend_closing(self, state: XenbusState, disconnect: Callable[[], None]) -> bool:
+        """A backend's rule for the frontend's new ``state``: if the frontend is closing or
+        gone, or the toolstack asked us to close (by writing our state), ``disconnect`` and
+        follow the frontend down to Closed, and say True; else False (nothing done)."""
+        S = XenbusState
+        if state not in (S.Closing, S.Closed, S.Unknown) and self.state not in (
+            S.Closing,
+            S.Closed,
+        ):
+            return False
+        disconnect()
+        if state in (S.Closed, S.Unknown):
+            self.switch_state(S.Closed)
+        elif state == S.Closing:
+            self.switch_state(S.Closing)
+        return True
 
     def fatal(self, message: str) -> None:
         """Report a device error in the store and start closing this device only."""

@@ -161,9 +161,6 @@ class Toolstack:
         backend = int(disk.get("backend") or 0)
         return add_device(self.xs, domid, backend, "vbd", devid, front, back)
 
-    def _vbd_ids(self, domid: int) -> list[int]:
-        return self._device_ids(domid, "vbd")
-
     def _wait_connected(self, domid: int, devtype: str, devid: int, timeout: float) -> None:
         path = xenbus.state_path(xenbus.frontend_path(domid, devtype, devid))
         try:
@@ -584,7 +581,7 @@ class Toolstack:
         domid = info["domid"]
         stats = {s["devid"]: s for s in self.drivers.blkback.stats(domid)} if self.drivers else {}
         out = []
-        for devid in self._vbd_ids(domid):
+        for devid in self._device_ids(domid, "vbd"):
             front = xenbus.frontend_path(domid, "vbd", devid)
             back = self.xs.read_optional(xenbus.join_path(front, "backend")) or ""
             entry: dict[str, Any] = {"devid": devid}
@@ -612,7 +609,7 @@ class Toolstack:
             raise RequestError(f"domain {info['name']} is not running")
         domid = info["domid"]
         devid = disk.virtual_device
-        if devid in self._vbd_ids(domid):
+        if devid in self._device_ids(domid, "vbd"):
             raise RequestError(
                 "invalid disk",
                 [f"diskspec: vdev: {disk.vdev} is already used by domain {info['name']}"],
@@ -637,7 +634,7 @@ class Toolstack:
             devid = blkif.vdev_number(vdev) if not vdev.isdigit() else int(vdev)
         except ValueError as exc:
             raise RequestError("invalid vdev", [f"vdev: {exc}"], usage=True) from exc
-        if devid not in self._vbd_ids(domid):
+        if devid not in self._device_ids(domid, "vbd"):
             raise RequestError(f"domain {info['name']} has no disk {vdev}")
         paths = device_paths(domid, 0, "vbd", devid)
         return {"domid": domid, "devid": devid, "clean": remove_device(self.xs, paths)}

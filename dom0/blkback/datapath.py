@@ -302,7 +302,8 @@ class VbdPath:
         least = 0 if op == B.BLKIF_OP_FLUSH_DISKCACHE else 1
         if not least <= req.nr_segments <= B.BLKIF_MAX_SEGMENTS_PER_REQUEST:
             raise BadRequest(B.BLKIF_RSP_ERROR, f"{req.nr_segments} segments")
-        return self._prepare_data(req.id, op, req.sector_number, req.segments)
+        segments = [(seg.gref, seg.first_sect, seg.last_sect) for seg in req.segments]
+        return self._prepare_data(req.id, op, req.sector_number, segments)
 
     def _prepare_indirect(self, req: B.Request) -> _Job:
         op = req.indirect_op
@@ -312,40 +313,37 @@ class VbdPath:
             raise BadRequest(B.BLKIF_RSP_ERROR, f"{req.nr_segments} indirect segments")
         if op == B.BLKIF_OP_WRITE and self.readonly:  # before mapping anything
             raise BadRequest(B.BLKIF_RSP_ERROR, "write to a read-only vbd")
-        segments: list[B.Segment] = []
+        segments: list[tuple[int, int, int]] = []
         remaining = req.nr_segments
         for gref in req.indirect_grefs:  # unpack kept exactly the pages nr_segments needs
             count = min(remaining, B.SEGS_PER_INDIRECT_FRAME)
-            page = self._resolve(gref, write=False)
             # One copy of the descriptors; the frontend may rewrite the page meanwhile.
-            frame = bytes(page[: count * B.SEGMENT.size])
-            segments += B.unpack_indirect_frame(frame, count)
+            segments += B.unpack_indirect_frame(self._resolve(gref, write=False), count)
             remaining -= count
         return self._prepare_data(req.id, op, req.sector_number, segments)
 
     def _prepare_data(
-        self, rid: int, op: int, sector_number: int, segments: Sequence[B.Segment]
+        self, rid: int, op: int, sector_number: int, segments: Sequence[tuple[int, int, int]]
     ) -> _Job:
-        """A READ, WRITE or FLUSH_DISKCACHE over `segments`, consecutive on the device."""
+        """A READ, WRITE or FLUSH_DISKCACHE over `segments` (gref, first_sect, last_sect),
+        consecutive on the device."""
         if op != B.BLKIF_OP_READ and self.readonly:
             # Linux (xen_vbd_translate) refuses every operation but READ on a read-only vbd
             # with -EACCES, answered BLKIF_RSP_ERROR: a FLUSH too, so we do the same.
             raise BadRequest(B.BLKIF_RSP_ERROR, f"operation {op} on a read-only vbd")
         nsect = 0
-        for seg in segments:
-            if not seg.first_sect <= seg.last_sect < B.SECTORS_PER_PAGE:
-                raise BadRequest(
-                    B.BLKIF_RSP_ERROR, f"segment sectors {seg.first_sect}..{seg.last_sect}"
-                )
-            nsect += seg.nr_sects
+        for _gref, first, last in segments:
+            if not first <= last < B.SECTORS_PER_PAGE:
+                raise BadRequest(B.BLKIF_RSP_ERROR, f"segment sectors {first}..{last}")
+            nsect += last - first + 1
         if nsect:  # a FLUSH without data names no sectors (Linux skips the check too)
             self._check_range(sector_number, nsect)
         write_page = op == B.BLKIF_OP_READ  # we write into the frontend's pages on READ only
         views = [
-            self._resolve(seg.gref, write=write_page)[
-                seg.first_sect * B.SECTOR_SIZE : (seg.last_sect + 1) * B.SECTOR_SIZE
+            self._resolve(gref, write=write_page)[
+                first * B.SECTOR_SIZE : (last + 1) * B.SECTOR_SIZE
             ]
-            for seg in segments
+            for gref, first, last in segments
         ]
         return _Job(rid, op, op, sector_number * B.SECTOR_SIZE, nsect * B.SECTOR_SIZE, views)
 

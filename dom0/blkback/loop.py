@@ -10,7 +10,6 @@ device outlives them.
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import fcntl
 import logging
@@ -134,11 +133,3 @@ BLKGETSIZE64 = 0x80081272
 def _device_bytes(fd: int) -> int:
     buf = fcntl.ioctl(fd, BLKGETSIZE64, b"\0" * 8)
     return int(struct.unpack("=Q", buf)[0])
-
-
-def backing_file(path: str) -> str | None:
-    """The image a loop device is attached to (None if it is free or gone)."""
-    name = os.path.basename(path)
-    with contextlib.suppress(OSError), open(f"/sys/block/{name}/loop/backing_file") as f:
-        return f.read().strip()
-    return None

@@ -100,12 +100,7 @@ class BlkbackDriver:
         vbd = dev.driver_data
         if not isinstance(vbd, Vbd):
             return
-        if state in (S.Closing, S.Closed, S.Unknown) or dev.state in (S.Closing, S.Closed):
-            self._disconnect(vbd)
-            if state in (S.Closed, S.Unknown):
-                dev.switch_state(S.Closed)
-            elif state == S.Closing:
-                dev.switch_state(S.Closing)
+        if dev.backend_closing(state, lambda: self._disconnect(vbd)):
             return
         if state in (S.Initialised, S.Connected) and dev.state == S.InitWait:
             try:

@@ -85,14 +85,7 @@ class NetbackDriver:
         vif = dev.driver_data
         if not isinstance(vif, Vif):
             return
-        if state in (S.Closing, S.Closed, S.Unknown) or dev.state in (S.Closing, S.Closed):
-            # The frontend closes, or the toolstack asked us to (by writing our state): stop,
-            # then follow the frontend down to Closed.
-            self._disconnect(vif)
-            if state in (S.Closed, S.Unknown):
-                dev.switch_state(S.Closed)
-            elif state == S.Closing:
-                dev.switch_state(S.Closing)
+        if dev.backend_closing(state, lambda: self._disconnect(vif)):
             return
         if state == S.Connected and dev.state == S.InitWait:
             try:

@@ -171,8 +171,7 @@ class DiskPath:
         self._grefs = data_grefs
         self._indirect = [indirect.page(i) for i in range(len(indirect_grefs))] if indirect else []
         self._indirect_grefs = indirect_grefs
-        self._lock = threading.Lock()
-        self._room = threading.Condition(self._lock)  # pages or ring slots were freed
+        self._room = threading.Condition()  # pages or ring slots were freed
         self._rmw = threading.Lock()
         self._extents = Extents(len(data_grefs))
         self._free_ids = list(range(ring.nr_ents))  # request id = index of its indirect page
@@ -298,20 +297,22 @@ class DiskPath:
         return self._data[first * PAGE_SIZE : first * PAGE_SIZE + nbytes]
 
     def _post_rw(self, operation: int, sector: int, first: int, nbytes: int) -> _InFlight:
+        """One request over the contiguous pages from ``first``: every segment a whole page
+        but the last; in the request itself up to 11, else through the slot's indirect page."""
         sectors = nbytes // B.SECTOR_SIZE
-        grefs = self._grefs
-        segments = [
-            B.Segment(grefs[first + i], 0, min(SECTORS_PER_PAGE, sectors - i * 8) - 1)
-            for i in range(-(-sectors // SECTORS_PER_PAGE))
-        ]
-        if len(segments) <= B.BLKIF_MAX_SEGMENTS_PER_REQUEST:
+        count = -(-sectors // SECTORS_PER_PAGE)
+        last_sect = (sectors - 1) % SECTORS_PER_PAGE
+        grefs = self._grefs[first : first + count]
+        if count <= B.BLKIF_MAX_SEGMENTS_PER_REQUEST:
+            segments = [B.Segment(gref, 0, SECTORS_PER_PAGE - 1) for gref in grefs]
+            segments[-1] = B.Segment(grefs[-1], 0, last_sect)
             return self._submit(lambda rid: B.Request.rw(operation, rid, sector, segments))
 
         def indirect(rid: int) -> B.Request:
-            frame = B.pack_indirect_frames(segments)[0]
-            self._indirect[rid][:] = frame
-            grefs = [self._indirect_grefs[rid]]
-            return B.Request.indirect(operation, rid, sector, len(segments), grefs)
+            flat = [v for gref in grefs for v in (gref, 0, SECTORS_PER_PAGE - 1)]
+            flat[-1] = last_sect
+            B.pack_segments_into(self._indirect[rid], flat)
+            return B.Request.indirect(operation, rid, sector, count, [self._indirect_grefs[rid]])
 
         return self._submit(indirect)
 

@@ -105,11 +105,13 @@ class DiskOps(mfusepy.Operations):  # type: ignore[misc]
         fi.keep_cache = 0
         return 0
 
+    # mfusepy installs a read or write callback only for an operation defined here; DiskFuse
+    # serves both through read_into and write_from, so these two are never called.
     def read(self, path: str | None, size: int, offset: int, fi: Any) -> bytes:
-        return self._io(lambda: self.disk.read(offset, size))
+        raise NotImplementedError("DiskFuse reads through read_into")
 
     def write(self, path: str | None, data: bytes, offset: int, fi: Any) -> int:
-        return self.write_from(ctypes.c_char_p(data), len(data), offset, fi)  # type: ignore[arg-type]
+        raise NotImplementedError("DiskFuse writes through write_from")
 
     def read_into(self, buf: Any, size: int, offset: int) -> int:
         """The read callback's fast path: straight from the granted pages into libfuse's
@@ -220,9 +222,27 @@ def serve(params: dict[str, Any]) -> None:
     disk.start()
     mountpoint = params["mountpoint"]
     threading.Thread(target=_unmount_when_closed, args=(mountpoint,), daemon=True).start()
-    ops = DiskOps(disk, readonly=params["readonly"], uid=params["uid"], gid=params["gid"])
+    try:
+        mount(
+            disk,
+            mountpoint,
+            readonly=params["readonly"],
+            uid=params["uid"],
+            gid=params["gid"],
+            fsname=f"xvd:{params['name']}",
+        )
+    finally:
+        disk.stop()
+
+
+def mount(disk: Any, mountpoint: str, *, readonly: bool, uid: int, gid: int, fsname: str) -> None:
+    """Serve ``disk`` as the regular file at ``mountpoint`` until it is unmounted. ``disk`` is
+    a DiskPath, or anything with its interface (``sectors``, ``read``, ``read_into``,
+    ``write_from``, ``flush``, ``discard``): bench/fuse_passthrough.py serves a loop device
+    through this same FUSE layer, to measure it without the rings."""
+    ops = DiskOps(disk, readonly=readonly, uid=uid, gid=gid)
     options: dict[str, Any] = {"allow_other": True, "default_permissions": True}
-    if params["readonly"]:
+    if readonly:
         options["ro"] = True
     try:
         DiskFuse(
@@ -230,14 +250,12 @@ def serve(params: dict[str, Any]) -> None:
             mountpoint,
             foreground=True,
             raw_fi=True,
-            fsname=f"xvd:{params['name']}",
+            fsname=fsname,
             max_threads=FUSE_THREADS,
             **options,
         )
     except RuntimeError as exc:  # libfuse's own SIGTERM handling ends the loop this way
-        log.info("%s: FUSE loop ended: %s", params["name"], exc)
-    finally:
-        disk.stop()
+        log.info("%s: FUSE loop ended: %s", fsname, exc)
 
 
 def main() -> None:

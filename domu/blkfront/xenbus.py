@@ -105,9 +105,6 @@ class BlkfrontDriver:
 
     def _initialise(self, dev: XenbusDevice, bf: Blkfront) -> None:
         backend = dev.otherend_id
-        order = dev.read_otherend("max-ring-page-order")
-        if order not in (None, "0") and not (order.isdigit() and int(order) >= 0):
-            raise ValueError(f"backend max-ring-page-order {order!r} is not a number")
         self._pool(bf, "ring", backend, 1, readonly=False)
         self._pool(bf, "data", backend, DATA_PAGES, readonly=False)
         if _indirect_segments(dev) > B.BLKIF_MAX_SEGMENTS_PER_REQUEST:

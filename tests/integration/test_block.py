@@ -181,7 +181,8 @@ def test_block_attach_and_detach_on_a_running_domain(
     assert hyperctl("exec", name, "--", "sh", "-c", still).out.strip().endswith("ok")
     assert second.read_bytes()[:5] == b"hello"
 
-    hyperctl("block-detach", name, "xvdq", check=False)  # no such disk: refused, nothing breaks
+    missing = hyperctl("block-detach", name, "xvdq", check=False)
+    assert missing.status != 0 and "has no disk xvdq" in missing.err
     assert domain_info(name) is not None
 
 

@@ -30,6 +30,7 @@ from channels.blkif import (
     indirect_pages,
     nr_ents,
     pack_indirect_frames,
+    pack_segments_into,
     parse_vdev,
     ring_pages_for_order,
     ring_ref_keys,
@@ -307,9 +308,9 @@ def test_indirect_frames_round_trip() -> None:
     assert [len(f) for f in frames] == [PAGE_SIZE, PAGE_SIZE]
     assert field(frames[0], 8, U32) == 1001  # descriptor 1 at byte 8: 512 per page
     assert frames[1][88 * 8 :] == bytes(PAGE_SIZE - 88 * 8)
-    assert unpack_indirect_frame(frames[0], 512) + unpack_indirect_frame(frames[1], 88) == tuple(
-        segs
-    )
+    assert unpack_indirect_frame(frames[0], 512) + unpack_indirect_frame(frames[1], 88) == [
+        (s.gref, s.first_sect, s.last_sect) for s in segs
+    ]
 
 
 @pytest.mark.parametrize(("count", "decoded"), [(-5, 0), (0, 0), (3, 3), (10**6, 512)])
@@ -389,3 +390,12 @@ def test_bad_vdev_names(name: str, message: str) -> None:
 def test_bad_vdev_numbers(number: int, message: str) -> None:
     with pytest.raises(ValueError, match=f"virtual-device {number}: {message}"):
         vdev_name(number)
+
+
+def test_segments_pack_straight_into_a_page_and_refuse_what_does_not_fit() -> None:
+    page = bytearray(b"\xee" * PAGE_SIZE)
+    pack_segments_into(page, [7, 0, 7, 8, 2, 5])
+    assert unpack_indirect_frame(page, 2) == [(7, 0, 7), (8, 2, 5)]
+    assert page[16:] == b"\xee" * (PAGE_SIZE - 16)  # nothing written past the descriptors
+    with pytest.raises(ValueError, match="513 segments"):
+        pack_segments_into(bytearray(PAGE_SIZE * 2), [1, 0, 7] * 513)
