@@ -219,7 +219,6 @@ def serve(params: dict[str, Any]) -> None:
         max_segments=params["max_segments"],
         on_broken=_report_broken,
     )
-    disk.start()
     mountpoint = params["mountpoint"]
     threading.Thread(target=_unmount_when_closed, args=(mountpoint,), daemon=True).start()
     try:

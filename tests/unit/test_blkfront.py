@@ -10,15 +10,17 @@ import errno
 import itertools
 import os
 import random
+import struct
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 from channels import blkif as B
 from channels.doorbell import DoorbellPair, create_doorbell, unlink_doorbell
-from channels.evtchn import from_status
+from channels.evtchn import EventChannel, from_status
 from channels.gnttab import GrantPool, pool_bytes
 from channels.grants import GrantMapper
 from channels.ring import BackRing, FrontRing
@@ -81,10 +83,29 @@ def test_extents_survive_random_use() -> None:
 @pytest.fixture
 def disk(tmp_path: Path) -> Iterator[tuple[DiskPath, Path, Counters]]:
     with contextlib.ExitStack() as stack:
-        yield _connect(stack, tmp_path)
+        rig = _connect(stack, tmp_path, serve=True)
+        yield rig.path, rig.image, rig.counters
 
 
-def _connect(stack: contextlib.ExitStack, tmp_path: Path) -> tuple[DiskPath, Path, Counters]:
+@dataclass
+class Rig:
+    path: DiskPath
+    image: Path
+    counters: Counters
+    back: BackRing  # the backend's end of the ring: served by VbdPath, or by the test
+    evtchn: EventChannel  # the backend's end of the event channel
+    ring_page: memoryview  # the shared ring page, for a test that forges its indices
+    broken: list[str]  # what on_broken was told
+
+
+@pytest.fixture
+def hostile(tmp_path: Path) -> Iterator[Rig]:
+    """A disk whose backend is the test itself: it answers as it likes."""
+    with contextlib.ExitStack() as stack:
+        yield _connect(stack, tmp_path, serve=False)
+
+
+def _connect(stack: contextlib.ExitStack, tmp_path: Path, *, serve: bool) -> Rig:
     tag = f"hyper-test-blkfront-{os.getpid()}-{next(_ids)}"
     names = {kind: f"{tag}-{kind}" for kind in ("ring", "data", "indirect")}
     sizes = {"ring": 1, "data": DATA_PAGES, "indirect": INDIRECT_PAGES}
@@ -134,9 +155,10 @@ def _connect(stack: contextlib.ExitStack, tmp_path: Path) -> tuple[DiskPath, Pat
         counters=counters,
         on_fatal=lambda message: None,
     )
-    backend.start()
     stack.callback(evtchn.close)
-    stack.callback(backend.stop)
+    if serve:
+        backend.start()
+        stack.callback(backend.stop)
     broken: list[str] = []
     path = DiskPath(
         front,
@@ -149,9 +171,8 @@ def _connect(stack: contextlib.ExitStack, tmp_path: Path) -> tuple[DiskPath, Pat
         max_segments=256,
         on_broken=broken.append,
     )
-    path.start()
     stack.callback(path.stop)
-    return path, image, counters
+    return Rig(path, image, counters, back, evtchn, pools["ring"].page(0), broken)
 
 
 def test_a_large_write_crosses_in_whole_requests_and_reads_back(
@@ -227,3 +248,102 @@ def test_writing_past_the_end_fails_and_the_disk_keeps_working(
         path.write(DISK - 512, bytes(1024))
     assert raised.value.errno == errno.ENOSPC
     assert path.read(DISK - 512, 1024) == bytes(512)
+
+
+# -- a hostile backend ----------------------------------------------------------------------------
+
+WAIT = 10.0  # seconds a test waits for the frontend's requests
+
+
+def _take_requests(rig: Rig, count: int) -> list[tuple[int, int]]:
+    """Wait until the frontend has posted ``count`` requests; their (id, operation)."""
+    taken: list[tuple[int, int]] = []
+    while len(taken) < count:
+        block = rig.back.get_requests_block()
+        taken += [(rid, op) for op, _, _, rid, *_ in B.BLK_RING.request_slot.iter_unpack(block)]
+        if len(taken) < count and not rig.back.final_check_for_requests():
+            assert rig.evtchn.wait(WAIT), f"only {len(taken)} of {count} requests came"
+    return taken
+
+
+def _answer(rig: Rig, *responses: tuple[int, int, int]) -> None:
+    rig.back.put_responses_flat([v for response in responses for v in response])
+    rig.back.push_responses()
+    rig.evtchn.notify()
+
+
+def _fails_with_eio(call: Future[bytes]) -> None:
+    with pytest.raises(OSError) as raised:
+        call.result(timeout=WAIT)
+    assert raised.value.errno == errno.EIO
+
+
+def test_a_response_for_an_id_not_in_flight_breaks_the_disk(hostile: Rig) -> None:
+    with ThreadPoolExecutor(1) as pool:
+        call = pool.submit(hostile.path.read, 0, 4096)
+        [(rid, op)] = _take_requests(hostile, 1)
+        _answer(hostile, (rid + 1, op, B.BLKIF_RSP_OKAY))
+        _fails_with_eio(call)
+    assert len(hostile.broken) == 1 and "not in flight" in hostile.broken[0]
+    with pytest.raises(OSError) as later:
+        hostile.path.read(0, 4096)
+    assert later.value.errno == errno.EIO, "a broken disk stays broken"
+
+
+def test_a_duplicate_response_fails_every_caller_still_waiting(hostile: Rig) -> None:
+    with ThreadPoolExecutor(2) as pool:
+        first = pool.submit(hostile.path.read, 0, 4096)
+        second = pool.submit(hostile.path.read, 8192, 4096)
+        (rid, op), _ = _take_requests(hostile, 2)
+        _answer(hostile, (rid, op, B.BLKIF_RSP_OKAY), (rid, op, B.BLKIF_RSP_OKAY))
+        results = []
+        for call in (first, second):
+            try:
+                results.append(call.result(timeout=WAIT))
+            except OSError as exc:
+                results.append(exc.errno)
+    assert results.count(errno.EIO) >= 1, "the request never answered fails, not hangs"
+    assert len(hostile.broken) == 1 and f"id {rid}" in hostile.broken[0]
+
+
+def test_a_response_naming_another_operation_breaks_the_disk(hostile: Rig) -> None:
+    with ThreadPoolExecutor(1) as pool:
+        call = pool.submit(hostile.path.read, 0, 4096)
+        [(rid, _)] = _take_requests(hostile, 1)
+        _answer(hostile, (rid, B.BLKIF_OP_WRITE, B.BLKIF_RSP_OKAY))
+        _fails_with_eio(call)
+    assert "names operation" in hostile.broken[0]
+
+
+def test_an_unknown_status_breaks_the_disk(hostile: Rig) -> None:
+    with ThreadPoolExecutor(1) as pool:
+        call = pool.submit(hostile.path.read, 0, 4096)
+        [(rid, op)] = _take_requests(hostile, 1)
+        _answer(hostile, (rid, op, 7))
+        _fails_with_eio(call)
+    assert "unknown status" in hostile.broken[0]
+
+
+def test_an_impossible_rsp_prod_breaks_the_disk(hostile: Rig) -> None:
+    with ThreadPoolExecutor(1) as pool:
+        call = pool.submit(hostile.path.read, 0, 4096)
+        _take_requests(hostile, 1)
+        struct.pack_into("<I", hostile.ring_page, 8, 1000)  # rsp_prod far past any request
+        hostile.evtchn.notify()
+        _fails_with_eio(call)
+    assert len(hostile.broken) == 1
+
+
+def test_error_statuses_fail_only_their_own_call(hostile: Rig) -> None:
+    with ThreadPoolExecutor(1) as pool:
+        call = pool.submit(hostile.path.read, 0, 4096)
+        [(rid, op)] = _take_requests(hostile, 1)
+        _answer(hostile, (rid, op, B.BLKIF_RSP_EOPNOTSUPP))
+        with pytest.raises(OSError) as raised:
+            call.result(timeout=WAIT)
+        assert raised.value.errno == errno.EOPNOTSUPP
+        again = pool.submit(hostile.path.read, 0, 4096)
+        [(rid, op)] = _take_requests(hostile, 1)
+        _answer(hostile, (rid, op, B.BLKIF_RSP_OKAY))
+        assert again.result(timeout=WAIT) == bytes(4096)
+    assert hostile.broken == []
