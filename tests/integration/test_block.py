@@ -11,12 +11,13 @@ import hashlib
 import json
 import os
 import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-from tests.integration.conftest import domain_info, hyperctl, wait_for
+from tests.integration.conftest import REPO, domain_info, hyperctl, wait_for
 
 pytestmark = pytest.mark.root
 
@@ -26,6 +27,35 @@ MiB = 1 << 20
 def disk(target: Path, vdev: str = "xvda", size: str | None = "128M", access: str = "rw") -> str:
     lines = f"  - target: {target}\n    vdev: {vdev}\n    access: {access}\n"
     return lines + (f"    size: {size}\n" if size else "")
+
+
+def verifying_fio(name: str, runtime: int = 20) -> subprocess.Popen[str]:
+    """fio in domain ``name``, verifying what it writes (randrw 4k, iodepth 16, crc32c over
+    32 MiB of /dev/xvda) for ``runtime`` seconds; started, not waited for."""
+    argv = [
+        "fio",
+        "--name=n",
+        "--filename=/dev/xvda",
+        "--rw=randrw",
+        "--bs=4k",
+        "--iodepth=16",
+        "--ioengine=libaio",
+        "--direct=1",
+        "--size=32M",
+        "--verify=crc32c",
+        "--verify_state_save=0",  # a timed run would save its verify state into the cwd
+        "--time_based",
+        f"--runtime={runtime}",
+        "--output-format=json",
+    ]
+    return subprocess.Popen(
+        [sys.executable, "-m", "hyper.cli", "exec", name, "--", *argv],
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def sha256_of(path: Path, length: int) -> str:

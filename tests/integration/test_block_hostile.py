@@ -15,10 +15,8 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
-import os
 import random
 import subprocess
-import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,8 +25,8 @@ import pytest
 
 from channels import blkif as B
 from tests.integration.blkhost import HostileBlkfront, vbd_stats, with_field
-from tests.integration.conftest import REPO, domain_info, hyperctl, wait_for
-from tests.integration.test_block import destroy, disk
+from tests.integration.conftest import domain_info, hyperctl, wait_for
+from tests.integration.test_block import destroy, disk, verifying_fio
 
 pytestmark = pytest.mark.root
 
@@ -49,22 +47,6 @@ READ_MARKER = b"\xee" * PAGE
 WRITE_MARKER = b"\xbb" * PAGE
 GOOD_SECTOR = 4096  # 2 MiB into the disk
 GOOD_BYTES = random.Random(7).randbytes(2 * PAGE)
-FIO = [
-    "fio",
-    "--name=n",
-    "--filename=/dev/xvda",
-    "--rw=randrw",
-    "--bs=4k",
-    "--iodepth=16",
-    "--ioengine=libaio",
-    "--direct=1",
-    "--size=32M",
-    "--verify=crc32c",
-    "--verify_state_save=0",  # a timed run would save its verify state into the cwd
-    "--time_based",
-    "--runtime=20",
-    "--output-format=json",
-]
 
 
 @functools.cache
@@ -252,14 +234,7 @@ def neighbour(
     """A domain with its own disk running a verifying fio for 20 s, already doing I/O (made
     after the victim, so that the attack overlaps the run)."""
     name = make_domain("disk:\n" + disk(tmp_path / "neighbour.img", size="64M"))
-    fio = subprocess.Popen(
-        [sys.executable, "-m", "hyper.cli", "exec", name, "--", *FIO],
-        cwd=REPO,
-        env={**os.environ, "PYTHONPATH": str(REPO)},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    fio = verifying_fio(name)
     try:
         wait_for(lambda: vbd_stats(name, "xvda")["wr_req"], 30, "the neighbour's fio to write")
         yield name, fio

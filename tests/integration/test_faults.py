@@ -1,0 +1,92 @@
+"""Faults: a domain killed in the middle of its I/O, and what dom0 does about it.
+
+A domU is only processes, so SIGKILL is its crash: hyperd reaps it and applies ``on_crash``;
+dom0 ends the domain's device connections and releases everything that served them. Other
+domains must not notice.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from tests.integration.blkhost import vbd_stats
+from tests.integration.conftest import domain_info, hyperctl, wait_for
+from tests.integration.test_block import attached_loops, disk, verifying_fio
+
+pytestmark = pytest.mark.root
+
+CLEANUP_SECONDS = 2.0  # the issue's bound, from the kill to nothing of the domain left
+
+
+def shm_names() -> set[str]:
+    return {p.name for p in Path("/dev/shm").iterdir() if "hyper." in p.name}
+
+
+def taps_of(domid: int) -> list[str]:
+    return [p.name for p in Path("/sys/class/net").iterdir() if p.name.startswith(f"vif{domid}.")]
+
+
+def store_nodes_of(domid: int) -> list[str]:
+    """Store paths that belong to domain ``domid``: its own tree and its backend directories."""
+    own = re.compile(rf"^/local/domain/{domid}(/|$)|/backend/[^/]+/{domid}(/|$)")
+    listing = hyperctl("store", "ls", "/").out.splitlines()
+    return [line.split(" = ")[0] for line in listing if own.search(line.split(" = ")[0])]
+
+
+def test_a_domain_killed_mid_io_leaves_nothing_and_its_neighbour_verifies(
+    make_domain: Callable[..., str], tmp_path: Path, lan: tuple[str, str]
+) -> None:
+    bridge, prefix = lan
+    neighbour = make_domain("disk:\n" + disk(tmp_path / "neighbour.img", size="64M"))
+    before = shm_names()  # the neighbour's are in, the victim's not yet
+    image = tmp_path / "victim.img"
+    victim = make_domain(
+        f"vif:\n  - bridge: {bridge}\n    ip: {prefix}.2/24\ndisk:\n" + disk(image, size="64M")
+    )
+    info = domain_info(victim)
+    assert info is not None
+    domid, pid = info["domid"], info["pid"]
+    assert attached_loops(image) and taps_of(domid) and store_nodes_of(domid)
+    assert shm_names() - before, "the victim's rings, pools and doorbells"
+
+    checked = verifying_fio(neighbour)
+    writer = verifying_fio(victim, runtime=60)
+    try:
+        wait_for(lambda: vbd_stats(neighbour, "xvda")["wr_req"], 30, "the neighbour to write")
+        wait_for(lambda: vbd_stats(victim, "xvda")["wr_req"], 30, "the victim to write")
+
+        os.kill(pid, signal.SIGKILL)
+        killed = time.monotonic()
+
+        def gone() -> bool:
+            return not (
+                attached_loops(image)
+                or taps_of(domid)
+                or store_nodes_of(domid)
+                or shm_names() != before
+                or domain_info(victim) is not None
+            )
+
+        wait_for(gone, CLEANUP_SECONDS, f"dom{domid}'s loop, TAP, store nodes and shm to go")
+        elapsed = time.monotonic() - killed
+        print(f"dom{domid} cleaned up {elapsed:.2f} s after SIGKILL")
+        writer.communicate(timeout=30)  # its hyperctl exec ends with the domain
+        assert writer.returncode != 0
+
+        out, err = checked.communicate(timeout=120)
+        assert checked.returncode == 0, err
+        job = json.loads(out[out.index("{") :])["jobs"][0]
+        assert job["error"] == 0 and job["write"]["io_bytes"] > 0
+    finally:
+        for proc in (checked, writer):
+            if proc.poll() is None:
+                proc.kill()
+            proc.communicate()
