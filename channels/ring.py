@@ -250,6 +250,11 @@ class _Ring:
         self._sring.release()
 
     @property
+    def area(self) -> memoryview:
+        """The shared memory this ring lives in (to start a fresh ring over it)."""
+        return self._area
+
+    @property
     def broken(self) -> bool:
         """True once the peer has written an impossible index."""
         return self._dead is not None and self._dead[0] is RingBroken

@@ -87,6 +87,7 @@ class WorkerProcess:
         counters_fd: int,
         hc: HypercallClient,
         on_fatal: Callable[[str], None],
+        on_death: Callable[[str], None] | None = None,
     ) -> None:
         self.process = process
         self.control = control
@@ -94,6 +95,8 @@ class WorkerProcess:
         os.close(counters_fd)
         self._hc = hc
         self._on_fatal = on_fatal
+        self._on_death = on_death
+        self._stopping = False
         self._thread = threading.Thread(target=self._serve, name="worker-link", daemon=True)
         self._thread.start()
 
@@ -105,8 +108,11 @@ class WorkerProcess:
         device_fd: int,
         hc: HypercallClient,
         on_fatal: Callable[[str], None],
+        on_death: Callable[[str], None] | None = None,
     ) -> WorkerProcess:
-        """Run ``python -m module`` with ``params`` and the device, control and counter fds."""
+        """Run ``python -m module`` with ``params`` and the device, control and counter fds.
+        ``on_fatal(reason)``: the worker reported a protocol violation. ``on_death(how)``: it
+        died without being stopped (killed, crashed); without one, that is fatal too."""
         ours, theirs = socket.socketpair()
         counters_fd = os.memfd_create("hyper-counters", os.MFD_CLOEXEC)
         os.ftruncate(counters_fd, mmap.PAGESIZE)
@@ -127,7 +133,7 @@ class WorkerProcess:
         process.stdin.write(json.dumps(params).encode())
         process.stdin.close()
         theirs.close()
-        return cls(process, ours, counters_fd, hc, on_fatal)
+        return cls(process, ours, counters_fd, hc, on_fatal, on_death)
 
     def counter_values(self, fields: Sequence[str]) -> dict[str, int]:
         """The worker's counters, named ``fields`` in page order."""
@@ -150,8 +156,14 @@ class WorkerProcess:
             while b"\n" in buffer:
                 line, buffer = buffer.split(b"\n", 1)
                 self._handle(json.loads(line))
-        if self.process.poll() is not None and self.process.returncode != 0:
-            self._on_fatal(f"data path died ({_describe(self.process.returncode)})")
+        if self._stopping:
+            return
+        try:  # the control socket closes as the process dies: collect how it ended
+            code = self.process.wait(timeout=5.0)
+        except subprocess.TimeoutExpired:
+            return  # alive with its socket shut: it stops when stop() hangs up
+        how = f"data path died ({_describe(code)})"
+        (self._on_death or self._on_fatal)(how)
 
     def _handle(self, message: dict[str, Any]) -> None:
         if "fatal" in message:
@@ -172,6 +184,7 @@ class WorkerProcess:
 
     def stop(self) -> None:
         """Hang up; the worker stops its threads and exits."""
+        self._stopping = True
         with contextlib.suppress(OSError):
             self.control.shutdown(socket.SHUT_RDWR)
         try:

@@ -8,6 +8,14 @@ data path in a worker process, publish the disk's properties (``sectors``, ``sec
 Closed; the loop device goes when the vbd is removed (closing its last descriptor detaches it).
 Any failure, or a protocol violation by the frontend, fails this vbd alone (error node,
 Closing).
+
+A worker that dies (killed, crashed) is a restart, not a failure: the vbd keeps its loop device
+and its end of the event channel, returns to InitWait, and the frontend resets its ring with
+every unanswered request on it again (domu/blkfront/xenbus.py) and goes Initialised; then a new
+worker starts over the same ring and the vbd is Connected again. Counters carry over. A vbd
+whose worker dies more than ``RESTARTS`` times within ``RESTART_WINDOW`` seconds fails instead
+(a frontend that can crash its worker, by truncating its own pages, cannot make dom0 spawn
+workers without end).
 """
 
 from __future__ import annotations
@@ -15,6 +23,8 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,6 +41,8 @@ log = logging.getLogger(__name__)
 S = XenbusState
 
 IO_THREADS = 8
+RESTARTS = 3  # worker deaths a vbd survives within RESTART_WINDOW seconds
+RESTART_WINDOW = 60.0
 
 TRANSPORT_FEATURES = {
     "feature-flush-cache": "1",
@@ -45,18 +57,27 @@ class Vbd:
     devid: int
     vdev: str
     loop: LoopDevice
-    final_counters: dict[str, int] = field(default_factory=dict)
+    counted: dict[str, int] = field(default_factory=lambda: dict.fromkeys(COUNTER_FIELDS, 0))
     channel: EventChannel | None = None
+    remote_port: int | None = None  # the frontend's port, which channel is bound to
     worker: WorkerProcess | None = None
+    deaths: deque[float] = field(default_factory=deque)  # when workers died (monotonic)
 
     @property
     def name(self) -> str:
         return f"vbd{self.domid}.{self.vdev}"
 
     def counter_values(self) -> dict[str, int]:
-        if self.worker is not None:
-            return self.worker.counter_values(COUNTER_FIELDS)
-        return self.final_counters or dict.fromkeys(COUNTER_FIELDS, 0)
+        """What every worker of this vbd counted: the ended ones and the running one."""
+        worker = self.worker
+        running = worker.counter_values(COUNTER_FIELDS) if worker is not None else {}
+        return {name: value + running.get(name, 0) for name, value in self.counted.items()}
+
+    def retire(self, worker: WorkerProcess) -> None:
+        """Stop ``worker`` (if it still runs), keeping what it counted."""
+        for name, value in worker.counter_values(COUNTER_FIELDS).items():
+            self.counted[name] += value
+        worker.stop()
 
 
 class BlkbackDriver:
@@ -138,7 +159,12 @@ class BlkbackDriver:
         order = dev.read_otherend("ring-page-order")
         if order not in (None, "0"):
             raise ValueError(f"ring-page-order {order} above the maximum 0")
-        vbd.channel = bind_interdomain(self.hc, dev.frontend_id, key("event-channel"))
+        port = key("event-channel")
+        if vbd.channel is None or vbd.remote_port != port:  # after a restart, still bound
+            if vbd.channel is not None:
+                vbd.channel.close()
+            vbd.channel = bind_interdomain(self.hc, dev.frontend_id, port)
+            vbd.remote_port = port
         params: dict[str, Any] = {
             "name": vbd.name,
             "frontend": dev.frontend_id,
@@ -154,6 +180,7 @@ class BlkbackDriver:
             vbd.loop.fd,
             self.hc,
             lambda message: dev.fatal(f"{vbd.name}: {message}"),
+            lambda how: self._worker_died(dev, vbd, how),
         )
         properties = {
             "sectors": str(vbd.loop.sectors),
@@ -168,14 +195,34 @@ class BlkbackDriver:
 
         dev.xs.transaction(publish)
 
+    def _worker_died(self, dev: XenbusDevice, vbd: Vbd, how: str) -> None:
+        """On the dead worker's link thread: restart the data path through the frontend."""
+        with self._lock:
+            worker, vbd.worker = vbd.worker, None
+        if worker is None or dev.state != S.Connected:
+            return  # the vbd is being disconnected anyway
+        vbd.retire(worker)
+        now = time.monotonic()
+        while vbd.deaths and now - vbd.deaths[0] > RESTART_WINDOW:
+            vbd.deaths.popleft()
+        vbd.deaths.append(now)
+        if len(vbd.deaths) > RESTARTS:
+            dev.fatal(f"{vbd.name}: {how}, {len(vbd.deaths)} times in {RESTART_WINDOW:.0f} s")
+            return
+        log.warning(
+            "%s: %s; restarting it (the frontend replays what was unanswered)", vbd.name, how
+        )
+        dev.switch_state(S.InitWait)
+
     def _disconnect(self, vbd: Vbd) -> None:
-        if vbd.worker is not None:
-            vbd.final_counters = vbd.worker.counter_values(COUNTER_FIELDS)
-            vbd.worker.stop()
-            vbd.worker = None
+        with self._lock:
+            worker, vbd.worker = vbd.worker, None
+        if worker is not None:
+            vbd.retire(worker)
         if vbd.channel is not None:
             vbd.channel.close()
             vbd.channel = None
+            vbd.remote_port = None
 
     def stats(self, domid: int | None = None) -> list[dict[str, object]]:
         with self._lock:

@@ -19,6 +19,12 @@ then the next caller to wait leads). The caller whose request was answered is th
 the backend's notification, with no reaper thread in between: one wakeup less per round trip,
 and an idle disk has no thread at all on the event channel.
 
+A backend that restarts (its process was killed; xen-split-driver.md §6.9) comes back with
+no memory of the ring: ``reset`` starts the ring over and puts every request not yet answered
+on it again (Linux's blkif_recover replays its shadow copies the same way). Their callers just
+wait longer. Replaying is safe because a request's pages stay untouched until it is answered:
+a write carries the same data to the same sectors, a read fills the same pages again.
+
 The backend is not trusted (xen-split-driver.md §1.8): responses are copied out once; an id
 that names no request in flight, an impossible ``rsp_prod`` or an unknown status marks the disk
 broken (``on_broken``: an ``error`` node, Closing), and every call in progress or to come fails
@@ -140,9 +146,10 @@ class _InFlight:
     lock held from the start (an Event would make a Condition and a new lock at every wait);
     whoever clears ``sleeping`` releases it, once, under DiskPath's lock."""
 
-    __slots__ = ("answers", "finished", "sleeping", "status", "wake")
+    __slots__ = ("answers", "finished", "request", "sleeping", "status", "wake")
 
-    def __init__(self, answers: frozenset[int]) -> None:
+    def __init__(self, request: bytes, answers: frozenset[int]) -> None:
+        self.request = request  # the slot as posted: replayed after a backend restart
         self.answers = answers
         self.status = B.BLKIF_RSP_OKAY
         self.finished = False
@@ -339,10 +346,10 @@ class DiskPath:
             answers = {request.operation}
             if request.operation == B.BLKIF_OP_INDIRECT:
                 answers.add(request.indirect_op)
-            op = _InFlight(frozenset(answers))
+            op = _InFlight(request.pack(), frozenset(answers))
             self._in_flight[rid] = op
             try:
-                self.ring.put_request_raw(request.pack())
+                self.ring.put_request_raw(op.request)
                 notify = self.ring.push_requests()
             except RingError as exc:
                 self._in_flight.pop(rid, None)
@@ -402,11 +409,31 @@ class DiskPath:
         self._fail_all("the disk was disconnected")
         self.evtchn.kick()
 
+    def reset(self) -> int:
+        """The backend restarted: take what it answered, start the ring over, and post every
+        request still in flight again, in the order first posted. Returns how many."""
+        with self._room:
+            self._check()
+            try:
+                self._reap()
+                ring = FrontRing.init(B.BLK_RING, self.ring.area, name=self.ring.name)
+                for op in self._in_flight.values():
+                    ring.put_request_raw(op.request)
+                ring.push_requests()  # nobody to notify: the new backend looks when it starts
+            except (RingBroken, DiskBroken) as exc:
+                self._fail_all(str(exc), report=True)
+                raise DiskBroken(str(exc)) from exc
+            self.ring.close()
+            self.ring = ring
+            replayed = len(self._in_flight)
+        self.evtchn.kick()  # a leader whose request the reap above answered: look again
+        return replayed
+
     def _lead(self, op: _InFlight) -> None:
         """Reap responses until ``op`` is answered, then hand the lead to a sleeping caller."""
         try:
             while not op.finished:
-                if not self._reap() and not self.ring.final_check_for_responses():
+                if not self._reap() and not self._final_check():
                     self.evtchn.wait(HEAL_TIMEOUT)
         except (RingBroken, DiskBroken) as exc:
             self._fail_all(str(exc), report=True)
@@ -419,11 +446,15 @@ class DiskPath:
                     self._leader.sleeping = False
                     self._leader.wake.release()
 
+    def _final_check(self) -> bool:
+        with self._room:  # the ring is replaced under this lock (reset)
+            return self.ring.final_check_for_responses()
+
     def _reap(self) -> bool:
-        block = self.ring.get_responses_block()
-        if not block:
-            return False
         with self._room:
+            block = self.ring.get_responses_block()
+            if not block:
+                return False
             for rid, operation, status in _RESPONSE.iter_unpack(block):
                 op = self._in_flight.get(rid)
                 if op is None:

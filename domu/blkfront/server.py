@@ -7,7 +7,8 @@ request the backend takes, the shared objects to open (ring page, data pages, in
 pool name, first gref, pages) and the two doorbells. It mounts a FUSE file system whose root
 *is* the disk, over the regular file the kernel made at the mount point, with mfusepy (ctypes
 over libfuse3's multi-threaded loop), and serves it until its stdin closes (the kernel
-disconnects the disk) or the file system is unmounted.
+disconnects the disk) or the file system is unmounted. While it serves, the kernel may send
+``reset`` on stdin: the backend restarted, and the ring starts over (DiskPath.reset).
 
 A process of its own, not a thread of the kernel: FUSE callbacks and the copies into the
 granted pages get an interpreter (and a GIL) of their own, libfuse's signal handling stays out
@@ -44,7 +45,7 @@ from channels.doorbell import DoorbellPair
 from channels.gnttab import GrantPool
 from channels.ring import FrontRing
 from domu import linux
-from domu.blkfront.datapath import DiskPath
+from domu.blkfront.datapath import DiskBroken, DiskPath
 
 log = logging.getLogger("blkfront")
 
@@ -79,8 +80,7 @@ class DiskOps(mfusepy.Operations):  # type: ignore[misc]
             config.direct_io = 1
             config.nullpath_ok = 1
             config.attr_timeout = config.entry_timeout = 3600.0
-        sys.stdout.write("mounted\n")
-        sys.stdout.flush()
+        _say("mounted")
 
     def getattr(self, path: str | None, fh: int | None = None) -> dict[str, int]:
         if path not in ("/", None):
@@ -180,20 +180,38 @@ class DiskFuse(mfusepy.FUSE):  # type: ignore[misc]
         return int(self.operations.write_from(buf, size, offset, fip.contents))
 
 
+_stdout_lock = threading.Lock()
+
+
+def _say(line: str) -> None:
+    """One line to the kernel, which reads our stdout."""
+    with _stdout_lock:
+        sys.stdout.write(line + "\n")
+        sys.stdout.flush()
+
+
 def _report_broken(reason: str) -> None:
     """The backend broke the protocol: the kernel, reading our stdout, writes the device's
     ``error`` node and closes it (we hold no store connection of our own)."""
     log.error("disk broken: %s", reason)
-    sys.stdout.write("broken " + " ".join(reason.split())[:400] + "\n")
-    sys.stdout.flush()
+    _say("broken " + " ".join(reason.split())[:400])
 
 
-def _unmount_when_closed(mountpoint: str) -> None:
-    """The kernel closes our stdin to disconnect the disk: unmount, which ends the FUSE loop
-    (lazily if a program still has the disk open: the loop ends when it closes it)."""
-    with contextlib.suppress(OSError):
-        while os.read(0, 4096):
-            pass
+def _follow_the_kernel(disk: DiskPath, mountpoint: str) -> None:
+    """The kernel's commands, a line each on stdin. ``reset``: the backend restarted, so start
+    the ring over with every unanswered request on it again (answered ``reset``). stdin
+    closing disconnects the disk: unmount, which ends the FUSE loop (lazily if a program
+    still has the disk open: the loop ends when it closes it)."""
+    with contextlib.suppress(OSError, ValueError):
+        for line in sys.stdin:
+            if line.strip() != "reset":
+                continue
+            try:
+                replayed = disk.reset()
+            except DiskBroken:
+                continue  # on_broken has told the kernel
+            log.info("the backend restarted: %d requests posted again", replayed)
+            _say("reset")
     if _libc.umount2(mountpoint.encode(), 0) != 0:
         _libc.umount2(mountpoint.encode(), MNT_DETACH)
 
@@ -220,7 +238,7 @@ def serve(params: dict[str, Any]) -> None:
         on_broken=_report_broken,
     )
     mountpoint = params["mountpoint"]
-    threading.Thread(target=_unmount_when_closed, args=(mountpoint,), daemon=True).start()
+    threading.Thread(target=_follow_the_kernel, args=(disk, mountpoint), daemon=True).start()
     try:
         mount(
             disk,

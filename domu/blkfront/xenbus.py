@@ -9,6 +9,12 @@ properties, makes the mount point ``/dev/<vdev>`` (an empty regular file on the 
 /dev), starts the disk's FUSE server (domu/blkfront/server.py) and goes Connected once the
 server has mounted. When the backend closes or the device goes away: the server is told to
 stop (it unmounts), the mount point is removed and every pool, ring and channel released.
+
+Backend restart (xen-split-driver.md §6.9, done here without the toolstack): a backend whose
+data path died returns from Connected to InitWait, keeping its end of the event channel. The
+frontend then recovers instead of closing: it tells the server to ``reset`` (start the ring
+over, replaying every request not yet answered), goes Initialised with the same ring, pools and
+channel, and Connected again once the backend is. Programs using the disk see a pause.
 """
 
 from __future__ import annotations
@@ -52,6 +58,8 @@ class Blkfront:
     channel: EventChannel | None = None
     server: subprocess.Popen[bytes] | None = None
     mounted: threading.Event = field(default_factory=threading.Event)
+    reset: threading.Event = field(default_factory=threading.Event)  # the server said "reset"
+    disk: tuple[int, bool] = (0, False)  # sectors, read-only: a restarted backend must agree
 
     @property
     def mountpoint(self) -> str:
@@ -75,8 +83,14 @@ class BlkfrontDriver:
             if state == S.InitWait and dev.state in (S.Unknown, S.Initialising):
                 self._initialise(dev, bf)
                 dev.switch_state(S.Initialised)
+            elif state == S.InitWait and dev.state == S.Connected and bf.server is not None:
+                self._recover(bf)
+                dev.switch_state(S.Initialised)
             elif state == S.Connected and dev.state == S.Initialised:
-                self._connect(dev, bf)
+                if bf.server is None:
+                    self._connect(dev, bf)
+                elif _disk(dev) != bf.disk:
+                    raise ValueError(f"the restarted backend offers another disk: {_disk(dev)}")
                 dev.switch_state(S.Connected)
                 log.info("%s connected", bf.vdev)
             elif state in (S.Closing, S.Closed, S.Unknown) and dev.state != S.Closed:
@@ -126,11 +140,7 @@ class BlkfrontDriver:
         dev.xs.transaction(publish)
 
     def _connect(self, dev: XenbusDevice, bf: Blkfront) -> None:
-        sectors = int(dev.read_otherend("sectors") or "")
-        sector_size = int(dev.read_otherend("sector-size") or B.SECTOR_SIZE)
-        if sector_size != B.SECTOR_SIZE or sectors <= 0:
-            raise ValueError(f"unsupported disk: {sectors} sectors of {sector_size} bytes")
-        readonly = bool(int(dev.read_otherend("info") or 0) & B.VDISK_READONLY)
+        bf.disk = sectors, readonly = _disk(dev)
         segments = _indirect_segments(dev) if "indirect" in bf.pools else 0
         assert bf.channel is not None
         mine, peer = bf.channel.doorbell_names()
@@ -165,6 +175,16 @@ class BlkfrontDriver:
         if not bf.mounted.wait(MOUNT_TIMEOUT):
             raise TimeoutError(f"the FUSE server did not mount {bf.mountpoint}")
 
+    def _recover(self, bf: Blkfront) -> None:
+        """The backend restarted: have the server start the ring over (see the docstring)."""
+        assert bf.server is not None and bf.server.stdin is not None
+        log.warning("%s: the backend restarted; replaying what it had not answered", bf.vdev)
+        bf.reset.clear()
+        bf.server.stdin.write(b"reset\n")
+        bf.server.stdin.flush()
+        if not bf.reset.wait(MOUNT_TIMEOUT):
+            raise TimeoutError(f"the FUSE server of {bf.mountpoint} did not reset its ring")
+
     def _release(self, bf: Blkfront) -> None:
         server, bf.server = bf.server, None
         if server is not None:
@@ -190,14 +210,23 @@ class BlkfrontDriver:
         bf.pools = {}
 
 
+def _disk(dev: XenbusDevice) -> tuple[int, bool]:
+    """The backend's disk: (sectors, read-only)."""
+    sectors = int(dev.read_otherend("sectors") or "")
+    sector_size = int(dev.read_otherend("sector-size") or B.SECTOR_SIZE)
+    if sector_size != B.SECTOR_SIZE or sectors <= 0:
+        raise ValueError(f"unsupported disk: {sectors} sectors of {sector_size} bytes")
+    return sectors, bool(int(dev.read_otherend("info") or 0) & B.VDISK_READONLY)
+
+
 def _indirect_segments(dev: XenbusDevice) -> int:
     value = dev.read_otherend("feature-max-indirect-segments") or "0"
     return min(int(value), B.MAX_INDIRECT_SEGMENTS) if value.isdigit() else 0
 
 
 def _watch_server(bf: Blkfront, dev: XenbusDevice) -> None:
-    """The server says "mounted" once, "broken <reason>" if the backend broke the protocol;
-    its stdout closing means it has ended."""
+    """The server says "mounted" once, "reset" after each ring reset, "broken <reason>" if
+    the backend broke the protocol; its stdout closing means it has ended."""
     server = bf.server
     if server is None or server.stdout is None:
         return
@@ -205,6 +234,8 @@ def _watch_server(bf: Blkfront, dev: XenbusDevice) -> None:
         line = raw.decode(errors="replace").strip()
         if line == "mounted":
             bf.mounted.set()
+        elif line == "reset":
+            bf.reset.set()
         elif line.startswith("broken "):
             dev.fatal(f"{bf.vdev}: backend misbehaved: {line[len('broken ') :]}")
     if bf.server is server:  # it ended without being asked to: the disk is gone

@@ -208,6 +208,18 @@ def lan() -> Iterator[tuple[str, str]]:
     subprocess.run(["ip", "link", "del", f"hytest{n}"], capture_output=True)
 
 
+def in_domain(name: str, *argv: str) -> subprocess.Popen[str]:
+    """``argv`` run in domain ``name`` through hyperctl exec; started, not waited for."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "hyper.cli", "exec", name, "--", *argv],
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
 def start_iperf3_server(domain: str, *options: str) -> None:
     """`iperf3 -s -1 -D` inside a domain, returning once it listens."""
     hyperctl("exec", domain, "--", "iperf3", "-s", "-1", "-D", *options)

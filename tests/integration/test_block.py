@@ -11,13 +11,12 @@ import hashlib
 import json
 import os
 import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-from tests.integration.conftest import REPO, domain_info, hyperctl, wait_for
+from tests.integration.conftest import domain_info, hyperctl, in_domain, wait_for
 
 pytestmark = pytest.mark.root
 
@@ -48,14 +47,7 @@ def verifying_fio(name: str, runtime: int = 20) -> subprocess.Popen[str]:
         f"--runtime={runtime}",
         "--output-format=json",
     ]
-    return subprocess.Popen(
-        [sys.executable, "-m", "hyper.cli", "exec", name, "--", *argv],
-        cwd=REPO,
-        env={**os.environ, "PYTHONPATH": str(REPO)},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    return in_domain(name, *argv)
 
 
 def sha256_of(path: Path, length: int) -> str:

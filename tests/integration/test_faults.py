@@ -1,12 +1,17 @@
-"""Faults: a domain killed in the middle of its I/O, and what dom0 does about it.
+"""Faults in the middle of I/O: a domain killed, a backend killed.
 
 A domU is only processes, so SIGKILL is its crash: hyperd reaps it and applies ``on_crash``;
 dom0 ends the domain's device connections and releases everything that served them. Other
 domains must not notice.
+
+A backend's data path is a process of its own; killed, it is restarted, and the frontend
+replays what it had not answered: the programs in the domain see a pause, not an error, and
+every write they were told is done is in the image.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -18,8 +23,14 @@ from pathlib import Path
 import pytest
 
 from tests.integration.blkhost import vbd_stats
-from tests.integration.conftest import domain_info, hyperctl, wait_for
-from tests.integration.test_block import attached_loops, disk, verifying_fio
+from tests.integration.conftest import domain_info, hyperctl, in_domain, wait_for
+from tests.integration.test_block import (
+    attached_loops,
+    destroy,
+    disk,
+    vbds,
+    verifying_fio,
+)
 
 pytestmark = pytest.mark.root
 
@@ -90,3 +101,70 @@ def test_a_domain_killed_mid_io_leaves_nothing_and_its_neighbour_verifies(
             if proc.poll() is None:
                 proc.kill()
             proc.communicate()
+
+
+def test_a_killed_blkback_is_a_pause_fio_verifies_and_fsynced_data_is_in_the_image(
+    make_domain: Callable[..., str], tmp_path: Path
+) -> None:
+    image = tmp_path / "disk.img"
+    name = make_domain("disk:\n" + disk(image, size="128M"))
+    [vbd] = vbds(name)
+    first = vbd["worker_pid"]
+    fio = in_domain(
+        name,
+        "fio",
+        "--name=w",
+        "--filename=/dev/xvda",
+        "--rw=randwrite",
+        "--bs=4k",
+        "--iodepth=16",
+        "--ioengine=libaio",
+        "--direct=1",
+        "--size=48M",  # the first 48 MiB: written, then read back and verified
+        "--verify=crc32c",
+        "--output-format=json",
+    )
+    dd = in_domain(  # MiB 64 to 96, beside fio's region
+        name,
+        "dd",
+        "if=/dev/urandom",
+        "of=/dev/xvda",
+        "bs=1M",
+        "count=32",
+        "seek=64",
+        "oflag=direct",
+        "conv=fsync,notrunc",
+    )
+    try:
+        wait_for(lambda: vbds(name)[0]["wr_req"] > 2000, 60, "fio and dd to be writing")
+        os.kill(first, signal.SIGKILL)
+        killed = time.monotonic()
+
+        def restarted() -> bool:
+            now = vbds(name)[0]
+            return bool(now["connected"]) and now["worker_pid"] not in (None, first)
+
+        wait_for(restarted, 10, "blkback to restart the vbd's data path")
+        counted = vbds(name)[0]["wr_req"]
+        wait_for(lambda: vbds(name)[0]["wr_req"] > counted, 10, "writes after the restart")
+        print(f"I/O completing again {time.monotonic() - killed:.2f} s after the kill")
+
+        out, err = fio.communicate(timeout=300)
+        assert fio.returncode == 0, err
+        job = json.loads(out[out.index("{") :])["jobs"][0]
+        assert job["error"] == 0 and job["write"]["io_bytes"] == 48 << 20
+        _, err = dd.communicate(timeout=120)
+        assert dd.returncode == 0 and "33554432 bytes" in err, err
+    finally:
+        for proc in (fio, dd):
+            if proc.poll() is None:
+                proc.kill()
+            proc.communicate()
+    inside = hyperctl(
+        "exec", name, "--", "sh", "-c", "dd if=/dev/xvda bs=1M skip=64 count=32 | sha256sum"
+    ).out.split()[0]
+    assert vbds(name)[0]["errors"] == 0
+    destroy(name, image)
+    with image.open("rb") as f:
+        f.seek(64 << 20)
+        assert hashlib.sha256(f.read(32 << 20)).hexdigest() == inside

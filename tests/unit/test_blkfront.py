@@ -347,3 +347,24 @@ def test_error_statuses_fail_only_their_own_call(hostile: Rig) -> None:
         _answer(hostile, (rid, op, B.BLKIF_RSP_OKAY))
         assert again.result(timeout=WAIT) == bytes(4096)
     assert hostile.broken == []
+
+
+def test_a_restarted_backend_gets_every_unanswered_request_again(hostile: Rig) -> None:
+    slot = B.BLK_RING.request_slot.size
+    with ThreadPoolExecutor(3) as pool:
+        calls = [pool.submit(hostile.path.write, i << 12, bytes([i + 1]) * 4096) for i in range(3)]
+        posted = _take_requests(hostile, 3)
+        before = bytes(hostile.ring_page[64 : 64 + 3 * slot])  # the three slots as posted
+        # The old backend publishes one answer (and dies before notifying).
+        answered = posted[0]
+        hostile.back.put_responses_flat([*answered, B.BLKIF_RSP_OKAY])
+        hostile.back.push_responses()
+
+        assert hostile.path.reset() == 2
+        fresh = BackRing.attach(B.BLK_RING, hostile.ring_page)
+        assert fresh.get_requests_block() == before[slot:], "the other two, byte for byte"
+        fresh.put_responses_flat([v for r in posted[1:] for v in (*r, B.BLKIF_RSP_OKAY)])
+        fresh.push_responses()
+        hostile.evtchn.notify()
+        assert [call.result(timeout=WAIT) for call in calls] == [4096] * 3
+    assert hostile.broken == []
