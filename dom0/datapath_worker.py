@@ -12,6 +12,10 @@ inherited: ``device_fd`` (the native device), ``control_fd`` (a socket to dom0) 
 ``counters_fd`` (a page of u64 counters that dom0 reads whenever it is asked). Over the control
 socket, one JSON object per line, it asks dom0 to map grant pools (dom0 holds the hypercall
 socket) and reports a fatal protocol error; dom0 hanging up tells it to stop.
+
+A worker that dies unasked (killed, crashed) is restarted by its backend driver, through the
+frontend (see DataPath): the device's state lives in its native device, its channel and the
+frontend, not in the worker, so a new worker over a reset ring carries on.
 """
 
 from __future__ import annotations
@@ -26,9 +30,11 @@ import socket
 import subprocess
 import sys
 import threading
+import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from channels import hypercall as hc
 from channels.hypercall import GnttabMapPool, HypercallClient, HypercallError
@@ -194,6 +200,79 @@ class WorkerProcess:
             self.process.wait()
         self.control.close()
         self._page.close()
+
+
+class DataPath:
+    """One device's data path across worker restarts: the worker running now (if any), what the
+    ended ones counted, and when they died. Thread-safe: a worker's death is reported on its own
+    link thread while the XenBus thread may be disconnecting the device."""
+
+    RESTARTS = 3  # deaths a device survives within WINDOW seconds
+    WINDOW = 60.0
+
+    def __init__(self, fields: Sequence[str]) -> None:
+        self.fields = tuple(fields)
+        self.worker: WorkerProcess | None = None
+        self._counted = dict.fromkeys(self.fields, 0)
+        self._deaths: deque[float] = deque()
+        self._lock = threading.Lock()
+
+    def start(
+        self,
+        module: str,
+        params: dict[str, Any],
+        device_fd: int,
+        hc: HypercallClient,
+        on_fatal: Callable[[str], None],
+        on_death: Callable[[str], None],
+    ) -> None:
+        worker = WorkerProcess.start(module, params, device_fd, hc, on_fatal, on_death)
+        with self._lock:
+            self.worker = worker
+
+    def counter_values(self) -> dict[str, int]:
+        """What every worker counted: the ended ones and the running one."""
+        worker = self.worker
+        running = worker.counter_values(self.fields) if worker is not None else {}
+        return {name: value + running.get(name, 0) for name, value in self._counted.items()}
+
+    def stats(self) -> dict[str, object]:
+        """``connected`` (a worker runs), its ``worker_pid``, and the counters."""
+        worker = self.worker
+        return {
+            "connected": worker is not None,
+            "worker_pid": worker.process.pid if worker is not None else None,
+            **self.counter_values(),
+        }
+
+    def stop(self) -> None:
+        """Stop the running worker, if any, keeping what it counted; idempotent."""
+        self._retire()
+
+    def died(self) -> Literal["restart", "stopped", "too often"]:
+        """The worker died unasked: retire it. "restart" if the device may go on with a new
+        one, "too often" after more than RESTARTS deaths within WINDOW seconds, "stopped" if
+        the device was being stopped anyway."""
+        if not self._retire():
+            return "stopped"
+        now = time.monotonic()
+        with self._lock:
+            while self._deaths and now - self._deaths[0] > self.WINDOW:
+                self._deaths.popleft()
+            self._deaths.append(now)
+            return "too often" if len(self._deaths) > self.RESTARTS else "restart"
+
+    def _retire(self) -> bool:
+        with self._lock:
+            worker, self.worker = self.worker, None
+        if worker is None:
+            return False
+        counted = worker.counter_values(self.fields)
+        worker.stop()
+        with self._lock:
+            for name, value in counted.items():
+                self._counted[name] += value
+        return True
 
 
 def _describe(code: int) -> str:

@@ -13,9 +13,8 @@ A worker that dies (killed, crashed) is a restart, not a failure: the vbd keeps 
 and its end of the event channel, returns to InitWait, and the frontend resets its ring with
 every unanswered request on it again (domu/blkfront/xenbus.py) and goes Initialised; then a new
 worker starts over the same ring and the vbd is Connected again. Counters carry over. A vbd
-whose worker dies more than ``RESTARTS`` times within ``RESTART_WINDOW`` seconds fails instead
-(a frontend that can crash its worker, by truncating its own pages, cannot make dom0 spawn
-workers without end).
+whose worker dies too often (DataPath) fails instead: a frontend that can crash its worker, by
+truncating its own pages, cannot make dom0 spawn workers without end.
 """
 
 from __future__ import annotations
@@ -23,8 +22,6 @@ from __future__ import annotations
 import logging
 import os
 import threading
-import time
-from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -35,14 +32,12 @@ from channels.xenbus import XenbusState
 from channels.xenbus_bus import XenbusDevice
 from dom0.blkback.datapath import COUNTER_FIELDS
 from dom0.blkback.loop import LoopDevice, LoopError, attach
-from dom0.datapath_worker import WorkerProcess
+from dom0.datapath_worker import DataPath
 
 log = logging.getLogger(__name__)
 S = XenbusState
 
 IO_THREADS = 8
-RESTARTS = 3  # worker deaths a vbd survives within RESTART_WINDOW seconds
-RESTART_WINDOW = 60.0
 
 TRANSPORT_FEATURES = {
     "feature-flush-cache": "1",
@@ -57,27 +52,13 @@ class Vbd:
     devid: int
     vdev: str
     loop: LoopDevice
-    counted: dict[str, int] = field(default_factory=lambda: dict.fromkeys(COUNTER_FIELDS, 0))
+    path: DataPath = field(default_factory=lambda: DataPath(COUNTER_FIELDS))
     channel: EventChannel | None = None
     remote_port: int | None = None  # the frontend's port, which channel is bound to
-    worker: WorkerProcess | None = None
-    deaths: deque[float] = field(default_factory=deque)  # when workers died (monotonic)
 
     @property
     def name(self) -> str:
         return f"vbd{self.domid}.{self.vdev}"
-
-    def counter_values(self) -> dict[str, int]:
-        """What every worker of this vbd counted: the ended ones and the running one."""
-        worker = self.worker
-        running = worker.counter_values(COUNTER_FIELDS) if worker is not None else {}
-        return {name: value + running.get(name, 0) for name, value in self.counted.items()}
-
-    def retire(self, worker: WorkerProcess) -> None:
-        """Stop ``worker`` (if it still runs), keeping what it counted."""
-        for name, value in worker.counter_values(COUNTER_FIELDS).items():
-            self.counted[name] += value
-        worker.stop()
 
 
 class BlkbackDriver:
@@ -174,7 +155,7 @@ class BlkbackDriver:
             "readonly": vbd.loop.readonly,
             "io_threads": IO_THREADS,
         }
-        vbd.worker = WorkerProcess.start(
+        vbd.path.start(
             "dom0.blkback.worker",
             params,
             vbd.loop.fd,
@@ -197,28 +178,17 @@ class BlkbackDriver:
 
     def _worker_died(self, dev: XenbusDevice, vbd: Vbd, how: str) -> None:
         """On the dead worker's link thread: restart the data path through the frontend."""
-        with self._lock:
-            worker, vbd.worker = vbd.worker, None
-        if worker is None or dev.state != S.Connected:
-            return  # the vbd is being disconnected anyway
-        vbd.retire(worker)
-        now = time.monotonic()
-        while vbd.deaths and now - vbd.deaths[0] > RESTART_WINDOW:
-            vbd.deaths.popleft()
-        vbd.deaths.append(now)
-        if len(vbd.deaths) > RESTARTS:
-            dev.fatal(f"{vbd.name}: {how}, {len(vbd.deaths)} times in {RESTART_WINDOW:.0f} s")
-            return
-        log.warning(
-            "%s: %s; restarting it (the frontend replays what was unanswered)", vbd.name, how
-        )
-        dev.switch_state(S.InitWait)
+        if dev.state != S.Connected:
+            return  # being disconnected, or not yet connected: that path stops it
+        outcome = vbd.path.died()
+        if outcome == "too often":
+            dev.fatal(f"{vbd.name}: {how}, too often")
+        elif outcome == "restart":
+            log.warning("%s: %s; restarting it, the frontend replays", vbd.name, how)
+            dev.switch_state(S.InitWait)
 
     def _disconnect(self, vbd: Vbd) -> None:
-        with self._lock:
-            worker, vbd.worker = vbd.worker, None
-        if worker is not None:
-            vbd.retire(worker)
+        vbd.path.stop()
         if vbd.channel is not None:
             vbd.channel.close()
             vbd.channel = None
@@ -235,9 +205,7 @@ class BlkbackDriver:
                 "loop": v.loop.path,
                 "sectors": v.loop.sectors,
                 "readonly": v.loop.readonly,
-                "connected": v.worker is not None,
-                "worker_pid": v.worker.process.pid if v.worker is not None else None,
-                **v.counter_values(),
+                **v.path.stats(),
             }
             for v in vbds
         ]

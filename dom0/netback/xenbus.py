@@ -5,6 +5,12 @@ is Connected: read its ring refs, event channels and features, map the rings, bi
 start the data path, go Connected. When either side closes: stop the data path, release the
 rings and channels, close the TAP (the kernel removes it), go Closed. Any failure, or a protocol
 violation by the frontend, fails this vif alone (error node, Closing).
+
+A worker that dies (killed, crashed) is restarted through the frontend, as blkback does: the
+vif keeps its TAP and its ends of the event channels and returns to InitWait; netfront starts
+its rings over and posts its receive buffers again (frames in flight are lost, as on a wire:
+TCP resends them) and goes Initialised; a new worker starts and the vif is Connected again.
+A vif whose worker dies too often (DataPath) fails instead.
 """
 
 from __future__ import annotations
@@ -18,7 +24,7 @@ from channels.gnttab import GrantError
 from channels.hypercall import HypercallClient, HypercallError
 from channels.xenbus import XenbusState
 from channels.xenbus_bus import XenbusDevice
-from dom0.datapath_worker import WorkerProcess
+from dom0.datapath_worker import DataPath
 from dom0.netback.datapath import COUNTER_FIELDS, RateLimit
 from dom0.netback.tap import TapError, create_tap, destroy_tap, vif_name
 
@@ -41,18 +47,13 @@ class Vif:
     devid: int
     bridge: str
     tap_fd: int
-    final_counters: dict[str, int] = field(default_factory=dict)
+    path: DataPath = field(default_factory=lambda: DataPath(COUNTER_FIELDS))
     channels: list[EventChannel] = field(default_factory=list)
-    worker: WorkerProcess | None = None
+    remote_ports: list[int] = field(default_factory=list)  # the frontend's, channels bound to
 
     @property
     def name(self) -> str:
         return vif_name(self.domid, self.devid)
-
-    def counter_values(self) -> dict[str, int]:
-        if self.worker is not None:
-            return self.worker.counter_values(COUNTER_FIELDS)
-        return self.final_counters or dict.fromkeys(COUNTER_FIELDS, 0)
 
 
 class NetbackDriver:
@@ -87,7 +88,7 @@ class NetbackDriver:
             return
         if dev.backend_closing(state, lambda: self._disconnect(vif)):
             return
-        if state == S.Connected and dev.state == S.InitWait:
+        if state in (S.Initialised, S.Connected) and dev.state == S.InitWait:
             try:
                 self._connect(dev, vif)
             except (KeyError, ValueError, OSError, GrantError, HypercallError) as exc:
@@ -119,10 +120,13 @@ class NetbackDriver:
 
         if dev.read_otherend("request-rx-copy") != "1":
             raise ValueError("frontend does not request rx-copy")
-        tx_ch = bind_interdomain(self.hc, dev.frontend_id, key("event-channel-tx"))
-        vif.channels.append(tx_ch)
-        rx_ch = bind_interdomain(self.hc, dev.frontend_id, key("event-channel-rx"))
-        vif.channels.append(rx_ch)
+        ports = [key("event-channel-tx"), key("event-channel-rx")]
+        if vif.remote_ports != ports:  # after a restart, still bound to the same ports
+            self._unbind(vif)
+            for port in ports:
+                vif.channels.append(bind_interdomain(self.hc, dev.frontend_id, port))
+            vif.remote_ports = ports
+        tx_ch, rx_ch = vif.channels
         rate = _parse_rate(dev.read("rate"))
         params = {
             "name": vif.name,
@@ -134,22 +138,36 @@ class NetbackDriver:
             "gso": dev.read_otherend("feature-gso-tcpv4") == "1",
             "rate": [rate.credit, rate.window_us] if rate else None,
         }
-        vif.worker = WorkerProcess.start(
+        vif.path.start(
             "dom0.netback.worker",
             params,
             vif.tap_fd,
             self.hc,
             lambda message: dev.fatal(f"{vif.name}: {message}"),
+            lambda how: self._worker_died(dev, vif, how),
         )
 
+    def _worker_died(self, dev: XenbusDevice, vif: Vif, how: str) -> None:
+        """On the dead worker's link thread: restart the data path through the frontend."""
+        if dev.state != S.Connected:
+            return  # being disconnected, or not yet connected: that path stops it
+        outcome = vif.path.died()
+        if outcome == "too often":
+            dev.fatal(f"{vif.name}: {how}, too often")
+        elif outcome == "restart":
+            log.warning("%s: %s; restarting it", vif.name, how)
+            dev.switch_state(S.InitWait)
+
     def _disconnect(self, vif: Vif) -> None:
-        if vif.worker is not None:
-            vif.final_counters = vif.worker.counter_values(COUNTER_FIELDS)
-            vif.worker.stop()
-            vif.worker = None
+        vif.path.stop()
+        self._unbind(vif)
+
+    @staticmethod
+    def _unbind(vif: Vif) -> None:
         for channel in vif.channels:
             channel.close()
         vif.channels = []
+        vif.remote_ports = []
 
     def stats(self, domid: int | None = None) -> list[dict[str, object]]:
         with self._lock:
@@ -160,9 +178,7 @@ class NetbackDriver:
                 "devid": v.devid,
                 "name": v.name,
                 "bridge": v.bridge,
-                "connected": v.worker is not None,
-                "worker_pid": v.worker.process.pid if v.worker is not None else None,
-                **v.counter_values(),
+                **v.path.stats(),
             }
             for v in vifs
         ]

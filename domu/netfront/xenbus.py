@@ -6,6 +6,12 @@ into the frontend directory; grants its ring pages and buffer pools to the backe
 its two event channels; publishes all of it in one transaction and goes Connected (netfront
 skips Initialised). When the backend closes, or the device goes away, it stops and releases
 everything; closing the TAP's fd removes eth<devid>.
+
+A backend that restarted (its data path was killed) returns from Connected to InitWait with
+its ends of the channels still bound. The frontend then stops its data path, starts both rings
+over on the same pages, posts every receive buffer again (frames that were in flight are lost,
+as on a wire; TCP sends them again) and goes Initialised, then Connected once the backend is.
+eth<devid>, its address and its open sockets never notice.
 """
 
 from __future__ import annotations
@@ -41,6 +47,8 @@ class Netfront:
     pools: list[tuple[int, GrantPool]] = field(default_factory=list)  # (pool id, pool)
     channels: list[EventChannel] = field(default_factory=list)
     rings: list[FrontRing] = field(default_factory=list)
+    granted: dict[str, tuple[GrantPool, list[int]]] = field(default_factory=dict)  # kind: pool
+    gso: bool = False
     tx: TxPath | None = None
     rx: RxPath | None = None
 
@@ -65,6 +73,14 @@ class NetfrontDriver:
                 return
             dev.switch_state(S.Connected)
             log.info("%s connected", nf.name)
+        elif state == S.InitWait and dev.state == S.Connected and nf.tx is not None:
+            log.warning("%s: the backend restarted; starting the rings over", nf.name)
+            self._stop_paths(nf)
+            self._start_paths(dev, nf)
+            dev.switch_state(S.Initialised)
+        elif state == S.Connected and dev.state == S.Initialised:
+            dev.switch_state(S.Connected)
+            log.info("%s connected again", nf.name)
         elif state in (S.Closing, S.Closed, S.Unknown) and dev.state != S.Closed:
             self._release(nf)
             dev.switch_state(S.Closed)
@@ -77,42 +93,30 @@ class NetfrontDriver:
 
     # -- connecting -----------------------------------------------------------------------------
 
-    def _pool(
-        self, nf: Netfront, backend: int, pages: int, *, readonly: bool
-    ) -> tuple[GrantPool, list[int]]:
+    def _pool(self, nf: Netfront, kind: str, backend: int, pages: int, *, readonly: bool) -> None:
         info = self.hc.call(GnttabSetupPool(peer=backend, pages=pages))
         pool = GrantPool.open(info["name"], info["gref_base"], info["pages"])
         nf.pools.append((info["pool"], pool))
         # Zero before granting: nothing of ours may leak through a fresh page (XSA-403).
         for i in range(pages):
             pool.page(i)[:] = bytes(N.PAGE_SIZE)
-        return pool, [pool.grant(i, backend, readonly=readonly) for i in range(pages)]
+        nf.granted[kind] = pool, [pool.grant(i, backend, readonly=readonly) for i in range(pages)]
 
     def _connect(self, dev: XenbusDevice, nf: Netfront) -> None:
         if dev.read_otherend("feature-rx-copy") != "1":
             raise ValueError("the backend does not offer rx-copy")
         backend = dev.otherend_id
         config = {k: dev.read(k) for k in ("mac", "mtu", "ip", "gateway")}
-        gso = dev.read_otherend("feature-gso-tcpv4") == "1"
+        nf.gso = gso = dev.read_otherend("feature-gso-tcpv4") == "1"
         nf.tap_fd = open_tap(nf.name, offload=gso)
         _configure_link(nf.name, config)
-        ring_pool, ring_grefs = self._pool(nf, backend, 2, readonly=False)
-        tx_pool, tx_grefs = self._pool(nf, backend, TX_PAGES, readonly=True)
-        rx_pool, rx_grefs = self._pool(nf, backend, RX_PAGES, readonly=False)
-        tx_ring = FrontRing.init(N.TX_RING, ring_pool.page(0), name=f"{nf.name}-tx")
-        rx_ring = FrontRing.init(N.RX_RING, ring_pool.page(1), name=f"{nf.name}-rx")
-        nf.rings = [tx_ring, rx_ring]
-        tx_ch = alloc_unbound(self.hc, backend)
-        nf.channels.append(tx_ch)
-        rx_ch = alloc_unbound(self.hc, backend)
-        nf.channels.append(rx_ch)
-
-        def broken(message: str) -> None:
-            dev.fatal(f"{nf.name}: backend misbehaved: {message}")
-
-        nf.tx = TxPath(tx_ring, tx_ch, tx_pool, tx_grefs, nf.tap_fd, gso, broken)
-        nf.rx = RxPath(rx_ring, rx_ch, rx_pool, rx_grefs, nf.tap_fd, broken)
-        nf.rx.post_all()
+        self._pool(nf, "ring", backend, 2, readonly=False)
+        self._pool(nf, "tx", backend, TX_PAGES, readonly=True)
+        self._pool(nf, "rx", backend, RX_PAGES, readonly=False)
+        nf.channels = [alloc_unbound(self.hc, backend), alloc_unbound(self.hc, backend)]
+        self._start_paths(dev, nf, run=False)
+        ring_grefs = nf.granted["ring"][1]
+        tx_ch, rx_ch = nf.channels
         keys = {
             "tx-ring-ref": str(ring_grefs[0]),
             "rx-ring-ref": str(ring_grefs[1]),
@@ -130,10 +134,30 @@ class NetfrontDriver:
                 tx.write(dev.path(key), value)
 
         dev.xs.transaction(publish)
+        assert nf.tx is not None and nf.rx is not None
         nf.tx.thread.start()
         nf.rx.thread.start()
 
-    def _release(self, nf: Netfront) -> None:
+    def _start_paths(self, dev: XenbusDevice, nf: Netfront, *, run: bool = True) -> None:
+        """Fresh rings over the ring pages, the data path over them, every rx buffer posted;
+        the threads started if ``run`` (else once the backend can find the rings)."""
+        ring_pool = nf.granted["ring"][0]
+        tx_ring = FrontRing.init(N.TX_RING, ring_pool.page(0), name=f"{nf.name}-tx")
+        rx_ring = FrontRing.init(N.RX_RING, ring_pool.page(1), name=f"{nf.name}-rx")
+        nf.rings = [tx_ring, rx_ring]
+        tx_ch, rx_ch = nf.channels
+
+        def broken(message: str) -> None:
+            dev.fatal(f"{nf.name}: backend misbehaved: {message}")
+
+        nf.tx = TxPath(tx_ring, tx_ch, *nf.granted["tx"], nf.tap_fd, nf.gso, broken)
+        nf.rx = RxPath(rx_ring, rx_ch, *nf.granted["rx"], nf.tap_fd, broken)
+        nf.rx.post_all()
+        if run:
+            nf.tx.thread.start()
+            nf.rx.thread.start()
+
+    def _stop_paths(self, nf: Netfront) -> None:
         for path in (nf.tx, nf.rx):
             if path is not None:
                 path.stop()
@@ -144,6 +168,9 @@ class NetfrontDriver:
         for ring in nf.rings:
             ring.close()
         nf.rings = []
+
+    def _release(self, nf: Netfront) -> None:
+        self._stop_paths(nf)
         for channel in nf.channels:
             channel.close()
         nf.channels = []
@@ -154,6 +181,7 @@ class NetfrontDriver:
             except HypercallError:
                 pass
         nf.pools = []
+        nf.granted = {}
         if nf.tap_fd >= 0:
             os.close(nf.tap_fd)
             nf.tap_fd = -1

@@ -19,11 +19,18 @@ import signal
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from tests.integration.blkhost import vbd_stats
-from tests.integration.conftest import domain_info, hyperctl, in_domain, wait_for
+from tests.integration.conftest import (
+    domain_info,
+    hyperctl,
+    in_domain,
+    start_iperf3_server,
+    wait_for,
+)
 from tests.integration.test_block import (
     attached_loops,
     destroy,
@@ -168,3 +175,41 @@ def test_a_killed_blkback_is_a_pause_fio_verifies_and_fsynced_data_is_in_the_ima
     with image.open("rb") as f:
         f.seek(64 << 20)
         assert hashlib.sha256(f.read(32 << 20)).hexdigest() == inside
+
+
+def test_an_iperf3_stream_between_two_domains_survives_a_killed_netback(
+    make_domain: Callable[..., str], lan: tuple[str, str]
+) -> None:
+    bridge, net = lan
+    server = make_domain(f"vif:\n  - bridge: {bridge}\n    ip: {net}.2/24\n")
+    client = make_domain(f"vif:\n  - bridge: {bridge}\n    ip: {net}.3/24\n")
+    start_iperf3_server(server)
+    [vif] = json.loads(hyperctl("network-list", "--json", client).out)
+    first = vif["worker_pid"]
+    stream = in_domain(client, "iperf3", "-c", f"{net}.2", "-t", "8", "-i", "1", "-J")
+    try:
+
+        def now() -> dict[str, Any]:
+            return dict(json.loads(hyperctl("network-list", "--json", client).out)[0])
+
+        wait_for(lambda: now()["tx_bytes"] > 50 << 20, 30, "the stream to be flowing")
+        os.kill(first, signal.SIGKILL)
+        killed = time.monotonic()
+        wait_for(
+            lambda: now()["connected"] and now()["worker_pid"] not in (None, first),
+            10,
+            "netback to restart the vif's data path",
+        )
+        counted = now()["tx_bytes"]
+        wait_for(lambda: now()["tx_bytes"] > counted, 10, "frames to cross again")
+        print(f"frames crossing again {time.monotonic() - killed:.2f} s after the kill")
+        out, err = stream.communicate(timeout=60)
+    finally:
+        if stream.poll() is None:
+            stream.kill()
+        stream.communicate()
+    assert stream.returncode == 0, err
+    report = json.loads(out)
+    per_second = [round(i["sum"]["bits_per_second"] / 1e9, 2) for i in report["intervals"]]
+    print(f"Gbit/s each second: {per_second}")
+    assert report["end"]["sum_received"]["bytes"] > 0
