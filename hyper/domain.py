@@ -114,7 +114,7 @@ def spawn_boot(domain: Domain, rootfs: Path, log_path: Path) -> None:
     """Start the domain's boot process; its progress arrives on ``domain.sync``."""
     hyper_end, domain_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     sync_here, sync_there = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-    with open(log_path, "ab") as log:
+    with open(log_path, "wb") as log:  # a new domain, a new log (domids are reused)
         domain.boot = subprocess.Popen(
             [sys.executable, "-m", "domu.boot", str(domain_end.fileno()), str(sync_there.fileno())],
             pass_fds=(domain_end.fileno(), sync_there.fileno()),

@@ -52,6 +52,8 @@ log = logging.getLogger("hyperd")
 DOM0_NAME = "Domain-0"
 PIDS_MAX = 1024
 BUILD_TIMEOUT = 30.0
+DOM0_STABLE = 30.0  # seconds up after which a dom0 death restarts it at once
+DOM0_BACKOFF = (0.25, 30.0)  # first and longest wait before restarting a dom0 that keeps dying
 OUTQ_LIMIT = 4096
 
 
@@ -86,6 +88,9 @@ class Hypervisor:
         self.halt_requested = False
         self.last_domid = 0
         self.dom0_restarts = 0
+        self._dom0_started = 0.0  # monotonic
+        self._dom0_backoff = 0.0  # the wait before the last restart, 0 if it was at once
+        self._dom0_restart_at: float | None = None  # monotonic, while a restart waits
         self._sig_r, self._sig_w = socket.socketpair()
         self._sig_r.setblocking(False)
         self._sig_w.setblocking(False)
@@ -99,7 +104,7 @@ class Hypervisor:
         self.selector.register(self._sig_r, selectors.EVENT_READ, ("signal", None))
         self.start_dom0()
         while not (self.halting and not self.domains):
-            for key, mask in self.selector.select(timeout=1.0):
+            for key, mask in self.selector.select(timeout=self._select_timeout()):
                 kind, domain = key.data
                 try:
                     if kind == "signal":
@@ -113,8 +118,17 @@ class Hypervisor:
                 except Exception:
                     log.exception("internal error handling %s", kind)
             self._check_builds()
+            restart_at = self._dom0_restart_at
+            if restart_at is not None and time.monotonic() >= restart_at and not self.halting:
+                self._dom0_restart_at = None
+                self.start_dom0()
             if self.halt_requested:
                 self.halt()
+
+    def _select_timeout(self) -> float:
+        if self._dom0_restart_at is None:
+            return 1.0
+        return min(1.0, max(0.0, self._dom0_restart_at - time.monotonic()))
 
     def _on_signal(self) -> None:
         try:
@@ -155,7 +169,8 @@ class Hypervisor:
             dom0.cgroup = self.cgroups.create("dom0", unlimited)
             self.domains[0] = dom0
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        with open(self.run.log("dom0"), "ab") as out:
+        # One log per hypervisor run; a restarted dom0 adds to it.
+        with open(self.run.log("dom0"), "ab" if self.dom0_restarts else "wb") as out:
             proc = subprocess.Popen(
                 [
                     sys.executable,
@@ -177,6 +192,7 @@ class Hypervisor:
         dom0.cgroup.attach(proc.pid)
         dom0.pid = proc.pid
         dom0.reaped = False
+        self._dom0_started = time.monotonic()
         # Keep the Popen: one dropped while its process runs is polled by every later Popen
         # (subprocess._cleanup), which could collect dom0's exit status before _reap does.
         dom0.process = proc
@@ -631,8 +647,24 @@ class Hypervisor:
                 dom0.cgroup.remove()
             return
         self.dom0_restarts += 1
-        log.error("dom0 died (%s); restarting it", _describe(status))
-        self.start_dom0()
+        # A dom0 that dies soon after starting (a broken install, a missing module) would
+        # otherwise be restarted as fast as it can die: back off, doubling, up to a limit.
+        if time.monotonic() - self._dom0_started > DOM0_STABLE:
+            self._dom0_backoff = 0.0
+        else:
+            first, longest = DOM0_BACKOFF
+            self._dom0_backoff = min(longest, max(first, 2 * self._dom0_backoff))
+        if not self._dom0_backoff:
+            log.error("dom0 died (%s); restarting it", _describe(status))
+            self.start_dom0()
+            return
+        log.error(
+            "dom0 died (%s) %.1f s after starting; restarting it in %.2f s",
+            _describe(status),
+            time.monotonic() - self._dom0_started,
+            self._dom0_backoff,
+        )
+        self._dom0_restart_at = time.monotonic() + self._dom0_backoff
 
     def halt(self) -> None:
         """Destroy every domU, then stop dom0; the main loop then exits."""

@@ -173,6 +173,26 @@ def hypervisor() -> Iterator[None]:
         stop_hypervisor()
 
 
+@pytest.fixture
+def own_hypervisor() -> Iterator[None]:
+    """A hypervisor for this test alone, which it may break: one already running is halted
+    first and started again afterwards."""
+    require_root()
+    shared = RUN.pidfile.exists()
+    if shared:
+        stop_hypervisor()
+    start_hypervisor()
+    try:
+        yield
+    finally:
+        hyperctl("halt", check=False)
+        cleanup = [sys.executable, "-m", "hyper.cli", "cleanup"]
+        subprocess.run(cleanup, cwd=REPO, capture_output=True)
+        wait_for(lambda: not leftovers(), 30, "the test's hypervisor to leave nothing behind")
+        if shared:
+            start_hypervisor()
+
+
 _names = itertools.count()
 
 

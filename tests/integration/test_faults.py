@@ -213,3 +213,23 @@ def test_an_iperf3_stream_between_two_domains_survives_a_killed_netback(
     per_second = [round(i["sum"]["bits_per_second"] / 1e9, 2) for i in report["intervals"]]
     print(f"Gbit/s each second: {per_second}")
     assert report["end"]["sum_received"]["bytes"] > 0
+
+
+def dom0_pid() -> int | None:
+    listing = hyperctl("list", "--json", check=False)
+    if listing.status != 0:
+        return None  # dom0 serves hyperctl: it is between lives
+    return next(int(d["pid"]) for d in json.loads(listing.out) if d["domid"] == 0)
+
+
+def test_a_dom0_that_keeps_dying_is_restarted_ever_more_slowly(own_hypervisor: None) -> None:
+    for _ in range(3):
+        dead = wait_for(dom0_pid, 30, "dom0 to serve")
+        os.kill(dead, signal.SIGKILL)
+        wait_for(lambda old=dead: dom0_pid() not in (None, old), 30, "dom0 to be restarted")
+    restarts = re.findall(r"dom0 died \(signal 9\) .* restarting it in ([0-9.]+) s", dmesg())
+    assert restarts == ["0.25", "0.50", "1.00"]
+
+
+def dmesg() -> str:
+    return hyperctl("dmesg").out

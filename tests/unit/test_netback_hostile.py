@@ -10,6 +10,7 @@ transmitted; a protocol violation must end the vif (``on_fatal``) and nothing el
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import socket
@@ -80,6 +81,14 @@ FRAME = bytes.fromhex("ffffffffffff 00163e000001 0800") + bytes(range(50))
 
 @pytest.fixture
 def vif() -> Iterator[Vif]:
+    with serving_vif() as state:
+        yield state
+
+
+@contextlib.contextmanager
+def serving_vif() -> Iterator[Vif]:
+    """netback's TxPath running over a fresh ring, pool and doorbells; everything is removed on
+    the way out."""
     tag = f"hyper-test-netback-{os.getpid()}-{next(_ids)}"
     ring_name, pool_name, bells = f"{tag}-ring", f"{tag}-pool", (f"{tag}-b", f"{tag}-f")
     create_segment(ring_name, PAGE_SIZE)
@@ -105,21 +114,23 @@ def vif() -> Iterator[Vif]:
     evtchn = from_status(calls, 1)  # type: ignore[arg-type]
     state.tx = TxPath(back, evtchn, grants, tap.fileno(), counters, None, on_fatal)
     state.tx.thread.start()
-    yield state
-    state.tx.stopping = True
-    evtchn.kick()
-    state.tx.thread.join(5)
-    front.close()
-    back.close()
-    grants.close()
-    pool.close()
-    ring_segment.close()
-    tap.close()
-    peer.close()
-    unlink_segment(ring_name)
-    unlink_segment(pool_name)
-    for bell in bells:
-        unlink_doorbell(bell)
+    try:
+        yield state
+    finally:
+        state.tx.stopping = True
+        evtchn.kick()
+        state.tx.thread.join(5)
+        front.close()
+        back.close()
+        grants.close()
+        pool.close()
+        ring_segment.close()
+        tap.close()
+        peer.close()
+        unlink_segment(ring_name)
+        unlink_segment(pool_name)
+        for bell in bells:
+            unlink_doorbell(bell)
 
 
 def test_a_good_packet_is_transmitted_and_answered_okay(vif: Vif) -> None:
