@@ -27,6 +27,31 @@ from channels.hypercall import (
 )
 
 
+class LateEoi:
+    """Xen's "late EOI" for one event channel, in a backend's work loop (XSA-332): a wakeup that
+    finds no work is spurious. The first in a row is free (an honest peer's notification can
+    race with the work it announced); after that the loop waits 1 ms, then 2, 4, ... up to 1 s
+    before sleeping on the channel again, so a peer ringing in a tight loop costs a handful of
+    wakeups a second instead of a CPU. Any work resets it. The delay holds up only this
+    channel, whose peer is the one ringing."""
+
+    FIRST = 0.001
+    LONGEST = 1.0
+
+    def __init__(self) -> None:
+        self.run = 0  # spurious wakeups in a row
+        self.spurious = 0  # all of them
+
+    def worked(self) -> None:
+        self.run = 0
+
+    def idle(self) -> float:
+        """A wakeup found no work: seconds to wait before sleeping on the channel again."""
+        self.run += 1
+        self.spurious += 1
+        return 0.0 if self.run < 2 else min(self.LONGEST, self.FIRST * 2 ** (self.run - 2))
+
+
 class EventChannel:
     """One local port. ``wait`` blocks on our doorbell; ``notify`` rings the peer's."""
 

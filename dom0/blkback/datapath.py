@@ -13,7 +13,8 @@ the frontend's own ring is the only queue a guest can fill. Requests complete in
 (blkif matches responses by ``id``); one lock serialises every use of the BackRing (consuming,
 producing, pushing) and of the counters. When the ring is empty the dispatcher arms
 ``req_event`` (final_check_for_requests) and sleeps on the event channel, with a timeout that
-heals a lost wakeup; it never polls.
+heals a lost wakeup; it never polls. Wakeups that find nothing to do slow it down (LateEoi), so
+a frontend ringing in a loop costs dom0 a few wakeups a second.
 
 I/O. One syscall per request, straight between the device and the granted pages: a READ or
 WRITE is one ``preadv``/``pwritev`` of the segments' slices of their pages (the segments of a
@@ -51,7 +52,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 from channels import blkif as B
-from channels.evtchn import EventChannel
+from channels.evtchn import EventChannel, LateEoi
 from channels.gnttab import GrantError
 from channels.grants import GrantMapper
 from channels.ring import BackRing, RingBroken, RingError
@@ -196,7 +197,9 @@ class VbdPath:
         self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
         self._stopping = False
         self._stopped = False
+        self._halt = threading.Event()  # set by stop(): ends a late-EOI wait at once
         self._fatal_sent = False
+        self.late_eoi = LateEoi()
         name = f"blkback {ring.name}"
         self.threads = [threading.Thread(target=self._dispatch, name=f"{name} dispatch")]
         self.threads += [
@@ -218,6 +221,7 @@ class VbdPath:
         with self._room:
             self._stopping = True
             self._room.notify_all()
+        self._halt.set()
         self.evtchn.kick()
         dispatcher, io = self.threads[0], self.threads[1:]
         _join(dispatcher)
@@ -230,13 +234,17 @@ class VbdPath:
 
     def _dispatch(self) -> None:
         with self._guard():
+            rung = False
             while not self._stopping:
                 if self._work():
+                    self.late_eoi.worked()
+                    rung = False
                     continue
+                if rung:  # woken, and nothing to do
+                    self._halt.wait(self.late_eoi.idle())
                 with self._lock:
                     more = self.ring.final_check_for_requests()
-                if not more and not self._stopping:
-                    self.evtchn.wait(HEAL_TIMEOUT)
+                rung = not more and not self._stopping and self.evtchn.wait(HEAL_TIMEOUT)
 
     def _work(self) -> bool:
         """Take what the ring holds (up to the free I/O slots), refuse the bad requests, hand

@@ -41,9 +41,8 @@ def run(params: dict[str, Any]) -> int:
     tx.thread.start()
     rx.thread.start()
     link.closed.wait()  # dom0 hangs up when the vif disconnects
-    tx.stopping = True
+    tx.stop()
     rx.stop()
-    channels[0].kick()
     for path in (tx, rx):
         path.thread.join(timeout=5.0)
     return 0

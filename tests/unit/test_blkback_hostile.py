@@ -665,3 +665,26 @@ def test_stop_on_an_idle_path_ends_every_thread(vbd: Vbd) -> None:
     vbd.path.stop()
     assert [t.name for t in vbd.path.threads if t.is_alive()] == []
     vbd.path.stop()  # idempotent
+
+
+def test_a_doorbell_storm_on_an_empty_ring_costs_a_few_wakeups(vbd: Vbd) -> None:
+    """XSA-332: a frontend ringing in a tight loop must not buy itself a dom0 CPU. Spurious
+    wakeups slow the dispatcher down (late EOI), and it still serves the next real request."""
+    ringing = threading.Event()
+    rings = 0
+
+    def storm() -> None:
+        nonlocal rings
+        while not ringing.is_set():
+            vbd.doorbell.ring()
+            rings += 1
+
+    stormer = threading.Thread(target=storm)
+    stormer.start()
+    ringing.wait(1.0)
+    ringing.set()
+    stormer.join()
+    assert rings > 1000
+    assert vbd.path.late_eoi.spurious < 64, f"{vbd.path.late_eoi.spurious} wakeups for nothing"
+    vbd.fill(0, pattern(5))
+    assert vbd.answer(w(vbd.full(0), sector=5))[2] == BLKIF_RSP_OKAY

@@ -19,6 +19,7 @@ from channels.doorbell import (
     sem_path,
     unlink_doorbell,
 )
+from channels.evtchn import LateEoi
 
 SHORT = 0.05  # a wait that is expected to time out
 LONG = 10.0  # a wait that is expected to succeed; reaching it fails the test
@@ -166,3 +167,13 @@ def test_create_applies_the_exact_mode() -> None:
 def test_names_with_slashes_or_nul_are_refused(bad: str) -> None:
     with pytest.raises(ValueError, match="invalid doorbell name"):
         create_doorbell(bad)
+
+
+def test_late_eoi_lets_one_spurious_wakeup_pass_then_doubles_its_wait_up_to_a_second() -> None:
+    late = LateEoi()
+    waits = [late.idle() for _ in range(14)]
+    assert waits[:4] == [0.0, 0.001, 0.002, 0.004]
+    assert waits[-1] == 1.0 and max(waits) == 1.0
+    late.worked()
+    assert late.idle() == 0.0, "work resets it"
+    assert late.spurious == 15

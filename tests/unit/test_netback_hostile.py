@@ -117,8 +117,7 @@ def serving_vif() -> Iterator[Vif]:
     try:
         yield state
     finally:
-        state.tx.stopping = True
-        evtchn.kick()
+        state.tx.stop()
         state.tx.thread.join(5)
         front.close()
         back.close()
@@ -206,3 +205,25 @@ def test_an_impossible_req_prod_disconnects_the_vif(vif: Vif) -> None:
     vif.tx.evtchn.kick()
     assert vif.fatal_event.wait(5), "the vif must be disconnected"
     assert vif.transmitted() == []
+
+
+def test_a_doorbell_storm_on_an_empty_ring_costs_a_few_wakeups(vif: Vif) -> None:
+    """XSA-332: spurious wakeups slow the tx path down (late EOI); a real packet still goes."""
+    stop = threading.Event()
+    rings = 0
+
+    def storm() -> None:
+        nonlocal rings
+        while not stop.is_set():
+            vif.tx.evtchn.kick()  # the doorbell the frontend rings
+            rings += 1
+
+    stormer = threading.Thread(target=storm)
+    stormer.start()
+    stop.wait(1.0)
+    stop.set()
+    stormer.join()
+    assert rings > 1000
+    assert vif.tx.late_eoi.spurious < 64, f"{vif.tx.late_eoi.spurious} wakeups for nothing"
+    vif.send((vif.page(0, FRAME), 0, 0, 1, len(FRAME)))
+    assert vif.responses(1) == [(1, N.NETIF_RSP_OKAY)]
