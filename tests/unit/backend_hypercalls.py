@@ -1,8 +1,11 @@
 """A hypercall table for data-path tests: the calls a backend's data path makes, answered from
-one grant pool and one event channel's doorbells (what hyperd would answer for a real device)."""
+one grant pool and one event channel's doorbells (what hyperd would answer for a real device).
+And a doorbell storm, as a hostile frontend rings."""
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Callable
 from typing import Any
 
 from channels import hypercall as hc
@@ -28,3 +31,22 @@ class Hypercalls:
         if isinstance(op, hc.EvtchnClose):
             return {}
         raise AssertionError(op)
+
+
+def storm(ring: Callable[[], None], seconds: float) -> int:
+    """Call ``ring`` in a tight loop from a thread for ``seconds``; how many times it rang."""
+    done = threading.Event()
+    rings = 0
+
+    def loop() -> None:
+        nonlocal rings
+        while not done.is_set():
+            ring()
+            rings += 1
+
+    thread = threading.Thread(target=loop)
+    thread.start()
+    done.wait(seconds)
+    done.set()
+    thread.join()
+    return rings

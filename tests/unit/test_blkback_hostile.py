@@ -49,7 +49,7 @@ from channels.ring import PAGE_SIZE, BackRing, FrontRing, u32_view
 from channels.shm import attach, create_segment, unlink_segment
 from dom0.blkback import datapath
 from dom0.blkback.datapath import COUNTER_FIELDS, Counters, VbdPath
-from tests.unit.backend_hypercalls import Hypercalls
+from tests.unit.backend_hypercalls import Hypercalls, storm
 
 FRONT = 5
 GREF_BASE = 8
@@ -670,20 +670,7 @@ def test_stop_on_an_idle_path_ends_every_thread(vbd: Vbd) -> None:
 def test_a_doorbell_storm_on_an_empty_ring_costs_a_few_wakeups(vbd: Vbd) -> None:
     """XSA-332: a frontend ringing in a tight loop must not buy itself a dom0 CPU. Spurious
     wakeups slow the dispatcher down (late EOI), and it still serves the next real request."""
-    ringing = threading.Event()
-    rings = 0
-
-    def storm() -> None:
-        nonlocal rings
-        while not ringing.is_set():
-            vbd.doorbell.ring()
-            rings += 1
-
-    stormer = threading.Thread(target=storm)
-    stormer.start()
-    ringing.wait(1.0)
-    ringing.set()
-    stormer.join()
+    rings = storm(vbd.doorbell.ring, 1.0)
     assert rings > 1000
     assert vbd.path.late_eoi.spurious < 64, f"{vbd.path.late_eoi.spurious} wakeups for nothing"
     vbd.fill(0, pattern(5))

@@ -28,7 +28,7 @@ from channels.grants import GrantMapper
 from channels.ring import PAGE_SIZE, BackRing, FrontRing, u32_view
 from channels.shm import attach, create_segment, unlink_segment
 from dom0.netback.datapath import Counters, TxPath
-from tests.unit.backend_hypercalls import Hypercalls
+from tests.unit.backend_hypercalls import Hypercalls, storm
 
 FRONT = 5
 _ids = itertools.count()
@@ -209,20 +209,7 @@ def test_an_impossible_req_prod_disconnects_the_vif(vif: Vif) -> None:
 
 def test_a_doorbell_storm_on_an_empty_ring_costs_a_few_wakeups(vif: Vif) -> None:
     """XSA-332: spurious wakeups slow the tx path down (late EOI); a real packet still goes."""
-    stop = threading.Event()
-    rings = 0
-
-    def storm() -> None:
-        nonlocal rings
-        while not stop.is_set():
-            vif.tx.evtchn.kick()  # the doorbell the frontend rings
-            rings += 1
-
-    stormer = threading.Thread(target=storm)
-    stormer.start()
-    stop.wait(1.0)
-    stop.set()
-    stormer.join()
+    rings = storm(vif.tx.evtchn.kick, 1.0)
     assert rings > 1000
     assert vif.tx.late_eoi.spurious < 64, f"{vif.tx.late_eoi.spurious} wakeups for nothing"
     vif.send((vif.page(0, FRAME), 0, 0, 1, len(FRAME)))
