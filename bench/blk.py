@@ -45,12 +45,11 @@ import json
 import os
 import re
 import select
-import signal
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -65,11 +64,14 @@ from rich.table import Table  # noqa: E402
 from bench.create import (  # noqa: E402
     ENV,
     BenchError,
+    attempt,
     hyperctl,
     hypervisor,
     process_cpu_seconds,
     progress,
+    ratio,
     run_bench,
+    shielded,
 )
 from bench.net import run, stop  # noqa: E402
 from dom0.blkback.datapath import COUNTER_FIELDS  # noqa: E402
@@ -258,27 +260,7 @@ def measure_path(target: Target, probes: dict[str, Probe], runtime: int) -> dict
     return {"file": target.filename, "runs": runs}
 
 
-def attempt(name: str, measure: Callable[[], dict[str, Any]]) -> dict[str, Any]:
-    """One path's figures, or the reason it could not be measured (the other paths go on)."""
-    try:
-        return measure()
-    except BenchError as exc:
-        progress(f"[red]{name}: {exc}")
-        return {"error": str(exc)}
-
-
 # -- what the script makes ----------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def shielded() -> Iterator[None]:
-    """Ignore ^C and SIGTERM: a second one must not cut a cleanup short."""
-    saved = {s: signal.signal(s, signal.SIG_IGN) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield
-    finally:
-        for sig, handler in saved.items():
-            signal.signal(sig, handler)
 
 
 class Lab:
@@ -480,10 +462,6 @@ def shown(value: float | None, run_: Run) -> str:
     if value is None:
         return ""
     return f"{value / 1e9:.2f}" if run_.is_dd else f"{value:,.0f}"
-
-
-def ratio(value: float | None, base: float | None) -> str:
-    return "" if value is None or not base else f"{value / base:.2f}x"
 
 
 def verdict(run_: Run, hyper: float | None, raw: float | None, pt: float | None) -> tuple[str, str]:

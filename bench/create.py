@@ -71,6 +71,30 @@ class BenchError(Exception):
     """A step the benchmark needs failed (not a slow figure: those are only reported)."""
 
 
+def attempt(name: str, measure: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """One path's figures, or the reason it could not be measured (the other paths go on)."""
+    try:
+        return measure()
+    except BenchError as exc:
+        progress(f"[red]{name}: {exc}")
+        return {"error": str(exc)}
+
+
+def ratio(value: float | None, base: float | None) -> str:
+    return "" if value is None or not base else f"{value / base:.2f}x"
+
+
+@contextmanager
+def shielded() -> Iterator[None]:
+    """Ignore ^C and SIGTERM: a second one must not cut a cleanup short."""
+    saved = {s: signal.signal(s, signal.SIG_IGN) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
+
+
 # -- figures ------------------------------------------------------------------------------------
 
 

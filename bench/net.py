@@ -38,7 +38,6 @@ import os
 import re
 import select
 import shutil
-import signal
 import socket
 import statistics
 import subprocess
@@ -60,10 +59,13 @@ from rich.table import Table  # noqa: E402
 from bench.create import (  # noqa: E402
     ENV,
     BenchError,
+    attempt,
     hyperctl,
     hypervisor,
     progress,
+    ratio,
     run_bench,
+    shielded,
 )
 from dom0.netback.datapath import COUNTER_FIELDS  # noqa: E402
 from hyper.cgroup import CgroupError, DomainGroup, open_hierarchy  # noqa: E402
@@ -365,13 +367,9 @@ class Lab:
 
     def close(self) -> None:
         # A second ^C must not cut the cleanup short and leave domains or namespaces behind.
-        saved = {s: signal.signal(s, signal.SIG_IGN) for s in (signal.SIGINT, signal.SIGTERM)}
-        try:
+        with shielded():
             self.cleanup.close()
             self._check_bridge_gone()
-        finally:
-            for sig, handler in saved.items():
-                signal.signal(sig, handler)
 
     def _check_bridge_gone(self) -> None:
         bridge = Path(f"/sys/class/net/{self.bridge}")
@@ -463,15 +461,6 @@ class Settings:
     workdir: Path
 
 
-def attempt(name: str, measure: Callable[[], dict[str, Any]]) -> dict[str, Any]:
-    """One path's figures, or the reason it could not be measured (the other paths go on)."""
-    try:
-        return measure()
-    except BenchError as exc:
-        progress(f"[red]{name}: {exc}")
-        return {"error": str(exc)}
-
-
 def measure_path(
     client: Endpoint, server: Endpoint, settings: Settings, cpu: CpuMeter | None = None
 ) -> dict[str, Any]:
@@ -543,10 +532,6 @@ def slirp_path(lab: Lab, settings: Settings) -> dict[str, Any]:
 
 def gbit(bits: float | None) -> str:
     return "" if bits is None else f"{bits / 1e9:.2f}"
-
-
-def ratio(value: float | None, base: float | None) -> str:
-    return "" if value is None or not base else f"{value / base:.2f}x"
 
 
 def throughput(path: dict[str, Any], key: str) -> float | None:

@@ -16,6 +16,9 @@ so a consumer must always re-check its ring after waking, never count wakeups.
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Callable
+
 from channels.doorbell import Doorbell
 from channels.hypercall import (
     EvtchnAllocUnbound,
@@ -41,6 +44,33 @@ class LateEoi:
     def __init__(self) -> None:
         self.run = 0  # spurious wakeups in a row
         self.spurious = 0  # all of them
+        self._halt = threading.Event()
+
+    def serve(
+        self,
+        work: Callable[[], bool],
+        final_check: Callable[[], bool],
+        wait: Callable[[float], bool],
+        running: Callable[[], bool],
+        heal: float,
+    ) -> None:
+        """A backend's work loop over one channel, until ``running()`` is False: ``work()``
+        while it finds some; then arm the ring (``final_check()``, True if work came in
+        meanwhile) and ``wait(heal)`` on the channel, True if rung; a rung wakeup that finds
+        no work is slowed down as above."""
+        rung = False
+        while running():
+            if work():
+                self.worked()
+                rung = False
+                continue
+            if rung:
+                self._halt.wait(self.idle())
+            rung = not final_check() and running() and wait(heal)
+
+    def stop(self) -> None:
+        """End a slowdown now (the loop's owner is stopping it)."""
+        self._halt.set()
 
     def worked(self) -> None:
         self.run = 0

@@ -16,8 +16,15 @@ is not read-only. Any failure raises GrantError, which a backend turns into an e
 
 from __future__ import annotations
 
+import contextlib
 import struct
 
+from channels.hypercall import (
+    GnttabReleasePool,
+    GnttabSetupPool,
+    HypercallClient,
+    HypercallError,
+)
 from channels.ring import PAGE_SIZE
 from channels.shm import Segment, attach
 
@@ -136,3 +143,24 @@ class MappedPool(_Pool):
         if write and flags & GTF_readonly:
             raise GrantError(f"gref {gref} is read-only")
         return self.page(frame)
+
+
+def grant_pool(
+    hc: HypercallClient, peer: int, pages: int, *, readonly: bool
+) -> tuple[int, GrantPool, list[int]]:
+    """A frontend's pool of ``pages`` from hyperd, every page zeroed (nothing of ours may leak
+    through a fresh page, XSA-403) and granted to ``peer``: (pool id, pool, grefs)."""
+    info = hc.call(GnttabSetupPool(peer=peer, pages=pages))
+    pool = GrantPool.open(info["name"], info["gref_base"], info["pages"])
+    grefs = []
+    for i in range(pages):
+        pool.page(i)[:] = bytes(PAGE_SIZE)
+        grefs.append(pool.grant(i, peer, readonly=readonly))
+    return info["pool"], pool, grefs
+
+
+def release_pool(hc: HypercallClient, pool_id: int, pool: GrantPool) -> None:
+    """Unmap ``pool`` and give it back to hyperd (gone already if the domain is going away)."""
+    pool.close()
+    with contextlib.suppress(HypercallError):
+        hc.call(GnttabReleasePool(pool=pool_id))

@@ -66,6 +66,14 @@ class XenbusDevice:
     def read_otherend(self, key: str) -> str | None:
         return self.xs.read_optional(xenbus.join_path(self.otherend, key))
 
+    def otherend_int(self, key: str) -> int:
+        """A number the other end must have published: KeyError if missing, ValueError if it
+        is not a number."""
+        value = self.read_otherend(key)
+        if value is None:
+            raise KeyError(f"{key} missing at {self.otherend}")
+        return int(value)
+
     def otherend_state(self) -> XenbusState:
         """The other side's state; a missing or garbled node reads as Unknown, as in Linux."""
         value = self.read_otherend("state")

@@ -38,6 +38,8 @@ from typing import Any, Literal
 
 from channels import hypercall as hc
 from channels.hypercall import GnttabMapPool, HypercallClient, HypercallError
+from channels.xenbus import XenbusState
+from channels.xenbus_bus import XenbusDevice
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +95,7 @@ class WorkerProcess:
         counters_fd: int,
         hc: HypercallClient,
         on_fatal: Callable[[str], None],
-        on_death: Callable[[str], None] | None = None,
+        on_death: Callable[[str], None],
     ) -> None:
         self.process = process
         self.control = control
@@ -114,11 +116,11 @@ class WorkerProcess:
         device_fd: int,
         hc: HypercallClient,
         on_fatal: Callable[[str], None],
-        on_death: Callable[[str], None] | None = None,
+        on_death: Callable[[str], None],
     ) -> WorkerProcess:
         """Run ``python -m module`` with ``params`` and the device, control and counter fds.
         ``on_fatal(reason)``: the worker reported a protocol violation. ``on_death(how)``: it
-        died without being stopped (killed, crashed); without one, that is fatal too."""
+        died without being stopped (killed, crashed)."""
         ours, theirs = socket.socketpair()
         counters_fd = os.memfd_create("hyper-counters", os.MFD_CLOEXEC)
         os.ftruncate(counters_fd, mmap.PAGESIZE)
@@ -168,8 +170,7 @@ class WorkerProcess:
             code = self.process.wait(timeout=5.0)
         except subprocess.TimeoutExpired:
             return  # alive with its socket shut: it stops when stop() hangs up
-        how = f"data path died ({_describe(code)})"
-        (self._on_death or self._on_fatal)(how)
+        self._on_death(f"data path died ({_describe(code)})")
 
     def _handle(self, message: dict[str, Any]) -> None:
         if "fatal" in message:
@@ -223,12 +224,33 @@ class DataPath:
         params: dict[str, Any],
         device_fd: int,
         hc: HypercallClient,
-        on_fatal: Callable[[str], None],
-        on_death: Callable[[str], None],
+        dev: XenbusDevice,
+        name: str,
     ) -> None:
-        worker = WorkerProcess.start(module, params, device_fd, hc, on_fatal, on_death)
+        """Run the worker of backend device ``dev`` (``name`` in messages). A protocol
+        violation it reports fails the device; its death restarts the data path through the
+        frontend: the device returns to InitWait (see the backends' docstrings)."""
+        worker = WorkerProcess.start(
+            module,
+            params,
+            device_fd,
+            hc,
+            lambda message: dev.fatal(f"{name}: {message}"),
+            lambda how: self._died(dev, name, how),
+        )
         with self._lock:
             self.worker = worker
+
+    def _died(self, dev: XenbusDevice, name: str, how: str) -> None:
+        """On the dead worker's link thread."""
+        if dev.state != XenbusState.Connected:
+            return  # being disconnected, or not yet connected: that path stops it
+        outcome = self.died()
+        if outcome == "too often":
+            dev.fatal(f"{name}: {how}, too often")
+        elif outcome == "restart":
+            log.warning("%s: %s; restarting it, the frontend starts its rings over", name, how)
+            dev.switch_state(XenbusState.InitWait)
 
     def counter_values(self) -> dict[str, int]:
         """What every worker counted: the ended ones and the running one."""

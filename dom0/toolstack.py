@@ -174,9 +174,6 @@ class Toolstack:
             )
             raise RequestError(f"{devtype} {domid}/{devid} did not connect: {error}") from exc
 
-    def _vif_ids(self, domid: int) -> list[int]:
-        return self._device_ids(domid, "vif")
-
     def _device_ids(self, domid: int, devtype: str) -> list[int]:
         try:
             return sorted(
@@ -538,7 +535,7 @@ class Toolstack:
         domid = info["domid"]
         stats = {s["devid"]: s for s in self.drivers.netback.stats(domid)} if self.drivers else {}
         out = []
-        for devid in self._vif_ids(domid):
+        for devid in self._device_ids(domid, "vif"):
             front = xenbus.frontend_path(domid, "vif", devid)
             entry: dict[str, Any] = {"devid": devid}
             for key in ("mac", "ip", "mtu", "state", "backend"):
@@ -561,7 +558,7 @@ class Toolstack:
         if info["status"] != "running":
             raise RequestError(f"domain {info['name']} is not running")
         domid = info["domid"]
-        devid = max(self._vif_ids(domid), default=-1) + 1
+        devid = max(self._device_ids(domid, "vif"), default=-1) + 1
         self._add_vif(domid, devid, vif.model_dump(mode="json"))
         self._wait_connected(domid, "vif", devid, DEVICE_TIMEOUT)
         return {"domid": domid, "devid": devid}
@@ -570,7 +567,7 @@ class Toolstack:
         """A domU's vif: close it through XenBus and remove it (its TAP goes with it)."""
         info = self._domu(domain)
         domid = info["domid"]
-        if devid not in self._vif_ids(domid):
+        if devid not in self._device_ids(domid, "vif"):
             raise RequestError(f"domain {info['name']} has no vif {devid}")
         paths = device_paths(domid, 0, "vif", devid)
         return {"domid": domid, "devid": devid, "clean": remove_device(self.xs, paths)}

@@ -197,7 +197,6 @@ class VbdPath:
         self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
         self._stopping = False
         self._stopped = False
-        self._halt = threading.Event()  # set by stop(): ends a late-EOI wait at once
         self._fatal_sent = False
         self.late_eoi = LateEoi()
         name = f"blkback {ring.name}"
@@ -221,7 +220,7 @@ class VbdPath:
         with self._room:
             self._stopping = True
             self._room.notify_all()
-        self._halt.set()
+        self.late_eoi.stop()
         self.evtchn.kick()
         dispatcher, io = self.threads[0], self.threads[1:]
         _join(dispatcher)
@@ -234,17 +233,17 @@ class VbdPath:
 
     def _dispatch(self) -> None:
         with self._guard():
-            rung = False
-            while not self._stopping:
-                if self._work():
-                    self.late_eoi.worked()
-                    rung = False
-                    continue
-                if rung:  # woken, and nothing to do
-                    self._halt.wait(self.late_eoi.idle())
-                with self._lock:
-                    more = self.ring.final_check_for_requests()
-                rung = not more and not self._stopping and self.evtchn.wait(HEAL_TIMEOUT)
+            self.late_eoi.serve(
+                self._work,
+                self._final_check,
+                self.evtchn.wait,
+                lambda: not self._stopping,
+                HEAL_TIMEOUT,
+            )
+
+    def _final_check(self) -> bool:
+        with self._lock:
+            return self.ring.final_check_for_requests()
 
     def _work(self) -> bool:
         """Take what the ring holds (up to the free I/O slots), refuse the bad requests, hand

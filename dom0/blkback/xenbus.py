@@ -128,19 +128,13 @@ class BlkbackDriver:
     # -- connecting ---------------------------------------------------------------------------
 
     def _connect(self, dev: XenbusDevice, vbd: Vbd) -> None:
-        def key(name: str) -> int:
-            value = dev.read_otherend(name)
-            if value is None:
-                raise KeyError(f"frontend {name} missing")
-            return int(value)
-
         protocol = dev.read_otherend("protocol")
         if protocol not in (None, B.XEN_IO_PROTO_ABI_X86_64):
             raise ValueError(f"unsupported protocol {protocol!r}")
         order = dev.read_otherend("ring-page-order")
         if order not in (None, "0"):
             raise ValueError(f"ring-page-order {order} above the maximum 0")
-        port = key("event-channel")
+        port = dev.otherend_int("event-channel")
         if vbd.channel is None or vbd.remote_port != port:  # after a restart, still bound
             if vbd.channel is not None:
                 vbd.channel.close()
@@ -149,20 +143,13 @@ class BlkbackDriver:
         params: dict[str, Any] = {
             "name": vbd.name,
             "frontend": dev.frontend_id,
-            "ring_ref": key("ring-ref"),
+            "ring_ref": dev.otherend_int("ring-ref"),
             "doorbells": vbd.channel.doorbell_names(),
             "sectors": vbd.loop.sectors,
             "readonly": vbd.loop.readonly,
             "io_threads": IO_THREADS,
         }
-        vbd.path.start(
-            "dom0.blkback.worker",
-            params,
-            vbd.loop.fd,
-            self.hc,
-            lambda message: dev.fatal(f"{vbd.name}: {message}"),
-            lambda how: self._worker_died(dev, vbd, how),
-        )
+        vbd.path.start("dom0.blkback.worker", params, vbd.loop.fd, self.hc, dev, vbd.name)
         properties = {
             "sectors": str(vbd.loop.sectors),
             "sector-size": str(B.SECTOR_SIZE),
@@ -175,17 +162,6 @@ class BlkbackDriver:
                 tx.write(dev.path(name), value)
 
         dev.xs.transaction(publish)
-
-    def _worker_died(self, dev: XenbusDevice, vbd: Vbd, how: str) -> None:
-        """On the dead worker's link thread: restart the data path through the frontend."""
-        if dev.state != S.Connected:
-            return  # being disconnected, or not yet connected: that path stops it
-        outcome = vbd.path.died()
-        if outcome == "too often":
-            dev.fatal(f"{vbd.name}: {how}, too often")
-        elif outcome == "restart":
-            log.warning("%s: %s; restarting it, the frontend replays", vbd.name, how)
-            dev.switch_state(S.InitWait)
 
     def _disconnect(self, vbd: Vbd) -> None:
         vbd.path.stop()

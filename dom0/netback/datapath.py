@@ -160,26 +160,22 @@ class TxPath:
         self._extras = 0  # how many extra slots follow its first
         self._responses: list[int] = []  # flat (id, status) pairs, in slot order
         self.late_eoi = LateEoi()
-        self._halt = threading.Event()  # set by stop(): ends a late-EOI wait at once
         self.thread = threading.Thread(target=self._run, name="netback-tx", daemon=True)
 
     def stop(self) -> None:
         self.stopping = True
-        self._halt.set()
+        self.late_eoi.stop()
         self.evtchn.kick()
 
     def _run(self) -> None:
         with _fatal_on_violation("tx", self.on_fatal):
-            rung = False
-            while not self.stopping:
-                if self._work():
-                    self.late_eoi.worked()
-                    rung = False
-                    continue
-                if rung:  # woken, and nothing to do: slow a frontend ringing in a loop
-                    self._halt.wait(self.late_eoi.idle())
-                more = self.ring.final_check_for_requests()
-                rung = not more and not self.stopping and self.evtchn.wait(HEAL_TIMEOUT)
+            self.late_eoi.serve(
+                self._work,
+                self.ring.final_check_for_requests,
+                self.evtchn.wait,
+                lambda: not self.stopping,
+                HEAL_TIMEOUT,
+            )
 
     def _work(self) -> bool:
         """Take every slot the frontend has published (one private copy of the whole run),

@@ -112,15 +112,9 @@ class NetbackDriver:
     # -- connecting ---------------------------------------------------------------------------
 
     def _connect(self, dev: XenbusDevice, vif: Vif) -> None:
-        def key(name: str) -> int:
-            value = dev.read_otherend(name)
-            if value is None:
-                raise KeyError(f"frontend {name} missing")
-            return int(value)
-
         if dev.read_otherend("request-rx-copy") != "1":
             raise ValueError("frontend does not request rx-copy")
-        ports = [key("event-channel-tx"), key("event-channel-rx")]
+        ports = [dev.otherend_int("event-channel-tx"), dev.otherend_int("event-channel-rx")]
         if vif.remote_ports != ports:  # after a restart, still bound to the same ports
             self._unbind(vif)
             for port in ports:
@@ -131,32 +125,14 @@ class NetbackDriver:
         params = {
             "name": vif.name,
             "frontend": dev.frontend_id,
-            "tx_ring_ref": key("tx-ring-ref"),
-            "rx_ring_ref": key("rx-ring-ref"),
+            "tx_ring_ref": dev.otherend_int("tx-ring-ref"),
+            "rx_ring_ref": dev.otherend_int("rx-ring-ref"),
             "tx_doorbells": tx_ch.doorbell_names(),
             "rx_doorbells": rx_ch.doorbell_names(),
             "gso": dev.read_otherend("feature-gso-tcpv4") == "1",
             "rate": [rate.credit, rate.window_us] if rate else None,
         }
-        vif.path.start(
-            "dom0.netback.worker",
-            params,
-            vif.tap_fd,
-            self.hc,
-            lambda message: dev.fatal(f"{vif.name}: {message}"),
-            lambda how: self._worker_died(dev, vif, how),
-        )
-
-    def _worker_died(self, dev: XenbusDevice, vif: Vif, how: str) -> None:
-        """On the dead worker's link thread: restart the data path through the frontend."""
-        if dev.state != S.Connected:
-            return  # being disconnected, or not yet connected: that path stops it
-        outcome = vif.path.died()
-        if outcome == "too often":
-            dev.fatal(f"{vif.name}: {how}, too often")
-        elif outcome == "restart":
-            log.warning("%s: %s; restarting it", vif.name, how)
-            dev.switch_state(S.InitWait)
+        vif.path.start("dom0.netback.worker", params, vif.tap_fd, self.hc, dev, vif.name)
 
     def _disconnect(self, vif: Vif) -> None:
         vif.path.stop()

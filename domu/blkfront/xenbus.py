@@ -33,9 +33,9 @@ from typing import Any
 
 from channels import blkif as B
 from channels.evtchn import EventChannel, alloc_unbound
-from channels.gnttab import GrantPool
-from channels.hypercall import GnttabReleasePool, GnttabSetupPool, HypercallClient, HypercallError
-from channels.ring import PAGE_SIZE, FrontRing
+from channels.gnttab import GrantPool, grant_pool, release_pool
+from channels.hypercall import HypercallClient, HypercallError
+from channels.ring import FrontRing
 from channels.xenbus import XenbusState
 from channels.xenbus_bus import XenbusDevice
 from domu import sandbox
@@ -109,13 +109,8 @@ class BlkfrontDriver:
     # -- connecting -----------------------------------------------------------------------------
 
     def _pool(self, bf: Blkfront, kind: str, backend: int, pages: int, *, readonly: bool) -> None:
-        info = self.hc.call(GnttabSetupPool(peer=backend, pages=pages))
-        pool = GrantPool.open(info["name"], info["gref_base"], info["pages"])
-        bf.pools[kind] = (info["pool"], pool)
-        for i in range(pages):
-            # Zero before granting: nothing of ours may leak through a fresh page (XSA-403).
-            pool.page(i)[:] = bytes(PAGE_SIZE)
-            pool.grant(i, backend, readonly=readonly)
+        pool_id, pool, _ = grant_pool(self.hc, backend, pages, readonly=readonly)
+        bf.pools[kind] = (pool_id, pool)
 
     def _initialise(self, dev: XenbusDevice, bf: Blkfront) -> None:
         backend = dev.otherend_id
@@ -204,9 +199,7 @@ class BlkfrontDriver:
             bf.channel.close()
             bf.channel = None
         for pool_id, pool in bf.pools.values():
-            pool.close()
-            with contextlib.suppress(HypercallError):
-                self.hc.call(GnttabReleasePool(pool=pool_id))
+            release_pool(self.hc, pool_id, pool)
         bf.pools = {}
 
 

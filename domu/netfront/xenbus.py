@@ -25,8 +25,8 @@ from pyroute2 import IPRoute
 
 from channels import netif as N
 from channels.evtchn import EventChannel, alloc_unbound
-from channels.gnttab import GrantPool
-from channels.hypercall import GnttabReleasePool, GnttabSetupPool, HypercallClient, HypercallError
+from channels.gnttab import GrantPool, grant_pool, release_pool
+from channels.hypercall import HypercallClient, HypercallError
 from channels.ring import FrontRing
 from channels.tun import open_tap
 from channels.xenbus import XenbusState
@@ -44,10 +44,10 @@ RX_PAGES = 256
 class Netfront:
     name: str
     tap_fd: int = -1
-    pools: list[tuple[int, GrantPool]] = field(default_factory=list)  # (pool id, pool)
     channels: list[EventChannel] = field(default_factory=list)
     rings: list[FrontRing] = field(default_factory=list)
-    granted: dict[str, tuple[GrantPool, list[int]]] = field(default_factory=dict)  # kind: pool
+    # kind ("ring", "tx", "rx"): (pool id, pool, grefs)
+    pools: dict[str, tuple[int, GrantPool, list[int]]] = field(default_factory=dict)
     gso: bool = False
     tx: TxPath | None = None
     rx: RxPath | None = None
@@ -94,13 +94,7 @@ class NetfrontDriver:
     # -- connecting -----------------------------------------------------------------------------
 
     def _pool(self, nf: Netfront, kind: str, backend: int, pages: int, *, readonly: bool) -> None:
-        info = self.hc.call(GnttabSetupPool(peer=backend, pages=pages))
-        pool = GrantPool.open(info["name"], info["gref_base"], info["pages"])
-        nf.pools.append((info["pool"], pool))
-        # Zero before granting: nothing of ours may leak through a fresh page (XSA-403).
-        for i in range(pages):
-            pool.page(i)[:] = bytes(N.PAGE_SIZE)
-        nf.granted[kind] = pool, [pool.grant(i, backend, readonly=readonly) for i in range(pages)]
+        nf.pools[kind] = grant_pool(self.hc, backend, pages, readonly=readonly)
 
     def _connect(self, dev: XenbusDevice, nf: Netfront) -> None:
         if dev.read_otherend("feature-rx-copy") != "1":
@@ -115,7 +109,7 @@ class NetfrontDriver:
         self._pool(nf, "rx", backend, RX_PAGES, readonly=False)
         nf.channels = [alloc_unbound(self.hc, backend), alloc_unbound(self.hc, backend)]
         self._start_paths(dev, nf, run=False)
-        ring_grefs = nf.granted["ring"][1]
+        _, _, ring_grefs = nf.pools["ring"]
         tx_ch, rx_ch = nf.channels
         keys = {
             "tx-ring-ref": str(ring_grefs[0]),
@@ -141,7 +135,7 @@ class NetfrontDriver:
     def _start_paths(self, dev: XenbusDevice, nf: Netfront, *, run: bool = True) -> None:
         """Fresh rings over the ring pages, the data path over them, every rx buffer posted;
         the threads started if ``run`` (else once the backend can find the rings)."""
-        ring_pool = nf.granted["ring"][0]
+        _, ring_pool, _ = nf.pools["ring"]
         tx_ring = FrontRing.init(N.TX_RING, ring_pool.page(0), name=f"{nf.name}-tx")
         rx_ring = FrontRing.init(N.RX_RING, ring_pool.page(1), name=f"{nf.name}-rx")
         nf.rings = [tx_ring, rx_ring]
@@ -150,8 +144,10 @@ class NetfrontDriver:
         def broken(message: str) -> None:
             dev.fatal(f"{nf.name}: backend misbehaved: {message}")
 
-        nf.tx = TxPath(tx_ring, tx_ch, *nf.granted["tx"], nf.tap_fd, nf.gso, broken)
-        nf.rx = RxPath(rx_ring, rx_ch, *nf.granted["rx"], nf.tap_fd, broken)
+        _, tx_pool, tx_grefs = nf.pools["tx"]
+        _, rx_pool, rx_grefs = nf.pools["rx"]
+        nf.tx = TxPath(tx_ring, tx_ch, tx_pool, tx_grefs, nf.tap_fd, nf.gso, broken)
+        nf.rx = RxPath(rx_ring, rx_ch, rx_pool, rx_grefs, nf.tap_fd, broken)
         nf.rx.post_all()
         if run:
             nf.tx.thread.start()
@@ -174,14 +170,9 @@ class NetfrontDriver:
         for channel in nf.channels:
             channel.close()
         nf.channels = []
-        for pool_id, pool in nf.pools:
-            pool.close()
-            try:
-                self.hc.call(GnttabReleasePool(pool=pool_id))
-            except HypercallError:
-                pass
-        nf.pools = []
-        nf.granted = {}
+        for pool_id, pool, _ in nf.pools.values():
+            release_pool(self.hc, pool_id, pool)
+        nf.pools = {}
         if nf.tap_fd >= 0:
             os.close(nf.tap_fd)
             nf.tap_fd = -1

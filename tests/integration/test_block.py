@@ -28,31 +28,37 @@ def disk(target: Path, vdev: str = "xvda", size: str | None = "128M", access: st
     return lines + (f"    size: {size}\n" if size else "")
 
 
-def verifying_fio(name: str, runtime: int = 20) -> subprocess.Popen[str]:
-    """fio in domain ``name``, verifying what it writes (randrw 4k, iodepth 16, crc32c over
-    32 MiB of /dev/xvda) for ``runtime`` seconds; started, not waited for."""
-    argv = [
+def fio_verify(rw: str, size: str, *more: str) -> list[str]:
+    """fio over /dev/xvda, 4 KiB at iodepth 16 with direct libaio, checking what it wrote with
+    crc32c; a JSON report."""
+    return [
         "fio",
-        "--name=n",
+        "--name=verify",
         "--filename=/dev/xvda",
-        "--rw=randrw",
+        f"--rw={rw}",
         "--bs=4k",
         "--iodepth=16",
         "--ioengine=libaio",
         "--direct=1",
-        "--size=32M",
+        f"--size={size}",
         "--verify=crc32c",
-        "--verify_state_save=0",  # a timed run would save its verify state into the cwd
-        "--time_based",
-        f"--runtime={runtime}",
         "--output-format=json",
+        *more,
     ]
-    return in_domain(name, *argv)
 
 
-def sha256_of(path: Path, length: int) -> str:
+def verifying_fio(name: str, runtime: int = 20) -> subprocess.Popen[str]:
+    """fio in domain ``name``, verifying what it writes (randrw over 32 MiB) for ``runtime``
+    seconds; started, not waited for."""
+    timed = ["--time_based", f"--runtime={runtime}"]
+    # A timed run would save its verify state into the cwd.
+    return in_domain(name, *fio_verify("randrw", "32M", "--verify_state_save=0", *timed))
+
+
+def sha256_of(path: Path, length: int, offset: int = 0) -> str:
     digest = hashlib.sha256()
     with path.open("rb") as f:
+        f.seek(offset)
         while length > 0:
             chunk = f.read(min(length, MiB))
             if not chunk:
@@ -123,23 +129,7 @@ def test_fio_verifies_and_mkfs_leaves_a_clean_file_system(
 ) -> None:
     image = tmp_path / "fs.img"
     name = make_domain("disk:\n" + disk(image))
-    fio = hyperctl(
-        "exec",
-        name,
-        "--",
-        "fio",
-        "--name=verify",
-        "--filename=/dev/xvda",
-        "--rw=randrw",
-        "--bs=4k",
-        "--iodepth=16",
-        "--ioengine=libaio",
-        "--direct=1",
-        "--size=64M",
-        "--verify=crc32c",
-        "--output-format=json",
-        timeout=300,
-    )
+    fio = hyperctl("exec", name, "--", *fio_verify("randrw", "64M"), timeout=300)
     job = json.loads(fio.out[fio.out.index("{") :])["jobs"][0]
     assert job["error"] == 0
     assert job["read"]["io_bytes"] > 0 and job["write"]["io_bytes"] > 0

@@ -11,7 +11,6 @@ every write they were told is done is in the image.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -35,6 +34,8 @@ from tests.integration.test_block import (
     attached_loops,
     destroy,
     disk,
+    fio_verify,
+    sha256_of,
     vbds,
     verifying_fio,
 )
@@ -117,20 +118,8 @@ def test_a_killed_blkback_is_a_pause_fio_verifies_and_fsynced_data_is_in_the_ima
     name = make_domain("disk:\n" + disk(image, size="128M"))
     [vbd] = vbds(name)
     first = vbd["worker_pid"]
-    fio = in_domain(
-        name,
-        "fio",
-        "--name=w",
-        "--filename=/dev/xvda",
-        "--rw=randwrite",
-        "--bs=4k",
-        "--iodepth=16",
-        "--ioengine=libaio",
-        "--direct=1",
-        "--size=48M",  # the first 48 MiB: written, then read back and verified
-        "--verify=crc32c",
-        "--output-format=json",
-    )
+    # The first 48 MiB: written, then read back and verified.
+    fio = in_domain(name, *fio_verify("randwrite", "48M"))
     dd = in_domain(  # MiB 64 to 96, beside fio's region
         name,
         "dd",
@@ -172,9 +161,7 @@ def test_a_killed_blkback_is_a_pause_fio_verifies_and_fsynced_data_is_in_the_ima
     ).out.split()[0]
     assert vbds(name)[0]["errors"] == 0
     destroy(name, image)
-    with image.open("rb") as f:
-        f.seek(64 << 20)
-        assert hashlib.sha256(f.read(32 << 20)).hexdigest() == inside
+    assert sha256_of(image, 32 << 20, offset=64 << 20) == inside
 
 
 def test_an_iperf3_stream_between_two_domains_survives_a_killed_netback(

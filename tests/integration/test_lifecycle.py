@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -18,7 +16,6 @@ from tests.integration.conftest import (
     domains,
     hyperctl,
     leftovers,
-    start_hypervisor,
     wait_for,
 )
 
@@ -164,34 +161,24 @@ def test_dry_run_prints_normalised_json_and_creates_nothing(hypervisor: None) ->
     assert len(domains()) == count
 
 
-def test_cleanup_after_hyperd_is_killed_leaves_nothing(tmp_path: Path) -> None:
-    """Runs its own hypervisor: the session's is halted and restarted around it."""
-    from tests.integration import conftest
-
-    if RUN.pidfile.exists():
-        conftest.stop_hypervisor()
-    try:
-        start_hypervisor()
-        for i in range(2):
-            config = tmp_path / f"victim{i}.yaml"
-            config.write_text(f"name: victim{i}\n")
-            hyperctl("create", str(config))
-        pid = int(RUN.pidfile.read_text().split()[0])
-        os.kill(pid, signal.SIGKILL)
-        wait_for(
-            lambda: (
-                not Path(f"/proc/{pid}").exists()
-                or "Z" in Path(f"/proc/{pid}/stat").read_text().split()[2]
-            ),
-            10,
-            "hyperd to die",
-        )
-        assert leftovers(), "domains and dom0 outlive a killed hyperd until cleanup"
-        result = hyperctl("cleanup")
-        assert "removed" in result.out
-        wait_for(lambda: not leftovers(), 10, "cleanup to leave nothing")
-    finally:
-        subprocess.run(
-            [sys.executable, "-m", "hyper.cli", "cleanup"], cwd=REPO, capture_output=True
-        )
-        start_hypervisor()
+def test_cleanup_after_hyperd_is_killed_leaves_nothing(
+    own_hypervisor: None, tmp_path: Path
+) -> None:
+    for i in range(2):
+        config = tmp_path / f"victim{i}.yaml"
+        config.write_text(f"name: victim{i}\n")
+        hyperctl("create", str(config))
+    pid = int(RUN.pidfile.read_text().split()[0])
+    os.kill(pid, signal.SIGKILL)
+    wait_for(
+        lambda: (
+            not Path(f"/proc/{pid}").exists()
+            or "Z" in Path(f"/proc/{pid}/stat").read_text().split()[2]
+        ),
+        10,
+        "hyperd to die",
+    )
+    assert leftovers(), "domains and dom0 outlive a killed hyperd until cleanup"
+    result = hyperctl("cleanup")
+    assert "removed" in result.out
+    wait_for(lambda: not leftovers(), 10, "cleanup to leave nothing")
