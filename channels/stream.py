@@ -36,6 +36,11 @@ class StreamClosed(Exception):
     """The stream was closed (by us) or broken (by the peer) before the write completed."""
 
 
+class StreamPaused(Exception):
+    """The stream's rings are being reset (a protocol's reconnection): nothing was written of
+    what is left to write; the protocol sends it again once the stream reopens."""
+
+
 class RingStream:
     def __init__(
         self,
@@ -56,6 +61,7 @@ class RingStream:
         self.name = name
         self._space = threading.Condition()
         self._closed = False
+        self._paused = False
         self.error: Exception | None = None
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
 
@@ -69,11 +75,24 @@ class RingStream:
     def closed(self) -> bool:
         return self._closed
 
-    def try_send(self, data: bytes | memoryview) -> int:
-        """Write what fits now; return how many bytes were written."""
+    def pause(self) -> None:
+        """Stop every writer (they raise StreamPaused) while the rings are reset."""
+        with self._space:
+            self._paused = True
+            self._space.notify_all()
+
+    def reopen(self) -> None:
+        with self._space:
+            self._paused = False
+
+    def try_send(self, data: bytes | memoryview, force: bool = False) -> int:
+        """Write what fits now; return how many bytes were written. ``force`` writes even
+        while paused (the reconnecting protocol's own messages)."""
         if self._closed:
             raise StreamClosed(f"{self.name}: closed")
         with self._space:
+            if self._paused and not force:
+                raise StreamPaused(f"{self.name}: being reset")
             try:
                 written = self._tx.write(data)
             except RingBroken as exc:
@@ -83,18 +102,18 @@ class RingStream:
             self.evtchn.notify()
         return written
 
-    def send(self, data: bytes, timeout: float | None = None) -> None:
-        """Write all of ``data``, waiting for the peer to make room."""
+    def send(self, data: bytes, timeout: float | None = None, force: bool = False) -> None:
+        """Write all of ``data``, waiting for the peer to make room (``force``: see try_send)."""
         view = memoryview(data)
         deadline = None if timeout is None else time.monotonic() + timeout
         while view:
-            written = self.try_send(view)
+            written = self.try_send(view, force)
             view = view[written:]
             if not view:
                 return
             with self._space:
-                if self._tx.free() > 0 or self._closed:
-                    continue
+                if self._tx.free() > 0 or self._closed or (self._paused and not force):
+                    continue  # (a pause cut this message short: try_send says so)
                 remaining = None if deadline is None else deadline - time.monotonic()
                 if remaining is not None and remaining <= 0:
                     raise TimeoutError(f"{self.name}: peer does not read")

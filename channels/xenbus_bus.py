@@ -43,6 +43,9 @@ class XenbusDevice:
     frontend_id: int  # the domU this device belongs to (ours on the front)
     state: XenbusState = XenbusState.Unknown
     driver_data: object = None
+    #: A backend went to InitWait while the frontend was (still) Connected to a previous
+    #: backend: that Connected is stale until the frontend has moved (see otherend_ready).
+    stale_otherend: bool = False
     _watch: Watch | None = field(default=None, repr=False)
 
     def path(self, key: str) -> str:
@@ -85,8 +88,19 @@ class XenbusDevice:
     def switch_state(self, state: XenbusState) -> None:
         if state == self.state:
             return
+        if state == XenbusState.InitWait:
+            self.stale_otherend = self.otherend_state() == XenbusState.Connected
         self.write("state", str(int(state)))
         self.state = state  # even if the directory is gone: that is where we stand
+
+    def otherend_ready(self, state: XenbusState) -> bool:
+        """A backend in InitWait: may it connect to a frontend in ``state``? Initialised, or
+        Connected (Linux accepts both), but not the Connected a restarted backend finds: that
+        frontend has yet to see our InitWait, reset its rings and say Initialised."""
+        if state == XenbusState.Connected:
+            return not self.stale_otherend
+        self.stale_otherend = False
+        return state == XenbusState.Initialised
 
     def backend_closing(self, state: XenbusState, disconnect: Callable[[], None]) -> bool:
         """A backend's rule for the frontend's new ``state``: if the frontend is closing or

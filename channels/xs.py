@@ -28,6 +28,15 @@ Transactions. ``transaction_start()`` returns a ``Transaction``; pass it as ``tx
 own methods) so requests carry its tx_id, then ``transaction_end``. ``transaction(fn)`` runs
 ``fn(tx)`` and commits, starting over on EAGAIN up to ``attempts`` times, as every Xen client does.
 
+Reconnection (the xenstore ring's, xenstore-ring.txt). A transport whose server restarted
+calls ``suspend()`` when it sees the old server gone, resets its rings with the new one, and
+calls ``resume(send)``. Meanwhile calls wait instead of failing (their timeouts start over at
+``resume``); a send that finds the transport resetting raises ``XsResend`` inside ``send`` and
+is sent again once the transport is back. ``resume`` sends again every request the old server
+took but never answered, in the order first sent, and registers every watch again (each then
+fires once, so consumers re-read what they watch). Transactions do not survive the server:
+requests in one opened before ``resume`` fail with EAGAIN, and ``transaction(fn)`` starts over.
+
 ``XsStreamTransport`` runs a client over a connected stream socket (a Unix socket to dom0's
 store, or one end of a socketpair).
 """
@@ -38,7 +47,9 @@ import contextlib
 import itertools
 import logging
 import socket
+import struct
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -79,6 +90,8 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 DEFAULT_TIMEOUT = 10.0
+#: How long a call waits for a suspended transport to resume before it gives up.
+RECONNECT_TIMEOUT = 120.0
 T = TypeVar("T")
 
 
@@ -88,6 +101,11 @@ class XsTimeoutError(TimeoutError):
 
 class XsConnectionLost(ConnectionError):
     """The transport to the store is gone (closed by us, or broken by the other side)."""
+
+
+class XsResend(Exception):
+    """Raised by a transport's ``send``: it is resetting its connection and did not send the
+    message; the client sends it again after ``resume``."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -201,9 +219,10 @@ class Watch:
 class Transaction:
     """An open store transaction; its methods are the client's, carrying this tx_id."""
 
-    def __init__(self, client: XsClient, tx_id: int) -> None:
+    def __init__(self, client: XsClient, tx_id: int, epoch: int = 0) -> None:
         self.client = client
         self.tx_id = tx_id
+        self.epoch = epoch  # the client's connection epoch it was opened in
 
     def __repr__(self) -> str:
         return f"Transaction(tx_id={self.tx_id})"
@@ -237,11 +256,13 @@ class Transaction:
 
 
 class _Pending:
-    __slots__ = ("done", "reply")
+    __slots__ = ("done", "message", "reply", "sent_epoch")
 
-    def __init__(self) -> None:
+    def __init__(self, message: bytes) -> None:
         self.done = threading.Event()
         self.reply: Message | BaseException | None = None
+        self.message = message
+        self.sent_epoch: int | None = None  # the epoch whose server took it
 
 
 class XsClient:
@@ -259,6 +280,10 @@ class XsClient:
         self._req_ids = itertools.count(1)
         self._tokens = itertools.count(1)
         self._lost: BaseException | None = None
+        self._epoch = 0  # bumped by every resume(): one per server connection
+        self._suspended = False
+        self._resumed = threading.Condition(self._lock)
+        self._resumed_at = 0.0  # monotonic
 
     # -- transport side ------------------------------------------------------------------------
 
@@ -282,6 +307,7 @@ class XsClient:
             self._lost = lost
             pending, self._pending = self._pending, {}
             queues = {id(w.queue): w.queue for w in self._watches.values()}
+            self._resumed.notify_all()
         for waiter in pending.values():
             waiter.reply = lost
             waiter.done.set()
@@ -292,6 +318,53 @@ class XsClient:
     def connected(self) -> bool:
         with self._lock:
             return self._lost is None
+
+    def suspend(self) -> None:
+        """The transport lost its server and is reconnecting: calls wait for ``resume``."""
+        with self._lock:
+            self._suspended = True
+
+    def resume(self, send: Callable[[bytes], None], reopen: Callable[[], None]) -> None:
+        """The transport reaches a new server. Send again, with ``send`` (which bypasses the
+        transport's resetting state), every request the old server took and never answered,
+        then every watch; fail with EAGAIN the requests of transactions the old server held;
+        then ``reopen()`` the transport to every caller."""
+        with self._send_lock:
+            with self._feed_lock:
+                self._decoder = Decoder()  # a message the old server cut short is gone
+            with self._lock:
+                old = self._epoch
+                self._epoch += 1
+                unanswered = sorted((i, w) for i, w in self._pending.items() if w.sent_epoch == old)
+                watches = list(self._watches.values())
+            for req_id, waiter in unanswered:
+                if _tx_id_of(waiter.message):
+                    self._forget(req_id)
+                    waiter.reply = XsError(XsErrno.EAGAIN, "", "the store restarted")
+                    waiter.done.set()
+                    continue
+                send(waiter.message)
+                waiter.sent_epoch = old + 1
+            for watch in watches:
+                with self._lock:
+                    req_id = next(self._req_ids) & 0xFFFFFFFF
+                    message = encode(
+                        XsType.WATCH, join_strings(watch.path, watch.token), req_id=req_id
+                    )
+                    waiter = _Pending(message)  # nobody waits: the reply is just dropped
+                    waiter.sent_epoch = old + 1
+                    self._pending[req_id] = waiter
+                send(message)
+            reopen()
+            with self._lock:
+                self._suspended = False
+                self._resumed_at = time.monotonic()
+                self._resumed.notify_all()
+        log.info(
+            "store connection resumed: %d requests and %d watches sent again",
+            len(unanswered),
+            len(watches),
+        )
 
     def _dispatch(self, msg: Message) -> None:
         if msg.type is XsType.WATCH_EVENT:
@@ -324,22 +397,47 @@ class XsClient:
     ) -> bytes:
         if len(payload) > XENSTORE_PAYLOAD_MAX:
             raise XsError(XsErrno.E2BIG, path, f"request of {len(payload)} bytes is too large")
-        waiter = _Pending()
+        tx_id = tx.tx_id if tx is not None else 0
         with self._lock:
             if self._lost is not None:
                 raise XsConnectionLost(
                     f"store connection lost before {msg_type.name} {path}"
                 ) from (self._lost)
+            if tx is not None and tx.epoch != self._epoch:
+                raise XsError(XsErrno.EAGAIN, path, "the store restarted during the transaction")
             req_id = next(self._req_ids) & 0xFFFFFFFF
+            waiter = _Pending(encode(msg_type, payload, req_id=req_id, tx_id=tx_id))
             self._pending[req_id] = waiter
-        tx_id = tx.tx_id if tx is not None else 0
-        try:
-            with self._send_lock:
-                self._send(encode(msg_type, payload, req_id=req_id, tx_id=tx_id))
-        except OSError as exc:
-            self._forget(req_id)
-            raise XsConnectionLost(f"store {msg_type.name} {path}: send failed") from exc
+        self._send_pending(waiter, req_id, msg_type, path)
         return self._wait(waiter, req_id, msg_type, path, tx_id)
+
+    def _send_pending(self, waiter: _Pending, req_id: int, msg_type: XsType, path: str) -> None:
+        """Send one request; a transport that is resetting gets it again after resume."""
+        while True:
+            try:
+                with self._send_lock:
+                    epoch = self._epoch
+                    self._send(waiter.message)
+                    waiter.sent_epoch = epoch
+                return
+            except XsResend:
+                if not self._wait_resumed():
+                    break
+            except OSError as exc:
+                self._forget(req_id)
+                raise XsConnectionLost(f"store {msg_type.name} {path}: send failed") from exc
+        if self._lost is None:
+            self._forget(req_id)
+            raise XsTimeoutError(f"store {msg_type.name} {path}: the store did not come back")
+
+    def _wait_resumed(self) -> bool:
+        """Wait out a suspension: True once resumed, False if the connection was lost or the
+        store did not come back in RECONNECT_TIMEOUT."""
+        with self._lock:
+            self._resumed.wait_for(
+                lambda: not self._suspended or self._lost is not None, RECONNECT_TIMEOUT
+            )
+            return not self._suspended and self._lost is None
 
     def _forget(self, req_id: int) -> None:
         with self._lock:
@@ -348,12 +446,28 @@ class XsClient:
     def _wait(
         self, waiter: _Pending, req_id: int, msg_type: XsType, path: str, tx_id: int
     ) -> bytes:
-        if not waiter.done.wait(self.timeout):
+        asked = time.monotonic()
+        while not waiter.done.is_set():
+            with self._lock:
+                suspended = self._suspended
+                # A request sent again at resume gets its whole timeout from then.
+                deadline = max(asked, self._resumed_at) + self.timeout
+            if suspended:
+                if not self._wait_resumed() and self._lost is None:
+                    break
+                continue
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            waiter.done.wait(remaining)
+        if not waiter.done.is_set():
             self._forget(req_id)
             raise XsTimeoutError(
                 f"store {msg_type.name} {path} got no reply within {self.timeout} s"
             )
         reply = waiter.reply
+        if isinstance(reply, XsError):
+            raise reply
         if isinstance(reply, BaseException):
             raise XsConnectionLost(
                 f"store connection lost during {msg_type.name} {path}"
@@ -484,11 +598,16 @@ class XsClient:
     # -- transactions --------------------------------------------------------------------------
 
     def transaction_start(self) -> Transaction:
+        with self._lock:
+            epoch = self._epoch
         payload = self._call(XsType.TRANSACTION_START, b"\0")
         text = split_strings(payload)[0] if payload else ""
         if not text.isdecimal() or not text.isascii() or int(text) == 0 or len(text) > 10:
             raise XsProtocolError(f"store returned a malformed transaction id {text!r}")
-        return Transaction(self, int(text))
+        with self._lock:
+            if epoch != self._epoch:  # the reply came from a server since restarted
+                raise XsError(XsErrno.EAGAIN, "", "the store restarted")
+        return Transaction(self, int(text), epoch)
 
     def transaction_end(self, tx: Transaction, commit: bool = True) -> None:
         """Commit (XsError EAGAIN if it conflicted) or abort ``tx``."""
@@ -599,3 +718,8 @@ def connect_unix(path: str, *, timeout: float = DEFAULT_TIMEOUT) -> XsStreamTran
         sock.close()
         raise XsConnectionLost(f"cannot connect to the store socket {path}") from exc
     return XsStreamTransport(sock, timeout=timeout)
+
+
+def _tx_id_of(message: bytes) -> int:
+    """The tx_id of an encoded request (xsd_sockmsg: type, req_id, tx_id, len)."""
+    return int(struct.unpack_from("<I", message, 8)[0])

@@ -1,6 +1,9 @@
 """dom0: the store, the toolstack and the backends, in one privileged process.
 
-hyperd starts it with its hypercall socket (``--hypercall-fd``) and restarts it if it dies.
+hyperd starts it with its hypercall socket (``--hypercall-fd``) and restarts it if it dies,
+with ``--recover``: the new dom0 then starts from the store the old one left on disk
+(dom0/store/journal.py), forgets the domains that ended meanwhile, takes each live domain's
+store connection over and re-probes every backend device, whose frontends reconnect.
 Threads: the hypercall reader, the toolstack's event thread (domain introductions and deaths
 from hyperd), the control socket, and one per domain for each backend.
 """
@@ -22,6 +25,7 @@ from channels.xenbus_bus import Bus
 from dom0.drivers import BackendDrivers
 from dom0.netback.tap import remove_our_bridges
 from dom0.store.core import Store
+from dom0.store.journal import Journal
 from dom0.store.local import connect_local
 from dom0.toolstack import Toolstack
 from hyper.paths import RunDir
@@ -33,10 +37,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="dom0")
     parser.add_argument("--hypercall-fd", type=int, required=True)
     parser.add_argument("--run-dir", type=Path, default=None)
+    parser.add_argument(
+        "--recover", action="store_true", help="a restart: take over the previous dom0's store"
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s dom0 %(name)s: %(message)s")
     run = RunDir(args.run_dir) if args.run_dir else RunDir()
-    store = Store()
+    store = Store(journal=Journal(run.root), recover=args.recover)
     xs = connect_local(store, 0).client
     # Events may arrive as soon as the socket is read: queue them for the toolstack.
     events: queue.Queue[tuple[str, dict[str, Any]]] = queue.Queue()
@@ -46,6 +53,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     toolstack = Toolstack(hc, store, xs, run.toolstack_socket, events)
     signal.signal(signal.SIGTERM, lambda *_: toolstack.stopped.set())
+    if args.recover:
+        toolstack.recover()
     xs.write(xenbus.backend_root_path(0), "")
     drivers = BackendDrivers(hc)
     toolstack.drivers = drivers

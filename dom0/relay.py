@@ -9,11 +9,17 @@ crash its own relay, nothing else.
 
 Flow control is the sockets': the relay writes to a ring only as the guest reads it and reads
 a ring only as dom0 takes the bytes, so a domain that never reads holds up only its own relay.
-When dom0 closes the store socket (the store dropped the domain), the relay sets the page's
-error field so the guest's client fails at once.
+
+The store page's error field tells the guest why its connection ended. The relay offers
+XenStore's reconnection (``server_features``). When dom0 dies, the relay sets
+``XENSTORE_ERROR_COMM`` and exits; the relay the restarted dom0 starts for the domain
+(``"reconnect": true``) waits for the guest's ``connection = XENSTORE_RECONNECT``, then zeroes
+the indices, clears the error and sets ``XENSTORE_CONNECTED``, as xenstored does (the guest
+side is channels/xs_ring.py). When a live dom0 drops the connection (the store dropped the
+domain), the relay sets ``XENSTORE_ERROR_PROTO`` and the guest's client fails at once.
 
 Parameters arrive as one JSON object on stdin: for "store" and "console", the segment name, our
-doorbell and the guest's, and the number of the inherited socket.
+doorbell and the guest's, and the number of the inherited socket; and "reconnect".
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import select
 import socket
 import subprocess
 import sys
@@ -30,8 +37,20 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from channels.bytering import (
+    XENSTORE_CONNECTED,
+    XENSTORE_CONNECTION_OFFSET,
     XENSTORE_ERROR_COMM,
+    XENSTORE_ERROR_NONE,
     XENSTORE_ERROR_OFFSET,
+    XENSTORE_ERROR_PROTO,
+    XENSTORE_RECONNECT,
+    XENSTORE_REQ_CONS_OFFSET,
+    XENSTORE_REQ_PROD_OFFSET,
+    XENSTORE_RSP_CONS_OFFSET,
+    XENSTORE_RSP_PROD_OFFSET,
+    XENSTORE_SERVER_FEATURE_ERROR,
+    XENSTORE_SERVER_FEATURE_RECONNECTION,
+    XENSTORE_SERVER_FEATURES_OFFSET,
     ByteRing,
     Word,
     console_rings,
@@ -39,7 +58,7 @@ from channels.bytering import (
 )
 from channels.doorbell import DoorbellPair
 from channels.shm import attach
-from channels.stream import RingStream, StreamClosed
+from channels.stream import HEAL_TIMEOUT, RingStream, StreamClosed
 
 if TYPE_CHECKING:
     from channels.hypercall import HypercallClient
@@ -47,6 +66,9 @@ if TYPE_CHECKING:
     from dom0.store.stream import StreamConnection
 
 log = logging.getLogger("relay")
+
+#: After the store socket ends, how long to look for dom0's death before calling it a drop.
+DOM0_EXIT_GRACE = 1.0
 
 
 def relay(
@@ -60,6 +82,11 @@ def relay(
     sock = socket.socket(fileno=params["fd"])
     rx, tx = rings(segment.buf)
     evtchn = DoorbellPair(params["doorbell"], params["peer_doorbell"])
+    if kind == "store":
+        features = XENSTORE_SERVER_FEATURE_RECONNECTION | XENSTORE_SERVER_FEATURE_ERROR
+        Word(segment.buf, XENSTORE_SERVER_FEATURES_OFFSET).set(features)
+        if params.get("reconnect"):
+            _take_over(segment.buf, evtchn)
 
     def to_dom0(data: bytes) -> None:
         try:
@@ -81,15 +108,49 @@ def relay(
         except StreamClosed:
             break
     if kind == "store" and not stream.closed:
-        error = Word(segment.buf, XENSTORE_ERROR_OFFSET)  # tell the guest: connection gone
+        # Tell the guest: reconnect (dom0 died, the next one takes over) or give up.
+        died = "dom0" in params and _dom0_died(params["dom0"])
+        code = XENSTORE_ERROR_COMM if died else XENSTORE_ERROR_PROTO
+        Word(segment.buf, XENSTORE_ERROR_OFFSET).set(code)
+        evtchn.notify()
+    stream.close()  # a successor may serve the page: read nothing more from it
+    done.set()
+
+
+def _take_over(page: memoryview, evtchn: DoorbellPair) -> None:
+    """Become the server of a page whose previous server died: tell the guest (its dying
+    predecessor may not have), wait for its reconnection request, reset the page."""
+    connection = Word(page, XENSTORE_CONNECTION_OFFSET)
+    error = Word(page, XENSTORE_ERROR_OFFSET)
+    if connection.get() != XENSTORE_RECONNECT:
         error.set(XENSTORE_ERROR_COMM)
         evtchn.notify()
-    done.set()
+        while connection.get() != XENSTORE_RECONNECT:
+            evtchn.wait(HEAL_TIMEOUT)
+    for offset in (
+        XENSTORE_REQ_CONS_OFFSET,
+        XENSTORE_REQ_PROD_OFFSET,
+        XENSTORE_RSP_CONS_OFFSET,
+        XENSTORE_RSP_PROD_OFFSET,
+    ):
+        Word(page, offset).set(0)
+    error.set(XENSTORE_ERROR_NONE)
+    connection.set(XENSTORE_CONNECTED)  # last: the guest reads the rest once it sees this
+    evtchn.notify()
+    log.info("took over the store connection")
+
+
+def _dom0_died(pidfd: int) -> bool:
+    """dom0 closes a connection it drops while staying alive; its death closes every one."""
+    ready, _, _ = select.select([pidfd], [], [], DOM0_EXIT_GRACE)
+    return bool(ready)
 
 
 def main() -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s relay: %(message)s")
     params = json.load(sys.stdin)
+    params["store"]["dom0"] = os.pidfd_open(os.getppid())
+    params["store"]["reconnect"] = params.get("reconnect", False)
     done = threading.Event()
     layouts = {"store": lambda buf: xenstore_rings(buf), "console": _console}
     for kind, layout in layouts.items():
@@ -120,13 +181,22 @@ class Relay:
         self.console = console
 
     @classmethod
-    def start(cls, hc: HypercallClient, store: Store, domid: int, info: dict[str, Any]) -> Relay:
+    def start(
+        cls,
+        hc: HypercallClient,
+        store: Store,
+        domid: int,
+        info: dict[str, Any],
+        reconnect: bool = False,
+    ) -> Relay:
+        """Serve a domain's rings; ``reconnect``: the guest's store client is connected to
+        the relay of a dom0 that died, and this one takes over (see the module docstring)."""
         # Imported here, not at the top: the relay process itself must stay small (one per
         # domain), and these bring pydantic and the store along.
         from channels.hypercall import EvtchnStatus
         from dom0.store.stream import StreamConnection
 
-        params: dict[str, Any] = {}
+        params: dict[str, Any] = {"reconnect": reconnect}
         ours: dict[str, socket.socket] = {}
         theirs: list[socket.socket] = []
         for kind in ("store", "console"):
@@ -155,10 +225,7 @@ class Relay:
         return cls(process, StreamConnection(store, domid, ours["store"]), ours["console"])
 
     def stop(self) -> None:
-        """Hang up on the relay; it exits when its sockets close."""
+        """End the relay (its domain is gone: nobody reads the page any more)."""
+        self.process.kill()
+        self.process.wait()
         self.store_conn.close()
-        try:
-            self.process.wait(timeout=5.0)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()

@@ -110,15 +110,44 @@ class Toolstack:
             self.domains[domid] = state
         if old is not None:
             self._teardown(old)
-        self._write_skeleton(info)
+        # A dom0 restarted after a crash finds the domain in its recovered store: it takes the
+        # domain's store connection over and leaves the devices to the backends' re-probe.
+        adopted = self._in_store(info)
+        if not adopted:
+            self._write_skeleton(info)
         self.store.introduce_domain(domid)
-        state.relay = Relay.start(self.hc, self.store, domid, info)
+        state.relay = Relay.start(self.hc, self.store, domid, info, reconnect=adopted)
         state.console = ConsoleBackend(domid, state.relay.console)
-        for devid, vif in enumerate(info["config"].get("vif") or []):
-            self._add_vif(domid, devid, vif)
-        for disk in info["config"].get("disk") or []:
-            self._add_vbd(domid, disk)
-        log.info("dom%d (%s) introduced", domid, info["name"])
+        if not adopted:
+            for devid, vif in enumerate(info["config"].get("vif") or []):
+                self._add_vif(domid, devid, vif)
+            for disk in info["config"].get("disk") or []:
+                self._add_vbd(domid, disk)
+        log.info("dom%d (%s) %s", domid, info["name"], "adopted" if adopted else "introduced")
+
+    def _in_store(self, info: dict[str, Any]) -> bool:
+        """The store already holds this very domain (same domid, same uuid)."""
+        vm = self.xs.read_optional(xenbus.domain_vm_path(info["domid"]))
+        return vm == xenbus.vm_path(info["uuid"])
+
+    def recover(self) -> None:
+        """A dom0 restarted over a recovered store: forget the domains that ended while no
+        dom0 ran (their events went nowhere), before any backend probes their devices."""
+        live = {(d["domid"], xenbus.vm_path(d["uuid"])) for d in self._list() if d["domid"]}
+        known = set(self._children(xenbus.LOCAL_DOMAIN_PATH))
+        for devtype in ("vif", "vbd"):
+            known |= set(self._children(xenbus.backend_type_path(0, devtype)))
+        for domid in sorted(int(n) for n in known if n.isdecimal() and n != "0"):
+            vm = self.xs.read_optional(xenbus.domain_vm_path(domid))
+            if (domid, vm) not in live:
+                log.info("dom%d ended while no dom0 ran: forgetting its store nodes", domid)
+                self._remove_nodes(domid, vm)
+
+    def _children(self, path: str) -> list[str]:
+        try:
+            return self.xs.directory(path)
+        except XsError:
+            return []
 
     # -- network devices ----------------------------------------------------------------------
 
@@ -215,17 +244,20 @@ class Toolstack:
     def _teardown(self, state: DomainState) -> None:
         self._stop_backends(state)
         self.store.release_domain(state.domid)
-        for path in (
-            xenbus.backend_domain_path(0, "vif", state.domid),
-            xenbus.backend_domain_path(0, "vbd", state.domid),
-            xenbus.domain_path(state.domid),
-            xenbus.tool_path(state.domid),
-            xenbus.vm_path(state.info["uuid"]),
-        ):
+        self._remove_nodes(state.domid, xenbus.vm_path(state.info["uuid"]))
+
+    def _remove_nodes(self, domid: int, vm: str | None) -> None:
+        paths = [
+            xenbus.backend_domain_path(0, "vif", domid),
+            xenbus.backend_domain_path(0, "vbd", domid),
+            xenbus.domain_path(domid),
+            xenbus.tool_path(domid),
+        ]
+        for path in [*paths, *([vm] if vm else [])]:
             try:
                 self.xs.rm(path)
             except XsError as exc:  # ENOENT when a parent never existed (no vif at all)
-                log.debug("teardown of dom%d: %s", state.domid, exc)
+                log.debug("teardown of dom%d: %s", domid, exc)
 
     def _write_skeleton(self, info: dict[str, Any]) -> None:
         domid = info["domid"]

@@ -5,6 +5,10 @@ remote domain) or *interdomain* (connected to a port of that domain). Each port 
 semaphore, the one its domain waits on; binding hands each side the name of the other's doorbell
 so notifications go straight from domain to domain. Closing a port returns its peer to unbound,
 which is what lets a backend or a frontend reconnect.
+
+A restarted dom0 keeps its ports: when dom0 dies, its ports become *stale* (still bound, the
+frontends' doorbells untouched), and a new backend that binds to a frontend port held by a
+stale dom0 port gets that very port back, so the frontend sees its channel carry on.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ class Port:
     doorbell: str
     owner: Resources  # the domU whose death frees this port's doorbell
     remote_port: int | None = None  # None while unbound
+    stale: bool = False  # held by a dead incarnation of its domain, for the next to adopt
 
     @property
     def state(self) -> str:
@@ -82,6 +87,11 @@ class EventChannels:
         self, domid: int, remote_dom: int, remote_port: int, resources: Resources
     ) -> Port:
         remote = self._ports.get((remote_dom, remote_port))
+        if remote is not None and remote.remote_dom == domid and remote.remote_port is not None:
+            held = self._ports.get((domid, remote.remote_port))
+            if held is not None and held.stale:
+                held.stale = False
+                return held
         if remote is None or remote.remote_port is not None or remote.remote_dom != domid:
             raise EvtchnError(
                 "EINVAL", f"domain {remote_dom} port {remote_port} is not unbound for {domid}"
@@ -100,6 +110,11 @@ class EventChannels:
             if peer is not None:
                 peer.remote_port = None
         entry.owner.drop_doorbell(entry.doorbell)
+
+    def orphan(self, domid: int) -> None:
+        """``domid`` died and will be restarted (dom0): its ports wait to be adopted."""
+        for port in self.ports_of(domid):
+            port.stale = True
 
     def close_domain(self, domid: int) -> None:
         """A domain died: close its ports, and its peers' ports bound to it (their doorbells

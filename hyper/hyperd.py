@@ -52,7 +52,7 @@ log = logging.getLogger("hyperd")
 DOM0_NAME = "Domain-0"
 PIDS_MAX = 1024
 BUILD_TIMEOUT = 30.0
-DOM0_STABLE = 30.0  # seconds up after which a dom0 death restarts it at once
+DOM0_STABLE = 5.0  # seconds up after which a dom0 death restarts it at once
 DOM0_BACKOFF = (0.25, 30.0)  # first and longest wait before restarting a dom0 that keeps dying
 OUTQ_LIMIT = 4096
 
@@ -180,6 +180,7 @@ class Hypervisor:
                     str(theirs.fileno()),
                     "--run-dir",
                     str(self.run.root),
+                    *(["--recover"] if self.dom0_restarts else []),
                 ],
                 pass_fds=(theirs.fileno(),),
                 stdin=subprocess.DEVNULL,
@@ -641,6 +642,7 @@ class Hypervisor:
         dom0 = self.domains[0]
         self._drop_socket(dom0)
         dom0.pid = None
+        self.evtchn.orphan(0)
         if self.halting:
             self.domains.pop(0, None)
             if dom0.cgroup is not None:

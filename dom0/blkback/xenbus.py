@@ -104,7 +104,7 @@ class BlkbackDriver:
             return
         if dev.backend_closing(state, lambda: self._disconnect(vbd)):
             return
-        if state in (S.Initialised, S.Connected) and dev.state == S.InitWait:
+        if dev.state == S.InitWait and dev.otherend_ready(state):
             try:
                 self._connect(dev, vbd)
             except (KeyError, ValueError, OSError, HypercallError) as exc:

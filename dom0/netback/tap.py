@@ -8,9 +8,11 @@ cleanup`); a bridge that already existed is used as found and never removed.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import threading
+import time
 
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
@@ -20,6 +22,7 @@ from channels.tun import open_tap
 log = logging.getLogger(__name__)
 
 OURS = "hyper-bridge"  # the IFLA_IFALIAS of bridges hyper created
+TAP_BUSY_WAIT = 5.0
 _bridge_lock = threading.Lock()
 
 
@@ -54,7 +57,7 @@ def ensure_bridge(ipr: IPRoute, name: str) -> int:
 def create_tap(domid: int, devid: int, bridge: str, mtu: int) -> int:
     """Create the host TAP of a vif on ``bridge``; returns its frame fd."""
     name = vif_name(domid, devid)
-    fd = open_tap(name)
+    fd = _open_when_free(name)
     try:
         with _bridge_lock, IPRoute() as ipr:
             master = ensure_bridge(ipr, bridge)
@@ -65,6 +68,19 @@ def create_tap(domid: int, devid: int, bridge: str, mtu: int) -> int:
         os.close(fd)
         raise TapError(f"{name}: {exc}") from exc
     return fd
+
+
+def _open_when_free(name: str, wait: float = TAP_BUSY_WAIT) -> int:
+    """Open TAP ``name``; while another process still holds it (the worker of a dom0 that
+    died a moment ago, exiting), wait for it to go, up to ``wait`` seconds."""
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            return open_tap(name)
+        except OSError as exc:
+            if exc.errno != errno.EBUSY or time.monotonic() > deadline:
+                raise TapError(f"{name}: {exc}") from exc
+        time.sleep(0.05)
 
 
 def destroy_tap(fd: int, domid: int, devid: int, bridge: str) -> None:

@@ -88,7 +88,7 @@ class NetbackDriver:
             return
         if dev.backend_closing(state, lambda: self._disconnect(vif)):
             return
-        if state in (S.Initialised, S.Connected) and dev.state == S.InitWait:
+        if dev.state == S.InitWait and dev.otherend_ready(state):
             try:
                 self._connect(dev, vif)
             except (KeyError, ValueError, OSError, GrantError, HypercallError) as exc:

@@ -6,6 +6,7 @@ Code map::
     requests.py      one handler per message type (xenstored's wire_funcs[]), payload parsing
     nodes.py         read/write/mkdir/rm/directory/perms with permission and quota checks
     tree.py          Node, the live Tree (per-node generation counters), the View protocol
+    journal.py       the tree on disk (snapshot + journal) for a restarted dom0
     perms.py         permission rules: owner first, inheritance, who may change what
     watches.py       watch records and which change fires which watch
     transactions.py  private overlay per transaction, EAGAIN on conflicting commit

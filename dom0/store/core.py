@@ -29,6 +29,7 @@ from channels.xs_wire import Message, Perm, XsErrno, XsError, check_domid
 from dom0.store import nodes, perms, requests
 from dom0.store.connection import Connection, Send
 from dom0.store.domains import Domains
+from dom0.store.journal import Journal
 from dom0.store.quota import Quota
 from dom0.store.transactions import Change, Transaction
 from dom0.store.tree import Node, Tree, View
@@ -40,15 +41,24 @@ log = logging.getLogger(__name__)
 class Store:
     """A XenStore-like store. Thread-safe: every entry point takes ``lock``."""
 
-    def __init__(self, quota: Quota | None = None) -> None:
+    def __init__(
+        self, quota: Quota | None = None, journal: Journal | None = None, recover: bool = False
+    ) -> None:
+        """With a ``journal`` the tree is kept on disk; ``recover`` starts from what it holds
+        (a restarted dom0) instead of an empty store."""
         self.lock = threading.RLock()
-        self.tree = Tree()
+        self.tree = Tree(journal)
         self.domains = Domains(quota if quota is not None else Quota())
         self.watches = WatchTable()
         self._connections: set[Connection] = set()
         self._conn_ids = itertools.count(1)
         self._tx_ids = itertools.count(1)
-        self._make_skeleton()
+        recovered = journal.load() if journal is not None and recover else {}
+        if recovered:
+            self.tree.restore(recovered)
+        else:
+            self._make_skeleton()
+        self.tree.record()
 
     def _make_skeleton(self) -> None:
         dom0_only = (Perm(0, "n"),)

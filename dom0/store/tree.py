@@ -13,9 +13,12 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from channels.xs_wire import Perm
+
+if TYPE_CHECKING:
+    from dom0.store.journal import Journal
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,12 +46,21 @@ class View(Protocol):
 
 
 class Tree:
-    """The live tree (a View). Callers hold the store lock."""
+    """The live tree (a View). Callers hold the store lock. With a ``journal``, every change
+    is recorded as it is made (dom0/store/journal.py)."""
 
-    def __init__(self) -> None:
+    def __init__(self, journal: Journal | None = None) -> None:
         self._nodes: dict[str, Node] = {}
         self._generation = 0
         self._owned: Counter[int] = Counter()
+        self.journal = journal
+
+    def restore(self, nodes: dict[str, Node]) -> None:
+        """Fill an empty tree with nodes read back from a journal (not recorded again)."""
+        journal, self.journal = self.journal, None
+        for path, node in nodes.items():
+            self.put(path, node)
+        self.journal = journal
 
     def __len__(self) -> int:
         return len(self._nodes)
@@ -67,11 +79,20 @@ class Tree:
             self._owned[old.owner] -= 1
         self._owned[node.owner] += 1
         self._nodes[path] = Node(node.value, node.perms, node.children, self._generation)
+        if self.journal is not None:
+            self.journal.put(path, node, self._nodes)
 
     def delete(self, path: str) -> None:
         old = self._nodes.pop(path, None)
         if old is not None:
             self._owned[old.owner] -= 1
+            if self.journal is not None:
+                self.journal.delete(path, self._nodes)
+
+    def record(self) -> None:
+        """Write the whole tree to the journal as its new starting point."""
+        if self.journal is not None:
+            self.journal.compact(self._nodes)
 
     def owned(self, domid: int) -> int:
         return self._owned[domid]

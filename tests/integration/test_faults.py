@@ -15,6 +15,7 @@ import json
 import os
 import re
 import signal
+import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -118,19 +119,7 @@ def test_a_killed_blkback_is_a_pause_fio_verifies_and_fsynced_data_is_in_the_ima
     name = make_domain("disk:\n" + disk(image, size="128M"))
     [vbd] = vbds(name)
     first = vbd["worker_pid"]
-    # The first 48 MiB: written, then read back and verified.
-    fio = in_domain(name, *fio_verify("randwrite", "48M"))
-    dd = in_domain(  # MiB 64 to 96, beside fio's region
-        name,
-        "dd",
-        "if=/dev/urandom",
-        "of=/dev/xvda",
-        "bs=1M",
-        "count=32",
-        "seek=64",
-        "oflag=direct",
-        "conv=fsync,notrunc",
-    )
+    fio, dd = start_fio_and_dd(name)
     try:
         wait_for(lambda: vbds(name)[0]["wr_req"] > 2000, 60, "fio and dd to be writing")
         os.kill(first, signal.SIGKILL)
@@ -144,24 +133,55 @@ def test_a_killed_blkback_is_a_pause_fio_verifies_and_fsynced_data_is_in_the_ima
         counted = vbds(name)[0]["wr_req"]
         wait_for(lambda: vbds(name)[0]["wr_req"] > counted, 10, "writes after the restart")
         print(f"I/O completing again {time.monotonic() - killed:.2f} s after the kill")
-
-        out, err = fio.communicate(timeout=300)
-        assert fio.returncode == 0, err
-        job = json.loads(out[out.index("{") :])["jobs"][0]
-        assert job["error"] == 0 and job["write"]["io_bytes"] == 48 << 20
-        _, err = dd.communicate(timeout=120)
-        assert dd.returncode == 0 and "33554432 bytes" in err, err
+        check_fio_and_dd(fio, dd)
     finally:
-        for proc in (fio, dd):
-            if proc.poll() is None:
-                proc.kill()
-            proc.communicate()
+        reap(fio, dd)
+    assert vbds(name)[0]["errors"] == 0
+    check_dd_in_image(name, image)
+
+
+def start_fio_and_dd(name: str) -> tuple[subprocess.Popen[str], subprocess.Popen[str]]:
+    """fio writing and verifying the disk's first 48 MiB; dd writing 32 MiB at MiB 64, beside
+    fio's region, with conv=fsync (it is told all is on disk before it exits)."""
+    fio = in_domain(name, *fio_verify("randwrite", "48M"))
+    dd = in_domain(
+        name,
+        "dd",
+        "if=/dev/urandom",
+        "of=/dev/xvda",
+        "bs=1M",
+        "count=32",
+        "seek=64",
+        "oflag=direct",
+        "conv=fsync,notrunc",
+    )
+    return fio, dd
+
+
+def check_fio_and_dd(fio: subprocess.Popen[str], dd: subprocess.Popen[str]) -> None:
+    """Both ran to the end without an error; fio verified every block it wrote."""
+    out, err = fio.communicate(timeout=300)
+    assert fio.returncode == 0, err
+    job = json.loads(out[out.index("{") :])["jobs"][0]
+    assert job["error"] == 0 and job["write"]["io_bytes"] == 48 << 20
+    _, err = dd.communicate(timeout=120)
+    assert dd.returncode == 0 and "33554432 bytes" in err, err
+
+
+def check_dd_in_image(name: str, image: Path) -> None:
+    """What dd wrote, as the domain reads it, is in the image once the domain is destroyed."""
     inside = hyperctl(
         "exec", name, "--", "sh", "-c", "dd if=/dev/xvda bs=1M skip=64 count=32 | sha256sum"
     ).out.split()[0]
-    assert vbds(name)[0]["errors"] == 0
     destroy(name, image)
     assert sha256_of(image, 32 << 20, offset=64 << 20) == inside
+
+
+def reap(*procs: subprocess.Popen[str]) -> None:
+    for proc in procs:
+        if proc.poll() is None:
+            proc.kill()
+        proc.communicate()
 
 
 def test_an_iperf3_stream_between_two_domains_survives_a_killed_netback(
@@ -190,11 +210,14 @@ def test_an_iperf3_stream_between_two_domains_survives_a_killed_netback(
         counted = now()["tx_bytes"]
         wait_for(lambda: now()["tx_bytes"] > counted, 10, "frames to cross again")
         print(f"frames crossing again {time.monotonic() - killed:.2f} s after the kill")
-        out, err = stream.communicate(timeout=60)
+        check_stream(stream, timeout=60)
     finally:
-        if stream.poll() is None:
-            stream.kill()
-        stream.communicate()
+        reap(stream)
+
+
+def check_stream(stream: subprocess.Popen[str], timeout: float) -> None:
+    """The same iperf3 run went on to its end and moved data."""
+    out, err = stream.communicate(timeout=timeout)
     assert stream.returncode == 0, err
     report = json.loads(out)
     per_second = [round(i["sum"]["bits_per_second"] / 1e9, 2) for i in report["intervals"]]
@@ -220,3 +243,61 @@ def test_a_dom0_that_keeps_dying_is_restarted_ever_more_slowly(own_hypervisor: N
 
 def dmesg() -> str:
     return hyperctl("dmesg").out
+
+
+def kill_dom0() -> tuple[int, float]:
+    """SIGKILL dom0 (once it serves); its pid and when it died."""
+    pid = wait_for(dom0_pid, 30, "dom0 to serve")
+    os.kill(pid, signal.SIGKILL)
+    return pid, time.monotonic()
+
+
+def test_fio_and_an_fsynced_dd_carry_on_across_a_killed_dom0(
+    make_domain: Callable[..., str], tmp_path: Path
+) -> None:
+    image = tmp_path / "disk.img"
+    name = make_domain("disk:\n" + disk(image, size="128M"))
+    fio, dd = start_fio_and_dd(name)
+    try:
+        wait_for(lambda: vbds(name)[0]["wr_req"] > 2000, 60, "fio and dd to be writing")
+        old, killed = kill_dom0()
+
+        def writing_again() -> bool:
+            if dom0_pid() in (None, old):
+                return False
+            now = vbds(name)
+            return bool(now and now[0]["connected"] and now[0]["wr_req"] > 0)
+
+        wait_for(writing_again, 30, "a new dom0 to serve the disk again")
+        print(f"writes completing again {time.monotonic() - killed:.2f} s after the kill")
+        # fio and dd ran through `hyperctl exec`: those sessions outlived dom0 as well.
+        check_fio_and_dd(fio, dd)
+    finally:
+        reap(fio, dd)
+    check_dd_in_image(name, image)
+
+
+def test_an_iperf3_stream_between_two_domains_survives_a_killed_dom0(
+    make_domain: Callable[..., str], lan: tuple[str, str]
+) -> None:
+    bridge, net = lan
+    server = make_domain(f"vif:\n  - bridge: {bridge}\n    ip: {net}.2/24\n")
+    client = make_domain(f"vif:\n  - bridge: {bridge}\n    ip: {net}.3/24\n")
+    start_iperf3_server(server)
+    stream = in_domain(client, "iperf3", "-c", f"{net}.2", "-t", "10", "-i", "1", "-J")
+    try:
+
+        def tx_bytes() -> int:
+            listing = hyperctl("network-list", "--json", client, check=False)
+            if listing.status != 0:
+                return 0
+            vifs = json.loads(listing.out)
+            return int(vifs[0]["tx_bytes"]) if vifs and vifs[0]["connected"] else 0
+
+        wait_for(lambda: tx_bytes() > 50 << 20, 30, "the stream to be flowing")
+        old, killed = kill_dom0()
+        wait_for(lambda: dom0_pid() not in (None, old) and tx_bytes(), 30, "frames again")
+        print(f"frames crossing again {time.monotonic() - killed:.2f} s after the kill")
+        check_stream(stream, timeout=90)
+    finally:
+        reap(stream)
