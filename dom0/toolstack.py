@@ -204,12 +204,8 @@ class Toolstack:
             raise RequestError(f"{devtype} {domid}/{devid} did not connect: {error}") from exc
 
     def _device_ids(self, domid: int, devtype: str) -> list[int]:
-        try:
-            return sorted(
-                int(d) for d in self.xs.directory(xenbus.device_type_path(domid, devtype))
-            )
-        except Exception:
-            return []
+        names = self._children(xenbus.device_type_path(domid, devtype))
+        return sorted(int(d) for d in names if d.isdecimal())
 
     def ev_domain_running(self, data: dict[str, Any]) -> None:
         state = self.domains.get(data["domid"])

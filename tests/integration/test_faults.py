@@ -187,10 +187,7 @@ def reap(*procs: subprocess.Popen[str]) -> None:
 def test_an_iperf3_stream_between_two_domains_survives_a_killed_netback(
     make_domain: Callable[..., str], lan: tuple[str, str]
 ) -> None:
-    bridge, net = lan
-    server = make_domain(f"vif:\n  - bridge: {bridge}\n    ip: {net}.2/24\n")
-    client = make_domain(f"vif:\n  - bridge: {bridge}\n    ip: {net}.3/24\n")
-    start_iperf3_server(server)
+    client, net = two_domains_with_a_server(make_domain, lan)
     [vif] = json.loads(hyperctl("network-list", "--json", client).out)
     first = vif["worker_pid"]
     stream = in_domain(client, "iperf3", "-c", f"{net}.2", "-t", "8", "-i", "1", "-J")
@@ -213,6 +210,18 @@ def test_an_iperf3_stream_between_two_domains_survives_a_killed_netback(
         check_stream(stream, timeout=60)
     finally:
         reap(stream)
+
+
+def two_domains_with_a_server(
+    make_domain: Callable[..., str], lan: tuple[str, str]
+) -> tuple[str, str]:
+    """Two domUs on ``lan``, an iperf3 server listening in the first (.2); the second (.3),
+    the client, and the /24 prefix."""
+    bridge, net = lan
+    server = make_domain(f"vif:\n  - bridge: {bridge}\n    ip: {net}.2/24\n")
+    client = make_domain(f"vif:\n  - bridge: {bridge}\n    ip: {net}.3/24\n")
+    start_iperf3_server(server)
+    return client, net
 
 
 def check_stream(stream: subprocess.Popen[str], timeout: float) -> None:
@@ -280,10 +289,7 @@ def test_fio_and_an_fsynced_dd_carry_on_across_a_killed_dom0(
 def test_an_iperf3_stream_between_two_domains_survives_a_killed_dom0(
     make_domain: Callable[..., str], lan: tuple[str, str]
 ) -> None:
-    bridge, net = lan
-    server = make_domain(f"vif:\n  - bridge: {bridge}\n    ip: {net}.2/24\n")
-    client = make_domain(f"vif:\n  - bridge: {bridge}\n    ip: {net}.3/24\n")
-    start_iperf3_server(server)
+    client, net = two_domains_with_a_server(make_domain, lan)
     stream = in_domain(client, "iperf3", "-c", f"{net}.2", "-t", "10", "-i", "1", "-J")
     try:
 
