@@ -111,9 +111,15 @@ class EventChannel:
 
     def notify(self) -> None:
         """Ring the peer. Before the peer binds this is dropped: binding sets the new port
-        pending, so the peer re-checks its ring as soon as it exists."""
-        if self._peer is None and not self._refresh():
-            return
+        pending, so the peer re-checks its ring as soon as it exists. A frontend learns the
+        peer's doorbell when its backend says Connected (``doorbell_names``), so that only a
+        notify racing with that asks hyperd, and a hyperd that does not answer drops it too."""
+        if self._peer is None:
+            try:
+                if not self._refresh():
+                    return
+            except HypercallError:
+                return
         assert self._peer is not None
         self._peer.ring()
 

@@ -118,6 +118,15 @@ class GnttabMapPool(Op):
     gref: int = Field(ge=0)
 
 
+class GnttabMapPools(Op):
+    """Any domain: every pool of ``granter`` set up for the caller, so that a backend maps them
+    all as it connects and its data path never waits on hyperd. Result: {"pools": [...]}, each
+    as gnttab_map_pool gives it."""
+
+    op = "gnttab_map_pools"
+    granter: int = Field(ge=0, le=DOMID_MAX)
+
+
 class GnttabReleasePool(Op):
     """The granting domain: destroy one of its pools (the peer's mapping stays valid until the
     peer unmaps it, as a revoked grant does not yank a live mapping)."""
@@ -240,6 +249,7 @@ OPS: dict[str, type[Op]] = {
         EvtchnClose,
         GnttabSetupPool,
         GnttabMapPool,
+        GnttabMapPools,
         GnttabReleasePool,
         SchedBooted,
         SchedShutdown,

@@ -14,6 +14,7 @@ import os
 import queue
 import socket
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -191,10 +192,21 @@ class Toolstack:
         return add_device(self.xs, domid, backend, "vbd", devid, front, back)
 
     def _wait_connected(self, domid: int, devtype: str, devid: int, timeout: float) -> None:
-        path = xenbus.state_path(xenbus.frontend_path(domid, devtype, devid))
+        """Both ends Connected, as libxl waits: a netfront says Connected before its backend
+        has bound the event channels, and is not usable until then."""
+        front = xenbus.frontend_path(domid, devtype, devid)
+        deadline = time.monotonic() + timeout
         try:
-            xenbus.wait_for_state(self.xs, path, {XenbusState.Connected}, timeout)
-        except TimeoutError as exc:
+            xenbus.wait_for_state(
+                self.xs, xenbus.state_path(front), {XenbusState.Connected}, timeout
+            )
+            # The guest may rewrite this node: a lie only delays or hurries its own request.
+            back = self.xs.read_optional(xenbus.key_path(front, "backend"))
+            if back is not None:
+                left = max(0.0, deadline - time.monotonic())
+                connected = {XenbusState.Connected}
+                xenbus.wait_for_state(self.xs, xenbus.state_path(back), connected, left)
+        except (TimeoutError, xenbus.XsPathError, XsError) as exc:
             error = (
                 self.xs.read_optional(
                     xenbus.error_path(xenbus.frontend_path(domid, devtype, devid))

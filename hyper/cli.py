@@ -1,7 +1,10 @@
 """hyperctl: the user's tool, shaped like Xen's xl. A thin table over the toolstack.
 
 Every command except ``create --dry-run`` and ``cleanup`` talks to dom0's toolstack over its
-root-only socket; ``create`` starts the hypervisor first when none runs. Exit status: 0 on
+root-only socket; ``create`` starts the hypervisor first when none runs. After hyperd was killed
+(dom0 and the domains run on without it), a command that needs it fails at once saying so;
+``start`` and ``create`` start it again (it re-adopts the running domains) and ``halt`` starts
+it again to stop everything. Exit status: 0 on
 success, 1 when the operation failed, 2 for bad input (usage, config errors), and for ``exec``
 the status of the command run in the domain.
 """
@@ -23,12 +26,16 @@ import tty
 from pathlib import Path
 from typing import Any
 
-from hyper import control
+from hyper import control, keeper, state
 from hyper.control import ControlError, NotRunning
 from hyper.paths import RunDir
 
 DETACH = b"\x1d"  # Ctrl-]
 HYPERD_START_TIMEOUT = 30.0
+HYPERD_DOWN = (
+    "the hypervisor (hyperd) is not running, but dom0 and the domains are: "
+    "`hyperctl start` starts it again and it re-adopts them; `hyperctl halt` stops them all"
+)
 WORKLOAD_UID = 1000
 
 
@@ -44,6 +51,7 @@ def _run() -> RunDir:
 
 
 def _call(method: str, timeout: float | None = 120.0, **params: Any) -> Any:
+    _require_hyperd()
     try:
         return control.call(_run().toolstack_socket, method, timeout=timeout, **params)
     except NotRunning as exc:
@@ -55,19 +63,53 @@ def _call(method: str, timeout: float | None = 120.0, **params: Any) -> Any:
 # -- create ------------------------------------------------------------------------------------
 
 
+def _hyperd_alive(run: RunDir) -> bool:
+    from hyper.cleanup import hyperd_alive  # not at the top: it costs every command 25 ms
+
+    return hyperd_alive(run)
+
+
+def _hyperd_killed(run: RunDir) -> bool:
+    """hyperd is not running, but its state file says a run is not over: it was killed, and
+    dom0 and the domains may run on without it."""
+    return run.state_file.exists() and not _hyperd_alive(run)
+
+
+def _require_hyperd() -> None:
+    """Fail at once instead of waiting for a hypercall that no hyperd will answer (dom0's
+    toolstack still answers, but its hypercalls wait)."""
+    if _hyperd_killed(_run()):
+        raise CliError(HYPERD_DOWN)
+
+
 def _hyperd_running() -> bool:
+    run = _run()
+    if not _hyperd_alive(run):
+        return False
     try:
-        control.Connection(_run().toolstack_socket, timeout=5.0).close()
+        control.Connection(run.toolstack_socket, timeout=5.0).close()
     except NotRunning:
         return False
     return True
 
 
 def ensure_hypervisor() -> None:
-    """Start hyperd in the background unless one already answers."""
+    """Start hyperd in the background unless one runs; one started after a hyperd was killed
+    re-adopts the domains that run on (hyper/hyperd.py). Returns once dom0 answers."""
+    run = _run()
     if _hyperd_running():
         return
-    run = _run()
+    if not _hyperd_alive(run):
+        _start_hyperd(run)
+    deadline = time.monotonic() + HYPERD_START_TIMEOUT
+    while time.monotonic() < deadline:
+        if _hyperd_running():
+            return
+        time.sleep(0.1)
+    raise CliError(f"the hypervisor did not start; see {run.log('hyperd')}")
+
+
+def _start_hyperd(run: RunDir) -> None:
     subprocess.Popen(
         [sys.executable, "-m", "hyper.hyperd", "--run-dir", str(run.root)],
         stdin=subprocess.DEVNULL,
@@ -77,12 +119,23 @@ def ensure_hypervisor() -> None:
         cwd="/",
         env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)},
     )
-    deadline = time.monotonic() + HYPERD_START_TIMEOUT
-    while time.monotonic() < deadline:
-        if _hyperd_running():
-            return
-        time.sleep(0.1)
-    raise CliError(f"the hypervisor did not start; see {run.log('hyperd')}")
+
+
+def cmd_start(args: argparse.Namespace) -> int:
+    """Start the hypervisor (dom0 and hyperd), or a killed hyperd again, which re-adopts the
+    domains that ran on without it; nothing to do when one runs."""
+    run = _run()
+    if _hyperd_running():
+        print("the hypervisor is already running")
+        return 0
+    adopting = _hyperd_killed(run)
+    ensure_hypervisor()
+    domus = [d for d in _call("list") if d["domid"] != 0]
+    if adopting:
+        print(f"hyperd started again; it re-adopted {len(domus)} domain(s)")
+    else:
+        print("the hypervisor is running")
+    return 0
 
 
 def cmd_create(args: argparse.Namespace) -> int:
@@ -278,6 +331,8 @@ def cmd_shutdown(args: argparse.Namespace) -> int:
 
 
 def cmd_halt(args: argparse.Namespace) -> int:
+    if _hyperd_killed(_run()):
+        ensure_hypervisor()  # it re-adopts what runs, so that the halt can stop it all
     try:
         control.call(_run().toolstack_socket, "halt", timeout=60.0)
     except NotRunning:
@@ -292,8 +347,17 @@ def cmd_halt(args: argparse.Namespace) -> int:
 def cmd_cleanup(args: argparse.Namespace) -> int:
     from hyper.cleanup import HypervisorRunning, cleanup
 
+    run = _run()
+    if _hyperd_alive(run):
+        raise CliError("a hypervisor is running; use `hyperctl halt` to stop it")
+    # The fd keeper outlives a killed hyperd on purpose (hyper/keeper.py); cleanup ends it.
+    pid = keeper.stop(run.keeper_socket)
+    if pid is not None:
+        print(f"stopped the fd keeper (pid {pid})")
+    if state.remove(run.state_file):
+        print(f"removed {run.state_file}")
     try:
-        for line in cleanup(_run()):
+        for line in cleanup(run):
             print(line)
     except HypervisorRunning as exc:
         raise CliError(str(exc)) from exc
@@ -686,6 +750,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-n", dest="count", type=int, default=None, help="watch: stop after N events")
     p.set_defaults(func=cmd_store)
 
+    sub.add_parser(
+        "start", help="start the hypervisor (after a killed hyperd: it re-adopts the domains)"
+    ).set_defaults(func=cmd_start)
     sub.add_parser("halt", help="destroy every domain and stop the hypervisor").set_defaults(
         func=cmd_halt
     )

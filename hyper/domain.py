@@ -23,6 +23,7 @@ import subprocess
 import sys
 import time
 import uuid as uuidlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -52,6 +53,12 @@ class RingInfo:
     def as_dict(self) -> dict[str, Any]:
         return {"segment": self.segment, "domu_port": self.domu_port, "dom0_port": self.dom0_port}
 
+    @classmethod
+    def from_dict(cls, data: dict[str, Any] | None) -> RingInfo | None:
+        if data is None:
+            return None
+        return cls(str(data["segment"]), int(data["domu_port"]), int(data["dom0_port"]))
+
 
 @dataclass
 class Domain:
@@ -68,7 +75,13 @@ class Domain:
     sync: socket.socket | None = None  # hyperd's end of the boot sync socket
     sync_buffer: bytes = b""
     pid: int | None = None  # the domain's main process: dom0 itself, or a domU's kernel
-    reaped: bool = False  # hyperd has collected the main process's exit status
+    #: When ``pid`` started (/proc/<pid>/stat), so that a re-adopting hyperd never takes a
+    #: reused pid for the domain.
+    pid_start: int | None = None
+    reaped: bool = False  # hyperd has collected the main process's exit status (or never will)
+    #: A pidfd on ``pid`` when the process is not hyperd's child: it was adopted from a killed
+    #: hyperd (it is PID 1's child now), so its death comes through the pidfd, not SIGCHLD.
+    pidfd: int | None = None
     store: RingInfo | None = None
     console: RingInfo | None = None
     shutdown_reason: str | None = None  # what the domain said in sched_shutdown
@@ -85,6 +98,59 @@ class Domain:
     @property
     def vcpus(self) -> int:
         return int(self.config.get("vcpus", 1))
+
+    def set_pid(self, pid: int) -> None:
+        """The main process is ``pid``, not yet reaped (so its number cannot be reused yet)."""
+        self.pid = pid
+        self.pid_start = process_start_time(pid)
+        self.reaped = False
+
+    def to_dict(self) -> dict[str, Any]:
+        """The record, for hyperd's state file (hyper/state.py); sockets and processes are not
+        in it: a re-adopting hyperd gets them back from the fd keeper and /proc."""
+        return {
+            "domid": self.domid,
+            "name": self.name,
+            "config": self.config,
+            "resources": self.resources.to_dict(),
+            "cgroup": self.cgroup.name if self.cgroup is not None else None,
+            "status": self.status.value,
+            "uuid": self.uuid,
+            "created": self.created,
+            "pid": self.pid,
+            "pid_start": self.pid_start,
+            "reaped": self.reaped,
+            "store": self.store.as_dict() if self.store else None,
+            "console": self.console.as_dict() if self.console else None,
+            "shutdown_reason": self.shutdown_reason,
+            "exit_code": self.exit_code,
+            "final_cpu_ns": self.final_cpu_ns,
+        }
+
+    @classmethod
+    def from_dict(
+        cls, data: dict[str, Any], open_group: Callable[[str], DomainGroup | None]
+    ) -> Domain:
+        """The record ``to_dict`` wrote; ``open_group`` re-opens its existing cgroup by name."""
+        group = data["cgroup"]
+        return cls(
+            int(data["domid"]),
+            str(data["name"]),
+            dict(data["config"]),
+            Resources.from_dict(data["resources"]),
+            cgroup=open_group(str(group)) if group is not None else None,
+            status=Status(data["status"]),
+            uuid=str(data["uuid"]),
+            created=float(data["created"]),
+            pid=_optional_int(data["pid"]),
+            pid_start=_optional_int(data["pid_start"]),
+            reaped=bool(data["reaped"]),
+            store=RingInfo.from_dict(data["store"]),
+            console=RingInfo.from_dict(data["console"]),
+            shutdown_reason=data["shutdown_reason"],
+            exit_code=_optional_int(data["exit_code"]),
+            final_cpu_ns=int(data["final_cpu_ns"]),
+        )
 
     def info(self, state: str, cpu_ns: int) -> dict[str, Any]:
         return {
@@ -104,6 +170,21 @@ class Domain:
             "console": self.console.as_dict() if self.console else None,
             "config": self.config,
         }
+
+
+def _optional_int(value: Any) -> int | None:
+    return None if value is None else int(value)
+
+
+def process_start_time(pid: int) -> int | None:
+    """When process ``pid`` started, in clock ticks since boot; None if there is no such process.
+    Two processes that had the same pid never have the same start time."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    # The command name (field 2) may hold spaces and parentheses: count from the last ')'.
+    return int(stat.rsplit(")", 1)[1].split()[19])
 
 
 def ring_sizes() -> dict[str, int]:

@@ -13,7 +13,9 @@ stale dom0 port gets that very port back, so the frontend sees its channel carry
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from hyper.resources import Resources, sharing_gid
 
@@ -43,6 +45,30 @@ class Port:
     @property
     def state(self) -> str:
         return "unbound" if self.remote_port is None else "interdomain"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "domid": self.domid,
+            "port": self.port,
+            "remote_dom": self.remote_dom,
+            "doorbell": self.doorbell,
+            "owner": self.owner.domid,
+            "remote_port": self.remote_port,
+            "stale": self.stale,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], owners: Mapping[int, Resources]) -> Port:
+        remote_port = data["remote_port"]
+        return cls(
+            int(data["domid"]),
+            int(data["port"]),
+            int(data["remote_dom"]),
+            str(data["doorbell"]),
+            owners[int(data["owner"])],
+            None if remote_port is None else int(remote_port),
+            bool(data["stale"]),
+        )
 
 
 class EventChannels:
@@ -127,3 +153,21 @@ class EventChannels:
 
     def ports_of(self, domid: int) -> list[Port]:
         return [p for (d, _), p in self._ports.items() if d == domid]
+
+    def to_dict(self) -> dict[str, Any]:
+        """Every port and each domain's last port number, for hyperd's state file."""
+        return {
+            "ports": [p.to_dict() for _, p in sorted(self._ports.items())],
+            "last": {str(domid): port for domid, port in sorted(self._last.items())},
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], owners: Mapping[int, Resources]) -> EventChannels:
+        """The tables ``to_dict`` wrote; ``owners`` maps a domid to that domain's Resources (a
+        port's doorbell is one of its owner's objects)."""
+        tables = cls()
+        for entry in data["ports"]:
+            port = Port.from_dict(entry, owners)
+            tables._ports[port.domid, port.port] = port
+        tables._last = {int(domid): int(port) for domid, port in data["last"].items()}
+        return tables

@@ -8,7 +8,8 @@ by the granter and checked by the grantee (channels/gnttab.py).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from typing import Any
 
 from channels.gnttab import pool_bytes
 from hyper.resources import Resources, sharing_gid
@@ -74,6 +75,10 @@ class GrantTables:
                 return pool
         raise GnttabError("EINVAL", f"domain {granter} has no gref {gref}")
 
+    def pools_for(self, caller: int, granter: int) -> list[Pool]:
+        """Every pool of ``granter`` that ``caller`` may map."""
+        return [p for p in self.pools_of(granter) if p.peer == caller]
+
     def release_pool(self, granter: int, pool_id: int, resources: Resources) -> None:
         pool = self._pools.pop((granter, pool_id), None)
         if pool is None:
@@ -88,3 +93,29 @@ class GrantTables:
 
     def pools_of(self, domid: int) -> list[Pool]:
         return [p for (g, _), p in self._pools.items() if g == domid]
+
+    def to_dict(self) -> dict[str, Any]:
+        """Every pool and each granter's next gref and pool id, for hyperd's state file."""
+        return {
+            "pools": [asdict(p) for _, p in sorted(self._pools.items())],
+            "next_gref": {str(d): n for d, n in sorted(self._next_gref.items())},
+            "next_pool": {str(d): n for d, n in sorted(self._next_pool.items())},
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> GrantTables:
+        """The tables ``to_dict`` wrote (each pool's segment is one of a domain's Resources)."""
+        tables = cls()
+        for entry in data["pools"]:
+            pool = Pool(
+                int(entry["pool"]),
+                int(entry["granter"]),
+                int(entry["peer"]),
+                str(entry["name"]),
+                int(entry["gref_base"]),
+                int(entry["pages"]),
+            )
+            tables._pools[pool.granter, pool.pool] = pool
+        tables._next_gref = {int(d): int(n) for d, n in data["next_gref"].items()}
+        tables._next_pool = {int(d): int(n) for d, n in data["next_pool"].items()}
+        return tables

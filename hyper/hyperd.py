@@ -6,8 +6,19 @@ socket identifies the caller; and it reaps every domain process (it is their chi
 applying ``on_poweroff``/``on_reboot``/``on_crash`` when one dies. Drivers, the store and policy
 live in dom0, not here.
 
-One thread runs a selector loop over the hypercall sockets, the boot sync sockets and a
-self-pipe for signals, so every state change happens in one place and in one order.
+One thread runs a selector loop over the hypercall sockets, the boot sync sockets, pidfds of
+adopted domains and a self-pipe for signals, so every state change happens in one place and in
+one order.
+
+Surviving its own death (SIGKILL included): the domains do not need hyperd to move data, only
+to change what exists. So hyperd hands its end of every hypercall socket to the fd keeper
+(hyper/keeper.py), which outlives it, and after every change writes its tables to the state file
+(hyper/state.py) before it tells anyone of the change. While no hyperd runs, the domains run on
+and their hypercalls wait in the kernel. A hyperd that starts and finds a state file re-adopts:
+it rebuilds the tables, re-opens the cgroups, takes the sockets back from the keeper and watches
+each domain's process through a pidfd (they are PID 1's children now, not its own). A domain
+that died meanwhile gets its ``on_crash`` (or the reason it gave in sched_shutdown); a dom0 that
+died is restarted; a domain that was still being built is destroyed.
 """
 
 from __future__ import annotations
@@ -20,6 +31,7 @@ import json
 import logging
 import os
 import platform
+import select
 import selectors
 import signal
 import socket
@@ -32,20 +44,22 @@ from typing import Any
 from channels import hypercall as hc
 from channels.hypercall import Op
 from domu import linux
-from hyper import cgroup
+from hyper import cgroup, keeper, state
 from hyper.domain import (
     Domain,
     RingInfo,
     Status,
     find_workload_init,
+    process_start_time,
     ring_sizes,
     spawn_boot,
     write_id_maps,
 )
 from hyper.evtchn import EventChannels, EvtchnError
 from hyper.gnttab import GnttabError, GrantTables
+from hyper.keeper import KeeperClient, KeeperError
 from hyper.paths import RunDir
-from hyper.resources import Resources, host_gid
+from hyper.resources import Resources, host_gid, leftovers
 
 log = logging.getLogger("hyperd")
 
@@ -75,11 +89,23 @@ class DmesgHandler(logging.Handler):
         self.lines.append(self.format(record))
 
 
+def _socket_name(domid: int) -> str:
+    """The name under which the fd keeper holds a domain's hypercall socket."""
+    return f"hc.{domid}"
+
+
 class Hypervisor:
-    def __init__(self, run: RunDir, hierarchy: cgroup.Hierarchy, dmesg: DmesgHandler) -> None:
+    def __init__(
+        self,
+        run: RunDir,
+        hierarchy: cgroup.Hierarchy,
+        dmesg: DmesgHandler,
+        fd_keeper: KeeperClient | None = None,
+    ) -> None:
         self.run = run
         self.cgroups = hierarchy
         self.dmesg = dmesg
+        self.keeper = fd_keeper
         self.domains: dict[int, Domain] = {}
         self.evtchn = EventChannels()
         self.gnttab = GrantTables()
@@ -94,17 +120,27 @@ class Hypervisor:
         self._sig_r, self._sig_w = socket.socketpair()
         self._sig_r.setblocking(False)
         self._sig_w.setblocking(False)
+        self._events: list[tuple[str, dict[str, Any]]] = []  # for dom0, sent at the next commit
+        self._saved: bytes | None = None  # the state file's content as last written
 
     # -- main loop -------------------------------------------------------------------------
 
-    def serve(self) -> None:
+    def serve(self, sockets: dict[str, socket.socket] | None = None, adopt: bool = False) -> None:
+        """Run until halted: from scratch, or (``adopt``) re-adopting the domains of the tables
+        ``load`` rebuilt, with the hypercall ``sockets`` the fd keeper held for them."""
         signal.set_wakeup_fd(self._sig_w.fileno())
         for signum in (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, lambda *_: None)
         self.selector.register(self._sig_r, selectors.EVENT_READ, ("signal", None))
-        self.start_dom0()
+        if adopt:
+            self._adopt_all(dict(sockets or {}))
+        else:
+            self._forget_sockets(sockets or {})
+            self.start_dom0()
+        self._commit()
         while not (self.halting and not self.domains):
-            for key, mask in self.selector.select(timeout=self._select_timeout()):
+            ready = self.selector.select(timeout=self._select_timeout())
+            for key, mask in ready:
                 kind, domain = key.data
                 try:
                     if kind == "signal":
@@ -115,15 +151,45 @@ class Hypervisor:
                         self._on_hypercall(domain)
                     elif kind == "sync":
                         self._on_sync(domain)
+                    elif kind == "pidfd":
+                        self._on_pidfd(domain)
                 except Exception:
                     log.exception("internal error handling %s", kind)
-            self._check_builds()
+            changed = self._check_builds()
             restart_at = self._dom0_restart_at
             if restart_at is not None and time.monotonic() >= restart_at and not self.halting:
                 self._dom0_restart_at = None
                 self.start_dom0()
+                changed = True
             if self.halt_requested:
                 self.halt()
+            if ready or changed:
+                self._commit()
+
+    def _commit(self) -> None:
+        """Write the tables, then tell dom0 what changed: nothing is ever announced that a
+        hyperd killed the next moment would not find in its state file."""
+        self._save()
+        self._flush_events()
+
+    def _save(self) -> None:
+        data = state.encode(self.snapshot())
+        if data == self._saved:
+            return
+        try:
+            state.write(self.run.state_file, data)
+        except OSError as exc:
+            log.error("cannot write %s: %s", self.run.state_file, exc)
+            return
+        self._saved = data
+
+    def _flush_events(self) -> None:
+        events, self._events = self._events, []
+        dom0 = self.domains.get(0)
+        if dom0 is None:
+            return
+        for name, data in events:
+            self._send(dom0, hc.encode({"event": name, "data": data}))
 
     def _select_timeout(self) -> float:
         if self._dom0_restart_at is None:
@@ -148,7 +214,9 @@ class Hypervisor:
             if pid == 0:
                 return
             for domain in list(self.domains.values()):
-                if domain.pid == pid:
+                # Only a live child: an adopted domain's old pid, or a preserved domain's, may
+                # since have been given to a new child of ours.
+                if domain.pid == pid and not domain.reaped and domain.pidfd is None:
                     domain.reaped = True
                     if domain.process is not None:
                         domain.process.returncode = os.waitstatus_to_exitcode(status)
@@ -156,9 +224,121 @@ class Hypervisor:
                 elif domain.boot is not None and domain.boot.pid == pid:
                     domain.boot.returncode = os.waitstatus_to_exitcode(status)
 
+    # -- persisted state and re-adoption ----------------------------------------------------
+
+    def snapshot(self) -> dict[str, Any]:
+        """The tables as the state file holds them (hyper/state.py)."""
+        return {
+            "last_domid": self.last_domid,
+            "dom0_restarts": self.dom0_restarts,
+            "domains": [d.to_dict() for _, d in sorted(self.domains.items())],
+            "evtchn": self.evtchn.to_dict(),
+            "gnttab": self.gnttab.to_dict(),
+        }
+
+    def load(self, saved: dict[str, Any]) -> None:
+        """Rebuild the tables from a snapshot, re-opening each domain's cgroup (never creating
+        or emptying one); no process or socket is touched. StateError if it does not hold
+        together."""
+        try:
+            domains = [Domain.from_dict(d, self._open_group) for d in saved["domains"]]
+            owners = {d.domid: d.resources for d in domains}
+            self.evtchn = EventChannels.from_dict(saved["evtchn"], owners)
+            self.gnttab = GrantTables.from_dict(saved["gnttab"])
+            self.last_domid = int(saved["last_domid"])
+            self.dom0_restarts = int(saved["dom0_restarts"])
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            message = f"{self.run.state_file}: {type(exc).__name__}: {exc}"
+            raise state.StateError(message) from exc
+        self.domains = {d.domid: d for d in domains}
+
+    def _open_group(self, name: str) -> cgroup.DomainGroup | None:
+        try:
+            return self.cgroups.open(name)
+        except cgroup.CgroupError as exc:
+            log.error("re-adopting: %s", exc)
+            return None
+
+    def _adopt_all(self, sockets: dict[str, socket.socket]) -> None:
+        log.info("re-adopting %d domains from %s", len(self.domains), self.run.state_file)
+        self._reconcile()
+        dead = [
+            domain
+            for _, domain in sorted(self.domains.items())
+            if not self._adopt(domain, sockets.pop(_socket_name(domain.domid), None))
+        ]
+        self._forget_sockets(sockets)
+        for domain in dead:
+            if domain.domid != 0:
+                log.warning("dom%d (%s) died while no hyperd ran", domain.domid, domain.name)
+                self._on_death(domain, None)
+        if 0 in self.domains and any(d.domid == 0 for d in dead):
+            self._on_dom0_death(None)
+        elif 0 not in self.domains:  # a hyperd killed while halting
+            self.start_dom0()
+        log.info("re-adopted: %s", ", ".join(f"dom{d}" for d in sorted(self.domains)))
+
+    def _adopt(self, domain: Domain, sock: socket.socket | None) -> bool:
+        """Take a domain of the state file back: its socket, and a pidfd on its process. False
+        if it is dead (or cannot be run without its socket), for the caller to finish."""
+        if domain.status in (Status.SHUTDOWN, Status.CRASHED):  # preserved: nothing runs
+            if sock is not None:
+                self._to_keeper(lambda k: k.drop(_socket_name(domain.domid)))
+                sock.close()
+            return True
+        domain.reaped = True  # whatever still runs is PID 1's child now, never ours to reap
+        domain.pidfd = _pidfd_of(domain.pid, domain.pid_start)
+        if sock is not None:
+            sock.setblocking(False)
+            domain.sock = sock
+            self.selector.register(sock, selectors.EVENT_READ, ("hypercall", domain))
+        if domain.status is Status.BUILDING:
+            # Its boot needed the sync socket, which died with the old hyperd: it cannot finish.
+            log.warning("dom%d (%s) was being built: destroying it", domain.domid, domain.name)
+            self.destroy(domain)
+            return True
+        if domain.pidfd is not None and sock is None:
+            log.error("dom%d: the fd keeper lost its hypercall socket; killing it", domain.domid)
+            if domain.cgroup is not None:
+                domain.cgroup.kill_all()
+            self._forget_pidfd(domain)
+        if domain.pidfd is None:
+            return False
+        self.selector.register(domain.pidfd, selectors.EVENT_READ, ("pidfd", domain))
+        return True
+
+    def _reconcile(self) -> None:
+        """Remove what a hyperd killed between making something and saving it left: a cgroup or
+        a /dev/shm object that no domain of the state holds. Nobody else makes them: hyper's
+        parent cgroup and the ``hyper.`` names are hyperd's alone."""
+        groups = {d.cgroup.name for d in self.domains.values() if d.cgroup is not None}
+        for name in self.cgroups.list():
+            if name not in groups:
+                log.warning("removing cgroup %s: no domain holds it", name)
+                try:
+                    self.cgroups.open(name).remove()
+                except cgroup.CgroupError as exc:
+                    log.error("cannot remove cgroup %s: %s", name, exc)
+        held: set[Path] = set()
+        for domain in self.domains.values():
+            held |= domain.resources.paths()
+        for path in leftovers():
+            if path not in held:
+                log.warning("removing %s: no domain holds it", path)
+                path.unlink(missing_ok=True)
+
+    def _forget_sockets(self, sockets: dict[str, socket.socket]) -> None:
+        """Sockets the keeper held for domains that are no more."""
+        for name, sock in sockets.items():
+            log.info("the fd keeper held %s, which no domain uses: dropped", name)
+            self._to_keeper(lambda k, name=name: k.drop(name))
+            sock.close()
+
     # -- dom0 ------------------------------------------------------------------------------
 
     def start_dom0(self) -> None:
+        # What was pending for a dead dom0 is for nobody: a new one learns the domains below.
+        self._events.clear()
         dom0 = self.domains.get(0)
         if dom0 is None:
             dom0 = Domain(
@@ -191,8 +371,7 @@ class Hypervisor:
         theirs.close()
         assert dom0.cgroup is not None
         dom0.cgroup.attach(proc.pid)
-        dom0.pid = proc.pid
-        dom0.reaped = False
+        dom0.set_pid(proc.pid)
         self._dom0_started = time.monotonic()
         # Keep the Popen: one dropped while its process runs is polled by every later Popen
         # (subprocess._cleanup), which could collect dom0's exit status before _reap does.
@@ -201,6 +380,7 @@ class Hypervisor:
         dom0.sock = ours
         dom0.status = Status.RUNNING
         self.selector.register(ours, selectors.EVENT_READ, ("hypercall", dom0))
+        self._keep(dom0)
         log.info("dom0 started, pid %d", proc.pid)
         # A restarted dom0 learns the domains that already exist, as if they were new.
         for domain in self.domains.values():
@@ -210,9 +390,8 @@ class Hypervisor:
                     self.event("domain_running", {"domid": domain.domid})
 
     def event(self, name: str, data: dict[str, Any]) -> None:
-        dom0 = self.domains.get(0)
-        if dom0 is not None:
-            self._send(dom0, hc.encode({"event": name, "data": data}))
+        """Tell dom0, once the change is in the state file (see ``_commit``)."""
+        self._events.append((name, data))
 
     def _send(self, domain: Domain, message: bytes) -> None:
         """Queue a message for a domain without ever blocking the loop. While a domain has
@@ -251,14 +430,34 @@ class Hypervisor:
     # -- hypercalls ------------------------------------------------------------------------
 
     def _on_hypercall(self, caller: Domain) -> None:
+        """Answer the next request. It is only peeked at, and consumed once handled, saved and
+        answered: a hyperd killed in between leaves it queued for the next hyperd, which handles
+        it again. What that can cost: a call with no effect (status, map, list) costs nothing;
+        one that was already done is refused the second time (destroy, create of the same name,
+        close, release), and the caller, holding the first answer or none, drops that reply; an
+        allocation (alloc_unbound, bind_interdomain, setup_pool, a domctl_create whose domain
+        died meanwhile) is done twice, and the one the caller never learns of is held, doorbell
+        or pool, until its domain dies."""
         assert caller.sock is not None
         try:
-            data = caller.sock.recv(hc.MAX_MESSAGE)
+            data = caller.sock.recv(hc.MAX_MESSAGE, socket.MSG_PEEK)
+        except BlockingIOError:
+            return
         except OSError:
             data = b""
         if not data:
             self._drop_socket(caller)
             return
+        reply = self._answer(caller, data)
+        try:
+            self._commit()
+        finally:  # even if saving failed: a request left queued would be handled forever
+            self._reply(caller, reply)
+            if caller.sock is not None:
+                with contextlib.suppress(OSError):
+                    caller.sock.recv(hc.MAX_MESSAGE)  # done: consume it
+
+    def _answer(self, caller: Domain, data: bytes) -> dict[str, Any]:
         try:
             req_id, op = hc.parse_request(data)
         except ValueError as exc:
@@ -266,18 +465,15 @@ class Hypervisor:
             if caller.bad_calls < 10:
                 log.warning("dom%d: bad hypercall: %s", caller.domid, message)
             caller.bad_calls += 1
-            reply = {"id": _request_id(data), "ok": False, "error": "EINVAL", "message": message}
-            self._reply(caller, reply)
-            return
+            return {"id": _request_id(data), "ok": False, "error": "EINVAL", "message": message}
         try:
             result = self.handle(caller, op)
-            reply: dict[str, Any] = {"id": req_id, "ok": True, "result": result}
+            return {"id": req_id, "ok": True, "result": result}
         except (HvError, EvtchnError, GnttabError) as exc:
-            reply = {"id": req_id, "ok": False, "error": exc.errno_name, "message": str(exc)}
+            return {"id": req_id, "ok": False, "error": exc.errno_name, "message": str(exc)}
         except Exception as exc:
             log.exception("dom%d: hypercall %s failed", caller.domid, op.op)
-            reply = {"id": req_id, "ok": False, "error": "EIO", "message": str(exc)}
-        self._reply(caller, reply)
+            return {"id": req_id, "ok": False, "error": "EIO", "message": str(exc)}
 
     def _reply(self, caller: Domain, reply: dict[str, Any]) -> None:
         self._send(caller, hc.encode(reply))
@@ -286,9 +482,45 @@ class Hypervisor:
         if domain.sock is not None:
             with contextlib.suppress(KeyError, ValueError):  # a build that failed early
                 self.selector.unregister(domain.sock)
+            self._unkeep(domain)
             domain.sock.close()
             domain.sock = None
             domain.outq.clear()
+
+    # -- the fd keeper -----------------------------------------------------------------------
+
+    def _keep(self, domain: Domain) -> None:
+        """Hand the keeper our end of the domain's hypercall socket."""
+        if domain.sock is not None:
+            self._to_keeper(lambda k: k.put(_socket_name(domain.domid), domain.sock.fileno()))
+
+    def _unkeep(self, domain: Domain) -> None:
+        self._to_keeper(lambda k: k.drop(_socket_name(domain.domid)))
+
+    def _to_keeper(self, action: Any) -> None:
+        if self.keeper is None:
+            return
+        try:
+            action(self.keeper)
+        except OSError as exc:
+            log.error("the fd keeper is gone (%s); starting a new one", exc)
+            self._replace_keeper()
+
+    def _replace_keeper(self) -> None:
+        """A new keeper, holding every socket we hold: until then a kill of hyperd would end
+        every domain."""
+        if self.keeper is not None:
+            self.keeper.close()
+        self.keeper = None
+        try:
+            fd_keeper = keeper.connect_or_start(self.run.keeper_socket, self.run.log("hyperd"))
+            for domain in self.domains.values():
+                if domain.sock is not None:
+                    fd_keeper.put(_socket_name(domain.domid), domain.sock.fileno())
+        except (KeeperError, OSError) as exc:
+            log.error("no fd keeper (%s): a killed hyperd would now take every domain down", exc)
+            return
+        self.keeper = fd_keeper
 
     def handle(self, caller: Domain, op: Op) -> dict[str, Any]:
         if op.privileged and caller.domid != 0:
@@ -343,6 +575,9 @@ class Hypervisor:
 
     def do_gnttab_map_pool(self, caller: Domain, op: hc.GnttabMapPool) -> dict[str, Any]:
         return self.gnttab.map_pool(caller.domid, op.granter, op.gref).result()
+
+    def do_gnttab_map_pools(self, caller: Domain, op: hc.GnttabMapPools) -> dict[str, Any]:
+        return {"pools": [p.result() for p in self.gnttab.pools_for(caller.domid, op.granter)]}
 
     def do_gnttab_release_pool(self, caller: Domain, op: hc.GnttabReleasePool) -> dict[str, Any]:
         resources = caller.resources
@@ -517,6 +752,7 @@ class Hypervisor:
         self.domains[domid] = domain
         self.selector.register(domain.sock, selectors.EVENT_READ, ("hypercall", domain))
         self.selector.register(domain.sync, selectors.EVENT_READ, ("sync", domain))
+        self._keep(domain)
         log.info(
             "dom%d (%s) created: %d MiB, %d vcpus", domid, domain.name, domain.memory, domain.vcpus
         )
@@ -551,7 +787,8 @@ class Hypervisor:
                 write_id_maps(domain.boot.pid, domain.domid)
                 domain.sync.sendall(b"mapped\n")
             elif word == "kernel_pid":
-                domain.pid = int(arg)
+                # Our child's child, unreaped: its pid cannot have been reused yet.
+                domain.set_pid(int(arg))
             else:
                 log.warning("dom%d: unexpected boot message %r", domain.domid, line[:80])
 
@@ -562,29 +799,61 @@ class Hypervisor:
             domain.sync.close()
             domain.sync = None
 
-    def _check_builds(self) -> None:
+    def _check_builds(self) -> bool:
         now = time.time()
-        for domain in list(self.domains.values()):
-            if domain.status is Status.BUILDING and now - domain.created > BUILD_TIMEOUT:
-                log.error("dom%d: did not boot in %.0f s", domain.domid, BUILD_TIMEOUT)
-                self._finish(domain, "crash")
+        late = [
+            d
+            for d in self.domains.values()
+            if d.status is Status.BUILDING and now - d.created > BUILD_TIMEOUT
+        ]
+        for domain in late:
+            log.error("dom%d: did not boot in %.0f s", domain.domid, BUILD_TIMEOUT)
+            self._finish(domain, "crash")
+        return bool(late)
 
-    def _on_death(self, domain: Domain, status: int) -> None:
+    def _on_pidfd(self, domain: Domain) -> None:
+        """An adopted domain's main process exited (PID 1 reaps it: we only learn that)."""
+        self._forget_pidfd(domain)
+        self._on_death(domain, None)
+
+    def _forget_pidfd(self, domain: Domain) -> None:
+        if domain.pidfd is not None:
+            with contextlib.suppress(KeyError, ValueError):
+                self.selector.unregister(domain.pidfd)
+            os.close(domain.pidfd)
+            domain.pidfd = None
+
+    def _on_death(self, domain: Domain, status: int | None) -> None:
+        """``status`` is the wait status, None for an adopted process (not ours to reap)."""
         if domain.domid == 0:
             self._on_dom0_death(status)
             return
         if domain.status is Status.DYING:
             return
+        self._read_last_words(domain)
         reason = domain.shutdown_reason or "crash"
         if domain.shutdown_reason is None:
-            code = os.waitstatus_to_exitcode(status)
             log.info(
-                "dom%d (%s) died unexpectedly (%s)",
-                domain.domid,
-                domain.name,
-                f"signal {-code}" if code < 0 else f"exit {code}",
+                "dom%d (%s) died unexpectedly (%s)", domain.domid, domain.name, _describe(status)
             )
         self._finish(domain, reason)
+
+    def _read_last_words(self, domain: Domain) -> None:
+        """A dead domain's sched_shutdown may still be queued on its socket: it called it while
+        no hyperd ran (or in the same instant it died), and its reason decides on_poweroff or
+        on_reboot over on_crash. Nothing else a dead domain asked for matters."""
+        while domain.sock is not None:
+            try:
+                data = domain.sock.recv(hc.MAX_MESSAGE)
+            except OSError:
+                return
+            if not data:
+                return
+            with contextlib.suppress(ValueError):
+                _, op = hc.parse_request(data)
+                if isinstance(op, hc.SchedShutdown):
+                    domain.shutdown_reason = op.reason
+                    domain.exit_code = op.code
 
     def _finish(self, domain: Domain, reason: str) -> None:
         """Apply the config's on_<reason> action to a domain that stopped."""
@@ -608,6 +877,11 @@ class Hypervisor:
     def _stop(self, domain: Domain) -> None:
         """Kill every process and free every channel; keep the record (for preserve)."""
         domain.final_cpu_ns = self._cpu_ns(domain)
+        if domain.pidfd is not None:
+            # Adopted: not our child, so only the pidfd names it safely; PID 1 reaps it.
+            with contextlib.suppress(ProcessLookupError):
+                signal.pidfd_send_signal(domain.pidfd, signal.SIGKILL)
+            self._forget_pidfd(domain)
         if domain.pid is not None and not domain.reaped:
             # Still our unreaped child, so the pid cannot have been reused by anyone else.
             with contextlib.suppress(ProcessLookupError):
@@ -638,9 +912,10 @@ class Hypervisor:
         log.info("dom%d (%s) destroyed", domain.domid, domain.name)
         self.event("domain_destroyed", {"domid": domain.domid, "name": domain.name})
 
-    def _on_dom0_death(self, status: int) -> None:
+    def _on_dom0_death(self, status: int | None) -> None:
         dom0 = self.domains[0]
         self._drop_socket(dom0)
+        self._forget_pidfd(dom0)
         dom0.pid = None
         self.evtchn.orphan(0)
         if self.halting:
@@ -676,17 +951,54 @@ class Hypervisor:
         log.info("halting: destroying every domain")
         for domain in [d for d in self.domains.values() if d.domid != 0]:
             self.destroy(domain)
+        # dom0 hears of the destructions before it is told to stop (it may still read them).
+        self._flush_events()
         dom0 = self.domains.pop(0, None)
         if dom0 is None:
             return
         self._drop_socket(dom0)
-        if dom0.pid is not None and not dom0.reaped:
+        if dom0.pidfd is not None:
+            _terminate_adopted(dom0.pidfd)
+            self._forget_pidfd(dom0)
+        elif dom0.pid is not None and not dom0.reaped:
             _terminate(dom0.pid)
             dom0.reaped = True
             if dom0.process is not None:
                 dom0.process.returncode = 0
         if dom0.cgroup is not None:
             dom0.cgroup.remove()
+
+
+def _pidfd_of(pid: int | None, started: int | None) -> int | None:
+    """A pidfd on the process that had ``pid`` and started at ``started``; None if it is gone
+    (its number perhaps reused since)."""
+    if pid is None or started is None:
+        return None
+    try:
+        pidfd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return None
+    # Opened first, checked second: had the number been reused before the open, the start time
+    # would differ; from the open on, the pidfd pins the process we checked. A zombie that
+    # PID 1 has not reaped yet is as dead as one it has.
+    exited, _, _ = select.select([pidfd], [], [], 0)
+    if exited or process_start_time(pid) != started:
+        os.close(pidfd)
+        return None
+    return pidfd
+
+
+def _terminate_adopted(pidfd: int, grace: float = 5.0) -> None:
+    """SIGTERM, then SIGKILL after ``grace`` seconds, to a process we did not start; returns
+    once it is dead (PID 1 reaps it)."""
+    for signum in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            signal.pidfd_send_signal(pidfd, signum)
+        except ProcessLookupError:
+            return
+        readable, _, _ = select.select([pidfd], [], [], grace)
+        if readable:
+            return
 
 
 def _terminate(pid: int, grace: float = 5.0) -> None:
@@ -743,7 +1055,9 @@ def _host_available_mib() -> int:
     return _meminfo("MemAvailable")
 
 
-def _describe(status: int) -> str:
+def _describe(status: int | None) -> str:
+    if status is None:
+        return "not our child: exit status unknown"
     code = os.waitstatus_to_exitcode(status)
     return f"signal {-code}" if code < 0 else f"exit status {code}"
 
@@ -784,15 +1098,40 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger().addHandler(dmesg)
     linux.prctl(linux.PR_SET_CHILD_SUBREAPER, 1)
     os.umask(0o077)
+    try:
+        saved = state.read(run.state_file)
+    except state.StateError as exc:
+        log.error("%s; `hyperctl cleanup` removes what it described", exc)
+        return 1
     hypervisor = Hypervisor(run, cgroup.open_hierarchy(), dmesg)
     log.info("hyperd %d starting (cgroup v%d)", os.getpid(), hypervisor.cgroups.version)
+    sockets = _connect_keeper(hypervisor)
+    if saved is not None:
+        try:
+            hypervisor.load(saved)
+        except state.StateError as exc:
+            log.error("%s; `hyperctl cleanup` removes what it described", exc)
+            return 1
     try:
-        hypervisor.serve()
+        hypervisor.serve(sockets, adopt=saved is not None)
     finally:
         log.info("hyperd stopped")
         hypervisor.cgroups.remove_all()
+        if hypervisor.keeper is not None:
+            hypervisor.keeper.exit()
         run.remove()
     return 0
+
+
+def _connect_keeper(hypervisor: Hypervisor) -> dict[str, socket.socket]:
+    """Connect to the fd keeper (starting one if none runs) and take back what it holds."""
+    run = hypervisor.run
+    try:
+        hypervisor.keeper = keeper.connect_or_start(run.keeper_socket, run.log("hyperd"))
+        return hypervisor.keeper.fetch()
+    except KeeperError as exc:
+        log.error("%s: a killed hyperd would now take every domain down", exc)
+        return {}
 
 
 if __name__ == "__main__":

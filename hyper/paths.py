@@ -26,6 +26,16 @@ class RunDir:
         return self.root / "toolstack.sock"
 
     @property
+    def keeper_socket(self) -> Path:
+        """Where the fd keeper (hyper/keeper.py) listens for hyperd, root only."""
+        return self.root / "keeper.sock"
+
+    @property
+    def state_file(self) -> Path:
+        """hyperd's tables, rewritten after every change, for a restarted hyperd to adopt."""
+        return self.root / "hyperd.state"
+
+    @property
     def rootfs(self) -> Path:
         """An empty directory each domain's boot process mounts its sandbox root on (privately)."""
         return self.root / "rootfs"

@@ -15,6 +15,7 @@ import os
 import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from channels.doorbell import create_doorbell, unlink_doorbell
 from channels.shm import create_segment, unlink_segment
@@ -85,6 +86,23 @@ class Resources:
             self.drop_segment(name)
         for name in list(self.doorbells):
             self.drop_doorbell(name)
+
+    def paths(self) -> set[Path]:
+        """Where this domain's objects are in /dev/shm."""
+        return {shm_path(n) for n in self.segments} | {sem_path(n) for n in self.doorbells}
+
+    def to_dict(self) -> dict[str, Any]:
+        """For hyperd's state file (hyper/state.py)."""
+        return {
+            "domid": self.domid,
+            "segments": sorted(self.segments),
+            "doorbells": sorted(self.doorbells),
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Resources:
+        """The record ``to_dict`` wrote; the objects it names are already in /dev/shm."""
+        return cls(int(data["domid"]), set(data["segments"]), set(data["doorbells"]))
 
 
 def leftovers() -> list[Path]:

@@ -23,7 +23,7 @@ from dom0.datapath_worker import Dom0Link, worker_main
 def run(params: dict[str, Any]) -> int:
     link = Dom0Link(socket.socket(fileno=params["control_fd"]))
     page = mmap.mmap(params["counters_fd"], mmap.PAGESIZE)
-    grants = GrantMapper(link, params["frontend"], 0)  # type: ignore[arg-type]
+    grants = GrantMapper(link, params["frontend"], 0, params["pools"])  # type: ignore[arg-type]
     ring = BackRing.attach(
         B.BLK_RING, grants.resolve(params["ring_ref"], write=True), name=params["name"]
     )

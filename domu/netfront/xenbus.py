@@ -81,6 +81,14 @@ class NetfrontDriver:
         elif state == S.Connected and dev.state == S.Initialised:
             dev.switch_state(S.Connected)
             log.info("%s connected again", nf.name)
+        elif state == S.Connected and dev.state == S.Connected:
+            # The backend has bound our ports: learn its doorbells now, so that the data path
+            # never has to ask hyperd (which may be restarting) at its first notification.
+            try:
+                for channel in nf.channels:
+                    channel.doorbell_names()
+            except HypercallError as exc:
+                log.warning("%s: the backend's doorbells: %s", nf.name, exc)
         elif state in (S.Closing, S.Closed, S.Unknown) and dev.state != S.Closed:
             self._release(nf)
             dev.switch_state(S.Closed)

@@ -105,6 +105,7 @@ def leftovers() -> list[str]:
         if (
             comm in ("hyper-kernel", "hyper-init")
             or "hyper.hyperd" in cmdline
+            or "hyper.keeper" in cmdline
             or ("-m dom0" in cmdline or "domu.boot" in cmdline or "domu.blkfront" in cmdline)
         ):
             found.append(f"process {proc.name} {comm}")

@@ -8,6 +8,7 @@ from collections.abc import Iterator
 import pytest
 
 from channels.gnttab import GrantError, GrantPool, MappedPool, pool_bytes
+from channels.grants import GrantMapper
 from channels.shm import create_segment, unlink_segment
 
 BASE = 8
@@ -72,3 +73,32 @@ def test_the_granter_cannot_grant_outside_its_pool(pools: tuple[GrantPool, Mappe
         granter.grant(4, 0, readonly=False)
     with pytest.raises(GrantError):
         granter.grant(0, 0, readonly=False, frame=9)
+
+
+class NoHypervisor:
+    """A hypercall client whose every call fails, as when no hyperd answers."""
+
+    def call(self, op: object) -> dict[str, object]:
+        raise AssertionError(f"the data path asked hyperd: {op}")
+
+
+def test_a_mapper_given_its_pools_resolves_without_a_hypercall(
+    pools: tuple[GrantPool, MappedPool],
+) -> None:
+    granter, _ = pools
+    gref = granter.grant(3, 0, readonly=False)
+    granter.page(3)[:2] = b"ok"
+    known = [{"pool": 0, "name": granter.name, "gref_base": BASE, "pages": 4}]
+    mapper = GrantMapper(NoHypervisor(), granter=5, domid=0, known=known)  # type: ignore[arg-type]
+    try:
+        assert bytes(mapper.resolve(gref, write=True)[:2]) == b"ok"
+        with pytest.raises(AssertionError, match="asked hyperd"):
+            mapper.resolve(BASE + 4, write=False)  # beyond the known pools: only hyperd knows
+    finally:
+        mapper.close()
+
+
+def test_a_mapper_refuses_a_pool_it_cannot_open() -> None:
+    known = [{"pool": 0, "name": f"hyper-test-missing-{os.getpid()}", "gref_base": 8, "pages": 1}]
+    with pytest.raises(GrantError, match="pools of domain 5"):
+        GrantMapper(NoHypervisor(), granter=5, domid=0, known=known)  # type: ignore[arg-type]

@@ -166,3 +166,12 @@ def test_grant_pools_map_only_for_their_peer() -> None:
     assert other.gref_base == pool.gref_base + 16
     tables.release_domain(5, resources)
     assert resources.segments == set()
+
+
+def test_a_backend_learns_every_pool_granted_to_it_and_no_other() -> None:
+    tables = GrantTables()
+    resources = FakeResources(5)
+    mine = [tables.setup_pool(5, 0, 2, resources), tables.setup_pool(5, 0, 16, resources)]
+    tables.setup_pool(6, 0, 4, FakeResources(6))
+    assert tables.pools_for(0, 5) == mine
+    assert tables.pools_for(5, 6) == [], "a pool granted to dom0 is not 5's to map"

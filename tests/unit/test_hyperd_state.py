@@ -1,0 +1,361 @@
+"""What a restarted hyperd re-adopts from: its tables through the state file, and its hypercall
+sockets through the fd keeper (hyper/state.py, hyper/keeper.py). No root needed: the tables
+name objects they never create here, and the keeper runs as whoever runs the tests."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from hyper import keeper, state
+from hyper.cgroup import CgroupFs, DomainGroup, V2Group
+from hyper.domain import Domain, RingInfo, Status
+from hyper.evtchn import EventChannels
+from hyper.gnttab import GnttabError, GrantTables
+from hyper.hyperd import DmesgHandler, Hypervisor
+from hyper.keeper import KeeperClient
+from hyper.paths import RunDir
+from hyper.resources import Resources
+
+TIMEOUT = 10.0
+
+
+class PaperResources(Resources):
+    """Resources that only record names: nothing is made in /dev/shm."""
+
+    def new_segment(self, kind: str, size: int, gid: int) -> str:
+        name = self._name(kind)
+        self.segments.add(name)
+        return name
+
+    def new_doorbell(self, kind: str, gid: int) -> str:
+        name = self._name(kind)
+        self.doorbells.add(name)
+        return name
+
+    def drop_segment(self, name: str) -> None:
+        self.segments.discard(name)
+
+    def drop_doorbell(self, name: str) -> None:
+        self.doorbells.discard(name)
+
+
+class GroupsOnPaper:
+    """The one Hierarchy method re-adoption uses: open an existing group by name."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.opened: list[str] = []
+
+    def open(self, name: str) -> DomainGroup:
+        self.opened.append(name)
+        return V2Group(name, {"cpu": self.root / name}, CgroupFs())
+
+
+def hypervisor(tmp_path: Path) -> Hypervisor:
+    run = RunDir(tmp_path / "run", tmp_path / "logs")
+    run.root.mkdir(exist_ok=True)
+    return Hypervisor(run, GroupsOnPaper(tmp_path / "cg"), DmesgHandler())  # type: ignore[arg-type]
+
+
+def populate(hv: Hypervisor, tmp_path: Path) -> None:
+    """dom0 and dom3, as hyperd builds them: a store ring with its channel, a vif's channel
+    and grant pool; then dom0 dies, so its ports are stale, waiting for the next dom0."""
+    group = V2Group("dom3", {"cpu": tmp_path / "cg" / "dom3"}, CgroupFs())
+    dom0 = Domain(0, "Domain-0", {"memory": 4096}, PaperResources(0), status=Status.RUNNING)
+    dom3 = Domain(3, "web", {"memory": 128, "on_crash": "restart"}, PaperResources(3))
+    dom3.cgroup, dom3.status, dom3.pid, dom3.pid_start = group, Status.RUNNING, 4242, 987654
+    dom3.shutdown_reason = None
+    segment = dom3.resources.new_segment("store", 4096, 0)
+    evtchn, gnttab = hv.evtchn, hv.gnttab
+    store_domu = evtchn.alloc_unbound(3, 0, dom3.resources)
+    store_dom0 = evtchn.bind_interdomain(0, 3, store_domu.port, dom3.resources)
+    dom3.store = RingInfo(segment, store_domu.port, store_dom0.port)
+    vif_domu = evtchn.alloc_unbound(3, 0, dom3.resources)
+    evtchn.bind_interdomain(0, 3, vif_domu.port, dom3.resources)
+    evtchn.alloc_unbound(3, 0, dom3.resources)  # still unbound
+    gnttab.setup_pool(3, 0, 16, dom3.resources)
+    evtchn.orphan(0)
+    hv.domains = {0: dom0, 3: dom3}
+    hv.last_domid, hv.dom0_restarts = 3, 1
+
+
+def through_the_file(hv: Hypervisor, tmp_path: Path) -> Hypervisor:
+    state.write(hv.run.state_file, state.encode(hv.snapshot()))
+    saved = state.read(hv.run.state_file)
+    assert saved is not None
+    restored = hypervisor(tmp_path)
+    restored.load(saved)
+    return restored
+
+
+# -- the tables through the state file -----------------------------------------------------------
+
+
+def test_the_tables_come_back_from_the_state_file_as_they_were(tmp_path: Path) -> None:
+    before = hypervisor(tmp_path)
+    populate(before, tmp_path)
+    after = through_the_file(before, tmp_path)
+
+    assert after.snapshot() == before.snapshot()
+    dom3 = after.domains[3]
+    assert (dom3.name, dom3.status, dom3.pid, dom3.pid_start) == (
+        "web",
+        Status.RUNNING,
+        4242,
+        987654,
+    )
+    assert dom3.config == {"memory": 128, "on_crash": "restart"}
+    assert dom3.store == before.domains[3].store
+    assert dom3.resources.segments == before.domains[3].resources.segments
+    assert dom3.resources.doorbells == before.domains[3].resources.doorbells
+    assert dom3.cgroup is not None and dom3.cgroup.name == "dom3"
+    assert after.cgroups.opened == ["dom3"]  # type: ignore[attr-defined]
+    assert (after.last_domid, after.dom0_restarts) == (3, 1)
+
+
+def test_restored_ports_belong_to_their_domain_and_stay_bound(tmp_path: Path) -> None:
+    before = hypervisor(tmp_path)
+    populate(before, tmp_path)
+    after = through_the_file(before, tmp_path)
+    dom3 = after.domains[3]
+    assert dom3.store is not None
+
+    store = after.evtchn.get(3, dom3.store.domu_port)
+    assert store.owner is dom3.resources  # its doorbell dies with dom3, not with a copy
+    peer = after.evtchn.get(0, dom3.store.dom0_port)
+    assert (peer.remote_dom, peer.remote_port, peer.stale) == (3, store.port, True)
+    assert after.evtchn.peer_doorbell(store) == peer.doorbell
+    # The next dom0 binding the frontend's port gets the stale one back, as before the restart.
+    rebound = after.evtchn.bind_interdomain(0, 3, store.port, dom3.resources)
+    assert rebound is peer and not rebound.stale
+
+
+def test_restored_tables_go_on_numbering_where_they_stopped(tmp_path: Path) -> None:
+    before = hypervisor(tmp_path)
+    populate(before, tmp_path)
+    after = through_the_file(before, tmp_path)
+    paper = PaperResources(3)
+
+    last_port = max(p.port for p in before.evtchn.ports_of(3))
+    assert after.evtchn.alloc_unbound(3, 0, paper).port == last_port + 1
+    [old_pool] = before.gnttab.pools_of(3)
+    new_pool = after.gnttab.setup_pool(3, 0, 1, paper)
+    assert new_pool.pool == old_pool.pool + 1
+    assert new_pool.gref_base == old_pool.gref_base + old_pool.pages
+
+
+def test_restored_grants_are_still_checked(tmp_path: Path) -> None:
+    before = hypervisor(tmp_path)
+    populate(before, tmp_path)
+    after = through_the_file(before, tmp_path)
+    [pool] = after.gnttab.pools_of(3)
+
+    assert after.gnttab.map_pool(0, 3, pool.gref_base + 15) == pool
+    with pytest.raises(GnttabError, match="not granted to 5"):
+        after.gnttab.map_pool(5, 3, pool.gref_base)
+
+
+def test_each_table_round_trips_on_its_own(tmp_path: Path) -> None:
+    hv = hypervisor(tmp_path)
+    populate(hv, tmp_path)
+    owners = {domid: d.resources for domid, d in hv.domains.items()}
+
+    evtchn = EventChannels.from_dict(hv.evtchn.to_dict(), owners)
+    assert evtchn.to_dict() == hv.evtchn.to_dict()
+    assert GrantTables.from_dict(hv.gnttab.to_dict()).to_dict() == hv.gnttab.to_dict()
+    resources = hv.domains[3].resources
+    assert Resources.from_dict(resources.to_dict()) == Resources(
+        3, resources.segments, resources.doorbells
+    )
+
+
+# -- a missing, torn or foreign state file -------------------------------------------------------
+
+
+def test_no_state_file_is_a_first_start(tmp_path: Path) -> None:
+    assert state.read(tmp_path / "hyperd.state") is None
+
+
+def test_a_torn_state_file_is_refused_naming_it(tmp_path: Path) -> None:
+    hv = hypervisor(tmp_path)
+    populate(hv, tmp_path)
+    data = state.encode(hv.snapshot())
+    path = hv.run.state_file
+    path.write_bytes(data[: len(data) // 2])
+
+    with pytest.raises(state.StateError, match=r"hyperd\.state: not JSON"):
+        state.read(path)
+
+
+@pytest.mark.parametrize(
+    ("content", "fault"),
+    [
+        (b"[]", "not a JSON object"),
+        (b'{"version": 99}', "version 99"),
+        (b'{"version": 1, "domains": []}', "no last_domid"),
+    ],
+)
+def test_a_state_file_that_is_not_hyperds_is_refused(
+    tmp_path: Path, content: bytes, fault: str
+) -> None:
+    path = tmp_path / "hyperd.state"
+    path.write_bytes(content)
+    with pytest.raises(state.StateError, match=fault):
+        state.read(path)
+
+
+def test_tables_that_do_not_hold_together_are_refused(tmp_path: Path) -> None:
+    hv = hypervisor(tmp_path)
+    populate(hv, tmp_path)
+    saved = hv.snapshot()
+    saved["domains"] = [d for d in saved["domains"] if d["domid"] != 3]  # its ports remain
+
+    with pytest.raises(state.StateError, match="KeyError"):
+        hypervisor(tmp_path).load(saved)
+
+
+def test_a_write_replaces_the_file_whole_and_leaves_no_temporary(tmp_path: Path) -> None:
+    path = tmp_path / "hyperd.state"
+    state.write(path, b"old")
+    state.write(path, b"new")
+
+    assert path.read_bytes() == b"new"
+    assert [p.name for p in tmp_path.iterdir()] == ["hyperd.state"]
+    assert path.stat().st_mode & 0o777 == 0o600
+
+
+# -- the fd keeper -------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def keeper_process(tmp_path: Path) -> Iterator[tuple[Path, subprocess.Popen[bytes]]]:
+    path = tmp_path / "keeper.sock"
+    process = keeper.start(path, tmp_path / "keeper.log")
+    yield path, process
+    if process.poll() is None:
+        process.kill()
+    process.wait(TIMEOUT)
+
+
+def domain_socket() -> tuple[socket.socket, socket.socket]:
+    """(hyperd's end, the domain's end) of a hypercall socket."""
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    ours.settimeout(TIMEOUT)
+    theirs.settimeout(TIMEOUT)
+    return ours, theirs
+
+
+def test_a_new_client_gets_back_the_socket_a_dead_one_handed_over(
+    keeper_process: tuple[Path, subprocess.Popen[bytes]],
+) -> None:
+    path, _ = keeper_process
+    first = KeeperClient.connect(path)
+    ours, domain = domain_socket()
+    first.put("hc.7", ours.fileno())
+    ours.close()
+    first.close()  # hyperd killed: only the keeper still holds our end
+
+    domain.send(b"a call made while no hyperd runs")
+    second = KeeperClient.connect(path)
+    back = second.fetch()
+    second.close()
+
+    assert list(back) == ["hc.7"]
+    kept = back["hc.7"]
+    kept.settimeout(TIMEOUT)
+    assert kept.recv(100) == b"a call made while no hyperd runs"
+    kept.send(b"the answer")
+    assert domain.recv(100) == b"the answer"
+    kept.close()
+    domain.close()
+
+
+def test_a_dropped_socket_is_closed_so_the_domain_sees_the_end(
+    keeper_process: tuple[Path, subprocess.Popen[bytes]],
+) -> None:
+    path, _ = keeper_process
+    client = KeeperClient.connect(path)
+    ours, domain = domain_socket()
+    client.put("hc.3", ours.fileno())
+    ours.close()
+
+    client.drop("hc.3")
+
+    assert domain.recv(100) == b""  # EOF: nobody holds hyperd's end any more
+    assert client.fetch() == {}
+    client.close()
+    domain.close()
+
+
+def test_a_hand_over_larger_than_one_message_arrives_whole(
+    keeper_process: tuple[Path, subprocess.Popen[bytes]],
+) -> None:
+    path, _ = keeper_process
+    client = KeeperClient.connect(path)
+    domains = []
+    for domid in range(keeper.GET_BATCH + 50):
+        ours, theirs = domain_socket()
+        client.put(f"hc.{domid}", ours.fileno())
+        ours.close()
+        domains.append(theirs)
+
+    back = client.fetch()
+
+    assert sorted(back) == sorted(f"hc.{d}" for d in range(keeper.GET_BATCH + 50))
+    back["hc.230"].send(b"ping")
+    assert domains[230].recv(10) == b"ping"
+    for sock in [*back.values(), *domains]:
+        sock.close()
+    client.close()
+
+
+def test_the_keeper_waits_for_a_hyperd_while_a_domain_lives_and_then_leaves(
+    keeper_process: tuple[Path, subprocess.Popen[bytes]],
+) -> None:
+    path, process = keeper_process
+    client = KeeperClient.connect(path)
+    ours, domain = domain_socket()
+    client.put("hc.1", ours.fileno())
+    ours.close()
+    client.close()
+
+    KeeperClient.connect(path).close()  # still there for the next hyperd
+    domain.close()  # the last domain dies while no hyperd runs: nothing is left to keep
+
+    assert process.wait(TIMEOUT) == 0
+    assert not path.exists()
+
+
+def test_exit_stops_the_keeper(keeper_process: tuple[Path, subprocess.Popen[bytes]]) -> None:
+    path, process = keeper_process
+    client = KeeperClient.connect(path)
+    ours, domain = domain_socket()
+    client.put("hc.1", ours.fileno())
+    ours.close()
+
+    client.exit()
+
+    assert process.wait(TIMEOUT) == 0
+    assert domain.recv(100) == b""
+    assert keeper.stop(path) is None  # nothing answers any more
+    domain.close()
+
+
+def test_stop_ends_a_keeper_left_by_a_killed_hyperd(
+    keeper_process: tuple[Path, subprocess.Popen[bytes]],
+) -> None:
+    path, process = keeper_process
+    client = KeeperClient.connect(path)
+    ours, domain = domain_socket()
+    client.put("hc.0", ours.fileno())
+    ours.close()
+    client.close()
+
+    assert keeper.stop(path) == process.pid
+    assert process.wait(TIMEOUT) == 0
+    domain.close()
