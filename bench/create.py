@@ -265,13 +265,15 @@ class Domains:
     def destroy_all(self) -> None:
         """Best effort, on the way out after a failure or ^C."""
         for name in list(self.live):
-            subprocess.run(
-                [sys.executable, "-m", "hyper.cli", "destroy", name],
-                cwd=REPO,
-                env=ENV,
-                capture_output=True,
-            )
+            destroy_quietly(name)
             self.live.remove(name)
+
+
+def destroy_quietly(name: str) -> None:
+    """`hyperctl destroy NAME`, best effort: on the way out, whatever happened before."""
+    subprocess.run(
+        [sys.executable, "-m", "hyper.cli", "destroy", name], cwd=REPO, env=ENV, capture_output=True
+    )
 
 
 # -- memory and CPU ---------------------------------------------------------------------------

@@ -41,7 +41,15 @@ if __package__ in (None, ""):
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
-from bench.create import ENV, BenchError, hyperctl, hypervisor, progress  # noqa: E402
+from bench.create import (  # noqa: E402
+    ENV,
+    BenchError,
+    destroy_quietly,
+    hyperctl,
+    hypervisor,
+    progress,
+    run_bench,
+)
 
 STABLE_WAIT = 6.0  # hyperd restarts a dom0 that lived this long at once (DOM0_STABLE is 5 s)
 BRIDGE, NET = "hyrecov0", "10.79.0"
@@ -197,12 +205,7 @@ def run(rounds: int) -> dict[str, Any]:
             return result
         finally:
             for name in created:
-                subprocess.run(
-                    [sys.executable, "-m", "hyper.cli", "destroy", name],
-                    cwd=REPO,
-                    env=ENV,
-                    capture_output=True,
-                )
+                destroy_quietly(name)
 
 
 def print_report(result: dict[str, Any]) -> None:
@@ -229,16 +232,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
-    try:
-        result = run(args.rounds)
-    except BenchError as exc:
-        print(f"recovery: {exc}", file=sys.stderr)
-        return 1
-    if args.json:
-        print(json.dumps(result, indent=2))
-    else:
-        print_report(result)
-    return 0
+    return run_bench(
+        "bench/recovery.py",
+        lambda: run(args.rounds),
+        print_report,
+        args.json,
+        "what it made is removed",
+    )
 
 
 if __name__ == "__main__":

@@ -128,6 +128,10 @@ class ByteRing:
 
     # producer
 
+    def consumed(self) -> int:
+        """The consumer's index: it moves only when the peer has read (and freed room)."""
+        return self._indices()[0]
+
     def free(self) -> int:
         """Bytes the producer may write now."""
         cons, prod = self._indices()

@@ -65,8 +65,12 @@ class LateEoi:
                 rung = False
                 continue
             if rung:
-                self._halt.wait(self.idle())
+                self.back_off()
             rung = not final_check() and running() and wait(heal)
+
+    def back_off(self) -> None:
+        """A rung wakeup found no work: wait as above before sleeping on the channel again."""
+        self._halt.wait(self.idle())
 
     def stop(self) -> None:
         """End a slowdown now (the loop's owner is stopping it)."""
@@ -79,7 +83,8 @@ class LateEoi:
         """A wakeup found no work: seconds to wait before sleeping on the channel again."""
         self.run += 1
         self.spurious += 1
-        return 0.0 if self.run < 2 else min(self.LONGEST, self.FIRST * 2 ** (self.run - 2))
+        # The exponent stops growing once past LONGEST: 2.0 ** 1100 would overflow a float.
+        return 0.0 if self.run < 2 else min(self.LONGEST, self.FIRST * 2 ** min(self.run - 2, 30))
 
 
 class EventChannel:

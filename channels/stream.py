@@ -7,6 +7,9 @@ update, so there is no event index to re-arm: a reader drains its ring, then wai
 that finds the ring full waits until the reader side of this stream sees the peer consume.
 
 Each stream runs one reader thread that calls ``on_data`` with every chunk received, in order.
+A wakeup that finds no bytes to read and sees no room freed on the ring we write is spurious: a
+peer that rings in a tight loop gets the late-EOI slowdown of the backends (channels/evtchn.py
+``LateEoi``), so it costs the reader a few wakeups a second, not a CPU.
 A peer that corrupts the ring indices makes the stream ``broken``: ``on_close`` runs with the
 error and the stream stops, without touching any other stream. ``peer_error`` lets a protocol
 report a failure the peer signals in its interface page (the xenstore page's error field).
@@ -21,6 +24,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from channels.bytering import ByteRing
+from channels.evtchn import LateEoi
 from channels.ring import RingBroken
 
 if TYPE_CHECKING:
@@ -64,6 +68,7 @@ class RingStream:
         self._paused = False
         self.error: Exception | None = None
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self.late_eoi = LateEoi()
 
     def start(self) -> RingStream:
         self._thread.start()
@@ -122,17 +127,26 @@ class RingStream:
                 )
 
     def _run(self) -> None:
+        rung = False
         try:
+            consumed = self._tx.consumed()
             while not self._closed:
                 data = self._rx.read()
                 if data:
+                    self.late_eoi.worked()
+                    rung = False
                     # We consumed: the peer may be waiting for room.
                     self.evtchn.notify()
                     self._on_data(data)
                     continue
+                if self._tx.consumed() != consumed:  # the peer read: our writers have room
+                    consumed = self._tx.consumed()
+                    self.late_eoi.worked()
+                elif rung:
+                    self.late_eoi.back_off()
                 with self._space:
                     self._space.notify_all()
-                self.evtchn.wait(HEAL_TIMEOUT)
+                rung = self.evtchn.wait(HEAL_TIMEOUT)
                 error = self._peer_error() if self._peer_error is not None else None
                 if error is not None:
                     self._break(error)
@@ -167,6 +181,7 @@ class RingStream:
         self._closed = True
         with self._space:
             self._space.notify_all()
+        self.late_eoi.stop()
         self.evtchn.kick()
         if threading.current_thread() is not self._thread:
             self._thread.join(timeout=5.0)

@@ -177,3 +177,10 @@ def test_late_eoi_lets_one_spurious_wakeup_pass_then_doubles_its_wait_up_to_a_se
     late.worked()
     assert late.idle() == 0.0, "work resets it"
     assert late.spurious == 15
+
+
+def test_late_eoi_waits_a_second_however_long_the_storm_lasts() -> None:
+    """A storm of hours is 2**N spurious wakeups in a row; the wait must stay a second."""
+    late = LateEoi()
+    late.run = 10_000
+    assert late.idle() == 1.0

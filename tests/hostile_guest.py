@@ -1,0 +1,148 @@
+"""A hostile domU kernel: floods its store connection and storms its doorbells.
+
+``python -m tests.hostile_guest --domid N --seconds S`` (root), used by
+tests/integration/test_storms.py and bench/storm.py. The caller stops the domain's own kernel
+(SIGSTOP) and puts this process in the domain's cgroup first, so that it acts as that kernel
+would if it were hostile, with the same pages, the same doorbells and the same CPU limits:
+
+1. **Fill the store quota.** Write 2 KiB values under ``data/flood/`` until the store answers
+   ENOSPC, then register watches until E2BIG, reading the replies (so that the store did the
+   work).
+2. **Never read again.** Send directory listings of ``data/flood`` (4 KiB replies) without ever
+   taking a reply, until the request ring stays full.
+3. **Storm.** Post every doorbell of the domain (its frontends', its backends', the store's and
+   the console's) in a tight loop: S seconds, reported, then on until killed.
+
+Progress goes to stdout, one line per phase; the caller starts it with a line on stdin. Exit
+status 1 (and a line saying why) if the store did not behave as a store.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import posix_ipc
+
+from channels.bytering import XENSTORE_PAGE_SIZE, xenstore_rings
+from channels.shm import attach
+from channels.xs_wire import Decoder, Message, XsType, encode, join_strings
+
+REPLY_TIMEOUT = 10.0
+BATCH = 16  # requests in flight while filling (the store stops reading past 20 unanswered)
+VALUE = b"x" * 2048
+
+
+class Page:
+    """The domain's store page, taken over from its stopped kernel."""
+
+    def __init__(self, domid: int) -> None:
+        [segment] = Path("/dev/shm").glob(f"hyper.d{domid}.store.*")
+        self.segment = attach(segment.name)
+        assert len(self.segment.buf) >= XENSTORE_PAGE_SIZE
+        self.req, self.rsp = xenstore_rings(self.segment.buf)
+        self.rsp.read()  # whatever the kernel left unread is not ours
+        self.doorbells = [
+            posix_ipc.Semaphore("/" + p.name.removeprefix("sem."))
+            for p in Path("/dev/shm").glob(f"sem.hyper.d{domid}.evtchn*")
+        ]
+        self.decoder = Decoder()
+        self.next_id = 1 << 20  # far from the kernel's ids
+
+    def ring_all(self) -> None:
+        for bell in self.doorbells:
+            try:
+                bell.release()
+            except OSError:  # EOVERFLOW: rung more than anyone will ever drain
+                pass
+
+    def send(self, msg_type: XsType, payload: bytes, wait: float = REPLY_TIMEOUT) -> bool:
+        """Write one request, as room comes (a 2 KiB value is more than the 1 KiB ring holds);
+        False if the ring stayed full for ``wait`` seconds (part of it may be in)."""
+        data = memoryview(encode(msg_type, payload, req_id=self.next_id))
+        self.next_id += 1
+        stuck_since = time.monotonic()
+        while data:
+            written = self.req.write(data)
+            if written:
+                data = data[written:]
+                stuck_since = time.monotonic()
+                self.ring_all()
+            elif time.monotonic() - stuck_since > wait:
+                return False
+            else:
+                time.sleep(0.001)
+        return True
+
+    def replies(self, count: int) -> list[Message]:
+        """Wait for ``count`` replies (watch events are skipped)."""
+        got: list[Message] = []
+        deadline = time.monotonic() + REPLY_TIMEOUT
+        while len(got) < count:
+            if time.monotonic() > deadline:
+                raise SystemExit(f"hostile guest: {len(got)} of {count} store replies came")
+            data = self.rsp.read()
+            if not data:
+                time.sleep(0.001)
+                continue
+            self.ring_all()  # we read: the relay may write more
+            got += [m for m in self.decoder.feed(data) if m.type != XsType.WATCH_EVENT]
+        return got
+
+
+def fill(page: Page, domid: int, msg_type: XsType, error: str) -> int:
+    """Send requests in batches until one is refused with ``error``; how many succeeded."""
+    done = 0
+    for start in range(0, 100_000, BATCH):
+        for i in range(start, start + BATCH):
+            path = f"/local/domain/{domid}/data/flood/{i}"
+            if msg_type == XsType.WRITE:  # the value is not NUL-terminated
+                payload = join_strings(path) + VALUE
+            else:
+                payload = join_strings(path, f"t{i}")
+            if not page.send(msg_type, payload):
+                raise SystemExit("hostile guest: the store stopped reading while filling quota")
+        answers = page.replies(BATCH)
+        done += sum(1 for m in answers if m.type == msg_type)
+        refused = [m.strings()[0] for m in answers if m.type == XsType.ERROR]
+        if error in refused:
+            return done
+        if refused:
+            raise SystemExit(f"hostile guest: {msg_type.name} refused with {refused[0]}")
+    raise SystemExit(f"hostile guest: no {error} after 100000 {msg_type.name} requests")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="tests.hostile_guest")
+    parser.add_argument("--domid", type=int, required=True)
+    parser.add_argument("--seconds", type=float, required=True, help="how long to storm")
+    args = parser.parse_args(argv)
+    sys.stdin.readline()  # the caller has put us in the domain's cgroup
+    page = Page(args.domid)
+
+    nodes = fill(page, args.domid, XsType.WRITE, "ENOSPC")
+    watches = fill(page, args.domid, XsType.WATCH, "E2BIG")
+    print(f"filled nodes={nodes} watches={watches}", flush=True)
+
+    unread = 0
+    listing = join_strings(f"/local/domain/{args.domid}/data/flood")
+    while page.send(XsType.DIRECTORY, listing, wait=1.0):
+        unread += 1
+    print(f"unread requests={unread}", flush=True)
+
+    print("storming", flush=True)
+    rings = 0
+    end = time.monotonic() + args.seconds
+    while time.monotonic() < end:
+        for _ in range(1000):
+            page.ring_all()
+        rings += 1000 * len(page.doorbells)
+    print(f"stormed doorbells={len(page.doorbells)} rings={rings}", flush=True)
+    while True:  # on, until killed: the caller measures the first S seconds
+        page.ring_all()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
