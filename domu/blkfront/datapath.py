@@ -41,7 +41,7 @@ from collections import deque
 from collections.abc import Callable
 
 from channels import blkif as B
-from channels.evtchn import EventChannel
+from channels.evtchn import EventChannel, LateEoi
 from channels.gnttab import GrantPool
 from channels.ring import FrontRing, RingBroken, RingError
 
@@ -184,6 +184,7 @@ class DiskPath:
     ) -> None:
         self.ring = ring
         self.evtchn = evtchn
+        self.late_eoi = LateEoi()  # a backend ringing for nothing (a storm) is slowed down
         self.sectors = sectors
         self.max_segments = max_segments
         self.on_broken = on_broken
@@ -407,6 +408,7 @@ class DiskPath:
         """The disk is going away: every call waiting, and every call to come, fails with EIO
         (the leader is woken to see it)."""
         self._fail_all("the disk was disconnected")
+        self.late_eoi.stop()
         self.evtchn.kick()
 
     def reset(self) -> int:
@@ -432,9 +434,13 @@ class DiskPath:
     def _lead(self, op: _InFlight) -> None:
         """Reap responses until ``op`` is answered, then hand the lead to a sleeping caller."""
         try:
-            while not op.finished:
-                if not self._reap() and not self._final_check():
-                    self.evtchn.wait(HEAL_TIMEOUT)
+            self.late_eoi.serve(
+                self._reap,
+                self._final_check,
+                self.evtchn.wait,
+                lambda: not op.finished,
+                HEAL_TIMEOUT,
+            )
         except (RingBroken, DiskBroken) as exc:
             self._fail_all(str(exc), report=True)
         except RingError:

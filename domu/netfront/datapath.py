@@ -16,7 +16,7 @@ import threading
 from collections.abc import Callable
 
 from channels import netif as N
-from channels.evtchn import EventChannel
+from channels.evtchn import EventChannel, LateEoi
 from channels.gnttab import GrantPool
 from channels.ring import FrontRing, RingBroken, RingError
 from channels.tun import VNET_HDR_SIZE, TapWaiter
@@ -56,23 +56,30 @@ class TxPath:
         self.in_flight = bytearray(pool.pages)  # 1 for each page a tx request still holds
         self.stopping = False
         self.waiter = TapWaiter(tap_fd)
+        self.late_eoi = LateEoi()  # a backend ringing for nothing (a storm) is slowed down
         self._header = bytearray(VNET_HDR_SIZE)
         self.thread = threading.Thread(target=self._run, name="netfront-tx", daemon=True)
 
     def stop(self) -> None:
         self.stopping = True
         self.waiter.interrupt()
+        self.late_eoi.stop()
         self.evtchn.kick()
 
     def _run(self) -> None:
+        rung = False  # woken by the backend; a wakeup that reaps nothing is slowed down
         try:
             while not self.stopping:
-                self._reap()
+                if self._reap():
+                    self.late_eoi.worked()
+                elif rung:
+                    self.late_eoi.back_off()
+                rung = False
                 if len(self.free) < MAX_FRAME_PAGES + 1 or self.ring.free_requests() < (
                     MAX_FRAME_PAGES + 2
                 ):
                     if not self.ring.final_check_for_responses():
-                        self.evtchn.wait(HEAL_TIMEOUT)
+                        rung = self.evtchn.wait(HEAL_TIMEOUT)
                     continue
                 if not self.waiter.wait():
                     break
@@ -84,7 +91,8 @@ class TxPath:
         finally:
             self.waiter.close()
 
-    def _reap(self) -> None:
+    def _reap(self) -> bool:
+        """Take every tx response; False if there was none."""
         block = self.ring.get_responses_block()
         in_flight, free = self.in_flight, self.free
         for rid, status in _TX_RSP.iter_unpack(block):
@@ -94,6 +102,7 @@ class TxPath:
                 raise BackendMisbehaved(f"tx response for id {rid}, which is not in flight")
             in_flight[rid] = 0
             free.append(rid)
+        return bool(block)
 
     def _send_batch(self) -> None:
         sent = 0
@@ -164,6 +173,7 @@ class RxPath:
         self.on_broken = on_broken
         self.stopping = False
         self.slot_page = [0] * ring.nr_ents  # ring slot -> the page posted in it
+        self.late_eoi = LateEoi()  # a backend ringing for nothing (a storm) is slowed down
         self.thread = threading.Thread(target=self._run, name="netfront-rx", daemon=True)
 
     def post_all(self) -> None:
@@ -183,13 +193,18 @@ class RxPath:
 
     def stop(self) -> None:
         self.stopping = True
+        self.late_eoi.stop()
         self.evtchn.kick()
 
     def _run(self) -> None:
         try:
-            while not self.stopping:
-                if not self._receive_batch() and not self.ring.final_check_for_responses():
-                    self.evtchn.wait(HEAL_TIMEOUT)
+            self.late_eoi.serve(
+                self._receive_batch,
+                self.ring.final_check_for_responses,
+                self.evtchn.wait,
+                lambda: not self.stopping,
+                HEAL_TIMEOUT,
+            )
         except (RingBroken, BackendMisbehaved) as exc:
             self.on_broken(f"rx: {exc}")
         except RingError:

@@ -27,7 +27,7 @@ from channels.ring import BackRing, FrontRing
 from channels.shm import create_segment, unlink_segment
 from dom0.blkback.datapath import Counters, VbdPath
 from domu.blkfront.datapath import DiskPath, Extents
-from tests.unit.backend_hypercalls import Hypercalls
+from tests.unit.backend_hypercalls import Hypercalls, storm
 
 DATA_PAGES = 512
 INDIRECT_PAGES = 32
@@ -334,6 +334,21 @@ def test_an_impossible_rsp_prod_breaks_the_disk(hostile: Rig) -> None:
         hostile.evtchn.notify()
         _fails_with_eio(call)
     assert len(hostile.broken) == 1
+
+
+def test_a_notification_storm_costs_a_few_wakeups_and_the_answer_still_comes(
+    hostile: Rig,
+) -> None:
+    with ThreadPoolExecutor(1) as pool:
+        call = pool.submit(hostile.path.read, 0, 4096)
+        [(rid, op)] = _take_requests(hostile, 1)
+        rings = storm(hostile.evtchn.notify, 1.0)
+        spurious = hostile.path.late_eoi.spurious
+        _answer(hostile, (rid, op, B.BLKIF_RSP_OKAY))  # before any assert: the call must end
+        assert call.result(timeout=WAIT) == bytes(4096)
+    assert rings > 1000
+    assert spurious < 64, f"{spurious} wakeups for nothing"
+    assert not hostile.broken
 
 
 def test_error_statuses_fail_only_their_own_call(hostile: Rig) -> None:

@@ -20,13 +20,13 @@ import pytest
 
 from channels import netif as N
 from channels.doorbell import Doorbell, create_doorbell, unlink_doorbell
-from channels.evtchn import from_status
+from channels.evtchn import LateEoi, from_status
 from channels.gnttab import GrantPool, pool_bytes
 from channels.ring import HEADER_SIZE, PAGE_SIZE, FrontRing, u32_view
 from channels.shm import Segment, attach, create_segment, unlink_segment
 from channels.tun import VNET_HDR_SIZE
 from domu.netfront.datapath import RxPath, TxPath
-from tests.unit.backend_hypercalls import Hypercalls
+from tests.unit.backend_hypercalls import Hypercalls, storm
 
 PAGES = 32
 _ids = itertools.count()
@@ -73,6 +73,7 @@ class Harness:
     pool: GrantPool
     peer: socket.socket
     doorbell: Doorbell  # netfront's: the one netback rings
+    late_eoi: LateEoi | None = None  # the path's
     broken: list[str] = field(default_factory=list)
     broken_event: threading.Event = field(default_factory=threading.Event)
 
@@ -118,6 +119,7 @@ def rx(setup: tuple) -> Iterator[Harness]:  # type: ignore[type-arg]
     grefs = [pool.grant(i, 0, readonly=False) for i in range(PAGES)]
     harness = Harness(ring, backend, pool, peer, Doorbell(bell))
     path = RxPath(ring, evtchn, pool, grefs, tap.fileno(), harness.on_broken)
+    harness.late_eoi = path.late_eoi
     path.post_all()
     path.thread.start()
     yield harness
@@ -170,6 +172,20 @@ def test_a_hostile_rx_response_breaks_the_vif(
     rx.backend.respond(*responses)
     from_status_kick(rx)
     assert rx.broken_event.wait(5), f"{what}: the vif must be marked broken"
+
+
+def test_a_notification_storm_costs_a_few_wakeups_and_frames_still_arrive(rx: Harness) -> None:
+    requests = rx.backend.requests(N.RX_RING.request)
+    rings = storm(rx.doorbell.ring, 1.0)
+
+    assert rings > 1000
+    assert rx.late_eoi is not None
+    assert rx.late_eoi.spurious < 64, f"{rx.late_eoi.spurious} wakeups for nothing"
+    fill_page(rx, 0, FRAME)
+    rx.backend.respond(rx_response(requests[0][0], len(FRAME)))
+    from_status_kick(rx)
+    assert rx.delivered()[VNET_HDR_SIZE:] == FRAME
+    assert not rx.broken
 
 
 def test_an_impossible_rsp_prod_breaks_the_vif(rx: Harness) -> None:
