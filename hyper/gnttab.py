@@ -15,6 +15,7 @@ from channels.gnttab import pool_bytes
 from hyper.resources import Resources, sharing_gid
 
 MAX_POOL_PAGES_PER_DOMAIN = 1 << 16  # 256 MiB of grantable memory per domain
+MAX_POOLS_PER_DOMAIN = 256  # a frontend sets up 3 per device; each is a /dev/shm object
 
 
 class GnttabError(Exception):
@@ -48,8 +49,10 @@ class GrantTables:
         self._next_pool: dict[int, int] = {}
 
     def setup_pool(self, granter: int, peer: int, pages: int, resources: Resources) -> Pool:
-        held = sum(p.pages for p in self.pools_of(granter))
-        if held + pages > MAX_POOL_PAGES_PER_DOMAIN:
+        pools = self.pools_of(granter)
+        if len(pools) >= MAX_POOLS_PER_DOMAIN:
+            raise GnttabError("ENOSPC", f"domain {granter}: {len(pools)} grant pools, the limit")
+        if sum(p.pages for p in pools) + pages > MAX_POOL_PAGES_PER_DOMAIN:
             raise GnttabError("ENOSPC", f"domain {granter}: grant pool limit reached")
         try:
             gid = sharing_gid(granter, peer)

@@ -69,6 +69,19 @@ BUILD_TIMEOUT = 30.0
 DOM0_STABLE = 5.0  # seconds up after which a dom0 death restarts it at once
 DOM0_BACKOFF = (0.25, 30.0)  # first and longest wait before restarting a dom0 that keeps dying
 OUTQ_LIMIT = 4096
+#: Hypercalls that change nothing hyperd saves: answering one costs no state-file encode, so a
+#: domain calling them in a loop costs hyperd only the call.
+READ_ONLY_OPS = frozenset(
+    {
+        "evtchn_status",
+        "gnttab_map_pool",
+        "gnttab_map_pools",
+        "domctl_list",
+        "domctl_exec_target",
+        "sysctl_dmesg",
+        "sysctl_info",
+    }
+)
 
 
 class HvError(Exception):
@@ -122,6 +135,8 @@ class Hypervisor:
         self._sig_w.setblocking(False)
         self._events: list[tuple[str, dict[str, Any]]] = []  # for dom0, sent at the next commit
         self._saved: bytes | None = None  # the state file's content as last written
+        self._dirty = True  # the tables may differ from the state file
+        self._resume_halt = False  # the state file says a halt had begun
 
     # -- main loop -------------------------------------------------------------------------
 
@@ -155,6 +170,8 @@ class Hypervisor:
                         self._on_pidfd(domain)
                 except Exception:
                     log.exception("internal error handling %s", kind)
+                if kind in ("signal", "sync", "pidfd"):
+                    self._dirty = True
             changed = self._check_builds()
             restart_at = self._dom0_restart_at
             if restart_at is not None and time.monotonic() >= restart_at and not self.halting:
@@ -164,6 +181,7 @@ class Hypervisor:
             if self.halt_requested:
                 self.halt()
             if ready or changed:
+                self._dirty |= changed
                 self._commit()
 
     def _commit(self) -> None:
@@ -173,15 +191,18 @@ class Hypervisor:
         self._flush_events()
 
     def _save(self) -> None:
+        """Write the tables if anything may have changed them since the last write."""
+        if not self._dirty:
+            return
         data = state.encode(self.snapshot())
-        if data == self._saved:
-            return
-        try:
-            state.write(self.run.state_file, data)
-        except OSError as exc:
-            log.error("cannot write %s: %s", self.run.state_file, exc)
-            return
-        self._saved = data
+        if data != self._saved:
+            try:
+                state.write(self.run.state_file, data)
+            except OSError as exc:
+                log.error("cannot write %s: %s", self.run.state_file, exc)
+                return
+            self._saved = data
+        self._dirty = False
 
     def _flush_events(self) -> None:
         events, self._events = self._events, []
@@ -231,6 +252,7 @@ class Hypervisor:
         return {
             "last_domid": self.last_domid,
             "dom0_restarts": self.dom0_restarts,
+            "halting": self.halting,
             "domains": [d.to_dict() for _, d in sorted(self.domains.items())],
             "evtchn": self.evtchn.to_dict(),
             "gnttab": self.gnttab.to_dict(),
@@ -247,6 +269,7 @@ class Hypervisor:
             self.gnttab = GrantTables.from_dict(saved["gnttab"])
             self.last_domid = int(saved["last_domid"])
             self.dom0_restarts = int(saved["dom0_restarts"])
+            self._resume_halt = bool(saved.get("halting", False))
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             message = f"{self.run.state_file}: {type(exc).__name__}: {exc}"
             raise state.StateError(message) from exc
@@ -269,12 +292,19 @@ class Hypervisor:
         ]
         self._forget_sockets(sockets)
         for domain in dead:
-            if domain.domid != 0:
-                log.warning("dom%d (%s) died while no hyperd ran", domain.domid, domain.name)
+            if domain.domid == 0:
+                continue
+            log.warning("dom%d (%s) died while no hyperd ran", domain.domid, domain.name)
+            if self._resume_halt:
+                self.destroy(domain)  # no on_crash: everything is being stopped
+            else:
                 self._on_death(domain, None)
-        if 0 in self.domains and any(d.domid == 0 for d in dead):
+        if self._resume_halt:
+            log.warning("the previous hyperd was halting: finishing the halt")
+            self.halt_requested = True
+        elif 0 in self.domains and any(d.domid == 0 for d in dead):
             self._on_dom0_death(None)
-        elif 0 not in self.domains:  # a hyperd killed while halting
+        elif 0 not in self.domains:
             self.start_dom0()
         log.info("re-adopted: %s", ", ".join(f"dom{d}" for d in sorted(self.domains)))
 
@@ -295,6 +325,10 @@ class Hypervisor:
         if domain.status is Status.BUILDING:
             # Its boot needed the sync socket, which died with the old hyperd: it cannot finish.
             log.warning("dom%d (%s) was being built: destroying it", domain.domid, domain.name)
+            self.destroy(domain)
+            return True
+        if domain.status is Status.DYING:
+            log.warning("dom%d (%s) was being destroyed: finishing", domain.domid, domain.name)
             self.destroy(domain)
             return True
         if domain.pidfd is not None and sock is None:
@@ -382,9 +416,10 @@ class Hypervisor:
         self.selector.register(ours, selectors.EVENT_READ, ("hypercall", dom0))
         self._keep(dom0)
         log.info("dom0 started, pid %d", proc.pid)
-        # A restarted dom0 learns the domains that already exist, as if they were new.
+        # A restarted dom0 learns the domains that already exist, as if they were new (those
+        # being built too: what their build queued for the dead dom0 was dropped above).
         for domain in self.domains.values():
-            if domain.domid != 0 and domain.status is not Status.BUILDING:
+            if domain.domid != 0 and domain.status is not Status.DYING:
                 self.event("domain_introduced", self.info(domain))
                 if domain.status is Status.RUNNING:
                     self.event("domain_running", {"domid": domain.domid})
@@ -392,6 +427,7 @@ class Hypervisor:
     def event(self, name: str, data: dict[str, Any]) -> None:
         """Tell dom0, once the change is in the state file (see ``_commit``)."""
         self._events.append((name, data))
+        self._dirty = True
 
     def _send(self, domain: Domain, message: bytes) -> None:
         """Queue a message for a domain without ever blocking the loop. While a domain has
@@ -466,6 +502,8 @@ class Hypervisor:
                 log.warning("dom%d: bad hypercall: %s", caller.domid, message)
             caller.bad_calls += 1
             return {"id": _request_id(data), "ok": False, "error": "EINVAL", "message": message}
+        if op.op not in READ_ONLY_OPS:
+            self._dirty = True
         try:
             result = self.handle(caller, op)
             return {"id": req_id, "ok": True, "result": result}
@@ -906,7 +944,11 @@ class Hypervisor:
             domain.cgroup = None
 
     def destroy(self, domain: Domain) -> None:
+        # Saved first: a hyperd killed half way through finishes the destruction on adoption,
+        # rather than taking the domain's end for a crash (and applying on_crash).
         domain.status = Status.DYING
+        self._dirty = True
+        self._save()
         self._release(domain)
         self.domains.pop(domain.domid, None)
         log.info("dom%d (%s) destroyed", domain.domid, domain.name)
@@ -948,11 +990,13 @@ class Hypervisor:
         if self.halting:
             return
         self.halting = True
+        self._dirty = True
+        self._save()  # a hyperd killed during the halt finishes it (``_adopt_all``)
         log.info("halting: destroying every domain")
         for domain in [d for d in self.domains.values() if d.domid != 0]:
             self.destroy(domain)
         # dom0 hears of the destructions before it is told to stop (it may still read them).
-        self._flush_events()
+        self._commit()
         dom0 = self.domains.pop(0, None)
         if dom0 is None:
             return
@@ -1107,31 +1151,47 @@ def main(argv: list[str] | None = None) -> int:
     log.info("hyperd %d starting (cgroup v%d)", os.getpid(), hypervisor.cgroups.version)
     sockets = _connect_keeper(hypervisor)
     if saved is not None:
+        if sockets is None:
+            # The keeper still holds every socket (it hands over duplicates): leave the
+            # domains running for a later attempt rather than adopt them without their calls.
+            log.error("cannot re-adopt the running domains: `hyperctl start` tries again")
+            return 1
         try:
             hypervisor.load(saved)
         except state.StateError as exc:
             log.error("%s; `hyperctl cleanup` removes what it described", exc)
             return 1
+    status = 0
     try:
-        hypervisor.serve(sockets, adopt=saved is not None)
-    finally:
-        log.info("hyperd stopped")
-        hypervisor.cgroups.remove_all()
-        if hypervisor.keeper is not None:
-            hypervisor.keeper.exit()
-        run.remove()
-    return 0
+        hypervisor.serve(sockets or {}, adopt=saved is not None)
+    except Exception:
+        if any(domid != 0 for domid in hypervisor.domains):
+            # As after a kill: the domains run on, and the next hyperd adopts them.
+            log.exception("hyperd failed; the domains run on (`hyperctl start` adopts them)")
+            return 1
+        log.exception("hyperd failed")
+        status = 1
+    log.info("hyperd stopped")
+    hypervisor.cgroups.remove_all()
+    if hypervisor.keeper is not None:
+        hypervisor.keeper.exit()
+    run.remove()
+    return status
 
 
-def _connect_keeper(hypervisor: Hypervisor) -> dict[str, socket.socket]:
-    """Connect to the fd keeper (starting one if none runs) and take back what it holds."""
+def _connect_keeper(hypervisor: Hypervisor) -> dict[str, socket.socket] | None:
+    """Connect to the fd keeper (starting one if none runs) and take back what it holds; None
+    if that failed."""
     run = hypervisor.run
     try:
         hypervisor.keeper = keeper.connect_or_start(run.keeper_socket, run.log("hyperd"))
         return hypervisor.keeper.fetch()
     except KeeperError as exc:
         log.error("%s: a killed hyperd would now take every domain down", exc)
-        return {}
+        if hypervisor.keeper is not None:
+            hypervisor.keeper.close()
+            hypervisor.keeper = None
+        return None
 
 
 if __name__ == "__main__":

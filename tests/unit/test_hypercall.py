@@ -16,7 +16,7 @@ from channels import hypercall as hc
 from hyper import hyperd
 from hyper.domain import Domain
 from hyper.evtchn import EventChannels, EvtchnError
-from hyper.gnttab import GnttabError, GrantTables
+from hyper.gnttab import MAX_POOLS_PER_DOMAIN, GnttabError, GrantTables
 from hyper.paths import RunDir
 from hyper.resources import Resources
 
@@ -166,6 +166,20 @@ def test_grant_pools_map_only_for_their_peer() -> None:
     assert other.gref_base == pool.gref_base + 16
     tables.release_domain(5, resources)
     assert resources.segments == set()
+
+
+def test_a_domain_may_hold_only_so_many_pools() -> None:
+    tables = GrantTables()
+    resources = FakeResources(5)
+    for _ in range(MAX_POOLS_PER_DOMAIN):
+        tables.setup_pool(5, 0, 1, resources)
+    with pytest.raises(GnttabError) as refused:
+        tables.setup_pool(5, 0, 1, resources)
+    assert refused.value.errno_name == "ENOSPC"
+
+
+def test_read_only_hypercalls_are_real_ones() -> None:
+    assert set(hc.OPS) >= hyperd.READ_ONLY_OPS
 
 
 def test_a_backend_learns_every_pool_granted_to_it_and_no_other() -> None:

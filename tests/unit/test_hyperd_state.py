@@ -4,6 +4,7 @@ name objects they never create here, and the keeper runs as whoever runs the tes
 
 from __future__ import annotations
 
+import json
 import socket
 import subprocess
 from collections.abc import Iterator
@@ -22,6 +23,10 @@ from hyper.paths import RunDir
 from hyper.resources import Resources
 
 TIMEOUT = 10.0
+
+
+def request(op: str, **args: object) -> bytes:
+    return json.dumps({"id": 1, "op": op, "args": args}).encode()
 
 
 class PaperResources(Resources):
@@ -158,6 +163,58 @@ def test_restored_grants_are_still_checked(tmp_path: Path) -> None:
     assert after.gnttab.map_pool(0, 3, pool.gref_base + 15) == pool
     with pytest.raises(GnttabError, match="not granted to 5"):
         after.gnttab.map_pool(5, 3, pool.gref_base)
+
+
+def test_only_a_hypercall_that_changes_the_tables_rewrites_the_state_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A domain calling evtchn_status in a loop must not cost hyperd an encode of every table
+    per call."""
+    hv = hypervisor(tmp_path)
+    populate(hv, tmp_path)
+    hv._commit()
+    encodes: list[int] = []
+    real_encode = state.encode
+    monkeypatch.setattr(state, "encode", lambda t: encodes.append(1) or real_encode(t))
+    dom3 = hv.domains[3]
+    port = dom3.store.domu_port if dom3.store else 0
+
+    for _ in range(100):
+        reply = hv._answer(dom3, request("evtchn_status", port=port))
+        assert reply["ok"], reply
+        hv._commit()
+    assert encodes == []
+
+    reply = hv._answer(dom3, request("evtchn_alloc_unbound", remote_dom=0))
+    hv._commit()
+    assert reply["ok"] and encodes == [1]
+    assert str(reply["result"]["port"]) in hv.run.state_file.read_text()
+
+
+def test_a_destruction_is_in_the_state_file_before_anything_is_torn_down(tmp_path: Path) -> None:
+    """A hyperd killed half way through a destroy finishes it on adoption, rather than taking
+    the domain's end for a crash and applying on_crash (dom3's is restart)."""
+    hv = hypervisor(tmp_path)
+    populate(hv, tmp_path)
+    hv._commit()
+    seen: list[str] = []
+
+    def release(domain: Domain) -> None:
+        saved = state.read(hv.run.state_file)
+        assert saved is not None
+        seen.extend(d["status"] for d in saved["domains"] if d["domid"] == domain.domid)
+
+    hv._release = release  # type: ignore[method-assign]
+    hv.destroy(hv.domains[3])
+    assert seen == [Status.DYING.value]
+
+
+def test_a_halt_that_had_begun_is_finished_by_the_next_hyperd(tmp_path: Path) -> None:
+    before = hypervisor(tmp_path)
+    populate(before, tmp_path)
+    assert not through_the_file(before, tmp_path)._resume_halt
+    before.halting = True
+    assert through_the_file(before, tmp_path)._resume_halt
 
 
 def test_each_table_round_trips_on_its_own(tmp_path: Path) -> None:
