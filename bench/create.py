@@ -269,6 +269,36 @@ class Domains:
             self.live.remove(name)
 
 
+@contextmanager
+def domains_from(workdir: Path, configs: dict[str, str]) -> Iterator[None]:
+    """Create a domain from each YAML body, by name (the ``name:`` line is added); destroy them
+    all on the way out, whatever happened."""
+    created: list[str] = []
+    try:
+        for name, body in configs.items():
+            path = workdir / f"{name}.yaml"
+            path.write_text(f"name: {name}\n{body}")
+            created.append(name)  # before the create: an interrupted create may still finish
+            hyperctl("create", str(path))
+        yield
+    finally:
+        for name in created:
+            destroy_quietly(name)
+
+
+IPERF3_LISTEN_TIMEOUT = 20.0
+
+
+def start_iperf3_server(server: str) -> None:
+    """`iperf3 -s -1 -D` in domain ``server``, returning once it listens (-D returns before)."""
+    hyperctl("exec", server, "--", "iperf3", "-s", "-1", "-D")
+    deadline = time.monotonic() + IPERF3_LISTEN_TIMEOUT
+    while ":5201" not in hyperctl("exec", server, "--", "ss", "-ltn"):
+        if time.monotonic() > deadline:
+            raise BenchError(f"iperf3 -s did not listen in {server}")
+        time.sleep(0.1)
+
+
 def destroy_quietly(name: str) -> None:
     """`hyperctl destroy NAME`, best effort: on the way out, whatever happened before."""
     subprocess.run(

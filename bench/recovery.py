@@ -44,11 +44,12 @@ from rich.table import Table  # noqa: E402
 from bench.create import (  # noqa: E402
     ENV,
     BenchError,
-    destroy_quietly,
+    domains_from,
     hyperctl,
     hypervisor,
     progress,
     run_bench,
+    start_iperf3_server,
 )
 
 STABLE_WAIT = 6.0  # hyperd restarts a dom0 that lived this long at once (DOM0_STABLE is 5 s)
@@ -161,8 +162,7 @@ def recovery_times(name: str, rounds: int) -> dict[str, Any]:
 
 
 def throughput_dip(client: str, server: str) -> dict[str, Any]:
-    hyperctl("exec", server, "--", "iperf3", "-s", "-1", "-D")
-    time.sleep(1.0)  # iperf3 -D returns before it listens
+    start_iperf3_server(server)
     started = time.monotonic()
     stream = in_domain(client, "iperf3", "-c", f"{NET}.3", "-t", "16", "-i", "0.5", "-J")
     old = dom0_pid()
@@ -186,26 +186,17 @@ def run(rounds: int) -> dict[str, Any]:
     with hypervisor(), tempfile.TemporaryDirectory(prefix="hyper-recovery-") as tmp:
         names = (f"recov{os.getpid()}-a", f"recov{os.getpid()}-b")
         image = Path(tmp) / "disk.img"
-        configs = [
-            f"name: {names[0]}\nvif:\n  - bridge: {BRIDGE}\n    ip: {NET}.2/24\n"
+        configs = {
+            names[0]: f"vif:\n  - bridge: {BRIDGE}\n    ip: {NET}.2/24\n"
             f"disk:\n  - target: {image}\n    vdev: xvda\n    size: 64M\n",
-            f"name: {names[1]}\nvif:\n  - bridge: {BRIDGE}\n    ip: {NET}.3/24\n",
-        ]
-        created: list[str] = []
-        try:
-            for name, text in zip(names, configs, strict=True):
-                path = Path(tmp) / f"{name}.yaml"
-                path.write_text(text)
-                hyperctl("create", str(path))
-                created.append(name)
+            names[1]: f"vif:\n  - bridge: {BRIDGE}\n    ip: {NET}.3/24\n",
+        }
+        with domains_from(Path(tmp), configs):
             progress(f"recovery time over {rounds} dom0 kills")
             result = {"recovery": recovery_times(names[0], rounds)}
             progress("iperf3 between the two domUs across a dom0 kill")
             result["dip"] = throughput_dip(names[0], names[1])
             return result
-        finally:
-            for name in created:
-                destroy_quietly(name)
 
 
 def print_report(result: dict[str, Any]) -> None:

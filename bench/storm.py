@@ -19,6 +19,7 @@ Benchmarks measure, never assert.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import signal
@@ -38,37 +39,33 @@ from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
 from bench.create import (  # noqa: E402
-    ENV,
     BenchError,
-    destroy_quietly,
+    domains_from,
     hyperctl,
     hypervisor,
+    list_domains,
     progress,
     run_bench,
+    start_iperf3_server,
 )
 from hyper import cgroup  # noqa: E402
+from tests import hostile_guest  # noqa: E402
 
 BRIDGE, NET = "hystorm0", "10.80.0"
 STORM_ALONE = 4.0  # seconds of storm with nothing else running, for dom0's CPU
-LISTEN_TIMEOUT = 20.0
 
 
 def iperf3(client: str, server: str, seconds: float) -> float:
     """One TCP stream client -> server for ``seconds``; Gbit/s received."""
-    hyperctl("exec", server, "--", "iperf3", "-s", "-1", "-D")
-    deadline = time.monotonic() + LISTEN_TIMEOUT
-    while "5201" not in hyperctl("exec", server, "--", "ss", "-ltn"):
-        if time.monotonic() > deadline:
-            raise BenchError("iperf3 -s did not listen")
-        time.sleep(0.1)
+    start_iperf3_server(server)
     out = hyperctl("exec", client, "--", "iperf3", "-c", f"{NET}.2", "-t", str(seconds), "-J")
     return float(json.loads(out)["end"]["sum_received"]["bits_per_second"]) / 1e9
 
 
 def listed(name: str) -> dict[str, Any]:
     """What `hyperctl list --json` says of one domain."""
-    [info] = [d for d in json.loads(hyperctl("list", "--json")) if d["name"] == name]
-    return dict(info)
+    [info] = [d for d in list_domains() if d["name"] == name]
+    return info
 
 
 class Stoppable:
@@ -103,21 +100,7 @@ class Attacker(Stoppable):
 
     def __init__(self, name: str) -> None:
         info = listed(name)
-        self.kernel = int(info["pid"])
-        os.kill(self.kernel, signal.SIGSTOP)
-        domid = f"--domid={info['domid']}"
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "tests.hostile_guest", domid, f"--seconds={STORM_ALONE}"],
-            cwd=REPO,
-            env=ENV,
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            text=True,
-        )
-        cgroup.open_hierarchy().open(f"dom{info['domid']}").attach(self.proc.pid)
-        assert self.proc.stdin is not None and self.proc.stdout is not None
-        self.proc.stdin.write("go\n")
-        self.proc.stdin.flush()
+        self.proc = hostile_guest.start(int(info["domid"]), int(info["pid"]), STORM_ALONE)
         self.lines: list[str] = []
 
     def until(self, prefix: str) -> str:
@@ -132,50 +115,38 @@ class Attacker(Stoppable):
 def measure(rounds: int, seconds: float, cap: int) -> dict[str, Any]:
     with hypervisor(), tempfile.TemporaryDirectory(prefix="hyper-storm-") as tmp:
         tag = f"storm{os.getpid()}"
-        names = {"server": f"{tag}-server", "client": f"{tag}-client", "attacker": f"{tag}-bad"}
+        server, client, bad = f"{tag}-server", f"{tag}-client", f"{tag}-bad"
         configs = {
-            "server": f"vif:\n  - bridge: {BRIDGE}\n    ip: {NET}.2/24\n",
-            "client": f"vif:\n  - bridge: {BRIDGE}\n    ip: {NET}.3/24\n",
-            "attacker": f"cap: {cap}\nvif:\n  - bridge: {BRIDGE}\n    ip: {NET}.9/24\n"
+            server: f"vif:\n  - bridge: {BRIDGE}\n    ip: {NET}.2/24\n",
+            client: f"vif:\n  - bridge: {BRIDGE}\n    ip: {NET}.3/24\n",
+            bad: f"cap: {cap}\nvif:\n  - bridge: {BRIDGE}\n    ip: {NET}.9/24\n"
             f"disk:\n  - target: {tmp}/attacker.img\n    vdev: xvda\n    size: 16M\n",
         }
-        created: list[str] = []
-        attacker: Attacker | None = None
-        hog: Hog | None = None
-        try:
-            for role, name in names.items():
-                path = Path(tmp) / f"{name}.yaml"
-                path.write_text(f"name: {name}\n{configs[role]}")
-                hyperctl("create", str(path))
-                created.append(name)
-            client, server = names["client"], names["server"]
-            undisturbed, hogged, attacked = [], [], []
+        with domains_from(Path(tmp), configs), contextlib.ExitStack() as stop:
+            stop.callback(subprocess.run, ["ip", "link", "del", BRIDGE], capture_output=True)
+            progress("the attacker fills its store quota, then storms")
+            attacker = Attacker(bad)
+            stop.callback(attacker.stop)
+            for phase in ("filled", "unread", "storming"):
+                attacker.until(phase)
             dom0 = cgroup.open_hierarchy().open("dom0")
-            storm_cpu = 0.0
-            hog = Hog(int(listed(names["attacker"])["domid"]))
+            before, started = dom0.cpu_time_ns(), time.monotonic()
+            attacker.until("stormed")
+            storm_cpu = (dom0.cpu_time_ns() - before) / 1e9 / (time.monotonic() - started)
+            attacker.pause()
+            hog = Hog(int(listed(bad)["domid"]))
+            stop.callback(hog.stop)
+            undisturbed, hogged, attacked = [], [], []
             for round_ in range(rounds):
-                if attacker is not None:
-                    attacker.pause()
                 undisturbed.append(iperf3(client, server, seconds))
-                hog.resume()
-                hogged.append(iperf3(client, server, seconds))
-                hog.pause()
-                if attacker is None:
-                    progress("the attacker fills its store quota, then storms")
-                    attacker = Attacker(names["attacker"])
-                    for phase in ("filled", "unread", "storming"):
-                        attacker.until(phase)
-                    before, started = dom0.cpu_time_ns(), time.monotonic()
-                    attacker.until("stormed")
-                    storm_cpu = (dom0.cpu_time_ns() - before) / 1e9 / (time.monotonic() - started)
-                else:
-                    attacker.resume()
-                attacked.append(iperf3(client, server, seconds))
+                for loaded, rates in ((hog, hogged), (attacker, attacked)):
+                    loaded.resume()
+                    rates.append(iperf3(client, server, seconds))
+                    loaded.pause()
                 progress(
                     f"round {round_ + 1}: {undisturbed[-1]:.2f} Gbit/s undisturbed, "
                     f"{hogged[-1]:.2f} beside a CPU hog, {attacked[-1]:.2f} under the storm"
                 )
-            assert attacker is not None
             return {
                 "undisturbed_gbit": statistics.median(undisturbed),
                 "attacked_gbit": statistics.median(attacked),
@@ -187,13 +158,6 @@ def measure(rounds: int, seconds: float, cap: int) -> dict[str, Any]:
                 "attacker": attacker.lines,
                 "cap_percent": cap,
             }
-        finally:
-            for process in (attacker, hog):
-                if process is not None:
-                    process.stop()
-            for name in created:
-                destroy_quietly(name)
-            subprocess.run(["ip", "link", "del", BRIDGE], capture_output=True)
 
 
 def print_report(result: dict[str, Any]) -> None:

@@ -52,11 +52,13 @@ class HypervisorGone(HypercallError):
 
 
 class Op(BaseModel):
-    """Base of every hypercall; subclasses set ``op`` and, for dom0-only calls, ``privileged``."""
+    """Base of every hypercall; subclasses set ``op``, ``privileged`` for dom0-only calls, and
+    ``read_only`` for calls that change nothing hyperd keeps (it saves no state after them)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
     op: ClassVar[str]
     privileged: ClassVar[bool] = False
+    read_only: ClassVar[bool] = False
 
 
 # -- event channels --------------------------------------------------------------------------
@@ -85,6 +87,7 @@ class EvtchnStatus(Op):
     "remote_port", "doorbell", "peer_doorbell" (None while unbound)}."""
 
     op = "evtchn_status"
+    read_only = True
     port: int = Field(ge=1)
 
 
@@ -114,6 +117,7 @@ class GnttabMapPool(Op):
     was set up for the caller. Result: {"pool", "name", "gref_base", "pages"}."""
 
     op = "gnttab_map_pool"
+    read_only = True
     granter: int = Field(ge=0, le=DOMID_MAX)
     gref: int = Field(ge=0)
 
@@ -124,6 +128,7 @@ class GnttabMapPools(Op):
     as gnttab_map_pool gives it."""
 
     op = "gnttab_map_pools"
+    read_only = True
     granter: int = Field(ge=0, le=DOMID_MAX)
 
 
@@ -186,6 +191,7 @@ class DomctlList(Op):
     """dom0: every domain, dom0 included. Result: {"domains": [DomainInfo...]}."""
 
     op = "domctl_list"
+    read_only = True
     privileged = True
 
 
@@ -194,6 +200,7 @@ class DomctlExecTarget(Op):
     Result: {"pid": host pid of the domain's workload init, "cgroup_procs": [paths]}."""
 
     op = "domctl_exec_target"
+    read_only = True
     privileged = True
     domid: int = Field(ge=1, le=DOMID_MAX)
 
@@ -222,6 +229,7 @@ class SysctlDmesg(Op):
     """dom0: the hypervisor's log. Result: {"lines": [...]}."""
 
     op = "sysctl_dmesg"
+    read_only = True
     privileged = True
     clear: bool = False
 
@@ -230,6 +238,7 @@ class SysctlInfo(Op):
     """dom0: host and hypervisor facts for `hyperctl info`."""
 
     op = "sysctl_info"
+    read_only = True
     privileged = True
 
 

@@ -185,11 +185,25 @@ class Watch:
     Use as a context manager to unwatch on exit.
     """
 
-    def __init__(self, client: XsClient, path: str, token: str, queue: WatchQueue) -> None:
+    def __init__(
+        self,
+        client: XsClient,
+        path: str,
+        token: str,
+        queue: WatchQueue,
+        depth: int | None = None,
+    ) -> None:
         self.client = client
         self.path = path
         self.token = token
         self.queue = queue
+        self.depth = depth
+
+    def request(self) -> bytes:
+        """The payload of the XS_WATCH that registers it (again, after a reconnection)."""
+        if self.depth is None:
+            return join_strings(self.path, self.token)
+        return join_strings(self.path, self.token, str(int(self.depth)))
 
     def get(self, timeout: float | None = None) -> WatchEvent:
         try:
@@ -348,9 +362,7 @@ class XsClient:
             for watch in watches:
                 with self._lock:
                     req_id = next(self._req_ids) & 0xFFFFFFFF
-                    message = encode(
-                        XsType.WATCH, join_strings(watch.path, watch.token), req_id=req_id
-                    )
+                    message = encode(XsType.WATCH, watch.request(), req_id=req_id)
                     waiter = _Pending(message)  # nobody waits: the reply is just dropped
                     waiter.sent_epoch = old + 1
                     self._pending[req_id] = waiter
@@ -552,15 +564,14 @@ class XsClient:
         token = token if token is not None else f"hyper-watch-{next(self._tokens)}"
         if not token or "\0" in token:
             raise ValueError(f"watch token {token!r} must be non-empty and contain no NUL")
-        watch = Watch(self, path, token, queue if queue is not None else WatchQueue())
+        watch = Watch(self, path, token, queue if queue is not None else WatchQueue(), depth)
         # Registered before the request: the server's first event may beat its reply.
         with self._lock:
             if token in self._watches:
                 raise ValueError(f"watch token {token!r} is already in use on this client")
             self._watches[token] = watch
         try:
-            args = (path, token) if depth is None else (path, token, str(int(depth)))
-            self._call(XsType.WATCH, join_strings(*args), path)
+            self._call(XsType.WATCH, watch.request(), path)
         except BaseException:
             self._drop_watch(watch)
             raise

@@ -19,7 +19,7 @@ side is channels/xs_ring.py). When a live dom0 drops the connection (the store d
 domain), the relay sets ``XENSTORE_ERROR_PROTO`` and the guest's client fails at once.
 
 Parameters arrive as one JSON object on stdin: for "store" and "console", the segment name, our
-doorbell and the guest's, and the number of the inherited socket; and "reconnect".
+doorbell and the guest's, and the number of the inherited socket; for "store", "reconnect" too.
 """
 
 from __future__ import annotations
@@ -150,7 +150,6 @@ def main() -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s relay: %(message)s")
     params = json.load(sys.stdin)
     params["store"]["dom0"] = os.pidfd_open(os.getppid())
-    params["store"]["reconnect"] = params.get("reconnect", False)
     done = threading.Event()
     layouts = {"store": lambda buf: xenstore_rings(buf), "console": _console}
     for kind, layout in layouts.items():
@@ -196,7 +195,7 @@ class Relay:
         from channels.hypercall import EvtchnStatus
         from dom0.store.stream import StreamConnection
 
-        params: dict[str, Any] = {"reconnect": reconnect}
+        params: dict[str, Any] = {}
         ours: dict[str, socket.socket] = {}
         theirs: list[socket.socket] = []
         for kind in ("store", "console"):
@@ -210,6 +209,7 @@ class Relay:
                 "peer_doorbell": status["peer_doorbell"],
                 "fd": peer.fileno(),
             }
+        params["store"]["reconnect"] = reconnect
         source = str(Path(__file__).resolve().parents[1])
         process = subprocess.Popen(
             [sys.executable, "-m", "dom0.relay"],

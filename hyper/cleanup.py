@@ -12,7 +12,7 @@ import fcntl
 import os
 from collections.abc import Iterator
 
-from hyper import cgroup
+from hyper import cgroup, keeper
 from hyper.paths import RunDir
 from hyper.resources import leftovers
 
@@ -53,6 +53,11 @@ def _remove_interfaces() -> Iterator[str]:
 def cleanup(run: RunDir) -> Iterator[str]:
     if hyperd_alive(run):
         raise HypervisorRunning("a hypervisor is running; use `hyperctl halt` to stop it")
+    # The fd keeper outlives a killed hyperd on purpose (hyper/keeper.py): end it first, so
+    # that no domain's hypercall socket stays open.
+    pid = keeper.stop(run.keeper_socket)
+    if pid is not None:
+        yield f"stopped the fd keeper (pid {pid})"
     try:
         hierarchy = cgroup.open_hierarchy()
     except cgroup.CgroupError as exc:

@@ -26,7 +26,7 @@ import tty
 from pathlib import Path
 from typing import Any
 
-from hyper import control, keeper, state
+from hyper import control
 from hyper.control import ControlError, NotRunning
 from hyper.paths import RunDir
 
@@ -347,17 +347,8 @@ def cmd_halt(args: argparse.Namespace) -> int:
 def cmd_cleanup(args: argparse.Namespace) -> int:
     from hyper.cleanup import HypervisorRunning, cleanup
 
-    run = _run()
-    if _hyperd_alive(run):
-        raise CliError("a hypervisor is running; use `hyperctl halt` to stop it")
-    # The fd keeper outlives a killed hyperd on purpose (hyper/keeper.py); cleanup ends it.
-    pid = keeper.stop(run.keeper_socket)
-    if pid is not None:
-        print(f"stopped the fd keeper (pid {pid})")
-    if state.remove(run.state_file):
-        print(f"removed {run.state_file}")
     try:
-        for line in cleanup(run):
+        for line in cleanup(_run()):
             print(line)
     except HypervisorRunning as exc:
         raise CliError(str(exc)) from exc

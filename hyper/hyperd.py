@@ -69,19 +69,6 @@ BUILD_TIMEOUT = 30.0
 DOM0_STABLE = 5.0  # seconds up after which a dom0 death restarts it at once
 DOM0_BACKOFF = (0.25, 30.0)  # first and longest wait before restarting a dom0 that keeps dying
 OUTQ_LIMIT = 4096
-#: Hypercalls that change nothing hyperd saves: answering one costs no state-file encode, so a
-#: domain calling them in a loop costs hyperd only the call.
-READ_ONLY_OPS = frozenset(
-    {
-        "evtchn_status",
-        "gnttab_map_pool",
-        "gnttab_map_pools",
-        "domctl_list",
-        "domctl_exec_target",
-        "sysctl_dmesg",
-        "sysctl_info",
-    }
-)
 
 
 class HvError(Exception):
@@ -113,12 +100,11 @@ class Hypervisor:
         run: RunDir,
         hierarchy: cgroup.Hierarchy,
         dmesg: DmesgHandler,
-        fd_keeper: KeeperClient | None = None,
     ) -> None:
         self.run = run
         self.cgroups = hierarchy
         self.dmesg = dmesg
-        self.keeper = fd_keeper
+        self.keeper: KeeperClient | None = None  # connected by main (``_connect_keeper``)
         self.domains: dict[int, Domain] = {}
         self.evtchn = EventChannels()
         self.gnttab = GrantTables()
@@ -136,7 +122,6 @@ class Hypervisor:
         self._events: list[tuple[str, dict[str, Any]]] = []  # for dom0, sent at the next commit
         self._saved: bytes | None = None  # the state file's content as last written
         self._dirty = True  # the tables may differ from the state file
-        self._resume_halt = False  # the state file says a halt had begun
 
     # -- main loop -------------------------------------------------------------------------
 
@@ -269,7 +254,8 @@ class Hypervisor:
             self.gnttab = GrantTables.from_dict(saved["gnttab"])
             self.last_domid = int(saved["last_domid"])
             self.dom0_restarts = int(saved["dom0_restarts"])
-            self._resume_halt = bool(saved.get("halting", False))
+            # A halt that had begun is finished at adoption (``_adopt_all``).
+            self.halt_requested = bool(saved["halting"])
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             message = f"{self.run.state_file}: {type(exc).__name__}: {exc}"
             raise state.StateError(message) from exc
@@ -291,18 +277,15 @@ class Hypervisor:
             if not self._adopt(domain, sockets.pop(_socket_name(domain.domid), None))
         ]
         self._forget_sockets(sockets)
-        for domain in dead:
-            if domain.domid == 0:
-                continue
-            log.warning("dom%d (%s) died while no hyperd ran", domain.domid, domain.name)
-            if self._resume_halt:
-                self.destroy(domain)  # no on_crash: everything is being stopped
-            else:
-                self._on_death(domain, None)
-        if self._resume_halt:
+        if self.halt_requested:
             log.warning("the previous hyperd was halting: finishing the halt")
-            self.halt_requested = True
-        elif 0 in self.domains and any(d.domid == 0 for d in dead):
+            self.halt()  # every domU goes, dead or alive: no on_crash
+            return
+        for domain in dead:
+            if domain.domid != 0:
+                log.warning("dom%d (%s) died while no hyperd ran", domain.domid, domain.name)
+                self._on_death(domain, None)
+        if 0 in self.domains and any(d.domid == 0 for d in dead):
             self._on_dom0_death(None)
         elif 0 not in self.domains:
             self.start_dom0()
@@ -313,7 +296,7 @@ class Hypervisor:
         if it is dead (or cannot be run without its socket), for the caller to finish."""
         if domain.status in (Status.SHUTDOWN, Status.CRASHED):  # preserved: nothing runs
             if sock is not None:
-                self._to_keeper(lambda k: k.drop(_socket_name(domain.domid)))
+                self._unkeep(domain)
                 sock.close()
             return True
         domain.reaped = True  # whatever still runs is PID 1's child now, never ours to reap
@@ -502,7 +485,7 @@ class Hypervisor:
                 log.warning("dom%d: bad hypercall: %s", caller.domid, message)
             caller.bad_calls += 1
             return {"id": _request_id(data), "ok": False, "error": "EINVAL", "message": message}
-        if op.op not in READ_ONLY_OPS:
+        if not op.read_only:  # no state-file encode for a call that changes nothing
             self._dirty = True
         try:
             result = self.handle(caller, op)
@@ -544,21 +527,27 @@ class Hypervisor:
             log.error("the fd keeper is gone (%s); starting a new one", exc)
             self._replace_keeper()
 
+    def connect_keeper(self) -> KeeperClient | None:
+        """The running fd keeper, or a new one; None (logged) if neither answers."""
+        if self.keeper is not None:
+            self.keeper.close()
+            self.keeper = None
+        try:
+            self.keeper = keeper.connect_or_start(self.run.keeper_socket, self.run.log("hyperd"))
+        except (KeeperError, OSError) as exc:
+            log.error("no fd keeper (%s): a killed hyperd would now take every domain down", exc)
+        return self.keeper
+
     def _replace_keeper(self) -> None:
         """A new keeper, holding every socket we hold: until then a kill of hyperd would end
         every domain."""
-        if self.keeper is not None:
-            self.keeper.close()
-        self.keeper = None
+        fd_keeper = self.connect_keeper()
         try:
-            fd_keeper = keeper.connect_or_start(self.run.keeper_socket, self.run.log("hyperd"))
             for domain in self.domains.values():
-                if domain.sock is not None:
+                if fd_keeper is not None and domain.sock is not None:
                     fd_keeper.put(_socket_name(domain.domid), domain.sock.fileno())
-        except (KeeperError, OSError) as exc:
-            log.error("no fd keeper (%s): a killed hyperd would now take every domain down", exc)
-            return
-        self.keeper = fd_keeper
+        except OSError as exc:
+            log.error("the new fd keeper failed too (%s)", exc)
 
     def handle(self, caller: Domain, op: Op) -> dict[str, Any]:
         if op.privileged and caller.domid != 0:
@@ -890,8 +879,7 @@ class Hypervisor:
             with contextlib.suppress(ValueError):
                 _, op = hc.parse_request(data)
                 if isinstance(op, hc.SchedShutdown):
-                    domain.shutdown_reason = op.reason
-                    domain.exit_code = op.code
+                    self.do_sched_shutdown(domain, op)
 
     def _finish(self, domain: Domain, reason: str) -> None:
         """Apply the config's on_<reason> action to a domain that stopped."""
@@ -1000,6 +988,7 @@ class Hypervisor:
         dom0 = self.domains.pop(0, None)
         if dom0 is None:
             return
+        self._dirty = True
         self._drop_socket(dom0)
         if dom0.pidfd is not None:
             _terminate_adopted(dom0.pidfd)
@@ -1182,15 +1171,15 @@ def main(argv: list[str] | None = None) -> int:
 def _connect_keeper(hypervisor: Hypervisor) -> dict[str, socket.socket] | None:
     """Connect to the fd keeper (starting one if none runs) and take back what it holds; None
     if that failed."""
-    run = hypervisor.run
+    fd_keeper = hypervisor.connect_keeper()
+    if fd_keeper is None:
+        return None
     try:
-        hypervisor.keeper = keeper.connect_or_start(run.keeper_socket, run.log("hyperd"))
-        return hypervisor.keeper.fetch()
+        return fd_keeper.fetch()
     except KeeperError as exc:
         log.error("%s: a killed hyperd would now take every domain down", exc)
-        if hypervisor.keeper is not None:
-            hypervisor.keeper.close()
-            hypervisor.keeper = None
+        fd_keeper.close()
+        hypervisor.keeper = None
         return None
 
 

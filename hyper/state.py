@@ -3,7 +3,7 @@
 After every change to its tables hyperd writes them, as one JSON object, to
 ``<run dir>/hyperd.state`` (hyper/paths.py). The object:
 
-    {"version": 1, "last_domid": 5, "dom0_restarts": 0,
+    {"version": 1, "last_domid": 5, "dom0_restarts": 0, "halting": false,
      "domains": [Domain.to_dict(), ...],      hyper/domain.py (with its Resources)
      "evtchn": EventChannels.to_dict(),       hyper/evtchn.py
      "gnttab": GrantTables.to_dict()}         hyper/gnttab.py
@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 VERSION = 1
-KEYS = ("last_domid", "dom0_restarts", "domains", "evtchn", "gnttab")
+KEYS = ("last_domid", "dom0_restarts", "halting", "domains", "evtchn", "gnttab")
 
 
 class StateError(Exception):
@@ -73,12 +73,3 @@ def read(path: Path) -> dict[str, Any] | None:
     if missing:
         raise StateError(f"{path}: no {', '.join(missing)}")
     return state
-
-
-def remove(path: Path) -> bool:
-    """Delete the state file; True if there was one."""
-    try:
-        path.unlink()
-    except FileNotFoundError:
-        return False
-    return True

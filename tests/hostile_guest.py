@@ -14,12 +14,16 @@ would if it were hostile, with the same pages, the same doorbells and the same C
    the console's) in a tight loop: S seconds, reported, then on until killed.
 
 Progress goes to stdout, one line per phase; the caller starts it with a line on stdin. Exit
-status 1 (and a line saying why) if the store did not behave as a store.
+status 1 (and a line saying why) if the store did not behave as a store. ``start`` does all of
+the caller's part.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -29,7 +33,9 @@ import posix_ipc
 from channels.bytering import XENSTORE_PAGE_SIZE, xenstore_rings
 from channels.shm import attach
 from channels.xs_wire import Decoder, Message, XsType, encode, join_strings
+from hyper import cgroup
 
+REPO = Path(__file__).resolve().parents[1]
 REPLY_TIMEOUT = 10.0
 BATCH = 16  # requests in flight while filling (the store stops reading past 20 unanswered)
 VALUE = b"x" * 2048
@@ -112,6 +118,25 @@ def fill(page: Page, domid: int, msg_type: XsType, error: str) -> int:
         if refused:
             raise SystemExit(f"hostile guest: {msg_type.name} refused with {refused[0]}")
     raise SystemExit(f"hostile guest: no {error} after 100000 {msg_type.name} requests")
+
+
+def start(domid: int, kernel_pid: int, seconds: float) -> subprocess.Popen[str]:
+    """Stop domain ``domid``'s kernel and run this in its place, in its cgroup. Returns the
+    process; reading its lines from ``stdout`` is the caller's part."""
+    os.kill(kernel_pid, signal.SIGSTOP)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tests.hostile_guest", f"--domid={domid}", f"--seconds={seconds}"],
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    cgroup.open_hierarchy().open(f"dom{domid}").attach(proc.pid)
+    assert proc.stdin is not None
+    proc.stdin.write("go\n")  # now that it is charged to the domain
+    proc.stdin.flush()
+    return proc
 
 
 def main(argv: list[str] | None = None) -> int:

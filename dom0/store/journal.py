@@ -61,11 +61,6 @@ class Journal:
             _apply(nodes, entry)
         return nodes
 
-    def discard(self) -> None:
-        """Forget what was recorded (a dom0 that starts afresh)."""
-        for path in (self.snapshot_path, self.journal_path):
-            path.unlink(missing_ok=True)
-
     # -- recording -----------------------------------------------------------------------------
 
     def put(self, path: str, node: Node, nodes: dict[str, Node]) -> None:

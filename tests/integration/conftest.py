@@ -12,6 +12,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -154,6 +155,21 @@ def start_hypervisor() -> None:
         env={**os.environ, "PYTHONPATH": str(REPO)},
     )
     wait_for(lambda: hyperctl("list", check=False).status == 0, 30, "the hypervisor to start")
+
+
+def kill_hyperd() -> None:
+    """SIGKILL hyperd; returns once it is dead."""
+    pid = int(RUN.pidfile.read_text().split()[0])
+    os.kill(pid, signal.SIGKILL)
+    wait_for(lambda: not alive(pid), 10, "hyperd to die")
+
+
+def alive(pid: int) -> bool:
+    """The process exists and is not a zombie (PID 1 reaps orphans only now and then)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
 
 
 def stop_hypervisor() -> None:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import os
 import queue
-import re
 import signal
 import subprocess
 import sys
@@ -28,38 +27,20 @@ import pytest
 from tests.integration.conftest import (
     REPO,
     RUN,
+    alive,
+    domain_info,
     domains,
     hyperctl,
+    kill_hyperd,
     leftovers,
-    require_root,
-    start_hypervisor,
-    stop_hypervisor,
     wait_for,
 )
 from tests.integration.test_block import attached_loops, disk, sha256_of
+from tests.integration.test_faults import store_nodes_of, taps_of
 
 pytestmark = pytest.mark.root
 
 MiB = 1 << 20
-
-
-@pytest.fixture
-def restartable() -> Iterator[None]:
-    """A hypervisor of this test's own, which it kills; whatever is left at the end is halted
-    and cleaned up, and a shared one that ran before is started again."""
-    require_root()
-    shared = RUN.pidfile.exists()
-    if shared:
-        stop_hypervisor()
-    start_hypervisor()
-    try:
-        yield
-    finally:
-        hyperctl("halt", check=False)
-        subprocess.run([sys.executable, "-m", "hyper.cli", "cleanup"], cwd=REPO, check=False)
-        wait_for(lambda: not leftovers(), 30, "nothing of the test to be left")
-        if shared:
-            start_hypervisor()
 
 
 class DomainShell:
@@ -129,7 +110,8 @@ def create(tmp_path: Path, name: str, body: str = "") -> dict[str, Any]:
 
 
 def listed(name: str) -> dict[str, Any]:
-    [info] = [d for d in domains() if d["name"] == name]
+    info = domain_info(name)
+    assert info is not None, f"{name} is not listed"
     return info
 
 
@@ -143,40 +125,20 @@ READ = "dd if=/dev/xvda of=/dev/null bs=1M count=8 iflag=direct"
 LISTENING = "for i in $(seq 50); do ss -ltn | grep -q :5201 && exit 0; sleep 0.1; done; exit 1"
 
 
-def kill_hyperd() -> None:
-    pid = int(RUN.pidfile.read_text().split()[0])
-    os.kill(pid, signal.SIGKILL)
-    wait_for(lambda: not alive(pid), 10, "hyperd to die")
-
-
-def alive(pid: int) -> bool:
-    """The process exists and is not a zombie (PID 1 reaps orphans only now and then)."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
-
-
 def traces_of(domid: int, pid: int, image: Path) -> list[str]:
     """Everything of one domain on the host: it must all go when the domain does."""
     found = [p.name for p in Path("/dev/shm").iterdir() if f"hyper.d{domid}." in p.name]
     found += [str(g) for g in Path("/sys/fs/cgroup").glob(f"*/hyper/dom{domid}")]
     found += [f"loop {loop}" for loop in attached_loops(image)]
-    found += [f"tap {p.name}" for p in Path("/sys/class/net").glob(f"vif{domid}.*")]
+    found += [f"tap {name}" for name in taps_of(domid)]
     found += [f"store {path}" for path in store_nodes_of(domid)]
     found += [f"process {pid}"] if alive(pid) else []
     found += [f"listed as dom{domid}"] if any(d["domid"] == domid for d in domains()) else []
     return found
 
 
-def store_nodes_of(domid: int) -> list[str]:
-    own = re.compile(rf"^/local/domain/{domid}(/|$)|/backend/[^/]+/{domid}(/|$)")
-    listing = hyperctl("store", "ls", "/").out.splitlines()
-    return [line.split(" = ")[0] for line in listing if own.search(line.split(" = ")[0])]
-
-
 def test_domains_pass_traffic_without_hyperd_and_the_next_one_adopts_them(
-    restartable: None, tmp_path: Path, lan: tuple[str, str], shells: list[DomainShell]
+    own_hypervisor: None, tmp_path: Path, lan: tuple[str, str], shells: list[DomainShell]
 ) -> None:
     bridge, net = lan
     images = {name: tmp_path / f"{name}.img" for name in ("ra", "rb")}
@@ -232,7 +194,7 @@ def test_domains_pass_traffic_without_hyperd_and_the_next_one_adopts_them(
 
 
 def test_a_domain_that_died_without_hyperd_is_cleaned_up_by_the_next(
-    restartable: None, tmp_path: Path, lan: tuple[str, str]
+    own_hypervisor: None, tmp_path: Path, lan: tuple[str, str]
 ) -> None:
     bridge, net = lan
     image = tmp_path / "victim.img"

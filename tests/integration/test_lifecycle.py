@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import signal
 from collections.abc import Callable
 from pathlib import Path
 
@@ -11,10 +10,10 @@ import pytest
 
 from tests.integration.conftest import (
     REPO,
-    RUN,
     domain_info,
     domains,
     hyperctl,
+    kill_hyperd,
     leftovers,
     wait_for,
 )
@@ -168,16 +167,7 @@ def test_cleanup_after_hyperd_is_killed_leaves_nothing(
         config = tmp_path / f"victim{i}.yaml"
         config.write_text(f"name: victim{i}\n")
         hyperctl("create", str(config))
-    pid = int(RUN.pidfile.read_text().split()[0])
-    os.kill(pid, signal.SIGKILL)
-    wait_for(
-        lambda: (
-            not Path(f"/proc/{pid}").exists()
-            or "Z" in Path(f"/proc/{pid}/stat").read_text().split()[2]
-        ),
-        10,
-        "hyperd to die",
-    )
+    kill_hyperd()
     assert leftovers(), "domains and dom0 outlive a killed hyperd until cleanup"
     result = hyperctl("cleanup")
     assert "removed" in result.out

@@ -13,11 +13,7 @@ fraction of its undisturbed rate is bench/storm.py's figure: tests assert no tim
 from __future__ import annotations
 
 import json
-import os
 import re
-import signal
-import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -25,8 +21,8 @@ from pathlib import Path
 import pytest
 
 from hyper import cgroup
+from tests import hostile_guest
 from tests.integration.conftest import (
-    REPO,
     domain_info,
     hyperctl,
     in_domain,
@@ -49,21 +45,7 @@ class HostileGuest:
     """tests/hostile_guest.py in place of a domain's stopped kernel."""
 
     def __init__(self, domid: int, kernel_pid: int) -> None:
-        self.kernel_pid = kernel_pid
-        os.kill(kernel_pid, signal.SIGSTOP)
-        seconds = f"--seconds={STORM_SECONDS}"
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "tests.hostile_guest", f"--domid={domid}", seconds],
-            cwd=REPO,
-            env={**os.environ, "PYTHONPATH": str(REPO)},
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            text=True,
-        )
-        cgroup.open_hierarchy().open(f"dom{domid}").attach(self.proc.pid)
-        assert self.proc.stdin is not None
-        self.proc.stdin.write("go\n")
-        self.proc.stdin.flush()
+        self.proc = hostile_guest.start(domid, kernel_pid, STORM_SECONDS)
 
     def next_line(self, starts: str) -> str:
         """The guest's next line, which must start with ``starts`` (its phases, in order)."""

@@ -1,6 +1,7 @@
 """A hypercall table for data-path tests: the calls a backend's data path makes, answered from
 one grant pool and one event channel's doorbells (what hyperd would answer for a real device).
-And a doorbell storm, as a hostile frontend rings."""
+A doorbell storm, as a hostile frontend rings. And hyperd's Resources on paper, for tests of
+its tables."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from collections.abc import Callable
 from typing import Any
 
 from channels import hypercall as hc
+from hyper.resources import Resources
 
 
 class Hypercalls:
@@ -50,3 +52,23 @@ def storm(ring: Callable[[], None], seconds: float) -> int:
     done.set()
     thread.join()
     return rings
+
+
+class PaperResources(Resources):
+    """Resources that only record names (as hyperd makes them): nothing is made in /dev/shm."""
+
+    def new_segment(self, kind: str, size: int, gid: int) -> str:
+        name = self._name(kind)
+        self.segments.add(name)
+        return name
+
+    def new_doorbell(self, kind: str, gid: int) -> str:
+        name = self._name(kind)
+        self.doorbells.add(name)
+        return name
+
+    def drop_segment(self, name: str) -> None:
+        self.segments.discard(name)
+
+    def drop_doorbell(self, name: str) -> None:
+        self.doorbells.discard(name)

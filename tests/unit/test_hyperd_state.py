@@ -21,32 +21,13 @@ from hyper.hyperd import DmesgHandler, Hypervisor
 from hyper.keeper import KeeperClient
 from hyper.paths import RunDir
 from hyper.resources import Resources
+from tests.unit.backend_hypercalls import PaperResources
 
 TIMEOUT = 10.0
 
 
 def request(op: str, **args: object) -> bytes:
     return json.dumps({"id": 1, "op": op, "args": args}).encode()
-
-
-class PaperResources(Resources):
-    """Resources that only record names: nothing is made in /dev/shm."""
-
-    def new_segment(self, kind: str, size: int, gid: int) -> str:
-        name = self._name(kind)
-        self.segments.add(name)
-        return name
-
-    def new_doorbell(self, kind: str, gid: int) -> str:
-        name = self._name(kind)
-        self.doorbells.add(name)
-        return name
-
-    def drop_segment(self, name: str) -> None:
-        self.segments.discard(name)
-
-    def drop_doorbell(self, name: str) -> None:
-        self.doorbells.discard(name)
 
 
 class GroupsOnPaper:
@@ -210,11 +191,24 @@ def test_a_destruction_is_in_the_state_file_before_anything_is_torn_down(tmp_pat
 
 
 def test_a_halt_that_had_begun_is_finished_by_the_next_hyperd(tmp_path: Path) -> None:
+    """No on_crash (dom3's is restart) and no new dom0: everything the halt had not yet
+    stopped is destroyed at adoption."""
     before = hypervisor(tmp_path)
     populate(before, tmp_path)
-    assert not through_the_file(before, tmp_path)._resume_halt
+    assert not through_the_file(before, tmp_path).halt_requested
     before.halting = True
-    assert through_the_file(before, tmp_path)._resume_halt
+    after = through_the_file(before, tmp_path)
+    released: list[Domain] = []
+    after._reconcile = lambda: None  # type: ignore[method-assign]  # (it scans /dev/shm)
+    after._release = released.append  # type: ignore[method-assign]
+
+    after._adopt_all({})  # dom3's process (pid 4242 of another start time) is gone
+    after._commit()
+
+    assert [d.domid for d in released] == [3]
+    assert after.domains == {}
+    saved = state.read(after.run.state_file)
+    assert saved is not None and saved["halting"] is True and saved["domains"] == []
 
 
 def test_each_table_round_trips_on_its_own(tmp_path: Path) -> None:
@@ -299,12 +293,14 @@ def keeper_process(tmp_path: Path) -> Iterator[tuple[Path, subprocess.Popen[byte
     process.wait(TIMEOUT)
 
 
-def domain_socket() -> tuple[socket.socket, socket.socket]:
-    """(hyperd's end, the domain's end) of a hypercall socket."""
+def kept_domain(client: KeeperClient, name: str) -> socket.socket:
+    """A new hypercall socket whose hyperd end only the keeper holds (as ``name``); the
+    domain's end."""
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    ours.settimeout(TIMEOUT)
     theirs.settimeout(TIMEOUT)
-    return ours, theirs
+    client.put(name, ours.fileno())
+    ours.close()
+    return theirs
 
 
 def test_a_new_client_gets_back_the_socket_a_dead_one_handed_over(
@@ -312,9 +308,7 @@ def test_a_new_client_gets_back_the_socket_a_dead_one_handed_over(
 ) -> None:
     path, _ = keeper_process
     first = KeeperClient.connect(path)
-    ours, domain = domain_socket()
-    first.put("hc.7", ours.fileno())
-    ours.close()
+    domain = kept_domain(first, "hc.7")
     first.close()  # hyperd killed: only the keeper still holds our end
 
     domain.send(b"a call made while no hyperd runs")
@@ -337,9 +331,7 @@ def test_a_dropped_socket_is_closed_so_the_domain_sees_the_end(
 ) -> None:
     path, _ = keeper_process
     client = KeeperClient.connect(path)
-    ours, domain = domain_socket()
-    client.put("hc.3", ours.fileno())
-    ours.close()
+    domain = kept_domain(client, "hc.3")
 
     client.drop("hc.3")
 
@@ -354,12 +346,7 @@ def test_a_hand_over_larger_than_one_message_arrives_whole(
 ) -> None:
     path, _ = keeper_process
     client = KeeperClient.connect(path)
-    domains = []
-    for domid in range(keeper.GET_BATCH + 50):
-        ours, theirs = domain_socket()
-        client.put(f"hc.{domid}", ours.fileno())
-        ours.close()
-        domains.append(theirs)
+    domains = [kept_domain(client, f"hc.{domid}") for domid in range(keeper.GET_BATCH + 50)]
 
     back = client.fetch()
 
@@ -376,9 +363,7 @@ def test_the_keeper_waits_for_a_hyperd_while_a_domain_lives_and_then_leaves(
 ) -> None:
     path, process = keeper_process
     client = KeeperClient.connect(path)
-    ours, domain = domain_socket()
-    client.put("hc.1", ours.fileno())
-    ours.close()
+    domain = kept_domain(client, "hc.1")
     client.close()
 
     KeeperClient.connect(path).close()  # still there for the next hyperd
@@ -391,9 +376,7 @@ def test_the_keeper_waits_for_a_hyperd_while_a_domain_lives_and_then_leaves(
 def test_exit_stops_the_keeper(keeper_process: tuple[Path, subprocess.Popen[bytes]]) -> None:
     path, process = keeper_process
     client = KeeperClient.connect(path)
-    ours, domain = domain_socket()
-    client.put("hc.1", ours.fileno())
-    ours.close()
+    domain = kept_domain(client, "hc.1")
 
     client.exit()
 
@@ -408,9 +391,7 @@ def test_stop_ends_a_keeper_left_by_a_killed_hyperd(
 ) -> None:
     path, process = keeper_process
     client = KeeperClient.connect(path)
-    ours, domain = domain_socket()
-    client.put("hc.0", ours.fileno())
-    ours.close()
+    domain = kept_domain(client, "hc.0")
     client.close()
 
     assert keeper.stop(path) == process.pid

@@ -7,6 +7,8 @@ rings them for nothing must cost dom0 a few wakeups, as it does a backend (XSA-3
 from __future__ import annotations
 
 import queue
+import threading
+import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -64,12 +66,29 @@ def test_a_doorbell_storm_with_nothing_on_the_ring_costs_a_few_wakeups(served: S
 
 
 def test_a_peer_that_frees_room_is_not_storming(served: Served) -> None:
-    """A guest that read our replies rings to say so: that wakeup is work (a writer may be
-    waiting for the room), not a storm to slow down."""
-    reply = bytes(served.guest_rsp.size)  # a full ring each time
-    for _ in range(20):
-        served.stream.send(reply, timeout=LONG)
-        assert served.guest_rsp.read() == reply
-        served.guest_rings.ring()
+    """A guest that read our replies rings to say so: that wakeup is work (the writer waits
+    for that room), not a storm to slow down."""
+    reply = bytes(2 * served.guest_rsp.size)  # twice what the ring holds: the writer waits
+    got = bytearray()
+    done = threading.Event()
 
+    def guest_reads() -> None:
+        while len(got) < 20 * len(reply) and not done.is_set():
+            data = served.guest_rsp.read()
+            if data:
+                got.extend(data)
+                served.guest_rings.ring()
+            else:
+                time.sleep(0.0005)
+
+    reader = threading.Thread(target=guest_reads)
+    reader.start()
+    try:
+        for _ in range(20):
+            served.stream.send(reply, timeout=LONG)
+    finally:
+        reader.join(LONG)  # it ends once it has read everything
+        done.set()
+
+    assert len(got) == 20 * len(reply)
     assert served.stream.late_eoi.spurious < 10, f"{served.stream.late_eoi.spurious} wakeups"
