@@ -147,6 +147,7 @@ def test_domains_pass_traffic_without_hyperd_and_the_next_one_adopts_them(
     shells += [DomainShell("ra"), DomainShell("rb")]
     in_a, in_b = shells
     assert in_b.run(f"iperf3 -s -D && {LISTENING}")[0] == 0
+    assert in_a.run("true")[0] == 0  # its session is set up: exec asks hyperd only to start
 
     kill_hyperd()
 
