@@ -257,6 +257,26 @@ def in_domain(name: str, *argv: str) -> subprocess.Popen[str]:
     )
 
 
+def as_kernel(name: str, *argv: str, **popen: Any) -> subprocess.Popen[str]:
+    """``argv`` run as domain ``name``'s kernel would be, were it hostile: root of the domain's
+    user namespace (every capability there), in the kernel's mount, net, pid, uts, ipc and
+    cgroup namespaces and in the domain's cgroup. Started, not waited for; ``popen`` overrides
+    the pipes (stdout and stderr by default, text)."""
+    from hyper import cgroup
+
+    info = domain_info(name)
+    assert info is not None and info["pid"], f"no running domain {name}"
+    group = cgroup.open_hierarchy().open(f"dom{info['domid']}")
+    namespaces = ("--user", "--mount", "--net", "--pid", "--uts", "--ipc", "--cgroup")
+    options: dict[str, Any] = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, **popen}
+    return subprocess.Popen(
+        ["nsenter", f"--target={info['pid']}", *namespaces, "--", *argv],
+        preexec_fn=lambda: group.attach(os.getpid()),
+        text=True,
+        **options,
+    )
+
+
 def start_iperf3_server(domain: str, *options: str) -> None:
     """`iperf3 -s -1 -D` inside a domain, returning once it listens."""
     hyperctl("exec", domain, "--", "iperf3", "-s", "-1", "-D", *options)
