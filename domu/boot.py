@@ -48,7 +48,7 @@ def main(argv: list[str]) -> int:
     os.umask(0o022)  # hyperd's umask is private; the sandbox's directories must not be
 
     linux.unshare(linux.CLONE_NEWNS)
-    sandbox.build_root(params["rootfs"], sandbox.uid_base(int(params["domid"])))
+    sandbox.build_root(params["rootfs"], sandbox.uid_base(int(params["domid"])), params["shm"])
 
     linux.unshare(linux.CLONE_NEWUSER)
     sync.sendall(b"needs_id_map\n")

@@ -38,6 +38,8 @@ MNT_DETACH = 2
 # <linux/mount.h>: mount_setattr(2)
 AT_RECURSIVE = 0x8000
 MOUNT_ATTR_RDONLY = 0x00000001
+MOUNT_ATTR_NOSUID = 0x00000002
+MOUNT_ATTR_NODEV = 0x00000004
 _SYS_MOUNT_SETATTR = 442  # x86_64 and aarch64 share this number (new syscall table)
 _SYS_PIVOT_ROOT = 155 if os.uname().machine == "x86_64" else 41
 

@@ -5,13 +5,16 @@ A domain is built in three steps, each in a process of its own (see domu/boot.py
 1. As host root, in a fresh mount namespace owned by the host's user namespace, ``build_root``
    makes the domain's root file system: a recursive, read-only bind of the host's ``/``, private
    tmpfs on ``/tmp``, ``/run`` and ``/var/tmp`` (so neither the toolstack socket under /run/hyper
-   nor any host scratch file is reachable), and the host's ``/dev/shm`` left writable, because the
-   domain kernel opens its rings and doorbells there by name. Directories the interpreter needs but
-   the domain's unprivileged host uid could not traverse (``/root/.pyenv`` on some machines) are
-   re-exposed read-only on a tmpfs that hides everything else in the hidden ancestor.
+   nor any host scratch file is reachable), a ``/dev`` of the domain's own (a devpts instance of
+   its own for its terminals, and as ``/dev/shm`` the directory of links to its own rings and
+   doorbells, which it can open but not add to), and empty covers where the host's ``/proc``
+   and ``/sys`` were. Directories the interpreter needs but the domain's unprivileged host uid
+   could not traverse (``/root/.pyenv`` on some machines) are re-exposed read-only on a tmpfs
+   that hides everything else in the hidden ancestor.
 2. After the user namespace exists, a second mount namespace is unshared inside it; the kernel
-   of the domain (pid 1) mounts its own ``/proc`` and ``/sys``. Mounts copied from step 1 are locked
-   there: nobody in the domain can unmount them to reveal what they cover.
+   of the domain (pid 1) mounts its own ``/proc`` and ``/sys`` over the covers. Mounts copied
+   from step 1 are locked there: nobody in the domain can unmount or move them to reveal what
+   they cover, and what the kernel mounted itself covers nothing of the host's.
 3. The workload runs in a third mount namespace (``enter_workload_mounts``) with a private, empty
    ``/dev/shm``: the workload never sees a ring or doorbell name, let alone opens one.
 """
@@ -114,20 +117,23 @@ PROGRAM_DEVICES = (
     ("ptmx", 5, 2),
 )
 #: ... devices the domain kernel alone needs (its frontends create TAPs and serve FUSE), group:
-#: the kernel's host gid, mode 0660, never usable by its workload ...
+#: the kernel's host gid, mode 0660, never usable by its workload.
 KERNEL_DEVICES = (("net/tun", 10, 200), ("fuse", 10, 229))
-#: ... and the host's pseudo-terminals and shared memory, bound in (the domain kernel opens its
-#: rings and doorbells in /dev/shm by name). No host disk, loop device or anything else.
-HOST_DEV_MOUNTS = ("pts", "shm")
 DEV_LINKS = (
     ("fd", "/proc/self/fd"),
     ("stdin", "/proc/self/fd/0"),
     ("stdout", "/proc/self/fd/1"),
     ("stderr", "/proc/self/fd/2"),
 )
+#: Pseudo-terminals a domain may hold at once. Its ptys come from a devpts instance of its own
+#: (``/dev/ptmx`` finds the ``pts`` beside it), never the host's: the host's terminals are not
+#: even listed, and a workload that opens ptys until it fails takes this many, not the host's
+#: (the kernel's global ``pty.max`` still counts them; an instance mounted outside the host's
+#: first mount namespace can never use the ``pty.reserve`` kept for host logins).
+PTYS_MAX = 64
 
 
-def _domain_dev(newroot: str, kernel_id: int) -> None:
+def _domain_dev(newroot: str, kernel_id: int, shm: str) -> None:
     """Cover the host's /dev with the domain's own. Its root belongs to the domain kernel, which
     makes the mount points of its disks there (``/dev/xvda``); its workload cannot."""
     dev = newroot + "/dev"
@@ -144,9 +150,20 @@ def _domain_dev(newroot: str, kernel_id: int) -> None:
         if os.path.exists(f"/dev/{name}"):  # the host has no such device: neither has the domain
             os.makedirs(os.path.dirname(f"{dev}/{name}"), mode=0o755, exist_ok=True)
             _mknod(f"{dev}/{name}", major, minor, kernel_id, 0o660)
-    for name in HOST_DEV_MOUNTS:
-        os.mkdir(f"{dev}/{name}", 0o755)
-        linux.mount(f"/dev/{name}", f"{dev}/{name}", None, linux.MS_BIND)
+    os.mkdir(f"{dev}/pts", 0o755)
+    linux.mount(
+        "devpts",
+        f"{dev}/pts",
+        "devpts",
+        linux.MS_NOSUID | linux.MS_NOEXEC,
+        f"newinstance,ptmxmode=0666,mode=0620,max={PTYS_MAX}",
+    )
+    # The domain's shared memory: a directory hyperd made for it, holding a link to each of its
+    # rings and doorbells (hyper/resources.py). The kernel opens them there by name, read and
+    # write, but cannot create, rename or remove anything: the directory is root's.
+    os.mkdir(f"{dev}/shm", 0o755)
+    linux.mount(shm, f"{dev}/shm", None, linux.MS_BIND)
+    linux.mount_setattr(f"{dev}/shm", set_=linux.MOUNT_ATTR_NOSUID | linux.MOUNT_ATTR_NODEV)
     for name, target in DEV_LINKS:
         os.symlink(target, f"{dev}/{name}")
 
@@ -157,22 +174,48 @@ def _mknod(node: str, major: int, minor: int, gid: int, mode: int) -> None:
     os.chmod(node, mode)
 
 
-def build_root(newroot: str, kernel_id: int) -> None:
-    """Make the domain's root file system and pivot into it. Runs as host root in a new mount ns."""
+def _hide_host_pseudo(newroot: str, name: str) -> None:
+    """Replace the host's /proc (or /sys) in the domain's root by an empty, read-only tmpfs
+    that the domain kernel mounts its own over.
+
+    A user namespace may mount proc or sysfs only where the mount namespace already holds a
+    fully visible mount of the same kind (the kernel's mnt_already_visible): one whose root is
+    the file system's root and that no locked mount covers. Covering the host's copy at /proc
+    with the domain's own would satisfy that, but then the domain kernel, which may unmount
+    what it mounted itself, could unmount its /proc and look at the host's processes beneath.
+    So the host's mount is bound one level down, at ``<name>/.host/fs``, with nothing on it,
+    and an empty tmpfs covers ``.host``: the mount still satisfies the check (the check looks
+    at the mount, not at whether a path reaches it), no path reaches it, and the covers are
+    locked once the domain's user namespace copies this mount namespace (they can be neither
+    unmounted nor moved there). Unmounting its own /proc shows the domain only these covers."""
+    target = f"{newroot}/{name}"
+    linux.umount(target, linux.MNT_DETACH)  # the recursive bind's copy, with its submounts
+    linux.mount("tmpfs", target, "tmpfs", _PSEUDO_COVER, "mode=0555,size=4k,nr_inodes=4")
+    os.makedirs(f"{target}/.host/fs", mode=0o555)
+    linux.mount(f"/{name}", f"{target}/.host/fs", None, linux.MS_BIND)  # its root, no submounts
+    linux.mount("tmpfs", f"{target}/.host", "tmpfs", _PSEUDO_COVER, "mode=0,size=4k,nr_inodes=1")
+    linux.mount_setattr(target, set_=linux.MOUNT_ATTR_RDONLY)
+    linux.mount_setattr(f"{target}/.host", set_=linux.MOUNT_ATTR_RDONLY)
+
+
+_PSEUDO_COVER = linux.MS_NOSUID | linux.MS_NODEV | linux.MS_NOEXEC
+
+
+def build_root(newroot: str, kernel_id: int, shm: str) -> None:
+    """Make the domain's root file system and pivot into it. Runs as host root in a new mount ns.
+    ``shm``: the host directory holding links to the domain's rings and doorbells."""
     needed = interpreter_paths()
     linux.mount(None, "/", None, linux.MS_REC | linux.MS_PRIVATE)
     linux.mount("/", newroot, None, linux.MS_BIND | linux.MS_REC)
     _expose_hidden(newroot, needed)
-    _domain_dev(newroot, kernel_id)
+    _domain_dev(newroot, kernel_id, shm)
     linux.mount_setattr(newroot, set_=linux.MOUNT_ATTR_RDONLY, recursive=True)
     linux.mount_setattr(newroot + "/dev", clear=linux.MOUNT_ATTR_RDONLY)
-    # The kernel of the domain opens its rings and doorbells by name in the host's /dev/shm;
-    # hyperd makes each object readable only by the host ids of the two domains it connects.
+    linux.mount_setattr(newroot + "/dev/pts", clear=linux.MOUNT_ATTR_RDONLY)
+    # Its rings and doorbells are opened read-write; the directory itself lets nobody write.
     linux.mount_setattr(newroot + "/dev/shm", clear=linux.MOUNT_ATTR_RDONLY)
-    # The kernel of a user namespace lets the domain mount its own proc and sysfs only over
-    # copies that are no more restricted than the new mounts; both are covered at once.
-    for pseudo in ("/proc", "/sys"):
-        linux.mount_setattr(newroot + pseudo, clear=linux.MOUNT_ATTR_RDONLY)
+    for pseudo in ("proc", "sys"):
+        _hide_host_pseudo(newroot, pseudo)
     for scratch in SCRATCH_DIRS:
         if os.path.isdir(newroot + scratch):
             linux.mount(
@@ -201,7 +244,7 @@ def enter_kernel_mounts(hostname: str) -> None:
             linux.MS_NOSUID | linux.MS_NODEV | linux.MS_NOEXEC | linux.MS_RDONLY,
         )
     except OSError:
-        pass  # the host's read-only /sys stays; nothing in it is writable from here
+        pass  # the empty, read-only cover stays (build_root): no sysfs rather than the host's
     socket.sethostname(hostname)
     # Disks are mounted on /dev/xvdX after the workload's mount namespace exists: a shared /dev
     # propagates them there (both namespaces belong to the domain's user namespace).

@@ -14,7 +14,7 @@ from collections.abc import Iterator
 
 from hyper import cgroup, keeper
 from hyper.paths import RunDir
-from hyper.resources import leftovers
+from hyper.resources import leftovers, remove
 
 
 class HypervisorRunning(Exception):
@@ -67,8 +67,10 @@ def cleanup(run: RunDir) -> Iterator[str]:
             yield f"removing cgroup {name} and its processes"
         hierarchy.remove_all()
     for path in leftovers():
-        path.unlink(missing_ok=True)
-        yield f"removed {path}"
+        if not os.path.lexists(path):
+            continue  # gone with its directory
+        problem = remove(path)
+        yield f"cannot remove {problem}" if problem else f"removed {path}"
     yield from _remove_interfaces()
     if run.root.exists():
         run.remove()

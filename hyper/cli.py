@@ -21,10 +21,11 @@ import shutil
 import subprocess
 import sys
 import termios
+import threading
 import time
 import tty
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from hyper import control
 from hyper.control import ControlError, NotRunning
@@ -414,23 +415,64 @@ def cmd_exec(args: argparse.Namespace) -> int:
         if interactive:
             fcntl.ioctl(0, termios.TIOCSCTTY, 0)
 
-    # A new session, our environment left behind, and (on a terminal) a terminal of its own, as
-    # `docker exec -t` does: a program in the domain must never reach the caller's terminal
-    # (TIOCSTI would type into the caller's shell) or see root's environment.
-    stdio = {"stdin": slave, "stdout": slave, "stderr": slave} if interactive else {}
+    # A new session, our environment left behind, and never a descriptor of the caller's
+    # terminal: whatever a domain's process holds, its kernel can take (pidfd_getfd) and use to
+    # read the caller's keystrokes or, with TIOCSTI, type into the caller's shell. On a terminal
+    # the command gets a terminal of its own, as `docker exec -t` does; otherwise each of our
+    # standard descriptors that is a terminal is relayed through a pipe, the others (files,
+    # pipes) are passed as they are.
+    stdio: dict[str, Any] = {"stdin": slave, "stdout": slave, "stderr": slave}
+    if not interactive:
+        stdio = {name: subprocess.PIPE for fd, name in STDIO if os.isatty(fd)}
     proc = subprocess.Popen(
         argv, preexec_fn=enter_domain, close_fds=True, start_new_session=True, env={}, **stdio
     )
     if interactive:
         os.close(slave)
         _relay_pty(master, proc)
+    relays = [] if interactive else _relay_pipes(proc)
     while True:
         try:
             code = proc.wait()
             break
         except KeyboardInterrupt:
             continue  # on a pipe, ^C reached the command's group too; wait for it
+    for relay in relays:
+        relay.join()  # what the command wrote before it ended
     return code if code >= 0 else 128 - code
+
+
+STDIO = ((0, "stdin"), (1, "stdout"), (2, "stderr"))
+
+
+def _relay_pipes(proc: subprocess.Popen[bytes]) -> list[threading.Thread]:
+    """Copy between our terminal descriptors and the pipes that stand in for them in the
+    domain; returns the threads copying the command's output (to be joined at its end)."""
+    outputs = []
+    pairs = [(0, proc.stdin), (proc.stdout, 1), (proc.stderr, 2)]
+    for source, sink in pairs:
+        if source is None or sink is None:
+            continue
+        thread = threading.Thread(target=_copy, args=(source, sink), daemon=True)
+        thread.start()
+        if sink in (1, 2):
+            outputs.append(thread)
+    return outputs
+
+
+def _copy(source: int | IO[bytes], sink: int | IO[bytes]) -> None:
+    """Until end of file on ``source``; closes a pipe at either end."""
+    read_fd = source if isinstance(source, int) else source.fileno()
+    write_fd = sink if isinstance(sink, int) else sink.fileno()
+    try:
+        while data := os.read(read_fd, 65536):
+            os.write(write_fd, data)
+    except OSError:
+        pass  # the command closed its input, or our output went away
+    finally:
+        for end in (source, sink):
+            if not isinstance(end, int):
+                end.close()
 
 
 def _relay_pty(master: int, proc: subprocess.Popen[bytes]) -> None:

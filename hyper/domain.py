@@ -215,6 +215,7 @@ def spawn_boot(domain: Domain, rootfs: Path, log_path: Path) -> None:
         "domid": domain.domid,
         "name": domain.name,
         "rootfs": str(rootfs),
+        "shm": str(domain.resources.view),
         "store": domain.store.as_dict() if domain.store else None,
         "console": domain.console.as_dict() if domain.console else None,
         "command": domain.config.get("command"),

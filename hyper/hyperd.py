@@ -59,7 +59,7 @@ from hyper.evtchn import EventChannels, EvtchnError
 from hyper.gnttab import GnttabError, GrantTables
 from hyper.keeper import KeeperClient, KeeperError
 from hyper.paths import RunDir
-from hyper.resources import Resources, host_gid, leftovers
+from hyper.resources import Resources, host_gid, leftovers, remove
 
 log = logging.getLogger("hyperd")
 
@@ -326,8 +326,8 @@ class Hypervisor:
 
     def _reconcile(self) -> None:
         """Remove what a hyperd killed between making something and saving it left: a cgroup or
-        a /dev/shm object that no domain of the state holds. Nobody else makes them: hyper's
-        parent cgroup and the ``hyper.`` names are hyperd's alone."""
+        a /dev/shm entry that no domain of the state holds, whatever its name or type. Nobody
+        else makes them: hyper's parent cgroup and the ``hyper.`` names are hyperd's alone."""
         groups = {d.cgroup.name for d in self.domains.values() if d.cgroup is not None}
         for name in self.cgroups.list():
             if name not in groups:
@@ -340,9 +340,9 @@ class Hypervisor:
         for domain in self.domains.values():
             held |= domain.resources.paths()
         for path in leftovers():
-            if path not in held:
+            if path not in held and os.path.lexists(path):  # not gone with its directory
                 log.warning("removing %s: no domain holds it", path)
-                path.unlink(missing_ok=True)
+                remove(path)
 
     def _forget_sockets(self, sockets: dict[str, socket.socket]) -> None:
         """Sockets the keeper held for domains that are no more."""
@@ -767,6 +767,7 @@ class Hypervisor:
         domain = Domain(domid, str(config["name"]), dict(config), Resources(domid))
         try:
             domain.cgroup = self.cgroups.create(f"dom{domid}", _limits(config))
+            domain.resources.open_view()
             sizes = ring_sizes()
             domain.store = self._ring(domain, "store", sizes["store"])
             domain.console = self._ring(domain, "console", sizes["console"])

@@ -4,15 +4,23 @@ Names are unguessable (128 random bits) and carry the owning domain's id so that
 cleanup` and the tests can recognise them: ``hyper.d<domid>.<kind>.<token>`` in /dev/shm, and
 ``sem.hyper.d<domid>.<kind>.<token>`` for semaphores. Names alone are not the protection: each
 object is owned by root with mode 0660 and the group of the one domU that uses it (a domain's
-host ids are private to it, see domu/sandbox.py), so only dom0 (root) and that domU can open it,
-and neither can unlink it, because /dev/shm is sticky and root owns the file. No domain can tear
-down its peer's live ring.
+host ids are private to it, see domu/sandbox.py), so only dom0 (root) and that domU can open it.
+
+A domU never sees the host's /dev/shm. Its /dev/shm is its *view*: the directory
+``/dev/shm/hyper.d<domid>``, root's, mode 0710 with the domain's group, which holds a second
+link to each of its objects under the same name. There the domain opens them by name (glibc's
+``sem_open`` and ``shm_open`` look in /dev/shm) but can create, rename or remove nothing, so
+nothing it does there outlives it; dom0 opens the first links, in /dev/shm itself. No domain
+can tear down its peer's live ring.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import secrets
+import shutil
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,6 +28,8 @@ from typing import Any
 from channels.doorbell import create_doorbell, unlink_doorbell
 from channels.shm import create_segment, unlink_segment
 from domu.sandbox import uid_base
+
+log = logging.getLogger(__name__)
 
 SHM_DIR = Path("/dev/shm")
 PREFIX = "hyper."
@@ -31,6 +41,11 @@ def shm_path(name: str) -> Path:
 
 def sem_path(name: str) -> Path:
     return SHM_DIR / f"sem.{name}"
+
+
+def view_dir(domid: int) -> Path:
+    """Domain ``domid``'s /dev/shm: links to its own objects, and nothing it can add to."""
+    return SHM_DIR / f"{PREFIX}d{domid}"
 
 
 def host_gid(domid: int) -> int:
@@ -48,11 +63,26 @@ def sharing_gid(a: int, b: int) -> int:
 
 @dataclass
 class Resources:
-    """What one domain holds: released together when the domain dies."""
+    """What one domain holds: released together when the domain dies. A domU's objects are
+    linked into its view as they are made (``open_view`` first)."""
 
     domid: int
     segments: set[str] = field(default_factory=set)
     doorbells: set[str] = field(default_factory=set)
+
+    @property
+    def view(self) -> Path | None:
+        """The domain's /dev/shm, or None for dom0, which uses the host's."""
+        return view_dir(self.domid) if self.domid != 0 else None
+
+    def open_view(self) -> None:
+        """Make the domain's view: root's, traversable by the domain's group alone."""
+        if self.view is None:
+            return
+        remove(self.view)  # one a killed hypervisor left, were there one
+        self.view.mkdir(mode=0o700)
+        os.chown(self.view, 0, host_gid(self.domid))
+        os.chmod(self.view, 0o710)
 
     def _name(self, kind: str) -> str:
         return f"{PREFIX}d{self.domid}.{kind}.{secrets.token_hex(16)}"
@@ -62,6 +92,7 @@ class Resources:
         create_segment(name, size, mode=0o660)
         self.segments.add(name)
         os.chown(shm_path(name), 0, gid)
+        self._link(shm_path(name))
         return name
 
     def new_doorbell(self, kind: str, gid: int) -> str:
@@ -69,27 +100,43 @@ class Resources:
         create_doorbell(name, mode=0o660)
         self.doorbells.add(name)
         os.chown(sem_path(name), 0, gid)
+        self._link(sem_path(name))
         return name
+
+    def _link(self, path: Path) -> None:
+        if self.view is not None:
+            os.link(path, self.view / path.name)
 
     def drop_segment(self, name: str) -> None:
         if name in self.segments:
             self.segments.discard(name)
+            self._unlink_view(shm_path(name).name)
             unlink_segment(name)
 
     def drop_doorbell(self, name: str) -> None:
         if name in self.doorbells:
             self.doorbells.discard(name)
+            self._unlink_view(sem_path(name).name)
             unlink_doorbell(name)
+
+    def _unlink_view(self, name: str) -> None:
+        if self.view is not None:
+            (self.view / name).unlink(missing_ok=True)
 
     def release(self) -> None:
         for name in list(self.segments):
             self.drop_segment(name)
         for name in list(self.doorbells):
             self.drop_doorbell(name)
+        if self.view is not None:
+            remove(self.view)
 
     def paths(self) -> set[Path]:
-        """Where this domain's objects are in /dev/shm."""
-        return {shm_path(n) for n in self.segments} | {sem_path(n) for n in self.doorbells}
+        """Where this domain's objects are in /dev/shm: the objects, their links, its view."""
+        names = {shm_path(n) for n in self.segments} | {sem_path(n) for n in self.doorbells}
+        if self.view is None:
+            return names
+        return names | {self.view} | {self.view / p.name for p in names}
 
     def to_dict(self) -> dict[str, Any]:
         """For hyperd's state file (hyper/state.py)."""
@@ -106,9 +153,36 @@ class Resources:
 
 
 def leftovers() -> list[Path]:
-    """Every hyper object in /dev/shm, live or not (for cleanup and the leak checks)."""
-    return sorted(
+    """Every hyper entry in /dev/shm and in the domains' views, live or not, whatever its type
+    (for cleanup, reconciliation and the leak checks)."""
+    found = sorted(
         p
         for p in SHM_DIR.iterdir()
         if p.name.startswith(PREFIX) or p.name.startswith(f"sem.{PREFIX}")
     )
+    inside = []
+    for path in found:
+        if path.is_dir() and not path.is_symlink():
+            try:
+                inside += sorted(path.iterdir())
+            except OSError:
+                continue
+    return found + inside
+
+
+def remove(path: Path) -> str | None:
+    """Remove ``path`` whatever it is (a directory with all it holds, a symlink itself, never
+    what it points to); None if it is gone, else why not (which the caller reports: one stray
+    entry must not stop the removal of the others)."""
+    try:
+        mode = path.lstat().st_mode
+        if stat.S_ISDIR(mode):
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        log.error("cannot remove %s: %s", path, exc.strerror)
+        return f"{path}: {exc.strerror}"
+    return None

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from channels import hypercall as hc
@@ -56,6 +57,10 @@ def storm(ring: Callable[[], None], seconds: float) -> int:
 
 class PaperResources(Resources):
     """Resources that only record names (as hyperd makes them): nothing is made in /dev/shm."""
+
+    @property
+    def view(self) -> Path | None:
+        return None  # no directory in /dev/shm either
 
     def new_segment(self, kind: str, size: int, gid: int) -> str:
         name = self._name(kind)
