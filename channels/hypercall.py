@@ -155,7 +155,7 @@ class SchedShutdown(Op):
 
     op = "sched_shutdown"
     reason: Literal["poweroff", "reboot", "crash"]
-    code: int = 0
+    code: int = Field(default=0, ge=-255, le=255)  # an exit status, or minus a signal number
 
 
 # -- domain control (dom0 only) --------------------------------------------------------------

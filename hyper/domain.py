@@ -30,6 +30,7 @@ from typing import Any
 
 from channels.bytering import CONSOLE_PAGE_SIZE, XENSTORE_PAGE_SIZE
 from domu.sandbox import id_map
+from hyper.budget import HYPERCALL_BURST, HYPERCALL_RATE, Credit, GuestLog
 from hyper.cgroup import DomainGroup
 from hyper.resources import Resources
 
@@ -89,6 +90,11 @@ class Domain:
     final_cpu_ns: int = 0
     outq: collections.deque[bytes] = field(default_factory=collections.deque)  # unsent replies
     bad_calls: int = 0
+    #: What its hypercalls may still cost hyperd (hyper/budget.py), and until when
+    #: (monotonic) hyperd reads none of them, having run out (0: reading).
+    credit: Credit = field(default_factory=lambda: Credit(HYPERCALL_RATE, HYPERCALL_BURST))
+    calls_paused_until: float = 0.0
+    log: GuestLog | None = None  # hyperd's end of a domU's output (hyper/guestlog.py)
     process: subprocess.Popen[bytes] | None = None  # dom0's process (kept: see hyperd._reap)
 
     @property
@@ -192,21 +198,25 @@ def ring_sizes() -> dict[str, int]:
 
 
 def spawn_boot(domain: Domain, rootfs: Path, log_path: Path) -> None:
-    """Start the domain's boot process; its progress arrives on ``domain.sync``."""
+    """Start the domain's boot process; its progress arrives on ``domain.sync``, and what it
+    and the kernel write on their output on ``domain.log`` (a new domain, a new log: domids
+    are reused)."""
     hyper_end, domain_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     sync_here, sync_there = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-    with open(log_path, "wb") as log:  # a new domain, a new log (domids are reused)
-        domain.boot = subprocess.Popen(
-            [sys.executable, "-m", "domu.boot", str(domain_end.fileno()), str(sync_there.fileno())],
-            pass_fds=(domain_end.fileno(), sync_there.fileno()),
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=log,
-            cwd="/",
-            env={"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "PYTHONPATH": _source_root()},
-        )
+    log_here, log_there = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    domain.log = GuestLog(log_path, log_here, fresh=True)
+    domain.boot = subprocess.Popen(
+        [sys.executable, "-m", "domu.boot", str(domain_end.fileno()), str(sync_there.fileno())],
+        pass_fds=(domain_end.fileno(), sync_there.fileno()),
+        stdin=subprocess.DEVNULL,
+        stdout=log_there,
+        stderr=log_there,
+        cwd="/",
+        env={"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "PYTHONPATH": _source_root()},
+    )
     domain_end.close()
     sync_there.close()
+    log_there.close()
     domain.sock = hyper_end
     domain.sync = sync_here
     assert domain.cgroup is not None

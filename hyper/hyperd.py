@@ -29,6 +29,8 @@ import contextlib
 import fcntl
 import json
 import logging
+import logging.handlers
+import math
 import os
 import platform
 import select
@@ -45,6 +47,7 @@ from channels import hypercall as hc
 from channels.hypercall import Op
 from domu import linux
 from hyper import cgroup, keeper, state
+from hyper.budget import GuestLog
 from hyper.domain import (
     Domain,
     RingInfo,
@@ -69,6 +72,10 @@ BUILD_TIMEOUT = 30.0
 DOM0_STABLE = 5.0  # seconds up after which a dom0 death restarts it at once
 DOM0_BACKOFF = (0.25, 30.0)  # first and longest wait before restarting a dom0 that keeps dying
 OUTQ_LIMIT = 4096
+#: What a domU's call costs its credit (hyper/budget.py), by ``Op.read_only``: one that
+#: changes the tables rewrites the state file.
+HYPERCALL_COST = {True: 1.0, False: 10.0}
+HYPERD_LOG_MAX = 8 << 20  # bytes of hyperd.log before it is rotated to hyperd.log.1
 
 
 class HvError(Exception):
@@ -92,6 +99,11 @@ class DmesgHandler(logging.Handler):
 def _socket_name(domid: int) -> str:
     """The name under which the fd keeper holds a domain's hypercall socket."""
     return f"hc.{domid}"
+
+
+def _log_name(domid: int) -> str:
+    """... and hyperd's end of its output (hyper/budget.py)."""
+    return f"log.{domid}"
 
 
 class Hypervisor:
@@ -153,10 +165,13 @@ class Hypervisor:
                         self._on_sync(domain)
                     elif kind == "pidfd":
                         self._on_pidfd(domain)
+                    elif kind == "log":
+                        self._on_log(domain)
                 except Exception:
                     log.exception("internal error handling %s", kind)
                 if kind in ("signal", "sync", "pidfd"):
                     self._dirty = True
+            self._resume_due()
             changed = self._check_builds()
             restart_at = self._dom0_restart_at
             if restart_at is not None and time.monotonic() >= restart_at and not self.halting:
@@ -198,9 +213,23 @@ class Hypervisor:
             self._send(dom0, hc.encode({"event": name, "data": data}))
 
     def _select_timeout(self) -> float:
-        if self._dom0_restart_at is None:
-            return 1.0
-        return min(1.0, max(0.0, self._dom0_restart_at - time.monotonic()))
+        due = [d.calls_paused_until for d in self.domains.values() if d.calls_paused_until]
+        due += [d.log.paused_until for d in self.domains.values() if d.log and d.log.paused_until]
+        if self._dom0_restart_at is not None:
+            due.append(self._dom0_restart_at)
+        return min(1.0, max(0.0, min(due, default=math.inf) - time.monotonic()))
+
+    def _resume_due(self) -> None:
+        """Read again from domains whose credit is back (see ``_charge``, ``_on_log``)."""
+        now = time.monotonic()
+        for domain in list(self.domains.values()):
+            if domain.calls_paused_until and now >= domain.calls_paused_until:
+                domain.calls_paused_until = 0.0
+                self._watch(domain)
+            guest_log = domain.log
+            if guest_log is not None and guest_log.paused_until and now >= guest_log.paused_until:
+                guest_log.paused_until = 0.0
+                self.selector.register(guest_log.sock, selectors.EVENT_READ, ("log", domain))
 
     def _on_signal(self) -> None:
         try:
@@ -273,8 +302,10 @@ class Hypervisor:
         self._reconcile()
         dead = [
             domain
-            for _, domain in sorted(self.domains.items())
-            if not self._adopt(domain, sockets.pop(_socket_name(domain.domid), None))
+            for domid, domain in sorted(self.domains.items())
+            if not self._adopt(
+                domain, sockets.pop(_socket_name(domid), None), sockets.pop(_log_name(domid), None)
+            )
         ]
         self._forget_sockets(sockets)
         if self.halt_requested:
@@ -291,13 +322,18 @@ class Hypervisor:
             self.start_dom0()
         log.info("re-adopted: %s", ", ".join(f"dom{d}" for d in sorted(self.domains)))
 
-    def _adopt(self, domain: Domain, sock: socket.socket | None) -> bool:
-        """Take a domain of the state file back: its socket, and a pidfd on its process. False
+    def _adopt(
+        self, domain: Domain, sock: socket.socket | None, log_sock: socket.socket | None
+    ) -> bool:
+        """Take a domain of the state file back: its sockets, and a pidfd on its process. False
         if it is dead (or cannot be run without its socket), for the caller to finish."""
         if domain.status in (Status.SHUTDOWN, Status.CRASHED):  # preserved: nothing runs
             if sock is not None:
                 self._unkeep(domain)
                 sock.close()
+            if log_sock is not None:
+                self._to_keeper(lambda k: k.drop(_log_name(domain.domid)))
+                log_sock.close()
             return True
         domain.reaped = True  # whatever still runs is PID 1's child now, never ours to reap
         domain.pidfd = _pidfd_of(domain.pid, domain.pid_start)
@@ -305,6 +341,9 @@ class Hypervisor:
             sock.setblocking(False)
             domain.sock = sock
             self.selector.register(sock, selectors.EVENT_READ, ("hypercall", domain))
+        if log_sock is not None:
+            domain.log = GuestLog(self.run.log(f"dom{domain.domid}"), log_sock, fresh=False)
+            self._watch_log(domain)
         if domain.status is Status.BUILDING:
             # Its boot needed the sync socket, which died with the old hyperd: it cannot finish.
             log.warning("dom%d (%s) was being built: destroying it", domain.domid, domain.name)
@@ -431,7 +470,7 @@ class Hypervisor:
             log.error("dom%d does not read its hypercall socket; dropping a message", domain.domid)
             return
         domain.outq.append(message)
-        self.selector.modify(domain.sock, selectors.EVENT_WRITE, ("hypercall", domain))
+        self._watch(domain)
 
     def _flush(self, domain: Domain) -> None:
         assert domain.sock is not None
@@ -444,7 +483,25 @@ class Hypervisor:
                 domain.outq.clear()
                 break
             domain.outq.popleft()
-        self.selector.modify(domain.sock, selectors.EVENT_READ, ("hypercall", domain))
+        self._watch(domain)
+
+    def _watch(self, domain: Domain) -> None:
+        """Wait on a domain's hypercall socket for what is due: room for the replies it has
+        not taken, else its next request, unless it has used up its credit (``_charge``)."""
+        if domain.sock is None:
+            return
+        if domain.outq:
+            events = selectors.EVENT_WRITE
+        elif not domain.calls_paused_until:
+            events = selectors.EVENT_READ
+        else:
+            with contextlib.suppress(KeyError, ValueError):
+                self.selector.unregister(domain.sock)
+            return
+        try:
+            self.selector.modify(domain.sock, events, ("hypercall", domain))
+        except KeyError:
+            self.selector.register(domain.sock, events, ("hypercall", domain))
 
     # -- hypercalls ------------------------------------------------------------------------
 
@@ -467,7 +524,7 @@ class Hypervisor:
         if not data:
             self._drop_socket(caller)
             return
-        reply = self._answer(caller, data)
+        reply, read_only = self._answer(caller, data)
         try:
             self._commit()
         finally:  # even if saving failed: a request left queued would be handled forever
@@ -475,8 +532,19 @@ class Hypervisor:
             if caller.sock is not None:
                 with contextlib.suppress(OSError):
                     caller.sock.recv(hc.MAX_MESSAGE)  # done: consume it
+            self._charge(caller, HYPERCALL_COST[read_only])
 
-    def _answer(self, caller: Domain, data: bytes) -> dict[str, Any]:
+    def _charge(self, caller: Domain, cost: float) -> None:
+        """A domU pays for its call; one out of credit is not read from until it is back."""
+        if caller.domid == 0:
+            return
+        wait = caller.credit.charge(cost)
+        if wait > 0 and caller.sock is not None:
+            caller.calls_paused_until = time.monotonic() + wait
+            self._watch(caller)
+
+    def _answer(self, caller: Domain, data: bytes) -> tuple[dict[str, Any], bool]:
+        """The reply to one request, and whether it was a call that changes nothing."""
         try:
             req_id, op = hc.parse_request(data)
         except ValueError as exc:
@@ -484,17 +552,19 @@ class Hypervisor:
             if caller.bad_calls < 10:
                 log.warning("dom%d: bad hypercall: %s", caller.domid, message)
             caller.bad_calls += 1
-            return {"id": _request_id(data), "ok": False, "error": "EINVAL", "message": message}
+            reply = {"id": _request_id(data), "ok": False, "error": "EINVAL", "message": message}
+            return reply, False
         if not op.read_only:  # no state-file encode for a call that changes nothing
             self._dirty = True
         try:
             result = self.handle(caller, op)
-            return {"id": req_id, "ok": True, "result": result}
+            return {"id": req_id, "ok": True, "result": result}, op.read_only
         except (HvError, EvtchnError, GnttabError) as exc:
-            return {"id": req_id, "ok": False, "error": exc.errno_name, "message": str(exc)}
+            error = {"id": req_id, "ok": False, "error": exc.errno_name, "message": str(exc)}
+            return error, op.read_only
         except Exception as exc:
             log.exception("dom%d: hypercall %s failed", caller.domid, op.op)
-            return {"id": req_id, "ok": False, "error": "EIO", "message": str(exc)}
+            return {"id": req_id, "ok": False, "error": "EIO", "message": str(exc)}, op.read_only
 
     def _reply(self, caller: Domain, reply: dict[str, Any]) -> None:
         self._send(caller, hc.encode(reply))
@@ -621,11 +691,16 @@ class Hypervisor:
     def do_sched_shutdown(self, caller: Domain, op: hc.SchedShutdown) -> dict[str, Any]:
         if caller.domid == 0:
             raise HvError("EINVAL", "dom0 shuts down with sysctl_halt")
+        if (op.reason, op.code) != (caller.shutdown_reason, caller.exit_code):  # once, not per call
+            log.info(
+                "dom%d (%s) shutting down: %s (code %d)",
+                caller.domid,
+                caller.name,
+                op.reason,
+                op.code,
+            )
         caller.shutdown_reason = op.reason
         caller.exit_code = op.code
-        log.info(
-            "dom%d (%s) shutting down: %s (code %d)", caller.domid, caller.name, op.reason, op.code
-        )
         return {}
 
     def do_domctl_create(self, caller: Domain, op: hc.DomctlCreate) -> dict[str, Any]:
@@ -781,6 +856,7 @@ class Hypervisor:
         self.selector.register(domain.sock, selectors.EVENT_READ, ("hypercall", domain))
         self.selector.register(domain.sync, selectors.EVENT_READ, ("sync", domain))
         self._keep(domain)
+        self._watch_log(domain)
         log.info(
             "dom%d (%s) created: %d MiB, %d vcpus", domid, domain.name, domain.memory, domain.vcpus
         )
@@ -826,6 +902,33 @@ class Hypervisor:
                 self.selector.unregister(domain.sync)
             domain.sync.close()
             domain.sync = None
+
+    def _watch_log(self, domain: Domain) -> None:
+        """Read a domU's output (hyper/budget.py); the keeper holds our end too."""
+        if domain.log is None:
+            return
+        self.selector.register(domain.log.sock, selectors.EVENT_READ, ("log", domain))
+        self._to_keeper(lambda k: k.put(_log_name(domain.domid), domain.log.sock.fileno()))
+
+    def _on_log(self, domain: Domain) -> None:
+        assert domain.log is not None
+        wait = domain.log.pump()
+        if wait is None:  # every process of the domain has closed it
+            self._end_log(domain)
+        elif wait > 0:  # past its rate: read on once its credit is back (``_resume_due``)
+            self.selector.unregister(domain.log.sock)
+            domain.log.paused_until = time.monotonic() + wait
+
+    def _end_log(self, domain: Domain) -> None:
+        """The domain is dead: keep what it wrote last, and close its log."""
+        if domain.log is None:
+            return
+        with contextlib.suppress(KeyError, ValueError):
+            self.selector.unregister(domain.log.sock)
+        domain.log.drain()
+        domain.log.close()
+        domain.log = None
+        self._to_keeper(lambda k: k.drop(_log_name(domain.domid)))
 
     def _check_builds(self) -> bool:
         now = time.time()
@@ -922,6 +1025,7 @@ class Hypervisor:
             domain.reaped = True
         self._drop_socket(domain)
         self._end_sync(domain)
+        self._end_log(domain)
         self.evtchn.close_domain(domain.domid)
         self.gnttab.release_domain(domain.domid, domain.resources)
         domain.resources.release()
@@ -1127,7 +1231,14 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.INFO,
         format="%(asctime)s %(name)s: %(message)s",
-        handlers=[logging.FileHandler(run.log("hyperd")), logging.StreamHandler()],
+        handlers=[
+            # Appended to across runs, so capped: what guests cause it to say is bounded per
+            # line and per domain, but a long-lived host would still fill its disk.
+            logging.handlers.RotatingFileHandler(
+                run.log("hyperd"), maxBytes=HYPERD_LOG_MAX, backupCount=1
+            ),
+            logging.StreamHandler(),
+        ],
     )
     logging.getLogger().addHandler(dmesg)
     linux.prctl(linux.PR_SET_CHILD_SUBREAPER, 1)

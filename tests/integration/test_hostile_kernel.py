@@ -1,5 +1,6 @@
 """A domain's kernel turned hostile reaches nothing of the host's: not /dev/shm, not its
-processes through /proc, not its terminals, not its pseudo-terminal pool.
+processes through /proc, not its terminals, not its pseudo-terminal pool; and it can make hyperd
+spend only a bounded share of its time and disk on it (its log, its hypercalls).
 
 Each test plays the attacker from inside a real domain: as its kernel would, with
 ``as_kernel`` (root of the domain's user namespace, in its namespaces and cgroup), or as its
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import os
 import pty
+import signal
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
@@ -18,6 +20,9 @@ from pathlib import Path
 import pytest
 
 from domu.sandbox import PTYS_MAX
+from hyper.budget import HYPERCALL_BURST, HYPERCALL_RATE, LOG_MAX
+from hyper.hyperd import HYPERCALL_COST
+from tests import hostile_kernel as hostile
 from tests.integration.conftest import (
     REPO,
     RUN,
@@ -299,3 +304,84 @@ def test_stray_shm_entries_stop_neither_readoption_nor_cleanup(
     assert result.status == 0, result
     assert not strays(), result.out
     assert all(path.read_text() == text for path, text in kept.items())
+
+
+@pytest.fixture
+def stopped_kernel(make_domain: Callable[..., str]) -> Iterator[str]:
+    """A domain whose kernel is stopped, for a hostile one to act in its place."""
+    name = make_domain()
+    pid = domain_info(name)["pid"]  # type: ignore[index]
+    os.kill(pid, signal.SIGSTOP)
+    yield name
+    os.kill(pid, signal.SIGCONT)
+
+
+def hostile_kernel(name: str, attack: str, seconds: float) -> subprocess.Popen[str]:
+    """tests/hostile_kernel.py, with the stopped kernel's own descriptor for ``attack``."""
+    pid = domain_info(name)["pid"]  # type: ignore[index]
+    fd = hostile.steal(pid, hostile.kernel_fds(pid)[attack])
+    try:
+        return as_kernel(
+            name,
+            sys.executable,
+            "-m",
+            "tests.hostile_kernel",
+            attack,
+            f"--fd={fd}",
+            f"--seconds={seconds}",
+            env={**os.environ, "PYTHONPATH": str(REPO)},
+            pass_fds=(fd,),
+        )
+    finally:
+        os.close(fd)
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def hyperd_pid() -> int:
+    return int(RUN.pidfile.read_text().split()[0])
+
+
+FLOOD_SECONDS = 15.0  # the burst, then LOG_RATE: the log rotates twice meanwhile
+
+
+def test_a_log_flood_leaves_the_log_under_its_cap(stopped_kernel: str) -> None:
+    name = stopped_kernel
+    domid = domain_info(name)["domid"]  # type: ignore[index]
+    current, rotated = RUN.log(f"dom{domid}"), RUN.log(f"dom{domid}").with_suffix(".log.1")
+    cpu_before = cpu_seconds(hyperd_pid())
+
+    attacker = hostile_kernel(name, "log", FLOOD_SECONDS)
+    sizes = []
+    while attacker.poll() is None:
+        sizes.append(sum(p.stat().st_size for p in (current, rotated) if p.exists()))
+        assert hyperctl("list", timeout=10).status == 0, "hyperd answers during the flood"
+    out, err = attacker.communicate(timeout=30)
+    assert attacker.returncode == 0, err
+
+    written = int(out.split("bytes=")[1].split()[0])
+    assert written > 2 * LOG_MAX, "the attacker got more in than the cap (the socket's buffer)"
+    assert rotated.exists(), "the log reached its cap and was rotated"
+    assert max(sizes) <= 2 * LOG_MAX and current.stat().st_size <= LOG_MAX, sizes
+    cpu_share = (cpu_seconds(hyperd_pid()) - cpu_before) / FLOOD_SECONDS
+    assert cpu_share < 0.1, f"hyperd spent {cpu_share:.0%} of a CPU on the flood"
+
+
+def test_a_hypercall_loop_is_served_no_faster_than_its_credit(stopped_kernel: str) -> None:
+    cpu_before = cpu_seconds(hyperd_pid())
+
+    attacker = hostile_kernel(stopped_kernel, "hypercalls", 5.0)
+    while attacker.poll() is None:
+        assert hyperctl("list", timeout=10).status == 0, "hyperd answers everybody else"
+    out, err = attacker.communicate(timeout=60)
+    assert attacker.returncode == 0, err
+
+    fields = dict(word.split("=") for word in out.split()[1:])
+    calls, seconds = int(fields["calls"]), float(fields["seconds"])
+    credit = HYPERCALL_BURST + HYPERCALL_RATE * seconds
+    assert 10 <= calls <= credit / HYPERCALL_COST[False] + 2, f"{calls} calls in {seconds} s"
+    cpu_share = (cpu_seconds(hyperd_pid()) - cpu_before) / seconds
+    assert cpu_share < 0.25, f"hyperd spent {cpu_share:.0%} of a CPU on the loop"
