@@ -5,7 +5,8 @@ grants pages from a real grant pool, and rings a real doorbell. netback's TxPath
 in dom0, except that its "TAP" is one end of a SOCK_SEQPACKET pair (one message per frame, so
 the test sees exactly what would have reached the host) and its hypercalls come from a table.
 Each bad request listed in the issue must be answered NETIF_RSP_ERROR and counted, with nothing
-transmitted; a protocol violation must end the vif (``on_fatal``) and nothing else.
+transmitted; a protocol violation must end the vif (``on_fatal``) and nothing else. What reaches
+the TAP is what netback checked, however the guest rewrites its pages meanwhile.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import itertools
 import os
 import socket
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import pytest
@@ -161,6 +162,12 @@ BAD = {
     "grant ref outside any pool": lambda g: [(3, 0, 0, 1, 60)],
     "unknown extra type": lambda g: [(g, 0, N.NETTXF_extra_info, 1, 60), extra_of(9)],
     "zero GSO size": lambda g: [(g, 0, N.NETTXF_extra_info, 1, 60), extra_of(1, size=0)],
+    "GSO size 1": lambda g: [(g, 0, N.NETTXF_extra_info, 1, 60), extra_of(1, size=1)],
+    "GSO size under TCP's minimum MSS": lambda g: [
+        (g, 0, N.NETTXF_extra_info, 1, 60),
+        extra_of(1, size=87),
+    ],
+    "GSO size GSO_BY_FRAGS": lambda g: [(g, 0, N.NETTXF_extra_info, 1, 60), extra_of(1, 0xFFFF)],
     "unknown GSO type": lambda g: [(g, 0, N.NETTXF_extra_info, 1, 60), extra_of(1, gso_type=7)],
     "fragments longer than the packet": lambda g: [
         (g, 0, N.NETTXF_more_data, 1, 60),
@@ -214,3 +221,64 @@ def test_a_doorbell_storm_on_an_empty_ring_costs_a_few_wakeups(vif: Vif) -> None
     assert vif.tx.late_eoi.spurious < 64, f"{vif.tx.late_eoi.spurious} wakeups for nothing"
     vif.send((vif.page(0, FRAME), 0, 0, 1, len(FRAME)))
     assert vif.responses(1) == [(1, N.NETIF_RSP_OKAY)]
+
+
+# -- what the TAP gets is what netback checked (XSA-155) -----------------------------------------
+
+TCP_FRAME = (
+    bytes.fromhex("ffffffffffff 00163e000001 0800")
+    + bytes.fromhex("4500 0046 0000 4000 4006 0000 0a000002 0a000003")  # IPv4, 70 bytes, TCP
+    + bytes.fromhex("1f90 0050 00000000 00000000 5018 ffff 0000 0000")  # TCP, 20 bytes
+    + b"payload: thirty bytes of data."
+)
+
+
+@pytest.fixture
+def rewrite_before_writev(monkeypatch: pytest.MonkeyPatch) -> Callable[[Callable[[], None]], None]:
+    """Run a guest's rewrite of its pages the moment netback hands a frame to the TAP, after
+    every check: the widest window a racing guest could hit."""
+    real = os.writev
+
+    def arm(rewrite: Callable[[], None]) -> None:
+        def writev(fd: int, buffers: list[bytes | memoryview]) -> int:
+            rewrite()
+            return real(fd, buffers)
+
+        monkeypatch.setattr(os, "writev", writev)
+
+    return arm
+
+
+def test_the_tap_gets_the_headers_netback_parsed_not_the_guests_rewrite(
+    vif: Vif, rewrite_before_writev: Callable[[Callable[[], None]], None]
+) -> None:
+    """netback made the virtio-net header's checksum offsets from this IPv4 header; a guest that
+    then changes the header length and the protocol would have the kernel trust offsets that
+    no longer fit the frame."""
+    gref = vif.page(0, TCP_FRAME)
+    rewritten = bytearray(TCP_FRAME)
+    rewritten[14] = 0x4F  # IHL 15: the TCP header would be 40 bytes further on
+    rewritten[23] = 17  # UDP
+    rewritten[6:12] = bytes.fromhex("00163e0000ee")  # and someone else's MAC
+    rewrite_before_writev(lambda: vif.page(0, bytes(rewritten)))
+    vif.send((gref, 0, N.NETTXF_csum_blank | N.NETTXF_data_validated, 1, len(TCP_FRAME)))
+    assert vif.responses(1) == [(1, N.NETIF_RSP_OKAY)]
+    [frame] = vif.transmitted()
+    flags, _gso, _hdr_len, _size, csum_start, csum_offset = N.VNET_HDR.unpack_from(frame)
+    assert (flags, csum_start, csum_offset) == (N.VIRTIO_NET_HDR_F_NEEDS_CSUM, 34, 16)
+    assert frame[N.VNET_HDR.size :] == TCP_FRAME, "the headers netback checked, byte for byte"
+
+
+def test_headers_split_across_slots_are_checked_and_sent_as_checked(
+    vif: Vif, rewrite_before_writev: Callable[[Callable[[], None]], None]
+) -> None:
+    """A frontend may put the Ethernet header alone in the first slot (Linux netfront's linear
+    area can be that short): the IP header netback parses is in the next slot."""
+    first, second = vif.page(0, TCP_FRAME[:14]), vif.page(1, TCP_FRAME[14:])
+    rewrite_before_writev(lambda: vif.page(1, b"\x4f" + bytes(40)))
+    flags = N.NETTXF_csum_blank | N.NETTXF_more_data
+    vif.send((first, 0, flags, 1, len(TCP_FRAME)), (second, 0, 0, 2, len(TCP_FRAME) - 14))
+    assert vif.responses(2) == [(1, N.NETIF_RSP_OKAY), (2, N.NETIF_RSP_OKAY)]
+    [frame] = vif.transmitted()
+    assert N.VNET_HDR.unpack_from(frame)[4] == 34, "the checksum offsets of the IPv4 header"
+    assert frame[N.VNET_HDR.size :] == TCP_FRAME
