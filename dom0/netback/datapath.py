@@ -7,10 +7,10 @@ and counted; a protocol violation (impossible ring index, a slot chain longer th
 frontend makes) stops this vif only, through ``on_fatal``.
 
 A transmitted frame's head (its first HEAD_COPY bytes, every header netback reads) is copied out
-of the granted pages once; the virtio-net header is made from that copy, and the copy is what
-the TAP gets, followed by the rest of the frame as slices of the granted pages, in one writev.
-A received frame is read with one readv straight into the pages the frontend posted. Each
-wakeup handles every request or frame that is ready.
+of the granted pages once; the source check (antispoof.py) and the virtio-net header are made
+from that copy, and the copy is what the TAP gets, followed by the rest of the frame as slices
+of the granted pages, in one writev. A received frame is read with one readv straight into the
+pages the frontend posted. Each wakeup handles every request or frame that is ready.
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ from channels.grants import GrantMapper
 from channels.ring import BackRing, RingBroken, RingError
 from channels.tun import VNET_HDR_SIZE, TapWaiter
 from dom0.datapath_worker import CounterPage
+from dom0.netback.antispoof import SourceFilter
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +73,7 @@ COUNTER_FIELDS = (
     "tx_bytes",
     "tx_errors",
     "tx_dropped",
+    "tx_spoofed",
     "rx_packets",
     "rx_bytes",
     "rx_errors",
@@ -88,6 +90,7 @@ class Counters(CounterPage):
     tx_bytes: int
     tx_errors: int
     tx_dropped: int
+    tx_spoofed: int
     rx_packets: int
     rx_bytes: int
     rx_errors: int
@@ -99,6 +102,12 @@ class Counters(CounterPage):
         self.tx_errors += 1
         log.debug("tx packet refused: %s", reason)
 
+    def spoofed(self, reason: str) -> None:
+        """A tx frame from an address the vif may not use: counted; the reason at debug level,
+        as for ``error``."""
+        self.tx_spoofed += 1
+        log.debug("tx frame spoofed: %s", reason)
+
 
 class BadPacket(Exception):
     """One packet is refused (answered NETIF_RSP_ERROR); the vif carries on."""
@@ -106,6 +115,11 @@ class BadPacket(Exception):
     def __init__(self, reason: str) -> None:
         super().__init__(reason)
         self.reason = reason
+
+
+class Spoofed(BadPacket):
+    """A frame from an address the vif may not use (antispoof.py): dropped and counted, and
+    answered NETIF_RSP_OKAY, as a bridge's filter drops it after Xen's netback answered."""
 
 
 @dataclass
@@ -160,6 +174,7 @@ class TxPath:
         counters: Counters,
         rate: RateLimit | None,
         on_fatal: Callable[[str], None],
+        sources: SourceFilter | None = None,
     ):
         self.ring = ring
         self.evtchn = evtchn
@@ -168,6 +183,7 @@ class TxPath:
         self.counters = counters
         self.rate = rate
         self.on_fatal = on_fatal
+        self.sources = sources  # None: any source (a test's frames)
         self.stopping = False
         self._slots: list[Slot] = []  # the packet being collected, first slot first
         self._state = _FIRST  # what its next slot must be
@@ -230,6 +246,9 @@ class TxPath:
             status = N.NETIF_RSP_OKAY
             self.counters.tx_packets += 1
             self.counters.tx_bytes += total
+        except Spoofed as exc:  # before its base class, BadPacket
+            status = N.NETIF_RSP_OKAY
+            self.counters.spoofed(exc.reason)
         except BadPacket as exc:
             status = N.NETIF_RSP_ERROR
             self.counters.error(exc.reason)
@@ -259,6 +278,10 @@ class TxPath:
         # the tun driver copies it into its own skb during writev, and it is payload to us and
         # to the kernel's parsers (checksums and segmentation run on the kernel's copy), so a
         # guest that changes it meanwhile only changes what it sends, as it could anyway.
+        if self.sources is not None:
+            refusal = self.sources.refusal(head)
+            if refusal is not None:
+                raise Spoofed(refusal)
         views[0] = N.vnet_from_offload(offload, head)
         views[1] = head
         if self.rate is not None:
