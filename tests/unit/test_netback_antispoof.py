@@ -29,8 +29,15 @@ def ether(ethertype: int, payload: bytes, src: bytes = OURS, dst: bytes = BROADC
 
 
 def ipv4(src: bytes, payload: bytes = bytes(8)) -> bytes:
-    header = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(payload), 0, 0, 64, 17, 0, src, IP4)
-    return header + payload
+    """A UDP datagram's IPv4 header and ``payload``, with a valid header checksum (a bridge
+    with br_netfilter drops a bad one before anyone sees it)."""
+    fields = [0x45, 0, 20 + len(payload), 0, 0, 64, 17, 0, src, IP4]
+    words = struct.unpack("!10H", struct.pack("!BBHHHBBH4s4s", *fields))
+    total = sum(words)
+    while total >> 16:
+        total = (total & 0xFFFF) + (total >> 16)
+    fields[7] = ~total & 0xFFFF
+    return struct.pack("!BBHHHBBH4s4s", *fields) + payload
 
 
 def arp(op: int, sender_mac: bytes, sender_ip: bytes) -> bytes:
