@@ -45,7 +45,7 @@ _ND_LINK_LAYER_OPTIONS = {1, 2}  # source and target link-layer address
 
 
 def parse_mac(text: str) -> bytes:
-    """ "00:16:3e:12:34:56" as 6 bytes (ValueError otherwise)."""
+    """A MAC such as "00:16:3e:12:34:56" as 6 bytes (ValueError otherwise)."""
     if not _MAC.fullmatch(text):
         raise ValueError(f"mac {text!r} is not six hex octets")
     return bytes.fromhex(text.replace(":", ""))
