@@ -18,10 +18,12 @@ they answer (Linux netfront ignores rx response ids).
 
 Store keys. Backend dir (written at probe): ``feature-sg``, ``feature-gso-tcpv4``,
 ``feature-gso-tcpv6``, ``feature-rx-copy``, plus what the toolstack wrote (``mac``, ``bridge``,
-``mtu``, ``rate`` as "bytes,usec", ``handle``). Frontend dir: the toolstack writes ``mac``,
-``mtu``, ``ip``, ``gateway``; the frontend writes ``tx-ring-ref``, ``rx-ring-ref``,
-``event-channel``, ``request-rx-copy``, ``feature-rx-notify``, ``feature-sg``,
-``feature-gso-tcpv4``/``-tcpv6`` in one transaction before it connects.
+``mtu``, ``rate`` as "bytes,usec", ``handle``, and ``ip``, the address alone, when the vif has
+one: the backend's ``mac`` and ``ip`` are what the vif's frames may come from). Frontend dir:
+the toolstack writes ``mac``, ``mtu``, ``ip``, ``gateway``; the frontend writes
+``tx-ring-ref``, ``rx-ring-ref``, ``event-channel``, ``request-rx-copy``,
+``feature-rx-notify``, ``feature-sg``, ``feature-gso-tcpv4``/``-tcpv6`` in one transaction
+before it connects.
 
 Handshake (Linux order, unlike blkif)::
 

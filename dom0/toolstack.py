@@ -8,6 +8,7 @@ answers the control socket. Each control method's docstring says when it is allo
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import json
 import logging
 import os
@@ -166,6 +167,10 @@ class Toolstack:
             "mtu": str(vif["mtu"]),
             "type": "vif",
         }
+        if vif.get("ip"):
+            # As libxl does: Xen's vif scripts read it here for their antispoof rules, and so
+            # does netback. The address alone: it is all the vif may send from.
+            back["ip"] = str(ipaddress.ip_interface(vif["ip"]).ip)
         rate = vif.get("rate")
         if rate:
             credit = max(1, rate["bytes_per_second"] * rate["window_us"] // 1_000_000)

@@ -224,6 +224,7 @@ def _top_rows(
                 str(len(mine)),
                 str(sum(v["tx_bytes"] for v in mine) // 1024),
                 str(sum(v["rx_bytes"] for v in mine) // 1024),
+                str(sum(v["tx_spoofed"] for v in mine)),
                 str(len(disks)),
                 *(str(sum(v[key] for v in disks)) for key in _VBD_KEYS),
             ]
@@ -242,6 +243,7 @@ TOP_COLUMNS = [
     "NETS",
     "NETTX(k)",
     "NETRX(k)",
+    "NETSPOOF",
     "VBDS",
     "VBD_OO",
     "VBD_RD",
@@ -587,7 +589,7 @@ def cmd_network_list(args: argparse.Namespace) -> int:
         return 0
     print(
         f"{'Idx':>3} {'MAC':<18}{'IP':<19}{'State':>5} {'TX pkts':>9} {'TX bytes':>12} "
-        f"{'RX pkts':>9} {'RX bytes':>12} {'Err':>5} {'Drop':>5}"
+        f"{'RX pkts':>9} {'RX bytes':>12} {'Err':>5} {'Drop':>5} {'Spoof':>5}"
     )
     for v in vifs:
         errors = v.get("tx_errors", 0) + v.get("rx_errors", 0)
@@ -595,7 +597,8 @@ def cmd_network_list(args: argparse.Namespace) -> int:
         print(
             f"{v['devid']:>3} {v.get('mac') or '-':<18}{v.get('ip') or '-':<19}"
             f"{v.get('state') or '-':>5} {v.get('tx_packets', 0):>9} {v.get('tx_bytes', 0):>12} "
-            f"{v.get('rx_packets', 0):>9} {v.get('rx_bytes', 0):>12} {errors:>5} {drops:>5}"
+            f"{v.get('rx_packets', 0):>9} {v.get('rx_bytes', 0):>12} {errors:>5} {drops:>5} "
+            f"{v.get('tx_spoofed', 0):>5}"
         )
     return 0
 

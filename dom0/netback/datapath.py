@@ -6,9 +6,11 @@ resolved through GrantMapper, which checks each one; a bad packet is answered NE
 and counted; a protocol violation (impossible ring index, a slot chain longer than any honest
 frontend makes) stops this vif only, through ``on_fatal``.
 
-Data never passes through a Python bytes object: a transmitted packet goes to the TAP as one
-writev of slices of the granted pages, a received frame is read with one readv straight into
-the pages the frontend posted. Each wakeup handles every request or frame that is ready.
+A transmitted frame's head (its first HEAD_COPY bytes, every header netback reads) is copied out
+of the granted pages once; the source check (antispoof.py) and the virtio-net header are made
+from that copy, and the copy is what the TAP gets, followed by the rest of the frame as slices
+of the granted pages, in one writev. A received frame is read with one readv straight into the
+pages the frontend posted. Each wakeup handles every request or frame that is ready.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from channels.grants import GrantMapper
 from channels.ring import BackRing, RingBroken, RingError
 from channels.tun import VNET_HDR_SIZE, TapWaiter
 from dom0.datapath_worker import CounterPage
+from dom0.netback.antispoof import SourceFilter
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +43,18 @@ FATAL_SLOTS = 20
 MAX_FRAME_PAGES = 17  # 65535 bytes of frame in 4 KiB pages, rounded up
 BUDGET = 64  # frames per wakeup on the rx side
 BUDGET_SLOTS = 256  # tx slots per wakeup: a full ring's worth
+#: The bytes of each transmitted frame that netback copies out of the guest's pages before it
+#: looks at them: every header it parses (Ethernet, VLAN, IPv4 with options, IPv6, ARP, the
+#: TCP/UDP header's fields) lies in them. Linux netback's XEN_NETBACK_TX_COPY_LEN.
+HEAD_COPY = 128
+#: The GSO sizes netback passes to the kernel: from TCP_MIN_MSS (88, Linux's include/net/tcp.h,
+#: the smallest MSS setsockopt(TCP_MAXSEG) accepts) to below GSO_BY_FRAGS (0xFFFF, which the
+#: kernel's virtio_net_hdr_to_skb refuses). 0 is nonsense (Linux netback treats it as fatal);
+#: a size of 1 would have the host cut one 64 KiB frame into 65535 packets. A guest's TCP makes
+#: segments under 88 bytes only over a path whose MTU is under 140 (40 bytes of headers, 12 of
+#: timestamps).
+MIN_GSO_SIZE = 88
+GSO_BY_FRAGS = 0xFFFF
 
 
 #: A tx slot as copied out: (gref, offset, flags, id, size); an extra slot reads the same way.
@@ -58,6 +73,7 @@ COUNTER_FIELDS = (
     "tx_bytes",
     "tx_errors",
     "tx_dropped",
+    "tx_spoofed",
     "rx_packets",
     "rx_bytes",
     "rx_errors",
@@ -74,6 +90,7 @@ class Counters(CounterPage):
     tx_bytes: int
     tx_errors: int
     tx_dropped: int
+    tx_spoofed: int
     rx_packets: int
     rx_bytes: int
     rx_errors: int
@@ -85,6 +102,12 @@ class Counters(CounterPage):
         self.tx_errors += 1
         log.debug("tx packet refused: %s", reason)
 
+    def spoofed(self, reason: str) -> None:
+        """A tx frame from an address the vif may not use: counted; the reason at debug level,
+        as for ``error``."""
+        self.tx_spoofed += 1
+        log.debug("tx frame spoofed: %s", reason)
+
 
 class BadPacket(Exception):
     """One packet is refused (answered NETIF_RSP_ERROR); the vif carries on."""
@@ -92,6 +115,11 @@ class BadPacket(Exception):
     def __init__(self, reason: str) -> None:
         super().__init__(reason)
         self.reason = reason
+
+
+class Spoofed(BadPacket):
+    """A frame from an address the vif may not use (antispoof.py): dropped and counted, and
+    answered NETIF_RSP_OKAY, as a bridge's filter drops it after Xen's netback answered."""
 
 
 @dataclass
@@ -146,6 +174,7 @@ class TxPath:
         counters: Counters,
         rate: RateLimit | None,
         on_fatal: Callable[[str], None],
+        sources: SourceFilter | None = None,
     ):
         self.ring = ring
         self.evtchn = evtchn
@@ -154,6 +183,7 @@ class TxPath:
         self.counters = counters
         self.rate = rate
         self.on_fatal = on_fatal
+        self.sources = sources  # None: any source (a test's frames)
         self.stopping = False
         self._slots: list[Slot] = []  # the packet being collected, first slot first
         self._state = _FIRST  # what its next slot must be
@@ -216,6 +246,9 @@ class TxPath:
             status = N.NETIF_RSP_OKAY
             self.counters.tx_packets += 1
             self.counters.tx_bytes += total
+        except Spoofed as exc:  # before its base class, BadPacket
+            status = N.NETIF_RSP_OKAY
+            self.counters.spoofed(exc.reason)
         except BadPacket as exc:
             status = N.NETIF_RSP_ERROR
             self.counters.error(exc.reason)
@@ -235,8 +268,42 @@ class TxPath:
             raise BadPacket("too many slots")
         if total < N.ETH_HLEN:
             raise BadPacket("first slot shorter than an Ethernet header")
+        # The iovec: virtio-net header, the head's private copy, then the frame's live pages.
+        views: list[bytes | memoryview] = [b"", b"", b""]
+        self._add_pages(views, slots, extras)
+        head = _copy_head(views, min(HEAD_COPY, total))
+        # Every check and every header netback computes reads ``head``, and the kernel parses
+        # the same bytes, since they go to the TAP from ``head`` too: the guest can no longer
+        # change them in between (XSA-155). The rest goes zero-copy from the granted pages:
+        # the tun driver copies it into its own skb during writev, and it is payload to us and
+        # to the kernel's parsers (checksums and segmentation run on the kernel's copy), so a
+        # guest that changes it meanwhile only changes what it sends, as it could anyway.
+        if self.sources is not None:
+            refusal = self.sources.refusal(head)
+            if refusal is not None:
+                raise Spoofed(refusal)
+        views[0] = N.vnet_from_offload(offload, head)
+        views[1] = head
+        if self.rate is not None:
+            delay = self.rate.wait_time(total)
+            while delay > 0 and not self.stopping:
+                time.sleep(min(delay, 0.05))
+                delay = self.rate.wait_time(total)
+        try:
+            os.writev(self.tap_fd, views)
+        except BlockingIOError:
+            self.counters.tx_dropped += 1
+        except OSError as exc:
+            if exc.errno not in (errno.EIO, errno.EINVAL):
+                raise
+            raise BadPacket(f"TAP refused the frame: {exc.strerror}") from exc
+        return total
+
+    def _add_pages(self, views: list[bytes | memoryview], slots: list[Slot], extras: int) -> None:
+        """Append the frame's fragments, each slot checked, and put its first slot's bytes in
+        ``views[2]``: views of the granted pages."""
+        first, total = slots[0], slots[0][4]
         resolve = self.grants.resolve
-        views: list[bytes | memoryview] = [b"", b""]
         rest = 0
         try:
             for gref, offset, _flags, _id, size in slots[1 + extras :]:
@@ -255,32 +322,17 @@ class TxPath:
                 )
             if first[1] + head > N.PAGE_SIZE:
                 raise BadPacket("slot crosses its page")
-            views[1] = resolve(first[0], write=False)[first[1] : first[1] + head]
+            views[2] = resolve(first[0], write=False)[first[1] : first[1] + head]
         except GrantError as exc:
             raise BadPacket("bad grant ref") from exc
-        views[0] = N.vnet_from_offload(offload, bytes(views[1][:128]))
-        if self.rate is not None:
-            delay = self.rate.wait_time(total)
-            while delay > 0 and not self.stopping:
-                time.sleep(min(delay, 0.05))
-                delay = self.rate.wait_time(total)
-        try:
-            os.writev(self.tap_fd, views)
-        except BlockingIOError:
-            self.counters.tx_dropped += 1
-        except OSError as exc:
-            if exc.errno not in (errno.EIO, errno.EINVAL):
-                raise
-            raise BadPacket(f"TAP refused the frame: {exc.strerror}") from exc
-        return total
 
     @staticmethod
     def _offload(flags: int, slots: list[Slot]) -> N.Offload | None:
         gso_type, gso_size = N.XEN_NETIF_GSO_TYPE_NONE, 0
         for extra in map(N.Extra.from_tx_slot, slots):
             if extra.type == N.XEN_NETIF_EXTRA_TYPE_GSO:
-                if extra.gso_size == 0:
-                    raise BadPacket("GSO size 0")
+                if not MIN_GSO_SIZE <= extra.gso_size < GSO_BY_FRAGS:
+                    raise BadPacket(f"GSO size {extra.gso_size}")
                 if extra.gso_type not in (N.XEN_NETIF_GSO_TYPE_TCPV4, N.XEN_NETIF_GSO_TYPE_TCPV6):
                     raise BadPacket("unknown GSO type")
                 gso_type, gso_size = extra.gso_type, extra.gso_size
@@ -294,6 +346,25 @@ class TxPath:
             gso_type=gso_type,
             gso_size=gso_size,
         )
+
+
+def _copy_head(views: list[bytes | memoryview], length: int) -> bytes:
+    """The frame's first ``length`` bytes, copied out of ``views[2:]`` (its pages, in order),
+    which are trimmed so that they hold the rest. One slice copy when the first slot holds them
+    all (a frame in one page); a frame whose headers span slots is gathered."""
+    first = views[2]
+    if len(first) >= length:
+        views[2] = first[length:]
+        return bytes(first[:length])
+    parts, index = [], 2
+    while length:
+        view = views[index]
+        taken = min(len(view), length)
+        parts.append(view[:taken])
+        views[index] = view[taken:]
+        length -= taken
+        index += 1
+    return b"".join(parts)
 
 
 class RxPath:

@@ -2,7 +2,8 @@
 
 See dom0/datapath_worker.py for why and how. Besides the common fds (``device_fd`` is the TAP),
 the parameters are the vif's name, the frontend's domid, its tx/rx ring refs, the doorbell names
-of both event channels, gso and the rate limit.
+of both event channels, gso, the rate limit, and the vif's ``mac`` and ``ip`` (from its backend
+dir) that every transmitted frame's source is checked against.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from channels.evtchn import EventChannel
 from channels.grants import GrantMapper
 from channels.ring import BackRing
 from dom0.datapath_worker import Dom0Link, worker_main
+from dom0.netback.antispoof import SourceFilter
 from dom0.netback.datapath import Counters, RateLimit, RxPath, TxPath
 
 
@@ -36,7 +38,8 @@ def run(params: dict[str, Any]) -> int:
         for mine, peer in (params["tx_doorbells"], params["rx_doorbells"])
     ]
     rate = RateLimit(*params["rate"]) if params.get("rate") else None
-    tx = TxPath(tx_ring, channels[0], grants, tap_fd, counters, rate, link.fatal)
+    sources = SourceFilter.from_backend(params["mac"], params["ip"])  # checked at probe
+    tx = TxPath(tx_ring, channels[0], grants, tap_fd, counters, rate, link.fatal, sources)
     rx = RxPath(rx_ring, channels[1], grants, tap_fd, counters, params["gso"], link.fatal)
     tx.thread.start()
     rx.thread.start()

@@ -1,10 +1,12 @@
 """netback's negotiation: the vif backend driver on dom0's XenBus bus.
 
-probe: create the host TAP on its bridge, publish the features, go InitWait. When the frontend
-is Connected: read its ring refs, event channels and features, map the rings, bind the channels,
-start the data path, go Connected. When either side closes: stop the data path, release the
-rings and channels, close the TAP (the kernel removes it), go Closed. Any failure, or a protocol
-violation by the frontend, fails this vif alone (error node, Closing).
+probe: read the vif's ``mac`` and ``ip`` from the backend dir (the toolstack's; never from the
+frontend dir, which the guest may rewrite), the addresses its frames may come from
+(antispoof.py); create the host TAP on its bridge, publish the features, go InitWait. When the
+frontend is Connected: read its ring refs, event channels and features, map the rings, bind the
+channels, start the data path, go Connected. When either side closes: stop the data path,
+release the rings and channels, close the TAP (the kernel removes it), go Closed. Any failure,
+or a protocol violation by the frontend, fails this vif alone (error node, Closing).
 
 A worker that dies (killed, crashed) is restarted through the frontend, as blkback does: the
 vif keeps its TAP and its ends of the event channels and returns to InitWait; netfront starts
@@ -26,6 +28,7 @@ from channels.hypercall import HypercallClient, HypercallError
 from channels.xenbus import XenbusState
 from channels.xenbus_bus import XenbusDevice
 from dom0.datapath_worker import DataPath
+from dom0.netback.antispoof import SourceFilter
 from dom0.netback.datapath import COUNTER_FIELDS, RateLimit
 from dom0.netback.tap import TapError, create_tap, destroy_tap, vif_name
 
@@ -48,6 +51,8 @@ class Vif:
     devid: int
     bridge: str
     tap_fd: int
+    mac: str  # the backend dir's, checked at probe: what its frames' sources must be
+    ip: str | None
     path: DataPath = field(default_factory=lambda: DataPath(COUNTER_FIELDS))
     channels: list[EventChannel] = field(default_factory=list)
     remote_ports: list[int] = field(default_factory=list)  # the frontend's, channels bound to
@@ -68,12 +73,18 @@ class NetbackDriver:
     def probe(self, dev: XenbusDevice) -> None:
         bridge = dev.read("bridge") or "hyperbr0"
         mtu = int(dev.read("mtu") or 1500)
+        mac, ip = dev.read("mac"), dev.read("ip")
+        try:
+            SourceFilter.from_backend(mac or "", ip)  # the worker makes its own from these
+        except ValueError as exc:
+            dev.fatal(f"backend {exc}")
+            return
         try:
             fd = create_tap(dev.frontend_id, dev.devid, bridge, mtu)
         except TapError as exc:
             dev.fatal(f"creating the host TAP: {exc}")
             return
-        vif = Vif(dev.frontend_id, dev.devid, bridge, fd)
+        vif = Vif(dev.frontend_id, dev.devid, bridge, fd, mac or "", ip)
         dev.driver_data = vif
         with self._lock:
             self.vifs[dev.frontend_id, dev.devid] = vif
@@ -133,6 +144,8 @@ class NetbackDriver:
             "rx_doorbells": rx_ch.doorbell_names(),
             "gso": dev.read_otherend("feature-gso-tcpv4") == "1",
             "rate": [rate.credit, rate.window_us] if rate else None,
+            "mac": vif.mac,
+            "ip": vif.ip,
         }
         vif.path.start("dom0.netback.worker", params, vif.tap_fd, self.hc, dev, vif.name)
 
@@ -156,6 +169,8 @@ class NetbackDriver:
                 "devid": v.devid,
                 "name": v.name,
                 "bridge": v.bridge,
+                "mac": v.mac,  # what netback enforces, whatever the guest wrote in its own dir
+                "ip": v.ip,
                 **v.path.stats(),
             }
             for v in vifs

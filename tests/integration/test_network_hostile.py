@@ -1,16 +1,21 @@
-"""A hostile frontend against the real netback, while a neighbour's iperf3 runs.
+"""A hostile frontend against the real netback, while a neighbour's iperf3 runs; a hostile kernel
+forging addresses onto the bridge.
 
-The test takes over a real domain's vif: it pauses the domain (its netfront is frozen, so only
+The first test takes over a real domain's vif: it pauses the domain (its netfront is frozen, so only
 the test writes the ring), maps the domain's tx ring page and tx buffer pool from /dev/shm as
 root can, writes raw requests, and rings the domain's doorbells. netback in dom0 sees exactly
 what a compromised domain kernel could produce. Every bad request must be answered with an
 error and counted; the violations must disconnect that vif alone; the neighbours' iperf3 must
-finish meanwhile.
+finish meanwhile. The second runs as a domain's kernel would (``as_kernel``: root of its user
+namespace) and writes raw frames on its eth0 with another MAC, another address and a forged ARP
+reply; a raw socket on the host's bridge must see only the honest frames sent after them.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import socket
 import struct
 import subprocess
 import sys
@@ -26,12 +31,14 @@ from channels.ring import HEADER_SIZE, PAGE_SIZE, u32_view
 from channels.shm import Segment, attach
 from tests.integration.conftest import (
     REPO,
+    as_kernel,
     domain_info,
     hyperctl,
     start_iperf3_server,
     wait_for,
 )
-from tests.integration.test_network import vif
+from tests.integration.test_network import counters, vif
+from tests.unit.test_netback_antispoof import arp, ether, ipv4
 
 pytestmark = pytest.mark.root
 
@@ -167,6 +174,10 @@ BAD_REQUESTS: list[tuple[str, Callable[[int], list[tuple[int, ...] | bytes]]]] =
         lambda g: [(g, 0, N.NETTXF_extra_info, 1, 64), N.Extra(1, 0, 0, 1).pack_tx()],
     ),
     (
+        "GSO size 1",
+        lambda g: [(g, 0, N.NETTXF_extra_info, 1, 64), N.Extra(1, 0, 1, 1).pack_tx()],
+    ),
+    (
         "too many slots",
         lambda g: [(g, 0, N.NETTXF_more_data, i, 1000) for i in range(19)] + [(g, 0, 0, 19, 1000)],
     ),
@@ -216,3 +227,83 @@ def test_hostile_frontend_is_refused_and_disconnected_while_a_neighbour_runs(
     report = json.loads(out)
     assert report["end"]["sum_received"]["bytes"] > 0
     assert "error" not in report
+
+
+# -- antispoof: only the vif's own addresses leave the bridge -----------------------------------
+
+SEND_RAW = """
+import socket, sys
+link = socket.socket(socket.AF_PACKET, socket.SOCK_RAW)
+link.bind(("eth0", 0))
+for frame in sys.argv[1:]:
+    link.send(bytes.fromhex(frame))
+"""
+MARK = b"hyper-antispoof-"
+ETH_P_ALL = 0x0003
+SOL_PACKET, PACKET_ADD_MEMBERSHIP, PACKET_MR_PROMISC = 263, 1, 1
+
+
+@contextlib.contextmanager
+def capture_on(bridge: str) -> Iterator[socket.socket]:
+    """A raw socket that sees every frame the bridge forwards (it is put in promiscuous mode
+    while the socket is open)."""
+    sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_ALL))
+    try:
+        sock.bind((bridge, 0))
+        index = socket.if_nametoindex(bridge)
+        sock.setsockopt(
+            SOL_PACKET,
+            PACKET_ADD_MEMBERSHIP,
+            struct.pack("iHH8s", index, PACKET_MR_PROMISC, 0, b""),
+        )
+        yield sock
+    finally:
+        sock.close()
+
+
+def marks_seen(sock: socket.socket, until: set[bytes], timeout: float) -> set[bytes]:
+    """The marks of the test's frames that cross the bridge, until all of ``until`` did."""
+    seen: set[bytes] = set()
+    sock.settimeout(timeout)
+    while not until <= seen:
+        try:
+            frame = sock.recv(70000)
+        except TimeoutError:
+            raise AssertionError(f"{sorted(until - seen)} never crossed the bridge") from None
+        at = frame.find(MARK)
+        if at >= 0:
+            seen.add(frame[at : at + len(MARK) + 1])
+    return seen
+
+
+def test_frames_from_another_address_leave_the_bridge_only_as_counted_drops(
+    make_domain: Callable[..., str], lan: tuple[str, str]
+) -> None:
+    bridge, net = lan
+    name = make_domain(vif(bridge, f"{net}.9"))
+    [entry] = counters(name)
+    mac = bytes.fromhex(entry["mac"].replace(":", ""))
+    ours, neighbour = socket.inet_aton(f"{net}.9"), socket.inet_aton(f"{net}.1")
+    forged = {
+        b"1": ether(0x0800, ipv4(ours, MARK + b"1"), src=bytes.fromhex("00163e0000ee")),
+        b"2": ether(0x0800, ipv4(socket.inet_aton(f"{net}.77"), MARK + b"2"), src=mac),
+        b"3": ether(0x0806, arp(2, mac, neighbour) + MARK + b"3", src=mac),  # "I am .1"
+        b"4": ether(0x0806, arp(2, bytes.fromhex("00163e0000ee"), ours) + MARK + b"4", src=mac),
+    }
+    honest = {
+        b"5": ether(0x0800, ipv4(ours, MARK + b"5"), src=mac),
+        b"6": ether(0x0806, arp(2, mac, ours) + MARK + b"6", src=mac),
+    }
+    spoofed_before = entry["tx_spoofed"]
+    with capture_on(bridge) as capture:
+        frames = [frame.hex() for frame in (*forged.values(), *honest.values())]
+        kernel = as_kernel(name, sys.executable, "-c", SEND_RAW, *frames)
+        _, err = kernel.communicate(timeout=30)
+        assert kernel.returncode == 0, err
+        # netback takes the frames in order: once the honest ones are on the bridge, the forged
+        # ones before them have been judged.
+        seen = marks_seen(capture, {MARK + k for k in honest}, timeout=10)
+    assert seen == {MARK + k for k in honest}, "no forged frame may leave"
+    [entry] = counters(name)
+    assert entry["tx_spoofed"] - spoofed_before == len(forged)
+    assert entry["ip"] == f"{net}.9", "network-list shows the address netback enforces"

@@ -1,4 +1,5 @@
-"""Fuzzing the parsers a domU feeds: blkback's requests, netback's tx requests, the store's wire.
+"""Fuzzing the parsers a domU feeds: blkback's requests, netback's tx requests and its source
+check, the store's wire.
 
 Each test is a hypothesis property over arbitrary input from a hostile peer, run against the
 real code over real rings, grants and doorbells (the same rigs as the hostile-peer unit tests).
@@ -28,8 +29,10 @@ from hypothesis import strategies as st
 from channels import blkif as B
 from channels import netif as N
 from channels.xs_wire import XsProtocolError, XsType, encode
+from dom0.netback.antispoof import SourceFilter
 from dom0.store import Store
 from tests.unit.test_blkback_hostile import GREF_BASE, IMAGE_SECTORS, POOL_PAGES, Vbd, _build
+from tests.unit.test_netback_antispoof import PASSES, REFUSED, V4, V6
 from tests.unit.test_netback_hostile import serving_vif
 from tests.unit.test_store_connection import RawPeer
 from tests.unit.test_store_connection import store as store
@@ -151,6 +154,28 @@ def test_netback_answers_within_bounds_or_disconnects_and_never_dies(slots: list
         statuses = (N.NETIF_RSP_OKAY, N.NETIF_RSP_ERROR, N.NETIF_RSP_DROPPED, N.NETIF_RSP_NULL)
         assert all(status in statuses for _, status in answered)
         assert {rid for rid, status in answered if status != N.NETIF_RSP_NULL} <= sent_ids
+
+
+_frames = [case[1][:128] for case in (*PASSES.values(), *REFUSED.values())]
+_heads = st.one_of(
+    st.binary(max_size=128),
+    st.builds(
+        _mutated,
+        st.sampled_from(_frames),
+        st.lists(st.tuples(st.integers(0, 127), st.integers(0, 255)), min_size=1),
+    ),
+)
+
+
+@fuzz(2000)
+@given(head=_heads, sources=st.sampled_from([V4, V6]))
+def test_the_source_check_judges_any_head_and_never_passes_another_mac(
+    head: bytes, sources: SourceFilter
+) -> None:
+    refusal = sources.refusal(head)
+    assert refusal is None or isinstance(refusal, str)
+    if head[6:12] != sources.mac:
+        assert refusal == "source MAC"
 
 
 # -- the store's wire ---------------------------------------------------------------------------

@@ -5,7 +5,9 @@ grants pages from a real grant pool, and rings a real doorbell. netback's TxPath
 in dom0, except that its "TAP" is one end of a SOCK_SEQPACKET pair (one message per frame, so
 the test sees exactly what would have reached the host) and its hypercalls come from a table.
 Each bad request listed in the issue must be answered NETIF_RSP_ERROR and counted, with nothing
-transmitted; a protocol violation must end the vif (``on_fatal``) and nothing else.
+transmitted; a protocol violation must end the vif (``on_fatal``) and nothing else. A frame from
+an address the vif may not use is dropped and counted; what reaches the TAP is what netback
+checked, however the guest rewrites its pages meanwhile.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import itertools
 import os
 import socket
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import pytest
@@ -27,6 +29,7 @@ from channels.gnttab import GrantPool, pool_bytes
 from channels.grants import GrantMapper
 from channels.ring import PAGE_SIZE, BackRing, FrontRing, u32_view
 from channels.shm import attach, create_segment, unlink_segment
+from dom0.netback.antispoof import SourceFilter
 from dom0.netback.datapath import Counters, TxPath
 from tests.unit.backend_hypercalls import Hypercalls, storm
 
@@ -86,9 +89,9 @@ def vif() -> Iterator[Vif]:
 
 
 @contextlib.contextmanager
-def serving_vif() -> Iterator[Vif]:
-    """netback's TxPath running over a fresh ring, pool and doorbells; everything is removed on
-    the way out."""
+def serving_vif(sources: SourceFilter | None = None) -> Iterator[Vif]:
+    """netback's TxPath running over a fresh ring, pool and doorbells, checking ``sources`` if
+    given; everything is removed on the way out."""
     tag = f"hyper-test-netback-{os.getpid()}-{next(_ids)}"
     ring_name, pool_name, bells = f"{tag}-ring", f"{tag}-pool", (f"{tag}-b", f"{tag}-f")
     create_segment(ring_name, PAGE_SIZE)
@@ -112,7 +115,7 @@ def serving_vif() -> Iterator[Vif]:
         state.fatal_event.set()
 
     evtchn = from_status(calls, 1)  # type: ignore[arg-type]
-    state.tx = TxPath(back, evtchn, grants, tap.fileno(), counters, None, on_fatal)
+    state.tx = TxPath(back, evtchn, grants, tap.fileno(), counters, None, on_fatal, sources)
     state.tx.thread.start()
     try:
         yield state
@@ -161,6 +164,12 @@ BAD = {
     "grant ref outside any pool": lambda g: [(3, 0, 0, 1, 60)],
     "unknown extra type": lambda g: [(g, 0, N.NETTXF_extra_info, 1, 60), extra_of(9)],
     "zero GSO size": lambda g: [(g, 0, N.NETTXF_extra_info, 1, 60), extra_of(1, size=0)],
+    "GSO size 1": lambda g: [(g, 0, N.NETTXF_extra_info, 1, 60), extra_of(1, size=1)],
+    "GSO size under TCP's minimum MSS": lambda g: [
+        (g, 0, N.NETTXF_extra_info, 1, 60),
+        extra_of(1, size=87),
+    ],
+    "GSO size GSO_BY_FRAGS": lambda g: [(g, 0, N.NETTXF_extra_info, 1, 60), extra_of(1, 0xFFFF)],
     "unknown GSO type": lambda g: [(g, 0, N.NETTXF_extra_info, 1, 60), extra_of(1, gso_type=7)],
     "fragments longer than the packet": lambda g: [
         (g, 0, N.NETTXF_more_data, 1, 60),
@@ -214,3 +223,120 @@ def test_a_doorbell_storm_on_an_empty_ring_costs_a_few_wakeups(vif: Vif) -> None
     assert vif.tx.late_eoi.spurious < 64, f"{vif.tx.late_eoi.spurious} wakeups for nothing"
     vif.send((vif.page(0, FRAME), 0, 0, 1, len(FRAME)))
     assert vif.responses(1) == [(1, N.NETIF_RSP_OKAY)]
+
+
+# -- what the TAP gets is what netback checked (XSA-155) -----------------------------------------
+
+MAC = "00:16:3e:00:00:01"
+TCP_FRAME = (
+    bytes.fromhex("ffffffffffff 00163e000001 0800")
+    + bytes.fromhex("4500 0046 0000 4000 4006 0000 0a000002 0a000003")  # IPv4, 70 bytes, TCP
+    + bytes.fromhex("1f90 0050 00000000 00000000 5018 ffff 0000 0000")  # TCP, 20 bytes
+    + b"payload: thirty bytes of data."
+)
+
+
+@pytest.fixture
+def rewrite_before_writev(monkeypatch: pytest.MonkeyPatch) -> Callable[[Callable[[], None]], None]:
+    """Run a guest's rewrite of its pages the moment netback hands a frame to the TAP, after
+    every check: the widest window a racing guest could hit."""
+    real = os.writev
+
+    def arm(rewrite: Callable[[], None]) -> None:
+        def writev(fd: int, buffers: list[bytes | memoryview]) -> int:
+            rewrite()
+            return real(fd, buffers)
+
+        monkeypatch.setattr(os, "writev", writev)
+
+    return arm
+
+
+def test_the_tap_gets_the_headers_netback_parsed_not_the_guests_rewrite(
+    vif: Vif, rewrite_before_writev: Callable[[Callable[[], None]], None]
+) -> None:
+    """netback made the virtio-net header's checksum offsets from this IPv4 header; a guest that
+    then changes the header length and the protocol would have the kernel trust offsets that
+    no longer fit the frame."""
+    gref = vif.page(0, TCP_FRAME)
+    rewritten = bytearray(TCP_FRAME)
+    rewritten[14] = 0x4F  # IHL 15: the TCP header would be 40 bytes further on
+    rewritten[23] = 17  # UDP
+    rewritten[6:12] = bytes.fromhex("00163e0000ee")  # and someone else's MAC
+    rewrite_before_writev(lambda: vif.page(0, bytes(rewritten)))
+    vif.send((gref, 0, N.NETTXF_csum_blank | N.NETTXF_data_validated, 1, len(TCP_FRAME)))
+    assert vif.responses(1) == [(1, N.NETIF_RSP_OKAY)]
+    [frame] = vif.transmitted()
+    flags, _gso, _hdr_len, _size, csum_start, csum_offset = N.VNET_HDR.unpack_from(frame)
+    assert (flags, csum_start, csum_offset) == (N.VIRTIO_NET_HDR_F_NEEDS_CSUM, 34, 16)
+    assert frame[N.VNET_HDR.size :] == TCP_FRAME, "the headers netback checked, byte for byte"
+
+
+def test_a_mac_rewritten_after_the_check_does_not_reach_the_tap(
+    rewrite_before_writev: Callable[[Callable[[], None]], None],
+) -> None:
+    with serving_vif(SourceFilter.from_backend(MAC, "10.0.0.2")) as vif:
+        gref = vif.page(0, TCP_FRAME)
+        rewrite_before_writev(lambda: vif.page(0, b"\xff" * 6 + bytes.fromhex("00163e0000ee")))
+        vif.send((gref, 0, 0, 1, len(TCP_FRAME)))
+        assert vif.responses(1) == [(1, N.NETIF_RSP_OKAY)]
+        [frame] = vif.transmitted()
+        assert frame[N.VNET_HDR.size + 6 : N.VNET_HDR.size + 12] == bytes.fromhex("00163e000001")
+        assert vif.counters.tx_spoofed == 0
+
+
+def test_headers_split_across_slots_are_checked_and_sent_as_checked(
+    vif: Vif, rewrite_before_writev: Callable[[Callable[[], None]], None]
+) -> None:
+    """A frontend may put the Ethernet header alone in the first slot (Linux netfront's linear
+    area can be that short): the IP header netback parses is in the next slot."""
+    first, second = vif.page(0, TCP_FRAME[:14]), vif.page(1, TCP_FRAME[14:])
+    rewrite_before_writev(lambda: vif.page(1, b"\x4f" + bytes(40)))
+    flags = N.NETTXF_csum_blank | N.NETTXF_more_data
+    vif.send((first, 0, flags, 1, len(TCP_FRAME)), (second, 0, 0, 2, len(TCP_FRAME) - 14))
+    assert vif.responses(2) == [(1, N.NETIF_RSP_OKAY), (2, N.NETIF_RSP_OKAY)]
+    [frame] = vif.transmitted()
+    assert N.VNET_HDR.unpack_from(frame)[4] == 34, "the checksum offsets of the IPv4 header"
+    assert frame[N.VNET_HDR.size :] == TCP_FRAME
+
+
+# -- antispoof: only the vif's own addresses leave ------------------------------------------------
+
+SPOOFS = {  # where in TCP_FRAME, what instead
+    "another source MAC": (6, bytes.fromhex("00163e0000ee")),
+    "another IPv4 source": (26, bytes([10, 0, 0, 99])),
+}
+
+
+@pytest.mark.parametrize("case", sorted(SPOOFS))
+def test_a_spoofed_frame_is_dropped_counted_and_answered_okay(case: str) -> None:
+    """Answered OKAY: with Xen a bridge's filter drops the frame after netback has answered."""
+    offset, forged = SPOOFS[case]
+    spoofed = bytearray(TCP_FRAME)
+    spoofed[offset : offset + len(forged)] = forged
+    with serving_vif(SourceFilter.from_backend(MAC, "10.0.0.2")) as vif:
+        vif.send((vif.page(0, bytes(spoofed)), 0, 0, 1, len(spoofed)))
+        assert vif.responses(1) == [(1, N.NETIF_RSP_OKAY)]
+        assert vif.transmitted() == []
+        assert (vif.counters.tx_spoofed, vif.counters.tx_packets, vif.counters.tx_errors) == (
+            1,
+            0,
+            0,
+        )
+        vif.send((vif.page(1, TCP_FRAME), 0, 0, 2, len(TCP_FRAME)))
+        assert vif.responses(1) == [(2, N.NETIF_RSP_OKAY)]
+        assert [f[N.VNET_HDR.size :] for f in vif.transmitted()] == [TCP_FRAME]
+        assert (vif.counters.tx_spoofed, vif.counters.tx_packets) == (1, 1)
+
+
+def test_a_spoofed_address_in_the_second_slot_is_dropped() -> None:
+    spoofed = bytearray(TCP_FRAME)
+    spoofed[26:30] = bytes([10, 0, 0, 99])
+    with serving_vif(SourceFilter.from_backend(MAC, "10.0.0.2")) as vif:
+        first, second = vif.page(0, bytes(spoofed[:14])), vif.page(1, bytes(spoofed[14:]))
+        vif.send(
+            (first, 0, N.NETTXF_more_data, 1, len(spoofed)), (second, 0, 0, 2, len(spoofed) - 14)
+        )
+        assert vif.responses(2) == [(1, N.NETIF_RSP_OKAY), (2, N.NETIF_RSP_OKAY)]
+        assert vif.transmitted() == []
+        assert vif.counters.tx_spoofed == 1
