@@ -160,7 +160,7 @@ class LargestSizes:
                 try:
                     self.largest[path] = max(self.largest[path], path.stat().st_size)
                 except FileNotFoundError:
-                    pass  # between a snapshot's rename and the journal's new start
+                    pass  # not made yet
 
     def stop(self) -> dict[Path, int]:
         self._stop.set()
@@ -170,7 +170,7 @@ class LargestSizes:
 
 # Each store file stays under max(1 MiB, the live tree) and a line: here the live tree is mostly
 # the guest's memory quota of 2 MiB (2.1 MiB each when measured), whatever the guest writes.
-# Before issue 12 the same guest grew the journal to 1.4 GiB (117 MB after its first 300 writes).
+# Before issue 12 the same guest grew the journal to 1.4 GiB (114 MiB after its first 300 writes).
 STORE_FILES_BOUND = 4 * MiB
 JOURNAL_SECONDS = 15.0  # of rewriting values at the quota (about 1 MB/s through the ring)
 
@@ -186,7 +186,7 @@ def test_a_guest_rewriting_its_store_nodes_leaves_the_journal_bounded(
     guest = hostile(attacker, "--journal", seconds=JOURNAL_SECONDS)
     guest.next_line("children=200")
     guest.next_line("rewrote data=100")
-    issue_case = dict(sizes.largest)  # issue 12's figure: 117 MB of journal by now
+    issue_case = dict(sizes.largest)  # the issue's case: 117 MB of journal here before the fix
     quota = guest.next_line("quota")
     rewrote = guest.next_line("rewrote values")
     largest = sizes.stop()
