@@ -13,6 +13,10 @@ would if it were hostile, with the same pages, the same doorbells and the same C
 3. **Storm.** Post every doorbell of the domain (its frontends', its backends', the store's and
    the console's) in a tight loop: S seconds, reported, then on until killed.
 
+With ``--journal`` it plays issue 12's journal amplification instead (``journal_flood``):
+200 children with 3 KB names under its ``data/``, ``data`` rewritten 100 times, children with
+1 KB values added until the store answers ENOSPC, then those values rewritten for S seconds.
+
 Progress goes to stdout, one line per phase; the caller starts it with a line on stdin. Exit
 status 1 (and a line saying why) if the store did not behave as a store. ``start`` does all of
 the caller's part.
@@ -120,12 +124,83 @@ def fill(page: Page, domid: int, msg_type: XsType, error: str) -> int:
     raise SystemExit(f"hostile guest: no {error} after 100000 {msg_type.name} requests")
 
 
-def start(domid: int, kernel_pid: int, seconds: float) -> subprocess.Popen[str]:
-    """Stop domain ``domid``'s kernel and run this in its place, in its cgroup. Returns the
-    process; reading its lines from ``stdout`` is the caller's part."""
+# -- --journal: what made the store's journal grow to 117 MB (issue 12) -------------------------
+
+# A child's name: with /local/domain/<domid>/data/ in front, a path of about 3 KB, near the most
+# a path may be (3072); with a 1000-byte value, a WRITE of at most 4 KiB, the most one may be.
+NAME_BYTES = 2980
+SMALL_VALUE = 1000
+
+
+def child(domid: int, i: int) -> bytes:
+    return join_strings(f"/local/domain/{domid}/data/{i:04d}" + "n" * NAME_BYTES)
+
+
+def batch(page: Page, payloads: list[bytes]) -> tuple[int, list[str]]:
+    """WRITE each payload, BATCH in flight; (how many succeeded, the errors of the others)."""
+    ok, errors = 0, []
+    for start in range(0, len(payloads), BATCH):
+        chunk = payloads[start : start + BATCH]
+        for payload in chunk:
+            if not page.send(XsType.WRITE, payload):
+                raise SystemExit("hostile guest: the store stopped reading")
+        for reply in page.replies(len(chunk)):
+            if reply.type == XsType.WRITE:
+                ok += 1
+            else:
+                errors.append(reply.strings()[0])
+    return ok, errors
+
+
+def journal_flood(page: Page, domid: int, seconds: float) -> None:
+    """Each step is one line on stdout; the store must take every write but the quota's."""
+    sent = 0
+
+    def written(payloads: list[bytes], *, refused: str | None = None) -> int:
+        nonlocal sent
+        ok, errors = batch(page, payloads)
+        sent += sum(map(len, payloads))
+        if any(e != refused for e in errors):
+            raise SystemExit(f"hostile guest: WRITE refused with {errors[0]}")
+        return ok
+
+    children = written([child(domid, i) for i in range(200)])
+    print(f"children={children}", flush=True)
+    data = join_strings(f"/local/domain/{domid}/data")
+    rewrites = written([data + str(i).encode() for i in range(100)])
+    print(f"rewrote data={rewrites}", flush=True)
+
+    nodes = children
+    value = b"v" * SMALL_VALUE
+    while True:
+        payloads = [child(domid, nodes + i) + value for i in range(BATCH)]
+        ok = written(payloads, refused="ENOSPC")
+        nodes += ok
+        if ok < len(payloads):
+            break
+        if nodes > 100_000:
+            raise SystemExit(f"hostile guest: no ENOSPC after {nodes} nodes")
+    print(f"quota nodes={nodes} refused=ENOSPC", flush=True)
+
+    writes = 0
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        value = str(writes % 10).encode() * SMALL_VALUE  # the same size: no more quota
+        payloads = [
+            child(domid, children + (writes + i) % (nodes - children)) + value for i in range(BATCH)
+        ]
+        writes += written(payloads)
+    print(f"rewrote values={writes} bytes={sent}", flush=True)
+
+
+def start(domid: int, kernel_pid: int, seconds: float, *options: str) -> subprocess.Popen[str]:
+    """Stop domain ``domid``'s kernel and run this in its place, in its cgroup, with
+    ``options`` (``--journal``). Returns the process; reading its lines from ``stdout`` is the
+    caller's part."""
     os.kill(kernel_pid, signal.SIGSTOP)
+    argv = [f"--domid={domid}", f"--seconds={seconds}", *options]
     proc = subprocess.Popen(
-        [sys.executable, "-m", "tests.hostile_guest", f"--domid={domid}", f"--seconds={seconds}"],
+        [sys.executable, "-m", "tests.hostile_guest", *argv],
         cwd=REPO,
         env={**os.environ, "PYTHONPATH": str(REPO)},
         stdin=subprocess.PIPE,
@@ -143,9 +218,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="tests.hostile_guest")
     parser.add_argument("--domid", type=int, required=True)
     parser.add_argument("--seconds", type=float, required=True, help="how long to storm")
+    parser.add_argument("--journal", action="store_true", help="flood the store's journal")
     args = parser.parse_args(argv)
     sys.stdin.readline()  # the caller has put us in the domain's cgroup
     page = Page(args.domid)
+    if args.journal:
+        journal_flood(page, args.domid, args.seconds)
+        return 0
 
     nodes = fill(page, args.domid, XsType.WRITE, "ENOSPC")
     watches = fill(page, args.domid, XsType.WATCH, "E2BIG")

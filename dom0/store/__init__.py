@@ -2,14 +2,15 @@
 
 Code map::
 
-    core.py          Store: the lock, tree, connections, domains; watch firing; introduce/release
+    core.py          Store: the lock, tree, connections, domains; atomic requests, watch firing,
+                     quota checks, transaction expiry; introduce/release
     requests.py      one handler per message type (xenstored's wire_funcs[]), payload parsing
     nodes.py         read/write/mkdir/rm/directory/perms with permission and quota checks
-    tree.py          Node, the live Tree (per-node generation counters), the View protocol
-    journal.py       the tree on disk (snapshot + journal) for a restarted dom0
+    tree.py          Node, the live Tree (generations, undo log, owned nodes and bytes), View
+    journal.py       the tree on disk (snapshot + one line per request) for a restarted dom0
     perms.py         permission rules: owner first, inheritance, who may change what
     watches.py       watch records and which change fires which watch
-    transactions.py  private overlay per transaction, EAGAIN on conflicting commit
+    transactions.py  private overlay per transaction, EAGAIN on conflicting commit or expiry
     domains.py       introduced domains, per-domain quota overrides
     quota.py         Quota and xenstored's default limits
     connection.py    Connection: framing, dispatch, bounded output and backpressure

@@ -62,6 +62,10 @@ Send = Callable[[bytes], "bool | None"]
 # any client that reads its replies, small enough to bound memory per connection.
 MAX_INPUT_BACKLOG = 16 * (HEADER_SIZE + XENSTORE_PAYLOAD_MAX)
 
+# Ids of transactions the store dropped after their lifetime, which answer EAGAIN (not ENOENT)
+# until forgotten: more than a domain may have open, so that a whole round is remembered.
+EXPIRED_REMEMBERED = 32
+
 
 @dataclass(slots=True)
 class _Out:
@@ -97,6 +101,7 @@ class Connection:
         self._deferred: list[tuple[Watch, str]] = []
         self._closed = False
         self.transactions: dict[int, Transaction] = {}
+        self.expired_transactions: deque[int] = deque(maxlen=EXPIRED_REMEMBERED)
 
     def __repr__(self) -> str:
         return f"Connection(domid={self.domid}, conn_id={self.conn_id})"

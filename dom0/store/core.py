@@ -9,14 +9,28 @@ reaches a connection whose domain may read the node reported: for a write, the n
 is; for a removal, the removed node (the nearest removed ancestor of a watched path), checked
 against the permissions it had. dom0 receives everything. Special watches fire only for dom0.
 Every watch also fires once, for its own path, when it is registered.
+
+Requests are atomic. Each request (and ``release_domain``) runs in ``_request``: its changes to
+the live tree are checked against their owners' quotas and written to the journal as one line,
+and only then do their watches fire. If anything fails, the tree (and the transaction overlay the
+request used) is put back as it was and the caller gets an error: ENOSPC past a quota, EIO if the
+journal could not be written (as xenstored answers a failed database write). The store goes on.
+
+Transaction expiry. A domU's transaction is dropped once it is ``transaction_lifetime`` seconds
+old, whether or not its owner ever sends another request: one alarm, armed only while a domU
+holds a transaction, wakes the store at the earliest deadline (coalescing those within
+EXPIRY_SLACK of each other), so an idle store never wakes.
 """
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import threading
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator
+from typing import Protocol
 
 from channels.xenbus import (
     INTRODUCE_DOMAIN_WATCH,
@@ -29,7 +43,7 @@ from channels.xs_wire import Message, Perm, XsErrno, XsError, check_domid
 from dom0.store import nodes, perms, requests
 from dom0.store.connection import Connection, Send
 from dom0.store.domains import Domains
-from dom0.store.journal import Journal
+from dom0.store.journal import Journal, JournalError
 from dom0.store.quota import Quota
 from dom0.store.transactions import Change, Transaction
 from dom0.store.tree import Node, Tree, View
@@ -37,15 +51,40 @@ from dom0.store.watches import Watch, WatchTable
 
 log = logging.getLogger(__name__)
 
+#: Transactions whose deadlines fall within this many seconds of each other expire together.
+EXPIRY_SLACK = 1.0
+
+
+class Alarm(Protocol):
+    def cancel(self) -> None: ...
+
+
+#: ``schedule(delay, callback)``: run ``callback`` once, on a thread of its own, after ``delay``
+#: seconds unless cancelled.
+Schedule = Callable[[float, Callable[[], None]], Alarm]
+
+
+def _timer(delay: float, callback: Callable[[], None]) -> Alarm:
+    timer = threading.Timer(delay, callback)
+    timer.daemon = True
+    timer.start()
+    return timer
+
 
 class Store:
     """A XenStore-like store. Thread-safe: every entry point takes ``lock``."""
 
     def __init__(
-        self, quota: Quota | None = None, journal: Journal | None = None, recover: bool = False
+        self,
+        quota: Quota | None = None,
+        journal: Journal | None = None,
+        recover: bool = False,
+        clock: Callable[[], float] = time.monotonic,
+        schedule: Schedule = _timer,
     ) -> None:
         """With a ``journal`` the tree is kept on disk; ``recover`` starts from what it holds
-        (a restarted dom0) instead of an empty store."""
+        (a restarted dom0) instead of an empty store. ``clock`` and ``schedule`` time the
+        transactions' lifetimes (tests drive them by hand)."""
         self.lock = threading.RLock()
         self.tree = Tree(journal)
         self.domains = Domains(quota if quota is not None else Quota())
@@ -53,6 +92,11 @@ class Store:
         self._connections: set[Connection] = set()
         self._conn_ids = itertools.count(1)
         self._tx_ids = itertools.count(1)
+        self._clock = clock
+        self._schedule = schedule
+        self._alarm: tuple[float, Alarm] | None = None  # (when, alarm) for expiring transactions
+        self._pending: list[Change] | None = None  # the open request's changes, to fire
+        self._views: list[Transaction] = []  # the transactions the open request used
         recovered = journal.load() if journal is not None and recover else {}
         if recovered:
             self.tree.restore(recovered)
@@ -96,9 +140,10 @@ class Store:
         with self.lock:
             for conn in [c for c in self._connections if c.domid == domid]:
                 conn.close()
-            for path in self.tree.paths_owned_by(domid):
-                if self.tree.get(path) is not None:  # not already gone with an ancestor
-                    self._fire(Change(path, nodes.remove_subtree(self.tree, path)))
+            with self._request(perms.PRIVILEGED_DOMID):  # XsError EIO: still introduced
+                for path in self.tree.paths_owned_by(domid):
+                    if self.tree.get(path) is not None:  # not already gone with an ancestor
+                        self.changed(Change(path, nodes.remove_subtree(self.tree, path)), None)
             self.domains.release(domid)
             self._fire_special(RELEASE_DOMAIN_WATCH)
 
@@ -116,11 +161,57 @@ class Store:
         with self.lock:
             return self.tree.owned(domid)
 
+    def memory_used(self, domid: int) -> int:
+        """Bytes of the nodes owned by ``domid``, as its memory quota counts them."""
+        with self.lock:
+            return self.tree.owned_bytes(domid)
+
     # -- used by connections and request handlers (store lock held) ---------------------------
 
     def dispatch(self, conn: Connection, msg: Message) -> bytes:
-        with self.lock:
+        with self.lock, self._request(conn.domid):
             return requests.dispatch(self, conn, msg)
+
+    @contextlib.contextmanager
+    def _request(self, domid: int) -> Iterator[None]:
+        """Run one request of ``domid`` all or nothing (see the module's docstring)."""
+        if self._pending is not None:  # a request within one (the lock is re-entrant)
+            yield
+            return
+        pending: list[Change] = []
+        self._pending = pending
+        self.tree.begin()
+        ok = False
+        try:
+            yield
+            self._check_quotas(domid)
+            self.tree.commit()
+            ok = True
+        except JournalError as exc:  # logged by the journal
+            raise XsError(XsErrno.EIO, "", f"the store could not record it: {exc}") from exc
+        finally:
+            self._pending = None
+            if not ok:
+                self.tree.rollback()
+            views, self._views = self._views, []
+            for tx in views:
+                tx.end_request(ok)
+        for change in pending:
+            self._fire(change)
+
+    def _check_quotas(self, domid: int) -> None:
+        """ENOSPC if the open request took a domain past its node or memory quota (a request of
+        dom0's never does: it is exempt, whoever owns what it writes)."""
+        if perms.is_privileged(domid):
+            return
+        for owner, path in self.tree.grown().items():
+            limits = self.domains.quota(owner)
+            if limits is None:
+                continue
+            if self.tree.owned(owner) > limits.nodes:
+                raise XsError(XsErrno.ENOSPC, path, f"domain {owner} owns {limits.nodes} nodes")
+            if self.tree.owned_bytes(owner) > limits.memory:
+                raise XsError(XsErrno.ENOSPC, path, f"domain {owner} owns {limits.memory} bytes")
 
     def forget_connection(self, conn: Connection) -> None:
         self._connections.discard(conn)
@@ -132,18 +223,28 @@ class Store:
         if tx_id == 0:
             return self.tree, None
         tx = conn.transactions.get(tx_id)
+        if tx is not None and tx.expired(self._clock()):
+            self._expire(tx)
+            tx = None
         if tx is None:
+            if tx_id in conn.expired_transactions:
+                raise XsError(XsErrno.EAGAIN, "", f"transaction {tx_id} outlived its lifetime")
             raise XsError(XsErrno.ENOENT, "", f"no transaction {tx_id} on this connection")
+        if self._pending is not None and tx not in self._views:
+            tx.begin()
+            self._views.append(tx)
         return tx, tx
 
     def changed(self, change: Change | None, tx: Transaction | None) -> None:
-        """A node operation made ``change``: fire it now, or at commit if in a transaction."""
+        """A node operation made ``change``: it fires once the request is recorded, or once
+        the transaction commits."""
         if change is None:
             return
-        if tx is None:
-            self._fire(change)
+        if tx is not None:
+            tx.record(change)
         else:
-            tx.changes.append(change)
+            assert self._pending is not None, "a change to the store outside a request"
+            self._pending.append(change)
 
     def add_watch(self, watch: Watch) -> None:
         limits = self.domains.quota(watch.conn.domid)
@@ -163,24 +264,57 @@ class Store:
             if open_txs >= limits.transactions:
                 raise XsError(XsErrno.ENOSPC, "", f"domain has {limits.transactions} transactions")
         tx_id = next(self._tx_ids) % 0xFFFFFFFF + 1  # never 0, which means "no transaction"
-        max_nodes = limits.transaction_nodes if limits is not None else None
-        tx = Transaction(tx_id, conn, self.tree, max_nodes)
+        deadline = None
+        if limits is not None:
+            deadline = self._clock() + limits.transaction_lifetime
+            self._arm_expiry(deadline)
+        tx = Transaction(tx_id, conn, self.tree, limits, deadline)
         conn.transactions[tx_id] = tx
         return tx
 
     def end_transaction(self, conn: Connection, tx: Transaction, commit: bool) -> None:
+        """Commit (the request's quota check covers what it applies) or abort ``tx``."""
         del conn.transactions[tx.tx_id]
         if not commit:
             return
         conflicts = tx.conflicts()
         if conflicts:
             raise XsError(XsErrno.EAGAIN, conflicts[0], "changed since the transaction read it")
-        limits = self.domains.quota(conn.domid)
-        if limits is not None and tx.owned(conn.domid) > limits.nodes:
-            raise XsError(XsErrno.ENOSPC, "", f"domain {conn.domid} would own too many nodes")
         tx.apply()
-        for change in _dedupe(tx.changes):
-            self._fire(change)
+        for change in tx.changes.values():
+            self.changed(change, None)
+
+    # -- transaction expiry --------------------------------------------------------------------
+
+    def _arm_expiry(self, when: float) -> None:
+        """Have ``_expire_transactions`` run at ``when`` at the latest."""
+        if self._alarm is not None:
+            if self._alarm[0] <= when:
+                return
+            self._alarm[1].cancel()
+        delay = max(0.0, when - self._clock())
+        self._alarm = (when, self._schedule(delay, self._expire_transactions))
+
+    def _expire_transactions(self) -> None:
+        """The alarm: drop every transaction past its deadline, arm for the next one. (An alarm
+        cancelled as it went off only costs a spare pass.)"""
+        with self.lock:
+            self._alarm = None
+            now = self._clock()
+            upcoming = []
+            for conn in list(self._connections):
+                for tx in list(conn.transactions.values()):
+                    if tx.expired(now):
+                        self._expire(tx)
+                    elif tx.deadline is not None:
+                        upcoming.append(tx.deadline)
+            if upcoming:
+                self._arm_expiry(max(min(upcoming), now + EXPIRY_SLACK))
+
+    def _expire(self, tx: Transaction) -> None:
+        log.debug("%r: transaction %d dropped after its lifetime", tx.conn, tx.tx_id)
+        del tx.conn.transactions[tx.tx_id]
+        tx.conn.expired_transactions.append(tx.tx_id)
 
     # -- watch firing --------------------------------------------------------------------------
 
@@ -215,14 +349,3 @@ def _removed_perms(removed: dict[str, tuple[Perm, ...]], path: str) -> tuple[Per
         if path == "/":
             return None
         path = parent_path(path)
-
-
-def _dedupe(changes: list[Change]) -> list[Change]:
-    seen: set[tuple[str, bool]] = set()
-    unique = []
-    for change in changes:
-        key = (change.path, change.removed is not None)
-        if key not in seen:
-            seen.add(key)
-            unique.append(change)
-    return unique

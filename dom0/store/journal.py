@@ -1,20 +1,37 @@
 """The live tree on disk, so that a dom0 restarted after a crash finds the store it had.
 
-Two files in hyper's run directory (a tmpfs: they outlive dom0, not the host, and so do the
-domains they describe):
+Two files in hyper's run directory (a tmpfs, so host RAM: they outlive dom0, not the host, and so
+do the domains they describe):
 
-- ``store.snapshot``: every node, one JSON line each, written to a temporary file and renamed
-  into place, so it is always whole;
-- ``store.journal``: every change to the live tree since that snapshot, one JSON line each,
-  appended with one ``write`` as the change is made, before the request that made it is
-  answered. A line is ``["p", path, value, perms, children]`` for a put or ``["d", path]``
-  for a removal; values are bytes carried as latin-1 text.
+- ``store.snapshot``: every node, written to a temporary file and renamed into place, so it is
+  always whole;
+- ``store.journal``: every request that changed the tree since that snapshot, one line each,
+  appended with one ``write`` before the request is answered.
 
-Loading reads the snapshot, then replays the journal. Every line is absolute (a put names the
-whole node, a removal is idempotent), so replaying lines the snapshot already holds changes
-nothing: a crash between renaming a new snapshot and truncating the journal is harmless. A
-last line torn by the crash is ignored. Once the journal holds many more lines than the tree has
-nodes, it is folded into a new snapshot.
+Both are JSON lines. The first line is a header ``{"snapshot": id}``: in the snapshot its own
+id, in the journal the id of the snapshot it follows. Every other line is a list of entries,
+``["p", path, value, perms]`` (the node's value in base64, its permission list) or
+``["d", path]`` (removed). A journal line holds every path one request changed, in its final
+state, so a line torn by a crash loses one unanswered request, never half of one.
+
+Children are not recorded: they follow from the paths, and loading rebuilds them (a node whose
+parent is missing, which only a damaged file holds, is dropped with a warning). So a request
+costs the journal the bytes of what it changed, never a parent's list of children; a parent
+that only gained or lost a child is not written at all.
+
+Size. Once the journal outgrows max(COMPACT_FLOOR, the snapshot), it is folded into a new
+snapshot: the journal stays under that bound plus one line, the snapshot under the live tree's
+size (values take 4/3 of their bytes), and each byte written costs O(1) amortised. A failed
+compaction does not fail the request whose line is already written: it is logged and tried again
+once the journal has grown by another COMPACT_FLOOR.
+
+Failures. A line that cannot be written whole raises JournalError (the store then undoes the
+request and answers it with an error), and the journal is cut back to its last whole line. If
+it cannot be cut back, the next change is recorded by a whole new snapshot and journal instead.
+
+Loading reads the snapshot, then replays the journal if it follows that snapshot. One that
+follows an older snapshot (a crash, or a failure, between writing a snapshot and starting its
+journal) holds nothing the newer snapshot lacks, and is ignored.
 
 Only the tree is kept. Connections, watches and transactions belong to processes that a dom0
 crash ends or disconnects (XenStore's own reconnection protocol drops them too); the store's
@@ -23,134 +40,253 @@ clients register their watches again when they reconnect.
 
 from __future__ import annotations
 
+import base64
 import contextlib
+import errno
 import json
 import logging
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
+from channels.xenbus import basename, parent_path, validate_path
 from channels.xs_wire import Perm
 from dom0.store.tree import Node
 
 log = logging.getLogger(__name__)
 
-#: Fold the journal into a snapshot past this many lines and 4 lines per node.
-COMPACT_AFTER = 4096
+#: The journal may grow to this many bytes, or to the snapshot's size if larger, before it is
+#: folded into a new snapshot.
+COMPACT_FLOOR = 1 << 20
+
+#: One change as the journal records it: a path and its node, or None if it was removed.
+Recorded = tuple[str, Node | None]
+_State = dict[str, tuple[bytes, tuple[Perm, ...]]]
 
 
 class JournalError(Exception):
-    """The store files cannot be written (the store then stops persisting, loudly)."""
+    """A store file cannot be written: the request that needed it fails, the store goes on."""
 
 
 class Journal:
     def __init__(self, directory: Path) -> None:
         self.snapshot_path = directory / "store.snapshot"
         self.journal_path = directory / "store.journal"
+        self.temporary_path = directory / "store.snapshot.tmp"
         self._fd: int | None = None
-        self._lines = 0
+        self._size = 0  # bytes of whole lines in the journal
+        self._compact_at = COMPACT_FLOOR
+        self._whole = False  # the journal follows the snapshot and ends with a whole line
+        self._failing = False  # the last attempt to record something failed
 
     # -- loading -------------------------------------------------------------------------------
 
     def load(self) -> dict[str, Node]:
         """The tree as it was last recorded (empty if nothing was)."""
-        nodes: dict[str, Node] = {}
-        for entry in _lines(self.snapshot_path):
-            _apply(nodes, entry)
-        for entry in _lines(self.journal_path):
-            _apply(nodes, entry)
-        return nodes
+        snapshot_id, snapshot = _read(self.snapshot_path)
+        journal_id, journal = _read(self.journal_path)
+        state: _State = {}
+        for where, line in snapshot:
+            _apply(state, where, line)
+        if journal_id is not None and journal_id == snapshot_id:
+            for where, line in journal:
+                _apply(state, where, line)
+        elif journal:
+            log.warning("%s follows another snapshot: ignored", self.journal_path)
+        return _with_children(state)
 
     # -- recording -----------------------------------------------------------------------------
 
-    def put(self, path: str, node: Node, nodes: dict[str, Node]) -> None:
-        """Record that ``nodes`` (the live tree, already changed) now has ``node`` at ``path``."""
-        self._append(_put_line(path, node), nodes)
-
-    def delete(self, path: str, nodes: dict[str, Node]) -> None:
-        self._append(_line(["d", path]), nodes)
-
-    def compact(self, nodes: dict[str, Node]) -> None:
-        """Write every node as the new snapshot and start an empty journal."""
-        temporary = self.snapshot_path.with_suffix(".tmp")
+    def append(self, changes: Sequence[Recorded], nodes: Mapping[str, Node]) -> None:
+        """Record one request's ``changes`` before it is answered; ``nodes`` is the live tree,
+        already changed. JournalError if they could not be recorded."""
         try:
-            with open(temporary, "w", encoding="ascii") as out:
-                for path, node in nodes.items():
-                    out.write(_put_line(path, node))
-            os.replace(temporary, self.snapshot_path)
-            if self._fd is not None:
-                os.close(self._fd)
-            flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND | os.O_CLOEXEC
-            self._fd = os.open(self.journal_path, flags, 0o600)
-        except OSError as exc:
-            raise JournalError(f"store journal in {self.journal_path.parent}: {exc}") from exc
-        self._lines = 0
+            if self._whole:
+                self._write(_line([_entry(path, node) for path, node in changes]))
+            else:
+                self.compact(nodes)  # the new snapshot holds the changes
+        except JournalError as exc:
+            self._complain(exc)
+            raise
+        if not self._whole:
+            return
+        self._recovered()
+        if self._size > self._compact_at:
+            try:
+                self.compact(nodes)
+            except JournalError as exc:
+                self._compact_at = self._size + COMPACT_FLOOR
+                log.warning("%s; compacting again after %d more bytes", exc, COMPACT_FLOOR)
+
+    def compact(self, nodes: Mapping[str, Node]) -> None:
+        """Write every node as a new snapshot and start an empty journal after it. JournalError
+        if the snapshot could not be written (the old files stand as they were)."""
+        snapshot_id = os.urandom(8).hex()
+        self._write_snapshot(snapshot_id, nodes)
+        self._start_journal(snapshot_id)
 
     def close(self) -> None:
+        self._whole = False
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
 
-    def _append(self, line: str, nodes: dict[str, Node]) -> None:
-        if self._fd is None:
-            return
-        if self._lines >= COMPACT_AFTER and self._lines >= 4 * len(nodes):
-            self.compact(nodes)
-            return  # the snapshot already holds this change: the caller made it first
+    def _write_snapshot(self, snapshot_id: str, nodes: Mapping[str, Node]) -> None:
         try:
-            # One write: a crash leaves the whole line or none of it (or, at worst, a torn
-            # last line, which loading skips).
-            os.write(self._fd, line.encode())
+            with open(self.temporary_path, "w", encoding="ascii") as out:
+                out.write(_header(snapshot_id))
+                for path, node in nodes.items():
+                    out.write(_line([_entry(path, node)]))
+                size = out.tell()
+            os.replace(self.temporary_path, self.snapshot_path)
         except OSError as exc:
-            raise JournalError(f"{self.journal_path}: {exc}") from exc
-        self._lines += 1
+            with contextlib.suppress(OSError):  # it may never have been made
+                os.unlink(self.temporary_path)
+            raise JournalError(f"store snapshot {self.snapshot_path}: {exc}") from exc
+        self._compact_at = max(COMPACT_FLOOR, size)
+
+    def _start_journal(self, snapshot_id: str) -> None:
+        """Start the journal after a new snapshot; if it cannot be, the snapshot has recorded
+        everything all the same, and the next change writes another."""
+        self.close()
+        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND | os.O_CLOEXEC
+        try:
+            try:
+                self._fd = os.open(self.journal_path, flags, 0o600)
+            except OSError as exc:
+                raise JournalError(f"store journal {self.journal_path}: {exc}") from exc
+            self._size = 0
+            self._write(_header(snapshot_id))
+        except JournalError as exc:
+            self._complain(exc)
+            return
+        self._whole = True
+
+    def _write(self, line: str) -> None:
+        """Append ``line`` whole (one write: a crash leaves all of it, none, or a torn last
+        line), or cut it off again and raise JournalError."""
+        assert self._fd is not None
+        data = line.encode("ascii")
+        try:
+            written = os.write(self._fd, data)
+            if written != len(data):
+                raise OSError(errno.ENOSPC, f"wrote {written} of {len(data)} bytes")
+        except OSError as exc:
+            self._cut()
+            raise JournalError(f"store journal {self.journal_path}: {exc}") from exc
+        self._size += len(data)
+
+    def _cut(self) -> None:
+        try:
+            os.ftruncate(self._fd, self._size)  # type: ignore[arg-type]
+        except OSError as exc:
+            log.debug("%s not cut back to its last whole line: %s", self.journal_path, exc)
+            self._whole = False  # the next change writes a new snapshot and journal
+
+    def _complain(self, error: JournalError) -> None:
+        """Log the first of a run of failures: a guest's requests must not flood the log."""
+        if not self._failing:
+            log.error("%s (logged once, until the store files are written again)", error)
+        self._failing = True
+
+    def _recovered(self) -> None:
+        if self._failing:
+            log.warning("store files in %s written again", self.snapshot_path.parent)
+        self._failing = False
 
 
-def _put_line(path: str, node: Node) -> str:
-    perms = [p.encode() for p in node.perms]
-    return _line(["p", path, node.value.decode("latin-1"), perms, sorted(node.children)])
+def _entry(path: str, node: Node | None) -> list[object]:
+    if node is None:
+        return ["d", path]
+    value = base64.b64encode(node.value).decode("ascii")
+    return ["p", path, value, [p.encode() for p in node.perms]]
 
 
-def _line(entry: list[object]) -> str:
-    return json.dumps(entry, ensure_ascii=True, separators=(",", ":")) + "\n"
+def _line(entries: list[list[object]]) -> str:
+    return json.dumps(entries, ensure_ascii=True, separators=(",", ":")) + "\n"
 
 
-def _lines(path: Path) -> Iterator[list[object]]:
+def _header(snapshot_id: str) -> str:
+    return json.dumps({"snapshot": snapshot_id}) + "\n"
+
+
+# -- reading -------------------------------------------------------------------------------------
+
+
+def _read(path: Path) -> tuple[str | None, list[tuple[str, object]]]:
+    """The snapshot id in ``path``'s header (None without one) and its other lines, parsed and
+    each with its "file:line" (a line that is not JSON is skipped: torn by a crash, or damage)."""
+    header: str | None = None
+    lines: list[tuple[str, object]] = []
+    for number, text in _text_lines(path):
+        where = f"{path}:{number}"
+        try:
+            item = json.loads(text)
+        except ValueError:
+            log.warning("%s: unreadable line skipped (torn by a crash?)", where)
+            continue
+        if number == 1 and isinstance(item, dict):
+            snapshot_id = item.get("snapshot")
+            header = snapshot_id if isinstance(snapshot_id, str) else None
+        else:
+            lines.append((where, item))
+    return header, lines
+
+
+def _text_lines(path: Path) -> Iterator[tuple[int, str]]:
     with (
         contextlib.suppress(FileNotFoundError),
         open(path, encoding="ascii", errors="replace") as source,
     ):
-        for number, line in enumerate(source, 1):
-            try:
-                entry = json.loads(line)
-            except ValueError:
-                log.warning("%s:%d: unreadable line ignored (torn by a crash?)", path, number)
-                continue
-            if isinstance(entry, list):
-                yield entry
+        yield from enumerate(source, 1)
 
 
-def _apply(nodes: dict[str, Node], entry: list[object]) -> None:
+def _apply(state: _State, where: str, line: object) -> None:
+    """Apply one line, all of it or (if any entry is malformed) none of it."""
     try:
-        if entry[0] == "d" and isinstance(entry[1], str):
-            nodes.pop(entry[1], None)
-        elif entry[0] == "p":
-            path, value, perms, children = entry[1:5]
-            assert isinstance(path, str) and isinstance(value, str)
-            children = frozenset(_strings(children))
-            nodes[path] = Node(value.encode("latin-1"), _perms(perms), children)
-    except (AssertionError, IndexError, ValueError, TypeError) as exc:
-        log.warning("store journal: malformed entry ignored: %s", exc)
+        if not isinstance(line, list):
+            raise ValueError("not a list of entries")
+        changes = [_parse(entry) for entry in line]
+    except (ValueError, TypeError) as exc:
+        log.warning("%s: malformed line skipped: %s", where, exc)
+        return
+    for path, node in changes:
+        if node is None:
+            state.pop(path, None)
+        else:
+            state[path] = node
 
 
-def _perms(items: object) -> tuple[Perm, ...]:
-    perms = tuple(Perm.parse(p) for p in _strings(items))
-    if not perms:
-        raise ValueError("a node without an owner")
-    return perms
+def _parse(entry: object) -> tuple[str, tuple[bytes, tuple[Perm, ...]] | None]:
+    if not isinstance(entry, list) or len(entry) not in (2, 4):
+        raise ValueError(f"malformed entry {entry!r:.80}")
+    tag, path, *rest = entry
+    if not isinstance(path, str) or not path.startswith("/"):
+        raise ValueError(f"malformed path {path!r:.80}")
+    validate_path(path)
+    if tag == "d" and not rest:
+        return path, None
+    value, perms = rest if tag == "p" and rest else (None, None)
+    if not isinstance(value, str) or not isinstance(perms, list) or not perms:
+        raise ValueError(f"malformed entry for {path[:80]}")
+    return path, (base64.b64decode(value, validate=True), tuple(Perm.parse(p) for p in perms))
 
 
-def _strings(items: object) -> Iterable[str]:
-    if not isinstance(items, list) or not all(isinstance(i, str) for i in items):
-        raise ValueError(f"expected a list of strings, not {items!r}")
-    return items
+def _with_children(state: _State) -> dict[str, Node]:
+    """The nodes of ``state`` with their children, rebuilt from the paths; a node whose parent
+    is missing is dropped (with every node below it)."""
+    children: dict[str, set[str]] = {}
+    orphans: list[str] = []
+    for path in sorted(state, key=lambda p: (0 if p == "/" else p.count("/"), p)):
+        if path != "/":
+            siblings = children.get(parent_path(path))
+            if siblings is None:
+                orphans.append(path)
+                continue
+            siblings.add(basename(path))
+        children[path] = set()
+    if orphans:
+        log.warning(
+            "store files: %d nodes without a parent dropped, %s first", len(orphans), orphans[0]
+        )
+    return {path: Node(*state[path], frozenset(names)) for path, names in children.items()}

@@ -8,7 +8,9 @@ nothing changed). Refusals raise XsError with the errno xenstored uses:
   existing ancestor: then EACCES, so nobody learns what exists in a home they cannot see;
 * reading needs r or b; writing, creating a child, removing and listing need the access below;
 * only the owner sets permissions (EACCES) and only dom0 changes the owner (EPERM);
-* past a quota: ENOSPC (nodes, value size, permission entries).
+* past a quota: ENOSPC (nodes, value size, permission entries). The store checks the nodes and
+  bytes each domain owns once more when the request is over (core.Store._check_quotas), so the
+  memory quota holds for every operation, and a refused request changes nothing.
 
 ``quota`` is None for dom0, which is exempt.
 """

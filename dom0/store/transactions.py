@@ -8,6 +8,14 @@ Commit succeeds only if every recorded path still has the generation seen: then 
 applied to the live tree and the recorded changes fire their watches. Otherwise the commit fails
 with EAGAIN and the caller starts over. Abort drops everything. Because adding or removing a child
 rewrites the parent, a transaction that listed a directory also conflicts with a new entry in it.
+
+Bounds, for a domU (dom0 has none). A transaction holds at most ``transaction_nodes`` paths and
+``memory`` bytes (the paths it touched, and the values and permissions in its overlay): past
+either, ENOSPC. It lives at most ``transaction_lifetime`` seconds: then the store drops it, and
+its next request or its end gets EAGAIN, so a client's transaction loop simply starts over.
+
+Requests are atomic in a transaction too: ``begin()`` starts an undo log of the overlay, which
+``end_request(ok=False)`` plays back (the paths touched stay recorded: the client saw them).
 """
 
 from __future__ import annotations
@@ -17,7 +25,8 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from channels.xs_wire import Perm, XsErrno, XsError
-from dom0.store.tree import Node, Tree
+from dom0.store.quota import Quota
+from dom0.store.tree import Node, Tree, content_bytes
 
 if TYPE_CHECKING:
     from dom0.store.connection import Connection
@@ -42,17 +51,27 @@ class Transaction:
     tx_id: int
     conn: Connection
     tree: Tree
-    max_nodes: int | None  # None: unlimited (dom0)
+    limits: Quota | None  # None: unbounded (dom0)
+    deadline: float | None  # on the store's clock, past which it is dropped; None: never
     overlay: dict[str, Node | None] = field(default_factory=dict)
     accessed: dict[str, int | None] = field(default_factory=dict)
-    changes: list[Change] = field(default_factory=list)
+    changes: dict[tuple[str, bool], Change] = field(default_factory=dict)
     owned_delta: Counter[int] = field(default_factory=Counter)
+    held: int = 0  # bytes of the touched paths and the overlay's values and permissions
+    _undo: dict[str, tuple[bool, Node | None]] | None = None
 
     def _touch(self, path: str) -> None:
         if path not in self.accessed:
-            if self.max_nodes is not None and len(self.accessed) >= self.max_nodes:
-                raise XsError(XsErrno.ENOSPC, path, "transaction touches too many nodes")
+            if self.limits is not None:
+                if len(self.accessed) >= self.limits.transaction_nodes:
+                    raise XsError(XsErrno.ENOSPC, path, "transaction touches too many nodes")
+                self._make_room(path, len(path))
             self.accessed[path] = self.tree.generation(path)
+            self.held += len(path)
+
+    def _make_room(self, path: str, more: int) -> None:
+        if self.limits is not None and self.held + more > self.limits.memory:
+            raise XsError(XsErrno.ENOSPC, path, f"transaction holds {self.held} bytes")
 
     def get(self, path: str) -> Node | None:
         self._touch(path)
@@ -61,20 +80,57 @@ class Transaction:
         return self.tree.get(path)
 
     def put(self, path: str, node: Node) -> None:
-        old = self.get(path)
-        if old is not None:
-            self.owned_delta[old.owner] -= 1
-        self.owned_delta[node.owner] += 1
-        self.overlay[path] = node
+        self.get(path)
+        self._make_room(path, _held(node) - _held(self.overlay.get(path)))
+        self._replace(path, True, node)
 
     def delete(self, path: str) -> None:
-        old = self.get(path)
-        if old is not None:
-            self.owned_delta[old.owner] -= 1
-        self.overlay[path] = None
+        self.get(path)
+        self._replace(path, True, None)
+
+    def _replace(self, path: str, present: bool, node: Node | None) -> None:
+        """Make the overlay hold ``node`` for ``path`` (``present``) or nothing, counting what
+        it holds and who owns what."""
+        was_present, was = path in self.overlay, self.overlay.get(path)
+        self.held += _held(node) - _held(was)
+        if self._undo is not None:
+            self._undo.setdefault(path, (was_present, was))
+        before = was if was_present else self.tree.get(path)
+        after = node if present else self.tree.get(path)
+        if before is not None:
+            self.owned_delta[before.owner] -= 1
+        if after is not None:
+            self.owned_delta[after.owner] += 1
+        if present:
+            self.overlay[path] = node
+        else:
+            self.overlay.pop(path, None)
 
     def owned(self, domid: int) -> int:
         return self.tree.owned(domid) + self.owned_delta[domid]
+
+    def record(self, change: Change) -> None:
+        """Keep ``change`` for the watches to fire at commit (once per path and kind)."""
+        self.changes.setdefault((change.path, change.removed is not None), change)
+
+    def expired(self, now: float) -> bool:
+        return self.deadline is not None and now >= self.deadline
+
+    # -- requests ------------------------------------------------------------------------------
+
+    def begin(self) -> None:
+        """A request starts using this transaction: its overlay changes can be undone."""
+        if self._undo is None:
+            self._undo = {}
+
+    def end_request(self, ok: bool) -> None:
+        """The request is over; if it failed, undo what it did to the overlay."""
+        undo, self._undo = self._undo, None
+        if not ok and undo:
+            for path, (present, node) in undo.items():
+                self._replace(path, present, node)
+
+    # -- commit --------------------------------------------------------------------------------
 
     def conflicts(self) -> list[str]:
         """Paths changed in the live tree since this transaction first touched them."""
@@ -87,3 +143,7 @@ class Transaction:
                 self.tree.delete(path)
             else:
                 self.tree.put(path, node)
+
+
+def _held(node: Node | None) -> int:
+    return 0 if node is None else content_bytes(node)

@@ -5,6 +5,15 @@ with a new value of one store-wide counter, so "has this node changed since I lo
 integer comparison; that is how transactions detect conflicts. A node that is removed and made
 again gets a fresh generation, and an absent node reads as generation None.
 
+Requests are atomic. ``begin()`` starts an undo log (each path's node before its first change);
+``commit()`` writes what the request changed to the journal as one line, and ``rollback()``
+puts every node back as it was, owner counts included. A change made outside a request is not
+journaled: only ``restore`` and the store's skeleton make those, and the store records the whole
+tree right after them.
+
+Each domain's footprint is counted as nodes change: the nodes it owns and their bytes
+(``node_bytes``), which its quota bounds.
+
 ``View`` is what node operations run against: the live ``Tree`` itself, or a transaction's
 private overlay (``transactions.Transaction``), so each operation is written once.
 """
@@ -33,6 +42,18 @@ class Node:
         return self.perms[0].domid
 
 
+def content_bytes(node: Node) -> int:
+    """A node's value and permission entries as they go on the wire (each entry NUL-ended)."""
+    return len(node.value) + sum(len(p.encode()) + 1 for p in node.perms)
+
+
+def node_bytes(path: str, node: Node) -> int:
+    """What a node costs its owner's memory quota: its path, value and permission entries
+    (xenstored's quota-memory counts the same, plus its record header and the child list,
+    which here is derived from the children's own paths)."""
+    return len(path) + content_bytes(node)
+
+
 class View(Protocol):
     """Read and change nodes; ``owned`` counts the nodes a domain owns, for its quota."""
 
@@ -46,21 +67,21 @@ class View(Protocol):
 
 
 class Tree:
-    """The live tree (a View). Callers hold the store lock. With a ``journal``, every change
-    is recorded as it is made (dom0/store/journal.py)."""
+    """The live tree (a View). Callers hold the store lock. With a ``journal``, each request's
+    changes are recorded when it commits (dom0/store/journal.py)."""
 
     def __init__(self, journal: Journal | None = None) -> None:
         self._nodes: dict[str, Node] = {}
         self._generation = 0
         self._owned: Counter[int] = Counter()
+        self._owned_bytes: Counter[int] = Counter()
+        self._undo: dict[str, Node | None] | None = None
         self.journal = journal
 
     def restore(self, nodes: dict[str, Node]) -> None:
         """Fill an empty tree with nodes read back from a journal (not recorded again)."""
-        journal, self.journal = self.journal, None
         for path, node in nodes.items():
             self.put(path, node)
-        self.journal = journal
 
     def __len__(self) -> int:
         return len(self._nodes)
@@ -74,20 +95,71 @@ class Tree:
 
     def put(self, path: str, node: Node) -> None:
         self._generation += 1
-        old = self._nodes.get(path)
-        if old is not None:
-            self._owned[old.owner] -= 1
-        self._owned[node.owner] += 1
-        self._nodes[path] = Node(node.value, node.perms, node.children, self._generation)
-        if self.journal is not None:
-            self.journal.put(path, node, self._nodes)
+        self._set(path, Node(node.value, node.perms, node.children, self._generation))
 
     def delete(self, path: str) -> None:
-        old = self._nodes.pop(path, None)
+        self._set(path, None)
+
+    def _set(self, path: str, node: Node | None) -> None:
+        old = self._nodes.get(path)
+        if self._undo is not None and path not in self._undo:
+            self._undo[path] = old
         if old is not None:
-            self._owned[old.owner] -= 1
-            if self.journal is not None:
-                self.journal.delete(path, self._nodes)
+            self._count(path, old, -1)
+        if node is None:
+            self._nodes.pop(path, None)
+        else:
+            self._nodes[path] = node
+            self._count(path, node, 1)
+
+    def _count(self, path: str, node: Node, sign: int) -> None:
+        self._owned[node.owner] += sign
+        self._owned_bytes[node.owner] += sign * node_bytes(path, node)
+
+    # -- requests ------------------------------------------------------------------------------
+
+    def begin(self) -> None:
+        """Start a request: its changes can be undone until ``commit()`` or ``rollback()``."""
+        assert self._undo is None, "a request is already open on the store tree"
+        self._undo = {}
+
+    def grown(self) -> dict[int, str]:
+        """Owners whose node count or bytes the open request increased, each with a path
+        that did it (for the quota check before ``commit()``)."""
+        assert self._undo is not None
+        nodes: Counter[int] = Counter()
+        size: Counter[int] = Counter()
+        where: dict[int, str] = {}
+        for path, old in self._undo.items():
+            for node, sign in ((old, -1), (self._nodes.get(path), 1)):
+                if node is not None:
+                    nodes[node.owner] += sign
+                    size[node.owner] += sign * node_bytes(path, node)
+                    if sign > 0:
+                        where.setdefault(node.owner, path)
+        return {o: p for o, p in where.items() if nodes[o] > 0 or size[o] > 0}
+
+    def commit(self) -> None:
+        """Record the open request's changes in the journal (JournalError if it cannot: the
+        request stays open for ``rollback()``), and close it."""
+        assert self._undo is not None
+        if self.journal is not None:
+            changes = [
+                (path, self._nodes.get(path))
+                for path, old in self._undo.items()
+                if _recorded_differently(old, self._nodes.get(path))
+            ]
+            if changes:
+                self.journal.append(changes, self._nodes)
+        self._undo = None
+
+    def rollback(self) -> None:
+        """Put back every node the open request changed, as it was, and close the request."""
+        undo, self._undo = self._undo, None
+        for path, old in (undo or {}).items():
+            self._set(path, old)
+
+    # -- accounting ----------------------------------------------------------------------------
 
     def record(self) -> None:
         """Write the whole tree to the journal as its new starting point."""
@@ -97,7 +169,19 @@ class Tree:
     def owned(self, domid: int) -> int:
         return self._owned[domid]
 
+    def owned_bytes(self, domid: int) -> int:
+        """Bytes of the nodes ``domid`` owns (``node_bytes``), for its memory quota."""
+        return self._owned_bytes[domid]
+
     def paths_owned_by(self, domid: int) -> list[str]:
         """Paths of the nodes ``domid`` owns, shallowest first."""
         paths = [p for p, n in self._nodes.items() if n.owner == domid]
         return sorted(paths, key=lambda p: (p.count("/"), p))
+
+
+def _recorded_differently(old: Node | None, new: Node | None) -> bool:
+    """Whether the journal must hear of a change: a node's children are not recorded (they
+    follow from the paths), so a parent that only gained or lost a child costs nothing."""
+    if old is None or new is None:
+        return old is not new
+    return old.value != new.value or old.perms != new.perms

@@ -14,15 +14,18 @@ from __future__ import annotations
 
 import json
 import re
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
+from dom0.store import Quota
 from hyper import cgroup
 from tests import hostile_guest
 from tests.integration.conftest import (
+    RUN,
     domain_info,
     hyperctl,
     in_domain,
@@ -44,8 +47,10 @@ DOM0_MEMORY_GROWTH = 32 * MiB  # the quota is 1000 nodes of 2 KiB, and replies a
 class HostileGuest:
     """tests/hostile_guest.py in place of a domain's stopped kernel."""
 
-    def __init__(self, domid: int, kernel_pid: int) -> None:
-        self.proc = hostile_guest.start(domid, kernel_pid, STORM_SECONDS)
+    def __init__(
+        self, domid: int, kernel_pid: int, *options: str, seconds: float = STORM_SECONDS
+    ) -> None:
+        self.proc = hostile_guest.start(domid, kernel_pid, seconds, *options)
 
     def next_line(self, starts: str) -> str:
         """The guest's next line, which must start with ``starts`` (its phases, in order)."""
@@ -64,13 +69,15 @@ class HostileGuest:
 
 
 @pytest.fixture
-def hostile() -> Iterator[Callable[[str], HostileGuest]]:
+def hostile() -> Iterator[Callable[..., HostileGuest]]:
+    """``hostile(name, *options, seconds=S)``: tests/hostile_guest.py in place of ``name``'s
+    kernel."""
     started: list[HostileGuest] = []
 
-    def start(name: str) -> HostileGuest:
+    def start(name: str, *options: str, seconds: float = STORM_SECONDS) -> HostileGuest:
         info = domain_info(name)
         assert info is not None
-        guest = HostileGuest(info["domid"], info["pid"])
+        guest = HostileGuest(info["domid"], info["pid"], *options, seconds=seconds)
         started.append(guest)
         return guest
 
@@ -135,3 +142,66 @@ def test_a_storming_flooding_domain_costs_dom0_little_and_its_neighbours_nothing
 
     hyperctl("destroy", client)
     assert sha256_of(image, 16 * MiB) == written
+
+
+class LargestSizes:
+    """The largest size each of ``paths`` reaches, sampled by a thread every few ms until
+    ``stop()`` (a file compacted in between is missed, never overstated)."""
+
+    def __init__(self, *paths: Path) -> None:
+        self.largest = dict.fromkeys(paths, 0)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.002):
+            for path in self.largest:
+                try:
+                    self.largest[path] = max(self.largest[path], path.stat().st_size)
+                except FileNotFoundError:
+                    pass  # not made yet
+
+    def stop(self) -> dict[Path, int]:
+        self._stop.set()
+        self._thread.join(10)
+        return self.largest
+
+
+# Each store file stays under max(1 MiB, the live tree) and a line: here the live tree is mostly
+# the guest's memory quota of 2 MiB (2.1 MiB each when measured), whatever the guest writes.
+# Before issue 12 the same guest grew the journal to 1.4 GiB (114 MiB after its first 300 writes).
+STORE_FILES_BOUND = 4 * MiB
+JOURNAL_SECONDS = 15.0  # of rewriting values at the quota (about 1 MB/s through the ring)
+
+
+def test_a_guest_rewriting_its_store_nodes_leaves_the_journal_bounded(
+    make_domain: Callable[..., str], hostile: Callable[..., HostileGuest]
+) -> None:
+    attacker = make_domain("")
+    dom0_pid = domain_info("Domain-0")["pid"]  # type: ignore[index]
+    files = RUN.root / "store.journal", RUN.root / "store.snapshot"
+    sizes = LargestSizes(*files)
+
+    guest = hostile(attacker, "--journal", seconds=JOURNAL_SECONDS)
+    guest.next_line("children=200")
+    guest.next_line("rewrote data=100")
+    issue_case = dict(sizes.largest)  # the issue's case: 117 MB of journal here before the fix
+    quota = guest.next_line("quota")
+    rewrote = guest.next_line("rewrote values")
+    largest = sizes.stop()
+
+    written = int(rewrote.split("bytes=")[1])
+    journal, snapshot = (largest[f] for f in files)
+    print(f"{quota.strip()}; {rewrote.strip()}: the journal reached {journal / MiB:.2f} MiB "
+          f"({issue_case[files[0]] / MiB:.2f} MiB after the first 300 writes), the snapshot "
+          f"{snapshot / MiB:.2f} MiB")  # fmt: skip
+    assert written > 2 * STORE_FILES_BOUND, "the guest must write more than the bound"
+    assert journal < STORE_FILES_BOUND, f"the journal reached {journal} bytes"
+    assert snapshot < STORE_FILES_BOUND, f"the snapshot reached {snapshot} bytes"
+    nodes = int(quota.split()[1].removeprefix("nodes="))
+    assert nodes < Quota().nodes, "the memory quota, not the node count, must refuse it"
+
+    assert domain_info("Domain-0")["pid"] == dom0_pid  # type: ignore[index]
+    neighbour = make_domain("")
+    assert hyperctl("exec", neighbour, "--", "echo", "alive").out == "alive\n"

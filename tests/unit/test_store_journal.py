@@ -1,13 +1,24 @@
-"""The store's tree on disk: what a restarted dom0 finds (dom0/store/journal.py)."""
+"""The store's tree on disk: what a restarted dom0 finds, and what recording costs the host
+(dom0/store/journal.py)."""
 
 from __future__ import annotations
 
+import logging
+import os
+from collections.abc import Iterator
 from pathlib import Path
 
+import pytest
+
+from channels.xenbus import guest_rw_perms, home_perms
+from channels.xs import XsClient, XsError
 from channels.xs_wire import Perm
-from dom0.store import Store, connect_local
+from dom0.store import Quota, Store, connect_local
 from dom0.store import journal as journal_module
-from dom0.store.journal import Journal
+from dom0.store.journal import COMPACT_FLOOR, Journal
+
+TIMEOUT = 5.0
+NAME = "n" * 3000  # a child's name of 3 KB, as issue 12's guest wrote them
 
 
 def _tree(store: Store) -> dict[str, tuple[bytes, tuple[Perm, ...], frozenset[str]]]:
@@ -31,6 +42,24 @@ def _populate(store: Store) -> None:
         xs.transaction(change)
 
 
+def _journal_bytes(directory: Path) -> int:
+    return (directory / "store.journal").stat().st_size
+
+
+@pytest.fixture
+def recorded(tmp_path: Path) -> Iterator[tuple[Store, XsClient, XsClient]]:
+    """A recorded store with domain 1's home, dom0's client and domain 1's."""
+    store = Store(journal=Journal(tmp_path))
+    with connect_local(store, 0, timeout=TIMEOUT) as dom0, connect_local(store, 1) as dom1:
+        dom0.client.mkdir("/local/domain/1/data")
+        dom0.client.set_perms("/local/domain/1", home_perms(1))
+        dom0.client.set_perms("/local/domain/1/data", guest_rw_perms(1))
+        dom0.client.introduce(1)
+        yield store, dom0.client, dom1.client
+    assert store.tree.journal is not None
+    store.tree.journal.close()
+
+
 def test_a_recovering_store_has_every_node_with_its_value_and_permissions(tmp_path: Path) -> None:
     first = Store(journal=Journal(tmp_path))
     _populate(first)
@@ -51,26 +80,219 @@ def test_a_store_that_does_not_recover_starts_empty(tmp_path: Path) -> None:
     assert _tree(Store(journal=Journal(tmp_path), recover=True)) == _tree(fresh)
 
 
-def test_a_torn_last_line_is_skipped(tmp_path: Path) -> None:
+def test_loading_rebuilds_children_from_the_paths_and_drops_orphans(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     store = Store(journal=Journal(tmp_path))
     _populate(store)
-    with open(tmp_path / "store.journal", "a") as journal:
-        journal.write('["p","/local/domain/3/half')  # the crash came mid-write
+    with open(tmp_path / "store.journal", "a") as journal:  # damage: a node without a parent
+        journal.write('[["p","/nowhere/lost","eA==",["n0"]]]\n')
+
+    with caplog.at_level(logging.WARNING):
+        recovered = Store(journal=Journal(tmp_path), recover=True)
+
+    assert _tree(recovered) == _tree(store)
+    assert recovered.tree.get("/local/domain/3").children == {"name", "data", "tx"}
+    assert "1 nodes without a parent dropped, /nowhere/lost first" in caplog.text
+
+
+def test_a_torn_last_line_loses_its_whole_request_and_nothing_else(tmp_path: Path) -> None:
+    store = Store(journal=Journal(tmp_path))
+    _populate(store)
+    before = _tree(store)
+    with connect_local(store, 0) as dom0:
+
+        def two_writes(tx: object) -> None:
+            dom0.client.write("/local/domain/3/a", "1", tx)  # type: ignore[arg-type]
+            dom0.client.write("/local/domain/3/b", "2", tx)  # type: ignore[arg-type]
+
+        dom0.client.transaction(two_writes)
+    journal = tmp_path / "store.journal"
+    whole = journal.read_bytes()
+    journal.write_bytes(whole[: whole.rindex(b'"/local/domain/3/b"')])  # the crash came mid-line
 
     recovered = Store(journal=Journal(tmp_path), recover=True)
 
+    assert _tree(recovered) == before
+
+
+def test_a_journal_that_follows_an_older_snapshot_is_ignored(tmp_path: Path) -> None:
+    store = Store(journal=Journal(tmp_path))
+    _populate(store)
+    stale = (tmp_path / "store.journal").read_bytes()
+    with connect_local(store, 0) as dom0:
+        dom0.client.write("/local/domain/3/name", "renamed")
+    assert store.tree.journal is not None
+    store.tree.journal.compact(store.tree._nodes)
+    (tmp_path / "store.journal").write_bytes(stale)  # as if the new one was never started
+
+    recovered = Store(journal=Journal(tmp_path), recover=True)
+
+    assert recovered.tree.get("/local/domain/3/name").value == b"renamed"
     assert _tree(recovered) == _tree(store)
 
 
+# -- size: bounded by the live tree, whatever is written -----------------------------------------
+
+
+def test_rewriting_a_parent_costs_the_journal_its_own_bytes_not_its_children(
+    recorded: tuple[Store, XsClient, XsClient], tmp_path: Path
+) -> None:
+    store, _, dom1 = recorded
+    for i in range(200):  # issue 12's guest: 600 KB of names
+        dom1.write(f"/local/domain/1/data/{i:03d}{NAME}", "")
+    before = _journal_bytes(tmp_path)
+
+    for i in range(100):
+        dom1.write("data", str(i))
+
+    assert _journal_bytes(tmp_path) - before < 100 * 100  # about 70 bytes a line
+    recovered = Store(journal=Journal(tmp_path), recover=True)
+    assert _tree(recovered) == _tree(store)
+
+
+def test_the_journal_stays_bounded_by_the_live_tree_under_a_write_loop(
+    recorded: tuple[Store, XsClient, XsClient], tmp_path: Path
+) -> None:
+    store, _, dom1 = recorded
+    for i in range(300):
+        dom1.write(f"/local/domain/1/data/{i:03d}{NAME}", "v" * 1000)
+    largest = written = 0
+
+    for i in range(3000):  # 12 MiB of requests over a live tree of 1.2 MiB
+        value = str(i % 10) * 1000
+        dom1.write(f"/local/domain/1/data/{i % 300:03d}{NAME}", value)
+        written += 3000 + 1000
+        largest = max(largest, _journal_bytes(tmp_path))
+
+    snapshot = (tmp_path / "store.snapshot").stat().st_size
+    assert written > 8 * max(COMPACT_FLOOR, snapshot)
+    assert largest <= max(COMPACT_FLOOR, snapshot) + 6000  # the bound, plus one line
+    assert snapshot < 2 * store.memory_used(1)
+    assert _tree(Store(journal=Journal(tmp_path), recover=True)) == _tree(store)
+
+
 def test_a_long_journal_is_folded_into_the_snapshot(tmp_path: Path, monkeypatch) -> None:
-    monkeypatch.setattr(journal_module, "COMPACT_AFTER", 50)
+    monkeypatch.setattr(journal_module, "COMPACT_FLOOR", 4096)
     store = Store(journal=Journal(tmp_path))
     with connect_local(store, 0) as dom0:
         for i in range(400):
             dom0.client.write("/local/domain/3/counter", str(i))
 
-    lines = (tmp_path / "store.journal").read_text().count("\n")
-    assert lines < 200
+    assert _journal_bytes(tmp_path) < 4096 + 100
     recovered = Store(journal=Journal(tmp_path), recover=True)
     assert recovered.tree.get("/local/domain/3/counter").value == b"399"
     assert _tree(recovered) == _tree(store)
+
+
+# -- failures: the request fails, the store goes on ----------------------------------------------
+
+
+def _break_journal(store: Store) -> None:
+    """Make every write to the journal fail (ENOSPC), and every new snapshot too."""
+    journal = store.tree.journal
+    assert journal is not None and journal._fd is not None
+    full = os.open("/dev/full", os.O_WRONLY)
+    os.dup2(full, journal._fd)  # a write fails, and /dev/full cannot be cut back either
+    os.close(full)
+    journal.temporary_path.mkdir()  # the snapshot cannot be written
+
+
+def _mend_journal(store: Store) -> None:
+    assert store.tree.journal is not None
+    store.tree.journal.temporary_path.rmdir()
+
+
+def test_a_write_the_journal_cannot_record_is_undone_and_answered_eio(
+    recorded: tuple[Store, XsClient, XsClient], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    store, dom0, dom1 = recorded
+    dom1.write("data/kept", "old")
+    events = dom0.watch("/local/domain/1/data")
+    assert events.get(TIMEOUT).path == "/local/domain/1/data"
+    before, used = _tree(store), store.memory_used(1)
+    _break_journal(store)
+
+    with pytest.raises(XsError) as refused, caplog.at_level(logging.ERROR):
+        dom1.write("data/new/deeper", "x")
+    with pytest.raises(XsError) as refused_too, caplog.at_level(logging.ERROR):
+        dom1.write("data/kept", "changed")
+
+    assert refused.value.errno_name == refused_too.value.errno_name == "EIO"
+    assert caplog.text.count("logged once") == 1
+    assert _tree(store) == before
+    assert store.memory_used(1) == used and store.node_count(1) == 2
+    assert dom1.read("data/kept") == "old"  # the store still serves
+    _mend_journal(store)
+    dom1.write("data/after", "recorded")
+    assert events.get(TIMEOUT).path == "/local/domain/1/data/after"  # none for the failures
+    recovered = Store(journal=Journal(tmp_path), recover=True)
+    assert recovered.tree.get("/local/domain/1/data/after").value == b"recorded"
+    assert _tree(recovered) == _tree(store)
+
+
+def test_a_commit_the_journal_cannot_record_applies_nothing(
+    recorded: tuple[Store, XsClient, XsClient],
+) -> None:
+    store, _, dom1 = recorded
+    before = _tree(store)
+    tx = dom1.transaction_start()
+    tx.write("data/a", "1")
+    tx.write("data/b/c", "2")
+    _break_journal(store)
+
+    with pytest.raises(XsError) as refused:
+        dom1.transaction_end(tx)
+
+    assert refused.value.errno_name == "EIO"
+    assert _tree(store) == before
+
+
+def test_a_release_the_journal_cannot_record_keeps_the_domain(
+    recorded: tuple[Store, XsClient, XsClient],
+) -> None:
+    store, _, dom1 = recorded
+    dom1.write("data/x", "1")
+    _break_journal(store)
+
+    with pytest.raises(XsError, match="EIO"):
+        store.release_domain(1)
+
+    assert store.is_introduced(1) and store.node_count(1) == 2
+    _mend_journal(store)
+    store.release_domain(1)
+    assert store.node_count(1) == 0
+
+
+def test_a_compaction_that_fails_does_not_fail_the_request_and_is_tried_again(
+    tmp_path: Path, monkeypatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(journal_module, "COMPACT_FLOOR", 4096)
+    store = Store(journal=Journal(tmp_path))
+    assert store.tree.journal is not None
+    store.tree.journal.temporary_path.mkdir()  # no snapshot can be written
+    with connect_local(store, 0) as dom0, caplog.at_level(logging.WARNING):
+        for i in range(100):  # past the floor: compaction fails, and again 4096 bytes later
+            dom0.client.write("/tool/counter", f"{i:040d}")
+        assert _journal_bytes(tmp_path) > 4096
+        assert caplog.text.count("compacting again after 4096 more bytes") == 2
+
+        store.tree.journal.temporary_path.rmdir()
+        for i in range(100):
+            dom0.client.write("/tool/counter", f"{i:040d}")
+
+    assert _journal_bytes(tmp_path) < 4096 + 100
+    assert _tree(Store(journal=Journal(tmp_path), recover=True)) == _tree(store)
+
+
+def test_a_domu_at_its_memory_quota_cannot_grow_the_store_files(
+    recorded: tuple[Store, XsClient, XsClient], tmp_path: Path
+) -> None:
+    store, _, dom1 = recorded
+    store.set_quota(1, Quota(memory=64 * 1024))
+    with pytest.raises(XsError, match="ENOSPC"):
+        for i in range(1000):
+            dom1.write(f"/local/domain/1/data/{i:03d}{NAME}", "v" * 1000)
+
+    assert store.memory_used(1) <= 64 * 1024
+    assert (tmp_path / "store.snapshot").stat().st_size + _journal_bytes(tmp_path) < 2 << 20

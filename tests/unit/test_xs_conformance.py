@@ -579,6 +579,50 @@ def test_transaction_quota_is_enospc(xs: Harness) -> None:
     dom1.transaction_start()
 
 
+def test_memory_quota_counts_names_values_and_permissions_and_is_enospc(xs: Harness) -> None:
+    dom1 = xs.domain(1)
+    dom2 = xs.domain(2)
+    base = xs.store.memory_used(1)
+    xs.store.set_quota(1, Quota(memory=base + 2040))
+    others = [Perm(12345, "r")] * 4  # 4 entries of "r12345" and a NUL: 28 bytes
+
+    dom1.write("data/big", "v" * 2000)
+
+    assert xs.store.memory_used(1) == base + len("/local/domain/1/data/big") + 2000 + len("n1\0")
+    assert errno_of(lambda: dom1.write("data/more", "v" * 100)) == "ENOSPC"
+    assert errno_of(lambda: dom1.write("data/big", "v" * 2048)) == "ENOSPC"
+    assert errno_of(lambda: dom1.set_perms("data/big", [Perm(1, "n"), *others])) == "ENOSPC"
+    assert dom1.read_optional("data/more") is None
+    dom1.write("data/big", "w" * 2000)  # the same size: no more than it has
+    dom2.write("data/more", "v" * 100)  # another domain's quota is its own
+    dom1.rm("data/big")
+    dom1.write("data/more", "v" * 100)
+
+
+def test_memory_quota_holds_at_commit_and_bounds_what_a_transaction_holds(xs: Harness) -> None:
+    dom1 = xs.domain(1)
+    xs.store.set_quota(1, Quota(memory=xs.store.memory_used(1) + 3000))
+    dom1.write("data/live", "v" * 1500)
+    tx = dom1.transaction_start()
+    tx.write("data/held", "v" * 1500)  # the transaction may hold it, the domain may not own it
+
+    assert errno_of(lambda: dom1.transaction_end(tx)) == "ENOSPC"
+    assert dom1.read_optional("data/held") is None
+    tx = dom1.transaction_start()
+    tx.write("data/a", "v" * 2000)
+    assert errno_of(lambda: tx.write("data/b/c/d", "v" * 2000)) == "ENOSPC"
+    assert errno_of(lambda: tx.read("data/b")) == "ENOENT"  # the refused write left nothing
+
+
+def test_dom0_may_write_past_a_domus_memory_quota(xs: Harness) -> None:
+    dom1 = xs.domain(1)
+    xs.store.set_quota(1, Quota(memory=xs.store.memory_used(1) + 100))
+
+    xs.dom0.write("/local/domain/1/data/from-dom0", "v" * 2000)  # owned by domain 1
+
+    assert dom1.read("data/from-dom0") == "v" * 2000
+
+
 # -- domains -------------------------------------------------------------------------------------
 
 
