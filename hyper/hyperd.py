@@ -638,7 +638,7 @@ class Hypervisor:
         name = str(op.config.get("name", ""))
         if any(d.name == name for d in self.domains.values()):
             raise HvError("EEXIST", f"a domain named {name!r} already exists")
-        return self.info(self.build(op.config))
+        return self.info(self.build(op.config, op.owner))
 
     def do_domctl_destroy(self, caller: Domain, op: hc.DomctlDestroy) -> dict[str, Any]:
         self.destroy(self._domu(op.domid))
@@ -766,9 +766,9 @@ class Hypervisor:
                 self.last_domid = domid
                 return domid
 
-    def build(self, config: dict[str, Any]) -> Domain:
+    def build(self, config: dict[str, Any], owner: int) -> Domain:
         domid = self._next_domid()
-        domain = Domain(domid, str(config["name"]), dict(config), Resources(domid))
+        domain = Domain(domid, str(config["name"]), dict(config), Resources(domid), owner=owner)
         try:
             domain.cgroup = self.cgroups.create(f"dom{domid}", _limits(config))
             sizes = ring_sizes()
@@ -900,7 +900,7 @@ class Hypervisor:
         self.destroy(domain)
         if action == "restart":
             try:
-                self.build(config)
+                self.build(config, domain.owner)
             except HvError as exc:
                 log.error("restarting %s failed: %s", config.get("name"), exc)
 

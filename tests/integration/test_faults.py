@@ -33,6 +33,7 @@ from tests.integration.conftest import (
     wait_for,
 )
 from tests.integration.test_block import (
+    STRANGER,
     attached_loops,
     destroy,
     disk,
@@ -326,6 +327,30 @@ def test_nothing_of_a_killed_dom0_runs_when_the_next_one_serves_its_disks(
         os.close(pidfd)
         reap(fio, dd)
     check_dd_in_image(name, image)
+
+
+def test_a_restarted_dom0_checks_each_image_again_as_it_opens_it(
+    make_domain: Callable[..., str], tmp_path: Path
+) -> None:
+    """What was validated at create may have changed by the time blkback opens the image
+    again (here, after a dom0 restart, the image has become another user's): blkback checks
+    what it opens, and fails that vbd alone rather than serve another user's file."""
+    image = tmp_path / "disk.img"
+    name = make_domain("disk:\n" + disk(image, size="16M"))
+    domid = domain_info(name)["domid"]  # type: ignore[index]
+    os.chown(image, STRANGER, -1)
+    old, _ = kill_dom0()
+    backend = f"/local/domain/0/backend/vbd/{domid}/51712"
+
+    def error() -> str:
+        if dom0_pid() in (None, old):
+            return ""
+        return hyperctl("store", "read", f"{backend}/error", check=False).out
+
+    reason = wait_for(error, 30, "the next dom0 to fail the vbd")
+    assert f"{image} belongs to uid {STRANGER}; only root" in reason
+    assert not attached_loops(image)
+    assert domain_info(name) is not None, "the domain itself carries on"
 
 
 def test_an_iperf3_stream_between_two_domains_survives_a_killed_dom0(
