@@ -33,7 +33,9 @@ BLKIF_RSP_EOPNOTSUPP.
 Store keys (decimal strings unless noted; devid is the ``virtual-device`` number)::
 
     backend  /local/domain/0/backend/vbd/<domid>/<devid>/
-      toolstack:        params (image path), mode ("r" | "w"), frontend, frontend-id, online
+      toolstack:        params (image path), mode ("r" | "w"), frontend, frontend-id, online,
+                        params-owner (hyper's: the uid besides root that the image and its
+                        directories may belong to, the user who asked for the disk; absent: 0)
       before InitWait:  feature-max-indirect-segments, max-ring-page-order
       at connect (one transaction, then Connected):
                         sectors (512-byte units), sector-size, physical-sector-size,
@@ -133,6 +135,7 @@ class BlkifKey(StrEnum):
     """The blkif-specific store keys (the shared ones are channels.xenbus.Key)."""
 
     PARAMS = "params"
+    PARAMS_OWNER = "params-owner"
     MODE = "mode"
     SECTORS = "sectors"
     SECTOR_SIZE = "sector-size"

@@ -29,6 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 log = logging.getLogger(__name__)
 
 DOMID_MAX = 0x7FEF  # ids from 0x7FF0 up are reserved, as in Xen
+UID_MAX = 0xFFFFFFFE  # (uid_t)-1 is "no uid"
 MAX_MESSAGE = 256 * 1024
 
 DomId = int
@@ -162,12 +163,14 @@ class SchedShutdown(Op):
 
 
 class DomctlCreate(Op):
-    """dom0: build a domain from a validated config (hyper.config.DomainConfig as JSON).
-    Result: DomainInfo of the new domain."""
+    """dom0: build a domain from a validated config (hyper.config.DomainConfig as JSON) for
+    ``owner``, the uid of the user who asked (their disk images are accepted besides root's;
+    kept with the domain for its restarts). Result: DomainInfo of the new domain."""
 
     op = "domctl_create"
     privileged = True
     config: dict[str, Any]
+    owner: int = Field(default=0, ge=0, le=UID_MAX)
 
 
 class DomctlDestroy(Op):

@@ -7,7 +7,6 @@ answers the control socket. Each control method's docstring says when it is allo
 
 from __future__ import annotations
 
-import contextlib
 import ipaddress
 import json
 import logging
@@ -29,6 +28,7 @@ from dom0.console import ConsoleBackend
 from dom0.devices import DevicePaths, add_device, device_paths, remove_device
 from dom0.relay import Relay
 from dom0.store.core import Store
+from hyper import images
 from hyper.config import (
     ConfigError,
     parse_config,
@@ -124,7 +124,7 @@ class Toolstack:
             for devid, vif in enumerate(info["config"].get("vif") or []):
                 self._add_vif(domid, devid, vif)
             for disk in info["config"].get("disk") or []:
-                self._add_vbd(domid, disk)
+                self._add_vbd(domid, disk, info["owner"])
         log.info("dom%d (%s) %s", domid, info["name"], "adopted" if adopted else "introduced")
 
     def _in_store(self, info: dict[str, Any]) -> bool:
@@ -179,13 +179,15 @@ class Toolstack:
 
     # -- block devices ------------------------------------------------------------------------
 
-    def _add_vbd(self, domid: int, disk: dict[str, Any]) -> DevicePaths:
-        """Write a vbd's frontend and backend directories (libxl's libxl__device_disk_add)."""
+    def _add_vbd(self, domid: int, disk: dict[str, Any], owner: int) -> DevicePaths:
+        """Write a vbd's frontend and backend directories (libxl's libxl__device_disk_add);
+        ``owner`` is the uid the image may belong to besides root (blkback checks it)."""
         vdev = disk["vdev"]
         devid = blkif.vdev_number(vdev)
         front = {"virtual-device": str(devid), "device-type": "disk", "dev": vdev}
         back = {
             "params": disk["target"],
+            blkif.BlkifKey.PARAMS_OWNER: str(owner),
             "mode": "w" if disk["access"] == "rw" else "r",
             "dev": vdev,
             "type": "file",
@@ -394,11 +396,15 @@ class Toolstack:
 
     # -- methods ----------------------------------------------------------------------------
 
-    def m_create(self, config_text: str, source: str, base_dir: str, wait: bool = True) -> Any:
+    def m_create(
+        self, config_text: str, source: str, base_dir: str, wait: bool = True, owner: int = 0
+    ) -> Any:
         """Always allowed. Validates the config (one line per problem, nothing created),
-        builds the domain and returns once its workload runs."""
+        builds the domain and returns once its workload runs. ``owner`` is the uid of the user
+        who asked (hyperctl's caller): their disk images are accepted besides root's. The
+        control socket is root's alone, so whoever says it is trusted."""
         try:
-            config = parse_config(config_text, source=source, base_dir=Path(base_dir))
+            config = parse_config(config_text, source=source, base_dir=Path(base_dir), owner=owner)
         except ConfigError as exc:
             raise RequestError("invalid config", exc.lines, usage=True) from exc
         normalised = config.normalised()
@@ -408,11 +414,11 @@ class Toolstack:
                 [f"{source}: name: a domain named {config.name!r} already exists"],
                 usage=True,
             )
-        images = _Images(source)
+        images = _Images(source, owner)
         for i, disk in enumerate(config.disk):
             images.create(f"disk.{i}", disk.target, disk.size)
         try:
-            info = self.hc.call(hc.DomctlCreate(config=normalised))
+            info = self.hc.call(hc.DomctlCreate(config=normalised, owner=owner))
         except hc.HypercallError:
             images.remove_created()
             raise
@@ -640,10 +646,11 @@ class Toolstack:
         """Always allowed: every vbd's counters (for `hyperctl top`)."""
         return self.drivers.blkback.stats() if self.drivers else []
 
-    def m_block_attach(self, domain: str, spec: str, base_dir: str) -> Any:
-        """A running domU: add a vbd (xl block-attach); returns once it is connected."""
+    def m_block_attach(self, domain: str, spec: str, base_dir: str, owner: int = 0) -> Any:
+        """A running domU: add a vbd (xl block-attach); returns once it is connected.
+        ``owner`` as for ``create``."""
         try:
-            disk = parse_disk_spec(spec, Path(base_dir), source="diskspec")
+            disk = parse_disk_spec(spec, Path(base_dir), source="diskspec", owner=owner)
         except ConfigError as exc:
             raise RequestError("invalid disk", exc.lines, usage=True) from exc
         info = self._domu(domain)
@@ -657,9 +664,9 @@ class Toolstack:
                 [f"diskspec: vdev: {disk.vdev} is already used by domain {info['name']}"],
                 usage=True,
             )
-        images = _Images("diskspec")
+        images = _Images("diskspec", owner)
         images.create("target", disk.target, disk.size)
-        paths = self._add_vbd(domid, disk.model_dump(mode="json"))
+        paths = self._add_vbd(domid, disk.model_dump(mode="json"), owner)
         try:
             self._wait_connected(domid, "vbd", devid, DEVICE_TIMEOUT)
         except RequestError:
@@ -746,40 +753,28 @@ STREAMING = {"console", "store_watch"}
 
 
 class _Images:
-    """Disk images a request creates (sparse, when missing and a size is given), so that a
-    request that fails removes exactly what it made and nothing else."""
+    """Disk images a request creates (sparse, when missing and a size is given, with any
+    missing directory), so that a request that fails removes exactly what it made."""
 
-    def __init__(self, source: str) -> None:
+    def __init__(self, source: str, owner: int) -> None:
         self.source = source
+        self.owner = owner
         self.created: list[Path] = []
 
     def create(self, field: str, target: Path, size: int | None) -> None:
-        if target.exists() or size is None:
+        if size is None:
             return
         try:
-            fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-        except FileExistsError:
-            return  # made meanwhile by someone else: used as it is
-        except OSError as exc:
+            self.created += images.create(target, size, self.owner)
+        except images.ImageError as exc:
             self.remove_created()
+            # The path changed since it was validated: as bad as a config error.
             raise RequestError(
-                "cannot create image", [f"{self.source}: {field}: {target}: {exc.strerror}"]
+                "cannot create image", [f"{self.source}: {field}: {exc}"], usage=True
             ) from exc
-        self.created.append(target)
-        try:
-            os.ftruncate(fd, size)
-        except OSError as exc:
-            self.remove_created()
-            raise RequestError(
-                "cannot create image", [f"{self.source}: {field}: {target}: {exc.strerror}"]
-            ) from exc
-        finally:
-            os.close(fd)
 
     def remove_created(self) -> None:
-        for path in self.created:
-            with contextlib.suppress(OSError):
-                path.unlink()
+        images.remove(self.created)
         self.created = []
 
 

@@ -334,19 +334,21 @@ class DomainGroup(ABC):
                 found.update(int(pid) for pid in _read(procs).split())
         return sorted(found)
 
-    def kill_all(self, timeout: float = 10.0) -> None:
-        """SIGKILL every process in the group, again and again, until the group is empty."""
+    def kill(self) -> bool:
+        """SIGKILL every process in the group, once, without waiting for any to die; False when
+        the group was empty. A process dies only once it leaves the system call it is in (an
+        O_DIRECT write finishes first), and leaves ``pids`` then."""
         if self.path("freezer").is_dir():
             self.thaw()  # a v1-frozen process cannot act on its SIGKILL until thawed
         self._kill_at_once()
+        pids = self.pids()  # after the kill: those still dying, and any it could not reach
+        if pids:
+            self._sigkill_members(pids)
+        return bool(pids)
 
-        def empty() -> bool:
-            pids = self.pids()
-            if pids:
-                self._sigkill_members(pids)
-            return not pids
-
-        _wait_for(empty, timeout, f"cgroup {self.name} to empty")
+    def kill_all(self, timeout: float = 10.0) -> None:
+        """SIGKILL every process in the group, again and again, until the group is empty."""
+        _wait_for(lambda: not self.kill(), timeout, f"cgroup {self.name} to empty")
 
     def remove(self, timeout: float = 10.0) -> None:
         """Kill every process, then remove the group in every controller (missing is fine)."""

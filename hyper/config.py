@@ -35,7 +35,10 @@ The normalised JSON is itself a valid config and normalises to itself.
 
 Loading touches the file system only to read: a disk image that exists must be a regular
 file of at least one sector; one that does not exist needs a ``size`` so the toolstack can
-create it. Nothing is created here.
+create it. Nothing is created here. Either way the image's path must be one no other user can
+redirect or change (hyper/images.py): no symlink on it, and the image and its directories
+root's or the *owner*'s, the user the disk is for (the validation context's ``owner``; by
+default whoever runs this).
 
 Errors: :class:`ConfigError` carries one line per problem, ``<file>: <field.path>: <reason>``,
 e.g. ``configs/web.yaml: vif.0.mtu: Input should be less than or equal to 65535``.
@@ -69,6 +72,8 @@ from pydantic import (
     model_validator,
 )
 from pydantic_core import ErrorDetails, PydanticCustomError
+
+from hyper import images
 
 logger = logging.getLogger(__name__)
 
@@ -410,8 +415,8 @@ class DiskConfig(_Model):
         return value
 
     @model_validator(mode="after")
-    def _image(self) -> DiskConfig:
-        reason = _image_problem(self.target, self.size)
+    def _image(self, info: ValidationInfo) -> DiskConfig:
+        reason = _image_problem(self.target, self.size, _owner(info))
         if reason is not None:
             raise _located("target", reason)
         return self
@@ -428,17 +433,20 @@ class DiskConfig(_Model):
         return (1 << 28) | (index << 8)
 
 
-def _image_problem(target: Path, size: int | None) -> str | None:
+def _owner(info: ValidationInfo) -> int:
+    """The user a disk is for: the validation context's ``owner``, else whoever runs this."""
+    return int((info.context or {}).get("owner", os.getuid()))
+
+
+def _image_problem(target: Path, size: int | None, owner: int) -> str | None:
     try:
-        st = target.stat()
-    except FileNotFoundError:
+        st = images.check(target, owner)
+    except images.ImageError as exc:
+        return str(exc)
+    if st is None:
         if size is None:
             return f"{target} does not exist and no size is given to create it"
         return None
-    except OSError as exc:
-        return f"cannot stat {target}: {exc.strerror}"
-    if not target.is_file():
-        return f"{target} is not a regular file"
     if st.st_size < SECTOR_SIZE:
         return f"{target} is {st.st_size} bytes, smaller than one {SECTOR_SIZE}-byte sector"
     return None
@@ -586,26 +594,34 @@ def _yaml_error_line(source: str, exc: yaml.MarkedYAMLError) -> str:
     return f"{where}: YAML syntax error: {_one_line(problem)}"
 
 
-def _validate(model: type[_Model], data: Any, *, source: str, base_dir: Path) -> Any:
+def _validate(
+    model: type[_Model], data: Any, *, source: str, base_dir: Path, owner: int | None
+) -> Any:
+    context: dict[str, Any] = {"base_dir": Path(base_dir)}
+    if owner is not None:
+        context["owner"] = owner
     try:
-        return model.model_validate(data, context={"base_dir": Path(base_dir)})
+        return model.model_validate(data, context=context)
     except ValidationError as exc:
         lines = [_error_line(source, model, error) for error in exc.errors()]
         raise ConfigError(lines) from exc
 
 
-def parse_config(text: str, *, source: str, base_dir: Path) -> DomainConfig:
+def parse_config(
+    text: str, *, source: str, base_dir: Path, owner: int | None = None
+) -> DomainConfig:
     """Parse, validate and normalise config ``text``; relative disk targets use ``base_dir``.
 
-    ``source`` names the file in error lines. Raises :class:`ConfigError`.
+    ``source`` names the file in error lines; ``owner`` is the uid the disk images may belong
+    to besides root (None: whoever runs this). Raises :class:`ConfigError`.
     """
     data = _load_yaml(text, source)
-    config = _validate(DomainConfig, data, source=source, base_dir=base_dir)
+    config = _validate(DomainConfig, data, source=source, base_dir=base_dir, owner=owner)
     logger.debug("config %s: domain %s is valid", source, config.name)
     return config
 
 
-def load_config(path: str | Path) -> DomainConfig:
+def load_config(path: str | Path, owner: int | None = None) -> DomainConfig:
     """Read and parse the config file at ``path``; errors name ``path`` as given."""
     source = os.fspath(path)
     try:
@@ -614,17 +630,20 @@ def load_config(path: str | Path) -> DomainConfig:
         raise ConfigError([f"{source}: cannot read: {exc.strerror}"]) from exc
     except UnicodeDecodeError as exc:
         raise ConfigError([f"{source}: not UTF-8 text (byte {exc.start})"]) from exc
-    return parse_config(text, source=source, base_dir=Path(path).parent)
+    return parse_config(text, source=source, base_dir=Path(path).parent, owner=owner)
 
 
 def parse_vif_spec(spec: str, *, source: str = "vif") -> VifConfig:
     """A :class:`VifConfig` from an xl spec like ``bridge=hyperbr0,ip=10.0.0.5/24``."""
-    return _validate(VifConfig, spec, source=source, base_dir=Path("."))
+    return _validate(VifConfig, spec, source=source, base_dir=Path("."), owner=None)
 
 
-def parse_disk_spec(spec: str, base_dir: Path, *, source: str = "disk") -> DiskConfig:
-    """A :class:`DiskConfig` from an xl spec like ``target=img.raw,size=64M,vdev=xvdb``."""
-    return _validate(DiskConfig, spec, source=source, base_dir=base_dir)
+def parse_disk_spec(
+    spec: str, base_dir: Path, *, source: str = "disk", owner: int | None = None
+) -> DiskConfig:
+    """A :class:`DiskConfig` from an xl spec like ``target=img.raw,size=64M,vdev=xvdb``;
+    ``owner`` as for :func:`parse_config`."""
+    return _validate(DiskConfig, spec, source=source, base_dir=base_dir, owner=owner)
 
 
 # ----------------------------------------------------------------------------- error lines

@@ -71,6 +71,7 @@ class Domain:
     status: Status = Status.BUILDING
     uuid: str = field(default_factory=lambda: str(uuidlib.uuid4()))
     created: float = field(default_factory=time.time)
+    owner: int = 0  # the uid of the user who asked for it (see hypercall.DomctlCreate)
     sock: socket.socket | None = None  # hyperd's end of the hypercall socket
     boot: subprocess.Popen[bytes] | None = None
     sync: socket.socket | None = None  # hyperd's end of the boot sync socket
@@ -123,6 +124,7 @@ class Domain:
             "status": self.status.value,
             "uuid": self.uuid,
             "created": self.created,
+            "owner": self.owner,
             "pid": self.pid,
             "pid_start": self.pid_start,
             "reaped": self.reaped,
@@ -148,6 +150,7 @@ class Domain:
             status=Status(data["status"]),
             uuid=str(data["uuid"]),
             created=float(data["created"]),
+            owner=int(data["owner"]),
             pid=_optional_int(data["pid"]),
             pid_start=_optional_int(data["pid_start"]),
             reaped=bool(data["reaped"]),
@@ -170,6 +173,7 @@ class Domain:
             "cpu_time": cpu_ns / 1e9,
             "pid": self.pid,
             "created": self.created,
+            "owner": self.owner,
             "shutdown_reason": self.shutdown_reason,
             "exit_code": self.exit_code,
             "store": self.store.as_dict() if self.store else None,

@@ -19,6 +19,11 @@ it rebuilds the tables, re-opens the cgroups, takes the sockets back from the ke
 each domain's process through a pidfd (they are PID 1's children now, not its own). A domain
 that died meanwhile gets its ``on_crash`` (or the reason it gave in sched_shutdown); a dom0 that
 died is restarted; a domain that was still being built is destroyed.
+
+A dead dom0 is restarted only once every process in its cgroup is gone (its data-path workers
+and relays are SIGKILLed, and the loop looks again every DOM0_REAP_TICK without blocking): a
+process in the middle of a write dies only after the write, so no write the old dom0 started
+can land after one the new dom0 acknowledged.
 """
 
 from __future__ import annotations
@@ -71,6 +76,8 @@ PIDS_MAX = 1024
 BUILD_TIMEOUT = 30.0
 DOM0_STABLE = 5.0  # seconds up after which a dom0 death restarts it at once
 DOM0_BACKOFF = (0.25, 30.0)  # first and longest wait before restarting a dom0 that keeps dying
+DOM0_REAP_TICK = 0.01  # seconds between looks at a dead dom0's cgroup until it is empty
+DOM0_REAP_WARN = 5.0  # seconds after which a dead dom0's processes not dying yet is logged
 OUTQ_LIMIT = 4096
 #: What a domU's call costs its credit (hyper/budget.py), by ``Op.read_only``: one that
 #: changes the tables rewrites the state file.
@@ -128,6 +135,7 @@ class Hypervisor:
         self._dom0_started = 0.0  # monotonic
         self._dom0_backoff = 0.0  # the wait before the last restart, 0 if it was at once
         self._dom0_restart_at: float | None = None  # monotonic, while a restart waits
+        self._dom0_reap_warn_at: float | None = None  # monotonic: when to log leftovers
         self._sig_r, self._sig_w = socket.socketpair()
         self._sig_r.setblocking(False)
         self._sig_w.setblocking(False)
@@ -173,11 +181,7 @@ class Hypervisor:
                     self._dirty = True
             self._resume_due()
             changed = self._check_builds()
-            restart_at = self._dom0_restart_at
-            if restart_at is not None and time.monotonic() >= restart_at and not self.halting:
-                self._dom0_restart_at = None
-                self.start_dom0()
-                changed = True
+            changed |= self._restart_dom0_when_due(time.monotonic())
             if self.halt_requested:
                 self.halt()
             if ready or changed:
@@ -709,7 +713,7 @@ class Hypervisor:
         name = str(op.config.get("name", ""))
         if any(d.name == name for d in self.domains.values()):
             raise HvError("EEXIST", f"a domain named {name!r} already exists")
-        return self.info(self.build(op.config))
+        return self.info(self.build(op.config, op.owner))
 
     def do_domctl_destroy(self, caller: Domain, op: hc.DomctlDestroy) -> dict[str, Any]:
         self.destroy(self._domu(op.domid))
@@ -837,9 +841,9 @@ class Hypervisor:
                 self.last_domid = domid
                 return domid
 
-    def build(self, config: dict[str, Any]) -> Domain:
+    def build(self, config: dict[str, Any], owner: int) -> Domain:
         domid = self._next_domid()
-        domain = Domain(domid, str(config["name"]), dict(config), Resources(domid))
+        domain = Domain(domid, str(config["name"]), dict(config), Resources(domid), owner=owner)
         try:
             domain.cgroup = self.cgroups.create(f"dom{domid}", _limits(config))
             domain.resources.open_view()
@@ -1000,7 +1004,7 @@ class Hypervisor:
         self.destroy(domain)
         if action == "restart":
             try:
-                self.build(config)
+                self.build(config, domain.owner)
             except HvError as exc:
                 log.error("restarting %s failed: %s", config.get("name"), exc)
 
@@ -1059,6 +1063,11 @@ class Hypervisor:
                 dom0.cgroup.remove()
             return
         self.dom0_restarts += 1
+        # What the dead dom0 left running (its data-path workers, its relays) must be gone
+        # before the next dom0 starts: a worker still writing to its old loop device could
+        # land a write after a newer one the next dom0 acknowledged over a new loop device.
+        self._kill_dom0_leftovers()
+        self._dom0_reap_warn_at = time.monotonic() + DOM0_REAP_WARN
         # A dom0 that dies soon after starting (a broken install, a missing module) would
         # otherwise be restarted as fast as it can die: back off, doubling, up to a limit.
         if time.monotonic() - self._dom0_started > DOM0_STABLE:
@@ -1068,15 +1077,52 @@ class Hypervisor:
             self._dom0_backoff = min(longest, max(first, 2 * self._dom0_backoff))
         if not self._dom0_backoff:
             log.error("dom0 died (%s); restarting it", _describe(status))
-            self.start_dom0()
-            return
-        log.error(
-            "dom0 died (%s) %.1f s after starting; restarting it in %.2f s",
-            _describe(status),
-            time.monotonic() - self._dom0_started,
-            self._dom0_backoff,
-        )
+        else:
+            log.error(
+                "dom0 died (%s) %.1f s after starting; restarting it in %.2f s",
+                _describe(status),
+                time.monotonic() - self._dom0_started,
+                self._dom0_backoff,
+            )
         self._dom0_restart_at = time.monotonic() + self._dom0_backoff
+
+    def _restart_dom0_when_due(self, now: float) -> bool:
+        """Start the next dom0 once its wait is over (at monotonic ``now``) and nothing of the
+        dead one runs; until then kill what is left again and look again in DOM0_REAP_TICK.
+        Never blocks: each look is one read of dom0's cgroup and a SIGKILL per process still
+        there. True if it started."""
+        due = self._dom0_restart_at
+        if due is None or now < due or self.halting:
+            return False
+        if self._kill_dom0_leftovers():
+            self._dom0_restart_at = now + DOM0_REAP_TICK
+            return False
+        self._dom0_restart_at = None
+        self.start_dom0()
+        return True
+
+    def _kill_dom0_leftovers(self) -> bool:
+        """SIGKILL every process left in dom0's cgroup; True while any is left. One in the
+        middle of a write dies once the write is done, so an empty group means every write
+        the dead dom0 started has landed."""
+        dom0 = self.domains.get(0)
+        group = dom0.cgroup if dom0 is not None else None
+        if group is None:
+            return False
+        try:
+            left = group.kill()
+        except cgroup.CgroupError as exc:
+            log.error("dom0's cgroup: %s; not waiting for what the dead dom0 left", exc)
+            return False
+        warn_at = self._dom0_reap_warn_at
+        if left and warn_at is not None and time.monotonic() >= warn_at:
+            self._dom0_reap_warn_at = None
+            log.warning(
+                "the dead dom0's processes %s are not gone after %.0f s: the next dom0 waits",
+                group.pids(),
+                DOM0_REAP_WARN,
+            )
+        return left
 
     def halt(self) -> None:
         """Destroy every domU, then stop dom0; the main loop then exits."""

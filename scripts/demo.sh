@@ -6,7 +6,13 @@ set -euo pipefail
 
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 run_dir=${HYPER_RUN_DIR:-/run/hyper}
-demo_image=/var/tmp/hyper-demo-xvda.img # configs/domu.yaml's disk
+demo_image=/var/lib/hyper/images/hyper-demo-xvda.img # configs/domu.yaml's disk
+# The image's folders that do not exist yet: hyperctl makes them (root's, 0700) with the image,
+# and the demo removes them with it, innermost first.
+demo_dirs=()
+for dir in /var/lib/hyper /var/lib/hyper/images; do
+    [ -e "$dir" ] || demo_dirs=("$dir" "${demo_dirs[@]}")
+done
 
 say() { printf 'demo: %s\n' "$*" >&2; }
 [ "$(id -u)" -eq 0 ] || { say "run as root (sudo $0)"; exit 1; }
@@ -64,6 +70,7 @@ teardown() {
         wait_until_clean 15
     fi
     rm -f "$demo_image"
+    for dir in "${demo_dirs[@]}"; do rmdir "$dir" 2>/dev/null; done
     left=$(leftovers)
     printf '\n'
     if [ -z "$left" ]; then

@@ -14,9 +14,10 @@ import errno
 import fcntl
 import logging
 import os
-import stat
 import struct
 from dataclasses import dataclass
+
+from hyper import images
 
 log = logging.getLogger(__name__)
 
@@ -57,18 +58,18 @@ class LoopDevice:
             self.fd = -1
 
 
-def attach(image: str, *, readonly: bool, direct_io: bool = True) -> LoopDevice:
+def attach(image: str, *, readonly: bool, owner: int, direct_io: bool = True) -> LoopDevice:
     """Attach ``image`` to a free loop device and open it for I/O (``O_DIRECT`` when
-    ``direct_io``); the device's size is the image's, rounded down to whole sectors."""
+    ``direct_io``); the device's size is the image's, rounded down to whole sectors. The image
+    is opened only if it passes hyper/images.py's rules for a disk of ``owner``'s, checked on
+    what is opened (the path may have changed since the config was validated)."""
     mode = os.O_RDONLY if readonly else os.O_RDWR
     try:
-        backing = os.open(image, mode | os.O_CLOEXEC)
-    except OSError as exc:
-        raise LoopError(f"{image}: {exc.strerror}") from exc
+        backing = images.open_image(image, mode, owner)
+    except images.ImageError as exc:
+        raise LoopError(str(exc)) from exc
     try:
         st = os.fstat(backing)
-        if not stat.S_ISREG(st.st_mode):
-            raise LoopError(f"{image}: not a regular file")
         if st.st_size < SECTOR_SIZE:
             raise LoopError(f"{image}: smaller than one {SECTOR_SIZE}-byte sector")
         for _ in range(ATTACH_TRIES):

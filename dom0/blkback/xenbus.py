@@ -1,13 +1,14 @@
 """blkback's negotiation: the vbd backend driver on dom0's XenBus bus (blkif order).
 
 probe: attach the image (``params``, read-only unless ``mode`` is ``w``) to a loop device,
-publish the transport features, go InitWait. When the frontend is Initialised (Linux also
-accepts Connected): read its ring ref, event channel and protocol, bind the channel, start the
-data path in a worker process, publish the disk's properties (``sectors``, ``sector-size``,
-``info``) and go Connected. When either side closes: stop the worker, release the channel, go
-Closed; the loop device goes when the vbd is removed (closing its last descriptor detaches it).
-Any failure, or a protocol violation by the frontend, fails this vbd alone (error node,
-Closing).
+publish the transport features, go InitWait. The image is opened only if nobody but root and
+``params-owner`` can redirect or change it (hyper/images.py), checked on what is opened. When
+the frontend is Initialised (Linux also accepts Connected): read its ring ref, event channel
+and protocol, bind the channel, start the data path in a worker process, publish the disk's
+properties (``sectors``, ``sector-size``, ``info``) and go Connected. When either side closes:
+stop the worker, release the channel, go Closed; the loop device goes when the vbd is removed
+(closing its last descriptor detaches it). Any failure, or a protocol violation by the
+frontend, fails this vbd alone (error node, Closing).
 
 A worker that dies (killed, crashed) is a restart, not a failure: the vbd keeps its loop device
 and its end of the event channel, returns to InitWait, and the frontend resets its ring with
@@ -76,8 +77,12 @@ class BlkbackDriver:
             dev.fatal("no params (image path) in the backend directory")
             return
         readonly = dev.read("mode") != "w"
+        owner = dev.read(B.BlkifKey.PARAMS_OWNER) or "0"
+        if not owner.isdecimal():
+            dev.fatal(f"{B.BlkifKey.PARAMS_OWNER} {owner!r} is not a uid")
+            return
         try:
-            loop = attach(image, readonly=readonly)
+            loop = attach(image, readonly=readonly, owner=int(owner))
         except LoopError as exc:
             dev.fatal(f"attaching the image: {exc}")
             return

@@ -10,6 +10,8 @@ A call takes the pages it needs from a free list, waiting when the pool is exhau
 spans at most ``max_segments`` pages (11 in the request itself, up to 256 through an indirect
 page when the backend offers ``feature-max-indirect-segments``), and a larger call is split.
 Reads copy the answered pages out; writes copy the data in before the request is posted.
+A write of part of a sector reads the sector, changes the part and writes it back whole; while
+it does, no other write to that sector is in flight (SectorGate), so none is undone by it.
 
 Responses are reaped by the callers themselves, leader/follower style: of the callers waiting
 for an answer, one (the leader) sleeps on the event channel and, when woken, takes every
@@ -33,12 +35,14 @@ with EIO. Nothing it writes can make the frontend crash or spin.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
+import itertools
 import logging
 import threading
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 
 from channels import blkif as B
 from channels.evtchn import EventChannel, LateEoi
@@ -134,6 +138,66 @@ class Extents:
         return sum(len(runs) << order for order, runs in enumerate(self._free))
 
 
+class SectorGate:
+    """Keeps each read-modify-write apart from every write to its sectors (a range lock).
+
+    A write of part of a sector reads the sector, changes the part and writes the whole sector
+    back. A write to that sector answered between the read and the write-back would be undone
+    by it, after its caller was told it was done. So writes (whole-sector writes and discards)
+    hold their range while in flight; a read-modify-write first claims its range (later writes
+    to it wait), then waits for the writes in flight there to be answered, and only then reads.
+    Two read-modify-writes that share a sector take turns. Writes elsewhere never wait, and a
+    write pays one uncontended lock round trip going in and one going out, which is cheap next
+    to its trip across the ring. Ordering by *answers* also keeps the replay after a backend
+    restart safe: of two overlapping writes, the later is posted only after the earlier one was
+    answered, so a replay never reorders them.
+
+    Ranges are byte offsets of whole sectors, ``[start, end)``.
+    """
+
+    def __init__(self) -> None:
+        self._changed = threading.Condition(threading.Lock())
+        self._writes: dict[int, tuple[int, int]] = {}  # in flight, by token
+        self._claims: list[tuple[int, int]] = []  # read-modify-writes in progress or waiting
+        self._tokens = itertools.count()
+
+    def enter_write(self, start: int, end: int) -> int:
+        """Wait until no read-modify-write claims a sector in ``[start, end)``; the token for
+        ``leave_write``."""
+        with self._changed:
+            while self._claims and _overlaps(self._claims, start, end):
+                self._changed.wait()
+            token = next(self._tokens)
+            self._writes[token] = (start, end)
+            return token
+
+    def leave_write(self, token: int) -> None:
+        """The write ``token`` is answered (or failed)."""
+        with self._changed:
+            del self._writes[token]
+            if self._claims:
+                self._changed.notify_all()
+
+    @contextlib.contextmanager
+    def read_modify_write(self, start: int, end: int) -> Iterator[None]:
+        """Own ``[start, end)``: no write to it is in flight or starts until the block ends."""
+        claim = (start, end)
+        with self._changed:
+            self._changed.wait_for(lambda: not _overlaps(self._claims, start, end))
+            self._claims.append(claim)
+            self._changed.wait_for(lambda: not _overlaps(self._writes.values(), start, end))
+        try:
+            yield
+        finally:
+            with self._changed:
+                self._claims.remove(claim)
+                self._changed.notify_all()
+
+
+def _overlaps(ranges: Iterable[tuple[int, int]], start: int, end: int) -> bool:
+    return any(first < end and start < last for first, last in ranges)
+
+
 class DiskBroken(OSError):
     """The backend broke the protocol: every I/O on this disk fails with EIO from now on."""
 
@@ -194,7 +258,7 @@ class DiskPath:
         self._indirect = [indirect.page(i) for i in range(len(indirect_grefs))] if indirect else []
         self._indirect_grefs = indirect_grefs
         self._room = threading.Condition()  # pages or ring slots were freed
-        self._rmw = threading.Lock()
+        self._gate = SectorGate()
         self._extents = Extents(len(data_grefs))
         self._free_ids = list(range(ring.nr_ents))  # request id = index of its indirect page
         self._in_flight: dict[int, _InFlight] = {}
@@ -234,9 +298,9 @@ class DiskPath:
         start = offset - offset % B.SECTOR_SIZE
         end = -(-(offset + size) // B.SECTOR_SIZE) * B.SECTOR_SIZE
         if start == offset and end == offset + size:
-            self._transfer(B.BLKIF_OP_WRITE, start, size, _from_view(memoryview(data)))
+            self._write(start, size, _from_view(memoryview(data)))
             return size
-        with self._rmw:  # two partial writes to one sector must not interleave
+        with self._gate.read_modify_write(start, end):
             buf = bytearray(self.read(start, end - start))
             buf[offset - start : offset - start + size] = data
             self._transfer(B.BLKIF_OP_WRITE, start, len(buf), _from_view(memoryview(buf)))
@@ -249,8 +313,16 @@ class DiskPath:
             raise OSError(errno.ENOSPC, "write past the end of the disk")
         if offset % B.SECTOR_SIZE or size % B.SECTOR_SIZE:
             return self.write(offset, ctypes.string_at(address, size))
-        self._transfer(B.BLKIF_OP_WRITE, offset, size, _from_address(address))
+        self._write(offset, size, _from_address(address))
         return size
+
+    def _write(self, offset: int, nbytes: int, copy: _Copy) -> None:
+        """A write of whole sectors, kept apart from read-modify-writes of them (SectorGate)."""
+        token = self._gate.enter_write(offset, offset + nbytes)
+        try:
+            self._transfer(B.BLKIF_OP_WRITE, offset, nbytes, copy)
+        finally:
+            self._gate.leave_write(token)
 
     def flush(self) -> None:
         """FLUSH_DISKCACHE: every write answered so far is durable once this returns."""
@@ -263,8 +335,13 @@ class DiskPath:
         last = min((offset + length) // B.SECTOR_SIZE, self.sectors)
         if last <= first:
             return
-        op = self._submit(lambda rid: B.Request.discard(rid, first, last - first))
-        self._wait(op)
+        # A discard is a write of zeros, as far as a read-modify-write is concerned.
+        token = self._gate.enter_write(first * B.SECTOR_SIZE, last * B.SECTOR_SIZE)
+        try:
+            op = self._submit(lambda rid: B.Request.discard(rid, first, last - first))
+            self._wait(op)
+        finally:
+            self._gate.leave_write(token)
 
     # -- requests -------------------------------------------------------------------------------
 

@@ -219,3 +219,82 @@ def test_a_bad_disk_entry_is_refused_and_creates_nothing(
     assert "does not exist and no size is given" in result.err
     assert not missing.exists()
     assert domain_info("bad-disk") is None
+
+
+# A uid that is neither root nor the user hyperctl acts for (SUDO_UID, under sudo).
+STRANGER = 4242 if os.environ.get("SUDO_UID") != "4242" else 4243
+
+
+def images_another_user_could_reach(tmp_path: Path) -> dict[str, tuple[Path, str]]:
+    """Disk targets another host user could read or write the guest's disk through, each with
+    the reason hyperctl must give: name -> (target, reason)."""
+    real = tmp_path / "real"
+    real.mkdir()
+    (real / "a.img").write_bytes(bytes(MiB))
+    (tmp_path / "link.img").symlink_to(real / "a.img")
+    (tmp_path / "linked").symlink_to(real)
+    theirs = tmp_path / "theirs.img"
+    theirs.write_bytes(bytes(MiB))
+    os.chown(theirs, STRANGER, -1)
+    their_folder = tmp_path / "their-folder"
+    their_folder.mkdir()
+    os.chown(their_folder, STRANGER, -1)
+    open_folder = tmp_path / "open-folder"
+    open_folder.mkdir()
+    open_folder.chmod(0o777)
+    return {
+        "symlink": (
+            tmp_path / "link.img",
+            f"reached through a symlink: {tmp_path / 'link.img'} -> {real / 'a.img'}",
+        ),
+        "symlinked folder": (
+            tmp_path / "linked" / "a.img",
+            f"reached through a symlink: {tmp_path / 'linked'} -> {real}",
+        ),
+        "another user's image": (theirs, f"belongs to uid {STRANGER}"),
+        "missing, in another user's folder": (
+            their_folder / "new.img",
+            f"{their_folder} belongs to uid {STRANGER}",
+        ),
+        "missing, in a folder anyone can write": (
+            open_folder / "new.img",
+            f"{open_folder} is writable by every user",
+        ),
+    }
+
+
+def tree(path: Path) -> list[tuple[str, int]]:
+    """Every entry below ``path``, with its owner: what a refused request must leave as is."""
+    return sorted((str(p), p.lstat().st_uid) for p in path.rglob("*"))
+
+
+def test_an_image_another_user_could_reach_is_refused_and_nothing_is_made(
+    make_domain: Callable[..., str], tmp_path: Path
+) -> None:
+    """A symlinked or foreign image, or one in a folder another user may change, would let
+    that user read and write the guest's disk: create (--dry-run or not) and block-attach
+    refuse it as bad input (exit 2), naming the entry and why, and make nothing."""
+    running = make_domain()
+    configs = tmp_path / "configs"
+    configs.mkdir()
+    images = tmp_path / "images"
+    images.mkdir()
+    for case, (target, reason) in images_another_user_could_reach(images).items():
+        config = configs / f"{case.replace(' ', '-').replace(',', '')}.yaml"
+        config.write_text(f"name: refused\ndisk:\n{disk(target, size='16M')}")
+        before = tree(images)
+
+        for command in (("create", "--dry-run", str(config)), ("create", str(config))):
+            result = hyperctl(*command, check=False)
+            assert result.status == 2, (case, command, result)
+            assert f"{config}: disk.0.target: {target}" in result.err, (case, result.err)
+            assert reason in result.err, (case, result.err)
+        assert domain_info("refused") is None, case
+
+        attach = hyperctl(
+            "block-attach", running, f"target={target},size=16M,vdev=xvdb", check=False
+        )
+        assert attach.status == 2, (case, attach)
+        assert f"diskspec: target: {target}" in attach.err and reason in attach.err, case
+        assert [v["vdev"] for v in vbds(running)] == [], case
+        assert tree(images) == before, f"{case}: nothing made, nothing changed"

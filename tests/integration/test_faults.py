@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import select
 import signal
 import subprocess
 import time
@@ -32,6 +33,7 @@ from tests.integration.conftest import (
     wait_for,
 )
 from tests.integration.test_block import (
+    STRANGER,
     attached_loops,
     destroy,
     disk,
@@ -284,6 +286,71 @@ def test_fio_and_an_fsynced_dd_carry_on_across_a_killed_dom0(
     finally:
         reap(fio, dd)
     check_dd_in_image(name, image)
+
+
+def exited(pidfd: int) -> bool:
+    """The process the pidfd names has exited (a pidfd polls readable from then on)."""
+    return bool(select.select([pidfd], [], [], 0)[0])
+
+
+def test_nothing_of_a_killed_dom0_runs_when_the_next_one_serves_its_disks(
+    make_domain: Callable[..., str], tmp_path: Path
+) -> None:
+    """A worker of the dead dom0 still alive (here: stopped in the middle of writing) could
+    land a write on the old loop device after the next dom0 acknowledged a newer one over a
+    new loop device. hyperd kills what the dead dom0 left, and waits for it to be gone, before
+    it starts the next dom0."""
+    image = tmp_path / "disk.img"
+    name = make_domain("disk:\n" + disk(image, size="128M"))
+    old_worker = vbds(name)[0]["worker_pid"]
+    assert isinstance(old_worker, int)
+    pidfd = os.pidfd_open(old_worker)
+    fio, dd = start_fio_and_dd(name)
+    try:
+        wait_for(lambda: vbds(name)[0]["wr_req"] > 2000, 60, "fio and dd to be writing")
+        os.kill(old_worker, signal.SIGSTOP)
+        old_dom0, _ = kill_dom0()
+
+        def serving_again() -> bool:
+            if dom0_pid() in (None, old_dom0):
+                return False
+            now = vbds(name)
+            return bool(now and now[0]["connected"] and now[0]["worker_pid"] != old_worker)
+
+        wait_for(serving_again, 30, "the next dom0 to serve the disk")
+        assert exited(pidfd), "the old worker must be gone before the next dom0 serves the disk"
+        wait_for(lambda: len(attached_loops(image)) == 1, 5, "one loop device over the image")
+        check_fio_and_dd(fio, dd)
+    finally:
+        if not exited(pidfd):
+            signal.pidfd_send_signal(pidfd, signal.SIGKILL)  # the old code leaves it, stopped
+        os.close(pidfd)
+        reap(fio, dd)
+    check_dd_in_image(name, image)
+
+
+def test_a_restarted_dom0_checks_each_image_again_as_it_opens_it(
+    make_domain: Callable[..., str], tmp_path: Path
+) -> None:
+    """What was validated at create may have changed by the time blkback opens the image
+    again (here, after a dom0 restart, the image has become another user's): blkback checks
+    what it opens, and fails that vbd alone rather than serve another user's file."""
+    image = tmp_path / "disk.img"
+    name = make_domain("disk:\n" + disk(image, size="16M"))
+    domid = domain_info(name)["domid"]  # type: ignore[index]
+    os.chown(image, STRANGER, -1)
+    old, _ = kill_dom0()
+    backend = f"/local/domain/0/backend/vbd/{domid}/51712"
+
+    def error() -> str:
+        if dom0_pid() in (None, old):
+            return ""
+        return hyperctl("store", "read", f"{backend}/error", check=False).out
+
+    reason = wait_for(error, 30, "the next dom0 to fail the vbd")
+    assert f"{image} belongs to uid {STRANGER}; only root" in reason
+    assert not attached_loops(image)
+    assert domain_info(name) is not None, "the domain itself carries on"
 
 
 def test_an_iperf3_stream_between_two_domains_survives_a_killed_dom0(

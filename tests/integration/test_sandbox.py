@@ -11,16 +11,18 @@ from pathlib import Path
 import pytest
 
 from channels.shm import create_segment, unlink_segment
+from hyper import images
 from tests.integration.conftest import REPO, RUN, domain_info, hyperctl
 
 pytestmark = pytest.mark.root
 
 
-DEMO_IMAGE = Path("/var/tmp/hyper-demo-xvda.img")  # configs/domu.yaml's disk
+DEMO_IMAGE = Path("/var/lib/hyper/images/hyper-demo-xvda.img")  # configs/domu.yaml's disk
 
 
 def test_create_the_demo_domain_and_look_inside(hypervisor: None) -> None:
-    made_image = not DEMO_IMAGE.exists()
+    # What the toolstack makes for the demo's disk (its folders too), to be removed after.
+    made = [p for p in (*reversed(DEMO_IMAGE.parents), DEMO_IMAGE) if not p.exists()]
     hyperctl("create", str(REPO / "configs" / "domu.yaml"))
     try:
         out = hyperctl(
@@ -55,8 +57,7 @@ def test_create_the_demo_domain_and_look_inside(hypervisor: None) -> None:
         assert f"/local/domain/{domid}/control/feature-poweroff" in home
     finally:
         hyperctl("destroy", "demo", check=False)
-        if made_image:
-            DEMO_IMAGE.unlink(missing_ok=True)
+        images.remove(made)
 
 
 def test_exec_passes_stdin_stdout_stderr_and_status(make_domain: Callable[..., str]) -> None:

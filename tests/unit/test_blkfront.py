@@ -11,7 +11,7 @@ import itertools
 import os
 import random
 import struct
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -96,6 +96,7 @@ class Rig:
     evtchn: EventChannel  # the backend's end of the event channel
     ring_page: memoryview  # the shared ring page, for a test that forges its indices
     broken: list[str]  # what on_broken was told
+    data_page: Callable[[int], memoryview]  # a data page by its gref, as the backend maps it
 
 
 @pytest.fixture
@@ -172,7 +173,11 @@ def _connect(stack: contextlib.ExitStack, tmp_path: Path, *, serve: bool) -> Rig
         on_broken=broken.append,
     )
     stack.callback(path.stop)
-    return Rig(path, image, counters, back, evtchn, pools["ring"].page(0), broken)
+
+    def data_page(gref: int) -> memoryview:
+        return pools["data"].page(gref - bases["data"])
+
+    return Rig(path, image, counters, back, evtchn, pools["ring"].page(0), broken, data_page)
 
 
 def test_a_large_write_crosses_in_whole_requests_and_reads_back(
@@ -230,6 +235,20 @@ def test_many_callers_at_once_each_get_their_own_data(
     assert counters.errors == 0
 
 
+def test_partial_writes_to_one_sector_at_once_all_land(
+    disk: tuple[DiskPath, Path, Counters],
+) -> None:
+    path, image, _ = disk
+    pieces = {i: bytes([0x41 + i]) * 30 for i in range(16)}  # 480 bytes across sectors 0-1
+
+    def write(i: int) -> int:
+        return path.write(100 + 30 * i, pieces[i])
+
+    with ThreadPoolExecutor(8) as pool:
+        assert list(pool.map(write, pieces)) == [30] * 16
+    assert image.read_bytes()[100:580] == b"".join(pieces.values())
+
+
 def test_flush_and_discard_reach_the_image(disk: tuple[DiskPath, Path, Counters]) -> None:
     path, image, counters = disk
     path.write(0, b"\xff" * (1 << 20))
@@ -255,15 +274,25 @@ def test_writing_past_the_end_fails_and_the_disk_keeps_working(
 WAIT = 10.0  # seconds a test waits for the frontend's requests
 
 
-def _take_requests(rig: Rig, count: int) -> list[tuple[int, int]]:
-    """Wait until the frontend has posted ``count`` requests; their (id, operation)."""
-    taken: list[tuple[int, int]] = []
+def _requests(rig: Rig, count: int, timeout: float = WAIT) -> list[B.Request]:
+    """The next ``count`` requests the frontend posts, decoded; fewer if none comes for
+    ``timeout`` seconds."""
+    slot = B.BLK_RING.request_slot.size
+    taken: list[B.Request] = []
     while len(taken) < count:
         block = rig.back.get_requests_block()
-        taken += [(rid, op) for op, _, _, rid, *_ in B.BLK_RING.request_slot.iter_unpack(block)]
-        if len(taken) < count and not rig.back.final_check_for_requests():
-            assert rig.evtchn.wait(WAIT), f"only {len(taken)} of {count} requests came"
+        taken += [B.Request.unpack(block[i : i + slot]) for i in range(0, len(block), slot)]
+        waiting = len(taken) < count and not rig.back.final_check_for_requests()
+        if waiting and not rig.evtchn.wait(timeout):
+            break
     return taken
+
+
+def _take_requests(rig: Rig, count: int) -> list[tuple[int, int]]:
+    """Wait until the frontend has posted ``count`` requests; their (id, operation)."""
+    taken = _requests(rig, count)
+    assert len(taken) == count, f"only {len(taken)} of {count} requests came"
+    return [(request.id, request.operation) for request in taken]
 
 
 def _answer(rig: Rig, *responses: tuple[int, int, int]) -> None:
@@ -384,4 +413,52 @@ def test_a_restarted_backend_gets_every_unanswered_request_again(hostile: Rig) -
         fresh.push_responses()
         hostile.evtchn.notify()
         assert [call.result(timeout=WAIT) for call in calls] == [4096] * 3
+    assert hostile.broken == []
+
+
+# -- a read-modify-write and a write to the same sector ------------------------------------------
+
+HOLD = 2.0  # seconds the backend holds a write-back waiting for a write that should not come
+
+
+def _serve(rig: Rig, image: bytearray, request: B.Request) -> None:
+    """Do a READ or WRITE on ``image`` through the request's granted pages, and answer it."""
+    at = request.sector_number * B.SECTOR_SIZE
+    for segment in request.segments:
+        end = segment.offset + segment.nbytes
+        with rig.data_page(segment.gref)[segment.offset : end] as page:
+            if request.operation == B.BLKIF_OP_READ:
+                page[:] = image[at : at + segment.nbytes]
+            else:
+                image[at : at + segment.nbytes] = page
+        at += segment.nbytes
+    _answer(rig, (request.id, request.operation, B.BLKIF_RSP_OKAY))
+
+
+def test_a_write_answered_during_a_read_modify_write_of_its_sector_is_not_undone(
+    hostile: Rig,
+) -> None:
+    image = bytearray(DISK)
+    with ThreadPoolExecutor(2) as pool:
+        partial = pool.submit(hostile.path.write, 100, b"r" * 10)  # inside sector 0
+        [read] = _requests(hostile, 1)
+        assert read.operation == B.BLKIF_OP_READ and read.sector_number == 0
+        _serve(hostile, image, read)
+        [write_back] = _requests(hostile, 1)
+        assert write_back.operation == B.BLKIF_OP_WRITE and write_back.sector_number == 0
+
+        # The backend holds the write-back. A write of the whole sector, answered now, would
+        # be undone by it: the write-back carries the sector as it was before.
+        whole = pool.submit(hostile.path.write, 0, b"w" * 512)
+        early = _requests(hostile, 1, timeout=HOLD)
+        for request in early:
+            _serve(hostile, image, request)
+        _serve(hostile, image, write_back)
+        for request in _requests(hostile, 1 - len(early)):
+            _serve(hostile, image, request)
+        assert partial.result(timeout=WAIT) == 10 and whole.result(timeout=WAIT) == 512
+
+    partial_first = b"w" * 512
+    whole_first = b"w" * 100 + b"r" * 10 + b"w" * 402
+    assert bytes(image[:512]) in (partial_first, whole_first), "one write after the other"
     assert hostile.broken == []

@@ -410,6 +410,33 @@ def test_image_that_is_a_directory(tmp_path: Path) -> None:
     assert line == f"x.yaml: disk.0.target: {tmp_path / 'a.img'} is not a regular file"
 
 
+def test_an_image_reached_through_a_symlink_is_a_located_error(tmp_path: Path) -> None:
+    (tmp_path / "real.img").write_bytes(bytes(1024))
+    (tmp_path / "a.img").symlink_to(tmp_path / "real.img")
+    [line] = config_errors("name: a\ndisk: [{target: a.img, vdev: xvda}]\n", tmp_path)
+    link = tmp_path / "a.img"
+    assert line == (
+        f"x.yaml: disk.0.target: {link} is reached through a symlink: {link} -> "
+        f"{tmp_path / 'real.img'}"
+    )
+
+
+def test_an_image_is_checked_for_the_owner_the_caller_names(tmp_path: Path) -> None:
+    """An image is accepted if it is root's or the owner's; here it is ours, so it passes for
+    us, and for anyone else only if we are root."""
+    (tmp_path / "a.img").write_bytes(bytes(1024))
+    mine = parse_disk_spec("target=a.img,vdev=xvda", tmp_path, owner=os.getuid())
+    assert mine.target == tmp_path / "a.img"
+    if os.getuid() == 0:
+        return
+    with pytest.raises(ConfigError) as raised:
+        parse_disk_spec("target=a.img,vdev=xvda", tmp_path, owner=os.getuid() + 1)
+    assert raised.value.lines == [
+        f"disk: target: {tmp_path / 'a.img'} belongs to uid {os.getuid()}; only root or uid "
+        f"{os.getuid() + 1} (who asked for the disk) may own it"
+    ]
+
+
 def test_duplicate_vdev_names_the_second_entry(tmp_path: Path) -> None:
     text = (
         "name: a\ndisk:\n"

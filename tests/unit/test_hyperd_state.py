@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import socket
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -209,6 +210,74 @@ def test_a_halt_that_had_begun_is_finished_by_the_next_hyperd(tmp_path: Path) ->
     assert after.domains == {}
     saved = state.read(after.run.state_file)
     assert saved is not None and saved["halting"] is True and saved["domains"] == []
+
+
+class Stragglers:
+    """dom0's cgroup on paper, holding processes the dead dom0 left until the test lets them
+    die; it counts the SIGKILL rounds hyperd sends."""
+
+    name = "dom0"
+
+    def __init__(self, *pids: int) -> None:
+        self.members = list(pids)
+        self.kills = 0
+
+    def kill(self) -> bool:
+        self.kills += 1
+        return bool(self.members)
+
+    def pids(self) -> list[int]:
+        return list(self.members)
+
+
+def minutes_later(n: int) -> float:
+    """A time when any restart hyperd scheduled before is due (its clock is time.monotonic)."""
+    return time.monotonic() + 60.0 * n
+
+
+def dead_dom0(hv: Hypervisor, group: Stragglers) -> list[str]:
+    """hyperd with a dom0 that has died, in ``group``; the list its start_dom0 appends to."""
+    dom0 = Domain(0, "Domain-0", {"memory": 4096}, PaperResources(0), status=Status.RUNNING)
+    dom0.cgroup = group  # type: ignore[assignment]
+    hv.domains = {0: dom0}
+    started: list[str] = []
+    hv.start_dom0 = lambda: started.append("dom0")  # type: ignore[method-assign]
+    return started
+
+
+def test_a_dead_dom0_is_restarted_only_once_every_process_it_left_is_gone(tmp_path: Path) -> None:
+    """A blkback worker of the dead dom0 still writing to the old loop device must not land
+    its write after the new dom0 acknowledged a newer one: nothing of the old dom0 may run
+    when the new one starts."""
+    hv = hypervisor(tmp_path)
+    group = Stragglers(4243, 4244)  # two workers, stopped or in the middle of a write
+    started = dead_dom0(hv, group)
+
+    hv._on_dom0_death(9)
+    assert started == [] and group.kills == 1, "killed at once, and the restart waits"
+    assert not hv._restart_dom0_when_due(minutes_later(1))
+    assert started == [] and group.kills == 2, "killed again at each look"
+
+    group.members = []
+    assert hv._restart_dom0_when_due(minutes_later(2)) and started == ["dom0"]
+    assert not hv._restart_dom0_when_due(minutes_later(3)), "and only once"
+
+
+def test_a_dom0_found_dead_at_re_adoption_is_restarted_once_its_processes_are_gone(
+    tmp_path: Path,
+) -> None:
+    hv = hypervisor(tmp_path)
+    group = Stragglers(4243)
+    started = dead_dom0(hv, group)
+    hv._reconcile = lambda: None  # type: ignore[method-assign]  # (it scans /dev/shm)
+
+    hv._adopt_all({})  # dom0's pid is None: it died while no hyperd ran
+    assert started == [] and group.kills == 1
+    assert not hv._restart_dom0_when_due(minutes_later(1))
+    assert started == [] and group.kills == 2
+
+    group.members = []
+    assert hv._restart_dom0_when_due(minutes_later(2)) and started == ["dom0"]
 
 
 def test_each_table_round_trips_on_its_own(tmp_path: Path) -> None:
