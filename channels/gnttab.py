@@ -17,7 +17,9 @@ is not read-only. Any failure raises GrantError, which a backend turns into an e
 from __future__ import annotations
 
 import contextlib
+import mmap
 import struct
+import weakref
 
 from channels.hypercall import (
     GnttabReleasePool,
@@ -38,6 +40,12 @@ ENTRY = struct.Struct("<HHI")
 
 class GrantError(Exception):
     """A grant reference that does not name a page the caller may use this way."""
+
+
+class GrantViolation(Exception):
+    """The granter broke the rules of granting beyond what an error response answers (too many
+    bad refs, more pages than its budget): its device fails, as on any protocol violation. Not
+    a GrantError, which a data path answers and carries on from."""
 
 
 def table_pages(pages: int) -> int:
@@ -79,6 +87,10 @@ class _Pool:
     def name(self) -> str:
         """The pool's shared-memory object, for another process of the granter to open."""
         return self._segment.name
+
+    def mapped(self) -> weakref.ref[mmap.mmap]:
+        """A reference that lives as long as the pool's pages are mapped (channels/shm.py)."""
+        return self._segment.mapped()
 
     def __contains__(self, gref: int) -> bool:
         return self.gref_base <= gref < self.gref_base + self.pages

@@ -113,20 +113,12 @@ class GnttabSetupPool(Op):
     pages: int = Field(ge=1, le=4096)
 
 
-class GnttabMapPool(Op):
-    """Any domain: map the pool of ``granter`` that contains ``gref``; refused unless the pool
-    was set up for the caller. Result: {"pool", "name", "gref_base", "pages"}."""
-
-    op = "gnttab_map_pool"
-    read_only = True
-    granter: int = Field(ge=0, le=DOMID_MAX)
-    gref: int = Field(ge=0)
-
-
 class GnttabMapPools(Op):
-    """Any domain: every pool of ``granter`` set up for the caller, so that a backend maps them
-    all as it connects and its data path never waits on hyperd. Result: {"pools": [...]}, each
-    as gnttab_map_pool gives it."""
+    """Any domain: every pool of ``granter`` set up for the caller, live now, so that a backend
+    maps them all as it connects (its data path never waits on hyperd), and maps again, keeping
+    only these, when a request names a ref it does not know. Result: {"pools": [{"pool",
+    "name", "gref_base", "pages"}...], "max_pages": the granter's grant budget, the pages it may
+    have in pools at once (0 for no such domain): more than a backend ever needs to map}."""
 
     op = "gnttab_map_pools"
     read_only = True
@@ -260,7 +252,6 @@ OPS: dict[str, type[Op]] = {
         EvtchnStatus,
         EvtchnClose,
         GnttabSetupPool,
-        GnttabMapPool,
         GnttabMapPools,
         GnttabReleasePool,
         SchedBooted,

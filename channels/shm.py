@@ -28,6 +28,7 @@ import logging
 import mmap
 import os
 import stat
+import weakref
 from multiprocessing import resource_tracker, shared_memory
 
 logger = logging.getLogger(__name__)
@@ -92,6 +93,12 @@ class Segment:
                 "unmapped when the last one is dropped",
                 self.name,
             )
+
+    def mapped(self) -> weakref.ref[mmap.mmap]:
+        """A reference that dies once the segment is unmapped: at ``close``, or, if views were
+        still exported then or this object was merely dropped, once the last view is gone."""
+        assert self._mmap is not None, f"shared memory segment {self.name}: closed"
+        return weakref.ref(self._mmap)
 
     def __enter__(self) -> Segment:
         return self

@@ -10,8 +10,8 @@ the frontend shares, so a frontend that truncates its own pages to make the read
 The worker reads one JSON object on stdin: the device's parameters plus the numbers of the fds it
 inherited: ``device_fd`` (the native device), ``control_fd`` (a socket to dom0) and
 ``counters_fd`` (a page of u64 counters that dom0 reads whenever it is asked). Over the control
-socket, one JSON object per line, it asks dom0 to map grant pools (dom0 holds the hypercall
-socket) and reports a fatal protocol error; dom0 hanging up tells it to stop.
+socket, one JSON object per line, it asks dom0 which grant pools are live (dom0 holds the
+hypercall socket) and reports a fatal protocol error; dom0 hanging up tells it to stop.
 
 A worker that dies unasked (killed, crashed) is restarted by its backend driver, through the
 frontend (see DataPath): the device's state lives in its native device, its channel and the
@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from channels import hypercall as hc
-from channels.hypercall import GnttabMapPool, HypercallClient, HypercallError
+from channels.hypercall import GnttabMapPools, HypercallClient, HypercallError
 from channels.xenbus import XenbusState
 from channels.xenbus_bus import XenbusDevice
 
@@ -176,11 +176,9 @@ class WorkerProcess:
         if "fatal" in message:
             self._on_fatal(str(message["fatal"])[:500])
             return
-        request = message.get("map_pool") or {}
+        request = message.get("map_pools") or {}
         try:
-            result = self._hc.call(
-                GnttabMapPool(granter=int(request["granter"]), gref=int(request["gref"]))
-            )
+            result = self._hc.call(GnttabMapPools(granter=int(request["granter"])))
             reply: dict[str, Any] = {"id": message["id"], "result": result}
         except HypercallError as exc:
             reply = {"id": message["id"], "error": exc.errno_name, "message": exc.message}
@@ -341,11 +339,12 @@ class Dom0Link:
             self._sock.sendall(json.dumps(message).encode() + b"\n")
 
     def call(self, op: hc.Op) -> dict[str, Any]:
-        """Only grant-pool mapping travels this way; the event channels are already bound."""
-        if not isinstance(op, hc.GnttabMapPool):
+        """Only the grant mapper's refresh travels this way; the event channels are already
+        bound."""
+        if not isinstance(op, hc.GnttabMapPools):
             return {}
         req_id = next(self._ids)
-        self._send({"id": req_id, "map_pool": {"granter": op.granter, "gref": op.gref}})
+        self._send({"id": req_id, "map_pools": {"granter": op.granter}})
         with self._arrived:
             self._arrived.wait_for(lambda: req_id in self._replies or self.closed.is_set(), 10)
             reply = self._replies.pop(req_id, None)

@@ -12,10 +12,20 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from channels.gnttab import pool_bytes
+from channels.ring import PAGE_SIZE
 from hyper.resources import Resources, sharing_gid
 
-MAX_POOL_PAGES_PER_DOMAIN = 1 << 16  # 256 MiB of grantable memory per domain
+MAX_POOL_PAGES_PER_DOMAIN = 1 << 16  # 256 MiB of grantable memory per domain, at most
 MAX_POOLS_PER_DOMAIN = 256  # a frontend sets up 3 per device; each is a /dev/shm object
+
+
+def grant_budget(memory_mib: int) -> int:
+    """The pages a domain of ``memory_mib`` may have in grant pools at once: never more than
+    its memory, as a page a Xen guest grants is its own. A backend maps every pool a domain
+    grants dom0 (a page the guest never touched is charged to dom0 as the backend touches it),
+    so this is also what one of dom0's backend devices may map for it. Honest frontends touch
+    every page they grant (grant_pool zeroes them), so their own memory limit came first."""
+    return min(MAX_POOL_PAGES_PER_DOMAIN, memory_mib * (1 << 20) // PAGE_SIZE)
 
 
 class GnttabError(Exception):
@@ -48,12 +58,26 @@ class GrantTables:
         self._next_gref: dict[int, int] = {}
         self._next_pool: dict[int, int] = {}
 
-    def setup_pool(self, granter: int, peer: int, pages: int, resources: Resources) -> Pool:
+    def setup_pool(
+        self,
+        granter: int,
+        peer: int,
+        pages: int,
+        resources: Resources,
+        budget: int = MAX_POOL_PAGES_PER_DOMAIN,
+    ) -> Pool:
+        """A new pool of ``pages`` that ``granter`` may grant to ``peer``, within the
+        granter's ``budget`` of pages in pools at once (``grant_budget``)."""
         pools = self.pools_of(granter)
         if len(pools) >= MAX_POOLS_PER_DOMAIN:
             raise GnttabError("ENOSPC", f"domain {granter}: {len(pools)} grant pools, the limit")
-        if sum(p.pages for p in pools) + pages > MAX_POOL_PAGES_PER_DOMAIN:
-            raise GnttabError("ENOSPC", f"domain {granter}: grant pool limit reached")
+        held = sum(p.pages for p in pools)
+        if held + pages > budget:
+            raise GnttabError(
+                "ENOSPC",
+                f"domain {granter}: {held} pages in grant pools, {pages} more "
+                f"would pass its budget of {budget}",
+            )
         try:
             gid = sharing_gid(granter, peer)
         except PermissionError as exc:
@@ -67,16 +91,6 @@ class GrantTables:
         self._next_gref[granter] = base + pages
         self._next_pool[granter] = pool_id + 1
         return pool
-
-    def map_pool(self, caller: int, granter: int, gref: int) -> Pool:
-        for pool in self.pools_of(granter):
-            if pool.gref_base <= gref < pool.gref_base + pool.pages:
-                if pool.peer != caller:
-                    raise GnttabError(
-                        "EPERM", f"gref {gref} of domain {granter} is not granted to {caller}"
-                    )
-                return pool
-        raise GnttabError("EINVAL", f"domain {granter} has no gref {gref}")
 
     def pools_for(self, caller: int, granter: int) -> list[Pool]:
         """Every pool of ``granter`` that ``caller`` may map."""

@@ -64,7 +64,7 @@ from hyper.domain import (
     write_id_maps,
 )
 from hyper.evtchn import EventChannels, EvtchnError
-from hyper.gnttab import GnttabError, GrantTables
+from hyper.gnttab import GnttabError, GrantTables, grant_budget
 from hyper.keeper import KeeperClient, KeeperError
 from hyper.paths import RunDir
 from hyper.resources import Resources, host_gid, leftovers, remove
@@ -672,13 +672,15 @@ class Hypervisor:
 
     def do_gnttab_setup_pool(self, caller: Domain, op: hc.GnttabSetupPool) -> dict[str, Any]:
         resources = self._shared_resources(caller.domid, op.peer)
-        return self.gnttab.setup_pool(caller.domid, op.peer, op.pages, resources).result()
-
-    def do_gnttab_map_pool(self, caller: Domain, op: hc.GnttabMapPool) -> dict[str, Any]:
-        return self.gnttab.map_pool(caller.domid, op.granter, op.gref).result()
+        budget = grant_budget(caller.memory)
+        return self.gnttab.setup_pool(caller.domid, op.peer, op.pages, resources, budget).result()
 
     def do_gnttab_map_pools(self, caller: Domain, op: hc.GnttabMapPools) -> dict[str, Any]:
-        return {"pools": [p.result() for p in self.gnttab.pools_for(caller.domid, op.granter)]}
+        granter = self.domains.get(op.granter)
+        return {
+            "pools": [p.result() for p in self.gnttab.pools_for(caller.domid, op.granter)],
+            "max_pages": grant_budget(granter.memory) if granter is not None else 0,
+        }
 
     def do_gnttab_release_pool(self, caller: Domain, op: hc.GnttabReleasePool) -> dict[str, Any]:
         resources = caller.resources

@@ -32,7 +32,8 @@ sector range (within ``sectors``, and no u64 wrap), writes to a read-only vbd, e
 (mapped writable for READ, read-only otherwise), the indirect pages (copied out once, then their
 descriptors checked like classic segments). A request that fails a check is answered
 BLKIF_RSP_ERROR (or EOPNOTSUPP), counted in ``errors``, and processing goes on. A protocol
-violation (an impossible ``req_prod``) calls ``on_fatal`` once and stops the dispatcher. The
+violation (an impossible ``req_prod``; grant refs past the budget of bad ones, or pools past the
+frontend's grant budget: channels/grants.py) calls ``on_fatal`` once and stops the dispatcher. The
 device's logical sector size is taken to be 512 bytes (what dom0 publishes as sector-size).
 """
 
@@ -53,7 +54,7 @@ from dataclasses import dataclass
 
 from channels import blkif as B
 from channels.evtchn import EventChannel, LateEoi
-from channels.gnttab import GrantError
+from channels.gnttab import GrantError, GrantViolation
 from channels.grants import GrantMapper
 from channels.ring import BackRing, RingBroken, RingError
 from dom0.datapath_worker import CounterPage
@@ -473,7 +474,7 @@ class VbdPath:
         closed under us means the vbd is already going away."""
         try:
             yield
-        except RingBroken as exc:
+        except (RingBroken, GrantViolation) as exc:
             self._fatal(str(exc))
         except RingError:
             pass

@@ -4,7 +4,8 @@ Two threads per vif. The frontend is hostile (xen-split-driver.md §1.7): every 
 copied out of the ring once (BackRing returns copies) and checked before use; grant refs are
 resolved through GrantMapper, which checks each one; a bad packet is answered NETIF_RSP_ERROR
 and counted; a protocol violation (impossible ring index, a slot chain longer than any honest
-frontend makes) stops this vif only, through ``on_fatal``.
+frontend makes, grant refs past the budget of bad ones: channels/grants.py) stops this vif only,
+through ``on_fatal``.
 
 A transmitted frame's head (its first HEAD_COPY bytes, every header netback reads) is copied out
 of the granted pages once; the source check (antispoof.py) and the virtio-net header are made
@@ -27,7 +28,7 @@ from dataclasses import dataclass
 
 from channels import netif as N
 from channels.evtchn import EventChannel, LateEoi
-from channels.gnttab import GrantError
+from channels.gnttab import GrantError, GrantViolation
 from channels.grants import GrantMapper
 from channels.ring import BackRing, RingBroken, RingError
 from channels.tun import VNET_HDR_SIZE, TapWaiter
@@ -153,7 +154,7 @@ def _fatal_on_violation(direction: str, on_fatal: Callable[[str], None]) -> Iter
     a ring closed under us means the vif is already going away."""
     try:
         yield
-    except (RingBroken, FatalProtocolError) as exc:
+    except (RingBroken, FatalProtocolError, GrantViolation) as exc:
         on_fatal(f"{direction}: {exc}")
     except RingError:
         pass

@@ -1,12 +1,12 @@
 """A hypercall table for data-path tests: the calls a backend's data path makes, answered from
-one grant pool and one event channel's doorbells (what hyperd would answer for a real device).
+a few grant pools and one event channel's doorbells (what hyperd would answer for a real device).
 A doorbell storm, as a hostile frontend rings. And hyperd's Resources on paper, for tests of
 its tables."""
 
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -15,16 +15,17 @@ from hyper.resources import Resources
 
 
 class Hypercalls:
-    def __init__(self, pool: tuple[str, int, int], bells: tuple[str, str]) -> None:
-        self.pool = pool  # (shared-memory name, first gref, pages)
+    def __init__(self, pools: Sequence[tuple[str, int, int]], bells: tuple[str, str]) -> None:
+        self.pools = pools  # (shared-memory name, first gref, pages) of each
         self.bells = bells  # (the caller's doorbell, the peer's)
 
     def call(self, op: hc.Op) -> dict[str, Any]:
-        if isinstance(op, hc.GnttabMapPool):
-            name, base, pages = self.pool
-            if not base <= op.gref < base + pages:
-                raise hc.HypercallError(op.op, "EINVAL", f"no gref {op.gref}")
-            return {"pool": 0, "name": name, "gref_base": base, "pages": pages}
+        if isinstance(op, hc.GnttabMapPools):
+            pools = [
+                {"pool": i, "name": name, "gref_base": base, "pages": pages}
+                for i, (name, base, pages) in enumerate(self.pools)
+            ]
+            return {"pools": pools, "max_pages": sum(pages for _, _, pages in self.pools)}
         if isinstance(op, hc.EvtchnStatus):
             return {
                 "state": "interdomain",

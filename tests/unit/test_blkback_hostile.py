@@ -175,7 +175,7 @@ def _build(
         pool.grant(i, 0, readonly=i == RO_PAGE)
     for i in range(MARKED):
         pool.page(i)[:] = mark(i)
-    calls = Hypercalls((pool_name, GREF_BASE, POOL_PAGES), bells)
+    calls = Hypercalls([(pool_name, GREF_BASE, POOL_PAGES)], bells)
     grants = GrantMapper(calls, FRONT, 0)  # type: ignore[arg-type]
     stack.callback(grants.close)
     image = tmp_path / f"{tag}.img"

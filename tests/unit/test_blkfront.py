@@ -126,16 +126,7 @@ def _connect(stack: contextlib.ExitStack, tmp_path: Path, *, serve: bool) -> Rig
     front = FrontRing.init(B.BLK_RING, pools["ring"].page(0))
     stack.callback(front.close)
 
-    # The backend: its grant mapper sees one pool per call here, so it gets all three through a
-    # table that answers by gref.
-    class AllPools(Hypercalls):
-        def call(self, op):  # type: ignore[no-untyped-def]
-            for kind in ("ring", "data", "indirect"):
-                if bases[kind] <= getattr(op, "gref", -1) < bases[kind] + sizes[kind]:
-                    return Hypercalls((names[kind], bases[kind], sizes[kind]), bells).call(op)
-            return super().call(op)
-
-    calls = AllPools((names["ring"], 8, 1), bells)
+    calls = Hypercalls([(names[k], bases[k], sizes[k]) for k in names], bells)
     grants = GrantMapper(calls, 5, 0)  # type: ignore[arg-type]
     stack.callback(grants.close)
     back = BackRing.attach(B.BLK_RING, grants.resolve(8, write=True))

@@ -15,7 +15,13 @@ from channels import hypercall as hc
 from hyper import hyperd
 from hyper.domain import Domain
 from hyper.evtchn import EventChannels, EvtchnError
-from hyper.gnttab import MAX_POOLS_PER_DOMAIN, GnttabError, GrantTables
+from hyper.gnttab import (
+    MAX_POOL_PAGES_PER_DOMAIN,
+    MAX_POOLS_PER_DOMAIN,
+    GnttabError,
+    GrantTables,
+    grant_budget,
+)
 from hyper.paths import RunDir
 from tests.unit.backend_hypercalls import PaperResources
 
@@ -130,17 +136,14 @@ def test_channels_between_two_domus_are_refused() -> None:
     assert refused.value.errno_name == "EPERM"
 
 
-def test_grant_pools_map_only_for_their_peer() -> None:
+def test_grant_pools_take_fresh_refs_and_go_with_their_domain() -> None:
     tables = GrantTables()
     resources = PaperResources(5)
     pool = tables.setup_pool(5, 0, 16, resources)
     assert pool.gref_base >= 8, "grant refs 0..7 are reserved"
-    assert tables.map_pool(0, 5, pool.gref_base + 15) == pool
-    with pytest.raises(GnttabError) as outside:
-        tables.map_pool(0, 5, pool.gref_base + 16)
-    assert outside.value.errno_name == "EINVAL"
+    tables.release_pool(5, pool.pool, resources)
     other = tables.setup_pool(5, 0, 4, resources)
-    assert other.gref_base == pool.gref_base + 16
+    assert other.gref_base == pool.gref_base + 16, "a released pool's refs are never reused"
     tables.release_domain(5, resources)
     assert resources.segments == set()
 
@@ -161,7 +164,6 @@ def test_only_calls_that_query_are_read_only() -> None:
     read_only = {name for name, cls in hc.OPS.items() if cls.read_only}
     assert read_only == {
         "evtchn_status",
-        "gnttab_map_pool",
         "gnttab_map_pools",
         "domctl_list",
         "domctl_exec_target",
@@ -177,3 +179,23 @@ def test_a_backend_learns_every_pool_granted_to_it_and_no_other() -> None:
     tables.setup_pool(6, 0, 4, PaperResources(6))
     assert tables.pools_for(0, 5) == mine
     assert tables.pools_for(5, 6) == [], "a pool granted to dom0 is not 5's to map"
+
+
+def test_a_domain_grants_no_more_pages_than_its_memory(hypervisor: hyperd.Hypervisor) -> None:
+    """In Xen a granted page is the guest's own: a 32 MiB domain has 8192 pages to grant, and
+    a backend learns that budget with the pools. An honest frontend zeroes every page it
+    grants, charged to its own memory: the budget refuses it nothing its memory allowed."""
+    guest = Domain(3, "guest", {"memory": 32}, PaperResources(3))
+    hypervisor.domains[3] = guest
+    assert grant_budget(32) == 8192
+    for _ in range(2):
+        hypervisor.handle(guest, hc.GnttabSetupPool(peer=0, pages=4096))
+    with pytest.raises(GnttabError) as refused:
+        hypervisor.handle(guest, hc.GnttabSetupPool(peer=0, pages=1))
+    assert refused.value.errno_name == "ENOSPC"
+    dom0 = Domain(0, "Domain-0", {"memory": 4096}, PaperResources(0))
+    answer = hypervisor.handle(dom0, hc.GnttabMapPools(granter=3))
+    assert len(answer["pools"]) == 2
+    assert answer["max_pages"] == 8192
+    assert hypervisor.handle(dom0, hc.GnttabMapPools(granter=9))["max_pages"] == 0
+    assert grant_budget(1 << 20) == MAX_POOL_PAGES_PER_DOMAIN, "and never more than the cap"

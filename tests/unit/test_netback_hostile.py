@@ -104,7 +104,7 @@ def serving_vif(sources: SourceFilter | None = None) -> Iterator[Vif]:
     pool = GrantPool.open(pool_name, 8, 8)
     for i in range(8):
         pool.grant(i, 0, readonly=True)
-    calls = Hypercalls((pool_name, 8, 8), bells)
+    calls = Hypercalls([(pool_name, 8, 8)], bells)
     grants = GrantMapper(calls, FRONT, 0)  # type: ignore[arg-type]
     tap, peer = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     counters = Counters()

@@ -98,7 +98,7 @@ def setup() -> Iterator[tuple[Segment, GrantPool, socket.socket, socket.socket, 
     pool = GrantPool.open(names[1], 8, PAGES)
     tap, peer = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     tap.setblocking(False)  # as a TAP's fd is: netfront reads until EAGAIN
-    calls = Hypercalls((names[1], 8, PAGES), (names[2], names[3]))
+    calls = Hypercalls([(names[1], 8, PAGES)], (names[2], names[3]))
     evtchn = from_status(calls, 1)  # type: ignore[arg-type]
     yield segment, pool, tap, peer, evtchn, names[2]
     tap.close()
