@@ -12,6 +12,10 @@ Before issue 12, blkback's worker kept every pool it had mapped until the vbd di
 dom0 grew by 16 MiB a pool. Now the worker drops the pools the guest released at its next miss,
 and may never map more than the guest's grant budget, so dom0 holds at most one of these pools
 at a time. The loop stops early, failing, as soon as dom0 has grown past the bound.
+
+The second test names grefs in no pool: each costs the worker a round trip to dom0 and hyperd,
+so past the budget of bad grefs (channels/grants.py) the vbd fails as on a protocol violation,
+and the domain's other disk carries on.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import os
 import socket
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,11 +36,12 @@ import pytest
 from channels import blkif as B
 from channels import hypercall as hc
 from channels.gnttab import GrantPool
+from channels.grants import BAD_GREF_BUDGET
 from hyper import cgroup
 from tests.integration.blkhost import HostileBlkfront, vbd_stats
-from tests.integration.conftest import domain_info, hyperctl
+from tests.integration.conftest import domain_info, hyperctl, wait_for
 from tests.integration.test_block import disk
-from tests.integration.test_block_hostile import Req, Sender, seg
+from tests.integration.test_block_hostile import OKAY, Req, Sender, seg
 
 pytestmark = pytest.mark.root
 
@@ -103,6 +109,11 @@ def cycle_one_pool(hcalls: Hypercalls, evil: HostileBlkfront, send: Sender) -> N
     hcalls.call(hc.GnttabReleasePool(pool=info["pool"]))
 
 
+def read(gref: int) -> bytes:
+    """A READ of sector 0 into one whole page (id 0: Sender stamps its own)."""
+    return B.Request.rw(B.BLKIF_OP_READ, 0, 0, [seg(gref)]).pack()
+
+
 def released_pools_mapped(pid: int, domid: int) -> int:
     """How many of the domain's grant pools process ``pid`` maps after hyperd removed them."""
     names = set()
@@ -113,36 +124,53 @@ def released_pools_mapped(pid: int, domid: int) -> int:
     return len(names)
 
 
+@dataclass
+class Guest:
+    """A paused domain with two 16 MiB disks, each vbd taken over."""
+
+    name: str
+    domid: int
+    kernel_pid: int
+    vbds: dict[str, HostileBlkfront]
+
+
 @pytest.fixture
-def attacker(
-    make_domain: Callable[..., str], tmp_path: Path
-) -> Iterator[tuple[str, int, Hypercalls, HostileBlkfront]]:
-    """A paused domain with a 16 MiB disk, its vbd and its hypercall socket taken over."""
-    name = make_domain("disk:\n" + disk(tmp_path / "cycle.img", size="16M"))
+def guest(make_domain: Callable[..., str], tmp_path: Path) -> Iterator[Guest]:
+    disks = disk(tmp_path / "a.img", size="16M") + disk(tmp_path / "b.img", "xvdb", size="16M")
+    name = make_domain("disk:\n" + disks)
     info = domain_info(name)
     assert info is not None
     hyperctl("pause", name)
-    sock = kernel_hypercall_socket(info["pid"])
-    evil = HostileBlkfront(name, info["domid"], "xvda")
+    taken = Guest(name, info["domid"], info["pid"], {})
     try:
-        yield name, info["domid"], Hypercalls(sock), evil
+        for vdev in ("xvda", "xvdb"):
+            taken.vbds[vdev] = HostileBlkfront(name, taken.domid, vdev)
+        yield taken
     finally:
-        evil.close()
+        for evil in taken.vbds.values():
+            evil.close()
+
+
+@pytest.fixture
+def hypercalls(guest: Guest) -> Iterator[Hypercalls]:
+    """The guest's hypercall socket, taken from its frozen kernel."""
+    sock = kernel_hypercall_socket(guest.kernel_pid)
+    try:
+        yield Hypercalls(sock)
+    finally:
         sock.close()
 
 
-def test_a_guest_cycling_grant_pools_cannot_grow_dom0(
-    attacker: tuple[str, int, Hypercalls, HostileBlkfront],
-) -> None:
-    name, domid, hcalls, evil = attacker
+def test_a_guest_cycling_grant_pools_cannot_grow_dom0(guest: Guest, hypercalls: Hypercalls) -> None:
+    evil = guest.vbds["xvda"]
     dom0 = cgroup.open_hierarchy().open("dom0")
     send = Sender(evil)
-    cycle_one_pool(hcalls, evil, send)  # the worker's first refresh, and its heap, warmed up
+    cycle_one_pool(hypercalls, evil, send)  # the worker's first refresh, and its heap, warmed up
     baseline = dom0.memory_bytes()
     pools, peak = 0, 0
     deadline = time.monotonic() + SECONDS
     while time.monotonic() < deadline:
-        cycle_one_pool(hcalls, evil, send)
+        cycle_one_pool(hypercalls, evil, send)
         pools += 1
         growth = dom0.memory_bytes() - baseline
         peak = max(peak, growth)
@@ -151,7 +179,32 @@ def test_a_guest_cycling_grant_pools_cannot_grow_dom0(
         )
     print(f"\n{pools} pools of 16 MiB cycled; dom0 grew by at most {peak / MiB:.1f} MiB")
 
-    worker = vbd_stats(name, "xvda")["worker_pid"]
+    worker = vbd_stats(guest.name, "xvda")["worker_pid"]
     assert isinstance(worker, int), "the vbd is still served"
     # The pool released last is dropped at the worker's next miss; none before it is kept.
-    assert released_pools_mapped(worker, domid) <= 1
+    assert released_pools_mapped(worker, guest.domid) <= 1
+
+
+def test_past_its_budget_of_bad_grefs_a_vbd_fails_alone(guest: Guest) -> None:
+    """Each gref in no pool costs dom0 and hyperd a round trip: BAD_GREF_BUDGET of them are
+    answered with errors, the next fails that vbd as a protocol violation would."""
+    evil, other = guest.vbds["xvda"], guest.vbds["xvdb"]
+    nowhere = evil.beyond_every_pool()
+    bad = [Req(f"READ into gref {nowhere + n}", read(nowhere + n)) for n in range(BAD_GREF_BUDGET)]
+    send = Sender(evil)
+    for start in range(0, len(bad), 16):
+        send.batch(bad[start : start + 16])
+    assert vbd_stats(guest.name, "xvda")["errors"] == BAD_GREF_BUDGET
+
+    evil.send(read(nowhere + BAD_GREF_BUDGET))
+    backend = f"/local/domain/0/backend/vbd/{guest.domid}/{B.vdev_number('xvda')}"
+    wait_for(
+        lambda: hyperctl("store", "read", f"{backend}/error", check=False).status == 0,
+        10,
+        "blkback to fail the vbd",
+    )
+    assert "grefs in none of its pools" in hyperctl("store", "read", f"{backend}/error").out
+
+    good = read(other.data_gref(0))
+    Sender(other).one(Req("a good READ on the other disk", good, OKAY))
+    assert hyperctl("list").status == 0
