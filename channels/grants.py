@@ -38,6 +38,7 @@ import time
 import weakref
 from typing import Any
 
+from channels.credit import Credit
 from channels.gnttab import GrantError, GrantViolation, MappedPool
 from channels.hypercall import GnttabMapPools, HypercallClient, HypercallError
 from channels.shm import ShmError
@@ -57,24 +58,6 @@ def map_pools(hc: HypercallClient, granter: int) -> dict[str, Any]:
     return dict(hc.call(GnttabMapPools(granter=granter)))
 
 
-class Pace:
-    """A token bucket: ``burst`` at once, then ``rate`` a second. ``take()`` takes one, and
-    sleeps off the debt when there was none left."""
-
-    def __init__(self, burst: int, rate: float) -> None:
-        self.burst = burst
-        self.rate = rate
-        self._tokens = float(burst)
-        self._stamp = time.monotonic()
-
-    def take(self) -> None:
-        now = time.monotonic()
-        self._tokens = min(self.burst, self._tokens + (now - self._stamp) * self.rate) - 1
-        self._stamp = now
-        if self._tokens < 0:
-            time.sleep(-self._tokens / self.rate)
-
-
 class GrantMapper:
     def __init__(
         self,
@@ -90,7 +73,7 @@ class GrantMapper:
         self.max_pages = 0  # the granter's grant budget, as of the last refresh
         self.bad_grefs = 0
         self.bad_gref_budget = BAD_GREF_BUDGET
-        self._pace = Pace(REFRESH_BURST, REFRESHES_PER_SECOND)
+        self._pace = Credit(REFRESHES_PER_SECOND, REFRESH_BURST)
         self._pools: list[MappedPool] = []  # replaced, never changed: read without the lock
         # Pools dropped at a refresh, while the data path may still hold pages of them.
         self._dropped: list[tuple[weakref.ref[Any], int]] = []
@@ -149,7 +132,10 @@ class GrantMapper:
             raise
         for pool in self._pools:
             if gref in pool:
-                self._pace.take()  # after the fact: only the refreshes that resolve are paced
+                # Charged after the fact: only the refreshes that resolve are paced.
+                delay = self._pace.charge(1.0)
+                if delay:
+                    time.sleep(delay)
                 return pool
         self._bad_gref(gref)
         raise GrantError(f"gref {gref} is in no pool domain {self.granter} granted us")

@@ -14,17 +14,18 @@ log is rotated to ``dom<N>.log.1`` (replacing the older one) and starts again, a
 logrotate's ``size``/``rotate 1`` would. A flood therefore costs the host two files of bounded
 size and hyperd a bounded share of its time.
 
-Both are a ``Credit``: a token bucket refilled at ``rate`` per second up to ``burst``; a charge
-that overdraws it says how long the domain must wait before it is served again.
+Both are a ``Credit`` (channels/credit.py): a token bucket refilled at ``rate`` per second up to
+``burst``; a charge that overdraws it says how long the domain must wait before it is served
+again.
 """
 
 from __future__ import annotations
 
 import os
 import socket
-import time
-from dataclasses import dataclass, field
 from pathlib import Path
+
+from channels.credit import Credit
 
 HYPERCALL_RATE = 200.0
 HYPERCALL_BURST = 400.0
@@ -32,28 +33,6 @@ LOG_MAX = 512 << 10  # bytes of one log file; with the rotated one, 1 MiB per do
 LOG_RATE = 64 << 10  # bytes a second hyperd reads of one domain's output
 LOG_BURST = 256 << 10
 READ_CHUNK = 64 << 10
-
-
-@dataclass
-class Credit:
-    """A token bucket: ``rate`` a second, at most ``burst`` saved up."""
-
-    rate: float
-    burst: float
-    balance: float = field(init=False)
-    stamp: float = field(init=False)
-
-    def __post_init__(self) -> None:
-        self.balance = self.burst
-        self.stamp = time.monotonic()
-
-    def charge(self, cost: float) -> float:
-        """Take ``cost``; the seconds to wait before the next charge (0: go on now)."""
-        now = time.monotonic()
-        self.balance = min(self.burst, self.balance + (now - self.stamp) * self.rate)
-        self.stamp = now
-        self.balance -= cost
-        return 0.0 if self.balance >= 0 else -self.balance / self.rate
 
 
 class GuestLog:

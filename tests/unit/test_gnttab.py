@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from channels import grants
+from channels import credit, grants
 from channels import hypercall as hc
 from channels.gnttab import GrantError, GrantPool, GrantViolation, MappedPool, pool_bytes
 from channels.grants import (
@@ -244,7 +244,7 @@ def test_bad_grefs_cost_a_refresh_each_up_to_the_budget_then_fail_the_device(
 
 
 class Clock:
-    """time for channels.grants, with sleeps that only move it on."""
+    """time for channels.grants and its credit, with sleeps that only move it on."""
 
     def __init__(self) -> None:
         self.now = 100.0
@@ -264,6 +264,7 @@ def test_refreshes_that_resolve_are_paced_and_bad_ones_are_not(
     """A granter that sets up a pool and uses it, over and over, forces a refresh each time:
     past a burst, its device waits for them at a fixed rate."""
     clock = Clock()
+    monkeypatch.setattr(credit, "time", clock)
     monkeypatch.setattr(grants, "time", clock)
     granter.max_pages = 1 << 16
     mapper = GrantMapper(granter, 5, 0)  # type: ignore[arg-type]

@@ -1,0 +1,33 @@
+"""A credit: a token bucket refilled at ``rate`` a second, at most ``burst`` saved up.
+
+What a peer's requests may cost whoever serves them: hyperd charges a domU's hypercalls and
+its log output to one (hyper/budget.py), a backend's grant mapper its refreshes
+(channels/grants.py). A charge that overdraws it says how long to wait before serving again.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+
+@dataclass
+class Credit:
+    """A token bucket: ``rate`` a second, at most ``burst`` saved up."""
+
+    rate: float
+    burst: float
+    balance: float = field(init=False)
+    stamp: float = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.balance = self.burst
+        self.stamp = time.monotonic()
+
+    def charge(self, cost: float) -> float:
+        """Take ``cost``; the seconds to wait before the next charge (0: go on now)."""
+        now = time.monotonic()
+        self.balance = min(self.burst, self.balance + (now - self.stamp) * self.rate)
+        self.stamp = now
+        self.balance -= cost
+        return 0.0 if self.balance >= 0 else -self.balance / self.rate
