@@ -26,7 +26,7 @@ from channels import netif as N
 from channels.doorbell import create_doorbell, unlink_doorbell
 from channels.evtchn import from_status
 from channels.gnttab import GrantPool, pool_bytes
-from channels.grants import GrantMapper
+from channels.grants import BAD_GREF_BUDGET, GrantMapper
 from channels.ring import PAGE_SIZE, BackRing, FrontRing, u32_view
 from channels.shm import attach, create_segment, unlink_segment
 from dom0.netback.antispoof import SourceFilter
@@ -205,6 +205,18 @@ def test_a_chain_longer_than_any_honest_packet_disconnects_the_vif(vif: Vif) -> 
     vif.send(*[(gref, 0, N.NETTXF_more_data, i, 100) for i in range(25)])
     assert vif.fatal_event.wait(5), "the vif must be disconnected"
     assert "slots" in vif.fatal[0]
+
+
+def test_past_its_budget_of_bad_grefs_the_vif_is_disconnected(vif: Vif) -> None:
+    """Each gref in no pool costs the worker a round trip to dom0 and hyperd: the first
+    BAD_GREF_BUDGET are refused one packet at a time, the next disconnects the vif."""
+    for n in range(BAD_GREF_BUDGET):
+        vif.send((1000 + n, 0, 0, n, len(FRAME)))
+        assert vif.responses(1) == [(n, N.NETIF_RSP_ERROR)]
+    assert not vif.fatal
+    vif.send((5000, 0, 0, 99, len(FRAME)))
+    assert vif.fatal_event.wait(5), "the vif must be disconnected"
+    assert "grefs in none of its pools" in vif.fatal[0]
 
 
 def test_an_impossible_req_prod_disconnects_the_vif(vif: Vif) -> None:
