@@ -31,6 +31,37 @@ from hyper import control
 from hyper.control import ControlError, NotRunning
 from hyper.paths import RunDir
 
+#: What a domU, its kernel included, can and cannot do to the host: `hyperctl --help` ends with
+#: it, and the README's sandbox section says exactly the same (tests/unit/test_readme.py).
+CONTAINMENT = """\
+What a domU can do, its kernel included (were it hostile):
+- use the memory, CPU share and processes its config gives it, through its cgroup;
+- send frames on its bridge from its vif's MAC, and from its `ip` when the vif has one;
+- read and write its own disks, and its own store nodes within its quota;
+- ask hyperd for event channels and grant pools, at a bounded rate, with at most its
+  memory's worth of pages granted;
+- write its own log, `dom<N>.log`, which hyperd reads at 64 KiB/s and rotates at 512 KiB.
+
+What it cannot do:
+- see a host process, interface, file it could write, `/run/hyper` or the toolstack
+  socket: the host's `/proc` and `/sys` lie under empty covers it cannot remove;
+- write the host's `/dev/shm`: its own is a directory of links to its rings and doorbells,
+  which it can open but not add to, so nothing it makes there outlives it;
+- take the host's terminals: its ptys come from a devpts of its own (at most 64), and
+  `hyperctl exec` never hands it a descriptor of the caller's terminal;
+- spoof another address: frames from another MAC, or another IPv4, ARP or IPv6 source
+  when the vif has an `ip`, are dropped and counted (`Spoof` in `network-list`);
+- change a header netback checked (netback sends its own copy), or send a GSO size
+  outside 88-65534;
+- make dom0 hold its memory: a backend maps at most the guest's grant budget and drops
+  released pools, and 64 bad grant refs fail the device;
+- grow the store: 1000 nodes and 2 MiB of names, values and permissions, 128 watches,
+  10 transactions of at most 2 MiB that live at most 20 s; the store's files on disk
+  stay about the size of the live store;
+- keep hyperd busy: a call that changes hyperd's tables costs 10 of 200 credits a
+  second, one that changes nothing 1; out of credit, it waits;
+- reach another domain's pages, doorbells, store nodes or processes.
+"""
 DETACH = b"\x1d"  # Ctrl-]
 HYPERD_START_TIMEOUT = 30.0
 HYPERD_DOWN = (
@@ -692,7 +723,10 @@ def cmd_store(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="hyperctl", description="Manage hyper domains (an xl-shaped tool)."
+        prog="hyperctl",
+        description="Manage hyper domains (an xl-shaped tool).",
+        epilog=CONTAINMENT,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     sub = parser.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
 

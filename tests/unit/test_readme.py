@@ -18,8 +18,14 @@ from pathlib import Path
 import pytest
 from pydantic import BaseModel
 
-from hyper.cli import build_parser
+from channels.grants import BAD_GREF_BUDGET
+from dom0.netback.datapath import GSO_BY_FRAGS, MIN_GSO_SIZE
+from dom0.store.quota import Quota
+from domu.sandbox import PTYS_MAX
+from hyper.budget import HYPERCALL_RATE, LOG_MAX, LOG_RATE
+from hyper.cli import CONTAINMENT, build_parser
 from hyper.config import DiskConfig, DomainConfig, VifConfig
+from hyper.hyperd import HYPERCALL_COST
 from hyper.paths import RunDir
 
 REPO = Path(__file__).resolve().parents[2]
@@ -217,3 +223,29 @@ def test_example_test_ids_exist() -> None:
         assert (REPO / path).is_file(), command
         if name:
             assert f"def {name}(" in (REPO / path).read_text(encoding="utf-8"), command
+
+
+# -- containment ---------------------------------------------------------------------------------
+
+
+def test_the_sandbox_section_says_what_hyperctl_says_a_domu_can_and_cannot_do() -> None:
+    assert CONTAINMENT.strip() in section("The sandbox")
+    assert CONTAINMENT in build_parser().format_help()
+
+
+def test_the_containment_text_states_the_limits_the_code_enforces() -> None:
+    quota = Quota()
+    facts = [
+        f"at most {PTYS_MAX})",
+        f"reads at {LOG_RATE >> 10} KiB/s and rotates at {LOG_MAX >> 10} KiB",
+        f"{quota.nodes} nodes and {quota.memory >> 20} MiB",
+        f"{quota.watches} watches",
+        f"{quota.transactions} transactions of at most {quota.memory >> 20} MiB",
+        f"live at most {quota.transaction_lifetime:g} s",
+        f"costs {HYPERCALL_COST[False]:g} of {HYPERCALL_RATE:g} credits",
+        f"nothing {HYPERCALL_COST[True]:g};",
+        f"{BAD_GREF_BUDGET} bad grant refs",
+        f"outside {MIN_GSO_SIZE}-{GSO_BY_FRAGS - 1}",
+    ]
+    text = " ".join(CONTAINMENT.split())
+    assert [fact for fact in facts if fact not in text] == []
