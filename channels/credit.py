@@ -8,6 +8,7 @@ its log output to one (hyper/budget.py), a backend's grant mapper its refreshes
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 
@@ -17,17 +18,21 @@ class Credit:
 
     rate: float
     burst: float
+    clock: Callable[[], float] | None = None  # seconds; None: time.monotonic (tests drive one)
     balance: float = field(init=False)
     stamp: float = field(init=False)
 
     def __post_init__(self) -> None:
         self.balance = self.burst
-        self.stamp = time.monotonic()
+        self.stamp = self._now()
 
     def charge(self, cost: float) -> float:
         """Take ``cost``; the seconds to wait before the next charge (0: go on now)."""
-        now = time.monotonic()
+        now = self._now()
         self.balance = min(self.burst, self.balance + (now - self.stamp) * self.rate)
         self.stamp = now
         self.balance -= cost
         return 0.0 if self.balance >= 0 else -self.balance / self.rate
+
+    def _now(self) -> float:
+        return self.clock() if self.clock is not None else time.monotonic()

@@ -43,6 +43,12 @@ MOUNT_ATTR_NODEV = 0x00000004
 _SYS_MOUNT_SETATTR = 442  # x86_64 and aarch64 share this number (new syscall table)
 _SYS_PIVOT_ROOT = 155 if os.uname().machine == "x86_64" else 41
 
+# <linux/openat2.h>
+RESOLVE_NO_MAGICLINKS = 0x02
+RESOLVE_NO_SYMLINKS = 0x04
+RESOLVE_IN_ROOT = 0x10
+_SYS_OPENAT2 = 437  # x86_64 and aarch64 alike
+
 # <linux/prctl.h>
 PR_SET_PDEATHSIG = 1
 PR_SET_NAME = 15
@@ -107,6 +113,24 @@ def mount_setattr(path: str, *, set_: int = 0, clear: int = 0, recursive: bool =
         ctypes.c_size_t(ctypes.sizeof(attr)),
     )
     _check(result, f"mount_setattr {path}")
+
+
+class _OpenHow(ctypes.Structure):
+    _fields_ = (("flags", ctypes.c_uint64), ("mode", ctypes.c_uint64), ("resolve", ctypes.c_uint64))
+
+
+def openat2(dirfd: int, path: str, flags: int, resolve: int) -> int:
+    """open(2) of ``path`` below ``dirfd``, its lookup restricted by ``resolve`` (RESOLVE_*;
+    Linux >= 5.6): the way to open a file inside another root without following its links."""
+    how = _OpenHow(flags, 0, resolve)
+    result = _libc.syscall(
+        ctypes.c_long(_SYS_OPENAT2),
+        ctypes.c_int(dirfd),
+        os.fsencode(path),
+        ctypes.byref(how),
+        ctypes.c_size_t(ctypes.sizeof(how)),
+    )
+    return _check(result, f"openat2 {path}")
 
 
 def prctl(option: int, arg: int = 0) -> None:

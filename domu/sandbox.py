@@ -245,6 +245,11 @@ def enter_kernel_mounts(hostname: str) -> None:
         )
     except OSError:
         pass  # the empty, read-only cover stays (build_root): no sysfs rather than the host's
+    # The domain's programs may make no user namespace of their own: in one they could mount a
+    # devpts instance without our limit (PTYS_MAX) and more. The limit is the domain's user
+    # namespace's own; only a process privileged in it (this kernel) could raise it again.
+    with open("/proc/sys/user/max_user_namespaces", "w") as limit:
+        limit.write("0")
     socket.sethostname(hostname)
     # Disks are mounted on /dev/xvdX after the workload's mount namespace exists: a shared /dev
     # propagates them there (both namespaces belong to the domain's user namespace).

@@ -1,8 +1,8 @@
 """What a domU may cost hyperd: a credit for its hypercalls, and its own log, capped.
 
 A domU's hypercalls are answered from a credit of ``HYPERCALL_RATE`` a second, at most
-``HYPERCALL_BURST`` saved up (dom0's are the toolstack's and are not limited; what each call
-costs is hyperd's ``HYPERCALL_COST``). An honest domain makes a few dozen calls as it boots or
+``HYPERCALL_BURST`` saved up, each costing ``HYPERCALL_COST`` (dom0's are the toolstack's and
+are not limited). An honest domain makes a few dozen calls as it boots or
 gets a device, and none on its data path; one that loops is served at this rate, and hyperd
 reads nothing more from it until its credit is back, so its calls wait in its own socket.
 
@@ -21,6 +21,7 @@ again.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 from pathlib import Path
@@ -29,9 +30,15 @@ from channels.credit import Credit
 
 HYPERCALL_RATE = 200.0
 HYPERCALL_BURST = 400.0
+#: What one call costs, by ``Op.read_only``: a call that changes hyperd's tables makes it
+#: rewrite its state file; a request it cannot parse costs as much (and is logged, at most 10).
+HYPERCALL_COST = {True: 1.0, False: 10.0}
 LOG_MAX = 512 << 10  # bytes of one log file; with the rotated one, 1 MiB per domain at most
 LOG_RATE = 64 << 10  # bytes a second hyperd reads of one domain's output
 LOG_BURST = 256 << 10
+#: What a read costs the log's credit at least: a guest trickling a byte at a time must not
+#: wake hyperd more often than one writing whole chunks would at the same rate.
+LOG_READ_COST = 4096
 READ_CHUNK = 64 << 10
 
 
@@ -67,7 +74,7 @@ class GuestLog:
         if not data:
             return None
         self._write(data)
-        return self.credit.charge(len(data))
+        return self.credit.charge(max(len(data), LOG_READ_COST))
 
     def drain(self) -> None:
         """Move what is left (the domain is dead: at most its socket's buffer), credit or not."""
@@ -82,16 +89,23 @@ class GuestLog:
 
     def _write(self, data: bytes) -> None:
         try:
-            if self._size + len(data) > LOG_MAX:
-                os.replace(self.path, self._rotated)
-                os.close(self._fd)
-                self._fd = -1
-                flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND | os.O_CLOEXEC
-                self._fd = os.open(self.path, flags, 0o600)
-                self._size = 0
+            if self._size + len(data) > LOG_MAX or self._fd < 0:
+                self._start_file()
             self._size += os.write(self._fd, data)
         except OSError:
-            pass  # a full disk, a log removed under us: the domain loses its log, hyperd nothing
+            pass  # a full disk, say: the domain loses these lines, hyperd nothing
+
+    def _start_file(self) -> None:
+        """Rotate the full log to ``.1`` and start it again (or, after a failure, or with the
+        file removed under us, just start it again)."""
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+            with contextlib.suppress(FileNotFoundError):
+                os.replace(self.path, self._rotated)
+        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND | os.O_CLOEXEC
+        self._fd = os.open(self.path, flags, 0o600)
+        self._size = 0
 
     def close(self) -> None:
         self.sock.close()

@@ -13,11 +13,14 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import fcntl
 import json
 import os
 import select
 import shutil
+import stat
+import struct
 import subprocess
 import sys
 import termios
@@ -27,6 +30,7 @@ import tty
 from pathlib import Path
 from typing import IO, Any
 
+from domu import linux
 from hyper import control
 from hyper.control import ControlError, NotRunning
 from hyper.paths import RunDir
@@ -47,8 +51,9 @@ What it cannot do:
   socket: the host's `/proc` and `/sys` lie under empty covers it cannot remove;
 - write the host's `/dev/shm`: its own is a directory of links to its rings and doorbells,
   which it can open but not add to, so nothing it makes there outlives it;
-- take the host's terminals: its ptys come from a devpts of its own (at most 64), and
-  `hyperctl exec` never hands it a descriptor of the caller's terminal;
+- take the host's terminals: its ptys come from a devpts of its own (at most 64), its
+  programs may make no user namespace to mount another, no devpts a domain mounts can
+  use the ptys kept for host logins, and `hyperctl exec` never hands it a host terminal;
 - spoof another address: frames from another MAC, or another IPv4, ARP or IPv6 source
   when the vif has an `ip`, are dropped and counted (`Spoof` in `network-list`);
 - change a header netback checked (netback sends its own copy), or send a GSO size
@@ -452,7 +457,16 @@ def cmd_exec(args: argparse.Namespace) -> int:
     ]
     procs = [Path(p) for p in target["cgroup_procs"]]
     interactive = sys.stdin.isatty() and sys.stdout.isatty()
-    master, slave = os.openpty() if interactive else (-1, -1)
+    master, slave = -1, -1
+    if interactive:
+        try:
+            master, slave = _domain_pty(int(target["pid"]))
+        except OSError as exc:
+            print(
+                f"hyperctl: exec: no terminal in {args.domain} ({exc}); running without one",
+                file=sys.stderr,
+            )
+            interactive = False
 
     def enter_domain() -> None:
         for path in procs:
@@ -460,12 +474,12 @@ def cmd_exec(args: argparse.Namespace) -> int:
         if interactive:
             fcntl.ioctl(0, termios.TIOCSCTTY, 0)
 
-    # A new session, our environment left behind, and never a descriptor of the caller's
-    # terminal: whatever a domain's process holds, its kernel can take (pidfd_getfd) and use to
+    # A new session, our environment left behind, and never a descriptor of one of the host's
+    # terminals: whatever a domain's process holds, its kernel can take (pidfd_getfd) and use to
     # read the caller's keystrokes or, with TIOCSTI, type into the caller's shell. On a terminal
-    # the command gets a terminal of its own, as `docker exec -t` does; otherwise each of our
-    # standard descriptors that is a terminal is relayed through a pipe, the others (files,
-    # pipes) are passed as they are.
+    # the command gets a terminal of its own, from the domain's own devpts, which we relay, as
+    # `docker exec -t` does; otherwise each of our standard descriptors that is a terminal is
+    # relayed through a pipe, the others (files, pipes) are passed as they are.
     stdio: dict[str, Any] = {"stdin": slave, "stdout": slave, "stderr": slave}
     if not interactive:
         stdio = {name: subprocess.PIPE for fd, name in STDIO if os.isatty(fd)}
@@ -488,6 +502,32 @@ def cmd_exec(args: argparse.Namespace) -> int:
 
 
 STDIO = ((0, "stdin"), (1, "stdout"), (2, "stderr"))
+PTMX = os.makedev(5, 2)
+TIOCSPTLCK = 0x40045431
+TIOCGPTPEER = 0x5441
+
+
+def _domain_pty(pid: int) -> tuple[int, int]:
+    """A pseudo-terminal pair from the devpts of the domain ``pid`` runs in: its ``/dev/ptmx``,
+    opened below the domain's root without following any link the domain may have put there,
+    and its peer through TIOCGPTPEER (no path lookup at all)."""
+    root = os.open(f"/proc/{pid}/root", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        flags = os.O_RDWR | os.O_NOCTTY | os.O_CLOEXEC | os.O_NONBLOCK  # a FIFO: no hang
+        resolve = linux.RESOLVE_IN_ROOT | linux.RESOLVE_NO_SYMLINKS | linux.RESOLVE_NO_MAGICLINKS
+        master = linux.openat2(root, "dev/ptmx", flags, resolve)
+    finally:
+        os.close(root)
+    try:
+        if os.fstat(master).st_rdev != PTMX or not stat.S_ISCHR(os.fstat(master).st_mode):
+            raise OSError(errno.ENODEV, "the domain's /dev/ptmx is not the ptmx device")
+        os.set_blocking(master, True)
+        fcntl.ioctl(master, TIOCSPTLCK, struct.pack("i", 0))
+        slave = fcntl.ioctl(master, TIOCGPTPEER, os.O_RDWR | os.O_NOCTTY)
+    except OSError:
+        os.close(master)
+        raise
+    return master, slave
 
 
 def _relay_pipes(proc: subprocess.Popen[bytes]) -> list[threading.Thread]:

@@ -29,8 +29,9 @@ from pathlib import Path
 from typing import Any
 
 from channels.bytering import CONSOLE_PAGE_SIZE, XENSTORE_PAGE_SIZE
+from channels.credit import Credit
 from domu.sandbox import id_map
-from hyper.budget import HYPERCALL_BURST, HYPERCALL_RATE, Credit, GuestLog
+from hyper.budget import HYPERCALL_BURST, HYPERCALL_RATE, GuestLog
 from hyper.cgroup import DomainGroup
 from hyper.resources import Resources
 
@@ -95,7 +96,7 @@ class Domain:
     #: (monotonic) hyperd reads none of them, having run out (0: reading).
     credit: Credit = field(default_factory=lambda: Credit(HYPERCALL_RATE, HYPERCALL_BURST))
     calls_paused_until: float = 0.0
-    log: GuestLog | None = None  # hyperd's end of a domU's output (hyper/guestlog.py)
+    log: GuestLog | None = None  # hyperd's end of a domU's output (hyper/budget.py)
     process: subprocess.Popen[bytes] | None = None  # dom0's process (kept: see hyperd._reap)
 
     @property
@@ -150,7 +151,7 @@ class Domain:
             status=Status(data["status"]),
             uuid=str(data["uuid"]),
             created=float(data["created"]),
-            owner=int(data["owner"]),
+            owner=int(data.get("owner", 0)),  # 0 in a state file from before owners
             pid=_optional_int(data["pid"]),
             pid_start=_optional_int(data["pid_start"]),
             reaped=bool(data["reaped"]),
@@ -201,6 +202,10 @@ def ring_sizes() -> dict[str, int]:
     return {"store": XENSTORE_PAGE_SIZE, "console": CONSOLE_PAGE_SIZE}
 
 
+SO_SNDBUFFORCE = 32  # <asm-generic/socket.h>: root may set a buffer past wmem_max
+LOG_BUFFER = 1 << 20
+
+
 def spawn_boot(domain: Domain, rootfs: Path, log_path: Path) -> None:
     """Start the domain's boot process; its progress arrives on ``domain.sync``, and what it
     and the kernel write on their output on ``domain.log`` (a new domain, a new log: domids
@@ -208,6 +213,9 @@ def spawn_boot(domain: Domain, rootfs: Path, log_path: Path) -> None:
     hyper_end, domain_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     sync_here, sync_there = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     log_here, log_there = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    # Room for what an honest kernel says while no hyperd reads (killed, or the domain past
+    # its rate): its writes wait only past this.
+    log_there.setsockopt(socket.SOL_SOCKET, SO_SNDBUFFORCE, LOG_BUFFER)
     domain.log = GuestLog(log_path, log_here, fresh=True)
     domain.boot = subprocess.Popen(
         [sys.executable, "-m", "domu.boot", str(domain_end.fileno()), str(sync_there.fileno())],

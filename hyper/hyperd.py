@@ -21,7 +21,7 @@ that died meanwhile gets its ``on_crash`` (or the reason it gave in sched_shutdo
 died is restarted; a domain that was still being built is destroyed.
 
 A dead dom0 is restarted only once every process in its cgroup is gone (its data-path workers
-and relays are SIGKILLed, and the loop looks again every DOM0_REAP_TICK without blocking): a
+and relays are SIGKILLed, and the loop looks again, more and more rarely, without blocking): a
 process in the middle of a write dies only after the write, so no write the old dom0 started
 can land after one the new dom0 acknowledged.
 """
@@ -52,7 +52,7 @@ from channels import hypercall as hc
 from channels.hypercall import Op
 from domu import linux
 from hyper import cgroup, keeper, state
-from hyper.budget import GuestLog
+from hyper.budget import HYPERCALL_COST, GuestLog
 from hyper.domain import (
     Domain,
     RingInfo,
@@ -76,12 +76,10 @@ PIDS_MAX = 1024
 BUILD_TIMEOUT = 30.0
 DOM0_STABLE = 5.0  # seconds up after which a dom0 death restarts it at once
 DOM0_BACKOFF = (0.25, 30.0)  # first and longest wait before restarting a dom0 that keeps dying
-DOM0_REAP_TICK = 0.01  # seconds between looks at a dead dom0's cgroup until it is empty
+DOM0_REAP_TICK = (0.01, 0.5)  # first and longest wait between looks at a dead dom0's cgroup
 DOM0_REAP_WARN = 5.0  # seconds after which a dead dom0's processes not dying yet is logged
 OUTQ_LIMIT = 4096
-#: What a domU's call costs its credit (hyper/budget.py), by ``Op.read_only``: one that
-#: changes the tables rewrites the state file.
-HYPERCALL_COST = {True: 1.0, False: 10.0}
+MAX_LOG_LINE = 1000
 HYPERD_LOG_MAX = 8 << 20  # bytes of hyperd.log before it is rotated to hyperd.log.1
 
 
@@ -89,6 +87,17 @@ class HvError(Exception):
     def __init__(self, errno_name: str, message: str) -> None:
         super().__init__(message)
         self.errno_name = errno_name
+
+
+class BoundedLines(logging.Filter):
+    """No line of hyperd's log is longer than MAX_LOG_LINE characters: some carry text a
+    domain chose (a bad hypercall's complaint, say), and the log is kept in memory too."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if len(message) > MAX_LOG_LINE:
+            record.msg, record.args = message[:MAX_LOG_LINE] + " [cut]", ()
+        return True
 
 
 class DmesgHandler(logging.Handler):
@@ -111,6 +120,16 @@ def _socket_name(domid: int) -> str:
 def _log_name(domid: int) -> str:
     """... and hyperd's end of its output (hyper/budget.py)."""
     return f"log.{domid}"
+
+
+def _kept(domain: Domain) -> dict[str, socket.socket]:
+    """The sockets of a domain the fd keeper holds for us, by name."""
+    kept = {}
+    if domain.sock is not None:
+        kept[_socket_name(domain.domid)] = domain.sock
+    if domain.log is not None:
+        kept[_log_name(domain.domid)] = domain.log.sock
+    return kept
 
 
 class Hypervisor:
@@ -136,10 +155,12 @@ class Hypervisor:
         self._dom0_backoff = 0.0  # the wait before the last restart, 0 if it was at once
         self._dom0_restart_at: float | None = None  # monotonic, while a restart waits
         self._dom0_reap_warn_at: float | None = None  # monotonic: when to log leftovers
+        self._dom0_reap_tick = DOM0_REAP_TICK[0]  # the wait before the next look at them
         self._sig_r, self._sig_w = socket.socketpair()
         self._sig_r.setblocking(False)
         self._sig_w.setblocking(False)
         self._events: list[tuple[str, dict[str, Any]]] = []  # for dom0, sent at the next commit
+        self._paused: dict[int, Domain] = {}  # domUs out of credit, by domid (``_resume_due``)
         self._saved: bytes | None = None  # the state file's content as last written
         self._dirty = True  # the tables may differ from the state file
 
@@ -217,8 +238,8 @@ class Hypervisor:
             self._send(dom0, hc.encode({"event": name, "data": data}))
 
     def _select_timeout(self) -> float:
-        due = [d.calls_paused_until for d in self.domains.values() if d.calls_paused_until]
-        due += [d.log.paused_until for d in self.domains.values() if d.log and d.log.paused_until]
+        due = [d.calls_paused_until for d in self._paused.values() if d.calls_paused_until]
+        due += [d.log.paused_until for d in self._paused.values() if d.log and d.log.paused_until]
         if self._dom0_restart_at is not None:
             due.append(self._dom0_restart_at)
         return min(1.0, max(0.0, min(due, default=math.inf) - time.monotonic()))
@@ -226,7 +247,7 @@ class Hypervisor:
     def _resume_due(self) -> None:
         """Read again from domains whose credit is back (see ``_charge``, ``_on_log``)."""
         now = time.monotonic()
-        for domain in list(self.domains.values()):
+        for domain in list(self._paused.values()):
             if domain.calls_paused_until and now >= domain.calls_paused_until:
                 domain.calls_paused_until = 0.0
                 self._watch(domain)
@@ -234,6 +255,12 @@ class Hypervisor:
             if guest_log is not None and guest_log.paused_until and now >= guest_log.paused_until:
                 guest_log.paused_until = 0.0
                 self.selector.register(guest_log.sock, selectors.EVENT_READ, ("log", domain))
+            self._forget_pause(domain)
+
+    def _forget_pause(self, domain: Domain) -> None:
+        """Out of ``_paused`` once nothing of the domain's waits for its credit."""
+        if not domain.calls_paused_until and not (domain.log and domain.log.paused_until):
+            self._paused.pop(domain.domid, None)
 
     def _on_signal(self) -> None:
         try:
@@ -348,6 +375,8 @@ class Hypervisor:
         if log_sock is not None:
             domain.log = GuestLog(self.run.log(f"dom{domain.domid}"), log_sock, fresh=False)
             self._watch_log(domain)
+        elif domain.domid != 0:
+            log.error("dom%d: the fd keeper lost its log socket; its output is lost", domain.domid)
         if domain.status is Status.BUILDING:
             # Its boot needed the sync socket, which died with the old hyperd: it cannot finish.
             log.warning("dom%d (%s) was being built: destroying it", domain.domid, domain.name)
@@ -369,8 +398,9 @@ class Hypervisor:
 
     def _reconcile(self) -> None:
         """Remove what a hyperd killed between making something and saving it left: a cgroup or
-        a /dev/shm entry that no domain of the state holds, whatever its name or type. Nobody
-        else makes them: hyper's parent cgroup and the ``hyper.`` names are hyperd's alone."""
+        a /dev/shm entry that no domain of the state holds, whatever its name or type (anyone
+        may make one in the world-writable /dev/shm: a symlink is removed, never followed).
+        hyper's parent cgroup and the ``hyper.`` names are hyperd's."""
         groups = {d.cgroup.name for d in self.domains.values() if d.cgroup is not None}
         for name in self.cgroups.list():
             if name not in groups:
@@ -385,7 +415,9 @@ class Hypervisor:
         for path in leftovers():
             if path not in held and os.path.lexists(path):  # not gone with its directory
                 log.warning("removing %s: no domain holds it", path)
-                remove(path)
+                problem = remove(path)
+                if problem is not None:
+                    log.error("cannot remove %s", problem)
 
     def _forget_sockets(self, sockets: dict[str, socket.socket]) -> None:
         """Sockets the keeper held for domains that are no more."""
@@ -545,6 +577,7 @@ class Hypervisor:
         wait = caller.credit.charge(cost)
         if wait > 0 and caller.sock is not None:
             caller.calls_paused_until = time.monotonic() + wait
+            self._paused[caller.domid] = caller
             self._watch(caller)
 
     def _answer(self, caller: Domain, data: bytes) -> tuple[dict[str, Any], bool]:
@@ -581,13 +614,15 @@ class Hypervisor:
             domain.sock.close()
             domain.sock = None
             domain.outq.clear()
+            domain.calls_paused_until = 0.0
+            self._forget_pause(domain)
 
     # -- the fd keeper -----------------------------------------------------------------------
 
     def _keep(self, domain: Domain) -> None:
-        """Hand the keeper our end of the domain's hypercall socket."""
-        if domain.sock is not None:
-            self._to_keeper(lambda k: k.put(_socket_name(domain.domid), domain.sock.fileno()))
+        """Hand the keeper our end of each of the domain's sockets (``_kept``)."""
+        for name, sock in _kept(domain).items():
+            self._to_keeper(lambda k, name=name, sock=sock: k.put(name, sock.fileno()))
 
     def _unkeep(self, domain: Domain) -> None:
         self._to_keeper(lambda k: k.drop(_socket_name(domain.domid)))
@@ -618,8 +653,9 @@ class Hypervisor:
         fd_keeper = self.connect_keeper()
         try:
             for domain in self.domains.values():
-                if fd_keeper is not None and domain.sock is not None:
-                    fd_keeper.put(_socket_name(domain.domid), domain.sock.fileno())
+                for name, sock in _kept(domain).items():
+                    if fd_keeper is not None:
+                        fd_keeper.put(name, sock.fileno())
         except OSError as exc:
             log.error("the new fd keeper failed too (%s)", exc)
 
@@ -910,11 +946,9 @@ class Hypervisor:
             domain.sync = None
 
     def _watch_log(self, domain: Domain) -> None:
-        """Read a domU's output (hyper/budget.py); the keeper holds our end too."""
-        if domain.log is None:
-            return
-        self.selector.register(domain.log.sock, selectors.EVENT_READ, ("log", domain))
-        self._to_keeper(lambda k: k.put(_log_name(domain.domid), domain.log.sock.fileno()))
+        """Read a domU's output (hyper/budget.py)."""
+        if domain.log is not None:
+            self.selector.register(domain.log.sock, selectors.EVENT_READ, ("log", domain))
 
     def _on_log(self, domain: Domain) -> None:
         assert domain.log is not None
@@ -924,6 +958,7 @@ class Hypervisor:
         elif wait > 0:  # past its rate: read on once its credit is back (``_resume_due``)
             self.selector.unregister(domain.log.sock)
             domain.log.paused_until = time.monotonic() + wait
+            self._paused[domain.domid] = domain
 
     def _end_log(self, domain: Domain) -> None:
         """The domain is dead: keep what it wrote last, and close its log."""
@@ -934,6 +969,7 @@ class Hypervisor:
         domain.log.drain()
         domain.log.close()
         domain.log = None
+        self._forget_pause(domain)
         self._to_keeper(lambda k: k.drop(_log_name(domain.domid)))
 
     def _check_builds(self) -> bool:
@@ -1068,8 +1104,9 @@ class Hypervisor:
         # What the dead dom0 left running (its data-path workers, its relays) must be gone
         # before the next dom0 starts: a worker still writing to its old loop device could
         # land a write after a newer one the next dom0 acknowledged over a new loop device.
-        self._kill_dom0_leftovers()
         self._dom0_reap_warn_at = time.monotonic() + DOM0_REAP_WARN
+        self._dom0_reap_tick = DOM0_REAP_TICK[0]
+        self._kill_dom0_leftovers()
         # A dom0 that dies soon after starting (a broken install, a missing module) would
         # otherwise be restarted as fast as it can die: back off, doubling, up to a limit.
         if time.monotonic() - self._dom0_started > DOM0_STABLE:
@@ -1090,14 +1127,16 @@ class Hypervisor:
 
     def _restart_dom0_when_due(self, now: float) -> bool:
         """Start the next dom0 once its wait is over (at monotonic ``now``) and nothing of the
-        dead one runs; until then kill what is left again and look again in DOM0_REAP_TICK.
-        Never blocks: each look is one read of dom0's cgroup and a SIGKILL per process still
-        there. True if it started."""
+        dead one runs; until then kill what is left again and look again later (DOM0_REAP_TICK:
+        at once at first, ever more rarely for a process that will not die). Never blocks: each
+        look is one read of dom0's cgroup and a SIGKILL per process still there. True if it
+        started."""
         due = self._dom0_restart_at
         if due is None or now < due or self.halting:
             return False
         if self._kill_dom0_leftovers():
-            self._dom0_restart_at = now + DOM0_REAP_TICK
+            self._dom0_restart_at = now + self._dom0_reap_tick
+            self._dom0_reap_tick = min(DOM0_REAP_TICK[1], 2 * self._dom0_reap_tick)
             return False
         self._dom0_restart_at = None
         self.start_dom0()
@@ -1289,6 +1328,8 @@ def main(argv: list[str] | None = None) -> int:
         ],
     )
     logging.getLogger().addHandler(dmesg)
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(BoundedLines())
     linux.prctl(linux.PR_SET_CHILD_SUBREAPER, 1)
     os.umask(0o077)
     try:

@@ -16,7 +16,6 @@ can tear down its peer's live ring.
 
 from __future__ import annotations
 
-import logging
 import os
 import secrets
 import shutil
@@ -28,8 +27,6 @@ from typing import Any
 from channels.doorbell import create_doorbell, unlink_doorbell
 from channels.shm import create_segment, unlink_segment
 from domu.sandbox import uid_base
-
-log = logging.getLogger(__name__)
 
 SHM_DIR = Path("/dev/shm")
 PREFIX = "hyper."
@@ -183,6 +180,5 @@ def remove(path: Path) -> str | None:
     except FileNotFoundError:
         return None
     except OSError as exc:
-        log.error("cannot remove %s: %s", path, exc.strerror)
         return f"{path}: {exc.strerror}"
     return None

@@ -20,8 +20,7 @@ from pathlib import Path
 import pytest
 
 from domu.sandbox import PTYS_MAX
-from hyper.budget import HYPERCALL_BURST, HYPERCALL_RATE, LOG_MAX
-from hyper.hyperd import HYPERCALL_COST
+from hyper.budget import HYPERCALL_BURST, HYPERCALL_COST, HYPERCALL_RATE, LOG_MAX
 from tests import hostile_kernel as hostile
 from tests.integration.conftest import (
     REPO,
@@ -190,6 +189,17 @@ def test_a_workload_that_opens_ptys_until_refused_takes_none_of_the_hosts(
         proc.wait(30)
 
 
+def test_a_workload_cannot_make_a_user_namespace_to_mount_a_devpts_of_its_own(
+    make_domain: Callable[..., str],
+) -> None:
+    """In a user namespace of its own, the workload could mount a devpts without the domain's
+    limit and take ptys until the kernel's global limit."""
+    name = make_domain()
+    attempt = "unshare -Urm sh -c 'mount -t devpts -o newinstance none /tmp && echo mounted'"
+    result = hyperctl("exec", name, "--", "sh", "-c", attempt, check=False)
+    assert result.status != 0 and "mounted" not in result.out, result
+
+
 def host_terminals_in(name: str) -> list[str]:
     """Descriptors that any process in the domain's cgroup holds on one of the host's
     terminals (its devpts instance), seen from the host."""
@@ -218,15 +228,16 @@ def caller_terminal() -> Iterator[int]:
     os.close(slave)
 
 
-@pytest.mark.parametrize("terminal", ["stdin", "stdout"])
-def test_exec_never_hands_the_callers_terminal_to_the_domain(
+@pytest.mark.parametrize("terminal", ["stdin", "stdout", "stdin and stdout"])
+def test_exec_never_hands_a_host_terminal_to_the_domain(
     make_domain: Callable[..., str], caller_terminal: int, terminal: str
 ) -> None:
-    """Only one of stdin and stdout is a terminal: hyperctl runs the command without one of
-    its own, and must relay, not pass, the caller's."""
+    """With one of stdin and stdout a terminal, hyperctl must relay the caller's, not pass it;
+    with both, the command gets a terminal, and it must be one of the domain's own."""
     name = make_domain()
     stdio = {"stdin": subprocess.DEVNULL, "stdout": subprocess.PIPE}
-    stdio[terminal] = caller_terminal
+    for which in terminal.split(" and "):
+        stdio[which] = caller_terminal
     proc = subprocess.Popen(
         [sys.executable, "-m", "hyper.cli", "exec", name, "--", "sh", "-c", "sleep 60"],
         cwd=REPO,
@@ -235,25 +246,29 @@ def test_exec_never_hands_the_callers_terminal_to_the_domain(
         **stdio,  # type: ignore[arg-type]
     )
     try:
-        wait_for(lambda: "sleep" in running_commands(name), 20, "the command to start")
-        assert not host_terminals_in(name), "a descriptor of the caller's terminal inside"
+        sleeper = wait_for(lambda: running(name, "sleep"), 20, "the command to start")
+        assert not host_terminals_in(name), "a descriptor of a host terminal inside"
+        stdin = os.stat(f"/proc/{sleeper}/fd/0")
+        has_terminal = os.major(stdin.st_rdev) in range(136, 144)
+        assert has_terminal == (terminal == "stdin and stdout")
     finally:
         proc.kill()
         proc.wait(30)
 
 
-def running_commands(name: str) -> list[str]:
+def running(name: str, command: str) -> int | None:
+    """The host pid of a process named ``command`` in domain ``name``, if one runs."""
     from hyper import cgroup
 
     info = domain_info(name)
     assert info is not None
-    names = []
     for pid in cgroup.open_hierarchy().open(f"dom{info['domid']}").pids():
         try:
-            names.append(Path(f"/proc/{pid}/comm").read_text().strip())
+            if Path(f"/proc/{pid}/comm").read_text().strip() == command:
+                return pid
         except OSError:
             continue
-    return names
+    return None
 
 
 def plant_strays() -> dict[Path, str]:

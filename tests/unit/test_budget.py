@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import socket
 from collections.abc import Iterator
 from pathlib import Path
@@ -10,13 +11,18 @@ import pytest
 
 from hyper import budget
 from hyper.budget import Credit, GuestLog
+from hyper.hyperd import MAX_LOG_LINE, BoundedLines
 
 
 def test_a_credit_lets_a_burst_through_then_says_how_long_to_wait() -> None:
-    credit = Credit(rate=100.0, burst=10.0)
+    now = [0.0]
+    credit = Credit(rate=100.0, burst=10.0, clock=lambda: now[0])
     assert [credit.charge(1.0) for _ in range(10)] == [0.0] * 10
-    wait = credit.charge(5.0)
-    assert 0.04 < wait <= 0.05, "five tokens short at 100 a second"
+    assert credit.charge(5.0) == pytest.approx(0.05), "five tokens short at 100 a second"
+    now[0] += 0.05
+    assert credit.charge(0.0) == 0.0, "refilled as long as it said"
+    now[0] += 3600
+    assert credit.charge(11.0) == pytest.approx(0.01), "never more than the burst saved up"
 
 
 @pytest.fixture
@@ -75,3 +81,22 @@ def test_a_new_domain_starts_a_new_log_and_an_adopted_one_appends(tmp_path: Path
         theirs.close()
         assert path.read_text() == expected
     assert not path.with_name("dom3.log.1").exists()
+
+
+def test_a_log_removed_under_hyperd_starts_again(guest_end: tuple[socket.socket, GuestLog]) -> None:
+    guest, log = guest_end
+    log.path.unlink()  # logrotate without copytruncate, or an administrator
+    for _ in range(budget.LOG_MAX // budget.READ_CHUNK):  # up to the cap, into the lost file
+        guest.sendall(b"a" * budget.READ_CHUNK)
+        log.drain()
+    guest.sendall(b"after\n" * 4)
+    log.drain()
+    assert log.path.read_bytes() == b"after\n" * 4, "rotation found no file to move, and went on"
+
+
+def test_no_line_of_hyperds_log_outgrows_its_bound() -> None:
+    record = logging.LogRecord(
+        "hyperd", logging.WARNING, "", 0, "bad hypercall: %s", ("k" * 5000,), None
+    )
+    assert BoundedLines().filter(record)
+    assert len(record.getMessage()) <= MAX_LOG_LINE + len(" [cut]")

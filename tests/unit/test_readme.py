@@ -22,10 +22,9 @@ from channels.grants import BAD_GREF_BUDGET
 from dom0.netback.datapath import GSO_BY_FRAGS, MIN_GSO_SIZE
 from dom0.store.quota import Quota
 from domu.sandbox import PTYS_MAX
-from hyper.budget import HYPERCALL_RATE, LOG_MAX, LOG_RATE
+from hyper.budget import HYPERCALL_COST, HYPERCALL_RATE, LOG_MAX, LOG_RATE
 from hyper.cli import CONTAINMENT, build_parser
 from hyper.config import DiskConfig, DomainConfig, VifConfig
-from hyper.hyperd import HYPERCALL_COST
 from hyper.paths import RunDir
 
 REPO = Path(__file__).resolve().parents[2]
