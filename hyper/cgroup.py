@@ -335,9 +335,10 @@ class DomainGroup(ABC):
         return sorted(found)
 
     def kill(self) -> bool:
-        """SIGKILL every process in the group, once, without waiting for any to die; False when
-        the group was empty. A process dies only once it leaves the system call it is in (an
-        O_DIRECT write finishes first), and leaves ``pids`` then."""
+        """SIGKILL every process in the group, once, without waiting for any to die; True while
+        some are left after it (still dying, or out of reach). A process dies only once it
+        leaves the system call it is in (an O_DIRECT write finishes first), and leaves ``pids``
+        then."""
         if self.path("freezer").is_dir():
             self.thaw()  # a v1-frozen process cannot act on its SIGKILL until thawed
         self._kill_at_once()

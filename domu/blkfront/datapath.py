@@ -149,8 +149,10 @@ class SectorGate:
     Two read-modify-writes that share a sector take turns. Writes elsewhere never wait, and a
     write pays one uncontended lock round trip going in and one going out, which is cheap next
     to its trip across the ring. Ordering by *answers* also keeps the replay after a backend
-    restart safe: of two overlapping writes, the later is posted only after the earlier one was
-    answered, so a replay never reorders them.
+    restart safe: a read-modify-write's write-back is posted only after every write it overlaps
+    was answered, so a replay never puts them in the other order. (Two whole-sector writes to
+    the same sectors are both in flight, unordered, as on any disk: the caller of neither was
+    told the other was done.)
 
     Ranges are byte offsets of whole sectors, ``[start, end)``.
     """

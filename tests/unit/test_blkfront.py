@@ -409,7 +409,8 @@ def test_a_restarted_backend_gets_every_unanswered_request_again(hostile: Rig) -
 
 # -- a read-modify-write and a write to the same sector ------------------------------------------
 
-HOLD = 2.0  # seconds the backend holds a write-back waiting for a write that should not come
+HOLD = 0.5  # seconds the backend holds a write-back waiting for a write that should not come
+#            (unguarded, that write is posted within microseconds)
 
 
 def _serve(rig: Rig, image: bytearray, request: B.Request) -> None:
