@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from channels.xenbus import guest_rw_perms, home_perms
+from channels.xenbus import RELEASE_DOMAIN_WATCH, guest_rw_perms, home_perms
 from channels.xs import XsClient, XsError
 from channels.xs_wire import Perm
 from dom0.store import Quota, Store, connect_local
@@ -262,6 +262,27 @@ def test_a_release_the_journal_cannot_record_keeps_the_domain(
     _mend_journal(store)
     store.release_domain(1)
     assert store.node_count(1) == 0
+
+
+def test_a_release_request_the_journal_cannot_record_releases_nothing(
+    recorded: tuple[Store, XsClient, XsClient],
+) -> None:
+    store, dom0, dom1 = recorded
+    dom1.write("data/x", "1")
+    released = dom0.watch(RELEASE_DOMAIN_WATCH)
+    assert released.get(TIMEOUT).path == RELEASE_DOMAIN_WATCH
+    _break_journal(store)
+
+    with pytest.raises(XsError, match="EIO"):
+        dom0.release(1)
+
+    assert store.is_introduced(1) and store.node_count(1) == 2
+    assert dom1.read("data/x") == "1"  # its connection stays
+    assert len(released.queue) == 0  # the in-process transport delivers events before replies
+    _mend_journal(store)
+    dom0.release(1)
+    assert released.get(TIMEOUT).path == RELEASE_DOMAIN_WATCH
+    assert not store.is_introduced(1) and store.node_count(1) == 0
 
 
 def test_a_compaction_that_fails_does_not_fail_the_request_and_is_tried_again(

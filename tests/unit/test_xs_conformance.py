@@ -658,6 +658,21 @@ def test_release_removes_the_domains_nodes_and_fires_release_domain(xs: Harness)
         dom1.read("name")
 
 
+def test_release_domain_fires_after_the_removal_of_the_domains_nodes(xs: Harness) -> None:
+    dom1 = xs.domain(1)
+    dom1.write("data/x", "1")
+    events = WatchQueue()
+    xs.dom0.watch("/local/domain/1/data", queue=events)
+    xs.dom0.watch(RELEASE_DOMAIN_WATCH, queue=events)
+    registered = {events.get(TIMEOUT).path, events.get(TIMEOUT).path}
+    assert registered == {"/local/domain/1/data", RELEASE_DOMAIN_WATCH}
+
+    xs.dom0.release(1)
+
+    assert events.get(TIMEOUT).path == "/local/domain/1/data"
+    assert events.get(TIMEOUT).path == RELEASE_DOMAIN_WATCH
+
+
 # -- concurrency ---------------------------------------------------------------------------------
 
 
