@@ -17,6 +17,14 @@ fails, the tree (and the transaction overlay the request used) is put back as it
 caller gets an error: ENOSPC past a quota, EIO if the journal could not be written (as xenstored
 answers a failed database write). The store goes on.
 
+dom0 is exempt from the journal as it is from quotas: a request of dom0's that the journal
+cannot record stands all the same (logged once a run of failures), and the journal writes a
+whole snapshot, which holds it, at the next change it can record. What dom0 writes is the host's
+own state (a domain destroyed, a device connected): refusing it would undo a teardown that has
+already happened in the host, leaving nodes and an introduced domain behind, to spare a file
+that only serves a restarted dom0. Should dom0 crash before the files are written again, the
+restarted dom0 reconciles the store it recovers with hyperd's domains (toolstack.recover).
+
 Transaction expiry. A domU's transaction is dropped once it is ``transaction_lifetime`` seconds
 old, whether or not its owner ever sends another request: one alarm, armed only while a domU
 holds a transaction, wakes the store at the earliest deadline (coalescing those within
@@ -149,7 +157,7 @@ class Store:
         recorded, or none of it."""
         if perms.is_privileged(check_domid(domid)):
             raise ValueError("dom0 cannot be released from the store")
-        with self.lock, self._request(perms.PRIVILEGED_DOMID):  # XsError EIO: still introduced
+        with self.lock, self._request(perms.PRIVILEGED_DOMID):
             for path in self.tree.paths_owned_by(domid):
                 if self.tree.get(path) is not None:  # not already gone with an ancestor
                     self.changed(Change(path, nodes.remove_subtree(self.tree, path)), None)
@@ -199,7 +207,7 @@ class Store:
         try:
             yield
             self._check_quotas(domid)
-            self.tree.commit()
+            self.tree.commit(required=not perms.is_privileged(domid))
             ok = True
         except JournalError as exc:  # logged by the journal
             raise XsError(XsErrno.EIO, "", f"the store could not record it: {exc}") from exc

@@ -27,7 +27,10 @@ once the journal has grown by another COMPACT_FLOOR.
 
 Failures. A line that cannot be written whole raises JournalError (the store then undoes the
 request and answers it with an error), and the journal is cut back to its last whole line. If
-it cannot be cut back, the next change is recorded by a whole new snapshot and journal instead.
+it cannot be cut back, the next change is recorded by a whole new snapshot and journal instead;
+so is the next change after one whose record was not ``required`` (dom0's, which the store keeps
+whether or not it is recorded: see core.py). Failures are logged once a run, however many
+requests meet them.
 
 Loading reads the snapshot, then replays the journal if it follows that snapshot. One that
 follows an older snapshot (a crash, or a failure, between writing a snapshot and starting its
@@ -78,6 +81,7 @@ class Journal:
         self._compact_at = COMPACT_FLOOR
         self._whole = False  # the journal follows the snapshot and ends with a whole line
         self._failing = False  # the last attempt to record something failed
+        self._missed = False  # since then, the live tree kept a change the files lack
 
     # -- loading -------------------------------------------------------------------------------
 
@@ -97,9 +101,12 @@ class Journal:
 
     # -- recording -----------------------------------------------------------------------------
 
-    def append(self, changes: Sequence[Recorded], nodes: Mapping[str, Node]) -> None:
+    def append(
+        self, changes: Sequence[Recorded], nodes: Mapping[str, Node], required: bool = True
+    ) -> None:
         """Record one request's ``changes`` before it is answered; ``nodes`` is the live tree,
-        already changed. JournalError if they could not be recorded."""
+        already changed. If they could not be recorded: JournalError, or if the record is not
+        ``required``, the next change writes a whole snapshot, which holds them."""
         try:
             if self._whole:
                 self._write(_line([_entry(path, node) for path, node in changes]))
@@ -107,7 +114,10 @@ class Journal:
                 self.compact(nodes)  # the new snapshot holds the changes
         except JournalError as exc:
             self._complain(exc)
-            raise
+            if required:
+                raise
+            self._miss()
+            return
         if not self._whole:
             return
         self._recovered()
@@ -189,10 +199,21 @@ class Journal:
             log.error("%s (logged once, until the store files are written again)", error)
         self._failing = True
 
+    def _miss(self) -> None:
+        """The live tree keeps a change the files lack: the next change writes a snapshot."""
+        if not self._missed:
+            log.warning(
+                "store files in %s lack changes of dom0's, kept in memory until the files "
+                "are written again",
+                self.snapshot_path.parent,
+            )
+        self._missed = True
+        self._whole = False
+
     def _recovered(self) -> None:
         if self._failing:
             log.warning("store files in %s written again", self.snapshot_path.parent)
-        self._failing = False
+        self._failing = self._missed = False
 
 
 def _entry(path: str, node: Node | None) -> list[object]:
