@@ -20,7 +20,6 @@ Requests are atomic in a transaction too: ``begin()`` starts an undo log of the 
 
 from __future__ import annotations
 
-from collections import Counter
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -56,7 +55,6 @@ class Transaction:
     overlay: dict[str, Node | None] = field(default_factory=dict)
     accessed: dict[str, int | None] = field(default_factory=dict)
     changes: dict[tuple[str, bool], Change] = field(default_factory=dict)
-    owned_delta: Counter[int] = field(default_factory=Counter)
     held: int = 0  # bytes of the touched paths and the overlay's values and permissions
     _undo: dict[str, tuple[bool, Node | None]] | None = None
 
@@ -90,24 +88,15 @@ class Transaction:
 
     def _replace(self, path: str, present: bool, node: Node | None) -> None:
         """Make the overlay hold ``node`` for ``path`` (``present``) or nothing, counting what
-        it holds and who owns what."""
+        it holds."""
         was_present, was = path in self.overlay, self.overlay.get(path)
         self.held += _held(node) - _held(was)
         if self._undo is not None:
             self._undo.setdefault(path, (was_present, was))
-        before = was if was_present else self.tree.get(path)
-        after = node if present else self.tree.get(path)
-        if before is not None:
-            self.owned_delta[before.owner] -= 1
-        if after is not None:
-            self.owned_delta[after.owner] += 1
         if present:
             self.overlay[path] = node
         else:
             self.overlay.pop(path, None)
-
-    def owned(self, domid: int) -> int:
-        return self.tree.owned(domid) + self.owned_delta[domid]
 
     def record(self, change: Change) -> None:
         """Keep ``change`` for the watches to fire at commit (once per path and kind)."""

@@ -55,15 +55,13 @@ def node_bytes(path: str, node: Node) -> int:
 
 
 class View(Protocol):
-    """Read and change nodes; ``owned`` counts the nodes a domain owns, for its quota."""
+    """Read and change nodes."""
 
     def get(self, path: str) -> Node | None: ...
 
     def put(self, path: str, node: Node) -> None: ...
 
     def delete(self, path: str) -> None: ...
-
-    def owned(self, domid: int) -> int: ...
 
 
 class Tree:

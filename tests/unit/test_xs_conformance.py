@@ -542,6 +542,20 @@ def test_node_quota_refuses_one_domu_while_another_domu_writes(xs: Harness) -> N
     assert len(dom1.directory("data")) == room
 
 
+def test_node_quota_holds_for_the_nodes_one_request_or_one_commit_makes(xs: Harness) -> None:
+    xs.store.set_quota(1, Quota(nodes=6))
+    dom1 = xs.domain(1)
+    room = 6 - xs.store.node_count(1)
+    tx = dom1.transaction_start()
+    for i in range(room + 1):
+        tx.write(f"data/n{i}", "x")  # the transaction may hold them, the domain may not own them
+
+    assert errno_of(lambda: dom1.transaction_end(tx)) == "ENOSPC"
+    assert errno_of(lambda: dom1.write("data/" + "/".join("abcdefg"), "x")) == "ENOSPC"
+    assert dom1.directory("data") == []
+    assert xs.store.node_count(1) == 6 - room
+
+
 def test_dom0_is_exempt_from_quotas(xs: Harness) -> None:
     xs.store.set_quota(0, Quota(nodes=1, value_size=1))
 
