@@ -281,19 +281,26 @@ class Store:
         return sum(self.watches.count(c) for c in self._connections if c.domid == domid)
 
     def start_transaction(self, conn: Connection) -> Transaction:
-        limits = self.domains.quota(conn.domid)
-        if limits is not None:
-            open_txs = sum(len(c.transactions) for c in self._connections if c.domid == conn.domid)
-            if open_txs >= limits.transactions:
-                raise XsError(XsErrno.ENOSPC, "", f"domain has {limits.transactions} transactions")
+        domid = conn.domid
+        limits = self.domains.quota(domid)
+        if limits is not None and len(self._transactions(domid)) >= limits.transactions:
+            raise XsError(XsErrno.ENOSPC, "", f"domain has {limits.transactions} transactions")
         tx_id = next(self._tx_ids) % 0xFFFFFFFF + 1  # never 0, which means "no transaction"
         deadline = None
         if limits is not None:
             deadline = self._clock() + limits.transaction_lifetime
             self._arm_expiry(deadline)
-        tx = Transaction(tx_id, conn, self.tree, limits, deadline)
+        tx = Transaction(tx_id, conn, self.tree, limits, deadline, lambda: self._held(domid))
         conn.transactions[tx_id] = tx
         return tx
+
+    def _transactions(self, domid: int) -> list[Transaction]:
+        """The open transactions of ``domid``, on all its connections."""
+        return [t for c in self._connections if c.domid == domid for t in c.transactions.values()]
+
+    def _held(self, domid: int) -> int:
+        """Bytes the open transactions of ``domid`` hold, which its memory quota bounds."""
+        return sum(tx.held for tx in self._transactions(domid))
 
     def end_transaction(self, conn: Connection, tx: Transaction, commit: bool) -> None:
         """Commit (the request's quota check covers what it applies) or abort ``tx``."""

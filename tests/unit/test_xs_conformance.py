@@ -628,6 +628,23 @@ def test_memory_quota_holds_at_commit_and_bounds_what_a_transaction_holds(xs: Ha
     assert errno_of(lambda: tx.read("data/b")) == "ENOENT"  # the refused write left nothing
 
 
+def test_a_domains_open_transactions_hold_at_most_its_memory_quota_together(
+    xs: Harness,
+) -> None:
+    dom1 = xs.domain(1)
+    xs.store.set_quota(1, Quota(memory=5000))
+    first = dom1.transaction_start()
+    first.write("data/a", "v" * 2000)
+    second = dom1.transaction_start()
+    second.write("data/b", "v" * 2000)
+
+    assert errno_of(lambda: second.write("data/c", "v" * 2000)) == "ENOSPC"
+    dom1.transaction_end(first, commit=False)
+    second.write("data/c", "v" * 2000)  # what the first held is free again
+    dom1.transaction_end(second)
+    assert dom1.read("data/c") == "v" * 2000
+
+
 def test_dom0_may_write_past_a_domus_memory_quota(xs: Harness) -> None:
     dom1 = xs.domain(1)
     xs.store.set_quota(1, Quota(memory=xs.store.memory_used(1) + 100))
