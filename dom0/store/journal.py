@@ -8,8 +8,9 @@ do the domains they describe):
 - ``store.journal``: every request that changed the tree since that snapshot, one line each,
   appended with one ``write`` before the request is answered.
 
-Both are JSON lines. The first line is a header ``{"snapshot": id}``: in the snapshot its own
-id, in the journal the id of the snapshot it follows. Every other line is a list of entries,
+Both are JSON lines. The first line is a header ``{"format": 2, "snapshot": id}``: the layout
+(FORMAT), and in the snapshot its own id, in the journal the id of the snapshot it follows.
+Every other line is a list of entries,
 ``["p", path, value, perms]`` (the node's value in base64, its permission list) or
 ``["d", path]`` (removed). A journal line holds every path one request changed, in its final
 state, so a line torn by a crash loses one unanswered request, never half of one.
@@ -35,6 +36,13 @@ requests meet them.
 Loading reads the snapshot, then replays the journal if it follows that snapshot. One that
 follows an older snapshot (a crash, or a failure, between writing a snapshot and starting its
 journal) holds nothing the newer snapshot lacks, and is ignored.
+
+Formats. A file of another format (FORMAT 1 was hyper's layout before issue 12: no header, one
+node with its children a line), or a snapshot without a header, raises StoreFormatError naming
+it, and the files are left as they are: a dom0 upgraded while domains run must not take
+another layout's lines for damage and start an empty store over the one they hold. dom0
+--recover then stops with that error (see dom0/main.py). A header without ``format`` (written
+before the header named it) is FORMAT 2's layout, and read as such.
 
 Only the tree is kept. Connections, watches and transactions belong to processes that a dom0
 crash ends or disconnects (XenStore's own reconnection protocol drops them too); the store's
@@ -62,6 +70,9 @@ log = logging.getLogger(__name__)
 #: folded into a new snapshot.
 COMPACT_FLOOR = 1 << 20
 
+#: The layout of the store files, named in their header line.
+FORMAT = 2
+
 #: One change as the journal records it: a path and its node, or None if it was removed.
 Recorded = tuple[str, Node | None]
 _State = dict[str, tuple[bytes, tuple[Perm, ...]]]
@@ -69,6 +80,10 @@ _State = dict[str, tuple[bytes, tuple[Perm, ...]]]
 
 class JournalError(Exception):
     """A store file cannot be written: the request that needed it fails, the store goes on."""
+
+
+class StoreFormatError(Exception):
+    """A store file was written in a layout this dom0 does not read: it cannot recover from it."""
 
 
 class Journal:
@@ -86,8 +101,11 @@ class Journal:
     # -- loading -------------------------------------------------------------------------------
 
     def load(self) -> dict[str, Node]:
-        """The tree as it was last recorded (empty if nothing was)."""
+        """The tree as it was last recorded (empty if nothing was). StoreFormatError if the files
+        are of another format, or the snapshot has no header."""
         snapshot_id, snapshot = _read(self.snapshot_path)
+        if snapshot_id is None and self.snapshot_path.exists():
+            raise StoreFormatError(f"{self.snapshot_path}: no header line naming its format")
         journal_id, journal = _read(self.journal_path)
         state: _State = {}
         for where, line in snapshot:
@@ -228,7 +246,7 @@ def _line(entries: list[list[object]]) -> str:
 
 
 def _header(snapshot_id: str) -> str:
-    return json.dumps({"snapshot": snapshot_id}) + "\n"
+    return json.dumps({"format": FORMAT, "snapshot": snapshot_id}) + "\n"
 
 
 # -- reading -------------------------------------------------------------------------------------
@@ -236,7 +254,8 @@ def _header(snapshot_id: str) -> str:
 
 def _read(path: Path) -> tuple[str | None, list[tuple[str, object]]]:
     """The snapshot id in ``path``'s header (None without one) and its other lines, parsed and
-    each with its "file:line" (a line that is not JSON is skipped: torn by a crash, or damage)."""
+    each with its "file:line" (a line that is not JSON is skipped: torn by a crash, or damage).
+    StoreFormatError if the file is of another format."""
     header: str | None = None
     lines: list[tuple[str, object]] = []
     for number, text in _text_lines(path):
@@ -246,12 +265,25 @@ def _read(path: Path) -> tuple[str | None, list[tuple[str, object]]]:
         except ValueError:
             log.warning("%s: unreadable line skipped (torn by a crash?)", where)
             continue
-        if number == 1 and isinstance(item, dict):
-            snapshot_id = item.get("snapshot")
-            header = snapshot_id if isinstance(snapshot_id, str) else None
+        if number == 1:
+            header = _snapshot_id(path, item)
         else:
             lines.append((where, item))
     return header, lines
+
+
+def _snapshot_id(path: Path, header: object) -> str | None:
+    """The snapshot id a header line names; StoreFormatError if it names another format."""
+    found = header.get("format", 2) if isinstance(header, dict) else 1  # see the docstring
+    if found != FORMAT:
+        raise StoreFormatError(
+            f"{path}: store format {found!r:.20}, this dom0 reads format {FORMAT}: not "
+            "recovering from it (use the hyper that wrote it, or move the store files aside "
+            "to start from an empty store)"
+        )
+    assert isinstance(header, dict)
+    snapshot_id = header.get("snapshot")
+    return snapshot_id if isinstance(snapshot_id, str) else None
 
 
 def _text_lines(path: Path) -> Iterator[tuple[int, str]]:

@@ -13,6 +13,7 @@ import pytest
 from channels.xenbus import RELEASE_DOMAIN_WATCH, guest_rw_perms, home_perms
 from channels.xs import XsClient, XsConnectionLost, XsError
 from channels.xs_wire import Perm
+from dom0.main import main as dom0_main
 from dom0.store import Quota, Store, connect_local
 from dom0.store import journal as journal_module
 from dom0.store.journal import COMPACT_FLOOR, Journal
@@ -135,6 +136,64 @@ def test_a_journal_that_follows_an_older_snapshot_is_ignored(tmp_path: Path) -> 
 
     assert recovered.tree.get("/local/domain/3/name").value == b"renamed"
     assert _tree(recovered) == _tree(store)
+
+
+# -- formats: another layout is refused by name, never taken for an empty store -----------------
+
+FORMAT_1 = '["p","/","",["n0"],["local"]]\n["p","/local","",["n0"],[]]\n'  # before issue 12
+
+
+@pytest.mark.parametrize(
+    ("snapshot", "refusal"),
+    [
+        (FORMAT_1, "store format 1, this dom0 reads format 2"),
+        ('{"format": 3, "snapshot": "x"}\n', "store format 3, this dom0 reads format 2"),
+        ("", "no header line naming its format"),
+    ],
+)
+def test_a_snapshot_of_another_format_is_refused_by_name_and_left_as_it_is(
+    tmp_path: Path, snapshot: str, refusal: str
+) -> None:
+    (tmp_path / "store.snapshot").write_text(snapshot)
+    (tmp_path / "store.journal").write_text(FORMAT_1)
+
+    with pytest.raises(journal_module.StoreFormatError) as refused:
+        Store(journal=Journal(tmp_path), recover=True)
+
+    assert str(refused.value).startswith(f"{tmp_path / 'store.snapshot'}: {refusal}")
+    assert (tmp_path / "store.snapshot").read_text() == snapshot
+    assert (tmp_path / "store.journal").read_text() == FORMAT_1
+
+
+def test_a_journal_of_another_format_is_refused_by_name(tmp_path: Path) -> None:
+    Store(journal=Journal(tmp_path))
+    (tmp_path / "store.journal").write_text(FORMAT_1)
+
+    with pytest.raises(journal_module.StoreFormatError, match=r"store\.journal: store format 1"):
+        Store(journal=Journal(tmp_path), recover=True)
+
+
+def test_files_whose_header_names_no_format_are_read_as_format_2(tmp_path: Path) -> None:
+    store = Store(journal=Journal(tmp_path))
+    _populate(store)
+    for name in ("store.snapshot", "store.journal"):  # as hyper wrote them before the format
+        path = tmp_path / name
+        path.write_text(path.read_text().replace('"format": 2, ', "", 1))
+
+    assert _tree(Store(journal=Journal(tmp_path), recover=True)) == _tree(store)
+
+
+def test_dom0_recovering_from_files_of_another_format_stops_with_status_2(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    (tmp_path / "store.snapshot").write_text(FORMAT_1)
+
+    with caplog.at_level(logging.ERROR):
+        status = dom0_main(["--hypercall-fd", "-1", "--run-dir", str(tmp_path), "--recover"])
+
+    assert status == 2
+    assert f"{tmp_path / 'store.snapshot'}: store format 1" in caplog.text
+    assert (tmp_path / "store.snapshot").read_text() == FORMAT_1
 
 
 # -- size: bounded by the live tree, whatever is written -----------------------------------------
