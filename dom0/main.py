@@ -3,7 +3,12 @@
 hyperd starts it with its hypercall socket (``--hypercall-fd``) and restarts it if it dies,
 with ``--recover``: the new dom0 then starts from the store the old one left on disk
 (dom0/store/journal.py), forgets the domains that ended meanwhile, takes each live domain's
-store connection over and re-probes every backend device, whose frontends reconnect.
+store connection over and re-probes every backend device, whose frontends reconnect. If those
+files are of a format this dom0 does not read (a hyper upgraded while domains ran), it stops
+at once with one line naming the file, exit status 2, and leaves them as they are: hyperd
+restarts it (ever more slowly) until the hyper that wrote them is back, which then recovers
+every domain, or the files are moved aside, after which dom0 starts from an empty store.
+Recovering an empty store silently instead would lose every domain's store for good.
 Threads: the hypercall reader, the toolstack's event thread (domain introductions and deaths
 from hyperd), the control socket, and one per domain for each backend.
 """
@@ -25,7 +30,7 @@ from channels.xenbus_bus import Bus
 from dom0.drivers import BackendDrivers
 from dom0.netback.tap import remove_our_bridges
 from dom0.store.core import Store
-from dom0.store.journal import Journal
+from dom0.store.journal import Journal, StoreFormatError
 from dom0.store.local import connect_local
 from dom0.toolstack import Toolstack
 from hyper.paths import RunDir
@@ -43,7 +48,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s dom0 %(name)s: %(message)s")
     run = RunDir(args.run_dir) if args.run_dir else RunDir()
-    store = Store(journal=Journal(run.root), recover=args.recover)
+    try:
+        store = Store(journal=Journal(run.root), recover=args.recover)
+    except StoreFormatError as exc:
+        log.error("%s", exc)
+        return 2
     xs = connect_local(store, 0).client
     # Events may arrive as soon as the socket is read: queue them for the toolstack.
     events: queue.Queue[tuple[str, dict[str, Any]]] = queue.Queue()

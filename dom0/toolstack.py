@@ -246,8 +246,10 @@ class Toolstack:
         if state is not None:
             if state.ended is None:
                 state.ended = "destroyed"
-            self._teardown(state)
-            state.gone.set()
+            try:
+                self._teardown(state)
+            finally:  # it is gone from the host, whatever its teardown met
+                state.gone.set()
 
     def _stop_backends(self, state: DomainState) -> None:
         if state.console is not None:

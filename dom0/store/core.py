@@ -12,9 +12,18 @@ Every watch also fires once, for its own path, when it is registered.
 
 Requests are atomic. Each request (and ``release_domain``) runs in ``_request``: its changes to
 the live tree are checked against their owners' quotas and written to the journal as one line,
-and only then do their watches fire. If anything fails, the tree (and the transaction overlay the
-request used) is put back as it was and the caller gets an error: ENOSPC past a quota, EIO if the
-journal could not be written (as xenstored answers a failed database write). The store goes on.
+and only then do their watches fire and its other effects (a release's) take place. If anything
+fails, the tree (and the transaction overlay the request used) is put back as it was and the
+caller gets an error: ENOSPC past a quota, EIO if the journal could not be written (as xenstored
+answers a failed database write). The store goes on.
+
+dom0 is exempt from the journal as it is from quotas: a request of dom0's that the journal
+cannot record stands all the same (logged once a run of failures), and the journal writes a
+whole snapshot, which holds it, at the next change it can record. What dom0 writes is the host's
+own state (a domain destroyed, a device connected): refusing it would undo a teardown that has
+already happened in the host, leaving nodes and an introduced domain behind, to spare a file
+that only serves a restarted dom0. Should dom0 crash before the files are written again, the
+restarted dom0 reconciles the store it recovers with hyperd's domains (toolstack.recover).
 
 Transaction expiry. A domU's transaction is dropped once it is ``transaction_lifetime`` seconds
 old, whether or not its owner ever sends another request: one alarm, armed only while a domU
@@ -30,6 +39,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from typing import Protocol
 
 from channels.xenbus import (
@@ -71,6 +81,15 @@ def _timer(delay: float, callback: Callable[[], None]) -> Alarm:
     return timer
 
 
+@dataclass
+class _OpenRequest:
+    """The request being run, and what it leaves to do once it is recorded."""
+
+    changes: list[Change] = field(default_factory=list)  # to fire
+    views: list[Transaction] = field(default_factory=list)  # transactions it used
+    effects: list[Callable[[], None]] = field(default_factory=list)  # to run after its watches
+
+
 class Store:
     """A XenStore-like store. Thread-safe: every entry point takes ``lock``."""
 
@@ -95,8 +114,7 @@ class Store:
         self._clock = clock
         self._schedule = schedule
         self._alarm: tuple[float, Alarm] | None = None  # (when, alarm) for expiring transactions
-        self._pending: list[Change] | None = None  # the open request's changes, to fire
-        self._views: list[Transaction] = []  # the transactions the open request used
+        self._open: _OpenRequest | None = None
         recovered = journal.load() if journal is not None and recover else {}
         if recovered:
             self.tree.restore(recovered)
@@ -133,19 +151,24 @@ class Store:
                 self._fire_special(INTRODUCE_DOMAIN_WATCH)
 
     def release_domain(self, domid: int) -> None:
-        """Forget ``domid``: drop its connections (their watches and transactions), remove the
-        nodes it owns with their subtrees, and fire @releaseDomain."""
+        """Forget ``domid``: remove the nodes it owns with their subtrees, then (once that is
+        recorded) drop its connections (their watches and transactions) and fire
+        @releaseDomain. Within a request (RELEASE), all of it happens once that request is
+        recorded, or none of it."""
         if perms.is_privileged(check_domid(domid)):
             raise ValueError("dom0 cannot be released from the store")
-        with self.lock:
-            for conn in [c for c in self._connections if c.domid == domid]:
-                conn.close()
-            with self._request(perms.PRIVILEGED_DOMID):  # XsError EIO: still introduced
-                for path in self.tree.paths_owned_by(domid):
-                    if self.tree.get(path) is not None:  # not already gone with an ancestor
-                        self.changed(Change(path, nodes.remove_subtree(self.tree, path)), None)
-            self.domains.release(domid)
-            self._fire_special(RELEASE_DOMAIN_WATCH)
+        with self.lock, self._request(perms.PRIVILEGED_DOMID):
+            for path in self.tree.paths_owned_by(domid):
+                if self.tree.get(path) is not None:  # not already gone with an ancestor
+                    self.changed(Change(path, nodes.remove_subtree(self.tree, path)), None)
+            assert self._open is not None
+            self._open.effects.append(lambda: self._forget_domain(domid))
+
+    def _forget_domain(self, domid: int) -> None:
+        for conn in [c for c in self._connections if c.domid == domid]:
+            conn.close()
+        self.domains.release(domid)
+        self._fire_special(RELEASE_DOMAIN_WATCH)
 
     def is_introduced(self, domid: int) -> bool:
         with self.lock:
@@ -175,29 +198,29 @@ class Store:
     @contextlib.contextmanager
     def _request(self, domid: int) -> Iterator[None]:
         """Run one request of ``domid`` all or nothing (see the module's docstring)."""
-        if self._pending is not None:  # a request within one (the lock is re-entrant)
-            yield
+        if self._open is not None:  # a request within one (the lock is re-entrant): its
+            yield  # changes and effects wait for the outermost one to be recorded
             return
-        pending: list[Change] = []
-        self._pending = pending
+        request = self._open = _OpenRequest()
         self.tree.begin()
         ok = False
         try:
             yield
             self._check_quotas(domid)
-            self.tree.commit()
+            self.tree.commit(required=not perms.is_privileged(domid))
             ok = True
         except JournalError as exc:  # logged by the journal
             raise XsError(XsErrno.EIO, "", f"the store could not record it: {exc}") from exc
         finally:
-            self._pending = None
+            self._open = None
             if not ok:
                 self.tree.rollback()
-            views, self._views = self._views, []
-            for tx in views:
+            for tx in request.views:
                 tx.end_request(ok)
-        for change in pending:
+        for change in request.changes:
             self._fire(change)
+        for effect in request.effects:
+            effect()
 
     def _check_quotas(self, domid: int) -> None:
         """ENOSPC if the open request took a domain past its node or memory quota (a request of
@@ -230,9 +253,9 @@ class Store:
             if tx_id in conn.expired_transactions:
                 raise XsError(XsErrno.EAGAIN, "", f"transaction {tx_id} outlived its lifetime")
             raise XsError(XsErrno.ENOENT, "", f"no transaction {tx_id} on this connection")
-        if self._pending is not None and tx not in self._views:
+        if self._open is not None and tx not in self._open.views:
             tx.begin()
-            self._views.append(tx)
+            self._open.views.append(tx)
         return tx, tx
 
     def changed(self, change: Change | None, tx: Transaction | None) -> None:
@@ -243,8 +266,8 @@ class Store:
         if tx is not None:
             tx.record(change)
         else:
-            assert self._pending is not None, "a change to the store outside a request"
-            self._pending.append(change)
+            assert self._open is not None, "a change to the store outside a request"
+            self._open.changes.append(change)
 
     def add_watch(self, watch: Watch) -> None:
         limits = self.domains.quota(watch.conn.domid)
@@ -258,19 +281,26 @@ class Store:
         return sum(self.watches.count(c) for c in self._connections if c.domid == domid)
 
     def start_transaction(self, conn: Connection) -> Transaction:
-        limits = self.domains.quota(conn.domid)
-        if limits is not None:
-            open_txs = sum(len(c.transactions) for c in self._connections if c.domid == conn.domid)
-            if open_txs >= limits.transactions:
-                raise XsError(XsErrno.ENOSPC, "", f"domain has {limits.transactions} transactions")
+        domid = conn.domid
+        limits = self.domains.quota(domid)
+        if limits is not None and len(self._transactions(domid)) >= limits.transactions:
+            raise XsError(XsErrno.ENOSPC, "", f"domain has {limits.transactions} transactions")
         tx_id = next(self._tx_ids) % 0xFFFFFFFF + 1  # never 0, which means "no transaction"
         deadline = None
         if limits is not None:
             deadline = self._clock() + limits.transaction_lifetime
             self._arm_expiry(deadline)
-        tx = Transaction(tx_id, conn, self.tree, limits, deadline)
+        tx = Transaction(tx_id, conn, self.tree, limits, deadline, lambda: self._held(domid))
         conn.transactions[tx_id] = tx
         return tx
+
+    def _transactions(self, domid: int) -> list[Transaction]:
+        """The open transactions of ``domid``, on all its connections."""
+        return [t for c in self._connections if c.domid == domid for t in c.transactions.values()]
+
+    def _held(self, domid: int) -> int:
+        """Bytes the open transactions of ``domid`` hold, which its memory quota bounds."""
+        return sum(tx.held for tx in self._transactions(domid))
 
     def end_transaction(self, conn: Connection, tx: Transaction, commit: bool) -> None:
         """Commit (the request's quota check covers what it applies) or abort ``tx``."""

@@ -8,9 +8,10 @@ nothing changed). Refusals raise XsError with the errno xenstored uses:
   existing ancestor: then EACCES, so nobody learns what exists in a home they cannot see;
 * reading needs r or b; writing, creating a child, removing and listing need the access below;
 * only the owner sets permissions (EACCES) and only dom0 changes the owner (EPERM);
-* past a quota: ENOSPC (nodes, value size, permission entries). The store checks the nodes and
-  bytes each domain owns once more when the request is over (core.Store._check_quotas), so the
-  memory quota holds for every operation, and a refused request changes nothing.
+* past a quota: ENOSPC. A value's size and a permission list's length are checked here; the
+  nodes and bytes each domain owns are checked once the request is over
+  (core.Store._check_quotas), so both quotas hold for every operation however many nodes it
+  makes, and a refused request changes nothing. (In a transaction, that is at its commit.)
 
 ``quota`` is None for dom0, which is exempt.
 """
@@ -71,7 +72,7 @@ def write(view: View, domid: int, quota: Quota | None, path: str, value: bytes) 
         raise XsError(XsErrno.ENOSPC, path, f"value of {len(value)} bytes over {quota.value_size}")
     node = view.get(path)
     if node is None:
-        _create(view, domid, quota, path, value)
+        _create(view, domid, path, value)
     elif not P.allows(node.perms, domid, "w"):
         raise XsError(XsErrno.EACCES, path)
     else:
@@ -79,25 +80,23 @@ def write(view: View, domid: int, quota: Quota | None, path: str, value: bytes) 
     return Change(path)
 
 
-def mkdir(view: View, domid: int, quota: Quota | None, path: str) -> Change | None:
+def mkdir(view: View, domid: int, path: str) -> Change | None:
     """Create ``path`` empty; an existing node is left alone if the caller may write it."""
     node = view.get(path)
     if node is not None:
         if not P.allows(node.perms, domid, "w"):
             raise XsError(XsErrno.EACCES, path)
         return None
-    _create(view, domid, quota, path, b"")
+    _create(view, domid, path, b"")
     return Change(path)
 
 
-def _create(view: View, domid: int, quota: Quota | None, path: str, value: bytes) -> None:
+def _create(view: View, domid: int, path: str, value: bytes) -> None:
     missing = [path]
     while (parent := view.get(parent_path(missing[-1]))) is None:
         missing.append(parent_path(missing[-1]))
     if not P.allows(parent.perms, domid, "w"):
         raise XsError(XsErrno.EACCES, path)
-    if quota is not None and view.owned(domid) + len(missing) > quota.nodes:
-        raise XsError(XsErrno.ENOSPC, path, f"domain {domid} owns {quota.nodes} nodes already")
     for new_path in reversed(missing):
         parent_at = parent_path(new_path)
         parent = view.get(parent_at)

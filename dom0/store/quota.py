@@ -18,9 +18,10 @@ class Quota:
 
     nodes: int = 1000  # nodes owned by the domain -> ENOSPC
     # Bytes of the paths, values and permission entries of the nodes the domain owns -> ENOSPC;
-    # also what one of its transactions may hold. xenstored (since XSA-326) refuses past 2.5 MiB
-    # and warns past 2 MiB, counting a record header and child list per node on top of these:
-    # 2 MiB of ours is at least as tight, and hundreds of times what a guest's frontends use.
+    # also what its open transactions may hold together. xenstored (since XSA-326) refuses past
+    # 2.5 MiB and warns past 2 MiB, counting a record header and child list per node on top of
+    # these: 2 MiB of ours is at least as tight, and hundreds of times what a guest's frontends
+    # use.
     memory: int = 2 << 20
     watches: int = 128  # watches registered by the domain -> E2BIG
     transactions: int = 10  # transactions open at once -> ENOSPC

@@ -125,7 +125,7 @@ def _write(store: Store, conn: Connection, msg: Message) -> bytes:
 def _mkdir(store: Store, conn: Connection, msg: Message) -> bytes:
     path = _one_path(conn, msg)
     view, tx = store.view(conn, msg.tx_id)
-    store.changed(nodes.mkdir(view, conn.domid, store.domains.quota(conn.domid), path), tx)
+    store.changed(nodes.mkdir(view, conn.domid, path), tx)
     return OK_PAYLOAD
 
 

@@ -9,10 +9,12 @@ applied to the live tree and the recorded changes fire their watches. Otherwise 
 with EAGAIN and the caller starts over. Abort drops everything. Because adding or removing a child
 rewrites the parent, a transaction that listed a directory also conflicts with a new entry in it.
 
-Bounds, for a domU (dom0 has none). A transaction holds at most ``transaction_nodes`` paths and
-``memory`` bytes (the paths it touched, and the values and permissions in its overlay): past
-either, ENOSPC. It lives at most ``transaction_lifetime`` seconds: then the store drops it, and
-its next request or its end gets EAGAIN, so a client's transaction loop simply starts over.
+Bounds, for a domU (dom0 has none). A transaction holds at most ``transaction_nodes`` paths, and
+all the open transactions of its domain together hold at most ``memory`` bytes (the paths they
+touched, and the values and permissions in their overlays), so that its transactions at most
+double what a domain makes the store hold: past either, ENOSPC. A transaction lives at most
+``transaction_lifetime`` seconds: then the store drops it, and its next request or its end gets
+EAGAIN, so a client's transaction loop simply starts over.
 
 Requests are atomic in a transaction too: ``begin()`` starts an undo log of the overlay, which
 ``end_request(ok=False)`` plays back (the paths touched stay recorded: the client saw them).
@@ -20,7 +22,7 @@ Requests are atomic in a transaction too: ``begin()`` starts an undo log of the 
 
 from __future__ import annotations
 
-from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -53,10 +55,10 @@ class Transaction:
     tree: Tree
     limits: Quota | None  # None: unbounded (dom0)
     deadline: float | None  # on the store's clock, past which it is dropped; None: never
+    domain_held: Callable[[], int]  # bytes the open transactions of its domain hold, its own too
     overlay: dict[str, Node | None] = field(default_factory=dict)
     accessed: dict[str, int | None] = field(default_factory=dict)
     changes: dict[tuple[str, bool], Change] = field(default_factory=dict)
-    owned_delta: Counter[int] = field(default_factory=Counter)
     held: int = 0  # bytes of the touched paths and the overlay's values and permissions
     _undo: dict[str, tuple[bool, Node | None]] | None = None
 
@@ -70,8 +72,11 @@ class Transaction:
             self.held += len(path)
 
     def _make_room(self, path: str, more: int) -> None:
-        if self.limits is not None and self.held + more > self.limits.memory:
-            raise XsError(XsErrno.ENOSPC, path, f"transaction holds {self.held} bytes")
+        if self.limits is None or more <= 0:
+            return
+        held = self.domain_held()
+        if held + more > self.limits.memory:
+            raise XsError(XsErrno.ENOSPC, path, f"the domain's transactions hold {held} bytes")
 
     def get(self, path: str) -> Node | None:
         self._touch(path)
@@ -90,24 +95,15 @@ class Transaction:
 
     def _replace(self, path: str, present: bool, node: Node | None) -> None:
         """Make the overlay hold ``node`` for ``path`` (``present``) or nothing, counting what
-        it holds and who owns what."""
+        it holds."""
         was_present, was = path in self.overlay, self.overlay.get(path)
         self.held += _held(node) - _held(was)
         if self._undo is not None:
             self._undo.setdefault(path, (was_present, was))
-        before = was if was_present else self.tree.get(path)
-        after = node if present else self.tree.get(path)
-        if before is not None:
-            self.owned_delta[before.owner] -= 1
-        if after is not None:
-            self.owned_delta[after.owner] += 1
         if present:
             self.overlay[path] = node
         else:
             self.overlay.pop(path, None)
-
-    def owned(self, domid: int) -> int:
-        return self.tree.owned(domid) + self.owned_delta[domid]
 
     def record(self, change: Change) -> None:
         """Keep ``change`` for the watches to fire at commit (once per path and kind)."""

@@ -55,15 +55,13 @@ def node_bytes(path: str, node: Node) -> int:
 
 
 class View(Protocol):
-    """Read and change nodes; ``owned`` counts the nodes a domain owns, for its quota."""
+    """Read and change nodes."""
 
     def get(self, path: str) -> Node | None: ...
 
     def put(self, path: str, node: Node) -> None: ...
 
     def delete(self, path: str) -> None: ...
-
-    def owned(self, domid: int) -> int: ...
 
 
 class Tree:
@@ -139,9 +137,11 @@ class Tree:
                         where.setdefault(node.owner, path)
         return {o: p for o, p in where.items() if nodes[o] > 0 or size[o] > 0}
 
-    def commit(self) -> None:
-        """Record the open request's changes in the journal (JournalError if it cannot: the
-        request stays open for ``rollback()``), and close it."""
+    def commit(self, required: bool = True) -> None:
+        """Record the open request's changes in the journal and close it. If the journal cannot
+        record them: JournalError, and the request stays open for ``rollback()``; or, if the
+        record is not ``required``, the changes stand and the journal learns that it lacks them
+        (its next change writes a whole snapshot)."""
         assert self._undo is not None
         if self.journal is not None:
             changes = [
@@ -150,7 +150,7 @@ class Tree:
                 if _recorded_differently(old, self._nodes.get(path))
             ]
             if changes:
-                self.journal.append(changes, self._nodes)
+                self.journal.append(changes, self._nodes, required)
         self._undo = None
 
     def rollback(self) -> None:

@@ -168,8 +168,9 @@ class LargestSizes:
         return self.largest
 
 
-# Each store file stays under max(1 MiB, the live tree) and a line: here the live tree is mostly
-# the guest's memory quota of 2 MiB (2.1 MiB each when measured), whatever the guest writes.
+# Each store file stays under max(1 MiB, the live tree), plus what the store records while a new
+# snapshot is being written (a few KB here; never more than as much again): here the live tree is
+# mostly the guest's memory quota of 2 MiB (2.1 MiB each when measured), whatever it writes.
 # Before issue 12 the same guest grew the journal to 1.4 GiB (114 MiB after its first 300 writes).
 STORE_FILES_BOUND = 4 * MiB
 JOURNAL_SECONDS = 15.0  # of rewriting values at the quota (about 1 MB/s through the ring)

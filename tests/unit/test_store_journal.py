@@ -3,16 +3,20 @@
 
 from __future__ import annotations
 
+import errno
+import json
 import logging
 import os
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
-from channels.xenbus import guest_rw_perms, home_perms
-from channels.xs import XsClient, XsError
+from channels.xenbus import RELEASE_DOMAIN_WATCH, guest_rw_perms, home_perms
+from channels.xs import XsClient, XsConnectionLost, XsError
 from channels.xs_wire import Perm
+from dom0.main import main as dom0_main
 from dom0.store import Quota, Store, connect_local
 from dom0.store import journal as journal_module
 from dom0.store.journal import COMPACT_FLOOR, Journal
@@ -42,14 +46,43 @@ def _populate(store: Store) -> None:
         xs.transaction(change)
 
 
+class Deferred:
+    """A background job that runs only once joined: a snapshot slower to write than any number
+    of requests."""
+
+    def __init__(self, job: Callable[[], None]) -> None:
+        self._job: Callable[[], None] | None = job
+
+    def is_alive(self) -> bool:
+        return self._job is not None
+
+    def join(self, timeout: float | None = None) -> None:
+        job, self._job = self._job, None
+        if job is not None:
+            job()
+
+
+def run_now(job: Callable[[], None]) -> Deferred:
+    """A background job done before the request that started it is answered."""
+    done = Deferred(job)
+    done.join()
+    return done
+
+
 def _journal_bytes(directory: Path) -> int:
     return (directory / "store.journal").stat().st_size
 
 
+def _files_bytes(directory: Path) -> int:
+    """What the store's files take on disk."""
+    return sum(f.stat().st_size for f in directory.iterdir() if f.name.startswith("store."))
+
+
 @pytest.fixture
 def recorded(tmp_path: Path) -> Iterator[tuple[Store, XsClient, XsClient]]:
-    """A recorded store with domain 1's home, dom0's client and domain 1's."""
-    store = Store(journal=Journal(tmp_path))
+    """A recorded store with domain 1's home, dom0's client and domain 1's (its snapshots are
+    folded before the next request)."""
+    store = Store(journal=Journal(tmp_path, background=run_now))
     with connect_local(store, 0, timeout=TIMEOUT) as dom0, connect_local(store, 1) as dom1:
         dom0.client.mkdir("/local/domain/1/data")
         dom0.client.set_perms("/local/domain/1", home_perms(1))
@@ -132,6 +165,64 @@ def test_a_journal_that_follows_an_older_snapshot_is_ignored(tmp_path: Path) -> 
     assert _tree(recovered) == _tree(store)
 
 
+# -- formats: another layout is refused by name, never taken for an empty store -----------------
+
+FORMAT_1 = '["p","/","",["n0"],["local"]]\n["p","/local","",["n0"],[]]\n'  # before issue 12
+
+
+@pytest.mark.parametrize(
+    ("snapshot", "refusal"),
+    [
+        (FORMAT_1, "store format 1, this dom0 reads format 2"),
+        ('{"format": 3, "snapshot": "x"}\n', "store format 3, this dom0 reads format 2"),
+        ("", "no header line naming its format"),
+    ],
+)
+def test_a_snapshot_of_another_format_is_refused_by_name_and_left_as_it_is(
+    tmp_path: Path, snapshot: str, refusal: str
+) -> None:
+    (tmp_path / "store.snapshot").write_text(snapshot)
+    (tmp_path / "store.journal").write_text(FORMAT_1)
+
+    with pytest.raises(journal_module.StoreFormatError) as refused:
+        Store(journal=Journal(tmp_path), recover=True)
+
+    assert str(refused.value).startswith(f"{tmp_path / 'store.snapshot'}: {refusal}")
+    assert (tmp_path / "store.snapshot").read_text() == snapshot
+    assert (tmp_path / "store.journal").read_text() == FORMAT_1
+
+
+def test_a_journal_of_another_format_is_refused_by_name(tmp_path: Path) -> None:
+    Store(journal=Journal(tmp_path))
+    (tmp_path / "store.journal").write_text(FORMAT_1)
+
+    with pytest.raises(journal_module.StoreFormatError, match=r"store\.journal: store format 1"):
+        Store(journal=Journal(tmp_path), recover=True)
+
+
+def test_files_whose_header_names_no_format_are_read_as_format_2(tmp_path: Path) -> None:
+    store = Store(journal=Journal(tmp_path))
+    _populate(store)
+    for name in ("store.snapshot", "store.journal"):  # as hyper wrote them before the format
+        path = tmp_path / name
+        path.write_text(path.read_text().replace('"format": 2, ', "", 1))
+
+    assert _tree(Store(journal=Journal(tmp_path), recover=True)) == _tree(store)
+
+
+def test_dom0_recovering_from_files_of_another_format_stops_with_status_2(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    (tmp_path / "store.snapshot").write_text(FORMAT_1)
+
+    with caplog.at_level(logging.ERROR):
+        status = dom0_main(["--hypercall-fd", "-1", "--run-dir", str(tmp_path), "--recover"])
+
+    assert status == 2
+    assert f"{tmp_path / 'store.snapshot'}: store format 1" in caplog.text
+    assert (tmp_path / "store.snapshot").read_text() == FORMAT_1
+
+
 # -- size: bounded by the live tree, whatever is written -----------------------------------------
 
 
@@ -174,7 +265,7 @@ def test_the_journal_stays_bounded_by_the_live_tree_under_a_write_loop(
 
 def test_a_long_journal_is_folded_into_the_snapshot(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setattr(journal_module, "COMPACT_FLOOR", 4096)
-    store = Store(journal=Journal(tmp_path))
+    store = Store(journal=Journal(tmp_path, background=run_now))
     with connect_local(store, 0) as dom0:
         for i in range(400):
             dom0.client.write("/local/domain/3/counter", str(i))
@@ -183,6 +274,158 @@ def test_a_long_journal_is_folded_into_the_snapshot(tmp_path: Path, monkeypatch)
     recovered = Store(journal=Journal(tmp_path), recover=True)
     assert recovered.tree.get("/local/domain/3/counter").value == b"399"
     assert _tree(recovered) == _tree(store)
+
+
+# -- folding: the new snapshot is written beside the store, not under its lock ------------------
+
+
+@pytest.fixture
+def folding(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[tuple[Store, XsClient, list[Deferred]]]:
+    """A store folding its journal past 4 KiB, whose snapshots are written only when the test
+    (or a request that must wait) joins them; dom0's client."""
+    monkeypatch.setattr(journal_module, "COMPACT_FLOOR", 4096)
+    folds: list[Deferred] = []
+
+    def background(job: Callable[[], None]) -> Deferred:
+        folds.append(Deferred(job))
+        return folds[-1]
+
+    store = Store(journal=Journal(tmp_path, background=background))
+    with connect_local(store, 0, timeout=TIMEOUT) as dom0:
+        yield store, dom0.client, folds
+    assert store.tree.journal is not None
+    store.tree.journal.close()
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def _rewrite_until(xs: XsClient, done: Callable[[], bool]) -> None:
+    """Rewrite 50 nodes of dom0's with fresh values until ``done()``."""
+    for i in range(10_000):
+        xs.write(f"/tool/n{i % 50}", f"{i:040d}")
+        if done():
+            return
+    raise AssertionError("never done")
+
+
+def _recorded(directory: Path) -> dict[str, tuple[bytes, tuple[Perm, ...], frozenset[str]]]:
+    """The tree a dom0 restarted now would recover (read without writing the files)."""
+    nodes = Journal(directory).load()
+    return {path: (node.value, node.perms, node.children) for path, node in nodes.items()}
+
+
+def _header(path: Path) -> dict[str, str]:
+    with open(path) as file:
+        return json.loads(file.readline())
+
+
+def test_the_journal_records_on_while_a_snapshot_is_written_and_its_successor_keeps_that(
+    folding: tuple[Store, XsClient, list[Deferred]], tmp_path: Path
+) -> None:
+    store, xs, folds = folding
+    _rewrite_until(xs, lambda: bool(folds))
+    snapshot = tmp_path / "store.snapshot"
+    old = _header(snapshot)["snapshot"]
+
+    for i in range(20):  # answered while the snapshot waits to be written
+        xs.write(f"/tool/meanwhile/{i}", "x")
+    assert _recorded(tmp_path) == _tree(store)  # were dom0 to die now
+    folds[0].join()
+    assert _header(snapshot)["snapshot"] == old  # written, not yet in place
+    xs.write("/tool/after", "1")  # the next change puts it in place
+
+    assert _header(snapshot)["after"] == old != _header(snapshot)["snapshot"]
+    assert _header(tmp_path / "store.journal")["snapshot"] == _header(snapshot)["snapshot"]
+    assert _journal_bytes(tmp_path) < 22 * 100  # the 21 lines since the copy, and a header
+    assert _recorded(tmp_path) == _tree(store)
+
+
+def test_a_change_that_finds_the_journal_at_twice_its_bound_waits_for_the_snapshot(
+    folding: tuple[Store, XsClient, list[Deferred]], tmp_path: Path
+) -> None:
+    store, xs, folds = folding
+    largest = 0
+
+    def measure() -> bool:
+        nonlocal largest
+        largest = max(largest, _journal_bytes(tmp_path))
+        return len(folds) == 4
+
+    _rewrite_until(xs, measure)
+
+    assert not any(fold.is_alive() for fold in folds[:3])  # joined by the change that waited
+    bound = max(4096, (tmp_path / "store.snapshot").stat().st_size)
+    assert bound < largest <= 2 * bound + 100
+    assert _recorded(tmp_path) == _tree(store)
+
+
+def test_a_crash_between_a_snapshot_and_its_journal_replays_the_old_journal_over_it(
+    folding: tuple[Store, XsClient, list[Deferred]],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    store, xs, folds = folding
+    _rewrite_until(xs, lambda: bool(folds))
+    old = _header(tmp_path / "store.journal")["snapshot"]
+    xs.write("/tool/n0", "rewritten while the snapshot is written")
+    folds[0].join()
+    journal = store.tree.journal
+    assert journal is not None
+    replace = os.replace
+
+    def no_new_journal(source: Path, target: Path) -> None:
+        if Path(source) == journal.temporary_journal_path:
+            raise OSError(errno.EIO, "as if dom0 died here")
+        replace(source, target)
+
+    with monkeypatch.context() as patched, caplog.at_level(logging.WARNING):
+        patched.setattr(os, "replace", no_new_journal)
+        xs.write("/tool/after", "1")
+
+    assert "as if dom0 died here" in caplog.text
+    assert _header(tmp_path / "store.snapshot")["after"] == old
+    assert _header(tmp_path / "store.journal")["snapshot"] == old
+    assert _recorded(tmp_path) == _tree(store)
+    xs.write("/tool/later", "2")  # the old journal goes on
+    assert _recorded(tmp_path) == _tree(store)
+
+
+def test_a_snapshot_being_written_is_dropped_once_the_journal_lacks_a_change(
+    folding: tuple[Store, XsClient, list[Deferred]], tmp_path: Path
+) -> None:
+    store, xs, folds = folding
+    _rewrite_until(xs, lambda: bool(folds))
+    _break_journal(store)
+    xs.write("/tool/kept", "in memory only")  # dom0's: it stands, the files lack it
+    _mend_journal(store)
+
+    xs.write("/tool/mended", "1")  # a whole snapshot, at once
+
+    assert not folds[0].is_alive()  # dropped, not left to follow a journal that lacks a change
+    assert "after" not in _header(tmp_path / "store.snapshot")
+    assert not list(tmp_path.glob("*.tmp"))
+    assert _recorded(tmp_path) == _tree(store)
+
+
+def test_a_snapshot_is_written_on_a_thread_of_its_own(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setattr(journal_module, "COMPACT_FLOOR", 4096)
+    store = Store(journal=Journal(tmp_path))
+    journal = store.tree.journal
+    assert journal is not None
+    with connect_local(store, 0) as dom0:
+        _rewrite_until(dom0.client, lambda: journal._fold is not None)
+        assert journal._fold is not None
+        worker = journal._fold[1]
+        assert isinstance(worker, threading.Thread)
+        worker.join(TIMEOUT)
+        dom0.client.write("/tool/after", "1")
+
+    assert journal._fold is None
+    assert "after" in _header(tmp_path / "store.snapshot")
+    assert _recorded(tmp_path) == _tree(store)
+    journal.close()
 
 
 # -- failures: the request fails, the store goes on ----------------------------------------------
@@ -248,27 +491,35 @@ def test_a_commit_the_journal_cannot_record_applies_nothing(
     assert _tree(store) == before
 
 
-def test_a_release_the_journal_cannot_record_keeps_the_domain(
-    recorded: tuple[Store, XsClient, XsClient],
+def test_a_request_of_dom0s_the_journal_cannot_record_stands_and_is_written_later(
+    recorded: tuple[Store, XsClient, XsClient], tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    store, _, dom1 = recorded
+    store, dom0, dom1 = recorded
     dom1.write("data/x", "1")
+    released = dom0.watch(RELEASE_DOMAIN_WATCH)
+    assert released.get(TIMEOUT).path == RELEASE_DOMAIN_WATCH
     _break_journal(store)
 
-    with pytest.raises(XsError, match="EIO"):
-        store.release_domain(1)
+    with caplog.at_level(logging.WARNING):
+        dom0.release(1)  # the whole release: nodes, connections, @releaseDomain
+        dom0.write("/tool/after", "1")
 
-    assert store.is_introduced(1) and store.node_count(1) == 2
+    assert released.get(TIMEOUT).path == RELEASE_DOMAIN_WATCH
+    assert not store.is_introduced(1) and store.node_count(1) == 0
+    with pytest.raises(XsConnectionLost):
+        dom1.read("data/x")
+    assert dom0.read("/tool/after") == "1"
+    assert caplog.text.count("lack changes of dom0's") == 1
     _mend_journal(store)
-    store.release_domain(1)
-    assert store.node_count(1) == 0
+    dom0.write("/tool/mended", "1")  # the next change writes a whole snapshot, which holds all
+    assert _tree(Store(journal=Journal(tmp_path), recover=True)) == _tree(store)
 
 
 def test_a_compaction_that_fails_does_not_fail_the_request_and_is_tried_again(
     tmp_path: Path, monkeypatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     monkeypatch.setattr(journal_module, "COMPACT_FLOOR", 4096)
-    store = Store(journal=Journal(tmp_path))
+    store = Store(journal=Journal(tmp_path, background=run_now))
     assert store.tree.journal is not None
     store.tree.journal.temporary_path.mkdir()  # no snapshot can be written
     with connect_local(store, 0) as dom0, caplog.at_level(logging.WARNING):
@@ -285,14 +536,26 @@ def test_a_compaction_that_fails_does_not_fail_the_request_and_is_tried_again(
     assert _tree(Store(journal=Journal(tmp_path), recover=True)) == _tree(store)
 
 
-def test_a_domu_at_its_memory_quota_cannot_grow_the_store_files(
+def test_a_domu_rewriting_its_nodes_at_its_memory_quota_keeps_the_store_files_bounded(
     recorded: tuple[Store, XsClient, XsClient], tmp_path: Path
 ) -> None:
     store, _, dom1 = recorded
-    store.set_quota(1, Quota(memory=64 * 1024))
+    quota = Quota().memory
+    paths: list[str] = []
     with pytest.raises(XsError, match="ENOSPC"):
         for i in range(1000):
-            dom1.write(f"/local/domain/1/data/{i:03d}{NAME}", "v" * 1000)
+            paths.append(f"/local/domain/1/data/{i:03d}{NAME}")
+            dom1.write(paths[-1], "v" * 1000)
+    paths.pop()  # refused
+    assert store.memory_used(1) <= quota
+    largest = written = 0
 
-    assert store.memory_used(1) <= 64 * 1024
-    assert (tmp_path / "store.snapshot").stat().st_size + _journal_bytes(tmp_path) < 2 << 20
+    for round_ in range(10):  # 20 MiB of requests, each rewriting a node at the quota
+        for path in paths:
+            dom1.write(path, str(round_) * 1000)
+            written += len(path) + 1000
+            largest = max(largest, _files_bytes(tmp_path))
+
+    assert written > 8 * quota
+    assert largest < 3.5 * quota  # two snapshots of about the quota, a journal up to that size
+    assert _tree(Store(journal=Journal(tmp_path), recover=True)) == _tree(store)

@@ -542,6 +542,20 @@ def test_node_quota_refuses_one_domu_while_another_domu_writes(xs: Harness) -> N
     assert len(dom1.directory("data")) == room
 
 
+def test_node_quota_holds_for_the_nodes_one_request_or_one_commit_makes(xs: Harness) -> None:
+    xs.store.set_quota(1, Quota(nodes=6))
+    dom1 = xs.domain(1)
+    room = 6 - xs.store.node_count(1)
+    tx = dom1.transaction_start()
+    for i in range(room + 1):
+        tx.write(f"data/n{i}", "x")  # the transaction may hold them, the domain may not own them
+
+    assert errno_of(lambda: dom1.transaction_end(tx)) == "ENOSPC"
+    assert errno_of(lambda: dom1.write("data/" + "/".join("abcdefg"), "x")) == "ENOSPC"
+    assert dom1.directory("data") == []
+    assert xs.store.node_count(1) == 6 - room
+
+
 def test_dom0_is_exempt_from_quotas(xs: Harness) -> None:
     xs.store.set_quota(0, Quota(nodes=1, value_size=1))
 
@@ -614,6 +628,23 @@ def test_memory_quota_holds_at_commit_and_bounds_what_a_transaction_holds(xs: Ha
     assert errno_of(lambda: tx.read("data/b")) == "ENOENT"  # the refused write left nothing
 
 
+def test_a_domains_open_transactions_hold_at_most_its_memory_quota_together(
+    xs: Harness,
+) -> None:
+    dom1 = xs.domain(1)
+    xs.store.set_quota(1, Quota(memory=5000))
+    first = dom1.transaction_start()
+    first.write("data/a", "v" * 2000)
+    second = dom1.transaction_start()
+    second.write("data/b", "v" * 2000)
+
+    assert errno_of(lambda: second.write("data/c", "v" * 2000)) == "ENOSPC"
+    dom1.transaction_end(first, commit=False)
+    second.write("data/c", "v" * 2000)  # what the first held is free again
+    dom1.transaction_end(second)
+    assert dom1.read("data/c") == "v" * 2000
+
+
 def test_dom0_may_write_past_a_domus_memory_quota(xs: Harness) -> None:
     dom1 = xs.domain(1)
     xs.store.set_quota(1, Quota(memory=xs.store.memory_used(1) + 100))
@@ -656,6 +687,21 @@ def test_release_removes_the_domains_nodes_and_fires_release_domain(xs: Harness)
     assert not xs.dom0.is_domain_introduced(1)
     with pytest.raises(XsConnectionLost):
         dom1.read("name")
+
+
+def test_release_domain_fires_after_the_removal_of_the_domains_nodes(xs: Harness) -> None:
+    dom1 = xs.domain(1)
+    dom1.write("data/x", "1")
+    events = WatchQueue()
+    xs.dom0.watch("/local/domain/1/data", queue=events)
+    xs.dom0.watch(RELEASE_DOMAIN_WATCH, queue=events)
+    registered = {events.get(TIMEOUT).path, events.get(TIMEOUT).path}
+    assert registered == {"/local/domain/1/data", RELEASE_DOMAIN_WATCH}
+
+    xs.dom0.release(1)
+
+    assert events.get(TIMEOUT).path == "/local/domain/1/data"
+    assert events.get(TIMEOUT).path == RELEASE_DOMAIN_WATCH
 
 
 # -- concurrency ---------------------------------------------------------------------------------

@@ -1,0 +1,76 @@
+"""The toolstack's teardown of a destroyed domain, over a store whose files cannot be written
+(dom0/toolstack.py, dom0/store/core.py)."""
+
+from __future__ import annotations
+
+import queue
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from channels import xenbus
+from dom0.store import Store, connect_local
+from dom0.store.journal import Journal
+from dom0.toolstack import DomainState, Toolstack
+from tests.unit.test_store_journal import _break_journal
+
+DOMID = 1
+
+
+def _info(domid: int) -> dict[str, Any]:
+    """What hyperd's domain_introduced event carries, as far as the skeleton needs it."""
+    return {
+        "domid": domid,
+        "name": f"guest{domid}",
+        "uuid": str(uuid.uuid4()),
+        "memory": 64,
+        "vcpus": 1,
+        "console": {"domu_port": 3},
+        "config": {},
+    }
+
+
+@pytest.fixture
+def toolstack(tmp_path: Path) -> Iterator[Toolstack]:
+    """A toolstack over a recorded store, without hyperd (teardown needs none)."""
+    store = Store(journal=Journal(tmp_path))
+    with connect_local(store, 0) as dom0:
+        events: queue.Queue[tuple[str, dict[str, Any]]] = queue.Queue()
+        no_hyperd: Any = None
+        yield Toolstack(no_hyperd, store, dom0.client, tmp_path / "toolstack.sock", events)
+    assert store.tree.journal is not None
+    store.tree.journal.close()
+
+
+def _introduce(toolstack: Toolstack, info: dict[str, Any]) -> DomainState:
+    """The store side of ev_domain_introduced (no relay, no devices)."""
+    toolstack._write_skeleton(info)
+    toolstack.store.introduce_domain(info["domid"])
+    state = DomainState(info["domid"], info["name"], info)
+    toolstack.domains[info["domid"]] = state
+    return state
+
+
+def test_a_destroyed_domain_is_torn_down_whole_though_the_store_files_cannot_be_written(
+    toolstack: Toolstack,
+) -> None:
+    info = _info(DOMID)
+    state = _introduce(toolstack, info)
+    toolstack.xs.write(xenbus.domain_key_path(DOMID, "data") + "/mine", "guest's")
+    store = toolstack.store
+    assert store.node_count(DOMID) > 0
+    _break_journal(store)  # as on a full tmpfs
+
+    toolstack.ev_domain_destroyed({"domid": DOMID})
+
+    assert state.gone.is_set()
+    assert not store.is_introduced(DOMID) and store.node_count(DOMID) == 0
+    for path in (
+        xenbus.domain_path(DOMID),
+        xenbus.vm_path(info["uuid"]),
+        xenbus.tool_path(DOMID),
+    ):
+        assert toolstack.xs.read_optional(path) is None, path
