@@ -239,7 +239,7 @@ def test_the_containment_text_states_the_limits_the_code_enforces() -> None:
         f"reads at {LOG_RATE >> 10} KiB/s and rotates at {LOG_MAX >> 10} KiB",
         f"{quota.nodes} nodes and {quota.memory >> 20} MiB",
         f"{quota.watches} watches",
-        f"{quota.transactions} transactions of at most {quota.memory >> 20} MiB",
+        f"{quota.transactions} transactions that together hold at most {quota.memory >> 20} MiB",
         f"live at most {quota.transaction_lifetime:g} s",
         f"costs {HYPERCALL_COST[False]:g} of {HYPERCALL_RATE:g} credits",
         f"nothing {HYPERCALL_COST[True]:g};",
