@@ -71,9 +71,9 @@ def icmp(src: bytes, kind: int, body: bytes = bytes(4)) -> bytes:
     return ether(0x86DD, ipv6(src, 58, icmpv6(kind, body)))
 
 
-def tagged(ethertype: int, payload: bytes, tag: int = 0x8100) -> bytes:
+def tagged(ethertype: int, payload: bytes, tag: int = 0x8100, src: bytes = OURS) -> bytes:
     """A frame with one VLAN tag (VLAN 7) before ``ethertype``."""
-    return ether(tag, struct.pack("!HH", 7, ethertype) + payload)
+    return ether(tag, struct.pack("!HH", 7, ethertype) + payload, src=src)
 
 
 def mld_report(src: bytes, kind: int = 143) -> bytes:
