@@ -160,19 +160,55 @@ def offload_from_vnet(header: bytes) -> Offload:
     )
 
 
-def vnet_from_offload(offload: Offload, frame_head: bytes) -> bytes:
-    """The virtio_net_hdr for a frame, given its first bytes (headers) for the checksum offsets.
+_ETH_P_IP = 0x0800
+_ETH_P_IPV6 = 0x86DD
+_ETH_P_8021Q = 0x8100
+_IPPROTO_TCP = 6
+_IPPROTO_UDP = 17
+
+#: Where a frame's headers lie, as ``frame_layout`` finds them: (EtherType, L3 offset, protocol,
+#: L4 offset). A plain tuple: it is made for every frame netback transmits.
+Layout = tuple[int, int, int, int]
+NO_L4 = -1  # the protocol of a frame without a whole IPv4 or IPv6 header
+
+
+def frame_layout(frame: bytes) -> Layout:
+    """Parse a frame's Ethernet, VLAN and IP headers once, for every reader (netback's source
+    check, the virtio-net header). ``frame`` holds at least an Ethernet header.
+
+    The EtherType is the one after at most one 802.1Q tag (the L3 offset is then 18, not 14). For
+    a whole IPv4 header (version 4, IHL 5 or more) the protocol and L4 offset are its own; for a
+    whole IPv6 header, its next header and the offset after it (extension headers are not
+    followed). Anything else has protocol NO_L4 and L4 offset 0."""
+    ethertype = frame[12] << 8 | frame[13]
+    l3 = ETH_HLEN
+    if ethertype == _ETH_P_8021Q and len(frame) >= 18:
+        ethertype, l3 = frame[16] << 8 | frame[17], 18
+    if ethertype == _ETH_P_IP:
+        if len(frame) >= l3 + 20 and 0x45 <= frame[l3] <= 0x4F:  # version 4, IHL 5..15
+            return ethertype, l3, frame[l3 + 9], l3 + (frame[l3] & 0x0F) * 4
+    elif ethertype == _ETH_P_IPV6 and len(frame) >= l3 + 40 and frame[l3] >> 4 == 6:
+        return ethertype, l3, frame[l3 + 6], l3 + 40
+    return ethertype, l3, NO_L4, 0
+
+
+_VNET_PLAIN = VNET_HDR.pack(0, 0, 0, 0, 0, 0)
+_VNET_DATA_VALID = VNET_HDR.pack(VIRTIO_NET_HDR_F_DATA_VALID, 0, 0, 0, 0, 0)
+
+
+def vnet_from_offload(offload: Offload, frame_head: bytes, layout: Layout | None = None) -> bytes:
+    """The virtio_net_hdr for a frame, given its first bytes (headers) for the checksum offsets,
+    and their ``layout`` when the caller has it already (netback, from its source check).
 
     netif carries no checksum offsets: like Linux netback's skb_checksum_setup we find the L4
     header ourselves. A frame we cannot parse goes out without offload flags (the receiver then
     checks or drops it, as it would any frame with a bad checksum)."""
     if not offload.csum_blank and offload.gso_type == XEN_NETIF_GSO_TYPE_NONE:
-        flags = VIRTIO_NET_HDR_F_DATA_VALID if offload.data_validated else 0
-        return VNET_HDR.pack(flags, 0, 0, 0, 0, 0)
-    layout = l4_layout(frame_head)
-    if layout is None:
-        return VNET_HDR.pack(0, 0, 0, 0, 0, 0)
-    l4_start, csum_offset, header_len = layout
+        return _VNET_DATA_VALID if offload.data_validated else _VNET_PLAIN
+    l4 = l4_layout(frame_head, layout or frame_layout(frame_head))
+    if l4 is None:
+        return _VNET_PLAIN
+    l4_start, csum_offset, header_len = l4
     gso = _NETIF_TO_GSO.get(offload.gso_type, VIRTIO_NET_HDR_GSO_NONE)
     return VNET_HDR.pack(
         VIRTIO_NET_HDR_F_NEEDS_CSUM,
@@ -184,38 +220,12 @@ def vnet_from_offload(offload: Offload, frame_head: bytes) -> bytes:
     )
 
 
-_ETH_P_IP = 0x0800
-_ETH_P_IPV6 = 0x86DD
-_ETH_P_8021Q = 0x8100
-_IPPROTO_TCP = 6
-_IPPROTO_UDP = 17
-
-
-def l4_layout(frame: bytes) -> tuple[int, int, int] | None:
+def l4_layout(frame: bytes, layout: Layout) -> tuple[int, int, int] | None:
     """(L4 header offset, checksum field offset within it, total header length) of a TCP or
-    UDP frame over IPv4/IPv6 (with at most one VLAN tag), or None if it is not one."""
-    try:
-        offset = ETH_HLEN
-        (ethertype,) = struct.unpack_from("!H", frame, 12)
-        if ethertype == _ETH_P_8021Q:
-            (ethertype,) = struct.unpack_from("!H", frame, 16)
-            offset += 4
-        if ethertype == _ETH_P_IP:
-            ihl = (frame[offset] & 0x0F) * 4
-            proto = frame[offset + 9]
-            if ihl < 20:
-                return None
-            offset += ihl
-        elif ethertype == _ETH_P_IPV6:
-            proto = frame[offset + 6]  # extension headers are not followed: no offload then
-            offset += 40
-        else:
-            return None
-        if proto == _IPPROTO_TCP:
-            data_offset = (frame[offset + 12] >> 4) * 4
-            return offset, 16, offset + max(data_offset, 20)
-        if proto == _IPPROTO_UDP:
-            return offset, 6, offset + 8
-    except (IndexError, struct.error):
-        return None
+    UDP frame whose headers lie as ``layout`` says, or None if it is not one."""
+    _, _, proto, l4 = layout
+    if proto == _IPPROTO_TCP and l4 + 12 < len(frame):
+        return l4, 16, l4 + max((frame[l4 + 12] >> 4) * 4, 20)  # data offset: the header's size
+    if proto == _IPPROTO_UDP:
+        return l4, 6, l4 + 8
     return None

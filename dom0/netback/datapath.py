@@ -118,9 +118,10 @@ class BadPacket(Exception):
         self.reason = reason
 
 
-class Spoofed(BadPacket):
-    """A frame from an address the vif may not use (antispoof.py): dropped and counted, and
-    answered NETIF_RSP_OKAY, as a bridge's filter drops it after Xen's netback answered."""
+class Spoofed(Exception):
+    """A frame from an address the vif may not use (antispoof.py; the reason is its message):
+    dropped and counted, and answered NETIF_RSP_OKAY, as a bridge's filter drops it after Xen's
+    netback answered. Not a BadPacket, which is answered NETIF_RSP_ERROR."""
 
 
 @dataclass
@@ -247,9 +248,9 @@ class TxPath:
             status = N.NETIF_RSP_OKAY
             self.counters.tx_packets += 1
             self.counters.tx_bytes += total
-        except Spoofed as exc:  # before its base class, BadPacket
+        except Spoofed as exc:
             status = N.NETIF_RSP_OKAY
-            self.counters.spoofed(exc.reason)
+            self.counters.spoofed(str(exc))
         except BadPacket as exc:
             status = N.NETIF_RSP_ERROR
             self.counters.error(exc.reason)
@@ -271,19 +272,19 @@ class TxPath:
             raise BadPacket("first slot shorter than an Ethernet header")
         # The iovec: virtio-net header, the head's private copy, then the frame's live pages.
         views: list[bytes | memoryview] = [b"", b"", b""]
-        self._add_pages(views, slots, extras)
-        head = _copy_head(views, min(HEAD_COPY, total))
+        head = self._add_pages(views, slots, extras)
         # Every check and every header netback computes reads ``head``, and the kernel parses
         # the same bytes, since they go to the TAP from ``head`` too: the guest can no longer
         # change them in between (XSA-155). The rest goes zero-copy from the granted pages:
         # the tun driver copies it into its own skb during writev, and it is payload to us and
         # to the kernel's parsers (checksums and segmentation run on the kernel's copy), so a
         # guest that changes it meanwhile only changes what it sends, as it could anyway.
+        layout = N.frame_layout(head)  # parsed once, for the source check and the vnet header
         if self.sources is not None:
-            refusal = self.sources.refusal(head)
+            refusal = self.sources.refusal(head, layout)
             if refusal is not None:
                 raise Spoofed(refusal)
-        views[0] = N.vnet_from_offload(offload, head)
+        views[0] = N.vnet_from_offload(offload, head, layout)
         views[1] = head
         if self.rate is not None:
             delay = self.rate.wait_time(total)
@@ -300,9 +301,10 @@ class TxPath:
             raise BadPacket(f"TAP refused the frame: {exc.strerror}") from exc
         return total
 
-    def _add_pages(self, views: list[bytes | memoryview], slots: list[Slot], extras: int) -> None:
-        """Append the frame's fragments, each slot checked, and put its first slot's bytes in
-        ``views[2]``: views of the granted pages."""
+    def _add_pages(self, views: list[bytes | memoryview], slots: list[Slot], extras: int) -> bytes:
+        """Check each slot, append the frame's fragments to ``views``, put the rest of its first
+        slot in ``views[2]`` (all views of the granted pages), and return a copy of the frame's
+        first HEAD_COPY bytes, which those views no longer hold."""
         first, total = slots[0], slots[0][4]
         resolve = self.grants.resolve
         rest = 0
@@ -314,18 +316,24 @@ class TxPath:
                     raise BadPacket("slot crosses its page")
                 views.append(resolve(gref, write=False)[offset : offset + size])
                 rest += size
-            head = total - rest  # the first slot's own length
-            if head < N.ETH_HLEN:
+            size = total - rest  # the first slot's own length
+            if size < N.ETH_HLEN:
                 raise BadPacket(
                     "fragments longer than the packet"
                     if rest > total
                     else "first slot shorter than an Ethernet header"
                 )
-            if first[1] + head > N.PAGE_SIZE:
+            if first[1] + size > N.PAGE_SIZE:
                 raise BadPacket("slot crosses its page")
-            views[2] = resolve(first[0], write=False)[first[1] : first[1] + head]
+            page, start = resolve(first[0], write=False), first[1]
         except GrantError as exc:
             raise BadPacket("bad grant ref") from exc
+        end, cut = start + size, start + HEAD_COPY
+        if cut <= end:  # the first slot holds the head: copied straight from the page
+            views[2] = page[cut:end]
+            return page[start:cut].tobytes()
+        head = page[start:end].tobytes()  # the whole first slot; the rest of the head follows
+        return head + _gather(views, min(HEAD_COPY, total) - size) if rest else head
 
     @staticmethod
     def _offload(flags: int, slots: list[Slot]) -> N.Offload | None:
@@ -349,14 +357,9 @@ class TxPath:
         )
 
 
-def _copy_head(views: list[bytes | memoryview], length: int) -> bytes:
-    """The frame's first ``length`` bytes, copied out of ``views[2:]`` (its pages, in order),
-    which are trimmed so that they hold the rest. One slice copy when the first slot holds them
-    all (a frame in one page); a frame whose headers span slots is gathered."""
-    first = views[2]
-    if len(first) >= length:
-        views[2] = first[length:]
-        return bytes(first[:length])
+def _gather(views: list[bytes | memoryview], length: int) -> bytes:
+    """The next ``length`` bytes of ``views[2:]`` (the frame's pages, in order), copied out;
+    the views are trimmed so that they hold the rest."""
     parts, index = [], 2
     while length:
         view = views[index]

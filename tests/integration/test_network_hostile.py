@@ -5,10 +5,11 @@ The first test takes over a real domain's vif: it pauses the domain (its netfron
 the test writes the ring), maps the domain's tx ring page and tx buffer pool from /dev/shm as
 root can, writes raw requests, and rings the domain's doorbells. netback in dom0 sees exactly
 what a compromised domain kernel could produce. Every bad request must be answered with an
-error and counted; the violations must disconnect that vif alone; the neighbours' iperf3 must
-finish meanwhile. The second runs as a domain's kernel would (``as_kernel``: root of its user
-namespace) and writes raw frames on its eth0 with another MAC, another address and a forged ARP
-reply; a raw socket on the host's bridge must see only the honest frames sent after them.
+error and counted, and an honest frame sent after them must cross the bridge; the violations
+must disconnect that vif alone; the neighbours' iperf3 must finish meanwhile. The second runs as
+a domain's kernel would (``as_kernel``: root of its user namespace) and writes raw frames on its
+eth0 with another MAC, another address, a forged ARP reply, a VLAN tag and UDP from ``::``; a raw
+socket on the host's bridge must see only the honest frames sent after them.
 """
 
 from __future__ import annotations
@@ -38,12 +39,11 @@ from tests.integration.conftest import (
     wait_for,
 )
 from tests.integration.test_network import counters, vif
-from tests.unit.test_netback_antispoof import arp, ether, ipv4
+from tests.unit.test_netback_antispoof import arp, ether, ipv4, ipv6, tagged
 
 pytestmark = pytest.mark.root
 
 TX_POOL_PAGES = 256  # netfront's tx pool (domu/netfront/xenbus.py)
-FRAME = bytes.fromhex("ffffffffffff 00163e0000aa 0800") + bytes(50)
 
 
 class HostileFrontend:
@@ -193,10 +193,13 @@ def test_hostile_frontend_is_refused_and_disconnected_while_a_neighbour_runs(
     victim = make_domain(vif(bridge, f"{net}.9"))
     info = domain_info(victim)
     assert info is not None
+    # A frame the victim may send (its MAC, its address), so that the source check passes it.
+    mac = bytes.fromhex(counters(victim)[0]["mac"].replace(":", ""))
+    frame = ether(0x0800, ipv4(socket.inet_aton(f"{net}.9"), MARK + b"7"), src=mac)
     hyperctl("pause", victim)
     evil = HostileFrontend(info["domid"])
     try:
-        gref = evil.page(0, FRAME)
+        gref = evil.page(0, frame)
         for count, (what, slots_of) in enumerate(BAD_REQUESTS, start=1):
             slots = slots_of(gref)
             evil.send(*slots)
@@ -208,8 +211,16 @@ def test_hostile_frontend_is_refused_and_disconnected_while_a_neighbour_runs(
             }
             assert statuses == {N.NETIF_RSP_ERROR}, f"{what}: {answers}"
             assert tx_errors(victim) == count, what
-        evil.send((gref, 0, 0, 77, len(FRAME)))
-        assert evil.responses(1) == [(77, N.NETIF_RSP_OKAY)], "the vif still works"
+        # Broadcast, seen without promiscuous mode: the neighbours' unicast iperf3 stream
+        # would flood a promiscuous socket.
+        [before] = counters(victim)
+        with capture_on(bridge, promiscuous=False) as capture:
+            evil.send((gref, 0, 0, 77, len(frame)))
+            assert evil.responses(1) == [(77, N.NETIF_RSP_OKAY)]
+            marks_seen(capture, {MARK + b"7"}, timeout=10)  # the vif still works
+        [after] = counters(victim)
+        sent, spoofed = (after[k] - before[k] for k in ("tx_packets", "tx_spoofed"))
+        assert (sent, spoofed) == (1, 0), "netback sent the frame, and counted no spoof"
 
         # A protocol violation: an impossible req_prod. Only this vif is disconnected.
         evil.lie(evil.rsp_cons + 5000)
@@ -244,18 +255,19 @@ SOL_PACKET, PACKET_ADD_MEMBERSHIP, PACKET_MR_PROMISC = 263, 1, 1
 
 
 @contextlib.contextmanager
-def capture_on(bridge: str) -> Iterator[socket.socket]:
+def capture_on(bridge: str, promiscuous: bool = True) -> Iterator[socket.socket]:
     """A raw socket that sees every frame the bridge forwards (it is put in promiscuous mode
-    while the socket is open)."""
+    while the socket is open), or without ``promiscuous`` only the broadcasts and multicasts."""
     sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_ALL))
     try:
         sock.bind((bridge, 0))
         index = socket.if_nametoindex(bridge)
-        sock.setsockopt(
-            SOL_PACKET,
-            PACKET_ADD_MEMBERSHIP,
-            struct.pack("iHH8s", index, PACKET_MR_PROMISC, 0, b""),
-        )
+        if promiscuous:
+            sock.setsockopt(
+                SOL_PACKET,
+                PACKET_ADD_MEMBERSHIP,
+                struct.pack("iHH8s", index, PACKET_MR_PROMISC, 0, b""),
+            )
         yield sock
     finally:
         sock.close()
@@ -289,6 +301,8 @@ def test_frames_from_another_address_leave_the_bridge_only_as_counted_drops(
         b"2": ether(0x0800, ipv4(socket.inet_aton(f"{net}.77"), MARK + b"2"), src=mac),
         b"3": ether(0x0806, arp(2, mac, neighbour) + MARK + b"3", src=mac),  # "I am .1"
         b"4": ether(0x0806, arp(2, bytes.fromhex("00163e0000ee"), ours) + MARK + b"4", src=mac),
+        b"7": tagged(0x0800, ipv4(ours, MARK + b"7"), src=mac),  # onto the host's VLAN 7
+        b"8": ether(0x86DD, ipv6(bytes(16), 17, bytes(8) + MARK + b"8"), src=mac),  # UDP from ::
     }
     honest = {
         b"5": ether(0x0800, ipv4(ours, MARK + b"5"), src=mac),

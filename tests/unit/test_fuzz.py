@@ -33,7 +33,7 @@ from channels.xs_wire import XsProtocolError, XsType, encode
 from dom0.netback.antispoof import SourceFilter
 from dom0.store import Store
 from tests.unit.test_blkback_hostile import GREF_BASE, IMAGE_SECTORS, POOL_PAGES, Vbd, _build
-from tests.unit.test_netback_antispoof import PASSES, REFUSED, V4, V6
+from tests.unit.test_netback_antispoof import ANY_IP, PASSES, REFUSED, V4, V6
 from tests.unit.test_netback_hostile import serving_vif
 from tests.unit.test_store_connection import RawPeer
 from tests.unit.test_store_connection import store as store
@@ -163,7 +163,7 @@ def test_netback_answers_within_bounds_or_disconnects_and_never_dies(slots: list
 
 _frames = [case[1][:128] for case in (*PASSES.values(), *REFUSED.values())]
 _heads = st.one_of(
-    st.binary(max_size=128),
+    st.binary(min_size=N.ETH_HLEN, max_size=128),  # netback never checks a shorter head
     st.builds(
         _mutated,
         st.sampled_from(_frames),
@@ -172,15 +172,51 @@ _heads = st.one_of(
 )
 
 
+def _only_its_own_sources(head: bytes, sources: SourceFilter) -> bool:
+    """What a frame the check lets go must show, read here on its own terms: the vif's MAC and
+    no VLAN tag; with an ip, an IPv4 source, ARP sender or IPv6 source that is the vif's own, and
+    an IPv6 Neighbor Advertisement for its own address only."""
+    if head[6:12] != sources.mac or head[12:14] in (b"\x81\x00", b"\x88\xa8"):
+        return False
+    if sources.any_address:
+        return True
+    ethertype = head[12:14]
+    if ethertype == b"\x08\x00":
+        return head[26:30] == sources.ipv4
+    if ethertype == b"\x08\x06":
+        return head[22:28] == sources.mac and head[28:32] == sources.ipv4
+    if ethertype != b"\x86\xdd":
+        return False
+    kind, target = _icmpv6(head)
+    if kind == 136 and target not in sources.ipv6:
+        return False
+    if head[22:38] != bytes(16):
+        return head[22:38] in sources.ipv6
+    # From ::, only duplicate-address detection of its own addresses and MLD reports.
+    return (kind == 135 and target in sources.ipv6) or kind in (131, 132, 143)
+
+
+def _icmpv6(head: bytes) -> tuple[int | None, bytes]:
+    """The ICMPv6 type of an IPv6 frame and the 16 bytes of a neighbour message's target, found
+    past hop-by-hop, routing and destination-options headers; (None, b"") if it carries none."""
+    following, pos = head[20], 54
+    while following in (0, 43, 60) and pos + 2 <= len(head):
+        following, pos = head[pos], pos + (head[pos + 1] + 1) * 8
+    if following != 58 or pos >= len(head):
+        return None, b""
+    return head[pos], head[pos + 8 : pos + 24]
+
+
 @fuzz(2000)
-@given(head=_heads, sources=st.sampled_from([V4, V6]))
-def test_the_source_check_judges_any_head_and_never_passes_another_mac(
+@given(head=_heads, sources=st.sampled_from([V4, V6, ANY_IP]))
+def test_the_source_check_lets_go_only_frames_from_the_vifs_own_addresses(
     head: bytes, sources: SourceFilter
 ) -> None:
-    refusal = sources.refusal(head)
-    assert refusal is None or isinstance(refusal, str)
+    refusal = sources.refusal(head, N.frame_layout(head))
     if head[6:12] != sources.mac:
         assert refusal == "source MAC"
+    if refusal is None:
+        assert _only_its_own_sources(head, sources)
 
 
 # -- the store's wire ---------------------------------------------------------------------------

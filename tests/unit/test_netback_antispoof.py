@@ -1,8 +1,9 @@
 """netback's source check (dom0/netback/antispoof.py), frame by frame.
 
 Each frame is built byte by byte as a hostile domU kernel could put it on its tx ring; the
-check sees its head as netback copied it. A vif with an ``ip`` is a host with that address:
-what such a host sends passes, and any claim to another MAC or address is refused.
+check sees its head as netback copied it, and its layout as netback parsed it. A vif with an
+``ip`` is a host with that address: what such a host sends passes, and any claim to another MAC
+or address is refused. No vif sends a VLAN tag.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import struct
 
 import pytest
 
+from channels.netif import frame_layout
 from dom0.netback.antispoof import SourceFilter, link_local, parse_mac
 
 MAC = "00:16:3e:00:00:01"
@@ -60,6 +62,32 @@ def neighbour(kind: int, target: bytes, mac: bytes | None = None) -> bytes:
 
 
 HOP_BY_HOP_ROUTER_ALERT = bytes([58, 0, 5, 2, 0, 0, 1, 0])  # then ICMPv6
+UNSPECIFIED = bytes(16)
+MLD_ROUTERS = bytes.fromhex("ff020000000000000000000000000016")  # where MLDv2 reports go
+
+
+def icmp(src: bytes, kind: int, body: bytes = bytes(4)) -> bytes:
+    """A frame with an ICMPv6 message of type ``kind`` from ``src``."""
+    return ether(0x86DD, ipv6(src, 58, icmpv6(kind, body)))
+
+
+def tagged(ethertype: int, payload: bytes, tag: int = 0x8100, src: bytes = OURS) -> bytes:
+    """A frame with one VLAN tag (VLAN 7) before ``ethertype``."""
+    return ether(tag, struct.pack("!HH", 7, ethertype) + payload, src=src)
+
+
+def mld_report(src: bytes, kind: int = 143) -> bytes:
+    """An MLD report (v2: 143; v1: 131, done: 132) behind a router alert, as Linux sends it."""
+    return ether(
+        0x86DD, ipv6(src, 0, HOP_BY_HOP_ROUTER_ALERT + icmpv6(kind, bytes(4) + MLD_ROUTERS))
+    )
+
+
+def judge(sources: SourceFilter, frame: bytes) -> str | None:
+    """The check as netback makes it: on the first 128 bytes, laid out by frame_layout."""
+    head = frame[:128]
+    return sources.refusal(head, frame_layout(head))
+
 
 V4 = SourceFilter.from_backend(MAC, "10.0.0.2")
 V6 = SourceFilter.from_backend(MAC, "fd00::2/64")
@@ -69,15 +97,18 @@ PASSES = {
     "IPv4 from its address": (V4, ether(0x0800, ipv4(IP4))),
     "ARP request from its MAC and address": (V4, ether(0x0806, arp(1, OURS, IP4))),
     "ARP reply from its MAC and address": (V4, ether(0x0806, arp(2, OURS, IP4))),
-    "IPv4 in an 802.1Q tag": (V4, ether(0x8100, struct.pack("!HH", 7, 0x0800) + ipv4(IP4))),
-    "router solicitation from its link-local": (
+    "router solicitation from its link-local": (V4, icmp(LINK_LOCAL, 133)),
+    "duplicate-address detection of its link-local from ::": (
         V4,
-        ether(0x86DD, ipv6(LINK_LOCAL, 58, icmpv6(133, bytes(4)))),
+        ether(0x86DD, ipv6(UNSPECIFIED, 58, neighbour(135, LINK_LOCAL))),
     ),
-    "duplicate-address detection from ::": (
-        V4,
-        ether(0x86DD, ipv6(bytes(16), 58, neighbour(135, LINK_LOCAL))),
+    "duplicate-address detection of its IPv6 address from ::": (
+        V6,
+        ether(0x86DD, ipv6(UNSPECIFIED, 58, neighbour(135, IP6))),
     ),
+    "MLDv2 report from ::": (V4, mld_report(UNSPECIFIED)),
+    "MLDv1 report from ::": (V4, mld_report(UNSPECIFIED, 131)),
+    "MLDv1 done from ::": (V4, mld_report(UNSPECIFIED, 132)),
     "MLD report behind a hop-by-hop header": (
         V4,
         ether(0x86DD, ipv6(LINK_LOCAL, 0, HOP_BY_HOP_ROUTER_ALERT + icmpv6(143, bytes(4)))),
@@ -101,12 +132,16 @@ REFUSED = {
     "IPv4 from another address": (V4, ether(0x0800, ipv4(OTHER_IP4)), "IPv4 source"),
     "IPv4 on a vif whose ip is IPv6": (V6, ether(0x0800, ipv4(IP4)), "IPv4 source"),
     "IPv4 cut short": (V4, ether(0x0800, ipv4(IP4)[:12]), "not an IPv4 header"),
-    "IPv4 in a tag from another address": (
-        V4,
-        ether(0x8100, struct.pack("!HH", 7, 0x0800) + ipv4(OTHER_IP4)),
-        "IPv4 source",
+    "IPv4 from its address in an 802.1Q tag": (V4, tagged(0x0800, ipv4(IP4)), "VLAN tag"),
+    "IPv6 from its address in an 802.1Q tag": (
+        V6,
+        tagged(0x86DD, ipv6(IP6, 17, bytes(8))),
+        "VLAN tag",
     ),
-    "two tags": (V4, ether(0x8100, struct.pack("!HH", 7, 0x8100) + bytes(50)), "EtherType 8100"),
+    "an 802.1Q tag without an ip": (ANY_IP, tagged(0x0800, ipv4(OTHER_IP4)), "VLAN tag"),
+    "an 802.1ad tag without an ip": (ANY_IP, tagged(0x0800, ipv4(IP4), 0x88A8), "VLAN tag"),
+    "two tags": (V4, tagged(0x8100, struct.pack("!HH", 7, 0x0800) + ipv4(IP4)), "VLAN tag"),
+    "a tag cut short": (ANY_IP, ether(0x8100, b"\x00"), "VLAN tag"),
     "ARP reply for another address": (
         V4,
         ether(0x0806, arp(2, OURS, OTHER_IP4)),
@@ -155,15 +190,25 @@ REFUSED = {
         ether(0x86DD, ipv6(IP6, 58, neighbour(135, OTHER_IP6) + bytes(8))),
         "malformed neighbour discovery option",
     ),
-    "a router advertisement": (
-        V6,
-        ether(0x86DD, ipv6(LINK_LOCAL, 58, icmpv6(134, bytes(12)))),
-        "router message",
+    "a router advertisement": (V6, icmp(LINK_LOCAL, 134, bytes(12)), "router message"),
+    "a redirect": (V6, icmp(LINK_LOCAL, 137, bytes(36)), "router message"),
+    "UDP from ::": (V4, ether(0x86DD, ipv6(UNSPECIFIED, 17, bytes(8))), "unspecified IPv6 source"),
+    "TCP from :: behind a hop-by-hop header": (
+        V4,
+        ether(0x86DD, ipv6(UNSPECIFIED, 0, bytes([6, 0]) + bytes(6) + bytes(20))),
+        "unspecified IPv6 source",
     ),
-    "a redirect": (
+    "an echo request from ::": (V4, icmp(UNSPECIFIED, 128), "unspecified IPv6 source"),
+    "a router solicitation from ::": (V4, icmp(UNSPECIFIED, 133), "unspecified IPv6 source"),
+    "an advertisement from ::": (
+        V4,
+        ether(0x86DD, ipv6(UNSPECIFIED, 58, neighbour(136, LINK_LOCAL, OURS))),
+        "unspecified IPv6 source",
+    ),
+    "duplicate-address detection of another address": (
         V6,
-        ether(0x86DD, ipv6(LINK_LOCAL, 58, icmpv6(137, bytes(36)))),
-        "router message",
+        ether(0x86DD, ipv6(UNSPECIFIED, 58, neighbour(135, OTHER_IP6))),
+        "duplicate-address detection of another address",
     ),
     "extension headers past the head": (
         V4,
@@ -176,19 +221,27 @@ REFUSED = {
 @pytest.mark.parametrize("case", sorted(PASSES))
 def test_what_a_host_with_these_addresses_sends_passes(case: str) -> None:
     sources, frame = PASSES[case]
-    assert sources.refusal(frame[:128]) is None
+    assert judge(sources, frame) is None
 
 
 @pytest.mark.parametrize("case", sorted(REFUSED))
 def test_every_claim_to_another_address_is_refused(case: str) -> None:
     sources, frame, reason = REFUSED[case]
-    assert sources.refusal(frame[:128]) == reason
+    assert judge(sources, frame) == reason
 
 
 def test_only_the_address_of_an_ip_with_a_prefix_is_allowed() -> None:
     sources = SourceFilter.from_backend(MAC, "10.0.0.2/24")
-    assert sources.refusal(ether(0x0800, ipv4(IP4))) is None
-    assert sources.refusal(ether(0x0800, ipv4(OTHER_IP4))) == "IPv4 source"
+    assert judge(sources, ether(0x0800, ipv4(IP4))) is None
+    assert judge(sources, ether(0x0800, ipv4(OTHER_IP4))) == "IPv4 source"
+
+
+def test_having_an_ip_is_its_own_field_not_the_presence_of_ipv6_addresses() -> None:
+    """An IPv4-only filter still checks addresses: "no ip" is not read from an empty ipv6."""
+    assert (ANY_IP.any_address, V4.any_address, V6.any_address) == (True, False, False)
+    ipv4_only = SourceFilter(OURS, any_address=False, ipv4=IP4)
+    assert judge(ipv4_only, ether(0x0800, ipv4(OTHER_IP4))) == "IPv4 source"
+    assert judge(ipv4_only, ether(0x0800, ipv4(IP4))) is None
 
 
 def test_the_link_local_address_is_the_macs_eui64() -> None:
