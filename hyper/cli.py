@@ -40,7 +40,8 @@ from hyper.paths import RunDir
 CONTAINMENT = """\
 What a domU can do, its kernel included (were it hostile):
 - use the memory, CPU share and processes its config gives it, through its cgroup;
-- send frames on its bridge from its vif's MAC, and from its `ip` when the vif has one;
+- send untagged frames on its bridge from its vif's MAC, and from its `ip` when the vif
+  has one;
 - read and write its own disks, and its own store nodes within its quota;
 - ask hyperd for event channels and grant pools, at a bounded rate, with at most its
   memory's worth of pages granted;
@@ -54,8 +55,9 @@ What it cannot do:
 - take the host's terminals: its ptys come from a devpts of its own (at most 64), its
   programs may make no user namespace to mount another, no devpts a domain mounts can
   use the ptys kept for host logins, and `hyperctl exec` never hands it a host terminal;
-- spoof another address: frames from another MAC, or another IPv4, ARP or IPv6 source
-  when the vif has an `ip`, are dropped and counted (`Spoof` in `network-list`);
+- spoof another address or reach another VLAN: frames from another MAC or with a VLAN
+  tag, or from another IPv4, ARP or IPv6 source when the vif has an `ip`, are dropped and
+  counted (`Spoof` in `network-list`);
 - change a header netback checked (netback sends its own copy), or send a GSO size
   outside 88-65534;
 - make dom0 hold its memory: a backend maps at most the guest's grant budget and drops
