@@ -17,9 +17,7 @@ is not read-only. Any failure raises GrantError, which a backend turns into an e
 from __future__ import annotations
 
 import contextlib
-import mmap
 import struct
-import weakref
 
 from channels.hypercall import (
     GnttabReleasePool,
@@ -88,21 +86,21 @@ class _Pool:
         """The pool's shared-memory object, for another process of the granter to open."""
         return self._segment.name
 
-    def mapped(self) -> weakref.ref[mmap.mmap]:
-        """A reference that lives as long as the pool's pages are mapped (channels/shm.py)."""
-        return self._segment.mapped()
-
     def __contains__(self, gref: int) -> bool:
         return self.gref_base <= gref < self.gref_base + self.pages
 
     def close(self) -> None:
+        self._release_views()
+        self._segment.close()
+
+    def _release_views(self) -> None:
+        """Release the views this object made (never one it handed out: see MappedPool)."""
         self._u16.release()
         self._u32.release()
         for view in self._pages or ():
             view.release()
         self._pages = None
         self.buf = memoryview(b"")
-        self._segment.close()
 
 
 class GrantPool(_Pool):
@@ -154,7 +152,16 @@ class MappedPool(_Pool):
             raise GrantError(f"gref {gref} names frame {frame} outside the pool")
         if write and flags & GTF_readonly:
             raise GrantError(f"gref {gref} is read-only")
-        return self.page(frame)
+        # A view of the caller's own, not one of page()'s: unmap() never releases it under its
+        # user, and whether it is still alive is what unmap() finds out.
+        start = self._data_offset + frame * PAGE_SIZE
+        return self.buf[start : start + PAGE_SIZE]
+
+    def unmap(self) -> bool:
+        """Unmap the pool unless a page ``resolve`` handed out is still in use: True once
+        unmapped. Either way the pool resolves nothing more; ask again to unmap it later."""
+        self._release_views()
+        return self._segment.unmap()
 
 
 def grant_pool(

@@ -9,34 +9,39 @@ A miss (a ref in no pool we map) *refreshes*: one ``gnttab_map_pools`` call name
 live now; the ones set up since are mapped, and the ones the granter released since are
 dropped. So a backend maps what was live at its last refresh, and a pool the granter released
 goes at the next miss (an honest frontend releases its pools only as its device closes, and
-never misses). What a mapper may hold is bounded by the granter's grant budget, ``max_pages``
-(the pages hyperd lets it have in pools at once), counted on what is *mapped*, not on what is
-live: a dropped pool stays mapped while the data path still holds one of its pages (a request
-in flight, a posted rx buffer, a checked page cached by a thread that raced the refresh), and
-counts until it is unmapped. Going past the budget is the granter's doing (it released pools
-under requests it had posted): GrantViolation, and its device fails.
+never misses). A dropped pool is unmapped as soon as the data path holds none of the pages it
+was handed from it (a request in flight, a posted rx buffer, a ring): Python's ``mmap`` refuses
+to unmap while such a view is alive, so the mapper asks it at every refresh, and counts the pool
+until it agrees. What a mapper may hold is bounded by the granter's grant budget (the pages
+hyperd lets it have in pools at once), counted on what is *mapped*, not on what is live: going
+past it is the granter's doing (it released pools under requests it had posted):
+GrantViolation, and its device fails.
 
 Misses cost dom0 and hyperd a round trip each, so they are paid for. A miss whose ref is in no
-live pool even after the refresh is a *bad gref*: answered as any bad ref (GrantError), and
-counted; past ``BAD_GREF_BUDGET`` in one connection the device fails (GrantViolation). A miss
-that does resolve follows the granter's own ``gnttab_setup_pool`` call; those refreshes are
-paced (``REFRESH_BURST`` at once, then ``REFRESHES_PER_SECOND``), so a granter cycling pools
-waits on its own device and costs dom0 a bounded rate of calls.
+live pool even after a refresh that succeeded is a *bad gref*: answered as any bad ref
+(GrantError), and counted (in the device's counters too); past ``BAD_GREF_BUDGET`` in one
+connection the device fails (GrantViolation). A refresh that fails (dom0 or hyperd not
+answering) is not the granter's doing: its miss is answered GrantError, and not counted. The
+other refreshes follow the granter's own ``gnttab_setup_pool`` calls (or a failure on our side);
+they are paced (``REFRESH_BURST`` at once, then ``REFRESHES_PER_SECOND``), so a granter cycling
+pools waits on its own device and costs dom0 a bounded rate of calls. One refresh runs at a
+time; a miss that waited for one begun after it takes that one's answer. Neither a refresh nor
+its pacing holds the lock that lookups and ``close`` take.
 
 A ref that passed its check stays usable while its pool is mapped, as a persistent grant does
 in Xen (blkif's and netif-staging's): frontends grant their buffer pages once per connection and
 reuse them, and checking each use again costs the data path more than anything else per slot.
 Ending access to a page the backend already used therefore does not take it back before the
 pool is released, which can only ever expose the granter's own page of its own pool to this
-backend.
+backend. The remembered pages are looked up without a lock (the data path's hot path); they
+are remembered, and forgotten as a refresh drops their pool, under the lock.
 """
 
 from __future__ import annotations
 
 import threading
 import time
-import weakref
-from typing import Any
+from typing import Any, NoReturn, Protocol
 
 from channels.credit import Credit
 from channels.gnttab import GrantError, GrantViolation, MappedPool
@@ -58,6 +63,12 @@ def map_pools(hc: HypercallClient, granter: int) -> dict[str, Any]:
     return dict(hc.call(GnttabMapPools(granter=granter)))
 
 
+class BadGrefCount(Protocol):
+    """Where a mapper also counts its connection's bad grefs: the device's counters."""
+
+    bad_grefs: int
+
+
 class GrantMapper:
     def __init__(
         self,
@@ -65,24 +76,33 @@ class GrantMapper:
         granter: int,
         domid: int,
         known: dict[str, Any] | None = None,
+        *,
+        counters: BadGrefCount | None = None,
+        bad_gref_budget: int = BAD_GREF_BUDGET,
     ) -> None:
         """``known``: the pools to map now, and the budget, as ``map_pools`` gives them."""
         self._hc = hc
         self.granter = granter
         self.domid = domid
-        self.max_pages = 0  # the granter's grant budget, as of the last refresh
-        self.bad_grefs = 0
-        self.bad_gref_budget = BAD_GREF_BUDGET
+        self.bad_grefs = 0  # in this connection: what the budget counts
+        self._counters = counters
+        self._bad_gref_budget = bad_gref_budget
         self._pace = Credit(REFRESHES_PER_SECOND, REFRESH_BURST)
-        self._pools: list[MappedPool] = []  # replaced, never changed: read without the lock
-        # Pools dropped at a refresh, while the data path may still hold pages of them.
-        self._dropped: list[tuple[weakref.ref[Any], int]] = []
+        # Taken for moments only, never across a hypercall or a sleep: the pools, the pages
+        # remembered, the counts and the credit.
+        self._lock = threading.Lock()
+        self._closed = False
+        self._pools: list[MappedPool] = []  # mapped and live at the last refresh
+        self._dropped: list[MappedPool] = []  # released, still mapped: the data path holds pages
         # Pages already checked, by gref: [read-only use, writable use].
         self._checked: tuple[dict[int, memoryview], dict[int, memoryview]] = ({}, {})
-        self._lock = threading.Lock()
+        self._refreshing = threading.Lock()  # one refresh at a time, held across its hypercall
+        self._refreshes = 0  # refreshes begun
+        self._failed: str | None = None  # why the last refresh failed; None if it succeeded
         if known is not None:
             try:
-                self._adopt(known)
+                with self._lock:
+                    self._adopt(known)
             except (GrantError, GrantViolation):
                 self.close()
                 raise
@@ -90,87 +110,116 @@ class GrantMapper:
     def resolve(self, gref: int, *, write: bool) -> memoryview:
         """The granted page behind ``gref``. GrantError if the granter did not allow it;
         GrantViolation if the granter has broken the rules (the device must fail)."""
-        checked = self._checked[write]
-        page = checked.get(gref)
+        page = self._checked[write].get(gref)
         if page is None:
-            page = self._pool(gref).resolve(gref, write=write)
-            if len(checked) < MAX_CHECKED:
-                checked[gref] = page
+            page = self._check(gref, write)
         return page
-
-    def mapped_pages(self) -> int:
-        """Pages this mapper keeps mapped: the live pools', and the dropped ones' still held."""
-        with self._lock:
-            return sum(pool.pages for pool in self._pools) + self._lingering()
 
     def close(self) -> None:
         with self._lock:
-            pools, self._pools = self._pools, []
+            self._closed = True
+            pools = [*self._pools, *self._dropped]
+            self._pools, self._dropped = [], []
             for checked in self._checked:
                 checked.clear()
         for pool in pools:
             pool.close()
 
-    # -- misses ---------------------------------------------------------------------------------
+    # -- a ref not checked yet ------------------------------------------------------------------
 
-    def _pool(self, gref: int) -> MappedPool:
-        for pool in self._pools:
-            if gref in pool:
-                return pool
+    def _check(self, gref: int, write: bool) -> memoryview:
+        page = self._mapped_page(gref, write)
+        if page is None:
+            page = self._miss(gref, write)
+        return page
+
+    def _mapped_page(self, gref: int, write: bool) -> memoryview | None:
+        """The page behind ``gref`` if a pool we map holds it (None if none does), checked and
+        remembered. Under the lock: a refresh cannot drop the pool between the two."""
         with self._lock:
-            for pool in self._pools:  # another thread's refresh may have mapped it
+            for pool in self._pools:
                 if gref in pool:
-                    return pool
-            return self._miss(gref)
+                    page = pool.resolve(gref, write=write)
+                    checked = self._checked[write]
+                    if len(checked) < MAX_CHECKED:
+                        checked[gref] = page
+                    return page
+        return None
 
-    def _miss(self, gref: int) -> MappedPool:
-        """Refresh; the pool holding ``gref``, or a GrantError counted as a bad gref."""
-        try:
-            self._refresh()
-        except GrantError:
-            self._bad_gref(gref)
-            raise
-        for pool in self._pools:
-            if gref in pool:
-                # Charged after the fact: only the refreshes that resolve are paced.
-                delay = self._pace.charge(1.0)
-                if delay:
-                    time.sleep(delay)
-                return pool
-        self._bad_gref(gref)
-        raise GrantError(f"gref {gref} is in no pool domain {self.granter} granted us")
-
-    def _bad_gref(self, gref: int) -> None:
-        self.bad_grefs += 1
-        if self.bad_grefs > self.bad_gref_budget:
-            raise GrantViolation(
-                f"domain {self.granter} named {self.bad_grefs} grefs in none of its pools "
-                f"(the last: {gref}), more than the {self.bad_gref_budget} allowed"
+    def _miss(self, gref: int, write: bool) -> memoryview:
+        """Refresh, or take the answer of a refresh begun since this miss; then look again."""
+        begun = self._refreshes
+        with self._refreshing:
+            made = self._refreshes == begun  # else one begun after our miss has answered it
+            if made:
+                self._refresh()
+            failed = self._failed
+        page = self._mapped_page(gref, write) if failed is None else None
+        if page is None and failed is None:
+            self._bad_gref(gref)  # raises: a bad gref is budgeted, not paced
+        if made:
+            self._wait_for_credit()
+        if page is None:
+            raise GrantError(
+                f"gref {gref}: no answer on the pools of domain {self.granter}: {failed}"
             )
+        return page
 
     def _refresh(self) -> None:
+        """Ask which pools are live and adopt the answer (``_refreshing`` is held); ``_failed``
+        says how that went."""
+        self._refreshes += 1
         try:
             known = self._hc.call(GnttabMapPools(granter=self.granter))
+            with self._lock:
+                self._adopt(known)
         except HypercallError as exc:
-            raise GrantError(f"pools of domain {self.granter}: {exc.message}") from exc
-        self._adopt(known)
+            self._failed = exc.message or exc.errno_name
+        except GrantError as exc:
+            self._failed = str(exc)
+        except GrantViolation as exc:
+            self._failed = str(exc)
+            raise
+        else:
+            self._failed = None
 
-    # -- what is mapped -------------------------------------------------------------------------
+    def _bad_gref(self, gref: int) -> NoReturn:
+        with self._lock:
+            self.bad_grefs += 1
+            if self._counters is not None:
+                self._counters.bad_grefs += 1
+            bad = self.bad_grefs
+        if bad > self._bad_gref_budget:
+            raise GrantViolation(
+                f"domain {self.granter} named {bad} grefs in none of its pools "
+                f"(the last: {gref}), more than the {self._bad_gref_budget} allowed"
+            )
+        raise GrantError(f"gref {gref} is in no pool domain {self.granter} granted us")
+
+    def _wait_for_credit(self) -> None:
+        """Charge one refresh; wait out what it overdrew, holding no lock."""
+        with self._lock:
+            delay = self._pace.charge(1.0)
+        if delay:
+            time.sleep(delay)
+
+    # -- what is mapped (the lock is held) ------------------------------------------------------
 
     def _adopt(self, known: dict[str, Any]) -> None:
         """Map the pools ``known`` names, after dropping the ones it no longer names; refuse
         to map past the budget."""
+        if self._closed:
+            raise GrantError(f"pools of domain {self.granter}: the mapper is closed")
         try:
             live = {str(p["name"]): (int(p["gref_base"]), int(p["pages"])) for p in known["pools"]}
             max_pages = int(known["max_pages"])
         except (KeyError, TypeError, ValueError) as exc:
             raise GrantError(f"pools of domain {self.granter}: {exc!r}") from exc
         self._drop([pool for pool in self._pools if pool.name not in live])
-        for pool in self._pools:
-            live.pop(pool.name)
-        mapped = sum(pool.pages for pool in self._pools) + self._lingering()
-        wanted = mapped + sum(pages for _, pages in live.values())
-        self.max_pages = max_pages
+        mapped = {pool.name for pool in self._pools}
+        new = {name: pool for name, pool in live.items() if name not in mapped}
+        held = sum(pool.pages for pool in self._pools) + self._lingering()
+        wanted = held + sum(pages for _, pages in new.values())
         if wanted > max_pages:
             raise GrantViolation(
                 f"domain {self.granter}'s pools would have us map {wanted} pages, "
@@ -178,7 +227,7 @@ class GrantMapper:
             )
         opened: list[MappedPool] = []
         try:
-            for name, (base, pages) in live.items():
+            for name, (base, pages) in new.items():
                 opened.append(MappedPool.open(name, base, pages, self.domid))
         except ShmError as exc:
             for pool in opened:
@@ -187,15 +236,17 @@ class GrantMapper:
         self._pools = [*self._pools, *opened]
 
     def _drop(self, gone: list[MappedPool]) -> None:
-        """Forget pools the granter released: each one's pages are unmapped as soon as the
-        data path holds none of them (a page in use is never unmapped under its user)."""
+        """Forget pools the granter released, and the pages remembered from any pool (a
+        rare event: an honest granter releases no pool while connected)."""
         if not gone:
             return
         self._pools = [pool for pool in self._pools if pool not in gone]
-        for checked in self._checked:  # they may hold pages of the gone pools
+        for checked in self._checked:
             checked.clear()
-        self._dropped += [(pool.mapped(), pool.pages) for pool in gone]
+        self._dropped += gone
 
     def _lingering(self) -> int:
-        self._dropped = [(ref, pages) for ref, pages in self._dropped if ref() is not None]
-        return sum(pages for _, pages in self._dropped)
+        """Pages of the dropped pools still mapped: each is unmapped here as soon as the data
+        path holds none of its pages (never under its user), and counted until then."""
+        self._dropped = [pool for pool in self._dropped if not pool.unmap()]
+        return sum(pool.pages for pool in self._dropped)

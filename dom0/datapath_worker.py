@@ -344,7 +344,10 @@ class Dom0Link:
         if not isinstance(op, hc.GnttabMapPools):
             return {}
         req_id = next(self._ids)
-        self._send({"id": req_id, "map_pools": {"granter": op.granter}})
+        try:
+            self._send({"id": req_id, "map_pools": {"granter": op.granter}})
+        except OSError as exc:
+            raise hc.HypercallError(op.op, "ENOTCONN", f"dom0 is gone: {exc}") from exc
         with self._arrived:
             self._arrived.wait_for(lambda: req_id in self._replies or self.closed.is_set(), 10)
             reply = self._replies.pop(req_id, None)

@@ -83,6 +83,7 @@ COUNTER_FIELDS = (
     "discard_req",
     "oo_req",
     "errors",
+    "bad_grefs",
 )
 
 
@@ -90,10 +91,12 @@ class Counters(CounterPage):
     """Per vbd, Linux blkback's statistics. Each answered request counts once: an OKAY one in
     its operation's fields (``*_sect`` in 512-byte sectors; a FLUSH carrying data adds its
     sectors to ``wr_sect``), any other in ``errors``. ``oo_req`` counts the times the ring held
-    requests but every I/O slot was taken.
+    requests but every I/O slot was taken. ``bad_grefs`` counts the grant refs in no pool the
+    frontend set up (a request naming one is also in ``errors``).
 
-    The values live in ``buf`` (eight native u64), so the worker counts in a page dom0 reads
-    whenever asked; without a buffer, in memory. VbdPath updates them under its lock."""
+    The values live in ``buf`` (native u64s), so the worker counts in a page dom0 reads
+    whenever asked; without a buffer, in memory. VbdPath updates them under its lock, but for
+    ``bad_grefs``, which the grant mapper counts under its own."""
 
     FIELDS = COUNTER_FIELDS
     # Declared for type checkers; CounterPage makes each a property over the page.
@@ -105,6 +108,7 @@ class Counters(CounterPage):
     discard_req: int
     oo_req: int
     errors: int
+    bad_grefs: int  # of the errors, refs in no pool the frontend set up (channels/grants.py)
 
 
 class BadRequest(Exception):

@@ -23,7 +23,8 @@ from dom0.datapath_worker import Dom0Link, worker_main
 def run(params: dict[str, Any]) -> int:
     link = Dom0Link(socket.socket(fileno=params["control_fd"]))
     page = mmap.mmap(params["counters_fd"], mmap.PAGESIZE)
-    grants = GrantMapper(link, params["frontend"], 0, params["pools"])  # type: ignore[arg-type]
+    counters = Counters(memoryview(page))
+    grants = GrantMapper(link, params["frontend"], 0, params["pools"], counters=counters)  # type: ignore[arg-type]
     ring = BackRing.attach(
         B.BLK_RING, grants.resolve(params["ring_ref"], write=True), name=params["name"]
     )
@@ -36,7 +37,7 @@ def run(params: dict[str, Any]) -> int:
         params["device_fd"],
         params["sectors"],
         readonly=params["readonly"],
-        counters=Counters(memoryview(page)),
+        counters=counters,
         on_fatal=link.fatal,
         io_threads=params["io_threads"],
     )

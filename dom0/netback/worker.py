@@ -25,7 +25,7 @@ def run(params: dict[str, Any]) -> int:
     link = Dom0Link(socket.socket(fileno=params["control_fd"]))
     page = mmap.mmap(params["counters_fd"], mmap.PAGESIZE)
     counters = Counters(memoryview(page))
-    grants = GrantMapper(link, params["frontend"], 0, params["pools"])  # type: ignore[arg-type]
+    grants = GrantMapper(link, params["frontend"], 0, params["pools"], counters=counters)  # type: ignore[arg-type]
     name, tap_fd = params["name"], params["device_fd"]
     tx_ring = BackRing.attach(
         N.TX_RING, grants.resolve(params["tx_ring_ref"], write=True), name=f"{name}-tx"

@@ -44,7 +44,7 @@ from channels.blkif import (
 from channels.doorbell import Doorbell, create_doorbell, unlink_doorbell
 from channels.evtchn import from_status
 from channels.gnttab import GrantPool, pool_bytes
-from channels.grants import GrantMapper
+from channels.grants import BAD_GREF_BUDGET, GrantMapper
 from channels.ring import PAGE_SIZE, BackRing, FrontRing, u32_view
 from channels.shm import attach, create_segment, unlink_segment
 from dom0.blkback import datapath
@@ -56,6 +56,7 @@ GREF_BASE = 8
 POOL_PAGES = 320  # 256 data pages for a 1 MiB indirect request, and room to spare
 INDIRECT = 300  # first page used for indirect descriptors
 RO_PAGE = POOL_PAGES - 2  # granted read-only
+NO_POOL = 9999  # a gref in no pool: a bad gref (channels/grants.py)
 UNGRANTED = POOL_PAGES - 1  # in the pool, never granted
 MARKED = 8  # pages 0..7 start with a mark of their own, to see that nothing touched them
 IMAGE_SECTORS = 8192  # 4 MiB
@@ -153,6 +154,7 @@ def _build(
     io_threads: int = 8,  # VbdPath's default: 32 requests outstanding, a whole one-page ring
     sectors: int = IMAGE_SECTORS,
     flags: int = os.O_RDWR,
+    bad_gref_budget: int = BAD_GREF_BUDGET,
 ) -> Vbd:
     tag = f"hyper-test-blkback-{os.getpid()}-{next(_ids)}"
     ring_name, pool_name, bells = f"{tag}-ring", f"{tag}-pool", (f"{tag}-b", f"{tag}-f")
@@ -175,8 +177,11 @@ def _build(
         pool.grant(i, 0, readonly=i == RO_PAGE)
     for i in range(MARKED):
         pool.page(i)[:] = mark(i)
+    counter_page = bytearray(PAGE_SIZE)
+    counters = Counters(memoryview(counter_page))
+    stack.callback(counters.release)
     calls = Hypercalls([(pool_name, GREF_BASE, POOL_PAGES)], bells)
-    grants = GrantMapper(calls, FRONT, 0)  # type: ignore[arg-type]
+    grants = GrantMapper(calls, FRONT, 0, counters=counters, bad_gref_budget=bad_gref_budget)  # type: ignore[arg-type]
     stack.callback(grants.close)
     image = tmp_path / f"{tag}.img"
     image.write_bytes(IMAGE)
@@ -186,9 +191,6 @@ def _build(
     stack.callback(evtchn.close)
     doorbell = Doorbell(bells[0])
     stack.callback(doorbell.close)
-    counter_page = bytearray(PAGE_SIZE)
-    counters = Counters(memoryview(counter_page))
-    stack.callback(counters.release)
     fatal: list[str] = []
     fatal_event = threading.Event()
 
@@ -500,11 +502,11 @@ BAD: dict[str, BadCase] = {
     "WRITE running past the end": lambda v: (w(v.full(0), sector=END - 4), ERR, WR),
     "READ starting at the end": lambda v: (r(Segment(v.gref(0), 0, 0), sector=END), ERR, RD),
     "WRITE whose end wraps a u64": lambda v: (w(v.full(0), sector=U64_MAX - 3), ERR, WR),
-    "gref outside any pool": lambda v: (r(Segment(9999, 0, 7)), ERR, RD),
+    "gref outside any pool": lambda v: (r(Segment(NO_POOL, 0, 7)), ERR, RD),
     "gref in the pool, not granted": lambda v: (w(v.full(UNGRANTED)), ERR, WR),
     "READ into a read-only grant": lambda v: (r(v.full(RO_PAGE)), ERR, RD),
     "WRITE with a bad gref in its third segment": lambda v: (
-        w(v.full(0), v.full(1), Segment(9999, 0, 7)),
+        w(v.full(0), v.full(1), Segment(NO_POOL, 0, 7)),
         ERR,
         WR,
     ),
@@ -528,7 +530,7 @@ BAD: dict[str, BadCase] = {
         WR,
     ),
     "INDIRECT page outside any pool": lambda v: (
-        Request.indirect(WR, 1, 0, 1, [9999]),
+        Request.indirect(WR, 1, 0, 1, [NO_POOL]),
         ERR,
         WR,
     ),
@@ -543,7 +545,7 @@ BAD: dict[str, BadCase] = {
         WR,
     ),
     "INDIRECT segment with a bad gref": lambda v: (
-        indirect(v, WR, [v.full(0), Segment(9999, 0, 7)]),
+        indirect(v, WR, [v.full(0), Segment(NO_POOL, 0, 7)]),
         ERR,
         WR,
     ),
@@ -558,6 +560,9 @@ BAD: dict[str, BadCase] = {
         RD,
     ),
 }
+
+
+IN_NO_POOL = {case for case in BAD if "outside any pool" in case or "a bad gref" in case}
 
 
 class DeviceCalls:
@@ -593,7 +598,9 @@ def test_each_bad_request_is_refused_and_counted(vbd: Vbd, device: DeviceCalls, 
     sha = vbd.sha256()
     assert vbd.answer(request) == (1, op, status)
     assert device.calls == [], "a refused request reached the device"
-    assert vbd.counters.as_dict() == counts(vbd, errors=1)
+    bad_grefs = int(case in IN_NO_POOL)
+    assert vbd.counters.as_dict() == counts(vbd, errors=1, bad_grefs=bad_grefs)
+    assert vbd.counters.bad_grefs == bad_grefs
     assert vbd.sha256() == sha, "the image changed"
     assert all(vbd.page(i) == mark(i) for i in range(MARKED)), "a page was written"
     assert not vbd.fatal
