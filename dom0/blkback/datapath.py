@@ -32,8 +32,9 @@ sector range (within ``sectors``, and no u64 wrap), writes to a read-only vbd, e
 (mapped writable for READ, read-only otherwise), the indirect pages (copied out once, then their
 descriptors checked like classic segments). A request that fails a check is answered
 BLKIF_RSP_ERROR (or EOPNOTSUPP), counted in ``errors``, and processing goes on. A protocol
-violation (an impossible ``req_prod``; grant refs past the budget of bad ones, or pools past the
-frontend's grant budget: channels/grants.py) calls ``on_fatal`` once and stops the dispatcher. The
+violation (an impossible ``req_prod``; grant refs past the budget of bad ones, or pools past
+the frontend's grant budget: channels/grants.py) calls ``on_fatal`` once and stops the dispatcher;
+the requests of its batch before the violation are still done and answered, none after it. The
 device's logical sector size is taken to be 512 bytes (what dom0 publishes as sector-size).
 """
 
@@ -252,7 +253,9 @@ class VbdPath:
 
     def _work(self) -> bool:
         """Take what the ring holds (up to the free I/O slots), refuse the bad requests, hand
-        the good ones to the I/O threads. False when there was nothing to take."""
+        the good ones to the I/O threads. False when there was nothing to take. A protocol
+        violation (GrantViolation) is raised once the requests before it are handed on and
+        answered: they were consumed and checked; the ones after it are never looked at."""
         room = self._wait_for_room()
         if not room:
             return False
@@ -262,6 +265,7 @@ class VbdPath:
             return False
         jobs: list[_Job] = []
         replies: list[int] = []  # flat (id, operation, status) of the refused requests
+        violation: GrantViolation | None = None
         for start in range(0, len(block), _SLOT):
             req = B.Request.unpack(block[start : start + _SLOT])
             try:
@@ -269,6 +273,17 @@ class VbdPath:
             except BadRequest as exc:
                 log.debug("%s: request id %d refused: %s", self.ring.name, req.id, exc.reason)
                 replies += (req.id, _response_op(req), exc.status)
+            except GrantViolation as exc:
+                violation = exc
+                break
+        self._hand_on(jobs, replies)
+        if violation is not None:
+            raise violation
+        return True
+
+    def _hand_on(self, jobs: list[_Job], replies: list[int]) -> None:
+        """Answer the refused requests and give the jobs to the I/O threads (or do the one
+        job here)."""
         with self._lock:
             # One request alone on an idle vbd (a program waiting on each I/O, as at queue depth
             # 1) is done here: handing it to an I/O thread would add a wakeup to its latency.
@@ -283,10 +298,9 @@ class VbdPath:
             status = self._execute(job)
             job.views.clear()
             self._complete(job, status)
-            return True
+            return
         for job in jobs:
             self._jobs.put(job)
-        return True
 
     def _wait_for_room(self) -> int:
         """Free I/O slots. With none free: 0 if the ring is empty too (go to sleep), else count

@@ -667,6 +667,37 @@ def test_an_impossible_req_prod_fails_that_vbd_once_and_nothing_else(make_vbd: M
     assert not bystander.fatal
 
 
+def test_a_grant_violation_mid_batch_answers_what_came_before_and_runs_nothing_after(
+    make_vbd: MakeVbd, device: DeviceCalls
+) -> None:
+    """One batch: a READ and a WRITE, then a READ into a gref in no pool past the budget of
+    bad grefs (0 here: the first one is a violation), then another WRITE. The requests before
+    the violation were consumed and checked: they are done and answered. The vbd is failed
+    once, and nothing after the violation reaches the device."""
+    vbd = make_vbd(bad_gref_budget=0)
+    sha = vbd.sha256()
+    vbd.fill(1, b"B" * PAGE_SIZE)
+    vbd.fill(2, b"C" * PAGE_SIZE)
+    vbd.submit(
+        Request.rw(BLKIF_OP_READ, 1, 8, [vbd.full(0)]),
+        Request.rw(BLKIF_OP_WRITE, 2, 16, [vbd.full(1)]),
+        Request.rw(BLKIF_OP_READ, 3, 0, [Segment(NO_POOL, 0, 7)]),
+        Request.rw(BLKIF_OP_WRITE, 4, 24, [vbd.full(2)]),
+    )
+    assert vbd.fatal_event.wait(10), "the vbd must be failed"
+    vbd.path.stop()  # every thread joined: whatever was to be done is done
+    assert sorted(vbd.front.get_responses()) == [
+        (1, BLKIF_OP_READ, BLKIF_RSP_OKAY),
+        (2, BLKIF_OP_WRITE, BLKIF_RSP_OKAY),
+    ]
+    assert len(vbd.fatal) == 1 and "grefs in none of its pools" in vbd.fatal[0]
+    assert vbd.page(0) == pattern(8, 8)
+    assert vbd.image_bytes(16, 8) == b"B" * PAGE_SIZE
+    assert vbd.image_bytes(24, 8) == IMAGE[24 * SECTOR_SIZE : 32 * SECTOR_SIZE], "WRITE 4 ran"
+    assert sorted(device.calls) == ["preadv", "pwritev"]
+    assert vbd.sha256() != sha
+
+
 def test_stop_on_an_idle_path_ends_every_thread(vbd: Vbd) -> None:
     vbd.answer(r(vbd.full(0)))  # served, and then idle
     vbd.path.stop()
