@@ -1,8 +1,9 @@
 """Grant tables over shared memory: a granting domain's pool of pages, and a peer's view of it.
 
-A *pool* is one shared-memory object hyperd creates for one device connection (so a backend can
-never reach another connection's or another domain's pages). It starts with the pool's grant
-table, Xen's v1 entries of 8 bytes, one per page, followed by the pages themselves:
+A *pool* is one shared-memory object hyperd creates for one device of a granter, which only
+that device's backend maps (so a backend can never reach another device's or another domain's
+pages: channels/grants.py). It starts with the pool's grant table, Xen's v1 entries of 8 bytes,
+one per page, followed by the pages themselves:
 
     offset 0                     entries[pages]: u16 flags, u16 domid, u32 frame
     offset table_pages * 4096    page 0, page 1, ... page pages-1
@@ -165,11 +166,12 @@ class MappedPool(_Pool):
 
 
 def grant_pool(
-    hc: HypercallClient, peer: int, pages: int, *, readonly: bool
+    hc: HypercallClient, peer: int, device: str, pages: int, *, readonly: bool
 ) -> tuple[int, GrantPool, list[int]]:
-    """A frontend's pool of ``pages`` from hyperd, every page zeroed (nothing of ours may leak
-    through a fresh page, XSA-403) and granted to ``peer``: (pool id, pool, grefs)."""
-    info = hc.call(GnttabSetupPool(peer=peer, pages=pages))
+    """A frontend's pool of ``pages`` from hyperd for ``device`` (``xenbus.device_name``), every
+    page zeroed (nothing of ours may leak through a fresh page, XSA-403) and granted to
+    ``peer``: (pool id, pool, grefs)."""
+    info = hc.call(GnttabSetupPool(peer=peer, device=device, pages=pages))
     pool = GrantPool.open(info["name"], info["gref_base"], info["pages"])
     grefs = []
     for i in range(pages):

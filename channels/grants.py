@@ -1,9 +1,11 @@
 """A grantee's view of the pools a granting domain shares with it: mapped as it connects,
 refreshed on a miss, bounded.
 
-A backend sees only grant refs in requests. It maps every pool the frontend set up for it as it
-connects (``map_pools``: one ``gnttab_map_pools`` hypercall, passed to a data-path worker in its
-parameters), so the data path makes no hypercall and runs on while no hyperd does.
+A backend sees only grant refs in requests. It maps every pool the frontend set up for the
+device it serves as it connects (``map_pools``: one ``gnttab_map_pools`` hypercall, passed to a
+data-path worker in its parameters), so the data path makes no hypercall and runs on while no
+hyperd does. Pools are per device (the frontend names the device as it sets a pool up, the
+backend as it asks): a backend never maps another device's pages, nor another domain's.
 
 A miss (a ref in no pool we map) *refreshes*: one ``gnttab_map_pools`` call names the pools
 live now; the ones set up since are mapped, and the ones the granter released since are
@@ -12,10 +14,14 @@ goes at the next miss (an honest frontend releases its pools only as its device 
 never misses). A dropped pool is unmapped as soon as the data path holds none of the pages it
 was handed from it (a request in flight, a posted rx buffer, a ring): Python's ``mmap`` refuses
 to unmap while such a view is alive, so the mapper asks it at every refresh, and counts the pool
-until it agrees. What a mapper may hold is bounded by the granter's grant budget (the pages
-hyperd lets it have in pools at once), counted on what is *mapped*, not on what is live: going
-past it is the granter's doing (it released pools under requests it had posted):
-GrantViolation, and its device fails.
+until it agrees. What a mapper may hold is bounded by what its device's protocol can have in
+use at once (``DeviceGrants.max_pages``: netif's 514 pages, blkif's 8225), and by the granter's
+grant budget (the pages hyperd lets it have in pools at once, for all its devices), counted on
+what is *mapped*, not on what is live. An honest frontend grants no more than its protocol can
+use, and releases no pool under its own requests; going past the bound is the granter's doing
+(more pools for the device than it can use, named for the wrong device, or released under
+requests it had posted): GrantViolation, and that device fails, no other. So dom0 maps at most
+the sum of its devices' bounds for a domain, whatever the domain's memory.
 
 Misses cost dom0 and hyperd a round trip each, so they are paid for. A miss whose ref is in no
 live pool even after a refresh that succeeded is a *bad gref*: answered as any bad ref
@@ -41,6 +47,7 @@ from __future__ import annotations
 
 import threading
 import time
+from dataclasses import dataclass
 from typing import Any, NoReturn, Protocol
 
 from channels.credit import Credit
@@ -57,10 +64,26 @@ REFRESH_BURST = 16
 REFRESHES_PER_SECOND = 50.0
 
 
-def map_pools(hc: HypercallClient, granter: int) -> dict[str, Any]:
-    """hyperd's word on every pool ``granter`` set up for us, and on its grant budget
-    (``{"pools": [...], "max_pages": N}``): ``GrantMapper``'s ``known``."""
-    return dict(hc.call(GnttabMapPools(granter=granter)))
+@dataclass(frozen=True)
+class DeviceGrants:
+    """What one backend device maps: the pools ``granter`` set up for device ``name``
+    (``xenbus.device_name``), at most ``max_pages`` pages of them (what the device's protocol
+    can have in use at once: ``netif.MAX_GRANT_PAGES``, ``blkif.MAX_GRANT_PAGES``), their pages
+    checked as granted to ``grantee`` (us)."""
+
+    granter: int
+    name: str
+    max_pages: int
+    grantee: int = 0
+
+    def __str__(self) -> str:
+        return f"{self.name} of domain {self.granter}"
+
+
+def map_pools(hc: HypercallClient, granter: int, device: str) -> dict[str, Any]:
+    """hyperd's word on the pools ``granter`` set up for us and its ``device``, and on its grant
+    budget (``{"pools": [...], "max_pages": N}``): ``GrantMapper``'s ``known``."""
+    return dict(hc.call(GnttabMapPools(granter=granter, device=device)))
 
 
 class BadGrefCount(Protocol):
@@ -73,8 +96,7 @@ class GrantMapper:
     def __init__(
         self,
         hc: HypercallClient,
-        granter: int,
-        domid: int,
+        device: DeviceGrants,
         known: dict[str, Any] | None = None,
         *,
         counters: BadGrefCount | None = None,
@@ -82,8 +104,7 @@ class GrantMapper:
     ) -> None:
         """``known``: the pools to map now, and the budget, as ``map_pools`` gives them."""
         self._hc = hc
-        self.granter = granter
-        self.domid = domid
+        self.device = device
         self.bad_grefs = 0  # in this connection: what the budget counts
         self._counters = counters
         self._bad_gref_budget = bad_gref_budget
@@ -160,9 +181,7 @@ class GrantMapper:
         if made:
             self._wait_for_credit()
         if page is None:
-            raise GrantError(
-                f"gref {gref}: no answer on the pools of domain {self.granter}: {failed}"
-            )
+            raise GrantError(f"gref {gref}: no answer on the pools of {self.device}: {failed}")
         return page
 
     def _refresh(self) -> None:
@@ -170,7 +189,7 @@ class GrantMapper:
         says how that went."""
         self._refreshes += 1
         try:
-            known = self._hc.call(GnttabMapPools(granter=self.granter))
+            known = map_pools(self._hc, self.device.granter, self.device.name)
             with self._lock:
                 self._adopt(known)
         except HypercallError as exc:
@@ -191,10 +210,10 @@ class GrantMapper:
             bad = self.bad_grefs
         if bad > self._bad_gref_budget:
             raise GrantViolation(
-                f"domain {self.granter} named {bad} grefs in none of its pools "
+                f"{self.device} named {bad} grefs in none of its pools "
                 f"(the last: {gref}), more than the {self._bad_gref_budget} allowed"
             )
-        raise GrantError(f"gref {gref} is in no pool domain {self.granter} granted us")
+        raise GrantError(f"gref {gref} is in no pool of {self.device}")
 
     def _wait_for_credit(self) -> None:
         """Charge one refresh; wait out what it overdrew, holding no lock."""
@@ -209,30 +228,31 @@ class GrantMapper:
         """Map the pools ``known`` names, after dropping the ones it no longer names; refuse
         to map past the budget."""
         if self._closed:
-            raise GrantError(f"pools of domain {self.granter}: the mapper is closed")
+            raise GrantError(f"pools of {self.device}: the mapper is closed")
         try:
             live = {str(p["name"]): (int(p["gref_base"]), int(p["pages"])) for p in known["pools"]}
-            max_pages = int(known["max_pages"])
+            budget = int(known["max_pages"])
         except (KeyError, TypeError, ValueError) as exc:
-            raise GrantError(f"pools of domain {self.granter}: {exc!r}") from exc
+            raise GrantError(f"pools of {self.device}: {exc!r}") from exc
         self._drop([pool for pool in self._pools if pool.name not in live])
         mapped = {pool.name for pool in self._pools}
         new = {name: pool for name, pool in live.items() if name not in mapped}
         held = sum(pool.pages for pool in self._pools) + self._lingering()
         wanted = held + sum(pages for _, pages in new.values())
-        if wanted > max_pages:
+        if wanted > min(self.device.max_pages, budget):
             raise GrantViolation(
-                f"domain {self.granter}'s pools would have us map {wanted} pages, "
-                f"more than its grant budget of {max_pages}"
+                f"the pools of {self.device} would have us map {wanted} pages, more than "
+                f"the {self.device.max_pages} its protocol can use or the grant budget of "
+                f"{budget} of domain {self.device.granter}"
             )
         opened: list[MappedPool] = []
         try:
             for name, (base, pages) in new.items():
-                opened.append(MappedPool.open(name, base, pages, self.domid))
+                opened.append(MappedPool.open(name, base, pages, self.device.grantee))
         except ShmError as exc:
             for pool in opened:
                 pool.close()
-            raise GrantError(f"pools of domain {self.granter}: {exc}") from exc
+            raise GrantError(f"pools of {self.device}: {exc}") from exc
         self._pools = [*self._pools, *opened]
 
     def _drop(self, gone: list[MappedPool]) -> None:

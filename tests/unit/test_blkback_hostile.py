@@ -36,6 +36,7 @@ from channels.blkif import (
     BLKIF_RSP_EOPNOTSUPP,
     BLKIF_RSP_ERROR,
     BLKIF_RSP_OKAY,
+    MAX_GRANT_PAGES,
     SECTOR_SIZE,
     Request,
     Segment,
@@ -44,7 +45,7 @@ from channels.blkif import (
 from channels.doorbell import Doorbell, create_doorbell, unlink_doorbell
 from channels.evtchn import from_status
 from channels.gnttab import GrantPool, pool_bytes
-from channels.grants import BAD_GREF_BUDGET, GrantMapper
+from channels.grants import BAD_GREF_BUDGET, DeviceGrants, GrantMapper
 from channels.ring import PAGE_SIZE, BackRing, FrontRing, u32_view
 from channels.shm import attach, create_segment, unlink_segment
 from dom0.blkback import datapath
@@ -181,7 +182,12 @@ def _build(
     counters = Counters(memoryview(counter_page))
     stack.callback(counters.release)
     calls = Hypercalls([(pool_name, GREF_BASE, POOL_PAGES)], bells)
-    grants = GrantMapper(calls, FRONT, 0, counters=counters, bad_gref_budget=bad_gref_budget)  # type: ignore[arg-type]
+    grants = GrantMapper(
+        calls,
+        DeviceGrants(FRONT, "vbd/51712", MAX_GRANT_PAGES),
+        counters=counters,
+        bad_gref_budget=bad_gref_budget,
+    )  # type: ignore[arg-type]
     stack.callback(grants.close)
     image = tmp_path / f"{tag}.img"
     image.write_bytes(IMAGE)

@@ -26,7 +26,7 @@ from channels import netif as N
 from channels.doorbell import create_doorbell, unlink_doorbell
 from channels.evtchn import from_status
 from channels.gnttab import GrantPool, pool_bytes
-from channels.grants import BAD_GREF_BUDGET, GrantMapper
+from channels.grants import BAD_GREF_BUDGET, DeviceGrants, GrantMapper
 from channels.ring import PAGE_SIZE, BackRing, FrontRing, u32_view
 from channels.shm import attach, create_segment, unlink_segment
 from dom0.netback.antispoof import SourceFilter
@@ -106,7 +106,7 @@ def serving_vif(sources: SourceFilter | None = None) -> Iterator[Vif]:
         pool.grant(i, 0, readonly=True)
     calls = Hypercalls([(pool_name, 8, 8)], bells)
     counters = Counters()
-    grants = GrantMapper(calls, FRONT, 0, counters=counters)  # type: ignore[arg-type]
+    grants = GrantMapper(calls, DeviceGrants(FRONT, "vif/0", N.MAX_GRANT_PAGES), counters=counters)  # type: ignore[arg-type]
     tap, peer = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     state = Vif(front, pool, peer, None, counters)  # type: ignore[arg-type]
 
