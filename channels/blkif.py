@@ -387,6 +387,14 @@ def indirect_pages(nr_segments: int) -> int:
     return -(-max(nr_segments, 0) // SEGS_PER_INDIRECT_FRAME)
 
 
+#: The most granted pages one blkif connection can have in use at once, so the most a backend
+#: maps for one vbd (channels/grants.py): its ring page (blkback offers ring-page-order 0 only)
+#: and every slot of the ring holding a request at its largest, MAX_INDIRECT_SEGMENTS data
+#: pages and the indirect pages naming them: 1 + 32 * (256 + 1) = 8225 pages, 32 MiB.
+#: blkfront grants 1 + 1024 + 32 of them.
+MAX_GRANT_PAGES = 1 + nr_ents(0) * (MAX_INDIRECT_SEGMENTS + indirect_pages(MAX_INDIRECT_SEGMENTS))
+
+
 def pack_indirect_frames(segments: Sequence[Segment]) -> list[bytes]:
     """The indirect pages (4096 bytes each, zero-padded) holding `segments` in order."""
     frames = []

@@ -1,8 +1,9 @@
 """Grant tables over shared memory: a granting domain's pool of pages, and a peer's view of it.
 
-A *pool* is one shared-memory object hyperd creates for one device connection (so a backend can
-never reach another connection's or another domain's pages). It starts with the pool's grant
-table, Xen's v1 entries of 8 bytes, one per page, followed by the pages themselves:
+A *pool* is one shared-memory object hyperd creates for one device of a granter, which only
+that device's backend maps (so a backend can never reach another device's or another domain's
+pages: channels/grants.py). It starts with the pool's grant table, Xen's v1 entries of 8 bytes,
+one per page, followed by the pages themselves:
 
     offset 0                     entries[pages]: u16 flags, u16 domid, u32 frame
     offset table_pages * 4096    page 0, page 1, ... page pages-1
@@ -17,9 +18,7 @@ is not read-only. Any failure raises GrantError, which a backend turns into an e
 from __future__ import annotations
 
 import contextlib
-import mmap
 import struct
-import weakref
 
 from channels.hypercall import (
     GnttabReleasePool,
@@ -88,21 +87,21 @@ class _Pool:
         """The pool's shared-memory object, for another process of the granter to open."""
         return self._segment.name
 
-    def mapped(self) -> weakref.ref[mmap.mmap]:
-        """A reference that lives as long as the pool's pages are mapped (channels/shm.py)."""
-        return self._segment.mapped()
-
     def __contains__(self, gref: int) -> bool:
         return self.gref_base <= gref < self.gref_base + self.pages
 
     def close(self) -> None:
+        self._release_views()
+        self._segment.close()
+
+    def _release_views(self) -> None:
+        """Release the views this object made (never one it handed out: see MappedPool)."""
         self._u16.release()
         self._u32.release()
         for view in self._pages or ():
             view.release()
         self._pages = None
         self.buf = memoryview(b"")
-        self._segment.close()
 
 
 class GrantPool(_Pool):
@@ -154,15 +153,25 @@ class MappedPool(_Pool):
             raise GrantError(f"gref {gref} names frame {frame} outside the pool")
         if write and flags & GTF_readonly:
             raise GrantError(f"gref {gref} is read-only")
-        return self.page(frame)
+        # A view of the caller's own, not one of page()'s: unmap() never releases it under its
+        # user, and whether it is still alive is what unmap() finds out.
+        start = self._data_offset + frame * PAGE_SIZE
+        return self.buf[start : start + PAGE_SIZE]
+
+    def unmap(self) -> bool:
+        """Unmap the pool unless a page ``resolve`` handed out is still in use: True once
+        unmapped. Either way the pool resolves nothing more; ask again to unmap it later."""
+        self._release_views()
+        return self._segment.unmap()
 
 
 def grant_pool(
-    hc: HypercallClient, peer: int, pages: int, *, readonly: bool
+    hc: HypercallClient, peer: int, device: str, pages: int, *, readonly: bool
 ) -> tuple[int, GrantPool, list[int]]:
-    """A frontend's pool of ``pages`` from hyperd, every page zeroed (nothing of ours may leak
-    through a fresh page, XSA-403) and granted to ``peer``: (pool id, pool, grefs)."""
-    info = hc.call(GnttabSetupPool(peer=peer, pages=pages))
+    """A frontend's pool of ``pages`` from hyperd for ``device`` (``xenbus.device_name``), every
+    page zeroed (nothing of ours may leak through a fresh page, XSA-403) and granted to
+    ``peer``: (pool id, pool, grefs)."""
+    info = hc.call(GnttabSetupPool(peer=peer, device=device, pages=pages))
     pool = GrantPool.open(info["name"], info["gref_base"], info["pages"])
     grefs = []
     for i in range(pages):

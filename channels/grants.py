@@ -1,42 +1,54 @@
 """A grantee's view of the pools a granting domain shares with it: mapped as it connects,
 refreshed on a miss, bounded.
 
-A backend sees only grant refs in requests. It maps every pool the frontend set up for it as it
-connects (``map_pools``: one ``gnttab_map_pools`` hypercall, passed to a data-path worker in its
-parameters), so the data path makes no hypercall and runs on while no hyperd does.
+A backend sees only grant refs in requests. It maps every pool the frontend set up for the
+device it serves as it connects (``map_pools``: one ``gnttab_map_pools`` hypercall, passed to a
+data-path worker in its parameters), so the data path makes no hypercall and runs on while no
+hyperd does. Pools are per device (the frontend names the device as it sets a pool up, the
+backend as it asks): a backend never maps another device's pages, nor another domain's.
 
 A miss (a ref in no pool we map) *refreshes*: one ``gnttab_map_pools`` call names the pools
 live now; the ones set up since are mapped, and the ones the granter released since are
 dropped. So a backend maps what was live at its last refresh, and a pool the granter released
 goes at the next miss (an honest frontend releases its pools only as its device closes, and
-never misses). What a mapper may hold is bounded by the granter's grant budget, ``max_pages``
-(the pages hyperd lets it have in pools at once), counted on what is *mapped*, not on what is
-live: a dropped pool stays mapped while the data path still holds one of its pages (a request
-in flight, a posted rx buffer, a checked page cached by a thread that raced the refresh), and
-counts until it is unmapped. Going past the budget is the granter's doing (it released pools
-under requests it had posted): GrantViolation, and its device fails.
+never misses). A dropped pool is unmapped as soon as the data path holds none of the pages it
+was handed from it (a request in flight, a posted rx buffer, a ring): Python's ``mmap`` refuses
+to unmap while such a view is alive, so the mapper asks it at every refresh, and counts the pool
+until it agrees. What a mapper may hold is bounded by what its device's protocol can have in
+use at once (``DeviceGrants.max_pages``: netif's 514 pages, blkif's 8225), and by the granter's
+grant budget (the pages hyperd lets it have in pools at once, for all its devices), counted on
+what is *mapped*, not on what is live. An honest frontend grants no more than its protocol can
+use, and releases no pool under its own requests; going past the bound is the granter's doing
+(more pools for the device than it can use, named for the wrong device, or released under
+requests it had posted): GrantViolation, and that device fails, no other. So dom0 maps at most
+the sum of its devices' bounds for a domain, whatever the domain's memory.
 
 Misses cost dom0 and hyperd a round trip each, so they are paid for. A miss whose ref is in no
-live pool even after the refresh is a *bad gref*: answered as any bad ref (GrantError), and
-counted; past ``BAD_GREF_BUDGET`` in one connection the device fails (GrantViolation). A miss
-that does resolve follows the granter's own ``gnttab_setup_pool`` call; those refreshes are
-paced (``REFRESH_BURST`` at once, then ``REFRESHES_PER_SECOND``), so a granter cycling pools
-waits on its own device and costs dom0 a bounded rate of calls.
+live pool even after a refresh that succeeded is a *bad gref*: answered as any bad ref
+(GrantError), and counted (in the device's counters too); past ``BAD_GREF_BUDGET`` in one
+connection the device fails (GrantViolation). A refresh that fails (dom0 or hyperd not
+answering) is not the granter's doing: its miss is answered GrantError, and not counted. The
+other refreshes follow the granter's own ``gnttab_setup_pool`` calls (or a failure on our side);
+they are paced (``REFRESH_BURST`` at once, then ``REFRESHES_PER_SECOND``), so a granter cycling
+pools waits on its own device and costs dom0 a bounded rate of calls. One refresh runs at a
+time; a miss that waited for one begun after it takes that one's answer. Neither a refresh nor
+its pacing holds the lock that lookups and ``close`` take.
 
 A ref that passed its check stays usable while its pool is mapped, as a persistent grant does
 in Xen (blkif's and netif-staging's): frontends grant their buffer pages once per connection and
 reuse them, and checking each use again costs the data path more than anything else per slot.
 Ending access to a page the backend already used therefore does not take it back before the
 pool is released, which can only ever expose the granter's own page of its own pool to this
-backend.
+backend. The remembered pages are looked up without a lock (the data path's hot path); they
+are remembered, and forgotten as a refresh drops their pool, under the lock.
 """
 
 from __future__ import annotations
 
 import threading
 import time
-import weakref
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, NoReturn, Protocol
 
 from channels.credit import Credit
 from channels.gnttab import GrantError, GrantViolation, MappedPool
@@ -52,37 +64,66 @@ REFRESH_BURST = 16
 REFRESHES_PER_SECOND = 50.0
 
 
-def map_pools(hc: HypercallClient, granter: int) -> dict[str, Any]:
-    """hyperd's word on every pool ``granter`` set up for us, and on its grant budget
-    (``{"pools": [...], "max_pages": N}``): ``GrantMapper``'s ``known``."""
-    return dict(hc.call(GnttabMapPools(granter=granter)))
+@dataclass(frozen=True)
+class DeviceGrants:
+    """What one backend device maps: the pools ``granter`` set up for device ``name``
+    (``xenbus.device_name``), at most ``max_pages`` pages of them (what the device's protocol
+    can have in use at once: ``netif.MAX_GRANT_PAGES``, ``blkif.MAX_GRANT_PAGES``), their pages
+    checked as granted to ``grantee`` (us)."""
+
+    granter: int
+    name: str
+    max_pages: int
+    grantee: int = 0
+
+    def __str__(self) -> str:
+        return f"{self.name} of domain {self.granter}"
+
+
+def map_pools(hc: HypercallClient, granter: int, device: str) -> dict[str, Any]:
+    """hyperd's word on the pools ``granter`` set up for us and its ``device``, and on its grant
+    budget (``{"pools": [...], "max_pages": N}``): ``GrantMapper``'s ``known``."""
+    return dict(hc.call(GnttabMapPools(granter=granter, device=device)))
+
+
+class BadGrefCount(Protocol):
+    """Where a mapper also counts its connection's bad grefs: the device's counters."""
+
+    bad_grefs: int
 
 
 class GrantMapper:
     def __init__(
         self,
         hc: HypercallClient,
-        granter: int,
-        domid: int,
+        device: DeviceGrants,
         known: dict[str, Any] | None = None,
+        *,
+        counters: BadGrefCount | None = None,
+        bad_gref_budget: int = BAD_GREF_BUDGET,
     ) -> None:
         """``known``: the pools to map now, and the budget, as ``map_pools`` gives them."""
         self._hc = hc
-        self.granter = granter
-        self.domid = domid
-        self.max_pages = 0  # the granter's grant budget, as of the last refresh
-        self.bad_grefs = 0
-        self.bad_gref_budget = BAD_GREF_BUDGET
+        self.device = device
+        self.bad_grefs = 0  # in this connection: what the budget counts
+        self._counters = counters
+        self._bad_gref_budget = bad_gref_budget
         self._pace = Credit(REFRESHES_PER_SECOND, REFRESH_BURST)
-        self._pools: list[MappedPool] = []  # replaced, never changed: read without the lock
-        # Pools dropped at a refresh, while the data path may still hold pages of them.
-        self._dropped: list[tuple[weakref.ref[Any], int]] = []
+        # Taken for moments only, never across a hypercall or a sleep: the pools, the pages
+        # remembered, the counts and the credit.
+        self._lock = threading.Lock()
+        self._closed = False
+        self._pools: list[MappedPool] = []  # mapped and live at the last refresh
+        self._dropped: list[MappedPool] = []  # released, still mapped: the data path holds pages
         # Pages already checked, by gref: [read-only use, writable use].
         self._checked: tuple[dict[int, memoryview], dict[int, memoryview]] = ({}, {})
-        self._lock = threading.Lock()
+        self._refreshing = threading.Lock()  # one refresh at a time, held across its hypercall
+        self._refreshes = 0  # refreshes begun
+        self._failed: str | None = None  # why the last refresh failed; None if it succeeded
         if known is not None:
             try:
-                self._adopt(known)
+                with self._lock:
+                    self._adopt(known)
             except (GrantError, GrantViolation):
                 self.close()
                 raise
@@ -90,112 +131,142 @@ class GrantMapper:
     def resolve(self, gref: int, *, write: bool) -> memoryview:
         """The granted page behind ``gref``. GrantError if the granter did not allow it;
         GrantViolation if the granter has broken the rules (the device must fail)."""
-        checked = self._checked[write]
-        page = checked.get(gref)
+        page = self._checked[write].get(gref)
         if page is None:
-            page = self._pool(gref).resolve(gref, write=write)
-            if len(checked) < MAX_CHECKED:
-                checked[gref] = page
+            page = self._check(gref, write)
         return page
-
-    def mapped_pages(self) -> int:
-        """Pages this mapper keeps mapped: the live pools', and the dropped ones' still held."""
-        with self._lock:
-            return sum(pool.pages for pool in self._pools) + self._lingering()
 
     def close(self) -> None:
         with self._lock:
-            pools, self._pools = self._pools, []
+            self._closed = True
+            pools = [*self._pools, *self._dropped]
+            self._pools, self._dropped = [], []
             for checked in self._checked:
                 checked.clear()
         for pool in pools:
             pool.close()
 
-    # -- misses ---------------------------------------------------------------------------------
+    # -- a ref not checked yet ------------------------------------------------------------------
 
-    def _pool(self, gref: int) -> MappedPool:
-        for pool in self._pools:
-            if gref in pool:
-                return pool
+    def _check(self, gref: int, write: bool) -> memoryview:
+        page = self._mapped_page(gref, write)
+        if page is None:
+            page = self._miss(gref, write)
+        return page
+
+    def _mapped_page(self, gref: int, write: bool) -> memoryview | None:
+        """The page behind ``gref`` if a pool we map holds it (None if none does), checked and
+        remembered. Under the lock: a refresh cannot drop the pool between the two."""
         with self._lock:
-            for pool in self._pools:  # another thread's refresh may have mapped it
+            for pool in self._pools:
                 if gref in pool:
-                    return pool
-            return self._miss(gref)
+                    page = pool.resolve(gref, write=write)
+                    checked = self._checked[write]
+                    if len(checked) < MAX_CHECKED:
+                        checked[gref] = page
+                    return page
+        return None
 
-    def _miss(self, gref: int) -> MappedPool:
-        """Refresh; the pool holding ``gref``, or a GrantError counted as a bad gref."""
-        try:
-            self._refresh()
-        except GrantError:
-            self._bad_gref(gref)
-            raise
-        for pool in self._pools:
-            if gref in pool:
-                # Charged after the fact: only the refreshes that resolve are paced.
-                delay = self._pace.charge(1.0)
-                if delay:
-                    time.sleep(delay)
-                return pool
-        self._bad_gref(gref)
-        raise GrantError(f"gref {gref} is in no pool domain {self.granter} granted us")
-
-    def _bad_gref(self, gref: int) -> None:
-        self.bad_grefs += 1
-        if self.bad_grefs > self.bad_gref_budget:
-            raise GrantViolation(
-                f"domain {self.granter} named {self.bad_grefs} grefs in none of its pools "
-                f"(the last: {gref}), more than the {self.bad_gref_budget} allowed"
-            )
+    def _miss(self, gref: int, write: bool) -> memoryview:
+        """Refresh, or take the answer of a refresh begun since this miss; then look again."""
+        begun = self._refreshes
+        with self._refreshing:
+            made = self._refreshes == begun  # else one begun after our miss has answered it
+            if made:
+                self._refresh()
+            failed = self._failed
+        page = self._mapped_page(gref, write) if failed is None else None
+        if page is None and failed is None:
+            self._bad_gref(gref)  # raises: a bad gref is budgeted, not paced
+        if made:
+            self._wait_for_credit()
+        if page is None:
+            raise GrantError(f"gref {gref}: no answer on the pools of {self.device}: {failed}")
+        return page
 
     def _refresh(self) -> None:
+        """Ask which pools are live and adopt the answer (``_refreshing`` is held); ``_failed``
+        says how that went."""
+        self._refreshes += 1
         try:
-            known = self._hc.call(GnttabMapPools(granter=self.granter))
+            known = map_pools(self._hc, self.device.granter, self.device.name)
+            with self._lock:
+                self._adopt(known)
         except HypercallError as exc:
-            raise GrantError(f"pools of domain {self.granter}: {exc.message}") from exc
-        self._adopt(known)
+            self._failed = exc.message or exc.errno_name
+        except GrantError as exc:
+            self._failed = str(exc)
+        except GrantViolation as exc:
+            self._failed = str(exc)
+            raise
+        else:
+            self._failed = None
 
-    # -- what is mapped -------------------------------------------------------------------------
+    def _bad_gref(self, gref: int) -> NoReturn:
+        with self._lock:
+            self.bad_grefs += 1
+            if self._counters is not None:
+                self._counters.bad_grefs += 1
+            bad = self.bad_grefs
+        if bad > self._bad_gref_budget:
+            raise GrantViolation(
+                f"{self.device} named {bad} grefs in none of its pools "
+                f"(the last: {gref}), more than the {self._bad_gref_budget} allowed"
+            )
+        raise GrantError(f"gref {gref} is in no pool of {self.device}")
+
+    def _wait_for_credit(self) -> None:
+        """Charge one refresh; wait out what it overdrew, holding no lock."""
+        with self._lock:
+            delay = self._pace.charge(1.0)
+        if delay:
+            time.sleep(delay)
+
+    # -- what is mapped (the lock is held) ------------------------------------------------------
 
     def _adopt(self, known: dict[str, Any]) -> None:
         """Map the pools ``known`` names, after dropping the ones it no longer names; refuse
         to map past the budget."""
+        if self._closed:
+            raise GrantError(f"pools of {self.device}: the mapper is closed")
         try:
             live = {str(p["name"]): (int(p["gref_base"]), int(p["pages"])) for p in known["pools"]}
-            max_pages = int(known["max_pages"])
+            budget = int(known["max_pages"])
         except (KeyError, TypeError, ValueError) as exc:
-            raise GrantError(f"pools of domain {self.granter}: {exc!r}") from exc
+            raise GrantError(f"pools of {self.device}: {exc!r}") from exc
         self._drop([pool for pool in self._pools if pool.name not in live])
-        for pool in self._pools:
-            live.pop(pool.name)
-        mapped = sum(pool.pages for pool in self._pools) + self._lingering()
-        wanted = mapped + sum(pages for _, pages in live.values())
-        self.max_pages = max_pages
-        if wanted > max_pages:
+        mapped = {pool.name for pool in self._pools}
+        new = {name: pool for name, pool in live.items() if name not in mapped}
+        held = sum(pool.pages for pool in self._pools) + self._lingering()
+        wanted = held + sum(pages for _, pages in new.values())
+        if wanted > min(self.device.max_pages, budget):
             raise GrantViolation(
-                f"domain {self.granter}'s pools would have us map {wanted} pages, "
-                f"more than its grant budget of {max_pages}"
+                f"the pools of {self.device} would have us map {wanted} pages, more than "
+                f"the {self.device.max_pages} its protocol can use or the grant budget of "
+                f"{budget} of domain {self.device.granter}"
             )
         opened: list[MappedPool] = []
         try:
-            for name, (base, pages) in live.items():
-                opened.append(MappedPool.open(name, base, pages, self.domid))
+            for name, (base, pages) in new.items():
+                opened.append(MappedPool.open(name, base, pages, self.device.grantee))
         except ShmError as exc:
             for pool in opened:
                 pool.close()
-            raise GrantError(f"pools of domain {self.granter}: {exc}") from exc
+            raise GrantError(f"pools of {self.device}: {exc}") from exc
         self._pools = [*self._pools, *opened]
 
     def _drop(self, gone: list[MappedPool]) -> None:
-        """Forget pools the granter released: each one's pages are unmapped as soon as the
-        data path holds none of them (a page in use is never unmapped under its user)."""
+        """Forget pools the granter released, and the pages remembered from any pool (a
+        rare event: an honest granter releases no pool while connected)."""
         if not gone:
             return
         self._pools = [pool for pool in self._pools if pool not in gone]
-        for checked in self._checked:  # they may hold pages of the gone pools
+        for checked in self._checked:
             checked.clear()
-        self._dropped += [(pool.mapped(), pool.pages) for pool in gone]
+        self._dropped += gone
 
     def _lingering(self) -> int:
-        self._dropped = [(ref, pages) for ref, pages in self._dropped if ref() is not None]
-        return sum(pages for _, pages in self._dropped)
+        """Pages of the dropped pools still mapped: each is unmapped here as soon as the data
+        path holds none of its pages (never under its user), and counted until then."""
+        self._dropped = [pool for pool in self._dropped if not pool.unmap()]
+        return sum(pool.pages for pool in self._dropped)

@@ -102,27 +102,44 @@ class EvtchnClose(Op):
 # -- grant tables ----------------------------------------------------------------------------
 
 
+#: A device, as both ends of its XenBus connection name it beyond the store: ``<type>/<devid>``
+#: (``vif/0``, ``vbd/51712``), its frontend dir's path below ``device/`` (channels/xenbus.py).
+DEVICE_PATTERN = r"^[A-Za-z0-9_-]{1,32}/[0-9]{1,10}$"
+
+
 class GnttabSetupPool(Op):
-    """Any domain: a pool of ``pages`` 4 KiB pages that the caller may grant to ``peer`` only.
+    """Any domain: a pool of ``pages`` 4 KiB pages that the caller may grant to ``peer`` only,
+    for its ``device`` only: only that device's backend maps it (GnttabMapPools).
 
     Result: {"pool", "name", "gref_base", "pages"}: grant refs gref_base..gref_base+pages-1 name
-    the pool's pages; the pool's own grant entries say which of them are currently granted."""
+    the pool's pages; the pool's own grant entries say which of them are currently granted.
+
+    ABI: ``device`` is required since issue 12; before, pools named no device and every backend
+    of the peer mapped every pool. A frontend that names another of its devices has that
+    device's backend map the pool, and count it against what that device may map: it harms
+    only its own devices."""
 
     op = "gnttab_setup_pool"
     peer: int = Field(ge=0, le=DOMID_MAX)
+    device: str = Field(pattern=DEVICE_PATTERN)
     pages: int = Field(ge=1, le=4096)
 
 
 class GnttabMapPools(Op):
-    """Any domain: every pool of ``granter`` set up for the caller, live now, so that a backend
-    maps them all as it connects (its data path never waits on hyperd), and maps again, keeping
-    only these, when a request names a ref it does not know. Result: {"pools": [{"pool",
-    "name", "gref_base", "pages"}...], "max_pages": the granter's grant budget, the pages it may
-    have in pools at once (0 for no such domain): more than a backend ever needs to map}."""
+    """Any domain: the pools of ``granter`` set up for the caller and for ``device``, live now,
+    so that the device's backend maps them all as it connects (its data path never waits on
+    hyperd), and maps again, keeping only these, when a request names a ref it does not know.
+    Result: {"pools": [{"pool", "name", "gref_base", "pages"}...], "max_pages": the granter's
+    grant budget, the pages it may have in pools at once, for all its devices (0 for no such
+    domain); the backend maps no more than that, nor than its device's protocol can use.
+
+    ABI: ``device`` is required since issue 12; before, the answer was every pool of
+    ``granter`` set up for the caller, whatever its device."""
 
     op = "gnttab_map_pools"
     read_only = True
     granter: int = Field(ge=0, le=DOMID_MAX)
+    device: str = Field(pattern=DEVICE_PATTERN)
 
 
 class GnttabReleasePool(Op):

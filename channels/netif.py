@@ -83,6 +83,12 @@ XEN_NETIF_NR_SLOTS_MIN = 18
 ETH_HLEN = 14
 PAGE_SIZE = 4096
 
+#: The most granted pages one netif connection can have in use at once, so the most a backend
+#: maps for one vif (channels/grants.py): the tx and rx ring pages, and one page per slot of
+#: each ring (a tx slot names one page of a packet, an rx slot posts one buffer):
+#: 2 + 256 + 256 = 514 pages. netfront grants exactly these.
+MAX_GRANT_PAGES = 2 + TX_RING.nr_ents(PAGE_SIZE) + RX_RING.nr_ents(PAGE_SIZE)
+
 
 @dataclass(frozen=True, slots=True)
 class Extra:

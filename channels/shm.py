@@ -18,7 +18,9 @@ Closing: :meth:`Segment.close` releases ``Segment.buf`` and unmaps. The rule is 
 drop every view they derived from ``buf`` (slices, rings built on it, ``ctypes.from_buffer``
 objects) before calling it. If some are still alive, ``close`` does not fail and nothing can
 touch unmapped memory: ``mmap`` refuses to unmap while views are exported, so ``close`` logs a
-warning and the mapping is unmapped when the last view is garbage-collected.
+warning and the mapping is unmapped when the last view is garbage-collected. A holder that
+must know when that happens (a backend's grant mapper, counting the pools it still maps) asks
+:meth:`Segment.unmap` instead, as often as it likes: it unmaps only once no view is left.
 """
 
 from __future__ import annotations
@@ -28,7 +30,6 @@ import logging
 import mmap
 import os
 import stat
-import weakref
 from multiprocessing import resource_tracker, shared_memory
 
 logger = logging.getLogger(__name__)
@@ -83,22 +84,27 @@ class Segment:
         """Release ``buf`` and unmap (idempotent). Drop your views of ``buf`` first."""
         if self._mmap is None:
             return
-        mapping, self._mmap = self._mmap, None
-        try:
-            self.buf.release()
-            mapping.close()
-        except BufferError:
+        if not self.unmap():
             logger.warning(
                 "shared memory segment %s: views still exported at close; "
                 "unmapped when the last one is dropped",
                 self.name,
             )
+            self._mmap = None
 
-    def mapped(self) -> weakref.ref[mmap.mmap]:
-        """A reference that dies once the segment is unmapped: at ``close``, or, if views were
-        still exported then or this object was merely dropped, once the last view is gone."""
-        assert self._mmap is not None, f"shared memory segment {self.name}: closed"
-        return weakref.ref(self._mmap)
+    def unmap(self) -> bool:
+        """Release ``buf`` and unmap, unless a view derived from it is still alive (``mmap``
+        refuses then): True once unmapped. Otherwise the segment stays mapped, ``buf`` no
+        longer usable, and ``unmap`` may be asked again."""
+        if self._mmap is None:
+            return True
+        try:
+            self.buf.release()
+            self._mmap.close()
+        except BufferError:
+            return False
+        self._mmap = None
+        return True
 
     def __enter__(self) -> Segment:
         return self

@@ -289,6 +289,13 @@ def frontend_path(domid: int, devtype: str, devid: int) -> str:
     return f"{device_type_path(domid, devtype)}/{_num(devid, 'devid')}"
 
 
+def device_name(devtype: str, devid: int) -> str:
+    """``<type>/<devid>``: the device as both ends name it beyond the store (the grant pools
+    a frontend sets up name their device so: channels/hypercall.py), its frontend dir's path
+    below ``device/``."""
+    return f"{check_component(devtype)}/{_num(devid, 'devid')}"
+
+
 def backend_root_path(backend_domid: int) -> str:
     return domain_key_path(backend_domid, "backend")
 

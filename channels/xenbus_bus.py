@@ -48,6 +48,11 @@ class XenbusDevice:
     stale_otherend: bool = False
     _watch: Watch | None = field(default=None, repr=False)
 
+    @property
+    def device_name(self) -> str:
+        """``<type>/<devid>``, as both ends name this device beyond the store."""
+        return xenbus.device_name(self.devtype, self.devid)
+
     def path(self, key: str) -> str:
         return xenbus.join_path(self.nodename, key)
 

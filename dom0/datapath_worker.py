@@ -9,9 +9,14 @@ the frontend shares, so a frontend that truncates its own pages to make the read
 
 The worker reads one JSON object on stdin: the device's parameters plus the numbers of the fds it
 inherited: ``device_fd`` (the native device), ``control_fd`` (a socket to dom0) and
-``counters_fd`` (a page of u64 counters that dom0 reads whenever it is asked). Over the control
-socket, one JSON object per line, it asks dom0 which grant pools are live (dom0 holds the
-hypercall socket) and reports a fatal protocol error; dom0 hanging up tells it to stop.
+``counters_fd`` (a page of u64 counters that dom0 reads whenever it is asked). The parameters
+name the frontend's domain (``frontend``), the device (``device``, ``<type>/<devid>``) and the
+grant pools live for it as the worker starts (``pools``). Over the control socket, one JSON
+object per line, the worker asks dom0 which of the device's grant pools are live now
+(``{"id", "map_pools": {}}``: dom0 holds the hypercall socket) and reports a fatal protocol
+error (``{"fatal"}``); dom0 hanging up tells it to stop. The worker runs on the frontend's
+pages and may be subverted, so it names nothing dom0 acts on: dom0 answers for the device it
+started the worker for, never another device's pools or another domain's.
 
 A worker that dies unasked (killed, crashed) is restarted by its backend driver, through the
 frontend (see DataPath): the device's state lives in its native device, its channel and the
@@ -21,6 +26,7 @@ frontend, not in the worker, so a new worker over a reset ring carries on.
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
 import json
 import logging
@@ -36,8 +42,9 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
+from channels import grants
 from channels import hypercall as hc
-from channels.hypercall import GnttabMapPools, HypercallClient, HypercallError
+from channels.hypercall import HypercallClient, HypercallError
 from channels.xenbus import XenbusState
 from channels.xenbus_bus import XenbusDevice
 
@@ -93,7 +100,7 @@ class WorkerProcess:
         process: subprocess.Popen[bytes],
         control: socket.socket,
         counters_fd: int,
-        hc: HypercallClient,
+        map_pools: Callable[[], dict[str, Any]],
         on_fatal: Callable[[str], None],
         on_death: Callable[[str], None],
     ) -> None:
@@ -101,7 +108,7 @@ class WorkerProcess:
         self.control = control
         self._page = mmap.mmap(counters_fd, mmap.PAGESIZE)
         os.close(counters_fd)
-        self._hc = hc
+        self._map_pools = map_pools
         self._on_fatal = on_fatal
         self._on_death = on_death
         self._stopping = False
@@ -114,11 +121,12 @@ class WorkerProcess:
         module: str,
         params: dict[str, Any],
         device_fd: int,
-        hc: HypercallClient,
+        map_pools: Callable[[], dict[str, Any]],
         on_fatal: Callable[[str], None],
         on_death: Callable[[str], None],
     ) -> WorkerProcess:
         """Run ``python -m module`` with ``params`` and the device, control and counter fds.
+        ``map_pools()``: hyperd's answer on the pools of the worker's device, for its refreshes.
         ``on_fatal(reason)``: the worker reported a protocol violation. ``on_death(how)``: it
         died without being stopped (killed, crashed)."""
         ours, theirs = socket.socketpair()
@@ -141,7 +149,7 @@ class WorkerProcess:
         process.stdin.write(json.dumps(params).encode())
         process.stdin.close()
         theirs.close()
-        return cls(process, ours, counters_fd, hc, on_fatal, on_death)
+        return cls(process, ours, counters_fd, map_pools, on_fatal, on_death)
 
     def counter_values(self, fields: Sequence[str]) -> dict[str, int]:
         """The worker's counters, named ``fields`` in page order."""
@@ -176,13 +184,14 @@ class WorkerProcess:
         if "fatal" in message:
             self._on_fatal(str(message["fatal"])[:500])
             return
-        request = message.get("map_pools") or {}
+        # Whatever the message names, the answer is about the device this worker serves.
         try:
-            result = self._hc.call(GnttabMapPools(granter=int(request["granter"])))
-            reply: dict[str, Any] = {"id": message["id"], "result": result}
+            if "map_pools" not in message:
+                raise ValueError(f"unknown request {sorted(message)[:4]}")
+            reply: dict[str, Any] = {"id": message["id"], "result": self._map_pools()}
         except HypercallError as exc:
-            reply = {"id": message["id"], "error": exc.errno_name, "message": exc.message}
-        except (KeyError, TypeError, ValueError) as exc:
+            reply = {"id": message.get("id"), "error": exc.errno_name, "message": exc.message}
+        except (KeyError, ValueError) as exc:
             reply = {"id": message.get("id"), "error": "EINVAL", "message": str(exc)}
         with contextlib.suppress(OSError):
             self.control.sendall(json.dumps(reply).encode() + b"\n")
@@ -225,14 +234,18 @@ class DataPath:
         dev: XenbusDevice,
         name: str,
     ) -> None:
-        """Run the worker of backend device ``dev`` (``name`` in messages). A protocol
-        violation it reports fails the device; its death restarts the data path through the
-        frontend: the device returns to InitWait (see the backends' docstrings)."""
+        """Run the worker of backend device ``dev`` (``name`` in messages), with the device's
+        frontend, name and live grant pools added to ``params``; its refreshes are answered for
+        that device alone. A protocol violation it reports fails the device; its death restarts
+        the data path through the frontend: the device returns to InitWait (see the backends'
+        docstrings)."""
+        pools = functools.partial(grants.map_pools, hc, dev.frontend_id, dev.device_name)
+        device = {"frontend": dev.frontend_id, "device": dev.device_name, "pools": pools()}
         worker = WorkerProcess.start(
             module,
-            params,
+            {**params, **device},
             device_fd,
-            hc,
+            pools,
             lambda message: dev.fatal(f"{name}: {message}"),
             lambda how: self._died(dev, name, how),
         )
@@ -339,12 +352,15 @@ class Dom0Link:
             self._sock.sendall(json.dumps(message).encode() + b"\n")
 
     def call(self, op: hc.Op) -> dict[str, Any]:
-        """Only the grant mapper's refresh travels this way; the event channels are already
-        bound."""
+        """Only the grant mapper's refresh travels this way (dom0 answers it for this worker's
+        device: ``op`` names the same); the event channels are already bound."""
         if not isinstance(op, hc.GnttabMapPools):
             return {}
         req_id = next(self._ids)
-        self._send({"id": req_id, "map_pools": {"granter": op.granter}})
+        try:
+            self._send({"id": req_id, "map_pools": {}})
+        except OSError as exc:
+            raise hc.HypercallError(op.op, "ENOTCONN", f"dom0 is gone: {exc}") from exc
         with self._arrived:
             self._arrived.wait_for(lambda: req_id in self._replies or self.closed.is_set(), 10)
             reply = self._replies.pop(req_id, None)

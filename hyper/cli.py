@@ -674,7 +674,7 @@ def cmd_network_list(args: argparse.Namespace) -> int:
         return 0
     print(
         f"{'Idx':>3} {'MAC':<18}{'IP':<19}{'State':>5} {'TX pkts':>9} {'TX bytes':>12} "
-        f"{'RX pkts':>9} {'RX bytes':>12} {'Err':>5} {'Drop':>5} {'Spoof':>5}"
+        f"{'RX pkts':>9} {'RX bytes':>12} {'Err':>5} {'Drop':>5} {'Spoof':>5} {'BadRef':>6}"
     )
     for v in vifs:
         errors = v.get("tx_errors", 0) + v.get("rx_errors", 0)
@@ -683,7 +683,7 @@ def cmd_network_list(args: argparse.Namespace) -> int:
             f"{v['devid']:>3} {v.get('mac') or '-':<18}{v.get('ip') or '-':<19}"
             f"{v.get('state') or '-':>5} {v.get('tx_packets', 0):>9} {v.get('tx_bytes', 0):>12} "
             f"{v.get('rx_packets', 0):>9} {v.get('rx_bytes', 0):>12} {errors:>5} {drops:>5} "
-            f"{v.get('tx_spoofed', 0):>5}"
+            f"{v.get('tx_spoofed', 0):>5} {v.get('bad_grefs', 0):>6}"
         )
     return 0
 
@@ -717,7 +717,8 @@ def cmd_block_list(args: argparse.Namespace) -> int:
         return 0
     print(
         f"{'Vdev':<6}{'BE':>4} {'State':>5} {'Mode':<5}{'Sectors':>12} {'RD req':>9} "
-        f"{'WR req':>9} {'RD sect':>11} {'WR sect':>11} {'OO':>5} {'Err':>5}  Target"
+        f"{'WR req':>9} {'RD sect':>11} {'WR sect':>11} {'OO':>5} {'Err':>5} {'BadRef':>6}  "
+        "Target"
     )
     for v in vbds:
         backend = (v.get("backend") or "").split("/")
@@ -725,8 +726,8 @@ def cmd_block_list(args: argparse.Namespace) -> int:
             f"{v.get('vdev') or v['devid']:<6}{backend[3] if len(backend) > 3 else '-':>4} "
             f"{v.get('state') or '-':>5} {v.get('mode') or '-':<5}{v.get('sectors') or '-':>12} "
             f"{v.get('rd_req', 0):>9} {v.get('wr_req', 0):>9} {v.get('rd_sect', 0):>11} "
-            f"{v.get('wr_sect', 0):>11} {v.get('oo_req', 0):>5} {v.get('errors', 0):>5}  "
-            f"{v.get('params') or '-'}"
+            f"{v.get('wr_sect', 0):>11} {v.get('oo_req', 0):>5} {v.get('errors', 0):>5} "
+            f"{v.get('bad_grefs', 0):>6}  {v.get('params') or '-'}"
         )
     return 0
 

@@ -1,9 +1,11 @@
-"""Grant bookkeeping: which pool of pages each domain may grant to which peer.
+"""Grant bookkeeping: which pool of pages each domain may grant to which peer, for which device.
 
-Pools are created at the granter's request (one per device connection) with a fresh range of
-grant refs in the granter's ref space; a peer may map a pool only if the granter named it when
-the pool was set up. Entries inside a pool (which page is granted, read-only or not) are written
-by the granter and checked by the grantee (channels/gnttab.py).
+Pools are created at the granter's request (a few per device) with a fresh range of grant refs
+in the granter's ref space; a peer may map a pool only if the granter named it when the pool
+was set up, and is told of it only when it asks for the device the granter named then
+(``<type>/<devid>``: a device's backend maps that device's pools, none of another device's).
+Entries inside a pool (which page is granted, read-only or not) are written by the granter and
+checked by the grantee (channels/gnttab.py).
 """
 
 from __future__ import annotations
@@ -21,10 +23,10 @@ MAX_POOLS_PER_DOMAIN = 256  # a frontend sets up 3 per device; each is a /dev/sh
 
 def grant_budget(memory_mib: int) -> int:
     """The pages a domain of ``memory_mib`` may have in grant pools at once: never more than
-    its memory, as a page a Xen guest grants is its own. A backend maps every pool a domain
-    grants dom0 (a page the guest never touched is charged to dom0 as the backend touches it),
-    so this is also what one of dom0's backend devices may map for it. Honest frontends touch
-    every page they grant (grant_pool zeroes them), so their own memory limit came first."""
+    its memory, as a page a Xen guest grants is its own. Honest frontends touch every page they
+    grant (grant_pool zeroes them), so their own memory limit came first. A backend device maps
+    no more of it than its protocol can use (channels/grants.py): a page the guest never
+    touched is charged to dom0 as the backend touches it."""
     return min(MAX_POOL_PAGES_PER_DOMAIN, memory_mib * (1 << 20) // PAGE_SIZE)
 
 
@@ -39,6 +41,7 @@ class Pool:
     pool: int
     granter: int
     peer: int
+    device: str  # <type>/<devid>, as the granter named it
     name: str
     gref_base: int
     pages: int
@@ -62,12 +65,13 @@ class GrantTables:
         self,
         granter: int,
         peer: int,
+        device: str,
         pages: int,
         resources: Resources,
         budget: int = MAX_POOL_PAGES_PER_DOMAIN,
     ) -> Pool:
-        """A new pool of ``pages`` that ``granter`` may grant to ``peer``, within the
-        granter's ``budget`` of pages in pools at once (``grant_budget``)."""
+        """A new pool of ``pages`` that ``granter`` may grant to ``peer`` for ``device``,
+        within the granter's ``budget`` of pages in pools at once (``grant_budget``)."""
         pools = self.pools_of(granter)
         if len(pools) >= MAX_POOLS_PER_DOMAIN:
             raise GnttabError("ENOSPC", f"domain {granter}: {len(pools)} grant pools, the limit")
@@ -86,15 +90,15 @@ class GrantTables:
         base = self._next_gref.get(granter, 8)
         pool_id = self._next_pool.get(granter, 0)
         name = resources.new_segment(f"gnt{pool_id}", pool_bytes(pages), gid)
-        pool = Pool(pool_id, granter, peer, name, base, pages)
+        pool = Pool(pool_id, granter, peer, device, name, base, pages)
         self._pools[granter, pool_id] = pool
         self._next_gref[granter] = base + pages
         self._next_pool[granter] = pool_id + 1
         return pool
 
-    def pools_for(self, caller: int, granter: int) -> list[Pool]:
-        """Every pool of ``granter`` that ``caller`` may map."""
-        return [p for p in self.pools_of(granter) if p.peer == caller]
+    def pools_for(self, caller: int, granter: int, device: str) -> list[Pool]:
+        """The pools of ``granter`` for ``device`` that ``caller`` may map."""
+        return [p for p in self.pools_of(granter) if p.peer == caller and p.device == device]
 
     def release_pool(self, granter: int, pool_id: int, resources: Resources) -> None:
         pool = self._pools.pop((granter, pool_id), None)
@@ -128,6 +132,7 @@ class GrantTables:
                 int(entry["pool"]),
                 int(entry["granter"]),
                 int(entry["peer"]),
+                str(entry["device"]),
                 str(entry["name"]),
                 int(entry["gref_base"]),
                 int(entry["pages"]),

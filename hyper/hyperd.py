@@ -709,12 +709,14 @@ class Hypervisor:
     def do_gnttab_setup_pool(self, caller: Domain, op: hc.GnttabSetupPool) -> dict[str, Any]:
         resources = self._shared_resources(caller.domid, op.peer)
         budget = grant_budget(caller.memory)
-        return self.gnttab.setup_pool(caller.domid, op.peer, op.pages, resources, budget).result()
+        pool = self.gnttab.setup_pool(caller.domid, op.peer, op.device, op.pages, resources, budget)
+        return pool.result()
 
     def do_gnttab_map_pools(self, caller: Domain, op: hc.GnttabMapPools) -> dict[str, Any]:
         granter = self.domains.get(op.granter)
+        pools = self.gnttab.pools_for(caller.domid, op.granter, op.device)
         return {
-            "pools": [p.result() for p in self.gnttab.pools_for(caller.domid, op.granter)],
+            "pools": [p.result() for p in pools],
             "max_pages": grant_budget(granter.memory) if granter is not None else 0,
         }
 

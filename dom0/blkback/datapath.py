@@ -32,8 +32,9 @@ sector range (within ``sectors``, and no u64 wrap), writes to a read-only vbd, e
 (mapped writable for READ, read-only otherwise), the indirect pages (copied out once, then their
 descriptors checked like classic segments). A request that fails a check is answered
 BLKIF_RSP_ERROR (or EOPNOTSUPP), counted in ``errors``, and processing goes on. A protocol
-violation (an impossible ``req_prod``; grant refs past the budget of bad ones, or pools past the
-frontend's grant budget: channels/grants.py) calls ``on_fatal`` once and stops the dispatcher. The
+violation (an impossible ``req_prod``; grant refs past the budget of bad ones, or pools past
+the frontend's grant budget: channels/grants.py) calls ``on_fatal`` once and stops the dispatcher;
+the requests of its batch before the violation are still done and answered, none after it. The
 device's logical sector size is taken to be 512 bytes (what dom0 publishes as sector-size).
 """
 
@@ -83,6 +84,7 @@ COUNTER_FIELDS = (
     "discard_req",
     "oo_req",
     "errors",
+    "bad_grefs",
 )
 
 
@@ -90,10 +92,12 @@ class Counters(CounterPage):
     """Per vbd, Linux blkback's statistics. Each answered request counts once: an OKAY one in
     its operation's fields (``*_sect`` in 512-byte sectors; a FLUSH carrying data adds its
     sectors to ``wr_sect``), any other in ``errors``. ``oo_req`` counts the times the ring held
-    requests but every I/O slot was taken.
+    requests but every I/O slot was taken. ``bad_grefs`` counts the grant refs in no pool the
+    frontend set up (a request naming one is also in ``errors``).
 
-    The values live in ``buf`` (eight native u64), so the worker counts in a page dom0 reads
-    whenever asked; without a buffer, in memory. VbdPath updates them under its lock."""
+    The values live in ``buf`` (native u64s), so the worker counts in a page dom0 reads
+    whenever asked; without a buffer, in memory. VbdPath updates them under its lock, but for
+    ``bad_grefs``, which the grant mapper counts under its own."""
 
     FIELDS = COUNTER_FIELDS
     # Declared for type checkers; CounterPage makes each a property over the page.
@@ -105,6 +109,7 @@ class Counters(CounterPage):
     discard_req: int
     oo_req: int
     errors: int
+    bad_grefs: int  # of the errors, refs in no pool the frontend set up (channels/grants.py)
 
 
 class BadRequest(Exception):
@@ -248,7 +253,9 @@ class VbdPath:
 
     def _work(self) -> bool:
         """Take what the ring holds (up to the free I/O slots), refuse the bad requests, hand
-        the good ones to the I/O threads. False when there was nothing to take."""
+        the good ones to the I/O threads. False when there was nothing to take. A protocol
+        violation (GrantViolation) is raised once the requests before it are handed on and
+        answered: they were consumed and checked; the ones after it are never looked at."""
         room = self._wait_for_room()
         if not room:
             return False
@@ -258,6 +265,7 @@ class VbdPath:
             return False
         jobs: list[_Job] = []
         replies: list[int] = []  # flat (id, operation, status) of the refused requests
+        violation: GrantViolation | None = None
         for start in range(0, len(block), _SLOT):
             req = B.Request.unpack(block[start : start + _SLOT])
             try:
@@ -265,6 +273,17 @@ class VbdPath:
             except BadRequest as exc:
                 log.debug("%s: request id %d refused: %s", self.ring.name, req.id, exc.reason)
                 replies += (req.id, _response_op(req), exc.status)
+            except GrantViolation as exc:
+                violation = exc
+                break
+        self._hand_on(jobs, replies)
+        if violation is not None:
+            raise violation
+        return True
+
+    def _hand_on(self, jobs: list[_Job], replies: list[int]) -> None:
+        """Answer the refused requests and give the jobs to the I/O threads (or do the one
+        job here)."""
         with self._lock:
             # One request alone on an idle vbd (a program waiting on each I/O, as at queue depth
             # 1) is done here: handing it to an I/O thread would add a wakeup to its latency.
@@ -279,10 +298,9 @@ class VbdPath:
             status = self._execute(job)
             job.views.clear()
             self._complete(job, status)
-            return True
+            return
         for job in jobs:
             self._jobs.put(job)
-        return True
 
     def _wait_for_room(self) -> int:
         """Free I/O slots. With none free: 0 if the ring is empty too (go to sleep), else count

@@ -1,9 +1,9 @@
 """A vbd's data path in a process of its own: ``python -m dom0.blkback.worker``.
 
-See dom0/datapath_worker.py for why and how. Besides the common fds (``device_fd`` is the loop
-device, opened for direct I/O), the parameters are the vbd's name, the frontend's domid, its
-ring ref, the event channel's doorbell names, the disk's size in sectors, whether it is
-read-only, and how many I/O threads to run.
+See dom0/datapath_worker.py for why and how. Besides the common fds and parameters (``device_fd``
+is the loop device, opened for direct I/O), the parameters are the vbd's name, its ring ref, the
+event channel's doorbell names, the disk's size in sectors, whether it is read-only, and how many
+I/O threads to run. Its grant mapper maps at most what blkif can use (``blkif.MAX_GRANT_PAGES``).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from typing import Any
 
 from channels import blkif as B
 from channels.evtchn import EventChannel
-from channels.grants import GrantMapper
+from channels.grants import DeviceGrants, GrantMapper
 from channels.ring import BackRing
 from dom0.blkback.datapath import Counters, VbdPath
 from dom0.datapath_worker import Dom0Link, worker_main
@@ -23,7 +23,9 @@ from dom0.datapath_worker import Dom0Link, worker_main
 def run(params: dict[str, Any]) -> int:
     link = Dom0Link(socket.socket(fileno=params["control_fd"]))
     page = mmap.mmap(params["counters_fd"], mmap.PAGESIZE)
-    grants = GrantMapper(link, params["frontend"], 0, params["pools"])  # type: ignore[arg-type]
+    counters = Counters(memoryview(page))
+    device = DeviceGrants(params["frontend"], params["device"], B.MAX_GRANT_PAGES)
+    grants = GrantMapper(link, device, params["pools"], counters=counters)  # type: ignore[arg-type]
     ring = BackRing.attach(
         B.BLK_RING, grants.resolve(params["ring_ref"], write=True), name=params["name"]
     )
@@ -36,7 +38,7 @@ def run(params: dict[str, Any]) -> int:
         params["device_fd"],
         params["sectors"],
         readonly=params["readonly"],
-        counters=Counters(memoryview(page)),
+        counters=counters,
         on_fatal=link.fatal,
         io_threads=params["io_threads"],
     )

@@ -28,7 +28,6 @@ from typing import Any
 
 from channels import blkif as B
 from channels.evtchn import EventChannel, bind_interdomain
-from channels.grants import map_pools
 from channels.hypercall import HypercallClient, HypercallError
 from channels.xenbus import XenbusState
 from channels.xenbus_bus import XenbusDevice
@@ -148,8 +147,6 @@ class BlkbackDriver:
             vbd.remote_port = port
         params: dict[str, Any] = {
             "name": vbd.name,
-            "frontend": dev.frontend_id,
-            "pools": map_pools(self.hc, dev.frontend_id),
             "ring_ref": dev.otherend_int("ring-ref"),
             "doorbells": vbd.channel.doorbell_names(),
             "sectors": vbd.loop.sectors,

@@ -79,6 +79,7 @@ COUNTER_FIELDS = (
     "rx_bytes",
     "rx_errors",
     "rx_dropped",
+    "bad_grefs",
 )
 
 
@@ -96,6 +97,7 @@ class Counters(CounterPage):
     rx_bytes: int
     rx_errors: int
     rx_dropped: int
+    bad_grefs: int  # refs in no pool the frontend set up (channels/grants.py counts them)
 
     def error(self, reason: str) -> None:
         """A refused tx packet: counted; its reason goes to the log (not per packet above

@@ -1,9 +1,10 @@
 """A vif's data path in a process of its own: ``python -m dom0.netback.worker``.
 
-See dom0/datapath_worker.py for why and how. Besides the common fds (``device_fd`` is the TAP),
-the parameters are the vif's name, the frontend's domid, its tx/rx ring refs, the doorbell names
-of both event channels, gso, the rate limit, and the vif's ``mac`` and ``ip`` (from its backend
-dir) that every transmitted frame's source is checked against.
+See dom0/datapath_worker.py for why and how. Besides the common fds and parameters (``device_fd``
+is the TAP), the parameters are the vif's name, its tx/rx ring refs, the doorbell names of both
+event channels, gso, the rate limit, and the vif's ``mac`` and ``ip`` (from its backend dir) that
+every transmitted frame's source is checked against. Its grant mapper maps at most what netif
+can use (``netif.MAX_GRANT_PAGES``).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from typing import Any
 
 from channels import netif as N
 from channels.evtchn import EventChannel
-from channels.grants import GrantMapper
+from channels.grants import DeviceGrants, GrantMapper
 from channels.ring import BackRing
 from dom0.datapath_worker import Dom0Link, worker_main
 from dom0.netback.antispoof import SourceFilter
@@ -25,7 +26,8 @@ def run(params: dict[str, Any]) -> int:
     link = Dom0Link(socket.socket(fileno=params["control_fd"]))
     page = mmap.mmap(params["counters_fd"], mmap.PAGESIZE)
     counters = Counters(memoryview(page))
-    grants = GrantMapper(link, params["frontend"], 0, params["pools"])  # type: ignore[arg-type]
+    device = DeviceGrants(params["frontend"], params["device"], N.MAX_GRANT_PAGES)
+    grants = GrantMapper(link, device, params["pools"], counters=counters)  # type: ignore[arg-type]
     name, tap_fd = params["name"], params["device_fd"]
     tx_ring = BackRing.attach(
         N.TX_RING, grants.resolve(params["tx_ring_ref"], write=True), name=f"{name}-tx"

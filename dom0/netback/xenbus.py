@@ -23,7 +23,6 @@ from dataclasses import dataclass, field
 
 from channels.evtchn import EventChannel, bind_interdomain
 from channels.gnttab import GrantError
-from channels.grants import map_pools
 from channels.hypercall import HypercallClient, HypercallError
 from channels.xenbus import XenbusState
 from channels.xenbus_bus import XenbusDevice
@@ -136,8 +135,6 @@ class NetbackDriver:
         rate = _parse_rate(dev.read("rate"))
         params = {
             "name": vif.name,
-            "frontend": dev.frontend_id,
-            "pools": map_pools(self.hc, dev.frontend_id),
             "tx_ring_ref": dev.otherend_int("tx-ring-ref"),
             "rx_ring_ref": dev.otherend_int("rx-ring-ref"),
             "tx_doorbells": tx_ch.doorbell_names(),

@@ -2,13 +2,14 @@
 
 blkif order (xen-split-driver.md §5.4): when the backend reaches InitWait, the frontend reads its
 features, sets up one ring page, a pool of data pages and one indirect page per ring slot (all
-granted to the backend once: persistent grants), allocates the event channel, initialises the
-ring, publishes ``ring-ref``, ``event-channel``, ``protocol`` and ``feature-persistent`` in one
-transaction and goes Initialised. When the backend is Connected, it reads the disk's
-properties, makes the mount point ``/dev/<vdev>`` (an empty regular file on the domain's own
-/dev), starts the disk's FUSE server (domu/blkfront/server.py) and goes Connected once the
-server has mounted. When the backend closes or the device goes away: the server is told to
-stop (it unmounts), the mount point is removed and every pool, ring and channel released.
+granted to the backend once, persistent grants, in pools for this vbd only: ``vbd/<devid>``),
+allocates the event channel, initialises the ring, publishes ``ring-ref``, ``event-channel``,
+``protocol`` and ``feature-persistent`` in one transaction and goes Initialised. When the
+backend is Connected, it reads the disk's properties, makes the mount point ``/dev/<vdev>`` (an
+empty regular file on the domain's own /dev), starts the disk's FUSE server
+(domu/blkfront/server.py) and goes Connected once the server has mounted. When the backend
+closes or the device goes away: the server is told to stop (it unmounts), the mount point is
+removed and every pool, ring and channel released.
 
 Backend restart (xen-split-driver.md §6.9, done here without the toolstack): a backend whose
 data path died returns from Connected to InitWait, keeping its end of the event channel. The
@@ -108,19 +109,22 @@ class BlkfrontDriver:
 
     # -- connecting -----------------------------------------------------------------------------
 
-    def _pool(self, bf: Blkfront, kind: str, backend: int, pages: int, *, readonly: bool) -> None:
-        pool_id, pool, _ = grant_pool(self.hc, backend, pages, readonly=readonly)
+    def _pool(
+        self, dev: XenbusDevice, bf: Blkfront, kind: str, pages: int, *, readonly: bool
+    ) -> None:
+        """A pool for this vbd, granted to its backend."""
+        backend, device = dev.otherend_id, dev.device_name
+        pool_id, pool, _ = grant_pool(self.hc, backend, device, pages, readonly=readonly)
         bf.pools[kind] = (pool_id, pool)
 
     def _initialise(self, dev: XenbusDevice, bf: Blkfront) -> None:
-        backend = dev.otherend_id
-        self._pool(bf, "ring", backend, 1, readonly=False)
-        self._pool(bf, "data", backend, DATA_PAGES, readonly=False)
+        self._pool(dev, bf, "ring", 1, readonly=False)
+        self._pool(dev, bf, "data", DATA_PAGES, readonly=False)
         if _indirect_segments(dev) > B.BLKIF_MAX_SEGMENTS_PER_REQUEST:
-            self._pool(bf, "indirect", backend, B.nr_ents(0), readonly=True)
+            self._pool(dev, bf, "indirect", B.nr_ents(0), readonly=True)
         ring_pool = bf.pools["ring"][1]
         FrontRing.init(B.BLK_RING, ring_pool.page(0), name=bf.vdev).close()
-        bf.channel = alloc_unbound(self.hc, backend)
+        bf.channel = alloc_unbound(self.hc, dev.otherend_id)
         keys = {
             "ring-ref": str(ring_pool.gref_base),
             "event-channel": str(bf.channel.port),

@@ -2,7 +2,8 @@
 
 When the backend reaches InitWait (and offers rx-copy), the frontend creates eth<devid>, a TAP
 in the domain's own network namespace with the MAC, MTU, address and route the toolstack wrote
-into the frontend directory; grants its ring pages and buffer pools to the backend; allocates
+into the frontend directory; grants its ring pages and buffer pools to the backend, for this
+vif only (each pool names ``vif/<devid>``: no other device's backend maps it); allocates
 its two event channels; publishes all of it in one transaction and goes Connected (netfront
 skips Initialised). When the backend closes, or the device goes away, it stops and releases
 everything; closing the TAP's fd removes eth<devid>.
@@ -36,8 +37,8 @@ from domu.netfront.datapath import RxPath, TxPath
 log = logging.getLogger(__name__)
 S = XenbusState
 
-TX_PAGES = 256
-RX_PAGES = 256
+TX_PAGES = N.TX_RING.nr_ents(N.PAGE_SIZE)  # one buffer page per slot: N.MAX_GRANT_PAGES in all
+RX_PAGES = N.RX_RING.nr_ents(N.PAGE_SIZE)
 
 
 @dataclass
@@ -101,8 +102,12 @@ class NetfrontDriver:
 
     # -- connecting -----------------------------------------------------------------------------
 
-    def _pool(self, nf: Netfront, kind: str, backend: int, pages: int, *, readonly: bool) -> None:
-        nf.pools[kind] = grant_pool(self.hc, backend, pages, readonly=readonly)
+    def _pool(
+        self, dev: XenbusDevice, nf: Netfront, kind: str, pages: int, *, readonly: bool
+    ) -> None:
+        """A pool for this vif, granted to its backend."""
+        backend, device = dev.otherend_id, dev.device_name
+        nf.pools[kind] = grant_pool(self.hc, backend, device, pages, readonly=readonly)
 
     def _connect(self, dev: XenbusDevice, nf: Netfront) -> None:
         if dev.read_otherend("feature-rx-copy") != "1":
@@ -112,9 +117,9 @@ class NetfrontDriver:
         nf.gso = gso = dev.read_otherend("feature-gso-tcpv4") == "1"
         nf.tap_fd = open_tap(nf.name, offload=gso)
         _configure_link(nf.name, config)
-        self._pool(nf, "ring", backend, 2, readonly=False)
-        self._pool(nf, "tx", backend, TX_PAGES, readonly=True)
-        self._pool(nf, "rx", backend, RX_PAGES, readonly=False)
+        self._pool(dev, nf, "ring", 2, readonly=False)
+        self._pool(dev, nf, "tx", TX_PAGES, readonly=True)
+        self._pool(dev, nf, "rx", RX_PAGES, readonly=False)
         nf.channels = [alloc_unbound(self.hc, backend), alloc_unbound(self.hc, backend)]
         self._start_paths(dev, nf, run=False)
         _, _, ring_grefs = nf.pools["ring"]

@@ -1,21 +1,27 @@
 """A hostile guest cycling grant pools through the real blkback: dom0's memory stays bounded.
 
-The test plays a compromised domain kernel. It pauses a domain with one disk (its blkfront is
-frozen), takes over the vbd's ring as tests/integration/blkhost.py does, and takes the kernel's
+The test plays a compromised domain kernel. It pauses a domain with two disks (its blkfront is
+frozen), takes over the vbds' rings as tests/integration/blkhost.py does, and takes the kernel's
 own hypercall socket (``pidfd_getfd``: root may), so that hyperd sees the domain itself asking.
-Then, for 30 s, it sets up a pool of 4096 pages (16 MiB, the most one call gives), grants every
-page to dom0 without touching one, has blkback READ 16 MiB from the disk into them (sixteen
-indirect requests of 256 segments: blkback's writes fault the pages in, charged to dom0's
-cgroup), releases the pool, and starts over.
+Then, for 30 s, it sets up a pool of 4096 pages (16 MiB, the most one call gives) for its first
+disk, grants every page to dom0 without touching one, has blkback READ 16 MiB from the disk into
+them (sixteen indirect requests of 256 segments: blkback's writes fault the pages in, charged to
+dom0's cgroup), releases the pool, and starts over.
 
 Before issue 12, blkback's worker kept every pool it had mapped until the vbd disconnected, so
-dom0 grew by 16 MiB a pool. Now the worker drops the pools the guest released at its next miss,
-and may never map more than the guest's grant budget, so dom0 holds at most one of these pools
-at a time. The loop stops early, failing, as soon as dom0 has grown past the bound.
+dom0 grew by 16 MiB a pool. Now the worker drops the pools the guest released at its next miss
+(unmapping each once no request holds a page of it), and maps no more for the vbd than blkif
+can use (``blkif.MAX_GRANT_PAGES``, 8225 pages, of which blkfront's own pools take 1057). So
+dom0 maps at most one of these pools at a time: the one released last stays mapped until the
+next miss, which unmaps it before it maps the next; a guest that kept it mapped (a request in
+flight on it) would fail its vbd rather than have dom0 map a second. The loop stops early,
+failing, as soon as dom0 has grown past the bound.
 
 The second test names grefs in no pool: each costs the worker a round trip to dom0 and hyperd,
 so past the budget of bad grefs (channels/grants.py) the vbd fails as on a protocol violation,
-and the domain's other disk carries on.
+and the domain's other disk carries on. Another keeps its pools instead of releasing them:
+its vbd fails at the second, dom0 having mapped one. The last checks that each vbd's worker maps
+its own device's pools and none of the other disk's.
 """
 
 from __future__ import annotations
@@ -35,10 +41,13 @@ import pytest
 
 from channels import blkif as B
 from channels import hypercall as hc
+from channels import xenbus
 from channels.gnttab import GrantPool
 from channels.grants import BAD_GREF_BUDGET
+from channels.ring import PAGE_SIZE
 from hyper import cgroup
-from tests.integration.blkhost import HostileBlkfront, vbd_stats
+from hyper.gnttab import grant_budget
+from tests.integration.blkhost import DATA_PAGES, INDIRECT_PAGES, HostileBlkfront, vbd_stats
 from tests.integration.conftest import domain_info, hyperctl, wait_for
 from tests.integration.test_block import disk
 from tests.integration.test_block_hostile import OKAY, Req, Sender, seg
@@ -48,10 +57,14 @@ pytestmark = pytest.mark.root
 MiB = 1 << 20
 POOL_PAGES = 4096  # the most one gnttab_setup_pool gives (channels/hypercall.py)
 SEGMENTS = B.MAX_INDIRECT_SEGMENTS  # 256 pages of the pool per indirect READ
+READS = POOL_PAGES // SEGMENTS  # the READs that fill a pool
 SECONDS = 30.0
-#: One pool of the attacker's (16 MiB) may be live in dom0 at a time, and the one it released
-#: last until blkback's next miss drops it: 32 MiB, and slack for dom0's own logs and heap.
-GROWTH_BOUND = 48 * MiB
+OWN_PAGES = 1 + DATA_PAGES + INDIRECT_PAGES  # blkfront's pools for the vbd: 1057 pages
+#: What dom0 may grow by. The vbd maps no more than blkif can use; beyond blkfront's own pools
+#: that is one attacker's pool, mapped already as the baseline is taken (the warm-up's, until
+#: the next miss), and 3072 pages, never a second pool: 12 MiB, and slack for dom0's own logs
+#: and heap.
+GROWTH_BOUND = (B.MAX_GRANT_PAGES - OWN_PAGES - POOL_PAGES) * PAGE_SIZE + 8 * MiB
 SYS_PIDFD_GETFD = 438  # x86_64 and aarch64 alike
 
 
@@ -91,22 +104,43 @@ class Hypercalls:
         return dict(reply["result"])
 
 
-def cycle_one_pool(hcalls: Hypercalls, evil: HostileBlkfront, send: Sender) -> None:
-    """Set up a pool, grant it all to dom0, have blkback write every page of it, release it."""
-    info = hcalls.call(hc.GnttabSetupPool(peer=0, pages=POOL_PAGES))
+def pool_for(hcalls: Hypercalls, evil: HostileBlkfront) -> tuple[int, GrantPool, list[Req]]:
+    """A pool set up for the vbd, every page granted to dom0 (none touched), and the READs
+    that have blkback write every page of it: (pool id, pool, READS requests, ids from 0)."""
+    device = xenbus.device_name("vbd", B.vdev_number(evil.vdev))
+    info = hcalls.call(hc.GnttabSetupPool(peer=0, device=device, pages=POOL_PAGES))
     pool = GrantPool.open(info["name"], info["gref_base"], info["pages"])
+    grefs = [pool.grant(i, 0, readonly=False) for i in range(POOL_PAGES)]
+    reads = []
+    for n, start in enumerate(range(0, POOL_PAGES, SEGMENTS)):
+        frame = evil.indirect_frame(n, [seg(g) for g in grefs[start : start + SEGMENTS]])
+        sector = n * SEGMENTS * B.SECTORS_PER_PAGE
+        request = B.Request.indirect(B.BLKIF_OP_READ, n, sector, SEGMENTS, [frame])
+        reads.append(Req(f"READ {n} into a fresh pool", request.pack(), B.BLKIF_RSP_OKAY))
+    return info["pool"], pool, reads
+
+
+def cycle_one_pool(hcalls: Hypercalls, evil: HostileBlkfront, send: Sender) -> None:
+    """Set up a pool for the vbd, grant it all to dom0, have blkback write every page of it,
+    release it."""
+    pool_id, pool, reads = pool_for(hcalls, evil)
     try:
-        grefs = [pool.grant(i, 0, readonly=False) for i in range(POOL_PAGES)]
-        reads = []
-        for n, start in enumerate(range(0, POOL_PAGES, SEGMENTS)):
-            frame = evil.indirect_frame(n, [seg(g) for g in grefs[start : start + SEGMENTS]])
-            sector = n * SEGMENTS * B.SECTORS_PER_PAGE
-            request = B.Request.indirect(B.BLKIF_OP_READ, 0, sector, SEGMENTS, [frame])
-            reads.append(Req(f"READ {n} into a fresh pool", request.pack(), B.BLKIF_RSP_OKAY))
         send.batch(reads)
     finally:
         pool.close()
-    hcalls.call(hc.GnttabReleasePool(pool=info["pool"]))
+    hcalls.call(hc.GnttabReleasePool(pool=pool_id))
+
+
+def vbd_error(guest: Guest, vdev: str) -> str | None:
+    """What blkback wrote in the vbd's ``error`` node as it failed it; None while it has not."""
+    backend = f"/local/domain/0/backend/vbd/{guest.domid}/{B.vdev_number(vdev)}"
+    result = hyperctl("store", "read", f"{backend}/error", check=False)
+    return result.out if result.status == 0 else None
+
+
+def answered(evil: HostileBlkfront, count: int) -> bool:
+    """Whether blkback has put ``count`` responses on the ring we have not read yet."""
+    return (evil.index[2] - evil.rsp_cons) & 0xFFFF_FFFF >= count
 
 
 def read(gref: int) -> bytes:
@@ -114,14 +148,20 @@ def read(gref: int) -> bytes:
     return B.Request.rw(B.BLKIF_OP_READ, 0, 0, [seg(gref)]).pack()
 
 
-def released_pools_mapped(pid: int, domid: int) -> int:
-    """How many of the domain's grant pools process ``pid`` maps after hyperd removed them."""
+def pools_mapped(pid: int, domid: int) -> set[str]:
+    """The domain's grant pools that process ``pid`` maps; those hyperd removed already end
+    with " (deleted)"."""
     names = set()
     for line in Path(f"/proc/{pid}/maps").read_text().splitlines():
         path = line.split(maxsplit=5)[-1]
-        if path.startswith(f"/dev/shm/hyper.d{domid}.gnt") and path.endswith("(deleted)"):
-            names.add(path)
-    return len(names)
+        if path.startswith(f"/dev/shm/hyper.d{domid}.gnt"):
+            names.add(path.removeprefix("/dev/shm/"))
+    return names
+
+
+def released_pools_mapped(pid: int, domid: int) -> int:
+    """How many of the domain's grant pools process ``pid`` maps after hyperd removed them."""
+    return sum(name.endswith(" (deleted)") for name in pools_mapped(pid, domid))
 
 
 @dataclass
@@ -185,6 +225,46 @@ def test_a_guest_cycling_grant_pools_cannot_grow_dom0(guest: Guest, hypercalls: 
     assert released_pools_mapped(worker, guest.domid) <= 1
 
 
+def test_a_guest_keeping_its_pools_has_dom0_map_no_more_than_its_vbd_may(
+    guest: Guest, hypercalls: Hypercalls
+) -> None:
+    """Pools the guest never releases stay mapped, and blkback fills every page of them. Past
+    what blkif can use (8225 pages, 1057 of them blkfront's own), that is at the second pool of
+    16 MiB, the vbd fails, having grown dom0 by one pool. Before pools were per device, the vbd
+    mapped them up to the guest's whole grant budget (its memory: 128 MiB, 7 pools here)."""
+    evil = guest.vbds["xvda"]
+    info = domain_info(guest.name)
+    assert info is not None
+    room = (grant_budget(info["memory"]) - len(guest.vbds) * OWN_PAGES) // POOL_PAGES
+    dom0 = cgroup.open_hierarchy().open("dom0")
+    baseline = dom0.memory_bytes()
+    kept: list[GrantPool] = []
+    peak = 0
+    try:
+        while len(kept) < room and vbd_error(guest, "xvda") is None:
+            _, pool, reads = pool_for(hypercalls, evil)
+            kept.append(pool)
+            evil.send(*(req.slot for req in reads))
+            wait_for(
+                lambda: answered(evil, READS) or vbd_error(guest, "xvda"),
+                10,
+                "blkback to fill the pool or fail the vbd",
+            )
+            if answered(evil, READS):
+                assert {status for _, status in evil.responses(READS).values()} == {OKAY}
+                peak = max(peak, dom0.memory_bytes() - baseline)
+    finally:
+        for pool in kept:
+            pool.close()
+    print(f"\n{len(kept)} pools of 16 MiB kept; dom0 grew by at most {peak / MiB:.1f} MiB")
+    assert "its protocol can use" in (vbd_error(guest, "xvda") or ""), "the vbd failed"
+    assert len(kept) == 2, "at the second pool"
+    assert peak < (B.MAX_GRANT_PAGES - OWN_PAGES) * PAGE_SIZE + 8 * MiB
+
+    other = guest.vbds["xvdb"]
+    Sender(other).one(Req("a good READ on the other disk", read(other.data_gref(0)), OKAY))
+
+
 def test_past_its_budget_of_bad_grefs_a_vbd_fails_alone(guest: Guest) -> None:
     """Each gref in no pool costs dom0 and hyperd a round trip: BAD_GREF_BUDGET of them are
     answered with errors, the next fails that vbd as a protocol violation would."""
@@ -197,14 +277,20 @@ def test_past_its_budget_of_bad_grefs_a_vbd_fails_alone(guest: Guest) -> None:
     assert vbd_stats(guest.name, "xvda")["errors"] == BAD_GREF_BUDGET
 
     evil.send(read(nowhere + BAD_GREF_BUDGET))
-    backend = f"/local/domain/0/backend/vbd/{guest.domid}/{B.vdev_number('xvda')}"
-    wait_for(
-        lambda: hyperctl("store", "read", f"{backend}/error", check=False).status == 0,
-        10,
-        "blkback to fail the vbd",
-    )
-    assert "grefs in none of its pools" in hyperctl("store", "read", f"{backend}/error").out
+    error = wait_for(lambda: vbd_error(guest, "xvda"), 10, "blkback to fail the vbd")
+    assert "grefs in none of its pools" in error
 
     good = read(other.data_gref(0))
     Sender(other).one(Req("a good READ on the other disk", good, OKAY))
     assert hyperctl("list").status == 0
+
+
+def test_each_vbd_worker_maps_its_own_devices_pools_and_no_other(guest: Guest) -> None:
+    """Pools are per device: the worker of each disk maps the pools blkfront set up for that
+    disk (its ring, data and indirect pages) and none of the other disk's."""
+    for vdev, evil in guest.vbds.items():
+        worker = vbd_stats(guest.name, vdev)["worker_pid"]
+        assert isinstance(worker, int), f"{vdev} is served"
+        own = {segment.name for segment in evil.segments}
+        assert len(own) == 3
+        assert pools_mapped(worker, guest.domid) == own, vdev

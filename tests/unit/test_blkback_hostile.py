@@ -36,6 +36,7 @@ from channels.blkif import (
     BLKIF_RSP_EOPNOTSUPP,
     BLKIF_RSP_ERROR,
     BLKIF_RSP_OKAY,
+    MAX_GRANT_PAGES,
     SECTOR_SIZE,
     Request,
     Segment,
@@ -44,7 +45,7 @@ from channels.blkif import (
 from channels.doorbell import Doorbell, create_doorbell, unlink_doorbell
 from channels.evtchn import from_status
 from channels.gnttab import GrantPool, pool_bytes
-from channels.grants import GrantMapper
+from channels.grants import BAD_GREF_BUDGET, DeviceGrants, GrantMapper
 from channels.ring import PAGE_SIZE, BackRing, FrontRing, u32_view
 from channels.shm import attach, create_segment, unlink_segment
 from dom0.blkback import datapath
@@ -56,6 +57,7 @@ GREF_BASE = 8
 POOL_PAGES = 320  # 256 data pages for a 1 MiB indirect request, and room to spare
 INDIRECT = 300  # first page used for indirect descriptors
 RO_PAGE = POOL_PAGES - 2  # granted read-only
+NO_POOL = 9999  # a gref in no pool: a bad gref (channels/grants.py)
 UNGRANTED = POOL_PAGES - 1  # in the pool, never granted
 MARKED = 8  # pages 0..7 start with a mark of their own, to see that nothing touched them
 IMAGE_SECTORS = 8192  # 4 MiB
@@ -153,6 +155,7 @@ def _build(
     io_threads: int = 8,  # VbdPath's default: 32 requests outstanding, a whole one-page ring
     sectors: int = IMAGE_SECTORS,
     flags: int = os.O_RDWR,
+    bad_gref_budget: int = BAD_GREF_BUDGET,
 ) -> Vbd:
     tag = f"hyper-test-blkback-{os.getpid()}-{next(_ids)}"
     ring_name, pool_name, bells = f"{tag}-ring", f"{tag}-pool", (f"{tag}-b", f"{tag}-f")
@@ -175,8 +178,16 @@ def _build(
         pool.grant(i, 0, readonly=i == RO_PAGE)
     for i in range(MARKED):
         pool.page(i)[:] = mark(i)
+    counter_page = bytearray(PAGE_SIZE)
+    counters = Counters(memoryview(counter_page))
+    stack.callback(counters.release)
     calls = Hypercalls([(pool_name, GREF_BASE, POOL_PAGES)], bells)
-    grants = GrantMapper(calls, FRONT, 0)  # type: ignore[arg-type]
+    grants = GrantMapper(
+        calls,
+        DeviceGrants(FRONT, "vbd/51712", MAX_GRANT_PAGES),
+        counters=counters,
+        bad_gref_budget=bad_gref_budget,
+    )  # type: ignore[arg-type]
     stack.callback(grants.close)
     image = tmp_path / f"{tag}.img"
     image.write_bytes(IMAGE)
@@ -186,9 +197,6 @@ def _build(
     stack.callback(evtchn.close)
     doorbell = Doorbell(bells[0])
     stack.callback(doorbell.close)
-    counter_page = bytearray(PAGE_SIZE)
-    counters = Counters(memoryview(counter_page))
-    stack.callback(counters.release)
     fatal: list[str] = []
     fatal_event = threading.Event()
 
@@ -500,11 +508,11 @@ BAD: dict[str, BadCase] = {
     "WRITE running past the end": lambda v: (w(v.full(0), sector=END - 4), ERR, WR),
     "READ starting at the end": lambda v: (r(Segment(v.gref(0), 0, 0), sector=END), ERR, RD),
     "WRITE whose end wraps a u64": lambda v: (w(v.full(0), sector=U64_MAX - 3), ERR, WR),
-    "gref outside any pool": lambda v: (r(Segment(9999, 0, 7)), ERR, RD),
+    "gref outside any pool": lambda v: (r(Segment(NO_POOL, 0, 7)), ERR, RD),
     "gref in the pool, not granted": lambda v: (w(v.full(UNGRANTED)), ERR, WR),
     "READ into a read-only grant": lambda v: (r(v.full(RO_PAGE)), ERR, RD),
     "WRITE with a bad gref in its third segment": lambda v: (
-        w(v.full(0), v.full(1), Segment(9999, 0, 7)),
+        w(v.full(0), v.full(1), Segment(NO_POOL, 0, 7)),
         ERR,
         WR,
     ),
@@ -528,7 +536,7 @@ BAD: dict[str, BadCase] = {
         WR,
     ),
     "INDIRECT page outside any pool": lambda v: (
-        Request.indirect(WR, 1, 0, 1, [9999]),
+        Request.indirect(WR, 1, 0, 1, [NO_POOL]),
         ERR,
         WR,
     ),
@@ -543,7 +551,7 @@ BAD: dict[str, BadCase] = {
         WR,
     ),
     "INDIRECT segment with a bad gref": lambda v: (
-        indirect(v, WR, [v.full(0), Segment(9999, 0, 7)]),
+        indirect(v, WR, [v.full(0), Segment(NO_POOL, 0, 7)]),
         ERR,
         WR,
     ),
@@ -558,6 +566,9 @@ BAD: dict[str, BadCase] = {
         RD,
     ),
 }
+
+
+IN_NO_POOL = {case for case in BAD if "outside any pool" in case or "a bad gref" in case}
 
 
 class DeviceCalls:
@@ -593,7 +604,9 @@ def test_each_bad_request_is_refused_and_counted(vbd: Vbd, device: DeviceCalls, 
     sha = vbd.sha256()
     assert vbd.answer(request) == (1, op, status)
     assert device.calls == [], "a refused request reached the device"
-    assert vbd.counters.as_dict() == counts(vbd, errors=1)
+    bad_grefs = int(case in IN_NO_POOL)
+    assert vbd.counters.as_dict() == counts(vbd, errors=1, bad_grefs=bad_grefs)
+    assert vbd.counters.bad_grefs == bad_grefs
     assert vbd.sha256() == sha, "the image changed"
     assert all(vbd.page(i) == mark(i) for i in range(MARKED)), "a page was written"
     assert not vbd.fatal
@@ -658,6 +671,37 @@ def test_an_impossible_req_prod_fails_that_vbd_once_and_nothing_else(make_vbd: M
     assert victim.counters.as_dict() == counts(victim)
     assert bystander.answer(r(bystander.full(0))) == (1, RD, BLKIF_RSP_OKAY)
     assert not bystander.fatal
+
+
+def test_a_grant_violation_mid_batch_answers_what_came_before_and_runs_nothing_after(
+    make_vbd: MakeVbd, device: DeviceCalls
+) -> None:
+    """One batch: a READ and a WRITE, then a READ into a gref in no pool past the budget of
+    bad grefs (0 here: the first one is a violation), then another WRITE. The requests before
+    the violation were consumed and checked: they are done and answered. The vbd is failed
+    once, and nothing after the violation reaches the device."""
+    vbd = make_vbd(bad_gref_budget=0)
+    sha = vbd.sha256()
+    vbd.fill(1, b"B" * PAGE_SIZE)
+    vbd.fill(2, b"C" * PAGE_SIZE)
+    vbd.submit(
+        Request.rw(BLKIF_OP_READ, 1, 8, [vbd.full(0)]),
+        Request.rw(BLKIF_OP_WRITE, 2, 16, [vbd.full(1)]),
+        Request.rw(BLKIF_OP_READ, 3, 0, [Segment(NO_POOL, 0, 7)]),
+        Request.rw(BLKIF_OP_WRITE, 4, 24, [vbd.full(2)]),
+    )
+    assert vbd.fatal_event.wait(10), "the vbd must be failed"
+    vbd.path.stop()  # every thread joined: whatever was to be done is done
+    assert sorted(vbd.front.get_responses()) == [
+        (1, BLKIF_OP_READ, BLKIF_RSP_OKAY),
+        (2, BLKIF_OP_WRITE, BLKIF_RSP_OKAY),
+    ]
+    assert len(vbd.fatal) == 1 and "grefs in none of its pools" in vbd.fatal[0]
+    assert vbd.page(0) == pattern(8, 8)
+    assert vbd.image_bytes(16, 8) == b"B" * PAGE_SIZE
+    assert vbd.image_bytes(24, 8) == IMAGE[24 * SECTOR_SIZE : 32 * SECTOR_SIZE], "WRITE 4 ran"
+    assert sorted(device.calls) == ["preadv", "pwritev"]
+    assert vbd.sha256() != sha
 
 
 def test_stop_on_an_idle_path_ends_every_thread(vbd: Vbd) -> None:

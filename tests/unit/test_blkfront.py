@@ -22,7 +22,7 @@ from channels import blkif as B
 from channels.doorbell import DoorbellPair, create_doorbell, unlink_doorbell
 from channels.evtchn import EventChannel, from_status
 from channels.gnttab import GrantPool, pool_bytes
-from channels.grants import GrantMapper
+from channels.grants import DeviceGrants, GrantMapper
 from channels.ring import BackRing, FrontRing
 from channels.shm import create_segment, unlink_segment
 from dom0.blkback.datapath import Counters, VbdPath
@@ -127,7 +127,7 @@ def _connect(stack: contextlib.ExitStack, tmp_path: Path, *, serve: bool) -> Rig
     stack.callback(front.close)
 
     calls = Hypercalls([(names[k], bases[k], sizes[k]) for k in names], bells)
-    grants = GrantMapper(calls, 5, 0)  # type: ignore[arg-type]
+    grants = GrantMapper(calls, DeviceGrants(5, "vbd/51712", B.MAX_GRANT_PAGES))  # type: ignore[arg-type]
     stack.callback(grants.close)
     back = BackRing.attach(B.BLK_RING, grants.resolve(8, write=True))
     stack.callback(back.close)

@@ -101,9 +101,7 @@ def vbd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Vbd]:
     no pool are not budgeted: the budget would fail the vbd within a few cases, and every case
     must reach blkback's checks (test_gnttab.py tests the budget)."""
     with contextlib.ExitStack() as stack:
-        vbd = _build(stack, tmp_path_factory.mktemp("fuzz"))
-        vbd.path.grants.bad_gref_budget = sys.maxsize
-        yield vbd
+        yield _build(stack, tmp_path_factory.mktemp("fuzz"), bad_gref_budget=sys.maxsize)
 
 
 @fuzz(900)

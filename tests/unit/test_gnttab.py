@@ -3,25 +3,33 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
 
-from channels import credit, grants
+from channels import blkif, credit, grants, netif
 from channels import hypercall as hc
 from channels.gnttab import GrantError, GrantPool, GrantViolation, MappedPool, pool_bytes
 from channels.grants import (
     BAD_GREF_BUDGET,
     REFRESH_BURST,
     REFRESHES_PER_SECOND,
+    DeviceGrants,
     GrantMapper,
     map_pools,
 )
 from channels.shm import create_segment, unlink_segment
+from domu.blkfront import xenbus as blkfront
+from domu.netfront import xenbus as netfront
 
 BASE = 8
+#: A vbd of domain 5, whose protocol would let it map far more than the granter's budget: the
+#: budget binds, unless a test says otherwise.
+DEVICE = DeviceGrants(5, "vbd/51712", max_pages=1 << 16)
 
 
 @pytest.fixture
@@ -99,7 +107,7 @@ def test_a_mapper_given_its_pools_resolves_without_a_hypercall(
     gref = granter.grant(3, 0, readonly=False)
     granter.page(3)[:2] = b"ok"
     pool = {"pool": 0, "name": granter.name, "gref_base": BASE, "pages": 4}
-    mapper = GrantMapper(NoHypervisor(), 5, 0, {"pools": [pool], "max_pages": 4})  # type: ignore[arg-type]
+    mapper = GrantMapper(NoHypervisor(), DEVICE, {"pools": [pool], "max_pages": 4})  # type: ignore[arg-type]
     try:
         assert bytes(mapper.resolve(gref, write=True)[:2]) == b"ok"
         with pytest.raises(AssertionError, match="asked hyperd"):
@@ -111,8 +119,8 @@ def test_a_mapper_given_its_pools_resolves_without_a_hypercall(
 def test_a_mapper_refuses_a_pool_it_cannot_open() -> None:
     missing = {"pool": 0, "name": f"hyper-test-missing-{os.getpid()}", "gref_base": 8, "pages": 1}
     known = {"pools": [missing], "max_pages": 1}
-    with pytest.raises(GrantError, match="pools of domain 5"):
-        GrantMapper(NoHypervisor(), granter=5, domid=0, known=known)  # type: ignore[arg-type]
+    with pytest.raises(GrantError, match="pools of vbd/51712 of domain 5"):
+        GrantMapper(NoHypervisor(), DEVICE, known)  # type: ignore[arg-type]
 
 
 # -- a mapper against hyperd's word on what is live ----------------------------------------------
@@ -125,12 +133,12 @@ class Granter:
 
     def __init__(self, max_pages: int) -> None:
         self.max_pages = max_pages
-        self.live: dict[str, GrantPool] = {}
+        self.live: dict[str, tuple[str, GrantPool]] = {}  # name: (device, pool)
         self.names: list[str] = []
         self.next_gref = BASE
         self.refreshes = 0
 
-    def setup(self, pages: int) -> GrantPool:
+    def setup(self, pages: int, device: str = DEVICE.name) -> GrantPool:
         name = f"hyper-test-gnt-{os.getpid()}-{len(self.names)}"
         create_segment(name, pool_bytes(pages))
         self.names.append(name)
@@ -138,7 +146,7 @@ class Granter:
         for i in range(pages):
             pool.grant(i, 0, readonly=False)
         self.next_gref += pages
-        self.live[name] = pool
+        self.live[name] = (device, pool)
         return pool
 
     def release(self, pool: GrantPool) -> None:
@@ -151,12 +159,13 @@ class Granter:
         self.refreshes += 1
         pools = [
             {"pool": i, "name": p.name, "gref_base": p.gref_base, "pages": p.pages}
-            for i, p in enumerate(self.live.values())
+            for i, (device, p) in enumerate(self.live.values())
+            if device == op.device
         ]
         return {"pools": pools, "max_pages": self.max_pages}
 
     def close(self) -> None:
-        for pool in list(self.live.values()):
+        for _, pool in list(self.live.values()):
             self.release(pool)
 
 
@@ -169,7 +178,7 @@ def granter() -> Iterator[Granter]:
 
 @pytest.fixture
 def mapper(granter: Granter) -> Iterator[GrantMapper]:
-    mapper = GrantMapper(granter, 5, 0, map_pools(granter, 5))  # type: ignore[arg-type]
+    mapper = GrantMapper(granter, DEVICE, map_pools(granter, 5, DEVICE.name))  # type: ignore[arg-type]
     yield mapper
     mapper.close()
 
@@ -182,15 +191,14 @@ def mapped_here(pool: GrantPool) -> bool:
 
 def test_a_released_pool_is_unmapped_at_the_next_miss(granter: Granter) -> None:
     old = granter.setup(4)
-    mapper = GrantMapper(granter, 5, 0, map_pools(granter, 5))  # type: ignore[arg-type]
+    mapper = GrantMapper(granter, DEVICE, map_pools(granter, 5, DEVICE.name))  # type: ignore[arg-type]
     try:
         mapper.resolve(old.gref_base, write=True)[:2] = b"ok"
         granter.release(old)
         assert mapped_here(old), "released, but only a miss tells the backend"
         new = granter.setup(4)
         assert bytes(mapper.resolve(new.gref_base + 3, write=False)[:2]) == bytes(2)
-        assert not mapped_here(old)
-        assert mapper.mapped_pages() == 4
+        assert not mapped_here(old) and mapped_here(new)
         with pytest.raises(GrantError):
             mapper.resolve(old.gref_base, write=True)  # no longer usable, even once checked
     finally:
@@ -208,16 +216,101 @@ def test_what_is_mapped_counts_against_the_budget_not_what_is_live(
     granter.release(first)
     second = granter.setup(4)
     mapper.resolve(second.gref_base, write=True)
-    assert mapped_here(first) and mapper.mapped_pages() == 8
+    assert mapped_here(first) and mapped_here(second)
     held[:2] = b"ok"  # never unmapped under its user
     granter.release(second)
     third = granter.setup(8)  # 8 live pages: within what hyperd lets the granter have
     with pytest.raises(GrantViolation, match="budget of 8"):
         mapper.resolve(third.gref_base, write=True)
+    assert mapped_here(first) and not mapped_here(second), "unmapped once nothing held it"
     del held
-    assert not mapped_here(first)
     assert len(mapper.resolve(third.gref_base + 7, write=True)) == 4096
-    assert mapper.mapped_pages() == 8
+    assert not mapped_here(first) and mapped_here(third)
+
+
+def test_a_miss_drops_a_released_pool_whatever_its_place_among_the_mapped(
+    granter: Granter, mapper: GrantMapper
+) -> None:
+    """At a tight budget: 4 pages of A and 4 of P1 mapped, P1 released and P2 of 4 set up.
+    Resolving a ref of P2 drops P1 and maps P2 (8 pages), however the mapper found that P1 was
+    the last pool it mapped."""
+    a = granter.setup(4)
+    mapper.resolve(a.gref_base, write=True)[:2] = b"ok"
+    p1 = granter.setup(4)
+    mapper.resolve(p1.gref_base, write=True)[:2] = b"ok"
+    granter.release(p1)
+    p2 = granter.setup(4)
+    assert len(mapper.resolve(p2.gref_base, write=True)) == 4096
+    assert not mapped_here(p1)
+    assert mapped_here(a) and mapped_here(p2)
+
+
+def test_the_bad_grefs_of_a_connection_go_to_the_device_counters_and_its_own_budget(
+    granter: Granter,
+) -> None:
+    counters = SimpleNamespace(bad_grefs=0)
+    mapper = GrantMapper(granter, DEVICE, counters=counters, bad_gref_budget=2)  # type: ignore[arg-type]
+    try:
+        for n in range(2):
+            with pytest.raises(GrantError, match="in no pool"):
+                mapper.resolve(1000 + n, write=False)
+        assert counters.bad_grefs == 2
+        with pytest.raises(GrantViolation, match="more than the 2 allowed"):
+            mapper.resolve(1002, write=False)
+    finally:
+        mapper.close()
+
+
+def test_a_device_maps_no_more_than_its_protocol_can_use(granter: Granter) -> None:
+    """A vif's protocol can use 514 pages at once (netif.MAX_GRANT_PAGES): its backend maps
+    no more, however large the granter's budget. netfront's pools fill it exactly, and
+    blkfront's fit a vbd's."""
+    assert 2 + netfront.TX_PAGES + netfront.RX_PAGES == netif.MAX_GRANT_PAGES
+    assert 1 + blkfront.DATA_PAGES + blkif.nr_ents(0) <= blkif.MAX_GRANT_PAGES
+    granter.max_pages = 1 << 16
+    for pages in (2, netfront.TX_PAGES, netfront.RX_PAGES):
+        granter.setup(pages, "vif/0")
+    vif = DeviceGrants(5, "vif/0", netif.MAX_GRANT_PAGES)
+    mapper = GrantMapper(granter, vif, map_pools(granter, 5, "vif/0"))  # type: ignore[arg-type]
+    try:
+        one_more = granter.setup(1, "vif/0")
+        with pytest.raises(GrantViolation, match="more than the 514 its protocol can use"):
+            mapper.resolve(one_more.gref_base, write=False)
+    finally:
+        mapper.close()
+
+
+def test_a_pool_named_for_another_device_harms_only_the_granters_own_device(
+    granter: Granter,
+) -> None:
+    """A backend maps its own device's pools and no other: a frontend that names its vbd for
+    a pool meant for its vif gets a bad gref on the vif, and has the vbd count the pool against
+    what the vbd may map (past it, that vbd fails). Both are the granter's own devices."""
+    granter.max_pages = 1 << 16
+    vif_pool = granter.setup(256, "vif/0")
+    vbd_pool = granter.setup(1024, "vbd/51712")
+    vif = GrantMapper(  # type: ignore[arg-type]
+        granter, DeviceGrants(5, "vif/0", netif.MAX_GRANT_PAGES), map_pools(granter, 5, "vif/0")
+    )
+    vbd = GrantMapper(  # type: ignore[arg-type]
+        granter,
+        DeviceGrants(5, "vbd/51712", blkif.MAX_GRANT_PAGES),
+        map_pools(granter, 5, "vbd/51712"),
+    )
+    try:
+        with pytest.raises(GrantError, match="in no pool of vif/0 of domain 5"):
+            vif.resolve(vbd_pool.gref_base, write=False)
+        with pytest.raises(GrantError, match="in no pool of vbd/51712 of domain 5"):
+            vbd.resolve(vif_pool.gref_base, write=False)
+        mislabelled = [granter.setup(4096, "vbd/51712") for _ in range(2)]
+        with pytest.raises(GrantError, match="in no pool of vif/0"):
+            vif.resolve(mislabelled[0].gref_base, write=False)
+        with pytest.raises(GrantViolation, match="pools of vbd/51712 of domain 5 would have"):
+            vbd.resolve(mislabelled[0].gref_base, write=False)
+        assert len(vif.resolve(vif_pool.gref_base + 255, write=False)) == 4096
+    finally:
+        vif.close()
+        vbd.close()
 
 
 def test_bad_grefs_cost_a_refresh_each_up_to_the_budget_then_fail_the_device(
@@ -225,7 +318,7 @@ def test_bad_grefs_cost_a_refresh_each_up_to_the_budget_then_fail_the_device(
 ) -> None:
     pool = granter.setup(4)
     pool.end_access(pool.gref_base + 3)
-    mapper = GrantMapper(granter, 5, 0, map_pools(granter, 5))  # type: ignore[arg-type]
+    mapper = GrantMapper(granter, DEVICE, map_pools(granter, 5, DEVICE.name))  # type: ignore[arg-type]
     try:
         start = granter.refreshes
         for _ in range(2 * BAD_GREF_BUDGET):  # refused by the mapped pool itself: no round trip
@@ -267,7 +360,7 @@ def test_refreshes_that_resolve_are_paced_and_bad_ones_are_not(
     monkeypatch.setattr(credit, "time", clock)
     monkeypatch.setattr(grants, "time", clock)
     granter.max_pages = 1 << 16
-    mapper = GrantMapper(granter, 5, 0)  # type: ignore[arg-type]
+    mapper = GrantMapper(granter, DEVICE)  # type: ignore[arg-type]
     try:
         for n in range(REFRESH_BURST + 10):
             with pytest.raises(GrantError):
@@ -277,4 +370,193 @@ def test_refreshes_that_resolve_are_paced_and_bad_ones_are_not(
                 max(0, n + 1 - REFRESH_BURST) / REFRESHES_PER_SECOND
             )
     finally:
+        mapper.close()
+
+
+class Unreachable(Granter):
+    """hyperd's answers through a dom0 that may be down (ENOTCONN) or slow to answer."""
+
+    def __init__(self, max_pages: int) -> None:
+        super().__init__(max_pages)
+        self.down = False
+        self.asked = threading.Event()  # a refresh is waiting on an answer
+        self.answer = threading.Event()  # set: answer at once
+        self.answer.set()
+
+    def call(self, op: hc.Op) -> dict[str, Any]:
+        self.asked.set()
+        assert self.answer.wait(60), "the test never let dom0 answer"
+        if self.down:
+            raise hc.HypercallError(op.op, "ENOTCONN", "dom0 is gone")
+        return super().call(op)
+
+
+@pytest.fixture
+def unreachable() -> Iterator[Unreachable]:
+    domain = Unreachable(max_pages=8)
+    yield domain
+    domain.answer.set()
+    domain.close()
+
+
+def test_a_refresh_that_fails_is_not_the_granters_bad_gref(
+    unreachable: Unreachable, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """dom0's link down (or hyperd restarting) fails every refresh: each miss is answered
+    GrantError, none is counted, and the device lives on to count the first bad gref once
+    the refresh works again."""
+    clock = Clock()
+    monkeypatch.setattr(credit, "time", clock)
+    monkeypatch.setattr(grants, "time", clock)
+    pool = unreachable.setup(4)
+    mapper = GrantMapper(unreachable, DEVICE)  # type: ignore[arg-type]
+    try:
+        unreachable.down = True
+        for _ in range(2 * BAD_GREF_BUDGET):
+            with pytest.raises(GrantError, match="dom0 is gone"):
+                mapper.resolve(pool.gref_base, write=False)
+        assert mapper.bad_grefs == 0
+        unreachable.down = False
+        assert len(mapper.resolve(pool.gref_base, write=False)) == 4096
+        with pytest.raises(GrantError, match="in no pool"):
+            mapper.resolve(1 << 30, write=False)
+        assert mapper.bad_grefs == 1
+    finally:
+        mapper.close()
+
+
+def in_thread(target: Callable[[], object]) -> threading.Thread:
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    return thread
+
+
+def outcome(call: Callable[[], object], into: list[object]) -> Callable[[], None]:
+    """``call``, its result or exception appended to ``into``: a thread's body."""
+
+    def run() -> None:
+        try:
+            into.append(call())
+        except Exception as exc:
+            into.append(exc)
+
+    return run
+
+
+def closes(mapper: GrantMapper) -> bool:
+    """Whether ``mapper.close()``, called from a thread of its own, is done within 10 s."""
+    closer = in_thread(mapper.close)
+    closer.join(10)
+    return not closer.is_alive()
+
+
+def test_a_refresh_waiting_on_dom0_blocks_neither_mapped_refs_nor_close(
+    unreachable: Unreachable,
+) -> None:
+    """A miss waits up to 10 s on a dom0 that does not answer. Meanwhile the other data-path
+    thread resolves refs of the pools already mapped, and the device can be closed."""
+    pool = unreachable.setup(4)
+    mapper = GrantMapper(unreachable, DEVICE, map_pools(unreachable, 5, DEVICE.name))  # type: ignore[arg-type]
+    unreachable.answer.clear()
+    unreachable.asked.clear()
+    missed: list[object] = []
+    miss = in_thread(outcome(lambda: mapper.resolve(1 << 30, write=False), missed))
+    try:
+        assert unreachable.asked.wait(10), "the miss asked dom0"
+        assert len(mapper.resolve(pool.gref_base + 1, write=False)) == 4096
+        assert closes(mapper), "close() waited for dom0's answer to another thread"
+    finally:
+        unreachable.answer.set()
+        miss.join(10)
+        mapper.close()
+    assert isinstance(missed[0], GrantError)
+
+
+class BlockingClock(Clock):
+    """A clock whose sleeps last until the test lets them end."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sleeping = threading.Event()
+        self.wake = threading.Event()
+
+    def sleep(self, seconds: float) -> None:
+        self.sleeping.set()
+        assert self.wake.wait(60), "the test never woke the sleeper"
+        super().sleep(seconds)
+
+
+def test_a_paced_refresh_waits_holding_no_lock(
+    granter: Granter, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A data-path thread waiting out its refresh's pacing keeps no other thread waiting."""
+    clock = BlockingClock()
+    monkeypatch.setattr(credit, "time", clock)
+    monkeypatch.setattr(grants, "time", clock)
+    monkeypatch.setattr(grants, "REFRESH_BURST", 0)  # the first refresh that resolves waits
+    mapper = GrantMapper(granter, DEVICE)  # type: ignore[arg-type]
+    pool = granter.setup(4)
+    paced = in_thread(lambda: mapper.resolve(pool.gref_base, write=False))
+    try:
+        assert clock.sleeping.wait(10), "the refresh was paced"
+        assert closes(mapper), "close() waited for another thread's pacing"
+    finally:
+        clock.wake.set()
+        paced.join(10)
+        mapper.close()
+
+
+class WatchedLock:
+    """A lock that tells when a thread had to wait for it."""
+
+    def __init__(self, waited: threading.Event) -> None:
+        self._lock = threading.Lock()
+        self.waited = waited
+
+    def __enter__(self) -> None:
+        if not self._lock.acquire(blocking=False):
+            self.waited.set()
+            self._lock.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self._lock.release()
+
+
+def test_a_page_checked_while_a_refresh_drops_its_pool_is_not_remembered(
+    granter: Granter, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """netback's tx and rx threads share one mapper. Thread A checks a ref of P1 while thread
+    B's miss refreshes and drops P1 (the granter released it): A's page must not stay
+    remembered, or the released pool's ref would go on resolving from memory.
+
+    A stops inside the check until B has either done its refresh or had to wait for A (the
+    mapper's lock is watched for that: a mapper that lets B wait has nothing to race)."""
+    p1 = granter.setup(4)
+    mapper = GrantMapper(granter, DEVICE, map_pools(granter, 5, DEVICE.name))  # type: ignore[arg-type]
+    checking, go = threading.Event(), threading.Event()
+    mapper._lock = WatchedLock(go)  # type: ignore[assignment]
+    granter.release(p1)
+    p2 = granter.setup(4)
+    check = MappedPool.resolve
+
+    def stalled_check(pool: MappedPool, gref: int, *, write: bool) -> memoryview:
+        page = check(pool, gref, write=write)
+        if gref == p1.gref_base:
+            checking.set()
+            assert go.wait(10), "B neither refreshed nor waited"
+        return page
+
+    monkeypatch.setattr(MappedPool, "resolve", stalled_check)
+    pages: list[object] = []
+    a = in_thread(outcome(lambda: mapper.resolve(p1.gref_base, write=False), pages))
+    try:
+        assert checking.wait(10)
+        b = in_thread(outcome(lambda: (mapper.resolve(p2.gref_base, write=False), go.set()), []))
+        a.join(10)
+        b.join(10)
+        assert not a.is_alive() and not b.is_alive()
+        with pytest.raises(GrantError):
+            mapper.resolve(p1.gref_base, write=False)
+    finally:
+        go.set()
         mapper.close()

@@ -40,7 +40,11 @@ def request(op: str, **args: object) -> bytes:
         (request("evtchn_close", port=1, extra=2), "extra"),
         (request("evtchn_close", port="one"), "port"),
         (request("evtchn_close", port=0), "port"),
-        (request("gnttab_setup_pool", peer=0, pages=10**9), "pages"),
+        (request("gnttab_setup_pool", peer=0, device="vif/0", pages=10**9), "pages"),
+        (request("gnttab_setup_pool", peer=0, pages=1), "device: Field required"),
+        (request("gnttab_setup_pool", peer=0, device="../vif/0", pages=1), "device"),
+        (request("gnttab_setup_pool", peer=0, device="vif/0/1", pages=1), "device"),
+        (request("gnttab_map_pools", granter=5), "device: Field required"),
         (request("evtchn_alloc_unbound", remote_dom=0x7FF0), "remote_dom"),
     ],
 )
@@ -139,10 +143,10 @@ def test_channels_between_two_domus_are_refused() -> None:
 def test_grant_pools_take_fresh_refs_and_go_with_their_domain() -> None:
     tables = GrantTables()
     resources = PaperResources(5)
-    pool = tables.setup_pool(5, 0, 16, resources)
+    pool = tables.setup_pool(5, 0, "vif/0", 16, resources)
     assert pool.gref_base >= 8, "grant refs 0..7 are reserved"
     tables.release_pool(5, pool.pool, resources)
-    other = tables.setup_pool(5, 0, 4, resources)
+    other = tables.setup_pool(5, 0, "vif/0", 4, resources)
     assert other.gref_base == pool.gref_base + 16, "a released pool's refs are never reused"
     tables.release_domain(5, resources)
     assert resources.segments == set()
@@ -152,9 +156,9 @@ def test_a_domain_may_hold_only_so_many_pools() -> None:
     tables = GrantTables()
     resources = PaperResources(5)
     for _ in range(MAX_POOLS_PER_DOMAIN):
-        tables.setup_pool(5, 0, 1, resources)
+        tables.setup_pool(5, 0, "vif/0", 1, resources)
     with pytest.raises(GnttabError) as refused:
-        tables.setup_pool(5, 0, 1, resources)
+        tables.setup_pool(5, 0, "vif/0", 1, resources)
     assert refused.value.errno_name == "ENOSPC"
 
 
@@ -172,13 +176,18 @@ def test_only_calls_that_query_are_read_only() -> None:
     }
 
 
-def test_a_backend_learns_every_pool_granted_to_it_and_no_other() -> None:
+def test_a_backend_learns_the_pools_of_its_device_and_no_other() -> None:
+    """A pool is set up for one device: only that device's backend hears of it, never the
+    backend of the domain's other devices, nor of another domain's device of the same name."""
     tables = GrantTables()
     resources = PaperResources(5)
-    mine = [tables.setup_pool(5, 0, 2, resources), tables.setup_pool(5, 0, 16, resources)]
-    tables.setup_pool(6, 0, 4, PaperResources(6))
-    assert tables.pools_for(0, 5) == mine
-    assert tables.pools_for(5, 6) == [], "a pool granted to dom0 is not 5's to map"
+    vif = [tables.setup_pool(5, 0, "vif/0", 2, resources) for _ in range(2)]
+    vbd = [tables.setup_pool(5, 0, "vbd/51712", 16, resources)]
+    tables.setup_pool(6, 0, "vif/0", 4, PaperResources(6))
+    assert tables.pools_for(0, 5, "vif/0") == vif
+    assert tables.pools_for(0, 5, "vbd/51712") == vbd
+    assert tables.pools_for(0, 5, "vif/1") == []
+    assert tables.pools_for(5, 6, "vif/0") == [], "a pool granted to dom0 is not 5's to map"
 
 
 def test_a_domain_grants_no_more_pages_than_its_memory(hypervisor: hyperd.Hypervisor) -> None:
@@ -188,14 +197,15 @@ def test_a_domain_grants_no_more_pages_than_its_memory(hypervisor: hyperd.Hyperv
     guest = Domain(3, "guest", {"memory": 32}, PaperResources(3))
     hypervisor.domains[3] = guest
     assert grant_budget(32) == 8192
-    for _ in range(2):
-        hypervisor.handle(guest, hc.GnttabSetupPool(peer=0, pages=4096))
+    for device in ("vif/0", "vbd/51712"):
+        hypervisor.handle(guest, hc.GnttabSetupPool(peer=0, device=device, pages=4096))
     with pytest.raises(GnttabError) as refused:
-        hypervisor.handle(guest, hc.GnttabSetupPool(peer=0, pages=1))
+        hypervisor.handle(guest, hc.GnttabSetupPool(peer=0, device="vif/1", pages=1))
     assert refused.value.errno_name == "ENOSPC"
     dom0 = Domain(0, "Domain-0", {"memory": 4096}, PaperResources(0))
-    answer = hypervisor.handle(dom0, hc.GnttabMapPools(granter=3))
-    assert len(answer["pools"]) == 2
+    answer = hypervisor.handle(dom0, hc.GnttabMapPools(granter=3, device="vbd/51712"))
+    assert len(answer["pools"]) == 1, "the vbd's own pool, not the vif's"
     assert answer["max_pages"] == 8192
-    assert hypervisor.handle(dom0, hc.GnttabMapPools(granter=9))["max_pages"] == 0
+    gone = hc.GnttabMapPools(granter=9, device="vbd/51712")
+    assert hypervisor.handle(dom0, gone)["max_pages"] == 0
     assert grant_budget(1 << 20) == MAX_POOL_PAGES_PER_DOMAIN, "and never more than the cap"

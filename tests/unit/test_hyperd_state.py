@@ -65,7 +65,7 @@ def populate(hv: Hypervisor, tmp_path: Path) -> None:
     vif_domu = evtchn.alloc_unbound(3, 0, dom3.resources)
     evtchn.bind_interdomain(0, 3, vif_domu.port, dom3.resources)
     evtchn.alloc_unbound(3, 0, dom3.resources)  # still unbound
-    gnttab.setup_pool(3, 0, 16, dom3.resources)
+    gnttab.setup_pool(3, 0, "vif/0", 16, dom3.resources)
     evtchn.orphan(0)
     hv.domains = {0: dom0, 3: dom3}
     hv.last_domid, hv.dom0_restarts = 3, 1
@@ -131,7 +131,7 @@ def test_restored_tables_go_on_numbering_where_they_stopped(tmp_path: Path) -> N
     last_port = max(p.port for p in before.evtchn.ports_of(3))
     assert after.evtchn.alloc_unbound(3, 0, paper).port == last_port + 1
     [old_pool] = before.gnttab.pools_of(3)
-    new_pool = after.gnttab.setup_pool(3, 0, 1, paper)
+    new_pool = after.gnttab.setup_pool(3, 0, "vif/0", 1, paper)
     assert new_pool.pool == old_pool.pool + 1
     assert new_pool.gref_base == old_pool.gref_base + old_pool.pages
 
@@ -142,8 +142,9 @@ def test_restored_grants_are_still_checked(tmp_path: Path) -> None:
     after = through_the_file(before, tmp_path)
     [pool] = after.gnttab.pools_of(3)
 
-    assert after.gnttab.pools_for(0, 3) == [pool]
-    assert after.gnttab.pools_for(5, 3) == [], "granted to dom0, not to 5"
+    assert after.gnttab.pools_for(0, 3, "vif/0") == [pool]
+    assert after.gnttab.pools_for(0, 3, "vbd/51712") == [], "for the vif, not the vbd"
+    assert after.gnttab.pools_for(5, 3, "vif/0") == [], "granted to dom0, not to 5"
 
 
 def test_only_a_hypercall_that_changes_the_tables_rewrites_the_state_file(

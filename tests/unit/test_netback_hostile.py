@@ -26,7 +26,7 @@ from channels import netif as N
 from channels.doorbell import create_doorbell, unlink_doorbell
 from channels.evtchn import from_status
 from channels.gnttab import GrantPool, pool_bytes
-from channels.grants import BAD_GREF_BUDGET, GrantMapper
+from channels.grants import BAD_GREF_BUDGET, DeviceGrants, GrantMapper
 from channels.ring import PAGE_SIZE, BackRing, FrontRing, u32_view
 from channels.shm import attach, create_segment, unlink_segment
 from dom0.netback.antispoof import SourceFilter
@@ -105,9 +105,9 @@ def serving_vif(sources: SourceFilter | None = None) -> Iterator[Vif]:
     for i in range(8):
         pool.grant(i, 0, readonly=True)
     calls = Hypercalls([(pool_name, 8, 8)], bells)
-    grants = GrantMapper(calls, FRONT, 0)  # type: ignore[arg-type]
-    tap, peer = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     counters = Counters()
+    grants = GrantMapper(calls, DeviceGrants(FRONT, "vif/0", N.MAX_GRANT_PAGES), counters=counters)  # type: ignore[arg-type]
+    tap, peer = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     state = Vif(front, pool, peer, None, counters)  # type: ignore[arg-type]
 
     def on_fatal(message: str) -> None:
@@ -214,6 +214,7 @@ def test_past_its_budget_of_bad_grefs_the_vif_is_disconnected(vif: Vif) -> None:
         vif.send((1000 + n, 0, 0, n, len(FRAME)))
         assert vif.responses(1) == [(n, N.NETIF_RSP_ERROR)]
     assert not vif.fatal
+    assert vif.counters.tx_errors == vif.counters.bad_grefs == BAD_GREF_BUDGET
     vif.send((5000, 0, 0, 99, len(FRAME)))
     assert vif.fatal_event.wait(5), "the vif must be disconnected"
     assert "grefs in none of its pools" in vif.fatal[0]
