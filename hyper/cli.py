@@ -60,8 +60,9 @@ What it cannot do:
   counted (`Spoof` in `network-list`);
 - change a header netback checked (netback sends its own copy), or send a GSO size
   outside 88-65534;
-- make dom0 hold its memory: a backend maps at most the guest's grant budget and drops
-  released pools, and 64 bad grant refs fail the device;
+- make dom0 hold its memory: a backend device maps only the grant pools set up for
+  that device, at most what its protocol can use (2 MiB for a vif, 32 MiB for a vbd),
+  drops released pools, and 64 bad grant refs fail the device;
 - grow the store: 1000 nodes and 2 MiB of names, values and permissions, 128 watches,
   10 transactions that together hold at most 2 MiB and each live at most 20 s; the
   store's files on disk stay about the size of the live store;

@@ -18,6 +18,8 @@ from pathlib import Path
 import pytest
 from pydantic import BaseModel
 
+from channels import blkif as B
+from channels import netif as N
 from channels.grants import BAD_GREF_BUDGET
 from dom0.netback.datapath import GSO_BY_FRAGS, MIN_GSO_SIZE
 from dom0.store.quota import Quota
@@ -244,6 +246,8 @@ def test_the_containment_text_states_the_limits_the_code_enforces() -> None:
         f"costs {HYPERCALL_COST[False]:g} of {HYPERCALL_RATE:g} credits",
         f"nothing {HYPERCALL_COST[True]:g};",
         f"{BAD_GREF_BUDGET} bad grant refs",
+        f"{N.MAX_GRANT_PAGES * N.PAGE_SIZE >> 20} MiB for a vif",
+        f"{B.MAX_GRANT_PAGES * N.PAGE_SIZE >> 20} MiB for a vbd",
         f"outside {MIN_GSO_SIZE}-{GSO_BY_FRAGS - 1}",
     ]
     text = " ".join(CONTAINMENT.split())
