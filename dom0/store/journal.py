@@ -68,6 +68,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import errno
+import fcntl
 import json
 import logging
 import os
@@ -89,6 +90,12 @@ COMPACT_FLOOR = 1 << 20
 
 #: The layout of the store files, named in their header line.
 FORMAT = 2
+
+#: A fold copies the journal's lines since its copy of the tree, then those recorded meanwhile,
+#: and so on until none were or it made this many copies; the switch copies what is left.
+TAIL_PASSES = 4
+#: Bytes copied by one call, between which a fold that was dropped stops.
+COPY_CHUNK = 16 << 20
 
 _JOURNAL_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND | os.O_CLOEXEC
 
@@ -123,25 +130,60 @@ def _thread(job: Callable[[], None]) -> Worker:
 
 @dataclass(eq=False)
 class _Fold:
-    """A snapshot being written from a copy of the tree, while the journal goes on."""
+    """A snapshot being written from a copy of the tree, and the journal that will follow it
+    (a header and the lines recorded since the copy), while the journal goes on."""
 
     snapshot_id: str
     after: str  # the snapshot that the journal it was copied during follows
-    offset: int  # bytes of that journal the copy holds
+    journal: Path  # that journal, appended to meanwhile (never rewritten while a fold lives)
+    recorded: Callable[[], int]  # how many bytes of whole lines it holds now
+    offset: int  # bytes of it the copy holds
     nodes: dict[str, Node]
-    temporary: Path
-    size: int = 0
-    error: OSError | None = None
+    temporary: Path  # the new snapshot
+    tail: Path  # its journal
+    size: int = 0  # the new snapshot's
+    copied: int = 0  # bytes of the journal ``tail`` holds a copy of (from ``offset``)
+    error: BaseException | None = None
     cancelled: bool = False
+    done: bool = False  # written whole: only then may it be put in place
 
     def run(self) -> None:
         header = _header(self.snapshot_id, self.after)
         try:
-            self.size = _write_snapshot(self.temporary, header, self.nodes, lambda: self.cancelled)
-        except OSError as exc:
+            self.size = _write_snapshot(self.temporary, header, self.nodes, self._cancelled)
+            self.nodes = {}  # the copy is written out: its nodes need not live any longer
+            self._copy_tail()
+        except BaseException as exc:  # whatever ends it (MemoryError too), it is not done
             self.error = exc
+            return
         finally:
             self.nodes = {}
+        self.done = True
+
+    def _copy_tail(self) -> None:
+        """Start ``tail`` with a header and the journal's lines since the copy (see
+        TAIL_PASSES), copied by the kernel."""
+        self.copied = self.offset
+        with (
+            _opened(self.journal, os.O_RDONLY) as source,
+            _opened(self.tail, os.O_WRONLY | os.O_CREAT | os.O_TRUNC) as target,
+        ):
+            _write_whole(target, _header(self.snapshot_id).encode("ascii"))
+            for _ in range(TAIL_PASSES):
+                end = self.recorded()  # only whole lines: they are never cut back
+                if end == self.copied:
+                    break
+                _copy(source, self.copied, end, target, self._cancelled)
+                self.copied = end
+            os.fdatasync(target)  # as for the snapshot: not at the rename, under the lock
+
+    def _cancelled(self) -> bool:
+        return self.cancelled
+
+    def discard(self) -> None:
+        """Remove what it wrote (it is dropped, or it failed)."""
+        _remove(self.temporary)
+        _remove(self.tail)
 
 
 class Journal:
@@ -206,14 +248,21 @@ class Journal:
         self._recovered()
         try:
             self._fold_when_due(nodes)
-        except JournalError as exc:
+        except Exception as exc:  # the line is written: the request stands, whatever this met
             self._compact_at = self._size + COMPACT_FLOOR
-            log.warning("%s; compacting again after %d more bytes", exc, COMPACT_FLOOR)
+            log.warning(
+                "store snapshot %s not folded (%s); compacting again after %d more bytes",
+                self.snapshot_path,
+                _reason(exc),
+                COMPACT_FLOOR,
+            )
 
     def compact(self, nodes: Mapping[str, Node]) -> None:
         """Write every node as a new snapshot and start an empty journal after it, at once.
         JournalError if the snapshot could not be written (the old files stand as they were)."""
         self._drop_fold()
+        for leftover in (self.temporary_path, self.temporary_journal_path):  # a crash's: host RAM
+            _remove(leftover)
         snapshot_id = os.urandom(8).hex()
         try:
             size = _write_snapshot(self.temporary_path, _header(snapshot_id), nodes)
@@ -234,10 +283,20 @@ class Journal:
     # -- folding (see Size in the module's docstring) ------------------------------------------
 
     def _fold_when_due(self, nodes: Mapping[str, Node]) -> None:
+        """Start a fold once the journal is past its bound; put a folded snapshot in place at the
+        first change after it is written (or wait for it at twice the bound). Any exception:
+        the fold failed, and its files are gone."""
         if self._fold is None:
             if self._size > self._compact_at:
                 fold = _Fold(
-                    os.urandom(8).hex(), self._follows, self._size, dict(nodes), self.temporary_path
+                    snapshot_id=os.urandom(8).hex(),
+                    after=self._follows,
+                    journal=self.journal_path,
+                    recorded=lambda: self._size,
+                    offset=self._size,
+                    nodes=dict(nodes),
+                    temporary=self.temporary_path,
+                    tail=self.temporary_journal_path,
                 )
                 self._fold = fold, self._background(fold.run)
             return
@@ -246,43 +305,41 @@ class Journal:
             return
         self._fold = None
         worker.join()
-        if fold.error is not None:
-            raise JournalError(f"store snapshot {self.snapshot_path}: {fold.error}") from fold.error
+        if not fold.done:
+            fold.discard()
+            error = fold.error
+            raise error if isinstance(error, Exception) else RuntimeError(f"it ended: {error!r}")
         self._switch(fold)
 
     def _switch(self, fold: _Fold) -> None:
-        """Put ``fold``'s snapshot in place, then its journal: a header and the lines this one
-        recorded since the copy. A crash between the two leaves this journal, which loading
-        replays over the new snapshot."""
+        """Put ``fold``'s snapshot in place, then its journal, once the lines recorded since its
+        last copy are copied over too. A crash between the two leaves this journal, which
+        loading replays over the new snapshot."""
         old_snapshot = fd = None
         try:
             # Held open, the old snapshot's blocks are freed when it is closed, not as it is
             # replaced: 80 ms for 265 MiB on a disk, which _close_away spends off the lock.
             with contextlib.suppress(FileNotFoundError):
                 old_snapshot = os.open(self.snapshot_path, os.O_RDONLY | os.O_CLOEXEC)
-            data = _header(fold.snapshot_id).encode("ascii") + self._since(fold.offset)
-            fd = os.open(self.temporary_journal_path, _JOURNAL_FLAGS, 0o600)
-            if os.write(fd, data) != len(data):
-                raise OSError(errno.ENOSPC, f"{self.temporary_journal_path}: a short write")
+            fd = os.open(fold.tail, os.O_WRONLY | os.O_CLOEXEC)
+            with _opened(self.journal_path, os.O_RDONLY) as source:
+                _copy(source, fold.copied, self._size, fd)
+            size = os.lseek(fd, 0, os.SEEK_END)
+            # Appended to from now on (copy_file_range refuses a file opened to append to).
+            fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) | os.O_APPEND)
             os.replace(fold.temporary, self.snapshot_path)
-            os.replace(self.temporary_journal_path, self.journal_path)
-        except OSError as exc:
+            os.replace(fold.tail, self.journal_path)
+        except BaseException:  # whatever it was, nothing of the fold is left open or behind
             for opened in (old_snapshot, fd):
                 if opened is not None:
                     os.close(opened)
-            _remove(fold.temporary)
-            _remove(self.temporary_journal_path)
-            raise JournalError(f"store journal {self.journal_path}: {exc}") from exc
+            fold.discard()
+            raise
         assert self._fd is not None
-        _close_away(self._fd, *([] if old_snapshot is None else [old_snapshot]))
-        self._fd, self._size, self._follows = fd, len(data), fold.snapshot_id
+        old_journal, self._fd = self._fd, fd
+        self._size, self._follows = size, fold.snapshot_id
         self._compact_at = max(COMPACT_FLOOR, fold.size)
-
-    def _since(self, offset: int) -> bytes:
-        """The journal's whole lines from byte ``offset`` on."""
-        with open(self.journal_path, "rb") as journal:
-            journal.seek(offset)
-            return journal.read(self._size - offset)
+        _close_away(old_journal, *([] if old_snapshot is None else [old_snapshot]))
 
     def _drop_fold(self) -> None:
         """Stop writing a folded snapshot (the store writes a whole one, or stops)."""
@@ -291,7 +348,7 @@ class Journal:
             self._fold = None
             fold.cancelled = True
             worker.join()
-            _remove(fold.temporary)
+            fold.discard()
 
     def _start_journal(self, snapshot_id: str) -> None:
         """Start the journal after a new snapshot; if it cannot be, the snapshot has recorded
@@ -316,9 +373,7 @@ class Journal:
         assert self._fd is not None
         data = line.encode("ascii")
         try:
-            written = os.write(self._fd, data)
-            if written != len(data):
-                raise OSError(errno.ENOSPC, f"wrote {written} of {len(data)} bytes")
+            _write_whole(self._fd, data)
         except OSError as exc:
             self._cut()
             raise JournalError(f"store journal {self.journal_path}: {exc}") from exc
@@ -379,8 +434,8 @@ def _write_snapshot(
     cancelled: Callable[[], bool] | None = None,
 ) -> int:
     """Write ``nodes`` to ``temporary`` as a snapshot; its size. OSError if it could not be (or
-    was ``cancelled``: a fold's, which is also written out to the disk), and then it is
-    removed."""
+    was ``cancelled``: a fold's, which is also written out to the disk); on any exception it
+    is removed."""
     try:
         with open(temporary, "w", encoding="ascii") as out:
             out.write(header)
@@ -394,9 +449,45 @@ def _write_snapshot(
                 out.flush()
                 os.fdatasync(out.fileno())
             return out.tell()
-    except OSError:
+    except BaseException:
         _remove(temporary)
         raise
+
+
+def _write_whole(fd: int, data: bytes) -> None:
+    """Write ``data`` with one ``write``; OSError if only part of it was."""
+    written = os.write(fd, data)
+    if written != len(data):
+        raise OSError(errno.ENOSPC, f"wrote {written} of {len(data)} bytes")
+
+
+def _copy(
+    source: int, start: int, end: int, target: int, cancelled: Callable[[], bool] | None = None
+) -> None:
+    """Append bytes ``start`` to ``end`` of ``source`` to ``target``, copied by the kernel
+    (nothing passes through Python's buffers); OSError if they could not all be, or the copy
+    was ``cancelled``."""
+    at = os.lseek(target, 0, os.SEEK_END)
+    while start < end:
+        if cancelled is not None and cancelled():
+            raise OSError(errno.ECANCELED, "cancelled")
+        copied = os.copy_file_range(source, target, min(end - start, COPY_CHUNK), start, at)
+        if copied == 0:
+            raise OSError(errno.EIO, f"the journal ends before byte {end}")
+        start, at = start + copied, at + copied
+
+
+@contextlib.contextmanager
+def _opened(path: Path, flags: int, mode: int = 0o600) -> Iterator[int]:
+    fd = os.open(path, flags | os.O_CLOEXEC, mode)
+    try:
+        yield fd
+    finally:
+        os.close(fd)
+
+
+def _reason(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
 
 
 def _close_away(*fds: int) -> None:
@@ -409,7 +500,7 @@ def _close_away(*fds: int) -> None:
 
     try:
         threading.Thread(target=close, name="store-free", daemon=True).start()
-    except RuntimeError:  # no thread to be had: close them here
+    except Exception:  # no thread to be had (RuntimeError, MemoryError): close them here
         close()
 
 
@@ -423,12 +514,15 @@ def _remove(path: Path) -> None:
 
 def _read(path: Path) -> tuple[dict[str, object] | None, list[tuple[str, object]]]:
     """``path``'s header (None without one) and its other lines, parsed and each with its
-    "file:line" (a line that is not JSON is skipped: torn by a crash, or damage).
-    StoreFormatError if the file is of another format."""
+    "file:line" (a line that is not JSON, or a last line without its newline, is skipped: torn
+    by a crash, or damage). StoreFormatError if the file is of another format."""
     header: dict[str, object] | None = None
     lines: list[tuple[str, object]] = []
     for number, text in _text_lines(path):
         where = f"{path}:{number}"
+        if not text.endswith("\n"):  # its write stored all but its end: it was not answered
+            log.warning("%s: last line without its newline skipped (torn by a crash?)", where)
+            continue
         try:
             item = json.loads(text)
         except ValueError:

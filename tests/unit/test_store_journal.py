@@ -3,12 +3,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import logging
 import os
 import threading
 from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
 from pathlib import Path
 
 import pytest
@@ -46,12 +48,18 @@ def _populate(store: Store) -> None:
         xs.transaction(change)
 
 
+Around = Callable[[], AbstractContextManager[object]]
+
+
 class Deferred:
     """A background job that runs only once joined: a snapshot slower to write than any number
-    of requests."""
+    of requests. It runs ``around`` what ``around()`` returns (a failure to inject); like a
+    thread, it ends quietly whatever the job raised, which it keeps in ``died``."""
 
-    def __init__(self, job: Callable[[], None]) -> None:
+    def __init__(self, job: Callable[[], None], around: Around = contextlib.nullcontext) -> None:
         self._job: Callable[[], None] | None = job
+        self._around = around
+        self.died: BaseException | None = None
 
     def is_alive(self) -> bool:
         return self._job is not None
@@ -59,7 +67,11 @@ class Deferred:
     def join(self, timeout: float | None = None) -> None:
         job, self._job = self._job, None
         if job is not None:
-            job()
+            try:
+                with self._around():
+                    job()
+            except BaseException as exc:  # a thread's end: threading.excepthook reports it
+                self.died = exc
 
 
 def run_now(job: Callable[[], None]) -> Deferred:
@@ -71,6 +83,10 @@ def run_now(job: Callable[[], None]) -> Deferred:
 
 def _journal_bytes(directory: Path) -> int:
     return (directory / "store.journal").stat().st_size
+
+
+def _journal(directory: Path) -> bytes:
+    return (directory / "store.journal").read_bytes()
 
 
 def _files_bytes(directory: Path) -> int:
@@ -147,6 +163,36 @@ def test_a_torn_last_line_loses_its_whole_request_and_nothing_else(tmp_path: Pat
     recovered = Store(journal=Journal(tmp_path), recover=True)
 
     assert _tree(recovered) == before
+
+
+def test_a_last_line_without_its_newline_is_torn_and_not_replayed(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    store = Store(journal=Journal(tmp_path))
+    _populate(store)
+    before = _tree(store)
+    with connect_local(store, 0) as dom0:
+        dom0.client.write("/local/domain/3/late", "answered EIO")
+    journal = tmp_path / "store.journal"
+    journal.write_bytes(journal.read_bytes()[:-1])  # its write stored all but the newline
+
+    with caplog.at_level(logging.WARNING):
+        recovered = Store(journal=Journal(tmp_path), recover=True)
+
+    assert _tree(recovered) == before
+    assert "last line without its newline skipped" in caplog.text
+
+
+def test_temporary_files_a_crash_left_behind_are_removed_at_startup(tmp_path: Path) -> None:
+    store = Store(journal=Journal(tmp_path))
+    _populate(store)
+    for name in ("store.snapshot.tmp", "store.journal.tmp"):  # dom0 died during a fold
+        (tmp_path / name).write_bytes(b"x" * 4096)
+
+    recovered = Store(journal=Journal(tmp_path), recover=True)
+
+    assert not list(tmp_path.glob("*.tmp"))
+    assert _tree(recovered) == _tree(store)
 
 
 def test_a_journal_that_follows_an_older_snapshot_is_ignored(tmp_path: Path) -> None:
@@ -279,20 +325,30 @@ def test_a_long_journal_is_folded_into_the_snapshot(tmp_path: Path, monkeypatch)
 # -- folding: the new snapshot is written beside the store, not under its lock ------------------
 
 
+class Folds(list[Deferred]):
+    """The folds a store started (its ``background`` is ``start``), as Deferred jobs. With a
+    ``refusal``, starting one raises it instead (as Thread.start does under a pids limit, or
+    copying the tree out of memory); the next ones run ``around`` what ``around()`` returns."""
+
+    refusal: Exception | None = None
+    around: Around = contextlib.nullcontext
+
+    def start(self, job: Callable[[], None]) -> Deferred:
+        if self.refusal is not None:
+            raise self.refusal
+        self.append(Deferred(job, self.around))
+        return self[-1]
+
+
 @pytest.fixture
 def folding(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> Iterator[tuple[Store, XsClient, list[Deferred]]]:
+) -> Iterator[tuple[Store, XsClient, Folds]]:
     """A store folding its journal past 4 KiB, whose snapshots are written only when the test
     (or a request that must wait) joins them; dom0's client."""
     monkeypatch.setattr(journal_module, "COMPACT_FLOOR", 4096)
-    folds: list[Deferred] = []
-
-    def background(job: Callable[[], None]) -> Deferred:
-        folds.append(Deferred(job))
-        return folds[-1]
-
-    store = Store(journal=Journal(tmp_path, background=background))
+    folds = Folds()
+    store = Store(journal=Journal(tmp_path, background=folds.start))
     with connect_local(store, 0, timeout=TIMEOUT) as dom0:
         yield store, dom0.client, folds
     assert store.tree.journal is not None
@@ -321,7 +377,7 @@ def _header(path: Path) -> dict[str, str]:
 
 
 def test_the_journal_records_on_while_a_snapshot_is_written_and_its_successor_keeps_that(
-    folding: tuple[Store, XsClient, list[Deferred]], tmp_path: Path
+    folding: tuple[Store, XsClient, Folds], tmp_path: Path
 ) -> None:
     store, xs, folds = folding
     _rewrite_until(xs, lambda: bool(folds))
@@ -342,7 +398,7 @@ def test_the_journal_records_on_while_a_snapshot_is_written_and_its_successor_ke
 
 
 def test_a_change_that_finds_the_journal_at_twice_its_bound_waits_for_the_snapshot(
-    folding: tuple[Store, XsClient, list[Deferred]], tmp_path: Path
+    folding: tuple[Store, XsClient, Folds], tmp_path: Path
 ) -> None:
     store, xs, folds = folding
     largest = 0
@@ -361,7 +417,7 @@ def test_a_change_that_finds_the_journal_at_twice_its_bound_waits_for_the_snapsh
 
 
 def test_a_crash_between_a_snapshot_and_its_journal_replays_the_old_journal_over_it(
-    folding: tuple[Store, XsClient, list[Deferred]],
+    folding: tuple[Store, XsClient, Folds],
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
     caplog: pytest.LogCaptureFixture,
@@ -393,7 +449,7 @@ def test_a_crash_between_a_snapshot_and_its_journal_replays_the_old_journal_over
 
 
 def test_a_snapshot_being_written_is_dropped_once_the_journal_lacks_a_change(
-    folding: tuple[Store, XsClient, list[Deferred]], tmp_path: Path
+    folding: tuple[Store, XsClient, Folds], tmp_path: Path
 ) -> None:
     store, xs, folds = folding
     _rewrite_until(xs, lambda: bool(folds))
@@ -426,6 +482,148 @@ def test_a_snapshot_is_written_on_a_thread_of_its_own(tmp_path: Path, monkeypatc
     assert "after" in _header(tmp_path / "store.snapshot")
     assert _recorded(tmp_path) == _tree(store)
     journal.close()
+
+
+def test_a_fold_copies_the_lines_since_its_copy_and_the_switch_only_those_after_it(
+    folding: tuple[Store, XsClient, Folds], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store, xs, folds = folding
+    _rewrite_until(xs, lambda: bool(folds))
+    for i in range(20):
+        xs.write(f"/tool/meanwhile/{i}", "x")
+    folds[0].join()  # writes the snapshot, then its journal: a header and the lines since
+    tail = (tmp_path / "store.journal.tmp").read_bytes()
+    assert tail.count(b"/tool/meanwhile/") == 20
+    assert tail.splitlines()[1:] == _journal(tmp_path).splitlines()[-20:]
+    copied: list[int] = []
+    copy_file_range = os.copy_file_range
+
+    def counted(*args: int) -> int:
+        copied.append(copy_file_range(*args))
+        return copied[-1]
+
+    monkeypatch.setattr(os, "copy_file_range", counted)
+    xs.write("/tool/after", "1")  # puts it in place, under the store lock
+
+    journal = _journal(tmp_path)
+    assert journal.startswith(tail) and journal[len(tail) :].count(b"\n") == 1
+    assert sum(copied) == len(journal) - len(tail)  # that line alone was copied under the lock
+    assert (
+        _header(tmp_path / "store.snapshot")["snapshot"]
+        == _header(tmp_path / "store.journal")["snapshot"]
+    )
+    assert _recorded(tmp_path) == _tree(store)
+
+
+@contextlib.contextmanager
+def _out_of_memory_after(nodes: int) -> Iterator[None]:
+    """Writing a snapshot runs out of memory after ``nodes`` nodes (lines written so far)."""
+    entry, left = journal_module._entry, nodes
+
+    def failing(path: str, node: object) -> list[object]:
+        nonlocal left
+        if node is not None and path.startswith("/tool/live/"):
+            if left == 0:
+                raise MemoryError
+            left -= 1
+        return entry(path, node)  # type: ignore[arg-type]
+
+    with pytest.MonkeyPatch.context() as patched:
+        patched.setattr(journal_module, "_entry", failing)
+        yield
+
+
+def test_a_fold_that_dies_of_anything_is_never_put_in_place(
+    folding: tuple[Store, XsClient, Folds], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    store, xs, folds = folding
+    for i in range(80):
+        xs.write(f"/tool/live/{i}", "x")
+    folds.around = lambda: _out_of_memory_after(20)
+    _rewrite_until(xs, lambda: bool(folds))
+    snapshot = _header(tmp_path / "store.snapshot")["snapshot"]
+    folds[0].join()  # dies of MemoryError, 20 nodes in
+
+    with caplog.at_level(logging.WARNING):
+        xs.write("/tool/after", "1")  # the change that would put it in place
+
+    assert _recorded(tmp_path) == _tree(store)
+    assert _header(tmp_path / "store.snapshot")["snapshot"] == snapshot
+    assert not list(tmp_path.glob("*.tmp"))
+    assert "not folded (MemoryError); compacting again" in caplog.text
+
+
+@pytest.mark.parametrize(
+    "refusal", [RuntimeError("can't start new thread"), MemoryError()], ids=["thread", "memory"]
+)
+def test_a_fold_that_cannot_start_fails_no_request_and_is_tried_again(
+    folding: tuple[Store, XsClient, Folds],
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    refusal: Exception,
+) -> None:
+    store, xs, folds = folding
+    folds.refusal = refusal
+    failures = "compacting again after 4096 more bytes"
+
+    with caplog.at_level(logging.WARNING):  # each request answered: its line is written
+        _rewrite_until(xs, lambda: caplog.text.count(failures) == 2)
+
+    assert _journal_bytes(tmp_path) > 2 * 4096  # past the bound, and past it again later
+    assert f"not folded ({type(refusal).__name__}" in caplog.text
+    assert _recorded(tmp_path) == _tree(store)
+    folds.refusal = None
+    _rewrite_until(xs, lambda: bool(folds))
+    folds[0].join()
+    xs.write("/tool/after", "1")
+    assert _journal_bytes(tmp_path) < 4096
+    assert _recorded(tmp_path) == _tree(store)
+
+
+def _open_files(directory: Path) -> list[str]:
+    """What this process holds open in ``directory`` (removed files too)."""
+    targets = []
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(FileNotFoundError):  # the listing's own, closed by now
+            targets.append(os.readlink(f"/proc/self/fd/{fd}"))
+    return sorted(t for t in targets if t.startswith(f"{directory}/"))
+
+
+@pytest.mark.parametrize("failing", ["copy", "journal"])
+def test_a_switch_that_fails_of_anything_leaves_nothing_open_or_behind(
+    folding: tuple[Store, XsClient, Folds],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    failing: str,
+) -> None:
+    store, xs, folds = folding
+    _rewrite_until(xs, lambda: bool(folds))
+    folds[0].join()
+    held = _open_files(tmp_path)
+    replace = os.replace
+
+    def out_of_memory(*args: object) -> None:
+        raise MemoryError
+
+    def no_new_journal(source: Path, target: Path) -> None:
+        if Path(source).name == "store.journal.tmp":  # after the snapshot is in place
+            raise MemoryError
+        replace(source, target)
+
+    with monkeypatch.context() as patched, caplog.at_level(logging.WARNING):
+        if failing == "copy":
+            patched.setattr(os, "copy_file_range", out_of_memory)
+        else:
+            patched.setattr(os, "replace", no_new_journal)
+        xs.write("/tool/after", "1")  # answered: its line is written
+
+    assert "not folded (MemoryError)" in caplog.text
+    assert _open_files(tmp_path) == held
+    assert not list(tmp_path.glob("*.tmp"))
+    assert _recorded(tmp_path) == _tree(store)
+    xs.write("/tool/later", "2")  # the journal goes on
+    assert _recorded(tmp_path) == _tree(store)
 
 
 # -- failures: the request fails, the store goes on ----------------------------------------------
