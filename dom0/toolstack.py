@@ -237,8 +237,10 @@ class Toolstack:
             return
         state.ended = f"{data['reason']} ({data['action']})"
         if data["action"] == "preserve":
-            self._stop_backends(state)
-            state.gone.set()
+            try:
+                self._stop_backends(state)
+            finally:  # it stopped in the host, whatever its backends met
+                state.gone.set()
 
     def ev_domain_destroyed(self, data: dict[str, Any]) -> None:
         with self.lock:
@@ -252,16 +254,32 @@ class Toolstack:
                 state.gone.set()
 
     def _stop_backends(self, state: DomainState) -> None:
-        if state.console is not None:
-            state.console.close()
-        if state.relay is not None:
-            state.relay.stop()
+        console, relay = state.console, state.relay
         state.relay = state.console = None
+        try:
+            if console is not None:
+                console.close()
+        finally:  # the relay maps the guest's rings: it stops whatever the console met
+            if relay is not None:
+                relay.stop()
 
     def _teardown(self, state: DomainState) -> None:
-        self._stop_backends(state)
-        self.store.release_domain(state.domid)
-        self._remove_nodes(state.domid, xenbus.vm_path(state.info["uuid"]))
+        """Stop the domain's backends, release it from the store, remove its nodes: each step
+        taken whatever the one before met (that is logged), so none is left behind for it."""
+        domid = state.domid
+        steps: list[tuple[str, Callable[[], None]]] = [
+            ("stopping its backends", lambda: self._stop_backends(state)),
+            ("releasing it from the store", lambda: self.store.release_domain(domid)),
+            (
+                "removing its store nodes",
+                lambda: self._remove_nodes(domid, xenbus.vm_path(state.info["uuid"])),
+            ),
+        ]
+        for what, step in steps:
+            try:
+                step()
+            except Exception:
+                log.exception("teardown of dom%d: %s failed", domid, what)
 
     def _remove_nodes(self, domid: int, vm: str | None) -> None:
         paths = [

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import logging
 import queue
 import uuid
 from collections.abc import Iterator
@@ -74,3 +75,40 @@ def test_a_destroyed_domain_is_torn_down_whole_though_the_store_files_cannot_be_
         xenbus.tool_path(DOMID),
     ):
         assert toolstack.xs.read_optional(path) is None, path
+
+
+class Backend:
+    """A console backend or relay whose ``close``/``stop`` may fail."""
+
+    def __init__(self, failure: Exception | None = None) -> None:
+        self.failure = failure
+        self.stopped = False
+
+    def close(self) -> None:
+        self.stopped = True
+        if self.failure is not None:
+            raise self.failure
+
+    stop = close
+
+
+def test_a_destroyed_domain_is_torn_down_whole_though_its_backends_fail_to_stop(
+    toolstack: Toolstack, caplog: pytest.LogCaptureFixture
+) -> None:
+    info = _info(DOMID)
+    state = _introduce(toolstack, info)
+    relay = Backend()
+    state.console = Backend(RuntimeError("console backend wedged"))  # type: ignore[assignment]
+    state.relay = relay  # type: ignore[assignment]
+    store = toolstack.store
+
+    with caplog.at_level(logging.ERROR):
+        toolstack.ev_domain_destroyed({"domid": DOMID})
+
+    assert state.gone.is_set()
+    assert relay.stopped  # the guest's rings are unmapped all the same
+    assert not store.is_introduced(DOMID) and store.node_count(DOMID) == 0
+    for path in (xenbus.domain_path(DOMID), xenbus.vm_path(info["uuid"])):
+        assert toolstack.xs.read_optional(path) is None, path
+    assert f"teardown of dom{DOMID}: stopping its backends failed" in caplog.text
+    assert "console backend wedged" in caplog.text
