@@ -12,10 +12,11 @@ Every watch also fires once, for its own path, when it is registered.
 
 Requests are atomic. Each request (and ``release_domain``) runs in ``_request``: its changes to
 the live tree are checked against their owners' quotas and written to the journal as one line,
-and only then do their watches fire and its other effects (a release's) take place. If anything
-fails, the tree (and the transaction overlay the request used) is put back as it was and the
-caller gets an error: ENOSPC past a quota, EIO if the journal could not be written (as xenstored
-answers a failed database write). The store goes on.
+and only then do their watches fire and its other effects (a release's) take place, the latter
+even if firing the former fails (a released domain is never left half forgotten). If anything
+before that fails, the tree (and the transaction overlay the request used) is put back as it
+was and the caller gets an error: ENOSPC past a quota, EIO if the journal could not be written
+(as xenstored answers a failed database write). The store goes on.
 
 dom0 is exempt from the journal as it is from quotas: a request of dom0's that the journal
 cannot record stands all the same (logged once a run of failures), and the journal writes a
@@ -217,10 +218,12 @@ class Store:
                 self.tree.rollback()
             for tx in request.views:
                 tx.end_request(ok)
-        for change in request.changes:
-            self._fire(change)
-        for effect in request.effects:
-            effect()
+        try:
+            for change in request.changes:
+                self._fire(change)
+        finally:  # a release's effects take place however its watches went
+            for effect in request.effects:
+                effect()
 
     def _check_quotas(self, domid: int) -> None:
         """ENOSPC if the open request took a domain past its node or memory quota (a request of

@@ -354,6 +354,24 @@ def test_release_domain_closes_connections_removes_nodes_and_fires(
     assert dom0.directory("/local/domain/1") == []
 
 
+def test_a_release_whose_watches_fail_to_fire_still_forgets_the_domain(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    domu = RawPeer(store, 1)
+    domu.request(XsType.WRITE, b"data/x\0v")
+
+    def fire(change: object) -> None:
+        raise MemoryError  # queueing the removal's events
+
+    monkeypatch.setattr(store, "_fire", fire)
+    with pytest.raises(MemoryError):
+        store.release_domain(1)
+
+    assert store.node_count(1) == 0
+    assert not store.is_introduced(1)
+    assert domu.closed_by_store and domu.conn.closed
+
+
 def test_release_domain_refuses_dom0(store: Store) -> None:
     with pytest.raises(ValueError, match="dom0"):
         store.release_domain(0)
