@@ -56,7 +56,7 @@ from dom0.store.connection import Connection, Send
 from dom0.store.domains import Domains
 from dom0.store.journal import Journal, JournalError
 from dom0.store.quota import Quota
-from dom0.store.transactions import Change, Transaction
+from dom0.store.transactions import Change, Held, Transaction
 from dom0.store.tree import Node, Tree, View
 from dom0.store.watches import Watch, WatchTable
 
@@ -116,6 +116,7 @@ class Store:
         self._schedule = schedule
         self._alarm: tuple[float, Alarm] | None = None  # (when, alarm) for expiring transactions
         self._open: _OpenRequest | None = None
+        self._held: dict[int, Held] = {}  # by domain, while it has open transactions
         recovered = journal.load() if journal is not None and recover else {}
         if recovered:
             self.tree.restore(recovered)
@@ -242,7 +243,7 @@ class Store:
     def forget_connection(self, conn: Connection) -> None:
         self._connections.discard(conn)
         self.watches.remove_conn(conn)
-        conn.transactions.clear()
+        self.end_transactions(conn)
 
     def view(self, conn: Connection, tx_id: int) -> tuple[View, Transaction | None]:
         """The tree a request works on: live, or its transaction's overlay."""
@@ -286,28 +287,33 @@ class Store:
     def start_transaction(self, conn: Connection) -> Transaction:
         domid = conn.domid
         limits = self.domains.quota(domid)
-        if limits is not None and len(self._transactions(domid)) >= limits.transactions:
+        held = self._held.setdefault(domid, Held())
+        if limits is not None and held.transactions >= limits.transactions:
             raise XsError(XsErrno.ENOSPC, "", f"domain has {limits.transactions} transactions")
         tx_id = next(self._tx_ids) % 0xFFFFFFFF + 1  # never 0, which means "no transaction"
         deadline = None
         if limits is not None:
             deadline = self._clock() + limits.transaction_lifetime
             self._arm_expiry(deadline)
-        tx = Transaction(tx_id, conn, self.tree, limits, deadline, lambda: self._held(domid))
+        tx = Transaction(tx_id, conn, self.tree, limits, deadline, held)
         conn.transactions[tx_id] = tx
         return tx
 
-    def _transactions(self, domid: int) -> list[Transaction]:
-        """The open transactions of ``domid``, on all its connections."""
-        return [t for c in self._connections if c.domid == domid for t in c.transactions.values()]
+    def _end(self, tx: Transaction) -> None:
+        """``tx`` is over: what it held is free (every way a transaction ends comes here)."""
+        del tx.conn.transactions[tx.tx_id]
+        tx.end()
+        if tx.domain.transactions == 0:
+            self._held.pop(tx.conn.domid, None)
 
-    def _held(self, domid: int) -> int:
-        """Bytes the open transactions of ``domid`` hold, which its memory quota bounds."""
-        return sum(tx.held for tx in self._transactions(domid))
+    def end_transactions(self, conn: Connection) -> None:
+        """End every transaction of ``conn`` (it is closed, or reset its watches)."""
+        for tx in list(conn.transactions.values()):
+            self._end(tx)
 
     def end_transaction(self, conn: Connection, tx: Transaction, commit: bool) -> None:
         """Commit (the request's quota check covers what it applies) or abort ``tx``."""
-        del conn.transactions[tx.tx_id]
+        self._end(tx)
         if not commit:
             return
         conflicts = tx.conflicts()
@@ -346,7 +352,7 @@ class Store:
 
     def _expire(self, tx: Transaction) -> None:
         log.debug("%r: transaction %d dropped after its lifetime", tx.conn, tx.tx_id)
-        del tx.conn.transactions[tx.tx_id]
+        self._end(tx)
         tx.conn.expired_transactions.append(tx.tx_id)
 
     # -- watch firing --------------------------------------------------------------------------

@@ -176,7 +176,7 @@ def _unwatch(store: Store, conn: Connection, msg: Message) -> bytes:
 
 def _reset_watches(store: Store, conn: Connection, msg: Message) -> bytes:
     store.watches.remove_conn(conn)
-    conn.transactions.clear()
+    store.end_transactions(conn)
     return OK_PAYLOAD
 
 

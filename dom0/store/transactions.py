@@ -12,7 +12,9 @@ rewrites the parent, a transaction that listed a directory also conflicts with a
 Bounds, for a domU (dom0 has none). A transaction holds at most ``transaction_nodes`` paths, and
 all the open transactions of its domain together hold at most ``memory`` bytes (the paths they
 touched, and the values and permissions in their overlays), so that its transactions at most
-double what a domain makes the store hold: past either, ENOSPC. A transaction lives at most
+double what a domain makes the store hold: past either, ENOSPC. What a domain's transactions
+hold is counted as it changes, in one ``Held`` per domain, so the check costs O(1) however many
+connections and transactions there are. A transaction lives at most
 ``transaction_lifetime`` seconds: then the store drops it, and its next request or its end gets
 EAGAIN, so a client's transaction loop simply starts over.
 
@@ -22,7 +24,6 @@ Requests are atomic in a transaction too: ``begin()`` starts an undo log of the 
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -47,6 +48,15 @@ class Change:
 
 
 @dataclass(eq=False)
+class Held:
+    """What the open transactions of one domain hold together: how many there are, and the bytes
+    of their touched paths and their overlays' values and permissions."""
+
+    transactions: int = 0
+    bytes: int = 0
+
+
+@dataclass(eq=False)
 class Transaction:
     """An open transaction of one connection (a View over ``tree`` plus a private overlay)."""
 
@@ -55,12 +65,24 @@ class Transaction:
     tree: Tree
     limits: Quota | None  # None: unbounded (dom0)
     deadline: float | None  # on the store's clock, past which it is dropped; None: never
-    domain_held: Callable[[], int]  # bytes the open transactions of its domain hold, its own too
+    domain: Held  # what the open transactions of its domain hold, its own included
     overlay: dict[str, Node | None] = field(default_factory=dict)
     accessed: dict[str, int | None] = field(default_factory=dict)
     changes: dict[tuple[str, bool], Change] = field(default_factory=dict)
     held: int = 0  # bytes of the touched paths and the overlay's values and permissions
+    ended: bool = False
     _undo: dict[str, tuple[bool, Node | None]] | None = None
+
+    def __post_init__(self) -> None:
+        self.domain.transactions += 1
+
+    def end(self) -> None:
+        """It is over (committed, aborted, expired, or its connection gone): what it held is its
+        domain's no longer."""
+        if not self.ended:
+            self.ended = True
+            self.domain.transactions -= 1
+            self.domain.bytes -= self.held
 
     def _touch(self, path: str) -> None:
         if path not in self.accessed:
@@ -69,12 +91,12 @@ class Transaction:
                     raise XsError(XsErrno.ENOSPC, path, "transaction touches too many nodes")
                 self._make_room(path, len(path))
             self.accessed[path] = self.tree.generation(path)
-            self.held += len(path)
+            self._hold(len(path))
 
     def _make_room(self, path: str, more: int) -> None:
         if self.limits is None or more <= 0:
             return
-        held = self.domain_held()
+        held = self.domain.bytes
         if held + more > self.limits.memory:
             raise XsError(XsErrno.ENOSPC, path, f"the domain's transactions hold {held} bytes")
 
@@ -97,13 +119,18 @@ class Transaction:
         """Make the overlay hold ``node`` for ``path`` (``present``) or nothing, counting what
         it holds."""
         was_present, was = path in self.overlay, self.overlay.get(path)
-        self.held += _held(node) - _held(was)
+        self._hold(_held(node) - _held(was))
         if self._undo is not None:
             self._undo.setdefault(path, (was_present, was))
         if present:
             self.overlay[path] = node
         else:
             self.overlay.pop(path, None)
+
+    def _hold(self, more: int) -> None:
+        self.held += more
+        if not self.ended:  # a failed request's undo may come after its TRANSACTION_END
+            self.domain.bytes += more
 
     def record(self, change: Change) -> None:
         """Keep ``change`` for the watches to fire at commit (once per path and kind)."""

@@ -1,5 +1,6 @@
-"""A domU's transactions live ``transaction_lifetime`` seconds (dom0/store/core.py), with time
-driven by hand: the store's clock and its alarms are the test's."""
+"""A domU's transactions live ``transaction_lifetime`` seconds, and whatever ends one frees what
+it held (dom0/store/core.py, transactions.py), with time driven by hand: the store's clock and
+its alarms are the test's."""
 
 from __future__ import annotations
 
@@ -10,8 +11,10 @@ import pytest
 
 from channels.xenbus import guest_rw_perms, home_perms
 from channels.xs import Transaction, XsClient, XsError
+from channels.xs_wire import XsType
 from dom0.store import Quota, Store, connect_local
 from dom0.store.core import EXPIRY_SLACK
+from dom0.store.local import LocalTransport
 
 LIFETIME = Quota().transaction_lifetime
 
@@ -165,3 +168,66 @@ def test_deadlines_close_together_expire_in_one_wakeup(
 
     assert _open(store, 1) == 0
     assert len(time.alarms) == 2  # the first deadline, then the other two together
+
+
+# -- what a domain's transactions hold -----------------------------------------------------------
+
+
+def _end_by(how: str, link: LocalTransport, tx: Transaction, time: FakeTime) -> None:
+    if how in ("commit", "abort"):
+        link.client.transaction_end(tx, commit=how == "commit")
+    elif how == "expiry":
+        time.advance(LIFETIME)
+    elif how == "reset-watches":
+        link.client._call(XsType.RESET_WATCHES, b"")
+    else:
+        assert how == "close"
+        link.close()
+
+
+@pytest.mark.parametrize("how", ["commit", "abort", "expiry", "reset-watches", "close"])
+def test_whatever_ends_a_transaction_frees_what_it_held_for_its_domain(
+    store: Store, time: FakeTime, how: str
+) -> None:
+    store.set_quota(1, Quota(memory=5000, transactions=2))
+    with connect_local(store, 1) as first, connect_local(store, 1) as second:
+        kept = second.client.transaction_start()
+        kept.write("data/kept", "v" * 1500)
+        tx = first.client.transaction_start()
+        tx.write("data/a", "v" * 2000)
+        assert _errno(lambda: kept.write("data/b", "v" * 2000)) == "ENOSPC"
+        assert _errno(lambda: second.client.transaction_start()) == "ENOSPC"
+
+        _end_by(how, first, tx, time)
+
+        if how == "expiry":  # it took the other one with it
+            kept = second.client.transaction_start()
+        kept.write("data/b", "v" * 2000)  # what the first held is free again
+        assert second.client.transaction_start() is not None
+
+
+class CountingSet(set[object]):
+    """The store's connections, counting the walks over them."""
+
+    walks = 0
+
+    def __iter__(self) -> Iterator[object]:
+        self.walks += 1
+        return super().__iter__()
+
+
+def test_a_domains_transaction_bounds_are_checked_without_walking_the_connections(
+    store: Store, dom1: XsClient
+) -> None:
+    links = [connect_local(store, domid) for domid in (1, 2, 2, 3)]  # others, and its own
+    for link in links:
+        link.client.transaction_start()
+    connections = store._connections = CountingSet(store._connections)  # type: ignore[assignment]
+
+    tx = dom1.transaction_start()
+    for i in range(20):
+        tx.write(f"data/n{i}", "v" * 100)
+
+    assert connections.walks == 0
+    for link in links:
+        link.close()
