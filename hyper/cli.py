@@ -65,7 +65,7 @@ What it cannot do:
   drops released pools, and 64 bad grant refs fail the device;
 - grow the store: 1000 nodes and 2 MiB of names, values and permissions, 128 watches,
   10 transactions that together hold at most 2 MiB and each live at most 20 s; the
-  store's files on disk stay about the size of the live store;
+  store's files on disk stay within a few snapshots of the live store;
 - keep hyperd busy: a call that changes hyperd's tables costs 10 of 200 credits a
   second, one that changes nothing 1; out of credit, it waits;
 - reach another domain's pages, doorbells, store nodes or processes.
