@@ -138,7 +138,9 @@ class MappedPool(_Pool):
 
     @classmethod
     def open(cls, name: str, gref_base: int, pages: int, domid: int) -> MappedPool:
-        return cls(attach(name), gref_base, pages, domid)
+        """Map pool ``name``: ShmError unless it is the size hyperd made it (the granter maps
+        it read-write, so it may have truncated it)."""
+        return cls(attach(name, pool_bytes(pages)), gref_base, pages, domid)
 
     def resolve(self, gref: int, *, write: bool) -> memoryview:
         """The page behind ``gref``, checked on a private copy of its entry."""
