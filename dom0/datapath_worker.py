@@ -195,7 +195,8 @@ class WorkerProcess:
         self._on_death(f"data path died ({_describe(code)})")
 
     def _handle(self, message: dict[str, Any]) -> bool:
-        """Answer one request; False once the worker reported a fatal error."""
+        """Answer one request; False once dom0 is done with the worker (it reported a fatal
+        error, or is being stopped). LinkError if it is no request."""
         if "fatal" in message:
             self._fatal(str(message["fatal"])[:500])
             return False
