@@ -167,7 +167,7 @@ def test_a_line_that_is_no_request_fails_the_device_and_dom0_hangs_up(
     with running(
         "tests.unit.subverted_worker", attack(tmp_path, "send", raw=raw), Hyperd(), dev
     ) as worker:
-        assert dev.changed.wait(10), "dom0 must fail the device"
+        assert dev.changed.wait(TIMEOUT), "dom0 must fail the device"
         assert ended(worker) == 0
     assert len(dev.told) == 1, dev.told  # and no restart after it
     assert dev.told[0].startswith("fatal: vif5.0: the data path broke its link to dom0: ")
@@ -180,7 +180,7 @@ def test_a_worker_reporting_fatal_errors_in_a_loop_is_heard_once(tmp_path: Path)
     with running(
         "tests.unit.subverted_worker", attack(tmp_path, "send", raw=raw), Hyperd(), dev
     ) as worker:
-        assert dev.changed.wait(10), "dom0 must fail the device"
+        assert dev.changed.wait(TIMEOUT), "dom0 must fail the device"
         assert ended(worker) == 0
     assert dev.told == ["fatal: vif5.0: the frontend lied"]
     assert answer(tmp_path)["answer"]["hung_up"]
