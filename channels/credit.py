@@ -2,7 +2,9 @@
 
 What a peer's requests may cost whoever serves them: hyperd charges a domU's hypercalls and
 its log output to one (hyper/budget.py), a backend's grant mapper its refreshes
-(channels/grants.py). A charge that overdraws it says how long to wait before serving again.
+(channels/grants.py), and dom0 the refreshes each data-path worker asks it for
+(dom0/datapath_worker.py). A charge that overdraws it says how long to wait before serving
+again.
 """
 
 from __future__ import annotations

@@ -138,7 +138,9 @@ class MappedPool(_Pool):
 
     @classmethod
     def open(cls, name: str, gref_base: int, pages: int, domid: int) -> MappedPool:
-        return cls(attach(name), gref_base, pages, domid)
+        """Map pool ``name``: ShmError unless it is the size hyperd made it (the granter maps
+        it read-write, so it may have truncated it)."""
+        return cls(attach(name, pool_bytes(pages)), gref_base, pages, domid)
 
     def resolve(self, gref: int, *, write: bool) -> memoryview:
         """The page behind ``gref``, checked on a private copy of its entry."""
@@ -181,7 +183,11 @@ def grant_pool(
 
 
 def release_pool(hc: HypercallClient, pool_id: int, pool: GrantPool) -> None:
-    """Unmap ``pool`` and give it back to hyperd (gone already if the domain is going away)."""
+    """Unmap ``pool`` and give it back to hyperd. A refusal is ignored: EINVAL says the pool
+    is gone already, HypervisorGone that the domain is going away, and a release that timed
+    out (hyperd down, or our credit spent) is still queued on our socket, which hyperd serves
+    in order, so it is done before any later call of ours: no pool we set up next for the
+    device finds this one still live beside it (a backend counts both against its bound)."""
     pool.close()
     with contextlib.suppress(HypercallError):
         hc.call(GnttabReleasePool(pool=pool_id))

@@ -7,32 +7,36 @@ data-path worker in its parameters), so the data path makes no hypercall and run
 hyperd does. Pools are per device (the frontend names the device as it sets a pool up, the
 backend as it asks): a backend never maps another device's pages, nor another domain's.
 
-A miss (a ref in no pool we map) *refreshes*: one ``gnttab_map_pools`` call names the pools
-live now; the ones set up since are mapped, and the ones the granter released since are
-dropped. So a backend maps what was live at its last refresh, and a pool the granter released
-goes at the next miss (an honest frontend releases its pools only as its device closes, and
-never misses). A dropped pool is unmapped as soon as the data path holds none of the pages it
-was handed from it (a request in flight, a posted rx buffer, a ring): Python's ``mmap`` refuses
-to unmap while such a view is alive, so the mapper asks it at every refresh, and counts the pool
-until it agrees. What a mapper may hold is bounded by what its device's protocol can have in
-use at once (``DeviceGrants.max_pages``: netif's 514 pages, blkif's 8225), and by the granter's
-grant budget (the pages hyperd lets it have in pools at once, for all its devices), counted on
-what is *mapped*, not on what is live. An honest frontend grants no more than its protocol can
-use, and releases no pool under its own requests; going past the bound is the granter's doing
-(more pools for the device than it can use, named for the wrong device, or released under
-requests it had posted): GrantViolation, and that device fails, no other. So dom0 maps at most
-the sum of its devices' bounds for a domain, whatever the domain's memory.
+A miss (a ref in no pool we map) *refreshes*: one ``gnttab_map_pools`` call names the pools live
+now; the ones set up since are mapped, and the ones the granter released since are dropped. So a
+backend maps what was live at its last refresh, and a pool the granter released goes at the next
+miss (an honest frontend releases its pools only as its device closes, and never misses). A
+dropped pool stays mapped while the data path holds a page it was handed from it (a request in
+flight, a posted rx buffer, a ring): Python's ``mmap`` refuses to unmap while such a view is
+alive. Each later refresh (that is, each later miss) tries again and unmaps it if none is left,
+and until then the pool counts against what the mapper may hold; ``close`` lets go of every pool
+at the end of the connection. What a mapper may hold is bounded by what its device's protocol
+can have in use at once (``DeviceGrants.max_pages``: netif's 514 pages, blkif's 8225), and by
+the granter's grant budget (the pages hyperd lets it have in pools at once, for all its
+devices), counted on what is *mapped*, not on what is live. An honest frontend grants no more
+than its protocol can use, and releases no pool under its own requests; going past the bound is
+the granter's doing (more pools for the device than it can use, named for the wrong device, or
+released under requests it had posted): GrantViolation, and that device fails, no other. So dom0
+maps at most the sum of its devices' bounds for a domain, whatever the domain's memory.
 
 Misses cost dom0 and hyperd a round trip each, so they are paid for. A miss whose ref is in no
 live pool even after a refresh that succeeded is a *bad gref*: answered as any bad ref
 (GrantError), and counted (in the device's counters too); past ``BAD_GREF_BUDGET`` in one
-connection the device fails (GrantViolation). A refresh that fails (dom0 or hyperd not
-answering) is not the granter's doing: its miss is answered GrantError, and not counted. The
-other refreshes follow the granter's own ``gnttab_setup_pool`` calls (or a failure on our side);
-they are paced (``REFRESH_BURST`` at once, then ``REFRESHES_PER_SECOND``), so a granter cycling
-pools waits on its own device and costs dom0 a bounded rate of calls. One refresh runs at a
-time; a miss that waited for one begun after it takes that one's answer. Neither a refresh nor
-its pacing holds the lock that lookups and ``close`` take.
+connection the device fails (GrantViolation). So is a miss whose refresh finds that a live pool
+cannot be mapped (``MappedPool.open``: not the size hyperd made it): hyperd made it and named it
+live, and only the granter, which maps it read-write, can have truncated it. A refresh that
+fails (dom0 or hyperd not answering) is not the granter's doing: its miss is answered
+GrantError, and not counted. The other refreshes follow the granter's own ``gnttab_setup_pool``
+calls (or a failure on our side); they are paced (``REFRESH_BURST`` at once, then
+``REFRESHES_PER_SECOND``), so a granter cycling pools waits on its own device and costs dom0 a
+bounded rate of calls. One refresh runs at a time; a miss that waited for one begun after it
+takes that one's answer. Neither a refresh nor its pacing holds the lock that lookups and
+``close`` take.
 
 A ref that passed its check stays usable while its pool is mapped, as a persistent grant does
 in Xen (blkif's and netif-staging's): frontends grant their buffer pages once per connection and
@@ -120,10 +124,14 @@ class GrantMapper:
         self._refreshing = threading.Lock()  # one refresh at a time, held across its hypercall
         self._refreshes = 0  # refreshes begun
         self._failed: str | None = None  # why the last refresh failed; None if it succeeded
+        self._broken: str | None = None  # how the last refresh found a pool the granter broke
         if known is not None:
             try:
                 with self._lock:
                     self._adopt(known)
+            except ShmError as exc:
+                self.close()
+                raise GrantError(f"pools of {self.device}: {exc}") from exc
             except (GrantError, GrantViolation):
                 self.close()
                 raise
@@ -174,10 +182,10 @@ class GrantMapper:
             made = self._refreshes == begun  # else one begun after our miss has answered it
             if made:
                 self._refresh()
-            failed = self._failed
+            failed, broken = self._failed, self._broken
         page = self._mapped_page(gref, write) if failed is None else None
         if page is None and failed is None:
-            self._bad_gref(gref)  # raises: a bad gref is budgeted, not paced
+            self._bad_gref(gref, broken)  # raises: a bad gref is budgeted, not paced
         if made:
             self._wait_for_credit()
         if page is None:
@@ -185,9 +193,11 @@ class GrantMapper:
         return page
 
     def _refresh(self) -> None:
-        """Ask which pools are live and adopt the answer (``_refreshing`` is held); ``_failed``
-        says how that went."""
+        """Ask which pools are live and adopt the answer (``_refreshing`` is held). ``_failed``
+        says why no answer could be had (None if one was), ``_broken`` how the answer named a
+        pool the granter broke (None if it did not)."""
         self._refreshes += 1
+        self._failed = self._broken = None
         try:
             known = map_pools(self._hc, self.device.granter, self.device.name)
             with self._lock:
@@ -196,24 +206,28 @@ class GrantMapper:
             self._failed = exc.message or exc.errno_name
         except GrantError as exc:
             self._failed = str(exc)
+        except ShmError as exc:
+            # hyperd made the pool, and named it live: only the granter, which maps it
+            # read-write, can have truncated it. Its doing, answered as its miss's bad gref.
+            self._broken = str(exc)
         except GrantViolation as exc:
             self._failed = str(exc)
             raise
-        else:
-            self._failed = None
 
-    def _bad_gref(self, gref: int) -> NoReturn:
+    def _bad_gref(self, gref: int, broken: str | None) -> NoReturn:
+        """Count a gref in no live pool we could map; ``broken``: a pool the granter broke."""
         with self._lock:
             self.bad_grefs += 1
             if self._counters is not None:
                 self._counters.bad_grefs += 1
             bad = self.bad_grefs
+        why = f" ({broken})" if broken else ""
         if bad > self._bad_gref_budget:
             raise GrantViolation(
                 f"{self.device} named {bad} grefs in none of its pools "
-                f"(the last: {gref}), more than the {self._bad_gref_budget} allowed"
+                f"(the last: {gref}{why}), more than the {self._bad_gref_budget} allowed"
             )
-        raise GrantError(f"gref {gref} is in no pool of {self.device}")
+        raise GrantError(f"gref {gref} is in no pool of {self.device}{why}")
 
     def _wait_for_credit(self) -> None:
         """Charge one refresh; wait out what it overdrew, holding no lock."""
@@ -226,7 +240,7 @@ class GrantMapper:
 
     def _adopt(self, known: dict[str, Any]) -> None:
         """Map the pools ``known`` names, after dropping the ones it no longer names; refuse
-        to map past the budget."""
+        to map past the budget (GrantViolation), or any if one cannot be mapped (ShmError)."""
         if self._closed:
             raise GrantError(f"pools of {self.device}: the mapper is closed")
         try:
@@ -249,10 +263,10 @@ class GrantMapper:
         try:
             for name, (base, pages) in new.items():
                 opened.append(MappedPool.open(name, base, pages, self.device.grantee))
-        except ShmError as exc:
+        except ShmError:
             for pool in opened:
                 pool.close()
-            raise GrantError(f"pools of {self.device}: {exc}") from exc
+            raise
         self._pools = [*self._pools, *opened]
 
     def _drop(self, gone: list[MappedPool]) -> None:
@@ -266,7 +280,7 @@ class GrantMapper:
         self._dropped += gone
 
     def _lingering(self) -> int:
-        """Pages of the dropped pools still mapped: each is unmapped here as soon as the data
-        path holds none of its pages (never under its user), and counted until then."""
+        """Pages of the dropped pools still mapped: each is unmapped here if the data path
+        holds none of its pages any more (never under its user), and counted until then."""
         self._dropped = [pool for pool in self._dropped if not pool.unmap()]
         return sum(pool.pages for pool in self._dropped)

@@ -113,8 +113,10 @@ class Segment:
         self.close()
 
 
-def attach(name: str) -> Segment:
-    """Map the existing segment `name` read-write, invisibly to the resource tracker."""
+def attach(name: str, size: int | None = None) -> Segment:
+    """Map the existing segment `name` read-write, invisibly to the resource tracker. With
+    ``size``, the segment must hold exactly that many bytes (a peer that may write it may also
+    have truncated it)."""
     path = segment_path(name)
     try:
         fd = os.open(path, os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW)
@@ -124,6 +126,8 @@ def attach(name: str) -> Segment:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode) or st.st_size == 0:
             raise ShmError(f"shared memory segment {name}: {path} is not a non-empty file")
+        if size is not None and st.st_size != size:
+            raise ShmError(f"shared memory segment {name}: {st.st_size} bytes, not {size}")
         mapping = mmap.mmap(fd, st.st_size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
     except OSError as e:
         raise ShmError(f"shared memory segment {name}: cannot map {path}") from e

@@ -14,9 +14,17 @@ name the frontend's domain (``frontend``), the device (``device``, ``<type>/<dev
 grant pools live for it as the worker starts (``pools``). Over the control socket, one JSON
 object per line, the worker asks dom0 which of the device's grant pools are live now
 (``{"id", "map_pools": {}}``: dom0 holds the hypercall socket) and reports a fatal protocol
-error (``{"fatal"}``); dom0 hanging up tells it to stop. The worker runs on the frontend's
-pages and may be subverted, so it names nothing dom0 acts on: dom0 answers for the device it
-started the worker for, never another device's pools or another domain's.
+error (``{"fatal"}``); dom0 hanging up tells it to stop. A setup the frontend broke (a ring ref
+it did not grant, more pages for its device than the protocol can use, a pool it truncated) is
+such an error too, reported as the worker connects (``serve_device``).
+
+The worker runs on the frontend's pages and may be subverted, so it names nothing dom0 acts on:
+dom0 answers for the device it started the worker for, never another device's pools or another
+domain's, and at most ``grants.REFRESHES_PER_SECOND`` a second past a burst (each answer is a
+hypercall on dom0's socket, which hyperd does not charge). A line that is not such a request
+(not a JSON object, longer than ``MAX_LINE``, an unknown request) is a fatal error of the link.
+After the first fatal error dom0 hangs up: the device is failing, and its worker's death is
+no news.
 
 A worker that dies unasked (killed, crashed) is restarted by its backend driver, through the
 frontend (see DataPath): the device's state lives in its native device, its channel and the
@@ -38,19 +46,25 @@ import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
 from channels import grants
 from channels import hypercall as hc
+from channels.credit import Credit
+from channels.gnttab import GrantError, GrantViolation
 from channels.hypercall import HypercallClient, HypercallError
+from channels.ring import RingBroken
 from channels.xenbus import XenbusState
 from channels.xenbus_bus import XenbusDevice
 
 log = logging.getLogger(__name__)
 
 _SOURCE_ROOT = str(Path(__file__).resolve().parents[1])
+#: The longest line a worker may send dom0: a request is a few dozen bytes, a fatal report a
+#: few hundred.
+MAX_LINE = 4096
 
 
 # -- the counter page ---------------------------------------------------------------------------
@@ -111,6 +125,8 @@ class WorkerProcess:
         self._map_pools = map_pools
         self._on_fatal = on_fatal
         self._on_death = on_death
+        # What the worker's refreshes may cost dom0: as much as an honest mapper asks for.
+        self._credit = Credit(grants.REFRESHES_PER_SECOND, grants.REFRESH_BURST)
         self._stopping = False
         self._thread = threading.Thread(target=self._serve, name="worker-link", daemon=True)
         self._thread.start()
@@ -160,18 +176,16 @@ class WorkerProcess:
             values.release()
 
     def _serve(self) -> None:
-        buffer = b""
-        while True:
-            try:
-                data = self.control.recv(65536)
-            except OSError:
-                data = b""
-            if not data:
-                break
-            buffer += data
-            while b"\n" in buffer:
-                line, buffer = buffer.split(b"\n", 1)
-                self._handle(json.loads(line))
+        """Answer the worker until it hangs up or reports a fatal error, or breaks the link
+        (then that is its device's fatal error); report its death unless it was stopped or
+        had reported one."""
+        try:
+            for line in _lines(self.control, MAX_LINE):
+                if not self._handle(_message(line)):
+                    return
+        except LinkError as exc:
+            self._fatal(f"the data path broke its link to dom0: {exc}")
+            return
         if self._stopping:
             return
         try:  # the control socket closes as the process dies: collect how it ended
@@ -180,21 +194,37 @@ class WorkerProcess:
             return  # alive with its socket shut: it stops when stop() hangs up
         self._on_death(f"data path died ({_describe(code)})")
 
-    def _handle(self, message: dict[str, Any]) -> None:
+    def _handle(self, message: dict[str, Any]) -> bool:
+        """Answer one request; False once dom0 is done with the worker (it reported a fatal
+        error, or is being stopped). LinkError if it is no request."""
         if "fatal" in message:
-            self._on_fatal(str(message["fatal"])[:500])
-            return
+            self._fatal(str(message["fatal"])[:500])
+            return False
+        if "map_pools" not in message or "id" not in message:
+            raise LinkError(f"not a request: {sorted(message)[:4]}")
+        self._wait_for_credit()
+        if self._stopping:
+            return False
         # Whatever the message names, the answer is about the device this worker serves.
         try:
-            if "map_pools" not in message:
-                raise ValueError(f"unknown request {sorted(message)[:4]}")
-            reply: dict[str, Any] = {"id": message["id"], "result": self._map_pools()}
+            reply = {"id": message["id"], "result": self._map_pools()}
         except HypercallError as exc:
-            reply = {"id": message.get("id"), "error": exc.errno_name, "message": exc.message}
-        except (KeyError, ValueError) as exc:
-            reply = {"id": message.get("id"), "error": "EINVAL", "message": str(exc)}
+            reply = {"id": message["id"], "error": exc.errno_name, "message": exc.message}
         with contextlib.suppress(OSError):
             self.control.sendall(json.dumps(reply).encode() + b"\n")
+        return True
+
+    def _wait_for_credit(self) -> None:
+        """Charge one refresh; wait out what it overdrew (only this worker's link waits)."""
+        delay = self._credit.charge(1.0)
+        if delay:
+            time.sleep(delay)
+
+    def _fatal(self, reason: str) -> None:
+        """Report the device's fatal error, and hang up: its data path stops."""
+        self._on_fatal(reason)
+        with contextlib.suppress(OSError):
+            self.control.shutdown(socket.SHUT_RDWR)
 
     def stop(self) -> None:
         """Hang up; the worker stops its threads and exits."""
@@ -312,6 +342,40 @@ def _describe(code: int) -> str:
     return f"signal {-code}" if code < 0 else f"exit status {code}"
 
 
+class LinkError(Exception):
+    """A worker sent dom0 what no worker sends: it is broken or subverted."""
+
+
+def _lines(sock: socket.socket, limit: int | None = None) -> Iterator[bytes]:
+    """The lines that arrive on ``sock`` until it closes; LinkError past ``limit`` bytes
+    without a newline."""
+    buffer = b""
+    while True:
+        try:
+            data = sock.recv(65536)
+        except OSError:
+            data = b""
+        if not data:
+            return
+        *lines, buffer = (buffer + data).split(b"\n")
+        yield from lines
+        if limit is not None and len(buffer) > limit:
+            raise LinkError(f"a line of more than {limit} bytes")
+
+
+def _message(line: bytes) -> dict[str, Any]:
+    """One line of a worker's, checked to be a JSON object (LinkError if not)."""
+    if len(line) > MAX_LINE:
+        raise LinkError(f"a line of {len(line)} bytes, more than {MAX_LINE}")
+    try:
+        message = json.loads(line)
+    except (ValueError, RecursionError) as exc:
+        raise LinkError(f"a line that is not JSON: {exc}") from exc
+    if not isinstance(message, dict):
+        raise LinkError(f"a JSON {type(message).__name__}, not an object")
+    return message
+
+
 # -- the worker's side ---------------------------------------------------------------------------
 
 
@@ -325,24 +389,14 @@ class Dom0Link:
         self._replies: dict[int, Any] = {}
         self._arrived = threading.Condition()
         self.closed = threading.Event()
-        self._buffer = b""
         threading.Thread(target=self._read, name="dom0-link", daemon=True).start()
 
     def _read(self) -> None:
-        while True:
-            try:
-                data = self._sock.recv(65536)
-            except OSError:
-                data = b""
-            if not data:
-                break
-            self._buffer += data
-            while b"\n" in self._buffer:
-                line, self._buffer = self._buffer.split(b"\n", 1)
-                reply = json.loads(line)
-                with self._arrived:
-                    self._replies[reply["id"]] = reply
-                    self._arrived.notify_all()
+        for line in _lines(self._sock):  # dom0's replies: trusted
+            reply = json.loads(line)
+            with self._arrived:
+                self._replies[reply["id"]] = reply
+                self._arrived.notify_all()
         self.closed.set()
         with self._arrived:
             self._arrived.notify_all()
@@ -373,6 +427,29 @@ class Dom0Link:
     def fatal(self, message: str) -> None:
         with contextlib.suppress(OSError):
             self._send({"fatal": message})
+
+
+#: How a device worker starts its data path: from its parameters, its link to dom0 and its
+#: counter page, over the frontend's pages; it returns how to stop that data path.
+Start = Callable[[dict[str, Any], Dom0Link, memoryview], Callable[[], None]]
+
+
+def serve_device(params: dict[str, Any], start: Start) -> int:
+    """A device worker's life: connect to dom0, ``start`` the data path, run until dom0 hangs
+    up, stop it. A setup the frontend broke (a ring ref it did not grant, more pages for its
+    device than the protocol can use, a pool it broke, a ring index it lies about) is reported
+    as its protocol violation, which fails the device: not a crash, on which dom0 would restart
+    the worker over the same setup until the device failed for dying too often."""
+    link = Dom0Link(socket.socket(fileno=params["control_fd"]))
+    page = mmap.mmap(params["counters_fd"], mmap.PAGESIZE)
+    try:
+        stop = start(params, link, memoryview(page))
+    except (GrantError, GrantViolation, RingBroken) as exc:
+        link.fatal(f"connecting: {exc}")
+        return 1
+    link.closed.wait()  # dom0 hangs up when the device disconnects
+    stop()
+    return 0
 
 
 def worker_main(run: Callable[[dict[str, Any]], object]) -> None:

@@ -1337,8 +1337,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         saved = state.read(run.state_file)
     except state.StateError as exc:
-        log.error("%s; `hyperctl cleanup` removes what it described", exc)
-        return 1
+        return refuse_state(exc)
     hypervisor = Hypervisor(run, cgroup.open_hierarchy(), dmesg)
     log.info("hyperd %d starting (cgroup v%d)", os.getpid(), hypervisor.cgroups.version)
     sockets = _connect_keeper(hypervisor)
@@ -1351,8 +1350,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             hypervisor.load(saved)
         except state.StateError as exc:
-            log.error("%s; `hyperctl cleanup` removes what it described", exc)
-            return 1
+            return refuse_state(exc)
     status = 0
     try:
         hypervisor.serve(sockets or {}, adopt=saved is not None)
@@ -1369,6 +1367,16 @@ def main(argv: list[str] | None = None) -> int:
         hypervisor.keeper.exit()
     run.remove()
     return status
+
+
+def refuse_state(exc: state.StateError) -> int:
+    """hyperd's exit status on a state file it cannot use, having said what to do."""
+    log.error(
+        "%s; `hyperctl cleanup` ends the domains it describes and removes what they left, "
+        "then `hyperctl start` starts afresh",
+        exc,
+    )
+    return 1
 
 
 def _connect_keeper(hypervisor: Hypervisor) -> dict[str, socket.socket] | None:

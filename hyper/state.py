@@ -3,7 +3,7 @@
 After every change to its tables hyperd writes them, as one JSON object, to
 ``<run dir>/hyperd.state`` (hyper/paths.py). The object:
 
-    {"version": 1, "last_domid": 5, "dom0_restarts": 0, "halting": false,
+    {"version": 2, "last_domid": 5, "dom0_restarts": 0, "halting": false,
      "domains": [Domain.to_dict(), ...],      hyper/domain.py (with its Resources)
      "evtchn": EventChannels.to_dict(),       hyper/evtchn.py
      "gnttab": GrantTables.to_dict()}         hyper/gnttab.py
@@ -13,6 +13,10 @@ A write goes to a temporary file in the same directory, is flushed to it, then r
 old file: a reader sees the old state or the new one, never part of either. A missing file is a
 first start; a file that is not such an object (cut short, edited by hand, from another version)
 is a ``StateError``, and hyperd refuses to start rather than guess which domains exist.
+
+``VERSION`` changes with the form of any table (2: each grant pool names its device, issue 12),
+so that a hyperd upgraded while domains run says which version it found, instead of failing on
+the first field it misses.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-VERSION = 1
+VERSION = 2
 KEYS = ("last_domid", "dom0_restarts", "halting", "domains", "evtchn", "gnttab")
 
 
@@ -67,8 +71,13 @@ def read(path: Path) -> dict[str, Any] | None:
         raise StateError(f"{path}: not JSON (cut short?): {exc}") from exc
     if not isinstance(state, dict):
         raise StateError(f"{path}: not a JSON object")
-    if state.get("version") != VERSION:
-        raise StateError(f"{path}: version {state.get('version')!r}, expected {VERSION}")
+    found = state.get("version")
+    if found != VERSION:
+        raise StateError(
+            f"{path}: version {found!r:.20}, this hyperd reads version {VERSION}: not "
+            "re-adopting the domains it describes (to stop them cleanly, use the hyper that "
+            "wrote it: `hyperctl halt`)"
+        )
     missing = [key for key in KEYS if key not in state]
     if missing:
         raise StateError(f"{path}: no {', '.join(missing)}")

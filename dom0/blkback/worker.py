@@ -8,8 +8,8 @@ I/O threads to run. Its grant mapper maps at most what blkif can use (``blkif.MA
 
 from __future__ import annotations
 
-import mmap
-import socket
+import functools
+from collections.abc import Callable
 from typing import Any
 
 from channels import blkif as B
@@ -17,13 +17,11 @@ from channels.evtchn import EventChannel
 from channels.grants import DeviceGrants, GrantMapper
 from channels.ring import BackRing
 from dom0.blkback.datapath import Counters, VbdPath
-from dom0.datapath_worker import Dom0Link, worker_main
+from dom0.datapath_worker import Dom0Link, serve_device, worker_main
 
 
-def run(params: dict[str, Any]) -> int:
-    link = Dom0Link(socket.socket(fileno=params["control_fd"]))
-    page = mmap.mmap(params["counters_fd"], mmap.PAGESIZE)
-    counters = Counters(memoryview(page))
+def start(params: dict[str, Any], link: Dom0Link, counter_page: memoryview) -> Callable[[], None]:
+    counters = Counters(counter_page)
     device = DeviceGrants(params["frontend"], params["device"], B.MAX_GRANT_PAGES)
     grants = GrantMapper(link, device, params["pools"], counters=counters)  # type: ignore[arg-type]
     ring = BackRing.attach(
@@ -43,10 +41,8 @@ def run(params: dict[str, Any]) -> int:
         io_threads=params["io_threads"],
     )
     path.start()
-    link.closed.wait()  # dom0 hangs up when the vbd disconnects
-    path.stop()
-    return 0
+    return path.stop
 
 
 if __name__ == "__main__":
-    worker_main(run)
+    worker_main(functools.partial(serve_device, start=start))

@@ -213,10 +213,21 @@ class TxPath:
 
     def _work(self) -> bool:
         """Take every slot the frontend has published (one private copy of the whole run),
-        transmit the packets they complete, answer them all in one block, push once."""
+        transmit the packets they complete, answer them all in one block, push once. A protocol
+        violation is raised once the packets before it are answered: they were sent (as
+        blkback does and answers the requests before one); the slots after it are never looked
+        at."""
         block = self.ring.get_requests_block(BUDGET_SLOTS)
         if not block:
             return False
+        try:
+            self._collect(block)
+        finally:
+            self._answer()
+        return True
+
+    def _collect(self, block: bytes) -> None:
+        """Add ``block``'s slots to the packet being collected, transmitting each completed."""
         slots, state, extras = self._slots, self._state, self._extras
         for slot in _TX_SLOT.iter_unpack(block):
             slots.append(slot)
@@ -235,12 +246,14 @@ class TxPath:
             elif len(slots) > FATAL_SLOTS:
                 raise FatalProtocolError(f"a packet of more than {FATAL_SLOTS} slots")
         self._slots, self._state, self._extras = slots, state, extras
+
+    def _answer(self) -> None:
+        """Put the responses collected on the ring, in one block, and push them."""
         if self._responses:
             self.ring.put_responses_flat(self._responses)
             self._responses = []
             if self.ring.push_responses():
                 self.evtchn.notify()
-        return True
 
     def _transmit(self, slots: list[Slot], extras: int) -> None:
         """Send one packet and answer each of its slots: extras NETIF_RSP_NULL, the rest the

@@ -9,23 +9,21 @@ can use (``netif.MAX_GRANT_PAGES``).
 
 from __future__ import annotations
 
-import mmap
-import socket
+import functools
+from collections.abc import Callable
 from typing import Any
 
 from channels import netif as N
 from channels.evtchn import EventChannel
 from channels.grants import DeviceGrants, GrantMapper
 from channels.ring import BackRing
-from dom0.datapath_worker import Dom0Link, worker_main
+from dom0.datapath_worker import Dom0Link, serve_device, worker_main
 from dom0.netback.antispoof import SourceFilter
 from dom0.netback.datapath import Counters, RateLimit, RxPath, TxPath
 
 
-def run(params: dict[str, Any]) -> int:
-    link = Dom0Link(socket.socket(fileno=params["control_fd"]))
-    page = mmap.mmap(params["counters_fd"], mmap.PAGESIZE)
-    counters = Counters(memoryview(page))
+def start(params: dict[str, Any], link: Dom0Link, counter_page: memoryview) -> Callable[[], None]:
+    counters = Counters(counter_page)
     device = DeviceGrants(params["frontend"], params["device"], N.MAX_GRANT_PAGES)
     grants = GrantMapper(link, device, params["pools"], counters=counters)  # type: ignore[arg-type]
     name, tap_fd = params["name"], params["device_fd"]
@@ -45,13 +43,15 @@ def run(params: dict[str, Any]) -> int:
     rx = RxPath(rx_ring, channels[1], grants, tap_fd, counters, params["gso"], link.fatal)
     tx.thread.start()
     rx.thread.start()
-    link.closed.wait()  # dom0 hangs up when the vif disconnects
-    tx.stop()
-    rx.stop()
-    for path in (tx, rx):
-        path.thread.join(timeout=5.0)
-    return 0
+
+    def stop() -> None:
+        tx.stop()
+        rx.stop()
+        for path in (tx, rx):
+            path.thread.join(timeout=5.0)
+
+    return stop
 
 
 if __name__ == "__main__":
-    worker_main(run)
+    worker_main(functools.partial(serve_device, start=start))

@@ -22,6 +22,7 @@ from channels.grants import (
     GrantMapper,
     map_pools,
 )
+from channels.ring import PAGE_SIZE
 from channels.shm import create_segment, unlink_segment
 from domu.blkfront import xenbus as blkfront
 from domu.netfront import xenbus as netfront
@@ -421,6 +422,32 @@ def test_a_refresh_that_fails_is_not_the_granters_bad_gref(
         with pytest.raises(GrantError, match="in no pool"):
             mapper.resolve(1 << 30, write=False)
         assert mapper.bad_grefs == 1
+    finally:
+        mapper.close()
+
+
+@pytest.mark.parametrize("size", [0, PAGE_SIZE], ids=["emptied", "cut-short"])
+def test_a_pool_its_granter_truncated_costs_it_a_bad_gref_per_miss(
+    granter: Granter, size: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The granter maps its pools read-write, so it can truncate one that hyperd still names
+    live: no backend maps it then, and each miss that finds it so is the granter's bad gref,
+    up to the budget (a refresh that fails on dom0's side is not: the test above)."""
+    clock = Clock()
+    monkeypatch.setattr(credit, "time", clock)
+    monkeypatch.setattr(grants, "time", clock)
+    mapper = GrantMapper(granter, DEVICE, bad_gref_budget=2)  # type: ignore[arg-type]
+    pool = granter.setup(4)
+    os.truncate(f"/dev/shm/{pool.name}", size)
+    try:
+        for n in (1, 2):
+            with pytest.raises(
+                GrantError, match=rf"in no pool of {DEVICE} \(shared memory segment"
+            ):
+                mapper.resolve(pool.gref_base, write=False)
+            assert mapper.bad_grefs == n
+        with pytest.raises(GrantViolation, match="more than the 2 allowed"):
+            mapper.resolve(pool.gref_base, write=False)
     finally:
         mapper.close()
 

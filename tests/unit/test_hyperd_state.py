@@ -5,6 +5,7 @@ name objects they never create here, and the keeper runs as whoever runs the tes
 from __future__ import annotations
 
 import json
+import logging
 import socket
 import subprocess
 import time
@@ -18,7 +19,7 @@ from hyper.cgroup import CgroupFs, DomainGroup, V2Group
 from hyper.domain import Domain, RingInfo, Status
 from hyper.evtchn import EventChannels
 from hyper.gnttab import GrantTables
-from hyper.hyperd import DmesgHandler, Hypervisor
+from hyper.hyperd import DmesgHandler, Hypervisor, refuse_state
 from hyper.keeper import KeeperClient
 from hyper.paths import RunDir
 from hyper.resources import Resources
@@ -317,7 +318,7 @@ def test_a_torn_state_file_is_refused_naming_it(tmp_path: Path) -> None:
     [
         (b"[]", "not a JSON object"),
         (b'{"version": 99}', "version 99"),
-        (b'{"version": 1, "domains": []}', "no last_domid"),
+        (b'{"version": %d, "domains": []}' % state.VERSION, "no last_domid"),
     ],
 )
 def test_a_state_file_that_is_not_hyperds_is_refused(
@@ -327,6 +328,28 @@ def test_a_state_file_that_is_not_hyperds_is_refused(
     path.write_bytes(content)
     with pytest.raises(state.StateError, match=fault):
         state.read(path)
+
+
+def test_a_state_file_from_before_per_device_pools_is_refused_naming_its_version(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Version 1 was hyperd's before grant pools named their device. A hyperd upgraded while
+    such domains run says which version it found and what to do, not "KeyError: 'device'"."""
+    hv = hypervisor(tmp_path)
+    populate(hv, tmp_path)
+    tables = hv.snapshot()
+    for pool in tables["gnttab"]["pools"]:
+        del pool["device"]
+    path = hv.run.state_file
+    path.write_text(json.dumps({"version": 1, **tables}))
+
+    with pytest.raises(state.StateError) as refused:
+        state.read(path)
+    assert str(refused.value).startswith(f"{path}: version 1, this hyperd reads version 2: ")
+    assert "`hyperctl halt`" in str(refused.value)
+    with caplog.at_level(logging.ERROR, logger="hyper.hyperd"):
+        assert refuse_state(refused.value) == 1
+    assert "`hyperctl cleanup` ends the domains it describes" in caplog.text
 
 
 def test_tables_that_do_not_hold_together_are_refused(tmp_path: Path) -> None:

@@ -89,9 +89,11 @@ def vif() -> Iterator[Vif]:
 
 
 @contextlib.contextmanager
-def serving_vif(sources: SourceFilter | None = None) -> Iterator[Vif]:
+def serving_vif(
+    sources: SourceFilter | None = None, bad_gref_budget: int = BAD_GREF_BUDGET
+) -> Iterator[Vif]:
     """netback's TxPath running over a fresh ring, pool and doorbells, checking ``sources`` if
-    given; everything is removed on the way out."""
+    given, failing past ``bad_gref_budget``; everything is removed on the way out."""
     tag = f"hyper-test-netback-{os.getpid()}-{next(_ids)}"
     ring_name, pool_name, bells = f"{tag}-ring", f"{tag}-pool", (f"{tag}-b", f"{tag}-f")
     create_segment(ring_name, PAGE_SIZE)
@@ -106,7 +108,8 @@ def serving_vif(sources: SourceFilter | None = None) -> Iterator[Vif]:
         pool.grant(i, 0, readonly=True)
     calls = Hypercalls([(pool_name, 8, 8)], bells)
     counters = Counters()
-    grants = GrantMapper(calls, DeviceGrants(FRONT, "vif/0", N.MAX_GRANT_PAGES), counters=counters)  # type: ignore[arg-type]
+    device = DeviceGrants(FRONT, "vif/0", N.MAX_GRANT_PAGES)
+    grants = GrantMapper(calls, device, counters=counters, bad_gref_budget=bad_gref_budget)  # type: ignore[arg-type]
     tap, peer = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     state = Vif(front, pool, peer, None, counters)  # type: ignore[arg-type]
 
@@ -218,6 +221,21 @@ def test_past_its_budget_of_bad_grefs_the_vif_is_disconnected(vif: Vif) -> None:
     vif.send((5000, 0, 0, 99, len(FRAME)))
     assert vif.fatal_event.wait(5), "the vif must be disconnected"
     assert "grefs in none of its pools" in vif.fatal[0]
+
+
+def test_a_grant_violation_mid_batch_answers_the_frames_sent_before_it() -> None:
+    """One batch: two good frames, then one in a gref in no pool past the budget of bad grefs
+    (0 here: the first is a violation), then another good one. The two before the violation
+    were sent: they are answered. The vif is disconnected once, and the frame after it is never
+    sent."""
+    with serving_vif(bad_gref_budget=0) as vif:
+        gref = vif.page(0, FRAME)
+        vif.send(*[(gref if n != 3 else 1000, 0, 0, n, len(FRAME)) for n in (1, 2, 3, 4)])
+        assert vif.fatal_event.wait(5), "the vif must be disconnected"
+        vif.tx.thread.join(5)  # the path has ended: what it answered is on the ring
+        assert vif.front.get_responses() == [(1, N.NETIF_RSP_OKAY), (2, N.NETIF_RSP_OKAY)]
+        assert [frame[10:] for frame in vif.transmitted()] == [FRAME, FRAME]
+        assert len(vif.fatal) == 1 and "grefs in none of its pools" in vif.fatal[0]
 
 
 def test_an_impossible_req_prod_disconnects_the_vif(vif: Vif) -> None:
