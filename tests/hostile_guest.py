@@ -106,22 +106,38 @@ def fill(page: Page, domid: int, msg_type: XsType, error: str) -> int:
     """Send requests in batches until one is refused with ``error``; how many succeeded."""
     done = 0
     for start in range(0, 100_000, BATCH):
+        payloads = []
         for i in range(start, start + BATCH):
             path = f"/local/domain/{domid}/data/flood/{i}"
             if msg_type == XsType.WRITE:  # the value is not NUL-terminated
-                payload = join_strings(path) + VALUE
+                payloads.append(join_strings(path) + VALUE)
             else:
-                payload = join_strings(path, f"t{i}")
-            if not page.send(msg_type, payload):
-                raise SystemExit("hostile guest: the store stopped reading while filling quota")
-        answers = page.replies(BATCH)
-        done += sum(1 for m in answers if m.type == msg_type)
-        refused = [m.strings()[0] for m in answers if m.type == XsType.ERROR]
+                payloads.append(join_strings(path, f"t{i}"))
+        ok, refused = batch(page, payloads, msg_type)
+        done += ok
         if error in refused:
             return done
         if refused:
             raise SystemExit(f"hostile guest: {msg_type.name} refused with {refused[0]}")
     raise SystemExit(f"hostile guest: no {error} after 100000 {msg_type.name} requests")
+
+
+def batch(
+    page: Page, payloads: list[bytes], msg_type: XsType = XsType.WRITE
+) -> tuple[int, list[str]]:
+    """Send each payload, BATCH in flight; (how many succeeded, the errors of the others)."""
+    ok, errors = 0, []
+    for start in range(0, len(payloads), BATCH):
+        chunk = payloads[start : start + BATCH]
+        for payload in chunk:
+            if not page.send(msg_type, payload):
+                raise SystemExit("hostile guest: the store stopped reading")
+        for reply in page.replies(len(chunk)):
+            if reply.type == msg_type:
+                ok += 1
+            else:
+                errors.append(reply.strings()[0])
+    return ok, errors
 
 
 # -- --journal: what made the store's journal grow to 117 MB (issue 12) -------------------------
@@ -134,22 +150,6 @@ SMALL_VALUE = 1000
 
 def child(domid: int, i: int) -> bytes:
     return join_strings(f"/local/domain/{domid}/data/{i:04d}" + "n" * NAME_BYTES)
-
-
-def batch(page: Page, payloads: list[bytes]) -> tuple[int, list[str]]:
-    """WRITE each payload, BATCH in flight; (how many succeeded, the errors of the others)."""
-    ok, errors = 0, []
-    for start in range(0, len(payloads), BATCH):
-        chunk = payloads[start : start + BATCH]
-        for payload in chunk:
-            if not page.send(XsType.WRITE, payload):
-                raise SystemExit("hostile guest: the store stopped reading")
-        for reply in page.replies(len(chunk)):
-            if reply.type == XsType.WRITE:
-                ok += 1
-            else:
-                errors.append(reply.strings()[0])
-    return ok, errors
 
 
 def journal_flood(page: Page, domid: int, seconds: float) -> None:
