@@ -165,6 +165,10 @@ class DoorbellPair:
             self._mine.close()
             raise
 
+    def doorbell_names(self) -> tuple[str, str | None]:
+        """(ours, the peer's), as EventChannel.doorbell_names: what a native pump opens."""
+        return self._mine.name, self._peer.name
+
     def wait(self, timeout: float | None) -> bool:
         """Sleep until the peer rings (True) or ``timeout`` seconds pass (False)."""
         return self._mine.wait(timeout)

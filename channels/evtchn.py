@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
+from typing import Any
 
 from channels.doorbell import Doorbell
 from channels.hypercall import (
@@ -43,8 +44,23 @@ class LateEoi:
 
     def __init__(self) -> None:
         self.run = 0  # spurious wakeups in a row
-        self.spurious = 0  # all of them
+        self._spurious = 0  # all of them, in Python
+        #: A native pump serving the channel in our place (channels.pumps), which counts its
+        #: own; ``spurious`` adds them up.
+        self.native: Any = None
         self._halt = threading.Event()
+
+    @property
+    def spurious(self) -> int:
+        """Wakeups that found no work, all told."""
+        native = self.native
+        return self._spurious + (native.spurious if native is not None else 0)
+
+    def adopt(self, native: Any) -> None:
+        """A native pump serves the channel from now on (None: it is done; its count stays)."""
+        if self.native is not None:
+            self._spurious += self.native.spurious
+        self.native = native
 
     def serve(
         self,
@@ -82,7 +98,7 @@ class LateEoi:
     def idle(self) -> float:
         """A wakeup found no work: seconds to wait before sleeping on the channel again."""
         self.run += 1
-        self.spurious += 1
+        self._spurious += 1
         # The exponent stops growing once past LONGEST: 2.0 ** 1100 would overflow a float.
         return 0.0 if self.run < 2 else min(self.LONGEST, self.FIRST * 2 ** min(self.run - 2, 30))
 

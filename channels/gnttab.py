@@ -82,6 +82,11 @@ class _Pool:
         """All the pool's pages as one contiguous view (page i at i * PAGE_SIZE)."""
         return self.buf[self._data_offset : self._data_offset + self.pages * PAGE_SIZE]
 
+    def native(self) -> tuple[memoryview, int, int, int]:
+        """(mapping, first gref, pages, offset of page 0): what a native pump resolves refs
+        in, with MappedPool.resolve's checks (channels/native/pump.h's grant_page)."""
+        return self.buf, self.gref_base, self.pages, self._data_offset
+
     @property
     def name(self) -> str:
         """The pool's shared-memory object, for another process of the granter to open."""

@@ -144,6 +144,18 @@ class GrantMapper:
             page = self._check(gref, write)
         return page
 
+    @property
+    def refreshes(self) -> int:
+        """Refreshes begun so far: a native pump takes ``native_pools`` again when it moves."""
+        return self._refreshes
+
+    def native_pools(self) -> list[tuple[memoryview, int, int, int]]:
+        """The pools mapped now, as a native pump looks refs up in them (channels.pumps):
+        (mapping, first gref, pages, offset of page 0). The pump holds each mapping for as
+        long as it lives, so a pool dropped meanwhile lingers (and counts) until it goes."""
+        with self._lock:
+            return [pool.native() for pool in self._pools]
+
     def close(self) -> None:
         with self._lock:
             self._closed = True

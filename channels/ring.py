@@ -55,7 +55,7 @@ import sys
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NoReturn
 
 logger = logging.getLogger(__name__)
 
@@ -255,6 +255,11 @@ class _Ring:
         return self._area
 
     @property
+    def slot_size(self) -> int:
+        """Bytes per slot."""
+        return len(self._zero)
+
+    @property
     def broken(self) -> bool:
         """True once the peer has written an impossible index."""
         return self._dead is not None and self._dead[0] is RingBroken
@@ -263,7 +268,11 @@ class _Ring:
         if self._dead is not None:
             raise self._dead[0](self._dead[1])
 
-    def _break(self, reason: str) -> None:
+    def broke(self, reason: str) -> NoReturn:
+        """The peer broke the ring where a native pump saw it: halt it as ``_break`` does."""
+        self._break(reason)
+
+    def _break(self, reason: str) -> NoReturn:
         message = f"{self.name} ring: {reason}; ring halted"
         self._dead = (RingBroken, message)
         logger.warning("%s", message)
@@ -433,6 +442,20 @@ class FrontRing(_Ring):
         prod = self._claim(1)
         self._put_raw(prod, data)
         self.req_prod_pvt = (prod + 1) & MASK32
+
+    def indices(self) -> tuple[int, int, int]:
+        """(rsp_cons, req_prod_pvt, the req_prod last published): what a native pump
+        (channels.pumps) takes over, and hands back with ``adopt``."""
+        return self.rsp_cons, self.req_prod_pvt, self._req_prod
+
+    def adopt(self, cons: int, prod_pvt: int, pushed: int) -> None:
+        """Carry on from where a native pump left this ring (``indices``' order)."""
+        self.rsp_cons, self.req_prod_pvt, self._req_prod, self._rsp_prod = (
+            cons,
+            prod_pvt,
+            pushed,
+            cons,
+        )
 
     def push_requests(self) -> bool:
         """Publish req_prod_pvt; True if the backend asked to be notified (ring the doorbell)."""
@@ -647,6 +670,20 @@ class BackRing(_Ring):
         prod = self._claim(1)
         self._put_raw(prod, data)
         self.rsp_prod_pvt = (prod + 1) & MASK32
+
+    def indices(self) -> tuple[int, int, int]:
+        """(req_cons, rsp_prod_pvt, the rsp_prod last published): what a native pump
+        (channels.pumps) takes over, and hands back with ``adopt``."""
+        return self.req_cons, self.rsp_prod_pvt, self._rsp_prod
+
+    def adopt(self, cons: int, prod_pvt: int, pushed: int) -> None:
+        """Carry on from where a native pump left this ring (``indices``' order)."""
+        self.req_cons, self.rsp_prod_pvt, self._rsp_prod, self._req_prod = (
+            cons,
+            prod_pvt,
+            pushed,
+            cons,
+        )
 
     def push_responses(self) -> bool:
         """Publish rsp_prod_pvt; True if the frontend asked to be notified."""

@@ -86,6 +86,11 @@ class CounterPage:
         size = 8 * len(self.FIELDS)
         self._values = (buf if buf is not None else memoryview(bytearray(size)))[:size].cast("Q")
 
+    @property
+    def page(self) -> memoryview:
+        """The counters as native u64s, in FIELDS' order (what a native pump counts in)."""
+        return self._values
+
     def as_dict(self) -> dict[str, int]:
         return {name: int(self._values[i]) for i, name in enumerate(self.FIELDS)}
 

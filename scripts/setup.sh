@@ -6,7 +6,10 @@
 #
 # Host tools (apt-get, only when one is missing): python3, python3-pip, iproute2,
 # util-linux (nsenter, setpriv, flock), procps, iperf3, fio, iputils-ping, e2fsprogs (mkfs.ext4
-# and fsck.ext4 for the block tests), fuse3 (libfuse3, which blkfront's mfusepy loads).
+# and fsck.ext4 for the block tests), fuse3 (libfuse3, which blkfront's mfusepy loads), gcc and
+# python3-dev (the native data-path pumps, channels/native/), clang (their fuzzers: libFuzzer).
+# The native pumps are (re)built in place whenever a source under channels/native/ is newer
+# than its module; without a compiler the Python pumps run (``hyperctl info`` says which).
 # Python packages: `pip install -e '.[test]'` (hyper, editable, with its test extras) into the
 # interpreter itself: python3 on PATH, or $PYTHON (at least 3.11). Only when hyper is not yet
 # installed from this checkout, or pyproject.toml's requirements changed since it was.
@@ -22,8 +25,10 @@ set -euo pipefail
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 python=${PYTHON:-python3}
 
-APT_PACKAGES=(python3 python3-pip iproute2 util-linux procps iperf3 fio iputils-ping e2fsprogs fuse3)
-HOST_TOOLS=(ip nsenter setpriv flock ps pgrep iperf3 fio ping mkfs.ext4 fsck.ext4 fusermount3)
+APT_PACKAGES=(python3 python3-pip iproute2 util-linux procps iperf3 fio iputils-ping e2fsprogs fuse3
+    gcc python3-dev clang)
+HOST_TOOLS=(ip nsenter setpriv flock ps pgrep iperf3 fio ping mkfs.ext4 fsck.ext4 fusermount3 gcc
+    clang)
 
 say() { printf 'setup: %s\n' "$*" >&2; }
 die() {
@@ -104,6 +109,24 @@ sys.exit(not os.path.exists(os.path.join(sysconfig.get_path("stdlib"), "EXTERNAL
     installed || die "hyper is still not importable after pip install; see the messages above"
 }
 
+# Build channels/native/*.c into channels/_*.so in place when a module is missing or older than
+# any native source (pip builds them at install; an edit afterwards needs this).
+build_native() {
+    local source module stale=0
+    for source in "$repo"/channels/native/*.c; do
+        module=$(compgen -G "$repo/channels/_$(basename "$source" .c).*.so" | head -n1) || true
+        if [ -z "$module" ]; then
+            stale=1
+            continue
+        fi
+        [ -n "$(find "$repo/channels/native" -maxdepth 1 -newer "$module" -name '*.[ch]')" ] && stale=1
+    done
+    [ "$stale" -eq 0 ] && return 0
+    say "building the native pumps (channels/native/)"
+    (cd "$repo" && "$python" setup.py -q build_ext --inplace >&2) ||
+        die "the native pumps do not build; see the compiler's messages above"
+}
+
 install_host_tools
 python=$("$python" -c 'import sys; print(sys.executable)') # past any pyenv shim
 if ! installed; then
@@ -113,5 +136,6 @@ if ! installed; then
     installed || install_python_packages
     flock -u 9
 fi
+build_native
 say "ready: $python ($("$python" --version 2>&1)), hyper from $repo"
 echo "$python"

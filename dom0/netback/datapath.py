@@ -27,6 +27,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from channels import netif as N
+from channels import pumps
 from channels.evtchn import EventChannel, LateEoi
 from channels.gnttab import GrantError, GrantViolation
 from channels.grants import GrantMapper
@@ -151,6 +152,9 @@ class RateLimit:
         return self.next_refill - now
 
 
+N_KIND_TX, N_KIND_RX = (pumps.NETBACK_TX, pumps.NETBACK_RX)
+
+
 @contextlib.contextmanager
 def _fatal_on_violation(direction: str, on_fatal: Callable[[str], None]) -> Iterator[None]:
     """How a data-path thread ends: a protocol violation (or our own bug) disconnects the vif;
@@ -194,15 +198,20 @@ class TxPath:
         self._extras = 0  # how many extra slots follow its first
         self._responses: list[int] = []  # flat (id, status) pairs, in slot order
         self.late_eoi = LateEoi()
+        self.native = pumps.NativePump(self.late_eoi)
         self.thread = threading.Thread(target=self._run, name="netback-tx", daemon=True)
 
     def stop(self) -> None:
         self.stopping = True
+        self.native.stop()
         self.late_eoi.stop()
         self.evtchn.kick()
 
     def _run(self) -> None:
         with _fatal_on_violation("tx", self.on_fatal):
+            # The native pump has no credit scheduler: a vif with a rate runs in Python.
+            if self.rate is None and self._run_native():
+                return
             self.late_eoi.serve(
                 self._work,
                 self.ring.final_check_for_requests,
@@ -211,13 +220,51 @@ class TxPath:
                 HEAL_TIMEOUT,
             )
 
-    def _work(self) -> bool:
-        """Take every slot the frontend has published (one private copy of the whole run),
-        transmit the packets they complete, answer them all in one block, push once. A protocol
-        violation is raised once the packets before it are answered: they were sent (as
-        blkback does and answers the requests before one); the slots after it are never looked
-        at."""
-        block = self.ring.get_requests_block(BUDGET_SLOTS)
+    def _run_native(self) -> bool:
+        """Serve the ring with the native pump until stopped; False if it does not run here.
+        A frame it hands back (anything but the common case) goes through ``_work``, one
+        packet, then the pump carries on where Python left the ring."""
+        sources = self.sources
+        pump = self.native.start(
+            N_KIND_TX,
+            self.ring,
+            self.tap_fd,
+            self.evtchn.doorbell_names(),
+            counters=self.counters.page,
+            pools=self.grants.native_pools(),
+            domid=self.grants.device.grantee,
+            sources=None if sources is None else (sources.mac, sources.ipv4, sources.any_address),
+        )
+        if pump is None:
+            return False
+        try:
+            refreshes = self.grants.refreshes
+            while not self.stopping:
+                result = pump.run()
+                code = pumps.ended(self.ring, pump, result)
+                if code == pumps.STOPPED:
+                    break
+                if code == pumps.FATAL:
+                    raise FatalProtocolError(result[1])
+                self._work(result[2])
+                while self._slots and not self.stopping:  # rewritten meanwhile: finish it here
+                    if not self._work(FATAL_SLOTS) and not self.ring.final_check_for_requests():
+                        self.evtchn.wait(HEAL_TIMEOUT)
+                pump.indices = self.ring.indices()
+                if self.grants.refreshes != refreshes:
+                    refreshes = self.grants.refreshes
+                    pump.set_pools(self.grants.native_pools())
+        finally:
+            self.native.end()
+        return True
+
+    def _work(self, limit: int = BUDGET_SLOTS) -> bool:
+        """Take every slot the frontend has published, up to ``limit`` (one private copy of the
+        whole run), transmit the packets they complete, answer them all in one block, push
+        once. A protocol violation is raised once the packets before it are answered: they
+        were sent (as blkback does and answers the requests before one); the slots after it
+        are never looked at."""
+        block = self.ring.get_requests_block(limit)
         if not block:
             return False
         try:
@@ -413,21 +460,59 @@ class RxPath:
         self._held: deque[tuple[int, memoryview]] = deque()  # posted requests: (id, page)
         self._responses: list[int] = []  # flat (id, offset, flags, status) per slot
         self._header = bytearray(VNET_HDR_SIZE)
+        self.native = pumps.NativePump()
         self.thread = threading.Thread(target=self._run, name="netback-rx", daemon=True)
 
     def stop(self) -> None:
         self.stopping = True
+        self.native.stop()
         self.waiter.interrupt()
         self.evtchn.kick()
 
     def _run(self) -> None:
         try:
             with _fatal_on_violation("rx", self.on_fatal):
+                if self._run_native():
+                    return
                 while not self.stopping:
                     self._loop_once()
         finally:
             self._held.clear()
             self.waiter.close()
+
+    def _run_native(self) -> bool:
+        """Serve the TAP and the ring with the native pump until stopped; False if it does not
+        run here. A posted buffer whose grant ref misses comes back here to be resolved (the
+        mapper refreshes, and counts a bad ref); the pump then goes on with the new pools."""
+        pump = self.native.start(
+            N_KIND_RX,
+            self.ring,
+            self.tap_fd,
+            self.evtchn.doorbell_names(),
+            counters=self.counters.page,
+            pools=self.grants.native_pools(),
+            domid=self.grants.device.grantee,
+            gso=self.gso,
+        )
+        if pump is None:
+            return False
+        try:
+            while not self.stopping:
+                result = pump.run()
+                code = pumps.ended(self.ring, pump, result)
+                if code == pumps.STOPPED:
+                    break
+                if code == pumps.FATAL:
+                    raise FatalProtocolError(result[1])
+                gref = result[2]  # MISS
+                try:
+                    self.grants.resolve(gref, write=True)
+                except GrantError as exc:
+                    raise FatalProtocolError(f"rx buffer gref {gref}: {exc}") from exc
+                pump.set_pools(self.grants.native_pools())
+        finally:
+            self.native.end()
+        return True
 
     NEED = MAX_FRAME_PAGES + 1  # a whole frame's pages, and the slot of its GSO extra
 

@@ -16,6 +16,7 @@ import threading
 from collections.abc import Callable
 
 from channels import netif as N
+from channels import pumps
 from channels.evtchn import EventChannel, LateEoi
 from channels.gnttab import GrantPool
 from channels.ring import FrontRing, RingBroken, RingError
@@ -58,10 +59,13 @@ class TxPath:
         self.waiter = TapWaiter(tap_fd)
         self.late_eoi = LateEoi()  # a backend ringing for nothing (a storm) is slowed down
         self._header = bytearray(VNET_HDR_SIZE)
+        self._region = pool.region()
+        self.native = pumps.NativePump(self.late_eoi)
         self.thread = threading.Thread(target=self._run, name="netfront-tx", daemon=True)
 
     def stop(self) -> None:
         self.stopping = True
+        self.native.stop()
         self.waiter.interrupt()
         self.late_eoi.stop()
         self.evtchn.kick()
@@ -69,6 +73,18 @@ class TxPath:
     def _run(self) -> None:
         rung = False  # woken by the backend; a wakeup that reaps nothing is slowed down
         try:
+            pump = self.native.start(
+                pumps.NETFRONT_TX,
+                self.ring,
+                self.tap_fd,
+                self.evtchn.doorbell_names(),
+                pages=self._region,
+                grefs=self.grefs,
+                gso=self.gso,
+            )
+            if pump is not None:
+                self.native.serve(self.ring, pump, BackendMisbehaved)
+                return
             while not self.stopping:
                 if self._reap():
                     self.late_eoi.worked()
@@ -89,6 +105,7 @@ class TxPath:
         except RingError:
             pass
         finally:
+            self.native.end()
             self.waiter.close()
 
     def _reap(self) -> bool:
@@ -174,6 +191,8 @@ class RxPath:
         self.stopping = False
         self.slot_page = [0] * ring.nr_ents  # ring slot -> the page posted in it
         self.late_eoi = LateEoi()  # a backend ringing for nothing (a storm) is slowed down
+        self._region = pool.region()
+        self.native = pumps.NativePump(self.late_eoi)
         self.thread = threading.Thread(target=self._run, name="netfront-rx", daemon=True)
 
     def post_all(self) -> None:
@@ -193,11 +212,24 @@ class RxPath:
 
     def stop(self) -> None:
         self.stopping = True
+        self.native.stop()
         self.late_eoi.stop()
         self.evtchn.kick()
 
     def _run(self) -> None:
         try:
+            pump = self.native.start(
+                pumps.NETFRONT_RX,
+                self.ring,
+                self.tap_fd,
+                self.evtchn.doorbell_names(),
+                pages=self._region,
+                grefs=self.grefs,
+                slot_page=self.slot_page,
+            )
+            if pump is not None:
+                self.native.serve(self.ring, pump, BackendMisbehaved)
+                return
             self.late_eoi.serve(
                 self._receive_batch,
                 self.ring.final_check_for_responses,
@@ -209,6 +241,8 @@ class RxPath:
             self.on_broken(f"rx: {exc}")
         except RingError:
             pass
+        finally:
+            self.native.end()
 
     def _receive_batch(self) -> bool:
         """Copy out every response available (once), deliver the frames they complete, repost

@@ -32,6 +32,7 @@ from channels.shm import attach, create_segment, unlink_segment
 from dom0.netback.antispoof import SourceFilter
 from dom0.netback.datapath import Counters, TxPath
 from tests.unit.backend_hypercalls import Hypercalls, storm
+from tests.unit.pumps import both_pumps  # noqa: F401  (runs each test with both)
 
 FRONT = 5
 _ids = itertools.count()

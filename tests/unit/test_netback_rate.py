@@ -6,6 +6,7 @@ import pytest
 
 from dom0.netback import datapath
 from dom0.netback.datapath import RateLimit
+from tests.unit.pumps import both_pumps  # noqa: F401  (runs each test with both)
 
 
 class Clock:

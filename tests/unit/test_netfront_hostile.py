@@ -27,6 +27,7 @@ from channels.shm import Segment, attach, create_segment, unlink_segment
 from channels.tun import VNET_HDR_SIZE
 from domu.netfront.datapath import RxPath, TxPath
 from tests.unit.backend_hypercalls import Hypercalls, storm
+from tests.unit.pumps import both_pumps  # noqa: F401  (runs each test with both)
 
 PAGES = 32
 _ids = itertools.count()

@@ -1,0 +1,258 @@
+/* What every native pump shares: Xen's shared ring header, grant lookups, doorbells, waiting.
+ *
+ * The Python modules are the reference (channels/ring.py, channels/gnttab.py,
+ * channels/doorbell.py, channels/evtchn.py's LateEoi); each function here says which Python
+ * code it mirrors, and tests/unit/test_native_pumps.py feeds both the same rings.
+ *
+ * Everything the peer can write (ring indices, slots, grant entries) is read once into a local
+ * and checked there: a peer that rewrites shared memory meanwhile changes nothing we decided.
+ * The functions run with the GIL released: they touch no Python object.
+ */
+#ifndef HYPER_PUMP_H
+#define HYPER_PUMP_H
+
+#include <errno.h>
+#include <fcntl.h>
+#include <poll.h>
+#include <semaphore.h>
+#include <stdint.h>
+#include <string.h>
+#include <sys/uio.h>
+#include <time.h>
+#include <unistd.h>
+
+#define PAGE_SIZE 4096u
+#define RING_HEADER 64u
+#define HEAL_NS (10ull * 1000000000ull) /* a sleep re-checks its ring this often anyway */
+
+/* -- memory ordering (channels/ring.py's mb) ---------------------------------------------- */
+
+static inline void mb(void) { __atomic_thread_fence(__ATOMIC_SEQ_CST); }
+
+static inline uint32_t load32(const volatile uint32_t *p) {
+    return __atomic_load_n(p, __ATOMIC_ACQUIRE);
+}
+
+static inline void store32(volatile uint32_t *p, uint32_t v) {
+    __atomic_store_n(p, v, __ATOMIC_RELEASE);
+}
+
+static inline uint64_t now_ns(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
+}
+
+/* -- the shared ring (io/ring.h; channels/ring.py's FrontRing and BackRing) ----------------- */
+
+enum { REQ_PROD, REQ_EVENT, RSP_PROD, RSP_EVENT };
+
+typedef struct {
+    volatile uint32_t *sring; /* the header's four indices */
+    uint8_t *slots;
+    uint32_t nr, mask, slot; /* RING_SIZE, RING_SIZE - 1, bytes per slot */
+    /* back end: req_cons, rsp_prod_pvt, rsp_pushed; front end: req_prod_pvt, rsp_cons,
+       req_pushed. The same three words, named by the end that uses them. */
+    uint32_t cons, prod_pvt, pushed;
+    int broken;
+} ring_t;
+
+static inline uint8_t *ring_slot(const ring_t *r, uint32_t idx) {
+    return r->slots + (size_t)(idx & r->mask) * r->slot;
+}
+
+/* BackRing._snapshot: requests we may consume, or -1 (broken) for an impossible req_prod. */
+static inline int64_t back_unconsumed(ring_t *r) {
+    uint32_t req_prod = load32(&r->sring[REQ_PROD]);
+    if ((uint32_t)(req_prod - r->prod_pvt) > r->nr) { /* RING_REQUEST_PROD_OVERFLOW */
+        r->broken = 1;
+        return -1;
+    }
+    uint32_t ahead = req_prod - r->cons;
+    if (ahead > r->nr) {
+        r->broken = 1;
+        return -1;
+    }
+    uint32_t room = r->nr - (r->cons - r->prod_pvt); /* RING_REQUEST_CONS_OVERFLOW */
+    return ahead < room ? ahead : room;
+}
+
+/* FrontRing._snapshot: responses we may consume, or -1 (broken). */
+static inline int64_t front_unconsumed(ring_t *r) {
+    uint32_t rsp_prod = load32(&r->sring[RSP_PROD]);
+    uint32_t ahead = rsp_prod - r->cons;
+    if (ahead > (uint32_t)(r->pushed - r->cons)) { /* more answers than requests published */
+        r->broken = 1;
+        return -1;
+    }
+    return ahead;
+}
+
+/* _Ring._push: publish prod_pvt at index `prod`; 1 if the peer's event index asks a kick. */
+static inline int ring_push(ring_t *r, int prod, int event) {
+    uint32_t old = r->pushed, new_ = r->prod_pvt;
+    if (old == new_)
+        return 0;
+    r->pushed = new_;
+    store32(&r->sring[prod], new_);
+    mb();
+    return (uint32_t)(new_ - load32(&r->sring[event])) < (uint32_t)(new_ - old);
+}
+
+/* final_check_for_*: 1 if there is work; else arm our event index and look once more. */
+static inline int64_t ring_final_check(ring_t *r, int event, int64_t (*unconsumed)(ring_t *)) {
+    int64_t n = unconsumed(r);
+    if (n)
+        return n;
+    store32(&r->sring[event], r->cons + 1);
+    mb();
+    return unconsumed(r);
+}
+
+/* Free request slots at the front (RING_FREE_REQUESTS). */
+static inline uint32_t front_free(const ring_t *r) { return r->nr - (r->prod_pvt - r->cons); }
+
+/* -- doorbells (channels/doorbell.py) ----------------------------------------------------- */
+
+/* Doorbell.ring: post only if nobody has been told yet. */
+static inline void bell_ring(sem_t *sem) {
+    int value = 1;
+    mb();
+    if (sem_getvalue(sem, &value) == 0 && value == 0)
+        sem_post(sem); /* EOVERFLOW: already rung */
+}
+
+/* Doorbell.wait then _drain: 1 if rung, 0 on timeout. */
+static inline int bell_wait(sem_t *sem, uint64_t timeout_ns) {
+    struct timespec until;
+    clock_gettime(CLOCK_MONOTONIC, &until);
+    uint64_t ns = (uint64_t)until.tv_nsec + timeout_ns % 1000000000ull;
+    until.tv_sec += (time_t)(timeout_ns / 1000000000ull + ns / 1000000000ull);
+    until.tv_nsec = (long)(ns % 1000000000ull);
+    while (sem_clockwait(sem, CLOCK_MONOTONIC, &until) != 0) {
+        if (errno == ETIMEDOUT)
+            return 0;
+        if (errno != EINTR)
+            return 0; /* closed under us: the caller's stop flag ends the loop */
+    }
+    for (int i = 0; i < 64 && sem_trywait(sem) == 0; i++) /* DRAIN_LIMIT */
+        ;
+    return 1;
+}
+
+/* -- late EOI (channels/evtchn.py's LateEoi) ---------------------------------------------- */
+
+typedef struct {
+    uint32_t run;      /* spurious wakeups in a row */
+    uint64_t spurious; /* all of them */
+} late_eoi_t;
+
+/* LateEoi.idle: nanoseconds to hold off before sleeping on the channel again. */
+static inline uint64_t late_eoi_idle(late_eoi_t *l) {
+    l->run++;
+    l->spurious++;
+    if (l->run < 2)
+        return 0;
+    uint32_t shift = l->run - 2 < 30 ? l->run - 2 : 30;
+    uint64_t ns = 1000000ull << shift; /* 1 ms, 2, 4, ... */
+    return ns < 1000000000ull ? ns : 1000000000ull;
+}
+
+/* Sleep up to `ns` unless `stop_fd` becomes readable first. */
+static inline void pause_unless(int stop_fd, uint64_t ns) {
+    if (!ns)
+        return;
+    struct pollfd p = {.fd = stop_fd, .events = POLLIN};
+    poll(&p, 1, (int)((ns + 999999) / 1000000));
+}
+
+/* -- adaptive polling after activity (haltpoll's window) ---------------------------------
+ *
+ * A pump that has just done work looks again for up to `window` nanoseconds before it sleeps:
+ * a wakeup across the two vCPUs costs 20-100 us here, more than most gaps in a busy stream.
+ * The window grows (doubling, up to SPIN_MAX) when work turned up during the spin or soon after
+ * the sleep began, and shrinks (halving) when the sleep was long: a pump that keeps finding
+ * nothing stops spinning. An idle pump never spins: the spin follows work only. */
+
+#define SPIN_MAX 50000ull
+#define SPIN_START 10000ull
+
+typedef struct {
+    uint64_t window;
+} spin_t;
+
+static inline void spin_grow(spin_t *s) {
+    s->window = s->window ? s->window * 2 : 2000;
+    if (s->window > SPIN_MAX)
+        s->window = SPIN_MAX;
+}
+
+/* After a sleep that lasted `slept` ns: short sleeps mean the window was just too short. */
+static inline void spin_slept(spin_t *s, uint64_t slept) {
+    if (slept <= SPIN_MAX)
+        spin_grow(s);
+    else
+        s->window /= 2;
+}
+
+static inline void cpu_relax(void) { __builtin_ia32_pause(); }
+
+/* Is `fd` readable now? (no wait) */
+static inline int readable(int fd) {
+    struct pollfd p = {.fd = fd, .events = POLLIN};
+    return poll(&p, 1, 0) > 0 && (p.revents & (POLLIN | POLLERR | POLLHUP));
+}
+
+/* -- grants (channels/gnttab.py's MappedPool.resolve, channels/grants.py's cache) ---------- */
+
+#define GTF_permit_access 1u
+#define GTF_type_mask 3u
+#define GTF_readonly (1u << 2)
+#define MAX_POOLS 16
+
+typedef struct {
+    uint8_t *base;       /* the pool's mapping: its grant table, then its pages */
+    uint32_t gref_base;  /* grant ref of entry 0 */
+    uint32_t pages;      /* entries, and pages */
+    uint32_t data_off;   /* where page 0 starts */
+    uint8_t *checked[2]; /* per entry: already checked for read-only, for writable use */
+} pool_t;
+
+typedef struct {
+    pool_t pool[MAX_POOLS];
+    int n;
+    uint16_t domid; /* who we are: entries must be granted to us */
+} grants_t;
+
+enum { G_OK, G_MISS, G_BAD };
+
+/* The page behind `gref` (G_OK), or G_MISS (in no pool we map: Python refreshes) or G_BAD (the
+ * granter does not allow it: an error response). A ref checked once stays usable while its
+ * pool is mapped (persistent grants; GrantMapper._checked). */
+static inline int grant_page(grants_t *g, uint32_t gref, int write, uint8_t **page) {
+    for (int i = 0; i < g->n; i++) {
+        pool_t *p = &g->pool[i];
+        uint32_t index = gref - p->gref_base;
+        if (gref < p->gref_base || index >= p->pages)
+            continue;
+        if (!p->checked[write][index]) {
+            uint64_t entry = __atomic_load_n((uint64_t *)(p->base + (size_t)index * 8),
+                                             __ATOMIC_RELAXED); /* one copy of the entry */
+            uint32_t flags = entry & 0xFFFF, domid = (entry >> 16) & 0xFFFF;
+            uint32_t frame = (uint32_t)(entry >> 32);
+            if ((flags & GTF_type_mask) != GTF_permit_access || domid != g->domid ||
+                frame >= p->pages || (write && (flags & GTF_readonly)))
+                return G_BAD;
+            p->checked[write][index] = 1;
+            /* The frame is remembered with the check (the granter cannot move it later). */
+            memcpy(p->checked[write] + p->pages + (size_t)index * 4, &frame, 4);
+        }
+        uint32_t frame;
+        memcpy(&frame, p->checked[write] + p->pages + (size_t)index * 4, 4);
+        *page = p->base + p->data_off + (size_t)frame * PAGE_SIZE;
+        return G_OK;
+    }
+    return G_MISS;
+}
+
+#endif

@@ -1,0 +1,126 @@
+"""Which data-path pumps run: the native ones (``channels._netpump``, built from
+``channels/native/``) when they are built, else the Python reference.
+
+The native pumps are the batch loops between a TAP and the netif rings (issue 13): each runs,
+GIL released, until it is stopped, sees a protocol violation, or meets a frame it leaves to the
+Python path (netback tx hands back anything but the common case: channels/native/netpump.c).
+The Python classes in dom0/netback/datapath.py and domu/netfront/datapath.py stay the reference
+implementation: they run wherever the extension is not built, and ``HYPER_PUMPS=python`` in the
+environment forces them (the differential tests run both; a domain inherits the variable from
+hyperd). ``hyperctl info`` shows which is in use (``describe``).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from types import ModuleType
+from typing import Any
+
+from channels.evtchn import LateEoi
+from channels.ring import BackRing, FrontRing
+
+try:
+    from channels import _netpump
+except ImportError as exc:  # not built: the reference runs
+    _netpump = None
+    _WHY_NOT = str(exc)
+else:
+    _WHY_NOT = ""
+
+ENV = "HYPER_PUMPS"
+
+# channels/native/netpump.c's kinds of pump, and how its run() ends (checked against the module
+# by tests/unit/test_native_pumps.py).
+NETBACK_TX, NETBACK_RX, NETFRONT_TX, NETFRONT_RX = range(4)
+STOPPED, FATAL, FALLBACK, MISS, BROKEN = range(5)
+
+
+def native() -> ModuleType | None:
+    """The native netif pumps, or None when the Python reference must run."""
+    if os.environ.get(ENV, "").lower() == "python":
+        return None
+    return _netpump
+
+
+def describe() -> str:
+    """One line for ``hyperctl info``: which pumps a data path started now would run."""
+    if native() is not None:
+        return "native (channels._netpump)"
+    if _netpump is not None:
+        return f"python ({ENV}=python)"
+    return f"python (native pumps not built: {_WHY_NOT})"
+
+
+def _make(
+    kind: int, ring: BackRing | FrontRing, tap_fd: int, doorbells: tuple[str, str | None], **kw: Any
+) -> Any:
+    """A native Pump of ``kind`` over ``ring``, from where the ring is now; None when the
+    native pumps do not run or the peer's doorbell is not known yet."""
+    module = native()
+    mine, peer = doorbells
+    if module is None or peer is None:
+        return None
+    return module.Pump(
+        kind, ring.area, ring.slot_size, ring.nr_ents, *ring.indices(), tap_fd, mine, peer, **kw
+    )
+
+
+def ended(ring: BackRing | FrontRing, pump: Any, result: tuple[int, str, int]) -> int:
+    """Hand the ring back to Python after ``pump.run()`` returned ``result``; the code, unless
+    the peer broke the ring (RingBroken, as the Python path raises it)."""
+    ring.adopt(*pump.indices)
+    code, why, _ = result
+    if code == BROKEN:
+        ring.broke(why)
+    return code
+
+
+class NativePump:
+    """A data-path thread's native pump: made in that thread (``start``), stopped from any
+    (``stop``; a stop before ``start`` keeps it from running at all), let go when the thread
+    is done (``end``), so that the ring and pools it holds can be unmapped."""
+
+    def __init__(self, late_eoi: LateEoi | None = None) -> None:
+        self._lock = threading.Lock()
+        self._pump: Any = None
+        self._stopped = False
+        self._late_eoi = late_eoi  # where the pump's spurious wakeups are counted
+
+    def start(
+        self,
+        kind: int,
+        ring: BackRing | FrontRing,
+        tap_fd: int,
+        doorbells: tuple[str, str | None],
+        **kw: Any,
+    ) -> Any:
+        """The pump, or None when the Python path must run (not built, not wanted, stopped)."""
+        with self._lock:
+            if self._stopped:
+                return None
+            self._pump = _make(kind, ring, tap_fd, doorbells, **kw)
+            if self._pump is not None and self._late_eoi is not None:
+                self._late_eoi.adopt(self._pump)
+            return self._pump
+
+    def stop(self) -> None:
+        with self._lock:
+            self._stopped = True
+            if self._pump is not None:
+                self._pump.stop()
+
+    def end(self) -> None:
+        with self._lock:
+            if self._pump is not None and self._late_eoi is not None:
+                self._late_eoi.adopt(None)
+            self._pump = None
+
+    def serve(self, ring: FrontRing, pump: Any, misbehaved: type[Exception]) -> None:
+        """A frontend's pump, run until stopped: it has no Python fallback (what it reads from
+        the backend is answers, each either right or a violation): a violation raises
+        ``misbehaved`` (or RingBroken)."""
+        code, why, _ = result = pump.run()
+        if ended(ring, pump, result) == FATAL:
+            raise misbehaved(why)
+        assert code == STOPPED, f"a frontend pump ended with {code}"
