@@ -588,29 +588,22 @@ def machine_cpu(path: dict[str, Any] | None, key: str) -> float | None:
 def cpu_table(results: dict[str, Any]) -> Table:
     paths = results["paths"]
     t = Table(
-        title="CPU per 1,000 IOPS (fio) or per GB/s (dd) over each run: the whole machine "
-        "(/proc/stat), % of one CPU"
+        title="CPU over each run: the whole machine (/proc/stat), % of one CPU, and per 1,000 "
+        "IOPS (fio) or per GB/s (dd)"
     )
-    names = [name for name in paths if "runs" in paths[name]]
-    t.add_column("run", justify="left")
-    t.add_column("per", justify="left")
-    for name in names:
-        t.add_column(f"{name} busy %", justify="right")
-        t.add_column(f"{name} per unit", justify="right")
-        if name != RAW:
-            t.add_column("x raw", justify="right")
-    for run_ in RUNS:
-        cells = [run_.label, "GB/s" if run_.is_dd else "1k IOPS"]
-        for name in names:
-            machine = paths[name]["runs"].get(run_.key, {}).get("machine") or {}
-            per = machine_cpu(paths[name], run_.key)
-            cells += [
-                f"{machine['busy_percent']:.0f}" if machine else "",
-                f"{per:.1f}" if per is not None else "",
-            ]
-            if name != RAW:
-                cells.append(ratio(per, machine_cpu(paths.get(RAW), run_.key)))
-        t.add_row(*cells)
+    for col in ("path", "run", "figure", "machine busy %", "% CPU per unit", "unit", "x raw"):
+        t.add_column(col, justify="left" if col in ("path", "run", "unit") else "right")
+    for name, path in paths.items():
+        for run_ in RUNS:
+            r = path.get("runs", {}).get(run_.key, {})
+            if "machine" not in r:
+                continue
+            per, raw = machine_cpu(path, run_.key), machine_cpu(paths.get(RAW), run_.key)
+            t.add_row(
+                name, run_.label, f"{shown(r['value'], run_)} {run_.unit}",
+                f"{r['machine']['busy_percent']:.0f}", f"{per:.1f}" if per is not None else "",
+                "GB/s" if run_.is_dd else "1k IOPS", ratio(per, raw), end_section=run_ is RUNS[-1],
+            )  # fmt: skip
     return t
 
 

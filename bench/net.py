@@ -772,7 +772,8 @@ def stage_tables(results: dict[str, Any]) -> list[Table]:
         if runs:
             title = (
                 f"{name}: per stage and thread name, per 1,000 frames of the stage's vif "
-                "(netback's packets, both ways); run = schedstat's time on a CPU"
+                "(netback's packets, both ways; dom0: all the path's vifs); run = schedstat's "
+                "time on a CPU"
             )
             tables.append(stage_table(title, runs, "frames"))
     return tables
