@@ -124,11 +124,19 @@ def _switches(status: str) -> tuple[int, int]:
     return found.get("voluntary_ctxt_switches", 0), found.get("nonvoluntary_ctxt_switches", 0)
 
 
+def _stat(path: Path) -> tuple[str, list[str]]:
+    """A /proc stat file: the name between its parentheses (it may hold any character), and the
+    fields after it (``state`` is fields[0], ``ppid`` [1], ``utime`` [11], ``stime`` [12])."""
+    text = path.read_text()
+    end = text.rindex(")")
+    return text[text.index("(") + 1 : end], text[end + 1 :].split()
+
+
 def read_thread(pid: int, tid: int) -> ThreadTimes | None:
     """One thread's figures; None if it has ended."""
     task = Path(f"/proc/{pid}/task/{tid}")
     try:
-        stat = (task / "stat").read_text()
+        comm, fields = _stat(task / "stat")
         voluntary, nonvoluntary = _switches((task / "status").read_text())
         try:
             run_ns: int | None = int((task / "schedstat").read_text().split()[0])
@@ -136,8 +144,6 @@ def read_thread(pid: int, tid: int) -> ThreadTimes | None:
             run_ns = None
     except (FileNotFoundError, ProcessLookupError):
         return None
-    comm = stat[stat.index("(") + 1 : stat.rindex(")")]
-    fields = stat[stat.rindex(")") + 1 :].split()
     return ThreadTimes(comm, int(fields[11]) + int(fields[12]), run_ns, voluntary, nonvoluntary)
 
 
@@ -154,10 +160,9 @@ def threads_of(pid: int) -> dict[int, ThreadTimes]:
 def process_ticks(pid: int) -> int | None:
     """utime + stime of the whole process, ended threads included; None if it is gone."""
     try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
+        _, fields = _stat(Path(f"/proc/{pid}/stat"))
     except (FileNotFoundError, ProcessLookupError):
         return None
-    fields = stat[stat.rindex(")") + 1 :].split()
     return int(fields[11]) + int(fields[12])
 
 
@@ -168,19 +173,12 @@ def children(pid: int) -> list[int]:
         if not entry.isdigit():
             continue
         try:
-            stat = Path(f"/proc/{entry}/stat").read_text()
+            _, fields = _stat(Path(f"/proc/{entry}/stat"))
         except (FileNotFoundError, ProcessLookupError):
             continue
-        if int(stat[stat.rindex(")") + 1 :].split()[1]) == pid:
+        if int(fields[1]) == pid:
             found.append(int(entry))
     return found
-
-
-def comm(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/comm").read_text().strip()
-    except (FileNotFoundError, ProcessLookupError):
-        return "?"
 
 
 # -- stages -----------------------------------------------------------------------------------
