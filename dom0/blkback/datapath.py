@@ -58,6 +58,7 @@ from channels.evtchn import EventChannel, LateEoi
 from channels.gnttab import GrantError, GrantViolation
 from channels.grants import GrantMapper
 from channels.ring import BackRing, RingBroken, RingError
+from channels.threadname import NamedThread
 from dom0.datapath_worker import CounterPage
 
 log = logging.getLogger(__name__)
@@ -206,9 +207,13 @@ class VbdPath:
         self._fatal_sent = False
         self.late_eoi = LateEoi()
         name = f"blkback {ring.name}"
-        self.threads = [threading.Thread(target=self._dispatch, name=f"{name} dispatch")]
+        # Kernel names shared by all threads of a kind: per-thread figures add them up.
+        self.threads = [
+            NamedThread(target=self._dispatch, name=f"{name} dispatch", native_name="blkback-disp")
+        ]
         self.threads += [
-            threading.Thread(target=self._serve, name=f"{name} io{i}") for i in range(io_threads)
+            NamedThread(target=self._serve, name=f"{name} io{i}", native_name="blkback-io")
+            for i in range(io_threads)
         ]
         for thread in self.threads:
             thread.daemon = True
