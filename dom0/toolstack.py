@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from channels import blkif, xenbus
+from channels import blkif, pumps, xenbus
 from channels import hypercall as hc
 from channels.xenbus import XenbusState
 from channels.xs import Perm, XsClient, XsError
@@ -549,8 +549,9 @@ class Toolstack:
         return result
 
     def m_info(self) -> Any:
-        """Always allowed: host and hypervisor facts."""
-        return self.hc.call(hc.SysctlInfo())
+        """Always allowed: host and hypervisor facts, and which data-path pumps the backends
+        dom0 starts run (channels.pumps: native or the Python reference)."""
+        return {**self.hc.call(hc.SysctlInfo()), "pumps": pumps.describe()}
 
     def m_dmesg(self, clear: bool = False) -> Any:
         """Always allowed: the hypervisor's log."""

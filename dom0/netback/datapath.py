@@ -20,7 +20,6 @@ import contextlib
 import errno
 import logging
 import os
-import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -32,6 +31,7 @@ from channels.evtchn import EventChannel, LateEoi
 from channels.gnttab import GrantError, GrantViolation
 from channels.grants import GrantMapper
 from channels.ring import BackRing, RingBroken, RingError
+from channels.threadname import NamedThread
 from channels.tun import VNET_HDR_SIZE, TapWaiter
 from dom0.datapath_worker import CounterPage
 from dom0.netback.antispoof import SourceFilter
@@ -199,7 +199,7 @@ class TxPath:
         self._responses: list[int] = []  # flat (id, status) pairs, in slot order
         self.late_eoi = LateEoi()
         self.native = pumps.NativePump(self.late_eoi)
-        self.thread = threading.Thread(target=self._run, name="netback-tx", daemon=True)
+        self.thread = NamedThread(target=self._run, name="netback-tx", daemon=True)
 
     def stop(self) -> None:
         self.stopping = True
@@ -461,7 +461,7 @@ class RxPath:
         self._responses: list[int] = []  # flat (id, offset, flags, status) per slot
         self._header = bytearray(VNET_HDR_SIZE)
         self.native = pumps.NativePump()
-        self.thread = threading.Thread(target=self._run, name="netback-rx", daemon=True)
+        self.thread = NamedThread(target=self._run, name="netback-rx", daemon=True)
 
     def stop(self) -> None:
         self.stopping = True

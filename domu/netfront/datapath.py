@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 import os
-import threading
 from collections.abc import Callable
 
 from channels import netif as N
@@ -20,6 +19,7 @@ from channels import pumps
 from channels.evtchn import EventChannel, LateEoi
 from channels.gnttab import GrantPool
 from channels.ring import FrontRing, RingBroken, RingError
+from channels.threadname import NamedThread
 from channels.tun import VNET_HDR_SIZE, TapWaiter
 
 log = logging.getLogger(__name__)
@@ -61,7 +61,7 @@ class TxPath:
         self._header = bytearray(VNET_HDR_SIZE)
         self._region = pool.region()
         self.native = pumps.NativePump(self.late_eoi)
-        self.thread = threading.Thread(target=self._run, name="netfront-tx", daemon=True)
+        self.thread = NamedThread(target=self._run, name="netfront-tx", daemon=True)
 
     def stop(self) -> None:
         self.stopping = True
@@ -193,7 +193,7 @@ class RxPath:
         self.late_eoi = LateEoi()  # a backend ringing for nothing (a storm) is slowed down
         self._region = pool.region()
         self.native = pumps.NativePump(self.late_eoi)
-        self.thread = threading.Thread(target=self._run, name="netfront-rx", daemon=True)
+        self.thread = NamedThread(target=self._run, name="netfront-rx", daemon=True)
 
     def post_all(self) -> None:
         self._post(list(range(min(len(self.pages), self.ring.nr_ents))))
