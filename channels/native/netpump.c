@@ -665,6 +665,8 @@ static int netfront_rx_batch(pump_t *p) {
     }
     if (!n)
         return 0;
+    if (n > 256)
+        n = 256; /* a batch at most (a 4 KiB netif ring has 256 slots); the rest comes next */
     uint32_t first = p->ring.cons;
     rx_rsp_t r[256];
     uint32_t pages[256];

@@ -1,0 +1,114 @@
+"""Seed inputs for netpump_fuzz.c: honest traffic, which the fuzzer then mutates.
+
+``python3 seeds.py DIR`` writes DIR/<TARGET>.corpus/seed-N for each pump, in the input layout
+netpump_fuzz.c describes: mode, four indices, (backends) the grant entries, the slots, the
+pages' first bytes, (netback rx) the frame.
+"""
+
+from __future__ import annotations
+
+import struct
+import sys
+from pathlib import Path
+
+POOL_PAGES, GREF_BASE = 1, 8
+HEAD = bytes.fromhex(
+    "ffffffffffff 00163e000001 0800 4500 0054 0000 4000 4006 0000 0a000002 0a000001"
+    "0001 0002 00000000 00000000 5010 ffff 0000 0000"
+)
+ENTRIES = b"".join(struct.pack("<HHI", 1, 0, i) for i in range(POOL_PAGES))
+RO_ENTRIES = b"".join(struct.pack("<HHI", 5, 0, i) for i in range(POOL_PAGES))
+
+
+def tx_slot(gref: int, offset: int, flags: int, rid: int, size: int) -> bytes:
+    return struct.pack("<IHHHH", gref, offset, flags, rid, size)
+
+
+def gso_extra(size: int = 1448) -> bytes:
+    return struct.pack("<BBHBxHxxxx", 1, 0, size, 1, 0)
+
+
+def layout(
+    indices: tuple[int, int, int, int], entries: bytes, slots: list[bytes], tail: bytes
+) -> bytes:
+    return (
+        b"\0"
+        + struct.pack("<IIII", *indices)
+        + entries
+        + bytes([len(slots)])
+        + b"".join(slots)
+        + tail
+    )
+
+
+def netback_tx() -> list[bytes]:
+    pages = HEAD.ljust(256, b"\0") * 2
+    return [
+        layout((0, 0, 0, 0), RO_ENTRIES, [tx_slot(8, 0, 0, 1, len(HEAD))], pages),
+        layout(
+            (5, 5, 5, 0),
+            RO_ENTRIES,
+            [
+                tx_slot(8, 0, 1 | 4 | 8, 1, 3000),
+                gso_extra(),
+                tx_slot(8, 0, 4, 2, 1000),
+                tx_slot(8, 100, 0, 3, 1000),
+            ],
+            pages,
+        ),
+        layout(
+            (250, 250, 250, 0),
+            RO_ENTRIES,
+            [tx_slot(8 + i % 8, 0, 4, i, 4096) for i in range(12)] + [tx_slot(8, 0, 0, 12, 100)],
+            pages,
+        ),
+    ]
+
+
+def netback_rx() -> list[bytes]:
+    posted = [struct.pack("<HxxI", i, GREF_BASE + i % POOL_PAGES) for i in range(40)]
+    vnet_plain = bytes(10)
+    vnet_gso = struct.pack("<BBHHHH", 1, 1, 54, 1448, 34, 16)
+    return [
+        layout((0, 0, 0, 0), ENTRIES, posted, vnet_plain + HEAD + bytes(100)),
+        layout((7, 7, 7, 0), ENTRIES, posted, vnet_gso + HEAD + bytes(20000)),
+        layout((0, 0, 0, 0), ENTRIES, posted, vnet_plain + HEAD + bytes(9000)),
+    ]
+
+
+def netfront_tx() -> list[bytes]:
+    return [
+        layout(
+            (0, 0, 0, 0), b"", [struct.pack("<Hh", i, 0).ljust(12, b"\0") for i in range(5)], b""
+        ),
+        layout((3, 3, 3, 0), b"", [struct.pack("<Hh", 0, 1).ljust(12, b"\0")], b""),
+    ]
+
+
+def netfront_rx() -> list[bytes]:
+    one = [struct.pack("<HHHh", 0, 0, 0, len(HEAD))]
+    gso = [
+        struct.pack("<HHHh", 0, 0, 4 | 8, 4096),
+        struct.pack("<HHHh", 1, 1448, 1, 0),
+        struct.pack("<HHHh", 2, 0, 4, 4096),
+        struct.pack("<HHHh", 3, 0, 0, 500),
+    ]
+    pages = HEAD.ljust(256, b"\0") * 4
+    return [layout((0, 0, 0, 0), b"", one, pages), layout((9, 9, 9, 0), b"", gso, pages)]
+
+
+def main(out: Path) -> None:
+    for target, seeds in (
+        ("NETBACK_TX", netback_tx()),
+        ("NETBACK_RX", netback_rx()),
+        ("NETFRONT_TX", netfront_tx()),
+        ("NETFRONT_RX", netfront_rx()),
+    ):
+        corpus = out / f"{target}.corpus"
+        corpus.mkdir(parents=True, exist_ok=True)
+        for i, seed in enumerate(seeds):
+            (corpus / f"seed-{i}").write_bytes(seed)
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]))
