@@ -114,14 +114,23 @@ class EventChannel:
         self._doorbell = Doorbell(doorbell)
         self._peer: Doorbell | None = Doorbell(peer_doorbell) if peer_doorbell else None
         self._closed = False
+        self._bound = threading.Event()  # set once the peer's doorbell is known
+        if self._peer is not None:
+            self._bound.set()
 
     def _refresh(self) -> bool:
         """An unbound port learns its peer's doorbell once the peer has bound to it."""
         status = self._hc.call(EvtchnStatus(port=self.port))
         if status.get("peer_doorbell"):
             self._peer = Doorbell(status["peer_doorbell"])
+            self._bound.set()
             return True
         return False
+
+    def wait_bound(self, timeout: float) -> bool:
+        """Wait until someone has learnt the peer's doorbell (``doorbell_names``, ``notify``):
+        a frontend's driver does as its backend says Connected. True once known."""
+        return self._bound.wait(timeout)
 
     def doorbell_names(self) -> tuple[str, str | None]:
         """(ours, the peer's): what a process that only rings and waits needs to open. The

@@ -12,12 +12,14 @@ hyperd). ``hyperctl info`` shows which is in use (``describe``).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 from types import ModuleType
 from typing import Any
 
 from channels.evtchn import LateEoi
+from channels.hypercall import HypercallError
 from channels.ring import BackRing, FrontRing
 
 try:
@@ -103,6 +105,20 @@ class NativePump:
             if self._pump is not None and self._late_eoi is not None:
                 self._late_eoi.adopt(self._pump)
             return self._pump
+
+    def doorbells(self, evtchn: Any, stopping: Any) -> tuple[str, str | None]:
+        """A frontend's channel's doorbells, once its backend has bound the port (a native
+        pump rings the peer's directly, so it cannot start before); the peer's is None if the
+        path was stopped first."""
+        waited = 0
+        while not evtchn.wait_bound(0.2):
+            if stopping():
+                return evtchn.doorbell_names()[0], None
+            waited += 1
+            if waited % 25 == 0:  # the driver's own look failed (hyperd restarting): ask too
+                with contextlib.suppress(HypercallError):
+                    evtchn.doorbell_names()
+        return evtchn.doorbell_names()
 
     def stop(self) -> None:
         with self._lock:

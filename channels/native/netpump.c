@@ -740,6 +740,10 @@ static int sleep_on_bell(pump_t *p, int worked, int (*has_work)(pump_t *)) {
         while (now_ns() < until && !p->stopping) {
             if (has_work(p)) {
                 spin_grow(&p->spin);
+                /* The peer may have rung for what we found: that ring must not wake us later
+                   as if for nothing (late EOI would count it against the peer). */
+                for (int i = 0; i < 64 && sem_trywait(p->mine) == 0; i++)
+                    ;
                 return 0;
             }
             cpu_relax();
@@ -760,6 +764,7 @@ static int wait_tap(pump_t *p, int worked) {
                 spin_grow(&p->spin);
                 return 1;
             }
+            cpu_relax();
         }
     }
     struct pollfd fds[2] = {{.fd = p->tap_fd, .events = POLLIN}, {.fd = p->stop_fd, .events = POLLIN}};

@@ -14,6 +14,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <poll.h>
+#include <sched.h>
 #include <semaphore.h>
 #include <stdint.h>
 #include <string.h>
@@ -195,7 +196,9 @@ static inline void spin_slept(spin_t *s, uint64_t slept) {
         s->window /= 2;
 }
 
-static inline void cpu_relax(void) { __builtin_ia32_pause(); }
+/* One turn of a spin: give the CPU to any other runnable thread (the peer we wait for may be
+   one), so that polling only ever uses a CPU that would otherwise idle, as haltpoll does. */
+static inline void cpu_relax(void) { sched_yield(); }
 
 /* Is `fd` readable now? (no wait) */
 static inline int readable(int fd) {
