@@ -49,6 +49,7 @@ import stat
 import sys
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -72,34 +73,62 @@ FUSE_DEVICE = "/dev/fuse"
 
 class Landing:
     """What each request is read into: a header buffer of ``HEAD_ROOM`` bytes (a WRITE's
-    in_header and write_in, so its data starts in the next buffer), then ``pages`` granted data
-    pages, as runs of the pool. A WRITE takes the pages its data landed in; the landing takes
-    new ones from the pool before the next read (the kernel refuses a read into less room than
-    its largest WRITE)."""
+    in_header and write_in, so its data starts in the next buffer), then at least ``pages``
+    granted data pages, as runs of the pool. A WRITE takes the pages its data landed in; before
+    the next read the landing tops itself up from the pool (the kernel refuses a read into less
+    room than its largest WRITE), ``REFILL`` pages or more at a time.
+
+    Why in blocks: a 4 KiB write takes one page off the front; topped up a page at a time, the
+    landing would soon be 256 pages from all over the pool, a readv of 257 buffers. Taken 64 at
+    a time, and with adjacent runs merged into one buffer, it stays a handful of buffers, and
+    the pages it hands out come back to the pool together, as blocks the buddy allocator merges.
+    """
+
+    REFILL = 64
 
     def __init__(self, disk: DiskPath, pages: int) -> None:
         self.disk = disk
         self.pages = pages
         self.head = bytearray(F.HEAD_ROOM)
         self.buffers: list[bytearray | memoryview] = [self.head]
-        self._runs: list[Run] = []
+        self._runs: deque[Run] = deque()  # as the pool handed them out: each freed on its own
+        self._stretches: list[list[int]] = []  # [first, pages] of adjacent runs: one buffer each
+        self._held = 0
 
     def fill(self) -> None:
         """Back to ``pages`` pages, waiting for the pool if it is short."""
-        held = sum(count for _, count in self._runs)
-        if held < self.pages:
-            self._runs += self.disk.take_pages(self.pages - held) or []
-            self.buffers = [self.head, *self.disk.views(self._runs, self.pages * PAGE_SIZE)]
+        if self._held >= self.pages:
+            return
+        for first, count in self.disk.take_pages(max(self.REFILL, self.pages - self._held)) or ():
+            self._runs.append((first, count))
+            self._held += count
+            last = self._stretches[-1] if self._stretches else None
+            if last is not None and last[0] + last[1] == first:
+                last[1] += count
+            else:
+                self._stretches.append([first, count])
+        self._rebuild()
 
     def take(self, nbytes: int) -> list[Run]:
         """The runs holding the first ``nbytes`` after the header: they are the caller's now."""
         count = -(-nbytes // PAGE_SIZE)
+        self._held -= count
         taken: list[Run] = []
-        while count > 0:
-            head, tail = Extents.split(self._runs[0], count)
+        left = count
+        while left > 0:
+            head, tail = Extents.split(self._runs.popleft(), left)
             taken += head
-            count -= sum(n for _, n in head)
-            self._runs[0:1] = tail
+            left -= sum(n for _, n in head)
+            self._runs.extendleft(reversed(tail))
+        while count > 0:
+            stretch = self._stretches[0]
+            if stretch[1] <= count:
+                count -= self._stretches.pop(0)[1]
+            else:
+                stretch[0] += count
+                stretch[1] -= count
+                count = 0
+        self._rebuild()
         return taken
 
     def peek(self, nbytes: int) -> bytes:
@@ -108,8 +137,13 @@ class Landing:
 
     def release(self) -> None:
         self.disk.give_pages(self._runs)
-        self._runs = []
+        self._runs.clear()
+        self._stretches = []
+        self._held = 0
         self.buffers = [self.head]
+
+    def _rebuild(self) -> None:
+        self.buffers = [self.head, *self.disk.views(self._stretches, self._held * PAGE_SIZE)]
 
 
 class FuseSession:
@@ -450,19 +484,18 @@ def serve(params: dict[str, Any]) -> None:
     mountpoint = params["mountpoint"]
     threading.Thread(target=_follow_the_kernel, args=(disk, mountpoint), daemon=True).start()
     try:
+        # The descriptor stays open until the process exits: a helper thread answering
+        # late writes to it, and never to another file that took its number.
         fd = mount(mountpoint, readonly=params["readonly"], fsname=f"xvd:{params['name']}")
-        try:
-            session = FuseSession(
-                fd,
-                disk,
-                readonly=params["readonly"],
-                uid=params["uid"],
-                gid=params["gid"],
-                on_mounted=lambda: _say("mounted"),
-            )
-            session.run()
-        finally:
-            os.close(fd)
+        session = FuseSession(
+            fd,
+            disk,
+            readonly=params["readonly"],
+            uid=params["uid"],
+            gid=params["gid"],
+            on_mounted=lambda: _say("mounted"),
+        )
+        session.run()
     finally:
         disk.stop()
 
