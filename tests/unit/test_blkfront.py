@@ -702,3 +702,31 @@ def test_a_backend_that_breaks_the_protocol_fails_the_disk_with_eio(hostile_fuse
     assert kernel.reply() == (unique, -errno.EIO, b"")
     assert kernel.write(0, bytes(4096))[0] == -errno.EIO, "a broken disk stays broken"
     assert len(rig.broken) == 1 and "not in flight" in rig.broken[0]
+
+
+def test_a_write_to_a_sector_being_patched_waits_without_holding_up_other_requests(
+    hostile_fuse: Session,
+) -> None:
+    kernel, rig = hostile_fuse.kernel, hostile_fuse.rig
+    image = bytearray(DISK)
+    patch = kernel.send(F.FUSE_WRITE, F.WRITE_IN.pack(0, 100, 5, 0, 0, os.O_RDWR, 0), b"hello")
+    [read] = _requests(rig, 1)
+    assert (read.operation, read.sector_number) == (B.BLKIF_OP_READ, 0), "the patch reads first"
+
+    whole = kernel.send(F.FUSE_WRITE, F.WRITE_IN.pack(0, 0, 512, 0, 0, os.O_RDWR, 0), b"w" * 512)
+    other = kernel.send(F.FUSE_READ, F.READ_IN.pack(0, 8192, 4096, 0, 0, os.O_RDWR, 0))
+    [elsewhere] = _requests(rig, 1)
+    assert elsewhere.sector_number == 16, "the write to sector 0 waits; the READ behind it does not"
+    _serve(rig, image, elsewhere)
+    assert kernel.reply()[:2] == (other, 0)
+
+    _serve(rig, image, read)
+    [write_back] = _requests(rig, 1)
+    assert (write_back.operation, write_back.sector_number) == (B.BLKIF_OP_WRITE, 0)
+    _serve(rig, image, write_back)
+    [held] = _requests(rig, 1)  # posted as the patch lets go of the sector
+    assert (held.operation, held.sector_number) == (B.BLKIF_OP_WRITE, 0)
+    _serve(rig, image, held)
+    answers = {kernel.reply()[:2], kernel.reply()[:2]}
+    assert answers == {(patch, 0), (whole, 0)}
+    assert bytes(image[:512]) == b"w" * 512, "the whole-sector write came after the patch"
