@@ -335,10 +335,6 @@ class DiskPath:
         """Start taking responses (the reaper thread)."""
         self._reaper.start()
 
-    @property
-    def broken(self) -> bool:
-        return self._broken is not None
-
     # -- pages ----------------------------------------------------------------------------------
 
     def take_pages(self, count: int, *, wait: bool = True) -> list[Run] | None:
@@ -382,15 +378,12 @@ class DiskPath:
         if operation != B.BLKIF_OP_WRITE:
             self._post(operation, offset, runs, nbytes, done)
             return
-
-        def go(token: int) -> None:
-            def answered(status: int) -> None:
-                self._gate.leave_write(token)
-                done(status)
-
-            self._post(operation, offset, runs, nbytes, answered)
-
-        self._gate.write(offset, offset + nbytes, go)
+        self._through_gate(
+            offset,
+            offset + nbytes,
+            lambda answered: self._post(operation, offset, runs, nbytes, answered),
+            done,
+        )
 
     def post_flush(self, done: Done) -> None:
         """FLUSH_DISKCACHE: every write answered before it is durable once it is answered."""
@@ -400,17 +393,27 @@ class DiskPath:
     def post_discard(self, first: int, count: int, done: Done) -> None:
         """DISCARD ``count`` sectors from sector ``first`` (a write of zeros, to the gate)."""
 
+        def pack(rid: int) -> bytes:
+            return B.Request.discard(rid, first, count).pack()
+
+        def send(answered: Done) -> None:
+            self._submit(pack, B.BLKIF_OP_DISCARD, answered)
+
+        start = first * B.SECTOR_SIZE
+        self._through_gate(start, start + count * B.SECTOR_SIZE, send, done)
+
+    def _through_gate(self, start: int, end: int, send: Callable[[Done], None], done: Done) -> None:
+        """``send(answered)`` once the gate lets a write of ``[start, end)`` through;
+        ``answered`` lets go of the gate, then calls ``done``."""
+
         def go(token: int) -> None:
             def answered(status: int) -> None:
                 self._gate.leave_write(token)
                 done(status)
 
-            discard = B.Request.discard
-            self._submit(
-                lambda rid: discard(rid, first, count).pack(), B.BLKIF_OP_DISCARD, answered
-            )
+            send(answered)
 
-        self._gate.write(first * B.SECTOR_SIZE, (first + count) * B.SECTOR_SIZE, go)
+        self._gate.write(start, end, go)
 
     def _post(
         self, operation: int, offset: int, runs: Sequence[Run], nbytes: int, done: Done
