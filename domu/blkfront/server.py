@@ -4,29 +4,43 @@ The domain kernel negotiates the disk (XenBus, grant pools, the event channel) a
 this process in its own namespaces, as the domain's root, with one JSON object on stdin: the
 disk's name and mount point (``/dev/xvda``), its size, whether it is read-only, the largest
 request the backend takes, the shared objects to open (ring page, data pages, indirect pages:
-pool name, first gref, pages) and the two doorbells. It mounts a FUSE file system whose root
-*is* the disk, over the regular file the kernel made at the mount point, with mfusepy (ctypes
-over libfuse3's multi-threaded loop), and serves it until its stdin closes (the kernel
-disconnects the disk) or the file system is unmounted. While it serves, the kernel may send
-``reset`` on stdin: the backend restarted, and the ring starts over (DiskPath.reset).
+pool name, first gref, pages) and the two doorbells. It opens ``/dev/fuse``, mounts it over
+the regular file the kernel made at the mount point (mount(2) itself, as the root of the
+domain's user namespace, which FUSE allows; no fusermount, no libfuse), speaks the kernel's
+FUSE protocol (domu/blkfront/fuse_wire.py) for a file system whose root *is* the disk, and
+serves it until its stdin closes (the kernel disconnects the disk: it unmounts) or the file
+system is unmounted. While it serves, the kernel may send ``reset`` on stdin: the backend
+restarted, and the ring starts over (DiskPath.reset).
 
-A process of its own, not a thread of the kernel: FUSE callbacks and the copies into the
-granted pages get an interpreter (and a GIL) of their own, libfuse's signal handling stays out
-of the kernel, and a server that dies takes only its disk with it.
+Threads, and why no thread waits for a ring round trip:
 
-Mount options: ``allow_other`` (the workload is another uid of the domain's user namespace;
-the kernel allows it there, fuse.conf matters only to fusermount) with ``default_permissions``,
-so the file's owner and mode decide: the workload user owns its disks, mode 0600 (0400 and a
-read-only mount for an ``ro`` disk, so writes fail with EROFS). Every open gets ``direct_io``:
-no page cache in the domain, each read and write becomes blkif requests at once, up to 1 MiB.
-An ``O_DSYNC`` write (which direct I/O delivers without a separate fsync) is followed by a
-flush, as a disk honours FUA.
+* the session (the main thread) reads one request at a time from ``/dev/fuse``, each with one
+  readv into a header buffer and then granted data pages (the landing): a WRITE's data lands
+  in pages that go to the ring as they are. It puts each READ and WRITE on the ring (into pages
+  of its own for a READ) and goes back for the next request: as many are in flight as the
+  kernel sends, up to the ring's slots and the pool's pages, which are all it ever waits for;
+* the reaper (DiskPath's) takes the backend's responses and writes each answer back: a READ's
+  is one writev of the reply header and the granted pages;
+* the kernel's commands (stdin);
+* up to ``SLOW_THREADS`` helpers, started when needed, for what must wait in between: a read or
+  write of part of a sector (read-modify-write), the flush after an ``O_DSYNC`` write.
+
+The file: mode 0600 and the workload user as owner (0400 and a read-only mount for an ``ro``
+disk, so writes fail with EROFS). Mount options ``allow_other`` (the workload is another uid of
+the domain's user namespace) and ``default_permissions`` (the kernel checks the mode). Every
+open gets ``FOPEN_DIRECT_IO``: no page cache in the domain, each read and write becomes blkif
+requests at once, up to 1 MiB. An ``O_DSYNC`` write is followed by a flush, as a disk honours
+FUA; fsync is a flush; fallocate's punch hole is a discard; the size never changes (a
+truncation is accepted and ignored, as ``dd`` without ``conv=notrunc`` asks for one).
+
+A process of its own, not a thread of the kernel: the requests and the copies into the granted
+pages get an interpreter (and a GIL) of their own, and a server that dies takes only its disk
+with it (the kernel then unmounts it).
 """
 
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import errno
 import json
 import logging
@@ -35,150 +49,359 @@ import stat
 import sys
 import threading
 import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
-
-os.environ.setdefault("FUSE_LIBRARY_NAME", "fuse3")  # mfusepy prefers libfuse2 when both exist
-import mfusepy
 
 from channels import blkif as B
 from channels.doorbell import DoorbellPair
 from channels.gnttab import GrantPool
 from channels.ring import FrontRing
 from domu import linux
-from domu.blkfront.datapath import DiskBroken, DiskPath
+from domu.blkfront import fuse_wire as F
+from domu.blkfront.datapath import PAGE_SIZE, DiskBroken, DiskPath, Extents, Run, status_errno
 
 log = logging.getLogger("blkfront")
 
 FALLOC_FL_KEEP_SIZE = 0x01
 FALLOC_FL_PUNCH_HOLE = 0x02
-MNT_DETACH = 2
-FUSE_THREADS = 32
-
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
+SLOW_THREADS = 4
+ATTR_VALID = 3600  # seconds the kernel may cache the file's attributes: only we change them
+FUSE_DEVICE = "/dev/fuse"
 
 
-class DiskOps(mfusepy.Operations):  # type: ignore[misc]
-    """The FUSE file system: one regular file, the disk, at the root."""
+class Landing:
+    """What each request is read into: a header buffer of ``HEAD_ROOM`` bytes (a WRITE's
+    in_header and write_in, so its data starts in the next buffer), then at least ``pages``
+    granted data pages, as runs of the pool. A WRITE takes the pages its data landed in; before
+    the next read the landing tops itself up from the pool (the kernel refuses a read into less
+    room than its largest WRITE), ``REFILL`` pages or more at a time.
 
-    use_ns = True
+    Why in blocks: a 4 KiB write takes one page off the front; topped up a page at a time, the
+    landing would soon be 256 pages from all over the pool, a readv of 257 buffers. Taken 64 at
+    a time, and with adjacent runs merged into one buffer, it stays a handful of buffers, and
+    the pages it hands out come back to the pool together, as blocks the buddy allocator merges.
+    """
 
-    def __init__(self, disk: DiskPath, *, readonly: bool, uid: int, gid: int) -> None:
+    REFILL = 64
+
+    def __init__(self, disk: DiskPath, pages: int) -> None:
+        self.disk = disk
+        self.pages = pages
+        self.head = bytearray(F.HEAD_ROOM)
+        self.buffers: list[bytearray | memoryview] = [self.head]
+        self._runs: deque[Run] = deque()  # as the pool handed them out: each freed on its own
+        self._stretches: list[list[int]] = []  # [first, pages] of adjacent runs: one buffer each
+        self._held = 0
+
+    def fill(self) -> None:
+        """Back to ``pages`` pages, waiting for the pool if it is short."""
+        if self._held >= self.pages:
+            return
+        for first, count in self.disk.take_pages(max(self.REFILL, self.pages - self._held)) or ():
+            self._runs.append((first, count))
+            self._held += count
+            last = self._stretches[-1] if self._stretches else None
+            if last is not None and last[0] + last[1] == first:
+                last[1] += count
+            else:
+                self._stretches.append([first, count])
+        self._rebuild()
+
+    def take(self, nbytes: int) -> list[Run]:
+        """The runs holding the first ``nbytes`` after the header: they are the caller's now."""
+        count = -(-nbytes // PAGE_SIZE)
+        self._held -= count
+        taken: list[Run] = []
+        left = count
+        while left > 0:
+            head, tail = Extents.split(self._runs.popleft(), left)
+            taken += head
+            left -= sum(n for _, n in head)
+            self._runs.extendleft(reversed(tail))
+        while count > 0:
+            stretch = self._stretches[0]
+            if stretch[1] <= count:
+                count -= self._stretches.pop(0)[1]
+            else:
+                stretch[0] += count
+                stretch[1] -= count
+                count = 0
+        self._rebuild()
+        return taken
+
+    def peek(self, nbytes: int) -> bytes:
+        """A copy of the first ``nbytes`` after the header."""
+        return b"".join(bytes(view) for view in self.disk.views(self._runs, nbytes))
+
+    def release(self) -> None:
+        self.disk.give_pages(self._runs)
+        self._runs.clear()
+        self._stretches = []
+        self._held = 0
+        self.buffers = [self.head]
+
+    def _rebuild(self) -> None:
+        self.buffers = [self.head, *self.disk.views(self._stretches, self._held * PAGE_SIZE)]
+
+
+class FuseSession:
+    """One mounted disk's ``/dev/fuse`` descriptor, served (see the module docstring)."""
+
+    def __init__(
+        self,
+        fd: int,
+        disk: DiskPath,
+        *,
+        readonly: bool,
+        uid: int,
+        gid: int,
+        on_mounted: Callable[[], None],
+    ) -> None:
+        self.fd = fd
         self.disk = disk
         self.readonly = readonly
-        self.uid, self.gid = uid, gid
-        self.size = disk.sectors * B.SECTOR_SIZE
-        self.born = time.time_ns()
-
-    def init_with_config(self, conn: Any, config: Any) -> None:
-        """FUSE_INIT: the file system is mounted. Tune it, and tell the kernel (it waits for
-        this line before it goes Connected)."""
-        if conn is not None:
-            conn.max_background = 64  # requests the kernel may queue (readahead, async I/O)
-            conn.congestion_threshold = 48
-        if config is not None:
-            config.direct_io = 1
-            config.nullpath_ok = 1
-            config.attr_timeout = config.entry_timeout = 3600.0
-        _say("mounted")
-
-    def getattr(self, path: str | None, fh: int | None = None) -> dict[str, int]:
-        if path not in ("/", None):
-            raise mfusepy.FuseOSError(errno.ENOENT)
-        t = self.born
-        mode = 0o400 if self.readonly else 0o600
-        return {
-            "st_mode": stat.S_IFREG | mode,
-            "st_nlink": 1,
-            "st_size": self.size,
-            "st_uid": self.uid,
-            "st_gid": self.gid,
-            "st_blksize": 4096,
-            "st_blocks": self.size // B.SECTOR_SIZE,
-            "st_atime": t,
-            "st_mtime": t,
-            "st_ctime": t,
+        mode = stat.S_IFREG | (0o400 if readonly else 0o600)
+        self.attr = F.Attr(disk.size, mode, uid, gid, time.time_ns())
+        self.on_mounted = on_mounted
+        self.landing = Landing(disk, F.MAX_PAGES)
+        self.max_read = F.MAX_READ
+        self.initialized = False
+        self._slow = ThreadPoolExecutor(SLOW_THREADS, thread_name_prefix="blkfront-slow")
+        self._handlers: dict[int, Callable[[F.Request], None]] = {
+            F.FUSE_INIT: self._init,
+            F.FUSE_LOOKUP: self._lookup,
+            F.FUSE_GETATTR: self._getattr,
+            F.FUSE_SETATTR: self._setattr,
+            F.FUSE_OPEN: self._open,
+            F.FUSE_READ: self._read,
+            F.FUSE_WRITE: self._write,
+            F.FUSE_STATFS: self._statfs,
+            F.FUSE_FLUSH: self._ok,  # close(2) of one descriptor, not a disk cache flush
+            F.FUSE_RELEASE: self._ok,
+            F.FUSE_FSYNC: self._fsync,
+            F.FUSE_FALLOCATE: self._fallocate,
+            F.FUSE_DESTROY: self._ok,
         }
 
-    def open(self, path: str, fi: Any) -> int:
-        fi.direct_io = 1
-        fi.keep_cache = 0
-        return 0
-
-    # mfusepy installs a read or write callback only for an operation defined here; DiskFuse
-    # serves both through read_into and write_from, so these two are never called.
-    def read(self, path: str | None, size: int, offset: int, fi: Any) -> bytes:
-        raise NotImplementedError("DiskFuse reads through read_into")
-
-    def write(self, path: str | None, data: bytes, offset: int, fi: Any) -> int:
-        raise NotImplementedError("DiskFuse writes through write_from")
-
-    def read_into(self, buf: Any, size: int, offset: int) -> int:
-        """The read callback's fast path: straight from the granted pages into libfuse's
-        buffer (see DiskFuse)."""
-        address = ctypes.cast(buf, ctypes.c_void_p).value or 0
-        return int(self._io(lambda: self.disk.read_into(address, size, offset)))
-
-    def write_from(self, buf: Any, size: int, offset: int, fi: Any) -> int:
-        if offset >= self.size:
-            raise mfusepy.FuseOSError(errno.ENOSPC)
-        size = min(size, self.size - offset)
-        address = ctypes.cast(buf, ctypes.c_void_p).value or 0
-        written = int(self._io(lambda: self.disk.write_from(address, size, offset)))
-        if fi.flags & os.O_DSYNC:  # O_SYNC includes it
-            self._io(self.disk.flush)
-        return written
-
-    def fsync(self, path: str | None, datasync: int, fi: Any) -> int:
-        if not self.readonly:
-            self._io(self.disk.flush)
-        return 0
-
-    def flush(self, path: str | None, fi: Any) -> int:
-        return 0  # close(2) of one descriptor, not a disk cache flush
-
-    def fallocate(self, path: str | None, mode: int, offset: int, length: int, fi: Any) -> int:
-        if mode == FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE:
-            self._io(lambda: self.disk.discard(offset, length))
-            return 0
-        if mode in (0, FALLOC_FL_KEEP_SIZE) and offset + length <= self.size:
-            return 0  # a disk is always fully allocated
-        raise mfusepy.FuseOSError(errno.EOPNOTSUPP)
-
-    def truncate(self, path: str | None, length: int, fh: int | None = None) -> int:
-        return 0  # a disk keeps its size (dd without conv=notrunc asks for 0)
-
-    def chmod(self, path: str | None, mode: int) -> int:
-        raise mfusepy.FuseOSError(errno.EPERM)
-
-    def chown(self, path: str | None, uid: int, gid: int) -> int:
-        raise mfusepy.FuseOSError(errno.EPERM)
-
-    def utimens(self, path: str | None, times: Any = None) -> int:
-        return 0
-
-    def release(self, path: str | None, fi: Any) -> int:
-        return 0
-
-    @staticmethod
-    def _io(call: Any) -> Any:
+    def run(self) -> None:
+        """Serve until the kernel ends the connection (unmounted: ENODEV) or the fd is closed."""
         try:
-            return call()
+            while self._serve_one():
+                pass
+        finally:
+            self._slow.shutdown(wait=False, cancel_futures=True)
+            self.landing.release()
+
+    def _serve_one(self) -> bool:
+        self.landing.fill()
+        try:
+            length = os.readv(self.fd, self.landing.buffers)
         except OSError as exc:
-            raise mfusepy.FuseOSError(exc.errno or errno.EIO) from exc
+            if exc.errno == errno.ENODEV:
+                return False
+            if exc.errno in (errno.EINTR, errno.EAGAIN, errno.ENOENT):
+                return True  # ENOENT: the request was interrupted before it was read
+            raise
+        if length == 0:
+            return False
+        head = self.landing.head
+        if length > F.HEAD_ROOM and F.opcode_of(head) != F.FUSE_WRITE:
+            message = bytes(head) + self.landing.peek(length - F.HEAD_ROOM)  # e.g. INIT's
+        else:
+            message = bytes(head[:length])
+        request = F.parse(message, length, max_read=self.max_read)
+        if isinstance(request, F.Rejected):
+            log.warning("FUSE request refused: %s", request.reason)
+            if request.unique is not None and request.opcode not in F.NO_REPLY:
+                self._error(request.unique, request.errno)
+        else:
+            self._dispatch(request)
+        return True
+
+    def _dispatch(self, request: F.Request) -> None:
+        if request.opcode in F.NO_REPLY:
+            return  # FORGET, BATCH_FORGET; INTERRUPT: the request ends when the disk answers
+        handler = self._handlers.get(request.opcode)
+        if handler is None:
+            self._error(request.unique, errno.ENOSYS)
+            return
+        if not self.initialized and request.opcode != F.FUSE_INIT:
+            self._error(request.unique, errno.EIO)
+            return
+        try:
+            handler(request)
+        except OSError as exc:
+            self._error(request.unique, exc.errno or errno.EIO)
+
+    # -- answers --------------------------------------------------------------------------------
+
+    def _send(self, *buffers: bytes | memoryview) -> None:
+        """One reply, in one write. ENOENT: the kernel no longer waits for it (interrupted);
+        ENODEV: the connection is gone."""
+        try:
+            os.writev(self.fd, buffers)
+        except OSError as exc:
+            if exc.errno not in (errno.ENOENT, errno.ENODEV, errno.EBADF):
+                log.warning("a FUSE reply failed: %s", exc)
+
+    def _error(self, unique: int, code: int) -> None:
+        self._send(F.reply_error(unique, code))
+
+    def _answer(self, unique: int, status: int, payload: bytes = b"") -> None:
+        if status == B.BLKIF_RSP_OKAY:
+            self._send(F.reply(unique, payload))
+        else:
+            self._error(unique, status_errno(status))
+
+    def _aside(self, unique: int, work: Callable[[], bytes]) -> None:
+        """Run ``work`` on a helper thread and answer with what it returns (or its errno)."""
+
+        def run() -> None:
+            try:
+                self._send(F.reply(unique, work()))
+            except OSError as exc:
+                self._error(unique, exc.errno or errno.EIO)
+
+        self._slow.submit(run)
+
+    # -- the operations -------------------------------------------------------------------------
+
+    def _init(self, request: F.Request) -> None:
+        assert isinstance(request.args, F.Init)
+        outcome = F.negotiate(request.args)
+        if outcome.payload is None:
+            log.error("FUSE INIT: the kernel speaks %d.%d", request.args.major, request.args.minor)
+            self._error(request.unique, outcome.error)
+            return
+        self._send(F.reply(request.unique, outcome.payload))
+        if outcome.done:
+            self.max_read = outcome.max_pages * PAGE_SIZE
+            self.initialized = True
+            self.on_mounted()
+
+    def _lookup(self, request: F.Request) -> None:
+        self._error(request.unique, errno.ENOENT)  # the root is the disk: no names below it
+
+    def _getattr(self, request: F.Request) -> None:
+        self._send(F.reply(request.unique, self.attr.pack_out(ATTR_VALID)))
+
+    def _setattr(self, request: F.Request) -> None:
+        assert isinstance(request.args, F.SetAttr)
+        if request.args.valid & (F.FATTR_MODE | F.FATTR_UID | F.FATTR_GID):
+            self._error(request.unique, errno.EPERM)
+            return
+        # A new size or new times: accepted and ignored (a disk keeps its size; an O_TRUNC
+        # open comes this way), and the kernel learns the size it keeps from the reply.
+        self._getattr(request)
+
+    def _open(self, request: F.Request) -> None:
+        flags = F.FOPEN_DIRECT_IO | F.FOPEN_PARALLEL_DIRECT_WRITES
+        self._send(F.reply(request.unique, F.open_out(flags)))
+
+    def _ok(self, request: F.Request) -> None:
+        self._send(F.reply(request.unique))
+
+    def _statfs(self, request: F.Request) -> None:
+        self._send(F.reply(request.unique, F.statfs_out(self.disk.size)))
+
+    def _read(self, request: F.Request) -> None:
+        args, unique, disk = request.args, request.unique, self.disk
+        assert isinstance(args, F.Read)
+        offset = args.offset
+        size = max(0, min(args.size, disk.size - offset))
+        if size == 0:
+            self._send(F.reply(unique))
+            return
+        if offset % B.SECTOR_SIZE or size % B.SECTOR_SIZE:
+            self._aside(unique, lambda: disk.read(offset, size))
+            return
+        runs = disk.take_pages(-(-size // PAGE_SIZE))
+        assert runs is not None
+
+        def answered(status: int) -> None:
+            try:
+                if status == B.BLKIF_RSP_OKAY:
+                    self._send(F.reply_header(unique, size), *disk.views(runs, size))
+                else:
+                    self._error(unique, status_errno(status))
+            finally:
+                disk.give_pages(runs)
+
+        disk.post(B.BLKIF_OP_READ, offset, runs, size, answered)
+
+    def _write(self, request: F.Request) -> None:
+        args, unique, disk = request.args, request.unique, self.disk
+        assert isinstance(args, F.Write)
+        if self.readonly:
+            raise OSError(errno.EROFS, "read-only disk")
+        offset = args.offset
+        if offset >= disk.size:
+            raise OSError(errno.ENOSPC, "write past the end of the disk")
+        size = min(args.size, disk.size - offset)
+        reply = F.write_out(size)
+        dsync = bool(args.flags & os.O_DSYNC)  # O_SYNC includes it
+        if offset % B.SECTOR_SIZE or size % B.SECTOR_SIZE:
+            data = self.landing.peek(size)
+
+            def patch() -> bytes:
+                disk.write(offset, data)
+                if dsync:
+                    disk.flush()
+                return reply
+
+            self._aside(unique, patch)
+            return
+        runs = self.landing.take(args.size)
+
+        def answered(status: int) -> None:
+            try:
+                if status == B.BLKIF_RSP_OKAY and dsync:
+                    self._slow.submit(lambda: self._answer(unique, _flushed(disk), reply))
+                else:
+                    self._answer(unique, status, reply)
+            finally:
+                disk.give_pages(runs)
+
+        disk.post(B.BLKIF_OP_WRITE, offset, runs, size, answered)
+
+    def _fsync(self, request: F.Request) -> None:
+        unique = request.unique
+        if self.readonly:
+            self._send(F.reply(unique))
+            return
+        self.disk.post_flush(lambda status: self._answer(unique, status))
+
+    def _fallocate(self, request: F.Request) -> None:
+        args, unique = request.args, request.unique
+        assert isinstance(args, F.Fallocate)
+        if self.readonly:
+            raise OSError(errno.EROFS, "read-only disk")
+        end = args.offset + args.length
+        if args.mode == FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE:
+            first = -(-args.offset // B.SECTOR_SIZE)  # the whole sectors inside the range
+            last = min(end // B.SECTOR_SIZE, self.disk.sectors)
+            if last <= first:
+                self._send(F.reply(unique))
+                return
+            self.disk.post_discard(first, last - first, lambda st: self._answer(unique, st))
+        elif args.mode in (0, FALLOC_FL_KEEP_SIZE) and end <= self.disk.size:
+            self._send(F.reply(unique))  # a disk is always fully allocated
+        else:
+            raise OSError(errno.EOPNOTSUPP, f"fallocate mode {args.mode}")
 
 
-class DiskFuse(mfusepy.FUSE):  # type: ignore[misc]
-    """mfusepy's FUSE, with read and write callbacks that copy between libfuse's buffer and
-    the granted pages directly: mfusepy's own would make a Python bytes object of every block
-    (and copy it once more)."""
+def _flushed(disk: DiskPath) -> int:
+    """Flush the disk; its status."""
+    try:
+        disk.flush()
+    except OSError:
+        return B.BLKIF_RSP_ERROR
+    return B.BLKIF_RSP_OKAY
 
-    def read(self, path: bytes | None, buf: Any, size: int, offset: int, fip: Any) -> int:
-        return int(self.operations.read_into(buf, size, offset))
 
-    def write(self, path: bytes | None, buf: Any, size: int, offset: int, fip: Any) -> int:
-        return int(self.operations.write_from(buf, size, offset, fip.contents))
-
+# -- the process ----------------------------------------------------------------------------------
 
 _stdout_lock = threading.Lock()
 
@@ -200,8 +423,8 @@ def _report_broken(reason: str) -> None:
 def _follow_the_kernel(disk: DiskPath, mountpoint: str) -> None:
     """The kernel's commands, a line each on stdin. ``reset``: the backend restarted, so start
     the ring over with every unanswered request on it again (answered ``reset``). stdin
-    closing disconnects the disk: unmount, which ends the FUSE loop (lazily if a program
-    still has the disk open: the loop ends when it closes it)."""
+    closing disconnects the disk: unmount, which ends the session (lazily if a program still
+    has the disk open: the session ends when it closes it)."""
     with contextlib.suppress(OSError, ValueError):
         for line in sys.stdin:
             if line.strip() != "reset":
@@ -212,8 +435,28 @@ def _follow_the_kernel(disk: DiskPath, mountpoint: str) -> None:
                 continue  # on_broken has told the kernel
             log.info("the backend restarted: %d requests posted again", replayed)
             _say("reset")
-    if _libc.umount2(mountpoint.encode(), 0) != 0:
-        _libc.umount2(mountpoint.encode(), MNT_DETACH)
+    try:
+        linux.umount(mountpoint)
+    except OSError:
+        with contextlib.suppress(OSError):
+            linux.umount(mountpoint, linux.MNT_DETACH)
+
+
+def mount(mountpoint: str, *, readonly: bool, fsname: str) -> int:
+    """Open /dev/fuse and mount it over the regular file ``mountpoint``, as libfuse would;
+    the descriptor to serve (the kernel sends INIT on it first)."""
+    fd = os.open(FUSE_DEVICE, os.O_RDWR | os.O_CLOEXEC)
+    options = (
+        f"fd={fd},rootmode={stat.S_IFREG:o},user_id={os.getuid()},group_id={os.getgid()},"
+        "allow_other,default_permissions"
+    )
+    flags = linux.MS_NOSUID | linux.MS_NODEV | (linux.MS_RDONLY if readonly else 0)
+    try:
+        linux.mount(fsname, mountpoint, "fuse", flags, options)
+    except OSError:
+        os.close(fd)
+        raise
+    return fd
 
 
 def serve(params: dict[str, Any]) -> None:
@@ -237,42 +480,24 @@ def serve(params: dict[str, Any]) -> None:
         max_segments=params["max_segments"],
         on_broken=_report_broken,
     )
+    disk.start()
     mountpoint = params["mountpoint"]
     threading.Thread(target=_follow_the_kernel, args=(disk, mountpoint), daemon=True).start()
     try:
-        mount(
+        # The descriptor stays open until the process exits: a helper thread answering
+        # late writes to it, and never to another file that took its number.
+        fd = mount(mountpoint, readonly=params["readonly"], fsname=f"xvd:{params['name']}")
+        session = FuseSession(
+            fd,
             disk,
-            mountpoint,
             readonly=params["readonly"],
             uid=params["uid"],
             gid=params["gid"],
-            fsname=f"xvd:{params['name']}",
+            on_mounted=lambda: _say("mounted"),
         )
+        session.run()
     finally:
         disk.stop()
-
-
-def mount(disk: Any, mountpoint: str, *, readonly: bool, uid: int, gid: int, fsname: str) -> None:
-    """Serve ``disk`` as the regular file at ``mountpoint`` until it is unmounted. ``disk`` is
-    a DiskPath, or anything with its interface (``sectors``, ``read``, ``read_into``,
-    ``write_from``, ``flush``, ``discard``): bench/fuse_passthrough.py serves a loop device
-    through this same FUSE layer, to measure it without the rings."""
-    ops = DiskOps(disk, readonly=readonly, uid=uid, gid=gid)
-    options: dict[str, Any] = {"allow_other": True, "default_permissions": True}
-    if readonly:
-        options["ro"] = True
-    try:
-        DiskFuse(
-            ops,
-            mountpoint,
-            foreground=True,
-            raw_fi=True,
-            fsname=fsname,
-            max_threads=FUSE_THREADS,
-            **options,
-        )
-    except RuntimeError as exc:  # libfuse's own SIGTERM handling ends the loop this way
-        log.info("%s: FUSE loop ended: %s", fsname, exc)
 
 
 def main() -> None:

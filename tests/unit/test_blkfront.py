@@ -5,12 +5,14 @@ reads and writes through /dev/xvdX, minus the FUSE layer."""
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import errno
 import itertools
 import os
 import random
+import socket
+import stat
 import struct
+import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -26,7 +28,9 @@ from channels.grants import DeviceGrants, GrantMapper
 from channels.ring import BackRing, FrontRing
 from channels.shm import create_segment, unlink_segment
 from dom0.blkback.datapath import Counters, VbdPath
-from domu.blkfront.datapath import DiskPath, Extents
+from domu.blkfront import fuse_wire as F
+from domu.blkfront.datapath import DiskPath, Extents, Run
+from domu.blkfront.server import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FuseSession
 from tests.unit.backend_hypercalls import Hypercalls, storm
 
 DATA_PAGES = 512
@@ -38,21 +42,24 @@ _ids = itertools.count()
 # -- the page allocator ---------------------------------------------------------------------------
 
 
-def test_extents_hand_out_aligned_contiguous_runs_and_merge_them_back() -> None:
+def test_extents_hand_out_aligned_runs_largest_first_and_merge_them_back() -> None:
     extents = Extents(16)
-    a = extents.take(1)
-    b = extents.take(3)  # rounded up to 4
-    c = extents.take(8)
+    a = extents.take_runs(1)
+    b = extents.take_runs(3)  # a run of 2 and a run of 1: no page wasted
+    c = extents.take_runs(8)
     assert a is not None and b is not None and c is not None
-    assert b % 4 == 0 and c % 8 == 0
-    runs = {range(a, a + 1), range(b, b + 4), range(c, c + 8)}
-    assert len(set().union(*map(set, runs))) == 13, "runs never overlap"
-    assert extents.take(8) is None
-    assert extents.free_pages() == 3
-    for first, count in ((a, 1), (b, 3), (c, 8)):
+    assert [n for _, n in b] == [2, 1] and [n for _, n in c] == [8]
+    runs = [*a, *b, *c]
+    assert all(first % count == 0 for first, count in runs), "every run an aligned block"
+    pages = [p for first, count in runs for p in range(first, first + count)]
+    assert len(pages) == len(set(pages)) == 12, "runs never overlap"
+    assert extents.take_runs(5) is None, "only 4 pages are free"
+    assert extents.free_pages() == extents.free == 4
+    last = extents.take_runs(4)
+    assert last is not None and [n for _, n in last] == [4]
+    for first, count in runs + last:
         extents.give(first, count)
-    assert extents.free_pages() == 16
-    assert extents.take(16) == 0, "every buddy merged back into the whole pool"
+    assert extents.take_runs(16) == [(0, 16)], "every buddy merged back into the whole pool"
 
 
 def test_extents_refuse_a_pool_that_is_not_a_power_of_two() -> None:
@@ -60,21 +67,34 @@ def test_extents_refuse_a_pool_that_is_not_a_power_of_two() -> None:
         Extents(12)
 
 
+def test_a_split_run_is_aligned_blocks_each_freed_on_its_own() -> None:
+    extents = Extents(16)
+    [run] = extents.take_runs(16) or []
+    head, tail = Extents.split(run, 5)
+    assert sum(n for _, n in head) == 5 and sum(n for _, n in tail) == 11
+    assert [p for first, n in head + tail for p in range(first, first + n)] == list(range(16))
+    for first, count in tail + head:
+        assert first % count == 0
+        extents.give(first, count)
+    assert extents.take_runs(16) == [(0, 16)], "every buddy merged back into the whole pool"
+
+
 def test_extents_survive_random_use() -> None:
     extents, held, rng = Extents(64), [], random.Random(5)
     for _ in range(2000):
         if held and rng.random() < 0.5:
-            extents.give(*held.pop(rng.randrange(len(held))))
+            for first, count in held.pop(rng.randrange(len(held))):
+                extents.give(first, count)
             continue
-        count = rng.choice((1, 1, 2, 3, 8, 17))
-        first = extents.take(count)
-        if first is not None:
-            held.append((first, count))
-    taken = [p for first, count in held for p in range(first, first + count)]
-    assert len(taken) == len(set(taken))
-    for run in held:
-        extents.give(*run)
-    assert extents.take(64) == 0
+        runs = extents.take_runs(rng.choice((1, 1, 2, 3, 8, 17)))
+        if runs is not None:
+            held.append(runs)
+    taken = [p for runs in held for first, count in runs for p in range(first, first + count)]
+    assert len(taken) == len(set(taken)) == 64 - extents.free
+    for runs in held:
+        for first, count in runs:
+            extents.give(first, count)
+    assert extents.take_runs(64) == [(0, 64)]
 
 
 # -- the disk over a real ring ------------------------------------------------------------------
@@ -163,6 +183,7 @@ def _connect(stack: contextlib.ExitStack, tmp_path: Path, *, serve: bool) -> Rig
         max_segments=256,
         on_broken=broken.append,
     )
+    path.start()
     stack.callback(path.stop)
 
     def data_page(gref: int) -> memoryview:
@@ -197,17 +218,32 @@ def test_unaligned_writes_read_modify_write_their_sectors(
     assert path.read(3, 10) == bytes(expected[3:13])
 
 
-def test_addresses_are_read_into_and_written_from_directly(
+def _post(path: DiskPath, operation: int, offset: int, runs: list[Run], nbytes: int) -> int:
+    """Post a transfer and wait for its answer; the status."""
+    answers: list[int] = []
+    answered = threading.Event()
+    path.post(operation, offset, runs, nbytes, lambda s: (answers.append(s), answered.set()))
+    assert answered.wait(WAIT), "the transfer was never answered"
+    return answers[0]
+
+
+def test_posted_transfers_move_data_straight_between_the_pages_and_the_disk(
     disk: tuple[DiskPath, Path, Counters],
 ) -> None:
-    path, image, _ = disk
-    source = ctypes.create_string_buffer(random.Random(2).randbytes(64 << 10), 64 << 10)
-    assert path.write_from(ctypes.addressof(source), 64 << 10, 4096) == 64 << 10
-    target = ctypes.create_string_buffer(64 << 10)
-    assert path.read_into(ctypes.addressof(target), 64 << 10, 4096) == 64 << 10
-    assert target.raw == source.raw == image.read_bytes()[4096 : 4096 + (64 << 10)]
-    tail = ctypes.create_string_buffer(8192)
-    assert path.read_into(ctypes.addressof(tail), 8192, DISK - 4096) == 4096, "cut at the end"
+    path, image, counters = disk
+    data = random.Random(2).randbytes(64 << 10)
+    runs = path.take_pages(16)
+    assert runs is not None
+    [pages] = path.views(runs, len(data))  # a fresh pool: one run
+    pages[:] = data
+    assert _post(path, B.BLKIF_OP_WRITE, 4096, runs, len(data)) == B.BLKIF_RSP_OKAY
+    assert image.read_bytes()[4096 : 4096 + len(data)] == data
+
+    pages[:] = bytes(len(data))
+    assert _post(path, B.BLKIF_OP_READ, 4096, runs, len(data)) == B.BLKIF_RSP_OKAY
+    assert bytes(pages) == data
+    path.give_pages(runs)
+    assert counters.wr_req == counters.rd_req == 1, "one request each way"
 
 
 def test_many_callers_at_once_each_get_their_own_data(
@@ -454,3 +490,243 @@ def test_a_write_answered_during_a_read_modify_write_of_its_sector_is_not_undone
     whole_first = b"w" * 100 + b"r" * 10 + b"w" * 402
     assert bytes(image[:512]) in (partial_first, whole_first), "one write after the other"
     assert hostile.broken == []
+
+
+# -- the FUSE session -----------------------------------------------------------------------------
+
+ALL_INIT_FLAGS = (1 << 32) - 1  # a kernel offering everything: the server takes what it wants
+
+
+class FakeKernel:
+    """The kernel's end of /dev/fuse: one request per message, one reply per message (a
+    SOCK_SEQPACKET socket pair keeps each message whole, as /dev/fuse does)."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self._uniques = itertools.count(2, 2)
+
+    def send(self, opcode: int, args: bytes = b"", data: bytes = b"") -> int:
+        unique = next(self._uniques)
+        size = F.IN_HEADER.size + len(args) + len(data)
+        header = F.IN_HEADER.pack(size, opcode, unique, F.FUSE_ROOT_ID, 1000, 1000, 42, 0, 0)
+        self.sock.send(header + args + data)
+        return unique
+
+    def reply(self) -> tuple[int, int, bytes]:
+        """The next reply: (unique, error, payload)."""
+        self.sock.settimeout(WAIT)
+        message = self.sock.recv(2 << 20)
+        length, error, unique = F.OUT_HEADER.unpack_from(message)
+        assert length == len(message), "a reply's header gives its length"
+        return unique, error, message[F.OUT_HEADER.size :]
+
+    def call(self, opcode: int, args: bytes = b"", data: bytes = b"") -> tuple[int, bytes]:
+        """A request and its reply: (error, payload)."""
+        unique = self.send(opcode, args, data)
+        answered, error, payload = self.reply()
+        assert answered == unique
+        return error, payload
+
+    def read(self, offset: int, size: int) -> tuple[int, bytes]:
+        return self.call(F.FUSE_READ, F.READ_IN.pack(0, offset, size, 0, 0, os.O_RDWR, 0))
+
+    def write(self, offset: int, data: bytes, flags: int = os.O_RDWR) -> tuple[int, bytes]:
+        args = F.WRITE_IN.pack(0, offset, len(data), 0, 0, flags, 0)
+        return self.call(F.FUSE_WRITE, args, data)
+
+    def init(self, flags: int = ALL_INIT_FLAGS) -> bytes:
+        """INIT as a 7.38 kernel sends it; the server's INIT_OUT."""
+        error, payload = self.call(F.FUSE_INIT, F.INIT_IN.pack(7, 38, 128 << 10, flags) + bytes(48))
+        assert error == 0
+        return payload
+
+
+@dataclass
+class Session:
+    kernel: FakeKernel
+    rig: Rig
+    mounted: threading.Event
+    thread: threading.Thread
+
+
+def _session(stack: contextlib.ExitStack, rig: Rig, *, readonly: bool = False) -> Session:
+    """A FuseSession over ``rig``'s disk, served by one thread, and the kernel's end of it."""
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    stack.callback(theirs.close)
+    mounted = threading.Event()
+    session = FuseSession(
+        theirs.fileno(), rig.path, readonly=readonly, uid=1000, gid=1000, on_mounted=mounted.set
+    )
+    thread = threading.Thread(target=session.run, name="fuse-session")
+    thread.start()
+    stack.callback(thread.join, WAIT)
+    stack.callback(ours.close)  # the connection ends: the session returns
+    return Session(FakeKernel(ours), rig, mounted, thread)
+
+
+@contextlib.contextmanager
+def _mounted(tmp_path: Path, *, serve: bool, readonly: bool = False) -> Iterator[Session]:
+    """A session past INIT; its backend the real blkback data path, or the test."""
+    with contextlib.ExitStack() as stack:
+        session = _session(stack, _connect(stack, tmp_path, serve=serve), readonly=readonly)
+        session.kernel.init()
+        yield session
+
+
+@pytest.fixture
+def fuse(tmp_path: Path) -> Iterator[Session]:
+    with _mounted(tmp_path, serve=True) as session:
+        yield session
+
+
+@pytest.fixture
+def hostile_fuse(tmp_path: Path) -> Iterator[Session]:
+    with _mounted(tmp_path, serve=False) as session:
+        yield session
+
+
+def test_init_takes_what_a_disk_needs_and_then_the_file_is_the_disk(tmp_path: Path) -> None:
+    with contextlib.ExitStack() as stack:
+        session = _session(stack, _connect(stack, tmp_path, serve=True))
+        kernel = session.kernel
+        assert kernel.call(F.FUSE_GETATTR, F.GETATTR_IN.pack(0, 0, 0))[0] == -errno.EIO
+        assert not session.mounted.is_set(), "nothing is served before INIT"
+
+        out = F.INIT_OUT.unpack(kernel.init())
+        major, minor, _, flags, background, _, max_write, _, max_pages, _, _ = out
+        assert (major, minor) == (7, F.FUSE_KERNEL_MINOR_VERSION)
+        assert flags == F.FUSE_ASYNC_READ | F.FUSE_BIG_WRITES | F.FUSE_ASYNC_DIO | F.FUSE_MAX_PAGES
+        assert (max_write, max_pages, background) == (1 << 20, 256, 64)
+        assert session.mounted.wait(WAIT), "the kernel is told once INIT is answered"
+
+        error, attr = kernel.call(F.FUSE_GETATTR, F.GETATTR_IN.pack(0, 0, 0))
+        fields = F.ATTR_OUT.unpack(attr)
+        assert error == 0 and fields[3:5] == (F.FUSE_ROOT_ID, DISK)  # ino, size
+        assert fields[12:16] == (stat.S_IFREG | 0o600, 1, 1000, 1000)  # mode, nlink, uid, gid
+        error, opened = kernel.call(F.FUSE_OPEN, F.OPEN_IN.pack(os.O_RDWR, 0))
+        assert error == 0 and F.OPEN_OUT.unpack(opened)[1] & F.FOPEN_DIRECT_IO
+        assert kernel.call(F.FUSE_LOOKUP, data=b"name\0")[0] == -errno.ENOENT
+        assert kernel.call(9, F.IN_HEADER.pack(0, 0, 0, 0, 0, 0, 0, 0, 0)[:16])[0] == -errno.ENOSYS
+        kernel.send(F.FUSE_FORGET, struct.pack("<Q", 1))  # takes no reply
+        assert kernel.call(F.FUSE_STATFS)[0] == 0, "the reply after is the STATFS's"
+
+
+def test_writes_and_reads_go_through_the_ring_to_the_image(fuse: Session) -> None:
+    kernel, image = fuse.kernel, fuse.rig.image
+    data = random.Random(3).randbytes(64 << 10)
+    assert kernel.write(8192, data) == (0, F.write_out(len(data)))
+    assert image.read_bytes()[8192 : 8192 + len(data)] == data
+    assert kernel.read(8192, len(data)) == (0, data)
+    assert kernel.read(DISK - 4096, 8192) == (0, data[:0] + image.read_bytes()[-4096:]), "cut"
+    assert kernel.read(DISK, 4096) == (0, b"")
+    assert kernel.write(DISK, bytes(512))[0] == -errno.ENOSPC
+    assert fuse.rig.counters.errors == 0
+
+
+def test_part_sectors_are_read_modified_and_written_back(fuse: Session) -> None:
+    kernel, image = fuse.kernel, fuse.rig.image
+    assert kernel.write(0, b"\xaa" * 2048)[0] == 0
+    assert kernel.write(5, b"hello") == (0, F.write_out(5))
+    assert kernel.write(1000, b"x" * 100) == (0, F.write_out(100))
+    expected = bytearray(b"\xaa" * 2048)
+    expected[5:10] = b"hello"
+    expected[1000:1100] = b"x" * 100
+    assert image.read_bytes()[:2048] == expected
+    assert kernel.read(3, 10) == (0, bytes(expected[3:13]))
+
+
+def test_sync_writes_fsync_and_punched_holes_reach_the_backend(fuse: Session) -> None:
+    kernel, image, counters = fuse.kernel, fuse.rig.image, fuse.rig.counters
+    assert kernel.write(0, b"\xff" * (64 << 10), flags=os.O_RDWR | os.O_DSYNC)[0] == 0
+    assert counters.flush_req == 1, "an O_DSYNC write is followed by a flush"
+    assert kernel.call(F.FUSE_FSYNC, F.FSYNC_IN.pack(0, 0, 0))[0] == 0
+    assert counters.flush_req == 2
+    punch = FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE
+    assert kernel.call(F.FUSE_FALLOCATE, F.FALLOCATE_IN.pack(0, 4096, 8192, punch, 0))[0] == 0
+    assert counters.discard_req == 1
+    assert image.read_bytes()[:16384] == b"\xff" * 4096 + bytes(8192) + b"\xff" * 4096
+    assert kernel.call(F.FUSE_FALLOCATE, F.FALLOCATE_IN.pack(0, 0, 4096, 0, 0))[0] == 0
+    zero_range = 0x10
+    unsupported = F.FALLOCATE_IN.pack(0, 0, 4096, zero_range, 0)
+    assert kernel.call(F.FUSE_FALLOCATE, unsupported)[0] == -errno.EOPNOTSUPP
+
+
+def test_a_truncation_keeps_the_size_and_the_owner_cannot_change(fuse: Session) -> None:
+    kernel = fuse.kernel
+
+    def setattr_(valid: int, size: int = 0, mode: int = 0) -> tuple[int, bytes]:
+        fields = [valid, 0, 0, size, 0, 0, 0, 0, 0, 0, 0, mode, 0, 0, 0, 0]
+        return kernel.call(F.FUSE_SETATTR, F.SETATTR_IN.pack(*fields))
+
+    error, attr = setattr_(F.FATTR_SIZE)
+    assert error == 0 and F.ATTR_OUT.unpack(attr)[4] == DISK
+    assert setattr_(F.FATTR_MODE, mode=0o777)[0] == -errno.EPERM
+
+
+def test_a_read_only_disk_refuses_writes(tmp_path: Path) -> None:
+    with _mounted(tmp_path, serve=True, readonly=True) as session:
+        kernel = session.kernel
+        assert kernel.write(0, bytes(4096))[0] == -errno.EROFS
+        assert F.ATTR_OUT.unpack(kernel.call(F.FUSE_GETATTR, bytes(16))[1])[12] & 0o777 == 0o400
+        assert kernel.read(0, 4096) == (0, bytes(4096))
+        assert session.rig.counters.wr_req == 0
+
+
+def test_one_thread_puts_every_request_on_the_ring_before_any_is_answered(
+    hostile_fuse: Session,
+) -> None:
+    kernel, rig = hostile_fuse.kernel, hostile_fuse.rig
+    image = bytearray(random.Random(4).randbytes(64 * 4096)) + bytearray(DISK - 64 * 4096)
+    uniques = {
+        kernel.send(F.FUSE_READ, F.READ_IN.pack(0, i * 4096, 4096, 0, 0, os.O_RDWR, 0)): i
+        for i in range(32)
+    }
+    requests = _requests(rig, 32)
+    assert len(requests) == 32, "all 32 on the ring, none answered yet"
+    helpers = [t.name for t in threading.enumerate() if t.name.startswith("blkfront-slow")]
+    assert helpers == [], "the session thread posted them all itself"
+    for request in reversed(requests):
+        _serve(rig, image, request)
+    for _ in range(32):
+        unique, error, payload = kernel.reply()
+        i = uniques.pop(unique)
+        assert error == 0 and payload == image[i * 4096 : (i + 1) * 4096]
+    assert uniques == {}
+
+
+def test_a_backend_that_breaks_the_protocol_fails_the_disk_with_eio(hostile_fuse: Session) -> None:
+    kernel, rig = hostile_fuse.kernel, hostile_fuse.rig
+    unique = kernel.send(F.FUSE_READ, F.READ_IN.pack(0, 0, 4096, 0, 0, os.O_RDWR, 0))
+    [request] = _requests(rig, 1)
+    _answer(rig, (request.id + 1, request.operation, B.BLKIF_RSP_OKAY))
+    assert kernel.reply() == (unique, -errno.EIO, b"")
+    assert kernel.write(0, bytes(4096))[0] == -errno.EIO, "a broken disk stays broken"
+    assert len(rig.broken) == 1 and "not in flight" in rig.broken[0]
+
+
+def test_a_write_to_a_sector_being_patched_waits_without_holding_up_other_requests(
+    hostile_fuse: Session,
+) -> None:
+    kernel, rig = hostile_fuse.kernel, hostile_fuse.rig
+    image = bytearray(DISK)
+    patch = kernel.send(F.FUSE_WRITE, F.WRITE_IN.pack(0, 100, 5, 0, 0, os.O_RDWR, 0), b"hello")
+    [read] = _requests(rig, 1)
+    assert (read.operation, read.sector_number) == (B.BLKIF_OP_READ, 0), "the patch reads first"
+
+    whole = kernel.send(F.FUSE_WRITE, F.WRITE_IN.pack(0, 0, 512, 0, 0, os.O_RDWR, 0), b"w" * 512)
+    other = kernel.send(F.FUSE_READ, F.READ_IN.pack(0, 8192, 4096, 0, 0, os.O_RDWR, 0))
+    [elsewhere] = _requests(rig, 1)
+    assert elsewhere.sector_number == 16, "the write to sector 0 waits; the READ behind it does not"
+    _serve(rig, image, elsewhere)
+    assert kernel.reply()[:2] == (other, 0)
+
+    _serve(rig, image, read)
+    [write_back] = _requests(rig, 1)
+    assert (write_back.operation, write_back.sector_number) == (B.BLKIF_OP_WRITE, 0)
+    _serve(rig, image, write_back)
+    [held] = _requests(rig, 1)  # posted as the patch lets go of the sector
+    assert (held.operation, held.sector_number) == (B.BLKIF_OP_WRITE, 0)
+    _serve(rig, image, held)
+    answers = {kernel.reply()[:2], kernel.reply()[:2]}
+    assert answers == {(patch, 0), (whole, 0)}
+    assert bytes(image[:512]) == b"w" * 512, "the whole-sector write came after the patch"
