@@ -222,17 +222,24 @@ def list_domains() -> list[dict[str, Any]]:
 class Domains:
     """Idle domains made from generated YAML; remembers each one until it is destroyed."""
 
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, devices: bool = False) -> None:
         self.workdir = workdir
         self.prefix = f"bench{os.getpid()}"
         self.serial = 0
         self.live: list[str] = []
+        self.devices = devices  # each domain gets a vif and a disk (their data paths idle)
 
     def _config(self) -> tuple[str, Path]:
         self.serial += 1
         name = f"{self.prefix}-{self.serial}"
         path = self.workdir / f"{name}.yaml"
-        path.write_text(f"name: {name}\n")
+        body = f"name: {name}\n"
+        if self.devices:
+            body += (
+                f"vif:\n  - bridge: {self.prefix[:10]}br\n"
+                f"disk:\n  - target: {name}.img\n    size: 16M\n    vdev: xvda\n"
+            )
+        path.write_text(body)
         self.live.append(name)  # before the create: an interrupted create may still finish
         return name, path
 
@@ -594,11 +601,15 @@ def print_report(r: dict[str, Any]) -> None:
 
 
 def measure(args: argparse.Namespace) -> dict[str, Any]:
-    results: dict[str, Any] = {"count": args.count, "repeat": args.repeat}
+    results: dict[str, Any] = {
+        "count": args.count,
+        "repeat": args.repeat,
+        "devices": args.devices,
+    }
     with hypervisor() as start, tempfile.TemporaryDirectory(prefix="hyper-bench-") as tmp:
         results["hypervisor_start"] = start
         results["cgroup_version"] = open_hierarchy().version
-        domains = Domains(Path(tmp))
+        domains = Domains(Path(tmp), args.devices)
         try:
             progress("baselines")
             results["baseline"] = baselines(args.repeat)
@@ -626,6 +637,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--count", type=int, default=20, help="domains created in turn (20)")
     parser.add_argument("--repeat", type=int, default=5, help="single create/destroy cycles (5)")
     parser.add_argument("--idle-seconds", type=float, default=10.0, help="idle CPU window (10)")
+    parser.add_argument(
+        "--devices",
+        action="store_true",
+        help="give each domain a vif and a 16 MiB disk (their data paths idle with them)",
+    )
     parser.add_argument("--json", action="store_true", help="print the figures as JSON")
     args = parser.parse_args(argv)
     if args.count < 1 or args.repeat < 1 or args.idle_seconds <= 0:
