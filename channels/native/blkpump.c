@@ -250,6 +250,37 @@ static int64_t blk_execute(blk_t *b, const job_t *job) {
  * bell is rung after it is let go). */
 static int blk_push(blk_t *b) { return ring_push(&b->ring, RSP_PROD, RSP_EVENT); }
 
+typedef struct {
+    uint64_t id;
+    uint8_t op;
+    int16_t status;
+} refusal_t;
+
+/* VbdPath._work's loop over up to `avail` published requests (the free job slots are at the
+ * top of the free stack): each copied out once and checked; the good ones' jobs named in `go`,
+ * the bad ones' answers in `refused`. It stops before a request for Python (PUMP_FALLBACK),
+ * leaving it unconsumed; else 0. Touches the ring's consumer side only: no lock needed. */
+static int blk_take(blk_t *b, int64_t avail, uint32_t *go, int *ngo, refusal_t *refused,
+                    int *nrefused) {
+    *ngo = *nrefused = 0;
+    for (int64_t taken = 0; taken < avail; taken++) {
+        uint8_t raw[BLK_SLOT];
+        memcpy(raw, ring_slot(&b->ring, b->ring.cons), BLK_SLOT); /* our one private copy */
+        uint32_t index = b->free_jobs[b->nfree - 1 - (uint32_t)*ngo];
+        job_t *job = &b->jobs[index];
+        int16_t status = BLKIF_RSP_OKAY;
+        int verdict = blk_prepare(b, raw, job, &status);
+        if (verdict == REQ_PYTHON)
+            return PUMP_FALLBACK;
+        b->ring.cons++;
+        if (verdict == REQ_GO)
+            go[(*ngo)++] = index;
+        else
+            refused[(*nrefused)++] = (refusal_t){job->id, job->op, status};
+    }
+    return 0;
+}
+
 #ifndef HYPER_FUZZ
 
 /* -- the reaper: completions from the AIO context, answered as they come ------------------- */
@@ -376,36 +407,18 @@ static int64_t blk_work(blk_t *b) {
     if (avail > room)
         avail = room;
     uint32_t go[MAX_OUTSTANDING];
-    int ngo = 0, refused = 0;
-    int64_t taken = 0, end = 0;
-    for (; taken < avail; taken++) {
-        uint8_t raw[BLK_SLOT];
-        memcpy(raw, ring_slot(&b->ring, b->ring.cons), BLK_SLOT); /* our one private copy */
-        job_t *job = &b->jobs[b->free_jobs[b->nfree - 1 - ngo]];
-        int16_t status = BLKIF_RSP_OKAY;
-        int verdict = blk_prepare(b, raw, job, &status);
-        if (verdict == REQ_PYTHON) {
-            end = -PUMP_FALLBACK;
-            break;
-        }
-        b->ring.cons++;
-        if (verdict == REQ_GO) {
-            go[ngo] = b->free_jobs[b->nfree - 1 - ngo];
-            ngo++;
-            continue;
-        }
-        pthread_mutex_lock(&b->lock);
-        blk_respond(b, job->id, job->op, status);
-        b->counters[ERRORS]++;
-        pthread_mutex_unlock(&b->lock);
-        refused++;
-    }
+    refusal_t refused[MAX_OUTSTANDING];
+    int ngo, nrefused;
+    int end = blk_take(b, avail, go, &ngo, refused, &nrefused);
     pthread_mutex_lock(&b->lock);
+    for (int i = 0; i < nrefused; i++)
+        blk_respond(b, refused[i].id, refused[i].op, refused[i].status);
+    b->counters[ERRORS] += (uint64_t)nrefused;
     b->nfree -= (uint32_t)ngo;
     /* One request alone on an idle vbd (a program waiting on each I/O) is done here: the
        reaper would add a wakeup to its latency (VbdPath._hand_on's inline). */
     int inline_ = ngo == 1 && b->inflight == 0;
-    int notify = refused && blk_push(b);
+    int notify = nrefused && blk_push(b);
     pthread_mutex_unlock(&b->lock);
     if (notify)
         bell_ring(b->peer);
@@ -421,7 +434,7 @@ static int64_t blk_work(blk_t *b) {
     } else if (ngo) {
         blk_submit(b, go, ngo);
     }
-    return end ? end : taken;
+    return end ? -end : ngo + nrefused;
 }
 
 /* -- the loop ------------------------------------------------------------------------------- */
