@@ -256,25 +256,25 @@ typedef struct {
     int16_t status;
 } refusal_t;
 
-/* VbdPath._work's loop over up to `avail` published requests (the free job slots are at the
- * top of the free stack): each copied out once and checked; the good ones' jobs named in `go`,
- * the bad ones' answers in `refused`. It stops before a request for Python (PUMP_FALLBACK),
- * leaving it unconsumed; else 0. Touches the ring's consumer side only: no lock needed. */
-static int blk_take(blk_t *b, int64_t avail, uint32_t *go, int *ngo, refusal_t *refused,
+/* VbdPath._work's loop over up to `avail` published requests, with a free job for each in
+ * `slots` (taken off the free stack by the caller): each request copied out once and checked;
+ * the good ones' jobs are slots[0 .. *ngo - 1], the bad ones' answers go in `refused`. It
+ * stops before a request for Python (PUMP_FALLBACK), leaving it unconsumed; else 0. Touches
+ * the ring's consumer side and its own jobs only: no lock needed. */
+static int blk_take(blk_t *b, int64_t avail, const uint32_t *slots, int *ngo, refusal_t *refused,
                     int *nrefused) {
     *ngo = *nrefused = 0;
     for (int64_t taken = 0; taken < avail; taken++) {
         uint8_t raw[BLK_SLOT];
         memcpy(raw, ring_slot(&b->ring, b->ring.cons), BLK_SLOT); /* our one private copy */
-        uint32_t index = b->free_jobs[b->nfree - 1 - (uint32_t)*ngo];
-        job_t *job = &b->jobs[index];
+        job_t *job = &b->jobs[slots[*ngo]];
         int16_t status = BLKIF_RSP_OKAY;
         int verdict = blk_prepare(b, raw, job, &status);
         if (verdict == REQ_PYTHON)
             return PUMP_FALLBACK;
         b->ring.cons++;
         if (verdict == REQ_GO)
-            go[(*ngo)++] = index;
+            (*ngo)++;
         else
             refused[(*nrefused)++] = (refusal_t){job->id, job->op, status};
     }
@@ -397,16 +397,18 @@ static int64_t blk_work(blk_t *b) {
     }
     if (!room)
         return 0;
+    uint32_t go[MAX_OUTSTANDING]; /* free jobs, one per request we may take */
     pthread_mutex_lock(&b->lock);
     int64_t avail = back_unconsumed(&b->ring);
+    if (avail > room)
+        avail = room; /* room <= nfree: every job not free is in flight */
+    for (int64_t i = 0; i < avail; i++)
+        go[i] = b->free_jobs[--b->nfree];
     pthread_mutex_unlock(&b->lock);
     if (avail < 0) {
         say(b, "impossible req_prod");
         return -PUMP_BROKEN;
     }
-    if (avail > room)
-        avail = room;
-    uint32_t go[MAX_OUTSTANDING];
     refusal_t refused[MAX_OUTSTANDING];
     int ngo, nrefused;
     int end = blk_take(b, avail, go, &ngo, refused, &nrefused);
@@ -414,7 +416,8 @@ static int64_t blk_work(blk_t *b) {
     for (int i = 0; i < nrefused; i++)
         blk_respond(b, refused[i].id, refused[i].op, refused[i].status);
     b->counters[ERRORS] += (uint64_t)nrefused;
-    b->nfree -= (uint32_t)ngo;
+    for (int64_t i = avail - 1; i >= ngo; i--) /* the jobs not used go back */
+        b->free_jobs[b->nfree++] = go[i];
     /* One request alone on an idle vbd (a program waiting on each I/O) is done here: the
        reaper would add a wakeup to its latency (VbdPath._hand_on's inline). */
     int inline_ = ngo == 1 && b->inflight == 0;

@@ -32,7 +32,6 @@ static uint8_t ring_area[PAGE_SIZE] __attribute__((aligned(64)));
 static uint8_t *pool; /* its grant table page, then its one data page: mapped exactly */
 static uint8_t checked[2][POOL_PAGES * 5];
 static job_t jobs[JOBS];
-static uint32_t free_jobs[JOBS];
 static int device = -1;
 
 static size_t take(const uint8_t **data, size_t *size, void *out, size_t want) {
@@ -64,9 +63,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
     b.fd = device;
     b.readonly = !!(mode & 2);
     b.sectors = mode & 4 ? UINT64_MAX : DEVICE_SECTORS;
-    b.jobs = jobs, b.free_jobs = free_jobs, b.max = b.nfree = JOBS;
-    for (uint32_t i = 0; i < JOBS; i++)
-        free_jobs[i] = i;
+    b.jobs = jobs;
     take(&data, &size, pool, POOL_PAGES * 8);
     b.grants.n = 1;
     b.grants.pool[0] = (pool_t){pool, GREF_BASE, POOL_PAGES, PAGE_SIZE, {checked[0], checked[1]}};
@@ -82,6 +79,8 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
     uint32_t go[JOBS];
     refusal_t refused[JOBS];
     int ngo, nrefused;
+    for (uint32_t i = 0; i < JOBS; i++)
+        go[i] = i;
     blk_take(&b, avail < JOBS ? avail : JOBS, go, &ngo, refused, &nrefused);
     for (int i = 0; i < nrefused; i++)
         blk_respond(&b, refused[i].id, refused[i].op, refused[i].status);
