@@ -1,10 +1,13 @@
-"""Which data-path pumps run: the native ones (``channels._netpump``, built from
-``channels/native/``) when they are built, else the Python reference.
+"""Which data-path pumps run: the native ones (``channels._netpump`` and ``channels._blkpump``,
+built from ``channels/native/``) when they are built, else the Python reference.
 
 The native pumps are the batch loops between a TAP and the netif rings (issue 13): each runs,
 GIL released, until it is stopped, sees a protocol violation, or meets a frame it leaves to the
 Python path (netback tx hands back anything but the common case: channels/native/netpump.c).
-The Python classes in dom0/netback/datapath.py and domu/netfront/datapath.py stay the reference
+blkback's pump (channels/native/blkpump.c) is the loop of one vbd: the blkif ring to the
+device with Linux AIO, handing FLUSH, DISCARD and grant refs it cannot look up to Python.
+The Python classes in dom0/netback/datapath.py, domu/netfront/datapath.py and
+dom0/blkback/datapath.py stay the reference
 implementation: they run wherever the extension is not built, and ``HYPER_PUMPS=python`` in the
 environment forces them (the differential tests run both; a domain inherits the variable from
 hyperd). ``hyperctl info`` shows which is in use (``describe``).
@@ -29,6 +32,13 @@ except ImportError as exc:  # not built: the reference runs
     _WHY_NOT = str(exc)
 else:
     _WHY_NOT = ""
+try:
+    from channels import _blkpump
+except ImportError as exc:
+    _blkpump = None
+    _BLK_WHY_NOT = str(exc)
+else:
+    _BLK_WHY_NOT = ""
 
 ENV = "HYPER_PUMPS"
 
@@ -36,30 +46,44 @@ ENV = "HYPER_PUMPS"
 # by tests/unit/test_native_pumps.py).
 NETBACK_TX, NETBACK_RX, NETFRONT_TX, NETFRONT_RX = range(4)
 STOPPED, FATAL, FALLBACK, MISS, BROKEN = range(5)
+# channels/native/blkpump.c's one kind of pump (its own module, its own numbering).
+BLKBACK = 0
+NETPUMP, BLKPUMP = "netpump", "blkpump"
 
 
-def native() -> ModuleType | None:
-    """The native netif pumps, or None when the Python reference must run."""
+def native(module: str = NETPUMP) -> ModuleType | None:
+    """The native pumps of ``module`` (the netif pumps unless named), or None when the Python
+    reference must run."""
     if os.environ.get(ENV, "").lower() == "python":
         return None
-    return _netpump
+    return _blkpump if module == BLKPUMP else _netpump
 
 
 def describe() -> str:
     """One line for ``hyperctl info``: which pumps a data path started now would run."""
-    if native() is not None:
-        return "native (channels._netpump)"
-    if _netpump is not None:
+    if os.environ.get(ENV, "").lower() == "python" and (_netpump or _blkpump):
         return f"python ({ENV}=python)"
-    return f"python (native pumps not built: {_WHY_NOT})"
+    built = [f"channels._{name}" for name, mod in ((NETPUMP, _netpump), (BLKPUMP, _blkpump)) if mod]
+    missing = [why for why in (_WHY_NOT, _BLK_WHY_NOT) if why]
+    if not built:
+        return f"python (native pumps not built: {'; '.join(missing)})"
+    if missing:
+        return f"native ({', '.join(built)}); python elsewhere (not built: {'; '.join(missing)})"
+    return f"native ({', '.join(built)})"
 
 
 def _make(
-    kind: int, ring: BackRing | FrontRing, tap_fd: int, doorbells: tuple[str, str | None], **kw: Any
+    kind: int,
+    ring: BackRing | FrontRing,
+    tap_fd: int,
+    doorbells: tuple[str, str | None],
+    module_name: str = NETPUMP,
+    **kw: Any,
 ) -> Any:
     """A native Pump of ``kind`` over ``ring``, from where the ring is now; None when the
-    native pumps do not run or the peer's doorbell is not known yet."""
-    module = native()
+    native pumps do not run or the peer's doorbell is not known yet. ``tap_fd`` is the fd the
+    pump does its I/O on (a vbd's device for blkback)."""
+    module = native(module_name)
     mine, peer = doorbells
     if module is None or peer is None:
         return None
@@ -83,7 +107,8 @@ class NativePump:
     (``stop``; a stop before ``start`` keeps it from running at all), let go when the thread
     is done (``end``), so that the ring and pools it holds can be unmapped."""
 
-    def __init__(self, late_eoi: LateEoi | None = None) -> None:
+    def __init__(self, late_eoi: LateEoi | None = None, module: str = NETPUMP) -> None:
+        self._module = module  # which native module makes the pump
         self._lock = threading.Lock()
         self._pump: Any = None
         self._stopped = False
@@ -101,7 +126,7 @@ class NativePump:
         with self._lock:
             if self._stopped:
                 return None
-            self._pump = _make(kind, ring, tap_fd, doorbells, **kw)
+            self._pump = _make(kind, ring, tap_fd, doorbells, self._module, **kw)
             if self._pump is not None and self._late_eoi is not None:
                 self._late_eoi.adopt(self._pump)
             return self._pump

@@ -200,6 +200,26 @@ static inline void spin_slept(spin_t *s, uint64_t slept) {
    one), so that polling only ever uses a CPU that would otherwise idle, as haltpoll does. */
 static inline void cpu_relax(void) { sched_yield(); }
 
+/* Sleep on `bell` (Doorbell.wait), after spinning up to the window on `has_work(arg)` if the
+ * last round worked. 1 if rung, 0 on timeout or when work turned up during the spin. */
+static inline int spin_then_wait(spin_t *s, int worked, volatile int *stopping,
+                                 int (*has_work)(void *), void *arg, sem_t *bell) {
+    if (worked && s->window) {
+        uint64_t until = now_ns() + s->window;
+        while (now_ns() < until && !*stopping) {
+            if (has_work(arg)) {
+                spin_grow(s);
+                return 0;
+            }
+            cpu_relax();
+        }
+    }
+    uint64_t t0 = now_ns();
+    int rung = bell_wait(bell, HEAL_NS);
+    spin_slept(s, now_ns() - t0);
+    return rung;
+}
+
 /* Is `fd` readable now? (no wait) */
 static inline int readable(int fd) {
     struct pollfd p = {.fd = fd, .events = POLLIN};

@@ -3,6 +3,15 @@
 It runs inside the vbd's worker process (dom0/blkback/worker.py), over the ring, event channel
 and grants of one frontend connection, and the device fd (the loop device) dom0 opened for it.
 
+Two implementations. Where the native pump is built (channels._blkpump, from
+channels/native/blkpump.c; channels.pumps decides, ``HYPER_PUMPS=python`` forces this one), the
+dispatcher thread runs it: one C loop, GIL released, that checks READ and WRITE requests (classic
+and indirect) exactly as below and puts them on the device with Linux AIO, answering each as it
+completes. It hands FLUSH, DISCARD and a grant ref in no mapped pool back here before consuming
+them; ``_work`` does that one request, and the pump goes on. Everything below is the reference
+it follows, and runs wherever the pump does not (tests/unit/test_native_blkpump.py requires the
+same answers, device contents and counters from both).
+
 Threads. One dispatcher takes every published request in one batch (``get_requests_block``),
 decodes each from its private copy (``blkif.Request.unpack``), validates it, answers a bad one
 at once and hands the good ones to a pool of ``io_threads`` I/O threads, so that many requests
@@ -54,6 +63,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 from channels import blkif as B
+from channels import pumps
 from channels.evtchn import EventChannel, LateEoi
 from channels.gnttab import GrantError, GrantViolation
 from channels.grants import GrantMapper
@@ -206,6 +216,7 @@ class VbdPath:
         self._stopped = False
         self._fatal_sent = False
         self.late_eoi = LateEoi()
+        self.native = pumps.NativePump(self.late_eoi, pumps.BLKPUMP)
         name = f"blkback {ring.name}"
         # Kernel names shared by all threads of a kind: per-thread figures add them up.
         self.threads = [
@@ -219,8 +230,8 @@ class VbdPath:
             thread.daemon = True
 
     def start(self) -> None:
-        for thread in self.threads:
-            thread.start()
+        """Start the dispatcher; it starts the I/O threads if the Python path runs."""
+        self.threads[0].start()
 
     def stop(self) -> None:
         """Stop the dispatcher, let the I/O threads finish (and answer) what they hold, join
@@ -231,6 +242,7 @@ class VbdPath:
         with self._room:
             self._stopping = True
             self._room.notify_all()
+        self.native.stop()
         self.late_eoi.stop()
         self.evtchn.kick()
         dispatcher, io = self.threads[0], self.threads[1:]
@@ -244,6 +256,10 @@ class VbdPath:
 
     def _dispatch(self) -> None:
         with self._guard():
+            if self._run_native():
+                return
+            for thread in self.threads[1:]:
+                thread.start()
             self.late_eoi.serve(
                 self._work,
                 self._final_check,
@@ -252,20 +268,62 @@ class VbdPath:
                 HEAL_TIMEOUT,
             )
 
+    def _run_native(self) -> bool:
+        """Serve the ring with the native pump until stopped; False if it does not run here.
+        A request it hands back (FLUSH, DISCARD, a grant ref it cannot look up) is done by
+        ``_work``, alone and inline (the pump has nothing in flight by then), and the pump
+        carries on where Python left the ring, with the mapper's pools if they moved."""
+        try:
+            pump = self.native.start(
+                pumps.BLKBACK,
+                self.ring,
+                self.fd,
+                self.evtchn.doorbell_names(),
+                counters=self.counters.page,
+                pools=self.grants.native_pools(),
+                domid=self.grants.device.grantee,
+                sectors=self.sectors,
+                readonly=self.readonly,
+                outstanding=self._max_outstanding,
+            )
+        except OSError as exc:  # no AIO context for us (aio-max-nr): the Python path runs
+            log.warning("%s: native pump unavailable: %s", self.ring.name, exc)
+            return False
+        if pump is None:
+            return False
+        try:
+            refreshes = self.grants.refreshes
+            while not self._stopping:
+                result = pump.run()
+                code = pumps.ended(self.ring, pump, result)
+                if code == pumps.STOPPED:
+                    break
+                if code == pumps.FATAL:
+                    raise RuntimeError(result[1])
+                self._work(limit=1)  # FALLBACK: the request the pump left in the ring
+                pump.indices = self.ring.indices()
+                if self.grants.refreshes != refreshes:
+                    refreshes = self.grants.refreshes
+                    pump.set_pools(self.grants.native_pools())
+        finally:
+            self.native.end()
+        return True
+
     def _final_check(self) -> bool:
         with self._lock:
             return self.ring.final_check_for_requests()
 
-    def _work(self) -> bool:
-        """Take what the ring holds (up to the free I/O slots), refuse the bad requests, hand
-        the good ones to the I/O threads. False when there was nothing to take. A protocol
-        violation (GrantViolation) is raised once the requests before it are handed on and
-        answered: they were consumed and checked; the ones after it are never looked at."""
+    def _work(self, limit: int | None = None) -> bool:
+        """Take what the ring holds (up to the free I/O slots, and ``limit``), refuse the bad
+        requests, hand the good ones to the I/O threads. False when there was nothing to take.
+        A protocol violation (GrantViolation) is raised once the requests before it are handed
+        on and answered: they were consumed and checked; the ones after it are never looked
+        at."""
         room = self._wait_for_room()
         if not room:
             return False
         with self._lock:
-            block = self.ring.get_requests_block(room)
+            block = self.ring.get_requests_block(room if limit is None else min(room, limit))
         if not block:
             return False
         jobs: list[_Job] = []
@@ -283,7 +341,12 @@ class VbdPath:
                 break
         self._hand_on(jobs, replies)
         if violation is not None:
-            raise violation
+            try:
+                raise violation
+            finally:
+                # No cycle (exception -> traceback -> this frame -> exception): the frames it
+                # holds, and the native pump's buffers in them, go when the thread handles it.
+                del violation
         return True
 
     def _hand_on(self, jobs: list[_Job], replies: list[int]) -> None:

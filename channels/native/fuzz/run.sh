@@ -4,7 +4,8 @@
 #
 #   channels/native/fuzz/run.sh [RUNS]     # each pump RUNS executions (default 1000000)
 #
-# One binary per pump (netpump_fuzz.c, -DTARGET=...); corpora live under $FUZZ_DIR (default a
+# One binary per pump (netpump_fuzz.c with -DTARGET=... for the four netif pumps, blkpump_fuzz.c
+# for blkback's); corpora live under $FUZZ_DIR (default a
 # temporary directory, removed afterwards). Exit status: non-zero as soon as one pump's fuzzer
 # finds a crash, a sanitizer report or a leak; the reproducer is left in $FUZZ_DIR.
 set -euo pipefail
@@ -16,10 +17,12 @@ mkdir -p "$dir"
 [ -n "$keep" ] || trap 'rm -rf "$dir"' EXIT
 command -v clang >/dev/null || { echo "fuzz: clang is missing (scripts/setup.sh installs it)" >&2; exit 1; }
 python3 "$here/seeds.py" "$dir"  # honest traffic to start from
-for target in NETBACK_TX NETBACK_RX NETFRONT_TX NETFRONT_RX; do
+for pump in netpump:NETBACK_TX netpump:NETBACK_RX netpump:NETFRONT_TX netpump:NETFRONT_RX \
+    blkpump:BLKBACK; do
+    source=${pump%%:*} target=${pump#*:}
     bin="$dir/$target"
     clang -g -O1 -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=all \
-        -DTARGET="$target" -I"$here/.." "$here/netpump_fuzz.c" -o "$bin"
+        -DTARGET="$target" -I"$here/.." "$here/${source}_fuzz.c" -o "$bin"
     echo "fuzz: $target, $runs runs" >&2
     (cd "$dir" && "$bin" -runs="$runs" -max_len=70000 -print_final_stats=1 \
         -artifact_prefix="$dir/$target-" "$dir/$target.corpus" 2>&1 |

@@ -1,7 +1,8 @@
-"""Seed inputs for netpump_fuzz.c: honest traffic, which the fuzzer then mutates.
+"""Seed inputs for netpump_fuzz.c and blkpump_fuzz.c: honest traffic, which the fuzzer then
+mutates.
 
 ``python3 seeds.py DIR`` writes DIR/<TARGET>.corpus/seed-N for each pump, in the input layout
-netpump_fuzz.c describes: mode, four indices, (backends) the grant entries, the slots, the
+its harness describes: mode, four indices, (backends) the grant entries, the slots, the
 pages' first bytes, (netback rx) the frame.
 """
 
@@ -97,12 +98,44 @@ def netfront_rx() -> list[bytes]:
     return [layout((0, 0, 0, 0), b"", one, pages), layout((9, 9, 9, 0), b"", gso, pages)]
 
 
+def blk_request(op: int, rid: int, sector: int, segments: list[tuple[int, int, int]]) -> bytes:
+    """A classic blkif request slot (channels/blkif.py's layout)."""
+    flat = b"".join(struct.pack("<IBB2x", *seg) for seg in segments)
+    return (struct.pack("<BBH4xQQ", op, len(segments), 0, rid, sector) + flat).ljust(112, b"\0")
+
+
+def blk_indirect(op: int, rid: int, sector: int, count: int, page: int) -> bytes:
+    return struct.pack("<BBH4xQQH2xI", 6, op, count, rid, sector, 0, page).ljust(112, b"\0")
+
+
+def blkback() -> list[bytes]:
+    descriptors = b"".join(struct.pack("<IBB2x", GREF_BASE, 0, 7) for _ in range(4))
+    whole, part = (GREF_BASE, 0, 7), (GREF_BASE, 2, 5)
+    return [
+        layout((0, 0, 0, 0), ENTRIES, [blk_request(0, 1, 0, [whole])], b""),
+        layout(
+            (30, 30, 30, 0),
+            ENTRIES,
+            [blk_request(1, 2, 8, [whole, part]), blk_request(0, 3, 16, [part] * 11)],
+            b"",
+        ),
+        layout((5, 5, 5, 0), ENTRIES, [blk_indirect(1, 4, 0, 4, GREF_BASE)], descriptors),
+        layout(
+            (0, 0, 0, 0),
+            RO_ENTRIES,
+            [blk_indirect(0, 5, 32, 4, GREF_BASE), blk_request(1, 6, 40, [whole])],
+            descriptors,
+        ),
+    ]
+
+
 def main(out: Path) -> None:
     for target, seeds in (
         ("NETBACK_TX", netback_tx()),
         ("NETBACK_RX", netback_rx()),
         ("NETFRONT_TX", netfront_tx()),
         ("NETFRONT_RX", netfront_rx()),
+        ("BLKBACK", blkback()),
     ):
         corpus = out / f"{target}.corpus"
         corpus.mkdir(parents=True, exist_ok=True)
