@@ -16,6 +16,7 @@ hyperd). ``hyperctl info`` shows which is in use (``describe``).
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import threading
 from types import ModuleType
@@ -40,12 +41,14 @@ except ImportError as exc:
 else:
     _BLK_WHY_NOT = ""
 
+log = logging.getLogger(__name__)
+
 ENV = "HYPER_PUMPS"
 
 # channels/native/netpump.c's kinds of pump, and how its run() ends (checked against the module
 # by tests/unit/test_native_pumps.py).
 NETBACK_TX, NETBACK_RX, NETFRONT_TX, NETFRONT_RX = range(4)
-STOPPED, FATAL, FALLBACK, MISS, BROKEN = range(5)
+STOPPED, FATAL, FALLBACK, MISS, BROKEN, IOERROR = range(6)
 # channels/native/blkpump.c's one kind of pump (its own module, its own numbering).
 BLKBACK = 0
 NETPUMP, BLKPUMP = "netpump", "blkpump"
@@ -99,6 +102,8 @@ def ended(ring: BackRing | FrontRing, pump: Any, result: tuple[int, str, int]) -
     code, why, _ = result
     if code == BROKEN:
         ring.broke(why)
+    if code == IOERROR:  # our own device (the TAP) failed, not the peer
+        raise OSError(why)
     return code
 
 
@@ -126,7 +131,11 @@ class NativePump:
         with self._lock:
             if self._stopped:
                 return None
-            self._pump = _make(kind, ring, tap_fd, doorbells, self._module, **kw)
+            try:
+                self._pump = _make(kind, ring, tap_fd, doorbells, self._module, **kw)
+            except (OSError, ValueError) as exc:  # a doorbell gone, no AIO context, ...
+                log.warning("%s: native pump unavailable, the Python path runs: %s", ring.name, exc)
+                return None
             if self._pump is not None and self._late_eoi is not None:
                 self._late_eoi.adopt(self._pump)
             return self._pump
@@ -135,10 +144,12 @@ class NativePump:
         """A frontend's channel's doorbells, once its backend has bound the port (a native
         pump rings the peer's directly, so it cannot start before); the peer's is None if the
         path was stopped first."""
+        if native(self._module) is None:
+            return "", None  # the Python path runs: it learns the peer's as it rings
         waited = 0
         while not evtchn.wait_bound(0.2):
             if stopping():
-                return evtchn.doorbell_names()[0], None
+                return "", None
             waited += 1
             if waited % 25 == 0:  # the driver's own look failed (hyperd restarting): ask too
                 with contextlib.suppress(HypercallError):

@@ -9,9 +9,18 @@
 typedef struct {
     PyObject_HEAD
     blk_t b;
-    views_t views; /* ring, counters, pools (kept for life) */
+    views_t views; /* ring, counters (kept for life) */
+    pool_views_t pools;
     int running, ready;
 } Pump;
+
+/* A Pump before (or without) __init__: nothing to close or stop. */
+static PyObject *Pump_new(PyTypeObject *type, PyObject *args, PyObject *kw) {
+    Pump *self = (Pump *)PyType_GenericNew(type, args, kw);
+    if (self)
+        self->b.stop_fd = -1;
+    return (PyObject *)self;
+}
 
 static int make_jobs(blk_t *b, unsigned int outstanding) {
     if (outstanding < 1 || outstanding > MAX_OUTSTANDING) {
@@ -81,7 +90,7 @@ static int Pump_init(Pump *self, PyObject *args, PyObject *kw) {
         }
         b->counters = view->buf;
     }
-    if (pools && grants_set(&b->grants, &self->views, pools) < 0)
+    if (pools && grants_set(&b->grants, &self->pools, pools, NULL, NULL) < 0)
         return -1;
     pthread_mutex_init(&b->lock, NULL);
     pthread_cond_init(&b->room, NULL);
@@ -117,6 +126,7 @@ static void Pump_dealloc(Pump *self) {
     if (b->peer && b->peer != SEM_FAILED)
         sem_close(b->peer);
     views_release(&self->views);
+    pool_views_release(&self->pools);
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
 
@@ -158,7 +168,10 @@ static PyObject *Pump_set_pools(Pump *self, PyObject *pools) {
         PyErr_SetString(PyExc_RuntimeError, "set_pools while the pump runs");
         return NULL;
     }
-    if (grants_set(&self->b.grants, &self->views, pools) < 0)
+    self->running = 1; /* parsing may run Python code: no run() meanwhile */
+    int failed = grants_set(&self->b.grants, &self->pools, pools, NULL, NULL) < 0;
+    self->running = 0;
+    if (failed)
         return NULL;
     Py_RETURN_NONE;
 }
@@ -204,7 +217,7 @@ static PyTypeObject PumpType = {
     .tp_basicsize = sizeof(Pump),
     .tp_flags = Py_TPFLAGS_DEFAULT,
     .tp_doc = "blkback's batch pump for one vbd.",
-    .tp_new = PyType_GenericNew,
+    .tp_new = Pump_new,
     .tp_init = (initproc)Pump_init,
     .tp_dealloc = (destructor)Pump_dealloc,
     .tp_methods = Pump_methods,

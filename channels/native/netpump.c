@@ -81,7 +81,7 @@ enum { TX_PACKETS, TX_BYTES, TX_ERRORS, TX_DROPPED, TX_SPOOFED, RX_PACKETS, RX_B
        RX_DROPPED, N_COUNTERS };
 
 /* What a pump's run() ends with. */
-enum { PUMP_STOPPED, PUMP_FATAL, PUMP_FALLBACK, PUMP_MISS, PUMP_BROKEN };
+enum { PUMP_STOPPED, PUMP_FATAL, PUMP_FALLBACK, PUMP_MISS, PUMP_BROKEN, PUMP_IOERROR };
 
 enum { NETBACK_TX, NETBACK_RX, NETFRONT_TX, NETFRONT_RX };
 
@@ -234,9 +234,9 @@ static int source_check(const pump_t *p, const uint8_t *head, const layout_t *l)
 }
 
 /* The outcome of one packet (TxPath._transmit's status). */
-enum { TX_SENT, TX_REFUSED, TX_BAD, TX_FALLBACK, TX_FATAL };
+enum { TX_SENT, TX_REFUSED, TX_BAD, TX_FALLBACK, TX_IOERROR };
 
-/* TxPath._offload: GSO extras read, multicast control skipped (TX_SKIP), others refused. */
+/* TxPath._offload: GSO extras read, multicast control left to Python, others refused. */
 static int tx_offload(const tx_req_t *s, int extras, offload_t *o) {
     o->gso_type = GSO_NONE;
     o->gso_size = 0;
@@ -335,8 +335,8 @@ static int tx_send(pump_t *p, const tx_req_t *s, int k, int extras, uint32_t *to
         else if (errno == EIO || errno == EINVAL)
             return TX_BAD;
         else {
-            say(p, strerror(errno));
-            return TX_FATAL;
+            say(p, strerror(errno)); /* our TAP, not the frontend: a local error */
+            return TX_IOERROR;
         }
     }
     *total_out = total;
@@ -406,8 +406,8 @@ static int64_t netback_tx_work(pump_t *p) {
             end = -PUMP_FALLBACK;
             break;
         }
-        if (verdict == TX_FATAL) {
-            end = -PUMP_FATAL;
+        if (verdict == TX_IOERROR) {
+            end = -PUMP_IOERROR;
             break;
         }
         int16_t status = verdict == TX_BAD ? NETIF_RSP_ERROR : NETIF_RSP_OKAY;
@@ -499,7 +499,7 @@ static int netback_rx_receive(pump_t *p) {
         if (errno == EAGAIN || errno == EINTR)
             return 0;
         say(p, strerror(errno));
-        return -PUMP_FATAL;
+        return -PUMP_IOERROR;
     }
     int64_t length = n - VNET_HDR_SIZE;
     if (length <= 0) {
@@ -519,7 +519,7 @@ static int netback_rx_receive(pump_t *p) {
     }
     if (!gso)
         for (uint32_t i = 1; i < used; i++)
-            memcpy(HELD(p, i), HELD(p, i + 1), PAGE_SIZE);
+            memmove(HELD(p, i), HELD(p, i + 1), PAGE_SIZE); /* a page posted twice */
     uint16_t flags = (o.csum_blank ? NETRXF_csum_blank : 0) |
                      (o.data_validated ? NETRXF_data_validated : 0);
     uint16_t first = flags | (used > 1 ? NETRXF_more_data : 0) | (gso ? NETRXF_extra_info : 0);
@@ -585,12 +585,16 @@ static int netfront_tx_send(pump_t *p) {
             iov[1 + i].iov_base = p->pages + (size_t)ids[i] * PAGE_SIZE,
                      iov[1 + i].iov_len = PAGE_SIZE;
         ssize_t n = readv(p->tap_fd, iov, 1 + MAX_FRAME_PAGES);
-        if (n < 0)
-            break; /* EAGAIN: nothing more to send */
+        if (n < 0) {
+            if (errno == EAGAIN || errno == EINTR)
+                break; /* nothing more to send */
+            say(p, strerror(errno));
+            return -PUMP_IOERROR;
+        }
         int64_t length = n - VNET_HDR_SIZE;
         offload_t o;
-        if (length <= 0 || offload_from_vnet(hdr, &o) < 0)
-            continue;
+        if (length <= 0 || length > 0xFFFF || offload_from_vnet(hdr, &o) < 0)
+            continue; /* nothing netif can carry (a size is 16 bits) */
         uint32_t used = (uint32_t)((length + PAGE_SIZE - 1) / PAGE_SIZE);
         int gso = o.gso_type != GSO_NONE && p->gso;
         uint16_t flags = (o.csum_blank ? NETTXF_csum_blank : 0) |
@@ -755,7 +759,8 @@ static int sleep_on_bell(pump_t *p, int worked, int (*has_work)(pump_t *)) {
     return rung;
 }
 
-/* Wait for the TAP, spinning first after work; 1 when readable, 0 when told to stop. */
+/* Wait for the TAP, spinning first after work; 1 when readable, 0 when told to stop, -1 when
+ * poll fails. */
 static int wait_tap(pump_t *p, int worked) {
     if (worked && p->spin.window) {
         uint64_t until = now_ns() + p->spin.window;
@@ -770,8 +775,10 @@ static int wait_tap(pump_t *p, int worked) {
     struct pollfd fds[2] = {{.fd = p->tap_fd, .events = POLLIN}, {.fd = p->stop_fd, .events = POLLIN}};
     uint64_t t0 = now_ns();
     while (poll(fds, 2, -1) < 0)
-        if (errno != EINTR)
-            return 0;
+        if (errno != EINTR) {
+            say(p, strerror(errno));
+            return -1;
+        }
     spin_slept(&p->spin, now_ns() - t0);
     return !(fds[1].revents & POLLIN);
 }
@@ -844,7 +851,10 @@ static int run_netback_rx(pump_t *p) {
             worked = 0;
             continue;
         }
-        if (!wait_tap(p, worked))
+        int ready = wait_tap(p, worked);
+        if (ready < 0)
+            return PUMP_IOERROR;
+        if (!ready)
             continue;
         int frames = 0;
         while (frames < BUDGET && !p->stopping) {
@@ -885,9 +895,15 @@ static int run_netfront_tx(pump_t *p) {
                 rung = sleep_on_bell(p, worked, front_has_responses);
             continue;
         }
-        if (!wait_tap(p, worked))
+        int ready = wait_tap(p, worked);
+        if (ready < 0)
+            return PUMP_IOERROR;
+        if (!ready)
             continue;
-        worked = netfront_tx_send(p) > 0;
+        int sent = netfront_tx_send(p);
+        if (sent < 0)
+            return -sent;
+        worked = sent > 0;
     }
     return PUMP_STOPPED;
 }

@@ -8,87 +8,40 @@
  * Include only from netpump.c.
  */
 
+#include "pump_py.h"
+
 typedef struct {
     PyObject_HEAD
     int kind;
     pump_t p;
-    Py_buffer views[2 + MAX_POOLS * 4]; /* ring, pages/counters, pools (kept for life) */
-    int nviews;
+    views_t views; /* ring, pages, counters (kept for life) */
+    pool_views_t pools;
     int running;
 } Pump;
 
-static int keep_view(Pump *self, PyObject *obj, int writable, Py_buffer **out) {
-    if (self->nviews >= (int)(sizeof self->views / sizeof self->views[0])) {
-        PyErr_SetString(PyExc_ValueError, "too many buffers for one pump");
-        return -1;
+/* A Pump before (or without) __init__: nothing to close or stop. */
+static PyObject *Pump_new(PyTypeObject *type, PyObject *args, PyObject *kw) {
+    Pump *self = (Pump *)PyType_GenericNew(type, args, kw);
+    if (self)
+        self->p.stop_fd = -1;
+    return (PyObject *)self;
+}
+
+/* netback rx keeps posted buffers between runs: a replaced pool stays mapped while one of
+   them lies in it. */
+static int holds_page(const void *pump, const uint8_t *lo, size_t len) {
+    const pump_t *p = pump;
+    for (uint32_t i = 0; i < p->held_len; i++) {
+        const uint8_t *page = HELD(p, i);
+        if (page >= lo && page < lo + len)
+            return 1;
     }
-    Py_buffer *v = &self->views[self->nviews];
-    if (PyObject_GetBuffer(obj, v, (writable ? PyBUF_WRITABLE : 0) | PyBUF_C_CONTIGUOUS) < 0)
-        return -1;
-    self->nviews++;
-    *out = v;
     return 0;
 }
 
-static sem_t *open_bell(PyObject *name) {
-    const char *text = PyUnicode_AsUTF8(name);
-    if (!text)
-        return NULL;
-    char path[256];
-    snprintf(path, sizeof path, "/%s", text);
-    sem_t *sem = sem_open(path, 0);
-    if (sem == SEM_FAILED) {
-        PyErr_Format(PyExc_OSError, "doorbell %s: %s", text, strerror(errno));
-        return NULL;
-    }
-    return sem;
-}
-
-/* pools: a sequence of (buffer, gref_base, pages, data_offset) */
 static int set_pools(Pump *self, PyObject *pools) {
-    PyObject *seq = PySequence_Fast(pools, "pools must be a sequence");
-    if (!seq)
-        return -1;
-    Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
-    if (n > MAX_POOLS) {
-        Py_DECREF(seq);
-        PyErr_Format(PyExc_ValueError, "%zd pools: at most %d", n, MAX_POOLS);
-        return -1;
-    }
-    grants_t fresh = {.n = 0, .domid = self->p.grants.domid};
-    for (Py_ssize_t i = 0; i < n; i++) {
-        PyObject *buf;
-        unsigned int base, pages, data_off;
-        Py_buffer *view;
-        if (!PyArg_ParseTuple(PySequence_Fast_GET_ITEM(seq, i), "OIII", &buf, &base, &pages,
-                              &data_off) ||
-            keep_view(self, buf, 0, &view) < 0)
-            goto fail;
-        if ((uint64_t)pages * 8 > data_off ||
-            (uint64_t)data_off + (uint64_t)pages * PAGE_SIZE > (uint64_t)view->len) {
-            PyErr_Format(PyExc_ValueError, "pool at gref %u: %u pages do not fit", base, pages);
-            goto fail;
-        }
-        pool_t *pool = &fresh.pool[fresh.n++];
-        *pool = (pool_t){view->buf, base, pages, data_off, {NULL, NULL}};
-        for (int w = 0; w < 2; w++)
-            if (!(pool->checked[w] = calloc(pages, 5))) {
-                PyErr_NoMemory();
-                goto fail;
-            }
-    }
-    Py_DECREF(seq);
-    for (int i = 0; i < self->p.grants.n; i++)
-        for (int w = 0; w < 2; w++)
-            free(self->p.grants.pool[i].checked[w]);
-    self->p.grants = fresh;
-    return 0;
-fail:
-    for (int i = 0; i < fresh.n; i++)
-        for (int w = 0; w < 2; w++)
-            free(fresh.pool[i].checked[w]);
-    Py_DECREF(seq);
-    return -1;
+    return grants_set(&self->p.grants, &self->pools, pools,
+                      self->kind == NETBACK_RX ? holds_page : NULL, &self->p);
 }
 
 static int uint_list(PyObject *obj, uint32_t **out, Py_ssize_t *len) {
@@ -122,7 +75,7 @@ static int Pump_init(Pump *self, PyObject *args, PyObject *kw) {
     PyObject *grefs = NULL, *slot_page = NULL, *sources = Py_None;
     unsigned int slot, nr, cons, prod_pvt, pushed, domid = 0;
     int tap_fd, gso = 0;
-    if (self->nviews) {
+    if (self->views.n || self->p.mine) {
         PyErr_SetString(PyExc_RuntimeError, "a Pump is initialised once");
         return -1;
     }
@@ -131,6 +84,15 @@ static int Pump_init(Pump *self, PyObject *args, PyObject *kw) {
                                      &mine, &peer, &counters, &pools, &domid, &pages, &grefs,
                                      &slot_page, &gso, &sources))
         return -1;
+    if (domid > 0xFFFF) {
+        PyErr_Format(PyExc_ValueError, "domid %u is not a domain id", domid);
+        return -1;
+    }
+    unsigned int want = self->kind == NETBACK_TX || self->kind == NETFRONT_TX ? 12 : 8;
+    if (slot != want) {
+        PyErr_Format(PyExc_ValueError, "a %u-byte slot is not this pump's ring (%u)", slot, want);
+        return -1;
+    }
     pump_t *p = &self->p;
     memset(p, 0, sizeof *p);
     p->tap_fd = tap_fd;
@@ -141,7 +103,7 @@ static int Pump_init(Pump *self, PyObject *args, PyObject *kw) {
     p->spin.window = SPIN_START;
     Py_buffer *view;
     if (self->kind < NETBACK_TX || self->kind > NETFRONT_RX || !nr || nr & (nr - 1) ||
-        keep_view(self, area, 1, &view) < 0 ||
+        views_keep(&self->views, area, 1, &view) < 0 ||
         (uint64_t)RING_HEADER + (uint64_t)nr * slot > (uint64_t)view->len) {
         if (!PyErr_Occurred())
             PyErr_SetString(PyExc_ValueError, "bad pump kind or ring geometry");
@@ -150,7 +112,7 @@ static int Pump_init(Pump *self, PyObject *args, PyObject *kw) {
     p->ring = (ring_t){(volatile uint32_t *)view->buf, (uint8_t *)view->buf + RING_HEADER,
                        nr, nr - 1, slot, cons, prod_pvt, pushed, 0};
     if (counters != Py_None) {
-        if (keep_view(self, counters, 1, &view) < 0)
+        if (views_keep(&self->views, counters, 1, &view) < 0)
             return -1;
         if (view->len < (Py_ssize_t)(N_COUNTERS * 8) || (uintptr_t)view->buf % 8) {
             PyErr_SetString(PyExc_ValueError, "counters: too small or unaligned");
@@ -162,7 +124,7 @@ static int Pump_init(Pump *self, PyObject *args, PyObject *kw) {
         return -1;
     if (pages != Py_None) {
         Py_ssize_t n;
-        if (keep_view(self, pages, 1, &view) < 0 || !grefs || uint_list(grefs, &p->grefs, &n) < 0)
+        if (views_keep(&self->views, pages, 1, &view) < 0 || !grefs || uint_list(grefs, &p->grefs, &n) < 0)
             return -1;
         if ((Py_ssize_t)n * (Py_ssize_t)PAGE_SIZE > view->len || n > 65536) {
             PyErr_SetString(PyExc_ValueError, "more grant refs than pages");
@@ -225,16 +187,14 @@ static int Pump_init(Pump *self, PyObject *args, PyObject *kw) {
         PyErr_SetFromErrno(PyExc_OSError);
         return -1;
     }
-    if (!(p->mine = open_bell(mine)) || !(p->peer = open_bell(peer)))
+    if (!(p->mine = bell_open(mine)) || !(p->peer = bell_open(peer)))
         return -1;
     return 0;
 }
 
 static void Pump_dealloc(Pump *self) {
     pump_t *p = &self->p;
-    for (int i = 0; i < p->grants.n; i++)
-        for (int w = 0; w < 2; w++)
-            free(p->grants.pool[i].checked[w]);
+    grants_free(&p->grants);
     free(p->grefs);
     free(p->free_stack);
     free(p->in_flight);
@@ -245,14 +205,14 @@ static void Pump_dealloc(Pump *self) {
         sem_close(p->mine);
     if (p->peer && p->peer != SEM_FAILED)
         sem_close(p->peer);
-    for (int i = 0; i < self->nviews; i++)
-        PyBuffer_Release(&self->views[i]);
+    views_release(&self->views);
+    pool_views_release(&self->pools);
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
 
 static PyObject *Pump_run(Pump *self, PyObject *unused) {
     pump_t *p = &self->p;
-    if (!p->mine || self->running) {
+    if (!p->mine || !p->peer || self->running) {
         PyErr_SetString(PyExc_RuntimeError, "pump not initialised, or already running");
         return NULL;
     }
@@ -294,7 +254,10 @@ static PyObject *Pump_set_pools(Pump *self, PyObject *pools) {
         PyErr_SetString(PyExc_RuntimeError, "set_pools while the pump runs");
         return NULL;
     }
-    if (set_pools(self, pools) < 0)
+    self->running = 1; /* parsing may run Python code: no run() meanwhile */
+    int failed = set_pools(self, pools) < 0;
+    self->running = 0;
+    if (failed)
         return NULL;
     Py_RETURN_NONE;
 }
@@ -343,7 +306,7 @@ static PyTypeObject PumpType = {
     .tp_basicsize = sizeof(Pump),
     .tp_flags = Py_TPFLAGS_DEFAULT,
     .tp_doc = "One netif batch pump (netback tx/rx, netfront tx/rx).",
-    .tp_new = PyType_GenericNew,
+    .tp_new = Pump_new,
     .tp_init = (initproc)Pump_init,
     .tp_dealloc = (destructor)Pump_dealloc,
     .tp_methods = Pump_methods,
@@ -370,7 +333,8 @@ PyMODINIT_FUNC PyInit__netpump(void) {
                      {"NETFRONT_TX", NETFRONT_TX}, {"NETFRONT_RX", NETFRONT_RX},
                      {"STOPPED", PUMP_STOPPED},    {"FATAL", PUMP_FATAL},
                      {"FALLBACK", PUMP_FALLBACK},  {"MISS", PUMP_MISS},
-                     {"BROKEN", PUMP_BROKEN},      {"N_COUNTERS", N_COUNTERS}};
+                     {"BROKEN", PUMP_BROKEN},      {"IOERROR", PUMP_IOERROR},
+                     {"N_COUNTERS", N_COUNTERS}};
     for (size_t i = 0; i < sizeof constants / sizeof constants[0]; i++)
         if (PyModule_AddIntConstant(m, constants[i].name, constants[i].value) < 0)
             return NULL;

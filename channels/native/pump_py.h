@@ -54,9 +54,48 @@ static void grants_free(grants_t *g) {
     g->n = 0;
 }
 
-/* pools: a sequence of (buffer, gref_base, pages, data_offset) (GrantMapper.native_pools);
- * they replace g's pools (the old buffers stay held) only if every one is good. */
-static int grants_set(grants_t *g, views_t *views, PyObject *pools) {
+/* The mappings of the pools a pump looks refs up in (grants_t's pool[i] lies in view[i]), and
+ * of replaced pools in which the pump still holds a page (netback rx's posted buffers). */
+typedef struct {
+    Py_buffer view[MAX_POOLS];
+    int n;
+    Py_buffer old[MAX_POOLS];
+    int n_old;
+} pool_views_t;
+
+/* Does the pump still hold a page in [lo, lo + len)? (NULL: it never holds one between runs) */
+typedef int (*holds_fn)(const void *pump, const uint8_t *lo, size_t len);
+
+static void pool_views_release(pool_views_t *pv) {
+    for (int i = 0; i < pv->n; i++)
+        PyBuffer_Release(&pv->view[i]);
+    for (int i = 0; i < pv->n_old; i++)
+        PyBuffer_Release(&pv->old[i]);
+    pv->n = pv->n_old = 0;
+}
+
+/* Keep `view` among the old mappings if the pump holds a page in it, else let it go. */
+static int pool_view_retire(pool_views_t *pv, Py_buffer *view, holds_fn holds, const void *pump) {
+    if (!holds || !holds(pump, view->buf, (size_t)view->len)) {
+        PyBuffer_Release(view);
+        return 0;
+    }
+    if (pv->n_old >= MAX_POOLS) {
+        PyBuffer_Release(view);
+        PyErr_SetString(PyExc_ValueError, "pages held in too many released pools");
+        return -1;
+    }
+    pv->old[pv->n_old++] = *view;
+    return 0;
+}
+
+/* pools: a sequence of (buffer, gref_base, pages, data_offset) (GrantMapper.native_pools).
+ * They replace g's pools only if every one is good. A pool mapped before keeps the refs
+ * already checked in it (as GrantMapper's cache does); a replaced pool's mapping is let go
+ * unless the pump still holds a page in it (`holds`), and such old ones are let go as soon as
+ * it holds none. */
+static int grants_set(grants_t *g, pool_views_t *pv, PyObject *pools, holds_fn holds,
+                      const void *pump) {
     PyObject *seq = PySequence_Fast(pools, "pools must be a sequence");
     if (!seq)
         return -1;
@@ -67,14 +106,17 @@ static int grants_set(grants_t *g, views_t *views, PyObject *pools) {
         return -1;
     }
     grants_t fresh = {.n = 0, .domid = g->domid};
+    Py_buffer views[MAX_POOLS];
+    int nviews = 0;
     for (Py_ssize_t i = 0; i < n; i++) {
         PyObject *buf;
         unsigned int base, pages, data_off;
-        Py_buffer *view;
+        Py_buffer *view = &views[nviews];
         if (!PyArg_ParseTuple(PySequence_Fast_GET_ITEM(seq, i), "OIII", &buf, &base, &pages,
                               &data_off) ||
-            views_keep(views, buf, 0, &view) < 0)
+            PyObject_GetBuffer(buf, view, PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS) < 0)
             goto fail;
+        nviews++;
         if ((uint64_t)pages * 8 > data_off ||
             (uint64_t)data_off + (uint64_t)pages * PAGE_SIZE > (uint64_t)view->len) {
             PyErr_Format(PyExc_ValueError, "pool at gref %u: %u pages do not fit", base, pages);
@@ -82,8 +124,17 @@ static int grants_set(grants_t *g, views_t *views, PyObject *pools) {
         }
         pool_t *pool = &fresh.pool[fresh.n++];
         *pool = (pool_t){view->buf, base, pages, data_off, {NULL, NULL}};
+        for (int j = 0; j < g->n; j++) { /* the same pool, still mapped: its checks stand */
+            pool_t *was = &g->pool[j];
+            if (was->base == pool->base && was->gref_base == base && was->pages == pages &&
+                was->data_off == data_off && was->checked[0]) {
+                pool->checked[0] = was->checked[0], pool->checked[1] = was->checked[1];
+                was->checked[0] = was->checked[1] = NULL;
+                break;
+            }
+        }
         for (int w = 0; w < 2; w++)
-            if (!(pool->checked[w] = calloc(pages, 5))) {
+            if (!pool->checked[w] && !(pool->checked[w] = calloc(pages, 5))) {
                 PyErr_NoMemory();
                 goto fail;
             }
@@ -91,9 +142,32 @@ static int grants_set(grants_t *g, views_t *views, PyObject *pools) {
     Py_DECREF(seq);
     grants_free(g);
     *g = fresh;
-    return 0;
+    int kept = 0, failed = 0;
+    for (int i = 0; i < pv->n_old; i++) { /* old ones the pump no longer holds pages in go */
+        if (holds && holds(pump, pv->old[i].buf, (size_t)pv->old[i].len))
+            pv->old[kept++] = pv->old[i];
+        else
+            PyBuffer_Release(&pv->old[i]);
+    }
+    pv->n_old = kept;
+    for (int i = 0; i < pv->n; i++)
+        failed |= pool_view_retire(pv, &pv->view[i], holds, pump);
+    memcpy(pv->view, views, sizeof views[0] * (size_t)nviews);
+    pv->n = nviews;
+    return failed ? -1 : 0;
 fail:
+    /* a pool carried over gave its checks to `fresh`: give them back before freeing */
+    for (int i = 0; i < fresh.n; i++)
+        for (int j = 0; j < g->n; j++)
+            if (!g->pool[j].checked[0] && g->pool[j].base == fresh.pool[i].base &&
+                g->pool[j].gref_base == fresh.pool[i].gref_base) {
+                g->pool[j].checked[0] = fresh.pool[i].checked[0];
+                g->pool[j].checked[1] = fresh.pool[i].checked[1];
+                fresh.pool[i].checked[0] = fresh.pool[i].checked[1] = NULL;
+            }
     grants_free(&fresh);
+    for (int i = 0; i < nviews; i++)
+        PyBuffer_Release(&views[i]);
     Py_DECREF(seq);
     return -1;
 }

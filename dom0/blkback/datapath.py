@@ -273,26 +273,22 @@ class VbdPath:
         A request it hands back (FLUSH, DISCARD, a grant ref it cannot look up) is done by
         ``_work``, alone and inline (the pump has nothing in flight by then), and the pump
         carries on where Python left the ring, with the mapper's pools if they moved."""
-        try:
-            pump = self.native.start(
-                pumps.BLKBACK,
-                self.ring,
-                self.fd,
-                self.evtchn.doorbell_names(),
-                counters=self.counters.page,
-                pools=self.grants.native_pools(),
-                domid=self.grants.device.grantee,
-                sectors=self.sectors,
-                readonly=self.readonly,
-                outstanding=self._max_outstanding,
-            )
-        except OSError as exc:  # no AIO context for us (aio-max-nr): the Python path runs
-            log.warning("%s: native pump unavailable: %s", self.ring.name, exc)
-            return False
+        generation = self.grants.generation  # before the pools it names
+        pump = self.native.start(
+            pumps.BLKBACK,
+            self.ring,
+            self.fd,
+            self.evtchn.doorbell_names(),
+            counters=self.counters.page,
+            pools=self.grants.native_pools(),
+            domid=self.grants.device.grantee,
+            sectors=self.sectors,
+            readonly=self.readonly,
+            outstanding=self._max_outstanding,
+        )
         if pump is None:
             return False
         try:
-            refreshes = self.grants.refreshes
             while not self._stopping:
                 result = pump.run()
                 code = pumps.ended(self.ring, pump, result)
@@ -300,10 +296,14 @@ class VbdPath:
                     break
                 if code == pumps.FATAL:
                     raise RuntimeError(result[1])
-                self._work(limit=1)  # FALLBACK: the request the pump left in the ring
+                # FALLBACK: the request the pump left in the ring. An honest frontend never
+                # takes a published request back; one that does would have the two of us hand
+                # it back and forth with no doorbell between.
+                if not self._work(limit=1) and not self._stopping:
+                    self.ring.broke("req_prod moved back under a published request")
                 pump.indices = self.ring.indices()
-                if self.grants.refreshes != refreshes:
-                    refreshes = self.grants.refreshes
+                if self.grants.generation != generation:
+                    generation = self.grants.generation
                     pump.set_pools(self.grants.native_pools())
         finally:
             self.native.end()

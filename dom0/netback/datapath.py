@@ -225,6 +225,7 @@ class TxPath:
         A frame it hands back (anything but the common case) goes through ``_work``, one
         packet, then the pump carries on where Python left the ring."""
         sources = self.sources
+        generation = self.grants.generation  # before the pools it names
         pump = self.native.start(
             N_KIND_TX,
             self.ring,
@@ -238,7 +239,6 @@ class TxPath:
         if pump is None:
             return False
         try:
-            refreshes = self.grants.refreshes
             while not self.stopping:
                 result = pump.run()
                 code = pumps.ended(self.ring, pump, result)
@@ -246,13 +246,21 @@ class TxPath:
                     break
                 if code == pumps.FATAL:
                     raise FatalProtocolError(result[1])
-                self._work(result[2])
+                # FALLBACK: the packet of result[2] slots the pump left in the ring. An honest
+                # frontend never takes published slots back; one that does would have the two
+                # of us hand the packet back and forth with no doorbell between.
+                if not self._work(result[2]):
+                    raise FatalProtocolError("req_prod moved back under a published packet")
                 while self._slots and not self.stopping:  # rewritten meanwhile: finish it here
-                    if not self._work(FATAL_SLOTS) and not self.ring.final_check_for_requests():
-                        self.evtchn.wait(HEAL_TIMEOUT)
+                    if self._work(FATAL_SLOTS):
+                        self.late_eoi.worked()
+                    elif not self.ring.final_check_for_requests() and self.evtchn.wait(
+                        HEAL_TIMEOUT
+                    ):
+                        self.late_eoi.back_off()
                 pump.indices = self.ring.indices()
-                if self.grants.refreshes != refreshes:
-                    refreshes = self.grants.refreshes
+                if self.grants.generation != generation:
+                    generation = self.grants.generation
                     pump.set_pools(self.grants.native_pools())
         finally:
             self.native.end()

@@ -135,8 +135,8 @@ class TxPath:
             except BlockingIOError:
                 break
             length = n - VNET_HDR_SIZE
-            if length <= 0:
-                continue
+            if length <= 0 or length > N.XEN_NETIF_MAX_TX_SIZE:
+                continue  # nothing netif can carry (a size is 16 bits)
             try:
                 offload = N.offload_from_vnet(self._header)
             except N.UnsupportedOffload:

@@ -62,7 +62,7 @@ def test_the_native_module_speaks_the_same_numbers() -> None:
     assert module is not None
     for name in ("NETBACK_TX", "NETBACK_RX", "NETFRONT_TX", "NETFRONT_RX"):
         assert getattr(module, name) == getattr(pumps, name)
-    for name in ("STOPPED", "FATAL", "FALLBACK", "MISS", "BROKEN"):
+    for name in ("STOPPED", "FATAL", "FALLBACK", "MISS", "BROKEN", "IOERROR"):
         assert getattr(module, name) == getattr(pumps, name)
     # The pump counts in the counters page by position: netback's first fields, in order.
     assert COUNTER_FIELDS.index("bad_grefs") == module.N_COUNTERS
@@ -336,3 +336,46 @@ def test_netback_rx_fills_posted_pages_as_python_does(
 ) -> None:
     native, python = both(run_netback_rx, items, gso)
     assert native == python
+
+
+# -- the Python type: what the review found ----------------------------------------------------
+
+
+@pytest.mark.parametrize("module_name", [pumps.NETPUMP, pumps.BLKPUMP])
+def test_a_pump_that_never_initialised_touches_no_descriptor(module_name: str) -> None:
+    module = pumps.native(module_name)
+    assert module is not None
+    before = os.fstat(0)
+    with pytest.raises(TypeError):
+        module.Pump("not a kind")
+    bare = module.Pump.__new__(module.Pump)
+    bare.stop()  # once wrote to fd 0
+    del bare
+    assert os.fstat(0) == before  # and the failed __init__ once closed it
+
+
+def test_a_pump_takes_new_pools_for_ever_and_lets_the_old_ones_go() -> None:
+    """A bad ref refreshes the mapper, and each refresh hands the pump its pools again: that
+    must not run out of room, nor keep a replaced pool's mapping held."""
+    module = pumps.native()
+    assert module is not None
+    tag = f"hyper-test-pools-{os.getpid()}"
+    for bell in (f"{tag}-a", f"{tag}-b"):
+        create_doorbell(bell)
+    try:
+        area = bytearray(N.PAGE_SIZE)
+        pools = [bytearray(2 * N.PAGE_SIZE) for _ in range(3)]
+        pump = module.Pump(
+            pumps.NETBACK_TX, area, 12, 256, 0, 0, 0, -1, f"{tag}-a", f"{tag}-b",
+            pools=[(pool, 8 + i, 1, N.PAGE_SIZE) for i, pool in enumerate(pools)],
+        )  # fmt: skip
+        for _ in range(200):
+            pump.set_pools([(pool, 8 + i, 1, N.PAGE_SIZE) for i, pool in enumerate(pools)])
+        replaced = bytearray(2 * N.PAGE_SIZE)
+        pump.set_pools([(replaced, 8, 1, N.PAGE_SIZE)])
+        pump.set_pools([])
+        replaced.extend(b"x")  # a bytearray cannot grow while a view of it is held
+        del pump
+    finally:
+        for bell in (f"{tag}-a", f"{tag}-b"):
+            unlink_doorbell(bell)
