@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.conftest import hyperctl, wait_for
+from tests.integration.conftest import domain_info, hyperctl, wait_for
 from tests.integration.test_block import disk
 from tests.integration.test_faults import dom0_pid
 from tests.integration.test_network import vif
@@ -27,13 +27,19 @@ pytestmark = pytest.mark.root
 CAPABILITY_SETS = ("CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb")
 
 
-def workers(name: str) -> dict[str, int]:
+def workers(name: str) -> dict[str, int | None]:
     """Domain ``name``'s data-path workers, by device: ``vif0``, ``xvda``, ..."""
     vifs = json.loads(hyperctl("network-list", "--json", name).out)
     vbds = json.loads(hyperctl("block-list", "--json", name).out)
     found = {f"vif{v['devid']}": v["worker_pid"] for v in vifs}
     found.update({v["vdev"]: v["worker_pid"] for v in vbds})
     return found
+
+
+def domid_of(name: str) -> int:
+    info = domain_info(name)
+    assert info is not None, f"no domain {name}"
+    return int(info["domid"])
 
 
 def thread_statuses(pid: int) -> list[dict[str, str]]:
@@ -45,10 +51,11 @@ def thread_statuses(pid: int) -> list[dict[str, str]]:
     return statuses
 
 
-def assert_holds_no_privilege(device: str, pid: int) -> int:
+def assert_holds_no_privilege(device: str, pid: int | None) -> int:
     """Every thread of worker ``pid``: one nonzero uid and gid throughout (real, effective,
     saved, file system), no supplementary group, every capability set empty, no-new-privs set.
     Its uid."""
+    assert isinstance(pid, int), f"{device}: no worker runs"
     statuses = thread_statuses(pid)
     assert len(statuses) >= 2, f"{device}: its data-path threads run"
     uid = statuses[0]["Uid"].split()[0]
@@ -60,8 +67,9 @@ def assert_holds_no_privilege(device: str, pid: int) -> int:
         for name in CAPABILITY_SETS:
             assert int(status[name], 16) == 0, f"{where}: {name} {status[name]}"
         assert status["NoNewPrivs"] == "1", f"{where}: NoNewPrivs {status['NoNewPrivs']}"
-    # Not dumpable: its /proc entries are root's, so no process of its uid may ptrace it.
-    assert Path(f"/proc/{pid}").stat().st_uid == 0, f"{device}: dumpable"
+    # Not dumpable: the files of its /proc entry are root's; no process of its uid may ptrace
+    # it or read its memory.
+    assert Path(f"/proc/{pid}/status").stat().st_uid == 0, f"{device}: dumpable"
     return int(uid)
 
 
@@ -74,20 +82,22 @@ def open_files(pid: int) -> dict[int, tuple[str, tuple[int, int]]]:
     return files
 
 
-def assert_shares_only_its_device_with_dom0(device: str, pid: int) -> None:
-    """What the worker holds that dom0 holds too (the same open file) is its native device
-    (a TAP queue, a loop device) and its counter page: never dom0's hypercall socket, its
+def assert_shares_only_its_device_with_dom0(device: str, domid: int, pid: int) -> None:
+    """What the worker holds that dom0 holds too (the same file) is its native device (a TAP
+    queue, a loop device), its counter page and /dev/null: never dom0's hypercall socket, its
     store, its toolstack socket or its log. Besides, it holds /dev/null as stdin, two sockets
-    of its own (its output, its link to dom0) and pipes of its own, nothing else."""
+    of its own (its output, its link to dom0), pipes of its own and its domain's grant pools
+    (Python's mmap keeps an fd of each mapping), nothing else."""
     device_file = "/dev/net/tun" if device.startswith("vif") else "/dev/loop"
     counters = "/memfd:hyper-counters (deleted)"
     dom0 = {inode for _, inode in open_files(dom0_pid() or 0).values()}
     files = open_files(pid)
     shared = {target for target, inode in files.values() if inode in dom0}
-    assert {t for t in shared if not t.startswith(device_file)} == {counters}, shared
+    assert {t for t in shared if not t.startswith(device_file)} <= {counters, "/dev/null"}, shared
     assert files[0][0] == "/dev/null", f"{device}: stdin {files[0][0]}"
+    pools = f"/dev/shm/hyper.d{domid}.gnt"
     kinds = {target.split(":")[0] if ":[" in target else target for target, _ in files.values()}
-    others = {k for k in kinds if not k.startswith(device_file)}
+    others = {k for k in kinds if not k.startswith((device_file, pools))}
     assert others <= {"/dev/null", "socket", "pipe", counters}, f"{device}: holds {kinds}"
     sockets = {inode for target, inode in files.values() if target.startswith("socket:")}
     assert len(sockets) == 2, f"{device}: {len(sockets)} sockets"
@@ -99,13 +109,13 @@ def test_every_data_path_worker_holds_no_privilege_and_its_device_carries_traffi
     bridge, net = lan
     a = make_domain(vif(bridge, f"{net}.2") + "disk:\n" + disk(tmp_path / "a.img", size="64M"))
     b = make_domain(vif(bridge, f"{net}.3"))
-    running = {f"{name} {device}": pid for name in (a, b) for device, pid in workers(name).items()}
-    assert len(running) == 3 and all(isinstance(p, int) for p in running.values()), running
-
     uids = {}
-    for device, pid in running.items():
-        uids[device] = assert_holds_no_privilege(device, pid)
-        assert_shares_only_its_device_with_dom0(device.split()[1], pid)
+    for name in (a, b):
+        domid = domid_of(name)
+        for device, pid in workers(name).items():
+            uids[f"{name} {device}"] = assert_holds_no_privilege(device, pid)
+            assert_shares_only_its_device_with_dom0(device, domid, pid or 0)
+    assert len(uids) == 3, f"a vif each, and a's disk: {uids}"
     assert len(set(uids.values())) == len(uids), f"one id per worker: {uids}"
 
     assert hyperctl("exec", a, "--", "ping", "-c", "3", "-W", "5", f"{net}.3").status == 0
@@ -123,6 +133,7 @@ def test_a_worker_restarted_after_a_crash_drops_its_privilege_too(
     make_domain(vif(bridge, f"{net}.3"))
     first = workers(a)
     for device, pid in first.items():
+        assert pid is not None, f"{device}: no worker runs"
         os.kill(pid, signal.SIGKILL)
         wait_for(
             lambda device=device, pid=pid: workers(a).get(device) not in (None, pid),
@@ -131,7 +142,7 @@ def test_a_worker_restarted_after_a_crash_drops_its_privilege_too(
         )
     for device, pid in workers(a).items():
         assert_holds_no_privilege(device, pid)
-        assert_shares_only_its_device_with_dom0(device, pid)
+        assert_shares_only_its_device_with_dom0(device, domid_of(a), pid or 0)
 
     assert hyperctl("exec", a, "--", "ping", "-c", "3", "-W", "5", f"{net}.3").status == 0
     dd = ["dd", "if=/dev/zero", "of=/dev/xvda", "bs=1M", "count=8", "oflag=direct"]
