@@ -620,12 +620,12 @@ def serve_device(
     params: dict[str, Any], open_channels: Open[Channels], start: Start[Channels]
 ) -> int:
     """A device worker's life: connect to dom0, open its channels, drop every host privilege
-    (dom0/privilege.py; if it cannot, that fails the device), ``start`` the data path, run
-    until dom0 hangs up, stop it. A setup the frontend broke (a ring ref it did not grant, more
-    pages for its device than the protocol can use, a pool it broke, a ring index it lies
-    about) is reported as its protocol violation, which fails the device: not a crash, on which
-    dom0 would restart the worker over the same setup until the device failed for dying too
-    often."""
+    (dom0/privilege.py; if it cannot, that fails the device), ``start`` the data path (the
+    threads it starts are all it will ever have), run until dom0 hangs up, stop it. A setup
+    the frontend broke (a ring ref it did not grant, more pages for its device than the
+    protocol can use, a pool it broke, a ring index it lies about) is reported as its protocol
+    violation, which fails the device: not a crash, on which dom0 would restart the worker over
+    the same setup until the device failed for dying too often."""
     link = Dom0Link(socket.socket(fileno=params["control_fd"]))
     page = _counter_page(params["counters_fd"])
     channels = open_channels(params, link)
@@ -640,6 +640,7 @@ def serve_device(
     except (GrantError, GrantViolation, RingBroken) as exc:
         link.fatal(f"connecting: {exc}")
         return 1
+    privilege.no_new_tasks()  # its threads run: nothing more may start, no process outlive it
     link.closed.wait()  # dom0 hangs up when the device disconnects
     stop()
     return 0

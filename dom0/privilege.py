@@ -15,6 +15,10 @@ hand over) and before it reads a byte of the frontend's memory or starts a threa
   ptrace it or read its memory, and it leaves no core;
 - then it reads the result back from ``/proc/self/status`` and fails unless it holds nothing.
 
+Once its data path runs, ``no_new_tasks`` caps it at the threads it has (RLIMIT_NPROC, soft and
+hard, which counts its uid's tasks, its own alone): a subverted worker can start no process,
+so none can outlive it holding its device, nor can it start a fork bomb.
+
 Capabilities and no-new-privs belong to a thread, not a process: the drop refuses to run
 beside another thread, so every thread the worker starts afterwards inherits the dropped state.
 Whatever it uses afterwards it already holds as an fd or a mapping (its native device, its
@@ -39,6 +43,7 @@ import ctypes
 import grp
 import os
 import pwd
+import resource
 import threading
 from pathlib import Path
 
@@ -164,6 +169,13 @@ def drop(worker_id: int) -> None:
         left = [what for what in left if not what.startswith("CapBnd")]
     if left:
         raise PrivilegeError(f"privilege left after the drop: {', '.join(left)}")
+
+
+def no_new_tasks() -> None:
+    """From now on this process can start no process and no thread (see the module
+    docstring); after ``drop``, which makes its uid its own."""
+    tasks = len(os.listdir("/proc/self/task"))
+    resource.setrlimit(resource.RLIMIT_NPROC, (tasks, tasks))
 
 
 def held(pid: int | str = "self", expected: int | None = None) -> list[str]:

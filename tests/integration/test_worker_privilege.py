@@ -3,8 +3,9 @@
 Each worker parses memory a domU writes, in Python or in native code: were it subverted, it
 must not be host root. So every thread of every worker runs as a uid and gid of its own, never
 0, with no capability in any set (the bounding set too) and no new privileges; it is not
-dumpable; and the only fds it shares with dom0 are its device and its counter page. With all
-that, its device still carries traffic, and a worker killed mid-way is restarted the same way.
+dumpable; it may start no process (none can outlive it); and the only fds it shares with dom0
+are its device and its counter page. With all that, its device still carries traffic, and a
+worker killed mid-way is restarted the same way.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from tests.integration.conftest import domain_info, hyperctl, wait_for
 from tests.integration.test_block import disk
 from tests.integration.test_faults import dom0_pid
 from tests.integration.test_network import vif
+from tests.unit.test_datapath_worker import task_limit
 
 pytestmark = pytest.mark.root
 
@@ -53,8 +55,8 @@ def thread_statuses(pid: int) -> list[dict[str, str]]:
 
 def assert_holds_no_privilege(device: str, pid: int | None) -> int:
     """Every thread of worker ``pid``: one nonzero uid and gid throughout (real, effective,
-    saved, file system), no supplementary group, every capability set empty, no-new-privs set.
-    Its uid."""
+    saved, file system), no supplementary group, every capability set empty, no-new-privs set;
+    the process is not dumpable and may start no process or thread more. Its uid."""
     assert isinstance(pid, int), f"{device}: no worker runs"
     statuses = thread_statuses(pid)
     assert len(statuses) >= 2, f"{device}: its data-path threads run"
@@ -70,6 +72,8 @@ def assert_holds_no_privilege(device: str, pid: int | None) -> int:
     # Not dumpable: the files of its /proc entry are root's; no process of its uid may ptrace
     # it or read its memory.
     assert Path(f"/proc/{pid}/status").stat().st_uid == 0, f"{device}: dumpable"
+    soft, hard = task_limit(pid)
+    assert soft == hard <= len(statuses), f"{device}: may start tasks ({soft}, {hard})"
     return int(uid)
 
 

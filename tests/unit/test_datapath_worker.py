@@ -358,10 +358,20 @@ def privilege_of(pid: int) -> list[dict[str, str]]:
     return threads
 
 
+def task_limit(pid: int) -> tuple[int, int]:
+    """Process ``pid``'s RLIMIT_NPROC (soft, hard), from its /proc limits."""
+    for line in Path(f"/proc/{pid}/limits").read_text().splitlines():
+        if line.startswith("Max processes"):
+            soft, hard = line.split()[2:4]
+            return int(soft), int(hard)
+    raise AssertionError(f"no Max processes in /proc/{pid}/limits")
+
+
 def assert_unprivileged(pid: int, worker_id: int) -> None:
     """Process ``pid`` holds no host privilege: as the uid and gid ``worker_id`` alone (or, if
     dom0 is no root itself, as its own uid), with no capability (no bounding set either, when
-    root started it), and no new privileges for it or any program it runs."""
+    root started it), and no new privileges for it or any program it runs; and it may start no
+    process or thread more."""
     as_root = os.geteuid() == 0
     ids = f"{worker_id}\t{worker_id}\t{worker_id}\t{worker_id}"
     for thread in privilege_of(pid):
@@ -371,6 +381,8 @@ def assert_unprivileged(pid: int, worker_id: int) -> None:
         sets = CAPABILITY_SETS if as_root else ("CapInh", "CapPrm", "CapEff", "CapAmb")
         assert all(int(thread[name], 16) == 0 for name in sets), thread
         assert thread["NoNewPrivs"] == "1", thread
+    soft, hard = task_limit(pid)
+    assert soft == hard <= len(privilege_of(pid)), "it may start no process, no thread"
 
 
 def reading(page: GrantPool, device: str) -> contextlib.AbstractContextManager[WorkerProcess]:
