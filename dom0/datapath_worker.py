@@ -13,20 +13,22 @@ inherited: ``device_fd`` (the native device), ``control_fd`` (a socket to dom0) 
 size: the worker can neither shrink it under dom0's reads nor grow it). The parameters name the
 frontend's domain (``frontend``), the device (``device``, ``<type>/<devid>``), the grant pools
 live for it as the worker starts (``pools``, each opened by dom0: its ``fd`` is inherited too;
-channels/grants.py) and the worker's own uid and gid (``worker_id``). Over the control socket,
-one JSON object per line, the worker asks dom0 which of the device's grant pools are live now
-(``{"id", "map_pools": {}}``: dom0 holds the hypercall socket, and opens the pools: the answer
-comes with one fd per pool, SCM_RIGHTS, each pool's ``fd`` its index among them) and reports a
-fatal protocol error (``{"fatal"}``); dom0 hanging up tells it to stop. A setup the frontend
-broke (a ring ref it did not grant, more pages for its device than the protocol can use, a pool
-it truncated) is such an error too, reported as the worker connects (``serve_device``). Its
-stdout and stderr are a socket dom0 reads into its own log, a line at a time, at a bounded rate.
+channels/grants.py), and the uid and gid it drops to (``worker_id``, its own; ``worker_gid``,
+its domain's: dom0/privilege.py). Over the control socket, one JSON object per line, the worker
+asks dom0 which of the device's grant pools are live now (``{"id", "map_pools": {}}``: dom0
+holds the hypercall socket, and opens the pools: the answer comes with one fd per pool,
+SCM_RIGHTS, each pool's ``fd`` its index among them) and reports a fatal protocol error
+(``{"fatal"}``); dom0 hanging up tells it to stop. A setup the frontend broke (a ring ref it did
+not grant, more pages for its device than the protocol can use, a pool it truncated) is such an
+error too, reported as the worker connects (``serve_device``). Its stdout and stderr are a
+socket dom0 reads into its own log, a line at a time, at a bounded rate.
 
 The worker holds no host privilege while it touches the frontend's memory (dom0/privilege.py):
 it opens its doorbells by name, drops to its own uid with no capability and no new privileges,
-and only then maps the pools, starts its threads and reads the rings. What it holds from then
-on: its native device (a TAP queue or a loop device), the control socket, the counter page, the
-log socket, ``/dev/null`` as stdin, and the mappings of its device's pools and doorbells.
+and only then maps the pools, starts its threads (all it will ever have) and reads the rings.
+What it holds from then on: its native device (a TAP queue or a loop device), the control
+socket, the counter page, the log socket, ``/dev/null`` as stdin, and the mappings of its
+device's pools and doorbells.
 
 The worker runs on the frontend's pages and may be subverted, so it names nothing dom0 acts on:
 dom0 answers for the device it started the worker for, never another device's pools or another
@@ -72,6 +74,7 @@ from channels.ring import RingBroken
 from channels.xenbus import XenbusState
 from channels.xenbus_bus import XenbusDevice
 from dom0 import privilege
+from hyper.resources import host_gid
 
 log = logging.getLogger(__name__)
 
@@ -404,7 +407,11 @@ class DataPath:
         the data path through the frontend: the device returns to InitWait (see the backends'
         docstrings)."""
         pools = functools.partial(grants.map_pools, hc, dev.frontend_id, dev.device_name)
-        device = {"frontend": dev.frontend_id, "device": dev.device_name}
+        device = {
+            "frontend": dev.frontend_id,
+            "device": dev.device_name,
+            "worker_gid": host_gid(dev.frontend_id),  # why its domain's: dom0/privilege.py
+        }
         worker = WorkerProcess.start(
             module,
             {**params, **device},
@@ -630,7 +637,7 @@ def serve_device(
     page = _counter_page(params["counters_fd"])
     channels = open_channels(params, link)
     try:
-        privilege.drop(params["worker_id"])
+        privilege.drop(params["worker_id"], params["worker_gid"])
     except privilege.PrivilegeError as exc:
         link.fatal(str(exc))
         return 1

@@ -6,7 +6,8 @@ what it can only open by name (its event channels' doorbells: a POSIX semaphore 
 hand over) and before it reads a byte of the frontend's memory or starts a thread, it calls
 ``drop``:
 
-- ``setgroups([])``, then ``setresgid`` and ``setresuid`` to an id of its own (below);
+- ``setgroups([])``, then ``setresgid`` to its domain's host gid and ``setresuid`` to a uid of
+  its own (below);
 - no capability in any set: the bounding set is dropped while it still may (CAP_SETPCAP),
   changing uids from 0 empties the effective, permitted and ambient sets, and ``capset`` the
   inheritable one, which a uid change keeps;
@@ -25,12 +26,19 @@ Whatever it uses afterwards it already holds as an fd or a mapping (its native d
 control socket to dom0, its counter page, the grant pools dom0 opens for it), and it imports
 nothing afterwards: Python itself may live where its uid cannot read (``/root/.pyenv``).
 
-Ids: dom0 gives each running worker a uid and gid of its own (``WorkerIds``), taken from
+Ids: dom0 gives each running worker a uid of its own (``WorkerIds``), taken from
 ``WORKER_IDS`` ids at ``WORKER_ID_BASE``: past every domain's host range (domu/sandbox.py,
 ``uid_base``), and skipping any id a host account or group, or a subordinate-id range
 (``/etc/subuid``, ``/etc/subgid``), holds. One id per worker, not one for all: a subverted
 worker can neither signal nor ptrace another device's worker. An id goes back to the table once
 its worker has been reaped.
+
+Its gid is its domain's host gid (hyper/resources.py ``host_gid``), the group of every object
+hyperd made for that domain: so the worker can open what the domain itself can open (its rings,
+pools and doorbells; those of its other devices too), and nothing of dom0's or another domain's.
+The native netif pumps need that: they open their doorbells by name (channels/native,
+``sem_open``) in the data-path threads, after the drop. Once they take them as fds opened
+before the drop, the gid can be the worker's own id as well (``drop(worker_id, worker_id)``).
 
 A worker started by a user other than root (the unit tests, run unprivileged) cannot change
 ids: it drops what it may (no-new-privs, the inheritable and ambient sets, dumpable) and checks
@@ -144,9 +152,9 @@ worker_ids = WorkerIds()
 # -- the worker's side: the drop -----------------------------------------------------------------
 
 
-def drop(worker_id: int) -> None:
-    """Give up every host privilege for good, becoming ``worker_id`` (as root; see the module
-    docstring). PrivilegeError if anything is left."""
+def drop(uid: int, gid: int) -> None:
+    """Give up every host privilege for good, becoming ``uid`` and ``gid`` (as root; see the
+    module docstring). PrivilegeError if anything is left."""
     tasks = os.listdir("/proc/self/task")
     if len(tasks) != 1:
         raise PrivilegeError(f"{len(tasks)} threads: capabilities would stay with the others")
@@ -157,14 +165,14 @@ def drop(worker_id: int) -> None:
             for cap in range(_last_cap() + 1):
                 linux.prctl(PR_CAPBSET_DROP, cap)
             os.setgroups([])
-            os.setresgid(worker_id, worker_id, worker_id)
-            os.setresuid(worker_id, worker_id, worker_id)
+            os.setresgid(gid, gid, gid)
+            os.setresuid(uid, uid, uid)
         linux.prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL)
         _clear_capabilities()
         linux.prctl(PR_SET_DUMPABLE, 0)
     except OSError as exc:
         raise PrivilegeError(f"dropping privilege: {exc}") from exc
-    left = held(expected=worker_id if privileged else None)
+    left = held(expected=(uid, gid) if privileged else None)
     if not privileged:  # a user's bounding set is full, only root may empty it; unusable now
         left = [what for what in left if not what.startswith("CapBnd")]
     if left:
@@ -178,17 +186,17 @@ def no_new_tasks() -> None:
     resource.setrlimit(resource.RLIMIT_NPROC, (tasks, tasks))
 
 
-def held(pid: int | str = "self", expected: int | None = None) -> list[str]:
+def held(pid: int | str = "self", expected: tuple[int, int] | None = None) -> list[str]:
     """What process ``pid`` holds of host privilege, from its ``/proc/<pid>/status``: each
-    capability set not empty, uid or gid 0 (or, with ``expected``, any id but that one),
-    supplementary groups, no-new-privs unset. Empty: nothing."""
+    capability set not empty, uid or gid 0 (or, with ``expected`` (uid, gid), any id but
+    those), supplementary groups, no-new-privs unset. Empty: nothing."""
     status = _status(pid)
     left = [name for name in CAP_SETS if int(status[name], 16)]
     if status["NoNewPrivs"] != "1":
         left.append("NoNewPrivs 0")
-    for name in ("Uid", "Gid"):
+    for index, name in enumerate(("Uid", "Gid")):
         ids = {int(field) for field in status[name].split()}
-        if 0 in ids or (expected is not None and ids != {expected}):
+        if 0 in ids or (expected is not None and ids != {expected[index]}):
             left.append(f"{name} {status[name]}")
     if expected is not None and status["Groups"]:
         left.append(f"Groups {status['Groups']}")

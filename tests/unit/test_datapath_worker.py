@@ -32,6 +32,7 @@ from channels.shm import create_segment, unlink_segment
 from channels.xenbus import XenbusState
 from dom0 import datapath_worker
 from dom0.datapath_worker import MAX_LINE, SCM_MAX_FD, DataPath, WorkerProcess
+from hyper.resources import host_gid
 from tests.unit import mapping_worker, subverted_worker
 from tests.unit.test_gnttab import Clock, Granter
 from tests.unit.test_store_connection import wait_until
@@ -368,15 +369,15 @@ def task_limit(pid: int) -> tuple[int, int]:
 
 
 def assert_unprivileged(pid: int, worker_id: int) -> None:
-    """Process ``pid`` holds no host privilege: as the uid and gid ``worker_id`` alone (or, if
-    dom0 is no root itself, as its own uid), with no capability (no bounding set either, when
-    root started it), and no new privileges for it or any program it runs; and it may start no
-    process or thread more."""
+    """Process ``pid`` holds no host privilege: as the uid ``worker_id`` and its domain's gid
+    alone (or, if dom0 is no root itself, as its own user), with no capability (no bounding set
+    either, when root started it), and no new privileges for it or any program it runs; and it
+    may start no process or thread more."""
     as_root = os.geteuid() == 0
-    ids = f"{worker_id}\t{worker_id}\t{worker_id}\t{worker_id}"
+    uids, gids = (f"{n}\t{n}\t{n}\t{n}" for n in (worker_id, host_gid(Device.frontend_id)))
     for thread in privilege_of(pid):
         if as_root:
-            assert (thread["Uid"], thread["Gid"], thread["Groups"]) == (ids, ids, ""), thread
+            assert (thread["Uid"], thread["Gid"], thread["Groups"]) == (uids, gids, ""), thread
         assert "0" not in thread["Uid"].split(), thread
         sets = CAPABILITY_SETS if as_root else ("CapInh", "CapPrm", "CapEff", "CapAmb")
         assert all(int(thread[name], 16) == 0 for name in sets), thread
