@@ -25,7 +25,7 @@ socket dom0 reads into its own log, a line at a time, at a bounded rate.
 
 The worker holds no host privilege while it touches the frontend's memory (dom0/privilege.py):
 it opens its doorbells by name, drops to its own uid with no capability and no new privileges,
-and only then maps the pools, starts its threads (all it will ever have) and reads the rings.
+and only then maps the pools, starts its threads and reads the rings.
 What it holds from then on: its native device (a TAP queue or a loop device), the control
 socket, the counter page, the log socket, ``/dev/null`` as stdin, and the mappings of its
 device's pools and doorbells.
@@ -264,6 +264,7 @@ class WorkerProcess:
         except subprocess.TimeoutExpired:
             self.process.kill()
             self.process.wait()
+        privilege.kill_processes_of(self.worker_id)  # what a subverted worker forked
         privilege.worker_ids.give_back(self.worker_id)
         with contextlib.suppress(OSError):  # ends the log's reader, whoever holds the other end
             self._output.shutdown(socket.SHUT_RDWR)
@@ -627,12 +628,11 @@ def serve_device(
     params: dict[str, Any], open_channels: Open[Channels], start: Start[Channels]
 ) -> int:
     """A device worker's life: connect to dom0, open its channels, drop every host privilege
-    (dom0/privilege.py; if it cannot, that fails the device), ``start`` the data path (the
-    threads it starts are all it will ever have), run until dom0 hangs up, stop it. A setup
-    the frontend broke (a ring ref it did not grant, more pages for its device than the
-    protocol can use, a pool it broke, a ring index it lies about) is reported as its protocol
-    violation, which fails the device: not a crash, on which dom0 would restart the worker over
-    the same setup until the device failed for dying too often."""
+    (dom0/privilege.py; if it cannot, that fails the device), ``start`` the data path, run until
+    dom0 hangs up, stop it. A setup the frontend broke (a ring ref it did not grant, more pages
+    for its device than the protocol can use, a pool it broke, a ring index it lies about) is
+    reported as its protocol violation, which fails the device: not a crash, on which dom0
+    would restart the worker over the same setup until the device failed for dying too often."""
     link = Dom0Link(socket.socket(fileno=params["control_fd"]))
     page = _counter_page(params["counters_fd"])
     channels = open_channels(params, link)
@@ -647,7 +647,6 @@ def serve_device(
     except (GrantError, GrantViolation, RingBroken) as exc:
         link.fatal(f"connecting: {exc}")
         return 1
-    privilege.no_new_tasks()  # its threads run: nothing more may start, no process outlive it
     link.closed.wait()  # dom0 hangs up when the device disconnects
     stop()
     return 0

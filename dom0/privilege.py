@@ -16,9 +16,10 @@ hand over) and before it reads a byte of the frontend's memory or starts a threa
   ptrace it or read its memory, and it leaves no core;
 - then it reads the result back from ``/proc/self/status`` and fails unless it holds nothing.
 
-Once its data path runs, ``no_new_tasks`` caps it at the threads it has (RLIMIT_NPROC, soft and
-hard, which counts its uid's tasks, its own alone): a subverted worker can start no process,
-so none can outlive it holding its device, nor can it start a fork bomb.
+A process of the worker's uid outlives it only if a subverted worker forked one (an honest
+worker starts threads only): it would go on holding the device's fds. So once dom0 has reaped a
+worker, ``kill_processes_of`` kills whatever still runs as its uid, before the id is handed
+out again.
 
 Capabilities and no-new-privs belong to a thread, not a process: the drop refuses to run
 beside another thread, so every thread the worker starts afterwards inherits the dropped state.
@@ -49,9 +50,11 @@ from __future__ import annotations
 
 import ctypes
 import grp
+import logging
 import os
 import pwd
-import resource
+import shutil
+import subprocess
 import threading
 from pathlib import Path
 
@@ -77,6 +80,7 @@ _LINUX_CAPABILITY_VERSION_3 = 0x20080522
 SUBORDINATE_IDS = ("/etc/subuid", "/etc/subgid")
 
 _libc = ctypes.CDLL(None, use_errno=True)
+log = logging.getLogger(__name__)
 
 
 class PrivilegeError(Exception):
@@ -149,6 +153,19 @@ def _subordinate_ranges() -> list[range]:
 worker_ids = WorkerIds()
 
 
+def kill_processes_of(uid: int) -> None:
+    """SIGKILL every process running as ``uid`` (dom0 as root, once the worker that had it was
+    reaped): ``kill -KILL -1`` run as ``uid`` signals all of them in one sweep of the process
+    table, which no fork slips past (one signalled in the middle of a fork has the fork fail)."""
+    if os.geteuid() != 0:
+        return  # no worker ran as another uid
+    kill = shutil.which("kill")
+    if kill is None:
+        log.warning("no kill command: processes left by worker uid %d are not looked for", uid)
+        return
+    subprocess.run([kill, "-KILL", "-1"], user=uid, group=uid, extra_groups=[], capture_output=True)
+
+
 # -- the worker's side: the drop -----------------------------------------------------------------
 
 
@@ -177,13 +194,6 @@ def drop(uid: int, gid: int) -> None:
         left = [what for what in left if not what.startswith("CapBnd")]
     if left:
         raise PrivilegeError(f"privilege left after the drop: {', '.join(left)}")
-
-
-def no_new_tasks() -> None:
-    """From now on this process can start no process and no thread (see the module
-    docstring); after ``drop``, which makes its uid its own."""
-    tasks = len(os.listdir("/proc/self/task"))
-    resource.setrlimit(resource.RLIMIT_NPROC, (tasks, tasks))
 
 
 def held(pid: int | str = "self", expected: tuple[int, int] | None = None) -> list[str]:
