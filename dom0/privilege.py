@@ -6,6 +6,8 @@ what it can only open by name (its event channels' doorbells: a POSIX semaphore 
 hand over) and before it reads a byte of the frontend's memory or starts a thread, it calls
 ``drop``:
 
+- a network and an IPC namespace of its own, empty: it reaches no network, no host service and
+  no abstract unix socket (its TAP queue works through its fd, whatever the namespace);
 - ``setgroups([])``, then ``setresgid`` to its domain's host gid and ``setresuid`` to a uid of
   its own (below);
 - no capability in any set: the bounding set is dropped while it still may (CAP_SETPCAP),
@@ -42,8 +44,8 @@ The native netif pumps need that: they open their doorbells by name (channels/na
 before the drop, the gid can be the worker's own id as well (``drop(worker_id, worker_id)``).
 
 A worker started by a user other than root (the unit tests, run unprivileged) cannot change
-ids: it drops what it may (no-new-privs, the inheritable and ambient sets, dumpable) and checks
-that it holds no capability and is not uid 0.
+ids or namespaces: it drops what it may (no-new-privs, the inheritable and ambient sets,
+dumpable) and checks that it holds no capability and is not uid 0.
 """
 
 from __future__ import annotations
@@ -179,6 +181,7 @@ def drop(uid: int, gid: int) -> None:
     try:
         linux.prctl(linux.PR_SET_NO_NEW_PRIVS, 1)
         if privileged:
+            linux.unshare(linux.CLONE_NEWNET | linux.CLONE_NEWIPC)
             for cap in range(_last_cap() + 1):
                 linux.prctl(PR_CAPBSET_DROP, cap)
             os.setgroups([])

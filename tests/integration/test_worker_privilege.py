@@ -3,10 +3,10 @@
 Each worker parses memory a domU writes, in Python or in native code: were it subverted, it
 must not be host root. So every thread of every worker runs as a uid of its own, never 0, and
 its domain's gid (no more than the domain can open: dom0/privilege.py), with no capability in
-any set (the bounding set too) and no new privileges; it is not dumpable; and the only fds it
-shares with dom0 are its device and its counter page. With all that, its device still carries
-traffic (through the native pumps where they are built), and a worker killed mid-way is
-restarted the same way.
+any set (the bounding set too) and no new privileges; it is not dumpable; it has a network
+namespace of its own, empty; and the only fds it shares with dom0 are its device and its
+counter page. With all that, its device still carries traffic (through the native pumps where
+they are built), and a worker killed mid-way is restarted the same way.
 """
 
 from __future__ import annotations
@@ -58,7 +58,8 @@ def thread_statuses(pid: int) -> list[dict[str, str]]:
 def assert_holds_no_privilege(device: str, domid: int, pid: int | None) -> int:
     """Every thread of worker ``pid``: one nonzero uid throughout (real, effective, saved, file
     system), its domain's host gid, no supplementary group, every capability set empty,
-    no-new-privs set; the process is not dumpable. Its uid."""
+    no-new-privs set; the process is not dumpable, and in network and IPC namespaces of its
+    own, with no interface but its loopback. Its uid."""
     assert isinstance(pid, int), f"{device}: no worker runs"
     statuses = thread_statuses(pid)
     assert len(statuses) >= 2, f"{device}: its data-path threads run"
@@ -74,6 +75,11 @@ def assert_holds_no_privilege(device: str, domid: int, pid: int | None) -> int:
     # Not dumpable: the files of its /proc entry are root's; no process of its uid may ptrace
     # it or read its memory.
     assert Path(f"/proc/{pid}/status").stat().st_uid == 0, f"{device}: dumpable"
+    dom0 = dom0_pid()
+    for ns in ("net", "ipc"):  # of its own: no network, no host service to reach
+        assert os.readlink(f"/proc/{pid}/ns/{ns}") != os.readlink(f"/proc/{dom0}/ns/{ns}"), ns
+    links = Path(f"/proc/{pid}/net/dev").read_text().splitlines()[2:]
+    assert [line.split(":")[0].strip() for line in links] == ["lo"], f"{device}: {links}"
     return int(uid)
 
 

@@ -363,7 +363,8 @@ def privilege_of(pid: int) -> list[dict[str, str]]:
 def assert_unprivileged(pid: int, worker_id: int) -> None:
     """Process ``pid`` holds no host privilege: as the uid ``worker_id`` and its domain's gid
     alone (or, if dom0 is no root itself, as its own user), with no capability (no bounding set
-    either, when root started it), and no new privileges for it or any program it runs."""
+    either, when root started it), and no new privileges for it or any program it runs; in
+    network and IPC namespaces of its own, when root started it."""
     as_root = os.geteuid() == 0
     uids, gids = (f"{n}\t{n}\t{n}\t{n}" for n in (worker_id, host_gid(Device.frontend_id)))
     for thread in privilege_of(pid):
@@ -373,6 +374,9 @@ def assert_unprivileged(pid: int, worker_id: int) -> None:
         sets = CAPABILITY_SETS if as_root else ("CapInh", "CapPrm", "CapEff", "CapAmb")
         assert all(int(thread[name], 16) == 0 for name in sets), thread
         assert thread["NoNewPrivs"] == "1", thread
+    if as_root:
+        for ns in ("net", "ipc"):
+            assert os.readlink(f"/proc/{pid}/ns/{ns}") != os.readlink(f"/proc/self/ns/{ns}"), ns
 
 
 def reading(page: GrantPool, device: str) -> contextlib.AbstractContextManager[WorkerProcess]:
