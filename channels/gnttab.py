@@ -27,7 +27,7 @@ from channels.hypercall import (
     HypercallError,
 )
 from channels.ring import PAGE_SIZE
-from channels.shm import Segment, attach
+from channels.shm import Segment, attach, attach_fd
 
 GTF_invalid = 0
 GTF_permit_access = 1
@@ -142,10 +142,11 @@ class MappedPool(_Pool):
         self.domid = domid
 
     @classmethod
-    def open(cls, name: str, gref_base: int, pages: int, domid: int) -> MappedPool:
-        """Map pool ``name``: ShmError unless it is the size hyperd made it (the granter maps
-        it read-write, so it may have truncated it)."""
-        return cls(attach(name, pool_bytes(pages)), gref_base, pages, domid)
+    def from_fd(cls, fd: int, name: str, gref_base: int, pages: int, domid: int) -> MappedPool:
+        """Map pool ``name`` from ``fd`` (its opener's: a backend's worker may not open it by
+        name, see channels/grants.py): ShmError unless it is the size hyperd made it (the
+        granter maps it read-write, so it may have truncated it)."""
+        return cls(attach_fd(fd, name, pool_bytes(pages)), gref_base, pages, domid)
 
     def resolve(self, gref: int, *, write: bool) -> memoryview:
         """The page behind ``gref``, checked on a private copy of its entry."""

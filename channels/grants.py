@@ -7,6 +7,12 @@ data-path worker in its parameters), so the data path makes no hypercall and run
 hyperd does. Pools are per device (the frontend names the device as it sets a pool up, the
 backend as it asks): a backend never maps another device's pages, nor another domain's.
 
+The mapper opens nothing by name: every pool it is told of comes open, as an fd of its own
+(``"fd"`` in the pool's entry; ``"error"`` instead if it could not be opened), from whoever asked
+hyperd (``open_pools``): dom0, for a worker that has dropped its privilege and may not open the
+root-owned objects in /dev/shm (dom0/privilege.py). The mapper owns those fds: it maps the
+pools it did not map yet, and closes every fd it is given.
+
 A miss (a ref in no pool we map) *refreshes*: one ``gnttab_map_pools`` call names the pools live
 now; the ones set up since are mapped, and the ones the granter released since are dropped. So a
 backend maps what was live at its last refresh, and a pool the granter released goes at the next
@@ -28,7 +34,7 @@ Misses cost dom0 and hyperd a round trip each, so they are paid for. A miss whos
 live pool even after a refresh that succeeded is a *bad gref*: answered as any bad ref
 (GrantError), and counted (in the device's counters too); past ``BAD_GREF_BUDGET`` in one
 connection the device fails (GrantViolation). So is a miss whose refresh finds that a live pool
-cannot be mapped (``MappedPool.open``: not the size hyperd made it): hyperd made it and named it
+cannot be mapped (``MappedPool.from_fd``: not the size hyperd made it): hyperd made it and named it
 live, and only the granter, which maps it read-write, can have truncated it. A refresh that
 fails (dom0 or hyperd not answering) is not the granter's doing: its miss is answered
 GrantError, and not counted. The other refreshes follow the granter's own ``gnttab_setup_pool``
@@ -49,6 +55,8 @@ are remembered, and forgotten as a refresh drops their pool, under the lock.
 
 from __future__ import annotations
 
+import contextlib
+import os
 import threading
 import time
 from dataclasses import dataclass
@@ -57,7 +65,7 @@ from typing import Any, NoReturn, Protocol
 from channels.credit import Credit
 from channels.gnttab import GrantError, GrantViolation, MappedPool
 from channels.hypercall import GnttabMapPools, HypercallClient, HypercallError
-from channels.shm import ShmError
+from channels.shm import ShmError, open_segment
 
 #: Refs remembered per connection: a frontend's whole buffer pools (netif: 2 x 256 pages).
 MAX_CHECKED = 4096
@@ -90,6 +98,30 @@ def map_pools(hc: HypercallClient, granter: int, device: str) -> dict[str, Any]:
     return dict(hc.call(GnttabMapPools(granter=granter, device=device)))
 
 
+def open_pools(known: dict[str, Any]) -> dict[str, Any]:
+    """``known`` (``map_pools``'s answer) with each pool opened: its entry gets ``"fd"``, an fd
+    the caller owns (to hand to a mapper, which closes it), or ``"error"``, why it could not be
+    opened (the granter released it since, say). In the process that may open the names."""
+    pools = []
+    for entry in known.get("pools", []):
+        try:
+            pools.append({**entry, "fd": open_segment(str(entry["name"]))})
+        except (ShmError, ValueError) as exc:
+            pools.append({**entry, "error": str(exc)})
+    return {**known, "pools": pools}
+
+
+def pool_fds(known: dict[str, Any]) -> list[int]:
+    """The fds ``open_pools`` put in ``known``, in pool order."""
+    return [entry["fd"] for entry in known.get("pools", []) if isinstance(entry.get("fd"), int)]
+
+
+def close_pool_fds(known: dict[str, Any]) -> None:
+    for fd in pool_fds(known):
+        with contextlib.suppress(OSError):
+            os.close(fd)
+
+
 class BadGrefCount(Protocol):
     """Where a mapper also counts its connection's bad grefs: the device's counters."""
 
@@ -106,7 +138,8 @@ class GrantMapper:
         counters: BadGrefCount | None = None,
         bad_gref_budget: int = BAD_GREF_BUDGET,
     ) -> None:
-        """``known``: the pools to map now, and the budget, as ``map_pools`` gives them."""
+        """``known``: the pools to map now, opened, and the budget, as ``open_pools`` gives
+        them; ``hc`` answers each refresh so too (a worker's link to dom0)."""
         self._hc = hc
         self.device = device
         self.bad_grefs = 0  # in this connection: what the budget counts
@@ -128,8 +161,7 @@ class GrantMapper:
         self._broken: str | None = None  # how the last refresh found a pool the granter broke
         if known is not None:
             try:
-                with self._lock:
-                    self._adopt(known)
+                self._adopt_answer(known)
             except ShmError as exc:
                 self.close()
                 raise GrantError(f"pools of {self.device}: {exc}") from exc
@@ -214,9 +246,7 @@ class GrantMapper:
         self._refreshes += 1
         self._failed = self._broken = None
         try:
-            known = map_pools(self._hc, self.device.granter, self.device.name)
-            with self._lock:
-                self._adopt(known)
+            self._adopt_answer(map_pools(self._hc, self.device.granter, self.device.name))
         except HypercallError as exc:
             self._failed = exc.message or exc.errno_name
         except GrantError as exc:
@@ -253,13 +283,23 @@ class GrantMapper:
 
     # -- what is mapped (the lock is held) ------------------------------------------------------
 
+    def _adopt_answer(self, known: dict[str, Any]) -> None:
+        """``_adopt`` under the lock; every fd in ``known`` is closed, whatever happens."""
+        try:
+            with self._lock:
+                self._adopt(known)
+        finally:
+            close_pool_fds(known)
+
     def _adopt(self, known: dict[str, Any]) -> None:
         """Map the pools ``known`` names, after dropping the ones it no longer names; refuse
         to map past the budget (GrantViolation), or any if one cannot be mapped (ShmError)."""
         if self._closed:
             raise GrantError(f"pools of {self.device}: the mapper is closed")
         try:
-            live = {str(p["name"]): (int(p["gref_base"]), int(p["pages"])) for p in known["pools"]}
+            live = {
+                str(p["name"]): (int(p["gref_base"]), int(p["pages"]), p) for p in known["pools"]
+            }
             budget = int(known["max_pages"])
         except (KeyError, TypeError, ValueError) as exc:
             raise GrantError(f"pools of {self.device}: {exc!r}") from exc
@@ -267,7 +307,7 @@ class GrantMapper:
         mapped = {pool.name for pool in self._pools}
         new = {name: pool for name, pool in live.items() if name not in mapped}
         held = sum(pool.pages for pool in self._pools) + self._lingering()
-        wanted = held + sum(pages for _, pages in new.values())
+        wanted = held + sum(pages for _, pages, _ in new.values())
         if wanted > min(self.device.max_pages, budget):
             raise GrantViolation(
                 f"the pools of {self.device} would have us map {wanted} pages, more than "
@@ -276,8 +316,9 @@ class GrantMapper:
             )
         opened: list[MappedPool] = []
         try:
-            for name, (base, pages) in new.items():
-                opened.append(MappedPool.open(name, base, pages, self.device.grantee))
+            for name, (base, pages, entry) in new.items():
+                fd = _pool_fd(name, entry)
+                opened.append(MappedPool.from_fd(fd, name, base, pages, self.device.grantee))
         except ShmError:
             for pool in opened:
                 pool.close()
@@ -300,3 +341,12 @@ class GrantMapper:
         holds none of its pages any more (never under its user), and counted until then."""
         self._dropped = [pool for pool in self._dropped if not pool.unmap()]
         return sum(pool.pages for pool in self._dropped)
+
+
+def _pool_fd(name: str, entry: dict[str, Any]) -> int:
+    """The fd ``open_pools`` put in pool ``name``'s entry; ShmError with the reason it could
+    not be opened, if it could not."""
+    fd = entry.get("fd")
+    if not isinstance(fd, int):
+        raise ShmError(str(entry.get("error") or f"shared memory segment {name}: not opened"))
+    return fd

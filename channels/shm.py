@@ -10,7 +10,9 @@ would destroy the ring under its peer. So:
   from then on the segment lives until :func:`unlink_segment` (hyperd's teardown or cleanup
   command), whatever process exits;
 * every user, hyperd included, maps with :func:`attach`, a plain ``os.open`` + ``mmap`` of
-  ``/dev/shm/<name>`` that the tracker never sees.
+  ``/dev/shm/<name>`` that the tracker never sees; or, a process that may not open the name
+  (a data-path worker after it dropped privilege), with :func:`attach_fd` from the fd that one
+  which may (dom0) opened with :func:`open_segment` and handed it.
 
 Names are plain file names chosen by the caller (hyperd makes them unguessable); no ``/``.
 
@@ -113,24 +115,37 @@ class Segment:
         self.close()
 
 
-def attach(name: str, size: int | None = None) -> Segment:
-    """Map the existing segment `name` read-write, invisibly to the resource tracker. With
-    ``size``, the segment must hold exactly that many bytes (a peer that may write it may also
-    have truncated it)."""
+def open_segment(name: str) -> int:
+    """An fd on the existing segment `name`, read-write: for a process that may open it by
+    name to hand to one that may not (a data-path worker, once it has dropped privilege)."""
     path = segment_path(name)
     try:
-        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW)
+        return os.open(path, os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW)
     except OSError as e:
-        raise ShmError(f"shared memory segment {name}: cannot open {path}") from e
+        raise ShmError(f"shared memory segment {name}: cannot open {path}: {e.strerror}") from e
+
+
+def attach_fd(fd: int, name: str, size: int | None = None) -> Segment:
+    """Map segment `name` from ``fd`` (an fd ``open_segment`` made; the caller still closes
+    it), read-write, with the checks ``attach`` makes."""
     try:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode) or st.st_size == 0:
-            raise ShmError(f"shared memory segment {name}: {path} is not a non-empty file")
+            raise ShmError(f"shared memory segment {name}: not a non-empty file")
         if size is not None and st.st_size != size:
             raise ShmError(f"shared memory segment {name}: {st.st_size} bytes, not {size}")
         mapping = mmap.mmap(fd, st.st_size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
     except OSError as e:
-        raise ShmError(f"shared memory segment {name}: cannot map {path}") from e
+        raise ShmError(f"shared memory segment {name}: cannot map it: {e.strerror}") from e
+    return Segment(name, mapping)
+
+
+def attach(name: str, size: int | None = None) -> Segment:
+    """Map the existing segment `name` read-write, invisibly to the resource tracker. With
+    ``size``, the segment must hold exactly that many bytes (a peer that may write it may also
+    have truncated it)."""
+    fd = open_segment(name)
+    try:
+        return attach_fd(fd, name, size)
     finally:
         os.close(fd)  # the mapping keeps the segment referenced
-    return Segment(name, mapping)

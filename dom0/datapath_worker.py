@@ -9,14 +9,26 @@ the frontend shares, so a frontend that truncates its own pages to make the read
 
 The worker reads one JSON object on stdin: the device's parameters plus the numbers of the fds it
 inherited: ``device_fd`` (the native device), ``control_fd`` (a socket to dom0) and
-``counters_fd`` (a page of u64 counters that dom0 reads whenever it is asked). The parameters
-name the frontend's domain (``frontend``), the device (``device``, ``<type>/<devid>``) and the
-grant pools live for it as the worker starts (``pools``). Over the control socket, one JSON
-object per line, the worker asks dom0 which of the device's grant pools are live now
-(``{"id", "map_pools": {}}``: dom0 holds the hypercall socket) and reports a fatal protocol
-error (``{"fatal"}``); dom0 hanging up tells it to stop. A setup the frontend broke (a ring ref
-it did not grant, more pages for its device than the protocol can use, a pool it truncated) is
-such an error too, reported as the worker connects (``serve_device``).
+``counters_fd`` (a page of u64 counters that dom0 reads whenever it is asked, sealed at its
+size: the worker can neither shrink it under dom0's reads nor grow it). The parameters name the
+frontend's domain (``frontend``), the device (``device``, ``<type>/<devid>``), the grant pools
+live for it as the worker starts (``pools``, each opened by dom0: its ``fd`` is inherited too;
+channels/grants.py), and the uid and gid it drops to (``worker_id``, its own; ``worker_gid``,
+its domain's: dom0/privilege.py). Over the control socket, one JSON object per line, the worker
+asks dom0 which of the device's grant pools are live now (``{"id", "map_pools": {}}``: dom0
+holds the hypercall socket, and opens the pools: the answer comes with one fd per pool,
+SCM_RIGHTS, each pool's ``fd`` its index among them) and reports a fatal protocol error
+(``{"fatal"}``); dom0 hanging up tells it to stop. A setup the frontend broke (a ring ref it did
+not grant, more pages for its device than the protocol can use, a pool it truncated) is such an
+error too, reported as the worker connects (``serve_device``). Its stdout and stderr are a
+socket dom0 reads into its own log, a line at a time, at a bounded rate.
+
+The worker holds no host privilege while it touches the frontend's memory (dom0/privilege.py):
+it opens its doorbells by name, drops to its own uid with no capability and no new privileges,
+and only then maps the pools, starts its threads and reads the rings.
+What it holds from then on: its native device (a TAP queue or a loop device), the control
+socket, the counter page, the log socket, ``/dev/null`` as stdin, and the mappings of its
+device's pools and doorbells.
 
 The worker runs on the frontend's pages and may be subverted, so it names nothing dom0 acts on:
 dom0 answers for the device it started the worker for, never another device's pools or another
@@ -33,7 +45,9 @@ frontend, not in the worker, so a new worker over a reset ring carries on.
 
 from __future__ import annotations
 
+import array
 import contextlib
+import fcntl
 import functools
 import itertools
 import json
@@ -41,6 +55,7 @@ import logging
 import mmap
 import os
 import socket
+import stat
 import subprocess
 import sys
 import threading
@@ -48,7 +63,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from channels import grants
 from channels import hypercall as hc
@@ -58,6 +73,8 @@ from channels.hypercall import HypercallClient, HypercallError
 from channels.ring import RingBroken
 from channels.xenbus import XenbusState
 from channels.xenbus_bus import XenbusDevice
+from dom0 import privilege
+from hyper.resources import host_gid
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +82,13 @@ _SOURCE_ROOT = str(Path(__file__).resolve().parents[1])
 #: The longest line a worker may send dom0: a request is a few dozen bytes, a fatal report a
 #: few hundred.
 MAX_LINE = 4096
+#: The most fds one sendmsg may carry (Linux's SCM_MAX_FD).
+SCM_MAX_FD = 253
+#: A worker's output in dom0's log: each line cut at MAX_LOG_LINE characters, at most
+#: LOG_RATE bytes a second past a burst of LOG_BURST (its writes wait in its socket meanwhile).
+MAX_LOG_LINE = 1000
+LOG_RATE = 16 << 10
+LOG_BURST = 64 << 10
 
 
 # -- the counter page ---------------------------------------------------------------------------
@@ -117,16 +141,17 @@ class WorkerProcess:
     def __init__(
         self,
         process: subprocess.Popen[bytes],
-        control: socket.socket,
-        counters_fd: int,
+        links: WorkerLinks,
         map_pools: Callable[[], dict[str, Any]],
         on_fatal: Callable[[str], None],
         on_death: Callable[[str], None],
     ) -> None:
         self.process = process
-        self.control = control
-        self._page = mmap.mmap(counters_fd, mmap.PAGESIZE)
-        os.close(counters_fd)
+        self.control = links.control
+        self.worker_id = links.worker_id
+        self._page = mmap.mmap(links.counters_fd, mmap.PAGESIZE)
+        os.close(links.counters_fd)
+        self._output = links.output
         self._map_pools = map_pools
         self._on_fatal = on_fatal
         self._on_death = on_death
@@ -135,6 +160,10 @@ class WorkerProcess:
         self._stopping = False
         self._thread = threading.Thread(target=self._serve, name="worker-link", daemon=True)
         self._thread.start()
+        self._logger = threading.Thread(
+            target=_log_output, args=(links.output, links.label), name="worker-log", daemon=True
+        )
+        self._logger.start()
 
     @classmethod
     def start(
@@ -146,31 +175,18 @@ class WorkerProcess:
         on_fatal: Callable[[str], None],
         on_death: Callable[[str], None],
     ) -> WorkerProcess:
-        """Run ``python -m module`` with ``params`` and the device, control and counter fds.
+        """Run ``python -m module`` with ``params``, the pools live now (``map_pools()``, each
+        opened for it), a worker id of its own, and the device, control and counter fds.
         ``map_pools()``: hyperd's answer on the pools of the worker's device, for its refreshes.
         ``on_fatal(reason)``: the worker reported a protocol violation. ``on_death(how)``: it
         died without being stopped (killed, crashed)."""
-        ours, theirs = socket.socketpair()
-        counters_fd = os.memfd_create("hyper-counters", os.MFD_CLOEXEC)
-        os.ftruncate(counters_fd, mmap.PAGESIZE)
-        fds = (device_fd, theirs.fileno(), counters_fd)
-        params = {
-            **params,
-            "device_fd": device_fd,
-            "control_fd": theirs.fileno(),
-            "counters_fd": counters_fd,
-        }
-        process = subprocess.Popen(
-            [sys.executable, "-m", module],
-            stdin=subprocess.PIPE,
-            pass_fds=fds,
-            env={**os.environ, "PYTHONPATH": _SOURCE_ROOT},
-        )
-        assert process.stdin is not None
-        process.stdin.write(json.dumps(params).encode())
-        process.stdin.close()
-        theirs.close()
-        return cls(process, ours, counters_fd, map_pools, on_fatal, on_death)
+        pools = grants.open_pools(map_pools())
+        try:
+            links = WorkerLinks(f"{params.get('device')} of domain {params.get('frontend')}")
+            process = _spawn(module, {**params, "pools": pools}, device_fd, links)
+        finally:
+            grants.close_pool_fds(pools)  # the worker has its own now
+        return cls(process, links, map_pools, on_fatal, on_death)
 
     def counter_values(self, fields: Sequence[str]) -> dict[str, int]:
         """The worker's counters, named ``fields`` in page order."""
@@ -210,13 +226,20 @@ class WorkerProcess:
         self._wait_for_credit()
         if self._stopping:
             return False
-        # Whatever the message names, the answer is about the device this worker serves.
+        # Whatever the message names, the answer is about the device this worker serves; the
+        # pools go opened (the worker may not open them by name), their fds ours to close.
         try:
-            reply = {"id": message["id"], "result": self._map_pools()}
+            pools = grants.open_pools(self._map_pools())
         except HypercallError as exc:
-            reply = {"id": message["id"], "error": exc.errno_name, "message": exc.message}
-        with contextlib.suppress(OSError):
-            self.control.sendall(json.dumps(reply).encode() + b"\n")
+            error = {"id": message["id"], "error": exc.errno_name, "message": exc.message}
+            with contextlib.suppress(OSError):
+                self.control.sendall(json.dumps(error).encode() + b"\n")
+            return True
+        try:
+            with contextlib.suppress(OSError):
+                _send_pools(self.control, message["id"], pools)
+        finally:
+            grants.close_pool_fds(pools)
         return True
 
     def _wait_for_credit(self) -> None:
@@ -232,7 +255,7 @@ class WorkerProcess:
             self.control.shutdown(socket.SHUT_RDWR)
 
     def stop(self) -> None:
-        """Hang up; the worker stops its threads and exits."""
+        """Hang up; the worker stops its threads and exits. Its id is free once it is reaped."""
         self._stopping = True
         with contextlib.suppress(OSError):
             self.control.shutdown(socket.SHUT_RDWR)
@@ -241,8 +264,118 @@ class WorkerProcess:
         except subprocess.TimeoutExpired:
             self.process.kill()
             self.process.wait()
+        privilege.kill_processes_of(self.worker_id)  # what a subverted worker forked
+        privilege.worker_ids.give_back(self.worker_id)
+        with contextlib.suppress(OSError):  # ends the log's reader, whoever holds the other end
+            self._output.shutdown(socket.SHUT_RDWR)
+        self._logger.join(timeout=5.0)
+        self._output.close()
         self.control.close()
         self._page.close()
+
+
+class WorkerLinks:
+    """What dom0 and one worker share besides the device: the control socket, the counter page
+    (a memfd sealed at one page), the socket the worker's output goes to, and its id."""
+
+    def __init__(self, label: str) -> None:
+        self.label = label
+        self.control, self.theirs = socket.socketpair()
+        self.output, self.theirs_output = socket.socketpair()
+        self.counters_fd = _sealed_page()
+        self.worker_id = privilege.worker_ids.take()
+
+    def close_theirs(self) -> None:
+        """Once the worker has its ends (or never will)."""
+        self.theirs.close()
+        self.theirs_output.close()
+
+    def close(self) -> None:
+        """No worker was started: ours go too, and the id back."""
+        self.control.close()
+        self.output.close()
+        os.close(self.counters_fd)
+        privilege.worker_ids.give_back(self.worker_id)
+
+
+def _spawn(
+    module: str, params: dict[str, Any], device_fd: int, links: WorkerLinks
+) -> subprocess.Popen[bytes]:
+    """``python -m module`` with ``params`` on its stdin, and its fds: the device, ``links``'
+    ends and its pools' (``params["pools"]``, ``grants.open_pools``'s)."""
+    theirs = (links.theirs.fileno(), links.counters_fd)
+    params = {
+        **params,
+        "worker_id": links.worker_id,
+        "device_fd": device_fd,
+        "control_fd": theirs[0],
+        "counters_fd": theirs[1],
+    }
+    try:
+        process = subprocess.Popen(
+            [sys.executable, "-m", module],
+            stdin=subprocess.PIPE,
+            stdout=links.theirs_output.fileno(),
+            stderr=links.theirs_output.fileno(),
+            pass_fds=(device_fd, *theirs, *grants.pool_fds(params["pools"])),
+            env={**os.environ, "PYTHONPATH": _SOURCE_ROOT},
+        )
+    except OSError:
+        links.close()
+        raise
+    finally:
+        links.close_theirs()
+    assert process.stdin is not None
+    process.stdin.write(json.dumps(params).encode())
+    process.stdin.close()
+    return process
+
+
+def _sealed_page() -> int:
+    """A one-page memfd no holder can shrink (dom0 would fault reading it) or grow."""
+    fd = os.memfd_create("hyper-counters", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    os.ftruncate(fd, mmap.PAGESIZE)
+    fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL)
+    return fd
+
+
+def _send_pools(sock: socket.socket, req_id: object, pools: dict[str, Any]) -> None:
+    """Answer request ``req_id`` with ``pools`` (``grants.open_pools``'s): their fds go with the
+    line (SCM_RIGHTS), each pool's ``fd`` replaced by its index among them. More fds than one
+    message carries go first in messages of their own, each with a space the reader's JSON
+    skips."""
+    fds = grants.pool_fds(pools)
+    index = {fd: i for i, fd in enumerate(fds)}
+    wire = [
+        {**entry, "fd": index[entry["fd"]]} if "fd" in entry else entry for entry in pools["pools"]
+    ]
+    line = json.dumps({"id": req_id, "result": {**pools, "pools": wire}, "fds": len(fds)})
+    chunks = [fds[i : i + SCM_MAX_FD] for i in range(0, len(fds), SCM_MAX_FD)]
+    for chunk in chunks[:-1]:
+        _send_fds(sock, b" ", chunk)
+    _send_fds(sock, line.encode() + b"\n", chunks[-1] if chunks else [])
+
+
+def _send_fds(sock: socket.socket, data: bytes, fds: list[int]) -> None:
+    rights = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))] if fds else []
+    sent = sock.sendmsg([data], rights)
+    sock.sendall(data[sent:])
+
+
+def _log_output(sock: socket.socket, label: str) -> None:
+    """A worker's output into dom0's log, one line at a time, each cut at MAX_LOG_LINE and the
+    whole paced (see LOG_RATE), until the worker's end closes or ``stop`` shuts ours."""
+    credit = Credit(LOG_RATE, LOG_BURST)
+    pending = b""
+    while data := _recv(sock):
+        *lines, pending = (pending + data).split(b"\n")
+        if len(pending) > MAX_LOG_LINE:  # no newline coming soon: a line of its own
+            lines, pending = [*lines, pending], b""
+        for line in lines:
+            log.info("%s data path: %s", label, line[:MAX_LOG_LINE].decode(errors="replace"))
+        delay = credit.charge(max(len(data), 512))  # a trickle costs as much as a chunk
+        if delay:
+            time.sleep(delay)
 
 
 class DataPath:
@@ -275,7 +408,11 @@ class DataPath:
         the data path through the frontend: the device returns to InitWait (see the backends'
         docstrings)."""
         pools = functools.partial(grants.map_pools, hc, dev.frontend_id, dev.device_name)
-        device = {"frontend": dev.frontend_id, "device": dev.device_name, "pools": pools()}
+        device = {
+            "frontend": dev.frontend_id,
+            "device": dev.device_name,
+            "worker_gid": host_gid(dev.frontend_id),  # why its domain's: dom0/privilege.py
+        }
         worker = WorkerProcess.start(
             module,
             {**params, **device},
@@ -351,21 +488,37 @@ class LinkError(Exception):
     """A worker sent dom0 what no worker sends: it is broken or subverted."""
 
 
-def _lines(sock: socket.socket, limit: int | None = None) -> Iterator[bytes]:
+def _lines(
+    sock: socket.socket, limit: int | None = None, fds: deque[int] | None = None
+) -> Iterator[bytes]:
     """The lines that arrive on ``sock`` until it closes; LinkError past ``limit`` bytes
-    without a newline."""
+    without a newline. With ``fds``, the fds that come with them are added there (a line's
+    come before it is yielded)."""
     buffer = b""
-    while True:
-        try:
-            data = sock.recv(65536)
-        except OSError:
-            data = b""
-        if not data:
-            return
+    while data := _recv(sock, fds):
         *lines, buffer = (buffer + data).split(b"\n")
         yield from lines
         if limit is not None and len(buffer) > limit:
             raise LinkError(f"a line of more than {limit} bytes")
+
+
+def _recv(sock: socket.socket, fds: deque[int] | None = None) -> bytes:
+    """What arrives next on ``sock``, b"" once it is closed or shut; with ``fds``, the fds
+    that come with it (SCM_RIGHTS) are added there. Without, none is taken: the kernel closes
+    whatever fds a peer sent (dom0 takes none from a worker)."""
+    try:
+        if fds is None:
+            return sock.recv(65536)
+        space = socket.CMSG_SPACE(SCM_MAX_FD * array.array("i").itemsize)
+        data, ancillary, _, _ = sock.recvmsg(65536, space, socket.MSG_CMSG_CLOEXEC)
+    except OSError:
+        return b""
+    for level, kind, payload in ancillary:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            received = array.array("i")
+            received.frombytes(payload[: len(payload) - len(payload) % received.itemsize])
+            fds.extend(received)
+    return data
 
 
 def _message(line: bytes) -> dict[str, Any]:
@@ -385,23 +538,32 @@ def _message(line: bytes) -> dict[str, Any]:
 
 
 class Dom0Link:
-    """The worker's side of the control socket: a hypercall client whose calls dom0 makes."""
+    """The worker's side of the control socket: a hypercall client whose calls dom0 makes.
+    Its reader thread starts with ``start``: after the worker dropped privilege."""
 
     def __init__(self, sock: socket.socket) -> None:
         self._sock = sock
         self._ids = itertools.count(1)
         self._lock = threading.Lock()
+        self._waiting: set[int] = set()
         self._replies: dict[int, Any] = {}
         self._arrived = threading.Condition()
         self.closed = threading.Event()
+
+    def start(self) -> None:
         threading.Thread(target=self._read, name="dom0-link", daemon=True).start()
 
     def _read(self) -> None:
-        for line in _lines(self._sock):  # dom0's replies: trusted
+        fds: deque[int] = deque()
+        for line in _lines(self._sock, fds=fds):  # dom0's replies: trusted
             reply = json.loads(line)
+            _take_fds(reply, [fds.popleft() for _ in range(min(reply.get("fds", 0), len(fds)))])
             with self._arrived:
-                self._replies[reply["id"]] = reply
-                self._arrived.notify_all()
+                if reply["id"] in self._waiting:
+                    self._replies[reply["id"]] = reply
+                    self._arrived.notify_all()
+                    continue
+            grants.close_pool_fds(reply.get("result", {}))  # its caller gave up on it
         self.closed.set()
         with self._arrived:
             self._arrived.notify_all()
@@ -412,17 +574,23 @@ class Dom0Link:
 
     def call(self, op: hc.Op) -> dict[str, Any]:
         """Only the grant mapper's refresh travels this way (dom0 answers it for this worker's
-        device: ``op`` names the same); the event channels are already bound."""
+        device: ``op`` names the same; each pool comes opened, its ``fd`` ours to close); the
+        event channels are already bound."""
         if not isinstance(op, hc.GnttabMapPools):
             return {}
         req_id = next(self._ids)
+        with self._arrived:
+            self._waiting.add(req_id)
         try:
             self._send({"id": req_id, "map_pools": {}})
+            with self._arrived:
+                self._arrived.wait_for(lambda: req_id in self._replies or self.closed.is_set(), 10)
         except OSError as exc:
             raise hc.HypercallError(op.op, "ENOTCONN", f"dom0 is gone: {exc}") from exc
-        with self._arrived:
-            self._arrived.wait_for(lambda: req_id in self._replies or self.closed.is_set(), 10)
-            reply = self._replies.pop(req_id, None)
+        finally:
+            with self._arrived:
+                self._waiting.discard(req_id)
+                reply = self._replies.pop(req_id, None)
         if reply is None:
             raise hc.HypercallError(op.op, "ENOTCONN", "dom0 is gone")
         if "error" in reply:
@@ -434,21 +602,48 @@ class Dom0Link:
             self._send({"fatal": message})
 
 
-#: How a device worker starts its data path: from its parameters, its link to dom0 and its
-#: counter page, over the frontend's pages; it returns how to stop that data path.
-Start = Callable[[dict[str, Any], Dom0Link, memoryview], Callable[[], None]]
+def _take_fds(reply: dict[str, Any], fds: list[int]) -> None:
+    """Put the fds that came with ``reply`` in its pools' entries, each in place of its index
+    (``_send_pools``); close any no entry names."""
+    named = set()
+    for entry in reply.get("result", {}).get("pools", []):
+        if "fd" in entry:
+            entry["fd"] = fds[entry["fd"]]
+            named.add(entry["fd"])
+    for fd in set(fds) - named:
+        os.close(fd)
 
 
-def serve_device(params: dict[str, Any], start: Start) -> int:
-    """A device worker's life: connect to dom0, ``start`` the data path, run until dom0 hangs
-    up, stop it. A setup the frontend broke (a ring ref it did not grant, more pages for its
-    device than the protocol can use, a pool it broke, a ring index it lies about) is reported
-    as its protocol violation, which fails the device: not a crash, on which dom0 would restart
-    the worker over the same setup until the device failed for dying too often."""
+Channels = TypeVar("Channels")
+#: What a device worker opens by name while it still may (its event channels: a doorbell is a
+#: POSIX semaphore, which has no fd dom0 could hand it), from its parameters and its link.
+Open = Callable[[dict[str, Any], Dom0Link], Channels]
+#: How a device worker starts its data path, with no privilege left: from what it opened, its
+#: parameters, its link to dom0 and its counter page, over the frontend's pages; it returns
+#: how to stop that data path.
+Start = Callable[[Channels, dict[str, Any], Dom0Link, memoryview], Callable[[], None]]
+
+
+def serve_device(
+    params: dict[str, Any], open_channels: Open[Channels], start: Start[Channels]
+) -> int:
+    """A device worker's life: connect to dom0, open its channels, drop every host privilege
+    (dom0/privilege.py; if it cannot, that fails the device), ``start`` the data path, run until
+    dom0 hangs up, stop it. A setup the frontend broke (a ring ref it did not grant, more pages
+    for its device than the protocol can use, a pool it broke, a ring index it lies about) is
+    reported as its protocol violation, which fails the device: not a crash, on which dom0
+    would restart the worker over the same setup until the device failed for dying too often."""
     link = Dom0Link(socket.socket(fileno=params["control_fd"]))
-    page = mmap.mmap(params["counters_fd"], mmap.PAGESIZE)
+    page = _counter_page(params["counters_fd"])
+    channels = open_channels(params, link)
     try:
-        stop = start(params, link, memoryview(page))
+        privilege.drop(params["worker_id"], params["worker_gid"])
+    except privilege.PrivilegeError as exc:
+        link.fatal(str(exc))
+        return 1
+    link.start()
+    try:
+        stop = start(channels, params, link, memoryview(page))
     except (GrantError, GrantViolation, RingBroken) as exc:
         link.fatal(f"connecting: {exc}")
         return 1
@@ -457,8 +652,20 @@ def serve_device(params: dict[str, Any], start: Start) -> int:
     return 0
 
 
+def _counter_page(fd: int) -> mmap.mmap:
+    """The counter page dom0 made: a file of one page (anything else would fault us)."""
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode) or st.st_size != mmap.PAGESIZE:
+        raise ValueError(f"counter page: {st.st_size} bytes, not {mmap.PAGESIZE}")
+    return mmap.mmap(fd, mmap.PAGESIZE)
+
+
 def worker_main(run: Callable[[dict[str, Any]], object]) -> None:
     """A worker process's main: parameters from stdin, ``run`` them, exit without teardown."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    run(json.load(sys.stdin))
+    params = json.load(sys.stdin)
+    null = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(null, 0)  # for the pipe dom0 wrote the parameters to: nothing more comes on it
+    os.close(null)
+    run(params)
     os._exit(0)  # no interpreter teardown over shared memory a peer may have broken

@@ -1,6 +1,8 @@
 """A vbd's data path in a process of its own: ``python -m dom0.blkback.worker``.
 
-See dom0/datapath_worker.py for why and how. Besides the common fds and parameters (``device_fd``
+See dom0/datapath_worker.py for why and how: it opens its event channel's doorbells
+(``open_channel``), drops every host privilege (dom0/privilege.py), and only then maps the pools
+and starts the data path (``start``). Besides the common fds and parameters (``device_fd``
 is the loop device, opened for direct I/O), the parameters are the vbd's name, its ring ref, the
 event channel's doorbell names, the disk's size in sectors, whether it is read-only, and how many
 I/O threads to run. Its grant mapper maps at most what blkif can use (``blkif.MAX_GRANT_PAGES``).
@@ -20,15 +22,21 @@ from dom0.blkback.datapath import Counters, VbdPath
 from dom0.datapath_worker import Dom0Link, serve_device, worker_main
 
 
-def start(params: dict[str, Any], link: Dom0Link, counter_page: memoryview) -> Callable[[], None]:
+def open_channel(params: dict[str, Any], link: Dom0Link) -> EventChannel:
+    """The event channel's doorbells, opened by name before the worker drops privilege."""
+    mine, peer = params["doorbells"]
+    return EventChannel(link, 0, mine, peer)  # type: ignore[arg-type]
+
+
+def start(
+    channel: EventChannel, params: dict[str, Any], link: Dom0Link, counter_page: memoryview
+) -> Callable[[], None]:
     counters = Counters(counter_page)
     device = DeviceGrants(params["frontend"], params["device"], B.MAX_GRANT_PAGES)
     grants = GrantMapper(link, device, params["pools"], counters=counters)  # type: ignore[arg-type]
     ring = BackRing.attach(
         B.BLK_RING, grants.resolve(params["ring_ref"], write=True), name=params["name"]
     )
-    mine, peer = params["doorbells"]
-    channel = EventChannel(link, 0, mine, peer)  # type: ignore[arg-type]
     path = VbdPath(
         ring,
         channel,
@@ -45,4 +53,4 @@ def start(params: dict[str, Any], link: Dom0Link, counter_page: memoryview) -> C
 
 
 if __name__ == "__main__":
-    worker_main(functools.partial(serve_device, start=start))
+    worker_main(functools.partial(serve_device, open_channels=open_channel, start=start))

@@ -1,6 +1,8 @@
 """A vif's data path in a process of its own: ``python -m dom0.netback.worker``.
 
-See dom0/datapath_worker.py for why and how. Besides the common fds and parameters (``device_fd``
+See dom0/datapath_worker.py for why and how: it opens its two event channels' doorbells
+(``open_channels``), drops every host privilege (dom0/privilege.py), and only then maps the
+pools and starts the data path (``start``). Besides the common fds and parameters (``device_fd``
 is the TAP), the parameters are the vif's name, its tx/rx ring refs, the doorbell names of both
 event channels, gso, the rate limit, and the vif's ``mac`` and ``ip`` (from its backend dir) that
 every transmitted frame's source is checked against. Its grant mapper maps at most what netif
@@ -22,7 +24,18 @@ from dom0.netback.antispoof import SourceFilter
 from dom0.netback.datapath import Counters, RateLimit, RxPath, TxPath
 
 
-def start(params: dict[str, Any], link: Dom0Link, counter_page: memoryview) -> Callable[[], None]:
+def open_channels(params: dict[str, Any], link: Dom0Link) -> list[EventChannel]:
+    """The tx and rx event channels' doorbells, opened by name before the worker drops
+    privilege."""
+    return [
+        EventChannel(link, 0, mine, peer)  # type: ignore[arg-type]
+        for mine, peer in (params["tx_doorbells"], params["rx_doorbells"])
+    ]
+
+
+def start(
+    channels: list[EventChannel], params: dict[str, Any], link: Dom0Link, counter_page: memoryview
+) -> Callable[[], None]:
     counters = Counters(counter_page)
     device = DeviceGrants(params["frontend"], params["device"], N.MAX_GRANT_PAGES)
     grants = GrantMapper(link, device, params["pools"], counters=counters)  # type: ignore[arg-type]
@@ -33,10 +46,6 @@ def start(params: dict[str, Any], link: Dom0Link, counter_page: memoryview) -> C
     rx_ring = BackRing.attach(
         N.RX_RING, grants.resolve(params["rx_ring_ref"], write=True), name=f"{name}-rx"
     )
-    channels = [
-        EventChannel(link, 0, mine, peer)  # type: ignore[arg-type]
-        for mine, peer in (params["tx_doorbells"], params["rx_doorbells"])
-    ]
     rate = RateLimit(*params["rate"]) if params.get("rate") else None
     sources = SourceFilter.from_backend(params["mac"], params["ip"])  # checked at probe
     tx = TxPath(tx_ring, channels[0], grants, tap_fd, counters, rate, link.fatal, sources)
@@ -54,4 +63,4 @@ def start(params: dict[str, Any], link: Dom0Link, counter_page: memoryview) -> C
 
 
 if __name__ == "__main__":
-    worker_main(functools.partial(serve_device, start=start))
+    worker_main(functools.partial(serve_device, open_channels=open_channels, start=start))

@@ -1,5 +1,6 @@
 """A hypercall table for data-path tests: the calls a backend's data path makes, answered from
-a few grant pools and one event channel's doorbells (what hyperd would answer for a real device).
+a few grant pools (opened, as dom0 answers its workers) and one event channel's doorbells (what
+hyperd would answer for a real device).
 A doorbell storm, as a hostile frontend rings. And hyperd's Resources on paper, for tests of
 its tables."""
 
@@ -11,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from channels import hypercall as hc
+from channels.grants import open_pools
 from hyper.resources import Resources
 
 
@@ -25,7 +27,9 @@ class Hypercalls:
                 {"pool": i, "name": name, "gref_base": base, "pages": pages}
                 for i, (name, base, pages) in enumerate(self.pools)
             ]
-            return {"pools": pools, "max_pages": sum(pages for _, _, pages in self.pools)}
+            # Opened, as dom0 answers a data-path worker (channels/grants.py).
+            total = sum(pages for _, _, pages in self.pools)
+            return open_pools({"pools": pools, "max_pages": total})
         if isinstance(op, hc.EvtchnStatus):
             return {
                 "state": "interdomain",

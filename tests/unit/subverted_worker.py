@@ -4,16 +4,23 @@ writes its parameters and what dom0 answered to the file its parameters name:
 
 - ``ask_other`` (the default): asks for the grant pools of another domain's device;
 - ``flood``: sends ``count`` refresh requests at once, then reads their answers;
-- ``send``: sends ``raw`` (latin-1 text), then waits for dom0 to hang up."""
+- ``send``: sends ``raw`` (latin-1 text), then waits for dom0 to hang up;
+- ``truncate``: tries to shrink, then to grow, the counter page dom0 reads;
+- ``fork``: forks a child that drops to the worker's ids, as the worker would, and sleeps."""
 
 from __future__ import annotations
 
+import errno
 import json
+import mmap
+import os
+import signal
 import socket
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from dom0 import privilege
 from dom0.datapath_worker import worker_main
 
 #: What the worker names in its request: a domain and a device that are not its own.
@@ -48,10 +55,35 @@ def send(control: socket.socket, params: dict[str, Any]) -> Any:
     return {"hung_up": True, "received": received.decode()}
 
 
+def truncate(control: socket.socket, params: dict[str, Any]) -> Any:
+    """How each resize of the counter page ended: "done", or the errno's name."""
+    outcome = {}
+    for what, size in (("shrunk", 0), ("grown", 2 * mmap.PAGESIZE)):
+        try:
+            os.ftruncate(params["counters_fd"], size)
+            outcome[what] = "done"
+        except OSError as exc:
+            outcome[what] = errno.errorcode[exc.errno]
+    return outcome
+
+
+def fork(control: socket.socket, params: dict[str, Any]) -> Any:
+    """The child's pid."""
+    child = os.fork()
+    if child == 0:
+        os.setsid()  # nothing of the worker's process group goes with it
+        privilege.drop(params["worker_id"], params["worker_gid"])
+        while True:
+            signal.pause()
+    return {"child": child}
+
+
 ATTACKS: dict[str, Callable[[socket.socket, dict[str, Any]], Any]] = {
     "ask_other": ask_other,
     "flood": flood,
     "send": send,
+    "truncate": truncate,
+    "fork": fork,
 }
 
 

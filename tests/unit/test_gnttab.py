@@ -21,9 +21,10 @@ from channels.grants import (
     DeviceGrants,
     GrantMapper,
     map_pools,
+    open_pools,
 )
 from channels.ring import PAGE_SIZE
-from channels.shm import create_segment, unlink_segment
+from channels.shm import create_segment, open_segment, unlink_segment
 from domu.blkfront import xenbus as blkfront
 from domu.netfront import xenbus as netfront
 
@@ -38,7 +39,9 @@ def pools() -> Iterator[tuple[GrantPool, MappedPool]]:
     name = f"hyper-test-gnt-{os.getpid()}"
     create_segment(name, pool_bytes(4))
     granter = GrantPool.open(name, BASE, 4)
-    grantee = MappedPool.open(name, BASE, 4, domid=0)
+    fd = open_segment(name)
+    grantee = MappedPool.from_fd(fd, name, BASE, 4, domid=0)
+    os.close(fd)
     yield granter, grantee
     granter.close()
     grantee.close()
@@ -108,7 +111,8 @@ def test_a_mapper_given_its_pools_resolves_without_a_hypercall(
     gref = granter.grant(3, 0, readonly=False)
     granter.page(3)[:2] = b"ok"
     pool = {"pool": 0, "name": granter.name, "gref_base": BASE, "pages": 4}
-    mapper = GrantMapper(NoHypervisor(), DEVICE, {"pools": [pool], "max_pages": 4})  # type: ignore[arg-type]
+    known = open_pools({"pools": [pool], "max_pages": 4})
+    mapper = GrantMapper(NoHypervisor(), DEVICE, known)  # type: ignore[arg-type]
     try:
         assert bytes(mapper.resolve(gref, write=True)[:2]) == b"ok"
         with pytest.raises(AssertionError, match="asked hyperd"):
@@ -119,7 +123,7 @@ def test_a_mapper_given_its_pools_resolves_without_a_hypercall(
 
 def test_a_mapper_refuses_a_pool_it_cannot_open() -> None:
     missing = {"pool": 0, "name": f"hyper-test-missing-{os.getpid()}", "gref_base": 8, "pages": 1}
-    known = {"pools": [missing], "max_pages": 1}
+    known = open_pools({"pools": [missing], "max_pages": 1})
     with pytest.raises(GrantError, match="pools of vbd/51712 of domain 5"):
         GrantMapper(NoHypervisor(), DEVICE, known)  # type: ignore[arg-type]
 
@@ -163,7 +167,7 @@ class Granter:
             for i, (device, p) in enumerate(self.live.values())
             if device == op.device
         ]
-        return {"pools": pools, "max_pages": self.max_pages}
+        return open_pools({"pools": pools, "max_pages": self.max_pages})  # as dom0 answers
 
     def close(self) -> None:
         for _, pool in list(self.live.values()):
