@@ -156,7 +156,6 @@ class GrantMapper:
         self._checked: tuple[dict[int, memoryview], dict[int, memoryview]] = ({}, {})
         self._refreshing = threading.Lock()  # one refresh at a time, held across its hypercall
         self._refreshes = 0  # refreshes begun
-        self._generation = 0  # pool lists adopted
         self._failed: str | None = None  # why the last refresh failed; None if it succeeded
         self._broken: str | None = None  # how the last refresh found a pool the granter broke
         if known is not None:
@@ -176,13 +175,6 @@ class GrantMapper:
         if page is None:
             page = self._check(gref, write)
         return page
-
-    @property
-    def generation(self) -> int:
-        """How many times the pools mapped have been set (the last step of a refresh): read
-        it *before* ``native_pools``; a native pump takes ``native_pools`` again when it
-        moves."""
-        return self._generation
 
     def native_pools(self) -> list[tuple[memoryview, int, int, int]]:
         """The pools mapped now, as a native pump looks refs up in them (channels.pumps):
@@ -324,7 +316,6 @@ class GrantMapper:
                 pool.close()
             raise
         self._pools = [*self._pools, *opened]
-        self._generation += 1
 
     def _drop(self, gone: list[MappedPool]) -> None:
         """Forget pools the granter released, and the pages remembered from any pool (a

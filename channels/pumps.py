@@ -19,6 +19,7 @@ import contextlib
 import logging
 import os
 import threading
+from collections.abc import Iterator
 from types import ModuleType
 from typing import Any
 
@@ -176,3 +177,17 @@ class NativePump:
         if ended(ring, pump, result) == FATAL:
             raise misbehaved(why)
         assert code == STOPPED, f"a frontend pump ended with {code}"
+
+
+@contextlib.contextmanager
+def pools_let_go(pump: Any, grants: Any) -> Iterator[None]:
+    """Around the Python path's turn (a frame or request the pump handed back, a ref that
+    missed): the pump lets go of the pools it maps, so that a refresh the turn makes can unmap
+    the ones the granter released (the mapper counts a pool still mapped against the device's
+    bound), and takes the mapper's pools again afterwards. A pool holding a page the pump still
+    uses (netback rx's posted buffers) stays mapped until that page is done."""
+    pump.set_pools([])
+    try:
+        yield
+    finally:
+        pump.set_pools(grants.native_pools())

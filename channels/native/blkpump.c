@@ -303,6 +303,7 @@ static void job_done(blk_t *b, uint32_t index, int64_t done) {
 }
 
 static void *reaper(void *arg) {
+    pthread_setname_np(pthread_self(), "blkback-aio"); /* per-thread figures name it */
     blk_t *b = arg;
     struct io_event ev[MAX_OUTSTANDING];
     pthread_mutex_lock(&b->lock);

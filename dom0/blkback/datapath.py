@@ -273,7 +273,6 @@ class VbdPath:
         A request it hands back (FLUSH, DISCARD, a grant ref it cannot look up) is done by
         ``_work``, alone and inline (the pump has nothing in flight by then), and the pump
         carries on where Python left the ring, with the mapper's pools if they moved."""
-        generation = self.grants.generation  # before the pools it names
         pump = self.native.start(
             pumps.BLKBACK,
             self.ring,
@@ -299,12 +298,10 @@ class VbdPath:
                 # FALLBACK: the request the pump left in the ring. An honest frontend never
                 # takes a published request back; one that does would have the two of us hand
                 # it back and forth with no doorbell between.
-                if not self._work(limit=1) and not self._stopping:
-                    self.ring.broke("req_prod moved back under a published request")
+                with pumps.pools_let_go(pump, self.grants):
+                    if not self._work(limit=1) and not self._stopping:
+                        self.ring.broke("req_prod moved back under a published request")
                 pump.indices = self.ring.indices()
-                if self.grants.generation != generation:
-                    generation = self.grants.generation
-                    pump.set_pools(self.grants.native_pools())
         finally:
             self.native.end()
         return True

@@ -225,7 +225,6 @@ class TxPath:
         A frame it hands back (anything but the common case) goes through ``_work``, one
         packet, then the pump carries on where Python left the ring."""
         sources = self.sources
-        generation = self.grants.generation  # before the pools it names
         pump = self.native.start(
             N_KIND_TX,
             self.ring,
@@ -249,19 +248,17 @@ class TxPath:
                 # FALLBACK: the packet of result[2] slots the pump left in the ring. An honest
                 # frontend never takes published slots back; one that does would have the two
                 # of us hand the packet back and forth with no doorbell between.
-                if not self._work(result[2]):
-                    raise FatalProtocolError("req_prod moved back under a published packet")
-                while self._slots and not self.stopping:  # rewritten meanwhile: finish it here
-                    if self._work(FATAL_SLOTS):
-                        self.late_eoi.worked()
-                    elif not self.ring.final_check_for_requests() and self.evtchn.wait(
-                        HEAL_TIMEOUT
-                    ):
-                        self.late_eoi.back_off()
+                with pumps.pools_let_go(pump, self.grants):
+                    if not self._work(result[2]):
+                        raise FatalProtocolError("req_prod moved back under a published packet")
+                    while self._slots and not self.stopping:  # rewritten meanwhile: finish it
+                        if self._work(FATAL_SLOTS):
+                            self.late_eoi.worked()
+                        elif not self.ring.final_check_for_requests() and self.evtchn.wait(
+                            HEAL_TIMEOUT
+                        ):
+                            self.late_eoi.back_off()
                 pump.indices = self.ring.indices()
-                if self.grants.generation != generation:
-                    generation = self.grants.generation
-                    pump.set_pools(self.grants.native_pools())
         finally:
             self.native.end()
         return True
@@ -513,11 +510,11 @@ class RxPath:
                 if code == pumps.FATAL:
                     raise FatalProtocolError(result[1])
                 gref = result[2]  # MISS
-                try:
-                    self.grants.resolve(gref, write=True)
-                except GrantError as exc:
-                    raise FatalProtocolError(f"rx buffer gref {gref}: {exc}") from exc
-                pump.set_pools(self.grants.native_pools())
+                with pumps.pools_let_go(pump, self.grants):
+                    try:
+                        self.grants.resolve(gref, write=True)
+                    except GrantError as exc:
+                        raise FatalProtocolError(f"rx buffer gref {gref}: {exc}") from exc
         finally:
             self.native.end()
         return True

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from channels import pumps
 from channels.threadname import NamedThread, native_name, set_native_name
 from tests.unit import test_blkback_hostile as blkback_tests
 
@@ -72,9 +73,13 @@ def test_a_long_name_is_cut_to_what_the_kernel_keeps() -> None:
 
 
 @pytest.fixture
-def blkback_threads(tmp_path: Path) -> Iterator[list[threading.Thread]]:
-    """The threads of a running VbdPath with 3 I/O threads, built as blkback's hostile-frontend
+def blkback_threads(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[list[threading.Thread]]:
+    """The threads of a running VbdPath with 3 I/O threads (the Python pumps: the native one
+    has no I/O threads, and names its AIO reaper in C), built as blkback's hostile-frontend
     tests build it (real ring, grants and doorbell; an image file as its device)."""
+    monkeypatch.setenv(pumps.ENV, "python")
     with contextlib.ExitStack() as stack:
         yield list(blkback_tests._build(stack, tmp_path, io_threads=3).path.threads)
 
