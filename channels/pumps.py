@@ -169,14 +169,28 @@ class NativePump:
                 self._late_eoi.adopt(None)
             self._pump = None
 
-    def serve(self, ring: FrontRing, pump: Any, misbehaved: type[Exception]) -> None:
-        """A frontend's pump, run until stopped: it has no Python fallback (what it reads from
-        the backend is answers, each either right or a violation): a violation raises
+    def serve_frontend(
+        self,
+        kind: int,
+        ring: FrontRing,
+        tap_fd: int,
+        evtchn: Any,
+        stopping: Any,
+        misbehaved: type[Exception],
+        **kw: Any,
+    ) -> bool:
+        """Run a frontend's pump until stopped, once its backend has bound the channel; False
+        if the Python path must run instead. It has no Python fallback (what it reads from the
+        backend is answers, each either right or a violation): a violation raises
         ``misbehaved`` (or RingBroken)."""
+        pump = self.start(kind, ring, tap_fd, self.doorbells(evtchn, stopping), **kw)
+        if pump is None:
+            return False
         code, why, _ = result = pump.run()
         if ended(ring, pump, result) == FATAL:
             raise misbehaved(why)
         assert code == STOPPED, f"a frontend pump ended with {code}"
+        return True
 
 
 @contextlib.contextmanager

@@ -802,11 +802,31 @@ static int front_has_responses(pump_t *p) {
     return load32(&p->ring.sring[RSP_PROD]) != p->ring.cons;
 }
 
-/* LateEoi.serve over netback_tx_work. */
-static int run_netback_tx(pump_t *p) {
+/* netback tx's final check: arm req_event past the packet being published, look again. */
+static int64_t tx_final_check(pump_t *p) {
+    int64_t more = tx_unconsumed(&p->ring);
+    if (more)
+        return more;
+    store32(&p->ring.sring[REQ_EVENT], p->ring.cons + p->tx_pending + 1);
+    mb();
+    return tx_unconsumed(&p->ring);
+}
+
+static int64_t front_final_check(pump_t *p) {
+    return ring_final_check(&p->ring, RSP_EVENT, front_unconsumed);
+}
+
+static int64_t netfront_rx_work(pump_t *p) { return netfront_rx_batch(p); }
+
+/* LateEoi.serve: `work` while it finds some (> 0; < 0 ends the loop with that code); then
+ * `final_check` (arms our event index; < 0: the peer broke the ring) and sleep on our
+ * doorbell, spinning first on `has_work` after work; a rung wakeup that finds nothing is
+ * slowed down. */
+static int serve(pump_t *p, int64_t (*work)(pump_t *), int64_t (*final_check)(pump_t *),
+                 int (*has_work)(pump_t *), const char *broken) {
     int rung = 0, worked = 0;
     while (!p->stopping) {
-        int64_t done = netback_tx_work(p);
+        int64_t done = work(p);
         if (done < 0)
             return (int)-done;
         if (done > 0) {
@@ -817,20 +837,19 @@ static int run_netback_tx(pump_t *p) {
         }
         if (rung)
             pause_unless(p->stop_fd, late_eoi_idle(&p->eoi));
-        int64_t more = tx_unconsumed(&p->ring);
-        if (!more) { /* arm req_event past the packet being published, then look again */
-            store32(&p->ring.sring[REQ_EVENT], p->ring.cons + p->tx_pending + 1);
-            mb();
-            more = tx_unconsumed(&p->ring);
-        }
+        int64_t more = final_check(p);
         if (more < 0) {
-            say(p, "impossible req_prod");
+            say(p, broken);
             return PUMP_BROKEN;
         }
-        rung = !more && !p->stopping && sleep_on_bell(p, worked, tx_has_requests);
+        rung = !more && !p->stopping && sleep_on_bell(p, worked, has_work);
         worked = 0;
     }
     return PUMP_STOPPED;
+}
+
+static int run_netback_tx(pump_t *p) {
+    return serve(p, netback_tx_work, tx_final_check, tx_has_requests, "impossible req_prod");
 }
 
 /* RxPath._loop_once, looped. */
@@ -908,30 +927,9 @@ static int run_netfront_tx(pump_t *p) {
     return PUMP_STOPPED;
 }
 
-/* LateEoi.serve over netfront_rx_batch. */
 static int run_netfront_rx(pump_t *p) {
-    int rung = 0, worked = 0;
-    while (!p->stopping) {
-        int r = netfront_rx_batch(p);
-        if (r < 0)
-            return -r;
-        if (r) {
-            p->eoi.run = 0;
-            rung = 0;
-            worked = 1;
-            continue;
-        }
-        if (rung)
-            pause_unless(p->stop_fd, late_eoi_idle(&p->eoi));
-        int64_t more = ring_final_check(&p->ring, RSP_EVENT, front_unconsumed);
-        if (more < 0) {
-            say(p, "impossible rsp_prod");
-            return PUMP_BROKEN;
-        }
-        rung = !more && !p->stopping && sleep_on_bell(p, worked, front_has_responses);
-        worked = 0;
-    }
-    return PUMP_STOPPED;
+    return serve(p, netfront_rx_work, front_final_check, front_has_responses,
+                 "impossible rsp_prod");
 }
 
 #ifndef HYPER_FUZZ

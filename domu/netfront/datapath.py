@@ -73,17 +73,17 @@ class TxPath:
     def _run(self) -> None:
         rung = False  # woken by the backend; a wakeup that reaps nothing is slowed down
         try:
-            pump = self.native.start(
+            if self.native.serve_frontend(
                 pumps.NETFRONT_TX,
                 self.ring,
                 self.tap_fd,
-                self.native.doorbells(self.evtchn, lambda: self.stopping),
+                self.evtchn,
+                lambda: self.stopping,
+                BackendMisbehaved,
                 pages=self._region,
                 grefs=self.grefs,
                 gso=self.gso,
-            )
-            if pump is not None:
-                self.native.serve(self.ring, pump, BackendMisbehaved)
+            ):
                 return
             while not self.stopping:
                 if self._reap():
@@ -218,17 +218,17 @@ class RxPath:
 
     def _run(self) -> None:
         try:
-            pump = self.native.start(
+            if self.native.serve_frontend(
                 pumps.NETFRONT_RX,
                 self.ring,
                 self.tap_fd,
-                self.native.doorbells(self.evtchn, lambda: self.stopping),
+                self.evtchn,
+                lambda: self.stopping,
+                BackendMisbehaved,
                 pages=self._region,
                 grefs=self.grefs,
                 slot_page=self.slot_page,
-            )
-            if pump is not None:
-                self.native.serve(self.ring, pump, BackendMisbehaved)
+            ):
                 return
             self.late_eoi.serve(
                 self._receive_batch,
