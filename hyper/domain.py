@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from channels import pumps
 from channels.bytering import CONSOLE_PAGE_SIZE, XENSTORE_PAGE_SIZE
 from channels.credit import Credit
 from domu.sandbox import id_map
@@ -224,7 +225,7 @@ def spawn_boot(domain: Domain, rootfs: Path, log_path: Path) -> None:
         stdout=log_there,
         stderr=log_there,
         cwd="/",
-        env={"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "PYTHONPATH": _source_root()},
+        env=_boot_environment(),
     )
     domain_end.close()
     sync_there.close()
@@ -250,6 +251,16 @@ def write_id_maps(pid: int, domid: int) -> None:
     """Map the domain's user namespace onto its private host id range (domu/sandbox.py)."""
     for name in ("uid_map", "gid_map"):
         Path(f"/proc/{pid}/{name}").write_text(id_map(domid))
+
+
+def _boot_environment() -> dict[str, str]:
+    """What a domU's boot process inherits: a PATH, where hyper's code is, and the choice of
+    data-path pumps (channels.pumps: ``HYPER_PUMPS=python`` in hyperd's environment makes the
+    frontends run the Python reference too); nothing else of the host's environment."""
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "PYTHONPATH": _source_root()}
+    if pumps.ENV in os.environ:
+        env[pumps.ENV] = os.environ[pumps.ENV]
+    return env
 
 
 def _source_root() -> str:
