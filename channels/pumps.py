@@ -141,6 +141,22 @@ class NativePump:
                 self._late_eoi.adopt(self._pump)
             return self._pump
 
+    def start_backend(
+        self, kind: int, ring: BackRing, fd: int, evtchn: Any, counters: Any, grants: Any, **kw: Any
+    ) -> Any:
+        """A backend's pump (``start``) over its device ``fd``, counting in ``counters``' page
+        and looking refs up in the pools ``grants`` maps now, as granted to us."""
+        return self.start(
+            kind,
+            ring,
+            fd,
+            evtchn.doorbell_names(),
+            counters=counters.page,
+            pools=grants.native_pools(),
+            domid=grants.device.grantee,
+            **kw,
+        )
+
     def doorbells(self, evtchn: Any, stopping: Any) -> tuple[str, str | None]:
         """A frontend's channel's doorbells, once its backend has bound the port (a native
         pump rings the peer's directly, so it cannot start before); the peer's is None if the

@@ -206,6 +206,22 @@ static int offload_from_vnet(const uint8_t h[VNET_HDR_SIZE], offload_t *o) {
     return 0;
 }
 
+/* The peer's producer index, validated: how much there is to take, or -PUMP_BROKEN with the
+ * reason said (an impossible index). */
+static int64_t requests_or_broken(pump_t *p) {
+    int64_t n = back_unconsumed(&p->ring);
+    if (n < 0)
+        say(p, "impossible req_prod");
+    return n < 0 ? -PUMP_BROKEN : n;
+}
+
+static int64_t responses_or_broken(pump_t *p) {
+    int64_t n = front_unconsumed(&p->ring);
+    if (n < 0)
+        say(p, "impossible rsp_prod");
+    return n < 0 ? -PUMP_BROKEN : n;
+}
+
 /* -- netback tx ----------------------------------------------------------------------------- */
 
 typedef struct {
@@ -378,11 +394,9 @@ static int tx_packet(pump_t *p, uint32_t cons, uint32_t avail, tx_req_t *s, int 
  * Returns slots handled (>= 0), or -PUMP_* to end run(). */
 static int64_t netback_tx_work(pump_t *p) {
     p->tx_pending = 0;
-    int64_t avail = back_unconsumed(&p->ring);
-    if (avail < 0) {
-        say(p, "impossible req_prod");
-        return -PUMP_BROKEN;
-    }
+    int64_t avail = requests_or_broken(p);
+    if (avail < 0)
+        return avail;
     if (avail > BUDGET_SLOTS)
         avail = BUDGET_SLOTS;
     int64_t done = 0, end = 0;
@@ -440,11 +454,9 @@ static int64_t netback_tx_work(pump_t *p) {
 static int netback_rx_fill(pump_t *p) {
     if (p->held_len >= RX_NEED)
         return 0;
-    int64_t avail = back_unconsumed(&p->ring);
-    if (avail < 0) {
-        say(p, "impossible req_prod");
-        return -PUMP_BROKEN;
-    }
+    int64_t avail = requests_or_broken(p);
+    if (avail < 0)
+        return avail;
     if (avail > BUDGET)
         avail = BUDGET;
     for (int64_t i = 0; i < avail; i++) {
@@ -541,11 +553,9 @@ static int netback_rx_receive(pump_t *p) {
 
 /* TxPath._reap: 1 if responses were taken, 0 if none, <0 broken. */
 static int netfront_tx_reap(pump_t *p) {
-    int64_t n = front_unconsumed(&p->ring);
-    if (n < 0) {
-        say(p, "impossible rsp_prod");
-        return -PUMP_BROKEN;
-    }
+    int64_t n = responses_or_broken(p);
+    if (n < 0)
+        return (int)n;
     for (int64_t i = 0; i < n; i++) {
         uint8_t slot[4];
         memcpy(slot, ring_slot(&p->ring, p->ring.cons), 4);
@@ -662,11 +672,9 @@ static int netfront_rx_deliver(pump_t *p, const rx_rsp_t *r, const uint32_t *pag
 
 /* RxPath._receive_batch: 1 if responses were taken, 0 if none, <0 to end run(). */
 static int netfront_rx_batch(pump_t *p) {
-    int64_t n = front_unconsumed(&p->ring);
-    if (n < 0) {
-        say(p, "impossible rsp_prod");
-        return -PUMP_BROKEN;
-    }
+    int64_t n = responses_or_broken(p);
+    if (n < 0)
+        return (int)n;
     if (!n)
         return 0;
     if (n > 256)

@@ -273,14 +273,13 @@ class VbdPath:
         A request it hands back (FLUSH, DISCARD, a grant ref it cannot look up) is done by
         ``_work``, alone and inline (the pump has nothing in flight by then), and the pump
         carries on where Python left the ring, with the mapper's pools if they moved."""
-        pump = self.native.start(
+        pump = self.native.start_backend(
             pumps.BLKBACK,
             self.ring,
             self.fd,
-            self.evtchn.doorbell_names(),
-            counters=self.counters.page,
-            pools=self.grants.native_pools(),
-            domid=self.grants.device.grantee,
+            self.evtchn,
+            self.counters,
+            self.grants,
             sectors=self.sectors,
             readonly=self.readonly,
             outstanding=self._max_outstanding,

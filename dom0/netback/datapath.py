@@ -225,14 +225,13 @@ class TxPath:
         A frame it hands back (anything but the common case) goes through ``_work``, one
         packet, then the pump carries on where Python left the ring."""
         sources = self.sources
-        pump = self.native.start(
+        pump = self.native.start_backend(
             N_KIND_TX,
             self.ring,
             self.tap_fd,
-            self.evtchn.doorbell_names(),
-            counters=self.counters.page,
-            pools=self.grants.native_pools(),
-            domid=self.grants.device.grantee,
+            self.evtchn,
+            self.counters,
+            self.grants,
             sources=None if sources is None else (sources.mac, sources.ipv4, sources.any_address),
         )
         if pump is None:
@@ -489,14 +488,13 @@ class RxPath:
         """Serve the TAP and the ring with the native pump until stopped; False if it does not
         run here. A posted buffer whose grant ref misses comes back here to be resolved (the
         mapper refreshes, and counts a bad ref); the pump then goes on with the new pools."""
-        pump = self.native.start(
+        pump = self.native.start_backend(
             N_KIND_RX,
             self.ring,
             self.tap_fd,
-            self.evtchn.doorbell_names(),
-            counters=self.counters.page,
-            pools=self.grants.native_pools(),
-            domid=self.grants.device.grantee,
+            self.evtchn,
+            self.counters,
+            self.grants,
             gso=self.gso,
         )
         if pump is None:
