@@ -1,13 +1,16 @@
-"""Which data-path pumps run: the native ones (``channels._netpump`` and ``channels._blkpump``,
-built from ``channels/native/``) when they are built, else the Python reference.
+"""Which data-path pumps run: the native ones (``channels._netpump``, ``channels._blkpump`` and
+``channels._fusepump``, built from ``channels/native/``) when they are built, else the Python
+reference.
 
 The native pumps are the batch loops between a TAP and the netif rings (issue 13): each runs,
 GIL released, until it is stopped, sees a protocol violation, or meets a frame it leaves to the
 Python path (netback tx hands back anything but the common case: channels/native/netpump.c).
 blkback's pump (channels/native/blkpump.c) is the loop of one vbd: the blkif ring to the
 device with Linux AIO, handing FLUSH, DISCARD and grant refs it cannot look up to Python.
-The Python classes in dom0/netback/datapath.py, domu/netfront/datapath.py and
-dom0/blkback/datapath.py stay the reference
+blkfront's (channels/native/fusepump.c) takes READ and WRITE of whole sectors from /dev/fuse to
+the ring and back (domu/blkfront/native.py).
+The Python classes in dom0/netback/datapath.py, domu/netfront/datapath.py,
+dom0/blkback/datapath.py and domu/blkfront/ stay the reference
 implementation: they run wherever the extension is not built, and ``HYPER_PUMPS=python`` in the
 environment forces them (the differential tests run both; a domain inherits the variable from
 hyperd). ``hyperctl info`` shows which is in use (``describe``).
@@ -35,6 +38,13 @@ except ImportError as exc:  # not built: the reference runs
 else:
     _WHY_NOT = ""
 try:
+    from channels import _fusepump
+except ImportError as exc:
+    _fusepump = None
+    _FUSE_WHY_NOT = str(exc)
+else:
+    _FUSE_WHY_NOT = ""
+try:
     from channels import _blkpump
 except ImportError as exc:
     _blkpump = None
@@ -52,7 +62,10 @@ NETBACK_TX, NETBACK_RX, NETFRONT_TX, NETFRONT_RX = range(4)
 STOPPED, FATAL, FALLBACK, MISS, BROKEN, IOERROR = range(6)
 # channels/native/blkpump.c's one kind of pump (its own module, its own numbering).
 BLKBACK = 0
-NETPUMP, BLKPUMP = "netpump", "blkpump"
+# channels/native/fusepump.c's ends of its reader and reaper (domu/blkfront/native.py).
+FUSE_STOPPED, FUSE_PYTHON, FUSE_ENDED, FUSE_BROKEN, FUSE_ERROR = range(5)
+NETPUMP, BLKPUMP, FUSEPUMP = "netpump", "blkpump", "fusepump"
+_MODULES = {NETPUMP: _netpump, BLKPUMP: _blkpump, FUSEPUMP: _fusepump}
 
 
 def native(module: str = NETPUMP) -> ModuleType | None:
@@ -60,15 +73,15 @@ def native(module: str = NETPUMP) -> ModuleType | None:
     reference must run."""
     if os.environ.get(ENV, "").lower() == "python":
         return None
-    return _blkpump if module == BLKPUMP else _netpump
+    return _MODULES[module]
 
 
 def describe() -> str:
     """One line for ``hyperctl info``: which pumps a data path started now would run."""
-    if os.environ.get(ENV, "").lower() == "python" and (_netpump or _blkpump):
+    if os.environ.get(ENV, "").lower() == "python" and any(_MODULES.values()):
         return f"python ({ENV}=python)"
-    built = [f"channels._{name}" for name, mod in ((NETPUMP, _netpump), (BLKPUMP, _blkpump)) if mod]
-    missing = [why for why in (_WHY_NOT, _BLK_WHY_NOT) if why]
+    built = [f"channels._{name}" for name, mod in _MODULES.items() if mod]
+    missing = [why for why in (_WHY_NOT, _BLK_WHY_NOT, _FUSE_WHY_NOT) if why]
     if not built:
         return f"python (native pumps not built: {'; '.join(missing)})"
     if missing:

@@ -43,25 +43,10 @@
 #include <sys/eventfd.h>
 #include <sys/syscall.h>
 
+#include "blkif.h"
 #include "pump.h"
 
-/* -- blkif (io/blkif.h; channels/blkif.py) ------------------------------------------------ */
-
-#define BLK_SLOT 112
-#define BLK_RSP 16 /* id u64, operation u8, pad, status s16, pad u32 */
-#define BLKIF_OP_READ 0
-#define BLKIF_OP_WRITE 1
-#define BLKIF_OP_FLUSH_DISKCACHE 3
-#define BLKIF_OP_DISCARD 5
-#define BLKIF_OP_INDIRECT 6
-#define BLKIF_RSP_EOPNOTSUPP (-2)
-#define BLKIF_RSP_ERROR (-1)
-#define BLKIF_RSP_OKAY 0
-#define MAX_SEGMENTS 11
 #define MAX_INDIRECT_SEGMENTS 256 /* what blkback advertises: one indirect page holds them */
-#define SEG_SIZE 8                /* gref u32, first_sect u8, last_sect u8, pad u16 */
-#define SECTOR_SIZE 512u
-#define SECTORS_PER_PAGE 8
 #define MAX_OUTSTANDING 512 /* a 16-page ring's worth; VbdPath's io_threads * 4 is below */
 
 /* The vbd's counters page: dom0/blkback/datapath.py's COUNTER_FIELDS, in that order (the last,
@@ -73,9 +58,6 @@ enum { PUMP_STOPPED, PUMP_FATAL, PUMP_FALLBACK, PUMP_MISS, PUMP_BROKEN };
 
 enum { BLKBACK };
 
-static inline uint16_t get16(const uint8_t *p) { return (uint16_t)(p[0] | p[1] << 8); }
-static inline uint32_t get32(const uint8_t *p) { return get16(p) | (uint32_t)get16(p + 2) << 16; }
-static inline uint64_t get64(const uint8_t *p) { return get32(p) | (uint64_t)get32(p + 4) << 32; }
 
 /* A request that passed every check: what its I/O and its answer need. */
 typedef struct {

@@ -85,18 +85,6 @@ enum { PUMP_STOPPED, PUMP_FATAL, PUMP_FALLBACK, PUMP_MISS, PUMP_BROKEN, PUMP_IOE
 
 enum { NETBACK_TX, NETBACK_RX, NETFRONT_TX, NETFRONT_RX };
 
-static inline uint16_t get16(const uint8_t *p) { return (uint16_t)(p[0] | p[1] << 8); }
-static inline uint32_t get32(const uint8_t *p) {
-    return (uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16 | (uint32_t)p[3] << 24;
-}
-static inline void put16(uint8_t *p, uint16_t v) {
-    p[0] = (uint8_t)v;
-    p[1] = (uint8_t)(v >> 8);
-}
-static inline void put32(uint8_t *p, uint32_t v) {
-    put16(p, (uint16_t)v);
-    put16(p + 2, (uint16_t)(v >> 16));
-}
 
 typedef struct {
     ring_t ring;

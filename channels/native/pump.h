@@ -26,6 +26,15 @@
 #define RING_HEADER 64u
 #define HEAL_NS (10ull * 1000000000ull) /* a sleep re-checks its ring this often anyway */
 
+/* -- little-endian fields of a slot or a message (the rings' byte order: channels/ring.py) -- */
+
+static inline uint16_t get16(const uint8_t *p) { return (uint16_t)(p[0] | p[1] << 8); }
+static inline uint32_t get32(const uint8_t *p) { return get16(p) | (uint32_t)get16(p + 2) << 16; }
+static inline uint64_t get64(const uint8_t *p) { return get32(p) | (uint64_t)get32(p + 4) << 32; }
+static inline void put16(uint8_t *p, uint16_t v) { p[0] = (uint8_t)v, p[1] = (uint8_t)(v >> 8); }
+static inline void put32(uint8_t *p, uint32_t v) { put16(p, (uint16_t)v), put16(p + 2, v >> 16); }
+static inline void put64(uint8_t *p, uint64_t v) { put32(p, (uint32_t)v), put32(p + 4, v >> 32); }
+
 /* -- memory ordering (channels/ring.py's mb) ---------------------------------------------- */
 
 static inline void mb(void) { __atomic_thread_fence(__ATOMIC_SEQ_CST); }
@@ -209,6 +218,10 @@ static inline int spin_then_wait(spin_t *s, int worked, volatile int *stopping,
         while (now_ns() < until && !*stopping) {
             if (has_work(arg)) {
                 spin_grow(s);
+                /* The peer may have rung for what we found: that ring must not wake us later
+                   as if for nothing (late EOI would count it against the peer). */
+                for (int i = 0; i < 64 && sem_trywait(bell) == 0; i++)
+                    ;
                 return 0;
             }
             cpu_relax();

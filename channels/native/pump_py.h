@@ -66,7 +66,7 @@ typedef struct {
 /* Does the pump still hold a page in [lo, lo + len)? (NULL: it never holds one between runs) */
 typedef int (*holds_fn)(const void *pump, const uint8_t *lo, size_t len);
 
-static void pool_views_release(pool_views_t *pv) {
+static inline void pool_views_release(pool_views_t *pv) {
     for (int i = 0; i < pv->n; i++)
         PyBuffer_Release(&pv->view[i]);
     for (int i = 0; i < pv->n_old; i++)
@@ -94,7 +94,7 @@ static int pool_view_retire(pool_views_t *pv, Py_buffer *view, holds_fn holds, c
  * already checked in it (as GrantMapper's cache does); a replaced pool's mapping is let go
  * unless the pump still holds a page in it (`holds`), and such old ones are let go as soon as
  * it holds none. */
-static int grants_set(grants_t *g, pool_views_t *pv, PyObject *pools, holds_fn holds,
+static inline int grants_set(grants_t *g, pool_views_t *pv, PyObject *pools, holds_fn holds,
                       const void *pump) {
     PyObject *seq = PySequence_Fast(pools, "pools must be a sequence");
     if (!seq)

@@ -228,6 +228,19 @@ class SectorGate:
         return released
 
 
+def sector_span(offset: int, size: int) -> tuple[int, int]:
+    """The whole sectors holding ``size`` bytes at ``offset``: [start, end) in bytes."""
+    start = offset - offset % B.SECTOR_SIZE
+    return start, -(-(offset + size) // B.SECTOR_SIZE) * B.SECTOR_SIZE
+
+
+def sector_pieces(offset: int, size: int) -> tuple[int, int]:
+    """A write of ``size`` bytes at ``offset`` as (bytes before its first whole sector, bytes of
+    whole sectors after them); what follows is part of one last sector."""
+    head = min(size, -offset % B.SECTOR_SIZE)
+    return head, (size - head) - (size - head) % B.SECTOR_SIZE
+
+
 def _overlaps(ranges: Iterable[tuple[int, int]], start: int, end: int) -> bool:
     return any(first < end and start < last for first, last in ranges)
 
@@ -497,8 +510,7 @@ class DiskPath:
         size = max(0, min(size, self.size - offset))
         if size == 0:
             return b""
-        start = offset - offset % B.SECTOR_SIZE
-        end = -(-(offset + size) // B.SECTOR_SIZE) * B.SECTOR_SIZE
+        start, end = sector_span(offset, size)
         out = bytearray(end - start)
         self._transfer(B.BLKIF_OP_READ, start, memoryview(out))
         return bytes(out[offset - start : offset - start + size])
@@ -509,10 +521,9 @@ class DiskPath:
         if offset + size > self.size:
             raise OSError(errno.ENOSPC, "write past the end of the disk")
         view = memoryview(data)
-        head = min(size, -offset % B.SECTOR_SIZE)  # bytes before the first whole sector
+        head, whole = sector_pieces(offset, size)
         if head:
             self._patch(offset, view[:head])
-        whole = (size - head) - (size - head) % B.SECTOR_SIZE
         if whole:
             self._transfer(B.BLKIF_OP_WRITE, offset + head, view[head : head + whole])
         if head + whole < size:

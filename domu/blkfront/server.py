@@ -33,6 +33,10 @@ requests at once, up to 1 MiB. An ``O_DSYNC`` write is followed by a flush, as a
 FUA; fsync is a flush; fallocate's punch hole is a discard; the size never changes (a
 truncation is accepted and ignored, as ``dd`` without ``conv=notrunc`` asks for one).
 
+With the native pump built (channels._fusepump), the session's thread runs the pump's reader
+and the reaper is the pump's: READ and WRITE of whole sectors never reach Python, and the
+session serves only what the pump returns to it (NativeSession; domu/blkfront/native.py).
+
 A process of its own, not a thread of the kernel: the requests and the copies into the granted
 pages get an interpreter (and a GIL) of their own, and a server that dies takes only its disk
 with it (the kernel then unmounts it).
@@ -55,12 +59,14 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from channels import blkif as B
+from channels import pumps
 from channels.doorbell import DoorbellPair
 from channels.gnttab import GrantPool
 from channels.ring import FrontRing
 from domu import linux
 from domu.blkfront import fuse_wire as F
 from domu.blkfront.datapath import PAGE_SIZE, DiskBroken, DiskPath, Extents, Run, status_errno
+from domu.blkfront.native import NativeDisk, make_pump
 
 log = logging.getLogger("blkfront")
 
@@ -211,6 +217,11 @@ class FuseSession:
             message = bytes(head) + self.landing.peek(length - F.HEAD_ROOM)  # e.g. INIT's
         else:
             message = bytes(head[:length])
+        self._serve_message(message, length)
+        return True
+
+    def _serve_message(self, message: bytes, length: int) -> None:
+        """One request, read whole (``message`` may stop after a WRITE's fixed part)."""
         request = F.parse(message, length, max_read=self.max_read)
         if isinstance(request, F.Rejected):
             log.warning("FUSE request refused: %s", request.reason)
@@ -218,7 +229,6 @@ class FuseSession:
                 self._error(request.unique, request.errno)
         else:
             self._dispatch(request)
-        return True
 
     def _dispatch(self, request: F.Request) -> None:
         if request.opcode in F.NO_REPLY:
@@ -277,9 +287,13 @@ class FuseSession:
             return
         self._send(F.reply(request.unique, outcome.payload))
         if outcome.done:
-            self.max_read = outcome.max_pages * PAGE_SIZE
-            self.initialized = True
-            self.on_mounted()
+            self._negotiated(outcome.max_pages)
+
+    def _negotiated(self, max_pages: int) -> None:
+        """INIT is done: READ and WRITE of up to ``max_pages`` pages may come."""
+        self.max_read = max_pages * PAGE_SIZE
+        self.initialized = True
+        self.on_mounted()
 
     def _lookup(self, request: F.Request) -> None:
         self._error(request.unique, errno.ENOENT)  # the root is the disk: no names below it
@@ -341,9 +355,12 @@ class FuseSession:
             raise OSError(errno.ENOSPC, "write past the end of the disk")
         size = min(args.size, disk.size - offset)
         reply = F.write_out(size)
+        if size == 0:
+            self._send(F.reply(unique, reply))
+            return
         dsync = bool(args.flags & os.O_DSYNC)  # O_SYNC includes it
         if offset % B.SECTOR_SIZE or size % B.SECTOR_SIZE:
-            data = self.landing.peek(size)
+            data = self._written(size)
 
             def patch() -> bytes:
                 disk.write(offset, data)
@@ -365,6 +382,10 @@ class FuseSession:
                 disk.give_pages(runs)
 
         disk.post(B.BLKIF_OP_WRITE, offset, runs, size, answered)
+
+    def _written(self, size: int) -> bytes:
+        """The first ``size`` bytes of the WRITE being served."""
+        return self.landing.peek(size)
 
     def _fsync(self, request: F.Request) -> None:
         unique = request.unique
@@ -392,7 +413,46 @@ class FuseSession:
             raise OSError(errno.EOPNOTSUPP, f"fallocate mode {args.mode}")
 
 
-def _flushed(disk: DiskPath) -> int:
+class NativeSession(FuseSession):
+    """FuseSession with the pump's reader in its loop: Python sees only what the pump leaves."""
+
+    disk: NativeDisk  # type: ignore[assignment]
+
+    def __init__(self, fd: int, disk: NativeDisk, **kw: Any) -> None:
+        super().__init__(fd, disk, **kw)  # type: ignore[arg-type]
+        self._message = b""
+
+    def run(self) -> None:
+        """Serve until the kernel ends the connection (unmounted) or the fd is closed."""
+        pump = self.disk.pump
+        try:
+            while True:
+                code, message = pump.read()
+                if code == pumps.FUSE_ENDED:
+                    return
+                if code == pumps.FUSE_ERROR:
+                    raise OSError(message, f"reading /dev/fuse: errno {message}")
+                self._message = message
+                self._serve_message(message, len(message))
+        finally:
+            self._slow.shutdown(wait=False, cancel_futures=True)
+
+    def _written(self, size: int) -> bytes:
+        return self._message[F.HEAD_ROOM : F.HEAD_ROOM + size]
+
+    def _aside(self, unique: int, work: Callable[[], bytes]) -> None:
+        """Part-sector reads and writes run here, on the session's thread (see above)."""
+        try:
+            self._send(F.reply(unique, work()))
+        except OSError as exc:
+            self._error(unique, exc.errno or 5)
+
+    def _negotiated(self, max_pages: int) -> None:
+        super()._negotiated(max_pages)
+        self.disk.pump.configure(max_pages)
+
+
+def _flushed(disk: DiskPath | NativeDisk) -> int:
     """Flush the disk; its status."""
     try:
         disk.flush()
@@ -420,7 +480,7 @@ def _report_broken(reason: str) -> None:
     _say("broken " + " ".join(reason.split())[:400])
 
 
-def _follow_the_kernel(disk: DiskPath, mountpoint: str) -> None:
+def _follow_the_kernel(disk: DiskPath | NativeDisk, mountpoint: str) -> None:
     """The kernel's commands, a line each on stdin. ``reset``: the backend restarted, so start
     the ring over with every unanswered request on it again (answered ``reset``). stdin
     closing disconnects the disk: unmount, which ends the session (lazily if a program still
@@ -468,29 +528,19 @@ def serve(params: dict[str, Any]) -> None:
     # over the page starts where it left off.
     ring = FrontRing(B.BLK_RING, pools["ring"].page(0), name=params["name"])
     evtchn = DoorbellPair(*params["doorbells"])
-    indirect = pools.get("indirect")
-    disk = DiskPath(
-        ring,
-        evtchn,
-        pools["data"],
-        [pools["data"].gref_base + i for i in range(pools["data"].pages)],
-        indirect,
-        [indirect.gref_base + i for i in range(indirect.pages)] if indirect else [],
-        sectors=params["sectors"],
-        max_segments=params["max_segments"],
-        on_broken=_report_broken,
-    )
+    mountpoint, readonly = params["mountpoint"], params["readonly"]
+    # The descriptor stays open until the process exits: a helper thread answering late
+    # writes to it, and never to another file that took its number.
+    fd = mount(mountpoint, readonly=readonly, fsname=f"xvd:{params['name']}")
+    disk = _disk(fd, ring, evtchn, pools, params)
     disk.start()
-    mountpoint = params["mountpoint"]
     threading.Thread(target=_follow_the_kernel, args=(disk, mountpoint), daemon=True).start()
     try:
-        # The descriptor stays open until the process exits: a helper thread answering
-        # late writes to it, and never to another file that took its number.
-        fd = mount(mountpoint, readonly=params["readonly"], fsname=f"xvd:{params['name']}")
-        session = FuseSession(
+        kind = NativeSession if isinstance(disk, NativeDisk) else FuseSession
+        session = kind(
             fd,
-            disk,
-            readonly=params["readonly"],
+            disk,  # type: ignore[arg-type]
+            readonly=readonly,
             uid=params["uid"],
             gid=params["gid"],
             on_mounted=lambda: _say("mounted"),
@@ -498,6 +548,46 @@ def serve(params: dict[str, Any]) -> None:
         session.run()
     finally:
         disk.stop()
+
+
+def _disk(
+    fd: int,
+    ring: FrontRing,
+    evtchn: DoorbellPair,
+    pools: dict[str, GrantPool],
+    params: dict[str, Any],
+) -> DiskPath | NativeDisk:
+    """The disk's data path: the native pump when it runs (domu/blkfront/native.py), else
+    DiskPath."""
+    data, indirect = pools["data"], pools.get("indirect")
+    sectors, max_segments = params["sectors"], params["max_segments"]
+    try:
+        pump = make_pump(
+            fd,
+            ring,
+            evtchn,
+            data,
+            indirect,
+            sectors=sectors,
+            max_segments=max_segments,
+            readonly=params["readonly"],
+        )
+    except (OSError, ValueError) as exc:
+        log.warning("%s: native pump unavailable, the Python path runs: %s", ring.name, exc)
+        pump = None
+    if pump is not None:
+        return NativeDisk(pump, sectors=sectors, on_broken=_report_broken)
+    return DiskPath(
+        ring,
+        evtchn,
+        data,
+        [data.gref_base + i for i in range(data.pages)],
+        indirect,
+        [indirect.gref_base + i for i in range(indirect.pages)] if indirect else [],
+        sectors=sectors,
+        max_segments=max_segments,
+        on_broken=_report_broken,
+    )
 
 
 def main() -> None:

@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 
 from channels import blkif as B
+from channels import pumps
 from channels.doorbell import DoorbellPair, create_doorbell, unlink_doorbell
 from channels.evtchn import EventChannel, from_status
 from channels.gnttab import GrantPool, pool_bytes
@@ -30,7 +31,13 @@ from channels.shm import create_segment, unlink_segment
 from dom0.blkback.datapath import Counters, VbdPath
 from domu.blkfront import fuse_wire as F
 from domu.blkfront.datapath import DiskPath, Extents, Run
-from domu.blkfront.server import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FuseSession
+from domu.blkfront.native import NativeDisk, make_pump
+from domu.blkfront.server import (
+    FALLOC_FL_KEEP_SIZE,
+    FALLOC_FL_PUNCH_HOLE,
+    FuseSession,
+    NativeSession,
+)
 from tests.unit.backend_hypercalls import Hypercalls, storm
 
 DATA_PAGES = 512
@@ -117,6 +124,7 @@ class Rig:
     ring_page: memoryview  # the shared ring page, for a test that forges its indices
     broken: list[str]  # what on_broken was told
     data_page: Callable[[int], memoryview]  # a data page by its gref, as the backend maps it
+    native: Callable[[int, bool], NativeDisk]  # the native pump's disk over a /dev/fuse fd
 
 
 @pytest.fixture
@@ -126,7 +134,11 @@ def hostile(tmp_path: Path) -> Iterator[Rig]:
         yield _connect(stack, tmp_path, serve=False)
 
 
-def _connect(stack: contextlib.ExitStack, tmp_path: Path, *, serve: bool) -> Rig:
+def _connect(
+    stack: contextlib.ExitStack, tmp_path: Path, *, serve: bool, start: bool = True
+) -> Rig:
+    """The disk and its backend; ``start``: DiskPath takes the responses (else the native
+    pump will: ``Rig.native``)."""
     tag = f"hyper-test-blkfront-{os.getpid()}-{next(_ids)}"
     names = {kind: f"{tag}-{kind}" for kind in ("ring", "data", "indirect")}
     sizes = {"ring": 1, "data": DATA_PAGES, "indirect": INDIRECT_PAGES}
@@ -183,13 +195,35 @@ def _connect(stack: contextlib.ExitStack, tmp_path: Path, *, serve: bool) -> Rig
         max_segments=256,
         on_broken=broken.append,
     )
-    path.start()
+    if start:
+        path.start()
     stack.callback(path.stop)
 
     def data_page(gref: int) -> memoryview:
         return pools["data"].page(gref - bases["data"])
 
-    return Rig(path, image, counters, back, evtchn, pools["ring"].page(0), broken, data_page)
+    def native(fd: int, readonly: bool) -> NativeDisk:
+        bell = DoorbellPair(bells[1], bells[0])
+        stack.callback(bell.close)
+        pump = make_pump(
+            fd,
+            front,
+            bell,
+            pools["data"],
+            pools["indirect"],
+            sectors=DISK // 512,
+            max_segments=256,
+            readonly=readonly,
+        )
+        if pump is None:
+            pytest.skip(pumps.describe())
+        disk = NativeDisk(pump, sectors=DISK // 512, on_broken=broken.append)
+        disk.start()
+        stack.callback(disk.stop)
+        return disk
+
+    ring_page = pools["ring"].page(0)
+    return Rig(path, image, counters, back, evtchn, ring_page, broken, data_page, native)
 
 
 def test_a_large_write_crosses_in_whole_requests_and_reads_back(
@@ -549,14 +583,20 @@ class Session:
     thread: threading.Thread
 
 
-def _session(stack: contextlib.ExitStack, rig: Rig, *, readonly: bool = False) -> Session:
-    """A FuseSession over ``rig``'s disk, served by one thread, and the kernel's end of it."""
+def _session(
+    stack: contextlib.ExitStack, rig: Rig, *, native: bool, readonly: bool = False
+) -> Session:
+    """A FuseSession over ``rig``'s disk (or the native pump's NativeSession), served by one
+    thread, and the kernel's end of it."""
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     stack.callback(theirs.close)
     mounted = threading.Event()
-    session = FuseSession(
-        theirs.fileno(), rig.path, readonly=readonly, uid=1000, gid=1000, on_mounted=mounted.set
-    )
+    kw = {"readonly": readonly, "uid": 1000, "gid": 1000, "on_mounted": mounted.set}
+    fd = theirs.fileno()
+    if native:
+        session: FuseSession = NativeSession(fd, rig.native(fd, readonly), **kw)  # type: ignore[arg-type]
+    else:
+        session = FuseSession(fd, rig.path, **kw)  # type: ignore[arg-type]
     thread = threading.Thread(target=session.run, name="fuse-session")
     thread.start()
     stack.callback(thread.join, WAIT)
@@ -564,30 +604,53 @@ def _session(stack: contextlib.ExitStack, rig: Rig, *, readonly: bool = False) -
     return Session(FakeKernel(ours), rig, mounted, thread)
 
 
+@pytest.fixture(params=["python", "native"])
+def native(request: pytest.FixtureRequest) -> bool:
+    """Each FUSE session test runs with the Python reference and with the native pump
+    (channels._fusepump): the same requests must get the same answers and leave the same
+    disk. Where the extension is not built the native run is skipped, except under CI."""
+    if request.param == "native":
+        _need_native()
+    return bool(request.param == "native")
+
+
+def _need_native() -> None:
+    if pumps.native(pumps.FUSEPUMP) is None:
+        if os.environ.get("CI"):
+            pytest.fail(f"the native pumps are not built: {pumps.describe()}")
+        pytest.skip(pumps.describe())
+
+
 @contextlib.contextmanager
-def _mounted(tmp_path: Path, *, serve: bool, readonly: bool = False) -> Iterator[Session]:
+def _mounted(
+    tmp_path: Path, *, serve: bool, native: bool, readonly: bool = False
+) -> Iterator[Session]:
     """A session past INIT; its backend the real blkback data path, or the test."""
     with contextlib.ExitStack() as stack:
-        session = _session(stack, _connect(stack, tmp_path, serve=serve), readonly=readonly)
+        rig = _connect(stack, tmp_path, serve=serve, start=not native)
+        session = _session(stack, rig, native=native, readonly=readonly)
         session.kernel.init()
         yield session
 
 
 @pytest.fixture
-def fuse(tmp_path: Path) -> Iterator[Session]:
-    with _mounted(tmp_path, serve=True) as session:
+def fuse(tmp_path: Path, native: bool) -> Iterator[Session]:
+    with _mounted(tmp_path, serve=True, native=native) as session:
         yield session
 
 
 @pytest.fixture
-def hostile_fuse(tmp_path: Path) -> Iterator[Session]:
-    with _mounted(tmp_path, serve=False) as session:
+def hostile_fuse(tmp_path: Path, native: bool) -> Iterator[Session]:
+    with _mounted(tmp_path, serve=False, native=native) as session:
         yield session
 
 
-def test_init_takes_what_a_disk_needs_and_then_the_file_is_the_disk(tmp_path: Path) -> None:
+def test_init_takes_what_a_disk_needs_and_then_the_file_is_the_disk(
+    tmp_path: Path, native: bool
+) -> None:
     with contextlib.ExitStack() as stack:
-        session = _session(stack, _connect(stack, tmp_path, serve=True))
+        rig = _connect(stack, tmp_path, serve=True, start=not native)
+        session = _session(stack, rig, native=native)
         kernel = session.kernel
         assert kernel.call(F.FUSE_GETATTR, F.GETATTR_IN.pack(0, 0, 0))[0] == -errno.EIO
         assert not session.mounted.is_set(), "nothing is served before INIT"
@@ -663,8 +726,8 @@ def test_a_truncation_keeps_the_size_and_the_owner_cannot_change(fuse: Session) 
     assert setattr_(F.FATTR_MODE, mode=0o777)[0] == -errno.EPERM
 
 
-def test_a_read_only_disk_refuses_writes(tmp_path: Path) -> None:
-    with _mounted(tmp_path, serve=True, readonly=True) as session:
+def test_a_read_only_disk_refuses_writes(tmp_path: Path, native: bool) -> None:
+    with _mounted(tmp_path, serve=True, native=native, readonly=True) as session:
         kernel = session.kernel
         assert kernel.write(0, bytes(4096))[0] == -errno.EROFS
         assert F.ATTR_OUT.unpack(kernel.call(F.FUSE_GETATTR, bytes(16))[1])[12] & 0o777 == 0o400
@@ -705,8 +768,14 @@ def test_a_backend_that_breaks_the_protocol_fails_the_disk_with_eio(hostile_fuse
 
 
 def test_a_write_to_a_sector_being_patched_waits_without_holding_up_other_requests(
-    hostile_fuse: Session,
+    tmp_path: Path,
 ) -> None:
+    with _mounted(tmp_path, serve=False, native=False) as session:
+        _patch_beside_other_requests(session)
+
+
+def _patch_beside_other_requests(hostile_fuse: Session) -> None:
+    """The Python path (SectorGate): only writes to the patched sector wait."""
     kernel, rig = hostile_fuse.kernel, hostile_fuse.rig
     image = bytearray(DISK)
     patch = kernel.send(F.FUSE_WRITE, F.WRITE_IN.pack(0, 100, 5, 0, 0, os.O_RDWR, 0), b"hello")
@@ -729,4 +798,41 @@ def test_a_write_to_a_sector_being_patched_waits_without_holding_up_other_reques
     _serve(rig, image, held)
     answers = {kernel.reply()[:2], kernel.reply()[:2]}
     assert answers == {(patch, 0), (whole, 0)}
+    assert bytes(image[:512]) == b"w" * 512, "the whole-sector write came after the patch"
+
+
+def test_with_the_native_pump_a_patch_has_the_ring_to_itself_and_later_writes_follow_it(
+    tmp_path: Path,
+) -> None:
+    _need_native()
+    with _mounted(tmp_path, serve=False, native=True) as session:
+        _patch_alone(session)
+
+
+def _patch_alone(hostile_fuse: Session) -> None:
+    """The native pump: a patch waits for the ring to empty, and everything after it waits."""
+    kernel, rig = hostile_fuse.kernel, hostile_fuse.rig
+    image = bytearray(DISK)
+    first = kernel.send(F.FUSE_WRITE, F.WRITE_IN.pack(0, 0, 512, 0, 0, os.O_RDWR, 0), b"a" * 512)
+    [earlier] = _requests(rig, 1)
+    patch = kernel.send(F.FUSE_WRITE, F.WRITE_IN.pack(0, 100, 5, 0, 0, os.O_RDWR, 0), b"hello")
+    whole = kernel.send(F.FUSE_WRITE, F.WRITE_IN.pack(0, 0, 512, 0, 0, os.O_RDWR, 0), b"w" * 512)
+    assert _requests(rig, 1, timeout=HOLD) == [], "the patch waits for the write in flight"
+    _serve(rig, image, earlier)
+    assert kernel.reply()[:2] == (first, 0)
+
+    [read] = _requests(rig, 1)
+    assert (read.operation, read.sector_number) == (B.BLKIF_OP_READ, 0), "the patch reads first"
+    assert _requests(rig, 1, timeout=HOLD) == [], "nothing else is posted meanwhile"
+    _serve(rig, image, read)
+    [write_back] = _requests(rig, 1)
+    assert (write_back.operation, write_back.sector_number) == (B.BLKIF_OP_WRITE, 0)
+    _serve(rig, image, write_back)
+    assert kernel.reply()[:2] == (patch, 0)
+    assert bytes(image[100:105]) == b"hello" and bytes(image[:100]) == b"a" * 100
+
+    [later] = _requests(rig, 1)
+    assert (later.operation, later.sector_number) == (B.BLKIF_OP_WRITE, 0)
+    _serve(rig, image, later)
+    assert kernel.reply()[:2] == (whole, 0)
     assert bytes(image[:512]) == b"w" * 512, "the whole-sector write came after the patch"

@@ -5,7 +5,7 @@
 #   channels/native/fuzz/run.sh [RUNS]     # each pump RUNS executions (default 1000000)
 #
 # One binary per pump (netpump_fuzz.c with -DTARGET=... for the four netif pumps, blkpump_fuzz.c
-# for blkback's); corpora live under $FUZZ_DIR (default a
+# for blkback's, fusepump_fuzz.c for blkfront's); corpora live under $FUZZ_DIR (default a
 # temporary directory, removed afterwards). Exit status: non-zero as soon as one pump's fuzzer
 # finds a crash, a sanitizer report or a leak; the reproducer is left in $FUZZ_DIR.
 set -euo pipefail
@@ -18,7 +18,7 @@ mkdir -p "$dir"
 command -v clang >/dev/null || { echo "fuzz: clang is missing (scripts/setup.sh installs it)" >&2; exit 1; }
 python3 "$here/seeds.py" "$dir"  # honest traffic to start from
 for pump in netpump:NETBACK_TX netpump:NETBACK_RX netpump:NETFRONT_TX netpump:NETFRONT_RX \
-    blkpump:BLKBACK; do
+    blkpump:BLKBACK fusepump:FUSEFRONT; do
     source=${pump%%:*} target=${pump#*:}
     bin="$dir/$target"
     clang -g -O1 -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=all \

@@ -1,5 +1,5 @@
-"""Seed inputs for netpump_fuzz.c and blkpump_fuzz.c: honest traffic, which the fuzzer then
-mutates.
+"""Seed inputs for netpump_fuzz.c, blkpump_fuzz.c and fusepump_fuzz.c: honest traffic, which
+the fuzzer then mutates.
 
 ``python3 seeds.py DIR`` writes DIR/<TARGET>.corpus/seed-N for each pump, in the input layout
 its harness describes: mode, four indices, (backends) the grant entries, the slots, the
@@ -129,6 +129,30 @@ def blkback() -> list[bytes]:
     ]
 
 
+def fuse_message(opcode: int, offset: int, size: int, flags: int = 2, data: bytes = b"") -> bytes:
+    """A FUSE READ or WRITE as the kernel sends it (fuse_wire's layouts), with its length."""
+    args = struct.pack("<QQIIQII", 0, offset, size, 0, 0, flags, 0)
+    head = struct.pack("<IIQQIIIHH", 80 + len(data), opcode, 2, 1, 0, 0, 0, 0, 0)
+    message = head + args + data
+    return struct.pack("<H", len(message)) + message
+
+
+def blk_response(rid: int, op: int, status: int = 0) -> bytes:
+    return struct.pack("<QBxh4x", rid, op, status)
+
+
+def fusefront() -> list[bytes]:
+    read, write = fuse_message(15, 0, 4096), fuse_message(16, 4096, 4096, data=bytes(4096))
+    dsync = fuse_message(16, 0, 1024, flags=2 | 0o10000, data=bytes(1024))
+    both = struct.pack("<BIB", 0, 0, 2) + read + write
+    return [
+        both + struct.pack("<B", 2) + blk_response(0, 0) + blk_response(1, 1),
+        both + struct.pack("<B", 2) + blk_response(1, 1, -1) + blk_response(0, 6),
+        struct.pack("<BIB", 8 | 16, 0, 1) + dsync + struct.pack("<B", 1) + blk_response(0, 1),
+        struct.pack("<BIB", 1, 7, 1) + read + struct.pack("<B", 1) + blk_response(0, 0),
+    ]
+
+
 def main(out: Path) -> None:
     for target, seeds in (
         ("NETBACK_TX", netback_tx()),
@@ -136,6 +160,7 @@ def main(out: Path) -> None:
         ("NETFRONT_TX", netfront_tx()),
         ("NETFRONT_RX", netfront_rx()),
         ("BLKBACK", blkback()),
+        ("FUSEFRONT", fusefront()),
     ):
         corpus = out / f"{target}.corpus"
         corpus.mkdir(parents=True, exist_ok=True)
