@@ -22,7 +22,7 @@ import contextlib
 import logging
 import os
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from types import ModuleType
 from typing import Any
 
@@ -169,6 +169,33 @@ class NativePump:
             domid=grants.device.grantee,
             **kw,
         )
+
+    def serve_backend(
+        self,
+        pump: Any,
+        ring: BackRing,
+        grants: Any,
+        stopping: Callable[[], bool],
+        fatal: Callable[[str], BaseException],
+        hand_back: Callable[[tuple[int, str, int]], None],
+    ) -> None:
+        """Run a backend's ``pump`` until stopped. FATAL raises ``fatal(why)``; any other end
+        (a frame or request handed back, a ref that missed) is the Python path's turn:
+        ``hand_back(result)``, with the pump's pools let go around it (``pools_let_go``);
+        then the pump carries on where Python left the ring. The pump is let go at the end."""
+        try:
+            while not stopping():
+                result = pump.run()
+                code = ended(ring, pump, result)
+                if code == STOPPED:
+                    break
+                if code == FATAL:
+                    raise fatal(result[1])
+                with pools_let_go(pump, grants):
+                    hand_back(result)
+                pump.indices = ring.indices()
+        finally:
+            self.end()
 
     def doorbells(self, evtchn: Any, stopping: Any) -> tuple[str, str | None]:
         """A frontend's channel's doorbells, once its backend has bound the port (a native

@@ -229,23 +229,10 @@ static struct PyModuleDef module = {
     .m_doc = "blkif's batch pump, native (see blkpump.c).", .m_size = -1};
 
 PyMODINIT_FUNC PyInit__blkpump(void) {
-    if (PyType_Ready(&PumpType) < 0)
-        return NULL;
-    PyObject *m = PyModule_Create(&module);
-    if (!m)
-        return NULL;
-    Py_INCREF(&PumpType);
-    if (PyModule_AddObject(m, "Pump", (PyObject *)&PumpType) < 0)
-        return NULL;
-    struct {
-        const char *name;
-        int value;
-    } constants[] = {{"BLKBACK", BLKBACK},         {"STOPPED", PUMP_STOPPED},
-                     {"FATAL", PUMP_FATAL},        {"FALLBACK", PUMP_FALLBACK},
-                     {"MISS", PUMP_MISS},          {"BROKEN", PUMP_BROKEN},
-                     {"N_COUNTERS", N_COUNTERS},   {"MAX_OUTSTANDING", MAX_OUTSTANDING}};
-    for (size_t i = 0; i < sizeof constants / sizeof constants[0]; i++)
-        if (PyModule_AddIntConstant(m, constants[i].name, constants[i].value) < 0)
-            return NULL;
-    return m;
+    static const constant_t constants[] = {
+        {"BLKBACK", BLKBACK}, {"STOPPED", PUMP_STOPPED}, {"FATAL", PUMP_FATAL},
+        {"FALLBACK", PUMP_FALLBACK}, {"MISS", PUMP_MISS}, {"BROKEN", PUMP_BROKEN},
+        {"N_COUNTERS", N_COUNTERS}, {"MAX_OUTSTANDING", MAX_OUTSTANDING},
+    };
+    return pump_module(&module, &PumpType, constants, sizeof constants / sizeof constants[0]);
 }

@@ -56,7 +56,7 @@ enum { R_STOPPED, R_PYTHON, R_ENDED, R_BROKEN, R_ERROR };
 
 
 /* One transfer: a FUSE READ or WRITE being answered, or one `io` call of Python's. */
-enum { X_FREE, X_READ, X_WRITE, X_IO };
+enum { X_READ = 1, X_WRITE, X_IO };
 
 typedef struct {
     int kind;
@@ -65,7 +65,6 @@ typedef struct {
     int left;         /* parts not answered yet */
     int16_t status;   /* the first that is not OKAY (_gather) */
     int dsync;        /* a WRITE with O_DSYNC: flushed before it is answered */
-    int done;         /* X_IO: answered */
     uint32_t npages;
     uint16_t *pages;  /* MAX_PAGES of them: the data pages it holds until answered */
 } xfer_t;
@@ -120,33 +119,32 @@ static int status_errno(int16_t status) {
     return status == BLKIF_RSP_EOPNOTSUPP ? EOPNOTSUPP : EIO;
 }
 
-/* One reply in one writev: the out_header, then `payload`. ENOENT (the kernel no longer waits:
- * interrupted), ENODEV (unmounted) and EBADF are nobody's business; Python logs others, here
- * there is no one to tell: the program sees its request fail. */
-static void send_reply(front_t *f, uint64_t unique, int error, struct iovec *payload, int n,
+/* One reply in one writev: the out_header (written into iov[0]), then iov[1..n], `bytes` in
+ * all. ENOENT (the kernel no longer waits: interrupted), ENODEV (unmounted) and EBADF are
+ * nobody's business; Python logs others, here there is no one to tell: the program sees its
+ * request fail. */
+static void send_reply(front_t *f, uint64_t unique, int error, struct iovec *iov, int n,
                        uint32_t bytes) {
     uint8_t out[OUT_HEADER];
-    struct iovec iov[1 + MAX_PAGES];
     put32(out, OUT_HEADER + bytes);
     put32(out + 4, (uint32_t)-error);
     put64(out + 8, unique);
     iov[0] = (struct iovec){out, OUT_HEADER};
-    for (int i = 0; i < n; i++)
-        iov[1 + i] = payload[i];
     while (writev(f->fuse_fd, iov, 1 + n) < 0 && errno == EINTR)
         ;
 }
 
 static void send_error(front_t *f, uint64_t unique, int code) {
-    send_reply(f, unique, code, NULL, 0, 0);
+    struct iovec iov[1];
+    send_reply(f, unique, code, iov, 0, 0);
 }
 
 /* fuse_wire.write_out(size) */
 static void send_written(front_t *f, uint64_t unique, uint32_t size) {
     uint8_t out[8] = {0};
     put32(out, size);
-    struct iovec iov = {out, sizeof out};
-    send_reply(f, unique, 0, &iov, 1, sizeof out);
+    struct iovec iov[2] = {{0}, {out, sizeof out}};
+    send_reply(f, unique, 0, iov, 1, sizeof out);
 }
 
 /* A finished READ or WRITE: its answer (server.py's `answered` closures). */
@@ -156,11 +154,11 @@ static void answer(front_t *f, xfer_t *x) {
     } else if (x->kind == X_WRITE) {
         send_written(f, x->unique, x->size);
     } else {
-        struct iovec iov[MAX_PAGES];
+        struct iovec iov[1 + MAX_PAGES];
         uint32_t left = x->size, n = 0;
         for (; left; n++) {
             uint32_t chunk = left < PAGE_SIZE ? left : PAGE_SIZE;
-            iov[n] = (struct iovec){page_at(f, x->pages[n]), chunk};
+            iov[1 + n] = (struct iovec){page_at(f, x->pages[n]), chunk};
             left -= chunk;
         }
         send_reply(f, x->unique, 0, iov, (int)n, x->size);
@@ -178,103 +176,118 @@ static void xfer_free(front_t *f, uint32_t index) {
     xfer_t *x = &f->xfers[index];
     pages_give(f, x->pages, x->npages);
     x->npages = 0;
-    x->kind = X_FREE;
     f->free_xfers[f->nfree_xfers++] = index;
 }
 
-/* Requests a transfer of `npages` pages becomes: at most max_segments pages each (_post). */
-static uint32_t parts_of(const front_t *f, uint32_t npages) {
+static uint32_t pages_of(uint64_t bytes) { return (uint32_t)((bytes + PAGE_SIZE - 1) / PAGE_SIZE); }
+
+/* Requests a transfer of `nbytes` becomes: at most max_segments pages each (_post); a FLUSH or
+ * DISCARD (0) is one. */
+static uint32_t parts_of(const front_t *f, uint32_t nbytes) {
+    uint32_t npages = pages_of(nbytes);
     return npages ? (npages + f->max_segments - 1) / f->max_segments : 1;
 }
 
-/* Put one request on the ring for transfer `xi`; its id is free (checked by the caller). */
-static void post_part(front_t *f, uint32_t xi, const uint8_t slot[BLK_SLOT], uint8_t op,
-                      uint8_t inner) {
-    uint32_t id = f->free_ids[--f->nfree_ids];
+/* A free request id (begin made sure there is one for each part). */
+static uint32_t take_id(front_t *f) { return f->free_ids[--f->nfree_ids]; }
+
+/* Put request `id` (built in `p->slot`) on the ring for transfer `xi`. */
+static void post_part(front_t *f, uint32_t id, uint32_t xi, uint8_t op, uint8_t inner) {
     part_t *p = &f->parts[id];
     p->used = 1;
     p->xfer = xi;
     p->op = op;
     p->inner = inner;
     p->seq = f->seq++;
-    memcpy(p->slot, slot, BLK_SLOT);
     put64(p->slot + 8, id);
     memcpy(ring_slot(&f->ring, f->ring.prod_pvt), p->slot, BLK_SLOT);
     f->ring.prod_pvt++;
     f->in_flight++;
 }
 
-/* The requests of a READ or WRITE of `nbytes` at `offset` over the transfer's pages (_post and
- * _post_rw): each a whole page but the last; up to 11 segments in the request itself, else
- * through the request id's indirect page. */
+/* The requests of a READ or WRITE of `nbytes` at `offset` over the transfer's first pages
+ * (_post and _post_rw): each a whole page but the last; up to 11 segments in the request
+ * itself, else in the request id's indirect page. */
 static void post_rw(front_t *f, uint32_t xi, uint8_t op, uint64_t offset, uint32_t nbytes) {
-    xfer_t *x = &f->xfers[xi];
-    uint32_t step = f->max_segments;
-    for (uint32_t first = 0; first < x->npages; first += step) {
-        uint32_t count = x->npages - first < step ? x->npages - first : step;
-        uint32_t bytes = nbytes - first * PAGE_SIZE;
-        if (bytes > step * PAGE_SIZE)
-            bytes = step * PAGE_SIZE;
-        uint8_t slot[BLK_SLOT] = {0};
-        uint8_t segs[MAX_PAGES * 8] = {0};
+    const uint16_t *pages = f->xfers[xi].pages;
+    uint32_t step = f->max_segments, npages = pages_of(nbytes);
+    for (uint32_t first = 0; first < npages; first += step) {
+        uint32_t count = npages - first < step ? npages - first : step;
+        uint32_t id = take_id(f);
+        uint8_t *slot = f->parts[id].slot;
+        memset(slot, 0, BLK_SLOT);
+        uint8_t *segs = count <= MAX_SEGMENTS ? slot + 24 : f->indirect + (size_t)id * PAGE_SIZE;
         for (uint32_t i = 0; i < count; i++) {
-            put32(segs + i * 8, f->data_gref + x->pages[first + i]);
-            segs[i * 8 + 4] = 0;
-            segs[i * 8 + 5] = SECTORS_PER_PAGE - 1;
+            uint8_t *seg = segs + i * SEG_SIZE; /* gref, first_sect, last_sect, pad */
+            put32(seg, f->data_gref + pages[first + i]);
+            put32(seg + 4, (SECTORS_PER_PAGE - 1) << 8);
         }
-        if (count)
-            segs[(count - 1) * 8 + 5] = (uint8_t)((bytes / SECTOR_SIZE - 1) % SECTORS_PER_PAGE);
-        uint64_t sector = (offset + (uint64_t)first * PAGE_SIZE) / SECTOR_SIZE;
-        put64(slot + 16, sector);
-        uint32_t id = f->free_ids[f->nfree_ids - 1]; /* the id post_part takes */
+        uint32_t bytes = nbytes - first * PAGE_SIZE; /* of this request's last page: its sectors */
+        segs[(count - 1) * SEG_SIZE + 5] = (uint8_t)((bytes / SECTOR_SIZE - 1) % SECTORS_PER_PAGE);
+        put64(slot + 16, (offset + (uint64_t)first * PAGE_SIZE) / SECTOR_SIZE);
         if (count <= MAX_SEGMENTS) {
             slot[0] = op;
             slot[1] = (uint8_t)count;
-            memcpy(slot + 24, segs, (size_t)count * 8);
-            post_part(f, xi, slot, op, op);
+            post_part(f, id, xi, op, op);
         } else {
-            memcpy(f->indirect + (size_t)id * PAGE_SIZE, segs, (size_t)count * 8);
             slot[0] = BLKIF_OP_INDIRECT;
             slot[1] = op;
             put16(slot + 2, (uint16_t)count);
             put32(slot + 28, f->indirect_gref + id);
-            post_part(f, xi, slot, BLKIF_OP_INDIRECT, op);
+            post_part(f, id, xi, BLKIF_OP_INDIRECT, op);
         }
     }
 }
 
 /* A FLUSH_DISKCACHE (post_flush) or a DISCARD of `count` sectors from `sector` (post_discard). */
 static void post_other(front_t *f, uint32_t xi, uint8_t op, uint64_t sector, uint64_t count) {
-    uint8_t slot[BLK_SLOT] = {0};
+    uint32_t id = take_id(f);
+    uint8_t *slot = f->parts[id].slot;
+    memset(slot, 0, BLK_SLOT);
     slot[0] = op;
     if (op == BLKIF_OP_DISCARD) {
         put64(slot + 16, sector);
         put64(slot + 24, count);
     }
-    post_part(f, xi, slot, op, op);
+    post_part(f, id, xi, op, op);
 }
 
 /* Publish what was posted; 1 if the backend asked to be told. */
 static int push(front_t *f) { return ring_push(&f->ring, REQ_PROD, REQ_EVENT); }
 
-/* Wait until a transfer, `nparts` ids and `npages` pages are free, or the disk is broken
- * (returns 0) or stopping (0). Then the transfer's index, its pages taken (1). */
-static int claim(front_t *f, uint32_t nparts, uint32_t npages, uint32_t *xi) {
-    while (!f->broken && (!f->nfree_xfers || f->nfree_ids < nparts || f->nfree_pages < npages))
+/* Publish, let go of the lock, and tell the backend if it asked. */
+static void publish(front_t *f) {
+    int notify = push(f);
+    pthread_mutex_unlock(&f->lock);
+    if (notify)
+        bell_ring(f->peer);
+}
+
+/* Take the lock and wait until a transfer, an id for each of its requests (they cover
+ * `nbytes`: parts_of) and `npages` pages of the pool are free: the transfer's index, its pages
+ * taken, the lock held. -1, the lock let go, if the disk is broken (a broken disk answers at
+ * once: DiskPath._submit). */
+static int64_t begin(front_t *f, int kind, uint64_t unique, uint32_t size, uint32_t nbytes,
+                     uint32_t npages) {
+    uint32_t parts = parts_of(f, nbytes);
+    pthread_mutex_lock(&f->lock);
+    while (!f->broken && (!f->nfree_xfers || f->nfree_ids < parts || f->nfree_pages < npages))
         pthread_cond_wait(&f->room, &f->lock);
-    if (f->broken)
-        return 0;
-    *xi = f->free_xfers[--f->nfree_xfers];
-    xfer_t *x = &f->xfers[*xi];
-    x->npages = npages;
+    if (f->broken) {
+        pthread_mutex_unlock(&f->lock);
+        return -1;
+    }
+    uint32_t xi = f->free_xfers[--f->nfree_xfers];
+    xfer_t *x = &f->xfers[xi];
+    *x = (xfer_t){kind, unique, size, (int)parts, BLKIF_RSP_OKAY, 0, npages, x->pages};
     for (uint32_t i = 0; i < npages; i++)
         x->pages[i] = f->free_pages[--f->nfree_pages];
-    return 1;
+    return xi;
 }
 
 /* Every transfer in flight is answered BLKIF_RSP_ERROR (DiskPath._fail_all); the disk stays
- * broken with the first reason. FUSE transfers go on `done` for their answer; io ones are
- * marked done for their caller. */
+ * broken with the first reason. FUSE transfers go on `done` for their answer; an io's caller
+ * is waiting for its `left` to reach 0. */
 static uint32_t fail_all(front_t *f, const char *why, uint32_t *done) {
     uint32_t n = 0;
     if (!f->broken) {
@@ -292,9 +305,7 @@ static uint32_t fail_all(front_t *f, const char *why, uint32_t *done) {
             continue;
         x->left = 0;
         x->status = BLKIF_RSP_ERROR;
-        if (x->kind == X_IO)
-            x->done = 1;
-        else
+        if (x->kind != X_IO) /* an io's caller sees left at 0 */
             done[n++] = p->xfer;
     }
     pthread_cond_broadcast(&f->room);
@@ -346,11 +357,9 @@ static int64_t take_responses(front_t *f, uint32_t *done, uint32_t *ndone, int *
         xfer_t *x = &f->xfers[p->xfer];
         if (x->status == BLKIF_RSP_OKAY)
             x->status = status;
-        if (--x->left > 0)
+        if (--x->left > 0 || x->kind == X_IO) /* an io's caller sees left at 0 */
             continue;
-        if (x->kind == X_IO) {
-            x->done = 1;
-        } else if (x->kind == X_WRITE && x->dsync && x->status == BLKIF_RSP_OKAY) {
+        if (x->kind == X_WRITE && x->dsync && x->status == BLKIF_RSP_OKAY) {
             x->dsync = 0; /* written: now the flush, then the answer (server.py's _flushed) */
             x->left = 1;
             post_other(f, p->xfer, BLKIF_OP_FLUSH_DISKCACHE, 0, 0);
@@ -436,12 +445,6 @@ static int reap_loop(front_t *f) {
 
 /* -- the reader (server.py's FuseSession._serve_one, _read and _write) ---------------------- */
 
-/* Start a READ or WRITE transfer `xi` (claimed, pages in place) and publish it. */
-static void start_rw(front_t *f, uint32_t xi, uint8_t op, uint64_t offset, uint32_t nbytes) {
-    f->xfers[xi].left = (int)parts_of(f, f->xfers[xi].npages);
-    post_rw(f, xi, op, offset, nbytes);
-}
-
 /* Back to MAX_PAGES landing pages, waiting for the pool (Landing.fill). 0 if the disk broke
  * while waiting and no page is free (the reader then lands in what it has). */
 static void landing_fill(front_t *f) {
@@ -458,50 +461,33 @@ static void landing_fill(front_t *f) {
 
 /* A READ of whole sectors (FuseSession._read). */
 static void fast_read(front_t *f, uint64_t unique, uint64_t offset, uint32_t size) {
-    uint32_t npages = (size + PAGE_SIZE - 1) / PAGE_SIZE, xi;
-    int notify = 0;
-    pthread_mutex_lock(&f->lock);
-    if (!claim(f, parts_of(f, npages), npages, &xi)) {
-        pthread_mutex_unlock(&f->lock);
-        send_error(f, unique, EIO); /* a broken disk answers at once (DiskPath._submit) */
+    int64_t xi = begin(f, X_READ, unique, size, size, pages_of(size));
+    if (xi < 0) {
+        send_error(f, unique, EIO);
         return;
     }
-    xfer_t *x = &f->xfers[xi];
-    *x = (xfer_t){X_READ, unique, size, 0, BLKIF_RSP_OKAY, 0, 0, x->npages, x->pages};
-    start_rw(f, xi, BLKIF_OP_READ, offset, size);
-    notify = push(f);
-    pthread_mutex_unlock(&f->lock);
-    if (notify)
-        bell_ring(f->peer);
+    post_rw(f, (uint32_t)xi, BLKIF_OP_READ, offset, size);
+    publish(f);
 }
 
 /* A WRITE of whole sectors (FuseSession._write): its data landed in the first pages of the
- * landing, which go to the ring as they are. */
+ * landing, which go to the ring as they are. A write cut at the end of the disk (`size` below
+ * `landed`) puts fewer of them on the ring; all come back together when it is answered. */
 static void fast_write(front_t *f, uint64_t unique, uint64_t offset, uint32_t size,
                        uint32_t landed, int dsync) {
-    uint32_t npages = (landed + PAGE_SIZE - 1) / PAGE_SIZE, used = (size + PAGE_SIZE - 1) / PAGE_SIZE;
-    uint32_t xi;
-    int notify = 0;
-    pthread_mutex_lock(&f->lock);
-    if (!claim(f, parts_of(f, used), 0, &xi)) {
-        pthread_mutex_unlock(&f->lock);
+    int64_t xi = begin(f, X_WRITE, unique, size, size, 0);
+    if (xi < 0) {
         send_error(f, unique, EIO);
         return;
     }
     xfer_t *x = &f->xfers[xi];
-    *x = (xfer_t){X_WRITE, unique, size, 0, BLKIF_RSP_OKAY, dsync, 0, npages, x->pages};
-    memcpy(x->pages, f->landing, npages * sizeof f->landing[0]); /* Landing.take */
-    memmove(f->landing, f->landing + npages, (f->nlanding - npages) * sizeof f->landing[0]);
-    f->nlanding -= npages;
-    /* The request covers `used` of them (a write cut at the end of the disk uses fewer); all
-       are given back together when it is answered. */
-    x->npages = used;
-    start_rw(f, xi, BLKIF_OP_WRITE, offset, size);
-    x->npages = npages;
-    notify = push(f);
-    pthread_mutex_unlock(&f->lock);
-    if (notify)
-        bell_ring(f->peer);
+    x->dsync = dsync;
+    x->npages = pages_of(landed); /* Landing.take */
+    memcpy(x->pages, f->landing, x->npages * sizeof f->landing[0]);
+    f->nlanding -= x->npages;
+    memmove(f->landing, f->landing + x->npages, f->nlanding * sizeof f->landing[0]);
+    post_rw(f, (uint32_t)xi, BLKIF_OP_WRITE, offset, size);
+    publish(f);
 }
 
 /* The message just read, `length` bytes: 1 if done here, 0 if it is Python's. */
@@ -522,7 +508,7 @@ static int serve_message(front_t *f, uint32_t length) {
             return 0;
         uint64_t sz = offset >= f->size ? 0 : f->size - offset < size ? f->size - offset : size;
         if (!sz) {
-            send_reply(f, unique, 0, NULL, 0, 0);
+            send_error(f, unique, 0); /* an empty reply */
             return 1;
         }
         if (offset % SECTOR_SIZE || sz % SECTOR_SIZE)
@@ -586,38 +572,29 @@ static int reader(front_t *f, uint32_t *length) {
  * `buf` holds a WRITE's data and receives a READ's. Returns the status. */
 static int16_t io(front_t *f, uint8_t op, uint64_t offset, uint64_t nbytes, uint8_t *buf) {
     int rw = op == BLKIF_OP_READ || op == BLKIF_OP_WRITE;
-    uint32_t npages = rw ? (nbytes + PAGE_SIZE - 1) / PAGE_SIZE : 0, xi;
-    int notify;
-    pthread_mutex_lock(&f->lock);
-    if (!claim(f, parts_of(f, npages), npages, &xi)) {
-        pthread_mutex_unlock(&f->lock);
+    uint32_t npages = rw ? pages_of(nbytes) : 0;
+    int64_t xi = begin(f, X_IO, 0, 0, rw ? (uint32_t)nbytes : 0, npages);
+    if (xi < 0)
         return BLKIF_RSP_ERROR;
-    }
     xfer_t *x = &f->xfers[xi];
-    *x = (xfer_t){X_IO, 0, 0, 0, BLKIF_RSP_OKAY, 0, 0, x->npages, x->pages};
     if (op == BLKIF_OP_WRITE)
         for (uint32_t i = 0, at = 0; i < npages; i++, at += PAGE_SIZE)
             memcpy(page_at(f, x->pages[i]), buf + at,
                    nbytes - at < PAGE_SIZE ? nbytes - at : PAGE_SIZE);
-    if (rw) {
-        start_rw(f, xi, op, offset, (uint32_t)nbytes);
-    } else {
-        x->left = 1;
-        post_other(f, xi, op, offset / SECTOR_SIZE, nbytes / SECTOR_SIZE);
-    }
-    notify = push(f);
-    pthread_mutex_unlock(&f->lock);
-    if (notify)
-        bell_ring(f->peer);
+    if (rw)
+        post_rw(f, (uint32_t)xi, op, offset, (uint32_t)nbytes);
+    else
+        post_other(f, (uint32_t)xi, op, offset / SECTOR_SIZE, nbytes / SECTOR_SIZE);
+    publish(f);
     pthread_mutex_lock(&f->lock);
-    while (!x->done)
+    while (x->left) /* answered, or failed with the disk */
         pthread_cond_wait(&f->room, &f->lock);
     int16_t status = x->status;
     if (op == BLKIF_OP_READ && status == BLKIF_RSP_OKAY)
         for (uint32_t i = 0, at = 0; i < npages; i++, at += PAGE_SIZE)
             memcpy(buf + at, page_at(f, x->pages[i]),
                    nbytes - at < PAGE_SIZE ? nbytes - at : PAGE_SIZE);
-    xfer_free(f, xi);
+    xfer_free(f, (uint32_t)xi);
     pthread_cond_broadcast(&f->room);
     pthread_mutex_unlock(&f->lock);
     return status;

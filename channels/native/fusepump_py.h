@@ -175,7 +175,8 @@ static PyObject *Pump_read(Pump *self, PyObject *unused) {
     uint32_t head = length < HEAD_ROOM ? length : HEAD_ROOM;
     memcpy(out, f->head, head);
     for (uint32_t at = head, i = 0; at < length; at += PAGE_SIZE, i++)
-        memcpy(out + at, page_at(f, f->landing[i]), length - at < PAGE_SIZE ? length - at : PAGE_SIZE);
+        memcpy(out + at, page_at(f, f->landing[i]),
+               length - at < PAGE_SIZE ? length - at : PAGE_SIZE);
     return Py_BuildValue("(iN)", code, message);
 }
 
@@ -344,20 +345,9 @@ static struct PyModuleDef module = {
     .m_doc = "blkfront's batch pump, native (see fusepump.c).", .m_size = -1};
 
 PyMODINIT_FUNC PyInit__fusepump(void) {
-    if (PyType_Ready(&PumpType) < 0)
-        return NULL;
-    PyObject *m = PyModule_Create(&module);
-    if (!m)
-        return NULL;
-    Py_INCREF(&PumpType);
-    if (PyModule_AddObject(m, "Pump", (PyObject *)&PumpType) < 0 ||
-        PyModule_AddIntConstant(m, "STOPPED", R_STOPPED) < 0 ||
-        PyModule_AddIntConstant(m, "PYTHON", R_PYTHON) < 0 ||
-        PyModule_AddIntConstant(m, "ENDED", R_ENDED) < 0 ||
-        PyModule_AddIntConstant(m, "BROKEN", R_BROKEN) < 0 ||
-        PyModule_AddIntConstant(m, "ERROR", R_ERROR) < 0) {
-        Py_DECREF(m);
-        return NULL;
-    }
-    return m;
+    static const constant_t constants[] = {
+        {"STOPPED", R_STOPPED}, {"PYTHON", R_PYTHON}, {"ENDED", R_ENDED},
+        {"BROKEN", R_BROKEN}, {"ERROR", R_ERROR},
+    };
+    return pump_module(&module, &PumpType, constants, sizeof constants / sizeof constants[0]);
 }

@@ -732,27 +732,10 @@ static int netfront_rx_batch(pump_t *p) {
 
 /* -- the loops ------------------------------------------------------------------------------ */
 
-/* Sleep on our doorbell (after spinning on `has_work` if the last round worked). Returns 1 if
- * rung, 0 on timeout or when work turned up during the spin. */
-static int sleep_on_bell(pump_t *p, int worked, int (*has_work)(pump_t *)) {
-    if (worked && p->spin.window) {
-        uint64_t until = now_ns() + p->spin.window;
-        while (now_ns() < until && !p->stopping) {
-            if (has_work(p)) {
-                spin_grow(&p->spin);
-                /* The peer may have rung for what we found: that ring must not wake us later
-                   as if for nothing (late EOI would count it against the peer). */
-                for (int i = 0; i < 64 && sem_trywait(p->mine) == 0; i++)
-                    ;
-                return 0;
-            }
-            cpu_relax();
-        }
-    }
-    uint64_t t0 = now_ns();
-    int rung = bell_wait(p->mine, HEAL_NS);
-    spin_slept(&p->spin, now_ns() - t0);
-    return rung;
+/* Sleep on our doorbell, spinning first on `has_work` if the last round worked (pump.h's
+ * spin_then_wait). Returns 1 if rung, 0 on timeout or when work turned up during the spin. */
+static int sleep_on_bell(pump_t *p, int worked, int (*has_work)(void *)) {
+    return spin_then_wait(&p->spin, worked, &p->stopping, has_work, p, p->mine);
 }
 
 /* Wait for the TAP, spinning first after work; 1 when readable, 0 when told to stop, -1 when
@@ -779,7 +762,8 @@ static int wait_tap(pump_t *p, int worked) {
     return !(fds[1].revents & POLLIN);
 }
 
-static int back_has_requests(pump_t *p) {
+static int back_has_requests(void *arg) {
+    pump_t *p = arg;
     return load32(&p->ring.sring[REQ_PROD]) != p->ring.cons;
 }
 
@@ -790,11 +774,13 @@ static int64_t tx_unconsumed(ring_t *r) {
     return n < 0 ? n : n > p->tx_pending ? n - p->tx_pending : 0;
 }
 
-static int tx_has_requests(pump_t *p) {
+static int tx_has_requests(void *arg) {
+    pump_t *p = arg;
     return load32(&p->ring.sring[REQ_PROD]) != p->ring.cons + p->tx_pending;
 }
 
-static int front_has_responses(pump_t *p) {
+static int front_has_responses(void *arg) {
+    pump_t *p = arg;
     return load32(&p->ring.sring[RSP_PROD]) != p->ring.cons;
 }
 
@@ -819,7 +805,7 @@ static int64_t netfront_rx_work(pump_t *p) { return netfront_rx_batch(p); }
  * doorbell, spinning first on `has_work` after work; a rung wakeup that finds nothing is
  * slowed down. */
 static int serve(pump_t *p, int64_t (*work)(pump_t *), int64_t (*final_check)(pump_t *),
-                 int (*has_work)(pump_t *), const char *broken) {
+                 int (*has_work)(void *), const char *broken) {
     int rung = 0, worked = 0;
     while (!p->stopping) {
         int64_t done = work(p);

@@ -318,25 +318,11 @@ static struct PyModuleDef module = {
     .m_doc = "netif's batch pumps, native (see netpump.c).", .m_size = -1};
 
 PyMODINIT_FUNC PyInit__netpump(void) {
-    if (PyType_Ready(&PumpType) < 0)
-        return NULL;
-    PyObject *m = PyModule_Create(&module);
-    if (!m)
-        return NULL;
-    Py_INCREF(&PumpType);
-    if (PyModule_AddObject(m, "Pump", (PyObject *)&PumpType) < 0)
-        return NULL;
-    struct {
-        const char *name;
-        int value;
-    } constants[] = {{"NETBACK_TX", NETBACK_TX},   {"NETBACK_RX", NETBACK_RX},
-                     {"NETFRONT_TX", NETFRONT_TX}, {"NETFRONT_RX", NETFRONT_RX},
-                     {"STOPPED", PUMP_STOPPED},    {"FATAL", PUMP_FATAL},
-                     {"FALLBACK", PUMP_FALLBACK},  {"MISS", PUMP_MISS},
-                     {"BROKEN", PUMP_BROKEN},      {"IOERROR", PUMP_IOERROR},
-                     {"N_COUNTERS", N_COUNTERS}};
-    for (size_t i = 0; i < sizeof constants / sizeof constants[0]; i++)
-        if (PyModule_AddIntConstant(m, constants[i].name, constants[i].value) < 0)
-            return NULL;
-    return m;
+    static const constant_t constants[] = {
+        {"NETBACK_TX", NETBACK_TX}, {"NETBACK_RX", NETBACK_RX}, {"NETFRONT_TX", NETFRONT_TX},
+        {"NETFRONT_RX", NETFRONT_RX}, {"STOPPED", PUMP_STOPPED}, {"FATAL", PUMP_FATAL},
+        {"FALLBACK", PUMP_FALLBACK}, {"MISS", PUMP_MISS}, {"BROKEN", PUMP_BROKEN},
+        {"IOERROR", PUMP_IOERROR}, {"N_COUNTERS", N_COUNTERS},
+    };
+    return pump_module(&module, &PumpType, constants, sizeof constants / sizeof constants[0]);
 }

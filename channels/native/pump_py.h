@@ -172,4 +172,32 @@ fail:
     return -1;
 }
 
+typedef struct {
+    const char *name;
+    int value;
+} constant_t;
+
+/* A pump module's init: `def` with its Pump `type` and its `n` integer constants (the numbers
+ * channels/pumps.py mirrors). */
+static inline PyObject *pump_module(PyModuleDef *def, PyTypeObject *type,
+                                    const constant_t *constants, size_t n) {
+    if (PyType_Ready(type) < 0)
+        return NULL;
+    PyObject *m = PyModule_Create(def);
+    if (!m)
+        return NULL;
+    Py_INCREF(type);
+    if (PyModule_AddObject(m, "Pump", (PyObject *)type) < 0) {
+        Py_DECREF(type);
+        Py_DECREF(m);
+        return NULL;
+    }
+    for (size_t i = 0; i < n; i++)
+        if (PyModule_AddIntConstant(m, constants[i].name, constants[i].value) < 0) {
+            Py_DECREF(m);
+            return NULL;
+        }
+    return m;
+}
+
 #endif

@@ -286,24 +286,17 @@ class VbdPath:
         )
         if pump is None:
             return False
-        try:
-            while not self._stopping:
-                result = pump.run()
-                code = pumps.ended(self.ring, pump, result)
-                if code == pumps.STOPPED:
-                    break
-                if code == pumps.FATAL:
-                    raise RuntimeError(result[1])
-                # FALLBACK: the request the pump left in the ring. An honest frontend never
-                # takes a published request back; one that does would have the two of us hand
-                # it back and forth with no doorbell between.
-                with pumps.pools_let_go(pump, self.grants):
-                    if not self._work(limit=1) and not self._stopping:
-                        self.ring.broke("req_prod moved back under a published request")
-                pump.indices = self.ring.indices()
-        finally:
-            self.native.end()
+        self.native.serve_backend(
+            pump, self.ring, self.grants, lambda: self._stopping, RuntimeError, self._take_back
+        )
         return True
+
+    def _take_back(self, result: tuple[int, str, int]) -> None:
+        """The request the pump left in the ring (FALLBACK, MISS), done here. An honest
+        frontend never takes a published request back; one that does would have the two of
+        us hand it back and forth with no doorbell between."""
+        if not self._work(limit=1) and not self._stopping:
+            self.ring.broke("req_prod moved back under a published request")
 
     def _final_check(self) -> bool:
         with self._lock:

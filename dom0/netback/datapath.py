@@ -236,31 +236,22 @@ class TxPath:
         )
         if pump is None:
             return False
-        try:
-            while not self.stopping:
-                result = pump.run()
-                code = pumps.ended(self.ring, pump, result)
-                if code == pumps.STOPPED:
-                    break
-                if code == pumps.FATAL:
-                    raise FatalProtocolError(result[1])
-                # FALLBACK: the packet of result[2] slots the pump left in the ring. An honest
-                # frontend never takes published slots back; one that does would have the two
-                # of us hand the packet back and forth with no doorbell between.
-                with pumps.pools_let_go(pump, self.grants):
-                    if not self._work(result[2]):
-                        raise FatalProtocolError("req_prod moved back under a published packet")
-                    while self._slots and not self.stopping:  # rewritten meanwhile: finish it
-                        if self._work(FATAL_SLOTS):
-                            self.late_eoi.worked()
-                        elif not self.ring.final_check_for_requests() and self.evtchn.wait(
-                            HEAL_TIMEOUT
-                        ):
-                            self.late_eoi.back_off()
-                pump.indices = self.ring.indices()
-        finally:
-            self.native.end()
+        self.native.serve_backend(
+            pump, self.ring, self.grants, lambda: self.stopping, FatalProtocolError, self._take_back
+        )
         return True
+
+    def _take_back(self, result: tuple[int, str, int]) -> None:
+        """A packet of ``result[2]`` slots the pump left in the ring (FALLBACK), done here. An
+        honest frontend never takes published slots back; one that does would have the two of
+        us hand the packet back and forth with no doorbell between."""
+        if not self._work(result[2]):
+            raise FatalProtocolError("req_prod moved back under a published packet")
+        while self._slots and not self.stopping:  # rewritten meanwhile: finish it
+            if self._work(FATAL_SLOTS):
+                self.late_eoi.worked()
+            elif not self.ring.final_check_for_requests() and self.evtchn.wait(HEAL_TIMEOUT):
+                self.late_eoi.back_off()
 
     def _work(self, limit: int = BUDGET_SLOTS) -> bool:
         """Take every slot the frontend has published, up to ``limit`` (one private copy of the
@@ -499,23 +490,18 @@ class RxPath:
         )
         if pump is None:
             return False
-        try:
-            while not self.stopping:
-                result = pump.run()
-                code = pumps.ended(self.ring, pump, result)
-                if code == pumps.STOPPED:
-                    break
-                if code == pumps.FATAL:
-                    raise FatalProtocolError(result[1])
-                gref = result[2]  # MISS
-                with pumps.pools_let_go(pump, self.grants):
-                    try:
-                        self.grants.resolve(gref, write=True)
-                    except GrantError as exc:
-                        raise FatalProtocolError(f"rx buffer gref {gref}: {exc}") from exc
-        finally:
-            self.native.end()
+        self.native.serve_backend(
+            pump, self.ring, self.grants, lambda: self.stopping, FatalProtocolError, self._missed
+        )
         return True
+
+    def _missed(self, result: tuple[int, str, int]) -> None:
+        """A posted buffer's grant ref ``result[2]`` is in no pool the pump maps (MISS)."""
+        gref = result[2]
+        try:
+            self.grants.resolve(gref, write=True)
+        except GrantError as exc:
+            raise FatalProtocolError(f"rx buffer gref {gref}: {exc}") from exc
 
     NEED = MAX_FRAME_PAGES + 1  # a whole frame's pages, and the slot of its GSO extra
 

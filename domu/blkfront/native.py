@@ -22,9 +22,10 @@ with both, against the real blkback and against a hostile backend).
 from __future__ import annotations
 
 import contextlib
-import logging
+import errno
 import threading
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from channels import blkif as B
@@ -39,12 +40,11 @@ from domu.blkfront.datapath import (
     Done,
     sector_pieces,
     sector_span,
+    status_errno,
 )
-from domu.blkfront.datapath import status_errno as _errno_of
-
-log = logging.getLogger("blkfront")
 
 CHUNK = 256 * PAGE_SIZE  # the most one pump transfer carries (fusepump.c's MAX_PAGES)
+FLUSH_THREADS = 2  # fsyncs waited for at once (each blocks its thread until answered)
 
 
 def make_pump(
@@ -91,6 +91,7 @@ class NativeDisk:
         self._reported = threading.Lock()
         self._told = False
         self._reaper = threading.Thread(target=self._serve, name="blkfront-reaper", daemon=True)
+        self._flushes = ThreadPoolExecutor(FLUSH_THREADS, thread_name_prefix="blkfront-flush")
 
     def start(self) -> None:
         self._reaper.start()
@@ -99,6 +100,7 @@ class NativeDisk:
         """Every transfer in flight, or to come, fails; the reaper ends; once the session's
         reader has returned too, the pump lets go of the ring and pools."""
         self.pump.stop()
+        self._flushes.shutdown(wait=False, cancel_futures=True)
         if self._reaper.is_alive() and self._reaper is not threading.current_thread():
             self._reaper.join(JOIN_TIMEOUT)
         with contextlib.suppress(RuntimeError):  # still reading: dropped with the pump
@@ -130,7 +132,7 @@ class NativeDisk:
         args = (operation, offset, length) if data is None else (operation, offset, length, data)
         status, out = self.pump.io(*args)
         if status != B.BLKIF_RSP_OKAY:
-            raise OSError(_errno_of(status), f"the backend answered {status}")
+            raise OSError(status_errno(status), f"the backend answered {status}")
         return out or b""
 
     def read(self, offset: int, size: int) -> bytes:
@@ -148,7 +150,7 @@ class NativeDisk:
         """Write ``data`` at ``offset``, as DiskPath.write; alone on the ring (see above)."""
         size = len(data)
         if offset + size > self.size:
-            raise OSError(5, "write past the end of the disk")
+            raise OSError(errno.ENOSPC, "write past the end of the disk")
         self.pump.quiesce()
         view = memoryview(data)
         head, whole = sector_pieces(offset, size)
@@ -172,12 +174,9 @@ class NativeDisk:
         self._io(B.BLKIF_OP_FLUSH_DISKCACHE, 0, 0)
 
     def post_flush(self, done: Done) -> None:
-        """A flush on a thread of its own: ``done(status)`` when answered (DiskPath.post_flush)."""
-
-        def flush() -> None:
-            done(self.pump.io(B.BLKIF_OP_FLUSH_DISKCACHE, 0, 0)[0])
-
-        threading.Thread(target=flush, name="blkfront-flush", daemon=True).start()
+        """A flush waited for on a helper thread: ``done(status)`` when answered, as
+        DiskPath.post_flush calls it from its reaper."""
+        self._flushes.submit(lambda: done(self.pump.io(B.BLKIF_OP_FLUSH_DISKCACHE, 0, 0)[0]))
 
     def post_discard(self, first: int, count: int, done: Done) -> None:
         """DISCARD ``count`` sectors from ``first``, on the session's thread (a write: it must

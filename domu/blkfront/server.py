@@ -267,14 +267,13 @@ class FuseSession:
 
     def _aside(self, unique: int, work: Callable[[], bytes]) -> None:
         """Run ``work`` on a helper thread and answer with what it returns (or its errno)."""
+        self._slow.submit(self._answer_with, unique, work)
 
-        def run() -> None:
-            try:
-                self._send(F.reply(unique, work()))
-            except OSError as exc:
-                self._error(unique, exc.errno or errno.EIO)
-
-        self._slow.submit(run)
+    def _answer_with(self, unique: int, work: Callable[[], bytes]) -> None:
+        try:
+            self._send(F.reply(unique, work()))
+        except OSError as exc:
+            self._error(unique, exc.errno or errno.EIO)
 
     # -- the operations -------------------------------------------------------------------------
 
@@ -442,10 +441,7 @@ class NativeSession(FuseSession):
 
     def _aside(self, unique: int, work: Callable[[], bytes]) -> None:
         """Part-sector reads and writes run here, on the session's thread (see above)."""
-        try:
-            self._send(F.reply(unique, work()))
-        except OSError as exc:
-            self._error(unique, exc.errno or 5)
+        self._answer_with(unique, work)
 
     def _negotiated(self, max_pages: int) -> None:
         super()._negotiated(max_pages)

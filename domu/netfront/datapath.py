@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable
+from typing import Any
 
 from channels import netif as N
 from channels import pumps
@@ -35,7 +36,51 @@ class BackendMisbehaved(Exception):
     pass
 
 
-class TxPath:
+class _Path:
+    """What netfront's two paths share: the ring, its channel, the pool's pages, the TAP, the
+    thread, and the native pump that serves them where it runs."""
+
+    def __init__(
+        self,
+        name: str,
+        ring: FrontRing,
+        evtchn: EventChannel,
+        pool: GrantPool,
+        grefs: list[int],
+        tap_fd: int,
+        on_broken: Callable[[str], None],
+    ) -> None:
+        self.ring = ring
+        self.evtchn = evtchn
+        self.pages = [pool.page(i) for i in range(pool.pages)]
+        self.grefs = grefs
+        self.tap_fd = tap_fd
+        self.on_broken = on_broken
+        self.stopping = False
+        self.late_eoi = LateEoi()  # a backend ringing for nothing (a storm) is slowed down
+        self._region = pool.region()
+        self.native = pumps.NativePump(self.late_eoi)
+        self.thread = NamedThread(target=self._run, name=name, daemon=True)
+
+    def _run(self) -> None:
+        raise NotImplementedError
+
+    def _serve_native(self, kind: int, **kw: Any) -> bool:
+        """Run the native pump of ``kind`` until stopped; False if the Python path must run."""
+        return self.native.serve_frontend(
+            kind,
+            self.ring,
+            self.tap_fd,
+            self.evtchn,
+            lambda: self.stopping,
+            BackendMisbehaved,
+            pages=self._region,
+            grefs=self.grefs,
+            **kw,
+        )
+
+
+class TxPath(_Path):
     def __init__(
         self,
         ring: FrontRing,
@@ -46,22 +91,12 @@ class TxPath:
         gso: bool,
         on_broken: Callable[[str], None],
     ) -> None:
-        self.ring = ring
-        self.evtchn = evtchn
-        self.pages = [pool.page(i) for i in range(pool.pages)]
-        self.grefs = grefs
-        self.tap_fd = tap_fd
+        super().__init__("netfront-tx", ring, evtchn, pool, grefs, tap_fd, on_broken)
         self.gso = gso
-        self.on_broken = on_broken
         self.free = list(range(pool.pages))  # a stack: the page freed last is reused first
         self.in_flight = bytearray(pool.pages)  # 1 for each page a tx request still holds
-        self.stopping = False
         self.waiter = TapWaiter(tap_fd)
-        self.late_eoi = LateEoi()  # a backend ringing for nothing (a storm) is slowed down
         self._header = bytearray(VNET_HDR_SIZE)
-        self._region = pool.region()
-        self.native = pumps.NativePump(self.late_eoi)
-        self.thread = NamedThread(target=self._run, name="netfront-tx", daemon=True)
 
     def stop(self) -> None:
         self.stopping = True
@@ -73,17 +108,7 @@ class TxPath:
     def _run(self) -> None:
         rung = False  # woken by the backend; a wakeup that reaps nothing is slowed down
         try:
-            if self.native.serve_frontend(
-                pumps.NETFRONT_TX,
-                self.ring,
-                self.tap_fd,
-                self.evtchn,
-                lambda: self.stopping,
-                BackendMisbehaved,
-                pages=self._region,
-                grefs=self.grefs,
-                gso=self.gso,
-            ):
+            if self._serve_native(pumps.NETFRONT_TX, gso=self.gso):
                 return
             while not self.stopping:
                 if self._reap():
@@ -172,7 +197,7 @@ class TxPath:
         del self.free[len(self.free) - len(ids) : len(self.free) - len(ids) + used]
 
 
-class RxPath:
+class RxPath(_Path):
     def __init__(
         self,
         ring: FrontRing,
@@ -182,18 +207,8 @@ class RxPath:
         tap_fd: int,
         on_broken: Callable[[str], None],
     ) -> None:
-        self.ring = ring
-        self.evtchn = evtchn
-        self.pages = [pool.page(i) for i in range(pool.pages)]
-        self.grefs = grefs
-        self.tap_fd = tap_fd
-        self.on_broken = on_broken
-        self.stopping = False
+        super().__init__("netfront-rx", ring, evtchn, pool, grefs, tap_fd, on_broken)
         self.slot_page = [0] * ring.nr_ents  # ring slot -> the page posted in it
-        self.late_eoi = LateEoi()  # a backend ringing for nothing (a storm) is slowed down
-        self._region = pool.region()
-        self.native = pumps.NativePump(self.late_eoi)
-        self.thread = NamedThread(target=self._run, name="netfront-rx", daemon=True)
 
     def post_all(self) -> None:
         self._post(list(range(min(len(self.pages), self.ring.nr_ents))))
@@ -218,17 +233,7 @@ class RxPath:
 
     def _run(self) -> None:
         try:
-            if self.native.serve_frontend(
-                pumps.NETFRONT_RX,
-                self.ring,
-                self.tap_fd,
-                self.evtchn,
-                lambda: self.stopping,
-                BackendMisbehaved,
-                pages=self._region,
-                grefs=self.grefs,
-                slot_page=self.slot_page,
-            ):
+            if self._serve_native(pumps.NETFRONT_RX, slot_page=self.slot_page):
                 return
             self.late_eoi.serve(
                 self._receive_batch,

@@ -5,6 +5,7 @@ reads and writes through /dev/xvdX, minus the FUSE layer."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import itertools
 import os
@@ -581,6 +582,7 @@ class Session:
     rig: Rig
     mounted: threading.Event
     thread: threading.Thread
+    disk: DiskPath | NativeDisk  # what the session serves from (its reset replays)
 
 
 def _session(
@@ -593,15 +595,14 @@ def _session(
     mounted = threading.Event()
     kw = {"readonly": readonly, "uid": 1000, "gid": 1000, "on_mounted": mounted.set}
     fd = theirs.fileno()
-    if native:
-        session: FuseSession = NativeSession(fd, rig.native(fd, readonly), **kw)  # type: ignore[arg-type]
-    else:
-        session = FuseSession(fd, rig.path, **kw)  # type: ignore[arg-type]
+    disk: DiskPath | NativeDisk = rig.native(fd, readonly) if native else rig.path
+    kind = NativeSession if native else FuseSession
+    session = kind(fd, disk, **kw)  # type: ignore[arg-type]
     thread = threading.Thread(target=session.run, name="fuse-session")
     thread.start()
     stack.callback(thread.join, WAIT)
     stack.callback(ours.close)  # the connection ends: the session returns
-    return Session(FakeKernel(ours), rig, mounted, thread)
+    return Session(FakeKernel(ours), rig, mounted, thread, disk)
 
 
 @pytest.fixture(params=["python", "native"])
@@ -619,6 +620,13 @@ def _need_native() -> None:
         if os.environ.get("CI"):
             pytest.fail(f"the native pumps are not built: {pumps.describe()}")
         pytest.skip(pumps.describe())
+
+
+def test_the_native_pump_ends_as_channels_pumps_numbers_it() -> None:
+    _need_native()
+    module = pumps.native(pumps.FUSEPUMP)
+    for name in ("STOPPED", "PYTHON", "ENDED", "BROKEN", "ERROR"):
+        assert getattr(module, name) == getattr(pumps, f"FUSE_{name}"), name
 
 
 @contextlib.contextmanager
@@ -765,6 +773,75 @@ def test_a_backend_that_breaks_the_protocol_fails_the_disk_with_eio(hostile_fuse
     assert kernel.reply() == (unique, -errno.EIO, b"")
     assert kernel.write(0, bytes(4096))[0] == -errno.EIO, "a broken disk stays broken"
     assert len(rig.broken) == 1 and "not in flight" in rig.broken[0]
+
+
+def _read_4k(kernel: FakeKernel, offset: int) -> int:
+    return kernel.send(F.FUSE_READ, F.READ_IN.pack(0, offset, 4096, 0, 0, os.O_RDWR, 0))
+
+
+VIOLATIONS = {
+    # what the backend writes for the first of two READs in flight: (responses, reason)
+    "a duplicate answer": (lambda first: [(first.id, 0, 0), (first.id, 0, 0)], "not in flight"),
+    "another operation": (lambda first: [(first.id, B.BLKIF_OP_WRITE, 0)], "names operation"),
+    "an unknown status": (lambda first: [(first.id, 0, 7)], "unknown status"),
+}
+
+
+@pytest.mark.parametrize("violation", VIOLATIONS)
+def test_every_protocol_violation_fails_what_is_in_flight_and_what_comes(
+    hostile_fuse: Session, violation: str
+) -> None:
+    kernel, rig = hostile_fuse.kernel, hostile_fuse.rig
+    responses, reason = VIOLATIONS[violation]
+    first, second = _read_4k(kernel, 0), _read_4k(kernel, 4096)
+    posted = _requests(rig, 2)
+    request = next(r for r in posted if r.sector_number == 0)
+    _answer(rig, *responses(request))
+    replies = {kernel.reply()[:2], kernel.reply()[:2]}
+    if violation == "a duplicate answer":  # the first answer was good; the second is not
+        assert replies == {(first, 0), (second, -errno.EIO)}
+    else:
+        assert replies == {(first, -errno.EIO), (second, -errno.EIO)}
+    assert kernel.write(0, bytes(4096))[0] == -errno.EIO, "a broken disk stays broken"
+    assert len(rig.broken) == 1 and reason in rig.broken[0]
+
+
+def test_an_impossible_rsp_prod_fails_the_disk(hostile_fuse: Session) -> None:
+    kernel, rig = hostile_fuse.kernel, hostile_fuse.rig
+    unique = _read_4k(kernel, 0)
+    assert len(_requests(rig, 1)) == 1
+    struct.pack_into("<I", rig.ring_page, 8, 1000)  # rsp_prod far past any request
+    rig.evtchn.notify()
+    assert kernel.reply() == (unique, -errno.EIO, b"")
+    assert len(rig.broken) == 1 and "impossible rsp_prod" in rig.broken[0]
+
+
+def test_after_a_backend_restart_the_unanswered_requests_are_posted_again(
+    hostile_fuse: Session,
+) -> None:
+    kernel, rig = hostile_fuse.kernel, hostile_fuse.rig
+    image = bytearray(random.Random(5).randbytes(3 * 4096)) + bytearray(DISK - 3 * 4096)
+    uniques = [_read_4k(kernel, i * 4096) for i in range(3)]
+    posted = _requests(rig, 3)
+    slot = B.BLK_RING.request_slot.size
+    first = next(r for r in posted if r.sector_number == 0)
+    _serve(rig, image, first)  # answered before the backend dies
+    assert kernel.reply()[:2] == (uniques[0], 0)
+    others = [r for r in posted if r is not first]
+    as_posted = [bytes(rig.ring_page[64 + i * slot : 64 + (i + 1) * slot]) for i in range(3)]
+    unanswered = [raw for raw, r in zip(as_posted, posted, strict=True) if r is not first]
+
+    assert hostile_fuse.disk.reset() == 2
+    fresh = BackRing.attach(B.BLK_RING, rig.ring_page)
+    assert fresh.get_requests_block() == b"".join(unanswered), "byte for byte, in order"
+    restarted = dataclasses.replace(rig, back=fresh)
+    for request in others:
+        _serve(restarted, image, request)
+    answers = {kernel.reply()[:3] for _ in others}
+    assert answers == {
+        (u, 0, bytes(image[i * 4096 : (i + 1) * 4096])) for i, u in enumerate(uniques) if i
+    }
+    assert rig.broken == []
 
 
 def test_a_write_to_a_sector_being_patched_waits_without_holding_up_other_requests(

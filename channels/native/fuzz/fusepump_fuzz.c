@@ -23,7 +23,7 @@
 #define NR_ENTS 32 /* a one-page blkif ring */
 #define POOL_PAGES 1024
 #define MESSAGES 8
-#define MAX_READ_PAGES 16 /* READs the pool can always hold, so no claim waits */
+#define MAX_READ_PAGES 16 /* READs the pool can always hold, so begin never waits */
 #define SECTORS 4096
 
 static uint8_t ring_area[PAGE_SIZE] __attribute__((aligned(64)));
@@ -101,7 +101,8 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
         take(&data, &size, &length, 2);
         length %= HEAD_ROOM + 2 * PAGE_SIZE + 1;
         landing_fill(&f);
-        uint32_t got = (uint32_t)take(&data, &size, f.head, length < HEAD_ROOM ? length : HEAD_ROOM);
+        uint32_t head = length < HEAD_ROOM ? length : HEAD_ROOM;
+        uint32_t got = (uint32_t)take(&data, &size, f.head, head);
         for (uint32_t i = 0, more = 1; got < length && more; i++)
             got += more = (uint32_t)take(&data, &size, page_at(&f, f.landing[i]),
                                          length - got < PAGE_SIZE ? length - got : PAGE_SIZE);
