@@ -38,6 +38,7 @@ def hyperd_alive(run: RunDir) -> bool:
 def _remove_interfaces() -> Iterator[str]:
     from pyroute2 import IPRoute
 
+    from dom0.netback import firewall
     from dom0.netback.tap import remove_our_bridges
 
     with IPRoute() as ipr:
@@ -48,6 +49,8 @@ def _remove_interfaces() -> Iterator[str]:
                 yield f"removed interface {name}"
     for bridge in remove_our_bridges():
         yield f"removed bridge {bridge}"
+    for bridge in firewall.revoke_all():  # a bridge removed by hand left its rule
+        yield f"removed the firewall rule of bridge {bridge}"
 
 
 def cleanup(run: RunDir) -> Iterator[str]:

@@ -7,7 +7,9 @@
 # Host tools (apt-get, only when one is missing): python3, python3-pip, iproute2,
 # util-linux (nsenter, setpriv, flock), procps, iperf3, fio, iputils-ping, e2fsprogs (mkfs.ext4
 # and fsck.ext4 for the block tests), fuse3 (libfuse3, which blkfront's mfusepy loads), gcc and
-# python3-dev (the native data-path pumps, channels/native/), clang (their fuzzers: libFuzzer).
+# python3-dev (the native data-path pumps, channels/native/), clang (their fuzzers: libFuzzer),
+# iptables (a bridge hyper makes lets its frames through FORWARD: dom0/netback/firewall.py, and
+# the tests set a Docker-like DROP policy to check it).
 # The native pumps are (re)built in place whenever a source under channels/native/ is newer
 # than its module; without a compiler the Python pumps run (``hyperctl info`` says which).
 # Python packages: `pip install -e '.[test]'` (hyper, editable, with its test extras) into the
@@ -26,9 +28,9 @@ repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 python=${PYTHON:-python3}
 
 APT_PACKAGES=(python3 python3-pip iproute2 util-linux procps iperf3 fio iputils-ping e2fsprogs fuse3
-    gcc python3-dev clang)
+    gcc python3-dev clang iptables)
 HOST_TOOLS=(ip nsenter setpriv flock ps pgrep iperf3 fio ping mkfs.ext4 fsck.ext4 fusermount3 gcc
-    clang)
+    clang iptables)
 
 say() { printf 'setup: %s\n' "$*" >&2; }
 die() {

@@ -3,7 +3,8 @@
 A vif's host side is the TAP ``vif<domid>.<devid>``: opened on /dev/net/tun (channels/tun.py),
 which creates it, then enslaved to its bridge and brought up through netlink. A bridge hyper
 creates is marked by an alias so that it is removed with its last vif (and by `hyperctl
-cleanup`); a bridge that already existed is used as found and never removed.
+cleanup`), and frames between its ports are let through the host's firewall
+(dom0/netback/firewall.py); a bridge that already existed is used as found and never removed.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
 from channels.tun import open_tap
+from dom0.netback import firewall
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +52,7 @@ def ensure_bridge(ipr: IPRoute, name: str) -> int:
         index = _index(ipr, name)
         assert index is not None
         ipr.link("set", index=index, ifalias=OURS, state="up")
+        firewall.allow(name)
         log.info("created bridge %s", name)
     return index
 
@@ -96,15 +99,19 @@ def destroy_tap(fd: int, domid: int, devid: int, bridge: str) -> None:
         ports = [p for p in ipr.get_links() if p.get_attr("IFLA_MASTER") == index]
         if not ports:
             ipr.link("del", index=index)
+            firewall.revoke(bridge)
             log.info("removed bridge %s", bridge)
 
 
 def remove_our_bridges() -> list[str]:
-    """For cleanup: every bridge hyper created, whatever is still on it."""
+    """For cleanup: every bridge hyper created, whatever is still on it, and its firewall
+    rule."""
     removed = []
     with IPRoute() as ipr:
         for link in ipr.get_links():
             if link.get_attr("IFLA_IFALIAS") == OURS:
                 ipr.link("del", index=link["index"])
                 removed.append(link.get_attr("IFLA_IFNAME"))
+    for bridge in removed:
+        firewall.revoke(bridge)
     return removed

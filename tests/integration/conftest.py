@@ -22,6 +22,7 @@ from typing import Any
 
 import pytest
 
+from dom0.netback import firewall
 from hyper.paths import RunDir
 
 REPO = Path(__file__).resolve().parents[2]
@@ -114,6 +115,7 @@ def leftovers() -> list[str]:
         found.append(str(RUN.root))
     found += [f"interface {name}" for name in _our_interfaces()]
     found += [f"loop device {loop}" for loop in _our_loops()]
+    found += [f"{tool} FORWARD rule for bridge {bridge}" for tool, bridge in firewall.ours()]
     return found
 
 
@@ -243,6 +245,7 @@ def lan() -> Iterator[tuple[str, str]]:
     n = next(_subnets)
     yield f"hytest{n}", f"10.77.{n}"
     subprocess.run(["ip", "link", "del", f"hytest{n}"], capture_output=True)
+    firewall.revoke(f"hytest{n}")  # the bridge went by hand: its rule goes too
 
 
 def in_domain(name: str, *argv: str) -> subprocess.Popen[str]:

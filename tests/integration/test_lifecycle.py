@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import os
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
+from dom0.netback import firewall
 from tests.integration.conftest import (
     REPO,
     domain_info,
@@ -165,10 +167,13 @@ def test_cleanup_after_hyperd_is_killed_leaves_nothing(
 ) -> None:
     for i in range(2):
         config = tmp_path / f"victim{i}.yaml"
-        config.write_text(f"name: victim{i}\n")
+        vif = f"vif:\n  - bridge: hyclean\n    ip: 10.78.0.{i + 2}/24\n"
+        config.write_text(f"name: victim{i}\n{vif}")
         hyperctl("create", str(config))
     kill_hyperd()
     assert leftovers(), "domains and dom0 outlive a killed hyperd until cleanup"
+    if shutil.which("iptables"):
+        assert ("iptables", "hyclean") in firewall.ours(), "and the bridge's firewall rule"
     result = hyperctl("cleanup")
     assert "removed" in result.out
     wait_for(lambda: not leftovers(), 10, "cleanup to leave nothing")

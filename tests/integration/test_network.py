@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import time
@@ -15,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from dom0.netback import firewall
 from tests.integration.conftest import (
     RUN,
     domain_info,
@@ -264,3 +266,41 @@ def test_idle_vifs_cost_no_cpu(make_domain: Callable[..., str], lan: tuple[str, 
     # dom0 answers this test's own hyperctl calls; a few ms of that is all it may use.
     assert used["Domain-0"] < 0.1, used
     assert all(used[name] < 0.02 for name in names), used
+
+
+@pytest.fixture
+def forward_drop() -> Iterator[None]:
+    """The host's iptables FORWARD policy at DROP with bridged frames sent through iptables, as
+    Docker leaves a host (GitHub's runners); the policy is put back afterwards."""
+    if shutil.which("iptables") is None:
+        if os.environ.get("CI"):
+            pytest.fail("iptables is missing: scripts/setup.sh installs it")
+        pytest.skip("iptables is missing (scripts/setup.sh installs it)")
+    nf = Path("/proc/sys/net/bridge/bridge-nf-call-iptables")
+    if not nf.exists() or nf.read_text().strip() != "1":
+        pytest.skip("bridged frames do not go through iptables here (br_netfilter off)")
+    listed = subprocess.run(["iptables", "-S", "FORWARD"], capture_output=True, text=True)
+    policy = next(line.split()[2] for line in listed.stdout.splitlines() if line.startswith("-P"))
+    subprocess.run(["iptables", "-P", "FORWARD", "DROP"], check=True)
+    try:
+        yield
+    finally:
+        subprocess.run(["iptables", "-P", "FORWARD", policy], check=True)
+
+
+def test_a_bridge_hyper_makes_lets_its_frames_through_a_firewall_that_drops_forwarding(
+    make_domain: Callable[..., str], lan: tuple[str, str], forward_drop: None
+) -> None:
+    bridge, net = lan
+    a = make_domain(vif(bridge, f"{net}.2"))
+    make_domain(vif(bridge, f"{net}.3"))
+    assert ("iptables", bridge) in firewall.ours(), "the bridge's FORWARD rule is in place"
+    assert hyperctl("exec", a, "--", "ping", "-c", "2", "-W", "5", f"{net}.3").status == 0
+
+    firewall.revoke(bridge)  # what the policy does to the frames without the rule
+    try:
+        dropped = hyperctl("exec", a, "--", "ping", "-c", "2", "-W", "1", f"{net}.3", check=False)
+        assert dropped.status != 0, "without the rule, FORWARD's DROP takes the frames"
+    finally:
+        firewall.allow(bridge)
+    assert hyperctl("exec", a, "--", "ping", "-c", "2", "-W", "5", f"{net}.3").status == 0
