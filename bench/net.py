@@ -8,7 +8,10 @@ Paths, all measured in the same run:
 - **veth**: two network namespaces joined by a veth pair, the kernel's own path and the
   baseline every ratio is taken against.
 - **domU -> peer**: a domU's eth0 -> netfront -> tx ring -> netback in dom0 -> host TAP
-  ``vif<domid>.0`` -> bridge -> a veth into a peer namespace the script makes.
+  ``vif<domid>.0`` -> bridge -> a veth into a peer namespace the script makes. Each domU has as
+  many vcpus as the host has CPUs (the namespaces of the veth path use them all too), so its
+  vif has as many netif queues (channels/netif.py), each a pair of rings with its own pumps; a
+  stream stays on one queue.
 - **domU <-> domU**: two domains on the same bridge; every frame crosses two pairs of rings
   (the sender's tx ring, then the receiver's rx ring) and the bridge between their TAPs.
 - **slirp4netns** (when installed, unless ``--skip-slirp``): a namespace whose tap is served
@@ -488,10 +491,14 @@ class Lab:
         run(["ip", "-n", ns, "link", "set", "eth0", "up"])
 
     def domain(self, role: str, address: str) -> tuple[str, int]:
-        """An idle domU with one vif on the bench bridge; its name and domid."""
+        """An idle domU with one vif on the bench bridge and a vcpu per host CPU; its name and
+        domid."""
         name = f"{self.tag}-{role}"
         config = self.workdir / f"{name}.yaml"
-        config.write_text(f"name: {name}\nvif:\n  - bridge: {self.bridge}\n    ip: {address}/24\n")
+        config.write_text(
+            f"name: {name}\nvcpus: {os.cpu_count() or 1}\n"
+            f"vif:\n  - bridge: {self.bridge}\n    ip: {address}/24\n"
+        )
         # Registered before the create: an interrupted create may still finish.
         self.cleanup.callback(self._destroy, name)
         hyperctl("create", str(config))

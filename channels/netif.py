@@ -21,9 +21,17 @@ Store keys. Backend dir (written at probe): ``feature-sg``, ``feature-gso-tcpv4`
 ``mtu``, ``rate`` as "bytes,usec", ``handle``, and ``ip``, the address alone, when the vif has
 one: the backend's ``mac`` and ``ip`` are what the vif's frames may come from). Frontend dir:
 the toolstack writes ``mac``, ``mtu``, ``ip``, ``gateway``; the frontend writes
-``tx-ring-ref``, ``rx-ring-ref``, ``event-channel``, ``request-rx-copy``,
-``feature-rx-notify``, ``feature-sg``, ``feature-gso-tcpv4``/``-tcpv6`` in one transaction
-before it connects.
+``tx-ring-ref``, ``rx-ring-ref``, ``event-channel-tx``, ``event-channel-rx``,
+``request-rx-copy``, ``feature-rx-notify``, ``feature-sg``, ``feature-gso-tcpv4``/``-tcpv6``
+in one transaction before it connects.
+
+Multi-queue, as Xen's netback and netfront negotiate it: the backend offers
+``multi-queue-max-queues``; the frontend answers ``multi-queue-num-queues`` (at most that, and
+no more than its vcpus) and, for more than one queue, writes each queue's ring refs and event
+channels under ``queue-<n>/`` instead of at the top (``queue_path``). Each queue is a pair of
+rings with their own channels and pages; the features are the vif's. A frontend that asks for
+more queues than offered, or none, is refused (Linux: "guest requested %u queues, exceeding
+the maximum of %u").
 
 Handshake (Linux order, unlike blkif)::
 
@@ -88,6 +96,15 @@ PAGE_SIZE = 4096
 #: each ring (a tx slot names one page of a packet, an rx slot posts one buffer):
 #: 2 + 256 + 256 = 514 pages. netfront grants exactly these.
 MAX_GRANT_PAGES = 2 + TX_RING.nr_ents(PAGE_SIZE) + RX_RING.nr_ents(PAGE_SIZE)
+#: The most queues a vif has (Linux netfront's default cap, xennet_max_queues); each queue
+#: can use MAX_GRANT_PAGES.
+MAX_QUEUES = 8
+
+
+def queue_path(queue: int, queues: int, key: str) -> str:
+    """Where a frontend writes queue ``queue``'s ``key`` (``tx-ring-ref``, ...) when it has
+    ``queues`` queues: at the top for one queue, else under ``queue-<queue>/``."""
+    return key if queues == 1 else f"queue-{queue}/{key}"
 
 
 @dataclass(frozen=True, slots=True)

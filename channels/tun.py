@@ -5,6 +5,11 @@ descriptor on /dev/net/tun bound to the interface with TUNSETIFF, which netlink 
 Frames carry a virtio_net_hdr (IFF_VNET_HDR, 10 bytes), and TUNSETOFFLOAD lets the kernel hand
 us (and accept from us) checksum-offloaded and TSO frames up to 64 KiB, so one ring packet can
 carry a whole TCP burst.
+
+Every TAP is multi-queue (IFF_MULTI_QUEUE): each open of the same name attaches one more queue,
+its own fd, and the kernel spreads flows over the queues by their hash, keeping a flow on the
+queue its frames last came in on. netif's queues (netback and netfront each serve one fd per
+queue) map onto them one to one; with a single queue the device behaves as a plain TAP.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ TUNSETOFFLOAD = 0x400454D0
 TUNSETVNETHDRSZ = 0x400454D8
 IFF_TAP = 0x0002
 IFF_NO_PI = 0x1000
+IFF_MULTI_QUEUE = 0x0100
 IFF_VNET_HDR = 0x4000
 TUN_F_CSUM = 0x01
 TUN_F_TSO4 = 0x02
@@ -29,11 +35,13 @@ VNET_HDR_SIZE = 10
 
 
 def open_tap(name: str, *, offload: bool = True) -> int:
-    """A non-blocking, close-on-exec fd for frames of TAP ``name`` (created if it does not
-    exist, in the caller's network namespace)."""
+    """A non-blocking, close-on-exec fd for frames of a queue of TAP ``name``: the first,
+    creating the device in the caller's network namespace, or one more if it exists."""
     fd = os.open("/dev/net/tun", os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
     try:
-        ifreq = struct.pack("16sH", name.encode(), IFF_TAP | IFF_NO_PI | IFF_VNET_HDR)
+        ifreq = struct.pack(
+            "16sH", name.encode(), IFF_TAP | IFF_NO_PI | IFF_VNET_HDR | IFF_MULTI_QUEUE
+        )
         fcntl.ioctl(fd, TUNSETIFF, ifreq)
         fcntl.ioctl(fd, TUNSETVNETHDRSZ, struct.pack("i", VNET_HDR_SIZE))
         flags = TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6 if offload else 0

@@ -8,9 +8,11 @@ the frontend shares, so a frontend that truncates its own pages to make the read
 (SIGBUS) brings down its own device's worker, never dom0.
 
 The worker reads one JSON object on stdin: the device's parameters plus the numbers of the fds it
-inherited: ``device_fd`` (the native device), ``control_fd`` (a socket to dom0) and
-``counters_fd`` (a page of u64 counters that dom0 reads whenever it is asked, sealed at its
-size: the worker can neither shrink it under dom0's reads nor grow it). The parameters name the
+inherited: ``device_fd`` (the native device; a device of several queues passes the others'
+fds too, named in its own parameters), ``control_fd`` (a socket to dom0) and ``counters_fd``
+(a page of u64 counters that dom0 reads whenever it is asked, sealed at its size: the worker
+can neither shrink it under dom0's reads nor grow it; a device of several queues counts each
+queue in a block of its own, which dom0 adds up). The parameters name the
 frontend's domain (``frontend``), the device (``device``, ``<type>/<devid>``), the grant pools
 live for it as the worker starts (``pools``, each opened by dom0: its ``fd`` is inherited too;
 channels/grants.py), and the uid and gid it drops to (``worker_id``, its own; ``worker_gid``,
@@ -145,8 +147,10 @@ class WorkerProcess:
         map_pools: Callable[[], dict[str, Any]],
         on_fatal: Callable[[str], None],
         on_death: Callable[[str], None],
+        counter_blocks: int = 1,
     ) -> None:
         self.process = process
+        self.counter_blocks = counter_blocks
         self.control = links.control
         self.worker_id = links.worker_id
         self._page = mmap.mmap(links.counters_fd, mmap.PAGESIZE)
@@ -174,27 +178,39 @@ class WorkerProcess:
         map_pools: Callable[[], dict[str, Any]],
         on_fatal: Callable[[str], None],
         on_death: Callable[[str], None],
+        extra_fds: Sequence[int] = (),
+        counter_blocks: int = 1,
     ) -> WorkerProcess:
         """Run ``python -m module`` with ``params``, the pools live now (``map_pools()``, each
-        opened for it), a worker id of its own, and the device, control and counter fds.
+        opened for it), a worker id of its own, and the device, control and counter fds (and
+        ``extra_fds``, under the same numbers; ``counter_blocks`` blocks of counters).
         ``map_pools()``: hyperd's answer on the pools of the worker's device, for its refreshes.
         ``on_fatal(reason)``: the worker reported a protocol violation. ``on_death(how)``: it
         died without being stopped (killed, crashed)."""
         pools = grants.open_pools(map_pools())
         try:
             links = WorkerLinks(f"{params.get('device')} of domain {params.get('frontend')}")
-            process = _spawn(module, {**params, "pools": pools}, device_fd, links)
+            process = _spawn(module, {**params, "pools": pools}, device_fd, links, extra_fds)
         finally:
             grants.close_pool_fds(pools)  # the worker has its own now
-        return cls(process, links, map_pools, on_fatal, on_death)
+        return cls(process, links, map_pools, on_fatal, on_death, counter_blocks)
 
-    def counter_values(self, fields: Sequence[str]) -> dict[str, int]:
-        """The worker's counters, named ``fields`` in page order."""
-        values = memoryview(self._page)[: 8 * len(fields)].cast("Q")
+    def counter_blocks_values(self, fields: Sequence[str]) -> list[dict[str, int]]:
+        """The worker's counters, named ``fields`` in page order, block by block (a block per
+        queue)."""
+        values = memoryview(self._page)[: 8 * len(fields) * self.counter_blocks].cast("Q")
         try:
-            return {name: int(values[i]) for i, name in enumerate(fields)}
+            return [
+                {name: int(values[b * len(fields) + i]) for i, name in enumerate(fields)}
+                for b in range(self.counter_blocks)
+            ]
         finally:
             values.release()
+
+    def counter_values(self, fields: Sequence[str]) -> dict[str, int]:
+        """The worker's counters, named ``fields``: every block's added up."""
+        blocks = self.counter_blocks_values(fields)
+        return {name: sum(block[name] for block in blocks) for name in fields}
 
     def _serve(self) -> None:
         """Answer the worker until it hangs up or reports a fatal error, or breaks the link
@@ -299,10 +315,15 @@ class WorkerLinks:
 
 
 def _spawn(
-    module: str, params: dict[str, Any], device_fd: int, links: WorkerLinks
+    module: str,
+    params: dict[str, Any],
+    device_fd: int,
+    links: WorkerLinks,
+    extra_fds: Sequence[int] = (),
 ) -> subprocess.Popen[bytes]:
-    """``python -m module`` with ``params`` on its stdin, and its fds: the device, ``links``'
-    ends and its pools' (``params["pools"]``, ``grants.open_pools``'s)."""
+    """``python -m module`` with ``params`` on its stdin, and its fds: the device (and
+    ``extra_fds``), ``links``' ends and its pools' (``params["pools"]``,
+    ``grants.open_pools``'s)."""
     theirs = (links.theirs.fileno(), links.counters_fd)
     params = {
         **params,
@@ -317,7 +338,7 @@ def _spawn(
             stdin=subprocess.PIPE,
             stdout=links.theirs_output.fileno(),
             stderr=links.theirs_output.fileno(),
-            pass_fds=(device_fd, *theirs, *grants.pool_fds(params["pools"])),
+            pass_fds=(device_fd, *extra_fds, *theirs, *grants.pool_fds(params["pools"])),
             env={**os.environ, "PYTHONPATH": _SOURCE_ROOT},
         )
     except OSError:
@@ -401,10 +422,13 @@ class DataPath:
         hc: HypercallClient,
         dev: XenbusDevice,
         name: str,
+        extra_fds: Sequence[int] = (),
+        counter_blocks: int = 1,
     ) -> None:
         """Run the worker of backend device ``dev`` (``name`` in messages), with the device's
-        frontend, name and live grant pools added to ``params``; its refreshes are answered for
-        that device alone. A protocol violation it reports fails the device; its death restarts
+        frontend, name and live grant pools added to ``params`` (and ``extra_fds``, a device's
+        other queues; ``counter_blocks``, one per queue); its refreshes are answered for that
+        device alone. A protocol violation it reports fails the device; its death restarts
         the data path through the frontend: the device returns to InitWait (see the backends'
         docstrings)."""
         pools = functools.partial(grants.map_pools, hc, dev.frontend_id, dev.device_name)
@@ -420,6 +444,8 @@ class DataPath:
             pools,
             lambda message: dev.fatal(f"{name}: {message}"),
             lambda how: self._died(dev, name, how),
+            extra_fds,
+            counter_blocks,
         )
         with self._lock:
             self.worker = worker
@@ -440,6 +466,11 @@ class DataPath:
         worker = self.worker
         running = worker.counter_values(self.fields) if worker is not None else {}
         return {name: value + running.get(name, 0) for name, value in self._counted.items()}
+
+    def queue_counters(self) -> list[dict[str, int]]:
+        """The running worker's counters, queue by queue ([] when none runs)."""
+        worker = self.worker
+        return worker.counter_blocks_values(self.fields) if worker is not None else []
 
     def stats(self) -> dict[str, object]:
         """``connected`` (a worker runs), its ``worker_pid``, and the counters."""

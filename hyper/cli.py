@@ -61,7 +61,8 @@ What it cannot do:
 - change a header netback checked (netback sends its own copy), or send a GSO size
   outside 88-65534;
 - make dom0 hold its memory: a backend device maps only the grant pools set up for
-  that device, at most what its protocol can use (2 MiB for a vif, 32 MiB for a vbd),
+  that device, at most what its protocol can use (2 MiB for a vif, for each of its
+  queues; 32 MiB for a vbd),
   drops released pools, and 64 bad grant refs fail the device;
 - grow the store: 1000 nodes and 2 MiB of names, values and permissions, 128 watches,
   10 transactions that together hold at most 2 MiB and each live at most 20 s; the
@@ -674,7 +675,7 @@ def cmd_network_list(args: argparse.Namespace) -> int:
         print(json.dumps(vifs, indent=2))
         return 0
     print(
-        f"{'Idx':>3} {'MAC':<18}{'IP':<19}{'State':>5} {'TX pkts':>9} {'TX bytes':>12} "
+        f"{'Idx':>3} {'MAC':<18}{'IP':<19}{'State':>5} {'Q':>2} {'TX pkts':>9} {'TX bytes':>12} "
         f"{'RX pkts':>9} {'RX bytes':>12} {'Err':>5} {'Drop':>5} {'Spoof':>5} {'BadRef':>6}"
     )
     for v in vifs:
@@ -682,7 +683,8 @@ def cmd_network_list(args: argparse.Namespace) -> int:
         drops = v.get("tx_dropped", 0) + v.get("rx_dropped", 0)
         print(
             f"{v['devid']:>3} {v.get('mac') or '-':<18}{v.get('ip') or '-':<19}"
-            f"{v.get('state') or '-':>5} {v.get('tx_packets', 0):>9} {v.get('tx_bytes', 0):>12} "
+            f"{v.get('state') or '-':>5} {len(v.get('queues') or []) or '-':>2} "
+            f"{v.get('tx_packets', 0):>9} {v.get('tx_bytes', 0):>12} "
             f"{v.get('rx_packets', 0):>9} {v.get('rx_bytes', 0):>12} {errors:>5} {drops:>5} "
             f"{v.get('tx_spoofed', 0):>5} {v.get('bad_grefs', 0):>6}"
         )

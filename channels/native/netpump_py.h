@@ -322,7 +322,7 @@ PyMODINIT_FUNC PyInit__netpump(void) {
         {"NETBACK_TX", NETBACK_TX}, {"NETBACK_RX", NETBACK_RX}, {"NETFRONT_TX", NETFRONT_TX},
         {"NETFRONT_RX", NETFRONT_RX}, {"STOPPED", PUMP_STOPPED}, {"FATAL", PUMP_FATAL},
         {"FALLBACK", PUMP_FALLBACK}, {"MISS", PUMP_MISS}, {"BROKEN", PUMP_BROKEN},
-        {"IOERROR", PUMP_IOERROR}, {"N_COUNTERS", N_COUNTERS},
+        {"IOERROR", PUMP_IOERROR}, {"N_COUNTERS", N_COUNTERS}, {"MAX_POOLS", MAX_POOLS},
     };
     return pump_module(&module, &PumpType, constants, sizeof constants / sizeof constants[0]);
 }

@@ -244,7 +244,9 @@ static inline int readable(int fd) {
 #define GTF_permit_access 1u
 #define GTF_type_mask 3u
 #define GTF_readonly (1u << 2)
-#define MAX_POOLS 16
+/* The pools one pump looks refs up in: a vif's three per queue, for netif.MAX_QUEUES queues,
+ * and room for some being replaced. */
+#define MAX_POOLS 32
 
 typedef struct {
     uint8_t *base;       /* the pool's mapping: its grant table, then its pages */

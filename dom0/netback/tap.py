@@ -9,7 +9,6 @@ cleanup`), and frames between its ports are let through the host's firewall
 
 from __future__ import annotations
 
-import errno
 import logging
 import os
 import threading
@@ -58,7 +57,7 @@ def ensure_bridge(ipr: IPRoute, name: str) -> int:
 
 
 def create_tap(domid: int, devid: int, bridge: str, mtu: int) -> int:
-    """Create the host TAP of a vif on ``bridge``; returns its frame fd."""
+    """Create the host TAP of a vif on ``bridge``; returns the fd of its first queue."""
     name = vif_name(domid, devid)
     fd = _open_when_free(name)
     try:
@@ -73,22 +72,35 @@ def create_tap(domid: int, devid: int, bridge: str, mtu: int) -> int:
     return fd
 
 
+def add_queue(domid: int, devid: int) -> int:
+    """One more queue of the vif's TAP (which the caller holds open); its fd."""
+    try:
+        return open_tap(vif_name(domid, devid))
+    except OSError as exc:
+        raise TapError(f"{vif_name(domid, devid)}: a queue: {exc}") from exc
+
+
 def _open_when_free(name: str, wait: float = TAP_BUSY_WAIT) -> int:
-    """Open TAP ``name``; while another process still holds it (the worker of a dom0 that
-    died a moment ago, exiting), wait for it to go, up to ``wait`` seconds."""
+    """Create TAP ``name``. While a TAP of that name still exists (the worker of a dom0 that
+    died a moment ago, exiting, holds its queues: the kernel removes it with the last), wait
+    for it to go, up to ``wait`` seconds: opening it would attach a queue to the old device."""
     deadline = time.monotonic() + wait
-    while True:
-        try:
-            return open_tap(name)
-        except OSError as exc:
-            if exc.errno != errno.EBUSY or time.monotonic() > deadline:
-                raise TapError(f"{name}: {exc}") from exc
-        time.sleep(0.05)
+    with IPRoute() as ipr:
+        while _index(ipr, name) is not None:
+            if time.monotonic() > deadline:
+                raise TapError(f"{name}: still held by another process after {wait:.0f} s")
+            time.sleep(0.05)
+    try:
+        return open_tap(name)
+    except OSError as exc:
+        raise TapError(f"{name}: {exc}") from exc
 
 
-def destroy_tap(fd: int, domid: int, devid: int, bridge: str) -> None:
-    """Close the TAP (the kernel removes it) and the bridge if hyper made it and it is empty."""
-    os.close(fd)
+def destroy_tap(fds: list[int], domid: int, devid: int, bridge: str) -> None:
+    """Close the TAP's queues (the kernel removes it with the last) and the bridge if hyper
+    made it and it is empty."""
+    for fd in fds:
+        os.close(fd)
     with _bridge_lock, IPRoute() as ipr:
         index = _index(ipr, bridge)
         if index is None:

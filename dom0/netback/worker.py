@@ -1,12 +1,14 @@
 """A vif's data path in a process of its own: ``python -m dom0.netback.worker``.
 
-See dom0/datapath_worker.py for why and how: it opens its two event channels' doorbells
+See dom0/datapath_worker.py for why and how: it opens its event channels' doorbells
 (``open_channels``), drops every host privilege (dom0/privilege.py), and only then maps the
-pools and starts the data path (``start``). Besides the common fds and parameters (``device_fd``
-is the TAP), the parameters are the vif's name, its tx/rx ring refs, the doorbell names of both
-event channels, gso, the rate limit, and the vif's ``mac`` and ``ip`` (from its backend dir) that
-every transmitted frame's source is checked against. Its grant mapper maps at most what netif
-can use (``netif.MAX_GRANT_PAGES``).
+pools and starts the data path (``start``). Besides the common fds and parameters, the
+parameters are the vif's name, its ``queues`` (for each: its tx/rx ring refs, the doorbell
+names of both its event channels and the fd of its TAP queue, ``tap_fd``; the first queue's is
+``device_fd``), gso, the rate limit, and the vif's ``mac`` and ``ip`` (from its backend dir) that
+every transmitted frame's source is checked against. Each queue has its tx and rx threads and
+its own block of counters; the queues share the grant mapper, which maps at most what netif
+can use for that many queues (``netif.MAX_GRANT_PAGES`` each).
 """
 
 from __future__ import annotations
@@ -21,45 +23,57 @@ from channels.grants import DeviceGrants, GrantMapper
 from channels.ring import BackRing
 from dom0.datapath_worker import Dom0Link, serve_device, worker_main
 from dom0.netback.antispoof import SourceFilter
-from dom0.netback.datapath import Counters, RateLimit, RxPath, TxPath
+from dom0.netback.datapath import COUNTER_FIELDS, Counters, RateLimit, RxPath, TxPath
 
 
 def open_channels(params: dict[str, Any], link: Dom0Link) -> list[EventChannel]:
-    """The tx and rx event channels' doorbells, opened by name before the worker drops
-    privilege."""
+    """Each queue's tx and rx event channels' doorbells, in that order, opened by name before
+    the worker drops privilege."""
     return [
         EventChannel(link, 0, mine, peer)  # type: ignore[arg-type]
-        for mine, peer in (params["tx_doorbells"], params["rx_doorbells"])
+        for queue in params["queues"]
+        for mine, peer in (queue["tx_doorbells"], queue["rx_doorbells"])
     ]
 
 
 def start(
     channels: list[EventChannel], params: dict[str, Any], link: Dom0Link, counter_page: memoryview
 ) -> Callable[[], None]:
-    counters = Counters(counter_page)
-    device = DeviceGrants(params["frontend"], params["device"], N.MAX_GRANT_PAGES)
-    grants = GrantMapper(link, device, params["pools"], counters=counters)  # type: ignore[arg-type]
-    name, tap_fd = params["name"], params["device_fd"]
-    tx_ring = BackRing.attach(
-        N.TX_RING, grants.resolve(params["tx_ring_ref"], write=True), name=f"{name}-tx"
-    )
-    rx_ring = BackRing.attach(
-        N.RX_RING, grants.resolve(params["rx_ring_ref"], write=True), name=f"{name}-rx"
-    )
+    queues = params["queues"]
+    block = 8 * len(COUNTER_FIELDS)
+    counters = [Counters(counter_page[q * block :]) for q in range(len(queues))]
+    device = DeviceGrants(params["frontend"], params["device"], N.MAX_GRANT_PAGES * len(queues))
+    grants = GrantMapper(link, device, params["pools"], counters=counters[0])  # type: ignore[arg-type]
+    rings = [  # every ring first: a ref the frontend did not grant fails the vif at once
+        [
+            BackRing.attach(kind, grants.resolve(queue[ref], write=True), name=f"{name}-{d}")
+            for kind, ref, d in ((N.TX_RING, "tx_ring_ref", "tx"), (N.RX_RING, "rx_ring_ref", "rx"))
+        ]
+        for name, queue in zip(_names(params["name"], len(queues)), queues, strict=True)
+    ]
+    # A vif with a rate has one queue (its credit is the vif's): xenbus.py.
     rate = RateLimit(*params["rate"]) if params.get("rate") else None
     sources = SourceFilter.from_backend(params["mac"], params["ip"])  # checked at probe
-    tx = TxPath(tx_ring, channels[0], grants, tap_fd, counters, rate, link.fatal, sources)
-    rx = RxPath(rx_ring, channels[1], grants, tap_fd, counters, params["gso"], link.fatal)
-    tx.thread.start()
-    rx.thread.start()
+    paths: list[TxPath | RxPath] = []
+    for q, ((tx_ring, rx_ring), queue) in enumerate(zip(rings, queues, strict=True)):
+        tap_fd, tx_ch, rx_ch = queue["tap_fd"], channels[2 * q], channels[2 * q + 1]
+        paths.append(TxPath(tx_ring, tx_ch, grants, tap_fd, counters[q], rate, link.fatal, sources))
+        paths.append(RxPath(rx_ring, rx_ch, grants, tap_fd, counters[q], params["gso"], link.fatal))
+    for path in paths:
+        path.thread.start()
 
     def stop() -> None:
-        tx.stop()
-        rx.stop()
-        for path in (tx, rx):
+        for path in paths:
+            path.stop()
+        for path in paths:
             path.thread.join(timeout=5.0)
 
     return stop
+
+
+def _names(vif: str, queues: int) -> list[str]:
+    """Each queue's name in messages: the vif's for one queue, else ``<vif>-q<n>``."""
+    return [vif] if queues == 1 else [f"{vif}-q{q}" for q in range(queues)]
 
 
 if __name__ == "__main__":

@@ -2,9 +2,12 @@
 
 probe: read the vif's ``mac`` and ``ip`` from the backend dir (the toolstack's; never from the
 frontend dir, which the guest may rewrite), the addresses its frames may come from
-(antispoof.py); create the host TAP on its bridge, publish the features, go InitWait. When the
-frontend is Connected: read its ring refs, event channels and features, map the rings, bind the
-channels, start the data path, go Connected. When either side closes: stop the data path,
+(antispoof.py); create the host TAP on its bridge, publish the features (and how many queues
+the vif may have: one per host CPU, up to netif.MAX_QUEUES; one for a vif with a ``rate``, whose
+credit is the vif's), go InitWait. When the frontend is Connected: read how many queues it
+chose, each queue's ring refs and event channels, and its features; attach a TAP queue per
+netif queue, bind the channels, start the data path (one worker serving every queue), go
+Connected. When either side closes: stop the data path,
 release the rings and channels, close the TAP (the kernel removes it), go Closed. Any failure,
 or a protocol violation by the frontend, fails this vif alone (error node, Closing).
 
@@ -18,9 +21,11 @@ A vif whose worker dies too often (DataPath) fails instead.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from dataclasses import dataclass, field
 
+from channels import netif as N
 from channels.evtchn import EventChannel, bind_interdomain
 from channels.gnttab import GrantError
 from channels.hypercall import HypercallClient, HypercallError
@@ -29,7 +34,7 @@ from channels.xenbus_bus import XenbusDevice
 from dom0.datapath_worker import DataPath
 from dom0.netback.antispoof import SourceFilter
 from dom0.netback.datapath import COUNTER_FIELDS, RateLimit
-from dom0.netback.tap import TapError, create_tap, destroy_tap, vif_name
+from dom0.netback.tap import TapError, add_queue, create_tap, destroy_tap, vif_name
 
 log = logging.getLogger(__name__)
 S = XenbusState
@@ -49,9 +54,10 @@ class Vif:
     domid: int
     devid: int
     bridge: str
-    tap_fd: int
+    tap_fds: list[int]  # one per queue, the first the TAP's own (opened at probe)
     mac: str  # the backend dir's, checked at probe: what its frames' sources must be
     ip: str | None
+    max_queues: int = 1  # what we offered the frontend
     path: DataPath = field(default_factory=lambda: DataPath(COUNTER_FIELDS))
     channels: list[EventChannel] = field(default_factory=list)
     remote_ports: list[int] = field(default_factory=list)  # the frontend's, channels bound to
@@ -83,12 +89,16 @@ class NetbackDriver:
         except TapError as exc:
             dev.fatal(f"creating the host TAP: {exc}")
             return
-        vif = Vif(dev.frontend_id, dev.devid, bridge, fd, mac or "", ip)
+        # A rate is the vif's credit, which one queue spends.
+        limited = _parse_rate(dev.read("rate")) is not None
+        max_queues = 1 if limited else min(os.cpu_count() or 1, N.MAX_QUEUES)
+        vif = Vif(dev.frontend_id, dev.devid, bridge, [fd], mac or "", ip, max_queues)
         dev.driver_data = vif
         with self._lock:
             self.vifs[dev.frontend_id, dev.devid] = vif
         for key, value in BACKEND_FEATURES.items():
             dev.write(key, value)
+        dev.write("multi-queue-max-queues", str(max_queues))
         dev.write("hotplug-status", "connected")
         dev.switch_state(S.InitWait)
         log.info("%s: on %s, waiting for the frontend", vif.name, bridge)
@@ -116,7 +126,7 @@ class NetbackDriver:
         self._disconnect(vif)
         with self._lock:
             self.vifs.pop((vif.domid, vif.devid), None)
-        destroy_tap(vif.tap_fd, vif.domid, vif.devid, vif.bridge)
+        destroy_tap(vif.tap_fds, vif.domid, vif.devid, vif.bridge)
         dev.driver_data = None
         log.info("%s: removed", vif.name)
 
@@ -125,26 +135,49 @@ class NetbackDriver:
     def _connect(self, dev: XenbusDevice, vif: Vif) -> None:
         if dev.read_otherend("request-rx-copy") != "1":
             raise ValueError("frontend does not request rx-copy")
-        ports = [dev.otherend_int("event-channel-tx"), dev.otherend_int("event-channel-rx")]
+        queues = _requested_queues(dev, vif.max_queues)
+
+        def key(queue: int, name: str) -> int:
+            return dev.otherend_int(N.queue_path(queue, queues, name))
+
+        ports = [key(q, f"event-channel-{d}") for q in range(queues) for d in ("tx", "rx")]
         if vif.remote_ports != ports:  # after a restart, still bound to the same ports
             self._unbind(vif)
             for port in ports:
                 vif.channels.append(bind_interdomain(self.hc, dev.frontend_id, port))
             vif.remote_ports = ports
-        tx_ch, rx_ch = vif.channels
+        while len(vif.tap_fds) < queues:
+            vif.tap_fds.append(add_queue(vif.domid, vif.devid))
+        while len(vif.tap_fds) > queues:  # a restarted frontend chose fewer
+            os.close(vif.tap_fds.pop())
         rate = _parse_rate(dev.read("rate"))
         params = {
             "name": vif.name,
-            "tx_ring_ref": dev.otherend_int("tx-ring-ref"),
-            "rx_ring_ref": dev.otherend_int("rx-ring-ref"),
-            "tx_doorbells": tx_ch.doorbell_names(),
-            "rx_doorbells": rx_ch.doorbell_names(),
+            "queues": [
+                {
+                    "tx_ring_ref": key(q, "tx-ring-ref"),
+                    "rx_ring_ref": key(q, "rx-ring-ref"),
+                    "tx_doorbells": vif.channels[2 * q].doorbell_names(),
+                    "rx_doorbells": vif.channels[2 * q + 1].doorbell_names(),
+                    "tap_fd": vif.tap_fds[q],
+                }
+                for q in range(queues)
+            ],
             "gso": dev.read_otherend("feature-gso-tcpv4") == "1",
             "rate": [rate.credit, rate.window_us] if rate else None,
             "mac": vif.mac,
             "ip": vif.ip,
         }
-        vif.path.start("dom0.netback.worker", params, vif.tap_fd, self.hc, dev, vif.name)
+        vif.path.start(
+            "dom0.netback.worker",
+            params,
+            vif.tap_fds[0],
+            self.hc,
+            dev,
+            vif.name,
+            extra_fds=vif.tap_fds[1:],
+            counter_blocks=queues,
+        )
 
     def _disconnect(self, vif: Vif) -> None:
         vif.path.stop()
@@ -169,9 +202,23 @@ class NetbackDriver:
                 "mac": v.mac,  # what netback enforces, whatever the guest wrote in its own dir
                 "ip": v.ip,
                 **v.path.stats(),
+                "queues": [
+                    {"tx_packets": q["tx_packets"], "rx_packets": q["rx_packets"]}
+                    for q in v.path.queue_counters()
+                ],
             }
             for v in vifs
         ]
+
+
+def _requested_queues(dev: XenbusDevice, offered: int) -> int:
+    """How many queues the frontend chose (``multi-queue-num-queues``; one if it says
+    nothing): ValueError unless 1..``offered``."""
+    value = dev.read_otherend("multi-queue-num-queues")
+    queues = 1 if value is None else int(value)
+    if not 1 <= queues <= offered:
+        raise ValueError(f"frontend requested {queues} queues; the backend offers 1 to {offered}")
+    return queues
 
 
 def _parse_rate(value: str | None) -> RateLimit | None:

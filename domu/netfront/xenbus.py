@@ -1,11 +1,13 @@
 """netfront's negotiation: the vif frontend driver on the domain kernel's XenBus bus.
 
-When the backend reaches InitWait (and offers rx-copy), the frontend creates eth<devid>, a TAP
-in the domain's own network namespace with the MAC, MTU, address and route the toolstack wrote
-into the frontend directory; grants its ring pages and buffer pools to the backend, for this
-vif only (each pool names ``vif/<devid>``: no other device's backend maps it); allocates
-its two event channels; publishes all of it in one transaction and goes Connected (netfront
-skips Initialised). When the backend closes, or the device goes away, it stops and releases
+When the backend reaches InitWait (and offers rx-copy), the frontend chooses how many queues
+the vif has (as many as the backend offers and the domain has vcpus, up to netif.MAX_QUEUES),
+creates eth<devid>, a multi-queue TAP in the domain's own network namespace with the MAC, MTU,
+address and route the toolstack wrote into the frontend directory, one TAP queue per netif
+queue; grants each queue's ring pages and buffer pools to the backend, for this vif only (each
+pool names ``vif/<devid>``: no other device's backend maps it); allocates each queue's two
+event channels; publishes all of it in one transaction and goes Connected (netfront skips
+Initialised). When the backend closes, or the device goes away, it stops and releases
 everything; closing the TAP's fd removes eth<devid>.
 
 A backend that restarted (its data path was killed) returns from Connected to InitWait with
@@ -32,6 +34,7 @@ from channels.ring import FrontRing
 from channels.tun import open_tap
 from channels.xenbus import XenbusState
 from channels.xenbus_bus import XenbusDevice
+from channels.xs import XsError
 from domu.netfront.datapath import RxPath, TxPath
 
 log = logging.getLogger(__name__)
@@ -42,16 +45,24 @@ RX_PAGES = N.RX_RING.nr_ents(N.PAGE_SIZE)
 
 
 @dataclass
-class Netfront:
-    name: str
+class Queue:
+    """One netif queue: its TAP queue, its two channels (tx, rx), its pools and its paths."""
+
     tap_fd: int = -1
     channels: list[EventChannel] = field(default_factory=list)
     rings: list[FrontRing] = field(default_factory=list)
     # kind ("ring", "tx", "rx"): (pool id, pool, grefs)
     pools: dict[str, tuple[int, GrantPool, list[int]]] = field(default_factory=dict)
-    gso: bool = False
     tx: TxPath | None = None
     rx: RxPath | None = None
+
+
+@dataclass
+class Netfront:
+    name: str
+    queues: list[Queue] = field(default_factory=list)
+    gso: bool = False
+    running: bool = False  # the data path was started
 
 
 class NetfrontDriver:
@@ -68,15 +79,19 @@ class NetfrontDriver:
         if state == S.InitWait and dev.state in (S.Unknown, S.Initialising):
             try:
                 self._connect(dev, nf)
-            except (OSError, ValueError, KeyError, HypercallError) as exc:
+            except (OSError, ValueError, KeyError, HypercallError, XsError) as exc:
                 self._release(nf)
                 dev.fatal(f"{nf.name}: connecting: {exc}")
                 return
             dev.switch_state(S.Connected)
-            log.info("%s connected", nf.name)
-        elif state == S.InitWait and dev.state == S.Connected and nf.tx is not None:
+            log.info("%s connected, %d queue(s)", nf.name, len(nf.queues))
+        elif state == S.InitWait and dev.state == S.Connected and nf.running:
             log.warning("%s: the backend restarted; starting the rings over", nf.name)
             self._stop_paths(nf)
+            if _offered_queues(dev) < len(nf.queues):
+                self._release(nf)
+                dev.fatal(f"{nf.name}: the backend came back offering fewer queues")
+                return
             self._start_paths(dev, nf)
             dev.switch_state(S.Initialised)
         elif state == S.Connected and dev.state == S.Initialised:
@@ -86,8 +101,9 @@ class NetfrontDriver:
             # The backend has bound our ports: learn its doorbells now, so that the data path
             # never has to ask hyperd (which may be restarting) at its first notification.
             try:
-                for channel in nf.channels:
-                    channel.doorbell_names()
+                for queue in nf.queues:
+                    for channel in queue.channels:
+                        channel.doorbell_names()
             except HypercallError as exc:
                 log.warning("%s: the backend's doorbells: %s", nf.name, exc)
         elif state in (S.Closing, S.Closed, S.Unknown) and dev.state != S.Closed:
@@ -102,93 +118,126 @@ class NetfrontDriver:
 
     # -- connecting -----------------------------------------------------------------------------
 
-    def _pool(
-        self, dev: XenbusDevice, nf: Netfront, kind: str, pages: int, *, readonly: bool
-    ) -> None:
-        """A pool for this vif, granted to its backend."""
-        backend, device = dev.otherend_id, dev.device_name
-        nf.pools[kind] = grant_pool(self.hc, backend, device, pages, readonly=readonly)
-
     def _connect(self, dev: XenbusDevice, nf: Netfront) -> None:
         if dev.read_otherend("feature-rx-copy") != "1":
             raise ValueError("the backend does not offer rx-copy")
-        backend = dev.otherend_id
+        backend, device = dev.otherend_id, dev.device_name
+        count = min(_offered_queues(dev), _vcpus(dev), N.MAX_QUEUES)
         config = {k: dev.read(k) for k in ("mac", "mtu", "ip", "gateway")}
         nf.gso = gso = dev.read_otherend("feature-gso-tcpv4") == "1"
-        nf.tap_fd = open_tap(nf.name, offload=gso)
+        nf.queues = [Queue() for _ in range(count)]
+        for queue in nf.queues:  # the first open creates eth<devid>, each one more a queue
+            queue.tap_fd = open_tap(nf.name, offload=gso)
         _configure_link(nf.name, config)
-        self._pool(dev, nf, "ring", 2, readonly=False)
-        self._pool(dev, nf, "tx", TX_PAGES, readonly=True)
-        self._pool(dev, nf, "rx", RX_PAGES, readonly=False)
-        nf.channels = [alloc_unbound(self.hc, backend), alloc_unbound(self.hc, backend)]
+        for queue in nf.queues:
+            for kind, pages, readonly in (
+                ("ring", 2, False),
+                ("tx", TX_PAGES, True),
+                ("rx", RX_PAGES, False),
+            ):
+                queue.pools[kind] = grant_pool(self.hc, backend, device, pages, readonly=readonly)
+            queue.channels = [alloc_unbound(self.hc, backend), alloc_unbound(self.hc, backend)]
         self._start_paths(dev, nf, run=False)
-        _, _, ring_grefs = nf.pools["ring"]
-        tx_ch, rx_ch = nf.channels
         keys = {
-            "tx-ring-ref": str(ring_grefs[0]),
-            "rx-ring-ref": str(ring_grefs[1]),
-            "event-channel-tx": str(tx_ch.port),
-            "event-channel-rx": str(rx_ch.port),
             "request-rx-copy": "1",
             "feature-rx-notify": "1",
             "feature-sg": "1",
             "feature-gso-tcpv4": "1" if gso else "0",
             "feature-gso-tcpv6": "1" if gso else "0",
         }
+        if dev.read_otherend("multi-queue-max-queues") is not None:
+            keys["multi-queue-num-queues"] = str(count)
+        for q, queue in enumerate(nf.queues):
+            _, _, ring_grefs = queue.pools["ring"]
+            tx_ch, rx_ch = queue.channels
+            for key, value in (
+                ("tx-ring-ref", ring_grefs[0]),
+                ("rx-ring-ref", ring_grefs[1]),
+                ("event-channel-tx", tx_ch.port),
+                ("event-channel-rx", rx_ch.port),
+            ):
+                keys[N.queue_path(q, count, key)] = str(value)
 
         def publish(tx: Any) -> None:
             for key, value in keys.items():
                 tx.write(dev.path(key), value)
 
         dev.xs.transaction(publish)
-        assert nf.tx is not None and nf.rx is not None
-        nf.tx.thread.start()
-        nf.rx.thread.start()
+        self._run_paths(nf)
 
     def _start_paths(self, dev: XenbusDevice, nf: Netfront, *, run: bool = True) -> None:
-        """Fresh rings over the ring pages, the data path over them, every rx buffer posted;
-        the threads started if ``run`` (else once the backend can find the rings)."""
-        _, ring_pool, _ = nf.pools["ring"]
-        tx_ring = FrontRing.init(N.TX_RING, ring_pool.page(0), name=f"{nf.name}-tx")
-        rx_ring = FrontRing.init(N.RX_RING, ring_pool.page(1), name=f"{nf.name}-rx")
-        nf.rings = [tx_ring, rx_ring]
-        tx_ch, rx_ch = nf.channels
+        """For each queue: fresh rings over its ring pages, the data path over them, every rx
+        buffer posted; the threads started if ``run`` (else once the backend can find the
+        rings)."""
 
         def broken(message: str) -> None:
             dev.fatal(f"{nf.name}: backend misbehaved: {message}")
 
-        _, tx_pool, tx_grefs = nf.pools["tx"]
-        _, rx_pool, rx_grefs = nf.pools["rx"]
-        nf.tx = TxPath(tx_ring, tx_ch, tx_pool, tx_grefs, nf.tap_fd, nf.gso, broken)
-        nf.rx = RxPath(rx_ring, rx_ch, rx_pool, rx_grefs, nf.tap_fd, broken)
-        nf.rx.post_all()
+        for q, queue in enumerate(nf.queues):
+            name = nf.name if len(nf.queues) == 1 else f"{nf.name}-q{q}"
+            _, ring_pool, _ = queue.pools["ring"]
+            tx_ring = FrontRing.init(N.TX_RING, ring_pool.page(0), name=f"{name}-tx")
+            rx_ring = FrontRing.init(N.RX_RING, ring_pool.page(1), name=f"{name}-rx")
+            queue.rings = [tx_ring, rx_ring]
+            tx_ch, rx_ch = queue.channels
+            _, tx_pool, tx_grefs = queue.pools["tx"]
+            _, rx_pool, rx_grefs = queue.pools["rx"]
+            queue.tx = TxPath(tx_ring, tx_ch, tx_pool, tx_grefs, queue.tap_fd, nf.gso, broken)
+            queue.rx = RxPath(rx_ring, rx_ch, rx_pool, rx_grefs, queue.tap_fd, broken)
+            queue.rx.post_all()
         if run:
-            nf.tx.thread.start()
-            nf.rx.thread.start()
+            self._run_paths(nf)
+
+    @staticmethod
+    def _run_paths(nf: Netfront) -> None:
+        for queue in nf.queues:
+            assert queue.tx is not None and queue.rx is not None
+            queue.tx.thread.start()
+            queue.rx.thread.start()
+        nf.running = True
 
     def _stop_paths(self, nf: Netfront) -> None:
-        for path in (nf.tx, nf.rx):
-            if path is not None:
-                path.stop()
-        for path in (nf.tx, nf.rx):
-            if path is not None and path.thread.is_alive():
+        paths = [p for q in nf.queues for p in (q.tx, q.rx) if p is not None]
+        for path in paths:
+            path.stop()
+        for path in paths:
+            if path.thread.is_alive():
                 path.thread.join(timeout=5.0)
-        nf.tx = nf.rx = None
-        for ring in nf.rings:
-            ring.close()
-        nf.rings = []
+        for queue in nf.queues:
+            queue.tx = queue.rx = None
+            for ring in queue.rings:
+                ring.close()
+            queue.rings = []
+        nf.running = False
 
     def _release(self, nf: Netfront) -> None:
         self._stop_paths(nf)
-        for channel in nf.channels:
-            channel.close()
-        nf.channels = []
-        for pool_id, pool, _ in nf.pools.values():
-            release_pool(self.hc, pool_id, pool)
-        nf.pools = {}
-        if nf.tap_fd >= 0:
-            os.close(nf.tap_fd)
-            nf.tap_fd = -1
+        for queue in nf.queues:
+            for channel in queue.channels:
+                channel.close()
+            for pool_id, pool, _ in queue.pools.values():
+                release_pool(self.hc, pool_id, pool)
+            if queue.tap_fd >= 0:
+                os.close(queue.tap_fd)  # the last one removes eth<devid>
+        nf.queues = []
+
+
+def _offered_queues(dev: XenbusDevice) -> int:
+    """How many queues the backend offers (``multi-queue-max-queues``; one if it says
+    nothing or nonsense)."""
+    try:
+        return max(1, int(dev.read_otherend("multi-queue-max-queues") or 1))
+    except ValueError:
+        return 1
+
+
+def _vcpus(dev: XenbusDevice) -> int:
+    """The domain's vcpus, as the toolstack listed them in its home (``cpu/<n>``: a path
+    relative to the home)."""
+    try:
+        return max(1, len(dev.xs.directory("cpu")))
+    except XsError:
+        return 1
 
 
 def _configure_link(name: str, config: dict[str, str | None]) -> None:

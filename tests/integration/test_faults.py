@@ -186,13 +186,20 @@ def reap(*procs: subprocess.Popen[str]) -> None:
         proc.communicate()
 
 
+@pytest.mark.parametrize("vcpus", [1, 2], ids=["one queue", "two queues"])
 def test_an_iperf3_stream_between_two_domains_survives_a_killed_netback(
-    make_domain: Callable[..., str], lan: tuple[str, str]
+    make_domain: Callable[..., str], lan: tuple[str, str], vcpus: int
 ) -> None:
-    client, net = two_domains_with_a_server(make_domain, lan)
+    """The worker serves every queue of the vif: killed, it comes back for all of them (the
+    client's vif has a queue per vcpu), and the streams go on."""
+    if vcpus > (os.cpu_count() or 1):
+        pytest.skip("netback offers a queue per host CPU")
+    client, net = two_domains_with_a_server(make_domain, lan, vcpus)
     [vif] = json.loads(hyperctl("network-list", "--json", client).out)
+    assert len(vif["queues"]) == vcpus
     first = vif["worker_pid"]
-    stream = in_domain(client, "iperf3", "-c", f"{net}.2", "-t", "8", "-i", "1", "-J")
+    streams = ("-P", "4") if vcpus > 1 else ()
+    stream = in_domain(client, "iperf3", "-c", f"{net}.2", "-t", "8", "-i", "1", "-J", *streams)
     try:
 
         def now() -> dict[str, Any]:
@@ -215,13 +222,13 @@ def test_an_iperf3_stream_between_two_domains_survives_a_killed_netback(
 
 
 def two_domains_with_a_server(
-    make_domain: Callable[..., str], lan: tuple[str, str]
+    make_domain: Callable[..., str], lan: tuple[str, str], vcpus: int = 1
 ) -> tuple[str, str]:
     """Two domUs on ``lan``, an iperf3 server listening in the first (.2); the second (.3),
-    the client, and the /24 prefix."""
+    the client (with ``vcpus``), and the /24 prefix."""
     bridge, net = lan
     server = make_domain(f"vif:\n  - bridge: {bridge}\n    ip: {net}.2/24\n")
-    client = make_domain(f"vif:\n  - bridge: {bridge}\n    ip: {net}.3/24\n")
+    client = make_domain(f"vcpus: {vcpus}\nvif:\n  - bridge: {bridge}\n    ip: {net}.3/24\n")
     start_iperf3_server(server)
     return client, net
 

@@ -110,6 +110,42 @@ def peer_namespace(lan: tuple[str, str]) -> Iterator[str]:
         subprocess.run(["ip", "link", "del", f"{ns}h"], capture_output=True)
 
 
+def test_two_vcpus_give_a_vif_two_queues_and_streams_spread_over_both(
+    make_domain: Callable[..., str], lan: tuple[str, str]
+) -> None:
+    """netif multi-queue: the backend offers a queue per host CPU, the frontend takes one per
+    vcpu. Two queues are written as Xen writes them (``multi-queue-num-queues``, each queue's
+    rings and channels under ``queue-<n>/``, none at the top); 16 iperf3 streams spread over
+    both queues, each way (the TAPs hash flows onto queues: 16 streams all on one queue would
+    be one chance in 2^15); a one-vcpu domain keeps one queue, keyed at the top, and both
+    talk."""
+    if (os.cpu_count() or 1) < 2:
+        pytest.skip("one host CPU: netback offers one queue")
+    bridge, net = lan
+    server = make_domain(vif(bridge, f"{net}.2"))
+    client = make_domain("vcpus: 2\n" + vif(bridge, f"{net}.3"))
+    info = domain_info(client)
+    assert info is not None
+    front = f"/local/domain/{info['domid']}/device/vif/0"
+
+    def read(key: str) -> str | None:
+        done = hyperctl("store", "read", f"{front}/{key}", check=False)
+        return done.out.strip() if done.status == 0 else None
+
+    assert read("multi-queue-num-queues") == "2"
+    for q in (0, 1):
+        for key in ("tx-ring-ref", "rx-ring-ref", "event-channel-tx", "event-channel-rx"):
+            assert (read(f"queue-{q}/{key}") or "").isdigit(), f"queue-{q}/{key}"
+    assert read("tx-ring-ref") is None, "two queues are keyed under queue-<n>/ only"
+    assert len(counters(server)[0]["queues"]) == 1
+    assert len(counters(client)[0]["queues"]) == 2
+
+    start_iperf3_server(server)
+    hyperctl("exec", client, "--", "iperf3", "-c", f"{net}.2", "-t", "2", "-P", "16")
+    per_queue = counters(client)[0]["queues"]
+    assert all(q["tx_packets"] > 0 and q["rx_packets"] > 0 for q in per_queue), per_queue
+
+
 def test_a_peer_namespace_on_the_bridge_reaches_a_domain_both_ways(
     make_domain: Callable[..., str], lan: tuple[str, str], peer_namespace: str
 ) -> None:

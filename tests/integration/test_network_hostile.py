@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
+import signal
 import socket
 import struct
 import subprocess
@@ -238,6 +240,52 @@ def test_hostile_frontend_is_refused_and_disconnected_while_a_neighbour_runs(
     report = json.loads(out)
     assert report["end"]["sum_received"]["bytes"] > 0
     assert "error" not in report
+
+
+QUEUE_LIES = [
+    ({"multi-queue-num-queues": "3"}, "frontend requested 3 queues; the backend offers 1 to"),
+    ({"multi-queue-num-queues": "0"}, "frontend requested 0 queues"),
+    ({"multi-queue-num-queues": "two"}, "invalid literal"),
+    ({"queue-1/tx-ring-ref": None}, "queue-1/tx-ring-ref missing"),
+]
+
+
+@pytest.mark.parametrize(
+    ("lie", "reason"), QUEUE_LIES, ids=["more than offered", "none", "no number", "a ring missing"]
+)
+def test_a_frontend_lying_about_its_queues_fails_its_vif_alone(
+    make_domain: Callable[..., str],
+    lan: tuple[str, str],
+    lie: dict[str, str | None],
+    reason: str,
+) -> None:
+    """A frontend's queues are read as its backend connects: here again, once the vif's worker
+    was killed and the real netfront started its rings over under keys the test rewrote, as a
+    subverted kernel could. More queues than offered, none, a count that is no number, or a
+    queue without its ring: the vif fails, saying why, and its neighbours talk on."""
+    if (os.cpu_count() or 1) < 2:
+        pytest.skip("one host CPU: netback offers one queue")
+    bridge, net = lan
+    victim = make_domain("vcpus: 2\n" + vif(bridge, f"{net}.2"))
+    first, second = (make_domain(vif(bridge, f"{net}.{i}")) for i in (3, 4))
+    info = domain_info(victim)
+    assert info is not None
+    front = f"/local/domain/{info['domid']}/device/vif/0"
+    backend = f"/local/domain/0/backend/vif/{info['domid']}/0"
+    for key, value in lie.items():
+        if value is None:
+            hyperctl("store", "rm", f"{front}/{key}")
+        else:
+            hyperctl("store", "write", f"{front}/{key}", value)
+    os.kill(counters(victim)[0]["worker_pid"], signal.SIGKILL)
+    wait_for(
+        lambda: hyperctl("store", "read", f"{backend}/error", check=False).status == 0,
+        15,
+        "netback to fail the vif",
+    )
+    assert reason in hyperctl("store", "read", f"{backend}/error").out
+    assert hyperctl("exec", first, "--", "ping", "-c", "2", "-W", "5", f"{net}.4").status == 0
+    assert domain_info(second) is not None
 
 
 # -- antispoof: only the vif's own addresses leave the bridge -----------------------------------

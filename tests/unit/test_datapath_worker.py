@@ -196,38 +196,52 @@ def test_a_worker_reporting_fatal_errors_in_a_loop_is_heard_once(tmp_path: Path)
 # -- a setup the frontend broke ------------------------------------------------------------------
 
 WORKERS = pytest.mark.parametrize(
-    ("module", "device", "bound"),
+    ("module", "device", "queues", "bound"),
     [
-        ("dom0.netback.worker", "vif/0", N.MAX_GRANT_PAGES),
-        ("dom0.blkback.worker", "vbd/51712", B.MAX_GRANT_PAGES),
+        ("dom0.netback.worker", "vif/0", 1, N.MAX_GRANT_PAGES),
+        ("dom0.netback.worker", "vif/0", 2, 2 * N.MAX_GRANT_PAGES),
+        ("dom0.blkback.worker", "vbd/51712", 1, B.MAX_GRANT_PAGES),
     ],
-    ids=["netback", "blkback"],
+    ids=["netback", "netback-2-queues", "blkback"],
 )
-#: The ring refs each worker is given (netback's two, blkback's one): the first gref.
-RING_REFS = {"tx_ring_ref": 8, "rx_ring_ref": 8, "ring_ref": 8, "name": "vif5.0"}
+
+
+def ring_params(queues: int, doorbells: list[str]) -> dict[str, object]:
+    """What each worker is given of its rings: every ring ref the first gref, every event
+    channel ``doorbells``; netback's two rings per queue (its TAP queues are never reached),
+    blkback's one ring."""
+    queue = {
+        "tx_ring_ref": 8,
+        "rx_ring_ref": 8,
+        "tx_doorbells": doorbells,
+        "rx_doorbells": doorbells,
+        "tap_fd": -1,
+    }
+    return {"name": "vif5.0", "queues": [queue] * queues, "ring_ref": 8, "doorbells": doorbells}
 
 
 @pytest.fixture
-def doorbells() -> Iterator[dict[str, list[str]]]:
-    """Two doorbells, the parameters that name them as each worker's event channels."""
+def doorbells() -> Iterator[list[str]]:
+    """Two doorbells, the names of an event channel's two ends."""
     names = [f"hyper-test-worker-{os.getpid()}-{side}" for side in ("back", "front")]
     for name in names:
         create_doorbell(name)
-    yield {"tx_doorbells": names, "rx_doorbells": names, "doorbells": names}
+    yield names
     for name in names:
         unlink_doorbell(name)
 
 
 @WORKERS
 def test_more_pages_than_a_device_can_use_fail_it_at_once_saying_so(
-    module: str, device: str, bound: int, doorbells: dict[str, list[str]]
+    module: str, device: str, queues: int, bound: int, doorbells: list[str]
 ) -> None:
     """A frontend that set up more pages for its device than the protocol can use before it
-    connected (hyperd checks only the domain's whole budget): the worker refuses to map them
-    as it starts, and the device fails with that reason, not restarted as a crashed worker."""
+    connected (hyperd checks only the domain's whole budget; a vif can use as many again for
+    each queue): the worker refuses to map them as it starts, and the device fails with that
+    reason, not restarted as a crashed worker."""
     hyperd = Hyperd([pool("never-opened", bound + 1)], max_pages=1 << 16)
     dev = Device(device)
-    with running(module, {**RING_REFS, **doorbells}, hyperd, dev) as worker:
+    with running(module, ring_params(queues, doorbells), hyperd, dev) as worker:
         assert dev.changed.wait(TIMEOUT), "the device must be told"
         ended(worker)
     assert len(dev.told) == 1, dev.told
@@ -246,10 +260,10 @@ def ungranted_page() -> Iterator[str]:
 
 @WORKERS
 def test_a_ring_ref_the_frontend_did_not_grant_fails_the_device_at_once(
-    module: str, device: str, bound: int, ungranted_page: str, doorbells: dict[str, list[str]]
+    module: str, device: str, queues: int, bound: int, ungranted_page: str, doorbells: list[str]
 ) -> None:
     dev = Device(device)
-    params = {**RING_REFS, **doorbells}
+    params = ring_params(queues, doorbells)
     with running(module, params, Hyperd([pool(ungranted_page, 1)]), dev) as worker:
         assert dev.changed.wait(TIMEOUT), "the device must be told"
         ended(worker)

@@ -66,6 +66,9 @@ def test_the_native_module_speaks_the_same_numbers() -> None:
         assert getattr(module, name) == getattr(pumps, name)
     # The pump counts in the counters page by position: netback's first fields, in order.
     assert COUNTER_FIELDS.index("bad_grefs") == module.N_COUNTERS
+    # Every pool of a vif with the most queues (three each: domu/netfront/xenbus.py) is one
+    # the pump can map; more would send the vif to the Python path.
+    assert module.MAX_POOLS >= 3 * N.MAX_QUEUES
 
 
 # -- netback tx: slots a hostile frontend wrote -------------------------------------------------
