@@ -30,7 +30,7 @@ from channels.grants import BAD_GREF_BUDGET, DeviceGrants, GrantMapper
 from channels.ring import PAGE_SIZE, BackRing, FrontRing, u32_view
 from channels.shm import attach, create_segment, unlink_segment
 from dom0.netback.antispoof import SourceFilter
-from dom0.netback.datapath import Counters, TxPath
+from dom0.netback.datapath import COUNTER_FIELDS, Counters, TxPath
 from tests.unit.backend_hypercalls import Hypercalls, storm
 from tests.unit.pumps import both_pumps  # noqa: F401  (runs each test with both)
 
@@ -95,48 +95,69 @@ def serving_vif(
 ) -> Iterator[Vif]:
     """netback's TxPath running over a fresh ring, pool and doorbells, checking ``sources`` if
     given, failing past ``bad_gref_budget``; everything is removed on the way out."""
+    with serving_queues(1, sources, bad_gref_budget) as [vif]:
+        yield vif
+
+
+@contextlib.contextmanager
+def serving_queues(
+    queues: int, sources: SourceFilter | None = None, bad_gref_budget: int = BAD_GREF_BUDGET
+) -> Iterator[list[Vif]]:
+    """A vif of ``queues`` queues, as dom0/netback/worker.py runs one: a TxPath per queue over
+    its own ring, doorbells and "TAP", counting in its own block of one counter page; one pool
+    and one grant mapper for them all (counting bad refs in the first block)."""
     tag = f"hyper-test-netback-{os.getpid()}-{next(_ids)}"
-    ring_name, pool_name, bells = f"{tag}-ring", f"{tag}-pool", (f"{tag}-b", f"{tag}-f")
-    create_segment(ring_name, PAGE_SIZE)
-    create_segment(pool_name, pool_bytes(8))
-    for bell in bells:
-        create_doorbell(bell)
-    ring_segment = attach(ring_name)
-    front = FrontRing.init(N.TX_RING, ring_segment.buf)
-    back = BackRing.attach(N.TX_RING, ring_segment.buf)
-    pool = GrantPool.open(pool_name, 8, 8)
-    for i in range(8):
-        pool.grant(i, 0, readonly=True)
-    calls = Hypercalls([(pool_name, 8, 8)], bells)
-    counters = Counters()
-    device = DeviceGrants(FRONT, "vif/0", N.MAX_GRANT_PAGES)
-    grants = GrantMapper(calls, device, counters=counters, bad_gref_budget=bad_gref_budget)  # type: ignore[arg-type]
-    tap, peer = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    state = Vif(front, pool, peer, None, counters)  # type: ignore[arg-type]
+    pool_name = f"{tag}-pool"
+    rings = [f"{tag}-ring{q}" for q in range(queues)]
+    bells = [(f"{tag}-b{q}", f"{tag}-f{q}") for q in range(queues)]
+    with contextlib.ExitStack() as stack:
+        for name in rings:
+            create_segment(name, PAGE_SIZE)
+            stack.callback(unlink_segment, name)
+        create_segment(pool_name, pool_bytes(8))
+        stack.callback(unlink_segment, pool_name)
+        for bell in (b for pair in bells for b in pair):
+            create_doorbell(bell)
+            stack.callback(unlink_doorbell, bell)
+        pool = GrantPool.open(pool_name, 8, 8)
+        stack.callback(pool.close)
+        for i in range(8):
+            pool.grant(i, 0, readonly=True)
+        page = memoryview(bytearray(8 * len(COUNTER_FIELDS) * queues))
+        counters = [Counters(page[8 * len(COUNTER_FIELDS) * q :]) for q in range(queues)]
+        calls = [Hypercalls([(pool_name, 8, 8)], pair) for pair in bells]
+        device = DeviceGrants(FRONT, "vif/0", N.MAX_GRANT_PAGES * queues)
+        grants = GrantMapper(
+            calls[0], device, counters=counters[0], bad_gref_budget=bad_gref_budget
+        )  # type: ignore[arg-type]
+        stack.callback(grants.close)
+        vifs = []
+        for q in range(queues):
+            segment = attach(rings[q])
+            stack.callback(segment.close)
+            front = FrontRing.init(N.TX_RING, segment.buf)
+            back = BackRing.attach(N.TX_RING, segment.buf)
+            stack.callback(back.close)
+            stack.callback(front.close)
+            tap, peer = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+            stack.callback(peer.close)
+            stack.callback(tap.close)
+            state = Vif(front, pool, peer, None, counters[q])  # type: ignore[arg-type]
 
-    def on_fatal(message: str) -> None:
-        state.fatal.append(message)
-        state.fatal_event.set()
+            def on_fatal(message: str, state: Vif = state) -> None:
+                state.fatal.append(message)
+                state.fatal_event.set()
 
-    evtchn = from_status(calls, 1)  # type: ignore[arg-type]
-    state.tx = TxPath(back, evtchn, grants, tap.fileno(), counters, None, on_fatal, sources)
-    state.tx.thread.start()
-    try:
-        yield state
-    finally:
-        state.tx.stop()
-        state.tx.thread.join(5)
-        front.close()
-        back.close()
-        grants.close()
-        pool.close()
-        ring_segment.close()
-        tap.close()
-        peer.close()
-        unlink_segment(ring_name)
-        unlink_segment(pool_name)
-        for bell in bells:
-            unlink_doorbell(bell)
+            evtchn = from_status(calls[q], 1)  # type: ignore[arg-type]
+            state.tx = TxPath(
+                back, evtchn, grants, tap.fileno(), counters[q], None, on_fatal, sources
+            )
+            vifs.append(state)
+        for state in vifs:
+            state.tx.thread.start()
+            stack.callback(state.tx.thread.join, 5)
+            stack.callback(state.tx.stop)
+        yield vifs
 
 
 def test_a_good_packet_is_transmitted_and_answered_okay(vif: Vif) -> None:
@@ -155,6 +176,20 @@ def test_a_fragmented_packet_with_a_gso_extra_goes_as_one_frame(vif: Vif) -> Non
     vif.send((first, 0, flags, 1, len(FRAME) + 100), extra, (second, 0, 0, 2, 100))
     assert vif.responses(3) == [(1, 0), (0, N.NETIF_RSP_NULL), (2, 0)]
     assert vif.transmitted()[0][10:] == FRAME + b"x" * 100
+
+
+def test_the_queues_of_one_vif_share_its_mapper_and_count_apart() -> None:
+    """netif multi-queue: each queue's frames go to its own TAP queue and count in its own
+    block of the vif's counter page, with the two queues' threads sending at once."""
+    with serving_queues(2) as (first, second):
+        gref = first.page(0, FRAME)  # one pool for the vif: either queue may name any page
+        first.send(*[(gref, 0, 0, i, len(FRAME)) for i in range(3)])
+        second.send(*[(gref, 0, 0, i, len(FRAME)) for i in range(5)])
+        assert first.responses(3) == [(i, N.NETIF_RSP_OKAY) for i in range(3)]
+        assert second.responses(5) == [(i, N.NETIF_RSP_OKAY) for i in range(5)]
+        assert (len(first.transmitted()), len(second.transmitted())) == (3, 5)
+        assert (first.counters.tx_packets, second.counters.tx_packets) == (3, 5)
+        assert first.counters.tx_bytes == 3 * len(FRAME)
 
 
 def extra_of(type_: int, size: int = 1448, gso_type: int = 1) -> bytes:
