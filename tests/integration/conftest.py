@@ -9,6 +9,7 @@ hypervisor's log attached to its report.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import os
@@ -146,7 +147,9 @@ def _our_interfaces() -> list[str]:
         ]
 
 
-def start_hypervisor() -> None:
+def start_hypervisor(env: dict[str, str] | None = None) -> None:
+    """Start hyperd, with ``env`` added to its environment (which dom0, every domain and every
+    data-path worker inherit)."""
     subprocess.Popen(
         [sys.executable, "-m", "hyper.hyperd"],
         cwd="/",
@@ -154,7 +157,7 @@ def start_hypervisor() -> None:
         stdin=subprocess.DEVNULL,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
-        env={**os.environ, "PYTHONPATH": str(REPO)},
+        env={**os.environ, **(env or {}), "PYTHONPATH": str(REPO)},
     )
     wait_for(lambda: hyperctl("list", check=False).status == 0, 30, "the hypervisor to start")
 
@@ -196,11 +199,19 @@ def hypervisor() -> Iterator[None]:
 def own_hypervisor() -> Iterator[None]:
     """A hypervisor for this test alone, which it may break: one already running is halted
     first and started again afterwards."""
+    with hypervisor_of_its_own():
+        yield
+
+
+@contextlib.contextmanager
+def hypervisor_of_its_own(env: dict[str, str] | None = None) -> Iterator[None]:
+    """A hypervisor started with ``env`` added to its environment, halted and cleaned up at
+    the end; one already running is halted first and started again afterwards."""
     require_root()
     shared = RUN.pidfile.exists()
     if shared:
         stop_hypervisor()
-    start_hypervisor()
+    start_hypervisor(env)
     try:
         yield
     finally:
