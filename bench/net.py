@@ -1,7 +1,9 @@
 """Network throughput and latency through hyper's netif rings, beside the kernel's own veth path.
 
-Run as root: ``python3 bench/net.py [--time T] [--pings N] [--json] [--skip-slirp]`` (or
-``python3 -m bench.net``). It uses the running hypervisor, or starts one and halts it at the end.
+Run as root: ``python3 bench/net.py [--time T] [--pings N] [--runs R] [--json] [--skip-slirp]``
+(or ``python3 -m bench.net``). With ``--runs R`` it measures R times over, each run in a fresh
+lab, and prints each run's figures and each ratio's median over the runs against the targets.
+It uses the running hypervisor, or starts one and halts it at the end.
 
 Paths, all measured in the same run:
 
@@ -845,6 +847,85 @@ def host_facts() -> dict[str, Any]:
     }
 
 
+def measure_runs(args: argparse.Namespace) -> dict[str, Any]:
+    """``--runs`` whole measurements one after another (a fresh lab each): one run's figures,
+    or every run's and each ratio's median over them (``medians``)."""
+    if args.runs == 1:
+        return measure(args)
+    runs = []
+    for n in range(args.runs):
+        progress(f"run {n + 1} of {args.runs}")
+        runs.append(measure(args))
+    return {"runs": runs, "medians": medians(runs)}
+
+
+#: The ratios to veth of each run that --runs takes medians of: name, and how to get it.
+RATIOS: tuple[tuple[str, Callable[[dict[str, Any]], float | None]], ...] = (
+    ("single", lambda path: throughput(path, "single")),
+    ("parallel", lambda path: throughput(path, "parallel")),
+    ("rtt", rtt),
+)
+
+
+def medians(runs: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, Any]]]:
+    """For each hyper path with a target, each ratio to the same run's veth: every run's
+    (``runs``, None where a figure is missing) and the median of those there are."""
+    found: dict[str, dict[str, dict[str, Any]]] = {}
+    for name in TARGETS:
+        found[name] = {}
+        for key, figure in RATIOS:
+            ratios = []
+            for results in runs:
+                path, veth = results["paths"].get(name, {}), results["paths"].get(VETH, {})
+                ok = not any(k in p for p in (path, veth) for k in ("skipped", "error"))
+                value = figure(path) if ok and path else None
+                base = figure(veth) if ok and veth else None
+                ratios.append(value / base if value is not None and base else None)
+            present = [r for r in ratios if r is not None]
+            median = statistics.median(present) if present else None
+            found[name][key] = {"runs": ratios, "median": median}
+    return found
+
+
+def medians_table(results: dict[str, Any]) -> Table:
+    """The medians of ``--runs``, each with every run's ratio, against the targets."""
+    t = Table(title=f"medians of {len(results['runs'])} runs, ratios to veth in the same run")
+    columns = ("path", "1 stream x veth", f"-P {PARALLEL} x veth", "ping x veth", "target")
+    for col in (*columns, "medians"):
+        t.add_column(col, justify="left" if col in ("path", "target", "medians") else "right")
+    for name, goal in TARGETS.items():
+        figures = results["medians"][name]
+        cells = []
+        for key, _ in RATIOS:
+            each = ", ".join("-" if r is None else f"{r:.2f}" for r in figures[key]["runs"])
+            median = figures[key]["median"]
+            cells.append(f"{'-' if median is None else f'{median:.2f}x'} ({each})")
+        single, parallel, rtt_ratio = (figures[k]["median"] for k, _ in RATIOS)
+        misses = [
+            what
+            for what, value, ok in (
+                ("1 stream", single, single is not None and single >= goal.single),
+                (f"-P {PARALLEL}", parallel, parallel is not None and parallel >= goal.parallel),
+                ("RTT", rtt_ratio, rtt_ratio is not None and rtt_ratio <= goal.rtt),
+            )
+            if not ok
+        ]
+        target = f">= {goal.single}x, -P {PARALLEL} >= {goal.parallel}x, RTT <= {goal.rtt:g}x"
+        t.add_row(name, *cells, target, "met" if not misses else "missed: " + ", ".join(misses))
+    return t
+
+
+def print_runs(results: dict[str, Any]) -> None:
+    """One run's whole report, or each run's main table and the medians."""
+    if "runs" not in results:
+        print_report(results)
+        return
+    for n, run in enumerate(results["runs"], 1):
+        out.print(f"run {n}:")
+        out.print(main_table(run))
+    out.print(medians_table(results))
+
+
 def measure(args: argparse.Namespace) -> dict[str, Any]:
     results: dict[str, Any] = {"seconds": args.time, "pings": args.pings, "host": host_facts()}
     paths: dict[str, Any] = {}
@@ -871,13 +952,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pings", type=int, default=20, help="echoes per ping RTT (20)")
     parser.add_argument("--json", action="store_true", help="print the figures as JSON")
     parser.add_argument("--skip-slirp", action="store_true", help="do not measure slirp4netns")
+    parser.add_argument(
+        "--runs", type=int, default=1, help="whole runs, and each ratio's median over them (1)"
+    )
     args = parser.parse_args(argv)
-    if args.time < 1 or args.pings < 1:
-        parser.error("--time and --pings must be at least 1")
+    if args.time < 1 or args.pings < 1 or args.runs < 1:
+        parser.error("--time, --pings and --runs must be at least 1")
     if os.geteuid() != 0:
         parser.error("needs root (namespaces, veths, and hyperctl's root-only socket)")
     return run_bench(
-        "bench/net.py", lambda: measure(args), print_report, args.json, "what it made is removed"
+        "bench/net.py", lambda: measure_runs(args), print_runs, args.json, "what it made is removed"
     )
 
 
