@@ -108,6 +108,24 @@ class Target:
     parallel: float
     rtt: float
 
+    def __str__(self) -> str:
+        return f">= {self.single}x, -P {PARALLEL} >= {self.parallel}x, RTT <= {self.rtt:g}x"
+
+    def misses(self, single: float | None, parallel: float | None, rtt: float | None) -> str:
+        """ "met", or what the ratios to veth miss; a throughput not measured is no miss, an
+        RTT not measured (every echo lost) is."""
+        found = [
+            f"{what} {value:.2f}x"
+            for what, value, least in (
+                ("1 stream", single, self.single),
+                (f"-P {PARALLEL}", parallel, self.parallel),
+            )
+            if value is not None and value < least
+        ]
+        if rtt is None or rtt > self.rtt:
+            found.append("RTT " + ("lost" if rtt is None else f"{rtt:.1f}x"))
+        return "met" if not found else "missed: " + ", ".join(found)
+
 
 TARGETS = {PEER: Target(0.5, 0.4, 6.0), DOMU: Target(0.3, 0.25, 12.0)}
 HYPER_NET = "10.88.0"  # the bench bridge's /24; nothing on the host gets an address in it
@@ -652,26 +670,31 @@ def rtt(path: dict[str, Any]) -> float | None:
     return path["ping"].get("avg_ms") if "ping" in path else None
 
 
+def _ratio_of(figure: Callable[[dict[str, Any]], float | None]) -> Callable[..., float | None]:
+    def of(path: dict[str, Any], veth: dict[str, Any]) -> float | None:
+        value, base = figure(path), figure(veth)
+        return value / base if value is not None and base else None
+
+    return of
+
+
+#: A path's ratios to veth's figures in the same run (None where either is missing): the
+#: targets' three, in their order.
+RATIOS: tuple[tuple[str, Callable[[dict[str, Any], dict[str, Any]], float | None]], ...] = (
+    ("single", _ratio_of(lambda path: throughput(path, "single"))),
+    ("parallel", _ratio_of(lambda path: throughput(path, "parallel"))),
+    ("rtt", _ratio_of(rtt)),
+)
+
+
 def verdict(name: str, path: dict[str, Any], veth: dict[str, Any]) -> tuple[str, str]:
     """The target of a path, and whether this run met it (printed, never asserted)."""
     if name not in TARGETS:
         return "", ""
     goal = TARGETS[name]
-    target = f">= {goal.single}x, -P {PARALLEL} >= {goal.parallel}x, RTT <= {goal.rtt:g}x"
     if "skipped" in path or "error" in path:
-        return target, ""
-    misses = []
-    for key, what, least in (
-        ("single", "1 stream", goal.single),
-        ("parallel", f"-P {PARALLEL}", goal.parallel),
-    ):
-        value, base = throughput(path, key), throughput(veth, key)
-        if value is not None and base and value / base < least:
-            misses.append(f"{what} {value / base:.2f}x")
-    value, base = rtt(path), rtt(veth)
-    if value is None or (base and value / base > goal.rtt):
-        misses.append("RTT " + (f"{value / base:.1f}x" if value is not None and base else "lost"))
-    return target, "met" if not misses else "missed: " + ", ".join(misses)
+        return str(goal), ""
+    return str(goal), goal.misses(*(of(path, veth) for _, of in RATIOS))
 
 
 def main_table(results: dict[str, Any]) -> Table:
@@ -859,28 +882,14 @@ def measure_runs(args: argparse.Namespace) -> dict[str, Any]:
     return {"runs": runs, "medians": medians(runs)}
 
 
-#: The ratios to veth of each run that --runs takes medians of: name, and how to get it.
-RATIOS: tuple[tuple[str, Callable[[dict[str, Any]], float | None]], ...] = (
-    ("single", lambda path: throughput(path, "single")),
-    ("parallel", lambda path: throughput(path, "parallel")),
-    ("rtt", rtt),
-)
-
-
 def medians(runs: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, Any]]]:
     """For each hyper path with a target, each ratio to the same run's veth: every run's
     (``runs``, None where a figure is missing) and the median of those there are."""
     found: dict[str, dict[str, dict[str, Any]]] = {}
     for name in TARGETS:
         found[name] = {}
-        for key, figure in RATIOS:
-            ratios = []
-            for results in runs:
-                path, veth = results["paths"].get(name, {}), results["paths"].get(VETH, {})
-                ok = not any(k in p for p in (path, veth) for k in ("skipped", "error"))
-                value = figure(path) if ok and path else None
-                base = figure(veth) if ok and veth else None
-                ratios.append(value / base if value is not None and base else None)
+        for key, of in RATIOS:
+            ratios = [of(r["paths"].get(name, {}), r["paths"].get(VETH, {})) for r in runs]
             present = [r for r in ratios if r is not None]
             median = statistics.median(present) if present else None
             found[name][key] = {"runs": ratios, "median": median}
@@ -900,18 +909,8 @@ def medians_table(results: dict[str, Any]) -> Table:
             each = ", ".join("-" if r is None else f"{r:.2f}" for r in figures[key]["runs"])
             median = figures[key]["median"]
             cells.append(f"{'-' if median is None else f'{median:.2f}x'} ({each})")
-        single, parallel, rtt_ratio = (figures[k]["median"] for k, _ in RATIOS)
-        misses = [
-            what
-            for what, value, ok in (
-                ("1 stream", single, single is not None and single >= goal.single),
-                (f"-P {PARALLEL}", parallel, parallel is not None and parallel >= goal.parallel),
-                ("RTT", rtt_ratio, rtt_ratio is not None and rtt_ratio <= goal.rtt),
-            )
-            if not ok
-        ]
-        target = f">= {goal.single}x, -P {PARALLEL} >= {goal.parallel}x, RTT <= {goal.rtt:g}x"
-        t.add_row(name, *cells, target, "met" if not misses else "missed: " + ", ".join(misses))
+        verdict_ = goal.misses(*(figures[key]["median"] for key, _ in RATIOS))
+        t.add_row(name, *cells, str(goal), verdict_)
     return t
 
 

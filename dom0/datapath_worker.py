@@ -65,7 +65,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, Self, TypeVar
 
 from channels import grants
 from channels import hypercall as hc
@@ -111,6 +111,13 @@ class CounterPage:
     def __init__(self, buf: memoryview | None = None) -> None:
         size = 8 * len(self.FIELDS)
         self._values = (buf if buf is not None else memoryview(bytearray(size)))[:size].cast("Q")
+
+    @classmethod
+    def blocks(cls, buf: memoryview, count: int) -> list[Self]:
+        """``count`` sets of counters one after another in ``buf`` (a block per queue of a
+        device: WorkerProcess adds them up)."""
+        size = 8 * len(cls.FIELDS)
+        return [cls(buf[i * size : (i + 1) * size]) for i in range(count)]
 
     @property
     def page(self) -> memoryview:

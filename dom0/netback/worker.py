@@ -23,7 +23,7 @@ from channels.grants import DeviceGrants, GrantMapper
 from channels.ring import BackRing
 from dom0.datapath_worker import Dom0Link, serve_device, worker_main
 from dom0.netback.antispoof import SourceFilter
-from dom0.netback.datapath import COUNTER_FIELDS, Counters, RateLimit, RxPath, TxPath
+from dom0.netback.datapath import Counters, RateLimit, RxPath, TxPath
 
 
 def open_channels(params: dict[str, Any], link: Dom0Link) -> list[EventChannel]:
@@ -40,8 +40,7 @@ def start(
     channels: list[EventChannel], params: dict[str, Any], link: Dom0Link, counter_page: memoryview
 ) -> Callable[[], None]:
     queues = params["queues"]
-    block = 8 * len(COUNTER_FIELDS)
-    counters = [Counters(counter_page[q * block :]) for q in range(len(queues))]
+    counters = Counters.blocks(counter_page, len(queues))
     device = DeviceGrants(params["frontend"], params["device"], N.MAX_GRANT_PAGES * len(queues))
     grants = GrantMapper(link, device, params["pools"], counters=counters[0])  # type: ignore[arg-type]
     rings = [  # every ring first: a ref the frontend did not grant fails the vif at once

@@ -62,7 +62,11 @@ class Netfront:
     name: str
     queues: list[Queue] = field(default_factory=list)
     gso: bool = False
-    running: bool = False  # the data path was started
+
+    @property
+    def has_paths(self) -> bool:
+        """Its data path is built (and runs, or is about to)."""
+        return any(queue.tx is not None for queue in self.queues)
 
 
 class NetfrontDriver:
@@ -85,7 +89,7 @@ class NetfrontDriver:
                 return
             dev.switch_state(S.Connected)
             log.info("%s connected, %d queue(s)", nf.name, len(nf.queues))
-        elif state == S.InitWait and dev.state == S.Connected and nf.running:
+        elif state == S.InitWait and dev.state == S.Connected and nf.has_paths:
             log.warning("%s: the backend restarted; starting the rings over", nf.name)
             self._stop_paths(nf)
             if _offered_queues(dev) < len(nf.queues):
@@ -194,7 +198,6 @@ class NetfrontDriver:
             assert queue.tx is not None and queue.rx is not None
             queue.tx.thread.start()
             queue.rx.thread.start()
-        nf.running = True
 
     def _stop_paths(self, nf: Netfront) -> None:
         paths = [p for q in nf.queues for p in (q.tx, q.rx) if p is not None]
@@ -208,7 +211,6 @@ class NetfrontDriver:
             for ring in queue.rings:
                 ring.close()
             queue.rings = []
-        nf.running = False
 
     def _release(self, nf: Netfront) -> None:
         self._stop_paths(nf)

@@ -52,3 +52,11 @@ def test_the_table_judges_the_medians_against_the_targets() -> None:
     domu_row = next(line for line in text.splitlines() if DOMU in line)
     assert "missed: RTT" not in domu_row  # 8x against the 12x allowed
     assert "0.40x (0.40, 0.40, 0.40)" in domu_row  # 8 of 20 Gbit/s, every run
+
+
+def test_a_median_below_its_target_is_named_as_missed() -> None:
+    slow = [run(path(10, 10, 0.4)) for _ in range(3)]  # 0.5x, 0.25x, 8x veth
+    console = Console(width=250, record=True)
+    console.print(medians_table({"runs": slow, "medians": medians(slow)}))
+    peer_row = next(line for line in console.export_text().splitlines() if PEER in line)
+    assert "missed: -P 4 0.25x, RTT 8.0x" in peer_row

@@ -124,7 +124,7 @@ def serving_queues(
         for i in range(8):
             pool.grant(i, 0, readonly=True)
         page = memoryview(bytearray(8 * len(COUNTER_FIELDS) * queues))
-        counters = [Counters(page[8 * len(COUNTER_FIELDS) * q :]) for q in range(queues)]
+        counters = Counters.blocks(page, queues)
         calls = [Hypercalls([(pool_name, 8, 8)], pair) for pair in bells]
         device = DeviceGrants(FRONT, "vif/0", N.MAX_GRANT_PAGES * queues)
         grants = GrantMapper(
