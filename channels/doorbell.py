@@ -1,37 +1,48 @@
-"""One direction of an event channel: a POSIX named semaphore used as a coalescing doorbell.
+"""One direction of an event channel: a coalescing doorbell, a POSIX named semaphore with a FIFO
+beside it that the waiter polls (Xen's pending bit and its ``/dev/xen/evtchn`` descriptor).
 
 hyperd creates each doorbell (:func:`create_doorbell`) and removes it (:func:`unlink_doorbell`);
-the two ends of a channel each open it by name with :class:`Doorbell`. Like a Xen event
-channel's pending bit, rings coalesce: N rings before the waiter looks give it one wakeup.
+the two ends of a channel each open it by name with :class:`Doorbell`. The semaphore is the
+pending bit: ringing posts it only when its value is 0, and only then writes a byte into the
+FIFO, so N rings before the waiter looks give it one wakeup and cost one syscall. The FIFO is
+what the waiter sleeps on: a file descriptor, so one ``poll`` can watch a doorbell together with
+a TAP, another doorbell and a stop descriptor (one loop per side serving tx and rx, issue 13).
 A doorbell carries no data; the consumer always re-checks its ring after waking (the ring's
 final check), so a spurious wakeup costs one check and nothing else.
 
-Names are plain names (no ``/``): ``hyper-7-vif0-tx`` lives in ``/dev/shm/sem.hyper-7-vif0-tx``.
+Names are plain names (no ``/``): ``hyper-7-vif0-tx`` is ``/dev/shm/sem.hyper-7-vif0-tx`` and
+``/dev/shm/fifo.hyper-7-vif0-tx``. Both ends open the FIFO read-write and non-blocking (Linux
+allows it on a FIFO): neither open waits for the other end, and the pipe stays while either
+holds it, with a byte a ringer left in it.
 
 Why value-check-then-post (``ring``) cannot lose a wakeup. The ringer (1) has published its ring
-index, (2) executes a full barrier, (3) reads the semaphore value and posts only if it is 0.
-The waiter loops: check the ring (final check), wait on the semaphore, drain extra counts,
-check the ring again.
+index, (2) executes a full barrier, (3) reads the semaphore value and, only if it is 0, posts
+and then writes a byte into the FIFO. The waiter loops: check the ring (final check), poll the
+FIFO, drain the FIFO, then drain the semaphore's counts, then check the ring again.
 
-* If the ringer read 0, it posts; the waiter's wait (or its next one) returns, and the waiter
-  then re-checks the ring, after the post, so it sees the index published before the post
-  (``sem_post``/``sem_wait`` synchronise memory).
+* If the ringer read 0, it posts and writes; the waiter's poll (or its next one) returns, and
+  the waiter then re-checks the ring after reading that byte, so it sees the index published
+  before the write.
 * If the ringer read a value > 0, some earlier post has not been consumed yet. Consuming it is a
   locked read-modify-write that comes after the ringer's read in the semaphore word's
   modification order, hence after the ringer's index store became globally visible (step 2).
-  Every consume (the wait itself or a drain) is followed by a ring check in the waiter, and that
-  check sees the index. Skipping the post therefore only drops a redundant count.
+  Every consume is followed by a ring check in the waiter, and that check sees the index.
+  Skipping the post therefore only drops a redundant count.
+* The FIFO is drained before the semaphore: a ringer that posts between the two drains has its
+  byte still in the FIFO (or about to be), which wakes the next poll at once. Draining the other
+  way round could eat that byte and leave the count behind it, and every later ringer would
+  then see a count and stay silent.
 
 The barrier in step 2 matters: a plain load of the value could otherwise pass the buffered index
 store. ``ring`` executes it itself (:func:`channels.ring.mb`), so callers that did not just run a
-ring push (byte rings) are covered too. Two concurrent ringers may both read 0 and both post;
-the waiter's drain folds the extra count into the same wakeup.
+ring push (byte rings) are covered too. Two concurrent ringers may both read 0 and both post
+and write; the waiter's drains fold the extra count and byte into the same wakeup.
 
-A peer that vanished: a named semaphore is a small file in /dev/shm that every handle maps, so
-posting still succeeds after the peer exited or hyperd unlinked the name; the count stays
-unread and the memory goes away with the last mapping. ``ring`` on such a doorbell is therefore
-silent, as is ``ring`` at the semaphore's maximum value (EOVERFLOW: already rung). Only ``ring``
-on a doorbell this process closed itself raises :class:`DoorbellError`.
+A peer that vanished: the semaphore is a small file in /dev/shm that every handle maps and the
+pipe lives while any handle holds it, so ringing still succeeds after the peer exited or hyperd
+unlinked the names. ``ring`` on such a doorbell is therefore silent, as is ``ring`` at the
+semaphore's maximum value (EOVERFLOW: already rung) or into a full FIFO (already readable).
+Only ``ring`` on a doorbell this process closed itself raises :class:`DoorbellError`.
 """
 
 from __future__ import annotations
@@ -39,7 +50,8 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
-import time
+import select
+import stat
 
 import posix_ipc
 
@@ -63,31 +75,53 @@ def sem_path(name: str) -> str:
     return os.path.join(SEM_DIR, "sem." + _sem_name(name)[1:])
 
 
+def fifo_path(name: str) -> str:
+    """Where the FIFO beside the semaphore `name` is."""
+    return os.path.join(SEM_DIR, "fifo." + _sem_name(name)[1:])
+
+
 def create_doorbell(name: str, mode: int = 0o600) -> None:
-    """Create the named semaphore `name` with value 0 and exactly `mode` (umask ignored)."""
+    """Create the doorbell `name` (its semaphore with value 0, and its FIFO), both with exactly
+    `mode` (umask ignored); nothing is left behind if either cannot be made."""
     try:
         sem = posix_ipc.Semaphore(_sem_name(name), posix_ipc.O_CREX, mode=mode, initial_value=0)
     except posix_ipc.ExistentialError as e:
         raise DoorbellError(f"doorbell {name}: already exists") from e
     except posix_ipc.Error as e:
         raise DoorbellError(f"doorbell {name}: cannot create") from e
+    sem.close()
     try:
         os.chmod(sem_path(name), mode)  # sem_open applied the umask
-    except OSError as e:
+        os.mkfifo(fifo_path(name), mode)
+        os.chmod(fifo_path(name), mode)  # so did mkfifo
+    except FileExistsError as e:
         sem.unlink()
+        raise DoorbellError(f"doorbell {name}: already exists") from e
+    except OSError as e:
+        unlink_doorbell(name)
         raise DoorbellError(f"doorbell {name}: cannot set mode {mode:o}") from e
-    finally:
-        sem.close()
 
 
 def unlink_doorbell(name: str) -> None:
-    """Remove the name `name`; open handles keep working. A missing name is fine."""
+    """Remove the names of `name`; open handles keep working. A missing name is fine."""
     with contextlib.suppress(posix_ipc.ExistentialError):
         posix_ipc.unlink_semaphore(_sem_name(name))
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(fifo_path(name))
+
+
+def open_fifo(name: str) -> int:
+    """The doorbell's FIFO, read-write and non-blocking; a FIFO or nothing (OSError)."""
+    fd = os.open(fifo_path(name), os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOFOLLOW)
+    if not stat.S_ISFIFO(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise OSError(errno.EINVAL, "not a FIFO", fifo_path(name))
+    return fd
 
 
 class Doorbell:
-    """An open handle on an existing doorbell: ``ring`` one side, ``wait`` on the other."""
+    """An open handle on an existing doorbell: ``ring`` one side, ``wait`` (or poll ``fileno``
+    and ``consume``) on the other."""
 
     def __init__(self, name: str) -> None:
         self.name = name
@@ -97,43 +131,57 @@ class Doorbell:
             raise DoorbellError(f"doorbell {name}: does not exist") from e
         except posix_ipc.Error as e:
             raise DoorbellError(f"doorbell {name}: cannot open") from e
+        try:
+            self._fd = open_fifo(name)
+        except OSError as e:
+            self._sem.close()
+            why = "does not exist" if e.errno == errno.ENOENT else "cannot open"
+            raise DoorbellError(f"doorbell {name}: {why}") from e
+        self._poll = select.poll()
+        self._poll.register(self._fd, select.POLLIN)
+
+    def fileno(self) -> int:
+        """The FIFO: readable while the doorbell is rung and not consumed yet."""
+        if self._fd < 0:
+            raise DoorbellError(f"doorbell {self.name}: waited on after close")
+        return self._fd
 
     def ring(self) -> None:
         """Notify the waiter; coalesces with any notification it has not consumed yet."""
         mb()  # our ring index store must be visible before we read the semaphore's value
         try:
-            if self._sem.value == 0:
-                self._sem.release()
+            if self._sem.value != 0:
+                return
+            self._sem.release()
         except posix_ipc.ExistentialError as e:
             raise DoorbellError(f"doorbell {self.name}: rung after close") from e
         except OSError as e:
             if e.errno != errno.EOVERFLOW:
                 raise DoorbellError(f"doorbell {self.name}: cannot post") from e
+            return
+        with contextlib.suppress(BlockingIOError):  # full: readable already
+            os.write(self._fd, b"\1")
 
     def wait(self, timeout: float | None) -> bool:
         """Sleep until rung or `timeout` seconds pass (None: forever); True if rung."""
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while True:
-            remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
-            try:
-                self._sem.acquire(remaining)
-                break
-            except posix_ipc.BusyError:
-                return False
-            except posix_ipc.SignalError:
-                continue  # the handler ran and did not raise: resume waiting (PEP 475)
-            except posix_ipc.ExistentialError as e:
-                raise DoorbellError(f"doorbell {self.name}: waited on after close") from e
-        self._drain()
+        fd = self.fileno()
+        ready = self._poll.poll(None if timeout is None else max(0, int(timeout * 1000 + 0.999)))
+        if not ready or fd != self._fd:  # timed out, or closed by another thread meanwhile
+            return False
+        self.consume()
         return True
 
     #: Honest ringers leave at most a count or two behind (ring() posts only on 0). A peer that
-    #: writes a huge value into the semaphore's shared word must not make us spin through it:
-    #: what is left merely wakes us again at once, each time doing the bounded work of a wakeup.
+    #: writes a huge value into the semaphore's shared word, or fills the FIFO, must not make us
+    #: spin through it: what is left merely wakes us again at once, each time doing the bounded
+    #: work of a wakeup.
     DRAIN_LIMIT = 64
 
-    def _drain(self) -> None:
-        """Consume counts from concurrent ringers so N rings give one wakeup."""
+    def consume(self) -> None:
+        """Take the pending notification: the FIFO's bytes, then the semaphore's counts (in this
+        order, see the module's docstring), so N rings give one wakeup."""
+        with contextlib.suppress(BlockingIOError):
+            os.read(self.fileno(), 4096)
         for _ in range(self.DRAIN_LIMIT):
             try:
                 self._sem.acquire(0)
@@ -141,9 +189,12 @@ class Doorbell:
                 return
 
     def close(self) -> None:
-        """Close this handle (idempotent); the name stays until unlink_doorbell."""
+        """Close this handle (idempotent); the names stay until unlink_doorbell."""
         with contextlib.suppress(posix_ipc.ExistentialError):  # already closed
             self._sem.close()
+        if self._fd >= 0:
+            fd, self._fd = self._fd, -1
+            os.close(fd)
 
     def __enter__(self) -> Doorbell:
         return self

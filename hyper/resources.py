@@ -2,7 +2,8 @@
 
 Names are unguessable (128 random bits) and carry the owning domain's id so that `hyperctl
 cleanup` and the tests can recognise them: ``hyper.d<domid>.<kind>.<token>`` in /dev/shm, and
-``sem.hyper.d<domid>.<kind>.<token>`` for semaphores. Names alone are not the protection: each
+``sem.hyper.d<domid>.<kind>.<token>`` and ``fifo.hyper.d<domid>.<kind>.<token>`` for a doorbell's
+semaphore and FIFO (channels/doorbell.py). Names alone are not the protection: each
 object is owned by root with mode 0660 and the group of the one domU that uses it (a domain's
 host ids are private to it, see domu/sandbox.py), so only dom0 (root) and that domU can open it.
 
@@ -38,6 +39,11 @@ def shm_path(name: str) -> Path:
 
 def sem_path(name: str) -> Path:
     return SHM_DIR / f"sem.{name}"
+
+
+def bell_paths(name: str) -> tuple[Path, Path]:
+    """A doorbell's two objects: its semaphore and its FIFO."""
+    return sem_path(name), SHM_DIR / f"fifo.{name}"
 
 
 def view_dir(domid: int) -> Path:
@@ -96,8 +102,9 @@ class Resources:
         name = self._name(kind)
         create_doorbell(name, mode=0o660)
         self.doorbells.add(name)
-        os.chown(sem_path(name), 0, gid)
-        self._link(sem_path(name))
+        for path in bell_paths(name):
+            os.chown(path, 0, gid)
+            self._link(path)
         return name
 
     def _link(self, path: Path) -> None:
@@ -113,7 +120,8 @@ class Resources:
     def drop_doorbell(self, name: str) -> None:
         if name in self.doorbells:
             self.doorbells.discard(name)
-            self._unlink_view(sem_path(name).name)
+            for path in bell_paths(name):
+                self._unlink_view(path.name)
             unlink_doorbell(name)
 
     def _unlink_view(self, name: str) -> None:
@@ -130,7 +138,8 @@ class Resources:
 
     def paths(self) -> set[Path]:
         """Where this domain's objects are in /dev/shm: the objects, their links, its view."""
-        names = {shm_path(n) for n in self.segments} | {sem_path(n) for n in self.doorbells}
+        names = {shm_path(n) for n in self.segments}
+        names |= {path for n in self.doorbells for path in bell_paths(n)}
         if self.view is None:
             return names
         return names | {self.view} | {self.view / p.name for p in names}
@@ -155,7 +164,7 @@ def leftovers() -> list[Path]:
     found = sorted(
         p
         for p in SHM_DIR.iterdir()
-        if p.name.startswith(PREFIX) or p.name.startswith(f"sem.{PREFIX}")
+        if p.name.startswith((PREFIX, f"sem.{PREFIX}", f"fifo.{PREFIX}"))
     )
     inside = []
     for path in found:

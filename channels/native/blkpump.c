@@ -76,7 +76,7 @@ typedef struct {
     int fd, stop_fd;
     uint64_t sectors;
     int readonly;
-    sem_t *mine, *peer;
+    bell_t mine, peer;
     volatile int stopping;
     late_eoi_t eoi;
     spin_t spin;
@@ -302,7 +302,7 @@ static void *reaper(void *arg) {
         int notify = n > 0 && blk_push(b);
         if (notify) {
             pthread_mutex_unlock(&b->lock);
-            bell_ring(b->peer);
+            bell_ring(&b->peer);
             pthread_mutex_lock(&b->lock);
         }
     }
@@ -346,7 +346,7 @@ static void blk_submit(blk_t *b, const uint32_t *index, int n) {
         int notify = blk_push(b);
         pthread_mutex_unlock(&b->lock);
         if (notify)
-            bell_ring(b->peer);
+            bell_ring(&b->peer);
     }
 }
 
@@ -407,7 +407,7 @@ static int64_t blk_work(blk_t *b) {
     int notify = nrefused && blk_push(b);
     pthread_mutex_unlock(&b->lock);
     if (notify)
-        bell_ring(b->peer);
+        bell_ring(&b->peer);
     if (inline_) {
         int64_t done = blk_execute(b, &b->jobs[go[0]]);
         pthread_mutex_lock(&b->lock);
@@ -416,7 +416,7 @@ static int64_t blk_work(blk_t *b) {
         notify = blk_push(b);
         pthread_mutex_unlock(&b->lock);
         if (notify)
-            bell_ring(b->peer);
+            bell_ring(&b->peer);
     } else if (ngo) {
         blk_submit(b, go, ngo);
     }
@@ -478,7 +478,8 @@ static int run_blkback(blk_t *b) {
             break;
         }
         rung = !more && !b->stopping &&
-               spin_then_wait(&b->spin, worked, &b->stopping, has_requests, b, b->mine);
+               spin_then_wait(&b->spin, worked, &b->stopping, has_requests, b, &b->mine,
+                              b->stop_fd);
         worked = 0;
     }
     drain(b, thread);

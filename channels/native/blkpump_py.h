@@ -18,7 +18,7 @@ typedef struct {
 static PyObject *Pump_new(PyTypeObject *type, PyObject *args, PyObject *kw) {
     Pump *self = (Pump *)PyType_GenericNew(type, args, kw);
     if (self)
-        self->b.stop_fd = -1;
+        self->b.stop_fd = self->b.mine.fd = self->b.peer.fd = -1;
     return (PyObject *)self;
 }
 
@@ -64,7 +64,7 @@ static int Pump_init(Pump *self, PyObject *args, PyObject *kw) {
         return -1;
     blk_t *b = &self->b;
     memset(b, 0, sizeof *b);
-    b->stop_fd = -1;
+    b->stop_fd = b->mine.fd = b->peer.fd = -1;
     b->fd = fd;
     b->sectors = sectors;
     b->readonly = readonly;
@@ -102,7 +102,7 @@ static int Pump_init(Pump *self, PyObject *args, PyObject *kw) {
         PyErr_SetFromErrno(PyExc_OSError);
         return -1;
     }
-    if (!(b->mine = bell_open(mine)) || !(b->peer = bell_open(peer)))
+    if (bell_open(mine, &b->mine) < 0 || bell_open(peer, &b->peer) < 0)
         return -1;
     return 0;
 }
@@ -121,10 +121,8 @@ static void Pump_dealloc(Pump *self) {
     }
     if (b->stop_fd >= 0)
         close(b->stop_fd);
-    if (b->mine && b->mine != SEM_FAILED)
-        sem_close(b->mine);
-    if (b->peer && b->peer != SEM_FAILED)
-        sem_close(b->peer);
+    bell_close(&b->mine);
+    bell_close(&b->peer);
     views_release(&self->views);
     pool_views_release(&self->pools);
     Py_TYPE(self)->tp_free((PyObject *)self);
@@ -132,7 +130,7 @@ static void Pump_dealloc(Pump *self) {
 
 static PyObject *Pump_run(Pump *self, PyObject *unused) {
     blk_t *b = &self->b;
-    if (!b->mine || !b->peer || self->running) {
+    if (!b->mine.sem || !b->peer.sem || self->running) {
         PyErr_SetString(PyExc_RuntimeError, "pump not initialised, or already running");
         return NULL;
     }
@@ -158,8 +156,6 @@ static PyObject *Pump_stop(Pump *self, PyObject *unused) {
     pthread_mutex_unlock(&b->lock);
     if (b->stop_fd >= 0)
         (void)!write(b->stop_fd, &one, sizeof one);
-    if (b->mine)
-        sem_post(b->mine);
     Py_RETURN_NONE;
 }
 

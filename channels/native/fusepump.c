@@ -88,7 +88,7 @@ typedef struct {
     uint32_t max_segments; /* per request: 11, or what the backend takes through indirect */
     int readonly;
     int fuse_fd, stop_fd;
-    sem_t *mine, *peer;
+    bell_t mine, peer;
     volatile int stopping;
     int initialized;      /* Python answered INIT: READ and WRITE are ours from now on */
     uint32_t max_read;
@@ -260,7 +260,7 @@ static void publish(front_t *f) {
     int notify = push(f);
     pthread_mutex_unlock(&f->lock);
     if (notify)
-        bell_ring(f->peer);
+        bell_ring(&f->peer);
 }
 
 /* Take the lock and wait until a transfer, an id for each of its requests (they cover
@@ -395,7 +395,7 @@ static int reap_once(front_t *f) {
     int64_t taken = take_responses(f, done, &n, &notify);
     pthread_mutex_unlock(&f->lock);
     if (notify)
-        bell_ring(f->peer);
+        bell_ring(&f->peer);
     finish(f, done, n);
     return taken < 0 ? -1 : taken > 0;
 }
@@ -437,7 +437,7 @@ static int reap_loop(front_t *f) {
             continue;
         }
         rung = !f->stopping && spin_then_wait(&f->spin, worked, &f->stopping, has_responses, f,
-                                               f->mine);
+                                               &f->mine, f->stop_fd);
         worked = 0;
     }
     return R_STOPPED;
@@ -641,7 +641,7 @@ static int64_t reset(front_t *f) {
     }
     pthread_mutex_unlock(&f->lock);
     finish(f, done, n);
-    bell_ring(f->mine); /* the reaper looks at the new ring (or sees the disk broken) */
+    bell_ring(&f->mine); /* the reaper looks at the new ring (or sees the disk broken) */
     return replayed;
 }
 
@@ -656,7 +656,6 @@ static void stop(front_t *f) {
     uint64_t one = 1;
     if (write(f->stop_fd, &one, sizeof one) < 0) { /* a full eventfd is already set */
     }
-    bell_ring(f->mine);
 }
 
 #ifndef HYPER_FUZZ

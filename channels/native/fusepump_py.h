@@ -15,7 +15,7 @@ typedef struct {
 static PyObject *Pump_new(PyTypeObject *type, PyObject *args, PyObject *kw) {
     Pump *self = (Pump *)PyType_GenericNew(type, args, kw);
     if (self)
-        self->f.stop_fd = -1;
+        self->f.stop_fd = self->f.mine.fd = self->f.peer.fd = -1;
     return (PyObject *)self;
 }
 
@@ -61,7 +61,7 @@ static int Pump_init(Pump *self, PyObject *args, PyObject *kw) {
         return -1;
     front_t *f = &self->f;
     memset(f, 0, sizeof *f);
-    f->stop_fd = -1;
+    f->stop_fd = f->mine.fd = f->peer.fd = -1;
     f->fuse_fd = fd;
     f->size = sectors * SECTOR_SIZE;
     f->max_segments = max_segments;
@@ -110,7 +110,7 @@ static int Pump_init(Pump *self, PyObject *args, PyObject *kw) {
         PyErr_SetFromErrno(PyExc_OSError);
         return -1;
     }
-    if (!(f->mine = bell_open(mine)) || !(f->peer = bell_open(peer)))
+    if (bell_open(mine, &f->mine) < 0 || bell_open(peer, &f->peer) < 0)
         return -1;
     return 0;
 }
@@ -131,16 +131,14 @@ static void Pump_dealloc(Pump *self) {
     }
     if (f->stop_fd >= 0)
         close(f->stop_fd);
-    if (f->mine && f->mine != SEM_FAILED)
-        sem_close(f->mine);
-    if (f->peer && f->peer != SEM_FAILED)
-        sem_close(f->peer);
+    bell_close(&f->mine);
+    bell_close(&f->peer);
     views_release(&self->views);
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
 
 static int usable(Pump *self) {
-    if (!self->f.mine || !self->f.peer) {
+    if (!self->f.mine.sem || !self->f.peer.sem) {
         PyErr_SetString(PyExc_RuntimeError, "pump not initialised");
         return 0;
     }
@@ -151,7 +149,7 @@ static int usable(Pump *self) {
  * bytes), the file system is gone (R_ENDED, None) or reading fails (R_ERROR, errno). */
 static PyObject *Pump_read(Pump *self, PyObject *unused) {
     front_t *f = &self->f;
-    if (f->stopping && !f->mine)
+    if (f->stopping && !f->mine.sem)
         return Py_BuildValue("(iO)", R_ENDED, Py_None); /* closed: the disk went away */
     if (!usable(self))
         return NULL;
@@ -278,15 +276,12 @@ static PyObject *Pump_close(Pump *self, PyObject *unused) {
         PyErr_SetString(PyExc_RuntimeError, "close: the reader or the reaper still runs");
         return NULL;
     }
-    if (f->mine && !f->stopping) {
+    if (f->mine.sem && !f->stopping) {
         PyErr_SetString(PyExc_RuntimeError, "close: stop() first");
         return NULL;
     }
-    if (f->mine)
-        sem_close(f->mine);
-    if (f->peer)
-        sem_close(f->peer);
-    f->mine = f->peer = NULL;
+    bell_close(&f->mine);
+    bell_close(&f->peer);
     views_release(&self->views);
     Py_RETURN_NONE;
 }

@@ -95,7 +95,7 @@ typedef struct {
     uint64_t *counters; /* backends: N_COUNTERS u64 */
     uint64_t scratch[N_COUNTERS];
     int tap_fd, stop_fd;
-    sem_t *mine, *peer;
+    bell_t mine, peer;
     volatile int stopping;
     late_eoi_t eoi;
     spin_t spin;
@@ -432,7 +432,7 @@ static int64_t netback_tx_work(pump_t *p) {
            the ring while we send the rest (the push rings only if it asked). */
     }
     if (ring_push(&p->ring, RSP_PROD, RSP_EVENT))
-        bell_ring(p->peer);
+        bell_ring(&p->peer);
     return end ? end : done;
 }
 
@@ -616,7 +616,7 @@ static int netfront_tx_send(pump_t *p) {
         sent++;
     }
     if (sent && ring_push(&p->ring, REQ_PROD, REQ_EVENT))
-        bell_ring(p->peer);
+        bell_ring(&p->peer);
     return sent;
 }
 
@@ -726,7 +726,7 @@ static int netfront_rx_batch(pump_t *p) {
         put32(slot + 4, p->grefs[pages[k]]);
     }
     if (ring_push(&p->ring, REQ_PROD, REQ_EVENT))
-        bell_ring(p->peer);
+        bell_ring(&p->peer);
     return 1;
 }
 
@@ -735,7 +735,7 @@ static int netfront_rx_batch(pump_t *p) {
 /* Sleep on our doorbell, spinning first on `has_work` if the last round worked (pump.h's
  * spin_then_wait). Returns 1 if rung, 0 on timeout or when work turned up during the spin. */
 static int sleep_on_bell(pump_t *p, int worked, int (*has_work)(void *)) {
-    return spin_then_wait(&p->spin, worked, &p->stopping, has_work, p, p->mine);
+    return spin_then_wait(&p->spin, worked, &p->stopping, has_work, p, &p->mine, p->stop_fd);
 }
 
 /* Wait for the TAP, spinning first after work; 1 when readable, 0 when told to stop, -1 when
@@ -866,7 +866,7 @@ static int run_netback_rx(pump_t *p) {
             frames++;
         }
         if (frames && ring_push(&p->ring, RSP_PROD, RSP_EVENT))
-            bell_ring(p->peer);
+            bell_ring(&p->peer);
         if (r < 0)
             return -r;
         worked = frames > 0;

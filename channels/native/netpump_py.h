@@ -23,7 +23,7 @@ typedef struct {
 static PyObject *Pump_new(PyTypeObject *type, PyObject *args, PyObject *kw) {
     Pump *self = (Pump *)PyType_GenericNew(type, args, kw);
     if (self)
-        self->p.stop_fd = -1;
+        self->p.stop_fd = self->p.mine.fd = self->p.peer.fd = -1;
     return (PyObject *)self;
 }
 
@@ -75,7 +75,7 @@ static int Pump_init(Pump *self, PyObject *args, PyObject *kw) {
     PyObject *grefs = NULL, *slot_page = NULL, *sources = Py_None;
     unsigned int slot, nr, cons, prod_pvt, pushed, domid = 0;
     int tap_fd, gso = 0;
-    if (self->views.n || self->p.mine) {
+    if (self->views.n || self->p.mine.sem) {
         PyErr_SetString(PyExc_RuntimeError, "a Pump is initialised once");
         return -1;
     }
@@ -99,7 +99,7 @@ static int Pump_init(Pump *self, PyObject *args, PyObject *kw) {
     p->gso = gso;
     p->grants.domid = (uint16_t)domid;
     p->counters = p->scratch;
-    p->stop_fd = -1;
+    p->stop_fd = p->mine.fd = p->peer.fd = -1;
     p->spin.window = SPIN_START;
     Py_buffer *view;
     if (self->kind < NETBACK_TX || self->kind > NETFRONT_RX || !nr || nr & (nr - 1) ||
@@ -187,7 +187,7 @@ static int Pump_init(Pump *self, PyObject *args, PyObject *kw) {
         PyErr_SetFromErrno(PyExc_OSError);
         return -1;
     }
-    if (!(p->mine = bell_open(mine)) || !(p->peer = bell_open(peer)))
+    if (bell_open(mine, &p->mine) < 0 || bell_open(peer, &p->peer) < 0)
         return -1;
     return 0;
 }
@@ -201,10 +201,8 @@ static void Pump_dealloc(Pump *self) {
     free(p->slot_page);
     if (p->stop_fd >= 0)
         close(p->stop_fd);
-    if (p->mine && p->mine != SEM_FAILED)
-        sem_close(p->mine);
-    if (p->peer && p->peer != SEM_FAILED)
-        sem_close(p->peer);
+    bell_close(&p->mine);
+    bell_close(&p->peer);
     views_release(&self->views);
     pool_views_release(&self->pools);
     Py_TYPE(self)->tp_free((PyObject *)self);
@@ -212,7 +210,7 @@ static void Pump_dealloc(Pump *self) {
 
 static PyObject *Pump_run(Pump *self, PyObject *unused) {
     pump_t *p = &self->p;
-    if (!p->mine || !p->peer || self->running) {
+    if (!p->mine.sem || !p->peer.sem || self->running) {
         PyErr_SetString(PyExc_RuntimeError, "pump not initialised, or already running");
         return NULL;
     }
@@ -244,8 +242,6 @@ static PyObject *Pump_stop(Pump *self, PyObject *unused) {
     uint64_t one = 1;
     if (self->p.stop_fd >= 0)
         (void)!write(self->p.stop_fd, &one, sizeof one);
-    if (self->p.mine)
-        sem_post(self->p.mine);
     Py_RETURN_NONE;
 }
 

@@ -124,29 +124,50 @@ static inline uint32_t front_free(const ring_t *r) { return r->nr - (r->prod_pvt
 
 /* -- doorbells (channels/doorbell.py) ----------------------------------------------------- */
 
-/* Doorbell.ring: post only if nobody has been told yet. */
-static inline void bell_ring(sem_t *sem) {
+/* A doorbell: its semaphore (the pending bit) and the FIFO beside it that the waiter polls. */
+typedef struct {
+    sem_t *sem;
+    int fd;
+} bell_t;
+
+/* Doorbell.ring: post and write only if nobody has been told yet. */
+static inline void bell_ring(bell_t *b) {
     int value = 1;
     mb();
-    if (sem_getvalue(sem, &value) == 0 && value == 0)
-        sem_post(sem); /* EOVERFLOW: already rung */
+    if (sem_getvalue(b->sem, &value) != 0 || value != 0)
+        return;
+    if (sem_post(b->sem) != 0)
+        return; /* EOVERFLOW: already rung */
+    (void)!write(b->fd, "\1", 1); /* EAGAIN: full, so readable already */
 }
 
-/* Doorbell.wait then _drain: 1 if rung, 0 on timeout. */
-static inline int bell_wait(sem_t *sem, uint64_t timeout_ns) {
-    struct timespec until;
-    clock_gettime(CLOCK_MONOTONIC, &until);
-    uint64_t ns = (uint64_t)until.tv_nsec + timeout_ns % 1000000000ull;
-    until.tv_sec += (time_t)(timeout_ns / 1000000000ull + ns / 1000000000ull);
-    until.tv_nsec = (long)(ns % 1000000000ull);
-    while (sem_clockwait(sem, CLOCK_MONOTONIC, &until) != 0) {
-        if (errno == ETIMEDOUT)
-            return 0;
-        if (errno != EINTR)
-            return 0; /* closed under us: the caller's stop flag ends the loop */
-    }
-    for (int i = 0; i < 64 && sem_trywait(sem) == 0; i++) /* DRAIN_LIMIT */
+/* Doorbell.consume: the FIFO's bytes, then the semaphore's counts (this order: doorbell.py). */
+static inline void bell_consume(bell_t *b) {
+    char sink[4096];
+    (void)!read(b->fd, sink, sizeof sink);
+    for (int i = 0; i < 64 && sem_trywait(b->sem) == 0; i++) /* DRAIN_LIMIT */
         ;
+}
+
+/* Doorbell.wait, also woken by `stop_fd`: 1 if rung (and consumed), 0 on timeout or stop. */
+static inline int bell_wait(bell_t *b, int stop_fd, uint64_t timeout_ns) {
+    struct pollfd fds[2] = {{.fd = b->fd, .events = POLLIN}, {.fd = stop_fd, .events = POLLIN}};
+    int ms = (int)((timeout_ns + 999999) / 1000000);
+    uint64_t until = now_ns() + timeout_ns;
+    for (;;) {
+        int n = poll(fds, 2, ms);
+        if (n > 0)
+            break;
+        if (n == 0 || errno != EINTR)
+            return 0; /* an fd closed under us: the caller's stop flag ends the loop */
+        uint64_t now = now_ns();
+        if (now >= until)
+            return 0;
+        ms = (int)((until - now + 999999) / 1000000);
+    }
+    if (!(fds[0].revents & POLLIN))
+        return 0;
+    bell_consume(b);
     return 1;
 }
 
@@ -210,9 +231,9 @@ static inline void spin_slept(spin_t *s, uint64_t slept) {
 static inline void cpu_relax(void) { sched_yield(); }
 
 /* Sleep on `bell` (Doorbell.wait), after spinning up to the window on `has_work(arg)` if the
- * last round worked. 1 if rung, 0 on timeout or when work turned up during the spin. */
+ * last round worked. 1 if rung, 0 on timeout, stop, or when work turned up during the spin. */
 static inline int spin_then_wait(spin_t *s, int worked, volatile int *stopping,
-                                 int (*has_work)(void *), void *arg, sem_t *bell) {
+                                 int (*has_work)(void *), void *arg, bell_t *bell, int stop_fd) {
     if (worked && s->window) {
         uint64_t until = now_ns() + s->window;
         while (now_ns() < until && !*stopping) {
@@ -220,15 +241,14 @@ static inline int spin_then_wait(spin_t *s, int worked, volatile int *stopping,
                 spin_grow(s);
                 /* The peer may have rung for what we found: that ring must not wake us later
                    as if for nothing (late EOI would count it against the peer). */
-                for (int i = 0; i < 64 && sem_trywait(bell) == 0; i++)
-                    ;
+                bell_consume(bell);
                 return 0;
             }
             cpu_relax();
         }
     }
     uint64_t t0 = now_ns();
-    int rung = bell_wait(bell, HEAL_NS);
+    int rung = bell_wait(bell, stop_fd, HEAL_NS);
     spin_slept(s, now_ns() - t0);
     return rung;
 }

@@ -9,6 +9,8 @@
 #ifndef HYPER_PUMP_PY_H
 #define HYPER_PUMP_PY_H
 
+#include <sys/stat.h>
+
 typedef struct {
     Py_buffer view[2 + MAX_POOLS * 4];
     int n;
@@ -33,18 +35,43 @@ static void views_release(views_t *v) {
     v->n = 0;
 }
 
-static sem_t *bell_open(PyObject *name) {
+/* A doorbell opened by name, as channels/doorbell.py's Doorbell opens it: 0, or -1 with an
+ * exception set (and nothing left open). */
+static int bell_open(PyObject *name, bell_t *bell) {
     const char *text = PyUnicode_AsUTF8(name);
     if (!text)
-        return NULL;
+        return -1;
     char path[256];
     snprintf(path, sizeof path, "/%s", text);
     sem_t *sem = sem_open(path, 0);
     if (sem == SEM_FAILED) {
         PyErr_Format(PyExc_OSError, "doorbell %s: %s", text, strerror(errno));
-        return NULL;
+        return -1;
     }
-    return sem;
+    snprintf(path, sizeof path, "/dev/shm/fifo.%s", text);
+    int fd = open(path, O_RDWR | O_NONBLOCK | O_CLOEXEC | O_NOFOLLOW);
+    struct stat st;
+    if (fd < 0 || fstat(fd, &st) != 0 || !S_ISFIFO(st.st_mode)) {
+        PyErr_Format(PyExc_OSError, "doorbell %s: %s", text,
+                     fd < 0 ? strerror(errno) : "not a FIFO");
+        if (fd >= 0)
+            close(fd);
+        sem_close(sem);
+        return -1;
+    }
+    bell->sem = sem;
+    bell->fd = fd;
+    return 0;
+}
+
+/* Close what bell_open opened (idempotent; a bell never opened has sem NULL, fd -1). */
+static void bell_close(bell_t *bell) {
+    if (bell->sem)
+        sem_close(bell->sem);
+    if (bell->fd >= 0)
+        close(bell->fd);
+    bell->sem = NULL;
+    bell->fd = -1;
 }
 
 static void grants_free(grants_t *g) {

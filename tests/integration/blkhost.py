@@ -28,13 +28,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import posix_ipc
-
 from channels import blkif as B
 from channels.gnttab import pool_bytes, table_pages
 from channels.ring import HEADER_SIZE, PAGE_SIZE, u32_view
 from channels.shm import Segment, attach
 from tests.integration.conftest import hyperctl, wait_for
+from tests.raw_bell import ring_once
 
 SHM = Path("/dev/shm")
 FIRST_GREF = 8  # refs 0..7 are reserved, as in Xen (hyper/gnttab.py)
@@ -205,11 +204,7 @@ class HostileBlkfront:
 
     def kick(self) -> None:
         for name in self.bells:
-            bell = posix_ipc.Semaphore("/" + name)
-            try:
-                bell.release()
-            finally:
-                bell.close()
+            ring_once(name)
 
     def responses(self, count: int) -> dict[int, tuple[int, int]]:
         """The next `count` responses, by id: (operation, status)."""

@@ -25,7 +25,6 @@ import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-import posix_ipc
 import pytest
 
 from channels import netif as N
@@ -41,6 +40,7 @@ from tests.integration.conftest import (
     wait_for,
 )
 from tests.integration.test_network import counters, vif
+from tests.raw_bell import ring_once
 from tests.unit.test_netback_antispoof import arp, ether, ipv4, ipv6, tagged
 
 pytestmark = pytest.mark.root
@@ -94,9 +94,7 @@ class HostileFrontend:
     def kick(self) -> None:
         """Ring every doorbell of the domain: netback's among them (spurious ones are fine)."""
         for sem in Path("/dev/shm").glob(f"sem.hyper.d{self.domid}.*"):
-            bell = posix_ipc.Semaphore("/" + sem.name.removeprefix("sem."))
-            bell.release()
-            bell.close()
+            ring_once(sem.name.removeprefix("sem."))
 
     def responses(self, count: int) -> list[tuple[int, int]]:
         def arrived() -> bool:

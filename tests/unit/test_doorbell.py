@@ -1,9 +1,11 @@
-"""channels.doorbell: coalescing, timeouts, a vanished peer, create/unlink."""
+"""channels.doorbell: coalescing, timeouts, polling, a vanished peer, create/unlink."""
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
+import select
 import stat
 import threading
 import uuid
@@ -16,6 +18,7 @@ from channels.doorbell import (
     Doorbell,
     DoorbellError,
     create_doorbell,
+    fifo_path,
     sem_path,
     unlink_doorbell,
 )
@@ -33,6 +36,11 @@ def name() -> Iterator[str]:
     yield bell_name
     unlink_doorbell(bell_name)
     assert not os.path.exists(sem_path(bell_name))
+    assert not os.path.exists(fifo_path(bell_name))
+
+
+def readable(bell: Doorbell) -> bool:
+    return bool(select.select([bell], [], [], 0)[0])
 
 
 @pytest.fixture
@@ -68,16 +76,75 @@ def test_wait_drains_counts_posted_by_concurrent_ringers(
     name: str, pair: tuple[Doorbell, Doorbell]
 ) -> None:
     _, waiter = pair
-    raw = posix_ipc.Semaphore("/" + name)  # two ringers that both saw 0 and both posted
+    raw = posix_ipc.Semaphore("/" + name)  # three ringers that all saw 0, posted and wrote
+    fifo = os.open(fifo_path(name), os.O_WRONLY | os.O_NONBLOCK)
     try:
-        raw.release()
-        raw.release()
-        raw.release()
+        for _ in range(3):
+            raw.release()
+            os.write(fifo, b"\1")
         assert waiter.wait(LONG) is True
         assert raw.value == 0
+        assert not readable(waiter)
         assert waiter.wait(SHORT) is False
     finally:
         raw.close()
+        os.close(fifo)
+
+
+def test_the_fifo_is_readable_while_rung_and_consume_takes_it(
+    pair: tuple[Doorbell, Doorbell],
+) -> None:
+    ringer, waiter = pair
+    assert not readable(waiter)
+    ringer.ring()
+    ringer.ring()
+    assert readable(waiter)
+    waiter.consume()
+    assert not readable(waiter)
+    ringer.ring()  # consumed: the next ring wakes again
+    assert readable(waiter)
+
+
+class _RingsAsTheDrainEnds:
+    """The waiter's semaphore, with a ringer that rings the moment its drain finds no count
+    left: between the waiter's two drains, had it drained the semaphore first."""
+
+    def __init__(self, real: posix_ipc.Semaphore, ringer: Doorbell) -> None:
+        self.real, self.ringer, self.rang = real, ringer, False
+
+    def acquire(self, timeout: float) -> None:
+        try:
+            self.real.acquire(timeout)
+        except posix_ipc.BusyError:
+            if not self.rang:
+                self.rang = True
+                self.ringer.ring()
+            raise
+
+
+def test_a_ring_during_the_drain_is_not_lost(pair: tuple[Doorbell, Doorbell]) -> None:
+    ringer, waiter = pair
+    ringer.ring()
+    real = waiter._sem
+    waiter._sem = _RingsAsTheDrainEnds(real, ringer)  # type: ignore[assignment]
+    try:
+        assert waiter.wait(LONG) is True
+    finally:
+        waiter._sem = real
+    assert waiter.wait(SHORT) is True, "the ring during the drain must wake the next wait"
+
+
+def test_a_full_fifo_is_silent_and_still_wakes(name: str, pair: tuple[Doorbell, Doorbell]) -> None:
+    ringer, waiter = pair
+    fifo = os.open(fifo_path(name), os.O_WRONLY | os.O_NONBLOCK)
+    try:
+        with contextlib.suppress(BlockingIOError):
+            while True:  # a peer filled the pipe
+                os.write(fifo, b"\1" * 4096)
+    finally:
+        os.close(fifo)
+    ringer.ring()  # posts; the write finds the pipe full, which is rung already
+    assert waiter.wait(LONG) is True
 
 
 def test_ring_wakes_a_sleeping_waiter(pair: tuple[Doorbell, Doorbell]) -> None:
@@ -103,8 +170,9 @@ def test_ring_does_not_post_while_a_count_is_pending(name: str) -> None:
         try:
             for _ in range(3):
                 raw.release()
-            ringer.ring()  # value > 0: coalesced, no post
+            ringer.ring()  # value > 0: coalesced, no post, no write
             assert raw.value == 3
+            assert not readable(ringer)
         finally:
             raw.close()
 
@@ -123,6 +191,7 @@ def test_ring_on_an_overflowing_semaphore_is_silent(name: str) -> None:
     real, bell._sem = bell._sem, _FullSemaphore()  # type: ignore[assignment]
     try:
         bell.ring()  # already rung as far as it goes: not an error
+        assert not readable(bell)
     finally:
         bell._sem = real
         bell.close()
@@ -157,10 +226,21 @@ def test_create_applies_the_exact_mode() -> None:
     try:
         create_doorbell(bell_name, mode=0o660)
         assert stat.S_IMODE(os.stat(sem_path(bell_name)).st_mode) == 0o660
+        fifo = os.stat(fifo_path(bell_name))
+        assert stat.S_ISFIFO(fifo.st_mode) and stat.S_IMODE(fifo.st_mode) == 0o660
     finally:
         os.umask(old_umask)
         unlink_doorbell(bell_name)
     assert not os.path.exists(sem_path(bell_name))
+    assert not os.path.exists(fifo_path(bell_name))
+
+
+def test_a_doorbell_whose_fifo_is_not_a_fifo_does_not_open(name: str) -> None:
+    os.unlink(fifo_path(name))
+    with open(fifo_path(name), "w"):  # a plain file where the FIFO was
+        pass
+    with pytest.raises(DoorbellError, match=f"doorbell {name}: cannot open"):
+        Doorbell(name)
 
 
 @pytest.mark.parametrize("bad", ["", "a/b", "..", "nul\0"])

@@ -33,7 +33,9 @@ static uint32_t free_ids[NR_ENTS], free_xfers[NR_ENTS];
 static xfer_t xfers[NR_ENTS];
 static uint16_t xfer_pages[NR_ENTS][MAX_PAGES];
 static uint16_t free_pages[POOL_PAGES];
-static sem_t bells[2];
+static sem_t bell_sems[2];
+static bell_t bells[2] = {{&bell_sems[0], -1}, {&bell_sems[1], -1}}; /* FIFOs: pipes' write ends */
+static bell_t drains[2] = {{&bell_sems[0], -1}, {&bell_sems[1], -1}}; /* their read ends */
 static int sink = -1;
 
 static size_t take(const uint8_t **data, size_t *size, void *out, size_t want) {
@@ -60,8 +62,8 @@ static void setup(front_t *f, uint8_t mode) {
     f->initialized = !(mode & 4);
     f->max_read = MAX_READ_PAGES * PAGE_SIZE;
     f->fuse_fd = f->stop_fd = sink;
-    f->mine = &bells[0];
-    f->peer = &bells[1];
+    f->mine = bells[0];
+    f->peer = bells[1];
     pthread_mutex_init(&f->lock, NULL);
     pthread_cond_init(&f->room, NULL);
     f->parts = parts;
@@ -86,8 +88,12 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
         sink = open("/dev/null", O_WRONLY | O_CLOEXEC);
         data_pool = malloc((size_t)POOL_PAGES * PAGE_SIZE); /* malloc: ASan guards both ends */
         indirect_pool = malloc((size_t)NR_ENTS * PAGE_SIZE);
-        sem_init(&bells[0], 0, 0);
-        sem_init(&bells[1], 0, 0);
+        for (int i = 0; i < 2; i++) {
+            int fifo[2];
+            sem_init(&bell_sems[i], 0, 0);
+            if (pipe2(fifo, O_NONBLOCK) == 0)
+                bells[i].fd = fifo[1], drains[i].fd = fifo[0];
+        }
     }
     front_t f;
     uint8_t mode = 0, messages = 0, n = 0;
@@ -120,8 +126,8 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
     uint32_t done[1024];
     uint32_t failed = fail_all(&f, "end of input", done);
     finish(&f, done, failed);
-    while (sem_trywait(&bells[0]) == 0 || sem_trywait(&bells[1]) == 0)
-        ;
+    bell_consume(&drains[0]);
+    bell_consume(&drains[1]);
     pthread_mutex_destroy(&f.lock);
     pthread_cond_destroy(&f.room);
     return 0;
