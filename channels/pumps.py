@@ -29,6 +29,7 @@ from typing import Any
 from channels.evtchn import LateEoi
 from channels.hypercall import HypercallError
 from channels.ring import BackRing, FrontRing
+from channels.threadname import set_native_name
 
 try:
     from channels import _netpump
@@ -121,17 +122,119 @@ def ended(ring: BackRing | FrontRing, pump: Any, result: tuple[int, str, int]) -
     return code
 
 
+#: What a side of a QueueLoop does with its pump's end: False once the side is done.
+Step = Callable[[tuple[int, str, int]], bool]
+TX, RX = 0, 1  # a QueueLoop's sides
+_ALONE, _DONE = "alone", "done"
+
+
+class QueueLoop:
+    """One thread for a netif queue's tx and rx native pumps of one side (netpump.c's
+    ``serve_queue``: one loop per queue, waiting on both doorbells and the TAP at once).
+
+    Each of the two paths keeps its own thread and calls in with its pump (``serve``), or
+    withdraws (``withdraw``: its Python path runs, or it was stopped first). The second to
+    call runs both pumps in one loop; the first sleeps until its side is done. A side's end is
+    handled by that side's ``step`` (what its path does after its own pump's ``run()``), in the
+    running thread. When a step raises (a fatal end) or says its side is done, the loop ends:
+    the exception is raised again in its own path's thread, and the other side goes on alone
+    with its own pump, as if it had never been paired. The running thread takes the kernel
+    name ``name`` meanwhile (``netback-q``), so that per-thread figures say it serves both."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self._cond = threading.Condition()
+        self._offers: list[tuple[Any, Step] | None] = [None, None]
+        self._verdicts: list[str | BaseException | None] = [None, None]
+        self._out = [False, False]  # withdrawn or settled: never paired again
+        self._running = False
+
+    def serve(self, side: int, pump: Any, step: Step) -> bool:
+        """Serve ``side``'s pump with the other side's; True once this side is done (its
+        step said so), False if it must now run alone. Raises what its step raised."""
+        other = 1 - side
+        with self._cond:
+            if self._out[side] or self._out[other]:
+                self._out[side] = True
+                return False
+            self._offers[side] = (pump, step)
+            if self._offers[other] is None:  # the first: the other runs us both
+                while (verdict := self._verdicts[side]) is None:
+                    self._cond.wait()
+                if isinstance(verdict, BaseException):
+                    raise verdict
+                return verdict == _DONE
+            self._running = True
+            offers = [offer for offer in self._offers if offer is not None]
+        own = threading.current_thread()
+        set_native_name(self.name)
+        try:
+            return self._run(side, offers)
+        finally:
+            set_native_name(getattr(own, "native_name", None) or own.name)
+            with self._cond:
+                self._running = False
+                self._out[side] = True
+                if self._verdicts[other] is None:  # this side raised
+                    self._settle(other, _ALONE)
+
+    def _run(self, side: int, offers: list[tuple[Any, Step]]) -> bool:
+        (tx, _), (rx, _) = offers
+        module = native(NETPUMP)
+        assert module is not None, "paired pumps without the native module"
+        while True:
+            which, code, why, detail = module.serve_queue(tx, rx)
+            step = offers[which][1]
+            if which == side:
+                if not step((code, why, detail)):
+                    return True
+                continue
+            try:
+                going = step((code, why, detail))
+            except BaseException as exc:
+                with self._cond:
+                    self._settle(which, exc)
+                return False
+            if not going:
+                with self._cond:
+                    self._settle(which, _DONE)
+                return False
+
+    def _settle(self, side: int, verdict: str | BaseException) -> None:
+        self._verdicts[side] = verdict
+        self._out[side] = True
+        self._cond.notify_all()
+
+    def withdraw(self, side: int) -> None:
+        """``side`` will not serve (or was stopped): nothing pairs with it, and a side waiting
+        for a partner goes on alone (its own stopped pump then returns at once)."""
+        with self._cond:
+            self._out[side] = True
+            if self._running:
+                return  # the loop sees the stop itself
+            for s in (TX, RX):
+                if self._offers[s] is not None and self._verdicts[s] is None:
+                    self._settle(s, _ALONE)
+
+
 class NativePump:
     """A data-path thread's native pump: made in that thread (``start``), stopped from any
     (``stop``; a stop before ``start`` keeps it from running at all), let go when the thread
-    is done (``end``), so that the ring and pools it holds can be unmapped."""
+    is done (``end``), so that the ring and pools it holds can be unmapped. With a
+    ``QueueLoop`` and a side, the pump is served in one loop with the other side's."""
 
-    def __init__(self, late_eoi: LateEoi | None = None, module: str = NETPUMP) -> None:
+    def __init__(
+        self,
+        late_eoi: LateEoi | None = None,
+        module: str = NETPUMP,
+        queue: tuple[QueueLoop, int] | None = None,
+    ) -> None:
         self._module = module  # which native module makes the pump
         self._lock = threading.Lock()
         self._pump: Any = None
         self._stopped = False
         self._late_eoi = late_eoi  # where the pump's spurious wakeups are counted
+        self._queue = queue
 
     def start(
         self,
@@ -143,16 +246,24 @@ class NativePump:
     ) -> Any:
         """The pump, or None when the Python path must run (not built, not wanted, stopped)."""
         with self._lock:
-            if self._stopped:
-                return None
-            try:
-                self._pump = _make(kind, ring, tap_fd, doorbells, self._module, **kw)
-            except (OSError, ValueError) as exc:  # a doorbell gone, no AIO context, ...
-                log.warning("%s: native pump unavailable, the Python path runs: %s", ring.name, exc)
-                return None
-            if self._pump is not None and self._late_eoi is not None:
+            if not self._stopped:
+                try:
+                    self._pump = _make(kind, ring, tap_fd, doorbells, self._module, **kw)
+                except (OSError, ValueError) as exc:  # a doorbell gone, no AIO context, ...
+                    log.warning(
+                        "%s: native pump unavailable, the Python path runs: %s", ring.name, exc
+                    )
+            if self._pump is None:
+                self.withdraw()
+            elif self._late_eoi is not None:
                 self._late_eoi.adopt(self._pump)
             return self._pump
+
+    def withdraw(self) -> None:
+        """This path will not serve a native pump: its QueueLoop partner runs alone."""
+        if self._queue is not None:
+            queue, side = self._queue
+            queue.withdraw(side)
 
     def start_backend(
         self, kind: int, ring: BackRing, fd: int, evtchn: Any, counters: Any, grants: Any, **kw: Any
@@ -183,19 +294,32 @@ class NativePump:
         (a frame or request handed back, a ref that missed) is the Python path's turn:
         ``hand_back(result)``, with the pump's pools let go around it (``pools_let_go``);
         then the pump carries on where Python left the ring. The pump is let go at the end."""
+
+        def step(result: tuple[int, str, int]) -> bool:
+            code = ended(ring, pump, result)
+            if code == STOPPED:
+                return False
+            if code == FATAL:
+                raise fatal(result[1])
+            with pools_let_go(pump, grants):
+                hand_back(result)
+            pump.indices = ring.indices()
+            return True
+
         try:
-            while not stopping():
-                result = pump.run()
-                code = ended(ring, pump, result)
-                if code == STOPPED:
-                    break
-                if code == FATAL:
-                    raise fatal(result[1])
-                with pools_let_go(pump, grants):
-                    hand_back(result)
-                pump.indices = ring.indices()
+            self._serve(pump, step, stopping)
         finally:
             self.end()
+
+    def _serve(self, pump: Any, step: Step, stopping: Callable[[], bool]) -> None:
+        """``step(pump.run())`` until it or ``stopping()`` says done; in the QueueLoop first,
+        if the pump has one."""
+        if self._queue is not None:
+            queue, side = self._queue
+            if queue.serve(side, pump, step):
+                return
+        while not stopping() and step(pump.run()):
+            pass
 
     def doorbells(self, evtchn: Any, stopping: Any) -> tuple[str, str | None]:
         """A frontend's channel's doorbells, once its backend has bound the port (a native
@@ -218,6 +342,7 @@ class NativePump:
             self._stopped = True
             if self._pump is not None:
                 self._pump.stop()
+        self.withdraw()
 
     def end(self) -> None:
         with self._lock:
@@ -242,10 +367,15 @@ class NativePump:
         pump = self.start(kind, ring, tap_fd, self.doorbells(evtchn, stopping), **kw)
         if pump is None:
             return False
-        code, why, _ = result = pump.run()
-        if ended(ring, pump, result) == FATAL:
-            raise misbehaved(why)
-        assert code == STOPPED, f"a frontend pump ended with {code}"
+
+        def step(result: tuple[int, str, int]) -> bool:
+            code, why, _ = result
+            if ended(ring, pump, result) == FATAL:
+                raise misbehaved(why)
+            assert code == STOPPED, f"a frontend pump ended with {code}"
+            return False
+
+        self._serve(pump, step, lambda: False)
         return True
 
 

@@ -836,22 +836,27 @@ static int run_netback_tx(pump_t *p) {
 
 /* RxPath._loop_once, looped. */
 static int run_netback_rx(pump_t *p) {
-    int worked = 0;
+    int worked = 0, rung = 0;
     while (!p->stopping) {
+        uint32_t taken = p->ring.cons;
         int r = netback_rx_fill(p);
         if (r < 0)
             return -r;
         if (p->held_len < RX_NEED) {
+            if (p->ring.cons != taken)
+                p->eoi.run = 0;
+            else if (rung) /* woken for no new buffer */
+                pause_unless(p->stop_fd, late_eoi_idle(&p->eoi));
             int64_t more = ring_final_check(&p->ring, REQ_EVENT, back_unconsumed);
             if (more < 0) {
                 say(p, "impossible req_prod");
                 return PUMP_BROKEN;
             }
-            if (!more)
-                sleep_on_bell(p, worked, back_has_requests);
+            rung = !more && !p->stopping && sleep_on_bell(p, worked, back_has_requests);
             worked = 0;
             continue;
         }
+        rung = 0;
         int ready = wait_tap(p, worked);
         if (ready < 0)
             return PUMP_IOERROR;
@@ -912,6 +917,217 @@ static int run_netfront_tx(pump_t *p) {
 static int run_netfront_rx(pump_t *p) {
     return serve(p, netfront_rx_work, front_final_check, front_has_responses,
                  "impossible rsp_prod");
+}
+
+/* -- one loop per queue: tx and rx served by one thread (issue 13) -------------------------
+ *
+ * A queue's two pumps of one side (netback tx and rx, or netfront tx and rx) share the TAP
+ * queue, and each half's work makes the other's: netback tx's write of the frontend's frames
+ * to the TAP makes the peer's ACKs in the same softirq, and netfront rx's write of received
+ * frames makes the workload's next transmission. With a thread per pump, each such frame
+ * wakes the other thread (20-100 us across the two vCPUs here). One loop does both halves in
+ * turn, reading the TAP whenever the other half has worked, and sleeps in one poll on both
+ * doorbells' FIFOs and the TAP (channels/doorbell.py); it wakes only when neither half has
+ * work. Each pump keeps its own ring, counters, late EOI and stop descriptor; the loop returns
+ * when either ends, saying which (`*which`: 0 tx, 1 rx), and Python carries on from there
+ * (channels/pumps.py's QueueLoop).
+ *
+ * Late EOI here masks a doorbell instead of pausing: a rung wakeup that found no work for its
+ * half keeps that doorbell out of the poll for LateEoi's wait, so a peer storming one doorbell
+ * slows down only what that doorbell announces, and the other half and the TAP are served. */
+
+typedef struct {
+    int rung;       /* the last poll found this doorbell rung */
+    uint64_t until; /* out of the poll until then (0: in it) */
+} mask_t;
+
+/* LateEoi.worked or .idle, after a half's turn; `now` when it found nothing. */
+static void mask_after(mask_t *m, late_eoi_t *eoi, int worked) {
+    if (worked) {
+        eoi->run = 0;
+        m->rung = 0;
+    } else if (m->rung) {
+        uint64_t ns = late_eoi_idle(eoi);
+        m->until = ns ? now_ns() + ns : 0;
+        m->rung = 0;
+    }
+}
+
+/* Add `bell` to the poll unless masked (then shorten the timeout to the mask's end). */
+static int poll_bell(struct pollfd *fds, int *n, const bell_t *bell, const mask_t *m,
+                     uint64_t now, uint64_t *timeout) {
+    if (m->until > now) {
+        if (m->until - now < *timeout)
+            *timeout = m->until - now;
+        return -1;
+    }
+    fds[*n] = (struct pollfd){.fd = bell->fd, .events = POLLIN};
+    return (*n)++;
+}
+
+typedef struct {
+    pump_t *tx, *rx;
+    mask_t txm, rxm;
+    int need_bell[2]; /* which doorbells the idle half waits on */
+    int tap;          /* and whether it waits for the TAP */
+} queue_t;
+
+/* Sleep until a doorbell the halves wait on rings, the TAP is readable (if waited for), or a
+ * stop; the spin window is tx's. -1 (and why in tx) if poll fails. */
+static int queue_wait(queue_t *q) {
+    struct pollfd fds[5];
+    int n = 0, itx = -1, irx = -1;
+    uint64_t now = now_ns(), timeout = HEAL_NS;
+    if (q->need_bell[0])
+        itx = poll_bell(fds, &n, &q->tx->mine, &q->txm, now, &timeout);
+    if (q->need_bell[1])
+        irx = poll_bell(fds, &n, &q->rx->mine, &q->rxm, now, &timeout);
+    if (q->tap)
+        fds[n++] = (struct pollfd){.fd = q->rx->tap_fd, .events = POLLIN};
+    fds[n++] = (struct pollfd){.fd = q->tx->stop_fd, .events = POLLIN};
+    fds[n++] = (struct pollfd){.fd = q->rx->stop_fd, .events = POLLIN};
+    int got = poll(fds, (nfds_t)n, (int)((timeout + 999999) / 1000000));
+    if (got < 0 && errno != EINTR) {
+        say(q->tx, strerror(errno));
+        return -1;
+    }
+    spin_slept(&q->tx->spin, now_ns() - now);
+    if (got > 0 && itx >= 0 && fds[itx].revents & POLLIN) {
+        bell_consume(&q->tx->mine);
+        q->txm.rung = 1;
+    }
+    if (got > 0 && irx >= 0 && fds[irx].revents & POLLIN) {
+        bell_consume(&q->rx->mine);
+        q->rxm.rung = 1;
+    }
+    return 0;
+}
+
+/* Spin up to the window after work (spin_then_wait's, before arming: nothing need ring for
+ * what the spin finds); 1 if `has_work(q)` turned true. */
+static int queue_spin(queue_t *q, int (*has_work)(queue_t *)) {
+    spin_t *s = &q->tx->spin;
+    uint64_t until = now_ns() + s->window;
+    while (now_ns() < until && !q->tx->stopping && !q->rx->stopping) {
+        if (has_work(q)) {
+            spin_grow(s);
+            return 1;
+        }
+        cpu_relax();
+    }
+    return 0;
+}
+
+static int netback_queue_has_work(queue_t *q) {
+    return tx_has_requests(q->tx) ||
+           (q->rx->held_len < RX_NEED ? back_has_requests(q->rx) : readable(q->rx->tap_fd));
+}
+
+/* Both halves of a netback queue: run_netback_tx's serve and run_netback_rx, in one loop. */
+static int run_netback_queue(pump_t *tx, pump_t *rx, int *which) {
+    queue_t q = {.tx = tx, .rx = rx};
+    int worked = 0;
+    while (!tx->stopping && !rx->stopping) {
+        int64_t sent = netback_tx_work(tx);
+        if (sent < 0)
+            return *which = 0, (int)-sent;
+        mask_after(&q.txm, &tx->eoi, sent > 0);
+        uint32_t taken = rx->ring.cons;
+        int r = netback_rx_fill(rx), frames = 0;
+        while (r >= 0 && frames < BUDGET && rx->held_len >= RX_NEED &&
+               (r = netback_rx_receive(rx)) > 0) {
+            frames++;
+            r = netback_rx_fill(rx);
+        }
+        if (frames && ring_push(&rx->ring, RSP_PROD, RSP_EVENT))
+            bell_ring(&rx->peer);
+        if (r < 0)
+            return *which = 1, -r;
+        int filled = rx->ring.cons != taken;
+        mask_after(&q.rxm, &rx->eoi, filled || frames);
+        if (sent > 0 || filled || frames) {
+            worked = 1;
+            continue;
+        }
+        int need_buffers = rx->held_len < RX_NEED;
+        if (worked && tx->spin.window && queue_spin(&q, netback_queue_has_work)) {
+            worked = 0;
+            continue;
+        }
+        worked = 0;
+        int64_t more = tx_final_check(tx);
+        if (more < 0) {
+            say(tx, "impossible req_prod");
+            return *which = 0, PUMP_BROKEN;
+        }
+        if (!more && need_buffers &&
+            (more = ring_final_check(&rx->ring, REQ_EVENT, back_unconsumed)) < 0) {
+            say(rx, "impossible req_prod");
+            return *which = 1, PUMP_BROKEN;
+        }
+        if (more || tx->stopping || rx->stopping)
+            continue;
+        q.need_bell[0] = 1;
+        q.need_bell[1] = need_buffers;
+        q.tap = !need_buffers;
+        if (queue_wait(&q) < 0)
+            return *which = 0, PUMP_IOERROR;
+    }
+    return *which = tx->stopping ? 0 : 1, PUMP_STOPPED;
+}
+
+static int netfront_tx_has_room(const pump_t *tx) {
+    return tx->nfree >= RX_NEED && front_free(&tx->ring) >= RX_NEED + 1;
+}
+
+static int netfront_queue_has_work(queue_t *q) {
+    return front_has_responses(q->rx) || front_has_responses(q->tx) ||
+           (netfront_tx_has_room(q->tx) && readable(q->tx->tap_fd));
+}
+
+/* Both halves of a netfront queue: run_netfront_tx and run_netfront_rx, in one loop. */
+static int run_netfront_queue(pump_t *tx, pump_t *rx, int *which) {
+    queue_t q = {.tx = tx, .rx = rx};
+    int worked = 0;
+    while (!tx->stopping && !rx->stopping) {
+        int reaped = netfront_tx_reap(tx), sent = 0;
+        if (reaped < 0)
+            return *which = 0, -reaped;
+        mask_after(&q.txm, &tx->eoi, reaped);
+        if (netfront_tx_has_room(tx) && (sent = netfront_tx_send(tx)) < 0)
+            return *which = 0, -sent;
+        int got = netfront_rx_batch(rx);
+        if (got < 0)
+            return *which = 1, -got;
+        mask_after(&q.rxm, &rx->eoi, got);
+        if (reaped || sent || got) {
+            worked = 1;
+            continue;
+        }
+        int room = netfront_tx_has_room(tx);
+        if (worked && tx->spin.window && queue_spin(&q, netfront_queue_has_work)) {
+            worked = 0;
+            continue;
+        }
+        worked = 0;
+        int64_t more = front_final_check(rx);
+        if (more < 0) {
+            say(rx, "impossible rsp_prod");
+            return *which = 1, PUMP_BROKEN;
+        }
+        if (!more && !room && (more = front_final_check(tx)) < 0) {
+            say(tx, "impossible rsp_prod");
+            return *which = 0, PUMP_BROKEN;
+        }
+        if (more || tx->stopping || rx->stopping)
+            continue;
+        q.need_bell[0] = !room; /* with room, tx waits for eth0, not for its answers */
+        q.need_bell[1] = 1;
+        q.tap = room;
+        if (queue_wait(&q) < 0)
+            return *which = 0, PUMP_IOERROR;
+    }
+    return *which = tx->stopping ? 0 : 1, PUMP_STOPPED;
 }
 
 #ifndef HYPER_FUZZ

@@ -309,9 +309,49 @@ static PyTypeObject PumpType = {
     .tp_getset = Pump_getset,
 };
 
+/* serve_queue(tx, rx) -> (which, code, why, detail): a queue's two pumps of one side in one
+ * loop (netpump.c's run_netback_queue, run_netfront_queue), GIL released, until either ends;
+ * `which` says whose end it is (0: tx, 1: rx), the rest is as that pump's run() says it. */
+static PyObject *serve_queue(PyObject *module, PyObject *args) {
+    Pump *tx, *rx;
+    if (!PyArg_ParseTuple(args, "O!O!", &PumpType, &tx, &PumpType, &rx))
+        return NULL;
+    int back = tx->kind == NETBACK_TX && rx->kind == NETBACK_RX;
+    if (!back && !(tx->kind == NETFRONT_TX && rx->kind == NETFRONT_RX)) {
+        PyErr_SetString(PyExc_ValueError, "serve_queue: a tx and an rx pump of one side");
+        return NULL;
+    }
+    if (!tx->p.mine.sem || !rx->p.mine.sem || tx->running || rx->running) {
+        PyErr_SetString(PyExc_RuntimeError, "pump not initialised, or already running");
+        return NULL;
+    }
+    if (tx->p.tap_fd != rx->p.tap_fd) {
+        PyErr_SetString(PyExc_ValueError, "serve_queue: the two pumps serve different TAPs");
+        return NULL;
+    }
+    int which = 0, code;
+    tx->running = rx->running = 1;
+    tx->p.why[0] = rx->p.why[0] = 0;
+    tx->p.detail = rx->p.detail = 0;
+    Py_BEGIN_ALLOW_THREADS
+    code = back ? run_netback_queue(&tx->p, &rx->p, &which)
+                : run_netfront_queue(&tx->p, &rx->p, &which);
+    Py_END_ALLOW_THREADS
+    tx->running = rx->running = 0;
+    pump_t *ended = which ? &rx->p : &tx->p;
+    return Py_BuildValue("iisI", which, code, ended->why, ended->detail);
+}
+
+static PyMethodDef module_methods[] = {
+    {"serve_queue", serve_queue, METH_VARARGS,
+     "serve_queue(tx, rx): both pumps in one loop until either ends: (which, code, why, "
+     "detail)."},
+    {NULL}};
+
 static struct PyModuleDef module = {
     PyModuleDef_HEAD_INIT, .m_name = "channels._netpump",
-    .m_doc = "netif's batch pumps, native (see netpump.c).", .m_size = -1};
+    .m_doc = "netif's batch pumps, native (see netpump.c).", .m_size = -1,
+    .m_methods = module_methods};
 
 PyMODINIT_FUNC PyInit__netpump(void) {
     static const constant_t constants[] = {

@@ -183,6 +183,7 @@ class TxPath:
         rate: RateLimit | None,
         on_fatal: Callable[[str], None],
         sources: SourceFilter | None = None,
+        queue: pumps.QueueLoop | None = None,
     ):
         self.ring = ring
         self.evtchn = evtchn
@@ -198,7 +199,7 @@ class TxPath:
         self._extras = 0  # how many extra slots follow its first
         self._responses: list[int] = []  # flat (id, status) pairs, in slot order
         self.late_eoi = LateEoi()
-        self.native = pumps.NativePump(self.late_eoi)
+        self.native = pumps.NativePump(self.late_eoi, queue=queue and (queue, pumps.TX))
         self.thread = NamedThread(target=self._run, name="netback-tx", daemon=True)
 
     def stop(self) -> None:
@@ -442,6 +443,7 @@ class RxPath:
         counters: Counters,
         gso: bool,
         on_fatal: Callable[[str], None],
+        queue: pumps.QueueLoop | None = None,
     ) -> None:
         self.ring = ring
         self.evtchn = evtchn
@@ -455,13 +457,16 @@ class RxPath:
         self._held: deque[tuple[int, memoryview]] = deque()  # posted requests: (id, page)
         self._responses: list[int] = []  # flat (id, offset, flags, status) per slot
         self._header = bytearray(VNET_HDR_SIZE)
-        self.native = pumps.NativePump()
+        self.late_eoi = LateEoi()  # the frontend ringing for no new buffers is slowed down
+        self._rung = False
+        self.native = pumps.NativePump(self.late_eoi, queue=queue and (queue, pumps.RX))
         self.thread = NamedThread(target=self._run, name="netback-rx", daemon=True)
 
     def stop(self) -> None:
         self.stopping = True
         self.native.stop()
         self.waiter.interrupt()
+        self.late_eoi.stop()
         self.evtchn.kick()
 
     def _run(self) -> None:
@@ -517,11 +522,16 @@ class RxPath:
                 raise FatalProtocolError(f"rx buffer gref {gref}: {exc}") from exc
 
     def _loop_once(self) -> None:
+        held = len(self._held)
         self._fill()
         if len(self._held) < self.NEED:
-            if not self.ring.final_check_for_requests():
-                self.evtchn.wait(HEAL_TIMEOUT)
+            if len(self._held) != held:
+                self.late_eoi.worked()
+            elif self._rung:  # woken for no new buffer
+                self.late_eoi.back_off()
+            self._rung = not self.ring.final_check_for_requests() and self.evtchn.wait(HEAL_TIMEOUT)
             return
+        self._rung = False
         if not self.waiter.wait():
             return
         frames = 0

@@ -6,8 +6,9 @@ pools and starts the data path (``start``). Besides the common fds and parameter
 parameters are the vif's name, its ``queues`` (for each: its tx/rx ring refs, the doorbell
 names of both its event channels and the fd of its TAP queue, ``tap_fd``; the first queue's is
 ``device_fd``), gso, the rate limit, and the vif's ``mac`` and ``ip`` (from its backend dir) that
-every transmitted frame's source is checked against. Each queue has its tx and rx threads and
-its own block of counters; the queues share the grant mapper, which maps at most what netif
+every transmitted frame's source is checked against. Each queue has its tx and rx paths (with
+the native pumps, one loop serves both: channels/pumps.py's QueueLoop) and its own block of
+counters; the queues share the grant mapper, which maps at most what netif
 can use for that many queues (``netif.MAX_GRANT_PAGES`` each).
 """
 
@@ -18,6 +19,7 @@ from collections.abc import Callable
 from typing import Any
 
 from channels import netif as N
+from channels import pumps
 from channels.evtchn import EventChannel
 from channels.grants import DeviceGrants, GrantMapper
 from channels.ring import BackRing
@@ -56,8 +58,11 @@ def start(
     paths: list[TxPath | RxPath] = []
     for q, ((tx_ring, rx_ring), queue) in enumerate(zip(rings, queues, strict=True)):
         tap_fd, tx_ch, rx_ch = queue["tap_fd"], channels[2 * q], channels[2 * q + 1]
-        paths.append(TxPath(tx_ring, tx_ch, grants, tap_fd, counters[q], rate, link.fatal, sources))
-        paths.append(RxPath(rx_ring, rx_ch, grants, tap_fd, counters[q], params["gso"], link.fatal))
+        # One loop serves both native pumps; the tx of a vif with a rate runs in Python.
+        loop = pumps.QueueLoop("netback-q") if rate is None else None
+        tx = TxPath(tx_ring, tx_ch, grants, tap_fd, counters[q], rate, link.fatal, sources, loop)
+        rx = RxPath(rx_ring, rx_ch, grants, tap_fd, counters[q], params["gso"], link.fatal, loop)
+        paths += (tx, rx)
     for path in paths:
         path.thread.start()
 

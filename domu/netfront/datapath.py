@@ -49,6 +49,7 @@ class _Path:
         grefs: list[int],
         tap_fd: int,
         on_broken: Callable[[str], None],
+        queue: tuple[pumps.QueueLoop, int] | None,
     ) -> None:
         self.ring = ring
         self.evtchn = evtchn
@@ -59,7 +60,7 @@ class _Path:
         self.stopping = False
         self.late_eoi = LateEoi()  # a backend ringing for nothing (a storm) is slowed down
         self._region = pool.region()
-        self.native = pumps.NativePump(self.late_eoi)
+        self.native = pumps.NativePump(self.late_eoi, queue=queue)
         self.thread = NamedThread(target=self._run, name=name, daemon=True)
 
     def _run(self) -> None:
@@ -90,8 +91,11 @@ class TxPath(_Path):
         tap_fd: int,
         gso: bool,
         on_broken: Callable[[str], None],
+        queue: pumps.QueueLoop | None = None,
     ) -> None:
-        super().__init__("netfront-tx", ring, evtchn, pool, grefs, tap_fd, on_broken)
+        super().__init__(
+            "netfront-tx", ring, evtchn, pool, grefs, tap_fd, on_broken, queue and (queue, pumps.TX)
+        )
         self.gso = gso
         self.free = list(range(pool.pages))  # a stack: the page freed last is reused first
         self.in_flight = bytearray(pool.pages)  # 1 for each page a tx request still holds
@@ -206,8 +210,11 @@ class RxPath(_Path):
         grefs: list[int],
         tap_fd: int,
         on_broken: Callable[[str], None],
+        queue: pumps.QueueLoop | None = None,
     ) -> None:
-        super().__init__("netfront-rx", ring, evtchn, pool, grefs, tap_fd, on_broken)
+        super().__init__(
+            "netfront-rx", ring, evtchn, pool, grefs, tap_fd, on_broken, queue and (queue, pumps.RX)
+        )
         self.slot_page = [0] * ring.nr_ents  # ring slot -> the page posted in it
 
     def post_all(self) -> None:

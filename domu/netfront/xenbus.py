@@ -27,6 +27,7 @@ from typing import Any
 from pyroute2 import IPRoute
 
 from channels import netif as N
+from channels import pumps
 from channels.evtchn import EventChannel, alloc_unbound
 from channels.gnttab import GrantPool, grant_pool, release_pool
 from channels.hypercall import HypercallClient, HypercallError
@@ -186,8 +187,9 @@ class NetfrontDriver:
             tx_ch, rx_ch = queue.channels
             _, tx_pool, tx_grefs = queue.pools["tx"]
             _, rx_pool, rx_grefs = queue.pools["rx"]
-            queue.tx = TxPath(tx_ring, tx_ch, tx_pool, tx_grefs, queue.tap_fd, nf.gso, broken)
-            queue.rx = RxPath(rx_ring, rx_ch, rx_pool, rx_grefs, queue.tap_fd, broken)
+            loop = pumps.QueueLoop("netfront-q")  # native pumps: one loop serves both paths
+            queue.tx = TxPath(tx_ring, tx_ch, tx_pool, tx_grefs, queue.tap_fd, nf.gso, broken, loop)
+            queue.rx = RxPath(rx_ring, rx_ch, rx_pool, rx_grefs, queue.tap_fd, broken, loop)
             queue.rx.post_all()
         if run:
             self._run_paths(nf)

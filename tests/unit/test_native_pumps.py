@@ -301,7 +301,7 @@ def back_rx(gso: bool) -> Iterator[tuple[Any, Any, int, socket.socket]]:
     from channels.ring import BackRing, FrontRing
     from dom0.netback.datapath import RxPath
 
-    with back.serving_vif() as vif:  # its pool, doorbells and grants; its tx path idles
+    with back.serving_vif(paired=False) as vif:  # its pool, doorbells, grants; tx idles
         area = bytearray(N.PAGE_SIZE)
         ring_front = FrontRing.init(N.RX_RING, memoryview(area))
         ring_back = BackRing.attach(N.RX_RING, memoryview(area))

@@ -7,7 +7,10 @@ the test sees exactly what would have reached the host) and its hypercalls come 
 Each bad request listed in the issue must be answered NETIF_RSP_ERROR and counted, with nothing
 transmitted; a protocol violation must end the vif (``on_fatal``) and nothing else. A frame from
 an address the vif may not use is dropped and counted; what reaches the TAP is what netback
-checked, however the guest rewrites its pages meanwhile.
+checked, however the guest rewrites its pages meanwhile. Each queue's RxPath runs beside its
+TxPath (over a ring with no buffers posted) and, with the native pumps, one loop serves both
+as in dom0 (channels/pumps.py's QueueLoop); the ``vif`` fixture also runs each test with the
+TxPath alone, as a vif with a rate runs it.
 """
 
 from __future__ import annotations
@@ -19,10 +22,12 @@ import socket
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pytest
 
 from channels import netif as N
+from channels import pumps
 from channels.doorbell import create_doorbell, unlink_doorbell
 from channels.evtchn import from_status
 from channels.gnttab import GrantPool, pool_bytes
@@ -30,7 +35,7 @@ from channels.grants import BAD_GREF_BUDGET, DeviceGrants, GrantMapper
 from channels.ring import PAGE_SIZE, BackRing, FrontRing, u32_view
 from channels.shm import attach, create_segment, unlink_segment
 from dom0.netback.antispoof import SourceFilter
-from dom0.netback.datapath import COUNTER_FIELDS, Counters, TxPath
+from dom0.netback.datapath import COUNTER_FIELDS, Counters, RxPath, TxPath
 from tests.unit.backend_hypercalls import Hypercalls, storm
 from tests.unit.pumps import both_pumps  # noqa: F401  (runs each test with both)
 
@@ -45,6 +50,7 @@ class Vif:
     peer: socket.socket
     tx: TxPath
     counters: Counters
+    rx: RxPath | None = None  # the queue's other half (paired), its ring with nothing posted
     fatal: list[str] = field(default_factory=list)
     fatal_event: threading.Event = field(default_factory=threading.Event)
 
@@ -83,40 +89,48 @@ class Vif:
 FRAME = bytes.fromhex("ffffffffffff 00163e000001 0800") + bytes(range(50))
 
 
-@pytest.fixture
-def vif() -> Iterator[Vif]:
-    with serving_vif() as state:
+@pytest.fixture(params=["paired", "alone"])
+def vif(request: pytest.FixtureRequest) -> Iterator[Vif]:
+    with serving_vif(paired=request.param == "paired") as state:
         yield state
 
 
 @contextlib.contextmanager
 def serving_vif(
-    sources: SourceFilter | None = None, bad_gref_budget: int = BAD_GREF_BUDGET
+    sources: SourceFilter | None = None,
+    bad_gref_budget: int = BAD_GREF_BUDGET,
+    paired: bool = True,
 ) -> Iterator[Vif]:
     """netback's TxPath running over a fresh ring, pool and doorbells, checking ``sources`` if
-    given, failing past ``bad_gref_budget``; everything is removed on the way out."""
-    with serving_queues(1, sources, bad_gref_budget) as [vif]:
+    given, failing past ``bad_gref_budget``, with its RxPath beside it if ``paired``;
+    everything is removed on the way out."""
+    with serving_queues(1, sources, bad_gref_budget, paired) as [vif]:
         yield vif
 
 
 @contextlib.contextmanager
 def serving_queues(
-    queues: int, sources: SourceFilter | None = None, bad_gref_budget: int = BAD_GREF_BUDGET
+    queues: int,
+    sources: SourceFilter | None = None,
+    bad_gref_budget: int = BAD_GREF_BUDGET,
+    paired: bool = True,
 ) -> Iterator[list[Vif]]:
     """A vif of ``queues`` queues, as dom0/netback/worker.py runs one: a TxPath per queue over
-    its own ring, doorbells and "TAP", counting in its own block of one counter page; one pool
+    its own ring, doorbells and "TAP", counting in its own block of one counter page, and its
+    RxPath over a second ring and doorbells if ``paired`` (one QueueLoop for the two); one pool
     and one grant mapper for them all (counting bad refs in the first block)."""
     tag = f"hyper-test-netback-{os.getpid()}-{next(_ids)}"
     pool_name = f"{tag}-pool"
-    rings = [f"{tag}-ring{q}" for q in range(queues)]
+    rings = [f"{tag}-ring{q}" for q in range(queues)] + [f"{tag}-rx{q}" for q in range(queues)]
     bells = [(f"{tag}-b{q}", f"{tag}-f{q}") for q in range(queues)]
+    rx_bells = [(f"{tag}-rb{q}", f"{tag}-rf{q}") for q in range(queues)]
     with contextlib.ExitStack() as stack:
         for name in rings:
             create_segment(name, PAGE_SIZE)
             stack.callback(unlink_segment, name)
         create_segment(pool_name, pool_bytes(8))
         stack.callback(unlink_segment, pool_name)
-        for bell in (b for pair in bells for b in pair):
+        for bell in (b for pair in bells + rx_bells for b in pair):
             create_doorbell(bell)
             stack.callback(unlink_doorbell, bell)
         pool = GrantPool.open(pool_name, 8, 8)
@@ -149,14 +163,29 @@ def serving_queues(
                 state.fatal_event.set()
 
             evtchn = from_status(calls[q], 1)  # type: ignore[arg-type]
+            loop = pumps.QueueLoop("netback-q") if paired else None
             state.tx = TxPath(
-                back, evtchn, grants, tap.fileno(), counters[q], None, on_fatal, sources
+                back, evtchn, grants, tap.fileno(), counters[q], None, on_fatal, sources, loop
             )
+            if paired:
+                rx_segment = attach(rings[queues + q])
+                stack.callback(rx_segment.close)
+                rx_front = FrontRing.init(N.RX_RING, rx_segment.buf)
+                rx_back = BackRing.attach(N.RX_RING, rx_segment.buf)
+                stack.callback(rx_back.close)
+                stack.callback(rx_front.close)
+                rx_calls = Hypercalls([(pool_name, 8, 8)], rx_bells[q])
+                rx_evtchn = from_status(rx_calls, 1)  # type: ignore[arg-type]
+                state.rx = RxPath(
+                    rx_back, rx_evtchn, grants, tap.fileno(), counters[q], True, on_fatal, loop
+                )
             vifs.append(state)
         for state in vifs:
-            state.tx.thread.start()
-            stack.callback(state.tx.thread.join, 5)
-            stack.callback(state.tx.stop)
+            for path in (state.tx, state.rx):
+                if path is not None:
+                    path.thread.start()
+                    stack.callback(path.thread.join, 5)
+                    stack.callback(path.stop)
         yield vifs
 
 
@@ -243,7 +272,8 @@ def test_a_chain_longer_than_any_honest_packet_disconnects_the_vif(vif: Vif) -> 
     gref = vif.page(0, FRAME)
     vif.send(*[(gref, 0, N.NETTXF_more_data, i, 100) for i in range(25)])
     assert vif.fatal_event.wait(5), "the vif must be disconnected"
-    assert "slots" in vif.fatal[0]
+    # Said by the tx half, whichever thread ran the queue's loop (QueueLoop raises it there).
+    assert vif.fatal[0].startswith("tx: ") and "slots" in vif.fatal[0]
 
 
 def test_past_its_budget_of_bad_grefs_the_vif_is_disconnected(vif: Vif) -> None:
@@ -290,6 +320,34 @@ def test_a_doorbell_storm_on_an_empty_ring_costs_a_few_wakeups(vif: Vif) -> None
     assert vif.tx.late_eoi.spurious < 64, f"{vif.tx.late_eoi.spurious} wakeups for nothing"
     vif.send((vif.page(0, FRAME), 0, 0, 1, len(FRAME)))
     assert vif.responses(1) == [(1, N.NETIF_RSP_OKAY)]
+
+
+def thread_names() -> list[str]:
+    return [(task / "comm").read_text().strip() for task in Path("/proc/self/task").iterdir()]
+
+
+def test_with_the_native_pumps_one_thread_serves_a_queue() -> None:
+    """The queue's two halves run in one loop (channels/pumps.py's QueueLoop), in a thread
+    named for it; the Python reference keeps a thread per half."""
+    with serving_vif() as vif:
+        vif.send((vif.page(0, FRAME), 0, 0, 1, len(FRAME)))
+        assert vif.responses(1) == [(1, N.NETIF_RSP_OKAY)]  # both halves have started
+        names = thread_names()
+    native = pumps.native() is not None  # as the both_pumps fixture chose
+    assert names.count("netback-q") == (1 if native else 0), names
+    assert names.count("netback-tx") + names.count("netback-rx") == (1 if native else 2), names
+
+
+def test_a_storm_on_the_rx_doorbell_costs_a_few_wakeups_and_tx_still_goes() -> None:
+    """A frontend ringing its rx doorbell with no buffer posted: late EOI slows the rx half
+    down, and the tx half (served by the same loop with the native pumps) still sends."""
+    with serving_vif() as vif:
+        assert vif.rx is not None
+        rings = storm(vif.rx.evtchn.kick, 1.0)
+        assert rings > 1000
+        assert vif.rx.late_eoi.spurious < 64, f"{vif.rx.late_eoi.spurious} wakeups for nothing"
+        vif.send((vif.page(0, FRAME), 0, 0, 1, len(FRAME)))
+        assert vif.responses(1) == [(1, N.NETIF_RSP_OKAY)]
 
 
 # -- what the TAP gets is what netback checked (XSA-155) -----------------------------------------

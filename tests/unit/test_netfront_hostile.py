@@ -4,21 +4,27 @@ The test plays netback: it writes raw responses into netfront's rings and rings 
 netfront's data path runs as it does in a domain, its "eth0" one end of a SOCK_SEQPACKET pair.
 An honest response is delivered; anything a correct backend never writes (an impossible
 rsp_prod, an id that is not in flight, sizes past the page, a chain cut short) marks the vif
-broken through ``on_broken``, without a crash or a hang.
+broken through ``on_broken``, without a crash or a hang. Each test runs with the path under
+test alone and beside the queue's other half (over its own ring, pool and doorbells, nobody
+answering it), as netfront runs them: with the native pumps one loop serves the two
+(channels/pumps.py's QueueLoop).
 """
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import socket
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import pytest
 
 from channels import netif as N
+from channels import pumps
 from channels.doorbell import Doorbell, create_doorbell, unlink_doorbell
 from channels.evtchn import LateEoi, from_status
 from channels.gnttab import GrantPool, pool_bytes
@@ -87,8 +93,10 @@ class Harness:
         return self.peer.recv(70000)
 
 
-@pytest.fixture
-def setup() -> Iterator[tuple[Segment, GrantPool, socket.socket, socket.socket, object, str]]:
+@contextlib.contextmanager
+def channel() -> Iterator[tuple[Segment, GrantPool, object, str]]:
+    """A fresh ring page, grant pool and event channel: (segment, pool, channel, netfront's
+    doorbell); everything is removed on the way out."""
     tag = f"hyper-test-netfront-{os.getpid()}-{next(_ids)}"
     names = (f"{tag}-ring", f"{tag}-pool", f"{tag}-f", f"{tag}-b")
     create_segment(names[0], PAGE_SIZE)
@@ -97,38 +105,82 @@ def setup() -> Iterator[tuple[Segment, GrantPool, socket.socket, socket.socket, 
     create_doorbell(names[3])
     segment = attach(names[0])
     pool = GrantPool.open(names[1], 8, PAGES)
-    tap, peer = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    tap.setblocking(False)  # as a TAP's fd is: netfront reads until EAGAIN
     calls = Hypercalls([(names[1], 8, PAGES)], (names[2], names[3]))
-    evtchn = from_status(calls, 1)  # type: ignore[arg-type]
-    yield segment, pool, tap, peer, evtchn, names[2]
-    tap.close()
-    peer.close()
-    pool.close()
-    segment.close()
-    for name in names[:2]:
-        unlink_segment(name)
-    for name in names[2:]:
-        unlink_doorbell(name)
+    try:
+        yield segment, pool, from_status(calls, 1), names[2]  # type: ignore[arg-type]
+    finally:
+        pool.close()
+        segment.close()
+        for name in names[:2]:
+            unlink_segment(name)
+        for name in names[2:]:
+            unlink_doorbell(name)
 
 
 @pytest.fixture
-def rx(setup: tuple) -> Iterator[Harness]:  # type: ignore[type-arg]
+def setup() -> Iterator[tuple[Segment, GrantPool, socket.socket, socket.socket, object, str]]:
+    with channel() as (segment, pool, evtchn, bell):
+        tap, peer = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        tap.setblocking(False)  # as a TAP's fd is: netfront reads until EAGAIN
+        yield segment, pool, tap, peer, evtchn, bell
+        tap.close()
+        peer.close()
+
+
+@pytest.fixture(params=["paired", "alone"])
+def paired(request: pytest.FixtureRequest) -> bool:
+    return bool(request.param == "paired")
+
+
+@contextlib.contextmanager
+def other_half(half: type[TxPath | RxPath], tap: socket.socket, paired: bool) -> Iterator[Any]:
+    """The QueueLoop for the path under test, with the queue's other half (``half``) already
+    serving in it over the same eth0; None when not ``paired``. The other half must not break."""
+    if not paired:
+        yield None
+        return
+    loop = pumps.QueueLoop("netfront-q")
+    broken: list[str] = []
+    with channel() as (segment, pool, evtchn, _):
+        partner: TxPath | RxPath
+        if half is TxPath:
+            ring = FrontRing.init(N.TX_RING, segment.buf)
+            grefs = [pool.grant(i, 0, readonly=True) for i in range(PAGES)]
+            partner = TxPath(ring, evtchn, pool, grefs, tap.fileno(), False, broken.append, loop)
+        else:
+            ring = FrontRing.init(N.RX_RING, segment.buf)
+            grefs = [pool.grant(i, 0, readonly=False) for i in range(PAGES)]
+            partner = RxPath(ring, evtchn, pool, grefs, tap.fileno(), broken.append, loop)
+            partner.post_all()
+        partner.thread.start()
+        try:
+            yield loop
+        finally:
+            partner.stop()
+            partner.thread.join(5)
+            ring.close()
+    assert not partner.thread.is_alive()
+    assert not broken
+
+
+@pytest.fixture
+def rx(setup: tuple, paired: bool) -> Iterator[Harness]:  # type: ignore[type-arg]
     segment, pool, tap, peer, evtchn, bell = setup
-    ring = FrontRing.init(N.RX_RING, segment.buf)
-    backend = Backend(segment.buf, N.RX_RING.slot_size, N.RX_RING.nr_ents(PAGE_SIZE))
-    grefs = [pool.grant(i, 0, readonly=False) for i in range(PAGES)]
-    harness = Harness(ring, backend, pool, peer, Doorbell(bell))
-    path = RxPath(ring, evtchn, pool, grefs, tap.fileno(), harness.on_broken)
-    harness.late_eoi = path.late_eoi
-    path.post_all()
-    path.thread.start()
-    yield harness
-    path.stop()
-    path.thread.join(5)
-    backend.index.release()
-    harness.doorbell.close()
-    ring.close()
+    with other_half(TxPath, tap, paired) as loop:
+        ring = FrontRing.init(N.RX_RING, segment.buf)
+        backend = Backend(segment.buf, N.RX_RING.slot_size, N.RX_RING.nr_ents(PAGE_SIZE))
+        grefs = [pool.grant(i, 0, readonly=False) for i in range(PAGES)]
+        harness = Harness(ring, backend, pool, peer, Doorbell(bell))
+        path = RxPath(ring, evtchn, pool, grefs, tap.fileno(), harness.on_broken, loop)
+        harness.late_eoi = path.late_eoi
+        path.post_all()
+        path.thread.start()
+        yield harness
+        path.stop()
+        path.thread.join(5)
+        backend.index.release()
+        harness.doorbell.close()
+        ring.close()
 
 
 def rx_response(rid: int, size: int, flags: int = 0, offset: int = 0) -> bytes:
@@ -209,20 +261,22 @@ def test_an_error_status_drops_the_frame_only(rx: Harness) -> None:
 
 
 @pytest.fixture
-def tx(setup: tuple) -> Iterator[Harness]:  # type: ignore[type-arg]
+def tx(setup: tuple, paired: bool) -> Iterator[Harness]:  # type: ignore[type-arg]
     segment, pool, tap, peer, evtchn, bell = setup
-    ring = FrontRing.init(N.TX_RING, segment.buf)
-    backend = Backend(segment.buf, N.TX_RING.slot_size, N.TX_RING.nr_ents(PAGE_SIZE))
-    grefs = [pool.grant(i, 0, readonly=True) for i in range(PAGES)]
-    harness = Harness(ring, backend, pool, peer, Doorbell(bell))
-    path = TxPath(ring, evtchn, pool, grefs, tap.fileno(), False, harness.on_broken)
-    path.thread.start()
-    yield harness
-    path.stop()
-    path.thread.join(5)
-    backend.index.release()
-    harness.doorbell.close()
-    ring.close()
+    with other_half(RxPath, tap, paired) as loop:
+        ring = FrontRing.init(N.TX_RING, segment.buf)
+        backend = Backend(segment.buf, N.TX_RING.slot_size, N.TX_RING.nr_ents(PAGE_SIZE))
+        grefs = [pool.grant(i, 0, readonly=True) for i in range(PAGES)]
+        harness = Harness(ring, backend, pool, peer, Doorbell(bell))
+        path = TxPath(ring, evtchn, pool, grefs, tap.fileno(), False, harness.on_broken, loop)
+        harness.late_eoi = path.late_eoi
+        path.thread.start()
+        yield harness
+        path.stop()
+        path.thread.join(5)
+        backend.index.release()
+        harness.doorbell.close()
+        ring.close()
 
 
 def send_frame(harness: Harness) -> tuple[int, ...]:
@@ -241,6 +295,7 @@ def test_a_tx_response_for_a_request_not_in_flight_breaks_the_vif(
 ) -> None:
     request = send_frame(tx)
     assert request[4] == len(FRAME)
+    send_frame(tx)  # two in flight: two answers are not more than were asked (impossible rsp_prod)
     rid = request[3]
     if bad_id == "again":  # the right id, twice: the second is not in flight any more
         tx.backend.respond(N.TX_RING.response.pack(rid, 0), N.TX_RING.response.pack(rid, 0))
