@@ -52,6 +52,7 @@ import errno
 import os
 import select
 import stat
+import weakref
 
 import posix_ipc
 
@@ -137,6 +138,9 @@ class Doorbell:
             self._sem.close()
             why = "does not exist" if e.errno == errno.ENOENT else "cannot open"
             raise DoorbellError(f"doorbell {name}: {why}") from e
+        # A handle dropped without close() must not keep its descriptor: a process opens
+        # thousands of doorbells over its life (a test run does), and fds are a budget.
+        self._closer = weakref.finalize(self, os.close, self._fd)
         self._poll = select.poll()
         self._poll.register(self._fd, select.POLLIN)
 
@@ -192,9 +196,8 @@ class Doorbell:
         """Close this handle (idempotent); the names stay until unlink_doorbell."""
         with contextlib.suppress(posix_ipc.ExistentialError):  # already closed
             self._sem.close()
-        if self._fd >= 0:
-            fd, self._fd = self._fd, -1
-            os.close(fd)
+        self._fd = -1
+        self._closer()  # closes the FIFO once
 
     def __enter__(self) -> Doorbell:
         return self

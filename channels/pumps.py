@@ -175,15 +175,14 @@ class QueueLoop:
             with self._cond:
                 self._running = False
                 self._out[side] = True
-                if self._verdicts[other] is None:  # this side raised
+                if self._verdicts[other] is None:  # this side is done or raised
                     self._settle(other, _ALONE)
 
     def _run(self, side: int, offers: list[tuple[Any, Step]]) -> bool:
         (tx, _), (rx, _) = offers
-        module = native(NETPUMP)
-        assert module is not None, "paired pumps without the native module"
+        assert _netpump is not None, "native pumps without their module"
         while True:
-            which, code, why, detail = module.serve_queue(tx, rx)
+            which, code, why, detail = _netpump.serve_queue(tx, rx)
             step = offers[which][1]
             if which == side:
                 if not step((code, why, detail)):
@@ -220,14 +219,15 @@ class QueueLoop:
 class NativePump:
     """A data-path thread's native pump: made in that thread (``start``), stopped from any
     (``stop``; a stop before ``start`` keeps it from running at all), let go when the thread
-    is done (``end``), so that the ring and pools it holds can be unmapped. With a
-    ``QueueLoop`` and a side, the pump is served in one loop with the other side's."""
+    is done (``end``), so that the ring and pools it holds can be unmapped. With a ``queue``,
+    the pump is served in one loop with the other ``side``'s."""
 
     def __init__(
         self,
         late_eoi: LateEoi | None = None,
         module: str = NETPUMP,
-        queue: tuple[QueueLoop, int] | None = None,
+        queue: QueueLoop | None = None,
+        side: int = TX,
     ) -> None:
         self._module = module  # which native module makes the pump
         self._lock = threading.Lock()
@@ -235,6 +235,7 @@ class NativePump:
         self._stopped = False
         self._late_eoi = late_eoi  # where the pump's spurious wakeups are counted
         self._queue = queue
+        self._side = side
 
     def start(
         self,
@@ -262,8 +263,7 @@ class NativePump:
     def withdraw(self) -> None:
         """This path will not serve a native pump: its QueueLoop partner runs alone."""
         if self._queue is not None:
-            queue, side = self._queue
-            queue.withdraw(side)
+            self._queue.withdraw(self._side)
 
     def start_backend(
         self, kind: int, ring: BackRing, fd: int, evtchn: Any, counters: Any, grants: Any, **kw: Any
@@ -314,10 +314,8 @@ class NativePump:
     def _serve(self, pump: Any, step: Step, stopping: Callable[[], bool]) -> None:
         """``step(pump.run())`` until it or ``stopping()`` says done; in the QueueLoop first,
         if the pump has one."""
-        if self._queue is not None:
-            queue, side = self._queue
-            if queue.serve(side, pump, step):
-                return
+        if self._queue is not None and self._queue.serve(self._side, pump, step):
+            return
         while not stopping() and step(pump.run()):
             pass
 

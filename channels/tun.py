@@ -17,8 +17,9 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
-import select
 import struct
+
+from channels.waiting import readable
 
 TUNSETIFF = 0x400454CA
 TUNSETOFFLOAD = 0x400454D0
@@ -65,8 +66,7 @@ class TapWaiter:
 
     def wait(self) -> bool:
         """True when the TAP is readable; False when interrupted."""
-        ready, _, _ = select.select([self.tap_fd, self._r], [], [])
-        return self._r not in ready
+        return self._r not in readable([self.tap_fd, self._r], None)
 
     def interrupt(self) -> None:
         """Wake the waiter (a no-op once its thread has ended and closed us)."""

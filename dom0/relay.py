@@ -27,7 +27,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import select
 import socket
 import subprocess
 import sys
@@ -59,6 +58,7 @@ from channels.bytering import (
 from channels.doorbell import DoorbellPair
 from channels.shm import attach
 from channels.stream import HEAL_TIMEOUT, RingStream, StreamClosed
+from channels.waiting import readable
 
 if TYPE_CHECKING:
     from channels.hypercall import HypercallClient
@@ -142,8 +142,7 @@ def _take_over(page: memoryview, evtchn: DoorbellPair) -> None:
 
 def _dom0_died(pidfd: int) -> bool:
     """dom0 closes a connection it drops while staying alive; its death closes every one."""
-    ready, _, _ = select.select([pidfd], [], [], DOM0_EXIT_GRACE)
-    return bool(ready)
+    return bool(readable([pidfd], DOM0_EXIT_GRACE))
 
 
 def main() -> int:

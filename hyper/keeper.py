@@ -43,6 +43,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from channels.waiting import readable
+
 log = logging.getLogger(__name__)
 
 MAX_MESSAGE = 64 * 1024
@@ -371,8 +373,7 @@ class KeeperClient:
 
 def _wait_pidfd(pidfd: int, timeout: float) -> bool:
     """True once the process is dead (a pidfd becomes readable when it exits)."""
-    readable, _, _ = select.select([pidfd], [], [], timeout)
-    return bool(readable)
+    return bool(readable([pidfd], timeout))
 
 
 def start(path: Path, log_path: Path | None = None) -> subprocess.Popen[bytes]:

@@ -941,7 +941,8 @@ typedef struct {
     uint64_t until; /* out of the poll until then (0: in it) */
 } mask_t;
 
-/* LateEoi.worked or .idle, after a half's turn; `now` when it found nothing. */
+/* After a half's turn: work resets its late EOI (LateEoi.worked); a rung wakeup that found none
+ * keeps its doorbell out of the poll for LateEoi.idle's wait. */
 static void mask_after(mask_t *m, late_eoi_t *eoi, int worked) {
     if (worked) {
         eoi->run = 0;

@@ -199,7 +199,7 @@ class TxPath:
         self._extras = 0  # how many extra slots follow its first
         self._responses: list[int] = []  # flat (id, status) pairs, in slot order
         self.late_eoi = LateEoi()
-        self.native = pumps.NativePump(self.late_eoi, queue=queue and (queue, pumps.TX))
+        self.native = pumps.NativePump(self.late_eoi, queue=queue, side=pumps.TX)
         self.thread = NamedThread(target=self._run, name="netback-tx", daemon=True)
 
     def stop(self) -> None:
@@ -459,7 +459,7 @@ class RxPath:
         self._header = bytearray(VNET_HDR_SIZE)
         self.late_eoi = LateEoi()  # the frontend ringing for no new buffers is slowed down
         self._rung = False
-        self.native = pumps.NativePump(self.late_eoi, queue=queue and (queue, pumps.RX))
+        self.native = pumps.NativePump(self.late_eoi, queue=queue, side=pumps.RX)
         self.thread = NamedThread(target=self._run, name="netback-rx", daemon=True)
 
     def stop(self) -> None:

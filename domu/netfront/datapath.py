@@ -49,7 +49,8 @@ class _Path:
         grefs: list[int],
         tap_fd: int,
         on_broken: Callable[[str], None],
-        queue: tuple[pumps.QueueLoop, int] | None,
+        queue: pumps.QueueLoop | None,
+        side: int,
     ) -> None:
         self.ring = ring
         self.evtchn = evtchn
@@ -60,7 +61,7 @@ class _Path:
         self.stopping = False
         self.late_eoi = LateEoi()  # a backend ringing for nothing (a storm) is slowed down
         self._region = pool.region()
-        self.native = pumps.NativePump(self.late_eoi, queue=queue)
+        self.native = pumps.NativePump(self.late_eoi, queue=queue, side=side)
         self.thread = NamedThread(target=self._run, name=name, daemon=True)
 
     def _run(self) -> None:
@@ -94,7 +95,7 @@ class TxPath(_Path):
         queue: pumps.QueueLoop | None = None,
     ) -> None:
         super().__init__(
-            "netfront-tx", ring, evtchn, pool, grefs, tap_fd, on_broken, queue and (queue, pumps.TX)
+            "netfront-tx", ring, evtchn, pool, grefs, tap_fd, on_broken, queue, pumps.TX
         )
         self.gso = gso
         self.free = list(range(pool.pages))  # a stack: the page freed last is reused first
@@ -213,7 +214,7 @@ class RxPath(_Path):
         queue: pumps.QueueLoop | None = None,
     ) -> None:
         super().__init__(
-            "netfront-rx", ring, evtchn, pool, grefs, tap_fd, on_broken, queue and (queue, pumps.RX)
+            "netfront-rx", ring, evtchn, pool, grefs, tap_fd, on_broken, queue, pumps.RX
         )
         self.slot_page = [0] * ring.nr_ents  # ring slot -> the page posted in it
 

@@ -213,7 +213,9 @@ def run_netfront_rx(responses: list[tuple[int, int, int, int]], payload: bytes) 
 def front_rx() -> Iterator[front.Harness]:
     with contextlib.ExitStack() as stack:
         setup = stack.enter_context(contextlib.contextmanager(front.setup.__wrapped__)())
-        yield stack.enter_context(contextlib.contextmanager(front.rx.__wrapped__)(setup))
+        yield stack.enter_context(
+            contextlib.contextmanager(front.rx.__wrapped__)(setup, paired=True)
+        )
 
 
 @SETTINGS
@@ -248,7 +250,9 @@ def frame_bytes(header: tuple[int, ...], head: bytes, length: int) -> bytes:
 def run_netfront_tx(items: list[tuple[tuple[int, ...], bytes, int]]) -> tuple[Any, ...]:
     with contextlib.ExitStack() as stack:
         setup = stack.enter_context(contextlib.contextmanager(front.setup.__wrapped__)())
-        tx = stack.enter_context(contextlib.contextmanager(front.tx.__wrapped__)(setup))
+        tx = stack.enter_context(
+            contextlib.contextmanager(front.tx.__wrapped__)(setup, paired=True)
+        )
         # netfront stops reading eth0 once its pages are all in flight (nobody answers them
         # here), at the same frame with either pump; past that the socket fills, and the test
         # stops sending.
