@@ -23,6 +23,7 @@ from typing import Any
 
 import pytest
 
+from channels import pumps
 from dom0.netback import firewall
 from hyper.paths import RunDir
 
@@ -147,9 +148,15 @@ def _our_interfaces() -> list[str]:
         ]
 
 
+#: What the hypervisor running now was started with (start_hypervisor's ``env``).
+_started_with: dict[str, str] = {}
+
+
 def start_hypervisor(env: dict[str, str] | None = None) -> None:
     """Start hyperd, with ``env`` added to its environment (which dom0, every domain and every
     data-path worker inherit)."""
+    _started_with.clear()
+    _started_with.update(env or {})
     subprocess.Popen(
         [sys.executable, "-m", "hyper.hyperd"],
         cwd="/",
@@ -205,13 +212,15 @@ def own_hypervisor() -> Iterator[None]:
 
 @contextlib.contextmanager
 def hypervisor_of_its_own(env: dict[str, str] | None = None) -> Iterator[None]:
-    """A hypervisor started with ``env`` added to its environment, halted and cleaned up at
-    the end; one already running is halted first and started again afterwards."""
+    """A hypervisor started with ``env`` added to its environment (by default, what the one
+    running now was started with), halted and cleaned up at the end; one already running is
+    halted first and started again afterwards, as it was."""
     require_root()
     shared = RUN.pidfile.exists()
+    before = dict(_started_with)
     if shared:
         stop_hypervisor()
-    start_hypervisor(env)
+    start_hypervisor(before if env is None else env)
     try:
         yield
     finally:
@@ -220,7 +229,30 @@ def hypervisor_of_its_own(env: dict[str, str] | None = None) -> Iterator[None]:
         subprocess.run(cleanup, cwd=REPO, capture_output=True)
         wait_for(lambda: not leftovers(), 30, "the test's hypervisor to leave nothing behind")
         if shared:
-            start_hypervisor()
+            start_hypervisor(before)
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """A module that sets ``PUMPS = BOTH_PUMPS`` (and uses the ``data_path_pumps`` fixture) runs
+    all its tests on the native pumps, then all on the Python reference."""
+    if "data_path_pumps" in metafunc.fixturenames:
+        kinds = getattr(metafunc.module, "PUMPS", ("native",))
+        metafunc.parametrize("data_path_pumps", kinds, indirect=True, scope="module")
+
+
+BOTH_PUMPS = ("native", "python")
+
+
+@pytest.fixture(scope="module")
+def data_path_pumps(request: pytest.FixtureRequest, hypervisor: None) -> Iterator[str]:
+    """The pumps this module's tests run on: the session's hypervisor (native), or one of the
+    module's own with ``HYPER_PUMPS=python`` (channels/pumps.py), which every domain kernel and
+    data-path worker inherits."""
+    if request.param == "python":
+        with hypervisor_of_its_own({pumps.ENV: "python"}):
+            yield "python"
+    else:
+        yield "native"
 
 
 _names = itertools.count()

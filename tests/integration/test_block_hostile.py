@@ -25,10 +25,11 @@ import pytest
 
 from channels import blkif as B
 from tests.integration.blkhost import HostileBlkfront, vbd_stats, with_field
-from tests.integration.conftest import domain_info, hyperctl, wait_for
+from tests.integration.conftest import BOTH_PUMPS, domain_info, hyperctl, wait_for
 from tests.integration.test_block import destroy, disk, verifying_fio
 
-pytestmark = pytest.mark.root
+pytestmark = [pytest.mark.root, pytest.mark.usefixtures("data_path_pumps")]
+PUMPS = BOTH_PUMPS  # every test on the native pumps, then on the Python reference
 
 MiB = 1 << 20
 PAGE = 4096

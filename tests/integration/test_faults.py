@@ -26,6 +26,7 @@ import pytest
 
 from tests.integration.blkhost import vbd_stats
 from tests.integration.conftest import (
+    BOTH_PUMPS,
     domain_info,
     hyperctl,
     in_domain,
@@ -43,7 +44,8 @@ from tests.integration.test_block import (
     verifying_fio,
 )
 
-pytestmark = pytest.mark.root
+pytestmark = [pytest.mark.root, pytest.mark.usefixtures("data_path_pumps")]
+PUMPS = BOTH_PUMPS  # every test on the native pumps, then on the Python reference
 
 CLEANUP_SECONDS = 2.0  # the bound, from the kill to nothing of the domain left
 

@@ -48,11 +48,12 @@ from channels.ring import PAGE_SIZE
 from hyper import cgroup
 from hyper.gnttab import grant_budget
 from tests.integration.blkhost import DATA_PAGES, INDIRECT_PAGES, HostileBlkfront, vbd_stats
-from tests.integration.conftest import domain_info, hyperctl, wait_for
+from tests.integration.conftest import BOTH_PUMPS, domain_info, hyperctl, wait_for
 from tests.integration.test_block import disk
 from tests.integration.test_block_hostile import OKAY, Req, Sender, seg
 
-pytestmark = pytest.mark.root
+pytestmark = [pytest.mark.root, pytest.mark.usefixtures("data_path_pumps")]
+PUMPS = BOTH_PUMPS  # every test on the native pumps, then on the Python reference
 
 MiB = 1 << 20
 POOL_PAGES = 4096  # the most one gnttab_setup_pool gives (channels/hypercall.py)

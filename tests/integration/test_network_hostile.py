@@ -32,6 +32,7 @@ from channels.gnttab import table_pages
 from channels.ring import HEADER_SIZE, PAGE_SIZE, u32_view
 from channels.shm import Segment, attach
 from tests.integration.conftest import (
+    BOTH_PUMPS,
     REPO,
     as_kernel,
     domain_info,
@@ -43,7 +44,8 @@ from tests.integration.test_network import counters, vif
 from tests.raw_bell import ring_once
 from tests.unit.test_netback_antispoof import arp, ether, ipv4, ipv6, tagged
 
-pytestmark = pytest.mark.root
+pytestmark = [pytest.mark.root, pytest.mark.usefixtures("data_path_pumps")]
+PUMPS = BOTH_PUMPS  # every test on the native pumps, then on the Python reference
 
 TX_POOL_PAGES = 256  # netfront's tx pool (domu/netfront/xenbus.py)
 

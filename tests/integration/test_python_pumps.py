@@ -1,12 +1,13 @@
 """The data path end to end on the Python reference pumps.
 
-Every other integration test runs the native pumps (channels/native/). The Python classes they
-mirror stay the reference and run wherever the extension is not built (channels/pumps.py);
+Most integration tests run the native pumps (channels/native/); the hostile-peer and fault
+modules run on both (``PUMPS = BOTH_PUMPS``). The Python classes the native pumps mirror stay
+the reference and run wherever the extension is not built (channels/pumps.py);
 tests/unit/test_native_pumps.py feeds both the same hostile rings, and the hostile-peer unit
 tests run with both. Here real domains run on the reference: this module's own hypervisor has
-``HYPER_PUMPS=python`` in its environment, which dom0, every domain kernel and every data-path
-worker inherit. iperf3 crosses two netif queues between two domains, dd through /dev/xvda lands
-in the image, and a killed netback worker comes back.
+``HYPER_PUMPS=python`` in its environment (conftest's ``data_path_pumps``), which dom0, every
+domain kernel and every data-path worker inherit. iperf3 crosses two netif queues between two
+domains, dd through /dev/xvda lands in the image, and a killed netback worker comes back.
 """
 
 from __future__ import annotations
@@ -14,29 +15,21 @@ from __future__ import annotations
 import json
 import os
 import signal
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-from channels import pumps
 from tests.integration.conftest import (
     hyperctl,
-    hypervisor_of_its_own,
     start_iperf3_server,
     wait_for,
 )
 from tests.integration.test_block import MiB, destroy, disk, sha256_of
 from tests.integration.test_network import counters, vif
 
-pytestmark = pytest.mark.root
-
-
-@pytest.fixture(scope="module", autouse=True)
-def python_pumps(hypervisor: None) -> Iterator[None]:
-    """The session's hypervisor makes way for one running the Python pumps, and comes back."""
-    with hypervisor_of_its_own({pumps.ENV: "python"}):
-        yield
+pytestmark = [pytest.mark.root, pytest.mark.usefixtures("data_path_pumps")]
+PUMPS = ("python",)  # the session's hypervisor makes way for one on the Python pumps
 
 
 def test_hyperctl_info_says_the_python_pumps_run() -> None:

@@ -100,21 +100,24 @@ def native_pumps(pid: int) -> int:
 
 def assert_shares_only_its_device_with_dom0(device: str, domid: int, pid: int) -> None:
     """What the worker holds that dom0 holds too (the same file) is its native device (a TAP
-    queue, a loop device), its counter page and /dev/null: never dom0's hypercall socket, its
-    store, its toolstack socket or its log. Besides, it holds /dev/null as stdin, two sockets of
+    queue, a loop device), its counter page, its domain's doorbells (each a FIFO, which dom0's
+    end of the channel holds open too) and /dev/null: never dom0's hypercall socket, its store,
+    its toolstack socket or its log. Besides, it holds /dev/null as stdin, two sockets of
     its own (its output, its link to dom0), pipes and event fds of its own (the native pumps'
-    eventfds and epoll) and its domain's grant pools (Python's mmap keeps an fd of each
-    mapping), nothing else."""
+    eventfds and epoll), its domain's grant pools (Python's mmap keeps an fd of each
+    mapping) and doorbells, nothing else."""
     device_file = "/dev/net/tun" if device.startswith("vif") else "/dev/loop"
     counters = "/memfd:hyper-counters (deleted)"
     dom0 = {inode for _, inode in open_files(dom0_pid() or 0).values()}
     files = open_files(pid)
     shared = {target for target, inode in files.values() if inode in dom0}
-    assert {t for t in shared if not t.startswith(device_file)} <= {counters, "/dev/null"}, shared
+    doorbells = f"/dev/shm/fifo.hyper.d{domid}."
+    others = {t for t in shared if not t.startswith((device_file, doorbells))}
+    assert others <= {counters, "/dev/null"}, shared
     assert files[0][0] == "/dev/null", f"{device}: stdin {files[0][0]}"
     pools = f"/dev/shm/hyper.d{domid}.gnt"
     kinds = {target.split(":")[0] if ":[" in target else target for target, _ in files.values()}
-    others = {k for k in kinds if not k.startswith((device_file, pools))}
+    others = {k for k in kinds if not k.startswith((device_file, pools, doorbells))}
     own = {"/dev/null", "socket", "pipe", "anon_inode", counters}
     assert others <= own, f"{device}: holds {kinds}"
     sockets = {inode for target, inode in files.values() if target.startswith("socket:")}
