@@ -38,6 +38,14 @@ store. ``ring`` executes it itself (:func:`channels.ring.mb`), so callers that d
 ring push (byte rings) are covered too. Two concurrent ringers may both read 0 and both post
 and write; the waiter's drains fold the extra count and byte into the same wakeup.
 
+A count can outlive its byte: the pipe's bytes go when the last handle on the FIFO closes (every
+process holding the doorbell died or let it go, as when dom0 dies and a frontend reconnects),
+while the semaphore's count stays in its file; and a ringer killed between its post and its
+write leaves a count with no byte. Every later ringer would then see the count and stay
+silent. So opening a doorbell whose count is pending writes the byte again, and a wait that
+times out drains the count too (the waiter re-checks its ring after any wait): at worst one
+spurious wakeup.
+
 A peer that vanished: the semaphore is a small file in /dev/shm that every handle maps and the
 pipe lives while any handle holds it, so ringing still succeeds after the peer exited or hyperd
 unlinked the names. ``ring`` on such a doorbell is therefore silent, as is ``ring`` at the
@@ -143,6 +151,13 @@ class Doorbell:
         self._closer = weakref.finalize(self, os.close, self._fd)
         self._poll = select.poll()
         self._poll.register(self._fd, select.POLLIN)
+        self._rearm()
+
+    def _rearm(self) -> None:
+        """A count pending without its byte (see the module's docstring) gets the byte back."""
+        with contextlib.suppress(posix_ipc.ExistentialError, BlockingIOError):
+            if self._sem.value > 0:
+                os.write(self._fd, b"\1")
 
     def fileno(self) -> int:
         """The FIFO: readable while the doorbell is rung and not consumed yet."""
@@ -170,10 +185,10 @@ class Doorbell:
         """Sleep until rung or `timeout` seconds pass (None: forever); True if rung."""
         fd = self.fileno()
         ready = self._poll.poll(None if timeout is None else max(0, int(timeout * 1000 + 0.999)))
-        if not ready or fd != self._fd:  # timed out, or closed by another thread meanwhile
+        if fd != self._fd:  # closed by another thread meanwhile
             return False
-        self.consume()
-        return True
+        self.consume()  # on a timeout too: a count left without its byte goes
+        return bool(ready)
 
     #: Honest ringers leave at most a count or two behind (ring() posts only on 0). A peer that
     #: writes a huge value into the semaphore's shared word, or fills the FIFO, must not make us

@@ -134,6 +134,37 @@ def test_a_ring_during_the_drain_is_not_lost(pair: tuple[Doorbell, Doorbell]) ->
     assert waiter.wait(SHORT) is True, "the ring during the drain must wake the next wait"
 
 
+def test_a_count_that_lost_its_byte_rings_again_when_the_doorbell_is_opened(name: str) -> None:
+    """Everyone let go of the FIFO (its byte went with the pipe) while the count stayed: the
+    next to open the doorbell (a restarted backend) is woken, and rings work again."""
+    raw = posix_ipc.Semaphore("/" + name)
+    try:
+        raw.release()  # a count, and no byte: nobody holds the FIFO
+        with Doorbell(name) as waiter, Doorbell(name) as ringer:
+            assert waiter.wait(LONG) is True
+            ringer.ring()
+            assert waiter.wait(LONG) is True
+    finally:
+        raw.close()
+
+
+def test_a_wait_that_times_out_takes_a_count_left_without_its_byte(
+    name: str, pair: tuple[Doorbell, Doorbell]
+) -> None:
+    """A ringer killed between its post and its write: the waiter's next heal clears the count,
+    so the next ring is heard."""
+    ringer, waiter = pair
+    raw = posix_ipc.Semaphore("/" + name)
+    try:
+        raw.release()
+        assert waiter.wait(SHORT) is False
+        assert raw.value == 0
+        ringer.ring()
+        assert waiter.wait(LONG) is True
+    finally:
+        raw.close()
+
+
 def test_a_full_fifo_is_silent_and_still_wakes(name: str, pair: tuple[Doorbell, Doorbell]) -> None:
     ringer, waiter = pair
     fifo = os.open(fifo_path(name), os.O_WRONLY | os.O_NONBLOCK)
