@@ -219,10 +219,10 @@ def test_hostile_frontend_is_refused_and_disconnected_while_a_neighbour_runs(
         with capture_on(bridge, promiscuous=False) as capture:
             evil.send((gref, 0, 0, 77, len(frame)))
             assert evil.responses(1) == [(77, N.NETIF_RSP_OKAY)]
+            [after] = counters(victim)
+            sent, spoofed = (after[k] - before[k] for k in ("tx_packets", "tx_spoofed"))
+            assert (sent, spoofed) == (1, 0), "netback sent the frame, and counted no spoof"
             marks_seen(capture, {MARK + b"7"}, timeout=10)  # the vif still works
-        [after] = counters(victim)
-        sent, spoofed = (after[k] - before[k] for k in ("tx_packets", "tx_spoofed"))
-        assert (sent, spoofed) == (1, 0), "netback sent the frame, and counted no spoof"
 
         # A protocol violation: an impossible req_prod. Only this vif is disconnected.
         evil.lie(evil.rsp_cons + 5000)
