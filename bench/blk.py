@@ -95,7 +95,7 @@ from bench.stages import (  # noqa: E402
     stage_table,
 )
 from dom0.blkback.datapath import COUNTER_FIELDS  # noqa: E402
-from hyper.cgroup import CgroupError, open_hierarchy  # noqa: E402
+from hyperd.cgroup import CgroupError, open_hierarchy  # noqa: E402
 
 RAW, PASSTHROUGH, HYPER = "raw loop", "passthrough", "hyper"
 PATHS = {"raw": RAW, "passthrough": PASSTHROUGH, "hyper": HYPER}  # --only name -> path

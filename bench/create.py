@@ -48,9 +48,9 @@ if __package__ in (None, ""):
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
-from hyper import control  # noqa: E402
-from hyper.cgroup import CgroupError, DomainGroup, Hierarchy, open_hierarchy  # noqa: E402
-from hyper.paths import RunDir  # noqa: E402
+from channels import control  # noqa: E402
+from channels.paths import RunDir  # noqa: E402
+from hyperd.cgroup import CgroupError, DomainGroup, Hierarchy, open_hierarchy  # noqa: E402
 
 RUN = RunDir()
 ENV = {**os.environ, "PYTHONPATH": str(REPO)}
@@ -174,7 +174,7 @@ def hypervisor() -> Iterator[float | None]:
     progress("starting a hypervisor (halted at the end)")
     start = time.perf_counter()
     hyperd = subprocess.Popen(
-        [sys.executable, "-m", "hyper.hyperd"],
+        [sys.executable, "-m", "hyperd.hypervisor"],
         cwd="/",
         env=ENV,
         start_new_session=True,  # a ^C to the benchmark must not reach it before the halt

@@ -92,7 +92,7 @@ from bench.stages import (  # noqa: E402
     stage_table,
 )
 from dom0.netback.datapath import COUNTER_FIELDS  # noqa: E402
-from hyper.cgroup import CgroupError, DomainGroup, open_hierarchy  # noqa: E402
+from hyperd.cgroup import CgroupError, DomainGroup, open_hierarchy  # noqa: E402
 
 VETH, PEER, DOMU, SLIRP = "veth", "domU -> peer", "domU <-> domU", "slirp4netns"
 PATHS = (VETH, PEER, DOMU, SLIRP)

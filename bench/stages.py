@@ -35,7 +35,7 @@ from typing import Any, Protocol
 from rich.table import Table
 
 from bench.create import RUN, BenchError
-from hyper import control
+from channels import control
 
 TICK_US = 1e6 / os.sysconf("SC_CLK_TCK")
 IDLE_STATES = (3, 4)  # idle and iowait, of /proc/stat's cpu line

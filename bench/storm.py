@@ -48,7 +48,7 @@ from bench.create import (  # noqa: E402
     run_bench,
     start_iperf3_server,
 )
-from hyper import cgroup  # noqa: E402
+from hyperd import cgroup  # noqa: E402
 from tests import hostile_guest  # noqa: E402
 
 BRIDGE, NET = "hystorm0", "10.80.0"

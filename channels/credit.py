@@ -1,7 +1,7 @@
 """A credit: a token bucket refilled at ``rate`` a second, at most ``burst`` saved up.
 
 What a peer's requests may cost whoever serves them: hyperd charges a domU's hypercalls and
-its log output to one (hyper/budget.py), a backend's grant mapper its refreshes
+its log output to one (hyperd/budget.py), a backend's grant mapper its refreshes
 (channels/grants.py), and dom0 the refreshes each data-path worker asks it for
 (dom0/datapath_worker.py). A charge that overdraws it says how long to wait before serving
 again.

@@ -1,6 +1,6 @@
 """Event channels, the domain side: a port bound between two domains, with a doorbell each way.
 
-hyperd owns the port tables (hyper/evtchn.py) and creates the doorbell semaphores; a domain
+hyperd owns the port tables (hyperd/evtchn.py) and creates the doorbell semaphores; a domain
 asks for ports with hypercalls and then rings its peer's doorbell directly, so a notification
 costs one semaphore post, not a round trip through hyperd:
 

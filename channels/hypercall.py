@@ -172,7 +172,7 @@ class SchedShutdown(Op):
 
 
 class DomctlCreate(Op):
-    """dom0: build a domain from a validated config (hyper.config.DomainConfig as JSON) for
+    """dom0: build a domain from a validated config (channels.config.DomainConfig as JSON) for
     ``owner``, the uid of the user who asked (their disk images are accepted besides root's;
     kept with the domain for its restarts). Result: DomainInfo of the new domain."""
 

@@ -72,11 +72,11 @@ from channels import hypercall as hc
 from channels.credit import Credit
 from channels.gnttab import GrantError, GrantViolation
 from channels.hypercall import HypercallClient, HypercallError
+from channels.ids import host_gid
 from channels.ring import RingBroken
 from channels.xenbus import XenbusState
 from channels.xenbus_bus import XenbusDevice
 from dom0 import privilege
-from hyper.resources import host_gid
 
 log = logging.getLogger(__name__)
 

@@ -26,6 +26,7 @@ from typing import Any
 
 from channels import xenbus
 from channels.hypercall import HypercallClient
+from channels.paths import RunDir
 from channels.xenbus_bus import Bus
 from dom0.drivers import BackendDrivers
 from dom0.netback.tap import remove_our_bridges
@@ -33,7 +34,6 @@ from dom0.store.core import Store
 from dom0.store.journal import Journal, StoreFormatError
 from dom0.store.local import connect_local
 from dom0.toolstack import Toolstack
-from hyper.paths import RunDir
 
 log = logging.getLogger("dom0")
 

@@ -30,13 +30,13 @@ control socket to dom0, its counter page, the grant pools dom0 opens for it), an
 nothing afterwards: Python itself may live where its uid cannot read (``/root/.pyenv``).
 
 Ids: dom0 gives each running worker a uid of its own (``WorkerIds``), taken from
-``WORKER_IDS`` ids at ``WORKER_ID_BASE``: past every domain's host range (domu/sandbox.py,
+``WORKER_IDS`` ids at ``WORKER_ID_BASE``: past every domain's host range (channels/ids.py,
 ``uid_base``), and skipping any id a host account or group, or a subordinate-id range
 (``/etc/subuid``, ``/etc/subgid``), holds. One id per worker, not one for all: a subverted
 worker can neither signal nor ptrace another device's worker. An id goes back to the table once
 its worker has been reaped.
 
-Its gid is its domain's host gid (hyper/resources.py ``host_gid``), the group of every object
+Its gid is its domain's host gid (hyperd/resources.py ``host_gid``), the group of every object
 hyperd made for that domain: so the worker can open what the domain itself can open (its rings,
 pools and doorbells; those of its other devices too), and nothing of dom0's or another domain's.
 The native netif pumps need that: they open their doorbells by name (channels/native,
@@ -60,9 +60,9 @@ import subprocess
 import threading
 from pathlib import Path
 
+from channels import linux
 from channels.hypercall import DOMID_MAX
-from domu import linux
-from domu.sandbox import ID_RANGE, uid_base
+from channels.ids import ID_RANGE, uid_base
 
 #: Worker ids: past the last domain's range (uid_base(DOMID_MAX) + ID_RANGE, about 3.15e9), and
 #: below 2**32 - 1 (``(uid_t) -1`` is no id).

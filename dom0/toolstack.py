@@ -20,16 +20,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from channels import blkif, pumps, xenbus
+from channels import blkif, images, pumps, xenbus
 from channels import hypercall as hc
-from channels.xenbus import XenbusState
-from channels.xs import Perm, XsClient, XsError
-from dom0.console import ConsoleBackend
-from dom0.devices import DevicePaths, add_device, device_paths, remove_device
-from dom0.relay import Relay
-from dom0.store.core import Store
-from hyper import images
-from hyper.config import (
+from channels.config import (
     ConfigError,
     parse_config,
     parse_disk_spec,
@@ -37,7 +30,13 @@ from hyper.config import (
     parse_vif_spec,
     random_mac,
 )
-from hyper.control import MAX_LINE, read_line, send_json
+from channels.control import MAX_LINE, read_line, send_json
+from channels.xenbus import XenbusState
+from channels.xs import Perm, XsClient, XsError
+from dom0.console import ConsoleBackend
+from dom0.devices import DevicePaths, add_device, device_paths, remove_device
+from dom0.relay import Relay
+from dom0.store.core import Store
 
 log = logging.getLogger(__name__)
 

@@ -19,7 +19,9 @@ import os
 import socket
 import sys
 
-from domu import kernel, linux, sandbox
+from channels import linux
+from channels.ids import uid_base
+from domu import kernel, sandbox
 
 NAMESPACES = (
     linux.CLONE_NEWNS
@@ -48,7 +50,7 @@ def main(argv: list[str]) -> int:
     os.umask(0o022)  # hyperd's umask is private; the sandbox's directories must not be
 
     linux.unshare(linux.CLONE_NEWNS)
-    sandbox.build_root(params["rootfs"], sandbox.uid_base(int(params["domid"])), params["shm"])
+    sandbox.build_root(params["rootfs"], uid_base(int(params["domid"])), params["shm"])
 
     linux.unshare(linux.CLONE_NEWUSER)
     sync.sendall(b"needs_id_map\n")

@@ -18,7 +18,8 @@ import signal
 import time
 from typing import Any
 
-from domu import linux, sandbox
+from channels import linux
+from domu import sandbox
 
 IDLE_SHELL = ["/bin/sh", "-i"]
 RESPAWN_BACKOFF = 1.0

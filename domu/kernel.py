@@ -24,17 +24,17 @@ from typing import Any
 
 from pyroute2 import IPRoute
 
-from channels import xenbus
+from channels import linux, xenbus
 from channels.evtchn import EventChannel, from_status
 from channels.hypercall import HypercallClient, SchedBooted, SchedShutdown
+from channels.ids import ID_RANGE
 from channels.shm import Segment, attach
 from channels.xenbus_bus import Bus
 from channels.xs_ring import XenstoreRing
 from domu import init as workload_init
-from domu import linux, sandbox
+from domu import sandbox
 from domu.console import ConsoleFrontend
 from domu.drivers import frontend_drivers
-from domu.sandbox import ID_RANGE
 
 log = logging.getLogger("domu.kernel")
 

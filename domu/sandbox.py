@@ -28,26 +28,10 @@ import sys
 from collections.abc import Iterable
 from pathlib import Path
 
-from domu import linux
-
-#: Inside the user namespace: uid/gid 0 is the domain kernel, WORKLOAD_UID runs programs.
-WORKLOAD_UID = 1000
-WORKLOAD_GID = 1000
-#: Each domain gets this many host uids, starting at uid_base(domid).
-ID_RANGE = 65536
-_ID_BASE = 1_000_000_000
+from channels import linux
+from channels.ids import WORKLOAD_GID, WORKLOAD_UID
 
 WORKLOAD_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
-
-
-def uid_base(domid: int) -> int:
-    """The first host uid (and gid) of a domain's private range; never shared between domains."""
-    return _ID_BASE + domid * ID_RANGE
-
-
-def id_map(domid: int) -> str:
-    """The uid_map/gid_map line for a domain: inside 0..65535 -> its host range."""
-    return f"0 {uid_base(domid)} {ID_RANGE}\n"
 
 
 def _others_can_enter(path: Path) -> bool:
@@ -159,7 +143,7 @@ def _domain_dev(newroot: str, kernel_id: int, shm: str) -> None:
         f"newinstance,ptmxmode=0666,mode=0620,max={PTYS_MAX}",
     )
     # The domain's shared memory: a directory hyperd made for it, holding a link to each of its
-    # rings and doorbells (hyper/resources.py). The kernel opens them there by name, read and
+    # rings and doorbells (hyperd/resources.py). The kernel opens them there by name, read and
     # write, but cannot create, rename or remove anything: the directory is root's.
     os.mkdir(f"{dev}/shm", 0o755)
     linux.mount(shm, f"{dev}/shm", None, linux.MS_BIND)

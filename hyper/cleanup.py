@@ -12,9 +12,9 @@ import fcntl
 import os
 from collections.abc import Iterator
 
-from hyper import cgroup, keeper
-from hyper.paths import RunDir
-from hyper.resources import leftovers, remove
+from channels.paths import RunDir
+from hyperd import cgroup, keeper
+from hyperd.resources import leftovers, remove
 
 
 class HypervisorRunning(Exception):
@@ -56,7 +56,7 @@ def _remove_interfaces() -> Iterator[str]:
 def cleanup(run: RunDir) -> Iterator[str]:
     if hyperd_alive(run):
         raise HypervisorRunning("a hypervisor is running; use `hyperctl halt` to stop it")
-    # The fd keeper outlives a killed hyperd on purpose (hyper/keeper.py): end it first, so
+    # The fd keeper outlives a killed hyperd on purpose (hyperd/keeper.py): end it first, so
     # that no domain's hypercall socket stays open.
     pid = keeper.stop(run.keeper_socket)
     if pid is not None:

@@ -30,10 +30,9 @@ import tty
 from pathlib import Path
 from typing import IO, Any
 
-from domu import linux
-from hyper import control
-from hyper.control import ControlError, NotRunning
-from hyper.paths import RunDir
+from channels import control, linux
+from channels.control import ControlError, NotRunning
+from channels.paths import RunDir
 
 #: What a domU, its kernel included, can and cannot do to the host: `hyperctl --help` ends with
 #: it, and the README's sandbox section says exactly the same (tests/unit/test_readme.py).
@@ -136,7 +135,7 @@ def _hyperd_running() -> bool:
 
 def ensure_hypervisor() -> None:
     """Start hyperd in the background unless one runs; one started after a hyperd was killed
-    re-adopts the domains that run on (hyper/hyperd.py). Returns once dom0 answers."""
+    re-adopts the domains that run on (hyperd/hypervisor.py). Returns once dom0 answers."""
     run = _run()
     if _hyperd_running():
         return
@@ -152,7 +151,7 @@ def ensure_hypervisor() -> None:
 
 def _start_hyperd(run: RunDir) -> None:
     subprocess.Popen(
-        [sys.executable, "-m", "hyper.hyperd", "--run-dir", str(run.root)],
+        [sys.executable, "-m", "hyperd.hypervisor", "--run-dir", str(run.root)],
         stdin=subprocess.DEVNULL,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
@@ -182,7 +181,7 @@ def cmd_start(args: argparse.Namespace) -> int:
 def _invoking_uid() -> int:
     """The user hyperctl acts for: under sudo, the one who ran sudo (``SUDO_UID``, believed
     only when we are root: root could act as anyone anyway); else our real uid. Their disk
-    images are accepted besides root's (hyper/images.py)."""
+    images are accepted besides root's (channels/images.py)."""
     sudo_uid = os.environ.get("SUDO_UID", "")
     if os.getuid() == 0 and sudo_uid.isdecimal():
         return int(sudo_uid)
@@ -191,7 +190,7 @@ def _invoking_uid() -> int:
 
 def cmd_create(args: argparse.Namespace) -> int:
     # Imported here: pydantic costs ~0.1 s of start-up that no other command needs.
-    from hyper.config import ConfigError, load_config
+    from channels.config import ConfigError, load_config
 
     owner = _invoking_uid()
     try:

@@ -92,6 +92,15 @@ wanted = set(project["dependencies"]) | {
 }
 if set(dist.requires or []) != wanted:
     sys.exit(1)
+scripts = {ep.name: ep.value for ep in dist.entry_points if ep.group == "console_scripts"}
+if scripts != project.get("scripts", {}):
+    sys.exit(1)
+# Every top-level package the checkout has (a package added since the last install is not on
+# the editable install's path until pip runs again).
+import importlib
+for init in repo.glob("*/__init__.py"):
+    if init.parent.name not in ("tests", "bench"):
+        importlib.import_module(init.parent.name)
 import hyper.cli, pydantic, yaml, posix_ipc, pyroute2, rich, pytest, pytest_timeout, hypothesis
 import ruff, os
 os.environ["FUSE_LIBRARY_NAME"] = "fuse3"

@@ -35,7 +35,7 @@ from pathlib import Path
 from channels.bytering import XENSTORE_PAGE_SIZE, xenstore_rings
 from channels.shm import attach
 from channels.xs_wire import Decoder, Message, XsType, encode, join_strings
-from hyper import cgroup
+from hyperd import cgroup
 from tests.raw_bell import RawBell
 
 REPO = Path(__file__).resolve().parents[1]

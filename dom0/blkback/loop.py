@@ -17,7 +17,7 @@ import os
 import struct
 from dataclasses import dataclass
 
-from hyper import images
+from channels import images
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +61,7 @@ class LoopDevice:
 def attach(image: str, *, readonly: bool, owner: int, direct_io: bool = True) -> LoopDevice:
     """Attach ``image`` to a free loop device and open it for I/O (``O_DIRECT`` when
     ``direct_io``); the device's size is the image's, rounded down to whole sectors. The image
-    is opened only if it passes hyper/images.py's rules for a disk of ``owner``'s, checked on
+    is opened only if it passes channels/images.py's rules for a disk of ``owner``'s, checked on
     what is opened (the path may have changed since the config was validated)."""
     mode = os.O_RDONLY if readonly else os.O_RDWR
     try:

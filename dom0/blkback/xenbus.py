@@ -2,7 +2,7 @@
 
 probe: attach the image (``params``, read-only unless ``mode`` is ``w``) to a loop device,
 publish the transport features, go InitWait. The image is opened only if nobody but root and
-``params-owner`` can redirect or change it (hyper/images.py), checked on what is opened. When
+``params-owner`` can redirect or change it (channels/images.py), checked on what is opened. When
 the frontend is Initialised (Linux also accepts Connected): read its ring ref, event channel
 and protocol, bind the channel, start the data path in a worker process, publish the disk's
 properties (``sectors``, ``sector-size``, ``info``) and go Connected. When either side closes:

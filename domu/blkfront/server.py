@@ -59,11 +59,10 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from channels import blkif as B
-from channels import pumps
+from channels import linux, pumps
 from channels.doorbell import DoorbellPair
 from channels.gnttab import GrantPool
 from channels.ring import FrontRing
-from domu import linux
 from domu.blkfront import fuse_wire as F
 from domu.blkfront.datapath import PAGE_SIZE, DiskBroken, DiskPath, Extents, Run, status_errno
 from domu.blkfront.native import NativeDisk, make_pump

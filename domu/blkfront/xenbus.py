@@ -36,10 +36,10 @@ from channels import blkif as B
 from channels.evtchn import EventChannel, alloc_unbound
 from channels.gnttab import GrantPool, grant_pool, release_pool
 from channels.hypercall import HypercallClient, HypercallError
+from channels.ids import WORKLOAD_GID, WORKLOAD_UID
 from channels.ring import FrontRing
 from channels.xenbus import XenbusState
 from channels.xenbus_bus import XenbusDevice
-from domu import sandbox
 
 log = logging.getLogger(__name__)
 S = XenbusState
@@ -156,8 +156,8 @@ class BlkfrontDriver:
                 for kind, (_, pool) in bf.pools.items()
             },
             "doorbells": [mine, peer],
-            "uid": sandbox.WORKLOAD_UID,
-            "gid": sandbox.WORKLOAD_GID,
+            "uid": WORKLOAD_UID,
+            "gid": WORKLOAD_GID,
         }
         fd = os.open(bf.mountpoint, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         os.close(fd)

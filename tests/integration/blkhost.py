@@ -9,7 +9,7 @@ How the objects are found, without any hypercall:
 
 * pools: hyperd names a domain's grant pools ``hyper.d<domid>.gnt<N>.<token>`` and hands each
   granter's pools consecutive gref ranges from 8, in pool order, reusing neither
-  (hyper/gnttab.py); the pool's size gives its pages (channels/gnttab.py pool_bytes). A fresh
+  (hyperd/gnttab.py); the pool's size gives its pages (channels/gnttab.py pool_bytes). A fresh
   domain has released no pool, so each pool's ``gref_base`` is the running sum.
 * the disk's pools: blkfront grants, per disk and in this order, "ring" (1 page; its first gref
   is ``ring-ref``), "data" (1024 pages, read-write) and "indirect" (32 pages, read-only), so
@@ -36,7 +36,7 @@ from tests.integration.conftest import hyperctl, wait_for
 from tests.raw_bell import ring_once
 
 SHM = Path("/dev/shm")
-FIRST_GREF = 8  # refs 0..7 are reserved, as in Xen (hyper/gnttab.py)
+FIRST_GREF = 8  # refs 0..7 are reserved, as in Xen (hyperd/gnttab.py)
 DATA_PAGES = 1024  # domu/blkfront/xenbus.py
 INDIRECT_PAGES = B.nr_ents(0)  # one indirect page per ring slot
 U32 = 0xFFFFFFFF

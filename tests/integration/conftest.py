@@ -24,8 +24,8 @@ from typing import Any
 import pytest
 
 from channels import pumps
+from channels.paths import RunDir
 from dom0.netback import firewall
-from hyper.paths import RunDir
 
 REPO = Path(__file__).resolve().parents[2]
 RUN = RunDir()
@@ -108,8 +108,8 @@ def leftovers() -> list[str]:
             continue
         if (
             comm in ("hyper-kernel", "hyper-init")
-            or "hyper.hyperd" in cmdline
-            or "hyper.keeper" in cmdline
+            or "hyperd.hypervisor" in cmdline
+            or "hyperd.keeper" in cmdline
             or ("-m dom0" in cmdline or "domu.boot" in cmdline or "domu.blkfront" in cmdline)
         ):
             found.append(f"process {proc.name} {comm}")
@@ -158,7 +158,7 @@ def start_hypervisor(env: dict[str, str] | None = None) -> None:
     _started_with.clear()
     _started_with.update(env or {})
     subprocess.Popen(
-        [sys.executable, "-m", "hyper.hyperd"],
+        [sys.executable, "-m", "hyperd.hypervisor"],
         cwd="/",
         start_new_session=True,
         stdin=subprocess.DEVNULL,
@@ -308,7 +308,7 @@ def as_kernel(name: str, *argv: str, **popen: Any) -> subprocess.Popen[str]:
     user namespace (every capability there), in the kernel's mount, net, pid, uts, ipc and
     cgroup namespaces and in the domain's cgroup. Started, not waited for; ``popen`` overrides
     the pipes (stdout and stderr by default, text)."""
-    from hyper import cgroup
+    from hyperd import cgroup
 
     info = domain_info(name)
     assert info is not None and info["pid"], f"no running domain {name}"

@@ -1,4 +1,4 @@
-"""hyper.cgroup on the host's real hierarchy, v1 or v2, whichever this kernel has (root).
+"""hyperd.cgroup on the host's real hierarchy, v1 or v2, whichever this kernel has (root).
 
 Every test works under a parent group of its own ("hyper-test-<random>", never the real
 "hyper", which a running hyperd may own) and its fixture removes that parent, its groups
@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from hyper.cgroup import DomainGroup, Hierarchy, Limits, open_hierarchy
+from hyperd.cgroup import DomainGroup, Hierarchy, Limits, open_hierarchy
 
 pytestmark = [
     pytest.mark.root,

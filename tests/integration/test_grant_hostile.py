@@ -45,8 +45,8 @@ from channels import xenbus
 from channels.gnttab import GrantPool
 from channels.grants import BAD_GREF_BUDGET
 from channels.ring import PAGE_SIZE
-from hyper import cgroup
-from hyper.gnttab import grant_budget
+from hyperd import cgroup
+from hyperd.gnttab import grant_budget
 from tests.integration.blkhost import DATA_PAGES, INDIRECT_PAGES, HostileBlkfront, vbd_stats
 from tests.integration.conftest import BOTH_PUMPS, domain_info, hyperctl, wait_for
 from tests.integration.test_block import disk

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from domu.sandbox import PTYS_MAX
-from hyper.budget import HYPERCALL_BURST, HYPERCALL_COST, HYPERCALL_RATE, LOG_MAX
+from hyperd.budget import HYPERCALL_BURST, HYPERCALL_COST, HYPERCALL_RATE, LOG_MAX
 from tests import hostile_kernel as hostile
 from tests.integration.conftest import (
     REPO,
@@ -207,7 +207,7 @@ def test_a_workload_cannot_make_a_user_namespace_to_mount_a_devpts_of_its_own(
 def host_terminals_in(name: str) -> list[str]:
     """Descriptors that any process in the domain's cgroup holds on one of the host's
     terminals (its devpts instance), seen from the host."""
-    from hyper import cgroup
+    from hyperd import cgroup
 
     info = domain_info(name)
     assert info is not None
@@ -262,7 +262,7 @@ def test_exec_never_hands_a_host_terminal_to_the_domain(
 
 def running(name: str, command: str) -> int | None:
     """The host pid of a process named ``command`` in domain ``name``, if one runs."""
-    from hyper import cgroup
+    from hyperd import cgroup
 
     info = domain_info(name)
     assert info is not None

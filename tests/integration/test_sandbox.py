@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from channels import images
 from channels.shm import create_segment, unlink_segment
-from hyper import images
 from tests.integration.conftest import REPO, RUN, domain_info, hyperctl
 
 pytestmark = pytest.mark.root

@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from dom0.store import Quota
-from hyper import cgroup
+from hyperd import cgroup
 from tests import hostile_guest
 from tests.integration.conftest import (
     RUN,

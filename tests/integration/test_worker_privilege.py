@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from channels import pumps
-from hyper.resources import host_gid
+from channels.ids import host_gid
 from tests.integration.conftest import domain_info, hyperctl, wait_for
 from tests.integration.test_block import disk
 from tests.integration.test_faults import dom0_pid

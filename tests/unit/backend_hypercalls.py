@@ -13,7 +13,7 @@ from typing import Any
 
 from channels import hypercall as hc
 from channels.grants import open_pools
-from hyper.resources import Resources
+from hyperd.resources import Resources
 
 
 class Hypercalls:

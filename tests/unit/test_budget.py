@@ -1,4 +1,4 @@
-"""What a domU may cost hyperd: its credit, and its log's rate and size (hyper/budget.py)."""
+"""What a domU may cost hyperd: its credit, and its log's rate and size (hyperd/budget.py)."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from hyper import budget
-from hyper.budget import Credit, GuestLog
-from hyper.hyperd import MAX_LOG_LINE, BoundedLines
+from hyperd import budget
+from hyperd.budget import Credit, GuestLog
+from hyperd.hypervisor import MAX_LOG_LINE, BoundedLines
 
 
 def test_a_credit_lets_a_burst_through_then_says_how_long_to_wait() -> None:

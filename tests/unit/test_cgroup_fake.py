@@ -1,4 +1,4 @@
-"""hyper.cgroup against fake cgroup trees in a temporary directory (no root needed).
+"""hyperd.cgroup against fake cgroup trees in a temporary directory (no root needed).
 
 The fakes lay out files as the kernel exposes them: a v2 tree whose mkdir adds the files of
 the controllers its parent's subtree_control enables, and v1 trees (cpu and cpuacct mounted
@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from hyper.cgroup import (
+from hyperd.cgroup import (
     CgroupError,
     CgroupFs,
     Hierarchy,

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from hyper.config import (
+from channels.config import (
     Access,
     Action,
     ConfigError,

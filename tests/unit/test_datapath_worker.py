@@ -29,11 +29,11 @@ from channels import netif as N
 from channels.doorbell import create_doorbell, unlink_doorbell
 from channels.gnttab import GrantPool, pool_bytes
 from channels.grants import REFRESH_BURST, REFRESHES_PER_SECOND
+from channels.ids import host_gid
 from channels.shm import create_segment, unlink_segment
 from channels.xenbus import XenbusState
 from dom0 import datapath_worker
 from dom0.datapath_worker import MAX_LINE, SCM_MAX_FD, DataPath, WorkerProcess
-from hyper.resources import host_gid
 from tests.unit import mapping_worker, subverted_worker
 from tests.unit.test_gnttab import Clock, Granter
 from tests.unit.test_store_connection import wait_until

@@ -12,17 +12,17 @@ from pathlib import Path
 import pytest
 
 from channels import hypercall as hc
-from hyper import hyperd
-from hyper.domain import Domain
-from hyper.evtchn import EventChannels, EvtchnError
-from hyper.gnttab import (
+from channels.paths import RunDir
+from hyperd import hypervisor as hyperd
+from hyperd.domain import Domain
+from hyperd.evtchn import EventChannels, EvtchnError
+from hyperd.gnttab import (
     MAX_POOL_PAGES_PER_DOMAIN,
     MAX_POOLS_PER_DOMAIN,
     GnttabError,
     GrantTables,
     grant_budget,
 )
-from hyper.paths import RunDir
 from tests.unit.backend_hypercalls import PaperResources
 
 

@@ -1,5 +1,5 @@
 """What a restarted hyperd re-adopts from: its tables through the state file, and its hypercall
-sockets through the fd keeper (hyper/state.py, hyper/keeper.py). No root needed: the tables
+sockets through the fd keeper (hyperd/state.py, hyperd/keeper.py). No root needed: the tables
 name objects they never create here, and the keeper runs as whoever runs the tests."""
 
 from __future__ import annotations
@@ -14,15 +14,15 @@ from pathlib import Path
 
 import pytest
 
-from hyper import keeper, state
-from hyper.cgroup import CgroupFs, DomainGroup, V2Group
-from hyper.domain import Domain, RingInfo, Status
-from hyper.evtchn import EventChannels
-from hyper.gnttab import GrantTables
-from hyper.hyperd import DmesgHandler, Hypervisor, refuse_state
-from hyper.keeper import KeeperClient
-from hyper.paths import RunDir
-from hyper.resources import Resources
+from channels.paths import RunDir
+from hyperd import keeper, state
+from hyperd.cgroup import CgroupFs, DomainGroup, V2Group
+from hyperd.domain import Domain, RingInfo, Status
+from hyperd.evtchn import EventChannels
+from hyperd.gnttab import GrantTables
+from hyperd.hypervisor import DmesgHandler, Hypervisor, refuse_state
+from hyperd.keeper import KeeperClient
+from hyperd.resources import Resources
 from tests.unit.backend_hypercalls import PaperResources
 
 TIMEOUT = 10.0
@@ -347,7 +347,7 @@ def test_a_state_file_from_before_per_device_pools_is_refused_naming_its_version
         state.read(path)
     assert str(refused.value).startswith(f"{path}: version 1, this hyperd reads version 2: ")
     assert "`hyperctl halt`" in str(refused.value)
-    with caplog.at_level(logging.ERROR, logger="hyper.hyperd"):
+    with caplog.at_level(logging.ERROR, logger="hyperd.hypervisor"):
         assert refuse_state(refused.value) == 1
     assert "`hyperctl cleanup` ends the domains it describes" in caplog.text
 

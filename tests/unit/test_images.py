@@ -1,4 +1,4 @@
-"""Disk image paths (hyper/images.py): no symlink on the way, nothing another user could
+"""Disk image paths (channels/images.py): no symlink on the way, nothing another user could
 change, checked on the path (validation), as a missing image is created (the toolstack) and on
 the descriptors of what is opened (blkback). No root needed: as root, a test gives a file away
 to a stranger's uid; otherwise the stranger is simply some uid that is not ours."""
@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from hyper import images
-from hyper.images import ImageError
+from channels import images
+from channels.images import ImageError
 
 SIZE = 1 << 20
 STRANGER = 4242  # a uid that is neither root nor the owner, when we are root

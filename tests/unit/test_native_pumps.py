@@ -396,7 +396,7 @@ def test_a_pump_takes_new_pools_for_ever_and_lets_the_old_ones_go() -> None:
 def test_a_domain_runs_the_pumps_hyperd_was_told_to(monkeypatch: pytest.MonkeyPatch) -> None:
     """HYPER_PUMPS in hyperd's environment reaches the domUs' frontends (their boot process
     gets nothing else of the host's environment but PATH)."""
-    from hyper.domain import _boot_environment
+    from hyperd.domain import _boot_environment
 
     monkeypatch.setenv(pumps.ENV, "python")
     monkeypatch.setenv("HYPER_TEST_SECRET", "host only")

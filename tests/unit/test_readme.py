@@ -3,8 +3,8 @@
 The *first screen* is everything above the first ``## `` heading. It must fit in 40 lines and
 hold exactly two commands in code blocks: the demo and the tests, each an executable script, the
 second being what CI (``.ci/run``) runs. The code map must name only paths that exist, and every
-package and module of ``channels/``, ``hyper/``, ``dom0/``, ``domu/`` and ``bench/``. The config
-reference must list every config key and no other; the CLI reference every ``hyperctl``
+package and module of ``hyper/``, ``dom0/``, ``domu/``, ``hyperd/``, ``channels/`` and ``bench/``.
+The config reference must list every config key and no other; the CLI reference every ``hyperctl``
 subcommand and option in ``build_parser()`` and no other.
 """
 
@@ -20,18 +20,18 @@ from pydantic import BaseModel
 
 from channels import blkif as B
 from channels import netif as N
+from channels.config import DiskConfig, DomainConfig, VifConfig
 from channels.grants import BAD_GREF_BUDGET
+from channels.paths import RunDir
 from dom0.netback.datapath import GSO_BY_FRAGS, MIN_GSO_SIZE
 from dom0.store.quota import Quota
 from domu.sandbox import PTYS_MAX
-from hyper.budget import HYPERCALL_COST, HYPERCALL_RATE, LOG_MAX, LOG_RATE
 from hyper.cli import CONTAINMENT, build_parser
-from hyper.config import DiskConfig, DomainConfig, VifConfig
-from hyper.paths import RunDir
+from hyperd.budget import HYPERCALL_COST, HYPERCALL_RATE, LOG_MAX, LOG_RATE
 
 REPO = Path(__file__).resolve().parents[2]
 README = REPO / "README.md"
-PACKAGES = ("channels", "hyper", "dom0", "domu", "bench")
+PACKAGES = ("channels", "hyperd", "dom0", "domu", "hyper", "bench")
 FIRST_SCREEN_LINES = 40
 
 _FENCE = re.compile(r"^```[^\n]*\n(.*?)^```", re.MULTILINE | re.DOTALL)

@@ -9,7 +9,7 @@ no hyperd runs, a domain's calls queue in the kernel and wait; the next hyperd g
 back and answers them.
 
 Protocol: one SOCK_SEQPACKET connection from hyperd to ``keeper.sock`` in the run directory
-(hyper/paths.py), mode 0600; each side checks with SO_PEERCRED that the other runs as its own
+(channels/paths.py), mode 0600; each side checks with SO_PEERCRED that the other runs as its own
 uid (root, as hyperd runs). One JSON object per message:
 
     {"op": "put", "name": "hc.3"}  with one fd (SCM_RIGHTS): keep it, replacing any of that name
@@ -258,7 +258,7 @@ def listen(path: Path) -> socket.socket:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="hyper.keeper", description="hyperd's fd keeper")
+    parser = argparse.ArgumentParser(prog="hyperd.keeper", description="hyperd's fd keeper")
     parser.add_argument("--socket", type=Path, required=True, help="where to listen for hyperd")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s keeper %(process)d: %(message)s")
@@ -381,7 +381,7 @@ def start(path: Path, log_path: Path | None = None) -> subprocess.Popen[bytes]:
     Its log goes to ``log_path`` (appended), or nowhere."""
     with open(log_path or os.devnull, "ab") as out:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "hyper.keeper", "--socket", str(path)],
+            [sys.executable, "-m", "hyperd.keeper", "--socket", str(path)],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=out,

@@ -27,7 +27,7 @@ class RunDir:
 
     @property
     def keeper_socket(self) -> Path:
-        """Where the fd keeper (hyper/keeper.py) listens for hyperd, root only."""
+        """Where the fd keeper (hyperd/keeper.py) listens for hyperd, root only."""
         return self.root / "keeper.sock"
 
     @property

@@ -1,12 +1,12 @@
 """hyperd's persisted state: what a restarted hyperd re-adopts its running domains from.
 
 After every change to its tables hyperd writes them, as one JSON object, to
-``<run dir>/hyperd.state`` (hyper/paths.py). The object:
+``<run dir>/hyperd.state`` (channels/paths.py). The object:
 
     {"version": 2, "last_domid": 5, "dom0_restarts": 0, "halting": false,
-     "domains": [Domain.to_dict(), ...],      hyper/domain.py (with its Resources)
-     "evtchn": EventChannels.to_dict(),       hyper/evtchn.py
-     "gnttab": GrantTables.to_dict()}         hyper/gnttab.py
+     "domains": [Domain.to_dict(), ...],      hyperd/domain.py (with its Resources)
+     "evtchn": EventChannels.to_dict(),       hyperd/evtchn.py
+     "gnttab": GrantTables.to_dict()}         hyperd/gnttab.py
 
 Each class serialises itself next to the data it holds; this module frames, writes and reads.
 A write goes to a temporary file in the same directory, is flushed to it, then renamed over the

@@ -15,7 +15,7 @@ from typing import Any
 
 from channels.gnttab import pool_bytes
 from channels.ring import PAGE_SIZE
-from hyper.resources import Resources, sharing_gid
+from hyperd.resources import Resources, sharing_gid
 
 MAX_POOL_PAGES_PER_DOMAIN = 1 << 16  # 256 MiB of grantable memory per domain, at most
 MAX_POOLS_PER_DOMAIN = 256  # a frontend sets up 3 per device; each is a /dev/shm object

@@ -2,7 +2,7 @@
 
 Building a domU (the domain builder of Xen's toolstack, here inside the hypervisor):
 
-1. a cgroup with the config's limits (hyper/cgroup.py);
+1. a cgroup with the config's limits (hyperd/cgroup.py);
 2. the store ring and the console ring, each one page of shared memory, with an event channel
    bound between the domU and dom0 (ports allocated in hyperd's tables);
 3. the boot process ``python -m domu.boot``, placed in the cgroup, given its hypercall socket
@@ -31,10 +31,10 @@ from typing import Any
 from channels import pumps
 from channels.bytering import CONSOLE_PAGE_SIZE, XENSTORE_PAGE_SIZE
 from channels.credit import Credit
-from domu.sandbox import id_map
-from hyper.budget import HYPERCALL_BURST, HYPERCALL_RATE, GuestLog
-from hyper.cgroup import DomainGroup
-from hyper.resources import Resources
+from channels.ids import id_map
+from hyperd.budget import HYPERCALL_BURST, HYPERCALL_RATE, GuestLog
+from hyperd.cgroup import DomainGroup
+from hyperd.resources import Resources
 
 
 class Status(enum.Enum):
@@ -93,11 +93,11 @@ class Domain:
     final_cpu_ns: int = 0
     outq: collections.deque[bytes] = field(default_factory=collections.deque)  # unsent replies
     bad_calls: int = 0
-    #: What its hypercalls may still cost hyperd (hyper/budget.py), and until when
+    #: What its hypercalls may still cost hyperd (hyperd/budget.py), and until when
     #: (monotonic) hyperd reads none of them, having run out (0: reading).
     credit: Credit = field(default_factory=lambda: Credit(HYPERCALL_RATE, HYPERCALL_BURST))
     calls_paused_until: float = 0.0
-    log: GuestLog | None = None  # hyperd's end of a domU's output (hyper/budget.py)
+    log: GuestLog | None = None  # hyperd's end of a domU's output (hyperd/budget.py)
     process: subprocess.Popen[bytes] | None = None  # dom0's process (kept: see hyperd._reap)
 
     @property
@@ -115,7 +115,7 @@ class Domain:
         self.reaped = False
 
     def to_dict(self) -> dict[str, Any]:
-        """The record, for hyperd's state file (hyper/state.py); sockets and processes are not
+        """The record, for hyperd's state file (hyperd/state.py); sockets and processes are not
         in it: a re-adopting hyperd gets them back from the fd keeper and /proc."""
         return {
             "domid": self.domid,
@@ -248,7 +248,7 @@ def spawn_boot(domain: Domain, rootfs: Path, log_path: Path) -> None:
 
 
 def write_id_maps(pid: int, domid: int) -> None:
-    """Map the domain's user namespace onto its private host id range (domu/sandbox.py)."""
+    """Map the domain's user namespace onto its private host id range (channels/ids.py)."""
     for name in ("uid_map", "gid_map"):
         Path(f"/proc/{pid}/{name}").write_text(id_map(domid))
 

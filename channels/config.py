@@ -36,7 +36,7 @@ The normalised JSON is itself a valid config and normalises to itself.
 Loading touches the file system only to read: a disk image that exists must be a regular
 file of at least one sector; one that does not exist needs a ``size`` so the toolstack can
 create it. Nothing is created here. Either way the image's path must be one no other user can
-redirect or change (hyper/images.py): no symlink on it, and the image and its directories
+redirect or change (channels/images.py): no symlink on it, and the image and its directories
 root's or the *owner*'s, the user the disk is for (the validation context's ``owner``; by
 default whoever runs this).
 
@@ -73,7 +73,7 @@ from pydantic import (
 )
 from pydantic_core import ErrorDetails, PydanticCustomError
 
-from hyper import images
+from channels import images
 
 logger = logging.getLogger(__name__)
 

@@ -5,7 +5,7 @@ cleanup` and the tests can recognise them: ``hyper.d<domid>.<kind>.<token>`` in 
 ``sem.hyper.d<domid>.<kind>.<token>`` and ``fifo.hyper.d<domid>.<kind>.<token>`` for a doorbell's
 semaphore and FIFO (channels/doorbell.py). Names alone are not the protection: each
 object is owned by root with mode 0660 and the group of the one domU that uses it (a domain's
-host ids are private to it, see domu/sandbox.py), so only dom0 (root) and that domU can open it.
+host ids are private to it, see channels/ids.py), so only dom0 (root) and that domU can open it.
 
 A domU never sees the host's /dev/shm. Its /dev/shm is its *view*: the directory
 ``/dev/shm/hyper.d<domid>``, root's, mode 0710 with the domain's group, which holds a second
@@ -26,8 +26,8 @@ from pathlib import Path
 from typing import Any
 
 from channels.doorbell import create_doorbell, unlink_doorbell
+from channels.ids import host_gid
 from channels.shm import create_segment, unlink_segment
-from domu.sandbox import uid_base
 
 SHM_DIR = Path("/dev/shm")
 PREFIX = "hyper."
@@ -49,11 +49,6 @@ def bell_paths(name: str) -> tuple[Path, Path]:
 def view_dir(domid: int) -> Path:
     """Domain ``domid``'s /dev/shm: links to its own objects, and nothing it can add to."""
     return SHM_DIR / f"{PREFIX}d{domid}"
-
-
-def host_gid(domid: int) -> int:
-    """The host gid whose members may open a domain's objects: root's for dom0."""
-    return 0 if domid == 0 else uid_base(domid)
 
 
 def sharing_gid(a: int, b: int) -> int:
@@ -145,7 +140,7 @@ class Resources:
         return names | {self.view} | {self.view / p.name for p in names}
 
     def to_dict(self) -> dict[str, Any]:
-        """For hyperd's state file (hyper/state.py)."""
+        """For hyperd's state file (hyperd/state.py)."""
         return {
             "domid": self.domid,
             "segments": sorted(self.segments),

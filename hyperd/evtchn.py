@@ -17,7 +17,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from hyper.resources import Resources, sharing_gid
+from hyperd.resources import Resources, sharing_gid
 
 MAX_PORTS = 4096  # ports a domain may hold at once: the 2-level ABI's limit on 64-bit guests
 #: Port numbers are handed out in increasing order and wrap here. Never reusing a number soon

@@ -12,8 +12,8 @@ one order.
 
 Surviving its own death (SIGKILL included): the domains do not need hyperd to move data, only
 to change what exists. So hyperd hands its end of every hypercall socket to the fd keeper
-(hyper/keeper.py), which outlives it, and after every change writes its tables to the state file
-(hyper/state.py) before it tells anyone of the change. While no hyperd runs, the domains run on
+(hyperd/keeper.py), which outlives it, and after every change writes its tables to the state file
+(hyperd/state.py) before it tells anyone of the change. While no hyperd runs, the domains run on
 and their hypercalls wait in the kernel. A hyperd that starts and finds a state file re-adopts:
 it rebuilds the tables, re-opens the cgroups, takes the sockets back from the keeper and watches
 each domain's process through a pidfd (they are PID 1's children now, not its own). A domain
@@ -49,11 +49,13 @@ from pathlib import Path
 from typing import Any
 
 from channels import hypercall as hc
+from channels import linux
 from channels.hypercall import Op
-from domu import linux
-from hyper import cgroup, keeper, state
-from hyper.budget import HYPERCALL_COST, GuestLog
-from hyper.domain import (
+from channels.ids import host_gid
+from channels.paths import RunDir
+from hyperd import cgroup, keeper, state
+from hyperd.budget import HYPERCALL_COST, GuestLog
+from hyperd.domain import (
     Domain,
     RingInfo,
     Status,
@@ -63,11 +65,10 @@ from hyper.domain import (
     spawn_boot,
     write_id_maps,
 )
-from hyper.evtchn import EventChannels, EvtchnError
-from hyper.gnttab import GnttabError, GrantTables, grant_budget
-from hyper.keeper import KeeperClient, KeeperError
-from hyper.paths import RunDir
-from hyper.resources import Resources, host_gid, leftovers, remove
+from hyperd.evtchn import EventChannels, EvtchnError
+from hyperd.gnttab import GnttabError, GrantTables, grant_budget
+from hyperd.keeper import KeeperClient, KeeperError
+from hyperd.resources import Resources, leftovers, remove
 
 log = logging.getLogger("hyperd")
 
@@ -118,7 +119,7 @@ def _socket_name(domid: int) -> str:
 
 
 def _log_name(domid: int) -> str:
-    """... and hyperd's end of its output (hyper/budget.py)."""
+    """... and hyperd's end of its output (hyperd/budget.py)."""
     return f"log.{domid}"
 
 
@@ -293,7 +294,7 @@ class Hypervisor:
     # -- persisted state and re-adoption ----------------------------------------------------
 
     def snapshot(self) -> dict[str, Any]:
-        """The tables as the state file holds them (hyper/state.py)."""
+        """The tables as the state file holds them (hyperd/state.py)."""
         return {
             "last_domid": self.last_domid,
             "dom0_restarts": self.dom0_restarts,
@@ -948,7 +949,7 @@ class Hypervisor:
             domain.sync = None
 
     def _watch_log(self, domain: Domain) -> None:
-        """Read a domU's output (hyper/budget.py)."""
+        """Read a domU's output (hyperd/budget.py)."""
         if domain.log is not None:
             self.selector.register(domain.log.sock, selectors.EVENT_READ, ("log", domain))
 

@@ -1,0 +1,1 @@
+"""hyperd: the hypervisor."""
