@@ -94,6 +94,7 @@ from bench.stages import (  # noqa: E402
     since_all,
     stage_table,
 )
+from channels import control  # noqa: E402
 from dom0.blkback.datapath import COUNTER_FIELDS  # noqa: E402
 from hyperd.cgroup import CgroupError, open_hierarchy  # noqa: E402
 
@@ -244,7 +245,7 @@ class CpuClock:
 def find_vbd(domain: str, vdev: str) -> dict[str, Any]:
     """What the toolstack says of a domain's vbd (``hyperctl block-list``): counters,
     worker_pid."""
-    vbds = ask("block_list", domain=domain)
+    vbds = ask(control.DeviceList(domain=domain, kind="vbd"))
     vbd = next((v for v in vbds if v.get("vdev") == vdev), None)
     if vbd is None:
         raise BenchError(f"{domain} has no vbd {vdev} in block-list")
@@ -298,7 +299,7 @@ def account(run_: Run, result: dict[str, Any]) -> None:
 def blk_stages(domain: str) -> list[Stage]:
     """The processes on the hyper path's data path: the domU's blkfront FUSE server (a child of
     its kernel), the vbd's blkback worker, and dom0."""
-    listed = {d["name"]: d for d in ask("list")}
+    listed = {d["name"]: d for d in ask(control.List())}
     kernel = int(listed[domain]["pid"])
     stages = [
         Stage("blkfront", pid, (VDEV,)) for pid in children(kernel) if "blkfront" in comm(pid)

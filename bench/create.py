@@ -257,15 +257,12 @@ class Domains:
         return name, timed(
             lambda: control.call(
                 RUN.toolstack_socket,
-                "create",
-                config_text=path.read_text(),
-                source=str(path),
-                base_dir=str(self.workdir),
+                control.Create(text=path.read_text(), source=str(path), base_dir=str(self.workdir)),
             )
         )
 
     def destroy_raw(self, name: str) -> float:
-        elapsed = timed(lambda: control.call(RUN.toolstack_socket, "destroy", domain=name))
+        elapsed = timed(lambda: control.call(RUN.toolstack_socket, control.Destroy(domain=name)))
         self.live.remove(name)
         return elapsed
 

@@ -91,6 +91,7 @@ from bench.stages import (  # noqa: E402
     since_all,
     stage_table,
 )
+from channels import control  # noqa: E402
 from dom0.netback.datapath import COUNTER_FIELDS  # noqa: E402
 from hyperd.cgroup import CgroupError, DomainGroup, open_hierarchy  # noqa: E402
 
@@ -383,7 +384,7 @@ def kernel_stats(prefix: tuple[str, ...], ifname: str) -> dict[str, int]:
 
 def first_vif(name: str) -> dict[str, Any]:
     """What the toolstack says of a domain's first vif: counters, worker_pid ({} if none)."""
-    vifs = ask("network_list", domain=name)
+    vifs = ask(control.DeviceList(domain=name, kind="vif"))
     return dict(vifs[0]) if vifs else {}
 
 
@@ -407,7 +408,7 @@ class VifPackets:
 def net_stages(domains: list[str]) -> list[Stage]:
     """The processes on the hyper paths' data path: each domU's kernel (netfront), its vif's
     netback worker, and dom0; a domain's stages do the work of its vif."""
-    listed = {d["name"]: d for d in ask("list")}
+    listed = {d["name"]: d for d in ask(control.List())}
     kernels, workers = [], []
     for name in domains:
         role = name.rsplit("-", 1)[-1]

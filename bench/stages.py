@@ -36,6 +36,7 @@ from rich.table import Table
 
 from bench.create import RUN, BenchError
 from channels import control
+from channels.errors import HyperError
 
 TICK_US = 1e6 / os.sysconf("SC_CLK_TCK")
 IDLE_STATES = (3, 4)  # idle and iowait, of /proc/stat's cpu line
@@ -60,12 +61,12 @@ def since_all(probes: dict[str, Probe], before: dict[str, Any], seconds: float) 
     return {name: changes[name] for name in probes}
 
 
-def ask(method: str, **params: Any) -> Any:
+def ask(request: control.Request) -> Any:
     """One toolstack request, as hyperctl makes it (no CLI process: it would cost CPU)."""
     try:
-        return control.call(RUN.toolstack_socket, method, timeout=30.0, **params)
-    except control.ControlError as exc:
-        raise BenchError(f"toolstack {method}: {exc}") from exc
+        return control.call(RUN.toolstack_socket, request, timeout=30.0)
+    except HyperError as exc:
+        raise BenchError(f"toolstack {request.method}: {exc}") from exc
 
 
 # -- the whole machine ------------------------------------------------------------------------

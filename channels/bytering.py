@@ -4,11 +4,11 @@ A :class:`ByteRing` is a one-way stream of ``size`` bytes (a power of two) insid
 area, with two free-running u32 indices elsewhere in the area: the producer advances ``prod``
 after writing, the consumer advances ``cons`` after reading, and byte ``x`` of the stream lives
 at ``data_offset + (x mod size)``. ``prod - cons`` (mod 2**32) is the number of unread bytes; a
-value above ``size`` is impossible and raises :class:`channels.ring.RingBroken`, after which that
-view keeps raising it (the caller disconnects the peer). The object is a stateless view: both
-indices are re-read from shared memory on every call and snapshotted once per call. Data is
-copied out once (``read``/``peek`` return bytes), so a peer rewriting the page afterwards cannot
-change what the caller validates. Indices are read and written through native u32 views
+value above ``size`` is impossible and raises ``ProtocolViolation`` (channels/errors.py), after
+which that view keeps raising it (the caller disconnects the peer). The object is a stateless
+view: both indices are re-read from shared memory on every call and snapshotted once per call.
+Data is copied out once (``read``/``peek`` return bytes), so a peer rewriting the page afterwards
+cannot change what the caller validates. Indices are read and written through native u32 views
 (:func:`channels.ring.u32_view`), one load or store each; ``close()`` a ByteRing before
 unmapping its segment.
 
@@ -41,7 +41,8 @@ followed by a doorbell ring, and the doorbell's semaphore post is itself a full 
 
 from __future__ import annotations
 
-from channels.ring import MASK32, PAGE_SIZE, RingBroken, RingError, u32_view
+from channels.errors import ProtocolViolation
+from channels.ring import MASK32, PAGE_SIZE, RingError, u32_view
 
 XENSTORE_PAGE_SIZE = PAGE_SIZE
 XENSTORE_RING_SIZE = 1024
@@ -99,11 +100,11 @@ class ByteRing:
         # (cons, prod) as one-store u32 views; struct.pack_into would expose a transient 0.
         self._index = (u32_view(area, cons_offset), u32_view(area, prod_offset))
         self._mask = size - 1
-        self._dead: tuple[type[RingError], str] | None = None  # broken or closed, for good
+        self._dead: tuple[type[Exception], str] | None = None  # broken or closed, for good
 
     def close(self) -> None:
         """Drop the index views (so the segment can be unmapped); idempotent. Later calls
-        raise RingError (RingBroken if the peer had broken the ring)."""
+        raise RingError (ProtocolViolation if the peer had broken the ring)."""
         if self._dead is None:
             self._dead = (RingError, f"{self.name}: closed")
         for view in self._index:
@@ -112,7 +113,7 @@ class ByteRing:
     @property
     def broken(self) -> bool:
         """True once the peer has written impossible indices."""
-        return self._dead is not None and self._dead[0] is RingBroken
+        return self._dead is not None and self._dead[0] is ProtocolViolation
 
     def _indices(self) -> tuple[int, int]:
         """Snapshot (cons, prod) once and validate them."""
@@ -122,8 +123,8 @@ class ByteRing:
         prod = self._index[1][0]
         if (prod - cons) & MASK32 > self.size:
             message = f"{self.name}: impossible indices cons {cons} prod {prod} (size {self.size})"
-            self._dead = (RingBroken, message)
-            raise RingBroken(message)
+            self._dead = (ProtocolViolation, message)
+            raise ProtocolViolation(message)
         return cons, prod
 
     # producer

@@ -64,12 +64,13 @@ import weakref
 
 import posix_ipc
 
+from channels.errors import HyperError
 from channels.ring import mb
 
 SEM_DIR = "/dev/shm"
 
 
-class DoorbellError(Exception):
+class DoorbellError(HyperError):
     """A doorbell that cannot be created, opened or used (closed, missing, exists)."""
 
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import struct
 
+from channels.errors import BadInput
 from channels.hypercall import (
     GnttabReleasePool,
     GnttabSetupPool,
@@ -37,14 +38,8 @@ GTF_readonly = 1 << 2
 ENTRY = struct.Struct("<HHI")
 
 
-class GrantError(Exception):
+class GrantError(BadInput):
     """A grant reference that does not name a page the caller may use this way."""
-
-
-class GrantViolation(Exception):
-    """The granter broke the rules of granting beyond what an error response answers (too many
-    bad refs, more pages than its budget): its device fails, as on any protocol violation. Not
-    a GrantError, which a data path answers and carries on from."""
 
 
 def table_pages(pages: int) -> int:

@@ -27,13 +27,13 @@ the granter's grant budget (the pages hyperd lets it have in pools at once, for 
 devices), counted on what is *mapped*, not on what is live. An honest frontend grants no more
 than its protocol can use, and releases no pool under its own requests; going past the bound is
 the granter's doing (more pools for the device than it can use, named for the wrong device, or
-released under requests it had posted): GrantViolation, and that device fails, no other. So dom0
+released under requests it had posted): ProtocolViolation, and that device fails, no other. So dom0
 maps at most the sum of its devices' bounds for a domain, whatever the domain's memory.
 
 Misses cost dom0 and hyperd a round trip each, so they are paid for. A miss whose ref is in no
 live pool even after a refresh that succeeded is a *bad gref*: answered as any bad ref
 (GrantError), and counted (in the device's counters too); past ``BAD_GREF_BUDGET`` in one
-connection the device fails (GrantViolation). So is a miss whose refresh finds that a live pool
+connection the device fails (ProtocolViolation). So is a miss whose refresh finds that a live pool
 cannot be mapped (``MappedPool.from_fd``: not the size hyperd made it): hyperd made it and named it
 live, and only the granter, which maps it read-write, can have truncated it. A refresh that
 fails (dom0 or hyperd not answering) is not the granter's doing: its miss is answered
@@ -63,7 +63,8 @@ from dataclasses import dataclass
 from typing import Any, NoReturn, Protocol
 
 from channels.credit import Credit
-from channels.gnttab import GrantError, GrantViolation, MappedPool
+from channels.errors import ProtocolViolation
+from channels.gnttab import GrantError, MappedPool
 from channels.hypercall import GnttabMapPools, HypercallClient, HypercallError
 from channels.shm import ShmError, open_segment
 
@@ -164,13 +165,13 @@ class GrantMapper:
             except ShmError as exc:
                 self.close()
                 raise GrantError(f"pools of {self.device}: {exc}") from exc
-            except (GrantError, GrantViolation):
+            except (GrantError, ProtocolViolation):
                 self.close()
                 raise
 
     def resolve(self, gref: int, *, write: bool) -> memoryview:
         """The granted page behind ``gref``. GrantError if the granter did not allow it;
-        GrantViolation if the granter has broken the rules (the device must fail)."""
+        ProtocolViolation if the granter has broken the rules (the device must fail)."""
         page = self._checked[write].get(gref)
         if page is None:
             page = self._check(gref, write)
@@ -247,7 +248,7 @@ class GrantMapper:
             # hyperd made the pool, and named it live: only the granter, which maps it
             # read-write, can have truncated it. Its doing, answered as its miss's bad gref.
             self._broken = str(exc)
-        except GrantViolation as exc:
+        except ProtocolViolation as exc:
             self._failed = str(exc)
             raise
 
@@ -260,7 +261,7 @@ class GrantMapper:
             bad = self.bad_grefs
         why = f" ({broken})" if broken else ""
         if bad > self._bad_gref_budget:
-            raise GrantViolation(
+            raise ProtocolViolation(
                 f"{self.device} named {bad} grefs in none of its pools "
                 f"(the last: {gref}{why}), more than the {self._bad_gref_budget} allowed"
             )
@@ -285,7 +286,7 @@ class GrantMapper:
 
     def _adopt(self, known: dict[str, Any]) -> None:
         """Map the pools ``known`` names, after dropping the ones it no longer names; refuse
-        to map past the budget (GrantViolation), or any if one cannot be mapped (ShmError)."""
+        to map past the budget (ProtocolViolation), or any if one cannot be mapped (ShmError)."""
         if self._closed:
             raise GrantError(f"pools of {self.device}: the mapper is closed")
         try:
@@ -301,7 +302,7 @@ class GrantMapper:
         held = sum(pool.pages for pool in self._pools) + self._lingering()
         wanted = held + sum(pages for _, pages, _ in new.values())
         if wanted > min(self.device.max_pages, budget):
-            raise GrantViolation(
+            raise ProtocolViolation(
                 f"the pools of {self.device} would have us map {wanted} pages, more than "
                 f"the {self.device.max_pages} its protocol can use or the grant budget of "
                 f"{budget} of domain {self.device.granter}"

@@ -26,6 +26,9 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from channels.config import RECEIVED, DomainConfig
+from channels.errors import Closed, HyperError
+
 log = logging.getLogger(__name__)
 
 DOMID_MAX = 0x7FEF  # ids from 0x7FF0 up are reserved, as in Xen
@@ -35,7 +38,7 @@ MAX_MESSAGE = 256 * 1024
 DomId = int
 
 
-class HypercallError(Exception):
+class HypercallError(HyperError):
     """hyperd refused or failed a hypercall; ``errno_name`` is e.g. "EPERM" or "EINVAL"."""
 
     def __init__(self, op: str, errno_name: str, message: str) -> None:
@@ -45,7 +48,7 @@ class HypercallError(Exception):
         self.message = message
 
 
-class HypervisorGone(HypercallError):
+class HypervisorGone(HypercallError, Closed):
     """The hypercall socket closed: hyperd exited or was killed."""
 
     def __init__(self, op: str) -> None:
@@ -172,13 +175,14 @@ class SchedShutdown(Op):
 
 
 class DomctlCreate(Op):
-    """dom0: build a domain from a validated config (channels.config.DomainConfig as JSON) for
-    ``owner``, the uid of the user who asked (their disk images are accepted besides root's;
-    kept with the domain for its restarts). Result: DomainInfo of the new domain."""
+    """dom0: build a domain from a validated config (its shape is checked again here, the host
+    is not: dom0 did) for ``owner``, the uid of the user who asked (their disk images are
+    accepted besides root's; kept with the domain for its restarts). Result: DomainInfo of the
+    new domain."""
 
     op = "domctl_create"
     privileged = True
-    config: dict[str, Any]
+    config: DomainConfig
     owner: int = Field(default=0, ge=0, le=UID_MAX)
 
 
@@ -299,7 +303,7 @@ def parse_request(data: bytes) -> tuple[int, Op]:
     if cls is None:
         raise ValueError(f"unknown op {str(msg.get('op'))[:40]!r}")
     try:
-        return msg["id"], cls.model_validate(msg.get("args") or {})
+        return msg["id"], cls.model_validate(msg.get("args") or {}, context=RECEIVED)
     except ValidationError as exc:
         problems = "; ".join(
             f"{'.'.join(str(p) for p in e['loc']) or 'args'}: {e['msg']}" for e in exc.errors()

@@ -31,13 +31,15 @@ import os
 import stat
 from pathlib import Path
 
+from channels.errors import BadInput
+
 ROOT_UID = 0
 ROOT_GID = 0
 _DIRECTORY = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _CREATE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
-class ImageError(Exception):
+class ImageError(BadInput):
     """An image path that must not be used; the message names the path and the reason."""
 
 

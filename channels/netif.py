@@ -49,6 +49,7 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 
+from channels.errors import BadInput
 from channels.ring import declare_ring
 
 # -- rings ------------------------------------------------------------------------------------
@@ -166,7 +167,7 @@ class Offload:
     gso_size: int = 0
 
 
-class UnsupportedOffload(ValueError):
+class UnsupportedOffload(BadInput, ValueError):
     """A TAP gave a frame whose offload netif cannot carry (UDP GSO, for one)."""
 
 

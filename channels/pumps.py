@@ -112,7 +112,7 @@ def _make(
 
 def ended(ring: BackRing | FrontRing, pump: Any, result: tuple[int, str, int]) -> int:
     """Hand the ring back to Python after ``pump.run()`` returned ``result``; the code, unless
-    the peer broke the ring (RingBroken, as the Python path raises it)."""
+    the peer broke the ring (ProtocolViolation, as the Python path raises it)."""
     ring.adopt(*pump.indices)
     code, why, _ = result
     if code == BROKEN:
@@ -361,7 +361,7 @@ class NativePump:
         """Run a frontend's pump until stopped, once its backend has bound the channel; False
         if the Python path must run instead. It has no Python fallback (what it reads from the
         backend is answers, each either right or a violation): a violation raises
-        ``misbehaved`` (or RingBroken)."""
+        ``misbehaved`` (or ProtocolViolation)."""
         pump = self.start(kind, ring, tap_fd, self.doorbells(evtchn, stopping), **kw)
         if pump is None:
             return False

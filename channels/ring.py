@@ -38,7 +38,7 @@ doorbell and re-runs the final check when it wakes.
 Hostile peer: the shared page can change at any moment. The peer's producer index is read once
 per batch and validated (RING_REQUEST_PROD_OVERFLOW on the back, RING_RESPONSE_PROD_OVERFLOW on
 the front, plus an index that moved backwards); each slot is copied out once (``get_*`` return
-tuples or bytes, never views of shared memory). An impossible index raises :class:`RingBroken`,
+tuples or bytes, never views of shared memory). An impossible index raises ``ProtocolViolation``,
 and every later call on that ring object raises it again: the caller disconnects the device.
 
 Indices are accessed only through native u32 views (:func:`u32_view`), one load or store each;
@@ -56,6 +56,8 @@ import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, NoReturn
+
+from channels.errors import ProtocolViolation
 
 logger = logging.getLogger(__name__)
 
@@ -81,10 +83,6 @@ if sys.byteorder != "little" or struct.calcsize("I") != 4:
 
 class RingError(Exception):
     """A ring operation that cannot be done: put on a full ring, get from an empty one."""
-
-
-class RingBroken(RingError):
-    """The peer wrote an impossible index; the ring is dead until the device reconnects."""
 
 
 # --- Memory ordering -------------------------------------------------------------------------
@@ -240,11 +238,11 @@ class _Ring:
         self._item = self._produced(rtype)
         self._fields = len(self._item.unpack(bytes(self._item.size)))
         self._blocks: dict[int, struct.Struct] = {}  # slot count -> packer of that many items
-        self._dead: tuple[type[RingError], str] | None = None  # broken or closed, for good
+        self._dead: tuple[type[Exception], str] | None = None  # broken or closed, for good
 
     def close(self) -> None:
         """Drop this end's view of the header (so the segment can be unmapped); idempotent.
-        Later calls raise RingError (RingBroken if the peer had broken the ring)."""
+        Later calls raise RingError (ProtocolViolation if the peer had broken the ring)."""
         if self._dead is None:
             self._dead = (RingError, f"{self.name} ring: closed")
         self._sring.release()
@@ -262,7 +260,7 @@ class _Ring:
     @property
     def broken(self) -> bool:
         """True once the peer has written an impossible index."""
-        return self._dead is not None and self._dead[0] is RingBroken
+        return self._dead is not None and self._dead[0] is ProtocolViolation
 
     def _check(self) -> None:
         if self._dead is not None:
@@ -274,9 +272,9 @@ class _Ring:
 
     def _break(self, reason: str) -> NoReturn:
         message = f"{self.name} ring: {reason}; ring halted"
-        self._dead = (RingBroken, message)
+        self._dead = (ProtocolViolation, message)
         logger.warning("%s", message)
-        raise RingBroken(message)
+        raise ProtocolViolation(message)
 
     def _push(self, prod: int, event: int, old: int, new: int) -> bool:
         """RING_PUSH_*_AND_CHECK_NOTIFY: publish `new`, say whether the peer wants a kick."""
@@ -566,7 +564,7 @@ class BackRing(_Ring):
         ring.req_cons = ring.rsp_prod_pvt = ring._req_prod = ring._rsp_prod = rsp_prod
         try:
             ring._snapshot()  # a frontend that already lies is refused at attach
-        except RingBroken:
+        except ProtocolViolation:
             ring.close()
             raise
         return ring

@@ -34,12 +34,14 @@ import os
 import stat
 from multiprocessing import resource_tracker, shared_memory
 
+from channels.errors import HyperError
+
 logger = logging.getLogger(__name__)
 
 SHM_DIR = "/dev/shm"
 
 
-class ShmError(Exception):
+class ShmError(HyperError):
     """A segment that cannot be created or attached."""
 
 

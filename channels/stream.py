@@ -24,8 +24,8 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from channels.bytering import ByteRing
+from channels.errors import Closed, HyperError, ProtocolViolation
 from channels.evtchn import LateEoi
-from channels.ring import RingBroken
 
 if TYPE_CHECKING:
     from channels.evtchn import EventChannel
@@ -36,11 +36,11 @@ log = logging.getLogger(__name__)
 HEAL_TIMEOUT = 30.0
 
 
-class StreamClosed(Exception):
+class StreamClosed(Closed):
     """The stream was closed (by us) or broken (by the peer) before the write completed."""
 
 
-class StreamPaused(Exception):
+class StreamPaused(HyperError):
     """The stream's rings are being reset (a protocol's reconnection): nothing was written of
     what is left to write; the protocol sends it again once the stream reopens."""
 
@@ -100,7 +100,7 @@ class RingStream:
                 raise StreamPaused(f"{self.name}: being reset")
             try:
                 written = self._tx.write(data)
-            except RingBroken as exc:
+            except ProtocolViolation as exc:
                 self._break(exc)
                 raise StreamClosed(f"{self.name}: {exc}") from exc
         if written:
@@ -151,7 +151,7 @@ class RingStream:
                 if error is not None:
                     self._break(error)
                     return
-        except RingBroken as exc:
+        except ProtocolViolation as exc:
             self._break(exc)
             return
         except Exception as exc:

@@ -40,6 +40,7 @@ from collections.abc import Container
 from enum import IntEnum, StrEnum
 from typing import TYPE_CHECKING, Literal, NamedTuple
 
+from channels.errors import BadInput
 from channels.xs_wire import (
     XENSTORE_ABS_PATH_MAX,
     XENSTORE_REL_PATH_MAX,
@@ -103,7 +104,7 @@ STORE_SKELETON: tuple[str, ...] = ("/", LOCAL_PATH, LOCAL_DOMAIN_PATH, VM_ROOT_P
 ControlFeature = Literal["poweroff", "reboot", "suspend"]
 
 
-class XsPathError(ValueError):
+class XsPathError(BadInput, ValueError):
     """A store path or path component breaks the syntax rules."""
 
 

@@ -56,6 +56,7 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import Self, TypeVar
 
+from channels.errors import Closed, HyperError, ProtocolViolation
 from channels.xenbus import validate_path, validate_watch_path
 from channels.xs_wire import (
     XENSTORE_PAYLOAD_MAX,
@@ -64,7 +65,6 @@ from channels.xs_wire import (
     Perm,
     XsErrno,
     XsError,
-    XsProtocolError,
     XsType,
     check_domid,
     encode,
@@ -74,6 +74,7 @@ from channels.xs_wire import (
 
 __all__ = [
     "Perm",
+    "ProtocolViolation",
     "Transaction",
     "Watch",
     "WatchEvent",
@@ -81,7 +82,6 @@ __all__ = [
     "XsClient",
     "XsConnectionLost",
     "XsError",
-    "XsProtocolError",
     "XsStreamTransport",
     "XsTimeoutError",
     "connect_unix",
@@ -95,11 +95,11 @@ RECONNECT_TIMEOUT = 120.0
 T = TypeVar("T")
 
 
-class XsTimeoutError(TimeoutError):
+class XsTimeoutError(HyperError, TimeoutError):
     """No reply (or no watch event) arrived within the timeout."""
 
 
-class XsConnectionLost(ConnectionError):
+class XsConnectionLost(Closed, ConnectionError):
     """The transport to the store is gone (closed by us, or broken by the other side)."""
 
 
@@ -302,11 +302,11 @@ class XsClient:
     # -- transport side ------------------------------------------------------------------------
 
     def feed(self, data: bytes) -> None:
-        """Bytes from the store, in order; XsProtocolError (failing the client) on garbage."""
+        """Bytes from the store, in order; ProtocolViolation (failing the client) on garbage."""
         with self._feed_lock:
             try:
                 messages = self._decoder.feed(data)
-            except XsProtocolError as exc:
+            except ProtocolViolation as exc:
                 self.connection_lost(exc)
                 raise
             for msg in messages:
@@ -490,7 +490,7 @@ class XsClient:
             where = f" in transaction {tx_id}" if tx_id else ""
             raise XsError(names[0] if names else XsErrno.EINVAL, path, msg_type.name + where)
         if reply.type is not msg_type:
-            raise XsProtocolError(f"store answered {msg_type.name} {path} with {reply.type.name}")
+            raise ProtocolViolation(f"store answered {msg_type.name} {path} with {reply.type.name}")
         return reply.payload
 
     # -- nodes ---------------------------------------------------------------------------------
@@ -537,7 +537,7 @@ class XsClient:
         try:
             return [Perm.parse(p) for p in split_strings(payload)]
         except ValueError as exc:
-            raise XsProtocolError(f"store sent malformed permissions for {path}") from exc
+            raise ProtocolViolation(f"store sent malformed permissions for {path}") from exc
 
     def set_perms(self, path: str, perms: Iterable[Perm], tx: Transaction | None = None) -> None:
         """Replace ``path``'s permission list; the first entry is the owner."""
@@ -614,7 +614,7 @@ class XsClient:
         payload = self._call(XsType.TRANSACTION_START, b"\0")
         text = split_strings(payload)[0] if payload else ""
         if not text.isdecimal() or not text.isascii() or int(text) == 0 or len(text) > 10:
-            raise XsProtocolError(f"store returned a malformed transaction id {text!r}")
+            raise ProtocolViolation(f"store returned a malformed transaction id {text!r}")
         with self._lock:
             if epoch != self._epoch:  # the reply came from a server since restarted
                 raise XsError(XsErrno.EAGAIN, "", "the store restarted")
@@ -693,7 +693,7 @@ class XsStreamTransport:
                 return
             try:
                 self.client.feed(data)
-            except XsProtocolError:
+            except ProtocolViolation:
                 log.warning(
                     "store sent a malformed message; dropping the connection", exc_info=True
                 )

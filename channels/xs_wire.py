@@ -9,7 +9,7 @@ Framing. Every message is a 16-byte header followed by ``len`` bytes of payload:
 
 All integers are little-endian (the x86_64 ABI). A header whose ``len`` exceeds 4096, or whose
 ``type`` is not a known message type, is a protocol violation: the peer is buggy or malicious and
-the connection is dropped (``XsProtocolError``), never answered.
+the connection is dropped (``ProtocolViolation``), never answered.
 
 Payloads are NUL-separated strings. Request payloads, by type::
 
@@ -49,6 +49,8 @@ import struct
 from dataclasses import dataclass
 from enum import IntEnum, StrEnum
 from typing import Literal, get_args
+
+from channels.errors import HyperError, ProtocolViolation
 
 XENSTORE_PAYLOAD_MAX = 4096
 XENSTORE_ABS_PATH_MAX = 3072
@@ -121,14 +123,7 @@ class XsErrno(StrEnum):
 XSD_ERRORS: tuple[str, ...] = tuple(e.value for e in XsErrno)
 
 
-class XsProtocolError(Exception):
-    """The peer broke the framing (oversized payload, unknown type, malformed reply).
-
-    The connection that produced it must be dropped; nothing else is affected.
-    """
-
-
-class XsError(Exception):
+class XsError(HyperError):
     """The store refused a request: carries the errno name of an ERROR reply and the path involved.
 
     Raised by the client for an ERROR reply, and inside the server to produce one.
@@ -259,12 +254,12 @@ class Decoder:
     """Incremental message decoder for one byte stream.
 
     ``feed`` accepts any chunking and returns the messages completed by it. A framing violation
-    raises XsProtocolError; the decoder then stays broken, since the stream has lost its framing.
+    raises ProtocolViolation; the decoder then stays broken, since the stream has lost its framing.
     """
 
     def __init__(self) -> None:
         self._buf = bytearray()
-        self._broken: XsProtocolError | None = None
+        self._broken: ProtocolViolation | None = None
 
     @property
     def buffered(self) -> int:
@@ -289,12 +284,12 @@ class Decoder:
 
     def _check_header(self, raw_type: int, length: int) -> XsType:
         if length > XENSTORE_PAYLOAD_MAX:
-            self._broken = XsProtocolError(
+            self._broken = ProtocolViolation(
                 f"store message payload length {length} exceeds {XENSTORE_PAYLOAD_MAX}"
             )
             raise self._broken
         try:
             return XsType(raw_type)
         except ValueError:
-            self._broken = XsProtocolError(f"store message has unknown type {raw_type}")
+            self._broken = ProtocolViolation(f"store message has unknown type {raw_type}")
             raise self._broken from None

@@ -70,10 +70,10 @@ from typing import Any, Literal, Self, TypeVar
 from channels import grants
 from channels import hypercall as hc
 from channels.credit import Credit
-from channels.gnttab import GrantError, GrantViolation
+from channels.errors import HyperError, ProtocolViolation
+from channels.gnttab import GrantError
 from channels.hypercall import HypercallClient, HypercallError
 from channels.ids import host_gid
-from channels.ring import RingBroken
 from channels.xenbus import XenbusState
 from channels.xenbus_bus import XenbusDevice
 from dom0 import privilege
@@ -522,7 +522,7 @@ def _describe(code: int) -> str:
     return f"signal {-code}" if code < 0 else f"exit status {code}"
 
 
-class LinkError(Exception):
+class LinkError(HyperError):
     """A worker sent dom0 what no worker sends: it is broken or subverted."""
 
 
@@ -682,7 +682,7 @@ def serve_device(
     link.start()
     try:
         stop = start(channels, params, link, memoryview(page))
-    except (GrantError, GrantViolation, RingBroken) as exc:
+    except (GrantError, ProtocolViolation) as exc:
         link.fatal(f"connecting: {exc}")
         return 1
     link.closed.wait()  # dom0 hangs up when the device disconnects

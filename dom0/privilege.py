@@ -61,6 +61,7 @@ import threading
 from pathlib import Path
 
 from channels import linux
+from channels.errors import HyperError
 from channels.hypercall import DOMID_MAX
 from channels.ids import ID_RANGE, uid_base
 
@@ -85,7 +86,7 @@ _libc = ctypes.CDLL(None, use_errno=True)
 log = logging.getLogger(__name__)
 
 
-class PrivilegeError(Exception):
+class PrivilegeError(HyperError):
     """A worker that cannot give up host privilege, or no id to give it."""
 
 

@@ -7,7 +7,6 @@ answers the control socket. Each control method's docstring says when it is allo
 
 from __future__ import annotations
 
-import ipaddress
 import json
 import logging
 import os
@@ -20,17 +19,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from channels import blkif, images, pumps, xenbus
+from channels import blkif, control, images, pumps, xenbus
 from channels import hypercall as hc
 from channels.config import (
+    RECEIVED,
     ConfigError,
+    DiskConfig,
+    DomainConfig,
+    VifConfig,
     parse_config,
     parse_disk_spec,
     parse_size,
     parse_vif_spec,
     random_mac,
 )
-from channels.control import MAX_LINE, read_line, send_json
+from channels.control import MAX_LINE, error_reply, read_line, send_json
+from channels.errors import ERRNO_KINDS, BadInput, HyperError, NotAllowed, NotFound
 from channels.xenbus import XenbusState
 from channels.xs import Perm, XsClient, XsError
 from dom0.console import ConsoleBackend
@@ -44,13 +48,6 @@ BOOT_TIMEOUT = 30.0
 DEVICE_TIMEOUT = 20.0
 CONSOLE_CLIENT_TIMEOUT = 2.0
 SHUTDOWN_TIMEOUT = 30.0
-
-
-class RequestError(Exception):
-    def __init__(self, message: str, lines: list[str] | None = None, usage: bool = False):
-        super().__init__(message)
-        self.lines = lines or [message]
-        self.usage = usage
 
 
 @dataclass
@@ -86,6 +83,14 @@ class Toolstack:
         self.stopped = threading.Event()
         self._listener: socket.socket | None = None
         self.drivers: Any = None  # dom0.drivers.BackendDrivers, set by dom0.main
+        self._handlers = self._request_table()
+        self._streams = self._stream_table()
+        self._event_handlers: dict[str, Callable[[dict[str, Any]], None]] = {
+            "domain_introduced": self.on_domain_introduced,
+            "domain_running": self.on_domain_running,
+            "domain_shutdown": self.on_domain_shutdown,
+            "domain_destroyed": self.on_domain_destroyed,
+        }
 
     # -- events from hyperd (queued by the hypercall reader, handled on one thread) ----------
 
@@ -97,13 +102,13 @@ class Toolstack:
                 self.stopped.set()
                 return
             try:
-                getattr(self, "ev_" + name)(data)
+                self._event_handlers[name](data)
             except Exception:
                 log.exception("handling event %s failed", name)
             with self.changed:
                 self.changed.notify_all()
 
-    def ev_domain_introduced(self, info: dict[str, Any]) -> None:
+    def on_domain_introduced(self, info: dict[str, Any]) -> None:
         domid = info["domid"]
         state = DomainState(domid, info["name"], info)
         with self.lock:
@@ -120,9 +125,10 @@ class Toolstack:
         state.relay = Relay.start(self.hc, self.store, domid, info, reconnect=adopted)
         state.console = ConsoleBackend(domid, state.relay.console)
         if not adopted:
-            for devid, vif in enumerate(info["config"].get("vif") or []):
+            config = DomainConfig.model_validate(info["config"], context=RECEIVED)
+            for devid, vif in enumerate(config.vif):
                 self._add_vif(domid, devid, vif)
-            for disk in info["config"].get("disk") or []:
+            for disk in config.disk:
                 self._add_vbd(domid, disk, info["owner"])
         log.info("dom%d (%s) %s", domid, info["name"], "adopted" if adopted else "introduced")
 
@@ -152,85 +158,82 @@ class Toolstack:
 
     # -- network devices ----------------------------------------------------------------------
 
-    def _add_vif(self, domid: int, devid: int, vif: dict[str, Any]) -> DevicePaths:
+    def _add_vif(self, domid: int, devid: int, vif: VifConfig) -> DevicePaths:
         """Write a vif's frontend and backend directories (libxl's libxl__device_nic_add)."""
-        mac = vif.get("mac") or random_mac()
-        front = {"handle": str(devid), "mac": mac, "mtu": str(vif["mtu"])}
-        for key in ("ip", "gateway"):
-            if vif.get(key):
-                front[key] = str(vif[key])
-        back = {
-            "handle": str(devid),
-            "mac": mac,
-            "bridge": vif["bridge"],
-            "mtu": str(vif["mtu"]),
-            "type": "vif",
-        }
-        if vif.get("ip"):
+        mac = vif.mac or random_mac()
+        front = {"handle": str(devid), "mac": mac, "mtu": str(vif.mtu)}
+        if vif.ip is not None:
+            front["ip"] = str(vif.ip)
+        if vif.gateway is not None:
+            front["gateway"] = str(vif.gateway)
+        back = {"handle": str(devid), "mac": mac, "bridge": vif.bridge, "mtu": str(vif.mtu)}
+        back["type"] = "vif"
+        if vif.ip is not None:
             # As libxl does: Xen's vif scripts read it here for their antispoof rules, and so
             # does netback. The address alone: it is all the vif may send from.
-            back["ip"] = str(ipaddress.ip_interface(vif["ip"]).ip)
-        rate = vif.get("rate")
-        if rate:
-            credit = max(1, rate["bytes_per_second"] * rate["window_us"] // 1_000_000)
-            back["rate"] = f"{credit},{rate['window_us']}"
-        return add_device(self.xs, domid, int(vif.get("backend") or 0), "vif", devid, front, back)
+            back["ip"] = str(vif.ip.ip)
+        if vif.rate is not None:
+            back["rate"] = f"{vif.rate.bytes_per_window},{vif.rate.window_us}"
+        return add_device(self.xs, domid, int(vif.backend), "vif", devid, front, back)
 
     # -- block devices ------------------------------------------------------------------------
 
-    def _add_vbd(self, domid: int, disk: dict[str, Any], owner: int) -> DevicePaths:
+    def _add_vbd(self, domid: int, disk: DiskConfig, owner: int) -> DevicePaths:
         """Write a vbd's frontend and backend directories (libxl's libxl__device_disk_add);
         ``owner`` is the uid the image may belong to besides root (blkback checks it)."""
-        vdev = disk["vdev"]
+        vdev = disk.vdev
         devid = blkif.vdev_number(vdev)
         front = {"virtual-device": str(devid), "device-type": "disk", "dev": vdev}
         back = {
-            "params": disk["target"],
+            "params": str(disk.target),
             blkif.BlkifKey.PARAMS_OWNER: str(owner),
-            "mode": "w" if disk["access"] == "rw" else "r",
+            "mode": "w" if disk.access == "rw" else "r",
             "dev": vdev,
             "type": "file",
             "device-type": "disk",
             "removable": "0",
             "bootable": "1",
         }
-        backend = int(disk.get("backend") or 0)
-        return add_device(self.xs, domid, backend, "vbd", devid, front, back)
+        return add_device(self.xs, domid, int(disk.backend), "vbd", devid, front, back)
 
     def _wait_connected(self, domid: int, devtype: str, devid: int, timeout: float) -> None:
         """Both ends Connected, as libxl waits: a netfront says Connected before its backend
-        has bound the event channels, and is not usable until then."""
-        front = xenbus.frontend_path(domid, devtype, devid)
+        has bound the event channels, and is not usable until then. A backend that gives up
+        (Closing or Closed, with its reason in its ``error`` node) fails the wait at once."""
+        paths = device_paths(domid, 0, devtype, devid)
         deadline = time.monotonic() + timeout
+        given_up = {XenbusState.Closing, XenbusState.Closed}
         try:
-            xenbus.wait_for_state(
-                self.xs, xenbus.state_path(front), {XenbusState.Connected}, timeout
+            back = xenbus.wait_for_state(
+                self.xs,
+                xenbus.state_path(paths.backend),
+                {XenbusState.Connected} | given_up,
+                timeout,
             )
-            # The guest may rewrite this node: a lie only delays or hurries its own request.
-            back = self.xs.read_optional(xenbus.key_path(front, "backend"))
-            if back is not None:
+            if back is XenbusState.Connected:
                 left = max(0.0, deadline - time.monotonic())
                 connected = {XenbusState.Connected}
-                xenbus.wait_for_state(self.xs, xenbus.state_path(back), connected, left)
-        except (TimeoutError, xenbus.XsPathError, XsError) as exc:
-            error = (
-                self.xs.read_optional(
-                    xenbus.error_path(xenbus.frontend_path(domid, devtype, devid))
-                )
-                or "no error reported"
-            )
-            raise RequestError(f"{devtype} {domid}/{devid} did not connect: {error}") from exc
+                xenbus.wait_for_state(self.xs, xenbus.state_path(paths.frontend), connected, left)
+                return
+        except (TimeoutError, xenbus.XsPathError, XsError):
+            pass
+        reasons = [
+            self.xs.read_optional(xenbus.error_path(path))
+            for path in (paths.backend, paths.frontend)
+        ]
+        error = "; ".join(r for r in reasons if r) or "no error reported"
+        raise HyperError(f"{devtype} {domid}/{devid} did not connect: {error}")
 
     def _device_ids(self, domid: int, devtype: str) -> list[int]:
         names = self._children(xenbus.device_type_path(domid, devtype))
         return sorted(int(d) for d in names if d.isdecimal())
 
-    def ev_domain_running(self, data: dict[str, Any]) -> None:
+    def on_domain_running(self, data: dict[str, Any]) -> None:
         state = self.domains.get(data["domid"])
         if state is not None:
             state.running.set()
 
-    def ev_domain_shutdown(self, data: dict[str, Any]) -> None:
+    def on_domain_shutdown(self, data: dict[str, Any]) -> None:
         state = self.domains.get(data["domid"])
         if state is None:
             return
@@ -241,7 +244,7 @@ class Toolstack:
             finally:  # it stopped in the host, whatever its backends met
                 state.gone.set()
 
-    def ev_domain_destroyed(self, data: dict[str, Any]) -> None:
+    def on_domain_destroyed(self, data: dict[str, Any]) -> None:
         with self.lock:
             state = self.domains.pop(data["domid"], None)
         if state is not None:
@@ -357,7 +360,7 @@ class Toolstack:
     def _serve_client(self, client: socket.socket) -> None:
         with client:
             if not _peer_is_root(client):
-                send_json(client, {"ok": False, "error": "permission denied: root only"})
+                send_json(client, error_reply(NotAllowed("permission denied: root only")))
                 return
             client.settimeout(30.0)
             buffer = bytearray()
@@ -365,36 +368,64 @@ class Toolstack:
                 line = read_line(client, buffer)
                 if line is None:
                     return
-                request = json.loads(line)
-                method = str(request.get("method"))
-                params = request.get("params") or {}
-            except (ValueError, OSError, Exception) as exc:
-                send_json(client, {"ok": False, "error": f"bad request: {exc}"})
+                request = control.decode_request(line)
+            except HyperError as exc:
+                send_json(client, error_reply(exc))
                 return
-            handler: Callable[..., Any] | None = getattr(self, "m_" + method, None)
-            if handler is None or not isinstance(params, dict):
-                send_json(client, {"ok": False, "error": f"unknown method {method!r}"})
+            except OSError:
                 return
             client.settimeout(None)
             try:
-                if method in STREAMING:
-                    handler(client, buffer, **params)
+                if request.streaming:
+                    self._streams[type(request)](client, buffer, request)
                     return
-                result = handler(**params)
+                result = self._handlers[type(request)](request)
                 send_json(client, {"ok": True, "result": result})
-            except RequestError as exc:
-                send_json(
-                    client, {"ok": False, "error": str(exc), "lines": exc.lines, "usage": exc.usage}
-                )
-            except hc.HypercallError as exc:
-                send_json(client, {"ok": False, "error": exc.message or str(exc)})
-            except TypeError as exc:
-                send_json(client, {"ok": False, "error": f"{method}: {exc}"})
+            except HyperError as exc:
+                send_json(client, error_reply(exc))
             except OSError:
                 pass  # the client went away
             except Exception as exc:
-                log.exception("control method %s failed", method)
-                send_json(client, {"ok": False, "error": f"{method}: internal error: {exc}"})
+                log.exception("control request %s failed", request.method)
+                failed = HyperError(f"{request.method}: internal error: {exc}")
+                send_json(client, error_reply(failed))
+
+    def _request_table(self) -> dict[type[control.Request], Callable[[Any], Any]]:
+        """Which method answers each request (a test checks that every request has one)."""
+        return {
+            control.Create: self.create,
+            control.List: lambda req: self.list_domains(),
+            control.Destroy: lambda req: self.destroy(req.domain),
+            control.Shutdown: lambda req: self.shutdown(req.domain, req.wait, req.grace),
+            control.Reboot: lambda req: self.reboot(req.domain),
+            control.Pause: lambda req: self.pause(req.domain),
+            control.Unpause: lambda req: self.unpause(req.domain),
+            control.ExecTarget: lambda req: self.exec_target(req.domain),
+            control.SchedCredit: lambda req: self.sched_credit(req.domain, req.cpu_weight, req.cap),
+            control.MemSet: lambda req: self.mem_set(req.domain, req.memory),
+            control.Info: lambda req: self.host_info(),
+            control.Dmesg: lambda req: self.dmesg(req.clear),
+            control.Halt: lambda req: self.halt(),
+            control.StoreLs: lambda req: self.store_ls(req.path),
+            control.StoreRead: lambda req: self.store_read(req.path),
+            control.StoreWrite: lambda req: self.store_write(req.path, req.value),
+            control.StoreRm: lambda req: self.store_rm(req.path),
+            control.DeviceAttach: self.device_attach,
+            control.DeviceDetach: self.device_detach,
+            control.DeviceList: self.device_list,
+            control.DeviceStats: self.device_stats,
+        }
+
+    def _stream_table(
+        self,
+    ) -> dict[type[control.Request], Callable[[socket.socket, bytearray, Any], None]]:
+        """Which method serves each streaming request."""
+        return {
+            control.Console: lambda client, buffer, req: self.console(client, buffer, req.domain),
+            control.StoreWatch: lambda client, buffer, req: self.store_watch(
+                client, buffer, req.path
+            ),
+        }
 
     # -- helpers ----------------------------------------------------------------------------
 
@@ -405,57 +436,75 @@ class Toolstack:
         for info in self._list():
             if str(info["domid"]) == str(domain) or info["name"] == domain:
                 return info
-        raise RequestError(f"no domain named {domain!r}")
+        raise NotFound(f"no domain named {domain!r}")
 
     def _domu(self, domain: str | int) -> dict[str, Any]:
         info = self.find(domain)
         if info["domid"] == 0:
-            raise RequestError("that is dom0; use `hyperctl halt` to stop everything", usage=True)
+            raise BadInput("that is dom0; use `hyperctl halt` to stop everything")
         return info
 
     # -- methods ----------------------------------------------------------------------------
 
-    def m_create(
-        self, config_text: str, source: str, base_dir: str, wait: bool = True, owner: int = 0
-    ) -> Any:
-        """Always allowed. Validates the config (one line per problem, nothing created),
-        builds the domain and returns once its workload runs. ``owner`` is the uid of the user
-        who asked (hyperctl's caller): their disk images are accepted besides root's. The
-        control socket is root's alone, so whoever says it is trusted."""
+    def create(self, request: control.Create) -> Any:
+        """Parses the config (one line per problem, nothing created), builds the domain and
+        returns once its workload runs and its devices are connected. Anything that fails after
+        hyperd built the domain (it never boots, a device never connects) destroys it again and
+        removes the images made for it: a failed create leaves nothing behind, and the error
+        says why."""
+        source, owner = request.source, request.owner
         try:
-            config = parse_config(config_text, source=source, base_dir=Path(base_dir), owner=owner)
+            config = parse_config(
+                request.text, source=source, base_dir=Path(request.base_dir), owner=owner
+            )
         except ConfigError as exc:
-            raise RequestError("invalid config", exc.lines, usage=True) from exc
-        normalised = config.normalised()
+            raise BadInput("invalid config", exc.lines) from exc
         if any(info["name"] == config.name for info in self._list()):
-            raise RequestError(
-                "duplicate name",
-                [f"{source}: name: a domain named {config.name!r} already exists"],
-                usage=True,
+            raise BadInput(
+                "duplicate name", [f"{source}: name: a domain named {config.name!r} already exists"]
             )
         images = _Images(source, owner)
         for i, disk in enumerate(config.disk):
             images.create(f"disk.{i}", disk.target, disk.size)
         try:
-            info = self.hc.call(hc.DomctlCreate(config=normalised, owner=owner))
+            info = self.hc.call(hc.DomctlCreate(config=config, owner=owner))
         except hc.HypercallError:
             images.remove_created()
             raise
         domid = info["domid"]
-        state = self._wait_state(domid)
-        if not wait:
-            return info
-        with self.changed:
-            self.changed.wait_for(lambda: state.running.is_set() or state.ended, BOOT_TIMEOUT)
-        if state.running.is_set():
+        try:
+            state = self._wait_state(domid)
+            if not request.wait:
+                return info
+            with self.changed:
+                self.changed.wait_for(lambda: state.running.is_set() or state.ended, BOOT_TIMEOUT)
+            if not state.running.is_set():
+                raise HyperError(
+                    f"domain {config.name} did not boot: {state.ended or 'timeout'}"
+                    " (see `hyperctl dmesg`)"
+                )
             for devid in range(len(config.vif)):
                 self._wait_connected(domid, "vif", devid, DEVICE_TIMEOUT)
             for disk in config.disk:
                 self._wait_connected(domid, "vbd", disk.virtual_device, DEVICE_TIMEOUT)
             return self.find(domid)
-        raise RequestError(
-            f"domain {config.name} did not boot: {state.ended or 'timeout'} (see `hyperctl dmesg`)"
-        )
+        except HyperError as exc:
+            self._roll_back(domid, images)
+            undone = f"domain {config.name} was destroyed again: nothing of it is left"
+            raise HyperError(str(exc), [*exc.lines, undone]) from exc
+
+    def _roll_back(self, domid: int, images: _Images) -> None:
+        """Undo a create that failed after hyperd built the domain: destroy it, wait until its
+        teardown is over (its backends, TAPs and loop devices gone), then remove its images."""
+        with self.lock:
+            state = self.domains.get(domid)
+        try:
+            self.hc.call(hc.DomctlDestroy(domid=domid))
+        except hc.HypercallError as exc:
+            log.warning("rolling back dom%d: %s", domid, exc)
+        if state is not None and not state.gone.wait(DEVICE_TIMEOUT):
+            log.warning("rolling back dom%d: its teardown did not finish", domid)
+        images.remove_created()
 
     def _wait_state(self, domid: int) -> DomainState:
         """The toolstack's record of a domain hyperd has just built (its introduction event
@@ -463,14 +512,14 @@ class Toolstack:
         with self.changed:
             state = self.changed.wait_for(lambda: self.domains.get(domid), 10.0)
         if state is None:
-            raise RequestError(f"domain {domid} was never introduced")
+            raise HyperError(f"domain {domid} was never introduced")
         return state
 
-    def m_list(self) -> Any:
+    def list_domains(self) -> Any:
         """Always allowed: every domain, dom0 included."""
         return self._list()
 
-    def m_destroy(self, domain: str) -> Any:
+    def destroy(self, domain: str) -> Any:
         """Any domU, in any state: kill it now and release everything."""
         info = self._domu(domain)
         self.hc.call(hc.DomctlDestroy(domid=info["domid"]))
@@ -482,7 +531,7 @@ class Toolstack:
         with self.lock:
             state = self.domains.get(domid)
         if state is None or info["status"] != "running":
-            raise RequestError(f"domain {info['name']} is not running")
+            raise HyperError(f"domain {info['name']} is not running")
         self.xs.write(xenbus.control_shutdown_path(domid), kind)
         if kind == "reboot":
             return {"domid": domid}
@@ -502,66 +551,66 @@ class Toolstack:
         threading.Thread(target=enforce, daemon=True).start()
         return {"domid": domid}
 
-    def m_shutdown(self, domain: str, wait: bool = False, grace: float = SHUTDOWN_TIMEOUT) -> Any:
+    def shutdown(self, domain: str, wait: bool = False, grace: float = SHUTDOWN_TIMEOUT) -> Any:
         """A running domU: ask it to power off (control/shutdown); destroyed if it has not
         within ``grace`` seconds. With ``wait``, returns when it is gone."""
         return self._request_shutdown(domain, "poweroff", wait, grace)
 
-    def m_reboot(self, domain: str) -> Any:
+    def reboot(self, domain: str) -> Any:
         """A running domU: ask it to reboot; ``on_reboot`` decides what follows."""
         return self._request_shutdown(domain, "reboot", False, SHUTDOWN_TIMEOUT)
 
-    def m_pause(self, domain: str) -> Any:
+    def pause(self, domain: str) -> Any:
         """A running, unpaused domU."""
         info = self._domu(domain)
         self.hc.call(hc.DomctlPause(domid=info["domid"], pause=True))
         return {"domid": info["domid"]}
 
-    def m_unpause(self, domain: str) -> Any:
+    def unpause(self, domain: str) -> Any:
         """A paused domU."""
         info = self._domu(domain)
         self.hc.call(hc.DomctlPause(domid=info["domid"], pause=False))
         return {"domid": info["domid"]}
 
-    def m_exec_target(self, domain: str) -> Any:
+    def exec_target(self, domain: str) -> Any:
         """A running, unpaused domU: where `hyperctl exec` must enter."""
         info = self._domu(domain)
         return self.hc.call(hc.DomctlExecTarget(domid=info["domid"]))
 
-    def m_sched_credit(
+    def sched_credit(
         self, domain: str, cpu_weight: int | None = None, cap: int | None = None
     ) -> Any:
         """Any domU: set (or, with neither given, show) its weight and cap."""
         info = self._domu(domain)
         return self.hc.call(hc.DomctlSetSched(domid=info["domid"], cpu_weight=cpu_weight, cap=cap))
 
-    def m_mem_set(self, domain: str, memory: str) -> Any:
+    def mem_set(self, domain: str, memory: str) -> Any:
         """A domU: set its memory limit (xl mem-set); a bare number is MiB."""
         try:
             mib = int(memory) if memory.isdigit() else parse_size(memory) // (1 << 20)
         except ValueError as exc:
-            raise RequestError(f"mem-set: {memory!r}: {exc}", usage=True) from exc
+            raise BadInput(f"mem-set: {memory!r}: {exc}") from exc
         info = self._domu(domain)
         domid = info["domid"]
         result = self.hc.call(hc.DomctlSetMemory(domid=domid, memory=mib))
         self.xs.write(xenbus.memory_target_path(domid), str(mib * 1024))
         return result
 
-    def m_info(self) -> Any:
+    def host_info(self) -> Any:
         """Always allowed: host and hypervisor facts, and which data-path pumps the backends
         dom0 starts run (channels.pumps: native or the Python reference)."""
         return {**self.hc.call(hc.SysctlInfo()), "pumps": pumps.describe()}
 
-    def m_dmesg(self, clear: bool = False) -> Any:
+    def dmesg(self, clear: bool = False) -> Any:
         """Always allowed: the hypervisor's log."""
         return self.hc.call(hc.SysctlDmesg(clear=clear))["lines"]
 
-    def m_halt(self) -> Any:
+    def halt(self) -> Any:
         """Always allowed: destroy every domain, then stop dom0 and hyperd."""
         self.hc.call(hc.SysctlHalt())
         return {}
 
-    def m_store_ls(self, path: str) -> Any:
+    def store_ls(self, path: str) -> Any:
         """Always allowed (as dom0): the subtree under ``path`` as (path, value) pairs."""
         return self._walk(path)
 
@@ -575,32 +624,32 @@ class Toolstack:
         try:
             return self.xs.read(path)
         except Exception as exc:
-            raise RequestError(f"{path}: {exc}") from exc
+            raise _store_failed(path, exc) from exc
 
     def _directory(self, path: str) -> list[str]:
         try:
             return self.xs.directory(path)
         except Exception as exc:
-            raise RequestError(f"{path}: {exc}") from exc
+            raise _store_failed(path, exc) from exc
 
-    def m_store_read(self, path: str) -> Any:
+    def store_read(self, path: str) -> Any:
         return self._read(path)
 
-    def m_store_write(self, path: str, value: str) -> Any:
+    def store_write(self, path: str, value: str) -> Any:
         try:
             self.xs.write(path, value)
         except Exception as exc:
-            raise RequestError(f"{path}: {exc}") from exc
+            raise _store_failed(path, exc) from exc
         return {}
 
-    def m_store_rm(self, path: str) -> Any:
+    def store_rm(self, path: str) -> Any:
         try:
             self.xs.rm(path)
         except Exception as exc:
-            raise RequestError(f"{path}: {exc}") from exc
+            raise _store_failed(path, exc) from exc
         return {}
 
-    def m_network_list(self, domain: str) -> Any:
+    def network_list(self, domain: str) -> Any:
         """A domU: its vifs with their configuration, state and counters."""
         info = self._domu(domain)
         domid = info["domid"]
@@ -615,35 +664,34 @@ class Toolstack:
             out.append(entry)
         return out
 
-    def m_net_stats(self) -> Any:
+    def net_stats(self) -> Any:
         """Always allowed: every vif's counters (for `hyperctl top`)."""
         return self.drivers.netback.stats() if self.drivers else []
 
-    def m_network_attach(self, domain: str, spec: str) -> Any:
+    def network_attach(self, domain: str, vif: VifConfig) -> Any:
         """A running domU: add a vif (xl network-attach); returns once it is connected."""
-        try:
-            vif = parse_vif_spec(spec, source="vifspec")
-        except ConfigError as exc:
-            raise RequestError("invalid vif", exc.lines, usage=True) from exc
         info = self._domu(domain)
         if info["status"] != "running":
-            raise RequestError(f"domain {info['name']} is not running")
+            raise HyperError(f"domain {info['name']} is not running")
         domid = info["domid"]
         devid = max(self._device_ids(domid, "vif"), default=-1) + 1
-        self._add_vif(domid, devid, vif.model_dump(mode="json"))
+        self._add_vif(domid, devid, vif)
         self._wait_connected(domid, "vif", devid, DEVICE_TIMEOUT)
         return {"domid": domid, "devid": devid}
 
-    def m_network_detach(self, domain: str, devid: int) -> Any:
+    def network_detach(self, domain: str, device: str) -> Any:
         """A domU's vif: close it through XenBus and remove it (its TAP goes with it)."""
+        if not device.isdigit():
+            raise BadInput("invalid devid", [f"devid: {device!r} is not a vif number"])
+        devid = int(device)
         info = self._domu(domain)
         domid = info["domid"]
         if devid not in self._device_ids(domid, "vif"):
-            raise RequestError(f"domain {info['name']} has no vif {devid}")
+            raise NotFound(f"domain {info['name']} has no vif {devid}")
         paths = device_paths(domid, 0, "vif", devid)
         return {"domid": domid, "devid": devid, "clean": remove_device(self.xs, paths)}
 
-    def m_block_list(self, domain: str) -> Any:
+    def block_list(self, domain: str) -> Any:
         """A domU: its vbds with their configuration, state and counters."""
         info = self._domu(domain)
         domid = info["domid"]
@@ -662,62 +710,81 @@ class Toolstack:
             out.append(entry)
         return out
 
-    def m_blk_stats(self) -> Any:
+    def blk_stats(self) -> Any:
         """Always allowed: every vbd's counters (for `hyperctl top`)."""
         return self.drivers.blkback.stats() if self.drivers else []
 
-    def m_block_attach(self, domain: str, spec: str, base_dir: str, owner: int = 0) -> Any:
+    def block_attach(self, domain: str, disk: DiskConfig, owner: int) -> Any:
         """A running domU: add a vbd (xl block-attach); returns once it is connected.
         ``owner`` as for ``create``."""
-        try:
-            disk = parse_disk_spec(spec, Path(base_dir), source="diskspec", owner=owner)
-        except ConfigError as exc:
-            raise RequestError("invalid disk", exc.lines, usage=True) from exc
         info = self._domu(domain)
         if info["status"] != "running":
-            raise RequestError(f"domain {info['name']} is not running")
+            raise HyperError(f"domain {info['name']} is not running")
         domid = info["domid"]
         devid = disk.virtual_device
         if devid in self._device_ids(domid, "vbd"):
-            raise RequestError(
+            raise BadInput(
                 "invalid disk",
                 [f"diskspec: vdev: {disk.vdev} is already used by domain {info['name']}"],
-                usage=True,
             )
         images = _Images("diskspec", owner)
         images.create("target", disk.target, disk.size)
-        paths = self._add_vbd(domid, disk.model_dump(mode="json"), owner)
+        paths = self._add_vbd(domid, disk, owner)
         try:
             self._wait_connected(domid, "vbd", devid, DEVICE_TIMEOUT)
-        except RequestError:
+        except HyperError:
             remove_device(self.xs, paths)
             images.remove_created()
             raise
         return {"domid": domid, "devid": devid, "vdev": disk.vdev}
 
-    def m_block_detach(self, domain: str, vdev: str) -> Any:
+    def block_detach(self, domain: str, vdev: str) -> Any:
         """A domU's vbd: close it through XenBus and remove it (its loop device goes too)."""
         info = self._domu(domain)
         domid = info["domid"]
         try:
             devid = blkif.vdev_number(vdev) if not vdev.isdigit() else int(vdev)
         except ValueError as exc:
-            raise RequestError("invalid vdev", [f"vdev: {exc}"], usage=True) from exc
+            raise BadInput("invalid vdev", [f"vdev: {exc}"]) from exc
         if devid not in self._device_ids(domid, "vbd"):
-            raise RequestError(f"domain {info['name']} has no disk {vdev}")
+            raise NotFound(f"domain {info['name']} has no disk {vdev}")
         paths = device_paths(domid, 0, "vbd", devid)
         return {"domid": domid, "devid": devid, "clean": remove_device(self.xs, paths)}
 
+    def device_attach(self, request: control.DeviceAttach) -> Any:
+        try:
+            if request.kind == "vif":
+                vif = parse_vif_spec(request.spec, source="vifspec")
+                return self.network_attach(request.domain, vif)
+            base_dir, owner = Path(request.base_dir), request.owner
+            disk = parse_disk_spec(request.spec, base_dir, source="diskspec", owner=owner)
+        except ConfigError as exc:
+            raise BadInput(f"invalid {request.kind}", exc.lines) from exc
+        return self.block_attach(request.domain, disk, owner)
+
+    def device_detach(self, request: control.DeviceDetach) -> Any:
+        if request.kind == "vif":
+            return self.network_detach(request.domain, request.device)
+        return self.block_detach(request.domain, request.device)
+
+    def device_list(self, request: control.DeviceList) -> Any:
+        if request.kind == "vif":
+            return self.network_list(request.domain)
+        return self.block_list(request.domain)
+
+    def device_stats(self, request: control.DeviceStats) -> Any:
+        return self.net_stats() if request.kind == "vif" else self.blk_stats()
+
     # -- streaming methods --------------------------------------------------------------------
 
-    def m_console(self, client: socket.socket, buffer: bytearray, domain: str) -> None:
+    def console(self, client: socket.socket, buffer: bytearray, domain: str) -> None:
         """A running domU: attach to its console until the client hangs up."""
         info = self._domu(domain)
         with self.lock:
             state = self.domains.get(info["domid"])
         console = state.console if state else None
         if console is None:
-            raise RequestError(f"domain {info['name']} has no console")
+            raise NotFound(f"domain {info['name']} has no console")
         send_json(client, {"ok": True, "result": {"domid": info["domid"]}})
         client.sendall(console.history())
         # A client that stops reading (a paused pager) is dropped after this long, rather than
@@ -738,12 +805,12 @@ class Toolstack:
         finally:
             console.detach(client)
 
-    def m_store_watch(self, client: socket.socket, buffer: bytearray, path: str) -> None:
+    def store_watch(self, client: socket.socket, buffer: bytearray, path: str) -> None:
         """Always allowed (as dom0): one JSON line per event until the client hangs up."""
         try:
             watch = self.xs.watch(path)
         except Exception as exc:
-            raise RequestError(f"{path}: {exc}") from exc
+            raise _store_failed(path, exc) from exc
         send_json(client, {"ok": True, "result": {}})
         gone = threading.Event()
 
@@ -769,9 +836,6 @@ class Toolstack:
             watch.unwatch()
 
 
-STREAMING = {"console", "store_watch"}
-
-
 class _Images:
     """Disk images a request creates (sparse, when missing and a size is given, with any
     missing directory), so that a request that fails removes exactly what it made."""
@@ -789,9 +853,7 @@ class _Images:
         except images.ImageError as exc:
             self.remove_created()
             # The path changed since it was validated: as bad as a config error.
-            raise RequestError(
-                "cannot create image", [f"{self.source}: {field}: {exc}"], usage=True
-            ) from exc
+            raise BadInput("cannot create image", [f"{self.source}: {field}: {exc}"]) from exc
 
     def remove_created(self) -> None:
         images.remove(self.created)
@@ -802,3 +864,9 @@ def _peer_is_root(client: socket.socket) -> bool:
     creds = client.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12)
     uid = int.from_bytes(creds[4:8], "little")
     return uid == 0
+
+
+def _store_failed(path: str, exc: Exception) -> HyperError:
+    """A store request that failed, in the error vocabulary (ENOENT is NotFound, ...)."""
+    kind = ERRNO_KINDS.get(exc.errno_name, HyperError) if isinstance(exc, XsError) else HyperError
+    return kind(f"{path}: {exc}")

@@ -12,12 +12,13 @@ import fcntl
 import os
 from collections.abc import Iterator
 
+from channels.errors import HyperError
 from channels.paths import RunDir
 from hyperd import cgroup, keeper
 from hyperd.resources import leftovers, remove
 
 
-class HypervisorRunning(Exception):
+class HypervisorRunning(HyperError):
     pass
 
 

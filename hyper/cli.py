@@ -31,7 +31,8 @@ from pathlib import Path
 from typing import IO, Any
 
 from channels import control, linux
-from channels.control import ControlError, NotRunning
+from channels.control import NotRunning
+from channels.errors import BadInput, HyperError
 from channels.paths import RunDir
 
 #: What a domU, its kernel included, can and cannot do to the host: `hyperctl --help` ends with
@@ -79,25 +80,13 @@ HYPERD_DOWN = (
 WORKLOAD_UID = 1000
 
 
-class CliError(Exception):
-    def __init__(self, message: str, status: int = 1, lines: list[str] | None = None) -> None:
-        super().__init__(message)
-        self.status = status
-        self.lines = lines or [message]
-
-
 def _run() -> RunDir:
     return RunDir()
 
 
-def _call(method: str, timeout: float | None = 120.0, **params: Any) -> Any:
+def _call(request: control.Request, timeout: float | None = 120.0) -> Any:
     _require_hyperd()
-    try:
-        return control.call(_run().toolstack_socket, method, timeout=timeout, **params)
-    except NotRunning as exc:
-        raise CliError(str(exc)) from exc
-    except ControlError as exc:
-        raise CliError(str(exc), 2 if exc.usage else 1, exc.lines) from exc
+    return control.call(_run().toolstack_socket, request, timeout=timeout)
 
 
 # -- create ------------------------------------------------------------------------------------
@@ -119,7 +108,7 @@ def _require_hyperd() -> None:
     """Fail at once instead of waiting for a hypercall that no hyperd will answer (dom0's
     toolstack still answers, but its hypercalls wait)."""
     if _hyperd_killed(_run()):
-        raise CliError(HYPERD_DOWN)
+        raise HyperError(HYPERD_DOWN)
 
 
 def _hyperd_running() -> bool:
@@ -146,7 +135,7 @@ def ensure_hypervisor() -> None:
         if _hyperd_running():
             return
         time.sleep(0.1)
-    raise CliError(f"the hypervisor did not start; see {run.log('hyperd')}")
+    raise HyperError(f"the hypervisor did not start; see {run.log('hyperd')}")
 
 
 def _start_hyperd(run: RunDir) -> None:
@@ -170,7 +159,7 @@ def cmd_start(args: argparse.Namespace) -> int:
         return 0
     adopting = _hyperd_killed(run)
     ensure_hypervisor()
-    domus = [d for d in _call("list") if d["domid"] != 0]
+    domus = [d for d in _call(control.List()) if d["domid"] != 0]
     if adopting:
         print(f"hyperd started again; it re-adopted {len(domus)} domain(s)")
     else:
@@ -189,26 +178,26 @@ def _invoking_uid() -> int:
 
 
 def cmd_create(args: argparse.Namespace) -> int:
-    # Imported here: pydantic costs ~0.1 s of start-up that no other command needs.
-    from channels.config import ConfigError, load_config
-
     owner = _invoking_uid()
-    try:
-        config = load_config(args.file, owner=owner)
-    except ConfigError as exc:
-        raise CliError("invalid config", 2, exc.lines) from exc
-    if args.dry_run:
-        print(config.normalised_json())
-        return 0
-    ensure_hypervisor()
+    if args.dry_run or not _hyperd_running():
+        # Checked here only when there is no toolstack to check it (nothing starts for a bad
+        # config): pydantic costs ~0.1 s of start-up, half of what a create may take.
+        from channels.config import load_config
+
+        config = load_config(args.file, owner=owner)  # a ConfigError is BadInput: exit 2
+        if args.dry_run:
+            print(config.normalised_json())
+            return 0
+        ensure_hypervisor()
     path = Path(args.file)
-    info = _call(
-        "create",
-        config_text=path.read_text(),
-        source=args.file,
-        base_dir=str(path.resolve().parent),
-        owner=owner,
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise BadInput(f"{args.file}: cannot read: {exc}") from exc
+    request = control.Create(
+        text=text, source=args.file, base_dir=str(path.resolve().parent), owner=owner
     )
+    info = _call(request)
     print(f"Created domain {info['name']} (id {info['domid']})", file=sys.stderr)
     if args.console:
         return _console(str(info["domid"]))
@@ -220,11 +209,11 @@ def cmd_create(args: argparse.Namespace) -> int:
 def _wait_gone(domid: int) -> int:
     """Block until the domain is gone or stopped (xl create -F)."""
     with control.Connection(_run().toolstack_socket, timeout=None) as conn:
-        conn.request("store_watch", path="@releaseDomain")
+        conn.request(control.StoreWatch(path="@releaseDomain"))
         while True:
             alive = [
                 d
-                for d in _call("list")
+                for d in _call(control.List())
                 if d["domid"] == domid and d["status"] in ("building", "running")
             ]
             if not alive:
@@ -237,7 +226,7 @@ def _wait_gone(domid: int) -> int:
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    domains = _call("list")
+    domains = _call(control.List())
     if args.json:
         print(json.dumps(domains, indent=2))
         return 0
@@ -327,9 +316,15 @@ def cmd_top(args: argparse.Namespace) -> int:
         live.start()
     try:
         while args.iterations is None or iteration < args.iterations:
-            domains = _call("list")
+            domains = _call(control.List())
             now = time.monotonic()
-            rows = _top_rows(before, domains, now - last, _call("net_stats"), _call("blk_stats"))
+            rows = _top_rows(
+                before,
+                domains,
+                now - last,
+                _call(control.DeviceStats(kind="vif")),
+                _call(control.DeviceStats(kind="vbd")),
+            )
             before = {d["domid"]: d["cpu_time"] for d in domains}
             last = now
             iteration += 1
@@ -352,14 +347,14 @@ def cmd_top(args: argparse.Namespace) -> int:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    info = _call("info")
+    info = _call(control.Info())
     for key, value in info.items():
         print(f"{key:<20}: {value}")
     return 0
 
 
 def cmd_dmesg(args: argparse.Namespace) -> int:
-    for line in _call("dmesg", clear=args.clear):
+    for line in _call(control.Dmesg(clear=args.clear)):
         print(line)
     return 0
 
@@ -367,16 +362,20 @@ def cmd_dmesg(args: argparse.Namespace) -> int:
 # -- lifecycle ---------------------------------------------------------------------------------
 
 
-def cmd_simple(method: str) -> Any:
+OnOneDomain = type[control.Destroy | control.Reboot | control.Pause | control.Unpause]
+
+
+def cmd_simple(kind: OnOneDomain) -> Any:
     def run(args: argparse.Namespace) -> int:
-        _call(method, domain=args.domain)
+        _call(kind(domain=args.domain))
         return 0
 
     return run
 
 
 def cmd_shutdown(args: argparse.Namespace) -> int:
-    result = _call("shutdown", timeout=None, domain=args.domain, wait=args.wait, grace=args.timeout)
+    request = control.Shutdown(domain=args.domain, wait=args.wait, grace=args.timeout)
+    result = _call(request, timeout=None)
     if args.wait and not result.get("cooperative", True):
         print(
             f"{args.domain} did not shut down in {args.timeout:.0f} s: destroyed", file=sys.stderr
@@ -388,7 +387,7 @@ def cmd_halt(args: argparse.Namespace) -> int:
     if _hyperd_killed(_run()):
         ensure_hypervisor()  # it re-adopts what runs, so that the halt can stop it all
     try:
-        control.call(_run().toolstack_socket, "halt", timeout=60.0)
+        control.call(_run().toolstack_socket, control.Halt(), timeout=60.0)
     except NotRunning:
         print("hyperctl: the hypervisor is not running", file=sys.stderr)
         return 0
@@ -399,23 +398,20 @@ def cmd_halt(args: argparse.Namespace) -> int:
 
 
 def cmd_cleanup(args: argparse.Namespace) -> int:
-    from hyper.cleanup import HypervisorRunning, cleanup
+    from hyper.cleanup import cleanup
 
-    try:
-        for line in cleanup(_run()):
-            print(line)
-    except HypervisorRunning as exc:
-        raise CliError(str(exc)) from exc
+    for line in cleanup(_run()):  # HypervisorRunning when there is nothing to clean up
+        print(line)
     return 0
 
 
 def cmd_mem_set(args: argparse.Namespace) -> int:
-    _call("mem_set", domain=args.domain, memory=args.memory)
+    _call(control.MemSet(domain=args.domain, memory=args.memory))
     return 0
 
 
 def cmd_sched_credit(args: argparse.Namespace) -> int:
-    result = _call("sched_credit", domain=args.domain, cpu_weight=args.weight, cap=args.cap)
+    result = _call(control.SchedCredit(domain=args.domain, cpu_weight=args.weight, cap=args.cap))
     print(f"{'Name':<40}{'Weight':>8}{'Cap':>6}")
     print(f"{args.domain:<40}{result['cpu_weight']:>8}{result['cap']:>6}")
     return 0
@@ -427,8 +423,8 @@ def cmd_sched_credit(args: argparse.Namespace) -> int:
 def cmd_exec(args: argparse.Namespace) -> int:
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
     if not command:
-        raise CliError("exec: no command given (hyperctl exec NAME -- CMD...)", 2)
-    target = _call("exec_target", domain=args.domain)
+        raise BadInput("exec: no command given (hyperctl exec NAME -- CMD...)")
+    target = _call(control.ExecTarget(domain=args.domain))
     env = [
         "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
         "HOME=/tmp",
@@ -596,10 +592,10 @@ def _relay_pty(master: int, proc: subprocess.Popen[bytes]) -> None:
 def _console(domain: str) -> int:
     conn = control.Connection(_run().toolstack_socket, timeout=None)
     try:
-        conn.request("console", domain=domain)
-    except ControlError as exc:
+        conn.request(control.Console(domain=domain))
+    except HyperError:
         conn.close()
-        raise CliError(str(exc)) from exc
+        raise
     interactive = sys.stdin.isatty()
     saved = termios.tcgetattr(sys.stdin) if interactive else None
     if interactive:
@@ -654,13 +650,13 @@ def cmd_console(args: argparse.Namespace) -> int:
 
 
 def cmd_network_attach(args: argparse.Namespace) -> int:
-    result = _call("network_attach", domain=args.domain, spec=args.vifspec)
+    result = _call(control.DeviceAttach(domain=args.domain, kind="vif", spec=args.vifspec))
     print(f"vif {result['domid']}/{result['devid']} attached", file=sys.stderr)
     return 0
 
 
 def cmd_network_detach(args: argparse.Namespace) -> int:
-    result = _call("network_detach", domain=args.domain, devid=args.devid)
+    result = _call(control.DeviceDetach(domain=args.domain, kind="vif", device=str(args.devid)))
     if not result["clean"]:
         print(
             f"vif {args.devid}: the backend did not close in time; removed anyway", file=sys.stderr
@@ -669,7 +665,7 @@ def cmd_network_detach(args: argparse.Namespace) -> int:
 
 
 def cmd_network_list(args: argparse.Namespace) -> int:
-    vifs = _call("network_list", domain=args.domain)
+    vifs = _call(control.DeviceList(domain=args.domain, kind="vif"))
     if args.json:
         print(json.dumps(vifs, indent=2))
         return 0
@@ -694,26 +690,27 @@ def cmd_network_list(args: argparse.Namespace) -> int:
 
 
 def cmd_block_attach(args: argparse.Namespace) -> int:
-    result = _call(
-        "block_attach",
+    request = control.DeviceAttach(
         domain=args.domain,
+        kind="vbd",
         spec=args.diskspec,
         base_dir=os.getcwd(),
         owner=_invoking_uid(),
     )
+    result = _call(request)
     print(f"vbd {result['domid']}/{result['vdev']} attached", file=sys.stderr)
     return 0
 
 
 def cmd_block_detach(args: argparse.Namespace) -> int:
-    result = _call("block_detach", domain=args.domain, vdev=args.vdev)
+    result = _call(control.DeviceDetach(domain=args.domain, kind="vbd", device=args.vdev))
     if not result["clean"]:
         print(f"{args.vdev}: the backend did not close in time; removed anyway", file=sys.stderr)
     return 0
 
 
 def cmd_block_list(args: argparse.Namespace) -> int:
-    vbds = _call("block_list", domain=args.domain)
+    vbds = _call(control.DeviceList(domain=args.domain, kind="vbd"))
     if args.json:
         print(json.dumps(vbds, indent=2))
         return 0
@@ -739,19 +736,19 @@ def cmd_block_list(args: argparse.Namespace) -> int:
 
 def cmd_store(args: argparse.Namespace) -> int:
     if args.op == "ls":
-        for path, value in _call("store_ls", path=args.path):
+        for path, value in _call(control.StoreLs(path=args.path)):
             print(f"{path} = {json.dumps(value)}")
     elif args.op == "read":
-        print(_call("store_read", path=args.path))
+        print(_call(control.StoreRead(path=args.path)))
     elif args.op == "write":
         if args.value is None:
-            raise CliError("store write: a value is required", 2)
-        _call("store_write", path=args.path, value=args.value)
+            raise BadInput("store write: a value is required")
+        _call(control.StoreWrite(path=args.path, value=args.value))
     elif args.op == "rm":
-        _call("store_rm", path=args.path)
+        _call(control.StoreRm(path=args.path))
     elif args.op == "watch":
         with control.Connection(_run().toolstack_socket, timeout=None) as conn:
-            conn.request("store_watch", path=args.path)
+            conn.request(control.StoreWatch(path=args.path))
             count = 0
             while args.count is None or count < args.count:
                 line = control.read_line(conn.sock, conn.buffer)
@@ -793,15 +790,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", "-l", action="store_true")
     p.set_defaults(func=cmd_list)
 
-    for name, helptext in (
-        ("destroy", "kill a domain now"),
-        ("pause", "pause a domain"),
-        ("unpause", "unpause a domain"),
-        ("reboot", "reboot a domain"),
+    for name, helptext, kind in (
+        ("destroy", "kill a domain now", control.Destroy),
+        ("pause", "pause a domain", control.Pause),
+        ("unpause", "unpause a domain", control.Unpause),
+        ("reboot", "reboot a domain", control.Reboot),
     ):
         p = sub.add_parser(name, help=helptext)
         p.add_argument("domain")
-        p.set_defaults(func=cmd_simple(name))
+        p.set_defaults(func=cmd_simple(kind))
 
     p = sub.add_parser("shutdown", help="ask a domain to power off")
     p.add_argument("domain")
@@ -902,10 +899,14 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     try:
         return int(args.func(args))
-    except CliError as exc:
+    except BadInput as exc:  # one line per problem, each naming the file or argument
         for line in exc.lines:
-            print(line if exc.status == 2 else f"hyperctl: {line}", file=sys.stderr)
-        return exc.status
+            print(line, file=sys.stderr)
+        return 2
+    except HyperError as exc:
+        for line in exc.lines:
+            print(f"hyperctl: {line}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 130
     except BrokenPipeError:

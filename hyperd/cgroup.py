@@ -67,6 +67,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar, Literal
 
+from channels.errors import HyperError
+
 log = logging.getLogger(__name__)
 
 CGROUP_ROOT = Path("/sys/fs/cgroup")
@@ -82,7 +84,7 @@ _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
 _MIB = 1 << 20
 
 
-class CgroupError(Exception):
+class CgroupError(HyperError):
     """A cgroup could not be found, created, configured, frozen, emptied or removed."""
 
 

@@ -30,6 +30,7 @@ from typing import Any
 
 from channels import pumps
 from channels.bytering import CONSOLE_PAGE_SIZE, XENSTORE_PAGE_SIZE
+from channels.config import DOM0_NAME, RECEIVED, DomainConfig
 from channels.credit import Credit
 from channels.ids import id_map
 from hyperd.budget import HYPERCALL_BURST, HYPERCALL_RATE, GuestLog
@@ -67,7 +68,7 @@ class RingInfo:
 class Domain:
     domid: int
     name: str
-    config: dict[str, Any]
+    config: DomainConfig
     resources: Resources
     cgroup: DomainGroup | None = None
     status: Status = Status.BUILDING
@@ -102,11 +103,11 @@ class Domain:
 
     @property
     def memory(self) -> int:
-        return int(self.config.get("memory", 0))
+        return self.config.memory
 
     @property
     def vcpus(self) -> int:
-        return int(self.config.get("vcpus", 1))
+        return self.config.vcpus
 
     def set_pid(self, pid: int) -> None:
         """The main process is ``pid``, not yet reaped (so its number cannot be reused yet)."""
@@ -120,7 +121,7 @@ class Domain:
         return {
             "domid": self.domid,
             "name": self.name,
-            "config": self.config,
+            "config": self.config.model_dump(mode="json"),
             "resources": self.resources.to_dict(),
             "cgroup": self.cgroup.name if self.cgroup is not None else None,
             "status": self.status.value,
@@ -143,10 +144,14 @@ class Domain:
     ) -> Domain:
         """The record ``to_dict`` wrote; ``open_group`` re-opens its existing cgroup by name."""
         group = data["cgroup"]
+        domid = int(data["domid"])
+        config = data["config"]
         return cls(
-            int(data["domid"]),
+            domid,
             str(data["name"]),
-            dict(data["config"]),
+            dom0_config(config["memory"], config["vcpus"])
+            if domid == 0
+            else DomainConfig.model_validate(config, context=RECEIVED),
             Resources.from_dict(data["resources"]),
             cgroup=open_group(str(group)) if group is not None else None,
             status=Status(data["status"]),
@@ -180,8 +185,14 @@ class Domain:
             "exit_code": self.exit_code,
             "store": self.store.as_dict() if self.store else None,
             "console": self.console.as_dict() if self.console else None,
-            "config": self.config,
+            "config": self.config.model_dump(mode="json"),
         }
+
+
+def dom0_config(memory_mib: int, vcpus: int) -> DomainConfig:
+    """dom0's record of itself: the host's memory and CPUs. Not validated: no user wrote it,
+    and its name is the one a user's config may not take."""
+    return DomainConfig.model_construct(name=DOM0_NAME, memory=memory_mib, vcpus=vcpus)
 
 
 def _optional_int(value: Any) -> int | None:
@@ -241,8 +252,8 @@ def spawn_boot(domain: Domain, rootfs: Path, log_path: Path) -> None:
         "shm": str(domain.resources.view),
         "store": domain.store.as_dict() if domain.store else None,
         "console": domain.console.as_dict() if domain.console else None,
-        "command": domain.config.get("command"),
-        "env": domain.config.get("env") or {},
+        "command": domain.config.command,
+        "env": domain.config.env,
     }
     sync_here.sendall(json.dumps(params).encode() + b"\n")
 

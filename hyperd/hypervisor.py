@@ -45,11 +45,14 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from channels import hypercall as hc
 from channels import linux
+from channels.config import DOM0_NAME, DomainConfig
+from channels.errors import HyperError
 from channels.hypercall import Op
 from channels.ids import host_gid
 from channels.paths import RunDir
@@ -59,6 +62,7 @@ from hyperd.domain import (
     Domain,
     RingInfo,
     Status,
+    dom0_config,
     find_workload_init,
     process_start_time,
     ring_sizes,
@@ -72,7 +76,6 @@ from hyperd.resources import Resources, leftovers, remove
 
 log = logging.getLogger("hyperd")
 
-DOM0_NAME = "Domain-0"
 PIDS_MAX = 1024
 BUILD_TIMEOUT = 30.0
 DOM0_STABLE = 5.0  # seconds up after which a dom0 death restarts it at once
@@ -84,7 +87,7 @@ MAX_LOG_LINE = 1000
 HYPERD_LOG_MAX = 8 << 20  # bytes of hyperd.log before it is rotated to hyperd.log.1
 
 
-class HvError(Exception):
+class HvError(HyperError):
     def __init__(self, errno_name: str, message: str) -> None:
         super().__init__(message)
         self.errno_name = errno_name
@@ -164,6 +167,7 @@ class Hypervisor:
         self._paused: dict[int, Domain] = {}  # domUs out of credit, by domid (``_resume_due``)
         self._saved: bytes | None = None  # the state file's content as last written
         self._dirty = True  # the tables may differ from the state file
+        self._handlers = self._handler_table()
 
     # -- main loop -------------------------------------------------------------------------
 
@@ -435,7 +439,7 @@ class Hypervisor:
         dom0 = self.domains.get(0)
         if dom0 is None:
             dom0 = Domain(
-                0, DOM0_NAME, {"memory": _host_memory_mib(), "vcpus": os.cpu_count()}, Resources(0)
+                0, DOM0_NAME, dom0_config(_host_memory_mib(), os.cpu_count() or 1), Resources(0)
             )
             # dom0 is accounted, not limited: its group only measures what it uses.
             unlimited = cgroup.Limits(memory_mib=_host_memory_mib(), pids_max=1 << 16)
@@ -663,9 +667,32 @@ class Hypervisor:
     def handle(self, caller: Domain, op: Op) -> dict[str, Any]:
         if op.privileged and caller.domid != 0:
             raise HvError("EPERM", f"{op.op} is privileged; domain {caller.domid} may not call it")
-        handler = getattr(self, "do_" + op.op)
-        result: dict[str, Any] = handler(caller, op)
-        return result
+        return self._handlers[type(op)](caller, op)
+
+    def _handler_table(self) -> dict[type[Op], Callable[[Domain, Any], dict[str, Any]]]:
+        """Which method answers each hypercall (Xen's hypercall_table); a test checks that
+        every op in channels.hypercall.OPS has one."""
+        return {
+            hc.EvtchnAllocUnbound: self.do_evtchn_alloc_unbound,
+            hc.EvtchnStatus: self.do_evtchn_status,
+            hc.EvtchnClose: self.do_evtchn_close,
+            hc.GnttabSetupPool: self.do_gnttab_setup_pool,
+            hc.GnttabMapPools: self.do_gnttab_map_pools,
+            hc.GnttabReleasePool: self.do_gnttab_release_pool,
+            hc.SchedBooted: self.do_sched_booted,
+            hc.SchedShutdown: self.do_sched_shutdown,
+            hc.DomctlCreate: self.do_domctl_create,
+            hc.DomctlDestroy: self.do_domctl_destroy,
+            hc.DomctlPause: self.do_domctl_pause,
+            hc.DomctlList: self.do_domctl_list,
+            hc.DomctlExecTarget: self.do_domctl_exec_target,
+            hc.DomctlSetSched: self.do_domctl_set_sched,
+            hc.DomctlSetMemory: self.do_domctl_set_memory,
+            hc.SysctlDmesg: self.do_sysctl_dmesg,
+            hc.SysctlInfo: self.do_sysctl_info,
+            hc.SysctlHalt: self.do_sysctl_halt,
+            hc.EvtchnBindInterdomain: self.do_evtchn_bind_interdomain,
+        }
 
     def _domu(self, domid: int) -> Domain:
         domain = self.domains.get(domid)
@@ -751,7 +778,7 @@ class Hypervisor:
     def do_domctl_create(self, caller: Domain, op: hc.DomctlCreate) -> dict[str, Any]:
         if self.halting:
             raise HvError("ESHUTDOWN", "the hypervisor is halting")
-        name = str(op.config.get("name", ""))
+        name = op.config.name
         if any(d.name == name for d in self.domains.values()):
             raise HvError("EEXIST", f"a domain named {name!r} already exists")
         return self.info(self.build(op.config, op.owner))
@@ -789,26 +816,26 @@ class Hypervisor:
 
     def do_domctl_set_sched(self, caller: Domain, op: hc.DomctlSetSched) -> dict[str, Any]:
         domain = self._domu(op.domid)
-        if op.cpu_weight is not None:
-            domain.config["cpu_weight"] = op.cpu_weight
-        if op.cap is not None:
-            domain.config["cap"] = op.cap
+        changes = {"cpu_weight": op.cpu_weight, "cap": op.cap}
+        domain.config = domain.config.model_copy(
+            update={key: value for key, value in changes.items() if value is not None}
+        )
         if domain.cgroup is not None:
             domain.cgroup.set_limits(_limits(domain.config))
-        return {"cpu_weight": domain.config.get("cpu_weight"), "cap": domain.config.get("cap")}
+        return {"cpu_weight": domain.config.cpu_weight, "cap": domain.config.cap}
 
     def do_domctl_set_memory(self, caller: Domain, op: hc.DomctlSetMemory) -> dict[str, Any]:
         domain = self._domu(op.domid)
-        old = domain.config.get("memory")
-        domain.config["memory"] = op.memory
+        old = domain.config
+        domain.config = old.model_copy(update={"memory": op.memory})
         if domain.cgroup is not None:
             try:
                 domain.cgroup.set_limits(_limits(domain.config))
             except cgroup.CgroupError as exc:
-                domain.config["memory"] = old
+                domain.config = old
                 message = f"domain {op.domid}: cannot set {op.memory} MiB: {exc}"
                 raise HvError("EBUSY", message) from exc
-        log.info("dom%d memory limit %s -> %d MiB", op.domid, old, op.memory)
+        log.info("dom%d memory limit %d -> %d MiB", op.domid, old.memory, op.memory)
         return {"memory": op.memory}
 
     def do_sysctl_dmesg(self, caller: Domain, op: hc.SysctlDmesg) -> dict[str, Any]:
@@ -882,9 +909,9 @@ class Hypervisor:
                 self.last_domid = domid
                 return domid
 
-    def build(self, config: dict[str, Any], owner: int) -> Domain:
+    def build(self, config: DomainConfig, owner: int) -> Domain:
         domid = self._next_domid()
-        domain = Domain(domid, str(config["name"]), dict(config), Resources(domid), owner=owner)
+        domain = Domain(domid, config.name, config, Resources(domid), owner=owner)
         try:
             domain.cgroup = self.cgroups.create(f"dom{domid}", _limits(config))
             domain.resources.open_view()
@@ -1032,7 +1059,13 @@ class Hypervisor:
 
     def _finish(self, domain: Domain, reason: str) -> None:
         """Apply the config's on_<reason> action to a domain that stopped."""
-        action = str(domain.config.get(f"on_{reason}", "destroy"))
+        config = domain.config
+        actions = {
+            "poweroff": config.on_poweroff,
+            "reboot": config.on_reboot,
+            "crash": config.on_crash,
+        }
+        action = str(actions[reason])
         if self.halting:
             action = "destroy"
         log.info("dom%d (%s): %s -> %s", domain.domid, domain.name, reason, action)
@@ -1047,7 +1080,7 @@ class Hypervisor:
             try:
                 self.build(config, domain.owner)
             except HvError as exc:
-                log.error("restarting %s failed: %s", config.get("name"), exc)
+                log.error("restarting %s failed: %s", config.name, exc)
 
     def _stop(self, domain: Domain) -> None:
         """Kill every process and free every channel; keep the record (for preserve)."""
@@ -1248,11 +1281,11 @@ def _terminate(pid: int, grace: float = 5.0) -> None:
         os.waitpid(pid, 0)
 
 
-def _limits(config: dict[str, Any]) -> cgroup.Limits:
+def _limits(config: DomainConfig) -> cgroup.Limits:
     return cgroup.Limits(
-        memory_mib=int(config.get("memory", 128)),
-        cpu_weight=int(config.get("cpu_weight", 256)),
-        cap=int(config.get("cap", 0)),
+        memory_mib=config.memory,
+        cpu_weight=config.cpu_weight,
+        cap=config.cap,
         pids_max=PIDS_MAX,
     )
 

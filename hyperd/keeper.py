@@ -43,6 +43,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from channels.errors import HyperError
 from channels.waiting import readable
 
 log = logging.getLogger(__name__)
@@ -54,7 +55,7 @@ START_TIMEOUT = 10.0
 _HUP = select.POLLHUP | select.POLLERR | select.POLLNVAL
 
 
-class KeeperError(Exception):
+class KeeperError(HyperError):
     """No keeper answers, or it broke the protocol; the message names the socket."""
 
 

@@ -27,11 +27,13 @@ import os
 from pathlib import Path
 from typing import Any
 
+from channels.errors import HyperError
+
 VERSION = 2
 KEYS = ("last_domid", "dom0_restarts", "halting", "domains", "evtchn", "gnttab")
 
 
-class StateError(Exception):
+class StateError(HyperError):
     """The state file exists but cannot be used: it names the file and the fault."""
 
 

@@ -64,10 +64,11 @@ from dataclasses import dataclass
 
 from channels import blkif as B
 from channels import pumps
+from channels.errors import BadInput, ProtocolViolation
 from channels.evtchn import EventChannel, LateEoi
-from channels.gnttab import GrantError, GrantViolation
+from channels.gnttab import GrantError
 from channels.grants import GrantMapper
-from channels.ring import BackRing, RingBroken, RingError
+from channels.ring import BackRing, RingError
 from channels.threadname import NamedThread
 from dom0.datapath_worker import CounterPage
 
@@ -123,7 +124,7 @@ class Counters(CounterPage):
     bad_grefs: int  # of the errors, refs in no pool the frontend set up (channels/grants.py)
 
 
-class BadRequest(Exception):
+class BadRequest(BadInput):
     """One request is refused (answered `status`); the vbd carries on."""
 
     def __init__(self, status: int, reason: str) -> None:
@@ -305,7 +306,7 @@ class VbdPath:
     def _work(self, limit: int | None = None) -> bool:
         """Take what the ring holds (up to the free I/O slots, and ``limit``), refuse the bad
         requests, hand the good ones to the I/O threads. False when there was nothing to take.
-        A protocol violation (GrantViolation) is raised once the requests before it are handed
+        A protocol violation (ProtocolViolation) is raised once the requests before it are handed
         on and answered: they were consumed and checked; the ones after it are never looked
         at."""
         room = self._wait_for_room()
@@ -317,7 +318,7 @@ class VbdPath:
             return False
         jobs: list[_Job] = []
         replies: list[int] = []  # flat (id, operation, status) of the refused requests
-        violation: GrantViolation | None = None
+        violation: ProtocolViolation | None = None
         for start in range(0, len(block), _SLOT):
             req = B.Request.unpack(block[start : start + _SLOT])
             try:
@@ -325,7 +326,7 @@ class VbdPath:
             except BadRequest as exc:
                 log.debug("%s: request id %d refused: %s", self.ring.name, req.id, exc.reason)
                 replies += (req.id, _response_op(req), exc.status)
-            except GrantViolation as exc:
+            except ProtocolViolation as exc:
                 violation = exc
                 break
         self._hand_on(jobs, replies)
@@ -539,7 +540,7 @@ class VbdPath:
         try:
             self.ring.put_responses_flat(values)
             return self.ring.push_responses()
-        except RingError:
+        except (RingError, ProtocolViolation):
             # Broken (the dispatcher reported it) or closed under us: nobody reads answers now.
             return False
 
@@ -549,7 +550,7 @@ class VbdPath:
         closed under us means the vbd is already going away."""
         try:
             yield
-        except (RingBroken, GrantViolation) as exc:
+        except ProtocolViolation as exc:
             self._fatal(str(exc))
         except RingError:
             pass

@@ -18,6 +18,7 @@ import struct
 from dataclasses import dataclass
 
 from channels import images
+from channels.errors import HyperError
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +39,7 @@ SECTOR_SIZE = 512
 ATTACH_TRIES = 8
 
 
-class LoopError(Exception):
+class LoopError(HyperError):
     """The image cannot be attached to a loop device."""
 
 

@@ -27,10 +27,11 @@ from dataclasses import dataclass
 
 from channels import netif as N
 from channels import pumps
+from channels.errors import BadInput, ProtocolViolation
 from channels.evtchn import EventChannel, LateEoi
-from channels.gnttab import GrantError, GrantViolation
+from channels.gnttab import GrantError
 from channels.grants import GrantMapper
-from channels.ring import BackRing, RingBroken, RingError
+from channels.ring import BackRing, RingError
 from channels.threadname import NamedThread
 from channels.tun import VNET_HDR_SIZE, TapWaiter
 from dom0.datapath_worker import CounterPage
@@ -64,10 +65,6 @@ Slot = tuple[int, int, int, int, int]
 _TX_SLOT = N.TX_RING.request_slot
 _RX_REQ = N.RX_RING.request_slot
 _FIRST, _EXTRA, _FRAGMENT, _DONE = range(4)  # where TxPath is in the packet it collects
-
-
-class FatalProtocolError(Exception):
-    """The frontend broke the protocol: disconnect the vif."""
 
 
 COUNTER_FIELDS = (
@@ -113,7 +110,7 @@ class Counters(CounterPage):
         log.debug("tx frame spoofed: %s", reason)
 
 
-class BadPacket(Exception):
+class BadPacket(BadInput):
     """One packet is refused (answered NETIF_RSP_ERROR); the vif carries on."""
 
     def __init__(self, reason: str) -> None:
@@ -121,7 +118,7 @@ class BadPacket(Exception):
         self.reason = reason
 
 
-class Spoofed(Exception):
+class Spoofed(BadInput):
     """A frame from an address the vif may not use (antispoof.py; the reason is its message):
     dropped and counted, and answered NETIF_RSP_OKAY, as a bridge's filter drops it after Xen's
     netback answered. Not a BadPacket, which is answered NETIF_RSP_ERROR."""
@@ -161,7 +158,7 @@ def _fatal_on_violation(direction: str, on_fatal: Callable[[str], None]) -> Iter
     a ring closed under us means the vif is already going away."""
     try:
         yield
-    except (RingBroken, FatalProtocolError, GrantViolation) as exc:
+    except ProtocolViolation as exc:
         on_fatal(f"{direction}: {exc}")
     except RingError:
         pass
@@ -238,7 +235,7 @@ class TxPath:
         if pump is None:
             return False
         self.native.serve_backend(
-            pump, self.ring, self.grants, lambda: self.stopping, FatalProtocolError, self._take_back
+            pump, self.ring, self.grants, lambda: self.stopping, ProtocolViolation, self._take_back
         )
         return True
 
@@ -247,7 +244,7 @@ class TxPath:
         honest frontend never takes published slots back; one that does would have the two of
         us hand the packet back and forth with no doorbell between."""
         if not self._work(result[2]):
-            raise FatalProtocolError("req_prod moved back under a published packet")
+            raise ProtocolViolation("req_prod moved back under a published packet")
         while self._slots and not self.stopping:  # rewritten meanwhile: finish it
             if self._work(FATAL_SLOTS):
                 self.late_eoi.worked()
@@ -287,7 +284,7 @@ class TxPath:
                 self._transmit(slots, extras)
                 slots, state, extras = [], _FIRST, 0
             elif len(slots) > FATAL_SLOTS:
-                raise FatalProtocolError(f"a packet of more than {FATAL_SLOTS} slots")
+                raise ProtocolViolation(f"a packet of more than {FATAL_SLOTS} slots")
         self._slots, self._state, self._extras = slots, state, extras
 
     def _answer(self) -> None:
@@ -496,7 +493,7 @@ class RxPath:
         if pump is None:
             return False
         self.native.serve_backend(
-            pump, self.ring, self.grants, lambda: self.stopping, FatalProtocolError, self._missed
+            pump, self.ring, self.grants, lambda: self.stopping, ProtocolViolation, self._missed
         )
         return True
 
@@ -506,7 +503,7 @@ class RxPath:
         try:
             self.grants.resolve(gref, write=True)
         except GrantError as exc:
-            raise FatalProtocolError(f"rx buffer gref {gref}: {exc}") from exc
+            raise ProtocolViolation(f"rx buffer gref {gref}: {exc}") from exc
 
     NEED = MAX_FRAME_PAGES + 1  # a whole frame's pages, and the slot of its GSO extra
 
@@ -519,7 +516,7 @@ class RxPath:
             try:
                 held.append((rid, resolve(gref, write=True)))
             except GrantError as exc:
-                raise FatalProtocolError(f"rx buffer gref {gref}: {exc}") from exc
+                raise ProtocolViolation(f"rx buffer gref {gref}: {exc}") from exc
 
     def _loop_once(self) -> None:
         held = len(self._held)

@@ -17,6 +17,7 @@ import time
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
+from channels.errors import HyperError
 from channels.tun import open_tap
 from dom0.netback import firewall
 
@@ -27,7 +28,7 @@ TAP_BUSY_WAIT = 5.0
 _bridge_lock = threading.Lock()
 
 
-class TapError(Exception):
+class TapError(HyperError):
     pass
 
 

@@ -26,7 +26,8 @@ Typical use::
     conn.feed(data)                                  # from the transport's reader
 """
 
-from channels.xs_wire import Perm, XsError, XsProtocolError
+from channels.errors import ProtocolViolation
+from channels.xs_wire import Perm, XsError
 from dom0.store.connection import Connection
 from dom0.store.core import Store
 from dom0.store.local import LocalTransport, connect_local
@@ -37,11 +38,11 @@ __all__ = [
     "Connection",
     "LocalTransport",
     "Perm",
+    "ProtocolViolation",
     "Quota",
     "Store",
     "StreamConnection",
     "UnixSocketServer",
     "XsError",
-    "XsProtocolError",
     "connect_local",
 ]

@@ -4,7 +4,7 @@ The transport that owns the connection (in-process, Unix socket, the guest's byt
 
 * ``feed(data)``: bytes from the client, any chunking. Complete requests are processed at once
   and their replies handed to ``send``. A framing violation (payload over 4096 bytes, unknown
-  type, a client flooding requests while not reading replies) raises XsProtocolError: drop this
+  type, a client flooding requests while not reading replies) raises ProtocolViolation: drop this
   connection only. Every other failure of a request, including a bug, becomes an error reply.
 * ``send(data) -> bool | None`` (given to ``Store.connect``): must not block and must take a whole
   message or refuse it. None or True means taken; False means "full, keep it": the connection
@@ -35,6 +35,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from channels.errors import ProtocolViolation
 from channels.xs_wire import (
     HEADER_SIZE,
     XENSTORE_PAYLOAD_MAX,
@@ -42,7 +43,6 @@ from channels.xs_wire import (
     Message,
     XsErrno,
     XsError,
-    XsProtocolError,
     XsType,
     encode,
     error_payload,
@@ -115,7 +115,7 @@ class Connection:
                 return
             try:
                 self._accept(data)
-            except XsProtocolError:
+            except ProtocolViolation:
                 log.warning("%r: protocol violation, dropping connection", self, exc_info=True)
                 self._close_locked()
                 raise
@@ -156,7 +156,7 @@ class Connection:
             self._requests.append(msg)
             self._requests_bytes += HEADER_SIZE + len(msg.payload)
         if self._requests_bytes + self._decoder.buffered > MAX_INPUT_BACKLOG:
-            raise XsProtocolError(
+            raise ProtocolViolation(
                 f"domain {self.domid} sent over {MAX_INPUT_BACKLOG} bytes of requests "
                 "without reading its replies"
             )

@@ -96,6 +96,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
+from channels.errors import HyperError
 from channels.xenbus import basename, parent_path, validate_path
 from channels.xs_wire import Perm
 from dom0.store.tree import Node
@@ -122,11 +123,11 @@ Recorded = tuple[str, Node | None]
 _State = dict[str, tuple[bytes, tuple[Perm, ...]]]
 
 
-class JournalError(Exception):
+class JournalError(HyperError):
     """A store file cannot be written: the request that needed it fails, the store goes on."""
 
 
-class StoreFormatError(Exception):
+class StoreFormatError(HyperError):
     """A store file was written in a layout this dom0 does not read: it cannot recover from it."""
 
 

@@ -21,7 +21,7 @@ import struct
 import threading
 from collections import deque
 
-from channels.xs_wire import XsProtocolError
+from channels.errors import ProtocolViolation
 from dom0.store.core import Store
 
 log = logging.getLogger(__name__)
@@ -92,7 +92,7 @@ class StreamConnection:
                 break
             try:
                 self.conn.feed(data)
-            except XsProtocolError:
+            except ProtocolViolation:
                 break  # the connection logged it and is closed
             if self.conn.closed:
                 break

@@ -51,9 +51,10 @@ from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 
 from channels import blkif as B
+from channels.errors import ProtocolViolation
 from channels.evtchn import EventChannel, LateEoi
 from channels.gnttab import GrantPool
-from channels.ring import FrontRing, RingBroken, RingError
+from channels.ring import FrontRing, RingError
 
 log = logging.getLogger(__name__)
 
@@ -478,7 +479,7 @@ class DiskPath:
     ) -> None:
         """Put the request ``build(id)`` packs on the ring (waiting for a free slot) and ring
         the backend if it asked; on a broken disk, answer ``done`` with an error at once."""
-        failure: RingError | None = None
+        failure: Exception | None = None
         posted = notify = False
         with self._room:
             if not self._free_ids:
@@ -491,7 +492,7 @@ class DiskPath:
                     self.ring.put_request_raw(op.request)
                     notify = self.ring.push_requests()
                     posted = True
-                except RingError as exc:
+                except (RingError, ProtocolViolation) as exc:
                     self._in_flight.pop(rid, None)
                     self._free_ids.append(rid)
                     failure = exc
@@ -500,7 +501,7 @@ class DiskPath:
         if posted:
             return  # answered by whoever takes it out of the table: the reaper, or _fail_all
         if failure is not None:
-            self._fail_all(str(failure), report=isinstance(failure, RingBroken))
+            self._fail_all(str(failure), report=isinstance(failure, ProtocolViolation))
         done(B.BLKIF_RSP_ERROR)
 
     # -- blocking calls -------------------------------------------------------------------------
@@ -620,7 +621,7 @@ class DiskPath:
         """The backend restarted: take what it answered, start the ring over, and post every
         request still in flight again, in the order first posted. Returns how many."""
         answered: list[tuple[Done, int]] = []
-        failure: RingError | None = None
+        failure: Exception | None = None
         try:
             with self._room:
                 if self._broken is not None:
@@ -631,7 +632,7 @@ class DiskPath:
                     for op in self._in_flight.values():
                         ring.put_request_raw(op.request)
                     ring.push_requests()  # nobody to notify: the new backend looks when it starts
-                except (RingBroken, DiskBroken) as exc:
+                except (ProtocolViolation, DiskBroken) as exc:
                     failure = exc
                 else:
                     self.ring.close()
@@ -655,7 +656,7 @@ class DiskPath:
                 lambda: self._running and self._broken is None,
                 HEAL_TIMEOUT,
             )
-        except (RingBroken, DiskBroken) as exc:
+        except (ProtocolViolation, DiskBroken) as exc:
             self._fail_all(str(exc), report=True)
         except RingError:
             self._fail_all("the ring was closed")

@@ -17,9 +17,10 @@ from typing import Any
 
 from channels import netif as N
 from channels import pumps
+from channels.errors import ProtocolViolation
 from channels.evtchn import EventChannel, LateEoi
 from channels.gnttab import GrantPool
-from channels.ring import FrontRing, RingBroken, RingError
+from channels.ring import FrontRing, RingError
 from channels.threadname import NamedThread
 from channels.tun import VNET_HDR_SIZE, TapWaiter
 
@@ -30,10 +31,6 @@ MAX_FRAME_PAGES = 17
 BUDGET = 64
 _TX_RSP = N.TX_RING.response_slot
 _RX_RSP = N.RX_RING.response_slot
-
-
-class BackendMisbehaved(Exception):
-    pass
 
 
 class _Path:
@@ -75,7 +72,7 @@ class _Path:
             self.tap_fd,
             self.evtchn,
             lambda: self.stopping,
-            BackendMisbehaved,
+            ProtocolViolation,
             pages=self._region,
             grefs=self.grefs,
             **kw,
@@ -130,7 +127,7 @@ class TxPath(_Path):
                 if not self.waiter.wait():
                     break
                 self._send_batch()
-        except (RingBroken, BackendMisbehaved) as exc:
+        except ProtocolViolation as exc:
             self.on_broken(f"tx: {exc}")
         except RingError:
             pass
@@ -146,7 +143,7 @@ class TxPath(_Path):
             if status == N.NETIF_RSP_NULL:
                 continue
             if rid >= len(in_flight) or not in_flight[rid]:
-                raise BackendMisbehaved(f"tx response for id {rid}, which is not in flight")
+                raise ProtocolViolation(f"tx response for id {rid}, which is not in flight")
             in_flight[rid] = 0
             free.append(rid)
         return bool(block)
@@ -250,7 +247,7 @@ class RxPath(_Path):
                 lambda: not self.stopping,
                 HEAL_TIMEOUT,
             )
-        except (RingBroken, BackendMisbehaved) as exc:
+        except ProtocolViolation as exc:
             self.on_broken(f"rx: {exc}")
         except RingError:
             pass
@@ -276,7 +273,7 @@ class RxPath(_Path):
             gso = N.Offload()
             if flags & N.NETRXF_extra_info:
                 if i >= n:
-                    raise BackendMisbehaved("a packet's extra slot is missing")
+                    raise ProtocolViolation("a packet's extra slot is missing")
                 extra = N.Extra.from_rx_slot(responses[i])
                 i += 1
                 if extra.type == N.XEN_NETIF_EXTRA_TYPE_GSO:
@@ -284,13 +281,13 @@ class RxPath(_Path):
             more = flags & N.NETRXF_more_data
             while more:
                 if i >= n:
-                    raise BackendMisbehaved("a packet's response chain is cut short")
+                    raise ProtocolViolation("a packet's response chain is cut short")
                 _rid, noffset, nflags, nstatus = responses[i]
                 chain.append((pages[i], noffset, nstatus))
                 i += 1
                 more = nflags & N.NETRXF_more_data
                 if len(chain) > MAX_FRAME_PAGES + 1:
-                    raise BackendMisbehaved("an rx chain longer than any frame")
+                    raise ProtocolViolation("an rx chain longer than any frame")
             self._deliver(chain, flags, gso)
         self._post(pages)
         if self.ring.push_requests():
@@ -303,7 +300,7 @@ class RxPath(_Path):
             if size < 0:
                 return  # an error response: the backend dropped the frame
             if offset + size > N.PAGE_SIZE:
-                raise BackendMisbehaved(f"rx response offset {offset} + size {size} past the page")
+                raise ProtocolViolation(f"rx response offset {offset} + size {size} past the page")
             views.append(self.pages[page][offset : offset + size])
         if not views or len(views[0]) < N.ETH_HLEN:
             return

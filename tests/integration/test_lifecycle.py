@@ -148,6 +148,27 @@ def test_a_duplicate_name_exits_2_and_creates_nothing(
     assert len(domains()) == count
 
 
+
+def test_a_create_whose_device_cannot_connect_is_rolled_back(
+    hypervisor: None, tmp_path: Path
+) -> None:
+    """Valid config, refused device: the host's lo cannot take a TAP, so netback gives up. The
+    create fails with why, and the domain, its disk's loop device and the image made for it
+    are gone."""
+    image = tmp_path / "rollback.img"
+    config = tmp_path / "rollback.yaml"
+    config.write_text(
+        f"name: rollback\nvif:\n  - bridge=lo\ndisk:\n  - target={image},size=1M,vdev=xvda\n"
+    )
+    before = set(leftovers())
+    result = hyperctl("create", str(config), check=False)
+    assert result.status == 1, result
+    assert "vif" in result.err and "did not connect: creating the host TAP" in result.err
+    assert "domain rollback was destroyed again" in result.err
+    assert domain_info("rollback") is None
+    assert not image.exists()
+    assert set(leftovers()) <= before
+
 def test_unknown_domain_and_missing_file_are_errors(hypervisor: None) -> None:
     assert hyperctl("destroy", "no-such-domain", check=False).status == 1
     missing = hyperctl("create", "/nonexistent/x.yaml", check=False)

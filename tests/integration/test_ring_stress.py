@@ -28,13 +28,13 @@ from typing import Any
 import pytest
 
 from channels.doorbell import Doorbell, create_doorbell, unlink_doorbell
+from channels.errors import ProtocolViolation
 from channels.ring import (
     MASK32,
     PAGE_SIZE,
     REQ_PROD_OFFSET,
     BackRing,
     FrontRing,
-    RingBroken,
     RingError,
     declare_ring,
 )
@@ -117,7 +117,7 @@ def serve(names: Names, pairs: int, seed: int, stats: dict[str, Any]) -> None:
             stats["sleeps"] += 1
             if not req_bell.wait(WAIT):
                 raise LostWakeup(f"backend: no request for {WAIT}s at {stats['handled']}")
-    except RingBroken:
+    except ProtocolViolation:
         stats["stays_broken"] = back is not None and _stays_broken(back)
         raise
     finally:
@@ -131,7 +131,7 @@ def serve(names: Names, pairs: int, seed: int, stats: dict[str, Any]) -> None:
 def _stays_broken(back: BackRing) -> bool:
     try:
         back.final_check_for_requests()
-    except RingBroken:
+    except ProtocolViolation:
         return True
     return False
 
@@ -141,7 +141,7 @@ def backend_main(names: Names, pairs: int, seed: int, report: Connection) -> Non
     stats: dict[str, Any] = {"handled": 0, "notifies": 0, "sleeps": 0, "status": "ok"}
     try:
         serve(names, pairs, seed, stats)
-    except RingBroken as e:
+    except ProtocolViolation as e:
         stats.update(status="broken", message=str(e))
     except BaseException as e:
         stats.update(status="error", message=f"{type(e).__name__}: {e}")

@@ -29,7 +29,8 @@ from hypothesis import strategies as st
 
 from channels import blkif as B
 from channels import netif as N
-from channels.xs_wire import XsProtocolError, XsType, encode
+from channels.errors import ProtocolViolation
+from channels.xs_wire import XsType, encode
 from dom0.netback.antispoof import SourceFilter
 from dom0.store import Store
 from tests.unit.test_blkback_hostile import GREF_BASE, IMAGE_SECTORS, POOL_PAGES, Vbd, _build
@@ -238,7 +239,7 @@ def test_the_store_survives_any_bytes_on_a_connection(store: Store, chunks: list
     for chunk in chunks:
         try:
             hostile_peer.conn.feed(chunk)
-        except XsProtocolError:  # the transport's cue to hang up: the store has already
+        except ProtocolViolation:  # the transport's cue to hang up: the store has already
             assert hostile_peer.conn.closed
             break
     hostile_peer.conn.close()

@@ -13,7 +13,8 @@ import pytest
 
 from channels import blkif, credit, grants, netif
 from channels import hypercall as hc
-from channels.gnttab import GrantError, GrantPool, GrantViolation, MappedPool, pool_bytes
+from channels.errors import ProtocolViolation
+from channels.gnttab import GrantError, GrantPool, MappedPool, pool_bytes
 from channels.grants import (
     BAD_GREF_BUDGET,
     REFRESH_BURST,
@@ -225,7 +226,7 @@ def test_what_is_mapped_counts_against_the_budget_not_what_is_live(
     held[:2] = b"ok"  # never unmapped under its user
     granter.release(second)
     third = granter.setup(8)  # 8 live pages: within what hyperd lets the granter have
-    with pytest.raises(GrantViolation, match="budget of 8"):
+    with pytest.raises(ProtocolViolation, match="budget of 8"):
         mapper.resolve(third.gref_base, write=True)
     assert mapped_here(first) and not mapped_here(second), "unmapped once nothing held it"
     del held
@@ -260,7 +261,7 @@ def test_the_bad_grefs_of_a_connection_go_to_the_device_counters_and_its_own_bud
             with pytest.raises(GrantError, match="in no pool"):
                 mapper.resolve(1000 + n, write=False)
         assert counters.bad_grefs == 2
-        with pytest.raises(GrantViolation, match="more than the 2 allowed"):
+        with pytest.raises(ProtocolViolation, match="more than the 2 allowed"):
             mapper.resolve(1002, write=False)
     finally:
         mapper.close()
@@ -279,7 +280,7 @@ def test_a_device_maps_no_more_than_its_protocol_can_use(granter: Granter) -> No
     mapper = GrantMapper(granter, vif, map_pools(granter, 5, "vif/0"))  # type: ignore[arg-type]
     try:
         one_more = granter.setup(1, "vif/0")
-        with pytest.raises(GrantViolation, match="more than the 514 its protocol can use"):
+        with pytest.raises(ProtocolViolation, match="more than the 514 its protocol can use"):
             mapper.resolve(one_more.gref_base, write=False)
     finally:
         mapper.close()
@@ -310,7 +311,7 @@ def test_a_pool_named_for_another_device_harms_only_the_granters_own_device(
         mislabelled = [granter.setup(4096, "vbd/51712") for _ in range(2)]
         with pytest.raises(GrantError, match="in no pool of vif/0"):
             vif.resolve(mislabelled[0].gref_base, write=False)
-        with pytest.raises(GrantViolation, match="pools of vbd/51712 of domain 5 would have"):
+        with pytest.raises(ProtocolViolation, match="pools of vbd/51712 of domain 5 would have"):
             vbd.resolve(mislabelled[0].gref_base, write=False)
         assert len(vif.resolve(vif_pool.gref_base + 255, write=False)) == 4096
     finally:
@@ -335,7 +336,7 @@ def test_bad_grefs_cost_a_refresh_each_up_to_the_budget_then_fail_the_device(
                 mapper.resolve(1000 + n, write=False)
             assert len(mapper.resolve(pool.gref_base, write=False)) == 4096  # the rest works
         assert granter.refreshes == start + BAD_GREF_BUDGET, "one round trip per miss"
-        with pytest.raises(GrantViolation, match=f"more than the {BAD_GREF_BUDGET}"):
+        with pytest.raises(ProtocolViolation, match=f"more than the {BAD_GREF_BUDGET}"):
             mapper.resolve(1 << 31, write=False)
     finally:
         mapper.close()
@@ -450,7 +451,7 @@ def test_a_pool_its_granter_truncated_costs_it_a_bad_gref_per_miss(
             ):
                 mapper.resolve(pool.gref_base, write=False)
             assert mapper.bad_grefs == n
-        with pytest.raises(GrantViolation, match="more than the 2 allowed"):
+        with pytest.raises(ProtocolViolation, match="more than the 2 allowed"):
             mapper.resolve(pool.gref_base, write=False)
     finally:
         mapper.close()

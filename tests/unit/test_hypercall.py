@@ -12,9 +12,10 @@ from pathlib import Path
 import pytest
 
 from channels import hypercall as hc
+from channels.config import DomainConfig
 from channels.paths import RunDir
 from hyperd import hypervisor as hyperd
-from hyperd.domain import Domain
+from hyperd.domain import Domain, dom0_config
 from hyperd.evtchn import EventChannels, EvtchnError
 from hyperd.gnttab import (
     MAX_POOL_PAGES_PER_DOMAIN,
@@ -64,11 +65,15 @@ def hypervisor(tmp_path: Path) -> hyperd.Hypervisor:
     return hyperd.Hypervisor(RunDir(tmp_path), None, hyperd.DmesgHandler())  # type: ignore[arg-type]
 
 
+def test_every_hypercall_has_exactly_one_handler(hypervisor: hyperd.Hypervisor) -> None:
+    assert set(hypervisor._handler_table()) == set(hc.OPS.values())
+
+
 PRIVILEGED = [
     hc.DomctlList(),
     hc.DomctlDestroy(domid=1),
     hc.DomctlPause(domid=1, pause=True),
-    hc.DomctlCreate(config={"name": "evil"}),
+    hc.DomctlCreate(config=DomainConfig(name="evil")),
     hc.DomctlExecTarget(domid=1),
     hc.DomctlSetSched(domid=1, cap=0),
     hc.DomctlSetMemory(domid=1, memory=64),
@@ -82,7 +87,7 @@ PRIVILEGED = [
 def test_a_domu_is_refused_every_privileged_hypercall(
     hypervisor: hyperd.Hypervisor, op: hc.Op
 ) -> None:
-    domu = Domain(3, "guest", {}, PaperResources(3))
+    domu = Domain(3, "guest", DomainConfig(name="guest"), PaperResources(3))
     with pytest.raises(hyperd.HvError) as refused:
         hypervisor.handle(domu, op)
     assert refused.value.errno_name == "EPERM"
@@ -194,7 +199,7 @@ def test_a_domain_grants_no_more_pages_than_its_memory(hypervisor: hyperd.Hyperv
     """In Xen a granted page is the guest's own: a 32 MiB domain has 8192 pages to grant, and
     a backend learns that budget with the pools. An honest frontend zeroes every page it
     grants, charged to its own memory: the budget refuses it nothing its memory allowed."""
-    guest = Domain(3, "guest", {"memory": 32}, PaperResources(3))
+    guest = Domain(3, "guest", DomainConfig(name="guest", memory=32), PaperResources(3))
     hypervisor.domains[3] = guest
     assert grant_budget(32) == 8192
     for device in ("vif/0", "vbd/51712"):
@@ -202,7 +207,7 @@ def test_a_domain_grants_no_more_pages_than_its_memory(hypervisor: hyperd.Hyperv
     with pytest.raises(GnttabError) as refused:
         hypervisor.handle(guest, hc.GnttabSetupPool(peer=0, device="vif/1", pages=1))
     assert refused.value.errno_name == "ENOSPC"
-    dom0 = Domain(0, "Domain-0", {"memory": 4096}, PaperResources(0))
+    dom0 = Domain(0, "Domain-0", dom0_config(4096, 2), PaperResources(0))
     answer = hypervisor.handle(dom0, hc.GnttabMapPools(granter=3, device="vbd/51712"))
     assert len(answer["pools"]) == 1, "the vbd's own pool, not the vif's"
     assert answer["max_pages"] == 8192

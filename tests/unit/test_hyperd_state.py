@@ -14,10 +14,11 @@ from pathlib import Path
 
 import pytest
 
+from channels.config import DomainConfig
 from channels.paths import RunDir
 from hyperd import keeper, state
 from hyperd.cgroup import CgroupFs, DomainGroup, V2Group
-from hyperd.domain import Domain, RingInfo, Status
+from hyperd.domain import Domain, RingInfo, Status, dom0_config
 from hyperd.evtchn import EventChannels
 from hyperd.gnttab import GrantTables
 from hyperd.hypervisor import DmesgHandler, Hypervisor, refuse_state
@@ -44,6 +45,9 @@ class GroupsOnPaper:
         return V2Group(name, {"cpu": self.root / name}, CgroupFs())
 
 
+WEB = DomainConfig(name="web", memory=128, on_crash="restart")
+
+
 def hypervisor(tmp_path: Path) -> Hypervisor:
     run = RunDir(tmp_path / "run", tmp_path / "logs")
     run.root.mkdir(exist_ok=True)
@@ -54,8 +58,8 @@ def populate(hv: Hypervisor, tmp_path: Path) -> None:
     """dom0 and dom3, as hyperd builds them: a store ring with its channel, a vif's channel
     and grant pool; then dom0 dies, so its ports are stale, waiting for the next dom0."""
     group = V2Group("dom3", {"cpu": tmp_path / "cg" / "dom3"}, CgroupFs())
-    dom0 = Domain(0, "Domain-0", {"memory": 4096}, PaperResources(0), status=Status.RUNNING)
-    dom3 = Domain(3, "web", {"memory": 128, "on_crash": "restart"}, PaperResources(3))
+    dom0 = Domain(0, "Domain-0", dom0_config(4096, 2), PaperResources(0), status=Status.RUNNING)
+    dom3 = Domain(3, "web", WEB, PaperResources(3))
     dom3.cgroup, dom3.status, dom3.pid, dom3.pid_start = group, Status.RUNNING, 4242, 987654
     dom3.shutdown_reason = None
     segment = dom3.resources.new_segment("store", 4096, 0)
@@ -97,7 +101,7 @@ def test_the_tables_come_back_from_the_state_file_as_they_were(tmp_path: Path) -
         4242,
         987654,
     )
-    assert dom3.config == {"memory": 128, "on_crash": "restart"}
+    assert dom3.config == WEB
     assert dom3.store == before.domains[3].store
     assert dom3.resources.segments == before.domains[3].resources.segments
     assert dom3.resources.doorbells == before.domains[3].resources.doorbells
@@ -238,7 +242,7 @@ def minutes_later(n: int) -> float:
 
 def dead_dom0(hv: Hypervisor, group: Stragglers) -> list[str]:
     """hyperd with a dom0 that has died, in ``group``; the list its start_dom0 appends to."""
-    dom0 = Domain(0, "Domain-0", {"memory": 4096}, PaperResources(0), status=Status.RUNNING)
+    dom0 = Domain(0, "Domain-0", dom0_config(4096, 2), PaperResources(0), status=Status.RUNNING)
     dom0.cgroup = group  # type: ignore[assignment]
     hv.domains = {0: dom0}
     started: list[str] = []

@@ -6,6 +6,7 @@ import struct
 
 import pytest
 
+from channels.errors import ProtocolViolation
 from channels.ring import (
     HEADER_SIZE,
     MASK32,
@@ -16,7 +17,6 @@ from channels.ring import (
     RSP_PROD_OFFSET,
     BackRing,
     FrontRing,
-    RingBroken,
     RingError,
     RingType,
     declare_ring,
@@ -353,7 +353,7 @@ def test_backend_detects_impossible_req_prod_and_stays_broken() -> None:
     assert back.get_request() == (1, 1)
     bogus = (back.rsp_prod_pvt + back.nr_ents + 1) & MASK32
     set_u32(area, REQ_PROD_OFFSET, bogus)
-    with pytest.raises(RingBroken) as info:
+    with pytest.raises(ProtocolViolation) as info:
         back.unconsumed_requests()
     message = str(info.value)
     assert "echo ring" in message
@@ -369,7 +369,7 @@ def test_backend_detects_impossible_req_prod_and_stays_broken() -> None:
         back.push_responses,
         lambda: back.put_response((0, 0)),
     ):
-        with pytest.raises(RingBroken, match="ring halted"):
+        with pytest.raises(ProtocolViolation, match="ring halted"):
             call()
     assert back.broken
 
@@ -380,12 +380,12 @@ def test_a_closed_ring_says_so_and_a_broken_one_stays_broken() -> None:
     front.close()
     with pytest.raises(RingError, match="echo ring: closed") as info:
         front.free_requests()
-    assert not isinstance(info.value, RingBroken)
+    assert not isinstance(info.value, ProtocolViolation)
     set_u32(area, REQ_PROD_OFFSET, 1000)
-    with pytest.raises(RingBroken):
+    with pytest.raises(ProtocolViolation):
         back.unconsumed_requests()
     back.close()
-    with pytest.raises(RingBroken):  # the peer's fault is not forgotten by closing
+    with pytest.raises(ProtocolViolation):  # the peer's fault is not forgotten by closing
         back.get_request()
 
 
@@ -395,7 +395,7 @@ def test_backend_detects_req_prod_moving_backwards() -> None:
     front.push_requests()
     back.get_requests()
     set_u32(area, REQ_PROD_OFFSET, back.req_cons - 3)  # within RING_SIZE of rsp_prod_pvt
-    with pytest.raises(RingBroken, match="moved back behind req_cons"):
+    with pytest.raises(ProtocolViolation, match="moved back behind req_cons"):
         back.final_check_for_requests()
 
 
@@ -403,7 +403,7 @@ def test_backend_refuses_to_attach_to_an_impossible_page() -> None:
     area = memoryview(bytearray(PAGE_SIZE))
     FrontRing.init(ECHO, area, start=10)
     set_u32(area, REQ_PROD_OFFSET, 10 + 129)
-    with pytest.raises(RingBroken, match="impossible req_prod 139"):
+    with pytest.raises(ProtocolViolation, match="impossible req_prod 139"):
         BackRing.attach(ECHO, area)
 
 
@@ -413,7 +413,7 @@ def test_frontend_detects_impossible_rsp_prod_and_stays_broken() -> None:
     front.push_requests()
     bogus = (front.rsp_cons + front.nr_ents + 1) & MASK32
     set_u32(area, RSP_PROD_OFFSET, bogus)  # RING_RESPONSE_PROD_OVERFLOW
-    with pytest.raises(RingBroken) as info:
+    with pytest.raises(ProtocolViolation) as info:
         front.get_responses()
     assert f"impossible rsp_prod {bogus}" in str(info.value)
     assert f"rsp_cons {front.rsp_cons}" in str(info.value)
@@ -425,7 +425,7 @@ def test_frontend_detects_impossible_rsp_prod_and_stays_broken() -> None:
         front.push_requests,
         lambda: front.put_request((0, 0)),
     ):
-        with pytest.raises(RingBroken):
+        with pytest.raises(ProtocolViolation):
             call()
 
 
@@ -435,7 +435,7 @@ def test_frontend_refuses_more_responses_than_outstanding_requests() -> None:
     front.push_requests()
     front.put_request((3, 3))  # not yet published: the backend cannot have answered it
     set_u32(area, RSP_PROD_OFFSET, front.rsp_cons + 3)
-    with pytest.raises(RingBroken, match="2 requests outstanding"):
+    with pytest.raises(ProtocolViolation, match="2 requests outstanding"):
         front.final_check_for_responses()
 
 
@@ -446,7 +446,7 @@ def test_backend_reads_req_prod_once_per_batch() -> None:
     assert back.unconsumed_requests() == 3  # snapshot: 3 validated requests
     set_u32(area, REQ_PROD_OFFSET, 10_000)  # the frontend turns hostile mid-batch
     assert [back.get_request() for _ in range(3)] == [(0, 0), (1, 1), (2, 2)]
-    with pytest.raises(RingBroken, match="impossible req_prod 10000"):
+    with pytest.raises(ProtocolViolation, match="impossible req_prod 10000"):
         back.get_request()  # the snapshot is used up: the next one is checked
 
 

@@ -15,13 +15,13 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from channels.errors import ProtocolViolation
 from channels.xenbus import RELEASE_DOMAIN_WATCH, guest_rw_perms, home_perms
 from channels.xs import XsClient, XsConnectionLost, connect_unix
 from channels.xs_wire import (
     XENSTORE_PAYLOAD_MAX,
     Decoder,
     Message,
-    XsProtocolError,
     XsType,
     encode,
     join_strings,
@@ -109,7 +109,7 @@ def test_an_oversized_payload_drops_only_that_connection(store: Store, dom0: XsC
     hostile = RawPeer(store, 1)
     neighbour = RawPeer(store, 2)
 
-    with pytest.raises(XsProtocolError, match="4097"):
+    with pytest.raises(ProtocolViolation, match="4097"):
         hostile.conn.feed(struct.pack("<IIII", XsType.READ, 1, 0, XENSTORE_PAYLOAD_MAX + 1))
 
     assert hostile.conn.closed and hostile.closed_by_store
@@ -121,7 +121,7 @@ def test_an_oversized_payload_drops_only_that_connection(store: Store, dom0: XsC
 def test_an_unknown_message_type_is_a_protocol_violation(store: Store) -> None:
     hostile = RawPeer(store, 1)
 
-    with pytest.raises(XsProtocolError, match="unknown type"):
+    with pytest.raises(ProtocolViolation, match="unknown type"):
         hostile.conn.feed(struct.pack("<IIII", 1000, 1, 0, 0))
 
     assert hostile.conn.closed
@@ -129,7 +129,7 @@ def test_an_unknown_message_type_is_a_protocol_violation(store: Store) -> None:
 
 def test_bytes_after_a_violation_are_ignored(store: Store) -> None:
     hostile = RawPeer(store, 1)
-    with pytest.raises(XsProtocolError):
+    with pytest.raises(ProtocolViolation):
         hostile.conn.feed(struct.pack("<IIII", 1000, 1, 0, 0))
 
     hostile.request(XsType.READ, b"data\0")
@@ -279,7 +279,7 @@ def test_flooding_requests_while_not_reading_replies_drops_the_connection(store:
     stalled.accepting = False
     request = encode(XsType.READ, b"data\0")
 
-    with pytest.raises(XsProtocolError, match="without reading its replies"):
+    with pytest.raises(ProtocolViolation, match="without reading its replies"):
         for _ in range(MAX_INPUT_BACKLOG // len(request) + 10):
             stalled.conn.feed(request)
 

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from channels import xenbus
+from channels import control, xenbus
 from dom0.store import Store, connect_local
 from dom0.store.journal import Journal
 from dom0.toolstack import DomainState, Toolstack
@@ -47,7 +47,7 @@ def toolstack(tmp_path: Path) -> Iterator[Toolstack]:
 
 
 def _introduce(toolstack: Toolstack, info: dict[str, Any]) -> DomainState:
-    """The store side of ev_domain_introduced (no relay, no devices)."""
+    """The store side of on_domain_introduced (no relay, no devices)."""
     toolstack._write_skeleton(info)
     toolstack.store.introduce_domain(info["domid"])
     state = DomainState(info["domid"], info["name"], info)
@@ -65,7 +65,7 @@ def test_a_destroyed_domain_is_torn_down_whole_though_the_store_files_cannot_be_
     assert store.node_count(DOMID) > 0
     _break_journal(store)  # as on a full tmpfs
 
-    toolstack.ev_domain_destroyed({"domid": DOMID})
+    toolstack.on_domain_destroyed({"domid": DOMID})
 
     assert state.gone.is_set()
     assert not store.is_introduced(DOMID) and store.node_count(DOMID) == 0
@@ -103,7 +103,7 @@ def test_a_destroyed_domain_is_torn_down_whole_though_its_backends_fail_to_stop(
     store = toolstack.store
 
     with caplog.at_level(logging.ERROR):
-        toolstack.ev_domain_destroyed({"domid": DOMID})
+        toolstack.on_domain_destroyed({"domid": DOMID})
 
     assert state.gone.is_set()
     assert relay.stopped  # the guest's rings are unmapped all the same
@@ -112,3 +112,10 @@ def test_a_destroyed_domain_is_torn_down_whole_though_its_backends_fail_to_stop(
         assert toolstack.xs.read_optional(path) is None, path
     assert f"teardown of dom{DOMID}: stopping its backends failed" in caplog.text
     assert "console backend wedged" in caplog.text
+
+
+def test_every_control_request_has_exactly_one_handler(toolstack: Toolstack) -> None:
+    handled = set(toolstack._request_table()) | set(toolstack._stream_table())
+    assert handled == set(control.REQUESTS.values())
+    streaming = {cls for cls in control.REQUESTS.values() if cls.streaming}
+    assert set(toolstack._stream_table()) == streaming

@@ -12,6 +12,7 @@ from collections.abc import Callable
 
 import pytest
 
+from channels.errors import ProtocolViolation
 from channels.xenbus import XsPathError
 from channels.xs import (
     Transaction,
@@ -20,7 +21,6 @@ from channels.xs import (
     XsClient,
     XsConnectionLost,
     XsError,
-    XsProtocolError,
     XsTimeoutError,
 )
 from channels.xs_wire import Decoder, Message, XsType, encode, join_strings
@@ -111,7 +111,7 @@ def test_a_send_failure_is_a_lost_connection() -> None:
 def test_garbage_from_the_store_fails_the_client() -> None:
     client = XsClient(lambda data: None, timeout=TIMEOUT)
 
-    with pytest.raises(XsProtocolError):
+    with pytest.raises(ProtocolViolation):
         client.feed(b"\xff" * 16)
 
     with pytest.raises(XsConnectionLost):
@@ -121,7 +121,7 @@ def test_garbage_from_the_store_fails_the_client() -> None:
 def test_a_reply_of_the_wrong_type_is_a_protocol_error() -> None:
     store = ScriptedStore(lambda msg: [encode(XsType.DIRECTORY, b"", req_id=msg.req_id)])
 
-    with pytest.raises(XsProtocolError, match="READ /tool/x"):
+    with pytest.raises(ProtocolViolation, match="READ /tool/x"):
         store.client.read("/tool/x")
 
 

@@ -8,6 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from channels.errors import ProtocolViolation
 from channels.xs_wire import (
     HEADER_SIZE,
     XENSTORE_PAYLOAD_MAX,
@@ -16,7 +17,6 @@ from channels.xs_wire import (
     Message,
     Perm,
     XsErrno,
-    XsProtocolError,
     XsType,
     encode,
     join_strings,
@@ -82,14 +82,14 @@ def test_decoder_accepts_one_byte_at_a_time() -> None:
 
 def test_a_payload_over_4096_is_a_protocol_violation_that_sticks() -> None:
     decoder = Decoder()
-    with pytest.raises(XsProtocolError, match="4097"):
+    with pytest.raises(ProtocolViolation, match="4097"):
         decoder.feed(struct.pack("<IIII", 2, 1, 0, XENSTORE_PAYLOAD_MAX + 1))
-    with pytest.raises(XsProtocolError):
+    with pytest.raises(ProtocolViolation):
         decoder.feed(encode(XsType.READ, b"/\0"))
 
 
 def test_an_unknown_type_is_a_protocol_violation() -> None:
-    with pytest.raises(XsProtocolError, match="unknown type 99"):
+    with pytest.raises(ProtocolViolation, match="unknown type 99"):
         Decoder().feed(struct.pack("<IIII", 99, 1, 0, 0))
 
 
