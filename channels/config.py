@@ -20,9 +20,10 @@ key             meaning (default)
 ``on_crash``    same choices (destroy)
 ``vif``         list of network interfaces, see :class:`VifConfig` ([])
 ``disk``        list of virtual block devices, see :class:`DiskConfig` ([])
+``p9``          list of shared host directories, see :class:`P9Config` ([])
 =============== ======================================================================
 
-A ``vif`` or ``disk`` entry is either a mapping or, as in xl, a spec string of
+A ``vif``, ``disk`` or ``p9`` entry is either a mapping or, as in xl, a spec string of
 comma-separated ``key=value`` pairs (``'bridge=hyperbr0,ip=10.0.0.2/24'``; ``''`` means all
 defaults). Values in spec strings cannot contain commas; use the mapping form for such paths.
 
@@ -57,7 +58,7 @@ import types
 import typing
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
@@ -442,6 +443,61 @@ class DiskConfig(_Model):
         return (1 << 28) | (index << 8)
 
 
+_TAG_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")
+
+
+class P9Config(_Model):
+    """A host directory ``path`` shared with the domain at ``/mnt/<tag>`` (xl.cfg's ``p9``: Xen's
+    9pfs device). ``access`` ``ro`` makes the backend refuse every change; ``security_model``
+    is ``none``, the only one there is: the backend reads and writes as the directory's owner
+    (never as root, so an ``rw`` share must belong to a user). A relative ``path`` resolves
+    against ``base_dir`` in the validation context."""
+
+    tag: str
+    path: Path
+    access: Annotated[Access, BeforeValidator(_access)] = Access.RW
+    security_model: Literal["none"] = "none"
+    backend: DomainRef = DOM0_DOMID
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_spec(cls, data: Any) -> Any:
+        return _entry(data, "tag=share,path=/srv/share,access=ro")
+
+    @field_validator("tag")
+    @classmethod
+    def _tag(cls, value: str) -> str:
+        if not _TAG_RE.fullmatch(value):
+            raise ValueError(f"{value!r} is not a tag: 1-64 of A-Z a-z 0-9 _ -")
+        return value
+
+    @field_validator("path", mode="before")
+    @classmethod
+    def _resolve(cls, value: Any, info: ValidationInfo) -> Any:
+        if not isinstance(value, str | Path) or not str(value) or "\0" in str(value):
+            raise ValueError("expected a directory path")
+        base = (info.context or {}).get("base_dir", ".")
+        return Path(os.path.abspath(Path(base, value)))
+
+    @model_validator(mode="after")
+    def _share(self, info: ValidationInfo) -> P9Config:
+        if (info.context or {}).get("check_host", True) is False:
+            return self
+        try:
+            found = images.check(self.path, _owner(info), share=True)
+        except images.ImageError as exc:
+            raise _located("path", str(exc)) from exc
+        if found is None:
+            raise _located("path", f"{self.path} does not exist")
+        if self.access == Access.RW and found.st_uid == 0:
+            raise _located(
+                "path",
+                f"{self.path} belongs to root, and a share is written as its owner, never as "
+                "root: give it to a user (chown) or share it with access=ro",
+            )
+        return self
+
+
 def _owner(info: ValidationInfo) -> int:
     """The user a disk is for: the validation context's ``owner``, else whoever runs this."""
     return int((info.context or {}).get("owner", os.getuid()))
@@ -476,6 +532,7 @@ class DomainConfig(_Model):
     on_crash: Action = Action.DESTROY
     vif: list[VifConfig] = Field(default_factory=list)
     disk: list[DiskConfig] = Field(default_factory=list)
+    p9: list[P9Config] = Field(default_factory=list)
 
     @field_validator("cap")
     @classmethod
@@ -500,6 +557,13 @@ class DomainConfig(_Model):
         _check_shared_images(disks)
         return disks
 
+    @field_validator("p9")
+    @classmethod
+    def _shares(cls, shares: list[P9Config], info: ValidationInfo) -> list[P9Config]:
+        _check_own_backend(shares, info.data.get("name"))
+        _check_unique([p.tag for p in shares], "tag", "tag")
+        return shares
+
     def normalised(self) -> dict[str, Any]:
         """The normalised config as plain JSON-able data, keys in definition order."""
         return self.model_dump(mode="json")
@@ -509,7 +573,9 @@ class DomainConfig(_Model):
         return json.dumps(self.normalised(), indent=2, ensure_ascii=False)
 
 
-def _check_own_backend(devices: list[VifConfig] | list[DiskConfig], name: str | None) -> None:
+def _check_own_backend(
+    devices: list[VifConfig] | list[DiskConfig] | list[P9Config], name: str | None
+) -> None:
     for index, device in enumerate(devices):
         if name is not None and device.backend == name:
             raise _located(f"{index}.backend", "a domain cannot be its own backend")
@@ -653,6 +719,23 @@ def parse_disk_spec(
     """A :class:`DiskConfig` from an xl spec like ``target=img.raw,size=64M,vdev=xvdb``;
     ``owner`` as for :func:`parse_config`."""
     return _validate(DiskConfig, spec, source=source, base_dir=base_dir, owner=owner)
+
+
+def entry_model(config_key: str) -> type[_Model]:
+    """The model of one device kind's entries: the one its DomainConfig field is a list of."""
+    (model,) = typing.get_args(DomainConfig.model_fields[config_key].annotation)
+    if not (isinstance(model, type) and issubclass(model, _Model)):
+        raise TypeError(f"DomainConfig.{config_key} is not a list of entries")
+    return model
+
+
+def parse_entry(
+    config_key: str, spec: str, base_dir: Path, *, source: str, owner: int | None = None
+) -> Any:
+    """One device entry of the kind whose config key is ``config_key``, from an xl-style spec;
+    relative paths against ``base_dir``, ``owner`` as for :func:`parse_config`."""
+    model = entry_model(config_key)
+    return _validate(model, spec, source=source, base_dir=base_dir, owner=owner)
 
 
 # ----------------------------------------------------------------------------- error lines

@@ -29,11 +29,12 @@ import json
 import socket
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar
 
 from annotated_types import Ge, Gt, Le
 
 from channels.errors import BadInput, Closed, HyperError, error_of_kind
+from channels.kinds import BY_TYPE
 
 MAX_LINE = 1 << 20
 UID_MAX = (1 << 32) - 2
@@ -234,49 +235,57 @@ class StoreWatch(Request):
 # -- devices ------------------------------------------------------------------------------------
 
 
-DeviceKindName = Literal["vif", "vbd"]
+#: A device kind by its XenBus type, one of channels/kinds.py's.
+DeviceKindName = str
 
 
 @request
-class DeviceAttach(Request):
+class DeviceRequest(Request):
+    """A request about one kind of device."""
+
+    kind: DeviceKindName
+
+    def __post_init__(self) -> None:
+        if self.kind not in BY_TYPE:
+            raise ValueError(f"kind: {self.kind!r} is not one of {', '.join(BY_TYPE)}")
+
+
+@request
+class DeviceAttach(DeviceRequest):
     """Allowed on a running domU: adds one device of ``kind`` from an xl-style ``spec``
     (relative image paths against ``base_dir``, images checked for ``owner`` as in Create) and
     returns once it is connected."""
 
     method = "device_attach"
     domain: DomainArg
-    kind: DeviceKindName
     spec: str
     base_dir: str = "."
     owner: Uid = 0
 
 
 @request
-class DeviceDetach(Request):
+class DeviceDetach(DeviceRequest):
     """Allowed on any domU: closes the device through XenBus and removes it and what backs it.
     ``device`` is a vif's devid or a disk's vdev."""
 
     method = "device_detach"
     domain: DomainArg
-    kind: DeviceKindName
     device: str
 
 
 @request
-class DeviceList(Request):
+class DeviceList(DeviceRequest):
     """Allowed on any domU: its devices of ``kind`` with their state and counters."""
 
     method = "device_list"
     domain: DomainArg
-    kind: DeviceKindName
 
 
 @request
-class DeviceStats(Request):
+class DeviceStats(DeviceRequest):
     """Always allowed: every device of ``kind``'s counters, by domid (for `hyperctl top`)."""
 
     method = "device_stats"
-    kind: DeviceKindName
 
 
 #: Every request, by its name on the wire.

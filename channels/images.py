@@ -1,5 +1,5 @@
-"""Disk images on the host: reached without a symlink, and changeable by root and the disk's
-owner alone.
+"""Disk images and shared directories on the host: reached without a symlink, and changeable by
+root and the device's owner alone.
 
 An image is a guest's whole disk: whoever can write the file, or put another file in its place,
 reads and writes that guest's data. So an image path is used only when
@@ -21,6 +21,12 @@ creates a missing image (``create``: every directory opened below the one before
 ``O_EXCL``); and blkback as it opens the image (``open_image``, the same walk, each directory
 and then the image checked on its own descriptor), because the path may have changed since it
 was validated. Errors are :class:`ImageError`, one line naming the path and why.
+
+A 9pfs share (a directory a domain sees at /mnt/<tag>) follows the same rules, with a
+directory where the image was (``check(..., share=True)`` at validation, ``open_share`` in the
+backend), but may itself belong to anyone: the backend serves it as its owner, never as root, and
+never follows a symlink out of it, so its owner can do nothing through it that they could not do
+without it. Only its parents must be root's or the asker's, so that nobody else can swap it.
 """
 
 from __future__ import annotations
@@ -43,10 +49,10 @@ class ImageError(BadInput):
     """An image path that must not be used; the message names the path and the reason."""
 
 
-def check(image: Path, owner: int) -> os.stat_result | None:
+def check(image: Path, owner: int, *, share: bool = False) -> os.stat_result | None:
     """The image's stat, or None when it does not exist (a directory above it may not
     either); ImageError when the path breaks a rule of the module docstring. ``image`` is
-    absolute."""
+    absolute; with ``share`` it is a shared directory, not an image."""
     st: os.stat_result | None = None
     for at in (*reversed(image.parents), image):
         try:
@@ -55,8 +61,29 @@ def check(image: Path, owner: int) -> os.stat_result | None:
             return None
         except OSError as exc:
             raise ImageError(f"{image}: cannot check {at}: {exc.strerror}") from exc
-        _check(image, at, st, owner)
+        _check(image, at, st, owner, share)
     return st
+
+
+def open_share(path: str | Path, owner: int) -> int:
+    """An ``O_PATH`` descriptor on the shared directory ``path``, reached and checked as
+    ``open_image`` reaches an image; ImageError if a rule is broken or it is missing."""
+    path = Path(path)
+    if not path.is_absolute() or path == Path("/"):
+        raise ImageError(f"{path}: a share is an absolute path below /")
+    parent = _open_directory(path, owner)
+    try:
+        fd = os.open(path.name, _DIRECTORY, dir_fd=parent)
+    except OSError as exc:
+        raise ImageError(_open_failure(path, path, parent, exc)) from exc
+    finally:
+        os.close(parent)
+    try:
+        _check(path, path, os.fstat(fd), owner, share=True)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 def open_image(image: str | Path, flags: int, owner: int) -> int:
@@ -178,20 +205,23 @@ def _open_failure(image: Path, at: Path, parent: int, exc: OSError) -> str:
     return f"{image}: {exc.strerror}" if at == image else f"{image}: {at}: {exc.strerror}"
 
 
-def _check(image: Path, at: Path, st: os.stat_result, owner: int) -> None:
-    """ImageError if ``at`` (the image, or a directory above it) breaks a rule."""
+def _check(image: Path, at: Path, st: os.stat_result, owner: int, share: bool = False) -> None:
+    """ImageError if ``at`` (the image or share, or a directory above it) breaks a rule."""
     where = str(image) if at == image else f"{image}: {at}"
     if stat.S_ISLNK(st.st_mode):
         target = "?"
         with contextlib.suppress(OSError):
             target = os.readlink(at)
         raise ImageError(_symlink(image, at, target))
-    if at != image and not stat.S_ISDIR(st.st_mode):
+    if (at != image or share) and not stat.S_ISDIR(st.st_mode):
         raise ImageError(f"{where} is not a directory")
-    if at == image and not stat.S_ISREG(st.st_mode):
+    if at == image and not share and not stat.S_ISREG(st.st_mode):
         raise ImageError(f"{where} is not a regular file")
+    if share and at == image:
+        return  # its owner is whom the domain reads and writes it as (dom0/p9back)
     if st.st_uid not in (ROOT_UID, owner):
-        allowed = "root" if owner == ROOT_UID else f"root or uid {owner} (who asked for the disk)"
+        who = "share" if share else "disk"
+        allowed = "root" if owner == ROOT_UID else f"root or uid {owner} (who asked for the {who})"
         raise ImageError(f"{where} belongs to uid {st.st_uid}; only {allowed} may own it")
     if stat.S_ISDIR(st.st_mode) and st.st_mode & stat.S_ISVTX:
         return  # sticky: nobody can rename or remove another user's entry

@@ -46,6 +46,7 @@ _SYS_PIVOT_ROOT = 155 if os.uname().machine == "x86_64" else 41
 # <linux/openat2.h>
 RESOLVE_NO_MAGICLINKS = 0x02
 RESOLVE_NO_SYMLINKS = 0x04
+RESOLVE_BENEATH = 0x08
 RESOLVE_IN_ROOT = 0x10
 _SYS_OPENAT2 = 437  # x86_64 and aarch64 alike
 
@@ -119,10 +120,11 @@ class _OpenHow(ctypes.Structure):
     _fields_ = (("flags", ctypes.c_uint64), ("mode", ctypes.c_uint64), ("resolve", ctypes.c_uint64))
 
 
-def openat2(dirfd: int, path: str, flags: int, resolve: int) -> int:
+def openat2(dirfd: int, path: str, flags: int, resolve: int, mode: int = 0) -> int:
     """open(2) of ``path`` below ``dirfd``, its lookup restricted by ``resolve`` (RESOLVE_*;
-    Linux >= 5.6): the way to open a file inside another root without following its links."""
-    how = _OpenHow(flags, 0, resolve)
+    Linux >= 5.6): the way to open a file inside another root without following its links.
+    ``mode`` is for O_CREAT and O_TMPFILE (the kernel refuses it otherwise)."""
+    how = _OpenHow(flags, mode if flags & (os.O_CREAT | os.O_TMPFILE) else 0, resolve)
     result = _libc.syscall(
         ctypes.c_long(_SYS_OPENAT2),
         ctypes.c_int(dirfd),
@@ -130,7 +132,10 @@ def openat2(dirfd: int, path: str, flags: int, resolve: int) -> int:
         ctypes.byref(how),
         ctypes.c_size_t(ctypes.sizeof(how)),
     )
-    return _check(result, f"openat2 {path}")
+    if result == -1:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err), path)
+    return int(result)
 
 
 def prctl(option: int, arg: int = 0) -> None:

@@ -1,21 +1,30 @@
-"""Device directories in the store: the toolstack's half of every XenBus handshake.
+"""Devices in the store: the toolstack's half of every XenBus handshake, for every kind.
 
 Adding a device writes, in one transaction, the frontend directory in the domU's home and the
 backend directory in the backend domain's home, pointing at each other, both in state
 Initialising, with the permissions of xen-split-driver.md §6.6: each side owns its directory
 and the other may read it. Removing a device asks the backend to close (``online`` = 0, state
 Closing), waits for it to reach Closed, then removes both directories, as libxl does.
+
+``Devices`` is the toolstack's one code path for every kind in channels/kinds.py: adding a
+domain's devices, attaching, detaching, listing and counting them, and waiting until one is
+connected. Nothing here names a kind.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
-from channels import xenbus
+from channels import images, xenbus
+from channels.config import DomainConfig
+from channels.errors import BadInput, HyperError, NotFound
+from channels.kinds import KINDS, DeviceKind
 from channels.xenbus import XenbusState
-from channels.xs import Perm, XsClient
+from channels.xs import Perm, XsClient, XsError
 
 
 @dataclass(frozen=True)
@@ -110,3 +119,169 @@ def remove_device(xs: XsClient, paths: DevicePaths, timeout: float = 10.0) -> bo
     xs.rm(paths.backend)
     xs.rm(paths.frontend)
     return closed
+
+
+class Images:
+    """Disk images a request creates (sparse, when missing and a size is given, with any
+    missing directory), so that a request that fails removes exactly what it made."""
+
+    def __init__(self, source: str, owner: int) -> None:
+        self.source = source
+        self.owner = owner
+        self.created: list[Path] = []
+
+    def create(self, field: str, target: Path, size: int | None) -> None:
+        if size is None:
+            return
+        try:
+            self.created += images.create(target, size, self.owner)
+        except images.ImageError as exc:
+            self.remove_created()
+            # The path changed since it was validated: as bad as a config error.
+            raise BadInput("cannot create image", [f"{self.source}: {field}: {exc}"]) from exc
+
+    def remove_created(self) -> None:
+        images.remove(self.created)
+        self.created = []
+
+
+class Devices:
+    """Every kind's devices, through the kind table; ``stats`` asks the kind's backend."""
+
+    def __init__(
+        self, xs: XsClient, stats: Callable[[DeviceKind, int | None], list[dict[str, object]]]
+    ) -> None:
+        self.xs = xs
+        self._stats = stats
+
+    def ids(self, domid: int, kind: DeviceKind) -> list[int]:
+        try:
+            names = self.xs.directory(xenbus.device_type_path(domid, kind.xenbus_type))
+        except XsError:
+            return []
+        return sorted(int(name) for name in names if name.isdecimal())
+
+    def add(self, domid: int, kind: DeviceKind, entry: Any, devid: int, owner: int) -> DevicePaths:
+        front, back = kind.store_keys(entry, devid, owner)
+        return add_device(self.xs, domid, int(entry.backend), kind.xenbus_type, devid, front, back)
+
+    def add_all(self, domid: int, config: DomainConfig, owner: int) -> list[tuple[DeviceKind, int]]:
+        """A new domain's devices, every kind in table order; the (kind, devid) of each."""
+        added = []
+        for kind in KINDS:
+            for index, entry in enumerate(entries(config, kind)):
+                devid = kind.devid_of(entry)
+                devid = index if devid is None else devid
+                self.add(domid, kind, entry, devid, owner)
+                added.append((kind, devid))
+        return added
+
+    def wait_connected(self, domid: int, kind: DeviceKind, devid: int, timeout: float) -> None:
+        """Both ends Connected, as libxl waits: a netfront says Connected before its backend
+        has bound the event channels, and is not usable until then. A backend that gives up
+        (Closing or Closed, with its reason in its ``error`` node) fails the wait at once."""
+        paths = device_paths(domid, 0, kind.xenbus_type, devid)
+        deadline = time.monotonic() + timeout
+        given_up = {XenbusState.Closing, XenbusState.Closed}
+        try:
+            wanted = {XenbusState.Connected} | given_up
+            back = xenbus.wait_for_state(self.xs, xenbus.state_path(paths.backend), wanted, timeout)
+            if back is XenbusState.Connected:
+                left = max(0.0, deadline - time.monotonic())
+                connected = {XenbusState.Connected}
+                xenbus.wait_for_state(self.xs, xenbus.state_path(paths.frontend), connected, left)
+                return
+        except (TimeoutError, xenbus.XsPathError, XsError):
+            pass
+        reasons = [
+            self.xs.read_optional(xenbus.error_path(path))
+            for path in (paths.backend, paths.frontend)
+        ]
+        error = "; ".join(r for r in reasons if r) or "no error reported"
+        raise HyperError(f"{kind.xenbus_type} {domid}/{devid} did not connect: {error}")
+
+    def attach(
+        self, domid: int, name: str, kind: DeviceKind, entry: Any, owner: int, timeout: float
+    ) -> dict[str, Any]:
+        """Add one device to a running domain and wait until it is connected; on failure,
+        remove it and whatever image was made for it."""
+        existing = self.ids(domid, kind)
+        devid = kind.devid_of(entry)
+        if devid is None:
+            devid = max(existing, default=-1) + 1
+        label = self._label(kind, entry, devid)
+        if devid in existing or (
+            kind.name_key is not None and label in self._names(domid, kind).values()
+        ):
+            used = (
+                f"{kind.spec_name}: {kind.name_meaning}: {label} is already used by domain {name}"
+            )
+            raise BadInput(f"invalid {kind.what}", [used])
+        made = Images(kind.spec_name, owner)
+        image = kind.image_of(entry)
+        if image is not None:
+            made.create("target", Path(image[0]), image[1])
+        paths = self.add(domid, kind, entry, devid, owner)
+        try:
+            self.wait_connected(domid, kind, devid, timeout)
+        except HyperError:
+            remove_device(self.xs, paths)
+            made.remove_created()
+            raise
+        attached: dict[str, Any] = {"domid": domid, "devid": devid}
+        if kind.name_field is not None:
+            attached[kind.name_field] = label
+        return attached
+
+    def detach(self, domid: int, name: str, kind: DeviceKind, device: str) -> dict[str, Any]:
+        """Close one device through XenBus and remove it (and what backs it). ``device`` is
+        its devid or, for a kind with one, its name (a disk's vdev, a share's tag)."""
+        names = self._names(domid, kind)
+        found = [devid for devid, label in names.items() if device in (str(devid), label)]
+        if not found:
+            raise NotFound(f"domain {name} has no {kind.what} {device}")
+        paths = device_paths(domid, 0, kind.xenbus_type, found[0])
+        return {"domid": domid, "devid": found[0], "clean": remove_device(self.xs, paths)}
+
+    def listing(self, domid: int, kind: DeviceKind) -> list[dict[str, Any]]:
+        """A domain's devices of ``kind``: what each end's directory says, and the counters."""
+        stats = {s["devid"]: s for s in self._stats(kind, domid)}
+        out = []
+        for devid in self.ids(domid, kind):
+            front = xenbus.frontend_path(domid, kind.xenbus_type, devid)
+            entry: dict[str, Any] = {"devid": devid}
+            for key, node in kind.front_keys.items():
+                entry[key] = self.xs.read_optional(xenbus.join_path(front, node))
+            back = device_paths(domid, 0, kind.xenbus_type, devid).backend
+            for key, node in kind.back_keys.items():
+                entry[key] = self.xs.read_optional(xenbus.join_path(back, node))
+            entry.update(stats.get(devid, {}))
+            out.append(entry)
+        return out
+
+    def stats(self, kind: DeviceKind) -> list[dict[str, object]]:
+        return self._stats(kind, None)
+
+    def _names(self, domid: int, kind: DeviceKind) -> dict[int, str]:
+        """Each device's devid and the name the user knows it by."""
+        names = {}
+        for devid in self.ids(domid, kind):
+            label = None
+            if kind.name_key is not None:
+                front = xenbus.frontend_path(domid, kind.xenbus_type, devid)
+                label = self.xs.read_optional(xenbus.join_path(front, kind.name_key))
+            names[devid] = label or str(devid)
+        return names
+
+    @staticmethod
+    def _label(kind: DeviceKind, entry: Any, devid: int) -> str:
+        if kind.name_key is None:
+            return str(devid)
+        front, _ = kind.store_keys(entry, devid, 0)
+        return front[kind.name_key]
+
+
+def entries(config: DomainConfig, kind: DeviceKind) -> list[Any]:
+    """The config's entries of one kind."""
+    found: list[Any] = getattr(config, kind.config_key)
+    return found

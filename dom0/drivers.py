@@ -1,22 +1,43 @@
-"""The backend drivers in dom0, by XenBus device type ("vif", "vbd", ...).
+"""The backend drivers in dom0, one per device kind (channels/kinds.py).
 
-Adding a device kind means one folder with its backend and one entry here; the backend bus
-(channels/xenbus_bus.py) probes the driver for every backend directory the toolstack creates.
+Each kind names its backend folder; its ``xenbus.py`` holds the driver class as ``Driver``.
+The backend bus (channels/xenbus_bus.py) probes that driver for every backend directory the
+toolstack creates, and the toolstack asks it for its devices' counters.
 """
 
 from __future__ import annotations
 
+import importlib
+from collections.abc import Callable
+from typing import Protocol
+
 from channels.hypercall import HypercallClient
-from dom0.blkback.xenbus import BlkbackDriver
-from dom0.netback.xenbus import NetbackDriver
+from channels.kinds import KINDS, DeviceKind
+from channels.xenbus_bus import Driver
+
+
+class BackendDriver(Driver, Protocol):
+    """What dom0 needs of a backend driver besides the bus's calls."""
+
+    def stats(self, domid: int | None = None) -> list[dict[str, object]]: ...
+
+
+def driver_class(kind: DeviceKind) -> Callable[[HypercallClient], BackendDriver]:
+    module = importlib.import_module(f"dom0.{kind.backend}.xenbus")
+    cls: Callable[[HypercallClient], BackendDriver] = module.Driver
+    return cls
 
 
 class BackendDrivers:
-    """One driver instance per device type; the toolstack asks them for device statistics."""
+    """One driver instance per device kind, by XenBus device type."""
 
     def __init__(self, hc: HypercallClient) -> None:
-        self.netback = NetbackDriver(hc)
-        self.blkback = BlkbackDriver(hc)
+        self.by_kind: dict[str, BackendDriver] = {
+            kind.xenbus_type: driver_class(kind)(hc) for kind in KINDS
+        }
 
-    def by_type(self) -> dict[str, object]:
-        return {"vif": self.netback, "vbd": self.blkback}
+    def by_type(self) -> dict[str, Driver]:
+        return dict(self.by_kind)
+
+    def stats(self, kind: DeviceKind, domid: int | None = None) -> list[dict[str, object]]:
+        return self.by_kind[kind.xenbus_type].stats(domid)

@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     xs.write(xenbus.backend_root_path(0), "")
     drivers = BackendDrivers(hc)
     toolstack.drivers = drivers
-    backends = Bus(xs, xenbus.backend_root_path(0), "backend", drivers.by_type()).start()  # type: ignore[arg-type]
+    backends = Bus(xs, xenbus.backend_root_path(0), "backend", drivers.by_type()).start()
     threading.Thread(target=toolstack.run_events, name="events", daemon=True).start()
     threading.Thread(target=toolstack.serve, name="control", daemon=True).start()
     log.info("dom0 up; toolstack on %s", run.toolstack_socket)

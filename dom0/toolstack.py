@@ -13,32 +13,28 @@ import os
 import queue
 import socket
 import threading
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from channels import blkif, control, images, pumps, xenbus
+from channels import control, pumps, xenbus
 from channels import hypercall as hc
 from channels.config import (
     RECEIVED,
     ConfigError,
-    DiskConfig,
     DomainConfig,
-    VifConfig,
     parse_config,
-    parse_disk_spec,
+    parse_entry,
     parse_size,
-    parse_vif_spec,
-    random_mac,
 )
 from channels.control import MAX_LINE, error_reply, read_line, send_json
 from channels.errors import ERRNO_KINDS, BadInput, HyperError, NotAllowed, NotFound
-from channels.xenbus import XenbusState
+from channels.kinds import BY_TYPE, KINDS, DeviceKind
 from channels.xs import Perm, XsClient, XsError
 from dom0.console import ConsoleBackend
-from dom0.devices import DevicePaths, add_device, device_paths, remove_device
+from dom0.devices import Devices, Images, entries
+from dom0.drivers import BackendDrivers
 from dom0.relay import Relay
 from dom0.store.core import Store
 
@@ -82,7 +78,8 @@ class Toolstack:
         self.events = events
         self.stopped = threading.Event()
         self._listener: socket.socket | None = None
-        self.drivers: Any = None  # dom0.drivers.BackendDrivers, set by dom0.main
+        self.drivers: BackendDrivers | None = None  # set by dom0.main
+        self.devices = Devices(xs, self._device_stats)
         self._handlers = self._request_table()
         self._streams = self._stream_table()
         self._event_handlers: dict[str, Callable[[dict[str, Any]], None]] = {
@@ -126,10 +123,7 @@ class Toolstack:
         state.console = ConsoleBackend(domid, state.relay.console)
         if not adopted:
             config = DomainConfig.model_validate(info["config"], context=RECEIVED)
-            for devid, vif in enumerate(config.vif):
-                self._add_vif(domid, devid, vif)
-            for disk in config.disk:
-                self._add_vbd(domid, disk, info["owner"])
+            self.devices.add_all(domid, config, info["owner"])
         log.info("dom%d (%s) %s", domid, info["name"], "adopted" if adopted else "introduced")
 
     def _in_store(self, info: dict[str, Any]) -> bool:
@@ -155,78 +149,6 @@ class Toolstack:
             return self.xs.directory(path)
         except XsError:
             return []
-
-    # -- network devices ----------------------------------------------------------------------
-
-    def _add_vif(self, domid: int, devid: int, vif: VifConfig) -> DevicePaths:
-        """Write a vif's frontend and backend directories (libxl's libxl__device_nic_add)."""
-        mac = vif.mac or random_mac()
-        front = {"handle": str(devid), "mac": mac, "mtu": str(vif.mtu)}
-        if vif.ip is not None:
-            front["ip"] = str(vif.ip)
-        if vif.gateway is not None:
-            front["gateway"] = str(vif.gateway)
-        back = {"handle": str(devid), "mac": mac, "bridge": vif.bridge, "mtu": str(vif.mtu)}
-        back["type"] = "vif"
-        if vif.ip is not None:
-            # As libxl does: Xen's vif scripts read it here for their antispoof rules, and so
-            # does netback. The address alone: it is all the vif may send from.
-            back["ip"] = str(vif.ip.ip)
-        if vif.rate is not None:
-            back["rate"] = f"{vif.rate.bytes_per_window},{vif.rate.window_us}"
-        return add_device(self.xs, domid, int(vif.backend), "vif", devid, front, back)
-
-    # -- block devices ------------------------------------------------------------------------
-
-    def _add_vbd(self, domid: int, disk: DiskConfig, owner: int) -> DevicePaths:
-        """Write a vbd's frontend and backend directories (libxl's libxl__device_disk_add);
-        ``owner`` is the uid the image may belong to besides root (blkback checks it)."""
-        vdev = disk.vdev
-        devid = blkif.vdev_number(vdev)
-        front = {"virtual-device": str(devid), "device-type": "disk", "dev": vdev}
-        back = {
-            "params": str(disk.target),
-            blkif.BlkifKey.PARAMS_OWNER: str(owner),
-            "mode": "w" if disk.access == "rw" else "r",
-            "dev": vdev,
-            "type": "file",
-            "device-type": "disk",
-            "removable": "0",
-            "bootable": "1",
-        }
-        return add_device(self.xs, domid, int(disk.backend), "vbd", devid, front, back)
-
-    def _wait_connected(self, domid: int, devtype: str, devid: int, timeout: float) -> None:
-        """Both ends Connected, as libxl waits: a netfront says Connected before its backend
-        has bound the event channels, and is not usable until then. A backend that gives up
-        (Closing or Closed, with its reason in its ``error`` node) fails the wait at once."""
-        paths = device_paths(domid, 0, devtype, devid)
-        deadline = time.monotonic() + timeout
-        given_up = {XenbusState.Closing, XenbusState.Closed}
-        try:
-            back = xenbus.wait_for_state(
-                self.xs,
-                xenbus.state_path(paths.backend),
-                {XenbusState.Connected} | given_up,
-                timeout,
-            )
-            if back is XenbusState.Connected:
-                left = max(0.0, deadline - time.monotonic())
-                connected = {XenbusState.Connected}
-                xenbus.wait_for_state(self.xs, xenbus.state_path(paths.frontend), connected, left)
-                return
-        except (TimeoutError, xenbus.XsPathError, XsError):
-            pass
-        reasons = [
-            self.xs.read_optional(xenbus.error_path(path))
-            for path in (paths.backend, paths.frontend)
-        ]
-        error = "; ".join(r for r in reasons if r) or "no error reported"
-        raise HyperError(f"{devtype} {domid}/{devid} did not connect: {error}")
-
-    def _device_ids(self, domid: int, devtype: str) -> list[int]:
-        names = self._children(xenbus.device_type_path(domid, devtype))
-        return sorted(int(d) for d in names if d.isdecimal())
 
     def on_domain_running(self, data: dict[str, Any]) -> None:
         state = self.domains.get(data["domid"])
@@ -390,6 +312,9 @@ class Toolstack:
                 failed = HyperError(f"{request.method}: internal error: {exc}")
                 send_json(client, error_reply(failed))
 
+    def _device_stats(self, kind: DeviceKind, domid: int | None) -> list[dict[str, object]]:
+        return self.drivers.stats(kind, domid) if self.drivers is not None else []
+
     def _request_table(self) -> dict[type[control.Request], Callable[[Any], Any]]:
         """Which method answers each request (a test checks that every request has one)."""
         return {
@@ -463,13 +388,16 @@ class Toolstack:
             raise BadInput(
                 "duplicate name", [f"{source}: name: a domain named {config.name!r} already exists"]
             )
-        images = _Images(source, owner)
-        for i, disk in enumerate(config.disk):
-            images.create(f"disk.{i}", disk.target, disk.size)
+        made = Images(source, owner)
+        for kind in KINDS:
+            for index, entry in enumerate(entries(config, kind)):
+                image = kind.image_of(entry)
+                if image is not None:
+                    made.create(f"{kind.config_key}.{index}", Path(image[0]), image[1])
         try:
             info = self.hc.call(hc.DomctlCreate(config=config, owner=owner))
         except hc.HypercallError:
-            images.remove_created()
+            made.remove_created()
             raise
         domid = info["domid"]
         try:
@@ -483,17 +411,18 @@ class Toolstack:
                     f"domain {config.name} did not boot: {state.ended or 'timeout'}"
                     " (see `hyperctl dmesg`)"
                 )
-            for devid in range(len(config.vif)):
-                self._wait_connected(domid, "vif", devid, DEVICE_TIMEOUT)
-            for disk in config.disk:
-                self._wait_connected(domid, "vbd", disk.virtual_device, DEVICE_TIMEOUT)
+            for kind in KINDS:
+                for index, entry in enumerate(entries(config, kind)):
+                    devid = kind.devid_of(entry)
+                    devid = index if devid is None else devid
+                    self.devices.wait_connected(domid, kind, devid, DEVICE_TIMEOUT)
             return self.find(domid)
         except HyperError as exc:
-            self._roll_back(domid, images)
+            self._roll_back(domid, made)
             undone = f"domain {config.name} was destroyed again: nothing of it is left"
             raise HyperError(str(exc), [*exc.lines, undone]) from exc
 
-    def _roll_back(self, domid: int, images: _Images) -> None:
+    def _roll_back(self, domid: int, made: Images) -> None:
         """Undo a create that failed after hyperd built the domain: destroy it, wait until its
         teardown is over (its backends, TAPs and loop devices gone), then remove its images."""
         with self.lock:
@@ -504,7 +433,7 @@ class Toolstack:
             log.warning("rolling back dom%d: %s", domid, exc)
         if state is not None and not state.gone.wait(DEVICE_TIMEOUT):
             log.warning("rolling back dom%d: its teardown did not finish", domid)
-        images.remove_created()
+        made.remove_created()
 
     def _wait_state(self, domid: int) -> DomainState:
         """The toolstack's record of a domain hyperd has just built (its introduction event
@@ -649,131 +578,43 @@ class Toolstack:
             raise _store_failed(path, exc) from exc
         return {}
 
-    def network_list(self, domain: str) -> Any:
-        """A domU: its vifs with their configuration, state and counters."""
-        info = self._domu(domain)
-        domid = info["domid"]
-        stats = {s["devid"]: s for s in self.drivers.netback.stats(domid)} if self.drivers else {}
-        out = []
-        for devid in self._device_ids(domid, "vif"):
-            front = xenbus.frontend_path(domid, "vif", devid)
-            entry: dict[str, Any] = {"devid": devid}
-            for key in ("mac", "ip", "mtu", "state", "backend"):
-                entry[key] = self.xs.read_optional(xenbus.join_path(front, key))
-            entry.update(stats.get(devid, {}))
-            out.append(entry)
-        return out
-
-    def net_stats(self) -> Any:
-        """Always allowed: every vif's counters (for `hyperctl top`)."""
-        return self.drivers.netback.stats() if self.drivers else []
-
-    def network_attach(self, domain: str, vif: VifConfig) -> Any:
-        """A running domU: add a vif (xl network-attach); returns once it is connected."""
-        info = self._domu(domain)
-        if info["status"] != "running":
-            raise HyperError(f"domain {info['name']} is not running")
-        domid = info["domid"]
-        devid = max(self._device_ids(domid, "vif"), default=-1) + 1
-        self._add_vif(domid, devid, vif)
-        self._wait_connected(domid, "vif", devid, DEVICE_TIMEOUT)
-        return {"domid": domid, "devid": devid}
-
-    def network_detach(self, domain: str, device: str) -> Any:
-        """A domU's vif: close it through XenBus and remove it (its TAP goes with it)."""
-        if not device.isdigit():
-            raise BadInput("invalid devid", [f"devid: {device!r} is not a vif number"])
-        devid = int(device)
-        info = self._domu(domain)
-        domid = info["domid"]
-        if devid not in self._device_ids(domid, "vif"):
-            raise NotFound(f"domain {info['name']} has no vif {devid}")
-        paths = device_paths(domid, 0, "vif", devid)
-        return {"domid": domid, "devid": devid, "clean": remove_device(self.xs, paths)}
-
-    def block_list(self, domain: str) -> Any:
-        """A domU: its vbds with their configuration, state and counters."""
-        info = self._domu(domain)
-        domid = info["domid"]
-        stats = {s["devid"]: s for s in self.drivers.blkback.stats(domid)} if self.drivers else {}
-        out = []
-        for devid in self._device_ids(domid, "vbd"):
-            front = xenbus.frontend_path(domid, "vbd", devid)
-            back = self.xs.read_optional(xenbus.join_path(front, "backend")) or ""
-            entry: dict[str, Any] = {"devid": devid}
-            entry["vdev"] = self.xs.read_optional(xenbus.join_path(front, "dev"))
-            entry["state"] = self.xs.read_optional(xenbus.join_path(front, "state"))
-            for key in ("params", "mode", "sectors"):
-                entry[key] = self.xs.read_optional(xenbus.join_path(back, key)) if back else None
-            entry["backend"] = back
-            entry.update(stats.get(devid, {}))
-            out.append(entry)
-        return out
-
-    def blk_stats(self) -> Any:
-        """Always allowed: every vbd's counters (for `hyperctl top`)."""
-        return self.drivers.blkback.stats() if self.drivers else []
-
-    def block_attach(self, domain: str, disk: DiskConfig, owner: int) -> Any:
-        """A running domU: add a vbd (xl block-attach); returns once it is connected.
-        ``owner`` as for ``create``."""
-        info = self._domu(domain)
-        if info["status"] != "running":
-            raise HyperError(f"domain {info['name']} is not running")
-        domid = info["domid"]
-        devid = disk.virtual_device
-        if devid in self._device_ids(domid, "vbd"):
-            raise BadInput(
-                "invalid disk",
-                [f"diskspec: vdev: {disk.vdev} is already used by domain {info['name']}"],
-            )
-        images = _Images("diskspec", owner)
-        images.create("target", disk.target, disk.size)
-        paths = self._add_vbd(domid, disk, owner)
-        try:
-            self._wait_connected(domid, "vbd", devid, DEVICE_TIMEOUT)
-        except HyperError:
-            remove_device(self.xs, paths)
-            images.remove_created()
-            raise
-        return {"domid": domid, "devid": devid, "vdev": disk.vdev}
-
-    def block_detach(self, domain: str, vdev: str) -> Any:
-        """A domU's vbd: close it through XenBus and remove it (its loop device goes too)."""
-        info = self._domu(domain)
-        domid = info["domid"]
-        try:
-            devid = blkif.vdev_number(vdev) if not vdev.isdigit() else int(vdev)
-        except ValueError as exc:
-            raise BadInput("invalid vdev", [f"vdev: {exc}"]) from exc
-        if devid not in self._device_ids(domid, "vbd"):
-            raise NotFound(f"domain {info['name']} has no disk {vdev}")
-        paths = device_paths(domid, 0, "vbd", devid)
-        return {"domid": domid, "devid": devid, "clean": remove_device(self.xs, paths)}
-
     def device_attach(self, request: control.DeviceAttach) -> Any:
+        """A running domU: add one device (xl network-attach, block-attach, ...); returns once
+        it is connected. ``owner`` as for ``create``."""
+        kind = BY_TYPE[request.kind]
         try:
-            if request.kind == "vif":
-                vif = parse_vif_spec(request.spec, source="vifspec")
-                return self.network_attach(request.domain, vif)
-            base_dir, owner = Path(request.base_dir), request.owner
-            disk = parse_disk_spec(request.spec, base_dir, source="diskspec", owner=owner)
+            entry = parse_entry(
+                kind.config_key,
+                request.spec,
+                Path(request.base_dir),
+                source=kind.spec_name,
+                owner=request.owner,
+            )
         except ConfigError as exc:
-            raise BadInput(f"invalid {request.kind}", exc.lines) from exc
-        return self.block_attach(request.domain, disk, owner)
+            raise BadInput(f"invalid {kind.what}", exc.lines) from exc
+        info = self._domu(request.domain)
+        if info["status"] != "running":
+            raise HyperError(f"domain {info['name']} is not running")
+        return self.devices.attach(
+            info["domid"], info["name"], kind, entry, request.owner, DEVICE_TIMEOUT
+        )
 
     def device_detach(self, request: control.DeviceDetach) -> Any:
-        if request.kind == "vif":
-            return self.network_detach(request.domain, request.device)
-        return self.block_detach(request.domain, request.device)
+        """A domU's device: close it through XenBus and remove it (its TAP, loop device or
+        share goes with it)."""
+        info = self._domu(request.domain)
+        return self.devices.detach(
+            info["domid"], info["name"], BY_TYPE[request.kind], request.device
+        )
 
     def device_list(self, request: control.DeviceList) -> Any:
-        if request.kind == "vif":
-            return self.network_list(request.domain)
-        return self.block_list(request.domain)
+        """A domU: its devices of a kind with their configuration, state and counters."""
+        info = self._domu(request.domain)
+        return self.devices.listing(info["domid"], BY_TYPE[request.kind])
 
     def device_stats(self, request: control.DeviceStats) -> Any:
-        return self.net_stats() if request.kind == "vif" else self.blk_stats()
+        """Always allowed: every device of a kind's counters (for `hyperctl top`)."""
+        return self.devices.stats(BY_TYPE[request.kind])
 
     # -- streaming methods --------------------------------------------------------------------
 
@@ -834,30 +675,6 @@ class Toolstack:
             pass
         finally:
             watch.unwatch()
-
-
-class _Images:
-    """Disk images a request creates (sparse, when missing and a size is given, with any
-    missing directory), so that a request that fails removes exactly what it made."""
-
-    def __init__(self, source: str, owner: int) -> None:
-        self.source = source
-        self.owner = owner
-        self.created: list[Path] = []
-
-    def create(self, field: str, target: Path, size: int | None) -> None:
-        if size is None:
-            return
-        try:
-            self.created += images.create(target, size, self.owner)
-        except images.ImageError as exc:
-            self.remove_created()
-            # The path changed since it was validated: as bad as a config error.
-            raise BadInput("cannot create image", [f"{self.source}: {field}: {exc}"]) from exc
-
-    def remove_created(self) -> None:
-        images.remove(self.created)
-        self.created = []
 
 
 def _peer_is_root(client: socket.socket) -> bool:

@@ -238,6 +238,12 @@ def enter_kernel_mounts(hostname: str) -> None:
     # Disks are mounted on /dev/xvdX after the workload's mount namespace exists: a shared /dev
     # propagates them there (both namespaces belong to the domain's user namespace).
     linux.mount(None, "/dev", None, linux.MS_SHARED)
+    # Shares (9pfs) are mounted on /mnt/<tag> the same way: on the kernel's own small tmpfs,
+    # shared, which also hides whatever the host keeps in its /mnt.
+    if os.path.isdir("/mnt"):
+        flags = linux.MS_NOSUID | linux.MS_NODEV
+        linux.mount("tmpfs", "/mnt", "tmpfs", flags, "mode=0755,size=64k,nr_inodes=256")
+        linux.mount(None, "/mnt", None, linux.MS_SHARED)
 
 
 def enter_workload_mounts() -> None:

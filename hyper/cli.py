@@ -27,12 +27,14 @@ import termios
 import threading
 import time
 import tty
+from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
 
 from channels import control, linux
 from channels.control import NotRunning
 from channels.errors import BadInput, HyperError
+from channels.kinds import KINDS, DeviceKind
 from channels.paths import RunDir
 
 #: What a domU, its kernel included, can and cannot do to the host: `hyperctl --help` ends with
@@ -243,32 +245,26 @@ def _top_rows(
     before: dict[int, float],
     domains: list[dict[str, Any]],
     interval: float,
-    vifs: list[dict[str, Any]],
-    vbds: list[dict[str, Any]],
+    devices: dict[str, list[dict[str, Any]]],
 ) -> list[list[str]]:
+    """One row per domain: xentop's columns, then each device kind's (channels/kinds.py)."""
     rows = []
     for d in domains:
         prev = before.get(d["domid"])
         pct = 0.0 if prev is None or interval <= 0 else 100.0 * (d["cpu_time"] - prev) / interval
-        mine = [v for v in vifs if v["domid"] == d["domid"]]
-        disks = [v for v in vbds if v["domid"] == d["domid"]]
-        rows.append(
-            [
-                d["name"],
-                d["state"],
-                f"{d['cpu_time']:.1f}",
-                f"{pct:.1f}",
-                str(d.get("mem_usage", 0) // 1024),
-                str(d["memory"] * 1024),
-                str(d["vcpus"]),
-                str(len(mine)),
-                str(sum(v["tx_bytes"] for v in mine) // 1024),
-                str(sum(v["rx_bytes"] for v in mine) // 1024),
-                str(sum(v["tx_spoofed"] for v in mine)),
-                str(len(disks)),
-                *(str(sum(v[key] for v in disks)) for key in _VBD_KEYS),
-            ]
-        )
+        row = [
+            d["name"],
+            d["state"],
+            f"{d['cpu_time']:.1f}",
+            f"{pct:.1f}",
+            str(d.get("mem_usage", 0) // 1024),
+            str(d["memory"] * 1024),
+            str(d["vcpus"]),
+        ]
+        for kind in KINDS:
+            mine = [v for v in devices[kind.xenbus_type] if v["domid"] == d["domid"]]
+            row += [str(column.value(mine)) for column in kind.top]
+        rows.append(row)
     return rows
 
 
@@ -280,18 +276,8 @@ TOP_COLUMNS = [
     "MEM(k)",
     "MAXMEM(k)",
     "VCPUS",
-    "NETS",
-    "NETTX(k)",
-    "NETRX(k)",
-    "NETSPOOF",
-    "VBDS",
-    "VBD_OO",
-    "VBD_RD",
-    "VBD_WR",
-    "VBD_RSECT",
-    "VBD_WSECT",
+    *(column.header for kind in KINDS for column in kind.top),
 ]
-_VBD_KEYS = ("oo_req", "rd_req", "wr_req", "rd_sect", "wr_sect")
 
 
 def cmd_top(args: argparse.Namespace) -> int:
@@ -318,13 +304,11 @@ def cmd_top(args: argparse.Namespace) -> int:
         while args.iterations is None or iteration < args.iterations:
             domains = _call(control.List())
             now = time.monotonic()
-            rows = _top_rows(
-                before,
-                domains,
-                now - last,
-                _call(control.DeviceStats(kind="vif")),
-                _call(control.DeviceStats(kind="vbd")),
-            )
+            devices = {
+                kind.xenbus_type: _call(control.DeviceStats(kind=kind.xenbus_type))
+                for kind in KINDS
+            }
+            rows = _top_rows(before, domains, now - last, devices)
             before = {d["domid"]: d["cpu_time"] for d in domains}
             last = now
             iteration += 1
@@ -646,89 +630,53 @@ def cmd_console(args: argparse.Namespace) -> int:
     return _console(args.domain)
 
 
-# -- network devices ---------------------------------------------------------------------------
+# -- devices, one set of commands per kind in channels/kinds.py -----------------------------------
 
 
-def cmd_network_attach(args: argparse.Namespace) -> int:
-    result = _call(control.DeviceAttach(domain=args.domain, kind="vif", spec=args.vifspec))
-    print(f"vif {result['domid']}/{result['devid']} attached", file=sys.stderr)
-    return 0
-
-
-def cmd_network_detach(args: argparse.Namespace) -> int:
-    result = _call(control.DeviceDetach(domain=args.domain, kind="vif", device=str(args.devid)))
-    if not result["clean"]:
-        print(
-            f"vif {args.devid}: the backend did not close in time; removed anyway", file=sys.stderr
+def cmd_device_attach(kind: DeviceKind) -> Callable[[argparse.Namespace], int]:
+    def run(args: argparse.Namespace) -> int:
+        request = control.DeviceAttach(
+            domain=args.domain,
+            kind=kind.xenbus_type,
+            spec=args.spec,
+            base_dir=os.getcwd(),
+            owner=_invoking_uid(),
         )
-    return 0
-
-
-def cmd_network_list(args: argparse.Namespace) -> int:
-    vifs = _call(control.DeviceList(domain=args.domain, kind="vif"))
-    if args.json:
-        print(json.dumps(vifs, indent=2))
+        result = _call(request)
+        label = result.get(kind.name_field or "", result["devid"])
+        print(f"{kind.xenbus_type} {result['domid']}/{label} attached", file=sys.stderr)
         return 0
-    print(
-        f"{'Idx':>3} {'MAC':<18}{'IP':<19}{'State':>5} {'Q':>2} {'TX pkts':>9} {'TX bytes':>12} "
-        f"{'RX pkts':>9} {'RX bytes':>12} {'Err':>5} {'Drop':>5} {'Spoof':>5} {'BadRef':>6}"
-    )
-    for v in vifs:
-        errors = v.get("tx_errors", 0) + v.get("rx_errors", 0)
-        drops = v.get("tx_dropped", 0) + v.get("rx_dropped", 0)
-        print(
-            f"{v['devid']:>3} {v.get('mac') or '-':<18}{v.get('ip') or '-':<19}"
-            f"{v.get('state') or '-':>5} {len(v.get('queues') or []) or '-':>2} "
-            f"{v.get('tx_packets', 0):>9} {v.get('tx_bytes', 0):>12} "
-            f"{v.get('rx_packets', 0):>9} {v.get('rx_bytes', 0):>12} {errors:>5} {drops:>5} "
-            f"{v.get('tx_spoofed', 0):>5} {v.get('bad_grefs', 0):>6}"
+
+    return run
+
+
+def cmd_device_detach(kind: DeviceKind) -> Callable[[argparse.Namespace], int]:
+    def run(args: argparse.Namespace) -> int:
+        request = control.DeviceDetach(
+            domain=args.domain, kind=kind.xenbus_type, device=args.device
         )
-    return 0
-
-
-# -- block devices -----------------------------------------------------------------------------
-
-
-def cmd_block_attach(args: argparse.Namespace) -> int:
-    request = control.DeviceAttach(
-        domain=args.domain,
-        kind="vbd",
-        spec=args.diskspec,
-        base_dir=os.getcwd(),
-        owner=_invoking_uid(),
-    )
-    result = _call(request)
-    print(f"vbd {result['domid']}/{result['vdev']} attached", file=sys.stderr)
-    return 0
-
-
-def cmd_block_detach(args: argparse.Namespace) -> int:
-    result = _call(control.DeviceDetach(domain=args.domain, kind="vbd", device=args.vdev))
-    if not result["clean"]:
-        print(f"{args.vdev}: the backend did not close in time; removed anyway", file=sys.stderr)
-    return 0
-
-
-def cmd_block_list(args: argparse.Namespace) -> int:
-    vbds = _call(control.DeviceList(domain=args.domain, kind="vbd"))
-    if args.json:
-        print(json.dumps(vbds, indent=2))
+        if not _call(request)["clean"]:
+            print(
+                f"{kind.what} {args.device}: the backend did not close in time; removed anyway",
+                file=sys.stderr,
+            )
         return 0
-    print(
-        f"{'Vdev':<6}{'BE':>4} {'State':>5} {'Mode':<5}{'Sectors':>12} {'RD req':>9} "
-        f"{'WR req':>9} {'RD sect':>11} {'WR sect':>11} {'OO':>5} {'Err':>5} {'BadRef':>6}  "
-        "Target"
-    )
-    for v in vbds:
-        backend = (v.get("backend") or "").split("/")
-        print(
-            f"{v.get('vdev') or v['devid']:<6}{backend[3] if len(backend) > 3 else '-':>4} "
-            f"{v.get('state') or '-':>5} {v.get('mode') or '-':<5}{v.get('sectors') or '-':>12} "
-            f"{v.get('rd_req', 0):>9} {v.get('wr_req', 0):>9} {v.get('rd_sect', 0):>11} "
-            f"{v.get('wr_sect', 0):>11} {v.get('oo_req', 0):>5} {v.get('errors', 0):>5} "
-            f"{v.get('bad_grefs', 0):>6}  {v.get('params') or '-'}"
-        )
-    return 0
+
+    return run
+
+
+def cmd_device_list(kind: DeviceKind) -> Callable[[argparse.Namespace], int]:
+    def run(args: argparse.Namespace) -> int:
+        devices = _call(control.DeviceList(domain=args.domain, kind=kind.xenbus_type))
+        if args.json:
+            print(json.dumps(devices, indent=2))
+            return 0
+        print(" ".join(column.cell(column.header) for column in kind.columns).rstrip())
+        for device in devices:
+            print(" ".join(column.cell(column.value(device)) for column in kind.columns).rstrip())
+        return 0
+
+    return run
 
 
 # -- store -------------------------------------------------------------------------------------
@@ -843,35 +791,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-c", dest="cap", type=int, default=None)
     p.set_defaults(func=cmd_sched_credit)
 
-    p = sub.add_parser("network-attach", help="give a running domain a new vif")
-    p.add_argument("domain")
-    p.add_argument("vifspec", help="xl-style vif spec, e.g. bridge=hyperbr0,ip=10.0.0.5/24")
-    p.set_defaults(func=cmd_network_attach)
+    for kind in KINDS:
+        p = sub.add_parser(f"{kind.cli}-attach", help=f"give a running domain a new {kind.what}")
+        p.add_argument("domain")
+        example = f"xl-style {kind.what} spec, e.g. {kind.spec_example}"
+        p.add_argument("spec", metavar=kind.spec_name, help=example)
+        p.set_defaults(func=cmd_device_attach(kind))
 
-    p = sub.add_parser("network-detach", help="remove a vif from a domain")
-    p.add_argument("domain")
-    p.add_argument("devid", type=int)
-    p.set_defaults(func=cmd_network_detach)
+        p = sub.add_parser(f"{kind.cli}-detach", help=f"remove a {kind.what} from a domain")
+        p.add_argument("domain")
+        names = f"its {kind.name_field} or its devid" if kind.name_field else "its devid"
+        p.add_argument(
+            "device", metavar=kind.name_field or "devid", help=f"the {kind.what}: {names}"
+        )
+        p.set_defaults(func=cmd_device_detach(kind))
 
-    p = sub.add_parser("network-list", help="a domain's vifs and their counters")
-    p.add_argument("domain")
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(func=cmd_network_list)
-
-    p = sub.add_parser("block-attach", help="give a running domain a new disk")
-    p.add_argument("domain")
-    p.add_argument("diskspec", help="xl-style disk spec, e.g. target=data.img,size=64M,vdev=xvdb")
-    p.set_defaults(func=cmd_block_attach)
-
-    p = sub.add_parser("block-detach", help="remove a disk from a domain")
-    p.add_argument("domain")
-    p.add_argument("vdev", help="the disk's vdev (xvdb) or its devid")
-    p.set_defaults(func=cmd_block_detach)
-
-    p = sub.add_parser("block-list", help="a domain's disks and their counters")
-    p.add_argument("domain")
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(func=cmd_block_list)
+        p = sub.add_parser(f"{kind.cli}-list", help=f"a domain's {kind.what}s and their counters")
+        p.add_argument("domain")
+        p.add_argument("--json", action="store_true")
+        p.set_defaults(func=cmd_device_list(kind))
 
     p = sub.add_parser("store", help="read and change the store")
     p.add_argument("op", choices=["ls", "read", "write", "rm", "watch"])

@@ -63,7 +63,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 from channels import blkif as B
-from channels import pumps
+from channels import kinds, pumps
 from channels.errors import BadInput, ProtocolViolation
 from channels.evtchn import EventChannel, LateEoi
 from channels.gnttab import GrantError
@@ -87,17 +87,8 @@ _SLOT = B.SLOT_SIZE
 _RW_OPS = (B.BLKIF_OP_READ, B.BLKIF_OP_WRITE)
 
 
-COUNTER_FIELDS = (
-    "rd_req",
-    "rd_sect",
-    "wr_req",
-    "wr_sect",
-    "flush_req",
-    "discard_req",
-    "oo_req",
-    "errors",
-    "bad_grefs",
-)
+#: The order the native pump keeps them in too (channels/kinds.py declares them).
+COUNTER_FIELDS = kinds.VBD.counters
 
 
 class Counters(CounterPage):

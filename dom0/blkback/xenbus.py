@@ -189,3 +189,7 @@ class BlkbackDriver:
             }
             for v in vbds
         ]
+
+
+#: The driver channels/kinds.py names this folder for.
+Driver = BlkbackDriver

@@ -25,8 +25,8 @@ from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
+from channels import kinds, pumps
 from channels import netif as N
-from channels import pumps
 from channels.errors import BadInput, ProtocolViolation
 from channels.evtchn import EventChannel, LateEoi
 from channels.gnttab import GrantError
@@ -67,18 +67,8 @@ _RX_REQ = N.RX_RING.request_slot
 _FIRST, _EXTRA, _FRAGMENT, _DONE = range(4)  # where TxPath is in the packet it collects
 
 
-COUNTER_FIELDS = (
-    "tx_packets",
-    "tx_bytes",
-    "tx_errors",
-    "tx_dropped",
-    "tx_spoofed",
-    "rx_packets",
-    "rx_bytes",
-    "rx_errors",
-    "rx_dropped",
-    "bad_grefs",
-)
+#: The order the native pump keeps them in too (channels/kinds.py declares them).
+COUNTER_FIELDS = kinds.VIF.counters
 
 
 class Counters(CounterPage):

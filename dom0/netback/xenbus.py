@@ -232,3 +232,7 @@ def _parse_rate(value: str | None) -> RateLimit | None:
     if credit <= 0 or window <= 0:
         return None
     return RateLimit(credit, window)
+
+
+#: The driver channels/kinds.py names this folder for.
+Driver = NetbackDriver

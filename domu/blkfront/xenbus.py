@@ -237,3 +237,7 @@ def _watch_server(bf: Blkfront, dev: XenbusDevice) -> None:
             dev.fatal(f"{bf.vdev}: backend misbehaved: {line[len('broken ') :]}")
     if bf.server is server:  # it ended without being asked to: the disk is gone
         dev.fatal(f"{bf.vdev}: the FUSE server ended")
+
+
+#: The driver channels/kinds.py names this folder for.
+Driver = BlkfrontDriver

@@ -256,3 +256,7 @@ def _configure_link(name: str, config: dict[str, str | None]) -> None:
             ipr.addr("add", index=index, address=address, prefixlen=int(prefix or 24))
         if config.get("gateway"):
             ipr.route("add", dst="default", gateway=config["gateway"])
+
+
+#: The driver channels/kinds.py names this folder for.
+Driver = NetfrontDriver

@@ -148,7 +148,6 @@ def test_a_duplicate_name_exits_2_and_creates_nothing(
     assert len(domains()) == count
 
 
-
 def test_a_create_whose_device_cannot_connect_is_rolled_back(
     hypervisor: None, tmp_path: Path
 ) -> None:
@@ -168,6 +167,7 @@ def test_a_create_whose_device_cannot_connect_is_rolled_back(
     assert domain_info("rollback") is None
     assert not image.exists()
     assert set(leftovers()) <= before
+
 
 def test_unknown_domain_and_missing_file_are_errors(hypervisor: None) -> None:
     assert hyperctl("destroy", "no-such-domain", check=False).status == 1

@@ -20,7 +20,7 @@ from pydantic import BaseModel
 
 from channels import blkif as B
 from channels import netif as N
-from channels.config import DiskConfig, DomainConfig, VifConfig
+from channels.config import DiskConfig, DomainConfig, P9Config, VifConfig
 from channels.grants import BAD_GREF_BUDGET
 from channels.paths import RunDir
 from dom0.netback.datapath import GSO_BY_FRAGS, MIN_GSO_SIZE
@@ -164,7 +164,12 @@ def test_code_map_names_every_package_and_module() -> None:
 
 @pytest.mark.parametrize(
     ("header", "model"),
-    [("key", DomainConfig), ("vif key", VifConfig), ("disk key", DiskConfig)],
+    [
+        ("key", DomainConfig),
+        ("vif key", VifConfig),
+        ("disk key", DiskConfig),
+        ("p9 key", P9Config),
+    ],
 )
 def test_config_reference_lists_exactly_the_model_keys(header: str, model: type[BaseModel]) -> None:
     keys = table_keys(section("Configuration reference"), header)

@@ -1,0 +1,69 @@
+"""A 9pfs device's data path in a process of its own: ``python -m dom0.p9back.worker``.
+
+See dom0/datapath_worker.py for why and how: it opens its event channels' doorbells, drops
+every host privilege (dom0/privilege.py), and only then maps the pools and starts the data path.
+Its device fd (``device_fd``) is the share's root, opened ``O_PATH | O_DIRECTORY`` by dom0.
+Besides the common parameters: the device's name, each ring's ``ring_refs`` (its interface
+page) and ``doorbells``, ``readonly``, ``max_order`` (the max-ring-page-order we advertised),
+and, when the share belongs to a user other than root, ``share_uid``/``share_gid``: the worker
+then drops to that user instead of its own worker id, so that it can write into the share and
+what it creates belongs to that user (dom0/p9back/xenbus.py). Its grant mapper maps at most
+what its rings can use (``max_grant_pages``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from channels.evtchn import EventChannel
+from channels.grants import DeviceGrants, GrantMapper
+from channels.p9fs import xen_flex_ring_size
+from dom0.datapath_worker import Dom0Link, serve_device, worker_main
+from dom0.p9back.datapath import Counters, P9Device, max_grant_pages
+from dom0.p9back.server import P9Server
+
+
+def open_channels(params: dict[str, Any], link: Dom0Link) -> list[EventChannel]:
+    """Each ring's event channel, opened by name before the worker drops privilege."""
+    return [EventChannel(link, 0, mine, peer) for mine, peer in params["doorbells"]]  # type: ignore[arg-type]
+
+
+def start(
+    channels: list[EventChannel], params: dict[str, Any], link: Dom0Link, counter_page: memoryview
+) -> Callable[[], None]:
+    counters = Counters(counter_page)
+    refs, order = params["ring_refs"], params["max_order"]
+    device = DeviceGrants(params["frontend"], params["device"], max_grant_pages(len(refs), order))
+    grants = GrantMapper(link, device, params["pools"], counters=counters)  # type: ignore[arg-type]
+    server = P9Server(
+        params["device_fd"], readonly=params["readonly"], max_msize=xen_flex_ring_size(order)
+    )
+    p9 = P9Device.connect(
+        grants,
+        channels,
+        refs,
+        server,
+        max_order=order,
+        counters=counters,
+        on_fatal=link.fatal,
+        name=params["name"],
+    )
+    p9.start()
+
+    def stop() -> None:
+        p9.stop()
+        grants.close()
+
+    return stop
+
+
+def serve(params: dict[str, Any]) -> int:
+    """serve_device, as the share's owner when it has one (see the module docstring)."""
+    if "share_uid" in params:
+        params = {**params, "worker_id": params["share_uid"], "worker_gid": params["share_gid"]}
+    return serve_device(params, open_channels=open_channels, start=start)
+
+
+if __name__ == "__main__":
+    worker_main(serve)
