@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
@@ -67,6 +67,19 @@ class XenbusDevice:
             if tx.read_optional(self.nodename) is None:
                 return False
             tx.write(self.path(key), value)
+            return True
+
+        return bool(self.xs.transaction(write))
+
+    def write_all(self, entries: Mapping[str, str]) -> bool:
+        """Write several of our keys in one transaction, unless our directory is gone (as
+        ``write``: a device removed while it connects must stay removed). False if it was."""
+
+        def write(tx: Any) -> bool:
+            if tx.read_optional(self.nodename) is None:
+                return False
+            for key, value in entries.items():
+                tx.write(self.path(key), value)
             return True
 
         return bool(self.xs.transaction(write))

@@ -64,23 +64,23 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
-from pathlib import Path
 from typing import Any, Literal, Self, TypeVar
 
 from channels import grants
 from channels import hypercall as hc
 from channels.credit import Credit
 from channels.errors import HyperError, ProtocolViolation
+from channels.forkserver import Child, ChildSetup
 from channels.gnttab import GrantError
 from channels.hypercall import HypercallClient, HypercallError
 from channels.ids import host_gid
 from channels.xenbus import XenbusState
 from channels.xenbus_bus import XenbusDevice
 from dom0 import privilege
+from dom0.spawn import spawner
 
 log = logging.getLogger(__name__)
 
-_SOURCE_ROOT = str(Path(__file__).resolve().parents[1])
 #: The longest line a worker may send dom0: a request is a few dozen bytes, a fatal report a
 #: few hundred.
 MAX_LINE = 4096
@@ -149,7 +149,7 @@ class WorkerProcess:
 
     def __init__(
         self,
-        process: subprocess.Popen[bytes],
+        process: Child,
         links: WorkerLinks,
         map_pools: Callable[[], dict[str, Any]],
         on_fatal: Callable[[str], None],
@@ -327,10 +327,10 @@ def _spawn(
     device_fd: int,
     links: WorkerLinks,
     extra_fds: Sequence[int] = (),
-) -> subprocess.Popen[bytes]:
-    """``python -m module`` with ``params`` on its stdin, and its fds: the device (and
-    ``extra_fds``), ``links``' ends and its pools' (``params["pools"]``,
-    ``grants.open_pools``'s)."""
+) -> Child:
+    """``module``'s ``main``, forked by dom0's fork server (dom0/spawn.py), with ``params`` on
+    its stdin, and its fds: the device (and ``extra_fds``), ``links``' ends and its pools'
+    (``params["pools"]``, ``grants.open_pools``'s)."""
     theirs = (links.theirs.fileno(), links.counters_fd)
     params = {
         **params,
@@ -340,13 +340,13 @@ def _spawn(
         "counters_fd": theirs[1],
     }
     try:
-        process = subprocess.Popen(
-            [sys.executable, "-m", module],
+        process = spawner.server().spawn(
+            f"{module}:main",
             stdin=subprocess.PIPE,
             stdout=links.theirs_output.fileno(),
             stderr=links.theirs_output.fileno(),
             pass_fds=(device_fd, *extra_fds, *theirs, *grants.pool_fds(params["pools"])),
-            env={**os.environ, "PYTHONPATH": _SOURCE_ROOT},
+            setup=ChildSetup(comm=_comm(module)),
         )
     except OSError:
         links.close()
@@ -357,6 +357,11 @@ def _spawn(
     process.stdin.write(json.dumps(params).encode())
     process.stdin.close()
     return process
+
+
+def _comm(module: str) -> str:
+    """A worker's name for ps and top: ``dom0.netback.worker`` runs as ``netback``."""
+    return module.split(".")[-2] if module.count(".") >= 2 else module
 
 
 def _sealed_page() -> int:

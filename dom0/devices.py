@@ -121,6 +121,10 @@ def remove_device(xs: XsClient, paths: DevicePaths, timeout: float = 10.0) -> bo
     return closed
 
 
+#: How often a rollback looks whether the backends have released a domain's devices.
+RELEASE_POLL = 0.02
+
+
 class Images:
     """Disk images a request creates (sparse, when missing and a size is given, with any
     missing directory), so that a request that fails removes exactly what it made."""
@@ -258,6 +262,17 @@ class Devices:
             entry.update(stats.get(devid, {}))
             out.append(entry)
         return out
+
+    def wait_released(self, domid: int, timeout: float) -> bool:
+        """Whether every backend has released what it held for ``domid``'s devices (a TAP,
+        a loop device, a share) within ``timeout`` seconds of the devices' removal: a backend
+        forgets a device (its counters go) only once it has released it."""
+        deadline = time.monotonic() + timeout
+        while any(self._stats(kind, domid) for kind in KINDS):
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(RELEASE_POLL)  # a bounded wait for the bus thread, not an idle loop
+        return True
 
     def stats(self, kind: DeviceKind) -> list[dict[str, object]]:
         return self._stats(kind, None)

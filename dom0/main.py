@@ -28,6 +28,7 @@ from channels import xenbus
 from channels.hypercall import HypercallClient
 from channels.paths import RunDir
 from channels.xenbus_bus import Bus
+from dom0 import spawn
 from dom0.drivers import BackendDrivers
 from dom0.netback.tap import remove_our_bridges
 from dom0.store.core import Store
@@ -39,6 +40,8 @@ log = logging.getLogger("dom0")
 
 
 def main(argv: list[str] | None = None) -> int:
+    # First, while dom0 is single-threaded: its fork server is a fork of it (dom0/spawn.py).
+    spawn.start()
     parser = argparse.ArgumentParser(prog="dom0")
     parser.add_argument("--hypercall-fd", type=int, required=True)
     parser.add_argument("--run-dir", type=Path, default=None)

@@ -32,7 +32,6 @@ import subprocess
 import sys
 import threading
 from collections.abc import Callable
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from channels.bytering import (
@@ -56,9 +55,11 @@ from channels.bytering import (
     xenstore_rings,
 )
 from channels.doorbell import DoorbellPair
+from channels.forkserver import Child, ChildSetup
 from channels.shm import attach
 from channels.stream import HEAL_TIMEOUT, RingStream, StreamClosed
 from channels.waiting import readable
+from dom0.spawn import spawner
 
 if TYPE_CHECKING:
     from channels.hypercall import HypercallClient
@@ -145,7 +146,8 @@ def _dom0_died(pidfd: int) -> bool:
     return bool(readable([pidfd], DOM0_EXIT_GRACE))
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
+    """The entry point dom0's fork server runs (no arguments: the parameters come on stdin)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s relay: %(message)s")
     params = json.load(sys.stdin)
     params["store"]["dom0"] = os.pidfd_open(os.getppid())
@@ -172,7 +174,7 @@ class Relay:
     """dom0's handle on a domain's relay process: the store connection and the console socket."""
 
     def __init__(
-        self, process: subprocess.Popen[bytes], store_conn: StreamConnection, console: socket.socket
+        self, process: Child, store_conn: StreamConnection, console: socket.socket
     ) -> None:
         self.process = process
         self.store_conn = store_conn
@@ -209,12 +211,11 @@ class Relay:
                 "fd": peer.fileno(),
             }
         params["store"]["reconnect"] = reconnect
-        source = str(Path(__file__).resolve().parents[1])
-        process = subprocess.Popen(
-            [sys.executable, "-m", "dom0.relay"],
+        process = spawner.server().spawn(
+            "dom0.relay:main",
             stdin=subprocess.PIPE,
             pass_fds=[s.fileno() for s in theirs],
-            env={**os.environ, "PYTHONPATH": source},
+            setup=ChildSetup(comm="hyper-relay"),
         )
         assert process.stdin is not None
         process.stdin.write(json.dumps(params).encode())

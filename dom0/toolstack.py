@@ -433,6 +433,8 @@ class Toolstack:
             log.warning("rolling back dom%d: %s", domid, exc)
         if state is not None and not state.gone.wait(DEVICE_TIMEOUT):
             log.warning("rolling back dom%d: its teardown did not finish", domid)
+        if not self.devices.wait_released(domid, DEVICE_TIMEOUT):
+            log.warning("rolling back dom%d: a backend still holds one of its devices", domid)
         made.remove_created()
 
     def _wait_state(self, domid: int) -> DomainState:

@@ -1,7 +1,9 @@
 """The domain boot process: from a host-root child of hyperd to the domain's pid 1.
 
-``python -m domu.boot HYPERCALL_FD SYNC_FD``. hyperd has already put this process in the
-domain's cgroup; the boot parameters arrive as one JSON line on the sync socket. Steps:
+Started by hyperd's fork server (channels/forkserver.py) as ``domu.boot:main HYPERCALL_FD
+SYNC_FD`` (``python -m domu.boot HYPERCALL_FD SYNC_FD`` does the same), in the domain's cgroup
+from its first instruction; the boot parameters arrive as one JSON line on
+the sync socket. Steps:
 
 1. import everything the domain kernel needs, while host files are still readable;
 2. build the sandbox root in a new mount namespace and pivot into it (domu/sandbox.py);
@@ -44,7 +46,8 @@ def _read_line(sync: socket.socket) -> bytes:
 
 
 def main(argv: list[str]) -> int:
-    hypercall_fd, sync_fd = int(argv[1]), int(argv[2])
+    """``argv``: the hypercall and sync descriptors' numbers."""
+    hypercall_fd, sync_fd = int(argv[0]), int(argv[1])
     sync = socket.socket(fileno=sync_fd)
     params = json.loads(_read_line(sync))
     os.umask(0o022)  # hyperd's umask is private; the sandbox's directories must not be
@@ -77,4 +80,4 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv))
+    sys.exit(main(sys.argv[1:]))

@@ -32,7 +32,7 @@ from channels.shm import Segment, attach
 from channels.xenbus_bus import Bus
 from channels.xs_ring import XenstoreRing
 from domu import init as workload_init
-from domu import sandbox
+from domu import sandbox, spawn
 from domu.console import ConsoleFrontend
 from domu.drivers import frontend_drivers
 
@@ -173,6 +173,8 @@ def main(params: dict[str, Any], hypercall_fd: int) -> int:
         os._exit(workload_init.main(params, tty_slave, status_w))
     os.close(tty_slave)
     os.close(status_w)
+    # Still no thread: the fork server for our FUSE servers is a fork of us (domu/spawn.py).
+    spawn.start()
     hc = HypercallClient(socket.socket(fileno=hypercall_fd))
     kernel = Kernel(params, hc, init_pid, status_r, tty_master)
     threading.Thread(

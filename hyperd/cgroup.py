@@ -29,6 +29,7 @@ cpu_weight         cpu.shares = weight * 1024 / 256,           cpu.weight = weig
 (1..65535, 256)    clamped to 2..262144                        rounded half up, clamped 1..10000
 cap (% of one      cpu.cfs_period_us = 100000,                 cpu.max = "<cap*1000> 100000",
 CPU, 0 = none)     cpu.cfs_quota_us = cap * 1000 (-1 = none)   or "max 100000"
+and vcpus          (cap, or at most vcpus * 100)               (the same)
 pids_max           pids.max                                    pids.max
 =================  ==========================================  ===============================
 
@@ -96,6 +97,8 @@ class Limits:
     cpu_weight: int = 256
     cap: int = 0
     pids_max: int = 512
+    #: A ceiling of this many CPUs' time (None: none, as for dom0).
+    vcpus: int | None = None
 
     def __post_init__(self) -> None:
         if self.memory_mib < 1:
@@ -106,6 +109,8 @@ class Limits:
             raise ValueError(f"cap must be >= 0 (0 = no cap), not {self.cap}")
         if self.pids_max < 1:
             raise ValueError(f"pids_max must be >= 1, not {self.pids_max}")
+        if self.vcpus is not None and self.vcpus < 1:
+            raise ValueError(f"vcpus must be >= 1, not {self.vcpus}")
 
 
 def v1_cpu_shares(cpu_weight: int) -> int:
@@ -118,9 +123,13 @@ def v2_cpu_weight(cpu_weight: int) -> int:
     return min(max((cpu_weight * 100 + 128) // 256, 1), 10000)
 
 
-def cfs_quota_us(cap: int) -> int | None:
-    """CPU time per CFS_PERIOD_US period for a cap in % of one CPU; None for no cap."""
-    return cap * CFS_PERIOD_US // 100 if cap else None
+def cfs_quota_us(cap: int, vcpus: int | None = None) -> int | None:
+    """CPU time per CFS_PERIOD_US period: ``cap`` (% of one CPU) when set, bounded by the
+    ``vcpus`` ceiling (each vCPU at most one CPU's time, as a Xen guest's: a 1-vCPU domain
+    never gets more than one CPU, however many threads it runs); None for neither."""
+    ceiling = 100 * vcpus if vcpus else 0
+    percent = min(cap, ceiling) if cap and ceiling else cap or ceiling
+    return percent * CFS_PERIOD_US // 100 if percent else None
 
 
 # ---------------------------------------------------------------------------------------
@@ -427,7 +436,7 @@ class V1Group(DomainGroup):
         cpu = self.path("cpu")
         _write(cpu / "cpu.shares", str(v1_cpu_shares(limits.cpu_weight)))
         _write(cpu / "cpu.cfs_period_us", str(CFS_PERIOD_US))
-        _write(cpu / "cpu.cfs_quota_us", str(cfs_quota_us(limits.cap) or -1))
+        _write(cpu / "cpu.cfs_quota_us", str(cfs_quota_us(limits.cap, limits.vcpus) or -1))
         _write(self.path("pids") / "pids.max", str(limits.pids_max))
 
     def _set_memory(self, limit: int) -> None:
@@ -485,7 +494,7 @@ class V2Group(DomainGroup):
         if (self._dir / "memory.swap.max").exists():
             _write(self._dir / "memory.swap.max", "0")
         _write(self._dir / "cpu.weight", str(v2_cpu_weight(limits.cpu_weight)))
-        quota = cfs_quota_us(limits.cap)
+        quota = cfs_quota_us(limits.cap, limits.vcpus)
         _write(self._dir / "cpu.max", f"{quota or 'max'} {CFS_PERIOD_US}")
         _write(self._dir / "pids.max", str(limits.pids_max))
 

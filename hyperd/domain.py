@@ -5,8 +5,9 @@ Building a domU (the domain builder of Xen's toolstack, here inside the hypervis
 1. a cgroup with the config's limits (hyperd/cgroup.py);
 2. the store ring and the console ring, each one page of shared memory, with an event channel
    bound between the domU and dom0 (ports allocated in hyperd's tables);
-3. the boot process ``python -m domu.boot``, placed in the cgroup, given its hypercall socket
-   and, over a private sync socket, its boot parameters. It builds the sandbox root as host root,
+3. the boot process ``domu.boot:main``, forked by hyperd's fork server (channels/forkserver.py)
+   into the cgroup before it runs, given its hypercall socket and, over a private sync socket,
+   its boot parameters. It builds the sandbox root as host root,
    creates the domain's user namespace and asks hyperd (``needs_id_map``) to write the uid and
    gid maps, which only a process privileged in the host namespace may do; then it forks the
    domain's kernel as pid 1 of a new pid namespace and reports that pid (``kernel_pid``).
@@ -20,7 +21,6 @@ import json
 import os
 import socket
 import subprocess
-import sys
 import time
 import uuid as uuidlib
 from collections.abc import Callable
@@ -32,6 +32,7 @@ from channels import pumps
 from channels.bytering import CONSOLE_PAGE_SIZE, XENSTORE_PAGE_SIZE
 from channels.config import DOM0_NAME, RECEIVED, DomainConfig
 from channels.credit import Credit
+from channels.forkserver import Child, ChildSetup, ForkServer
 from channels.ids import id_map
 from hyperd.budget import HYPERCALL_BURST, HYPERCALL_RATE, GuestLog
 from hyperd.cgroup import DomainGroup
@@ -76,7 +77,7 @@ class Domain:
     created: float = field(default_factory=time.time)
     owner: int = 0  # the uid of the user who asked for it (see hypercall.DomctlCreate)
     sock: socket.socket | None = None  # hyperd's end of the hypercall socket
-    boot: subprocess.Popen[bytes] | None = None
+    boot: Child | None = None  # the boot process, until it exits (hyperd._reap)
     sync: socket.socket | None = None  # hyperd's end of the boot sync socket
     sync_buffer: bytes = b""
     pid: int | None = None  # the domain's main process: dom0 itself, or a domU's kernel
@@ -99,7 +100,7 @@ class Domain:
     credit: Credit = field(default_factory=lambda: Credit(HYPERCALL_RATE, HYPERCALL_BURST))
     calls_paused_until: float = 0.0
     log: GuestLog | None = None  # hyperd's end of a domU's output (hyperd/budget.py)
-    process: subprocess.Popen[bytes] | None = None  # dom0's process (kept: see hyperd._reap)
+    process: Child | None = None  # dom0's process (its status set by hyperd._reap)
 
     @property
     def memory(self) -> int:
@@ -218,7 +219,12 @@ SO_SNDBUFFORCE = 32  # <asm-generic/socket.h>: root may set a buffer past wmem_m
 LOG_BUFFER = 1 << 20
 
 
-def spawn_boot(domain: Domain, rootfs: Path, log_path: Path) -> None:
+#: Where the boot process finds its hypercall and sync sockets; its kernel keeps the first.
+BOOT_HYPERCALL_FD = 3
+BOOT_SYNC_FD = 4
+
+
+def spawn_boot(domain: Domain, rootfs: Path, log_path: Path, spawner: ForkServer) -> None:
     """Start the domain's boot process; its progress arrives on ``domain.sync``, and what it
     and the kernel write on their output on ``domain.log`` (a new domain, a new log: domids
     are reused)."""
@@ -229,22 +235,27 @@ def spawn_boot(domain: Domain, rootfs: Path, log_path: Path) -> None:
     # its rate): its writes wait only past this.
     log_there.setsockopt(socket.SOL_SOCKET, SO_SNDBUFFORCE, LOG_BUFFER)
     domain.log = GuestLog(log_path, log_here, fresh=True)
-    domain.boot = subprocess.Popen(
-        [sys.executable, "-m", "domu.boot", str(domain_end.fileno()), str(sync_there.fileno())],
-        pass_fds=(domain_end.fileno(), sync_there.fileno()),
-        stdin=subprocess.DEVNULL,
-        stdout=log_there,
-        stderr=log_there,
-        cwd="/",
+    assert domain.cgroup is not None
+    domain.boot = spawner.spawn(
+        "domu.boot:main",
+        [str(BOOT_HYPERCALL_FD), str(BOOT_SYNC_FD)],
         env=_boot_environment(),
+        stdin=subprocess.DEVNULL,
+        stdout=log_there.fileno(),
+        stderr=log_there.fileno(),
+        pass_fds={BOOT_HYPERCALL_FD: domain_end.fileno(), BOOT_SYNC_FD: sync_there.fileno()},
+        # In its cgroup before it runs a line: nothing of a domain is ever outside its limits.
+        setup=ChildSetup(
+            cwd="/",
+            cgroup_procs=tuple(map(str, domain.cgroup.procs_file_paths())),
+            comm="hyper-boot",
+        ),
     )
     domain_end.close()
     sync_there.close()
     log_there.close()
     domain.sock = hyper_end
     domain.sync = sync_here
-    assert domain.cgroup is not None
-    domain.cgroup.attach(domain.boot.pid)
     params = {
         "domid": domain.domid,
         "name": domain.name,

@@ -53,6 +53,7 @@ from channels import hypercall as hc
 from channels import linux
 from channels.config import DOM0_NAME, DomainConfig
 from channels.errors import HyperError
+from channels.forkserver import ChildSetup, Spawner
 from channels.hypercall import Op
 from channels.ids import host_gid
 from channels.paths import RunDir
@@ -84,6 +85,19 @@ DOM0_REAP_TICK = (0.01, 0.5)  # first and longest wait between looks at a dead d
 DOM0_REAP_WARN = 5.0  # seconds after which a dead dom0's processes not dying yet is logged
 OUTQ_LIMIT = 4096
 MAX_LOG_LINE = 1000
+#: What hyperd's fork server imports once for every process it starts: dom0, each domain's
+#: boot process (which becomes the domain's kernel) and the fd keeper; and what a domain
+#: kernel's own fork server preloads (domu/spawn.py), so that every domain shares those pages
+#: with this server instead of importing them again.
+HYPERD_PRELOAD = (
+    "domu.boot",
+    "domu.blkfront.server",
+    "domu.p9front.fs",
+    "dom0.main",
+    "hyperd.keeper",
+)
+#: dom0's hypercall socket, in dom0.
+DOM0_HYPERCALL_FD = 3
 HYPERD_LOG_MAX = 8 << 20  # bytes of hyperd.log before it is rotated to hyperd.log.1
 
 
@@ -142,8 +156,11 @@ class Hypervisor:
         run: RunDir,
         hierarchy: cgroup.Hierarchy,
         dmesg: DmesgHandler,
+        spawner: Spawner | None = None,
     ) -> None:
         self.run = run
+        #: Starts every process hyperd runs (dom0, the domains' boot processes, the keeper).
+        self.spawner = spawner or Spawner(HYPERD_PRELOAD)
         self.cgroups = hierarchy
         self.dmesg = dmesg
         self.keeper: KeeperClient | None = None  # connected by main (``_connect_keeper``)
@@ -284,6 +301,9 @@ class Hypervisor:
                 return
             if pid == 0:
                 return
+            if self.spawner.owns(pid):
+                log.warning("the fork server %d exited; the next spawn starts another", pid)
+                continue
             for domain in list(self.domains.values()):
                 # Only a live child: an adopted domain's old pid, or a preserved domain's, may
                 # since have been given to a new child of ours.
@@ -446,32 +466,29 @@ class Hypervisor:
             dom0.cgroup = self.cgroups.create("dom0", unlimited)
             self.domains[0] = dom0
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        assert dom0.cgroup is not None
+        groups = dom0.cgroup.procs_file_paths()
         # One log per hypervisor run; a restarted dom0 adds to it.
         with open(self.run.log("dom0"), "ab" if self.dom0_restarts else "wb") as out:
-            proc = subprocess.Popen(
+            proc = self.spawner.server().spawn(
+                "dom0.main:main",
                 [
-                    sys.executable,
-                    "-m",
-                    "dom0",
                     "--hypercall-fd",
-                    str(theirs.fileno()),
+                    str(DOM0_HYPERCALL_FD),
                     "--run-dir",
                     str(self.run.root),
                     *(["--recover"] if self.dom0_restarts else []),
                 ],
-                pass_fds=(theirs.fileno(),),
+                env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)},
                 stdin=subprocess.DEVNULL,
                 stdout=out,
                 stderr=out,
-                env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)},
+                pass_fds={DOM0_HYPERCALL_FD: theirs.fileno()},
+                setup=ChildSetup(cgroup_procs=tuple(map(str, groups)), comm="hyper-dom0"),
             )
         theirs.close()
-        assert dom0.cgroup is not None
-        dom0.cgroup.attach(proc.pid)
         dom0.set_pid(proc.pid)
         self._dom0_started = time.monotonic()
-        # Keep the Popen: one dropped while its process runs is polled by every later Popen
-        # (subprocess._cleanup), which could collect dom0's exit status before _reap does.
         dom0.process = proc
         ours.setblocking(False)
         dom0.sock = ours
@@ -647,7 +664,9 @@ class Hypervisor:
             self.keeper.close()
             self.keeper = None
         try:
-            self.keeper = keeper.connect_or_start(self.run.keeper_socket, self.run.log("hyperd"))
+            self.keeper = keeper.connect_or_start(
+                self.run.keeper_socket, self.spawner, self.run.log("hyperd")
+            )
         except (KeeperError, OSError) as exc:
             log.error("no fd keeper (%s): a killed hyperd would now take every domain down", exc)
         return self.keeper
@@ -816,6 +835,12 @@ class Hypervisor:
 
     def do_domctl_set_sched(self, caller: Domain, op: hc.DomctlSetSched) -> dict[str, Any]:
         domain = self._domu(op.domid)
+        if op.cap is not None and op.cap > 100 * domain.config.vcpus:
+            limit = 100 * domain.config.vcpus
+            raise HvError(
+                "EINVAL",
+                f"cap {op.cap}% is more than {domain.config.vcpus} vcpus can use ({limit}%)",
+            )
         changes = {"cpu_weight": op.cpu_weight, "cap": op.cap}
         domain.config = domain.config.model_copy(
             update={key: value for key, value in changes.items() if value is not None}
@@ -918,7 +943,7 @@ class Hypervisor:
             sizes = ring_sizes()
             domain.store = self._ring(domain, "store", sizes["store"])
             domain.console = self._ring(domain, "console", sizes["console"])
-            spawn_boot(domain, self.run.rootfs, self.run.log(f"dom{domid}"))
+            spawn_boot(domain, self.run.rootfs, self.run.log(f"dom{domid}"), self.spawner.server())
         except Exception as exc:
             self._release(domain)
             raise HvError("EIO", f"building domain {domid}: {exc}") from exc
@@ -1287,6 +1312,7 @@ def _limits(config: DomainConfig) -> cgroup.Limits:
         cpu_weight=config.cpu_weight,
         cap=config.cap,
         pids_max=PIDS_MAX,
+        vcpus=config.vcpus,
     )
 
 
@@ -1373,6 +1399,8 @@ def main(argv: list[str] | None = None) -> int:
     except state.StateError as exc:
         return refuse_state(exc)
     hypervisor = Hypervisor(run, cgroup.open_hierarchy(), dmesg)
+    # From the main thread (the server dies with it), and now: its imports overlap ours.
+    hypervisor.spawner.start()
     log.info("hyperd %d starting (cgroup v%d)", os.getpid(), hypervisor.cgroups.version)
     sockets = _connect_keeper(hypervisor)
     if saved is not None:

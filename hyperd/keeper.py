@@ -44,6 +44,7 @@ from pathlib import Path
 from typing import Any
 
 from channels.errors import HyperError
+from channels.forkserver import Child, ChildSetup, Spawner
 from channels.waiting import readable
 
 log = logging.getLogger(__name__)
@@ -300,7 +301,7 @@ class KeeperClient:
             sock.close()
             raise KeeperError(f"{path}: the process listening there runs as uid {uid}")
         self.pid = pid
-        self.process: subprocess.Popen[bytes] | None = None  # set when we started it
+        self.process: Child | None = None  # set when we started it
         self.pidfd: int | None
         try:
             self.pidfd = os.pidfd_open(pid)
@@ -377,22 +378,21 @@ def _wait_pidfd(pidfd: int, timeout: float) -> bool:
     return bool(readable([pidfd], timeout))
 
 
-def start(path: Path, log_path: Path | None = None) -> subprocess.Popen[bytes]:
-    """Start a keeper listening on ``path``, in a session of its own; returns once it listens.
-    Its log goes to ``log_path`` (appended), or nowhere."""
+def start(path: Path, spawner: Spawner, log_path: Path | None = None) -> Child:
+    """Start a keeper listening on ``path``, in a session of its own (it outlives hyperd);
+    returns once it listens. Its log goes to ``log_path`` (appended), or nowhere."""
     with open(log_path or os.devnull, "ab") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "hyperd.keeper", "--socket", str(path)],
+        proc = spawner.server().spawn(
+            "hyperd.keeper:main",
+            ["--socket", str(path)],
+            env=dict(os.environ),
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=out,
-            start_new_session=True,
-            cwd="/",
-            env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)},
+            setup=ChildSetup(cwd="/", new_session=True, comm="hyper-keeper"),
         )
     assert proc.stdout is not None
-    ready, _, _ = select.select([proc.stdout], [], [], START_TIMEOUT)
-    line = proc.stdout.readline() if ready else b""
+    line = proc.stdout.readline() if readable([proc.stdout.fileno()], START_TIMEOUT) else b""
     proc.stdout.close()
     if line != b"ready\n":
         proc.kill()
@@ -401,13 +401,13 @@ def start(path: Path, log_path: Path | None = None) -> subprocess.Popen[bytes]:
     return proc
 
 
-def connect_or_start(path: Path, log_path: Path | None = None) -> KeeperClient:
+def connect_or_start(path: Path, spawner: Spawner, log_path: Path | None = None) -> KeeperClient:
     """The running keeper, or a new one."""
     try:
         return KeeperClient.connect(path)
     except KeeperError:
         pass
-    process = start(path, log_path)
+    process = start(path, spawner, log_path)
     client = KeeperClient.connect(path)
     client.process = process
     return client

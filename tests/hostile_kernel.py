@@ -24,7 +24,8 @@ import os
 import socket
 import sys
 import time
-from pathlib import Path
+
+from hyperd.domain import BOOT_HYPERCALL_FD
 
 _SYS_PIDFD_GETFD = 438  # the same number on x86_64 and aarch64
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -43,10 +44,9 @@ def steal(pid: int, fd: int) -> int:
 
 
 def kernel_fds(kernel_pid: int) -> dict[str, int]:
-    """Which of the kernel's descriptors is what: its output, and its hypercall socket
-    (``python -m domu.boot HYPERCALL_FD SYNC_FD``)."""
-    argv = Path(f"/proc/{kernel_pid}/cmdline").read_bytes().split(b"\0")
-    return {"log": 2, "hypercalls": int(argv[argv.index(b"domu.boot") + 1])}
+    """Which of the kernel's descriptors is what: its output, and its hypercall socket (where
+    hyperd put the boot process's, which the kernel inherited)."""
+    return {"log": 2, "hypercalls": BOOT_HYPERCALL_FD}
 
 
 def flood_log(out: int, seconds: float) -> str:

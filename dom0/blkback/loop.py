@@ -15,7 +15,9 @@ import fcntl
 import logging
 import os
 import struct
+import time
 from dataclasses import dataclass
+from pathlib import Path
 
 from channels import images
 from channels.errors import HyperError
@@ -37,6 +39,9 @@ LOOP_CONFIG = struct.Struct("=II5Q4I64s64s32s2Q8Q")
 
 SECTOR_SIZE = 512
 ATTACH_TRIES = 8
+#: How long close() waits for the kernel's detach after the last close, and how often it looks.
+DETACH_TIMEOUT = 2.0
+DETACH_POLL = 0.01
 
 
 class LoopError(HyperError):
@@ -53,10 +58,25 @@ class LoopDevice:
     readonly: bool
 
     def close(self) -> None:
-        """Close our descriptor; the kernel detaches the device once no one else has it open."""
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
+        """Close our descriptor; the kernel detaches the device once no one else has it open.
+        Linux runs that detach after the last close returns (a work item): wait for it, a
+        little, so that a device removed is a loop device gone (a rolled-back create, say)."""
+        if self.fd < 0:
+            return
+        backing = Path("/sys/block", Path(self.path).name, "loop", "backing_file")
+        before = _read(backing)
+        os.close(self.fd)
+        self.fd = -1
+        deadline = time.monotonic() + DETACH_TIMEOUT
+        while before is not None and _read(backing) == before and time.monotonic() < deadline:
+            time.sleep(DETACH_POLL)
+
+
+def _read(path: Path) -> str | None:
+    try:
+        return path.read_text()
+    except OSError:
+        return None
 
 
 def attach(image: str, *, readonly: bool, owner: int, direct_io: bool = True) -> LoopDevice:

@@ -11,6 +11,7 @@ I/O threads to run. Its grant mapper maps at most what blkif can use (``blkif.MA
 from __future__ import annotations
 
 import functools
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -52,5 +53,11 @@ def start(
     return path.stop
 
 
-if __name__ == "__main__":
+def main(argv: list[str]) -> int:
+    """The entry point dom0's fork server runs (dom0/datapath_worker.py)."""
     worker_main(functools.partial(serve_device, open_channels=open_channel, start=start))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

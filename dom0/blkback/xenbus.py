@@ -124,9 +124,9 @@ class BlkbackDriver:
         if not isinstance(vbd, Vbd):
             return
         self._disconnect(vbd)
-        with self._lock:
-            self.vbds.pop((vbd.domid, vbd.devid), None)
         vbd.loop.close()
+        with self._lock:  # forgotten only once released: see Devices.wait_released
+            self.vbds.pop((vbd.domid, vbd.devid), None)
         dev.driver_data = None
         log.info("%s: removed", vbd.name)
 
@@ -161,11 +161,7 @@ class BlkbackDriver:
             "info": str(B.VDISK_READONLY if vbd.loop.readonly else 0),
         }
 
-        def publish(tx: Any) -> None:
-            for name, value in properties.items():
-                tx.write(dev.path(name), value)
-
-        dev.xs.transaction(publish)
+        dev.write_all(properties)
 
     def _disconnect(self, vbd: Vbd) -> None:
         vbd.path.stop()

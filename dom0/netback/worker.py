@@ -15,6 +15,7 @@ can use for that many queues (``netif.MAX_GRANT_PAGES`` each).
 from __future__ import annotations
 
 import functools
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -80,5 +81,11 @@ def _names(vif: str, queues: int) -> list[str]:
     return [vif] if queues == 1 else [f"{vif}-q{q}" for q in range(queues)]
 
 
-if __name__ == "__main__":
+def main(argv: list[str]) -> int:
+    """The entry point dom0's fork server runs (dom0/datapath_worker.py)."""
     worker_main(functools.partial(serve_device, open_channels=open_channels, start=start))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

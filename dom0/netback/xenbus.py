@@ -124,9 +124,9 @@ class NetbackDriver:
         if not isinstance(vif, Vif):
             return
         self._disconnect(vif)
-        with self._lock:
-            self.vifs.pop((vif.domid, vif.devid), None)
         destroy_tap(vif.tap_fds, vif.domid, vif.devid, vif.bridge)
+        with self._lock:  # forgotten only once released: see Devices.wait_released
+            self.vifs.pop((vif.domid, vif.devid), None)
         dev.driver_data = None
         log.info("%s: removed", vif.name)
 

@@ -13,6 +13,7 @@ what its rings can use (``max_grant_pages``).
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -65,5 +66,11 @@ def serve(params: dict[str, Any]) -> int:
     return serve_device(params, open_channels=open_channels, start=start)
 
 
-if __name__ == "__main__":
+def main(argv: list[str]) -> int:
+    """The entry point dom0's fork server runs (dom0/datapath_worker.py)."""
     worker_main(serve)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

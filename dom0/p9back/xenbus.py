@@ -121,9 +121,9 @@ class P9backDriver:
         if not isinstance(share, Share):
             return
         self._disconnect(share)
-        with self._lock:
-            self.shares.pop((share.domid, share.devid), None)
         os.close(share.root_fd)
+        with self._lock:  # forgotten only once released: see Devices.wait_released
+            self.shares.pop((share.domid, share.devid), None)
         dev.driver_data = None
 
     # -- connecting -----------------------------------------------------------------------------

@@ -585,7 +585,8 @@ def _disk(
     )
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> int:
+    """The entry point the kernel's fork server runs: the parameters come on stdin."""
     linux.set_comm("hyper-blkfront")  # what ps shows inside the domain
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     serve(json.loads(sys.stdin.readline()))
@@ -593,4 +594,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

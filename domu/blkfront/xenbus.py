@@ -26,27 +26,25 @@ import json
 import logging
 import os
 import subprocess
-import sys
 import threading
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
 
 from channels import blkif as B
 from channels.evtchn import EventChannel, alloc_unbound
+from channels.forkserver import Child
 from channels.gnttab import GrantPool, grant_pool, release_pool
 from channels.hypercall import HypercallClient, HypercallError
 from channels.ids import WORKLOAD_GID, WORKLOAD_UID
 from channels.ring import FrontRing
 from channels.xenbus import XenbusState
 from channels.xenbus_bus import XenbusDevice
+from domu.spawn import spawner
 
 log = logging.getLogger(__name__)
 S = XenbusState
 
 DATA_PAGES = 1024  # 4 MiB in flight: four 1 MiB requests, or the whole ring of small ones
 MOUNT_TIMEOUT = 10.0
-_SOURCE_ROOT = str(Path(__file__).resolve().parents[2])
 MNT_DETACH = 2
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
@@ -57,7 +55,7 @@ class Blkfront:
     vdev: str
     pools: dict[str, tuple[int, GrantPool]] = field(default_factory=dict)  # kind: (id, pool)
     channel: EventChannel | None = None
-    server: subprocess.Popen[bytes] | None = None
+    server: Child | None = None
     mounted: threading.Event = field(default_factory=threading.Event)
     reset: threading.Event = field(default_factory=threading.Event)  # the server said "reset"
     disk: tuple[int, bool] = (0, False)  # sectors, read-only: a restarted backend must agree
@@ -132,11 +130,7 @@ class BlkfrontDriver:
             "feature-persistent": "1",
         }
 
-        def publish(tx: Any) -> None:
-            for key, value in keys.items():
-                tx.write(dev.path(key), value)
-
-        dev.xs.transaction(publish)
+        dev.write_all(keys)
 
     def _connect(self, dev: XenbusDevice, bf: Blkfront) -> None:
         bf.disk = sectors, readonly = _disk(dev)
@@ -161,11 +155,8 @@ class BlkfrontDriver:
         }
         fd = os.open(bf.mountpoint, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         os.close(fd)
-        bf.server = subprocess.Popen(
-            [sys.executable, "-m", "domu.blkfront.server"],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            env={**os.environ, "PYTHONPATH": _SOURCE_ROOT},
+        bf.server = spawner.server().spawn(
+            "domu.blkfront.server:main", stdin=subprocess.PIPE, stdout=subprocess.PIPE
         )
         assert bf.server.stdin is not None
         bf.server.stdin.write(json.dumps(params).encode() + b"\n")

@@ -163,11 +163,7 @@ class NetfrontDriver:
             ):
                 keys[N.queue_path(q, count, key)] = str(value)
 
-        def publish(tx: Any) -> None:
-            for key, value in keys.items():
-                tx.write(dev.path(key), value)
-
-        dev.xs.transaction(publish)
+        dev.write_all(keys)
         self._run_paths(nf)
 
     def _start_paths(self, dev: XenbusDevice, nf: Netfront, *, run: bool = True) -> None:

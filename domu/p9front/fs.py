@@ -306,7 +306,9 @@ def _follow_the_kernel(mountpoint: str) -> None:
         linux.umount(mountpoint, linux.MNT_DETACH)
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
+    """The entry point the kernel's fork server runs: the parameters come on stdin."""
+    linux.set_comm("hyper-p9front")  # what ps shows inside the domain
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     params = json.loads(sys.stdin.readline())
     assert PAGE_SIZE == 4096

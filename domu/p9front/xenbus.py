@@ -29,19 +29,18 @@ import json
 import logging
 import os
 import subprocess
-import sys
 import threading
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
 
 from channels import linux
 from channels import p9fs as P
 from channels.evtchn import EventChannel, alloc_unbound
+from channels.forkserver import Child
 from channels.gnttab import GrantPool, grant_pool, release_pool
 from channels.hypercall import HypercallClient, HypercallError
 from channels.xenbus import XenbusState
 from channels.xenbus_bus import XenbusDevice
+from domu.spawn import spawner
 
 log = logging.getLogger(__name__)
 S = XenbusState
@@ -49,7 +48,6 @@ S = XenbusState
 RING_ORDER = 6  # 64 pages: 128 KiB each way
 MOUNT_ROOT = "/mnt"
 MOUNT_TIMEOUT = 10.0
-_SOURCE_ROOT = str(Path(__file__).resolve().parents[2])
 
 
 @dataclass
@@ -58,7 +56,7 @@ class P9front:
     pools: dict[str, tuple[int, GrantPool]] = field(default_factory=dict)  # kind: (id, pool)
     order: int = 0
     channel: EventChannel | None = None
-    server: subprocess.Popen[bytes] | None = None
+    server: Child | None = None
     mounted: threading.Event = field(default_factory=threading.Event)
 
     @property
@@ -133,11 +131,7 @@ class P9frontDriver:
             P.event_channel_key(0): str(pf.channel.port),
         }
 
-        def publish(tx: Any) -> None:
-            for key, value in keys.items():
-                tx.write(dev.path(key), value)
-
-        dev.xs.transaction(publish)
+        dev.write_all(keys)
 
     def _connect(self, dev: XenbusDevice, pf: P9front) -> None:
         assert pf.channel is not None
@@ -155,11 +149,8 @@ class P9frontDriver:
             "doorbells": [mine, peer],
         }
         os.makedirs(pf.mountpoint, mode=0o755, exist_ok=True)
-        pf.server = subprocess.Popen(
-            [sys.executable, "-m", "domu.p9front.fs"],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            env={**os.environ, "PYTHONPATH": _SOURCE_ROOT},
+        pf.server = spawner.server().spawn(
+            "domu.p9front.fs:main", stdin=subprocess.PIPE, stdout=subprocess.PIPE
         )
         assert pf.server.stdin is not None
         pf.server.stdin.write(json.dumps(params).encode() + b"\n")

@@ -89,6 +89,21 @@ def wait_for(
         time.sleep(interval)
 
 
+#: What hyper's processes call themselves (channels/forkserver.py's children are named so, and
+#: their command lines are their fork server's).
+OUR_COMMS = (
+    "hyper-kernel",
+    "hyper-init",
+    "hyper-forksrv",
+    "hyper-boot",
+    "hyper-dom0",
+    "hyper-keeper",
+    "hyper-relay",
+    "hyper-blkfront",
+    "hyper-p9front",
+)
+
+
 def leftovers() -> list[str]:
     """Everything of hyper's that could be on the host: it must be empty when nothing runs."""
     found = [f"/dev/shm/{p.name}" for p in Path("/dev/shm").iterdir() if "hyper." in p.name]
@@ -107,7 +122,7 @@ def leftovers() -> list[str]:
         except OSError:
             continue
         if (
-            comm in ("hyper-kernel", "hyper-init")
+            comm in OUR_COMMS
             or "hyperd.hypervisor" in cmdline
             or "hyperd.keeper" in cmdline
             or ("-m dom0" in cmdline or "domu.boot" in cmdline or "domu.blkfront" in cmdline)

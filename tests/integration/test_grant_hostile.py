@@ -46,6 +46,7 @@ from channels.gnttab import GrantPool
 from channels.grants import BAD_GREF_BUDGET
 from channels.ring import PAGE_SIZE
 from hyperd import cgroup
+from hyperd.domain import BOOT_HYPERCALL_FD
 from hyperd.gnttab import grant_budget
 from tests.integration.blkhost import DATA_PAGES, INDIRECT_PAGES, HostileBlkfront, vbd_stats
 from tests.integration.conftest import BOTH_PUMPS, domain_info, hyperctl, wait_for
@@ -70,10 +71,9 @@ SYS_PIDFD_GETFD = 438  # x86_64 and aarch64 alike
 
 
 def kernel_hypercall_socket(kernel_pid: int) -> socket.socket:
-    """A duplicate of the domain kernel's hypercall socket (the boot process's first argument,
-    which the kernel inherited)."""
-    argv = Path(f"/proc/{kernel_pid}/cmdline").read_bytes().split(b"\0")
-    target = int(argv[argv.index(b"domu.boot") + 1])
+    """A duplicate of the domain kernel's hypercall socket (where hyperd put the boot
+    process's, which the kernel inherited)."""
+    target = BOOT_HYPERCALL_FD
     pidfd = os.pidfd_open(kernel_pid)
     try:
         libc = ctypes.CDLL(None, use_errno=True)

@@ -63,6 +63,22 @@ def test_cap_20_holds_a_burner_well_under_half_a_cpu(make_domain: Callable[..., 
     assert 0.05 < used < 1.5, f"cap 20 let the burner use {used:.2f} s of CPU in 3 s"
 
 
+def test_a_one_vcpu_domain_uses_at_most_about_one_cpu(make_domain: Callable[..., str]) -> None:
+    """Two busy threads, one vCPU: the domain's quota is one CPU's time, however many CPUs the
+    host has (this one has two; unbounded, the burners would use both)."""
+    burners = 'command: ["sh", "-c", "(while :; do :; done) & while :; do :; done"]\n'
+    name = make_domain("vcpus: 1\n" + burners)
+    used = cpu_used_over(name, 3.0)
+    assert 1.5 < used < 3.0 * 1.25, f"a 1-vcpu domain used {used:.2f} s of CPU in 3 s"
+
+
+def test_sched_credit_refuses_a_cap_beyond_the_vcpus(make_domain: Callable[..., str]) -> None:
+    name = make_domain("vcpus: 1\n")
+    result = hyperctl("sched-credit", "-d", name, "-c", "150", check=False)
+    assert result.status != 0 and "cap 150% is more than 1 vcpus can use (100%)" in result.err
+    assert hyperctl("sched-credit", "-d", name, "-c", "100").status == 0
+
+
 def test_twenty_idle_domains_cost_almost_nothing(make_domain: Callable[..., str]) -> None:
     names = [make_domain() for _ in range(20)]
     time.sleep(1.0)  # let the boots' last work (the shells starting) finish

@@ -8,6 +8,7 @@ dom0) and puts what it read in its counter page: ``FIELDS``, each ref's page's f
 from __future__ import annotations
 
 import functools
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -41,5 +42,11 @@ def start(_: None, params: dict[str, Any], link: Dom0Link, page: memoryview) -> 
     return grants.close
 
 
-if __name__ == "__main__":
+def main(argv: list[str]) -> int:
+    """What dom0's fork server runs, as it runs a real worker's main."""
     worker_main(functools.partial(serve_device, open_channels=open_nothing, start=start))
+    return 0
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

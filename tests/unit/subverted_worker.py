@@ -16,6 +16,7 @@ import mmap
 import os
 import signal
 import socket
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -95,5 +96,11 @@ def run(params: dict[str, Any]) -> int:
     return 0
 
 
-if __name__ == "__main__":
+def main(argv: list[str]) -> int:
+    """What dom0's fork server runs, as it runs a real worker's main."""
     worker_main(run)
+    return 0
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -183,6 +183,25 @@ def test_cap_maps_to_quota_per_100ms_period():
 
 
 @pytest.mark.parametrize(
+    ("cap", "vcpus", "quota"),
+    [(0, 1, 100_000), (0, 3, 300_000), (50, 2, 50_000), (250, 2, 200_000), (0, None, None)],
+)
+def test_vcpus_are_a_ceiling_with_the_cap_below_it(cap: int, vcpus: int | None, quota: int | None):
+    assert cfs_quota_us(cap, vcpus) == quota
+
+
+def test_a_one_vcpu_domain_gets_one_cpus_time_per_period_on_v1_and_v2(tmp_path: Path):
+    (tmp_path / "v1").mkdir()
+    (tmp_path / "v2").mkdir()
+    v1_root, v1 = make_v1(tmp_path / "v1", SEPARATE)
+    v1.create("dom3", Limits(memory_mib=64, vcpus=1))
+    assert read(v1_root / "cpu/hyper/dom3/cpu.cfs_quota_us") == "100000"
+    v2_root, v2 = make_v2(tmp_path / "v2")
+    v2.create("dom3", Limits(memory_mib=64, vcpus=1))
+    assert read(v2_root / "hyper/dom3/cpu.max") == "100000 100000"
+
+
+@pytest.mark.parametrize(
     "bad",
     [
         {"memory_mib": 0},

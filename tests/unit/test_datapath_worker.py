@@ -27,18 +27,30 @@ from channels import credit, grants
 from channels import hypercall as hc
 from channels import netif as N
 from channels.doorbell import create_doorbell, unlink_doorbell
+from channels.forkserver import Spawner
 from channels.gnttab import GrantPool, pool_bytes
 from channels.grants import REFRESH_BURST, REFRESHES_PER_SECOND
 from channels.ids import host_gid
 from channels.shm import create_segment, unlink_segment
 from channels.xenbus import XenbusState
-from dom0 import datapath_worker
+from dom0 import datapath_worker, spawn
 from dom0.datapath_worker import MAX_LINE, SCM_MAX_FD, DataPath, WorkerProcess
 from tests.unit import mapping_worker, subverted_worker
 from tests.unit.test_gnttab import Clock, Granter
 from tests.unit.test_store_connection import wait_until
 
 TIMEOUT = 30.0
+
+
+@pytest.fixture(autouse=True, scope="module")
+def test_workers_spawner() -> Iterator[None]:
+    """dom0's fork server, with this module's stand-in workers among what it preloads (a fork
+    server runs nothing it did not import first); closed with the module."""
+    spawner = Spawner([*spawn.PRELOAD, "tests.unit.subverted_worker", "tests.unit.mapping_worker"])
+    real, datapath_worker.spawner = datapath_worker.spawner, spawner
+    yield
+    datapath_worker.spawner = real
+    spawner.close()
 
 
 def pool(name: str, pages: int) -> dict[str, Any]:

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import logging
 import socket
-import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from channels.config import DomainConfig
+from channels.forkserver import Child, Spawner
 from channels.paths import RunDir
 from hyperd import keeper, state
 from hyperd.cgroup import CgroupFs, DomainGroup, V2Group
@@ -380,13 +380,15 @@ def test_a_write_replaces_the_file_whole_and_leaves_no_temporary(tmp_path: Path)
 
 
 @pytest.fixture
-def keeper_process(tmp_path: Path) -> Iterator[tuple[Path, subprocess.Popen[bytes]]]:
+def keeper_process(tmp_path: Path) -> Iterator[tuple[Path, Child]]:
     path = tmp_path / "keeper.sock"
-    process = keeper.start(path, tmp_path / "keeper.log")
+    spawner = Spawner(["hyperd.keeper"])
+    process = keeper.start(path, spawner, tmp_path / "keeper.log")
     yield path, process
     if process.poll() is None:
         process.kill()
     process.wait(TIMEOUT)
+    spawner.close()
 
 
 def kept_domain(client: KeeperClient, name: str) -> socket.socket:
@@ -400,7 +402,7 @@ def kept_domain(client: KeeperClient, name: str) -> socket.socket:
 
 
 def test_a_new_client_gets_back_the_socket_a_dead_one_handed_over(
-    keeper_process: tuple[Path, subprocess.Popen[bytes]],
+    keeper_process: tuple[Path, Child],
 ) -> None:
     path, _ = keeper_process
     first = KeeperClient.connect(path)
@@ -423,7 +425,7 @@ def test_a_new_client_gets_back_the_socket_a_dead_one_handed_over(
 
 
 def test_a_dropped_socket_is_closed_so_the_domain_sees_the_end(
-    keeper_process: tuple[Path, subprocess.Popen[bytes]],
+    keeper_process: tuple[Path, Child],
 ) -> None:
     path, _ = keeper_process
     client = KeeperClient.connect(path)
@@ -438,7 +440,7 @@ def test_a_dropped_socket_is_closed_so_the_domain_sees_the_end(
 
 
 def test_a_hand_over_larger_than_one_message_arrives_whole(
-    keeper_process: tuple[Path, subprocess.Popen[bytes]],
+    keeper_process: tuple[Path, Child],
 ) -> None:
     path, _ = keeper_process
     client = KeeperClient.connect(path)
@@ -455,7 +457,7 @@ def test_a_hand_over_larger_than_one_message_arrives_whole(
 
 
 def test_the_keeper_waits_for_a_hyperd_while_a_domain_lives_and_then_leaves(
-    keeper_process: tuple[Path, subprocess.Popen[bytes]],
+    keeper_process: tuple[Path, Child],
 ) -> None:
     path, process = keeper_process
     client = KeeperClient.connect(path)
@@ -469,7 +471,7 @@ def test_the_keeper_waits_for_a_hyperd_while_a_domain_lives_and_then_leaves(
     assert not path.exists()
 
 
-def test_exit_stops_the_keeper(keeper_process: tuple[Path, subprocess.Popen[bytes]]) -> None:
+def test_exit_stops_the_keeper(keeper_process: tuple[Path, Child]) -> None:
     path, process = keeper_process
     client = KeeperClient.connect(path)
     domain = kept_domain(client, "hc.1")
@@ -483,7 +485,7 @@ def test_exit_stops_the_keeper(keeper_process: tuple[Path, subprocess.Popen[byte
 
 
 def test_stop_ends_a_keeper_left_by_a_killed_hyperd(
-    keeper_process: tuple[Path, subprocess.Popen[bytes]],
+    keeper_process: tuple[Path, Child],
 ) -> None:
     path, process = keeper_process
     client = KeeperClient.connect(path)
