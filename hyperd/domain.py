@@ -233,8 +233,8 @@ def spawn_boot(domain: Domain, rootfs: Path, log_path: Path) -> None:
         [sys.executable, "-m", "domu.boot", str(domain_end.fileno()), str(sync_there.fileno())],
         pass_fds=(domain_end.fileno(), sync_there.fileno()),
         stdin=subprocess.DEVNULL,
-        stdout=log_there,
-        stderr=log_there,
+        stdout=log_there.fileno(),
+        stderr=log_there.fileno(),
         cwd="/",
         env=_boot_environment(),
     )
