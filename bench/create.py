@@ -342,7 +342,7 @@ def comm(pid: int) -> str:
 
 def group_memory(group: DomainGroup, charged: int) -> dict[str, Any]:
     """One cgroup's charge and the smaps totals of its processes, with a per-process split."""
-    procs = []
+    procs: list[dict[str, Any]] = []
     for pid in group.pids():
         sizes = smaps_bytes(pid)
         if sizes is not None:

@@ -60,7 +60,7 @@ class BouncePool:
         self._free.put(buf)
 
 
-class Passthrough(mfusepy.Operations):  # type: ignore[misc]
+class Passthrough(mfusepy.Operations):
     """One regular file at the root: the device, byte for byte."""
 
     use_ns = True

@@ -314,7 +314,7 @@ def run_client(flow: Flow, streams: int) -> dict[str, Any]:
 def summarise(report: dict[str, Any], streams: int, used: dict[str, Any]) -> dict[str, Any]:
     end = report["end"]
     intervals = [i["sum"]["bits_per_second"] for i in report.get("intervals", [])]
-    result = {
+    result: dict[str, Any] = {
         "streams": streams,
         "bits_per_second": end["sum_received"]["bits_per_second"],
         "bytes": end["sum_received"]["bytes"],

@@ -136,7 +136,9 @@ def measure(rounds: int, seconds: float, cap: int) -> dict[str, Any]:
             attacker.pause()
             hog = Hog(int(listed(bad)["domid"]))
             stop.callback(hog.stop)
-            undisturbed, hogged, attacked = [], [], []
+            undisturbed: list[float] = []
+            hogged: list[float] = []
+            attacked: list[float] = []
             for round_ in range(rounds):
                 undisturbed.append(iperf3(client, server, seconds))
                 for loaded, rates in ((hog, hogged), (attacker, attacked)):

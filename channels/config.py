@@ -56,6 +56,7 @@ import re
 import secrets
 import types
 import typing
+from collections.abc import Sequence
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -574,7 +575,7 @@ class DomainConfig(_Model):
 
 
 def _check_own_backend(
-    devices: list[VifConfig] | list[DiskConfig] | list[P9Config], name: str | None
+    devices: Sequence[VifConfig | DiskConfig | P9Config], name: str | None
 ) -> None:
     for index, device in enumerate(devices):
         if name is not None and device.backend == name:

@@ -24,17 +24,19 @@ once, with the host checks, into the typed config (channels/config.py) that goes
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import socket
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, ClassVar
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar
 
 from annotated_types import Ge, Gt, Le
 
 from channels.errors import BadInput, Closed, HyperError, error_of_kind
 from channels.kinds import BY_TYPE
+
+if TYPE_CHECKING:
+    from pydantic import TypeAdapter
 
 MAX_LINE = 1 << 20
 UID_MAX = (1 << 32) - 2
@@ -43,10 +45,10 @@ UID_MAX = (1 << 32) - 2
 DomainArg = str
 Uid = Annotated[int, Ge(0), Le(UID_MAX)]
 
-request = dataclass(frozen=True, kw_only=True)
 
-
-@request
+# Every request spells its decorator out: a type checker knows a class is a dataclass (its
+# fields, its __init__) only from ``dataclass`` itself, not from a name bound to its result.
+@dataclass(frozen=True, kw_only=True)
 class Request:
     """Base of every toolstack request; ``method`` is its name on the wire."""
 
@@ -60,7 +62,7 @@ class Request:
 # -- domains ------------------------------------------------------------------------------------
 
 
-@request
+@dataclass(frozen=True, kw_only=True)
 class Create(Request):
     """Always allowed. Builds the domain the config document ``text`` describes (relative
     image paths against ``base_dir``; ``source`` names the file in error lines) and returns once
@@ -76,14 +78,14 @@ class Create(Request):
     wait: bool = True
 
 
-@request
+@dataclass(frozen=True, kw_only=True)
 class List(Request):
     """Always allowed: every domain, dom0 included."""
 
     method = "list"
 
 
-@request
+@dataclass(frozen=True, kw_only=True)
 class Destroy(Request):
     """Allowed on any domU: kills it now and releases everything it holds."""
 
@@ -91,7 +93,7 @@ class Destroy(Request):
     domain: DomainArg
 
 
-@request
+@dataclass(frozen=True, kw_only=True)
 class Shutdown(Request):
     """Allowed on a running domU: asks it to power off; destroyed after ``grace`` seconds if
     it has not. ``wait`` returns only once it is gone."""
@@ -102,7 +104,7 @@ class Shutdown(Request):
     grace: Annotated[float, Gt(0)] = 30.0
 
 
-@request
+@dataclass(frozen=True, kw_only=True)
 class Reboot(Request):
     """Allowed on a running domU: asks it to reboot; its ``on_reboot`` decides what follows."""
 
@@ -110,7 +112,7 @@ class Reboot(Request):
     domain: DomainArg
 
 
-@request
+@dataclass(frozen=True, kw_only=True)
 class Pause(Request):
     """Allowed on a running domU: freezes it."""
 
@@ -118,7 +120,7 @@ class Pause(Request):
     domain: DomainArg
 
 
-@request
+@dataclass(frozen=True, kw_only=True)
 class Unpause(Request):
     """Allowed on a paused domU: thaws it."""
 
@@ -126,7 +128,7 @@ class Unpause(Request):
     domain: DomainArg
 
 
-@request
+@dataclass(frozen=True, kw_only=True)
 class ExecTarget(Request):
     """Allowed on a running domU: the process whose namespaces and cgroup `hyperctl exec`
     enters."""
@@ -135,7 +137,7 @@ class ExecTarget(Request):
     domain: DomainArg
 
 
-@request
+@dataclass(frozen=True, kw_only=True)
 class SchedCredit(Request):
     """Allowed on any domU: shows its weight and cap, and sets those given."""
 
@@ -145,7 +147,7 @@ class SchedCredit(Request):
     cap: Annotated[int, Ge(0)] | None = None
 
 
-@request
+@dataclass(frozen=True, kw_only=True)
 class MemSet(Request):
     """Allowed on any domU: a new memory limit (a bare number is MiB, or a size such as
     ``256M``); refused when the domain already uses more."""
@@ -155,14 +157,14 @@ class MemSet(Request):
     memory: str
 
 
-@request
+@dataclass(frozen=True, kw_only=True)
 class Info(Request):
     """Always allowed: host and hypervisor facts."""
 
     method = "info"
 
 
-@request
+@dataclass(frozen=True, kw_only=True)
 class Dmesg(Request):
     """Always allowed: the hypervisor's log, cleared afterwards with ``clear``."""
 
@@ -170,14 +172,14 @@ class Dmesg(Request):
     clear: bool = False
 
 
-@request
+@dataclass(frozen=True, kw_only=True)
 class Halt(Request):
     """Always allowed: destroys every domU, then stops dom0 and hyperd."""
 
     method = "halt"
 
 
-@request
+@dataclass(frozen=True, kw_only=True)
 class Console(Request):
     """Allowed on any domU: streams its console both ways, starting with recent output."""
 
@@ -189,7 +191,7 @@ class Console(Request):
 # -- the store ----------------------------------------------------------------------------------
 
 
-@request
+@dataclass(frozen=True, kw_only=True)
 class StoreLs(Request):
     """Always allowed: every node under ``path`` with its value."""
 
@@ -197,7 +199,7 @@ class StoreLs(Request):
     path: str
 
 
-@request
+@dataclass(frozen=True, kw_only=True)
 class StoreRead(Request):
     """Always allowed: one node's value."""
 
@@ -205,7 +207,7 @@ class StoreRead(Request):
     path: str
 
 
-@request
+@dataclass(frozen=True, kw_only=True)
 class StoreWrite(Request):
     """Always allowed, with dom0's privileges: writes one node."""
 
@@ -214,7 +216,7 @@ class StoreWrite(Request):
     value: str
 
 
-@request
+@dataclass(frozen=True, kw_only=True)
 class StoreRm(Request):
     """Always allowed, with dom0's privileges: removes a node and everything under it."""
 
@@ -222,7 +224,7 @@ class StoreRm(Request):
     path: str
 
 
-@request
+@dataclass(frozen=True, kw_only=True)
 class StoreWatch(Request):
     """Always allowed: streams one JSON line per change under ``path`` until the client hangs
     up."""
@@ -239,7 +241,7 @@ class StoreWatch(Request):
 DeviceKindName = str
 
 
-@request
+@dataclass(frozen=True, kw_only=True)
 class DeviceRequest(Request):
     """A request about one kind of device."""
 
@@ -250,7 +252,7 @@ class DeviceRequest(Request):
             raise ValueError(f"kind: {self.kind!r} is not one of {', '.join(BY_TYPE)}")
 
 
-@request
+@dataclass(frozen=True, kw_only=True)
 class DeviceAttach(DeviceRequest):
     """Allowed on a running domU: adds one device of ``kind`` from an xl-style ``spec``
     (relative image paths against ``base_dir``, images checked for ``owner`` as in Create) and
@@ -263,7 +265,7 @@ class DeviceAttach(DeviceRequest):
     owner: Uid = 0
 
 
-@request
+@dataclass(frozen=True, kw_only=True)
 class DeviceDetach(DeviceRequest):
     """Allowed on any domU: closes the device through XenBus and removes it and what backs it.
     ``device`` is a vif's devid or a disk's vdev."""
@@ -273,7 +275,7 @@ class DeviceDetach(DeviceRequest):
     device: str
 
 
-@request
+@dataclass(frozen=True, kw_only=True)
 class DeviceList(DeviceRequest):
     """Allowed on any domU: its devices of ``kind`` with their state and counters."""
 
@@ -281,7 +283,7 @@ class DeviceList(DeviceRequest):
     domain: DomainArg
 
 
-@request
+@dataclass(frozen=True, kw_only=True)
 class DeviceStats(DeviceRequest):
     """Always allowed: every device of ``kind``'s counters, by domid (for `hyperctl top`)."""
 
@@ -333,7 +335,7 @@ def decode_request(line: bytes) -> Request:
     if cls is None:
         raise BadInput(f"unknown method {str(message.get('method'))[:40]!r}")
     try:
-        decoded: Request = _adapter(cls).validate_python(message.get("params") or {})
+        decoded = _adapter(cls).validate_python(message.get("params") or {})
     except ValidationError as exc:
         lines = [
             f"{cls.method}: {'.'.join(str(p) for p in e['loc']) or 'params'}: {e['msg']}"
@@ -343,11 +345,17 @@ def decode_request(line: bytes) -> Request:
     return decoded
 
 
-@functools.cache
-def _adapter(cls: type[Request]) -> Any:
-    from pydantic import TypeAdapter
+#: Each request class's pydantic adapter, made the first time dom0 decodes one.
+_ADAPTERS: dict[type[Request], TypeAdapter[Request]] = {}
 
-    return TypeAdapter(cls)
+
+def _adapter(cls: type[Request]) -> TypeAdapter[Request]:
+    adapter = _ADAPTERS.get(cls)
+    if adapter is None:
+        from pydantic import TypeAdapter
+
+        adapter = _ADAPTERS[cls] = TypeAdapter(cls)
+    return adapter
 
 
 def encode_request(request: Request) -> bytes:

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 from channels.doorbell import Doorbell
 from channels.hypercall import (
@@ -26,8 +26,8 @@ from channels.hypercall import (
     EvtchnBindInterdomain,
     EvtchnClose,
     EvtchnStatus,
-    HypercallClient,
     HypercallError,
+    Hypercalls,
 )
 
 
@@ -103,12 +103,24 @@ class LateEoi:
         return 0.0 if self.run < 2 else min(self.LONGEST, self.FIRST * 2 ** min(self.run - 2, 30))
 
 
+class Doorbells(Protocol):
+    """What a data path uses of a bound event channel: wait on our doorbell, ring the peer's,
+    wake our own waiter, and both doorbells' names (what a native pump opens). An EventChannel
+    is one; a process that only waits and rings opens channels.doorbell.DoorbellPair."""
+
+    def doorbell_names(self) -> tuple[str, str | None]: ...
+
+    def wait(self, timeout: float | None) -> bool: ...
+
+    def notify(self) -> None: ...
+
+    def kick(self) -> None: ...
+
+
 class EventChannel:
     """One local port. ``wait`` blocks on our doorbell; ``notify`` rings the peer's."""
 
-    def __init__(
-        self, hc: HypercallClient, port: int, doorbell: str, peer_doorbell: str | None
-    ) -> None:
+    def __init__(self, hc: Hypercalls, port: int, doorbell: str, peer_doorbell: str | None) -> None:
         self._hc = hc
         self.port = port
         self._doorbell = Doorbell(doorbell)
@@ -175,17 +187,17 @@ class EventChannel:
             self._peer.close()
 
 
-def alloc_unbound(hc: HypercallClient, remote_dom: int) -> EventChannel:
+def alloc_unbound(hc: Hypercalls, remote_dom: int) -> EventChannel:
     result = hc.call(EvtchnAllocUnbound(remote_dom=remote_dom))
     return EventChannel(hc, result["port"], result["doorbell"], None)
 
 
-def bind_interdomain(hc: HypercallClient, remote_dom: int, remote_port: int) -> EventChannel:
+def bind_interdomain(hc: Hypercalls, remote_dom: int, remote_port: int) -> EventChannel:
     result = hc.call(EvtchnBindInterdomain(remote_dom=remote_dom, remote_port=remote_port))
     return EventChannel(hc, result["port"], result["doorbell"], result["peer_doorbell"])
 
 
-def from_status(hc: HypercallClient, port: int) -> EventChannel:
+def from_status(hc: Hypercalls, port: int) -> EventChannel:
     """Open a port hyperd bound for us at build time (the store and console channels)."""
     status = hc.call(EvtchnStatus(port=port))
     return EventChannel(hc, port, status["doorbell"], status.get("peer_doorbell"))

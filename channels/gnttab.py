@@ -24,8 +24,8 @@ from channels.errors import BadInput
 from channels.hypercall import (
     GnttabReleasePool,
     GnttabSetupPool,
-    HypercallClient,
     HypercallError,
+    Hypercalls,
 )
 from channels.ring import PAGE_SIZE
 from channels.shm import Segment, attach, attach_fd
@@ -169,7 +169,7 @@ class MappedPool(_Pool):
 
 
 def grant_pool(
-    hc: HypercallClient, peer: int, device: str, pages: int, *, readonly: bool
+    hc: Hypercalls, peer: int, device: str, pages: int, *, readonly: bool
 ) -> tuple[int, GrantPool, list[int]]:
     """A frontend's pool of ``pages`` from hyperd for ``device`` (``xenbus.device_name``), every
     page zeroed (nothing of ours may leak through a fresh page, XSA-403) and granted to
@@ -183,7 +183,7 @@ def grant_pool(
     return info["pool"], pool, grefs
 
 
-def release_pool(hc: HypercallClient, pool_id: int, pool: GrantPool) -> None:
+def release_pool(hc: Hypercalls, pool_id: int, pool: GrantPool) -> None:
     """Unmap ``pool`` and give it back to hyperd. A refusal is ignored: EINVAL says the pool
     is gone already, HypervisorGone that the domain is going away, and a release that timed
     out (hyperd down, or our credit spent) is still queued on our socket, which hyperd serves

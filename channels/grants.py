@@ -65,7 +65,7 @@ from typing import Any, NoReturn, Protocol
 from channels.credit import Credit
 from channels.errors import ProtocolViolation
 from channels.gnttab import GrantError, MappedPool
-from channels.hypercall import GnttabMapPools, HypercallClient, HypercallError
+from channels.hypercall import GnttabMapPools, HypercallError, Hypercalls
 from channels.shm import ShmError, open_segment
 
 #: Refs remembered per connection: a frontend's whole buffer pools (netif: 2 x 256 pages).
@@ -93,7 +93,7 @@ class DeviceGrants:
         return f"{self.name} of domain {self.granter}"
 
 
-def map_pools(hc: HypercallClient, granter: int, device: str) -> dict[str, Any]:
+def map_pools(hc: Hypercalls, granter: int, device: str) -> dict[str, Any]:
     """hyperd's word on the pools ``granter`` set up for us and its ``device``, and on its grant
     budget (``{"pools": [...], "max_pages": N}``): ``GrantMapper``'s ``known``."""
     return dict(hc.call(GnttabMapPools(granter=granter, device=device)))
@@ -132,7 +132,7 @@ class BadGrefCount(Protocol):
 class GrantMapper:
     def __init__(
         self,
-        hc: HypercallClient,
+        hc: Hypercalls,
         device: DeviceGrants,
         known: dict[str, Any] | None = None,
         *,

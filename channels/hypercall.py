@@ -22,7 +22,7 @@ import logging
 import socket
 import threading
 from collections.abc import Callable
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -162,12 +162,16 @@ class SchedBooted(Op):
     op = "sched_booted"
 
 
+#: Why a domain shuts down (Xen's SHUTDOWN_poweroff, _reboot, _crash).
+ShutdownReason = Literal["poweroff", "reboot", "crash"]
+
+
 class SchedShutdown(Op):
     """Any domain, about itself: it is shutting down for ``reason`` (SCHEDOP_shutdown).
     ``code`` is the workload's exit status, for the log."""
 
     op = "sched_shutdown"
-    reason: Literal["poweroff", "reboot", "crash"]
+    reason: ShutdownReason
     code: int = Field(default=0, ge=-255, le=255)  # an exit status, or minus a signal number
 
 
@@ -313,6 +317,13 @@ def parse_request(data: bytes) -> tuple[int, Op]:
 
 def encode(obj: dict[str, Any]) -> bytes:
     return json.dumps(obj, separators=(",", ":")).encode()
+
+
+class Hypercalls(Protocol):
+    """Whatever a domain's code makes its hypercalls through: a HypercallClient, or a data-path
+    worker's link to dom0 (dom0/datapath_worker.py's Dom0Link), whose calls dom0 makes."""
+
+    def call(self, op: Op) -> dict[str, Any]: ...
 
 
 class HypercallClient:

@@ -171,7 +171,7 @@ class UnsupportedOffload(BadInput, ValueError):
     """A TAP gave a frame whose offload netif cannot carry (UDP GSO, for one)."""
 
 
-def offload_from_vnet(header: bytes) -> Offload:
+def offload_from_vnet(header: bytes | bytearray) -> Offload:
     flags, gso_type, _hdr_len, gso_size, _start, _off = VNET_HDR.unpack_from(header)
     base = gso_type & ~VIRTIO_NET_HDR_GSO_ECN
     if base != VIRTIO_NET_HDR_GSO_NONE and base not in _GSO_TO_NETIF:

@@ -447,9 +447,11 @@ class Message:
 
     TYPE: ClassVar[int]
     LAYOUT: ClassVar[tuple[str, ...]]
+    # Set on each subclass by @dataclass; declared so that dataclasses.fields takes any Message.
+    __dataclass_fields__: ClassVar[dict[str, dataclasses.Field[Any]]]
 
     def body(self) -> bytes:
-        values = (getattr(self, f.name) for f in dataclasses.fields(self))  # type: ignore[arg-type]
+        values = (getattr(self, f.name) for f in dataclasses.fields(self))
         try:
             return b"".join(_pack_field(k, v) for k, v in zip(self.LAYOUT, values, strict=True))
         except struct.error as exc:
@@ -466,7 +468,7 @@ def _message(type_id: int, *layout: str) -> Callable[[type[M]], type[M]]:
     """Register a message class (a dataclass already) with its type id and wire layout."""
 
     def declare(cls: type[M]) -> type[M]:
-        if len(dataclasses.fields(cls)) != len(layout):  # type: ignore[arg-type]
+        if len(dataclasses.fields(cls)) != len(layout):
             raise TypeError(f"{cls.__name__}: fields and layout differ")
         cls.TYPE, cls.LAYOUT = type_id, layout
         MESSAGES[type_id] = cls

@@ -31,6 +31,10 @@ from channels.hypercall import HypercallError
 from channels.ring import BackRing, FrontRing
 from channels.threadname import set_native_name
 
+# Each native module, or None where it is not built (channels/_*.pyi tell mypy they exist).
+_netpump: ModuleType | None
+_fusepump: ModuleType | None
+_blkpump: ModuleType | None
 try:
     from channels import _netpump
 except ImportError as exc:  # not built: the reference runs

@@ -28,7 +28,7 @@ from channels.errors import Closed, HyperError, ProtocolViolation
 from channels.evtchn import LateEoi
 
 if TYPE_CHECKING:
-    from channels.evtchn import EventChannel
+    from channels.evtchn import Doorbells
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +50,7 @@ class RingStream:
         self,
         rx: ByteRing,
         tx: ByteRing,
-        evtchn: EventChannel,
+        evtchn: Doorbells,
         on_data: Callable[[bytes], None],
         on_close: Callable[[Exception | None], None] | None = None,
         name: str = "stream",

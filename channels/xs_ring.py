@@ -31,7 +31,7 @@ from channels.bytering import (
     Word,
     xenstore_rings,
 )
-from channels.evtchn import EventChannel
+from channels.evtchn import Doorbells
 from channels.stream import HEAL_TIMEOUT, RingStream, StreamPaused
 from channels.xs import DEFAULT_TIMEOUT, XsClient, XsConnectionLost, XsResend
 
@@ -42,7 +42,7 @@ class XenstoreRing:
     def __init__(
         self,
         area: memoryview,
-        evtchn: EventChannel,
+        evtchn: Doorbells,
         *,
         timeout: float = DEFAULT_TIMEOUT,
         name: str = "xenstore",

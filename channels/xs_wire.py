@@ -48,7 +48,7 @@ import errno
 import struct
 from dataclasses import dataclass
 from enum import IntEnum, StrEnum
-from typing import Literal, get_args
+from typing import Literal, TypeGuard, get_args
 
 from channels.errors import HyperError, ProtocolViolation
 
@@ -140,6 +140,12 @@ class XsError(HyperError):
 
 PermChar = Literal["n", "r", "w", "b"]
 _PERM_CHARS: frozenset[str] = frozenset(get_args(PermChar))
+
+
+def _is_perm_char(letter: str) -> TypeGuard[PermChar]:
+    return letter in _PERM_CHARS
+
+
 DOMID_FIRST_RESERVED = 0x7FF0
 
 
@@ -192,9 +198,9 @@ class Perm:
         if len(text) > 6:  # a letter and at most 5 digits: anything longer is not a domid
             raise ValueError(f"malformed permission {text!r}")
         letter = text[0]
-        if letter not in _PERM_CHARS:
+        if not _is_perm_char(letter):
             raise ValueError(f"malformed permission {text!r}")
-        return cls(int(text[1:]), letter)  # type: ignore[arg-type]
+        return cls(int(text[1:]), letter)
 
 
 @dataclass(frozen=True, slots=True)

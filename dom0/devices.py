@@ -24,7 +24,7 @@ from channels.config import DomainConfig
 from channels.errors import BadInput, HyperError, NotFound
 from channels.kinds import KINDS, DeviceKind
 from channels.xenbus import XenbusState
-from channels.xs import Perm, XsClient, XsError
+from channels.xs import Perm, Transaction, XsClient, XsError
 
 
 @dataclass(frozen=True)
@@ -64,17 +64,17 @@ def add_device(
         **(back or {}),
     }
 
-    def write(tx: object) -> None:
+    def write(tx: Transaction) -> None:
         for base, entries, perms in (
             (paths.frontend, front_entries, [Perm(domid, "n"), Perm(backend_domid, "r")]),
             (paths.backend, back_entries, [Perm(backend_domid, "n"), Perm(domid, "r")]),
         ):
-            tx.write(base, "")  # type: ignore[attr-defined]
-            tx.set_perms(base, perms)  # type: ignore[attr-defined]
+            tx.write(base, "")
+            tx.set_perms(base, perms)
             for key, value in entries.items():
                 path = xenbus.join_path(base, key)
-                tx.write(path, value)  # type: ignore[attr-defined]
-                tx.set_perms(path, perms)  # type: ignore[attr-defined]
+                tx.write(path, value)
+                tx.set_perms(path, perms)
 
     xs.transaction(write)
     return paths
@@ -94,11 +94,9 @@ def remove_device(xs: XsClient, paths: DevicePaths, timeout: float = 10.0) -> bo
     closed = True
     if backend_state(xs, paths) not in (XenbusState.Closed, XenbusState.Unknown):
 
-        def close(tx: object) -> None:
-            tx.write(xenbus.join_path(paths.backend, "online"), "0")  # type: ignore[attr-defined]
-            tx.write(  # type: ignore[attr-defined]
-                xenbus.join_path(paths.backend, "state"), str(int(XenbusState.Closing))
-            )
+        def close(tx: Transaction) -> None:
+            tx.write(xenbus.join_path(paths.backend, "online"), "0")
+            tx.write(xenbus.join_path(paths.backend, "state"), str(int(XenbusState.Closing)))
 
         xs.transaction(close)
         watch = xs.watch(xenbus.join_path(paths.backend, "state"))

@@ -95,7 +95,7 @@ def relay(
         except OSError:
             done.set()
 
-    stream = RingStream(rx, tx, evtchn, to_dom0, lambda exc: done.set(), name=kind)  # type: ignore[arg-type]
+    stream = RingStream(rx, tx, evtchn, to_dom0, lambda exc: done.set(), name=kind)
     stream.start()
     while True:
         try:

@@ -26,7 +26,7 @@ from pyroute2 import IPRoute
 
 from channels import linux, xenbus
 from channels.evtchn import EventChannel, from_status
-from channels.hypercall import HypercallClient, SchedBooted, SchedShutdown
+from channels.hypercall import HypercallClient, SchedBooted, SchedShutdown, ShutdownReason
 from channels.ids import ID_RANGE
 from channels.shm import Segment, attach
 from channels.xenbus_bus import Bus
@@ -94,6 +94,7 @@ class Kernel:
         threading.Thread(target=self._watch_workload, daemon=True).start()
         self.hc.call(SchedBooted())
         kind, value = self.events.get()
+        reason: ShutdownReason
         if kind == "workload":
             code = os.waitstatus_to_exitcode(value)
             reason = "crash" if code < 0 else "poweroff"

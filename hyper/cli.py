@@ -738,7 +738,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", "-l", action="store_true")
     p.set_defaults(func=cmd_list)
 
-    for name, helptext, kind in (
+    for name, helptext, method in (
         ("destroy", "kill a domain now", control.Destroy),
         ("pause", "pause a domain", control.Pause),
         ("unpause", "unpause a domain", control.Unpause),
@@ -746,7 +746,7 @@ def build_parser() -> argparse.ArgumentParser:
     ):
         p = sub.add_parser(name, help=helptext)
         p.add_argument("domain")
-        p.set_defaults(func=cmd_simple(kind))
+        p.set_defaults(func=cmd_simple(method))
 
     p = sub.add_parser("shutdown", help="ask a domain to power off")
     p.add_argument("domain")

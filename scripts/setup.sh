@@ -102,7 +102,7 @@ for init in repo.glob("*/__init__.py"):
     if init.parent.name not in ("tests", "bench"):
         importlib.import_module(init.parent.name)
 import hyper.cli, pydantic, yaml, posix_ipc, pyroute2, rich, pytest, pytest_timeout, hypothesis
-import ruff, os
+import ruff, mypy, os
 os.environ["FUSE_LIBRARY_NAME"] = "fuse3"
 import mfusepy
 PY

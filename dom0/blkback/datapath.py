@@ -65,7 +65,7 @@ from dataclasses import dataclass
 from channels import blkif as B
 from channels import kinds, pumps
 from channels.errors import BadInput, ProtocolViolation
-from channels.evtchn import EventChannel, LateEoi
+from channels.evtchn import Doorbells, LateEoi
 from channels.gnttab import GrantError
 from channels.grants import GrantMapper
 from channels.ring import BackRing, RingError
@@ -174,7 +174,7 @@ class VbdPath:
     def __init__(
         self,
         ring: BackRing,
-        evtchn: EventChannel,
+        evtchn: Doorbells,
         grants: GrantMapper,
         fd: int,
         sectors: int,

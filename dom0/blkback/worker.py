@@ -26,7 +26,7 @@ from dom0.datapath_worker import Dom0Link, serve_device, worker_main
 def open_channel(params: dict[str, Any], link: Dom0Link) -> EventChannel:
     """The event channel's doorbells, opened by name before the worker drops privilege."""
     mine, peer = params["doorbells"]
-    return EventChannel(link, 0, mine, peer)  # type: ignore[arg-type]
+    return EventChannel(link, 0, mine, peer)
 
 
 def start(
@@ -34,7 +34,7 @@ def start(
 ) -> Callable[[], None]:
     counters = Counters(counter_page)
     device = DeviceGrants(params["frontend"], params["device"], B.MAX_GRANT_PAGES)
-    grants = GrantMapper(link, device, params["pools"], counters=counters)  # type: ignore[arg-type]
+    grants = GrantMapper(link, device, params["pools"], counters=counters)
     ring = BackRing.attach(
         B.BLK_RING, grants.resolve(params["ring_ref"], write=True), name=params["name"]
     )

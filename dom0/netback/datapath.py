@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from channels import kinds, pumps
 from channels import netif as N
 from channels.errors import BadInput, ProtocolViolation
-from channels.evtchn import EventChannel, LateEoi
+from channels.evtchn import Doorbells, LateEoi
 from channels.gnttab import GrantError
 from channels.grants import GrantMapper
 from channels.ring import BackRing, RingError
@@ -163,7 +163,7 @@ class TxPath:
     def __init__(
         self,
         ring: BackRing,
-        evtchn: EventChannel,
+        evtchn: Doorbells,
         grants: GrantMapper,
         tap_fd: int,
         counters: Counters,
@@ -424,7 +424,7 @@ class RxPath:
     def __init__(
         self,
         ring: BackRing,
-        evtchn: EventChannel,
+        evtchn: Doorbells,
         grants: GrantMapper,
         tap_fd: int,
         counters: Counters,

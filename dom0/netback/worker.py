@@ -33,7 +33,7 @@ def open_channels(params: dict[str, Any], link: Dom0Link) -> list[EventChannel]:
     """Each queue's tx and rx event channels' doorbells, in that order, opened by name before
     the worker drops privilege."""
     return [
-        EventChannel(link, 0, mine, peer)  # type: ignore[arg-type]
+        EventChannel(link, 0, mine, peer)
         for queue in params["queues"]
         for mine, peer in (queue["tx_doorbells"], queue["rx_doorbells"])
     ]
@@ -45,7 +45,7 @@ def start(
     queues = params["queues"]
     counters = Counters.blocks(counter_page, len(queues))
     device = DeviceGrants(params["frontend"], params["device"], N.MAX_GRANT_PAGES * len(queues))
-    grants = GrantMapper(link, device, params["pools"], counters=counters[0])  # type: ignore[arg-type]
+    grants = GrantMapper(link, device, params["pools"], counters=counters[0])
     rings = [  # every ring first: a ref the frontend did not grant fails the vif at once
         [
             BackRing.attach(kind, grants.resolve(queue[ref], write=True), name=f"{name}-{d}")

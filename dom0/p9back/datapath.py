@@ -32,7 +32,7 @@ from collections.abc import Callable, Iterator, Sequence
 from channels import kinds
 from channels import p9fs as P
 from channels.errors import ProtocolViolation
-from channels.evtchn import EventChannel, LateEoi
+from channels.evtchn import Doorbells, LateEoi
 from channels.grants import GrantMapper
 from channels.ring import RingError
 from dom0.datapath_worker import CounterPage
@@ -72,7 +72,7 @@ class RingPath:
         intf: P.DataIntf,
         in_ring: P.FlexRing,
         out: P.FlexRing,
-        evtchn: EventChannel,
+        evtchn: Doorbells,
         device: P9Device,
         name: str,
     ) -> None:
@@ -159,7 +159,7 @@ class P9Device:
     def connect(
         cls,
         grants: GrantMapper,
-        channels: Sequence[EventChannel],
+        channels: Sequence[Doorbells],
         ring_refs: Sequence[int],
         server: P9Server,
         *,

@@ -27,7 +27,7 @@ from dom0.p9back.server import P9Server
 
 def open_channels(params: dict[str, Any], link: Dom0Link) -> list[EventChannel]:
     """Each ring's event channel, opened by name before the worker drops privilege."""
-    return [EventChannel(link, 0, mine, peer) for mine, peer in params["doorbells"]]  # type: ignore[arg-type]
+    return [EventChannel(link, 0, mine, peer) for mine, peer in params["doorbells"]]
 
 
 def start(
@@ -36,7 +36,7 @@ def start(
     counters = Counters(counter_page)
     refs, order = params["ring_refs"], params["max_order"]
     device = DeviceGrants(params["frontend"], params["device"], max_grant_pages(len(refs), order))
-    grants = GrantMapper(link, device, params["pools"], counters=counters)  # type: ignore[arg-type]
+    grants = GrantMapper(link, device, params["pools"], counters=counters)
     server = P9Server(
         params["device_fd"], readonly=params["readonly"], max_msize=xen_flex_ring_size(order)
     )

@@ -389,18 +389,19 @@ class Journal:
     def _write(self, line: str) -> None:
         """Append ``line`` whole (one write: a crash leaves all of it, none, or a torn last
         line), or cut it off again and raise JournalError."""
-        assert self._fd is not None
+        fd = self._fd
+        assert fd is not None
         data = line.encode("ascii")
         try:
-            _write_whole(self._fd, data)
+            _write_whole(fd, data)
         except OSError as exc:
-            self._cut()
+            self._cut(fd)
             raise JournalError(f"store journal {self.journal_path}: {exc}") from exc
         self._size += len(data)
 
-    def _cut(self) -> None:
+    def _cut(self, fd: int) -> None:
         try:
-            os.ftruncate(self._fd, self._size)  # type: ignore[arg-type]
+            os.ftruncate(fd, self._size)
         except OSError as exc:
             log.debug("%s not cut back to its last whole line: %s", self.journal_path, exc)
             self._whole = False  # the next change writes a new snapshot and journal

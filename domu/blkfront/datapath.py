@@ -52,7 +52,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 
 from channels import blkif as B
 from channels.errors import ProtocolViolation
-from channels.evtchn import EventChannel, LateEoi
+from channels.evtchn import Doorbells, LateEoi
 from channels.gnttab import GrantPool
 from channels.ring import FrontRing, RingError
 
@@ -217,7 +217,8 @@ class SectorGate:
     def _release(self) -> list[tuple[int, Callable[[int], None]]]:
         """The held writes no claim stops any more, in the order they came, now in flight
         (lock held)."""
-        released, still = [], deque()
+        released: list[tuple[int, Callable[[int], None]]] = []
+        still: deque[tuple[int, int, Callable[[int], None]]] = deque()
         for start, end, go in self._held:
             if _overlaps(self._claims, start, end):
                 still.append((start, end, go))
@@ -315,7 +316,7 @@ class DiskPath:
     def __init__(
         self,
         ring: FrontRing,
-        evtchn: EventChannel,
+        evtchn: Doorbells,
         data: GrantPool,
         data_grefs: Sequence[int],
         indirect: GrantPool | None,
@@ -369,8 +370,9 @@ class DiskPath:
                 self._extents.give(first, count)
             self._room.notify_all()
 
-    def views(self, runs: Iterable[Run], nbytes: int) -> list[memoryview]:
-        """The first ``nbytes`` of the pages of ``runs``, one view per run."""
+    def views(self, runs: Iterable[Sequence[int]], nbytes: int) -> list[memoryview]:
+        """The first ``nbytes`` of the pages of ``runs``, one view per run: each a Run, or any
+        other (first, count) pair (a landing's stretch)."""
         out = []
         for first, count in runs:
             if nbytes <= 0:

@@ -414,10 +414,13 @@ class FuseSession:
 class NativeSession(FuseSession):
     """FuseSession with the pump's reader in its loop: Python sees only what the pump leaves."""
 
-    disk: NativeDisk  # type: ignore[assignment]
+    # A NativeDisk stands in for FuseSession's DiskPath without being one: it has no pages
+    # (take_pages, views, post), and FuseSession asks for them only to serve a READ or WRITE of
+    # whole sectors, which the pump serves itself and never hands to Python.
+    disk: NativeDisk  # type: ignore[assignment]  # NativeDisk is not a DiskPath (see above)
 
     def __init__(self, fd: int, disk: NativeDisk, **kw: Any) -> None:
-        super().__init__(fd, disk, **kw)  # type: ignore[arg-type]
+        super().__init__(fd, disk, **kw)  # type: ignore[arg-type]  # as for ``disk`` above
         self._message = b""
 
     def run(self) -> None:
@@ -531,14 +534,16 @@ def serve(params: dict[str, Any]) -> None:
     disk.start()
     threading.Thread(target=_follow_the_kernel, args=(disk, mountpoint), daemon=True).start()
     try:
-        kind = NativeSession if isinstance(disk, NativeDisk) else FuseSession
-        session = kind(
-            fd,
-            disk,  # type: ignore[arg-type]
-            readonly=readonly,
-            uid=params["uid"],
-            gid=params["gid"],
-            on_mounted=lambda: _say("mounted"),
+        options: dict[str, Any] = {
+            "readonly": readonly,
+            "uid": params["uid"],
+            "gid": params["gid"],
+            "on_mounted": lambda: _say("mounted"),
+        }
+        session = (
+            NativeSession(fd, disk, **options)
+            if isinstance(disk, NativeDisk)
+            else FuseSession(fd, disk, **options)
         )
         session.run()
     finally:

@@ -18,7 +18,7 @@ from typing import Any
 from channels import netif as N
 from channels import pumps
 from channels.errors import ProtocolViolation
-from channels.evtchn import EventChannel, LateEoi
+from channels.evtchn import Doorbells, LateEoi
 from channels.gnttab import GrantPool
 from channels.ring import FrontRing, RingError
 from channels.threadname import NamedThread
@@ -41,7 +41,7 @@ class _Path:
         self,
         name: str,
         ring: FrontRing,
-        evtchn: EventChannel,
+        evtchn: Doorbells,
         pool: GrantPool,
         grefs: list[int],
         tap_fd: int,
@@ -83,7 +83,7 @@ class TxPath(_Path):
     def __init__(
         self,
         ring: FrontRing,
-        evtchn: EventChannel,
+        evtchn: Doorbells,
         pool: GrantPool,
         grefs: list[int],
         tap_fd: int,
@@ -203,7 +203,7 @@ class RxPath(_Path):
     def __init__(
         self,
         ring: FrontRing,
-        evtchn: EventChannel,
+        evtchn: Doorbells,
         pool: GrantPool,
         grefs: list[int],
         tap_fd: int,

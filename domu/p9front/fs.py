@@ -40,7 +40,7 @@ from channels.ring import PAGE_SIZE
 from domu.p9front.client import P9Client
 
 os.environ.setdefault("FUSE_LIBRARY_NAME", "fuse3")  # mfusepy prefers libfuse2 when both exist
-import mfusepy  # type: ignore[import-untyped]
+import mfusepy
 
 log = logging.getLogger("p9front")
 
@@ -56,7 +56,7 @@ def _split(path: str) -> list[str]:
     return [name for name in path.split("/") if name]
 
 
-class P9Fs(mfusepy.Operations):  # type: ignore[misc]
+class P9Fs(mfusepy.Operations):  # type: ignore[misc]  # mfusepy has no types: a base of Any
     """The share through one client; paths are FUSE's, relative to the mount point."""
 
     use_ns = True

@@ -13,6 +13,7 @@ import os
 import subprocess
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -68,7 +69,7 @@ def sha256_of(path: Path, length: int, offset: int = 0) -> str:
     return digest.hexdigest()
 
 
-def vbds(name: str) -> list[dict[str, object]]:
+def vbds(name: str) -> list[dict[str, Any]]:
     return list(json.loads(hyperctl("block-list", "--json", name).out))
 
 

@@ -256,7 +256,11 @@ def test_a_dom0_that_keeps_dying_is_restarted_ever_more_slowly(own_hypervisor: N
     for _ in range(3):
         dead = wait_for(dom0_pid, 30, "dom0 to serve")
         os.kill(dead, signal.SIGKILL)
-        wait_for(lambda old=dead: dom0_pid() not in (None, old), 30, "dom0 to be restarted")
+
+        def restarted(old: int = dead) -> bool:
+            return dom0_pid() not in (None, old)
+
+        wait_for(restarted, 30, "dom0 to be restarted")
     restarts = re.findall(r"dom0 died \(signal 9\) .* restarting it in ([0-9.]+) s", dmesg())
     assert restarts == ["0.25", "0.50", "1.00"]
 

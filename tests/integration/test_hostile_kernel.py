@@ -246,8 +246,9 @@ def test_exec_never_hands_a_host_terminal_to_the_domain(
         [sys.executable, "-m", "hyper.cli", "exec", name, "--", "sh", "-c", "sleep 60"],
         cwd=REPO,
         env={**os.environ, "PYTHONPATH": str(REPO)},
+        stdin=stdio["stdin"],
+        stdout=stdio["stdout"],
         stderr=subprocess.PIPE,
-        **stdio,  # type: ignore[arg-type]
     )
     try:
         sleeper = wait_for(lambda: running(name, "sleep"), 20, "the command to start")

@@ -13,6 +13,7 @@ import subprocess
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -32,7 +33,8 @@ def vif(bridge: str, ip: str, extra: str = "") -> str:
     return f"vif:\n  - bridge: {bridge}\n    ip: {ip}/24\n{extra}"
 
 
-def counters(name: str) -> list[dict[str, int]]:
+def counters(name: str) -> list[dict[str, Any]]:
+    """Each vif's ``network-list`` entry: counters, its ``mac``, its ``queues``' counters."""
     return list(json.loads(hyperctl("network-list", "--json", name).out))
 
 

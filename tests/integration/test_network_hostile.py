@@ -22,7 +22,7 @@ import socket
 import struct
 import subprocess
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import pytest
@@ -155,7 +155,7 @@ def tx_errors(name: str) -> int:
     return int(json.loads(hyperctl("network-list", "--json", name).out)[0]["tx_errors"])
 
 
-BAD_REQUESTS: list[tuple[str, Callable[[int], list[tuple[int, ...] | bytes]]]] = [
+BAD_REQUESTS: list[tuple[str, Callable[[int], Sequence[tuple[int, ...] | bytes]]]] = [
     ("offset + size past the page", lambda g: [(g, 4000, 0, 1, 200)]),
     (
         "total size over 65535",

@@ -135,8 +135,8 @@ def test_a_hostile_9pfs_frontend_is_refused_while_a_neighbour_reads_its_share(
     # and the walk stops where it is not (9P: the qids of the part walked, no new fid).
     up = evil.ask(P.Twalk(9000, 9001, ("..", "..")))
     assert isinstance(up, P.Rwalk) and [q.path for q in up.qids] == [root.qid.path] * 2
-    out = evil.ask(P.Twalk(9000, 9002, ("..", "..", "etc", "shadow")))
-    assert isinstance(out, P.Rwalk) and [q.path for q in out.qids] == [root.qid.path] * 2
+    walked = evil.ask(P.Twalk(9000, 9002, ("..", "..", "etc", "shadow")))
+    assert isinstance(walked, P.Rwalk) and [q.path for q in walked.qids] == [root.qid.path] * 2
     assert errno_of(evil.ask(P.Tgetattr(9002, 0x7FF))) == errno.EBADF
     assert errno_of(evil.ask(P.Twalk(9000, 9002, ("../outside.txt",)))) == errno.EINVAL
     # Symlinks: a walk ends on them, never goes through; opening one is ELOOP.

@@ -160,11 +160,11 @@ def test_a_worker_restarted_after_a_crash_drops_its_privilege_too(
     for device, pid in first.items():
         assert pid is not None, f"{device}: no worker runs"
         os.kill(pid, signal.SIGKILL)
-        wait_for(
-            lambda device=device, pid=pid: workers(a).get(device) not in (None, pid),
-            10,
-            f"{device}'s data path to restart",
-        )
+
+        def restarted(device: str = device, pid: int = pid) -> bool:
+            return workers(a).get(device) not in (None, pid)
+
+        wait_for(restarted, 10, f"{device}'s data path to restart")
     for device, pid in workers(a).items():
         assert_holds_no_privilege(device, domid_of(a), pid)
         assert_shares_only_its_device_with_dom0(device, domid_of(a), pid or 0)

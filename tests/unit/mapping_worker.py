@@ -22,6 +22,8 @@ FIELDS = (*(f"ref{i}" for i in range(MAX_REFS)), "done")
 
 class Found(CounterPage):
     FIELDS = FIELDS
+    # Declared for type checkers (the refs are set by name): CounterPage makes each a property.
+    done: int
 
 
 def open_nothing(params: dict[str, Any], link: Dom0Link) -> None:
@@ -31,7 +33,7 @@ def open_nothing(params: dict[str, Any], link: Dom0Link) -> None:
 def start(_: None, params: dict[str, Any], link: Dom0Link, page: memoryview) -> Callable[[], None]:
     found = Found(page)
     device = DeviceGrants(params["frontend"], params["device"], params["max_pages"])
-    grants = GrantMapper(link, device, params["pools"])  # type: ignore[arg-type]
+    grants = GrantMapper(link, device, params["pools"])
     for index, gref in enumerate(params["grefs"][:MAX_REFS]):
         try:
             first = grants.resolve(gref, write=False)[:8]

@@ -66,12 +66,12 @@ class P9Link:
         calls = Hypercalls(list(zip(names, bases, sizes, strict=True)), bells)
         self.counters = Counters()
         grants = GrantMapper(
-            calls,  # type: ignore[arg-type]
+            calls,
             DeviceGrants(FRONT, "9pfs/0", max_grant_pages(1, order)),
             counters=self.counters,
         )
         stack.callback(grants.close)
-        evtchn = from_status(calls, 1)  # type: ignore[arg-type]
+        evtchn = from_status(calls, 1)
         stack.callback(evtchn.close)
         self.fatal: list[str] = []
         self.fatal_event = threading.Event()

@@ -67,7 +67,7 @@ class ByteRingLink:
         self.relay.start()
         hcalls = FakeHypercalls({1: (self.names[1], self.names[2])})
         self.segment = attach(tag)
-        evtchn = from_status(hcalls, 1)  # type: ignore[arg-type]
+        evtchn = from_status(hcalls, 1)
         self.ring = XenstoreRing(self.segment.buf, evtchn, timeout=5.0).start()
         self.client = self.ring.client
 

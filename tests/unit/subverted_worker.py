@@ -64,6 +64,7 @@ def truncate(control: socket.socket, params: dict[str, Any]) -> Any:
             os.ftruncate(params["counters_fd"], size)
             outcome[what] = "done"
         except OSError as exc:
+            assert exc.errno is not None  # ftruncate's failures all carry one
             outcome[what] = errno.errorcode[exc.errno]
     return outcome
 

@@ -83,16 +83,16 @@ def test_threads_are_grouped_by_name_and_divided_by_the_stages_work() -> None:
     per_thousand(rows, {"dev": 500, "other": 7})
     by_thread = {row["thread"]: row for row in rows}
 
-    burned = by_thread["burner"]
-    assert burned["threads"] == 1
-    assert burned["cpu_us"] >= 2 * 1e6 / os.sysconf("SC_CLK_TCK")
-    assert burned["work"] == 500
-    assert burned["cpu_us_per_1k"] == burned["cpu_us"] * 2
+    burner_row = by_thread["burner"]
+    assert burner_row["threads"] == 1
+    assert burner_row["cpu_us"] >= 2 * 1e6 / os.sysconf("SC_CLK_TCK")
+    assert burner_row["work"] == 500
+    assert burner_row["cpu_us_per_1k"] == burner_row["cpu_us"] * 2
     # The sleepers ended before the end of the window: not among the live threads' rows.
     assert "sleeper" not in by_thread
     total = by_thread[None]
     assert total["stage"] == "this test" and total["pid"] == os.getpid()
-    assert total["cpu_us"] >= burned["cpu_us"]
+    assert total["cpu_us"] >= burner_row["cpu_us"]
 
 
 def test_voluntary_switches_are_counted_per_thread_name() -> None:

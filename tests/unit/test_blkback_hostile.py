@@ -194,13 +194,13 @@ def _build(
         DeviceGrants(FRONT, "vbd/51712", MAX_GRANT_PAGES),
         counters=counters,
         bad_gref_budget=bad_gref_budget,
-    )  # type: ignore[arg-type]
+    )
     stack.callback(grants.close)
     image = tmp_path / f"{tag}.img"
     image.write_bytes(IMAGE)
     fd = os.open(image, flags)
     stack.callback(os.close, fd)
-    evtchn = from_status(calls, 1)  # type: ignore[arg-type]
+    evtchn = from_status(calls, 1)
     stack.callback(evtchn.close)
     doorbell = Doorbell(bells[0])
     stack.callback(doorbell.close)

@@ -88,7 +88,8 @@ def test_a_split_run_is_aligned_blocks_each_freed_on_its_own() -> None:
 
 
 def test_extents_survive_random_use() -> None:
-    extents, held, rng = Extents(64), [], random.Random(5)
+    extents, rng = Extents(64), random.Random(5)
+    held: list[list[Run]] = []
     for _ in range(2000):
         if held and rng.random() < 0.5:
             for first, count in held.pop(rng.randrange(len(held))):
@@ -160,7 +161,7 @@ def _connect(
     stack.callback(front.close)
 
     calls = Hypercalls([(names[k], bases[k], sizes[k]) for k in names], bells)
-    grants = GrantMapper(calls, DeviceGrants(5, "vbd/51712", B.MAX_GRANT_PAGES))  # type: ignore[arg-type]
+    grants = GrantMapper(calls, DeviceGrants(5, "vbd/51712", B.MAX_GRANT_PAGES))
     stack.callback(grants.close)
     back = BackRing.attach(B.BLK_RING, grants.resolve(8, write=True))
     stack.callback(back.close)
@@ -169,7 +170,7 @@ def _connect(
     fd = os.open(image, os.O_RDWR)
     stack.callback(os.close, fd)
     counters = Counters()
-    evtchn = from_status(calls, 1)  # type: ignore[arg-type]
+    evtchn = from_status(calls, 1)
     backend = VbdPath(
         back,
         evtchn,
@@ -257,7 +258,12 @@ def _post(path: DiskPath, operation: int, offset: int, runs: list[Run], nbytes: 
     """Post a transfer and wait for its answer; the status."""
     answers: list[int] = []
     answered = threading.Event()
-    path.post(operation, offset, runs, nbytes, lambda s: (answers.append(s), answered.set()))
+
+    def done(status: int) -> None:
+        answers.append(status)
+        answered.set()
+
+    path.post(operation, offset, runs, nbytes, done)
     assert answered.wait(WAIT), "the transfer was never answered"
     return answers[0]
 
@@ -387,7 +393,7 @@ def test_a_duplicate_response_fails_every_caller_still_waiting(hostile: Rig) -> 
         second = pool.submit(hostile.path.read, 8192, 4096)
         (rid, op), _ = _take_requests(hostile, 2)
         _answer(hostile, (rid, op, B.BLKIF_RSP_OKAY), (rid, op, B.BLKIF_RSP_OKAY))
-        results = []
+        results: list[bytes | int | None] = []  # the data, or the errno
         for call in (first, second):
             try:
                 results.append(call.result(timeout=WAIT))

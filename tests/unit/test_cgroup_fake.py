@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import errno
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
@@ -133,7 +134,7 @@ def make_v2(
 
 
 def make_v1(
-    tmp_path: Path, hierarchies: list[tuple[str, ...]], omit: frozenset[str] = frozenset()
+    tmp_path: Path, hierarchies: Sequence[tuple[str, ...]], omit: frozenset[str] = frozenset()
 ) -> tuple[Path, Hierarchy]:
     """A tmpfs-like root with one mount per hierarchy, plus the empty cgroup2 beside them."""
     root = tmp_path / "cgroup"

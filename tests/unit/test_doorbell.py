@@ -126,7 +126,7 @@ def test_a_ring_during_the_drain_is_not_lost(pair: tuple[Doorbell, Doorbell]) ->
     ringer, waiter = pair
     ringer.ring()
     real = waiter._sem
-    waiter._sem = _RingsAsTheDrainEnds(real, ringer)  # type: ignore[assignment]
+    waiter._sem = _RingsAsTheDrainEnds(real, ringer)
     try:
         assert waiter.wait(LONG) is True
     finally:
@@ -219,7 +219,7 @@ class _FullSemaphore:
 
 def test_ring_on_an_overflowing_semaphore_is_silent(name: str) -> None:
     bell = Doorbell(name)
-    real, bell._sem = bell._sem, _FullSemaphore()  # type: ignore[assignment]
+    real, bell._sem = bell._sem, _FullSemaphore()
     try:
         bell.ring()  # already rung as far as it goes: not an error
         assert not readable(bell)

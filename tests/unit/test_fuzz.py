@@ -160,7 +160,10 @@ def test_netback_answers_within_bounds_or_disconnects_and_never_dies(slots: list
         assert {rid for rid, status in answered if status != N.NETIF_RSP_NULL} <= sent_ids
 
 
-_frames = [case[1][:128] for case in (*PASSES.values(), *REFUSED.values())]
+_frames = [
+    *(frame[:128] for _, frame in PASSES.values()),
+    *(frame[:128] for _, frame, _ in REFUSED.values()),
+]
 _heads = st.one_of(
     st.binary(min_size=N.ETH_HLEN, max_size=128),  # netback never checks a shorter head
     st.builds(

@@ -113,7 +113,7 @@ def test_a_mapper_given_its_pools_resolves_without_a_hypercall(
     granter.page(3)[:2] = b"ok"
     pool = {"pool": 0, "name": granter.name, "gref_base": BASE, "pages": 4}
     known = open_pools({"pools": [pool], "max_pages": 4})
-    mapper = GrantMapper(NoHypervisor(), DEVICE, known)  # type: ignore[arg-type]
+    mapper = GrantMapper(NoHypervisor(), DEVICE, known)
     try:
         assert bytes(mapper.resolve(gref, write=True)[:2]) == b"ok"
         with pytest.raises(AssertionError, match="asked hyperd"):
@@ -126,7 +126,7 @@ def test_a_mapper_refuses_a_pool_it_cannot_open() -> None:
     missing = {"pool": 0, "name": f"hyper-test-missing-{os.getpid()}", "gref_base": 8, "pages": 1}
     known = open_pools({"pools": [missing], "max_pages": 1})
     with pytest.raises(GrantError, match="pools of vbd/51712 of domain 5"):
-        GrantMapper(NoHypervisor(), DEVICE, known)  # type: ignore[arg-type]
+        GrantMapper(NoHypervisor(), DEVICE, known)
 
 
 # -- a mapper against hyperd's word on what is live ----------------------------------------------
@@ -184,7 +184,7 @@ def granter() -> Iterator[Granter]:
 
 @pytest.fixture
 def mapper(granter: Granter) -> Iterator[GrantMapper]:
-    mapper = GrantMapper(granter, DEVICE, map_pools(granter, 5, DEVICE.name))  # type: ignore[arg-type]
+    mapper = GrantMapper(granter, DEVICE, map_pools(granter, 5, DEVICE.name))
     yield mapper
     mapper.close()
 
@@ -197,7 +197,7 @@ def mapped_here(pool: GrantPool) -> bool:
 
 def test_a_released_pool_is_unmapped_at_the_next_miss(granter: Granter) -> None:
     old = granter.setup(4)
-    mapper = GrantMapper(granter, DEVICE, map_pools(granter, 5, DEVICE.name))  # type: ignore[arg-type]
+    mapper = GrantMapper(granter, DEVICE, map_pools(granter, 5, DEVICE.name))
     try:
         mapper.resolve(old.gref_base, write=True)[:2] = b"ok"
         granter.release(old)
@@ -255,7 +255,7 @@ def test_the_bad_grefs_of_a_connection_go_to_the_device_counters_and_its_own_bud
     granter: Granter,
 ) -> None:
     counters = SimpleNamespace(bad_grefs=0)
-    mapper = GrantMapper(granter, DEVICE, counters=counters, bad_gref_budget=2)  # type: ignore[arg-type]
+    mapper = GrantMapper(granter, DEVICE, counters=counters, bad_gref_budget=2)
     try:
         for n in range(2):
             with pytest.raises(GrantError, match="in no pool"):
@@ -277,7 +277,7 @@ def test_a_device_maps_no_more_than_its_protocol_can_use(granter: Granter) -> No
     for pages in (2, netfront.TX_PAGES, netfront.RX_PAGES):
         granter.setup(pages, "vif/0")
     vif = DeviceGrants(5, "vif/0", netif.MAX_GRANT_PAGES)
-    mapper = GrantMapper(granter, vif, map_pools(granter, 5, "vif/0"))  # type: ignore[arg-type]
+    mapper = GrantMapper(granter, vif, map_pools(granter, 5, "vif/0"))
     try:
         one_more = granter.setup(1, "vif/0")
         with pytest.raises(ProtocolViolation, match="more than the 514 its protocol can use"):
@@ -295,10 +295,10 @@ def test_a_pool_named_for_another_device_harms_only_the_granters_own_device(
     granter.max_pages = 1 << 16
     vif_pool = granter.setup(256, "vif/0")
     vbd_pool = granter.setup(1024, "vbd/51712")
-    vif = GrantMapper(  # type: ignore[arg-type]
+    vif = GrantMapper(
         granter, DeviceGrants(5, "vif/0", netif.MAX_GRANT_PAGES), map_pools(granter, 5, "vif/0")
     )
-    vbd = GrantMapper(  # type: ignore[arg-type]
+    vbd = GrantMapper(
         granter,
         DeviceGrants(5, "vbd/51712", blkif.MAX_GRANT_PAGES),
         map_pools(granter, 5, "vbd/51712"),
@@ -324,7 +324,7 @@ def test_bad_grefs_cost_a_refresh_each_up_to_the_budget_then_fail_the_device(
 ) -> None:
     pool = granter.setup(4)
     pool.end_access(pool.gref_base + 3)
-    mapper = GrantMapper(granter, DEVICE, map_pools(granter, 5, DEVICE.name))  # type: ignore[arg-type]
+    mapper = GrantMapper(granter, DEVICE, map_pools(granter, 5, DEVICE.name))
     try:
         start = granter.refreshes
         for _ in range(2 * BAD_GREF_BUDGET):  # refused by the mapped pool itself: no round trip
@@ -366,7 +366,7 @@ def test_refreshes_that_resolve_are_paced_and_bad_ones_are_not(
     monkeypatch.setattr(credit, "time", clock)
     monkeypatch.setattr(grants, "time", clock)
     granter.max_pages = 1 << 16
-    mapper = GrantMapper(granter, DEVICE)  # type: ignore[arg-type]
+    mapper = GrantMapper(granter, DEVICE)
     try:
         for n in range(REFRESH_BURST + 10):
             with pytest.raises(GrantError):
@@ -415,7 +415,7 @@ def test_a_refresh_that_fails_is_not_the_granters_bad_gref(
     monkeypatch.setattr(credit, "time", clock)
     monkeypatch.setattr(grants, "time", clock)
     pool = unreachable.setup(4)
-    mapper = GrantMapper(unreachable, DEVICE)  # type: ignore[arg-type]
+    mapper = GrantMapper(unreachable, DEVICE)
     try:
         unreachable.down = True
         for _ in range(2 * BAD_GREF_BUDGET):
@@ -441,7 +441,7 @@ def test_a_pool_its_granter_truncated_costs_it_a_bad_gref_per_miss(
     clock = Clock()
     monkeypatch.setattr(credit, "time", clock)
     monkeypatch.setattr(grants, "time", clock)
-    mapper = GrantMapper(granter, DEVICE, bad_gref_budget=2)  # type: ignore[arg-type]
+    mapper = GrantMapper(granter, DEVICE, bad_gref_budget=2)
     pool = granter.setup(4)
     os.truncate(f"/dev/shm/{pool.name}", size)
     try:
@@ -488,7 +488,7 @@ def test_a_refresh_waiting_on_dom0_blocks_neither_mapped_refs_nor_close(
     """A miss waits up to 10 s on a dom0 that does not answer. Meanwhile the other data-path
     thread resolves refs of the pools already mapped, and the device can be closed."""
     pool = unreachable.setup(4)
-    mapper = GrantMapper(unreachable, DEVICE, map_pools(unreachable, 5, DEVICE.name))  # type: ignore[arg-type]
+    mapper = GrantMapper(unreachable, DEVICE, map_pools(unreachable, 5, DEVICE.name))
     unreachable.answer.clear()
     unreachable.asked.clear()
     missed: list[object] = []
@@ -526,7 +526,7 @@ def test_a_paced_refresh_waits_holding_no_lock(
     monkeypatch.setattr(credit, "time", clock)
     monkeypatch.setattr(grants, "time", clock)
     monkeypatch.setattr(grants, "REFRESH_BURST", 0)  # the first refresh that resolves waits
-    mapper = GrantMapper(granter, DEVICE)  # type: ignore[arg-type]
+    mapper = GrantMapper(granter, DEVICE)
     pool = granter.setup(4)
     paced = in_thread(lambda: mapper.resolve(pool.gref_base, write=False))
     try:
@@ -564,7 +564,7 @@ def test_a_page_checked_while_a_refresh_drops_its_pool_is_not_remembered(
     A stops inside the check until B has either done its refresh or had to wait for A (the
     mapper's lock is watched for that: a mapper that lets B wait has nothing to race)."""
     p1 = granter.setup(4)
-    mapper = GrantMapper(granter, DEVICE, map_pools(granter, 5, DEVICE.name))  # type: ignore[arg-type]
+    mapper = GrantMapper(granter, DEVICE, map_pools(granter, 5, DEVICE.name))
     checking, go = threading.Event(), threading.Event()
     mapper._lock = WatchedLock(go)  # type: ignore[assignment]
     granter.release(p1)
@@ -583,7 +583,12 @@ def test_a_page_checked_while_a_refresh_drops_its_pool_is_not_remembered(
     a = in_thread(outcome(lambda: mapper.resolve(p1.gref_base, write=False), pages))
     try:
         assert checking.wait(10)
-        b = in_thread(outcome(lambda: (mapper.resolve(p2.gref_base, write=False), go.set()), []))
+
+        def resolve_then_go() -> None:
+            mapper.resolve(p2.gref_base, write=False)
+            go.set()
+
+        b = in_thread(outcome(resolve_then_go, []))
         a.join(10)
         b.join(10)
         assert not a.is_alive() and not b.is_alive()

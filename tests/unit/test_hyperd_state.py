@@ -10,10 +10,11 @@ import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from channels.config import DomainConfig
+from channels.config import Action, DomainConfig
 from channels.forkserver import Child, Spawner
 from channels.paths import RunDir
 from hyperd import keeper, state
@@ -45,7 +46,7 @@ class GroupsOnPaper:
         return V2Group(name, {"cpu": self.root / name}, CgroupFs())
 
 
-WEB = DomainConfig(name="web", memory=128, on_crash="restart")
+WEB = DomainConfig(name="web", memory=128, on_crash=Action.RESTART)
 
 
 def hypervisor(tmp_path: Path) -> Hypervisor:
@@ -162,7 +163,12 @@ def test_only_a_hypercall_that_changes_the_tables_rewrites_the_state_file(
     hv._commit()
     encodes: list[int] = []
     real_encode = state.encode
-    monkeypatch.setattr(state, "encode", lambda t: encodes.append(1) or real_encode(t))
+
+    def counted(tables: dict[str, Any]) -> bytes:
+        encodes.append(1)
+        return real_encode(tables)
+
+    monkeypatch.setattr(state, "encode", counted)
     dom3 = hv.domains[3]
     port = dom3.store.domu_port if dom3.store else 0
 
@@ -206,7 +212,7 @@ def test_a_halt_that_had_begun_is_finished_by_the_next_hyperd(tmp_path: Path) ->
     after = through_the_file(before, tmp_path)
     released: list[Domain] = []
     after._reconcile = lambda: None  # type: ignore[method-assign]  # (it scans /dev/shm)
-    after._release = released.append  # type: ignore[method-assign]
+    after._release = lambda domain: released.append(domain)  # type: ignore[method-assign]
 
     after._adopt_all({})  # dom3's process (pid 4242 of another start time) is gone
     after._commit()

@@ -3,6 +3,7 @@ entries, store keys and commands exist where the table says they are."""
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
 import pytest
@@ -56,14 +57,19 @@ def test_each_kinds_store_keys_name_the_device_as_the_user_does(
 
 
 def test_each_kind_has_its_three_commands(kind: DeviceKind) -> None:
-    commands = build_parser()._subparsers._group_actions[0].choices  # type: ignore[union-attr]
+    [commands] = [
+        action.choices
+        for action in build_parser()._actions
+        if isinstance(action, argparse._SubParsersAction)
+    ]
     for verb in ("attach", "detach", "list"):
         assert f"{kind.cli}-{verb}" in commands
 
 
 def test_the_9pfs_keys_the_table_spells_out_are_the_protocols() -> None:
-    front, back = kinds._p9_keys(  # type: ignore[arg-type]
-        type("Share", (), {"tag": "t", "path": "/x", "security_model": "none", "access": "ro"}),
+    front, back = kinds._p9_keys(
+        # A stand-in with only the fields _p9_keys reads, not a validated P9Config.
+        type("Share", (), {"tag": "t", "path": "/x", "security_model": "none", "access": "ro"}),  # type: ignore[arg-type]
         0,
         0,
     )

@@ -196,7 +196,7 @@ def test_blkback_moves_honest_requests_as_python_does(batch: list[Drawn]) -> Non
 
 def test_a_whole_ring_of_reads_is_answered_by_id_as_python_does() -> None:
     """32 requests in one push: as many in flight as the vbd allows (io_threads * 4)."""
-    batch = [
+    batch: list[Drawn] = [
         (Request.rw(B.BLKIF_OP_READ, (1 << 63) + k, k * 200, [Segment(8 + k, 0, 7)]).pack(), [])
         for k in range(32)
     ]

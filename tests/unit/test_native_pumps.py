@@ -212,10 +212,8 @@ def run_netfront_rx(responses: list[tuple[int, int, int, int]], payload: bytes) 
 @contextlib.contextmanager
 def front_rx() -> Iterator[front.Harness]:
     with contextlib.ExitStack() as stack:
-        setup = stack.enter_context(contextlib.contextmanager(front.setup.__wrapped__)())
-        yield stack.enter_context(
-            contextlib.contextmanager(front.rx.__wrapped__)(setup, paired=True)
-        )
+        setup = stack.enter_context(front.open_setup())
+        yield stack.enter_context(front.open_rx(setup, paired=True))
 
 
 @SETTINGS
@@ -249,10 +247,8 @@ def frame_bytes(header: tuple[int, ...], head: bytes, length: int) -> bytes:
 
 def run_netfront_tx(items: list[tuple[tuple[int, ...], bytes, int]]) -> tuple[Any, ...]:
     with contextlib.ExitStack() as stack:
-        setup = stack.enter_context(contextlib.contextmanager(front.setup.__wrapped__)())
-        tx = stack.enter_context(
-            contextlib.contextmanager(front.tx.__wrapped__)(setup, paired=True)
-        )
+        setup = stack.enter_context(front.open_setup())
+        tx = stack.enter_context(front.open_tx(setup, paired=True))
         # netfront stops reading eth0 once its pages are all in flight (nobody answers them
         # here), at the same frame with either pump; past that the socket fills, and the test
         # stops sending.
@@ -324,7 +320,7 @@ def back_rx(gso: bool) -> Iterator[tuple[Any, Any, int, socket.socket]]:
             create_doorbell(bell)
         evtchn = DoorbellPair(*bells)
         rx = RxPath(ring_back, evtchn, vif.tx.grants, tap.fileno(), vif.counters, gso,
-                    vif.fatal.append)  # type: ignore[arg-type]  # fmt: skip
+                    vif.fatal.append)  # fmt: skip
         rx.thread.start()
         try:
             yield vif, ring_front, posted, peer

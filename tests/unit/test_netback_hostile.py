@@ -20,7 +20,7 @@ import itertools
 import os
 import socket
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -143,7 +143,7 @@ def serving_queues(
         device = DeviceGrants(FRONT, "vif/0", N.MAX_GRANT_PAGES * queues)
         grants = GrantMapper(
             calls[0], device, counters=counters[0], bad_gref_budget=bad_gref_budget
-        )  # type: ignore[arg-type]
+        )
         stack.callback(grants.close)
         vifs = []
         for q in range(queues):
@@ -162,7 +162,7 @@ def serving_queues(
                 state.fatal.append(message)
                 state.fatal_event.set()
 
-            evtchn = from_status(calls[q], 1)  # type: ignore[arg-type]
+            evtchn = from_status(calls[q], 1)
             loop = pumps.QueueLoop("netback-q") if paired else None
             state.tx = TxPath(
                 back, evtchn, grants, tap.fileno(), counters[q], None, on_fatal, sources, loop
@@ -175,7 +175,7 @@ def serving_queues(
                 stack.callback(rx_back.close)
                 stack.callback(rx_front.close)
                 rx_calls = Hypercalls([(pool_name, 8, 8)], rx_bells[q])
-                rx_evtchn = from_status(rx_calls, 1)  # type: ignore[arg-type]
+                rx_evtchn = from_status(rx_calls, 1)
                 state.rx = RxPath(
                     rx_back, rx_evtchn, grants, tap.fileno(), counters[q], True, on_fatal, loop
                 )
@@ -225,7 +225,8 @@ def extra_of(type_: int, size: int = 1448, gso_type: int = 1) -> bytes:
     return N.Extra(type_, 0, size, gso_type).pack_tx()
 
 
-BAD = {
+#: A slot: a request's fields (gref, offset, flags, id, size), or an extra's packed bytes.
+BAD: dict[str, Callable[[int], Sequence[tuple[int, ...] | bytes]]] = {
     "offset + size past the page": lambda g: [(g, 4000, 0, 1, 200)],
     "first slot shorter than an Ethernet header": lambda g: [(g, 0, 0, 1, 10)],
     "bad grant ref": lambda g: [(9999, 0, 0, 1, 60)],
@@ -362,12 +363,14 @@ TCP_FRAME = (
 
 
 @pytest.fixture
-def rewrite_before_writev(monkeypatch: pytest.MonkeyPatch) -> Callable[[Callable[[], None]], None]:
+def rewrite_before_writev(
+    monkeypatch: pytest.MonkeyPatch,
+) -> Callable[[Callable[[], object]], None]:
     """Run a guest's rewrite of its pages the moment netback hands a frame to the TAP, after
     every check: the widest window a racing guest could hit."""
     real = os.writev
 
-    def arm(rewrite: Callable[[], None]) -> None:
+    def arm(rewrite: Callable[[], object]) -> None:
         def writev(fd: int, buffers: list[bytes | memoryview]) -> int:
             rewrite()
             return real(fd, buffers)
@@ -378,7 +381,7 @@ def rewrite_before_writev(monkeypatch: pytest.MonkeyPatch) -> Callable[[Callable
 
 
 def test_the_tap_gets_the_headers_netback_parsed_not_the_guests_rewrite(
-    vif: Vif, rewrite_before_writev: Callable[[Callable[[], None]], None]
+    vif: Vif, rewrite_before_writev: Callable[[Callable[[], object]], None]
 ) -> None:
     """netback made the virtio-net header's checksum offsets from this IPv4 header; a guest that
     then changes the header length and the protocol would have the kernel trust offsets that
@@ -398,7 +401,7 @@ def test_the_tap_gets_the_headers_netback_parsed_not_the_guests_rewrite(
 
 
 def test_a_mac_rewritten_after_the_check_does_not_reach_the_tap(
-    rewrite_before_writev: Callable[[Callable[[], None]], None],
+    rewrite_before_writev: Callable[[Callable[[], object]], None],
 ) -> None:
     with serving_vif(SourceFilter.from_backend(MAC, "10.0.0.2")) as vif:
         gref = vif.page(0, TCP_FRAME)
@@ -411,7 +414,7 @@ def test_a_mac_rewritten_after_the_check_does_not_reach_the_tap(
 
 
 def test_headers_split_across_slots_are_checked_and_sent_as_checked(
-    vif: Vif, rewrite_before_writev: Callable[[Callable[[], None]], None]
+    vif: Vif, rewrite_before_writev: Callable[[Callable[[], object]], None]
 ) -> None:
     """A frontend may put the Ethernet header alone in the first slot (Linux netfront's linear
     area can be that short): the IP header netback parses is in the next slot."""

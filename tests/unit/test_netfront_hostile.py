@@ -26,7 +26,7 @@ import pytest
 from channels import netif as N
 from channels import pumps
 from channels.doorbell import Doorbell, create_doorbell, unlink_doorbell
-from channels.evtchn import LateEoi, from_status
+from channels.evtchn import EventChannel, LateEoi, from_status
 from channels.gnttab import GrantPool, pool_bytes
 from channels.ring import HEADER_SIZE, PAGE_SIZE, FrontRing, u32_view
 from channels.shm import Segment, attach, create_segment, unlink_segment
@@ -94,7 +94,7 @@ class Harness:
 
 
 @contextlib.contextmanager
-def channel() -> Iterator[tuple[Segment, GrantPool, object, str]]:
+def channel() -> Iterator[tuple[Segment, GrantPool, EventChannel, str]]:
     """A fresh ring page, grant pool and event channel: (segment, pool, channel, netfront's
     doorbell); everything is removed on the way out."""
     tag = f"hyper-test-netfront-{os.getpid()}-{next(_ids)}"
@@ -107,7 +107,7 @@ def channel() -> Iterator[tuple[Segment, GrantPool, object, str]]:
     pool = GrantPool.open(names[1], 8, PAGES)
     calls = Hypercalls([(names[1], 8, PAGES)], (names[2], names[3]))
     try:
-        yield segment, pool, from_status(calls, 1), names[2]  # type: ignore[arg-type]
+        yield segment, pool, from_status(calls, 1), names[2]
     finally:
         pool.close()
         segment.close()
@@ -117,8 +117,19 @@ def channel() -> Iterator[tuple[Segment, GrantPool, object, str]]:
             unlink_doorbell(name)
 
 
+#: (segment, pool, netfront's end of eth0, the workload's end, event channel, netfront's doorbell)
+Setup = tuple[Segment, GrantPool, socket.socket, socket.socket, EventChannel, str]
+
+
 @pytest.fixture
-def setup() -> Iterator[tuple[Segment, GrantPool, socket.socket, socket.socket, object, str]]:
+def setup() -> Iterator[Setup]:
+    with open_setup() as opened:
+        yield opened
+
+
+@contextlib.contextmanager
+def open_setup() -> Iterator[Setup]:
+    """The ``setup`` fixture, for a test that makes its own (a hypothesis example each)."""
     with channel() as (segment, pool, evtchn, bell):
         tap, peer = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         tap.setblocking(False)  # as a TAP's fd is: netfront reads until EAGAIN
@@ -164,7 +175,14 @@ def other_half(half: type[TxPath | RxPath], tap: socket.socket, paired: bool) ->
 
 
 @pytest.fixture
-def rx(setup: tuple, paired: bool) -> Iterator[Harness]:  # type: ignore[type-arg]
+def rx(setup: Setup, paired: bool) -> Iterator[Harness]:
+    with open_rx(setup, paired) as harness:
+        yield harness
+
+
+@contextlib.contextmanager
+def open_rx(setup: Setup, paired: bool) -> Iterator[Harness]:
+    """The ``rx`` fixture, for a test that makes its own."""
     segment, pool, tap, peer, evtchn, bell = setup
     with other_half(TxPath, tap, paired) as loop:
         ring = FrontRing.init(N.RX_RING, segment.buf)
@@ -261,7 +279,14 @@ def test_an_error_status_drops_the_frame_only(rx: Harness) -> None:
 
 
 @pytest.fixture
-def tx(setup: tuple, paired: bool) -> Iterator[Harness]:  # type: ignore[type-arg]
+def tx(setup: Setup, paired: bool) -> Iterator[Harness]:
+    with open_tx(setup, paired) as harness:
+        yield harness
+
+
+@contextlib.contextmanager
+def open_tx(setup: Setup, paired: bool) -> Iterator[Harness]:
+    """The ``tx`` fixture, for a test that makes its own."""
     segment, pool, tap, peer, evtchn, bell = setup
     with other_half(RxPath, tap, paired) as loop:
         ring = FrontRing.init(N.TX_RING, segment.buf)

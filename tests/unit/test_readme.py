@@ -187,7 +187,7 @@ def test_cli_reference_describes_exactly_the_subcommands() -> None:
 def test_cli_reference_shows_every_option(name: str) -> None:
     synopsis = cli_entries().get(name, "")
     shown = set(re.findall(r"[\w-]+", synopsis))
-    wanted = set()
+    wanted: set[str] = set()
     for action in subcommands()[name]._actions:
         if isinstance(action, argparse._HelpAction):
             continue

@@ -22,6 +22,7 @@ from dom0.main import main as dom0_main
 from dom0.store import Quota, Store, connect_local
 from dom0.store import journal as journal_module
 from dom0.store.journal import COMPACT_FLOOR, Journal
+from dom0.store.tree import Node
 
 TIMEOUT = 5.0
 NAME = "n" * 3000  # a child's name of 3 KB, as issue 12's guest wrote them
@@ -31,6 +32,13 @@ def _tree(store: Store) -> dict[str, tuple[bytes, tuple[Perm, ...], frozenset[st
     return {
         path: (node.value, node.perms, node.children) for path, node in store.tree._nodes.items()
     }
+
+
+def _node(store: Store, path: str) -> Node:
+    """The node at ``path``, which must be there."""
+    node = store.tree.get(path)
+    assert node is not None, f"no node {path}"
+    return node
 
 
 def _populate(store: Store) -> None:
@@ -117,7 +125,7 @@ def test_a_recovering_store_has_every_node_with_its_value_and_permissions(tmp_pa
 
     assert _tree(second) == _tree(first)
     assert second.tree.get("/local/domain/3/gone") is None
-    assert second.tree.get("/local/domain/3/data/blob").value == b"\x00\xff binary \x80"
+    assert _node(second, "/local/domain/3/data/blob").value == b"\x00\xff binary \x80"
 
 
 def test_a_store_that_does_not_recover_starts_empty(tmp_path: Path) -> None:
@@ -141,7 +149,7 @@ def test_loading_rebuilds_children_from_the_paths_and_drops_orphans(
         recovered = Store(journal=Journal(tmp_path), recover=True)
 
     assert _tree(recovered) == _tree(store)
-    assert recovered.tree.get("/local/domain/3").children == {"name", "data", "tx"}
+    assert _node(recovered, "/local/domain/3").children == {"name", "data", "tx"}
     assert "1 nodes without a parent dropped, /nowhere/lost first" in caplog.text
 
 
@@ -207,7 +215,7 @@ def test_a_journal_that_follows_an_older_snapshot_is_ignored(tmp_path: Path) -> 
 
     recovered = Store(journal=Journal(tmp_path), recover=True)
 
-    assert recovered.tree.get("/local/domain/3/name").value == b"renamed"
+    assert _node(recovered, "/local/domain/3/name").value == b"renamed"
     assert _tree(recovered) == _tree(store)
 
 
@@ -318,7 +326,7 @@ def test_a_long_journal_is_folded_into_the_snapshot(tmp_path: Path, monkeypatch)
 
     assert _journal_bytes(tmp_path) < 4096 + 100
     recovered = Store(journal=Journal(tmp_path), recover=True)
-    assert recovered.tree.get("/local/domain/3/counter").value == b"399"
+    assert _node(recovered, "/local/domain/3/counter").value == b"399"
     assert _tree(recovered) == _tree(store)
 
 
@@ -668,7 +676,7 @@ def test_a_write_the_journal_cannot_record_is_undone_and_answered_eio(
     dom1.write("data/after", "recorded")
     assert events.get(TIMEOUT).path == "/local/domain/1/data/after"  # none for the failures
     recovered = Store(journal=Journal(tmp_path), recover=True)
-    assert recovered.tree.get("/local/domain/1/data/after").value == b"recorded"
+    assert _node(recovered, "/local/domain/1/data/after").value == b"recorded"
     assert _tree(recovered) == _tree(store)
 
 

@@ -44,7 +44,7 @@ def served() -> Iterator[Served]:
     req, rsp = xenstore_rings(page)  # the server reads req, writes rsp
     guest_req, guest_rsp = xenstore_rings(page)
     received: queue.Queue[bytes] = queue.Queue()
-    stream = RingStream(req, rsp, DoorbellPair(server_bell, guest_bell), received.put)  # type: ignore[arg-type]
+    stream = RingStream(req, rsp, DoorbellPair(server_bell, guest_bell), received.put)
     stream.start()
     ringer = Doorbell(server_bell)
     yield Served(stream, received, guest_req, guest_rsp, ringer)

@@ -9,6 +9,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -23,7 +24,7 @@ def comm_of(tid: int) -> str:
     return Path(f"/proc/{os.getpid()}/task/{tid}/comm").read_text().rstrip("\n")
 
 
-def comm_seen_by(start: type[threading.Thread], **kwargs: object) -> str:
+def comm_seen_by(start: type[threading.Thread], **kwargs: Any) -> str:
     """The kernel's name of a thread made by ``start(**kwargs)``, read while it runs."""
     seen: list[str] = []
 

@@ -44,7 +44,7 @@ class Page:
         self.store = store
         self.segment = attach(tag)
         hcalls = FakeHypercalls({1: (self.names[1], self.names[2])})
-        evtchn = from_status(hcalls, 1)  # type: ignore[arg-type]
+        evtchn = from_status(hcalls, 1)
         self.dom0: subprocess.Popen[bytes] | None = None
         self.conn: StreamConnection | None = None
         self.serve(reconnect=False)
