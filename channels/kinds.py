@@ -22,8 +22,6 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from channels import blkif
-
 if TYPE_CHECKING:
     from channels.config import DiskConfig, P9Config, VifConfig
 
@@ -200,6 +198,8 @@ VIF = DeviceKind(
 def _vbd_keys(disk: DiskConfig, devid: int, owner: int) -> StoreKeys:
     """libxl's libxl__device_disk_add; ``owner`` is the uid the image may belong to besides
     root (blkback checks it again when it opens the image)."""
+    from channels import blkif  # dom0's alone: hyperctl need not load the ring declarations
+
     front = {"virtual-device": str(devid), "device-type": "disk", "dev": disk.vdev}
     back = {
         "params": str(disk.target),
@@ -219,6 +219,8 @@ def _vbd_image(disk: DiskConfig) -> tuple[str, int | None]:
 
 
 def _vbd_devid(disk: DiskConfig) -> int:
+    from channels import blkif
+
     return blkif.vdev_number(disk.vdev)
 
 

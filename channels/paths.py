@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
 from dataclasses import dataclass
@@ -39,6 +40,20 @@ class RunDir:
     def rootfs(self) -> Path:
         """An empty directory each domain's boot process mounts its sandbox root on (privately)."""
         return self.root / "rootfs"
+
+    def hyperd_alive(self) -> bool:
+        """A hyperd holds the pidfile's lock (it takes it for its whole life)."""
+        try:
+            fd = os.open(self.pidfile, os.O_RDONLY)
+        except FileNotFoundError:
+            return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        finally:
+            os.close(fd)
+        return False
 
     def log(self, name: str) -> Path:
         return self.logs / f"{name}.log"

@@ -8,7 +8,6 @@ interfaces dom0 made, and removes the runtime directory.
 
 from __future__ import annotations
 
-import fcntl
 import os
 from collections.abc import Iterator
 
@@ -20,20 +19,6 @@ from hyperd.resources import leftovers, remove
 
 class HypervisorRunning(HyperError):
     pass
-
-
-def hyperd_alive(run: RunDir) -> bool:
-    try:
-        fd = os.open(run.pidfile, os.O_RDONLY)
-    except FileNotFoundError:
-        return False
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return True
-    finally:
-        os.close(fd)
-    return False
 
 
 def _remove_interfaces() -> Iterator[str]:
@@ -55,7 +40,7 @@ def _remove_interfaces() -> Iterator[str]:
 
 
 def cleanup(run: RunDir) -> Iterator[str]:
-    if hyperd_alive(run):
+    if run.hyperd_alive():
         raise HypervisorRunning("a hypervisor is running; use `hyperctl halt` to stop it")
     # The fd keeper outlives a killed hyperd on purpose (hyperd/keeper.py): end it first, so
     # that no domain's hypercall socket stays open.

@@ -95,9 +95,7 @@ def _call(request: control.Request, timeout: float | None = 120.0) -> Any:
 
 
 def _hyperd_alive(run: RunDir) -> bool:
-    from hyper.cleanup import hyperd_alive  # not at the top: it costs every command 25 ms
-
-    return hyperd_alive(run)
+    return run.hyperd_alive()
 
 
 def _hyperd_killed(run: RunDir) -> bool:
