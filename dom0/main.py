@@ -42,6 +42,13 @@ log = logging.getLogger("dom0")
 def main(argv: list[str] | None = None) -> int:
     # First, while dom0 is single-threaded: its fork server is a fork of it (dom0/spawn.py).
     spawn.start()
+    try:
+        return _run(argv)
+    finally:
+        spawn.spawner.close()
+
+
+def _run(argv: list[str] | None) -> int:
     parser = argparse.ArgumentParser(prog="dom0")
     parser.add_argument("--hypercall-fd", type=int, required=True)
     parser.add_argument("--run-dir", type=Path, default=None)
