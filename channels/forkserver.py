@@ -57,11 +57,6 @@ error reply, never its death. It dies with its requester: ``PR_SET_PDEATHSIG`` (
 thread that started it must live as long: start it from the main thread) and end of file on its
 socket. Idle, it sleeps in ``recvmsg``.
 
-What children of one server share besides pages: the interpreter's string-hash secret (it is
-drawn at interpreter start). So a process must never share a server with a peer that could
-read its own memory and then attack it with colliding keys: hyperd forks the domains from one
-server and dom0 from another.
-
 Two ways to start it. ``exec`` (the default) runs ``python -c`` of this module with a minimal
 environment: safe from a requester with threads, and a child carries nothing of the requester's
 memory. ``fork`` forks the requester itself, which must be single-threaded: no interpreter start

@@ -85,14 +85,17 @@ DOM0_REAP_TICK = (0.01, 0.5)  # first and longest wait between looks at a dead d
 DOM0_REAP_WARN = 5.0  # seconds after which a dead dom0's processes not dying yet is logged
 OUTQ_LIMIT = 4096
 MAX_LOG_LINE = 1000
-#: hyperd's two fork servers and what each imports once. Two, because every child of one server
-#: shares its string-hash secret: a domain kernel (root of its own namespace, able to read its
-#: own memory) would learn dom0's and could then feed dom0's tables keys that all collide.
-#: Domains: each one's boot process (which becomes its kernel), and what a kernel's own fork
-#: server preloads (domu/spawn.py), so that every domain shares those pages.
-DOMAIN_PRELOAD = ("domu.boot", "domu.blkfront.server", "domu.p9front.fs")
-#: dom0 and the fd keeper.
-DOM0_PRELOAD = ("dom0.main", "hyperd.keeper")
+#: What hyperd's fork server imports once for every process it starts: dom0, each domain's
+#: boot process (which becomes the domain's kernel) and the fd keeper; and what a domain
+#: kernel's own fork server preloads (domu/spawn.py), so that every domain shares those pages
+#: with this server instead of importing them again.
+HYPERD_PRELOAD = (
+    "domu.boot",
+    "domu.blkfront.server",
+    "domu.p9front.fs",
+    "dom0.main",
+    "hyperd.keeper",
+)
 #: dom0's hypercall socket, in dom0.
 DOM0_HYPERCALL_FD = 3
 HYPERD_LOG_MAX = 8 << 20  # bytes of hyperd.log before it is rotated to hyperd.log.1
@@ -153,11 +156,11 @@ class Hypervisor:
         run: RunDir,
         hierarchy: cgroup.Hierarchy,
         dmesg: DmesgHandler,
+        spawner: Spawner | None = None,
     ) -> None:
         self.run = run
-        #: Start every process hyperd runs: the domains' boot processes; dom0 and the keeper.
-        self.spawner = Spawner(DOMAIN_PRELOAD)
-        self.dom0_spawner = Spawner(DOM0_PRELOAD)
+        #: Starts every process hyperd runs (dom0, the domains' boot processes, the keeper).
+        self.spawner = spawner or Spawner(HYPERD_PRELOAD)
         self.cgroups = hierarchy
         self.dmesg = dmesg
         self.keeper: KeeperClient | None = None  # connected by main (``_connect_keeper``)
@@ -298,7 +301,7 @@ class Hypervisor:
                 return
             if pid == 0:
                 return
-            if self.spawner.owns(pid) or self.dom0_spawner.owns(pid):
+            if self.spawner.owns(pid):
                 log.warning("the fork server %d exited; the next spawn starts another", pid)
                 continue
             for domain in list(self.domains.values()):
@@ -467,7 +470,7 @@ class Hypervisor:
         groups = dom0.cgroup.procs_file_paths()
         # One log per hypervisor run; a restarted dom0 adds to it.
         with open(self.run.log("dom0"), "ab" if self.dom0_restarts else "wb") as out:
-            proc = self.dom0_spawner.server().spawn(
+            proc = self.spawner.server().spawn(
                 "dom0.main:main",
                 [
                     "--hypercall-fd",
@@ -662,7 +665,7 @@ class Hypervisor:
             self.keeper = None
         try:
             self.keeper = keeper.connect_or_start(
-                self.run.keeper_socket, self.dom0_spawner, self.run.log("hyperd")
+                self.run.keeper_socket, self.spawner, self.run.log("hyperd")
             )
         except (KeeperError, OSError) as exc:
             log.error("no fd keeper (%s): a killed hyperd would now take every domain down", exc)
@@ -1397,7 +1400,6 @@ def main(argv: list[str] | None = None) -> int:
         return refuse_state(exc)
     hypervisor = Hypervisor(run, cgroup.open_hierarchy(), dmesg)
     # From the main thread (the server dies with it), and now: its imports overlap ours.
-    hypervisor.dom0_spawner.start()
     hypervisor.spawner.start()
     log.info("hyperd %d starting (cgroup v%d)", os.getpid(), hypervisor.cgroups.version)
     sockets = _connect_keeper(hypervisor)

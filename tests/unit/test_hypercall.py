@@ -69,15 +69,6 @@ def test_every_hypercall_has_exactly_one_handler(hypervisor: hyperd.Hypervisor) 
     assert set(hypervisor._handler_table()) == set(hc.OPS.values())
 
 
-def test_dom0_and_the_domains_come_from_different_fork_servers(
-    hypervisor: hyperd.Hypervisor,
-) -> None:
-    """Children of one fork server share its string-hash secret: a domain must not know dom0's."""
-    assert hypervisor.spawner is not hypervisor.dom0_spawner
-    assert "dom0.main" in hypervisor.dom0_spawner.preload
-    assert "dom0.main" not in hypervisor.spawner.preload
-
-
 PRIVILEGED = [
     hc.DomctlList(),
     hc.DomctlDestroy(domid=1),
