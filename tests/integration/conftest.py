@@ -361,6 +361,19 @@ def start_iperf3_server(domain: str, *options: str) -> None:
     wait_for(listening, 10, f"iperf3 to listen in {domain}")
 
 
+def iperf3_report(text: str) -> dict[str, Any]:
+    """An iperf3 ``-J`` report of a run that completed: one that says it failed, or has no
+    receiver's sum (the server's results never came back), fails the test with what it says."""
+    report: dict[str, Any] = json.loads(text)
+    end = report.get("end", {})
+    mbits = [round(i["sum"]["bits_per_second"] / 1e6) for i in report.get("intervals", [])]
+    assert "error" not in report and "sum_received" in end, (
+        f"iperf3 did not complete: error={report.get('error')!r}, end has {sorted(end)}, "
+        f"Mbit/s each interval: {mbits}"
+    )
+    return report
+
+
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(
     item: pytest.Item, call: pytest.CallInfo[None]
@@ -370,4 +383,26 @@ def pytest_runtest_makereport(
     if report.failed and RUN.logs.exists():
         for log in sorted(RUN.logs.glob("*.log")):
             lines = log.read_text(errors="replace").splitlines()[-40:]
-            report.sections.append((f"hyper log {log.name}", "\n".join(lines)))
+            if lines:
+                report.sections.append((f"hyper log {log.name}", "\n".join(lines)))
+        report.sections.append(("host network", _host_network()))
+
+
+def _host_network() -> str:
+    """What a failed network test needs to be understood: each bridge port's state and each
+    running domain's vif counters (frames through the rings, drops, errors)."""
+    shown = []
+    for argv in (
+        ["bridge", "link", "show"],
+        ["ip", "-s", "-o", "link", "show", "type", "bridge"],
+        ["ip", "-s", "-o", "link", "show", "type", "tun"],
+        ["cat", "/proc/net/softnet_stat"],
+    ):
+        proc = subprocess.run(argv, capture_output=True, text=True, timeout=10)
+        shown.append(f"$ {' '.join(argv)}\n{proc.stdout}{proc.stderr}")
+    with contextlib.suppress(AssertionError, ValueError, subprocess.TimeoutExpired):
+        for domain in domains():
+            if domain["domid"] != 0:
+                stats = hyperctl("network-list", "--json", domain["name"], check=False, timeout=10)
+                shown.append(f"{domain['name']} (dom{domain['domid']}): {stats.out.strip()}")
+    return "\n".join(shown)

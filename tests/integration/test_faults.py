@@ -30,6 +30,7 @@ from tests.integration.conftest import (
     domain_info,
     hyperctl,
     in_domain,
+    iperf3_report,
     start_iperf3_server,
     wait_for,
 )
@@ -239,7 +240,7 @@ def check_stream(stream: subprocess.Popen[str], timeout: float) -> None:
     """The same iperf3 run went on to its end and moved data."""
     out, err = stream.communicate(timeout=timeout)
     assert stream.returncode == 0, err
-    report = json.loads(out)
+    report = iperf3_report(out)
     per_second = [round(i["sum"]["bits_per_second"] / 1e9, 2) for i in report["intervals"]]
     print(f"Gbit/s each second: {per_second}")
     assert report["end"]["sum_received"]["bytes"] > 0

@@ -22,6 +22,7 @@ from tests.integration.conftest import (
     RUN,
     domain_info,
     hyperctl,
+    iperf3_report,
     start_iperf3_server,
     wait_for,
 )
@@ -50,7 +51,7 @@ def test_two_domains_ping_and_iperf3_through_the_rings(
     assert hyperctl("exec", client, "--", "ping", "-c", "2", "-W", "5", f"{net}.2").status == 0
 
     start_iperf3_server(server, "-J", "--logfile", "/tmp/iperf3.json")
-    sent = json.loads(
+    sent = iperf3_report(
         hyperctl("exec", client, "--", "iperf3", "-c", f"{net}.2", "-t", "3", "-J").out
     )
     received = json.loads(
@@ -265,7 +266,7 @@ def test_rate_10mbit_holds_iperf3_near_10mbit(
     server = make_domain(vif(bridge, f"{net}.2"))
     client = make_domain(vif(bridge, f"{net}.3", "    rate: 10Mb/s\n"))
     start_iperf3_server(server)
-    report = json.loads(
+    report = iperf3_report(
         hyperctl("exec", client, "--", "iperf3", "-c", f"{net}.2", "-t", "4", "-J").out
     )
     mbit = report["end"]["sum_received"]["bits_per_second"] / 1e6

@@ -12,7 +12,6 @@ domains, dd through /dev/xvda lands in the image, and a killed netback worker co
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 from collections.abc import Callable
@@ -22,6 +21,7 @@ import pytest
 
 from tests.integration.conftest import (
     hyperctl,
+    iperf3_report,
     start_iperf3_server,
     wait_for,
 )
@@ -48,7 +48,7 @@ def test_iperf3_between_two_domains_crosses_both_queues(
     client = make_domain("vcpus: 2\n" + vif(bridge, f"{net}.3"))
     start_iperf3_server(server)
     argv = ["iperf3", "-c", f"{net}.2", "-t", "2", "-P", "16", "-J"]
-    report = json.loads(hyperctl("exec", client, "--", *argv).out)
+    report = iperf3_report(hyperctl("exec", client, "--", *argv).out)
     assert report["end"]["sum_received"]["bytes"] > 0
     queues = counters(client)[0]["queues"]
     assert len(queues) == 2

@@ -12,7 +12,6 @@ fraction of its undisturbed rate is bench/storm.py's figure: tests assert no tim
 
 from __future__ import annotations
 
-import json
 import re
 import threading
 import time
@@ -29,6 +28,7 @@ from tests.integration.conftest import (
     domain_info,
     hyperctl,
     in_domain,
+    iperf3_report,
     start_iperf3_server,
 )
 from tests.integration.test_block import disk, sha256_of
@@ -134,7 +134,7 @@ def test_a_storming_flooding_domain_costs_dom0_little_and_its_neighbours_nothing
     ).out.split()[0]  # fmt: skip
     out, err = stream.communicate(timeout=60)
     assert stream.returncode == 0, err
-    report = json.loads(out)
+    report = iperf3_report(out)
     rate = report["end"]["sum_received"]["bits_per_second"] / 1e9
     print(f"the neighbours' iperf3 under the storm: {rate:.2f} Gbit/s")
     assert report["end"]["sum_received"]["bytes"] > 0
