@@ -29,11 +29,13 @@ from channels.hypercall import HypercallClient
 from channels.paths import RunDir
 from channels.xenbus_bus import Bus
 from dom0 import spawn
+from dom0.control import ControlServer
 from dom0.drivers import BackendDrivers
 from dom0.netback.tap import remove_our_bridges
 from dom0.store.core import Store
 from dom0.store.journal import Journal, StoreFormatError
 from dom0.store.local import connect_local
+from dom0.storeview import StoreView
 from dom0.toolstack import Toolstack
 
 log = logging.getLogger("dom0")
@@ -70,7 +72,7 @@ def _run(argv: list[str] | None) -> int:
         socket.socket(fileno=args.hypercall_fd),
         on_event=lambda name, data: events.put((name, data)),
     )
-    toolstack = Toolstack(hc, store, xs, run.toolstack_socket, events)
+    toolstack = Toolstack(hc, store, xs, events)
     signal.signal(signal.SIGTERM, lambda *_: toolstack.stopped.set())
     if args.recover:
         toolstack.recover()
@@ -79,10 +81,11 @@ def _run(argv: list[str] | None) -> int:
     toolstack.drivers = drivers
     backends = Bus(xs, xenbus.backend_root_path(0), "backend", drivers.by_type()).start()
     threading.Thread(target=toolstack.run_events, name="events", daemon=True).start()
-    threading.Thread(target=toolstack.serve, name="control", daemon=True).start()
+    server = ControlServer(run.toolstack_socket, toolstack, StoreView(xs), toolstack.stopped)
+    threading.Thread(target=server.serve, name="control", daemon=True).start()
     log.info("dom0 up; toolstack on %s", run.toolstack_socket)
     toolstack.stopped.wait()
-    toolstack.close()
+    server.close()
     backends.stop()
     for bridge in remove_our_bridges():
         log.info("removed bridge %s", bridge)

@@ -2,16 +2,15 @@
 
 It owns the domain skeleton in the store (the paths and permissions of xen-split-driver.md
 §6.6), starts the store and console backends of each domain when hyperd introduces it, and
-answers the control socket. Each control method's docstring says when it is allowed.
+carries out the domain operations the control socket (dom0/control.py) dispatches to it. Each
+operation's docstring says when it is allowed.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import os
 import queue
-import socket
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -28,8 +27,7 @@ from channels.config import (
     parse_entry,
     parse_size,
 )
-from channels.control import MAX_LINE, error_reply, read_line, send_json
-from channels.errors import ERRNO_KINDS, BadInput, HyperError, NotAllowed, NotFound
+from channels.errors import BadInput, HyperError, NotFound
 from channels.kinds import BY_TYPE, KINDS, DeviceKind
 from channels.xs import Perm, XsClient, XsError
 from dom0.console import ConsoleBackend
@@ -42,7 +40,6 @@ log = logging.getLogger(__name__)
 
 BOOT_TIMEOUT = 30.0
 DEVICE_TIMEOUT = 20.0
-CONSOLE_CLIENT_TIMEOUT = 2.0
 SHUTDOWN_TIMEOUT = 30.0
 
 
@@ -64,24 +61,19 @@ class Toolstack:
         hcall: hc.HypercallClient,
         store: Store,
         xs: XsClient,
-        socket_path: Path,
         events: queue.Queue[tuple[str, dict[str, Any]]],
     ) -> None:
         self.hc = hcall
         self.store = store
         self.xs = xs
-        self.socket_path = socket_path
         self.domains: dict[int, DomainState] = {}
         self.lock = threading.Lock()
         #: Notified after every event from hyperd; waits for a domain's progress use it.
         self.changed = threading.Condition(self.lock)
         self.events = events
         self.stopped = threading.Event()
-        self._listener: socket.socket | None = None
         self.drivers: BackendDrivers | None = None  # set by dom0.main
         self.devices = Devices(xs, self._device_stats)
-        self._handlers = self._request_table()
-        self._streams = self._stream_table()
         self._event_handlers: dict[str, Callable[[dict[str, Any]], None]] = {
             "domain_introduced": self.on_domain_introduced,
             "domain_running": self.on_domain_running,
@@ -253,106 +245,10 @@ class Toolstack:
 
         self.xs.transaction(write)
 
-    # -- the control socket -----------------------------------------------------------------
-
-    def serve(self) -> None:
-        path = self.socket_path
-        path.unlink(missing_ok=True)
-        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        old = os.umask(0o177)
-        try:
-            listener.bind(str(path))
-        finally:
-            os.umask(old)
-        listener.listen(64)
-        self._listener = listener
-        while not self.stopped.is_set():
-            try:
-                client, _ = listener.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._serve_client, args=(client,), daemon=True).start()
-
-    def close(self) -> None:
-        self.stopped.set()
-        if self._listener is not None:
-            self._listener.close()
-            self.socket_path.unlink(missing_ok=True)
-
-    def _serve_client(self, client: socket.socket) -> None:
-        with client:
-            if not _peer_is_root(client):
-                send_json(client, error_reply(NotAllowed("permission denied: root only")))
-                return
-            client.settimeout(30.0)
-            buffer = bytearray()
-            try:
-                line = read_line(client, buffer)
-                if line is None:
-                    return
-                request = control.decode_request(line)
-            except HyperError as exc:
-                send_json(client, error_reply(exc))
-                return
-            except OSError:
-                return
-            client.settimeout(None)
-            try:
-                if request.streaming:
-                    self._streams[type(request)](client, buffer, request)
-                    return
-                result = self._handlers[type(request)](request)
-                send_json(client, {"ok": True, "result": result})
-            except HyperError as exc:
-                send_json(client, error_reply(exc))
-            except OSError:
-                pass  # the client went away
-            except Exception as exc:
-                log.exception("control request %s failed", request.method)
-                failed = HyperError(f"{request.method}: internal error: {exc}")
-                send_json(client, error_reply(failed))
+    # -- helpers ----------------------------------------------------------------------------
 
     def _device_stats(self, kind: DeviceKind, domid: int | None) -> list[dict[str, object]]:
         return self.drivers.stats(kind, domid) if self.drivers is not None else []
-
-    def _request_table(self) -> dict[type[control.Request], Callable[[Any], Any]]:
-        """Which method answers each request (a test checks that every request has one)."""
-        return {
-            control.Create: self.create,
-            control.List: lambda req: self.list_domains(),
-            control.Destroy: lambda req: self.destroy(req.domain),
-            control.Shutdown: lambda req: self.shutdown(req.domain, req.wait, req.grace),
-            control.Reboot: lambda req: self.reboot(req.domain),
-            control.Pause: lambda req: self.pause(req.domain),
-            control.Unpause: lambda req: self.unpause(req.domain),
-            control.ExecTarget: lambda req: self.exec_target(req.domain),
-            control.SchedCredit: lambda req: self.sched_credit(req.domain, req.cpu_weight, req.cap),
-            control.MemSet: lambda req: self.mem_set(req.domain, req.memory),
-            control.Info: lambda req: self.host_info(),
-            control.Dmesg: lambda req: self.dmesg(req.clear),
-            control.Halt: lambda req: self.halt(),
-            control.StoreLs: lambda req: self.store_ls(req.path),
-            control.StoreRead: lambda req: self.store_read(req.path),
-            control.StoreWrite: lambda req: self.store_write(req.path, req.value),
-            control.StoreRm: lambda req: self.store_rm(req.path),
-            control.DeviceAttach: self.device_attach,
-            control.DeviceDetach: self.device_detach,
-            control.DeviceList: self.device_list,
-            control.DeviceStats: self.device_stats,
-        }
-
-    def _stream_table(
-        self,
-    ) -> dict[type[control.Request], Callable[[socket.socket, bytearray, Any], None]]:
-        """Which method serves each streaming request."""
-        return {
-            control.Console: lambda client, buffer, req: self.console(client, buffer, req.domain),
-            control.StoreWatch: lambda client, buffer, req: self.store_watch(
-                client, buffer, req.path
-            ),
-        }
-
-    # -- helpers ----------------------------------------------------------------------------
 
     def _list(self) -> list[dict[str, Any]]:
         return list(self.hc.call(hc.DomctlList())["domains"])
@@ -369,7 +265,7 @@ class Toolstack:
             raise BadInput("that is dom0; use `hyperctl halt` to stop everything")
         return info
 
-    # -- methods ----------------------------------------------------------------------------
+    # -- operations -------------------------------------------------------------------------
 
     def create(self, request: control.Create) -> Any:
         """Parses the config (one line per problem, nothing created), builds the domain and
@@ -541,45 +437,6 @@ class Toolstack:
         self.hc.call(hc.SysctlHalt())
         return {}
 
-    def store_ls(self, path: str) -> Any:
-        """Always allowed (as dom0): the subtree under ``path`` as (path, value) pairs."""
-        return self._walk(path)
-
-    def _walk(self, path: str) -> list[list[str]]:
-        out = [[path, self._read(path)]]
-        for child in self._directory(path):
-            out.extend(self._walk(xenbus.join_path(path, child) if path != "/" else "/" + child))
-        return out
-
-    def _read(self, path: str) -> str:
-        try:
-            return self.xs.read(path)
-        except Exception as exc:
-            raise _store_failed(path, exc) from exc
-
-    def _directory(self, path: str) -> list[str]:
-        try:
-            return self.xs.directory(path)
-        except Exception as exc:
-            raise _store_failed(path, exc) from exc
-
-    def store_read(self, path: str) -> Any:
-        return self._read(path)
-
-    def store_write(self, path: str, value: str) -> Any:
-        try:
-            self.xs.write(path, value)
-        except Exception as exc:
-            raise _store_failed(path, exc) from exc
-        return {}
-
-    def store_rm(self, path: str) -> Any:
-        try:
-            self.xs.rm(path)
-        except Exception as exc:
-            raise _store_failed(path, exc) from exc
-        return {}
-
     def device_attach(self, request: control.DeviceAttach) -> Any:
         """A running domU: add one device (xl network-attach, block-attach, ...); returns once
         it is connected. ``owner`` as for ``create``."""
@@ -618,74 +475,13 @@ class Toolstack:
         """Always allowed: every device of a kind's counters (for `hyperctl top`)."""
         return self.devices.stats(BY_TYPE[request.kind])
 
-    # -- streaming methods --------------------------------------------------------------------
-
-    def console(self, client: socket.socket, buffer: bytearray, domain: str) -> None:
-        """A running domU: attach to its console until the client hangs up."""
+    def console_of(self, domain: str) -> tuple[int, ConsoleBackend]:
+        """A running domU: its domid and console backend, for the control socket to attach
+        a client to."""
         info = self._domu(domain)
         with self.lock:
             state = self.domains.get(info["domid"])
         console = state.console if state else None
         if console is None:
             raise NotFound(f"domain {info['name']} has no console")
-        send_json(client, {"ok": True, "result": {"domid": info["domid"]}})
-        client.sendall(console.history())
-        # A client that stops reading (a paused pager) is dropped after this long, rather than
-        # stalling the console ring for the domain: the ring thread sends to every client.
-        client.settimeout(CONSOLE_CLIENT_TIMEOUT)
-        console.attach(client)
-        try:
-            if buffer:
-                console.to_guest(bytes(buffer))
-            while True:
-                try:
-                    data = client.recv(4096)
-                except TimeoutError:
-                    continue
-                if not data:
-                    break
-                console.to_guest(data)
-        finally:
-            console.detach(client)
-
-    def store_watch(self, client: socket.socket, buffer: bytearray, path: str) -> None:
-        """Always allowed (as dom0): one JSON line per event until the client hangs up."""
-        try:
-            watch = self.xs.watch(path)
-        except Exception as exc:
-            raise _store_failed(path, exc) from exc
-        send_json(client, {"ok": True, "result": {}})
-        gone = threading.Event()
-
-        def hangup() -> None:
-            try:
-                while client.recv(MAX_LINE):
-                    pass
-            except OSError:
-                pass
-            gone.set()
-
-        threading.Thread(target=hangup, daemon=True).start()
-        try:
-            while not gone.is_set():
-                try:
-                    event = watch.get(timeout=0.5)
-                except TimeoutError:
-                    continue
-                send_json(client, {"path": event.path, "token": event.token})
-        except OSError:
-            pass
-        finally:
-            watch.unwatch()
-
-
-def _peer_is_root(client: socket.socket) -> bool:
-    creds = client.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12)
-    uid = int.from_bytes(creds[4:8], "little")
-    return uid == 0
-
-
-def _store_failed(path: str, exc: Exception) -> HyperError:
-    """A store request that failed, in the error vocabulary (ENOENT is NotFound, ...)."""
-    kind = ERRNO_KINDS.get(exc.errno_name, HyperError) if isinstance(exc, XsError) else HyperError
-    return kind(f"{path}: {exc}")
+        return info["domid"], console

@@ -1,5 +1,5 @@
 """The toolstack's teardown of a destroyed domain, over a store whose files cannot be written
-(dom0/toolstack.py, dom0/store/core.py)."""
+(dom0/toolstack.py, dom0/store/core.py); and the control socket's dispatch (dom0/control.py)."""
 
 from __future__ import annotations
 
@@ -13,8 +13,10 @@ from typing import Any
 import pytest
 
 from channels import control, xenbus
+from dom0.control import ControlServer
 from dom0.store import Store, connect_local
 from dom0.store.journal import Journal
+from dom0.storeview import StoreView
 from dom0.toolstack import DomainState, Toolstack
 from tests.unit.test_store_journal import _break_journal
 
@@ -41,7 +43,7 @@ def toolstack(tmp_path: Path) -> Iterator[Toolstack]:
     with connect_local(store, 0) as dom0:
         events: queue.Queue[tuple[str, dict[str, Any]]] = queue.Queue()
         no_hyperd: Any = None
-        yield Toolstack(no_hyperd, store, dom0.client, tmp_path / "toolstack.sock", events)
+        yield Toolstack(no_hyperd, store, dom0.client, events)
     assert store.tree.journal is not None
     store.tree.journal.close()
 
@@ -114,8 +116,13 @@ def test_a_destroyed_domain_is_torn_down_whole_though_its_backends_fail_to_stop(
     assert "console backend wedged" in caplog.text
 
 
-def test_every_control_request_has_exactly_one_handler(toolstack: Toolstack) -> None:
-    handled = set(toolstack._request_table()) | set(toolstack._stream_table())
+def test_every_control_request_has_exactly_one_handler(
+    toolstack: Toolstack, tmp_path: Path
+) -> None:
+    server = ControlServer(
+        tmp_path / "toolstack.sock", toolstack, StoreView(toolstack.xs), toolstack.stopped
+    )
+    handled = set(server._request_table()) | set(server._stream_table())
     assert handled == set(control.REQUESTS.values())
     streaming = {cls for cls in control.REQUESTS.values() if cls.streaming}
-    assert set(toolstack._stream_table()) == streaming
+    assert set(server._stream_table()) == streaming

@@ -1,0 +1,200 @@
+"""The control socket: where `hyperctl` reaches the toolstack (channels/control.py is its wire).
+
+``ControlServer`` owns the root-only Unix socket, decodes one request per connection and
+answers it through a table keyed by request type: the toolstack's operations (dom0/toolstack.py)
+and the store browser (dom0/storeview.py). A streaming request (a console, a store watch) keeps
+its connection, served here until the client hangs up. A request that fails answers with its
+error's kind; one that breaks unexpectedly is logged and answered as an internal error, and the
+server goes on serving the others.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from channels import control
+from channels.control import MAX_LINE, error_reply, read_line, send_json
+from channels.errors import HyperError, NotAllowed
+from dom0.storeview import StoreView
+from dom0.toolstack import Toolstack
+
+log = logging.getLogger(__name__)
+
+CONSOLE_CLIENT_TIMEOUT = 2.0
+
+#: Answers a request with the reply's result.
+Handler = Callable[[Any], Any]
+#: Serves a streaming request on its connection (``buffer``: what the client sent past the
+#: request line).
+StreamHandler = Callable[[socket.socket, bytearray, Any], None]
+
+
+class ControlServer:
+    def __init__(
+        self, socket_path: Path, toolstack: Toolstack, store: StoreView, stopped: threading.Event
+    ) -> None:
+        """``stopped`` is dom0's: the server accepts until it is set, and ``close`` sets it."""
+        self.socket_path = socket_path
+        self.toolstack = toolstack
+        self.store = store
+        self.stopped = stopped
+        self._listener: socket.socket | None = None
+        self._handlers = self._request_table()
+        self._streams = self._stream_table()
+
+    def serve(self) -> None:
+        path = self.socket_path
+        path.unlink(missing_ok=True)
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        old = os.umask(0o177)
+        try:
+            listener.bind(str(path))
+        finally:
+            os.umask(old)
+        listener.listen(64)
+        self._listener = listener
+        while not self.stopped.is_set():
+            try:
+                client, _ = listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve_client, args=(client,), daemon=True).start()
+
+    def close(self) -> None:
+        self.stopped.set()
+        if self._listener is not None:
+            self._listener.close()
+            self.socket_path.unlink(missing_ok=True)
+
+    def _serve_client(self, client: socket.socket) -> None:
+        with client:
+            if not _peer_is_root(client):
+                send_json(client, error_reply(NotAllowed("permission denied: root only")))
+                return
+            client.settimeout(30.0)
+            buffer = bytearray()
+            try:
+                line = read_line(client, buffer)
+                if line is None:
+                    return
+                request = control.decode_request(line)
+            except HyperError as exc:
+                send_json(client, error_reply(exc))
+                return
+            except OSError:
+                return
+            client.settimeout(None)
+            try:
+                if request.streaming:
+                    self._streams[type(request)](client, buffer, request)
+                    return
+                result = self._handlers[type(request)](request)
+                send_json(client, {"ok": True, "result": result})
+            except HyperError as exc:
+                send_json(client, error_reply(exc))
+            except OSError:
+                pass  # the client went away
+            except Exception as exc:
+                log.exception("control request %s failed", request.method)
+                failed = HyperError(f"{request.method}: internal error: {exc}")
+                send_json(client, error_reply(failed))
+
+    def _request_table(self) -> dict[type[control.Request], Handler]:
+        """Which method answers each request (a test checks that every request has one)."""
+        ts, store = self.toolstack, self.store
+        return {
+            control.Create: ts.create,
+            control.List: lambda req: ts.list_domains(),
+            control.Destroy: lambda req: ts.destroy(req.domain),
+            control.Shutdown: lambda req: ts.shutdown(req.domain, req.wait, req.grace),
+            control.Reboot: lambda req: ts.reboot(req.domain),
+            control.Pause: lambda req: ts.pause(req.domain),
+            control.Unpause: lambda req: ts.unpause(req.domain),
+            control.ExecTarget: lambda req: ts.exec_target(req.domain),
+            control.SchedCredit: lambda req: ts.sched_credit(req.domain, req.cpu_weight, req.cap),
+            control.MemSet: lambda req: ts.mem_set(req.domain, req.memory),
+            control.Info: lambda req: ts.host_info(),
+            control.Dmesg: lambda req: ts.dmesg(req.clear),
+            control.Halt: lambda req: ts.halt(),
+            control.StoreLs: lambda req: store.ls(req.path),
+            control.StoreRead: lambda req: store.read(req.path),
+            control.StoreWrite: lambda req: store.write(req.path, req.value),
+            control.StoreRm: lambda req: store.rm(req.path),
+            control.DeviceAttach: ts.device_attach,
+            control.DeviceDetach: ts.device_detach,
+            control.DeviceList: ts.device_list,
+            control.DeviceStats: ts.device_stats,
+        }
+
+    def _stream_table(self) -> dict[type[control.Request], StreamHandler]:
+        """Which method serves each streaming request."""
+        return {
+            control.Console: lambda client, buffer, req: self.console(client, buffer, req.domain),
+            control.StoreWatch: lambda client, buffer, req: self.store_watch(
+                client, buffer, req.path
+            ),
+        }
+
+    # -- streaming requests -------------------------------------------------------------------
+
+    def console(self, client: socket.socket, buffer: bytearray, domain: str) -> None:
+        """A running domU: attach to its console until the client hangs up."""
+        domid, console = self.toolstack.console_of(domain)
+        send_json(client, {"ok": True, "result": {"domid": domid}})
+        client.sendall(console.history())
+        # A client that stops reading (a paused pager) is dropped after this long, rather than
+        # stalling the console ring for the domain: the ring thread sends to every client.
+        client.settimeout(CONSOLE_CLIENT_TIMEOUT)
+        console.attach(client)
+        try:
+            if buffer:
+                console.to_guest(bytes(buffer))
+            while True:
+                try:
+                    data = client.recv(4096)
+                except TimeoutError:
+                    continue
+                if not data:
+                    break
+                console.to_guest(data)
+        finally:
+            console.detach(client)
+
+    def store_watch(self, client: socket.socket, buffer: bytearray, path: str) -> None:
+        """Always allowed (as dom0): one JSON line per event until the client hangs up."""
+        watch = self.store.watch(path)
+        send_json(client, {"ok": True, "result": {}})
+        gone = threading.Event()
+
+        def hangup() -> None:
+            try:
+                while client.recv(MAX_LINE):
+                    pass
+            except OSError:
+                pass
+            gone.set()
+
+        threading.Thread(target=hangup, daemon=True).start()
+        try:
+            while not gone.is_set():
+                try:
+                    event = watch.get(timeout=0.5)
+                except TimeoutError:
+                    continue
+                send_json(client, {"path": event.path, "token": event.token})
+        except OSError:
+            pass
+        finally:
+            watch.unwatch()
+
+
+def _peer_is_root(client: socket.socket) -> bool:
+    creds = client.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12)
+    uid = int.from_bytes(creds[4:8], "little")
+    return uid == 0
