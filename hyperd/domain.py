@@ -35,8 +35,10 @@ from channels.credit import Credit
 from channels.forkserver import Child, ChildSetup, ForkServer
 from channels.ids import id_map
 from hyperd.budget import HYPERCALL_BURST, HYPERCALL_RATE, GuestLog
-from hyperd.cgroup import DomainGroup
+from hyperd.cgroup import DomainGroup, Limits
 from hyperd.resources import Resources
+
+PIDS_MAX = 1024  # processes in one domU's cgroup
 
 
 class Status(enum.Enum):
@@ -190,6 +192,16 @@ class Domain:
         }
 
 
+def cgroup_limits(config: DomainConfig) -> Limits:
+    return Limits(
+        memory_mib=config.memory,
+        cpu_weight=config.cpu_weight,
+        cap=config.cap,
+        pids_max=PIDS_MAX,
+        vcpus=config.vcpus,
+    )
+
+
 def dom0_config(memory_mib: int, vcpus: int) -> DomainConfig:
     """dom0's record of itself: the host's memory and CPUs. Not validated: no user wrote it,
     and its name is the one a user's config may not take."""
@@ -209,6 +221,14 @@ def process_start_time(pid: int) -> int | None:
         return None
     # The command name (field 2) may hold spaces and parentheses: count from the last ')'.
     return int(stat.rsplit(")", 1)[1].split()[19])
+
+
+def describe_wait_status(status: int | None) -> str:
+    """How a domain's process ended, from its wait status (None: not our child to reap)."""
+    if status is None:
+        return "not our child: exit status unknown"
+    code = os.waitstatus_to_exitcode(status)
+    return f"signal {-code}" if code < 0 else f"exit status {code}"
 
 
 def ring_sizes() -> dict[str, int]:

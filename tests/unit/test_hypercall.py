@@ -24,6 +24,7 @@ from hyperd.gnttab import (
     GrantTables,
     grant_budget,
 )
+from hyperd.hypercalls import HvError
 from tests.unit.backend_hypercalls import PaperResources
 
 
@@ -66,7 +67,7 @@ def hypervisor(tmp_path: Path) -> hyperd.Hypervisor:
 
 
 def test_every_hypercall_has_exactly_one_handler(hypervisor: hyperd.Hypervisor) -> None:
-    assert set(hypervisor._handler_table()) == set(hc.OPS.values())
+    assert set(hypervisor.hypercalls.table) == set(hc.OPS.values())
 
 
 PRIVILEGED = [
@@ -88,15 +89,15 @@ def test_a_domu_is_refused_every_privileged_hypercall(
     hypervisor: hyperd.Hypervisor, op: hc.Op
 ) -> None:
     domu = Domain(3, "guest", DomainConfig(name="guest"), PaperResources(3))
-    with pytest.raises(hyperd.HvError) as refused:
-        hypervisor.handle(domu, op)
+    with pytest.raises(HvError) as refused:
+        hypervisor.hypercalls.handle(domu, op)
     assert refused.value.errno_name == "EPERM"
     assert not hypervisor.halt_requested
 
 
 def test_every_op_is_declared_privileged_or_handled(hypervisor: hyperd.Hypervisor) -> None:
     for name, cls in hc.OPS.items():
-        assert hasattr(hypervisor, "do_" + name), f"{name} has no handler"
+        assert hasattr(hypervisor.hypercalls, "do_" + name), f"{name} has no handler"
         assert cls.op == name
     assert {op.op for op in PRIVILEGED} == {n for n, c in hc.OPS.items() if c.privileged}
 
@@ -203,14 +204,14 @@ def test_a_domain_grants_no_more_pages_than_its_memory(hypervisor: hyperd.Hyperv
     hypervisor.domains[3] = guest
     assert grant_budget(32) == 8192
     for device in ("vif/0", "vbd/51712"):
-        hypervisor.handle(guest, hc.GnttabSetupPool(peer=0, device=device, pages=4096))
+        hypervisor.hypercalls.handle(guest, hc.GnttabSetupPool(peer=0, device=device, pages=4096))
     with pytest.raises(GnttabError) as refused:
-        hypervisor.handle(guest, hc.GnttabSetupPool(peer=0, device="vif/1", pages=1))
+        hypervisor.hypercalls.handle(guest, hc.GnttabSetupPool(peer=0, device="vif/1", pages=1))
     assert refused.value.errno_name == "ENOSPC"
     dom0 = Domain(0, "Domain-0", dom0_config(4096, 2), PaperResources(0))
-    answer = hypervisor.handle(dom0, hc.GnttabMapPools(granter=3, device="vbd/51712"))
+    answer = hypervisor.hypercalls.handle(dom0, hc.GnttabMapPools(granter=3, device="vbd/51712"))
     assert len(answer["pools"]) == 1, "the vbd's own pool, not the vif's"
     assert answer["max_pages"] == 8192
     gone = hc.GnttabMapPools(granter=9, device="vbd/51712")
-    assert hypervisor.handle(dom0, gone)["max_pages"] == 0
+    assert hypervisor.hypercalls.handle(dom0, gone)["max_pages"] == 0
     assert grant_budget(1 << 20) == MAX_POOL_PAGES_PER_DOMAIN, "and never more than the cap"

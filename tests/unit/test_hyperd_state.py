@@ -17,7 +17,7 @@ import pytest
 from channels.config import Action, DomainConfig
 from channels.forkserver import Child, Spawner
 from channels.paths import RunDir
-from hyperd import keeper, state
+from hyperd import adopt, keeper, state
 from hyperd.cgroup import CgroupFs, DomainGroup, V2Group
 from hyperd.domain import Domain, RingInfo, Status, dom0_config
 from hyperd.evtchn import EventChannels
@@ -202,7 +202,9 @@ def test_a_destruction_is_in_the_state_file_before_anything_is_torn_down(tmp_pat
     assert seen == [Status.DYING.value]
 
 
-def test_a_halt_that_had_begun_is_finished_by_the_next_hyperd(tmp_path: Path) -> None:
+def test_a_halt_that_had_begun_is_finished_by_the_next_hyperd(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """No on_crash (dom3's is restart) and no new dom0: everything the halt had not yet
     stopped is destroyed at adoption."""
     before = hypervisor(tmp_path)
@@ -211,10 +213,10 @@ def test_a_halt_that_had_begun_is_finished_by_the_next_hyperd(tmp_path: Path) ->
     before.halting = True
     after = through_the_file(before, tmp_path)
     released: list[Domain] = []
-    after._reconcile = lambda: None  # type: ignore[method-assign]  # (it scans /dev/shm)
+    monkeypatch.setattr(adopt, "reconcile", lambda domains, cgroups: None)  # (it scans /dev/shm)
     after._release = lambda domain: released.append(domain)  # type: ignore[method-assign]
 
-    after._adopt_all({})  # dom3's process (pid 4242 of another start time) is gone
+    adopt.adopt_all(after, {})  # dom3's process (pid 4242 of another start time) is gone
     after._commit()
 
     assert [d.domid for d in released] == [3]
@@ -247,12 +249,12 @@ def minutes_later(n: int) -> float:
 
 
 def dead_dom0(hv: Hypervisor, group: Stragglers) -> list[str]:
-    """hyperd with a dom0 that has died, in ``group``; the list its start_dom0 appends to."""
+    """hyperd with a dom0 that has died, in ``group``; the list its dom0 start appends to."""
     dom0 = Domain(0, "Domain-0", dom0_config(4096, 2), PaperResources(0), status=Status.RUNNING)
     dom0.cgroup = group  # type: ignore[assignment]
     hv.domains = {0: dom0}
     started: list[str] = []
-    hv.start_dom0 = lambda: started.append("dom0")  # type: ignore[method-assign]
+    hv.dom0_lifecycle.start = lambda: started.append("dom0")  # type: ignore[method-assign]
     return started
 
 
@@ -264,31 +266,31 @@ def test_a_dead_dom0_is_restarted_only_once_every_process_it_left_is_gone(tmp_pa
     group = Stragglers(4243, 4244)  # two workers, stopped or in the middle of a write
     started = dead_dom0(hv, group)
 
-    hv._on_dom0_death(9)
+    hv.dom0_lifecycle.on_death(9)
     assert started == [] and group.kills == 1, "killed at once, and the restart waits"
-    assert not hv._restart_dom0_when_due(minutes_later(1))
+    assert not hv.dom0_lifecycle.restart_when_due(minutes_later(1))
     assert started == [] and group.kills == 2, "killed again at each look"
 
     group.members = []
-    assert hv._restart_dom0_when_due(minutes_later(2)) and started == ["dom0"]
-    assert not hv._restart_dom0_when_due(minutes_later(3)), "and only once"
+    assert hv.dom0_lifecycle.restart_when_due(minutes_later(2)) and started == ["dom0"]
+    assert not hv.dom0_lifecycle.restart_when_due(minutes_later(3)), "and only once"
 
 
 def test_a_dom0_found_dead_at_re_adoption_is_restarted_once_its_processes_are_gone(
-    tmp_path: Path,
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     hv = hypervisor(tmp_path)
     group = Stragglers(4243)
     started = dead_dom0(hv, group)
-    hv._reconcile = lambda: None  # type: ignore[method-assign]  # (it scans /dev/shm)
+    monkeypatch.setattr(adopt, "reconcile", lambda domains, cgroups: None)  # (it scans /dev/shm)
 
-    hv._adopt_all({})  # dom0's pid is None: it died while no hyperd ran
+    adopt.adopt_all(hv, {})  # dom0's pid is None: it died while no hyperd ran
     assert started == [] and group.kills == 1
-    assert not hv._restart_dom0_when_due(minutes_later(1))
+    assert not hv.dom0_lifecycle.restart_when_due(minutes_later(1))
     assert started == [] and group.kills == 2
 
     group.members = []
-    assert hv._restart_dom0_when_due(minutes_later(2)) and started == ["dom0"]
+    assert hv.dom0_lifecycle.restart_when_due(minutes_later(2)) and started == ["dom0"]
 
 
 def test_each_table_round_trips_on_its_own(tmp_path: Path) -> None:
