@@ -16,9 +16,10 @@ line per event.
 Requests are frozen dataclasses, not pydantic models, on purpose: ``hyperctl`` builds and sends
 them without importing pydantic (about 100 ms of a command's start-up, half of what `hyperctl
 create` may take). dom0 validates each one it receives with pydantic (``decode_request``),
-constraints included, so the toolstack's handlers get typed, checked requests. ``Create`` and
-``DeviceAttach`` carry the user's config document or spec as written: the toolstack parses it
-once, with the host checks, into the typed config (channels/config.py) that goes on to hyperd.
+constraints included, and dom0's control server (dom0/control.py) dispatches each typed, checked
+request through a table to the toolstack. ``Create`` and ``DeviceAttach`` carry the user's
+config document or spec as written: the toolstack parses it once, with the host checks, into the
+typed config (channels/config.py) that goes on to hyperd.
 """
 
 from __future__ import annotations

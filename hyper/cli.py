@@ -124,7 +124,7 @@ def _hyperd_running() -> bool:
 
 def ensure_hypervisor() -> None:
     """Start hyperd in the background unless one runs; one started after a hyperd was killed
-    re-adopts the domains that run on (hyperd/hypervisor.py). Returns once dom0 answers."""
+    re-adopts the domains that run on (hyperd/adopt.py). Returns once dom0 answers."""
     run = _run()
     if _hyperd_running():
         return

@@ -16,7 +16,7 @@ reaping and destruction of domUs. Beside it, each on its own seam:
 - hyperd/hypercalls.py: the handler of each hypercall, and the table that dispatches to them;
 - hyperd/adopt.py: surviving hyperd's own death: the fd keeper's link, and re-adoption by the
   next hyperd of the domains that ran on;
-- hyperd/dom0.py: dom0's start, and its restart when it dies.
+- hyperd/control_domain.py: dom0's start, and its restart when it dies.
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ from channels.paths import RunDir
 from hyperd import cgroup, state
 from hyperd.adopt import KeeperLink, adopt_all
 from hyperd.budget import HYPERCALL_COST
-from hyperd.dom0 import Dom0Lifecycle
+from hyperd.control_domain import Dom0Lifecycle
 from hyperd.domain import (
     Domain,
     RingInfo,
