@@ -66,8 +66,9 @@ domain kernel, whose FUSE servers serve the same domain).
 Wire (one SOCK_SEQPACKET message each way, JSON): the server says ``{"ready": pid}`` (or
 ``{"error", "kind"}``) once it has imported its modules; then per request ``{"entry", "argv",
 "env", "fds": [target numbers, in the order of the SCM_RIGHTS descriptors], "cwd", "session",
-"cgroup_procs", "comm", "umask"}``, answered by ``{"pid"}`` with the child's pidfd attached, or
-``{"error", "kind"}`` (with ``pid`` and the pidfd too if a child was made and must be reaped).
+"cgroup_procs", "comm", "umask", "fresh"}``, answered by ``{"pid"}`` with the child's pidfd
+attached, or ``{"error", "kind"}`` (with ``pid`` and the pidfd too if a child was made and must
+be reaped).
 """
 
 from __future__ import annotations
@@ -123,6 +124,9 @@ _SYS_CLOSE_RANGE = 436  # every architecture (the common syscall table)
 _ENTRY = re.compile(r"[A-Za-z_][\w.]*(:[A-Za-z_]\w*)?\Z")
 _SOURCE_ROOT = str(Path(__file__).resolve().parents[1])
 _SERVER_CODE = "import sys; from channels.forkserver import main; sys.exit(main(sys.argv[1:]))"
+_FRESH_CODE = (
+    "import sys; from channels.forkserver import fresh_main; sys.exit(fresh_main(sys.argv[1:]))"
+)
 
 # PyDLL: the GIL stays held across the clone, as os.fork holds it across fork(2).
 _pysys = ctypes.PyDLL(None, use_errno=True)
@@ -151,6 +155,11 @@ class ChildSetup:
     cgroup_procs: tuple[str, ...] = ()
     comm: str | None = None
     umask: int | None = None
+    #: Set up as any child, then ``exec`` a new interpreter that imports the entry point and
+    #: runs it: for a child that must not share the server's memory, the string-hash secret
+    #: above all (dom0: the domains' kernels come from the same server and hash what dom0
+    #: hashes). Costs an interpreter start and the imports.
+    fresh_interpreter: bool = False
 
 
 StdioSpec = int | IO[Any] | None
@@ -348,6 +357,7 @@ class ForkServer:
                 "cgroup_procs": list(setup.cgroup_procs),
                 "comm": setup.comm,
                 "umask": setup.umask,
+                "fresh": setup.fresh_interpreter,
             }
             reply, fds = self._exchange(request, list(plan.targets.values()))
         except BaseException:
@@ -683,7 +693,8 @@ def _check(request: dict[str, Any], fds: list[int]) -> None:
     entry = request.get("entry")
     if not isinstance(entry, str) or not _ENTRY.match(entry):
         raise ValueError(f"bad entry point {entry!r}")
-    _entry_point(entry)
+    if request.get("fresh") is False:  # a fresh interpreter imports it itself
+        _entry_point(entry)
     targets = request.get("fds")
     if not isinstance(targets, list) or len(targets) != len(fds):
         raise ValueError(f"{len(fds)} descriptors came for {targets!r}")
@@ -703,8 +714,9 @@ def _check(request: dict[str, Any], fds: list[int]) -> None:
         value = request.get(key)
         if value is not None and type(value) is not kind:
             raise ValueError(f"{key} must be a {kind.__name__}")
-    if not isinstance(request.get("session"), bool):
-        raise ValueError("session must be true or false")
+    for key in ("session", "fresh"):
+        if not isinstance(request.get(key), bool):
+            raise ValueError(f"{key} must be true or false")
 
 
 def _check_strings(value: Any, what: str) -> None:
@@ -758,6 +770,8 @@ def _become_child(
             # Above every number the child is given, where no dup2 of the setup lands.
             errors = fcntl.fcntl(errors, fcntl.F_DUPFD_CLOEXEC, max([*request["fds"], 2]) + 1)
             _set_up(request, fds, errors)
+            if request["fresh"]:
+                _exec_fresh(request)
             function = _entry_point(request["entry"])
         except BaseException as exc:
             with contextlib.suppress(OSError):
@@ -767,6 +781,26 @@ def _become_child(
         code = _run(function, request["argv"])
     finally:
         os._exit(code)
+
+
+def _exec_fresh(request: dict[str, Any]) -> NoReturn:
+    """Become a new interpreter that runs the entry point (``fresh_main``). ``errors`` is
+    close-on-exec: a successful exec tells the server the setup is done."""
+    entry, comm = request["entry"], request["comm"] or ""
+    argv = [sys.executable, "-P", "-c", _FRESH_CODE, entry, comm, *request["argv"]]
+    os.execve(sys.executable, argv, os.environ)
+
+
+def fresh_main(argv: list[str]) -> int:
+    """A ``fresh_interpreter`` child after its exec: ``ENTRY COMM ARGS...``. Imports the entry
+    point's module, names the process again (exec took the name), and runs it."""
+    entry, comm, *args = argv
+    module_name, _, function = entry.partition(":")
+    if comm:
+        linux.set_comm(comm)
+    sys.argv = [module_name, *args]
+    target = getattr(importlib.import_module(module_name), function or "main")
+    return _exit_status(target(args))
 
 
 def _set_up(request: dict[str, Any], fds: list[int], errors: int) -> None:

@@ -81,7 +81,14 @@ class Dom0Lifecycle:
                 stdout=out,
                 stderr=out,
                 pass_fds={DOM0_HYPERCALL_FD: theirs.fileno()},
-                setup=ChildSetup(cgroup_procs=tuple(map(str, groups)), comm="hyper-dom0"),
+                # A new interpreter: the domains' kernels are forked from this same server, and
+                # a kernel that knew dom0's string-hash secret could send dom0's store keys that
+                # all collide in its dicts.
+                setup=ChildSetup(
+                    cgroup_procs=tuple(map(str, groups)),
+                    comm="hyper-dom0",
+                    fresh_interpreter=True,
+                ),
             )
         theirs.close()
         dom0.set_pid(proc.pid)

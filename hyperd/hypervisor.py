@@ -69,15 +69,15 @@ log = logging.getLogger("hyperd")
 BUILD_TIMEOUT = 30.0
 OUTQ_LIMIT = 4096
 MAX_LOG_LINE = 1000
-#: What hyperd's fork server imports once for every process it starts: dom0, each domain's
-#: boot process (which becomes the domain's kernel) and the fd keeper; and what a domain
-#: kernel's own fork server preloads (domu/spawn.py), so that every domain shares those pages
-#: with this server instead of importing them again.
+#: What hyperd's fork server imports once for the processes it forks: each domain's boot
+#: process (which becomes the domain's kernel) and the fd keeper; and what a domain kernel's own
+#: fork server preloads (domu/spawn.py), so that every domain shares those pages with this
+#: server instead of importing them again. Not dom0: it runs in a fresh interpreter of its own
+#: (hyperd/control_domain.py), sharing neither memory nor the string-hash secret with domains.
 HYPERD_PRELOAD = (
     "domu.boot",
     "domu.blkfront.server",
     "domu.p9front.fs",
-    "dom0.main",
     "hyperd.keeper",
 )
 HYPERD_LOG_MAX = 8 << 20  # bytes of hyperd.log before it is rotated to hyperd.log.1

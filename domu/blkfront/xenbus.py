@@ -21,33 +21,24 @@ channel, and Connected again once the backend is. Programs using the disk see a 
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import json
 import logging
 import os
-import subprocess
-import threading
 from dataclasses import dataclass, field
 
 from channels import blkif as B
 from channels.evtchn import EventChannel, alloc_unbound
-from channels.forkserver import Child
 from channels.gnttab import GrantPool, grant_pool, release_pool
 from channels.hypercall import HypercallClient, HypercallError
 from channels.ids import WORKLOAD_GID, WORKLOAD_UID
 from channels.ring import FrontRing
 from channels.xenbus import XenbusState
 from channels.xenbus_bus import XenbusDevice
-from domu.spawn import spawner
+from domu.fuseserver import FuseServer
 
 log = logging.getLogger(__name__)
 S = XenbusState
 
 DATA_PAGES = 1024  # 4 MiB in flight: four 1 MiB requests, or the whole ring of small ones
-MOUNT_TIMEOUT = 10.0
-MNT_DETACH = 2
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
 
 
 @dataclass
@@ -55,9 +46,7 @@ class Blkfront:
     vdev: str
     pools: dict[str, tuple[int, GrantPool]] = field(default_factory=dict)  # kind: (id, pool)
     channel: EventChannel | None = None
-    server: Child | None = None
-    mounted: threading.Event = field(default_factory=threading.Event)
-    reset: threading.Event = field(default_factory=threading.Event)  # the server said "reset"
+    server: FuseServer | None = None
     disk: tuple[int, bool] = (0, False)  # sectors, read-only: a restarted backend must agree
 
     @property
@@ -155,41 +144,21 @@ class BlkfrontDriver:
         }
         fd = os.open(bf.mountpoint, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         os.close(fd)
-        bf.server = spawner.server().spawn(
-            "domu.blkfront.server:main", stdin=subprocess.PIPE, stdout=subprocess.PIPE
-        )
-        assert bf.server.stdin is not None
-        bf.server.stdin.write(json.dumps(params).encode() + b"\n")
-        bf.server.stdin.flush()
-        threading.Thread(target=_watch_server, args=(bf, dev), daemon=True).start()
-        if not bf.mounted.wait(MOUNT_TIMEOUT):
-            raise TimeoutError(f"the FUSE server did not mount {bf.mountpoint}")
+        bf.server = FuseServer(dev, bf.vdev, "domu.blkfront.server:main", params)
+        bf.server.wait_mounted(bf.mountpoint)
 
     def _recover(self, bf: Blkfront) -> None:
         """The backend restarted: have the server start the ring over (see the docstring)."""
-        assert bf.server is not None and bf.server.stdin is not None
+        assert bf.server is not None
         log.warning("%s: the backend restarted; replaying what it had not answered", bf.vdev)
-        bf.reset.clear()
-        bf.server.stdin.write(b"reset\n")
-        bf.server.stdin.flush()
-        if not bf.reset.wait(MOUNT_TIMEOUT):
-            raise TimeoutError(f"the FUSE server of {bf.mountpoint} did not reset its ring")
+        bf.server.reset(bf.mountpoint)
 
     def _release(self, bf: Blkfront) -> None:
         server, bf.server = bf.server, None
         if server is not None:
-            with contextlib.suppress(OSError):
-                assert server.stdin is not None
-                server.stdin.close()  # the server unmounts and exits
-            try:
-                server.wait(timeout=5.0)
-            except subprocess.TimeoutExpired:
-                server.kill()
-                server.wait()
-        if os.path.lexists(bf.mountpoint):
-            _libc.umount2(bf.mountpoint.encode(), MNT_DETACH)  # a server that died left it
-            with contextlib.suppress(OSError):
-                os.unlink(bf.mountpoint)
+            server.stop(bf.mountpoint)
+        with contextlib.suppress(OSError):
+            os.unlink(bf.mountpoint)
         if bf.channel is not None:
             bf.channel.close()
             bf.channel = None
@@ -210,24 +179,6 @@ def _disk(dev: XenbusDevice) -> tuple[int, bool]:
 def _indirect_segments(dev: XenbusDevice) -> int:
     value = dev.read_otherend("feature-max-indirect-segments") or "0"
     return min(int(value), B.MAX_INDIRECT_SEGMENTS) if value.isdigit() else 0
-
-
-def _watch_server(bf: Blkfront, dev: XenbusDevice) -> None:
-    """The server says "mounted" once, "reset" after each ring reset, "broken <reason>" if
-    the backend broke the protocol; its stdout closing means it has ended."""
-    server = bf.server
-    if server is None or server.stdout is None:
-        return
-    for raw in server.stdout:
-        line = raw.decode(errors="replace").strip()
-        if line == "mounted":
-            bf.mounted.set()
-        elif line == "reset":
-            bf.reset.set()
-        elif line.startswith("broken "):
-            dev.fatal(f"{bf.vdev}: backend misbehaved: {line[len('broken ') :]}")
-    if bf.server is server:  # it ended without being asked to: the disk is gone
-        dev.fatal(f"{bf.vdev}: the FUSE server ended")
 
 
 #: The driver channels/kinds.py names this folder for.

@@ -25,29 +25,23 @@ A backend whose worker restarts returns to InitWait; this frontend does not repl
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
-import subprocess
-import threading
 from dataclasses import dataclass, field
 
-from channels import linux
 from channels import p9fs as P
 from channels.evtchn import EventChannel, alloc_unbound
-from channels.forkserver import Child
 from channels.gnttab import GrantPool, grant_pool, release_pool
 from channels.hypercall import HypercallClient, HypercallError
 from channels.xenbus import XenbusState
 from channels.xenbus_bus import XenbusDevice
-from domu.spawn import spawner
+from domu.fuseserver import FuseServer
 
 log = logging.getLogger(__name__)
 S = XenbusState
 
 RING_ORDER = 6  # 64 pages: 128 KiB each way
 MOUNT_ROOT = "/mnt"
-MOUNT_TIMEOUT = 10.0
 
 
 @dataclass
@@ -56,8 +50,7 @@ class P9front:
     pools: dict[str, tuple[int, GrantPool]] = field(default_factory=dict)  # kind: (id, pool)
     order: int = 0
     channel: EventChannel | None = None
-    server: Child | None = None
-    mounted: threading.Event = field(default_factory=threading.Event)
+    server: FuseServer | None = None
 
     @property
     def mountpoint(self) -> str:
@@ -149,54 +142,21 @@ class P9frontDriver:
             "doorbells": [mine, peer],
         }
         os.makedirs(pf.mountpoint, mode=0o755, exist_ok=True)
-        pf.server = spawner.server().spawn(
-            "domu.p9front.fs:main", stdin=subprocess.PIPE, stdout=subprocess.PIPE
-        )
-        assert pf.server.stdin is not None
-        pf.server.stdin.write(json.dumps(params).encode() + b"\n")
-        pf.server.stdin.flush()
-        threading.Thread(target=_watch_server, args=(pf, dev), daemon=True).start()
-        if not pf.mounted.wait(MOUNT_TIMEOUT):
-            raise TimeoutError(f"the FUSE server did not mount {pf.mountpoint}")
+        pf.server = FuseServer(dev, f"9pfs {pf.tag}", "domu.p9front.fs:main", params)
+        pf.server.wait_mounted(pf.mountpoint)
 
     def _release(self, pf: P9front) -> None:
         server, pf.server = pf.server, None
         if server is not None:
-            with contextlib.suppress(OSError):
-                assert server.stdin is not None
-                server.stdin.close()  # the server unmounts and exits
-            try:
-                server.wait(timeout=5.0)
-            except subprocess.TimeoutExpired:
-                server.kill()
-                server.wait()
-        if os.path.isdir(pf.mountpoint):
-            with contextlib.suppress(OSError):
-                linux.umount(pf.mountpoint, linux.MNT_DETACH)  # a server that died left it
-            with contextlib.suppress(OSError):
-                os.rmdir(pf.mountpoint)
+            server.stop(pf.mountpoint)
+        with contextlib.suppress(OSError):
+            os.rmdir(pf.mountpoint)
         if pf.channel is not None:
             pf.channel.close()
             pf.channel = None
         for pool_id, pool in pf.pools.values():
             release_pool(self.hc, pool_id, pool)
         pf.pools = {}
-
-
-def _watch_server(pf: P9front, dev: XenbusDevice) -> None:
-    """The server says "mounted" once, "broken <reason>" if the backend broke the protocol;
-    its stdout closing means it has ended."""
-    server = pf.server
-    if server is None or server.stdout is None:
-        return
-    for raw in server.stdout:
-        line = raw.decode(errors="replace").strip()
-        if line == "mounted":
-            pf.mounted.set()
-        elif line.startswith("broken "):
-            dev.fatal(f"9pfs {pf.tag}: backend misbehaved: {line[len('broken ') :]}")
-    if pf.server is server:  # it ended without being asked to: the share is gone
-        dev.fatal(f"9pfs {pf.tag}: the FUSE server ended")
 
 
 #: The driver channels/kinds.py names this folder for.

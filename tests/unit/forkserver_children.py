@@ -60,6 +60,8 @@ def report(argv: list[str]) -> int:
             "sigint": repr(signal.getsignal(signal.SIGINT)),
             "sigterm": repr(signal.getsignal(signal.SIGTERM)),
             "stdio": [s is not None for s in (sys.stdin, sys.stdout, sys.stderr)],
+            # Differs between two interpreters unless PYTHONHASHSEED fixes it; equal in forks.
+            "str_hash": hash("hyper"),
         },
     )
     return 0

@@ -258,6 +258,27 @@ def test_setup_is_applied(server: ForkServer, tmp_path: Path) -> None:
     assert seen["sigterm"] == repr(signal.SIG_DFL)
 
 
+def test_a_fresh_interpreter_child_shares_nothing_of_the_servers_memory(
+    exec_server: ForkServer, tmp_path: Path
+) -> None:
+    """Set up as any child (descriptors, name, directory, still our child), but a new
+    interpreter: it imports its entry point itself and hashes strings with a secret of its own,
+    where two forked children share the server's."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONHASHSEED"}
+    env["PYTHONPATH"] = str(REPO)
+    forked = [report(exec_server, UNUSED, env=env) for _ in range(2)]
+    setup = ChildSetup(cwd=str(tmp_path), comm="hyper-fresh", fresh_interpreter=True)
+    fresh = report(exec_server, UNUSED, env=env, stdin=DEVNULL, setup=setup)
+    assert forked[0]["str_hash"] == forked[1]["str_hash"]
+    assert fresh["str_hash"] != forked[0]["str_hash"]
+    assert forked[0]["preloaded"] == [UNUSED] and fresh["preloaded"] == []
+    assert fresh["ppid"] == os.getpid()
+    assert fresh["fds"] == [0, 1, 2, REPORT_FD]
+    assert fresh["comm"] == "hyper-fresh"
+    assert fresh["cwd"] == str(tmp_path)
+    assert fresh["argv"] == [CHILDREN, str(REPORT_FD), UNUSED]
+
+
 # -- bad requests ---------------------------------------------------------------------------------
 
 

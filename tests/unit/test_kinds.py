@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from channels import kinds, p9fs
-from channels.config import DomainConfig, entry_model, parse_entry
+from channels.config import Access, DomainConfig, P9Config, entry_model, parse_entry
 from channels.kinds import KINDS, DeviceKind
 from dom0 import drivers as backend_drivers
 from domu import drivers as frontend_drivers
@@ -29,8 +29,11 @@ def kind(request: pytest.FixtureRequest) -> DeviceKind:
 
 
 def test_each_kind_has_a_backend_and_a_frontend_driver(kind: DeviceKind) -> None:
-    assert callable(backend_drivers.driver_class(kind))
-    assert callable(frontend_drivers.driver_class(kind))
+    # Each side's driver is the one its folder defines, and the frontend bus probes it for the
+    # kind's XenBus type.
+    assert backend_drivers.driver_class(kind).__module__ == f"dom0.{kind.backend}.xenbus"
+    assert frontend_drivers.driver_class(kind).__module__ == f"domu.{kind.frontend}.xenbus"
+    assert frontend_drivers.DRIVER_CLASSES[kind.xenbus_type] is frontend_drivers.driver_class(kind)
     assert {"probe", "otherend_changed", "remove"} <= set(dir(frontend_drivers.driver_class(kind)))
     assert "stats" in dir(backend_drivers.driver_class(kind))
 
@@ -67,13 +70,11 @@ def test_each_kind_has_its_three_commands(kind: DeviceKind) -> None:
 
 
 def test_the_9pfs_keys_the_table_spells_out_are_the_protocols() -> None:
-    front, back = kinds._p9_keys(
-        # A stand-in with only the fields _p9_keys reads, not a validated P9Config.
-        type("Share", (), {"tag": "t", "path": "/x", "security_model": "none", "access": "ro"}),  # type: ignore[arg-type]
-        0,
-        0,
-    )
+    # Built without validation: the path need not exist on this host.
+    share = P9Config.model_construct(tag="t", path=Path("/x"), access=Access.RO)
+    front, back = kinds._p9_keys(share, 0, 0)
     assert set(front) == {p9fs.P9Key.TAG}
+    assert back[p9fs.P9Key.MODE] == "r", "an ro share is read-only to the backend"
     assert set(back) == {
         p9fs.P9Key.PATH,
         p9fs.P9Key.SECURITY_MODEL,
