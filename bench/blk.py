@@ -17,10 +17,10 @@ run, over that same image:
   bounce buffers). Same binding (mfusepy over libfuse3), mount options and ``direct_io``
   as hyper's disk server, 8 threads: the ceiling of FUSE in Python without rings. It serves
   the loop device the raw path measured (kept attached) and is unmounted before hyper's turn.
-- **hyper**: a domU made by the script with ``disk: [{target: IMAGE, vdev: xvda}]``; programs
-  run inside through ``hyperctl exec`` as its unprivileged workload user, on ``/dev/xvda``:
-  FUSE in the domU -> blkfront -> ring -> blkback in dom0 -> hyper's own loop device over the
-  image.
+- **hyper**: a domU made by the script with ``disk: [{target: IMAGE, vdev: xvda}]`` and as many
+  vcpus as the host has CPUs (the raw path's programs may use them all too); programs run
+  inside through ``hyperctl exec`` as its unprivileged workload user, on ``/dev/xvda``: FUSE in
+  the domU -> blkfront -> ring -> blkback in dom0 -> hyper's own loop device over the image.
 
 On each path, in this order: ``dd`` of 512 MiB in 1 MiB blocks, ``oflag=direct`` (write)
 then ``iflag=direct`` (read), the figure being bytes over dd's own seconds; then fio 4 KiB
@@ -370,7 +370,10 @@ class Lab:
         """A domU with the image as its xvda; its name and domid."""
         name = f"{self.tag}-disk"
         config = self.workdir / f"{name}.yaml"
-        config.write_text(f"name: {name}\ndisk:\n  - target: {self.image}\n    vdev: {VDEV}\n")
+        config.write_text(
+            f"name: {name}\nvcpus: {os.cpu_count() or 1}\n"
+            f"disk:\n  - target: {self.image}\n    vdev: {VDEV}\n"
+        )
         # Registered before the create: an interrupted create may still finish.
         self.cleanup.callback(run, [sys.executable, "-m", "hyper.cli", "destroy", name],
                               timeout=120, check=False)  # fmt: skip

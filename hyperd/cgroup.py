@@ -31,7 +31,13 @@ cap (% of one      cpu.cfs_period_us = 100000,                 cpu.max = "<cap*1
 CPU, 0 = none)     cpu.cfs_quota_us = cap * 1000 (-1 = none)   or "max 100000"
 and vcpus          (cap, or at most vcpus * 100)               (the same)
 pids_max           pids.max                                    pids.max
+cpus (placement,   cpuset.cpus (and cpuset.mems, the           cpuset.cpus (empty: the
+at create only)    parent's), when cpuset is mounted           parent's), when the parent's
+                                                               cgroup.controllers lists cpuset
 =================  ==========================================  ===============================
+
+``cpuset`` is optional on both: a host without it gets the CPU quota alone. A domain's CPUs are
+chosen once, when its group is created (``place_vcpus``), and kept across limit changes.
 
 Controls and statistics:
 
@@ -63,7 +69,7 @@ import re
 import signal
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar, Literal
@@ -78,6 +84,8 @@ PARENT = "hyper"
 CFS_PERIOD_US = 100_000
 V1_CONTROLLERS = ("memory", "cpu", "cpuacct", "pids", "freezer")
 V2_CONTROLLERS = ("cpu", "memory", "pids")
+#: Used where the host has it, for placement only (the quota is the vcpus ceiling).
+CPUSET = "cpuset"
 
 # Letters, digits, '-' and '_': no '/', no '..', and no '.' at all, so a group can never be
 # mistaken for (or collide with) an interface file such as "memory.max" or "cgroup.procs".
@@ -111,6 +119,40 @@ class Limits:
             raise ValueError(f"pids_max must be >= 1, not {self.pids_max}")
         if self.vcpus is not None and self.vcpus < 1:
             raise ValueError(f"vcpus must be >= 1, not {self.vcpus}")
+
+
+def place_vcpus(
+    vcpus: int, host_cpus: Sequence[int], placed: Iterable[Sequence[int]]
+) -> tuple[int, ...] | None:
+    """The CPUs a domain of ``vcpus`` vCPUs runs on, where the host has CPUs to spare: the
+    ``vcpus`` least used by the domains ``placed`` already (lowest numbers first), so that
+    domains spread over the host. None (every CPU hyper may use) when it has none to spare."""
+    if vcpus >= len(host_cpus):
+        return None
+    load = dict.fromkeys(host_cpus, 0)
+    for cpus in placed:
+        for cpu in cpus:
+            if cpu in load:
+                load[cpu] += 1
+    return tuple(sorted(sorted(load, key=lambda cpu: (load[cpu], cpu))[:vcpus]))
+
+
+def parse_cpu_list(text: str) -> tuple[int, ...]:
+    """The kernel's CPU list format (``0-3,8,10-11``), as a sorted tuple; empty for ``""``."""
+    cpus: set[int] = set()
+    for part in text.strip().split(","):
+        if not part:
+            continue
+        first, _, last = part.partition("-")
+        try:
+            cpus.update(range(int(first), int(last or first) + 1))
+        except ValueError as exc:
+            raise CgroupError(f"not a CPU list: {text.strip()!r}") from exc
+    return tuple(sorted(cpus))
+
+
+def format_cpu_list(cpus: Iterable[int]) -> str:
+    return ",".join(str(cpu) for cpu in sorted(cpus))
 
 
 def v1_cpu_shares(cpu_weight: int) -> int:
@@ -262,7 +304,7 @@ def v1_mounts(mountinfo: Path = MOUNTINFO) -> dict[str, Path]:
         if not sep or len(fields) < 5 or len(tail) < 3 or tail[0] != "cgroup":
             continue
         for option in tail[2].split(","):
-            if option in V1_CONTROLLERS:
+            if option in V1_CONTROLLERS or option == CPUSET:
                 mounts.setdefault(option, Path(_unescape(fields[4])))
     return mounts
 
@@ -297,7 +339,8 @@ def open_hierarchy(
             f"no usable cgroup hierarchy: {root} is not cgroup v2 and {mountinfo} "
             f"shows no v1 mount for {', '.join(missing)}"
         )
-    return V1Hierarchy({c: mounts[c] / parent for c in V1_CONTROLLERS}, fs)
+    used = [*V1_CONTROLLERS, *([CPUSET] if CPUSET in mounts else [])]
+    return V1Hierarchy({c: mounts[c] / parent for c in used}, fs)
 
 
 # ---------------------------------------------------------------------------------------
@@ -327,6 +370,30 @@ class DomainGroup(ABC):
             return self._by_controller[controller]
         except KeyError as exc:
             raise CgroupError(f"cgroup {self.name}: no {controller!r} controller") from exc
+
+    def place(self, cpus: Sequence[int] | None) -> None:
+        """Run the group on ``cpus`` (None: every CPU of its parent's), where the host has the
+        cpuset controller; nothing without it."""
+        path = self._cpuset_dir()
+        if path is not None:
+            self._place(path, cpus)
+
+    @abstractmethod
+    def _place(self, path: Path, cpus: Sequence[int] | None) -> None: ...
+
+    def placement(self) -> tuple[int, ...] | None:
+        """The CPUs the group was placed on; None without cpuset, or when it has its parent's."""
+        path = self._cpuset_dir()
+        if path is None or not path.is_dir():
+            return None
+        mine = parse_cpu_list(_read(path / "cpuset.cpus"))
+        if not mine or mine == parse_cpu_list(_read(path.parent / "cpuset.cpus")):
+            return None
+        return mine
+
+    def _cpuset_dir(self) -> Path | None:
+        path = self._by_controller.get(CPUSET)
+        return path if path is not None and (path / "cpuset.cpus").exists() else None
 
     def procs_file_paths(self) -> list[Path]:
         """Every cgroup.procs file a process must write its own pid into to join."""
@@ -431,6 +498,12 @@ class DomainGroup(ABC):
 class V1Group(DomainGroup):
     """A domain group on v1 controllers: one directory per distinct controller mount."""
 
+    def _place(self, path: Path, cpus: Sequence[int] | None) -> None:
+        # A v1 cpuset group with no memory node or no CPU takes no process: both are written.
+        _write(path / "cpuset.mems", _read(path.parent / "cpuset.mems").strip())
+        chosen = format_cpu_list(cpus) if cpus else _read(path.parent / "cpuset.cpus").strip()
+        _write(path / "cpuset.cpus", chosen)
+
     def set_limits(self, limits: Limits) -> None:
         self._set_memory(limits.memory_mib * _MIB)
         cpu = self.path("cpu")
@@ -484,6 +557,10 @@ class V1Group(DomainGroup):
 
 class V2Group(DomainGroup):
     """A domain group on the unified hierarchy: one directory for every controller."""
+
+    def _place(self, path: Path, cpus: Sequence[int] | None) -> None:
+        if cpus:  # empty: the parent's CPUs
+            _write(path / "cpuset.cpus", format_cpu_list(cpus))
 
     @property
     def _dir(self) -> Path:
@@ -548,8 +625,9 @@ class Hierarchy(ABC):
         """hyper's parent group, one directory per distinct controller mount."""
         return list(_unique(self._parents))
 
-    def create(self, name: str, limits: Limits) -> DomainGroup:
-        """Create ``<parent>/<name>`` with limits; on failure, remove whatever was created."""
+    def create(self, name: str, limits: Limits, cpus: Sequence[int] | None = None) -> DomainGroup:
+        """Create ``<parent>/<name>`` with limits, on ``cpus`` (None: all of hyper's; see
+        ``place_vcpus``); on failure, remove whatever was created."""
         check_name(name)
         self._ensure_parent()
         group = self._group(name)
@@ -558,6 +636,7 @@ class Hierarchy(ABC):
             for path in group.dirs:
                 _mkdir(self._fs, path)
                 created.append(path)
+            group.place(cpus)
             group.set_limits(limits)
         except BaseException:
             for path in reversed(created):
@@ -565,6 +644,17 @@ class Hierarchy(ABC):
             raise
         log.debug("created cgroup %r with %s", group, limits)
         return group
+
+    def host_cpus(self) -> tuple[int, ...] | None:
+        """The CPUs hyper's groups may be placed on; None where the host has no cpuset."""
+        self._ensure_parent()
+        parent = self._parents.get(CPUSET)
+        if parent is None:
+            return None
+        for name in ("cpuset.cpus.effective", "cpuset.cpus"):  # v2's, then v1's
+            if (parent / name).exists():
+                return parse_cpu_list(_read(parent / name)) or None
+        return None
 
     def open(self, name: str) -> DomainGroup:
         """An existing domain group; CgroupError if it is missing in any controller."""
@@ -631,7 +721,15 @@ class V1Hierarchy(Hierarchy):
         return V1Group(name, dirs, self._fs)
 
     def _enable_controllers(self) -> None:
-        """Each v1 controller is its own hierarchy: a new group has it already."""
+        """Each v1 controller is its own hierarchy: a new group has it already. A new cpuset
+        group has no CPU and no memory node, and takes no process until given some: hyper's
+        parent gets its own parent's."""
+        parent = self._parents.get(CPUSET)
+        if parent is None:
+            return
+        for name in ("cpuset.cpus", "cpuset.mems"):
+            if not _read(parent / name).strip():
+                _write(parent / name, _read(parent.parent / name).strip())
 
 
 class V2Hierarchy(Hierarchy):
@@ -640,7 +738,9 @@ class V2Hierarchy(Hierarchy):
     version = 2
 
     def __init__(self, parent: Path, fs: CgroupFs) -> None:
-        super().__init__({c: parent for c in (*V2_CONTROLLERS, "cpuacct", "freezer")}, fs)
+        # cpuset only where delegated: its files are in a group only if it is enabled there.
+        controllers = (*V2_CONTROLLERS, "cpuacct", "freezer", CPUSET)
+        super().__init__({c: parent for c in controllers}, fs)
         self._parent = parent
 
     def _group(self, name: str) -> DomainGroup:
@@ -660,6 +760,7 @@ class V2Hierarchy(Hierarchy):
             )
         subtree = self._parent / "cgroup.subtree_control"
         enabled = _read(subtree).split()
-        wanted = [f"+{c}" for c in V2_CONTROLLERS if c not in enabled]
+        optional = [CPUSET] if CPUSET in available else []
+        wanted = [f"+{c}" for c in (*V2_CONTROLLERS, *optional) if c not in enabled]
         if wanted:
             _write(subtree, " ".join(wanted))

@@ -12,6 +12,7 @@ from collections.abc import Callable
 
 import pytest
 
+from hyperd import cgroup
 from tests.integration.conftest import domain_info, domains, hyperctl, wait_for
 
 pytestmark = pytest.mark.root
@@ -70,6 +71,25 @@ def test_a_one_vcpu_domain_uses_at_most_about_one_cpu(make_domain: Callable[...,
     name = make_domain("vcpus: 1\n" + burners)
     used = cpu_used_over(name, 3.0)
     assert 1.5 < used < 3.0 * 1.25, f"a 1-vcpu domain used {used:.2f} s of CPU in 3 s"
+
+
+def cpus_allowed(name: str) -> str:
+    """The CPU list a process inside the domain may run on (its cpuset's)."""
+    status = hyperctl("exec", name, "--", "grep", "Cpus_allowed_list", "/proc/self/status").out
+    return status.split()[-1]
+
+
+def test_one_vcpu_domains_get_a_cpu_each_where_the_host_has_cpus_to_spare(
+    make_domain: Callable[..., str],
+) -> None:
+    host = cgroup.open_hierarchy().host_cpus()
+    if host is None or len(host) < 2:
+        pytest.skip("needs the cpuset controller and two CPUs")
+    first, second = make_domain("vcpus: 1\n"), make_domain("vcpus: 1\n")
+    a, b = cpus_allowed(first), cpus_allowed(second)
+    assert a.isdigit() and b.isdigit() and a != b, (a, b)
+    wide = make_domain(f"vcpus: {len(host)}\n")  # none to spare: every CPU, the quota alone
+    assert cgroup.parse_cpu_list(cpus_allowed(wide)) == host
 
 
 def test_sched_credit_refuses_a_cap_beyond_the_vcpus(make_domain: Callable[..., str]) -> None:

@@ -24,6 +24,8 @@ from hyperd.cgroup import (
     Limits,
     cfs_quota_us,
     open_hierarchy,
+    parse_cpu_list,
+    place_vcpus,
     v1_cpu_shares,
     v1_mounts,
     v2_cpu_weight,
@@ -53,6 +55,13 @@ V2_CONTROLLER_FILES = {
     },
     "pids": {"pids.max": "max\n", "pids.current": "0\n"},
     "io": {"io.max": ""},
+    # Empty cpuset.cpus: the parent's CPUs (what .effective shows).
+    "cpuset": {
+        "cpuset.cpus": "\n",
+        "cpuset.cpus.effective": "0-3\n",
+        "cpuset.mems": "\n",
+        "cpuset.mems.effective": "0\n",
+    },
 }
 V1_CONTROLLER_FILES = {
     "memory": {
@@ -65,6 +74,8 @@ V1_CONTROLLER_FILES = {
     "cpuacct": {"cpuacct.usage": "0\n"},
     "pids": {"pids.max": "max\n", "pids.current": "0\n"},
     "freezer": {"freezer.state": "THAWED\n"},
+    # A new v1 cpuset group has no CPU and no memory node (cgroup.clone_children 0).
+    "cpuset": {"cpuset.cpus": "\n", "cpuset.mems": "\n"},
 }
 
 
@@ -145,6 +156,9 @@ def make_v1(
         mount = root / ",".join(controllers)
         mount.mkdir()
         (mount / "cgroup.procs").write_text("1\n")
+        if "cpuset" in controllers:  # the root's: every CPU and memory node
+            (mount / "cpuset.cpus").write_text("0-3\n")
+            (mount / "cpuset.mems").write_text("0\n")
         mounts[mount] = controllers
         options = ",".join(controllers)
         lines.append(f"{number} 31 0:{number} / {mount} rw,relatime - cgroup cgroup rw,{options}")
@@ -200,6 +214,72 @@ def test_a_one_vcpu_domain_gets_one_cpus_time_per_period_on_v1_and_v2(tmp_path: 
     v2_root, v2 = make_v2(tmp_path / "v2")
     v2.create("dom3", Limits(memory_mib=64, vcpus=1))
     assert read(v2_root / "hyper/dom3/cpu.max") == "100000 100000"
+
+
+@pytest.mark.parametrize(
+    ("vcpus", "placed", "cpus"),
+    [
+        (1, [], (0,)),
+        (1, [(0,)], (1,)),  # the next domain goes where there is room
+        (1, [(0,), (1,)], (2,)),
+        (1, [(0,), (1,), (2,), (3,)], (0,)),
+        (2, [(0, 1)], (2, 3)),
+        (3, [(1,)], (0, 2, 3)),
+        (4, [], None),  # no CPU to spare: every CPU, the quota alone limits it
+        (8, [], None),
+    ],
+)
+def test_a_domain_is_placed_on_as_many_cpus_as_its_vcpus_where_the_host_has_some_to_spare(
+    vcpus: int, placed: list[tuple[int, ...]], cpus: tuple[int, ...] | None
+):
+    assert place_vcpus(vcpus, (0, 1, 2, 3), placed) == cpus
+
+
+def test_cpu_lists_are_read_as_the_kernel_writes_them():
+    assert parse_cpu_list("0-3,8,10-11\n") == (0, 1, 2, 3, 8, 10, 11)
+    assert parse_cpu_list("\n") == ()
+    with pytest.raises(CgroupError, match="not a CPU list"):
+        parse_cpu_list("0-x")
+
+
+def test_v1_cpuset_places_a_domain_and_gives_dom0_every_cpu(tmp_path: Path):
+    root, hierarchy = make_v1(tmp_path, SEPARATE)
+    assert hierarchy.host_cpus() == (0, 1, 2, 3)
+    parent = root / "cpuset/hyper"
+    assert (read(parent / "cpuset.cpus"), read(parent / "cpuset.mems")) == ("0-3", "0")
+    dom3 = hierarchy.create("dom3", LIMITS, cpus=(1,))
+    dom0 = hierarchy.create("dom0", LIMITS)
+    assert (read(parent / "dom3/cpuset.cpus"), read(parent / "dom3/cpuset.mems")) == ("1", "0")
+    assert read(parent / "dom0/cpuset.cpus") == "0-3"
+    assert parent / "dom3/cgroup.procs" in dom3.procs_file_paths()
+    assert (dom3.placement(), dom0.placement()) == ((1,), None)
+    dom3.set_limits(LIMITS)  # sched-credit, mem-set: the placement stays
+    assert hierarchy.open("dom3").placement() == (1,)
+
+
+def test_v1_without_cpuset_places_nothing(tmp_path: Path):
+    root, hierarchy = make_v1(tmp_path, COMOUNTED)
+    assert hierarchy.host_cpus() is None
+    group = hierarchy.create("dom3", LIMITS, cpus=(1,))
+    assert group.placement() is None
+    assert not list(root.glob("*/hyper/dom3/cpuset.*"))
+
+
+def test_v2_cpuset_where_delegated_places_a_domain(tmp_path: Path):
+    root, hierarchy = make_v2(tmp_path, delegated="cpuset cpu io memory pids")
+    assert hierarchy.host_cpus() == (0, 1, 2, 3)
+    assert "+cpuset" in read(root / "hyper/cgroup.subtree_control").split()
+    group = hierarchy.create("dom3", LIMITS, cpus=(2, 3))
+    assert read(root / "hyper/dom3/cpuset.cpus") == "2,3"
+    assert group.placement() == (2, 3)
+    assert hierarchy.create("dom0", LIMITS).placement() is None  # empty: the parent's
+
+
+def test_v2_without_delegated_cpuset_places_nothing(tmp_path: Path):
+    root, hierarchy = make_v2(tmp_path)
+    assert hierarchy.host_cpus() is None
+    assert hierarchy.create("dom3", LIMITS, cpus=(1,)).placement() is None
+    assert not (root / "hyper/dom3/cpuset.cpus").exists()
 
 
 @pytest.mark.parametrize(
@@ -425,9 +505,8 @@ def test_v1_create_writes_each_limit_with_cpu_and_cpuacct_apart(tmp_path: Path):
     assert read(root / "pids/hyper/dom3/pids.max") == "100"
     assert sorted(group.procs_file_paths()) == sorted(
         root / c / "hyper/dom3/cgroup.procs"
-        for c in ("memory", "cpu", "cpuacct", "pids", "freezer")
+        for c in ("memory", "cpu", "cpuacct", "pids", "freezer", "cpuset")
     )
-    assert not (root / "cpuset" / "hyper").exists()
 
 
 def test_v1_co_mounted_cpu_cpuacct_is_one_directory(tmp_path: Path):
