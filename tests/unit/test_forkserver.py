@@ -4,6 +4,7 @@ needed; each child's entry point is in tests/unit/forkserver_children.py."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -11,6 +12,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -31,15 +33,31 @@ TIMEOUT = 30.0
 REPO = Path(__file__).resolve().parents[2]
 
 
-def _single_threaded() -> bool:
-    return len(os.listdir("/proc/self/task")) == 1 and threading.active_count() == 1
+def _other_threads(timeout: float = 5.0) -> list[str]:
+    """The names of this process's other threads, once those that are ending have ended (an
+    earlier test's threads may still be on their way out; /proc/self/task lags a join)."""
+    deadline = time.monotonic() + timeout
+    for thread in threading.enumerate():
+        if thread is not threading.current_thread():
+            thread.join(max(0.0, deadline - time.monotonic()))
+    me = str(threading.get_native_id())
+    while True:
+        others = [t for t in os.listdir("/proc/self/task") if t != me]
+        if not others or time.monotonic() >= deadline:
+            break
+        time.sleep(0.01)
+    names = []
+    for tid in others:
+        with contextlib.suppress(OSError):
+            names.append(Path(f"/proc/self/task/{tid}/comm").read_text().strip())
+    return names
 
 
 # Fork first: a thread of an earlier test may not have left the process yet (/proc/self/task).
 @pytest.fixture(params=["fork", "exec"])
 def server(request: pytest.FixtureRequest) -> Iterator[ForkServer]:
-    if request.param == "fork" and not _single_threaded():
-        pytest.skip("a fork-mode server needs a single-threaded requester")
+    if request.param == "fork" and (others := _other_threads()):
+        pytest.skip(f"a fork-mode server needs a single-threaded requester; alive: {others}")
     fs = ForkServer.start(PRELOAD, fork=request.param == "fork")
     try:
         fs.wait_ready(TIMEOUT)
