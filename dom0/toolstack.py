@@ -20,6 +20,7 @@ from typing import Any
 from channels import control, pumps, xenbus
 from channels import hypercall as hc
 from channels.config import (
+    DOM0_DOMID,
     RECEIVED,
     ConfigError,
     DomainConfig,
@@ -253,6 +254,22 @@ class Toolstack:
     def _list(self) -> list[dict[str, Any]]:
         return list(self.hc.call(hc.DomctlList())["domains"])
 
+    def _unserved(self, kind: DeviceKind, backend: int | str) -> str | None:
+        """Why the domain ``backend`` names cannot serve a device of ``kind`` (a line's tail,
+        from the field on), or None. Every backend runs in dom0: a driver domain (Xen's, a
+        domU running backends) is not built yet, so a device that names another domain is
+        refused before anything is made, instead of failing half-way through the create."""
+        if backend == DOM0_DOMID:
+            return None
+        try:
+            info = self.find(backend)
+        except NotFound:
+            return f"backend: {backend!r}: no such domain"
+        return (
+            f"backend: {info['name']} (dom{info['domid']}) runs no {kind.backend}: "
+            "only dom0 serves devices (driver domains are not supported yet)"
+        )
+
     def find(self, domain: str | int) -> dict[str, Any]:
         for info in self._list():
             if str(info["domid"]) == str(domain) or info["name"] == domain:
@@ -280,6 +297,14 @@ class Toolstack:
             )
         except ConfigError as exc:
             raise BadInput("invalid config", exc.lines) from exc
+        unserved = [
+            f"{source}: {kind.config_key}.{index}.{problem}"
+            for kind in KINDS
+            for index, entry in enumerate(entries(config, kind))
+            if (problem := self._unserved(kind, entry.backend))
+        ]
+        if unserved:
+            raise BadInput("a backend that cannot serve", unserved)
         if any(info["name"] == config.name for info in self._list()):
             raise BadInput(
                 "duplicate name", [f"{source}: name: a domain named {config.name!r} already exists"]
@@ -451,6 +476,8 @@ class Toolstack:
             )
         except ConfigError as exc:
             raise BadInput(f"invalid {kind.what}", exc.lines) from exc
+        if problem := self._unserved(kind, entry.backend):
+            raise BadInput("a backend that cannot serve", [f"{kind.spec_name}: {problem}"])
         info = self._domu(request.domain)
         if info["status"] != "running":
             raise HyperError(f"domain {info['name']} is not running")

@@ -148,6 +148,35 @@ def test_a_duplicate_name_exits_2_and_creates_nothing(
     assert len(domains()) == count
 
 
+def test_a_backend_no_domain_can_serve_exits_2_naming_each_entry_and_creates_nothing(
+    make_domain: Callable[..., str], tmp_path: Path
+) -> None:
+    """Only dom0 runs backends (driver domains are issue 15's): a device whose ``backend`` names
+    another domain, or none, is refused before anything is made, one line per entry."""
+    other = make_domain()
+    info = domain_info(other)
+    assert info is not None
+    image = tmp_path / "served.img"
+    config = tmp_path / "served.yaml"
+    config.write_text(
+        "name: served\nvif:\n  - backend=netvm\n"
+        f"disk:\n  - target={image},size=1M,vdev=xvda,backend={other}\n"
+    )
+    before = set(leftovers())
+    result = hyperctl("create", str(config), check=False)
+    assert result.status == 2, result
+    assert result.err.splitlines() == [
+        f"{config}: vif.0.backend: 'netvm': no such domain",
+        f"{config}: disk.0.backend: {other} (dom{info['domid']}) runs no "
+        "blkback: only dom0 serves devices (driver domains are not supported yet)",
+    ]
+    assert domain_info("served") is None and not image.exists()
+    assert set(leftovers()) <= before
+    attach = hyperctl("network-attach", other, f"backend={other}", check=False)
+    assert attach.status == 2 and "vifspec: backend:" in attach.err, attach
+    assert hyperctl("network-list", "--json", other).out.strip() == "[]"
+
+
 def test_a_create_whose_device_cannot_connect_is_rolled_back(
     hypervisor: None, tmp_path: Path
 ) -> None:
