@@ -46,11 +46,11 @@ def _other_threads(timeout: float = 5.0) -> list[str]:
         if not others or time.monotonic() >= deadline:
             break
         time.sleep(0.01)
-    names = []
+    names = [t.name for t in threading.enumerate() if t is not threading.current_thread()]
     for tid in others:
         with contextlib.suppress(OSError):
-            names.append(Path(f"/proc/self/task/{tid}/comm").read_text().strip())
-    return names
+            names.append(f"task {tid} ({Path(f'/proc/self/task/{tid}/comm').read_text().strip()})")
+    return names if others else []
 
 
 # Fork first: a thread of an earlier test may not have left the process yet (/proc/self/task).
