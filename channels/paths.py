@@ -5,6 +5,7 @@ from __future__ import annotations
 import fcntl
 import os
 import shutil
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -67,3 +68,18 @@ class RunDir:
 
     def remove(self) -> None:
         shutil.rmtree(self.root, ignore_errors=True)
+
+
+def listen_root_only(path: Path, kind: socket.SocketKind, backlog: int) -> socket.socket:
+    """A Unix socket listening at ``path`` (a stale socket file there replaced), mode 0600 from
+    the moment it exists: bound under a umask, never chmod-ed after (no window where another
+    user could connect). The control socket and the fd keeper's."""
+    path.unlink(missing_ok=True)
+    listener = socket.socket(socket.AF_UNIX, kind)
+    old = os.umask(0o177)
+    try:
+        listener.bind(str(path))
+    finally:
+        os.umask(old)
+    listener.listen(backlog)
+    return listener

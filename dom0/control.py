@@ -11,7 +11,6 @@ server goes on serving the others.
 from __future__ import annotations
 
 import logging
-import os
 import socket
 import threading
 from collections.abc import Callable
@@ -21,6 +20,7 @@ from typing import Any
 from channels import control
 from channels.control import MAX_LINE, error_reply, read_line, send_json
 from channels.errors import HyperError, NotAllowed
+from channels.paths import listen_root_only
 from dom0.storeview import StoreView
 from dom0.toolstack import Toolstack
 
@@ -49,15 +49,7 @@ class ControlServer:
         self._streams = self._stream_table()
 
     def serve(self) -> None:
-        path = self.socket_path
-        path.unlink(missing_ok=True)
-        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        old = os.umask(0o177)
-        try:
-            listener.bind(str(path))
-        finally:
-            os.umask(old)
-        listener.listen(64)
+        listener = listen_root_only(self.socket_path, socket.SOCK_STREAM, 64)
         self._listener = listener
         while not self.stopped.is_set():
             try:

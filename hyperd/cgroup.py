@@ -625,11 +625,13 @@ class Hierarchy(ABC):
         """hyper's parent group, one directory per distinct controller mount."""
         return list(_unique(self._parents))
 
-    def create(self, name: str, limits: Limits, cpus: Sequence[int] | None = None) -> DomainGroup:
-        """Create ``<parent>/<name>`` with limits, on ``cpus`` (None: all of hyper's; see
-        ``place_vcpus``); on failure, remove whatever was created."""
+    def create(self, name: str, limits: Limits) -> DomainGroup:
+        """Create ``<parent>/<name>`` with limits, placed on ``limits.vcpus`` CPUs where the
+        host has them to spare (``place_vcpus``, against the groups already placed); on
+        failure, remove whatever was created."""
         check_name(name)
         self._ensure_parent()
+        cpus = self._placement(limits.vcpus)
         group = self._group(name)
         created: list[Path] = []
         try:
@@ -648,6 +650,16 @@ class Hierarchy(ABC):
     def host_cpus(self) -> tuple[int, ...] | None:
         """The CPUs hyper's groups may be placed on; None where the host has no cpuset."""
         self._ensure_parent()
+        return self._host_cpus()
+
+    def _placement(self, vcpus: int | None) -> tuple[int, ...] | None:
+        host = self._host_cpus() if vcpus is not None else None
+        if vcpus is None or host is None:
+            return None
+        placed = [self._group(name).placement() for name in self.list()]
+        return place_vcpus(vcpus, host, [cpus for cpus in placed if cpus is not None])
+
+    def _host_cpus(self) -> tuple[int, ...] | None:
         parent = self._parents.get(CPUSET)
         if parent is None:
             return None

@@ -463,8 +463,7 @@ class Hypervisor:
         domid = self._next_domid()
         domain = Domain(domid, config.name, config, Resources(domid), owner=owner)
         try:
-            cpus = self._place(config.vcpus)
-            domain.cgroup = self.cgroups.create(f"dom{domid}", cgroup_limits(config), cpus)
+            domain.cgroup = self.cgroups.create(f"dom{domid}", cgroup_limits(config))
             domain.resources.open_view()
             sizes = ring_sizes()
             domain.store = self._ring(domain, "store", sizes["store"])
@@ -485,21 +484,6 @@ class Hypervisor:
         )
         self.event("domain_introduced", domain_info(domain))
         return domain
-
-    def _place(self, vcpus: int) -> tuple[int, ...] | None:
-        """The CPUs a new domain of ``vcpus`` runs on: as many as its vCPUs, the ones the
-        running domains use least, where the host has CPUs to spare and a cpuset controller
-        (the quota is the ceiling either way; this keeps domains from crowding one CPU while
-        others idle, and a domain's threads off more CPUs than it has vCPUs)."""
-        host = self.cgroups.host_cpus()
-        if host is None:
-            return None
-        placed = [
-            cpus
-            for domain in self.domains.values()
-            if domain.cgroup is not None and (cpus := domain.cgroup.placement()) is not None
-        ]
-        return cgroup.place_vcpus(vcpus, host, placed)
 
     def _ring(self, domain: Domain, kind: str, size: int) -> RingInfo:
         segment = domain.resources.new_segment(kind, size, host_gid(domain.domid))

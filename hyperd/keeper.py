@@ -45,6 +45,7 @@ from typing import Any
 
 from channels.errors import HyperError
 from channels.forkserver import Child, ChildSetup, Spawner
+from channels.paths import listen_root_only
 from channels.waiting import readable
 
 log = logging.getLogger(__name__)
@@ -248,15 +249,7 @@ class Keeper:
 
 def listen(path: Path) -> socket.socket:
     """The keeper's listening socket at ``path``, mode 0600 (any stale socket file replaced)."""
-    path.unlink(missing_ok=True)
-    listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    old = os.umask(0o177)
-    try:
-        listener.bind(str(path))
-    finally:
-        os.umask(old)
-    listener.listen(8)
-    return listener
+    return listen_root_only(path, socket.SOCK_SEQPACKET, 8)
 
 
 def main(argv: list[str] | None = None) -> int:

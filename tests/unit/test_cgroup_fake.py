@@ -247,20 +247,25 @@ def test_v1_cpuset_places_a_domain_and_gives_dom0_every_cpu(tmp_path: Path):
     assert hierarchy.host_cpus() == (0, 1, 2, 3)
     parent = root / "cpuset/hyper"
     assert (read(parent / "cpuset.cpus"), read(parent / "cpuset.mems")) == ("0-3", "0")
-    dom3 = hierarchy.create("dom3", LIMITS, cpus=(1,))
-    dom0 = hierarchy.create("dom0", LIMITS)
+    one_vcpu = Limits(memory_mib=64, vcpus=1)
+    dom2 = hierarchy.create("dom2", one_vcpu)
+    dom3 = hierarchy.create("dom3", one_vcpu)  # the next CPU: the first is dom2's
+    dom4 = hierarchy.create("dom4", Limits(memory_mib=64, vcpus=2))
+    dom0 = hierarchy.create("dom0", LIMITS)  # no vcpus: every CPU
     assert (read(parent / "dom3/cpuset.cpus"), read(parent / "dom3/cpuset.mems")) == ("1", "0")
     assert read(parent / "dom0/cpuset.cpus") == "0-3"
     assert parent / "dom3/cgroup.procs" in dom3.procs_file_paths()
+    assert (dom2.placement(), dom4.placement()) == ((0,), (2, 3))
     assert (dom3.placement(), dom0.placement()) == ((1,), None)
     dom3.set_limits(LIMITS)  # sched-credit, mem-set: the placement stays
     assert hierarchy.open("dom3").placement() == (1,)
+    assert hierarchy.create("dom5", Limits(memory_mib=64, vcpus=4)).placement() is None
 
 
 def test_v1_without_cpuset_places_nothing(tmp_path: Path):
     root, hierarchy = make_v1(tmp_path, COMOUNTED)
     assert hierarchy.host_cpus() is None
-    group = hierarchy.create("dom3", LIMITS, cpus=(1,))
+    group = hierarchy.create("dom3", Limits(memory_mib=64, vcpus=1))
     assert group.placement() is None
     assert not list(root.glob("*/hyper/dom3/cpuset.*"))
 
@@ -269,7 +274,8 @@ def test_v2_cpuset_where_delegated_places_a_domain(tmp_path: Path):
     root, hierarchy = make_v2(tmp_path, delegated="cpuset cpu io memory pids")
     assert hierarchy.host_cpus() == (0, 1, 2, 3)
     assert "+cpuset" in read(root / "hyper/cgroup.subtree_control").split()
-    group = hierarchy.create("dom3", LIMITS, cpus=(2, 3))
+    hierarchy.create("dom2", Limits(memory_mib=64, vcpus=2))
+    group = hierarchy.create("dom3", Limits(memory_mib=64, vcpus=2))  # beside dom2's
     assert read(root / "hyper/dom3/cpuset.cpus") == "2,3"
     assert group.placement() == (2, 3)
     assert hierarchy.create("dom0", LIMITS).placement() is None  # empty: the parent's
@@ -278,7 +284,7 @@ def test_v2_cpuset_where_delegated_places_a_domain(tmp_path: Path):
 def test_v2_without_delegated_cpuset_places_nothing(tmp_path: Path):
     root, hierarchy = make_v2(tmp_path)
     assert hierarchy.host_cpus() is None
-    assert hierarchy.create("dom3", LIMITS, cpus=(1,)).placement() is None
+    assert hierarchy.create("dom3", Limits(memory_mib=64, vcpus=1)).placement() is None
     assert not (root / "hyper/dom3/cpuset.cpus").exists()
 
 
