@@ -87,6 +87,8 @@ class Key(StrEnum):
     TTY = "tty"
     LIMIT = "limit"
     HOTPLUG_STATUS = "hotplug-status"
+    #: hyper's: a token a backend writes with each InitWait (channels/xenbus_bus.py)
+    INSTANCE = "instance"
 
 
 INTRODUCE_DOMAIN_WATCH = "@introduceDomain"

@@ -11,11 +11,22 @@ Everything happens on the bus's one thread, in the order the store reported it, 
 never races itself. A driver that raises fails only its own device: the bus writes the device's
 ``error`` node and moves it to Closing, as Linux's ``xenbus_dev_fatal`` does, and carries on.
 Watches may fire spuriously and coalesce: drivers read the state they are given, never count.
+
+One state means something only once: a backend's InitWait. A frontend that sees it while
+Connected takes it for a backend that restarted and starts its rings over (hyper's transparent
+restart). But the bus reads the state when it handles an event, not when the event fired, so the
+InitWait the frontend has just answered can come again: its watch fires once when set and once
+for the backend's write, and the second may be handled after the frontend connected, while the
+backend has yet to see that. Taken for a restart, it made the frontend reset its rings under a
+backend that was connecting to the old ones, and the device never carried a frame. So each time
+a backend enters InitWait it writes a fresh ``instance`` token with it (one transaction), and the
+frontend's bus hands the driver each backend instance's InitWait once.
 """
 
 from __future__ import annotations
 
 import logging
+import secrets
 import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -28,6 +39,9 @@ from channels.xs import Watch, XsClient, XsConnectionLost, XsError, XsTimeoutErr
 log = logging.getLogger(__name__)
 
 Side = Literal["frontend", "backend"]
+
+#: The backend's key that changes each time it enters InitWait (see the module's doc).
+INSTANCE = xenbus.Key.INSTANCE
 
 
 @dataclass
@@ -46,6 +60,8 @@ class XenbusDevice:
     #: A backend went to InitWait while the frontend was (still) Connected to a previous
     #: backend: that Connected is stale until the frontend has moved (see otherend_ready).
     stale_otherend: bool = False
+    #: On the front: the ``instance`` token of the backend's InitWait last handed to the driver.
+    otherend_instance: str | None = None
     _watch: Watch | None = field(default=None, repr=False)
 
     @property
@@ -106,10 +122,21 @@ class XenbusDevice:
     def switch_state(self, state: XenbusState) -> None:
         if state == self.state:
             return
+        entries = {"state": str(int(state))}
         if state == XenbusState.InitWait:
             self.stale_otherend = self.otherend_state() == XenbusState.Connected
-        self.write("state", str(int(state)))
+            entries[INSTANCE] = secrets.token_hex(8)  # this InitWait's (see the module's doc)
+        self.write_all(entries)
         self.state = state  # even if the directory is gone: that is where we stand
+
+    def otherend_initwait_is_new(self) -> bool:
+        """On the front, the backend in InitWait: is this InitWait one the driver has not been
+        given (a new backend instance), rather than the same one read again? Notes it."""
+        instance = self.read_otherend(INSTANCE)
+        if instance is not None and instance == self.otherend_instance:
+            return False
+        self.otherend_instance = instance
+        return True
 
     def otherend_ready(self, state: XenbusState) -> bool:
         """A backend in InitWait: may it connect to a frontend in ``state``? Initialised, or
@@ -199,8 +226,16 @@ class Bus:
     def _dispatch(self, token: str) -> None:
         if token.startswith("otherend:"):
             dev = self.devices.get(token.removeprefix("otherend:"))
-            if dev is not None:
-                self._call(dev, "otherend_changed", dev.otherend_state())
+            if dev is None:
+                return
+            state = dev.otherend_state()
+            if (
+                self.side == "frontend"
+                and state == XenbusState.InitWait
+                and not dev.otherend_initwait_is_new()
+            ):
+                return  # the InitWait the driver was given, read again
+            self._call(dev, "otherend_changed", state)
             return
         self._scan()
 

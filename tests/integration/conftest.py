@@ -381,11 +381,23 @@ def pytest_runtest_makereport(
     outcome = yield
     report = outcome.get_result()
     if report.failed and RUN.logs.exists():
-        for log in sorted(RUN.logs.glob("*.log")):
+        for log in _logs_worth_showing():
             lines = log.read_text(errors="replace").splitlines()[-40:]
             if lines:
                 report.sections.append((f"hyper log {log.name}", "\n".join(lines)))
         report.sections.append(("host network", _host_network()))
+
+
+def _logs_worth_showing() -> list[Path]:
+    """hyperd's and dom0's logs and those of the domains running now (the failed test's: its
+    fixtures have not torn them down yet); every log if the domains cannot be listed. A domid's
+    log from an earlier hypervisor would only mislead."""
+    every = sorted(RUN.logs.glob("*.log"))
+    try:
+        running = {f"dom{d['domid']}.log" for d in domains()}
+    except (AssertionError, ValueError, subprocess.TimeoutExpired):
+        return every
+    return [log for log in every if log.name in running | {"hyperd.log", "dom0.log"}]
 
 
 def _host_network() -> str:

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
 
 import pytest
 
 from channels import xenbus
 from channels.xenbus import XenbusState
-from channels.xenbus_bus import Bus, XenbusDevice
+from channels.xenbus_bus import Bus, Driver, XenbusDevice
 from dom0.devices import add_device, backend_state, remove_device
 from dom0.store.core import Store
 from dom0.store.local import connect_local
@@ -85,26 +87,44 @@ def store() -> Store:
     return store
 
 
+@dataclass
+class Clients:
+    toolstack: Any
+    dom0: Any
+    guest: Any
+
+
 @pytest.fixture
-def buses(store: Store) -> Iterator[tuple[ToyFrontend, ToyBackend, object]]:
-    toolstack = connect_local(store, 0)
-    dom0 = connect_local(store, 0)
-    guest = connect_local(store, DOMU)
+def clients(store: Store) -> Iterator[Clients]:
+    """Store clients of the toolstack, dom0 and the guest, the guest's home and ``device``
+    directory made."""
+    transports = [connect_local(store, 0), connect_local(store, 0), connect_local(store, DOMU)]
+    made = Clients(*(transport.client for transport in transports))
     home = xenbus.domain_path(DOMU)
-    toolstack.client.write(home, "")
-    toolstack.client.set_perms(home, [xenbus.Perm(0, "n"), xenbus.Perm(DOMU, "r")])
-    toolstack.client.write(xenbus.join_path(home, "device"), "")
-    toolstack.client.write(xenbus.backend_root_path(0), "")
-    front, back = ToyFrontend(), ToyBackend()
-    front_bus = Bus(
-        guest.client, xenbus.join_path(home, "device"), "frontend", {"toy": front}
-    ).start()
-    back_bus = Bus(dom0.client, xenbus.backend_root_path(0), "backend", {"toy": back}).start()
-    yield front, back, toolstack.client
-    front_bus.stop()
-    back_bus.stop()
-    for transport in (toolstack, dom0, guest):
+    made.toolstack.write(home, "")
+    made.toolstack.set_perms(home, [xenbus.Perm(0, "n"), xenbus.Perm(DOMU, "r")])
+    made.toolstack.write(xenbus.join_path(home, "device"), "")
+    yield made
+    for transport in transports:
         transport.close()
+
+
+def front_bus(clients: Clients, driver: Driver) -> Bus:
+    device_dir = xenbus.join_path(xenbus.domain_path(DOMU), "device")
+    return Bus(clients.guest, device_dir, "frontend", {"toy": driver}).start()
+
+
+@pytest.fixture
+def buses(clients: Clients) -> Iterator[tuple[ToyFrontend, ToyBackend, object]]:
+    clients.toolstack.write(xenbus.backend_root_path(0), "")
+    front, back = ToyFrontend(), ToyBackend()
+    running = [
+        front_bus(clients, front),
+        Bus(clients.dom0, xenbus.backend_root_path(0), "backend", {"toy": back}).start(),
+    ]
+    yield front, back, clients.toolstack
+    for bus in running:
+        bus.stop()
 
 
 def test_handshake_in_xens_order_then_unplug(
@@ -155,3 +175,97 @@ def test_the_frontend_cannot_write_the_backend_directory(
     with pytest.raises(Exception, match="EACCES"):
         guest.write(xenbus.join_path(paths.backend, "state"), "6")
     assert guest.read(xenbus.join_path(paths.backend, "feature-toy")) == "1"
+
+
+class RestartingFrontend(Recorder):
+    """netfront's rules: straight to Connected on InitWait; InitWait while Connected is a
+    backend that restarted (start the rings over, say Initialised); Connected again after.
+    Handling an event of device 1 waits for ``gate``, which holds the bus's one thread."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = threading.Event()
+        self.gate.set()
+
+    def probe(self, dev: XenbusDevice) -> None:
+        self.note(dev, "probe")
+
+    def otherend_changed(self, dev: XenbusDevice, state: XenbusState) -> None:
+        if dev.devid == 1:
+            assert self.gate.wait(5.0)
+        if state == S.InitWait and dev.state in (S.Unknown, S.Initialising):
+            dev.switch_state(S.Connected)
+        elif state == S.InitWait and dev.state == S.Connected:
+            self.note(dev, "restart")
+            dev.switch_state(S.Initialised)
+        elif state == S.Connected and dev.state == S.Initialised:
+            dev.switch_state(S.Connected)
+        self.note(dev, f"back {state.name}")
+
+    def remove(self, dev: XenbusDevice) -> None:
+        self.note(dev, "remove")
+
+
+@pytest.fixture
+def front_only(clients: Clients) -> Iterator[tuple[RestartingFrontend, object, object]]:
+    """A frontend bus with RestartingFrontend for "toy"; the toolstack's client and dom0's, for
+    the test to play the backend by hand."""
+    front = RestartingFrontend()
+    bus = front_bus(clients, front)
+    yield front, clients.toolstack, clients.dom0
+    front.gate.set()
+    bus.stop()
+
+
+def two_connected(
+    front: RestartingFrontend, xs: object, dom0: object
+) -> tuple[XenbusDevice, XenbusDevice]:
+    """Devices 0 and 1 added, their backends (driven by the test) in InitWait, and the
+    frontend Connected to both: the two backends."""
+    backs = []
+    for devid in (0, 1):
+        paths = add_device(xs, DOMU, 0, "toy", devid)  # type: ignore[arg-type]
+        back = XenbusDevice(dom0, "toy", devid, paths.backend, paths.frontend, DOMU, DOMU)  # type: ignore[arg-type]
+        back.switch_state(S.InitWait)
+        front.wait_for(("back InitWait", devid, "Connected"))
+        backs.append(back)
+    return backs[0], backs[1]
+
+
+def test_the_initwait_a_frontend_answered_read_again_is_not_a_restart(
+    front_only: tuple[RestartingFrontend, object, object],
+) -> None:
+    front, xs, dom0 = front_only
+    back, marker = two_connected(front, xs, dom0)
+    # The frontend's watch fires again and is handled while the backend is still in InitWait
+    # (as when the watch's first firing and the backend's write are both handled after the
+    # frontend connected); device 1's event, handled after it, says when.
+    dom0.write(back.path("state"), str(int(S.InitWait)))  # type: ignore[attr-defined]
+    marker.switch_state(S.Connected)
+    front.wait_for(("back Connected", 1, "Connected"))
+    back.switch_state(S.Connected)
+    front.wait_for(("back Connected", 0, "Connected"))
+    assert ("restart", 0, "Connected") not in front.log
+
+    back.switch_state(S.Initialising)  # a backend that really starts again...
+    back.switch_state(S.InitWait)
+    front.wait_for(("restart", 0, "Connected"))  # ...is one
+    back.switch_state(S.Connected)
+    front.wait_for(("back Connected", 0, "Connected"))
+
+
+def test_a_restart_is_seen_even_when_the_frontend_never_read_the_backends_connected(
+    front_only: tuple[RestartingFrontend, object, object],
+) -> None:
+    front, xs, dom0 = front_only
+    back, other = two_connected(front, xs, dom0)
+    front.gate.clear()
+    other.switch_state(S.Connected)  # holds the bus thread in device 1's driver
+    back.switch_state(S.Connected)  # both events of device 0 are read after it: InitWait twice
+    back.switch_state(S.Initialising)
+    back.switch_state(S.InitWait)
+    front.gate.set()
+    front.wait_for(("restart", 0, "Connected"))
+    back.switch_state(S.Connected)
+    front.wait_for(("back Connected", 0, "Connected"))
+    assert [e for e in front.log if e[0] == "restart"] == [("restart", 0, "Connected")]
