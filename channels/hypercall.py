@@ -198,6 +198,20 @@ class DomctlDestroy(Op):
     domid: int = Field(ge=1, le=DOMID_MAX)
 
 
+class DomctlLinkDevice(Op):
+    """dom0: domain ``backend`` (a driver domain) serves ``device`` of domain ``frontend``
+    (``linked``), or no longer does. Only domUs linked so share event channels, and a guest
+    grants pools for a device only to the domain that serves it, which maps no other device's;
+    dom0 serves every device and needs no link (hyperd/devlinks.py)."""
+
+    op = "domctl_link_device"
+    privileged = True
+    frontend: int = Field(ge=1, le=DOMID_MAX)
+    backend: int = Field(ge=1, le=DOMID_MAX)
+    device: str = Field(pattern=DEVICE_PATTERN)
+    linked: bool = True
+
+
 class DomctlPause(Op):
     """dom0: freeze (pause=True) or thaw (pause=False) every process of a domain."""
 
@@ -283,6 +297,7 @@ OPS: dict[str, type[Op]] = {
         SchedShutdown,
         DomctlCreate,
         DomctlDestroy,
+        DomctlLinkDevice,
         DomctlPause,
         DomctlList,
         DomctlExecTarget,

@@ -17,7 +17,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from hyperd.resources import Resources, sharing_gid
+from hyperd.resources import Resources
 
 MAX_PORTS = 4096  # ports a domain may hold at once: the 2-level ABI's limit on 64-bit guests
 #: Port numbers are handed out in increasing order and wrap here. Never reusing a number soon
@@ -86,11 +86,8 @@ class EventChannels:
             if port not in used:
                 break
         self._last[domid] = port
-        try:
-            gid = sharing_gid(domid, remote_dom)
-        except PermissionError as exc:
-            raise EvtchnError("EPERM", str(exc)) from exc
-        doorbell = resources.new_doorbell(f"evtchn{port}", gid)
+        other = remote_dom if resources.domid == domid else domid  # who else opens it
+        doorbell = resources.new_doorbell(f"evtchn{port}", other)
         entry = Port(domid, port, remote_dom, doorbell, resources)
         self._ports[domid, port] = entry
         return entry
@@ -143,9 +140,14 @@ class EventChannels:
             port.stale = True
 
     def close_domain(self, domid: int) -> None:
-        """A domain died: close its ports, and its peers' ports bound to it (their doorbells
-        belong to the dead domain's resources)."""
-        doomed = [key for key, p in self._ports.items() if domid in (key[0], p.remote_dom)]
+        """A domain died: close its ports, and dom0's ports for it (their doorbells belong to
+        the dead domain's resources). Another domU's port for it stays that domU's, unbound,
+        for its driver to close (or to be bound again)."""
+        doomed = [
+            key
+            for key, p in self._ports.items()
+            if key[0] == domid or (p.remote_dom == domid and p.owner.domid == domid)
+        ]
         for d, port in doomed:
             if (d, port) in self._ports:
                 self.close(d, port)

@@ -15,7 +15,7 @@ from typing import Any
 
 from channels.gnttab import pool_bytes
 from channels.ring import PAGE_SIZE
-from hyperd.resources import Resources, sharing_gid
+from hyperd.resources import Resources
 
 MAX_POOL_PAGES_PER_DOMAIN = 1 << 16  # 256 MiB of grantable memory per domain, at most
 MAX_POOLS_PER_DOMAIN = 256  # a frontend sets up 3 per device; each is a /dev/shm object
@@ -82,14 +82,11 @@ class GrantTables:
                 f"domain {granter}: {held} pages in grant pools, {pages} more "
                 f"would pass its budget of {budget}",
             )
-        try:
-            gid = sharing_gid(granter, peer)
-        except PermissionError as exc:
-            raise GnttabError("EPERM", str(exc)) from exc
         # Grant refs 0..7 are reserved, as in Xen (console and store rings live there).
         base = self._next_gref.get(granter, 8)
         pool_id = self._next_pool.get(granter, 0)
-        name = resources.new_segment(f"gnt{pool_id}", pool_bytes(pages), gid)
+        other = peer if resources.domid == granter else granter  # who else opens it
+        name = resources.new_segment(f"gnt{pool_id}", pool_bytes(pages), other)
         pool = Pool(pool_id, granter, peer, device, name, base, pages)
         self._pools[granter, pool_id] = pool
         self._next_gref[granter] = base + pages

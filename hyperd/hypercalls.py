@@ -71,6 +71,7 @@ class Hypercalls:
             hc.SysctlInfo: self.do_sysctl_info,
             hc.SysctlHalt: self.do_sysctl_halt,
             hc.EvtchnBindInterdomain: self.do_evtchn_bind_interdomain,
+            hc.DomctlLinkDevice: self.do_domctl_link_device,
         }
 
     def handle(self, caller: Domain, op: Op) -> dict[str, Any]:
@@ -84,9 +85,20 @@ class Hypercalls:
             raise HvError("ESRCH", f"no domain {domid}")
         return domain
 
-    def _shared_resources(self, a: int, b: int) -> Resources:
-        """Objects shared by dom0 and a domU belong to the domU: they die with it."""
-        return self._domu(b if a == 0 else a).resources
+    def _shared_resources(self, caller: int, other: int) -> Resources:
+        """Who holds an object ``caller`` makes to share with ``other``: the domU when the other
+        is dom0 (it dies with the domU); the caller when both are domUs, which must share a
+        device (hyperd/devlinks.py), or EPERM."""
+        if 0 not in (caller, other) and caller != other:
+            self._domu(other)
+            if not self.hv.links.share(caller, other):
+                raise HvError("EPERM", f"domains {caller} and {other} share no device")
+            return self._domu(caller).resources
+        return self._domu(other if caller == 0 else caller).resources
+
+    def _check_serves(self, backend: int, frontend: int, device: str) -> None:
+        if not self.hv.links.serves(backend, frontend, device):
+            raise HvError("EPERM", f"domain {backend} does not serve {device} of domain {frontend}")
 
     # -- event channels (event_channel.c) ----------------------------------------------------
 
@@ -125,6 +137,8 @@ class Hypercalls:
 
     def do_gnttab_setup_pool(self, caller: Domain, op: hc.GnttabSetupPool) -> dict[str, Any]:
         resources = self._shared_resources(caller.domid, op.peer)
+        if caller.domid != 0:
+            self._check_serves(op.peer, caller.domid, op.device)
         budget = grant_budget(caller.memory)
         pool = self.hv.gnttab.setup_pool(
             caller.domid, op.peer, op.device, op.pages, resources, budget
@@ -132,6 +146,7 @@ class Hypercalls:
         return pool.result()
 
     def do_gnttab_map_pools(self, caller: Domain, op: hc.GnttabMapPools) -> dict[str, Any]:
+        self._check_serves(caller.domid, op.granter, op.device)
         granter = self.hv.domains.get(op.granter)
         pools = self.hv.gnttab.pools_for(caller.domid, op.granter, op.device)
         return {
@@ -177,6 +192,17 @@ class Hypercalls:
         if any(d.name == name for d in self.hv.domains.values()):
             raise HvError("EEXIST", f"a domain named {name!r} already exists")
         return domain_info(self.hv.build(op.config, op.owner))
+
+    def do_domctl_link_device(self, caller: Domain, op: hc.DomctlLinkDevice) -> dict[str, Any]:
+        if op.frontend == op.backend:
+            raise HvError("EINVAL", f"domain {op.frontend} cannot serve its own {op.device}")
+        self._domu(op.frontend)
+        self._domu(op.backend)
+        if op.linked:
+            self.hv.links.link(op.frontend, op.backend, op.device)
+        else:
+            self.hv.links.unlink(op.frontend, op.backend, op.device)
+        return {}
 
     def do_domctl_destroy(self, caller: Domain, op: hc.DomctlDestroy) -> dict[str, Any]:
         self.hv.destroy(self._domu(op.domid))

@@ -43,12 +43,12 @@ from channels import hypercall as hc
 from channels import linux
 from channels.config import DomainConfig
 from channels.forkserver import Spawner
-from channels.ids import host_gid
 from channels.paths import RunDir
 from hyperd import cgroup, state
 from hyperd.adopt import KeeperLink, adopt_all
 from hyperd.budget import HYPERCALL_COST
 from hyperd.control_domain import Dom0Lifecycle
+from hyperd.devlinks import DeviceLinks
 from hyperd.domain import (
     Domain,
     RingInfo,
@@ -122,6 +122,7 @@ class Hypervisor:
         self.domains: dict[int, Domain] = {}
         self.evtchn = EventChannels()
         self.gnttab = GrantTables()
+        self.links = DeviceLinks()
         self.selector = selectors.DefaultSelector()
         self.halting = False
         self.halt_requested = False
@@ -280,6 +281,7 @@ class Hypervisor:
             "domains": [d.to_dict() for _, d in sorted(self.domains.items())],
             "evtchn": self.evtchn.to_dict(),
             "gnttab": self.gnttab.to_dict(),
+            "links": self.links.to_dict(),
         }
 
     def load(self, saved: dict[str, Any]) -> None:
@@ -291,6 +293,7 @@ class Hypervisor:
             owners = {d.domid: d.resources for d in domains}
             self.evtchn = EventChannels.from_dict(saved["evtchn"], owners)
             self.gnttab = GrantTables.from_dict(saved["gnttab"])
+            self.links = DeviceLinks.from_dict(saved["links"])
             self.last_domid = int(saved["last_domid"])
             self.dom0_restarts = int(saved["dom0_restarts"])
             # A halt that had begun is finished at adoption (``adopt_all``).
@@ -486,7 +489,7 @@ class Hypervisor:
         return domain
 
     def _ring(self, domain: Domain, kind: str, size: int) -> RingInfo:
-        segment = domain.resources.new_segment(kind, size, host_gid(domain.domid))
+        segment = domain.resources.new_segment(kind, size)
         domu_port = self.evtchn.alloc_unbound(domain.domid, 0, domain.resources)
         dom0_port = self.evtchn.bind_interdomain(0, domain.domid, domu_port.port, domain.resources)
         return RingInfo(segment, domu_port.port, dom0_port.port)
@@ -659,6 +662,7 @@ class Hypervisor:
         self._end_log(domain)
         self.evtchn.close_domain(domain.domid)
         self.gnttab.release_domain(domain.domid, domain.resources)
+        self.links.release_domain(domain.domid)
         domain.resources.release()
 
     def _release(self, domain: Domain) -> None:

@@ -13,6 +13,10 @@ link to each of its objects under the same name. There the domain opens them by 
 ``sem_open`` and ``shm_open`` look in /dev/shm) but can create, rename or remove nothing, so
 nothing it does there outlives it; dom0 opens the first links, in /dev/shm itself. No domain
 can tear down its peer's live ring.
+
+An object two domUs share (a guest's device served by a driver domain, hyperd/devlinks.py) is
+held by one of them, keeps that one's group, and names the other's group in an access ACL entry;
+it is linked into both views. Still root's: neither domain can change who may open it.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import os
 import secrets
 import shutil
 import stat
+import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -51,22 +56,40 @@ def view_dir(domid: int) -> Path:
     return SHM_DIR / f"{PREFIX}d{domid}"
 
 
-def sharing_gid(a: int, b: int) -> int:
-    """The group for an object two domains share. One end is always dom0 for now; a channel
-    between two domUs (driver domains) would need an ACL naming both."""
-    if a != 0 and b != 0 and a != b:
-        raise PermissionError(f"domains {a} and {b}: channels between two domUs are not supported")
-    return host_gid(a or b)
+#: The kernel's POSIX ACL xattr (include/uapi/linux/posix_acl_xattr.h): a version, then
+#: (tag, perm, id) entries in tag order. Written directly rather than through libacl: one
+#: setxattr per object on hyperd's path, and a fixed layout of five entries.
+_ACL_XATTR = "system.posix_acl_access"
+_ACL_VERSION = 2
+_USER_OBJ, _GROUP_OBJ, _GROUP, _MASK, _OTHER = 0x01, 0x04, 0x08, 0x10, 0x20
+_RW, _NONE, _NO_ID = 6, 0, 0xFFFFFFFF
+
+
+def allow_group(path: Path, gid: int) -> None:
+    """Let ``gid`` read and write ``path`` besides its owner and group (mode 0660 stays the
+    rest of the ACL)."""
+    entries = [
+        (_USER_OBJ, _RW, _NO_ID),
+        (_GROUP_OBJ, _RW, _NO_ID),
+        (_GROUP, _RW, gid),
+        (_MASK, _RW, _NO_ID),
+        (_OTHER, _NONE, _NO_ID),
+    ]
+    value = struct.pack("<I", _ACL_VERSION) + b"".join(struct.pack("<HHI", *e) for e in entries)
+    os.setxattr(path, _ACL_XATTR, value)
 
 
 @dataclass
 class Resources:
     """What one domain holds: released together when the domain dies. A domU's objects are
-    linked into its view as they are made (``open_view`` first)."""
+    linked into its view as they are made (``open_view`` first); one it shares with another
+    domU is linked into that one's view too (``peers``)."""
 
     domid: int
     segments: set[str] = field(default_factory=set)
     doorbells: set[str] = field(default_factory=set)
+    #: The other domU that opens an object, by the object's name.
+    peers: dict[str, int] = field(default_factory=dict)
 
     @property
     def view(self) -> Path | None:
@@ -85,59 +108,76 @@ class Resources:
     def _name(self, kind: str) -> str:
         return f"{PREFIX}d{self.domid}.{kind}.{secrets.token_hex(16)}"
 
-    def new_segment(self, kind: str, size: int, gid: int) -> str:
+    def new_segment(self, kind: str, size: int, peer: int = 0) -> str:
+        """A new shared-memory object that this domain and ``peer`` open (dom0: root opens
+        everything; another domU: see the module's doc)."""
         name = self._name(kind)
         create_segment(name, size, mode=0o660)
         self.segments.add(name)
-        os.chown(shm_path(name), 0, gid)
-        self._link(shm_path(name))
+        self._share(name, [shm_path(name)], peer)
         return name
 
-    def new_doorbell(self, kind: str, gid: int) -> str:
+    def new_doorbell(self, kind: str, peer: int = 0) -> str:
+        """A new doorbell (semaphore and FIFO) that this domain and ``peer`` open."""
         name = self._name(kind)
         create_doorbell(name, mode=0o660)
         self.doorbells.add(name)
-        for path in bell_paths(name):
-            os.chown(path, 0, gid)
-            self._link(path)
+        self._share(name, list(bell_paths(name)), peer)
         return name
 
-    def _link(self, path: Path) -> None:
-        if self.view is not None:
-            os.link(path, self.view / path.name)
+    def _share(self, name: str, paths: list[Path], peer: int) -> None:
+        other = peer if peer not in (0, self.domid) else None
+        if other is not None:
+            self.peers[name] = other
+        for path in paths:
+            os.chown(path, 0, host_gid(self.domid))
+            for view in (self.view, view_dir(other) if other is not None else None):
+                if view is not None:
+                    os.link(path, view / path.name)
+            if other is not None:
+                allow_group(path, host_gid(other))
 
     def drop_segment(self, name: str) -> None:
         if name in self.segments:
             self.segments.discard(name)
-            self._unlink_view(shm_path(name).name)
+            self._unlink_views(name, shm_path(name).name)
             unlink_segment(name)
 
     def drop_doorbell(self, name: str) -> None:
         if name in self.doorbells:
             self.doorbells.discard(name)
             for path in bell_paths(name):
-                self._unlink_view(path.name)
+                self._unlink_views(name, path.name)
             unlink_doorbell(name)
 
-    def _unlink_view(self, name: str) -> None:
-        if self.view is not None:
-            (self.view / name).unlink(missing_ok=True)
+    def _unlink_views(self, name: str, entry: str) -> None:
+        """An object's links in our view and in its peer's (gone already if the peer died)."""
+        peer = self.peers.get(name)
+        for view in (self.view, view_dir(peer) if peer is not None else None):
+            if view is not None:
+                (view / entry).unlink(missing_ok=True)
 
     def release(self) -> None:
         for name in list(self.segments):
             self.drop_segment(name)
         for name in list(self.doorbells):
             self.drop_doorbell(name)
+        self.peers.clear()
         if self.view is not None:
             remove(self.view)
 
     def paths(self) -> set[Path]:
-        """Where this domain's objects are in /dev/shm: the objects, their links, its view."""
+        """Where this domain's objects are in /dev/shm: the objects, their links (in its view
+        and in its peers'), its view."""
         names = {shm_path(n) for n in self.segments}
         names |= {path for n in self.doorbells for path in bell_paths(n)}
-        if self.view is None:
-            return names
-        return names | {self.view} | {self.view / p.name for p in names}
+        found = set(names)
+        if self.view is not None:
+            found |= {self.view} | {self.view / p.name for p in names}
+        for name, peer in self.peers.items():
+            objects = bell_paths(name) if name in self.doorbells else (shm_path(name),)
+            found |= {view_dir(peer) / p.name for p in objects}
+        return found
 
     def to_dict(self) -> dict[str, Any]:
         """For hyperd's state file (hyperd/state.py)."""
@@ -145,12 +185,14 @@ class Resources:
             "domid": self.domid,
             "segments": sorted(self.segments),
             "doorbells": sorted(self.doorbells),
+            "peers": dict(sorted(self.peers.items())),
         }
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Resources:
         """The record ``to_dict`` wrote; the objects it names are already in /dev/shm."""
-        return cls(int(data["domid"]), set(data["segments"]), set(data["doorbells"]))
+        peers = {str(name): int(peer) for name, peer in data["peers"].items()}
+        return cls(int(data["domid"]), set(data["segments"]), set(data["doorbells"]), peers)
 
 
 def leftovers() -> list[Path]:

@@ -6,7 +6,8 @@ After every change to its tables hyperd writes them, as one JSON object, to
     {"version": 2, "last_domid": 5, "dom0_restarts": 0, "halting": false,
      "domains": [Domain.to_dict(), ...],      hyperd/domain.py (with its Resources)
      "evtchn": EventChannels.to_dict(),       hyperd/evtchn.py
-     "gnttab": GrantTables.to_dict()}         hyperd/gnttab.py
+     "gnttab": GrantTables.to_dict(),         hyperd/gnttab.py
+     "links": DeviceLinks.to_dict()}          hyperd/devlinks.py
 
 Each class serialises itself next to the data it holds; this module frames, writes and reads.
 A write goes to a temporary file in the same directory, is flushed to it, then renamed over the
@@ -14,7 +15,8 @@ old file: a reader sees the old state or the new one, never part of either. A mi
 first start; a file that is not such an object (cut short, edited by hand, from another version)
 is a ``StateError``, and hyperd refuses to start rather than guess which domains exist.
 
-``VERSION`` changes with the form of any table (2: each grant pool names its device, issue 12),
+``VERSION`` changes with the form of any table (2: each grant pool names its device, issue 12;
+3: the device links between domUs, and the peers of each domain's objects, issue 15),
 so that a hyperd upgraded while domains run says which version it found, instead of failing on
 the first field it misses.
 """
@@ -29,8 +31,8 @@ from typing import Any
 
 from channels.errors import HyperError
 
-VERSION = 2
-KEYS = ("last_domid", "dom0_restarts", "halting", "domains", "evtchn", "gnttab")
+VERSION = 3
+KEYS = ("last_domid", "dom0_restarts", "halting", "domains", "evtchn", "gnttab", "links")
 
 
 class StateError(HyperError):

@@ -67,15 +67,21 @@ class PaperResources(Resources):
     def view(self) -> Path | None:
         return None  # no directory in /dev/shm either
 
-    def new_segment(self, kind: str, size: int, gid: int) -> str:
+    def new_segment(self, kind: str, size: int, peer: int = 0) -> str:
         name = self._name(kind)
         self.segments.add(name)
+        self._note_peer(name, peer)
         return name
 
-    def new_doorbell(self, kind: str, gid: int) -> str:
+    def new_doorbell(self, kind: str, peer: int = 0) -> str:
         name = self._name(kind)
         self.doorbells.add(name)
+        self._note_peer(name, peer)
         return name
+
+    def _note_peer(self, name: str, peer: int) -> None:
+        if peer not in (0, self.domid):
+            self.peers[name] = peer
 
     def drop_segment(self, name: str) -> None:
         self.segments.discard(name)

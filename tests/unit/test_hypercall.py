@@ -78,6 +78,7 @@ PRIVILEGED = [
     hc.DomctlExecTarget(domid=1),
     hc.DomctlSetSched(domid=1, cap=0),
     hc.DomctlSetMemory(domid=1, memory=64),
+    hc.DomctlLinkDevice(frontend=1, backend=2, device="vif/0"),
     hc.SysctlDmesg(),
     hc.SysctlInfo(),
     hc.SysctlHalt(),
@@ -139,11 +140,82 @@ def test_a_dead_domain_takes_its_ports_and_its_peers_ports_with_it() -> None:
         table.get(0, back.port)
 
 
-def test_channels_between_two_domus_are_refused() -> None:
-    table = EventChannels()
-    with pytest.raises(EvtchnError) as refused:
-        table.alloc_unbound(5, 6, PaperResources(5))
-    assert refused.value.errno_name == "EPERM"
+def domains_on_paper(hv: hyperd.Hypervisor, *domids: int) -> list[Domain]:
+    """dom0 and domUs ``domids`` in ``hv``'s table, their objects made on paper."""
+    made = [Domain(d, f"dom{d}", DomainConfig(name=f"dom{d}"), PaperResources(d)) for d in domids]
+    dom0 = Domain(0, "Domain-0", dom0_config(4096, 2), PaperResources(0))
+    hv.domains = {d.domid: d for d in [dom0, *made]}
+    return made
+
+
+def refused(hv: hyperd.Hypervisor, caller: Domain, op: hc.Op) -> str:
+    with pytest.raises(HvError) as error:
+        hv.hypercalls.handle(caller, op)
+    return error.value.errno_name
+
+
+def test_two_domus_share_channels_and_pools_only_through_a_device_linked_between_them(
+    hypervisor: hyperd.Hypervisor,
+) -> None:
+    guest, netvm, other = domains_on_paper(hypervisor, 5, 6, 7)
+    handle = hypervisor.hypercalls.handle
+    setup = hc.GnttabSetupPool(peer=6, device="vif/0", pages=4)
+    assert refused(hypervisor, guest, hc.EvtchnAllocUnbound(remote_dom=6)) == "EPERM"
+    assert refused(hypervisor, guest, setup) == "EPERM"
+    dom0 = hypervisor.domains[0]
+    link = hc.DomctlLinkDevice(frontend=5, backend=6, device="vif/0")
+    handle(dom0, link)
+
+    port = handle(guest, hc.EvtchnAllocUnbound(remote_dom=6))["port"]
+    bound = handle(netvm, hc.EvtchnBindInterdomain(remote_dom=5, remote_port=port))
+    assert bound["peer_doorbell"] == hypervisor.evtchn.get(5, port).doorbell
+    pool = handle(guest, setup)
+    assert handle(netvm, hc.GnttabMapPools(granter=5, device="vif/0"))["pools"] == [pool]
+    # Each side holds its own objects; the other opens them through its view.
+    assert guest.resources.peers == {
+        hypervisor.evtchn.get(5, port).doorbell: 6,
+        pool["name"]: 6,
+    }
+    assert netvm.resources.peers == {bound["doorbell"]: 5}
+
+    # Only that device, and only between those two.
+    other_device = hc.GnttabSetupPool(peer=6, device="vbd/51712", pages=4)
+    assert refused(hypervisor, guest, other_device) == "EPERM"
+    assert refused(hypervisor, netvm, hc.GnttabMapPools(granter=5, device="vbd/51712")) == "EPERM"
+    assert refused(hypervisor, other, hc.EvtchnAllocUnbound(remote_dom=6)) == "EPERM"
+    assert refused(hypervisor, netvm, hc.EvtchnAllocUnbound(remote_dom=7)) == "EPERM"
+    assert refused(hypervisor, other, hc.GnttabMapPools(granter=5, device="vif/0")) == "EPERM"
+
+    handle(dom0, link.model_copy(update={"linked": False}))
+    assert refused(hypervisor, netvm, hc.GnttabMapPools(granter=5, device="vif/0")) == "EPERM"
+    assert refused(hypervisor, guest, hc.EvtchnAllocUnbound(remote_dom=6)) == "EPERM"
+
+
+def test_a_driver_domains_death_leaves_its_guests_ports_unbound_and_its_links_gone(
+    hypervisor: hyperd.Hypervisor,
+) -> None:
+    guest, netvm = domains_on_paper(hypervisor, 5, 6)
+    handle = hypervisor.hypercalls.handle
+    handle(hypervisor.domains[0], hc.DomctlLinkDevice(frontend=5, backend=6, device="vif/0"))
+    port = handle(guest, hc.EvtchnAllocUnbound(remote_dom=6))["port"]
+    bound = handle(netvm, hc.EvtchnBindInterdomain(remote_dom=5, remote_port=port))
+
+    hypervisor.evtchn.close_domain(6)
+    hypervisor.links.release_domain(6)
+    assert hypervisor.evtchn.get(5, port).state == "unbound", "the guest's port stays its own"
+    assert netvm.resources.doorbells == set()
+    with pytest.raises(EvtchnError):
+        hypervisor.evtchn.get(6, bound["port"])
+    assert not hypervisor.links.share(5, 6)
+
+
+def test_a_link_names_two_live_domus(hypervisor: hyperd.Hypervisor) -> None:
+    domains_on_paper(hypervisor, 5)
+    dom0 = hypervisor.domains[0]
+    for frontend, backend, errno_name in ((5, 5, "EINVAL"), (5, 9, "ESRCH"), (9, 5, "ESRCH")):
+        op = hc.DomctlLinkDevice(frontend=frontend, backend=backend, device="vif/0")
+        assert refused(hypervisor, dom0, op) == errno_name
+    assert hypervisor.links.to_dict() == []
 
 
 def test_grant_pools_take_fresh_refs_and_go_with_their_domain() -> None:

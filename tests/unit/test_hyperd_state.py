@@ -357,7 +357,9 @@ def test_a_state_file_from_before_per_device_pools_is_refused_naming_its_version
 
     with pytest.raises(state.StateError) as refused:
         state.read(path)
-    assert str(refused.value).startswith(f"{path}: version 1, this hyperd reads version 2: ")
+    assert str(refused.value).startswith(
+        f"{path}: version 1, this hyperd reads version {state.VERSION}: "
+    )
     assert "`hyperctl halt`" in str(refused.value)
     with caplog.at_level(logging.ERROR, logger="hyperd.hypervisor"):
         assert refuse_state(refused.value) == 1
