@@ -67,6 +67,7 @@ if __package__ in (None, ""):
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
+from backends.blkback.datapath import COUNTER_FIELDS  # noqa: E402
 from bench.create import (  # noqa: E402
     ENV,
     BenchError,
@@ -95,7 +96,6 @@ from bench.stages import (  # noqa: E402
     stage_table,
 )
 from channels import control  # noqa: E402
-from dom0.blkback.datapath import COUNTER_FIELDS  # noqa: E402
 from hyperd.cgroup import CgroupError, open_hierarchy  # noqa: E402
 
 RAW, PASSTHROUGH, HYPER = "raw loop", "passthrough", "hyper"

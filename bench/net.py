@@ -68,6 +68,7 @@ if __package__ in (None, ""):
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
+from backends.netback.datapath import COUNTER_FIELDS  # noqa: E402
 from bench.create import (  # noqa: E402
     ENV,
     BenchError,
@@ -92,7 +93,6 @@ from bench.stages import (  # noqa: E402
     stage_table,
 )
 from channels import control  # noqa: E402
-from dom0.netback.datapath import COUNTER_FIELDS  # noqa: E402
 from hyperd.cgroup import CgroupError, DomainGroup, open_hierarchy  # noqa: E402
 
 VETH, PEER, DOMU, SLIRP = "veth", "domU -> peer", "domU <-> domU", "slirp4netns"

@@ -3,7 +3,7 @@
 What a peer's requests may cost whoever serves them: hyperd charges a domU's hypercalls and
 its log output to one (hyperd/budget.py), a backend's grant mapper its refreshes
 (channels/grants.py), and dom0 the refreshes each data-path worker asks it for
-(dom0/datapath_worker.py). A charge that overdraws it says how long to wait before serving
+(backends/datapath_worker.py). A charge that overdraws it says how long to wait before serving
 again.
 """
 

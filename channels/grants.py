@@ -10,7 +10,7 @@ backend as it asks): a backend never maps another device's pages, nor another do
 The mapper opens nothing by name: every pool it is told of comes open, as an fd of its own
 (``"fd"`` in the pool's entry; ``"error"`` instead if it could not be opened), from whoever asked
 hyperd (``open_pools``): dom0, for a worker that has dropped its privilege and may not open the
-root-owned objects in /dev/shm (dom0/privilege.py). The mapper owns those fds: it maps the
+root-owned objects in /dev/shm (backends/privilege.py). The mapper owns those fds: it maps the
 pools it did not map yet, and closes every fd it is given.
 
 A miss (a ref in no pool we map) *refreshes*: one ``gnttab_map_pools`` call names the pools live

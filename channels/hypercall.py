@@ -336,7 +336,7 @@ def encode(obj: dict[str, Any]) -> bytes:
 
 class Hypercalls(Protocol):
     """Whatever a domain's code makes its hypercalls through: a HypercallClient, or a data-path
-    worker's link to dom0 (dom0/datapath_worker.py's Dom0Link), whose calls dom0 makes."""
+    worker's link to dom0 (backends/datapath_worker.py's Dom0Link), whose calls dom0 makes."""
 
     def call(self, op: Op) -> dict[str, Any]: ...
 

@@ -218,7 +218,7 @@ def _check(image: Path, at: Path, st: os.stat_result, owner: int, share: bool = 
     if at == image and not share and not stat.S_ISREG(st.st_mode):
         raise ImageError(f"{where} is not a regular file")
     if share and at == image:
-        return  # its owner is whom the domain reads and writes it as (dom0/p9back)
+        return  # its owner is whom the domain reads and writes it as (backends/p9back)
     if st.st_uid not in (ROOT_UID, owner):
         who = "share" if share else "disk"
         allowed = "root" if owner == ROOT_UID else f"root or uid {owner} (who asked for the {who})"

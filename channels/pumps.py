@@ -9,8 +9,8 @@ blkback's pump (channels/native/blkpump.c) is the loop of one vbd: the blkif rin
 device with Linux AIO, handing FLUSH, DISCARD and grant refs it cannot look up to Python.
 blkfront's (channels/native/fusepump.c) takes READ and WRITE of whole sectors from /dev/fuse to
 the ring and back (domu/blkfront/native.py).
-The Python classes in dom0/netback/datapath.py, domu/netfront/datapath.py,
-dom0/blkback/datapath.py and domu/blkfront/ stay the reference
+The Python classes in backends/netback/datapath.py, domu/netfront/datapath.py,
+backends/blkback/datapath.py and domu/blkfront/ stay the reference
 implementation: they run wherever the extension is not built, and ``HYPER_PUMPS=python`` in the
 environment forces them (the differential tests run both; a domain inherits the variable from
 hyperd). ``hyperctl info`` shows which is in use (``describe``).

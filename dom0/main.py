@@ -24,14 +24,15 @@ import threading
 from pathlib import Path
 from typing import Any
 
+from backends.drivers import BackendDrivers
+from backends.host import BackendHost
+from backends.netback.tap import remove_our_bridges
 from channels import xenbus
 from channels.hypercall import HypercallClient
 from channels.paths import RunDir
 from channels.xenbus_bus import Bus
 from dom0 import spawn
 from dom0.control import ControlServer
-from dom0.drivers import BackendDrivers
-from dom0.netback.tap import remove_our_bridges
 from dom0.store.core import Store
 from dom0.store.journal import Journal, StoreFormatError
 from dom0.store.local import connect_local
@@ -77,7 +78,7 @@ def _run(argv: list[str] | None) -> int:
     if args.recover:
         toolstack.recover()
     xs.write(xenbus.backend_root_path(0), "")
-    drivers = BackendDrivers(hc)
+    drivers = BackendDrivers(BackendHost(hc, spawn.spawner))
     toolstack.drivers = drivers
     backends = Bus(xs, xenbus.backend_root_path(0), "backend", drivers.by_type()).start()
     threading.Thread(target=toolstack.run_events, name="events", daemon=True).start()

@@ -1,7 +1,7 @@
 """dom0's fork server (channels/forkserver.py): every process dom0 starts comes from it.
 
 Those are each domain's relay (dom0/relay.py) and each device's data-path worker
-(dom0/datapath_worker.py). ``main`` starts it first thing, while dom0 is still single-threaded:
+(backends/datapath_worker.py). ``main`` starts it first thing, while dom0 is still single-threaded:
 it is then a fork of dom0 itself, every module already imported and its pages shared with
 dom0's, so a relay or a worker costs a fork, not an interpreter and its imports. Anything else
 (a unit test) gets one on first use, as a new interpreter.
@@ -12,7 +12,12 @@ from __future__ import annotations
 from channels.forkserver import Spawner
 
 #: What dom0's children run: the relay, and each device kind's backend worker.
-PRELOAD = ("dom0.relay", "dom0.netback.worker", "dom0.blkback.worker", "dom0.p9back.worker")
+PRELOAD = (
+    "dom0.relay",
+    "backends.netback.worker",
+    "backends.blkback.worker",
+    "backends.p9back.worker",
+)
 
 spawner = Spawner(PRELOAD)
 

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from backends.drivers import BackendDrivers
 from channels import control, pumps, xenbus
 from channels import hypercall as hc
 from channels.config import (
@@ -33,7 +34,6 @@ from channels.kinds import BY_TYPE, KINDS, DeviceKind
 from channels.xs import Perm, XsClient, XsError
 from dom0.console import ConsoleBackend
 from dom0.devices import Devices, Images, entries
-from dom0.drivers import BackendDrivers
 from dom0.relay import Relay
 from dom0.store.core import Store
 

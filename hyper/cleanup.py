@@ -24,8 +24,8 @@ class HypervisorRunning(HyperError):
 def _remove_interfaces() -> Iterator[str]:
     from pyroute2 import IPRoute
 
-    from dom0.netback import firewall
-    from dom0.netback.tap import remove_our_bridges
+    from backends.netback import firewall
+    from backends.netback.tap import remove_our_bridges
 
     with IPRoute() as ipr:
         for link in ipr.get_links():

@@ -8,7 +8,7 @@
 # util-linux (nsenter, setpriv, flock), procps, iperf3, fio, iputils-ping, e2fsprogs (mkfs.ext4
 # and fsck.ext4 for the block tests), fuse3 (libfuse3, which blkfront's mfusepy loads), gcc and
 # python3-dev (the native data-path pumps, channels/native/), clang (their fuzzers: libFuzzer),
-# iptables (a bridge hyper makes lets its frames through FORWARD: dom0/netback/firewall.py, and
+# iptables (a bridge hyper makes lets its frames through FORWARD: backends/netback/firewall.py, and
 # the tests set a Docker-like DROP policy to check it).
 # The native pumps are (re)built in place whenever a source under channels/native/ is newer
 # than its module; without a compiler the Python pumps run (``hyperctl info`` says which).

@@ -1,4 +1,4 @@
-/* blkif's batch pump, native: blkback's loop for one vbd (dom0/blkback/datapath.py VbdPath).
+/* blkif's batch pump, native: blkback's loop for one vbd (backends/blkback/datapath.py VbdPath).
  *
  * Why native: a 4 KiB request costs about 44 us of Python, and the dispatcher and the I/O
  * threads hand one GIL between them on every syscall; this loop runs with the GIL released,
@@ -18,7 +18,7 @@
  * and answers it, so Python always takes over a quiet vbd.
  *
  * I/O: Linux AIO (io_submit / io_getevents, raw syscalls), not a pool of threads. dom0 opens
- * the loop device O_DIRECT over a loop device itself in direct-I/O mode (dom0/blkback/loop.py),
+ * the loop device O_DIRECT over a loop device itself in direct-I/O mode (backends/blkback/loop.py),
  * where io_submit queues the request and returns: one thread puts a whole batch on the device
  * with one syscall, and at iodepth 32 all 32 are on the device, with no thread per request, no
  * hand-off (a futex wake across the two vCPUs costs 20-100 us here) and no GIL. Completions are
@@ -49,7 +49,7 @@
 #define MAX_INDIRECT_SEGMENTS 256 /* what blkback advertises: one indirect page holds them */
 #define MAX_OUTSTANDING 512 /* a 16-page ring's worth; VbdPath's io_threads * 4 is below */
 
-/* The vbd's counters page: dom0/blkback/datapath.py's COUNTER_FIELDS, in that order (the last,
+/* The vbd's counters page: backends/blkback/datapath.py's COUNTER_FIELDS, in that order (the last,
  * bad_grefs, is the grant mapper's: Python counts it). */
 enum { RD_REQ, RD_SECT, WR_REQ, WR_SECT, FLUSH_REQ, DISCARD_REQ, OO_REQ, ERRORS, N_COUNTERS };
 

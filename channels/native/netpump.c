@@ -1,6 +1,6 @@
 /* netif's batch pumps, native: the four loops that move frames between a TAP and the rings.
  *
- *   netback tx:  tx ring (guest's requests)  -> host TAP     dom0/netback/datapath.py TxPath
+ *   netback tx:  tx ring (guest's requests)  -> host TAP     backends/netback/datapath.py TxPath
  *   netback rx:  host TAP -> rx ring (pages the guest posted)                          RxPath
  *   netfront tx: the domain's eth0 TAP -> tx ring            domu/netfront/datapath.py TxPath
  *   netfront rx: rx ring (the backend's answers) -> eth0 TAP                           RxPath
@@ -66,7 +66,7 @@
 #define VNET_GSO_TCPV6 4
 #define VNET_GSO_ECN 0x80
 
-/* dom0/netback/datapath.py's constants */
+/* backends/netback/datapath.py's constants */
 #define FATAL_SLOTS 20
 #define MAX_FRAME_PAGES 17
 #define BUDGET 64
@@ -76,7 +76,7 @@
 #define GSO_BY_FRAGS 0xFFFF
 #define RX_NEED (MAX_FRAME_PAGES + 1)
 
-/* The vif's counters page: dom0/netback/datapath.py's COUNTER_FIELDS, in that order. */
+/* The vif's counters page: backends/netback/datapath.py's COUNTER_FIELDS, in that order. */
 enum { TX_PACKETS, TX_BYTES, TX_ERRORS, TX_DROPPED, TX_SPOOFED, RX_PACKETS, RX_BYTES, RX_ERRORS,
        RX_DROPPED, N_COUNTERS };
 

@@ -26,9 +26,9 @@ import pytest
 if TYPE_CHECKING:
     import pluggy
 
+from backends.netback import firewall
 from channels import pumps
 from channels.paths import RunDir
-from dom0.netback import firewall
 
 REPO = Path(__file__).resolve().parents[2]
 RUN = RunDir()
@@ -164,7 +164,7 @@ def _our_loops() -> list[str]:
 def _our_interfaces() -> list[str]:
     from pyroute2 import IPRoute
 
-    from dom0.netback.tap import OURS
+    from backends.netback.tap import OURS
 
     with IPRoute() as ipr:
         return [

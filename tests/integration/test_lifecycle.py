@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from dom0.netback import firewall
+from backends.netback import firewall
 from tests.integration.conftest import (
     REPO,
     domain_info,

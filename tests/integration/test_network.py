@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from dom0.netback import firewall
+from backends.netback import firewall
 from tests.integration.conftest import (
     RUN,
     domain_info,

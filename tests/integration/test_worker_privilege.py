@@ -1,8 +1,8 @@
-"""A backend's data-path workers hold no host privilege (dom0/privilege.py).
+"""A backend's data-path workers hold no host privilege (backends/privilege.py).
 
 Each worker parses memory a domU writes, in Python or in native code: were it subverted, it
 must not be host root. So every thread of every worker runs as a uid of its own, never 0, and
-its domain's gid (no more than the domain can open: dom0/privilege.py), with no capability in
+its domain's gid (no more than the domain can open: backends/privilege.py), with no capability in
 any set (the bounding set too) and no new privileges; it is not dumpable; it has a network
 namespace of its own, empty; and the only fds it shares with dom0 are its device and its
 counter page. With all that, its device still carries traffic (through the native pumps where

@@ -12,9 +12,9 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
+from backends.datapath_worker import CounterPage, Dom0Link, serve_device, worker_main
 from channels.gnttab import GrantError
 from channels.grants import DeviceGrants, GrantMapper
-from dom0.datapath_worker import CounterPage, Dom0Link, serve_device, worker_main
 
 MAX_REFS = 4
 FIELDS = (*(f"ref{i}" for i in range(MAX_REFS)), "done")

@@ -1,4 +1,4 @@
-"""One 9pfs device over real shared memory, in one process: a backend (dom0/p9back's data path
+"""One 9pfs device over real shared memory, in one process: a backend (backends/p9back's data path
 and server, as its worker runs them) and the frontend's end of the same ring.
 
 The ring is set up as p9front sets it up: a grant pool of the interface page and the ``in``
@@ -13,14 +13,14 @@ import itertools
 import os
 import threading
 
+from backends.p9back.datapath import Counters, P9Device, max_grant_pages
+from backends.p9back.server import P9Server
 from channels import p9fs as P
 from channels.doorbell import DoorbellPair, create_doorbell, unlink_doorbell
 from channels.evtchn import from_status
 from channels.gnttab import GrantPool, pool_bytes
 from channels.grants import DeviceGrants, GrantMapper
 from channels.shm import create_segment, unlink_segment
-from dom0.p9back.datapath import Counters, P9Device, max_grant_pages
-from dom0.p9back.server import P9Server
 from domu.p9front.client import P9Client
 from tests.unit.backend_hypercalls import Hypercalls
 

@@ -21,8 +21,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from dom0 import privilege
-from dom0.datapath_worker import worker_main
+from backends import privilege
+from backends.datapath_worker import worker_main
 
 #: What the worker names in its request: a domain and a device that are not its own.
 ASKED_GRANTER = 9

@@ -31,6 +31,8 @@ from typing import Any
 
 import pytest
 
+from backends.blkback import datapath
+from backends.blkback.datapath import COUNTER_FIELDS, Counters, VbdPath
 from channels.blkif import (
     BLK_RING,
     BLKIF_OP_DISCARD,
@@ -54,8 +56,6 @@ from channels.gnttab import GrantPool, pool_bytes
 from channels.grants import BAD_GREF_BUDGET, DeviceGrants, GrantMapper
 from channels.ring import PAGE_SIZE, BackRing, FrontRing, u32_view
 from channels.shm import attach, create_segment, unlink_segment
-from dom0.blkback import datapath
-from dom0.blkback.datapath import COUNTER_FIELDS, Counters, VbdPath
 from tests.unit.backend_hypercalls import Hypercalls, storm
 from tests.unit.pumps import both_pumps  # noqa: F401  (runs each test with both)
 

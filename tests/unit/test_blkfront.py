@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 
+from backends.blkback.datapath import Counters, VbdPath
 from channels import blkif as B
 from channels import pumps
 from channels.doorbell import DoorbellPair, create_doorbell, unlink_doorbell
@@ -29,7 +30,6 @@ from channels.gnttab import GrantPool, pool_bytes
 from channels.grants import DeviceGrants, GrantMapper
 from channels.ring import BackRing, FrontRing
 from channels.shm import create_segment, unlink_segment
-from dom0.blkback.datapath import Counters, VbdPath
 from domu.blkfront import fuse_wire as F
 from domu.blkfront.datapath import DiskPath, Extents, Run
 from domu.blkfront.native import NativeDisk, make_pump

@@ -22,6 +22,9 @@ from typing import Any
 
 import pytest
 
+from backends import datapath_worker
+from backends.datapath_worker import MAX_LINE, SCM_MAX_FD, DataPath, WorkerProcess
+from backends.host import BackendHost
 from channels import blkif as B
 from channels import credit, grants
 from channels import hypercall as hc
@@ -33,8 +36,7 @@ from channels.grants import REFRESH_BURST, REFRESHES_PER_SECOND
 from channels.ids import host_gid
 from channels.shm import create_segment, unlink_segment
 from channels.xenbus import XenbusState
-from dom0 import datapath_worker, spawn
-from dom0.datapath_worker import MAX_LINE, SCM_MAX_FD, DataPath, WorkerProcess
+from dom0 import spawn
 from tests.unit import mapping_worker, subverted_worker
 from tests.unit.test_gnttab import Clock, Granter
 from tests.unit.test_store_connection import wait_until
@@ -42,14 +44,18 @@ from tests.unit.test_store_connection import wait_until
 TIMEOUT = 30.0
 
 
+#: The fork server this module's workers come from, while its tests run.
+_workers: list[Spawner] = []
+
+
 @pytest.fixture(autouse=True, scope="module")
-def test_workers_spawner() -> Iterator[None]:
+def workers_spawner() -> Iterator[None]:
     """dom0's fork server, with this module's stand-in workers among what it preloads (a fork
     server runs nothing it did not import first); closed with the module."""
     spawner = Spawner([*spawn.PRELOAD, "tests.unit.subverted_worker", "tests.unit.mapping_worker"])
-    real, datapath_worker.spawner = datapath_worker.spawner, spawner
+    _workers.append(spawner)
     yield
-    datapath_worker.spawner = real
+    _workers.clear()
     spawner.close()
 
 
@@ -104,8 +110,9 @@ def running(
     """``module`` started as the data path of ``dev`` (named vif5.0 in messages): its worker."""
     path = DataPath(())
     device_fd = os.open(os.devnull, os.O_RDONLY)
+    host = BackendHost(hyperd, _workers[0])  # type: ignore[arg-type]
     try:
-        path.start(module, params, device_fd, hyperd, dev, "vif5.0")  # type: ignore[arg-type]
+        path.start(module, params, device_fd, host, dev, "vif5.0")  # type: ignore[arg-type]
         assert path.worker is not None
         yield path.worker
     finally:
@@ -210,9 +217,9 @@ def test_a_worker_reporting_fatal_errors_in_a_loop_is_heard_once(tmp_path: Path)
 WORKERS = pytest.mark.parametrize(
     ("module", "device", "queues", "bound"),
     [
-        ("dom0.netback.worker", "vif/0", 1, N.MAX_GRANT_PAGES),
-        ("dom0.netback.worker", "vif/0", 2, 2 * N.MAX_GRANT_PAGES),
-        ("dom0.blkback.worker", "vbd/51712", 1, B.MAX_GRANT_PAGES),
+        ("backends.netback.worker", "vif/0", 1, N.MAX_GRANT_PAGES),
+        ("backends.netback.worker", "vif/0", 2, 2 * N.MAX_GRANT_PAGES),
+        ("backends.blkback.worker", "vbd/51712", 1, B.MAX_GRANT_PAGES),
     ],
     ids=["netback", "netback-2-queues", "blkback"],
 )

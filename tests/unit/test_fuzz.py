@@ -27,11 +27,11 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
+from backends.netback.antispoof import SourceFilter
 from channels import blkif as B
 from channels import netif as N
 from channels.errors import ProtocolViolation
 from channels.xs_wire import XsType, encode
-from dom0.netback.antispoof import SourceFilter
 from dom0.store import Store
 from tests.unit.test_blkback_hostile import GREF_BASE, IMAGE_SECTORS, POOL_PAGES, Vbd, _build
 from tests.unit.test_netback_antispoof import ANY_IP, PASSES, REFUSED, V4, V6

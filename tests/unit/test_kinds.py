@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
+from backends import drivers as backend_drivers
 from channels import kinds, p9fs
 from channels.config import Access, DomainConfig, P9Config, entry_model, parse_entry
 from channels.kinds import KINDS, DeviceKind
-from dom0 import drivers as backend_drivers
 from domu import drivers as frontend_drivers
 from hyper.cli import build_parser
 
@@ -31,7 +31,7 @@ def kind(request: pytest.FixtureRequest) -> DeviceKind:
 def test_each_kind_has_a_backend_and_a_frontend_driver(kind: DeviceKind) -> None:
     # Each side's driver is the one its folder defines, and the frontend bus probes it for the
     # kind's XenBus type.
-    assert backend_drivers.driver_class(kind).__module__ == f"dom0.{kind.backend}.xenbus"
+    assert backend_drivers.driver_class(kind).__module__ == f"backends.{kind.backend}.xenbus"
     assert frontend_drivers.driver_class(kind).__module__ == f"domu.{kind.frontend}.xenbus"
     assert frontend_drivers.DRIVER_CLASSES[kind.xenbus_type] is frontend_drivers.driver_class(kind)
     assert {"probe", "otherend_changed", "remove"} <= set(dir(frontend_drivers.driver_class(kind)))

@@ -26,10 +26,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from backends.blkback.datapath import COUNTER_FIELDS
 from channels import blkif as B
 from channels import pumps
 from channels.blkif import Request, Segment
-from dom0.blkback.datapath import COUNTER_FIELDS
 from tests.unit import test_blkback_hostile as hostile
 from tests.unit.test_native_pumps import both
 

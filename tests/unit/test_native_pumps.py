@@ -21,11 +21,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from backends.netback.antispoof import SourceFilter
+from backends.netback.datapath import COUNTER_FIELDS, FATAL_SLOTS
 from channels import netif as N
 from channels import pumps
 from channels.doorbell import DoorbellPair, create_doorbell, unlink_doorbell
-from dom0.netback.antispoof import SourceFilter
-from dom0.netback.datapath import COUNTER_FIELDS, FATAL_SLOTS
 from tests.unit import test_netback_hostile as back
 from tests.unit import test_netfront_hostile as front
 
@@ -298,8 +298,8 @@ def run_netback_rx(items: list[tuple[tuple[int, ...], bytes, int]], gso: bool) -
 @contextlib.contextmanager
 def back_rx(gso: bool) -> Iterator[tuple[Any, Any, int, socket.socket]]:
     """netback's RxPath over a fresh rx ring whose frontend posted every pool page."""
+    from backends.netback.datapath import RxPath
     from channels.ring import BackRing, FrontRing
-    from dom0.netback.datapath import RxPath
 
     with back.serving_vif(paired=False) as vif:  # its pool, doorbells, grants; tx idles
         area = bytearray(N.PAGE_SIZE)

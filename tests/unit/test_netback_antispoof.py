@@ -1,4 +1,4 @@
-"""netback's source check (dom0/netback/antispoof.py), frame by frame.
+"""netback's source check (backends/netback/antispoof.py), frame by frame.
 
 Each frame is built byte by byte as a hostile domU kernel could put it on its tx ring; the
 check sees its head as netback copied it, and its layout as netback parsed it. A vif with an
@@ -12,8 +12,8 @@ import struct
 
 import pytest
 
+from backends.netback.antispoof import SourceFilter, link_local, parse_mac
 from channels.netif import frame_layout
-from dom0.netback.antispoof import SourceFilter, link_local, parse_mac
 
 MAC = "00:16:3e:00:00:01"
 OURS = parse_mac(MAC)

@@ -26,6 +26,8 @@ from pathlib import Path
 
 import pytest
 
+from backends.netback.antispoof import SourceFilter
+from backends.netback.datapath import COUNTER_FIELDS, Counters, RxPath, TxPath
 from channels import netif as N
 from channels import pumps
 from channels.doorbell import create_doorbell, unlink_doorbell
@@ -34,8 +36,6 @@ from channels.gnttab import GrantPool, pool_bytes
 from channels.grants import BAD_GREF_BUDGET, DeviceGrants, GrantMapper
 from channels.ring import PAGE_SIZE, BackRing, FrontRing, u32_view
 from channels.shm import attach, create_segment, unlink_segment
-from dom0.netback.antispoof import SourceFilter
-from dom0.netback.datapath import COUNTER_FIELDS, Counters, RxPath, TxPath
 from tests.unit.backend_hypercalls import Hypercalls, storm
 from tests.unit.pumps import both_pumps  # noqa: F401  (runs each test with both)
 
@@ -115,7 +115,7 @@ def serving_queues(
     bad_gref_budget: int = BAD_GREF_BUDGET,
     paired: bool = True,
 ) -> Iterator[list[Vif]]:
-    """A vif of ``queues`` queues, as dom0/netback/worker.py runs one: a TxPath per queue over
+    """A vif of ``queues`` queues, as backends/netback/worker.py runs one: a TxPath per queue over
     its own ring, doorbells and "TAP", counting in its own block of one counter page, and its
     RxPath over a second ring and doorbells if ``paired`` (one QueueLoop for the two); one pool
     and one grant mapper for them all (counting bad refs in the first block)."""

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from dom0.netback import datapath
-from dom0.netback.datapath import RateLimit
+from backends.netback import datapath
+from backends.netback.datapath import RateLimit
 from tests.unit.pumps import both_pumps  # noqa: F401  (runs each test with both)
 
 

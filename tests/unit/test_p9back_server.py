@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from backends.p9back.server import P9Server
 from channels import p9fs as P
-from dom0.p9back.server import P9Server
 
 MSIZE = 65536
 

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
+from backends import privilege
+from backends.privilege import WORKER_ID_BASE, WORKER_IDS, PrivilegeError, WorkerIds
 from channels.hypercall import DOMID_MAX
 from channels.ids import ID_RANGE, uid_base
-from dom0 import privilege
-from dom0.privilege import WORKER_ID_BASE, WORKER_IDS, PrivilegeError, WorkerIds
 
 
 def test_worker_ids_lie_past_every_domains_host_ids() -> None:

@@ -18,12 +18,12 @@ from pathlib import Path
 import pytest
 from pydantic import BaseModel
 
+from backends.netback.datapath import GSO_BY_FRAGS, MIN_GSO_SIZE
 from channels import blkif as B
 from channels import netif as N
 from channels.config import DiskConfig, DomainConfig, P9Config, VifConfig
 from channels.grants import BAD_GREF_BUDGET
 from channels.paths import RunDir
-from dom0.netback.datapath import GSO_BY_FRAGS, MIN_GSO_SIZE
 from dom0.store.quota import Quota
 from domu.sandbox import PTYS_MAX
 from hyper.cli import CONTAINMENT, build_parser
@@ -31,7 +31,7 @@ from hyperd.budget import HYPERCALL_COST, HYPERCALL_RATE, LOG_MAX, LOG_RATE
 
 REPO = Path(__file__).resolve().parents[2]
 README = REPO / "README.md"
-PACKAGES = ("channels", "hyperd", "dom0", "domu", "hyper", "bench")
+PACKAGES = ("channels", "hyperd", "backends", "dom0", "domu", "hyper", "bench")
 FIRST_SCREEN_LINES = 40
 
 _FENCE = re.compile(r"^```[^\n]*\n(.*?)^```", re.MULTILINE | re.DOTALL)

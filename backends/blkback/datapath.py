@@ -1,6 +1,6 @@
 """blkback's data path for one vbd: blkif requests from the ring, I/O on the device fd.
 
-It runs inside the vbd's worker process (dom0/blkback/worker.py), over the ring, event channel
+It runs inside the vbd's worker process (backends/blkback/worker.py), over the ring, event channel
 and grants of one frontend connection, and the device fd (the loop device) dom0 opened for it.
 
 Two implementations. Where the native pump is built (channels._blkpump, from
@@ -62,6 +62,7 @@ import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
+from backends.datapath_worker import CounterPage
 from channels import blkif as B
 from channels import kinds, pumps
 from channels.errors import BadInput, ProtocolViolation
@@ -70,7 +71,6 @@ from channels.gnttab import GrantError
 from channels.grants import GrantMapper
 from channels.ring import BackRing, RingError
 from channels.threadname import NamedThread
-from dom0.datapath_worker import CounterPage
 
 log = logging.getLogger(__name__)
 

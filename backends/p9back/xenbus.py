@@ -6,17 +6,17 @@ of channels/images.py: no symlink on the way, its parents root's or ``path-owner
 read-write), publish ``versions``, ``max-rings`` and ``max-ring-page-order``, go InitWait. When
 the frontend is Initialised (or Connected): read ``version`` (must be "1"), ``num-rings``
 (1..max-rings) and each ring's ``ring-ref<N>`` and ``event-channel-<N>``, bind the channels,
-start the data path in a worker process (dom0/p9back/worker.py) with the share's fd as its
+start the data path in a worker process (backends/p9back/worker.py) with the share's fd as its
 device, go Connected. When either side closes: stop the worker, release the channels, go Closed;
 the share's fd goes when the device is removed. Any failure, or a protocol violation by the
 frontend, fails this device alone (error node, Closing). A worker that dies is restarted through
-the frontend, as blkback's is (dom0/datapath_worker.py, DataPath): the device returns to
+the frontend, as blkback's is (backends/datapath_worker.py, DataPath): the device returns to
 InitWait.
 
 The worker serves the share as the directory's owner when that is a user other than root (it
 must be able to write there, and files the domain creates belong to that user on the host); a
 root-owned share, as a worker uid of its own, which reaches only what others may. It never runs
-as root (dom0/privilege.py refuses).
+as root (backends/privilege.py refuses).
 """
 
 from __future__ import annotations
@@ -28,14 +28,15 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any
 
+from backends.datapath_worker import DataPath
+from backends.host import BackendHost
+from backends.p9back.datapath import COUNTER_FIELDS
 from channels import images
 from channels import p9fs as P
 from channels.evtchn import EventChannel, bind_interdomain
-from channels.hypercall import HypercallClient, HypercallError
+from channels.hypercall import HypercallError
 from channels.xenbus import XenbusState
 from channels.xenbus_bus import XenbusDevice
-from dom0.datapath_worker import DataPath
-from dom0.p9back.datapath import COUNTER_FIELDS
 
 log = logging.getLogger(__name__)
 S = XenbusState
@@ -62,8 +63,9 @@ class Share:
 
 
 class P9backDriver:
-    def __init__(self, hc: HypercallClient) -> None:
-        self.hc = hc
+    def __init__(self, host: BackendHost) -> None:
+        self.host = host
+        self.hc = host.hc
         self.shares: dict[tuple[int, int], Share] = {}
         self._lock = threading.Lock()
 
@@ -150,7 +152,9 @@ class P9backDriver:
             "max_order": MAX_RING_PAGE_ORDER,
             **_credentials(share.owner),
         }
-        share.data.start("dom0.p9back.worker", params, share.root_fd, self.hc, dev, share.name)
+        share.data.start(
+            "backends.p9back.worker", params, share.root_fd, self.host, dev, share.name
+        )
 
     def _disconnect(self, share: Share) -> None:
         share.data.stop()

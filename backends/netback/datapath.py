@@ -25,6 +25,8 @@ from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
+from backends.datapath_worker import CounterPage
+from backends.netback.antispoof import SourceFilter
 from channels import kinds, pumps
 from channels import netif as N
 from channels.errors import BadInput, ProtocolViolation
@@ -34,8 +36,6 @@ from channels.grants import GrantMapper
 from channels.ring import BackRing, RingError
 from channels.threadname import NamedThread
 from channels.tun import VNET_HDR_SIZE, TapWaiter
-from dom0.datapath_worker import CounterPage
-from dom0.netback.antispoof import SourceFilter
 
 log = logging.getLogger(__name__)
 

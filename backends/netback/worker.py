@@ -1,7 +1,7 @@
-"""A vif's data path in a process of its own: ``python -m dom0.netback.worker``.
+"""A vif's data path in a process of its own: ``python -m backends.netback.worker``.
 
-See dom0/datapath_worker.py for why and how: it opens its event channels' doorbells
-(``open_channels``), drops every host privilege (dom0/privilege.py), and only then maps the
+See backends/datapath_worker.py for why and how: it opens its event channels' doorbells
+(``open_channels``), drops every host privilege (backends/privilege.py), and only then maps the
 pools and starts the data path (``start``). Besides the common fds and parameters, the
 parameters are the vif's name, its ``queues`` (for each: its tx/rx ring refs, the doorbell
 names of both its event channels and the fd of its TAP queue, ``tap_fd``; the first queue's is
@@ -19,14 +19,14 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
+from backends.datapath_worker import Dom0Link, serve_device, worker_main
+from backends.netback.antispoof import SourceFilter
+from backends.netback.datapath import Counters, RateLimit, RxPath, TxPath
 from channels import netif as N
 from channels import pumps
 from channels.evtchn import EventChannel
 from channels.grants import DeviceGrants, GrantMapper
 from channels.ring import BackRing
-from dom0.datapath_worker import Dom0Link, serve_device, worker_main
-from dom0.netback.antispoof import SourceFilter
-from dom0.netback.datapath import Counters, RateLimit, RxPath, TxPath
 
 
 def open_channels(params: dict[str, Any], link: Dom0Link) -> list[EventChannel]:
@@ -82,7 +82,7 @@ def _names(vif: str, queues: int) -> list[str]:
 
 
 def main(argv: list[str]) -> int:
-    """The entry point dom0's fork server runs (dom0/datapath_worker.py)."""
+    """The entry point dom0's fork server runs (backends/datapath_worker.py)."""
     worker_main(functools.partial(serve_device, open_channels=open_channels, start=start))
     return 0
 

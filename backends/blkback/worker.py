@@ -1,7 +1,7 @@
-"""A vbd's data path in a process of its own: ``python -m dom0.blkback.worker``.
+"""A vbd's data path in a process of its own: ``python -m backends.blkback.worker``.
 
-See dom0/datapath_worker.py for why and how: it opens its event channel's doorbells
-(``open_channel``), drops every host privilege (dom0/privilege.py), and only then maps the pools
+See backends/datapath_worker.py for why and how: it opens its event channel's doorbells
+(``open_channel``), drops every host privilege (backends/privilege.py), and only then maps the pools
 and starts the data path (``start``). Besides the common fds and parameters (``device_fd``
 is the loop device, opened for direct I/O), the parameters are the vbd's name, its ring ref, the
 event channel's doorbell names, the disk's size in sectors, whether it is read-only, and how many
@@ -15,12 +15,12 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
+from backends.blkback.datapath import Counters, VbdPath
+from backends.datapath_worker import Dom0Link, serve_device, worker_main
 from channels import blkif as B
 from channels.evtchn import EventChannel
 from channels.grants import DeviceGrants, GrantMapper
 from channels.ring import BackRing
-from dom0.blkback.datapath import Counters, VbdPath
-from dom0.datapath_worker import Dom0Link, serve_device, worker_main
 
 
 def open_channel(params: dict[str, Any], link: Dom0Link) -> EventChannel:
@@ -54,7 +54,7 @@ def start(
 
 
 def main(argv: list[str]) -> int:
-    """The entry point dom0's fork server runs (dom0/datapath_worker.py)."""
+    """The entry point dom0's fork server runs (backends/datapath_worker.py)."""
     worker_main(functools.partial(serve_device, open_channels=open_channel, start=start))
     return 0
 

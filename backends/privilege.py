@@ -1,6 +1,6 @@
 """What a data-path worker keeps of host privilege: nothing.
 
-A worker (dom0/datapath_worker.py) parses memory a domU writes, in Python or in native code, so
+A worker (backends/datapath_worker.py) parses memory a domU writes, in Python or in native code, so
 a memory-safety bug there must not become host root. dom0 starts it as root; once it has opened
 what it can only open by name (its event channels' doorbells: a POSIX semaphore has no fd to
 hand over) and before it reads a byte of the frontend's memory or starts a thread, it calls

@@ -1,7 +1,7 @@
 """p9back's data path for one 9pfs device: requests from each ring's ``out``, replies into its
-``in``, answered by the device's file server (dom0/p9back/server.py).
+``in``, answered by the device's file server (backends/p9back/server.py).
 
-It runs inside the device's worker process (dom0/p9back/worker.py), over the rings, event
+It runs inside the device's worker process (backends/p9back/worker.py), over the rings, event
 channels and grants of one frontend connection, and the share's root fd dom0 opened for it.
 
 One thread per ring. Each turn it (1) writes the reply it holds, if the ``in`` ring has room
@@ -29,14 +29,14 @@ import logging
 import threading
 from collections.abc import Callable, Iterator, Sequence
 
+from backends.datapath_worker import CounterPage
+from backends.p9back.server import MIN_MSIZE, P9Server
 from channels import kinds
 from channels import p9fs as P
 from channels.errors import ProtocolViolation
 from channels.evtchn import Doorbells, LateEoi
 from channels.grants import GrantMapper
 from channels.ring import RingError
-from dom0.datapath_worker import CounterPage
-from dom0.p9back.server import MIN_MSIZE, P9Server
 
 log = logging.getLogger(__name__)
 

@@ -4,7 +4,7 @@ A vif's host side is the TAP ``vif<domid>.<devid>``: opened on /dev/net/tun (cha
 which creates it, then enslaved to its bridge and brought up through netlink. A bridge hyper
 creates is marked by an alias so that it is removed with its last vif (and by `hyperctl
 cleanup`), and frames between its ports are let through the host's firewall
-(dom0/netback/firewall.py); a bridge that already existed is used as found and never removed.
+(backends/netback/firewall.py); a bridge that already existed is used as found and never removed.
 """
 
 from __future__ import annotations
@@ -17,9 +17,9 @@ import time
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
+from backends.netback import firewall
 from channels.errors import HyperError
 from channels.tun import open_tap
-from dom0.netback import firewall
 
 log = logging.getLogger(__name__)
 

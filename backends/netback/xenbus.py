@@ -25,16 +25,17 @@ import os
 import threading
 from dataclasses import dataclass, field
 
+from backends.datapath_worker import DataPath
+from backends.host import BackendHost
+from backends.netback.antispoof import SourceFilter
+from backends.netback.datapath import COUNTER_FIELDS, RateLimit
+from backends.netback.tap import TapError, add_queue, create_tap, destroy_tap, vif_name
 from channels import netif as N
 from channels.evtchn import EventChannel, bind_interdomain
 from channels.gnttab import GrantError
-from channels.hypercall import HypercallClient, HypercallError
+from channels.hypercall import HypercallError
 from channels.xenbus import XenbusState
 from channels.xenbus_bus import XenbusDevice
-from dom0.datapath_worker import DataPath
-from dom0.netback.antispoof import SourceFilter
-from dom0.netback.datapath import COUNTER_FIELDS, RateLimit
-from dom0.netback.tap import TapError, add_queue, create_tap, destroy_tap, vif_name
 
 log = logging.getLogger(__name__)
 S = XenbusState
@@ -68,8 +69,9 @@ class Vif:
 
 
 class NetbackDriver:
-    def __init__(self, hc: HypercallClient) -> None:
-        self.hc = hc
+    def __init__(self, host: BackendHost) -> None:
+        self.host = host
+        self.hc = host.hc
         self.vifs: dict[tuple[int, int], Vif] = {}
         self._lock = threading.Lock()
 
@@ -169,10 +171,10 @@ class NetbackDriver:
             "ip": vif.ip,
         }
         vif.path.start(
-            "dom0.netback.worker",
+            "backends.netback.worker",
             params,
             vif.tap_fds[0],
-            self.hc,
+            self.host,
             dev,
             vif.name,
             extra_fds=vif.tap_fds[1:],

@@ -1,8 +1,8 @@
 """A backend device's data path in a process of its own, and dom0's handle on it.
 
 dom0 negotiates a device (XenBus, event channels, the native device: a TAP, a loop device) and
-then hands its data path to one worker process per device (``python -m dom0.netback.worker``,
-``python -m dom0.blkback.worker``). Two reasons: CPython's GIL would otherwise serialise every
+then hands its data path to one worker process per device (``python -m backends.netback.worker``,
+``python -m backends.blkback.worker``). Two reasons: CPython's GIL would otherwise serialise every
 device's I/O through one interpreter, and the worker is the only process that touches the memory
 the frontend shares, so a frontend that truncates its own pages to make the reader fault
 (SIGBUS) brings down its own device's worker, never dom0.
@@ -16,7 +16,7 @@ queue in a block of its own, which dom0 adds up). The parameters name the
 frontend's domain (``frontend``), the device (``device``, ``<type>/<devid>``), the grant pools
 live for it as the worker starts (``pools``, each opened by dom0: its ``fd`` is inherited too;
 channels/grants.py), and the uid and gid it drops to (``worker_id``, its own; ``worker_gid``,
-its domain's: dom0/privilege.py). Over the control socket, one JSON object per line, the worker
+its domain's: backends/privilege.py). Over the control socket, one JSON object per line, the worker
 asks dom0 which of the device's grant pools are live now (``{"id", "map_pools": {}}``: dom0
 holds the hypercall socket, and opens the pools: the answer comes with one fd per pool,
 SCM_RIGHTS, each pool's ``fd`` its index among them) and reports a fatal protocol error
@@ -25,7 +25,7 @@ not grant, more pages for its device than the protocol can use, a pool it trunca
 error too, reported as the worker connects (``serve_device``). Its stdout and stderr are a
 socket dom0 reads into its own log, a line at a time, at a bounded rate.
 
-The worker holds no host privilege while it touches the frontend's memory (dom0/privilege.py):
+The worker holds no host privilege while it touches the frontend's memory (backends/privilege.py):
 it opens its doorbells by name, drops to its own uid with no capability and no new privileges,
 and only then maps the pools, starts its threads and reads the rings.
 What it holds from then on: its native device (a TAP queue or a loop device), the control
@@ -66,18 +66,18 @@ from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Literal, Self, TypeVar
 
+from backends import privilege
+from backends.host import BackendHost
 from channels import grants
 from channels import hypercall as hc
 from channels.credit import Credit
 from channels.errors import HyperError, ProtocolViolation
-from channels.forkserver import Child, ChildSetup
+from channels.forkserver import Child, ChildSetup, Spawner
 from channels.gnttab import GrantError
-from channels.hypercall import HypercallClient, HypercallError
+from channels.hypercall import HypercallError
 from channels.ids import host_gid
 from channels.xenbus import XenbusState
 from channels.xenbus_bus import XenbusDevice
-from dom0 import privilege
-from dom0.spawn import spawner
 
 log = logging.getLogger(__name__)
 
@@ -185,19 +185,23 @@ class WorkerProcess:
         map_pools: Callable[[], dict[str, Any]],
         on_fatal: Callable[[str], None],
         on_death: Callable[[str], None],
+        spawner: Spawner,
         extra_fds: Sequence[int] = (),
         counter_blocks: int = 1,
     ) -> WorkerProcess:
-        """Run ``python -m module`` with ``params``, the pools live now (``map_pools()``, each
-        opened for it), a worker id of its own, and the device, control and counter fds (and
-        ``extra_fds``, under the same numbers; ``counter_blocks`` blocks of counters).
+        """Run ``module``'s ``main``, from ``spawner``'s fork server, with ``params``, the pools
+        live now (``map_pools()``, each opened for it), a worker id of its own, and the device,
+        control and counter fds (and ``extra_fds``, under the same numbers; ``counter_blocks``
+        blocks of counters).
         ``map_pools()``: hyperd's answer on the pools of the worker's device, for its refreshes.
         ``on_fatal(reason)``: the worker reported a protocol violation. ``on_death(how)``: it
         died without being stopped (killed, crashed)."""
         pools = grants.open_pools(map_pools())
         try:
             links = WorkerLinks(f"{params.get('device')} of domain {params.get('frontend')}")
-            process = _spawn(module, {**params, "pools": pools}, device_fd, links, extra_fds)
+            process = _spawn(
+                spawner, module, {**params, "pools": pools}, device_fd, links, extra_fds
+            )
         finally:
             grants.close_pool_fds(pools)  # the worker has its own now
         return cls(process, links, map_pools, on_fatal, on_death, counter_blocks)
@@ -322,15 +326,16 @@ class WorkerLinks:
 
 
 def _spawn(
+    spawner: Spawner,
     module: str,
     params: dict[str, Any],
     device_fd: int,
     links: WorkerLinks,
     extra_fds: Sequence[int] = (),
 ) -> Child:
-    """``module``'s ``main``, forked by dom0's fork server (dom0/spawn.py), with ``params`` on
-    its stdin, and its fds: the device (and ``extra_fds``), ``links``' ends and its pools'
-    (``params["pools"]``, ``grants.open_pools``'s)."""
+    """``module``'s ``main``, forked by ``spawner``'s fork server (dom0's: dom0/spawn.py), with
+    ``params`` on its stdin, and its fds: the device (and ``extra_fds``), ``links``' ends and
+    its pools' (``params["pools"]``, ``grants.open_pools``'s)."""
     theirs = (links.theirs.fileno(), links.counters_fd)
     params = {
         **params,
@@ -360,7 +365,7 @@ def _spawn(
 
 
 def _comm(module: str) -> str:
-    """A worker's name for ps and top: ``dom0.netback.worker`` runs as ``netback``."""
+    """A worker's name for ps and top: ``backends.netback.worker`` runs as ``netback``."""
     return module.split(".")[-2] if module.count(".") >= 2 else module
 
 
@@ -431,23 +436,24 @@ class DataPath:
         module: str,
         params: dict[str, Any],
         device_fd: int,
-        hc: HypercallClient,
+        host: BackendHost,
         dev: XenbusDevice,
         name: str,
         extra_fds: Sequence[int] = (),
         counter_blocks: int = 1,
     ) -> None:
-        """Run the worker of backend device ``dev`` (``name`` in messages), with the device's
+        """Run the worker of backend device ``dev`` (``name`` in messages), from ``host``'s fork
+        server, with the device's
         frontend, name and live grant pools added to ``params`` (and ``extra_fds``, a device's
         other queues; ``counter_blocks``, one per queue); its refreshes are answered for that
         device alone. A protocol violation it reports fails the device; its death restarts
         the data path through the frontend: the device returns to InitWait (see the backends'
         docstrings)."""
-        pools = functools.partial(grants.map_pools, hc, dev.frontend_id, dev.device_name)
+        pools = functools.partial(grants.map_pools, host.hc, dev.frontend_id, dev.device_name)
         device = {
             "frontend": dev.frontend_id,
             "device": dev.device_name,
-            "worker_gid": host_gid(dev.frontend_id),  # why its domain's: dom0/privilege.py
+            "worker_gid": host_gid(dev.frontend_id),  # why its domain's: backends/privilege.py
         }
         worker = WorkerProcess.start(
             module,
@@ -456,6 +462,7 @@ class DataPath:
             pools,
             lambda message: dev.fatal(f"{name}: {message}"),
             lambda how: self._died(dev, name, how),
+            host.spawner,
             extra_fds,
             counter_blocks,
         )
@@ -671,7 +678,7 @@ def serve_device(
     params: dict[str, Any], open_channels: Open[Channels], start: Start[Channels]
 ) -> int:
     """A device worker's life: connect to dom0, open its channels, drop every host privilege
-    (dom0/privilege.py; if it cannot, that fails the device), ``start`` the data path, run until
+    (backends/privilege.py; if it cannot, that fails the device), ``start`` the data path, run until
     dom0 hangs up, stop it. A setup the frontend broke (a ring ref it did not grant, more pages
     for its device than the protocol can use, a pool it broke, a ring index it lies about) is
     reported as its protocol violation, which fails the device: not a crash, on which dom0

@@ -26,14 +26,15 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any
 
+from backends.blkback.datapath import COUNTER_FIELDS
+from backends.blkback.loop import LoopDevice, LoopError, attach
+from backends.datapath_worker import DataPath
+from backends.host import BackendHost
 from channels import blkif as B
 from channels.evtchn import EventChannel, bind_interdomain
-from channels.hypercall import HypercallClient, HypercallError
+from channels.hypercall import HypercallError
 from channels.xenbus import XenbusState
 from channels.xenbus_bus import XenbusDevice
-from dom0.blkback.datapath import COUNTER_FIELDS
-from dom0.blkback.loop import LoopDevice, LoopError, attach
-from dom0.datapath_worker import DataPath
 
 log = logging.getLogger(__name__)
 S = XenbusState
@@ -63,8 +64,9 @@ class Vbd:
 
 
 class BlkbackDriver:
-    def __init__(self, hc: HypercallClient) -> None:
-        self.hc = hc
+    def __init__(self, host: BackendHost) -> None:
+        self.host = host
+        self.hc = host.hc
         self.vbds: dict[tuple[int, int], Vbd] = {}
         self._lock = threading.Lock()
 
@@ -153,7 +155,7 @@ class BlkbackDriver:
             "readonly": vbd.loop.readonly,
             "io_threads": IO_THREADS,
         }
-        vbd.path.start("dom0.blkback.worker", params, vbd.loop.fd, self.hc, dev, vbd.name)
+        vbd.path.start("backends.blkback.worker", params, vbd.loop.fd, self.host, dev, vbd.name)
         properties = {
             "sectors": str(vbd.loop.sectors),
             "sector-size": str(B.SECTOR_SIZE),

@@ -1,13 +1,13 @@
-"""A 9pfs device's data path in a process of its own: ``python -m dom0.p9back.worker``.
+"""A 9pfs device's data path in a process of its own: ``python -m backends.p9back.worker``.
 
-See dom0/datapath_worker.py for why and how: it opens its event channels' doorbells, drops
-every host privilege (dom0/privilege.py), and only then maps the pools and starts the data path.
+See backends/datapath_worker.py for why and how: it opens its event channels' doorbells, drops
+every host privilege (backends/privilege.py), and only then maps the pools and starts the data path.
 Its device fd (``device_fd``) is the share's root, opened ``O_PATH | O_DIRECTORY`` by dom0.
 Besides the common parameters: the device's name, each ring's ``ring_refs`` (its interface
 page) and ``doorbells``, ``readonly``, ``max_order`` (the max-ring-page-order we advertised),
 and, when the share belongs to a user other than root, ``share_uid``/``share_gid``: the worker
 then drops to that user instead of its own worker id, so that it can write into the share and
-what it creates belongs to that user (dom0/p9back/xenbus.py). Its grant mapper maps at most
+what it creates belongs to that user (backends/p9back/xenbus.py). Its grant mapper maps at most
 what its rings can use (``max_grant_pages``).
 """
 
@@ -17,12 +17,12 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
+from backends.datapath_worker import Dom0Link, serve_device, worker_main
+from backends.p9back.datapath import Counters, P9Device, max_grant_pages
+from backends.p9back.server import P9Server
 from channels.evtchn import EventChannel
 from channels.grants import DeviceGrants, GrantMapper
 from channels.p9fs import xen_flex_ring_size
-from dom0.datapath_worker import Dom0Link, serve_device, worker_main
-from dom0.p9back.datapath import Counters, P9Device, max_grant_pages
-from dom0.p9back.server import P9Server
 
 
 def open_channels(params: dict[str, Any], link: Dom0Link) -> list[EventChannel]:
@@ -67,7 +67,7 @@ def serve(params: dict[str, Any]) -> int:
 
 
 def main(argv: list[str]) -> int:
-    """The entry point dom0's fork server runs (dom0/datapath_worker.py)."""
+    """The entry point dom0's fork server runs (backends/datapath_worker.py)."""
     worker_main(serve)
     return 0
 
