@@ -75,7 +75,6 @@ from channels.errors import HyperError, ProtocolViolation
 from channels.forkserver import Child, ChildSetup, Spawner
 from channels.gnttab import GrantError
 from channels.hypercall import HypercallError
-from channels.ids import host_gid
 from channels.xenbus import XenbusState
 from channels.xenbus_bus import XenbusDevice
 
@@ -160,6 +159,7 @@ class WorkerProcess:
         self.counter_blocks = counter_blocks
         self.control = links.control
         self.worker_id = links.worker_id
+        self._ids = links.ids
         self._page = mmap.mmap(links.counters_fd, mmap.PAGESIZE)
         os.close(links.counters_fd)
         self._output = links.output
@@ -185,22 +185,23 @@ class WorkerProcess:
         map_pools: Callable[[], dict[str, Any]],
         on_fatal: Callable[[str], None],
         on_death: Callable[[str], None],
-        spawner: Spawner,
+        host: BackendHost,
         extra_fds: Sequence[int] = (),
         counter_blocks: int = 1,
     ) -> WorkerProcess:
-        """Run ``module``'s ``main``, from ``spawner``'s fork server, with ``params``, the pools
-        live now (``map_pools()``, each opened for it), a worker id of its own, and the device,
-        control and counter fds (and ``extra_fds``, under the same numbers; ``counter_blocks``
-        blocks of counters).
+        """Run ``module``'s ``main``, from ``host``'s fork server, with ``params``, the pools
+        live now (``map_pools()``, each opened for it), a worker id of its own (from ``host``'s
+        table), and the device, control and counter fds (and ``extra_fds``, under the same
+        numbers; ``counter_blocks`` blocks of counters).
         ``map_pools()``: hyperd's answer on the pools of the worker's device, for its refreshes.
         ``on_fatal(reason)``: the worker reported a protocol violation. ``on_death(how)``: it
         died without being stopped (killed, crashed)."""
         pools = grants.open_pools(map_pools())
         try:
-            links = WorkerLinks(f"{params.get('device')} of domain {params.get('frontend')}")
+            label = f"{params.get('device')} of domain {params.get('frontend')}"
+            links = WorkerLinks(label, host.worker_ids)
             process = _spawn(
-                spawner, module, {**params, "pools": pools}, device_fd, links, extra_fds
+                host.spawner, module, {**params, "pools": pools}, device_fd, links, extra_fds
             )
         finally:
             grants.close_pool_fds(pools)  # the worker has its own now
@@ -292,7 +293,7 @@ class WorkerProcess:
             self.process.kill()
             self.process.wait()
         privilege.kill_processes_of(self.worker_id)  # what a subverted worker forked
-        privilege.worker_ids.give_back(self.worker_id)
+        self._ids.give_back(self.worker_id)
         with contextlib.suppress(OSError):  # ends the log's reader, whoever holds the other end
             self._output.shutdown(socket.SHUT_RDWR)
         self._logger.join(timeout=5.0)
@@ -305,12 +306,13 @@ class WorkerLinks:
     """What dom0 and one worker share besides the device: the control socket, the counter page
     (a memfd sealed at one page), the socket the worker's output goes to, and its id."""
 
-    def __init__(self, label: str) -> None:
+    def __init__(self, label: str, ids: privilege.WorkerIds) -> None:
         self.label = label
+        self.ids = ids
         self.control, self.theirs = socket.socketpair()
         self.output, self.theirs_output = socket.socketpair()
         self.counters_fd = _sealed_page()
-        self.worker_id = privilege.worker_ids.take()
+        self.worker_id = ids.take()
 
     def close_theirs(self) -> None:
         """Once the worker has its ends (or never will)."""
@@ -322,7 +324,7 @@ class WorkerLinks:
         self.control.close()
         self.output.close()
         os.close(self.counters_fd)
-        privilege.worker_ids.give_back(self.worker_id)
+        self.ids.give_back(self.worker_id)
 
 
 def _spawn(
@@ -452,8 +454,9 @@ class DataPath:
         pools = functools.partial(grants.map_pools, host.hc, dev.frontend_id, dev.device_name)
         device = {
             "frontend": dev.frontend_id,
+            "backend": host.domid,
             "device": dev.device_name,
-            "worker_gid": host_gid(dev.frontend_id),  # why its domain's: backends/privilege.py
+            "worker_gid": host.worker_gid(dev.frontend_id),  # why: backends/privilege.py
         }
         worker = WorkerProcess.start(
             module,
@@ -462,7 +465,7 @@ class DataPath:
             pools,
             lambda message: dev.fatal(f"{name}: {message}"),
             lambda how: self._died(dev, name, how),
-            host.spawner,
+            host,
             extra_fds,
             counter_blocks,
         )

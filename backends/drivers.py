@@ -8,7 +8,7 @@ toolstack creates, and the toolstack asks it for its devices' counters.
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import Protocol
 
 from backends.host import BackendHost
@@ -31,9 +31,12 @@ def driver_class(kind: DeviceKind) -> Callable[[BackendHost], BackendDriver]:
 class BackendDrivers:
     """One driver instance per device kind, by XenBus device type."""
 
-    def __init__(self, host: BackendHost) -> None:
+    def __init__(self, host: BackendHost, types: Collection[str] | None = None) -> None:
+        """Drivers for every kind, or for the kinds of XenBus ``types`` only."""
         self.by_kind: dict[str, BackendDriver] = {
-            kind.xenbus_type: driver_class(kind)(host) for kind in KINDS
+            kind.xenbus_type: driver_class(kind)(host)
+            for kind in KINDS
+            if types is None or kind.xenbus_type in types
         }
 
     def by_type(self) -> dict[str, Driver]:

@@ -1,20 +1,33 @@
 """Where the backends run: what differs between dom0 and a driver domain, handed to each
 backend driver when it is made (backends/drivers.py).
 
-dom0 makes one with its hypercall socket and its fork server (dom0/main.py). The drivers make
-their hypercalls through ``hc`` and start each device's data-path worker from ``spawner``'s
-fork server (backends/datapath_worker.py).
+dom0 makes one with its hypercall socket and its fork server (dom0/main.py), and keeps the
+defaults: its workers take host ids from dom0's table and their frontend's host gid, and the
+bridges it makes are the host's, whose firewall must let their frames through. A driver domain
+(domu/kernel.py) hands ids inside its own user namespace, its own group (which the objects it
+shares with its guests name, hyperd/resources.py), and bridges in its own network namespace.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
+from backends.privilege import WorkerIds, worker_ids
 from channels.forkserver import Spawner
 from channels.hypercall import HypercallClient
+from channels.ids import host_gid
 
 
 @dataclass(frozen=True)
 class BackendHost:
     hc: HypercallClient
     spawner: Spawner  # whose fork server starts the data-path workers
+    domid: int = 0  # the domain the backends run in: the grantee of the pages they map
+    #: the uids the workers run as, one each
+    worker_ids: WorkerIds = field(default_factory=lambda: worker_ids)
+    #: a worker's gid, given its frontend's domid: one that opens the device's doorbells
+    worker_gid: Callable[[int], int] = host_gid
+    #: the bridges made are the host's: frames between their ports need the FORWARD rule
+    #: (backends/netback/firewall.py)
+    firewall: bool = True

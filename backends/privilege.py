@@ -36,9 +36,14 @@ Ids: dom0 gives each running worker a uid of its own (``WorkerIds``), taken from
 worker can neither signal nor ptrace another device's worker. An id goes back to the table once
 its worker has been reaped.
 
-Its gid is its domain's host gid (hyperd/resources.py ``host_gid``), the group of every object
-hyperd made for that domain: so the worker can open what the domain itself can open (its rings,
-pools and doorbells; those of its other devices too), and nothing of dom0's or another domain's.
+In a driver domain (a domU running backends: backends/host.py) the ids are the domain's own,
+inside its user namespace: a uid of its range per worker, and gid 0, which maps to the domain's
+host gid, the group its shared objects name (so ``held`` accepts gid 0 there, and only there).
+
+In dom0, its gid is its domain's host gid (hyperd/resources.py ``host_gid``), the group of every
+object hyperd made for that domain: so the worker can open what the domain itself can open (its
+rings, pools and doorbells; those of its other devices too), and nothing of dom0's or another
+domain's.
 The native netif pumps need that: they open their doorbells by name (channels/native,
 ``sem_open``) in the data-path threads, after the drop. Once they take them as fds opened
 before the drop, the gid can be the worker's own id as well (``drop(worker_id, worker_id)``).
@@ -208,13 +213,21 @@ def held(pid: int | str = "self", expected: tuple[int, int] | None = None) -> li
     left = [name for name in CAP_SETS if int(status[name], 16)]
     if status["NoNewPrivs"] != "1":
         left.append("NoNewPrivs 0")
+    root_group_is_ours = expected is not None and expected[1] == 0 and not _in_initial_user_ns()
     for index, name in enumerate(("Uid", "Gid")):
         ids = {int(field) for field in status[name].split()}
-        if 0 in ids or (expected is not None and ids != {expected[index]}):
+        is_root = 0 in ids and not (name == "Gid" and root_group_is_ours)
+        if is_root or (expected is not None and ids != {expected[index]}):
             left.append(f"{name} {status[name]}")
     if expected is not None and status["Groups"]:
         left.append(f"Groups {status['Groups']}")
     return left
+
+
+def _in_initial_user_ns() -> bool:
+    """Whether this process's ids are the host's (its user namespace maps every id to
+    itself)."""
+    return Path("/proc/self/uid_map").read_text().split() == ["0", "0", "4294967295"]
 
 
 #: The capability sets of /proc/<pid>/status.

@@ -21,6 +21,8 @@ key             meaning (default)
 ``vif``         list of network interfaces, see :class:`VifConfig` ([])
 ``disk``        list of virtual block devices, see :class:`DiskConfig` ([])
 ``p9``          list of shared host directories, see :class:`P9Config` ([])
+``backends``    device kinds this domain serves to other domains as a driver domain:
+                ``vif`` so far ([]); a guest's ``backend:`` may then name it
 =============== ======================================================================
 
 A ``vif``, ``disk`` or ``p9`` entry is either a mapping or, as in xl, a spec string of
@@ -270,6 +272,8 @@ def _access(value: Any) -> Any:
 Int = Annotated[int, BeforeValidator(_not_bool)]
 DomainName = Annotated[str, AfterValidator(_check_name)]
 DomainRef = Annotated[int | str, BeforeValidator(_domain_ref)]
+#: The device kinds (XenBus types) a driver domain can serve so far.
+ServedKind = Literal["vif"]
 MacAddress = Annotated[str, BeforeValidator(_mac)]
 IfName = Annotated[str, AfterValidator(_ifname)]
 IPInterface = Annotated[
@@ -534,6 +538,7 @@ class DomainConfig(_Model):
     vif: list[VifConfig] = Field(default_factory=list)
     disk: list[DiskConfig] = Field(default_factory=list)
     p9: list[P9Config] = Field(default_factory=list)
+    backends: list[ServedKind] = Field(default_factory=list)
 
     @field_validator("cap")
     @classmethod
@@ -564,6 +569,14 @@ class DomainConfig(_Model):
         _check_own_backend(shares, info.data.get("name"))
         _check_unique([p.tag for p in shares], "tag", "tag")
         return shares
+
+    @field_validator("backends")
+    @classmethod
+    def _backends(cls, kinds: list[str]) -> list[str]:
+        for index, kind in enumerate(kinds):
+            if kind in kinds[:index]:
+                raise _located(str(index), f"{kind} is listed twice")
+        return kinds
 
     def normalised(self) -> dict[str, Any]:
         """The normalised config as plain JSON-able data, keys in definition order."""

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from channels import images, xenbus
-from channels.config import DomainConfig
+from channels.config import DOM0_DOMID, DomainConfig
 from channels.errors import BadInput, HyperError, NotFound
 from channels.kinds import KINDS, DeviceKind
 from channels.xenbus import XenbusState
@@ -147,14 +147,27 @@ class Images:
         self.created = []
 
 
+#: ``link(frontend, backend, device, linked)``: tell hyperd that domU ``backend`` serves (or no
+#: longer serves) ``device`` of ``frontend`` (hc.DomctlLinkDevice; hyperd/devlinks.py).
+Link = Callable[[int, int, str, bool], None]
+
+
 class Devices:
-    """Every kind's devices, through the kind table; ``stats`` asks the kind's backend."""
+    """Every kind's devices, through the kind table; ``stats`` asks dom0's backend of a kind,
+    ``backend_domid`` turns a config's ``backend`` (a domid or a name) into a domid, ``link``
+    tells hyperd which driver domain serves which device."""
 
     def __init__(
-        self, xs: XsClient, stats: Callable[[DeviceKind, int | None], list[dict[str, object]]]
+        self,
+        xs: XsClient,
+        stats: Callable[[DeviceKind, int | None], list[dict[str, object]]],
+        backend_domid: Callable[[int | str], int],
+        link: Link,
     ) -> None:
         self.xs = xs
         self._stats = stats
+        self._backend_domid = backend_domid
+        self._link = link
 
     def ids(self, domid: int, kind: DeviceKind) -> list[int]:
         try:
@@ -164,8 +177,22 @@ class Devices:
         return sorted(int(name) for name in names if name.isdecimal())
 
     def add(self, domid: int, kind: DeviceKind, entry: Any, devid: int, owner: int) -> DevicePaths:
+        """Write the device's two directories; a driver domain's link first, so that the
+        frontend may share its channels and pools with it as soon as it sees them."""
         front, back = kind.store_keys(entry, devid, owner)
-        return add_device(self.xs, domid, int(entry.backend), kind.xenbus_type, devid, front, back)
+        backend = self._backend_domid(entry.backend)
+        if backend != DOM0_DOMID:
+            self._link(domid, backend, xenbus.device_name(kind.xenbus_type, devid), True)
+        return add_device(self.xs, domid, backend, kind.xenbus_type, devid, front, back)
+
+    def backend_of(self, domid: int, kind: DeviceKind, devid: int) -> int:
+        """The domain serving a device, as its frontend directory says (dom0 if it does not)."""
+        front = xenbus.frontend_path(domid, kind.xenbus_type, devid)
+        value = self.xs.read_optional(xenbus.join_path(front, xenbus.Key.BACKEND_ID))
+        return int(value) if value is not None and value.isdecimal() else DOM0_DOMID
+
+    def paths(self, domid: int, kind: DeviceKind, devid: int) -> DevicePaths:
+        return device_paths(domid, self.backend_of(domid, kind, devid), kind.xenbus_type, devid)
 
     def add_all(self, domid: int, config: DomainConfig, owner: int) -> list[tuple[DeviceKind, int]]:
         """A new domain's devices, every kind in table order; the (kind, devid) of each."""
@@ -182,7 +209,7 @@ class Devices:
         """Both ends Connected, as libxl waits: a netfront says Connected before its backend
         has bound the event channels, and is not usable until then. A backend that gives up
         (Closing or Closed, with its reason in its ``error`` node) fails the wait at once."""
-        paths = device_paths(domid, 0, kind.xenbus_type, devid)
+        paths = self.paths(domid, kind, devid)
         deadline = time.monotonic() + timeout
         given_up = {XenbusState.Closing, XenbusState.Closed}
         try:
@@ -242,8 +269,12 @@ class Devices:
         found = [devid for devid, label in names.items() if device in (str(devid), label)]
         if not found:
             raise NotFound(f"domain {name} has no {kind.what} {device}")
-        paths = device_paths(domid, 0, kind.xenbus_type, found[0])
-        return {"domid": domid, "devid": found[0], "clean": remove_device(self.xs, paths)}
+        backend = self.backend_of(domid, kind, found[0])
+        paths = device_paths(domid, backend, kind.xenbus_type, found[0])
+        clean = remove_device(self.xs, paths)
+        if backend != DOM0_DOMID:
+            self._link(domid, backend, xenbus.device_name(kind.xenbus_type, found[0]), False)
+        return {"domid": domid, "devid": found[0], "clean": clean}
 
     def listing(self, domid: int, kind: DeviceKind) -> list[dict[str, Any]]:
         """A domain's devices of ``kind``: what each end's directory says, and the counters."""
@@ -254,7 +285,7 @@ class Devices:
             entry: dict[str, Any] = {"devid": devid}
             for key, node in kind.front_keys.items():
                 entry[key] = self.xs.read_optional(xenbus.join_path(front, node))
-            back = device_paths(domid, 0, kind.xenbus_type, devid).backend
+            back = self.paths(domid, kind, devid).backend
             for key, node in kind.back_keys.items():
                 entry[key] = self.xs.read_optional(xenbus.join_path(back, node))
             entry.update(stats.get(devid, {}))

@@ -74,7 +74,7 @@ class Toolstack:
         self.events = events
         self.stopped = threading.Event()
         self.drivers: BackendDrivers | None = None  # set by dom0.main
-        self.devices = Devices(xs, self._device_stats)
+        self.devices = Devices(xs, self._device_stats, self._backend_domid, self._link_device)
         self._event_handlers: dict[str, Callable[[dict[str, Any]], None]] = {
             "domain_introduced": self.on_domain_introduced,
             "domain_running": self.on_domain_running,
@@ -199,9 +199,14 @@ class Toolstack:
                 log.exception("teardown of dom%d: %s failed", domid, what)
 
     def _remove_nodes(self, domid: int, vm: str | None) -> None:
+        served = [  # its devices' backend directories, in dom0's tree or a driver domain's
+            self.devices.paths(domid, kind, devid).backend
+            for kind in KINDS
+            for devid in self.devices.ids(domid, kind)
+        ]
         paths = [
-            xenbus.backend_domain_path(0, "vif", domid),
-            xenbus.backend_domain_path(0, "vbd", domid),
+            *served,
+            *(xenbus.backend_domain_path(0, kind.xenbus_type, domid) for kind in KINDS),
             xenbus.domain_path(domid),
             xenbus.tool_path(domid),
         ]
@@ -236,6 +241,8 @@ class Toolstack:
         ]
         for vcpu in range(info["vcpus"]):
             entries.append((xenbus.cpu_availability_path(domid, vcpu), "online", None))
+        if info["config"].get("backends"):  # a driver domain: where its devices appear
+            entries.append((xenbus.backend_root_path(domid), "", [Perm(domid, "n")]))
         guest_dirs = [(p, "", guest) for p in xenbus.guest_writable_paths(domid)]
 
         def write(tx: Any) -> None:
@@ -256,19 +263,30 @@ class Toolstack:
 
     def _unserved(self, kind: DeviceKind, backend: int | str) -> str | None:
         """Why the domain ``backend`` names cannot serve a device of ``kind`` (a line's tail,
-        from the field on), or None. Every backend runs in dom0: a driver domain (Xen's, a
-        domU running backends) is not built yet, so a device that names another domain is
-        refused before anything is made, instead of failing half-way through the create."""
+        from the field on), or None: dom0 serves every kind; a driver domain (Xen's: a domU
+        running backends) the kinds its config's ``backends`` lists, while it runs. Refused
+        before anything is made, instead of failing half-way through the create."""
         if backend == DOM0_DOMID:
             return None
         try:
             info = self.find(backend)
         except NotFound:
             return f"backend: {backend!r}: no such domain"
-        return (
-            f"backend: {info['name']} (dom{info['domid']}) runs no {kind.backend}: "
-            "only dom0 serves devices (driver domains are not supported yet)"
-        )
+        served = info["config"].get("backends") or []
+        if kind.xenbus_type not in served:
+            listed = f"its backends are {served}" if served else "its config lists no backends"
+            return f"backend: {info['name']} (dom{info['domid']}) runs no {kind.backend}: {listed}"
+        if info["status"] not in ("building", "running"):
+            return f"backend: {info['name']} (dom{info['domid']}) is {info['status']}"
+        return None
+
+    def _backend_domid(self, backend: int | str) -> int:
+        """A config's ``backend`` (checked by ``_unserved``) as a domid."""
+        return DOM0_DOMID if backend == DOM0_DOMID else int(self.find(backend)["domid"])
+
+    def _link_device(self, frontend: int, backend: int, device: str, linked: bool) -> None:
+        op = hc.DomctlLinkDevice(frontend=frontend, backend=backend, device=device, linked=linked)
+        self.hc.call(op)
 
     def find(self, domain: str | int) -> dict[str, Any]:
         for info in self._list():

@@ -92,6 +92,11 @@ class Kernel:
         watch = xs.watch(xenbus.control_shutdown_path(self.domid), "shutdown")
         threading.Thread(target=self._watch_shutdown, args=(watch,), daemon=True).start()
         threading.Thread(target=self._watch_workload, daemon=True).start()
+        served = self.params.get("backends") or []
+        if served:  # a driver domain (domu/driver_domain.py)
+            from domu import driver_domain
+
+            self.backends = driver_domain.start_backends(xs, self.hc, self.domid, served)
         self.hc.call(SchedBooted())
         kind, value = self.events.get()
         reason: ShutdownReason
@@ -174,7 +179,12 @@ def main(params: dict[str, Any], hypercall_fd: int) -> int:
         os._exit(workload_init.main(params, tty_slave, status_w))
     os.close(tty_slave)
     os.close(status_w)
-    # Still no thread: the fork server for our FUSE servers is a fork of us (domu/spawn.py).
+    # Still no thread: the fork server for our FUSE servers is a fork of us (domu/spawn.py), and
+    # in a driver domain it starts the backends' workers too (imported only there).
+    if params.get("backends"):
+        from domu import driver_domain
+
+        spawn.spawner.preload.extend(driver_domain.worker_modules(params["backends"]))
     spawn.start()
     hc = HypercallClient(socket.socket(fileno=hypercall_fd))
     kernel = Kernel(params, hc, init_pid, status_r, tty_master)

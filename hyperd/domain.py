@@ -285,6 +285,7 @@ def spawn_boot(domain: Domain, rootfs: Path, log_path: Path, spawner: ForkServer
         "console": domain.console.as_dict() if domain.console else None,
         "command": domain.config.command,
         "env": domain.config.env,
+        "backends": domain.config.backends,
     }
     sync_here.sendall(json.dumps(params).encode() + b"\n")
 

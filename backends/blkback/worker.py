@@ -33,7 +33,9 @@ def start(
     channel: EventChannel, params: dict[str, Any], link: Dom0Link, counter_page: memoryview
 ) -> Callable[[], None]:
     counters = Counters(counter_page)
-    device = DeviceGrants(params["frontend"], params["device"], B.MAX_GRANT_PAGES)
+    device = DeviceGrants(
+        params["frontend"], params["device"], B.MAX_GRANT_PAGES, params["backend"]
+    )
     grants = GrantMapper(link, device, params["pools"], counters=counters)
     ring = BackRing.attach(
         B.BLK_RING, grants.resolve(params["ring_ref"], write=True), name=params["name"]

@@ -1,10 +1,12 @@
-"""The native network driver of dom0: host TAP devices and the bridges they join (pyroute2).
+"""netback's native network driver: TAP devices and the bridges they join (pyroute2), in the
+network namespace of the domain that runs the backend (dom0's is the host's).
 
-A vif's host side is the TAP ``vif<domid>.<devid>``: opened on /dev/net/tun (channels/tun.py),
+A vif's backend side is the TAP ``vif<domid>.<devid>``: opened on /dev/net/tun (channels/tun.py),
 which creates it, then enslaved to its bridge and brought up through netlink. A bridge hyper
 creates is marked by an alias so that it is removed with its last vif (and by `hyperctl
-cleanup`), and frames between its ports are let through the host's firewall
-(backends/netback/firewall.py); a bridge that already existed is used as found and never removed.
+cleanup`), and, on the host, frames between its ports are let through the host's firewall
+(backends/netback/firewall.py; a driver domain's own namespace has no such policy); a bridge
+that already existed is used as found and never removed.
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ def _index(ipr: IPRoute, name: str) -> int | None:
     return found[0] if found else None
 
 
-def ensure_bridge(ipr: IPRoute, name: str) -> int:
+def ensure_bridge(ipr: IPRoute, name: str, firewall_rule: bool = True) -> int:
     index = _index(ipr, name)
     if index is None:
         try:
@@ -52,18 +54,20 @@ def ensure_bridge(ipr: IPRoute, name: str) -> int:
         index = _index(ipr, name)
         assert index is not None
         ipr.link("set", index=index, ifalias=OURS, state="up")
-        firewall.allow(name)
+        if firewall_rule:
+            firewall.allow(name)
         log.info("created bridge %s", name)
     return index
 
 
-def create_tap(domid: int, devid: int, bridge: str, mtu: int) -> int:
-    """Create the host TAP of a vif on ``bridge``; returns the fd of its first queue."""
+def create_tap(domid: int, devid: int, bridge: str, mtu: int, firewall_rule: bool = True) -> int:
+    """Create the TAP of a vif on ``bridge`` (made, with the host's ``firewall_rule``, if it
+    does not exist); returns the fd of its first queue."""
     name = vif_name(domid, devid)
     fd = _open_when_free(name)
     try:
         with _bridge_lock, IPRoute() as ipr:
-            master = ensure_bridge(ipr, bridge)
+            master = ensure_bridge(ipr, bridge, firewall_rule)
             index = _index(ipr, name)
             assert index is not None
             ipr.link("set", index=index, mtu=mtu, master=master, state="up")
@@ -97,7 +101,9 @@ def _open_when_free(name: str, wait: float = TAP_BUSY_WAIT) -> int:
         raise TapError(f"{name}: {exc}") from exc
 
 
-def destroy_tap(fds: list[int], domid: int, devid: int, bridge: str) -> None:
+def destroy_tap(
+    fds: list[int], domid: int, devid: int, bridge: str, firewall_rule: bool = True
+) -> None:
     """Close the TAP's queues (the kernel removes it with the last) and the bridge if hyper
     made it and it is empty."""
     for fd in fds:
@@ -112,7 +118,8 @@ def destroy_tap(fds: list[int], domid: int, devid: int, bridge: str) -> None:
         ports = [p for p in ipr.get_links() if p.get_attr("IFLA_MASTER") == index]
         if not ports:
             ipr.link("del", index=index)
-            firewall.revoke(bridge)
+            if firewall_rule:
+                firewall.revoke(bridge)
             log.info("removed bridge %s", bridge)
 
 

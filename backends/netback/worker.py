@@ -44,7 +44,9 @@ def start(
 ) -> Callable[[], None]:
     queues = params["queues"]
     counters = Counters.blocks(counter_page, len(queues))
-    device = DeviceGrants(params["frontend"], params["device"], N.MAX_GRANT_PAGES * len(queues))
+    device = DeviceGrants(
+        params["frontend"], params["device"], N.MAX_GRANT_PAGES * len(queues), params["backend"]
+    )
     grants = GrantMapper(link, device, params["pools"], counters=counters[0])
     rings = [  # every ring first: a ref the frontend did not grant fails the vif at once
         [

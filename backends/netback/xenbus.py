@@ -87,7 +87,7 @@ class NetbackDriver:
             dev.fatal(f"backend {exc}")
             return
         try:
-            fd = create_tap(dev.frontend_id, dev.devid, bridge, mtu)
+            fd = create_tap(dev.frontend_id, dev.devid, bridge, mtu, self.host.firewall)
         except TapError as exc:
             dev.fatal(f"creating the host TAP: {exc}")
             return
@@ -126,7 +126,7 @@ class NetbackDriver:
         if not isinstance(vif, Vif):
             return
         self._disconnect(vif)
-        destroy_tap(vif.tap_fds, vif.domid, vif.devid, vif.bridge)
+        destroy_tap(vif.tap_fds, vif.domid, vif.devid, vif.bridge, self.host.firewall)
         with self._lock:  # forgotten only once released: see Devices.wait_released
             self.vifs.pop((vif.domid, vif.devid), None)
         dev.driver_data = None

@@ -35,7 +35,9 @@ def start(
 ) -> Callable[[], None]:
     counters = Counters(counter_page)
     refs, order = params["ring_refs"], params["max_order"]
-    device = DeviceGrants(params["frontend"], params["device"], max_grant_pages(len(refs), order))
+    device = DeviceGrants(
+        params["frontend"], params["device"], max_grant_pages(len(refs), order), params["backend"]
+    )
     grants = GrantMapper(link, device, params["pools"], counters=counters)
     server = P9Server(
         params["device_fd"], readonly=params["readonly"], max_msize=xen_flex_ring_size(order)

@@ -151,30 +151,38 @@ def test_a_duplicate_name_exits_2_and_creates_nothing(
 def test_a_backend_no_domain_can_serve_exits_2_naming_each_entry_and_creates_nothing(
     make_domain: Callable[..., str], tmp_path: Path
 ) -> None:
-    """Only dom0 runs backends (driver domains are issue 15's): a device whose ``backend`` names
-    another domain, or none, is refused before anything is made, one line per entry."""
-    other = make_domain()
-    info = domain_info(other)
-    assert info is not None
+    """A device whose ``backend`` names no domain, or a domain whose config does not list its
+    kind among the ``backends`` it serves, is refused before anything is made, one line per
+    entry (a driver domain serving it: tests/integration/test_driver_domains.py)."""
+    netvm, plain = make_domain("backends: [vif]\n"), make_domain()
+    netvm_id, plain_id = (_domid(name) for name in (netvm, plain))
     image = tmp_path / "served.img"
     config = tmp_path / "served.yaml"
     config.write_text(
-        "name: served\nvif:\n  - backend=netvm\n"
-        f"disk:\n  - target={image},size=1M,vdev=xvda,backend={other}\n"
+        f"name: served\nvif:\n  - backend=nosuch\n  - backend={plain}\n"
+        f"disk:\n  - target={image},size=1M,vdev=xvda,backend={netvm}\n"
     )
     before = set(leftovers())
     result = hyperctl("create", str(config), check=False)
     assert result.status == 2, result
     assert result.err.splitlines() == [
-        f"{config}: vif.0.backend: 'netvm': no such domain",
-        f"{config}: disk.0.backend: {other} (dom{info['domid']}) runs no "
-        "blkback: only dom0 serves devices (driver domains are not supported yet)",
+        f"{config}: vif.0.backend: 'nosuch': no such domain",
+        f"{config}: vif.1.backend: {plain} (dom{plain_id}) runs no netback: its config lists "
+        "no backends",
+        f"{config}: disk.0.backend: {netvm} (dom{netvm_id}) runs no blkback: its backends are "
+        "['vif']",
     ]
     assert domain_info("served") is None and not image.exists()
     assert set(leftovers()) <= before
-    attach = hyperctl("network-attach", other, f"backend={other}", check=False)
+    attach = hyperctl("network-attach", plain, f"backend={plain}", check=False)
     assert attach.status == 2 and "vifspec: backend:" in attach.err, attach
-    assert hyperctl("network-list", "--json", other).out.strip() == "[]"
+    assert hyperctl("network-list", "--json", plain).out.strip() == "[]"
+
+
+def _domid(name: str) -> int:
+    info = domain_info(name)
+    assert info is not None, f"no domain {name}"
+    return int(info["domid"])
 
 
 def test_a_create_whose_device_cannot_connect_is_rolled_back(
