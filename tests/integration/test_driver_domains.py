@@ -7,18 +7,24 @@ map their pages, and nothing of dom0's does.
 
 from __future__ import annotations
 
+import itertools
+import json
 import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
+from channels import hypercall as hc
+from hyperd.resources import view_dir
 from tests.integration.conftest import (
+    as_kernel,
     domain_info,
     hyperctl,
     iperf3_report,
     start_iperf3_server,
 )
+from tests.integration.test_grant_hostile import kernel_hypercall_socket
 
 pytestmark = pytest.mark.root
 
@@ -83,3 +89,58 @@ def test_two_guests_served_by_a_network_driver_domain_ping_and_pass_iperf3(
         assert any(f"dom{domid(netvm)}" in g for g in groups), "the driver domain maps them"
         strangers = [g for g in groups if f"dom{guest}" not in g and f"dom{domid(netvm)}" not in g]
         assert not strangers, f"processes outside the two domains map dom{guest}'s pools"
+
+
+def refusal(sock: object, op: hc.Op, ids: itertools.count[int]) -> str:
+    """The errno hyperd answers ``op`` with on a domain kernel's own socket ("" if it
+    succeeds)."""
+    req_id = next(ids)
+    sock.send(hc.encode({"id": req_id, "op": op.op, "args": op.model_dump(mode="json")}))  # type: ignore[attr-defined]
+    while True:
+        reply = json.loads(sock.recv(hc.MAX_MESSAGE))  # type: ignore[attr-defined]
+        if reply.get("id") == req_id:
+            return "" if reply["ok"] else str(reply["error"])
+
+
+def test_a_hostile_driver_domain_reaches_only_the_devices_it_serves(
+    make_domain: Callable[..., str], lan: tuple[str, str]
+) -> None:
+    """Its kernel, played by the test on its own hypercall socket while it is paused, asks for
+    what it does not serve: another guest's pools, another device's of its own guest, channels
+    to a domain it serves nothing for; and it looks for a stranger's pools in /dev/shm."""
+    bridge, net = lan
+    netvm = make_domain("memory: 256\nbackends: [vif]\n")
+    served = make_domain(guest_vif(bridge, f"{net}.2", netvm))
+    stranger = make_domain(f"vif:\n  - bridge: {bridge}\n    ip: {net}.9/24\n")  # dom0's
+    served_id, stranger_id = domid(served), domid(stranger)
+    info = domain_info(netvm)
+    assert info is not None
+    stranger_pools = sorted(p.name for p in Path("/dev/shm").glob(f"hyper.d{stranger_id}.gnt*"))
+    assert stranger_pools, "the stranger's vif has its pools"
+
+    hyperctl("pause", netvm)
+    try:
+        sock, ids = kernel_hypercall_socket(info["pid"]), itertools.count(1 << 40)
+        asks = {
+            "the stranger's pools": hc.GnttabMapPools(granter=stranger_id, device="vif/0"),
+            "another device's pools": hc.GnttabMapPools(granter=served_id, device="vif/1"),
+            "a channel to the stranger": hc.EvtchnAllocUnbound(remote_dom=stranger_id),
+            "the stranger's port": hc.EvtchnBindInterdomain(remote_dom=stranger_id, remote_port=1),
+            "a link of its own": hc.DomctlLinkDevice(
+                frontend=stranger_id, backend=info["domid"], device="vif/0"
+            ),
+        }
+        answers = {what: refusal(sock, op, ids) for what, op in asks.items()}
+        assert answers == dict.fromkeys(asks, "EPERM")
+        # What it does serve, it still may.
+        assert refusal(sock, hc.GnttabMapPools(granter=served_id, device="vif/0"), ids) == ""
+        sock.close()
+    finally:
+        hyperctl("unpause", netvm)
+
+    # Its kernel finds none of the stranger's objects in its view, nor may open them by path.
+    view = view_dir(info["domid"])
+    assert not [p for p in view.iterdir() if p.name.startswith(f"hyper.d{stranger_id}.")]
+    probe = as_kernel(netvm, "cat", f"/dev/shm/{stranger_pools[0]}", stdout=subprocess.DEVNULL)
+    _, err = probe.communicate(timeout=30)
+    assert probe.returncode != 0 and "No such file" in err, err
