@@ -21,9 +21,12 @@ from tests.integration.conftest import (
     as_kernel,
     domain_info,
     hyperctl,
+    in_domain,
     iperf3_report,
     start_iperf3_server,
+    wait_for,
 )
+from tests.integration.test_faults import dom0_pid, kill_dom0, reap
 from tests.integration.test_grant_hostile import kernel_hypercall_socket
 
 pytestmark = pytest.mark.root
@@ -144,3 +147,32 @@ def test_a_hostile_driver_domain_reaches_only_the_devices_it_serves(
     probe = as_kernel(netvm, "cat", f"/dev/shm/{stranger_pools[0]}", stdout=subprocess.DEVNULL)
     _, err = probe.communicate(timeout=30)
     assert probe.returncode != 0 and "No such file" in err, err
+
+
+def test_guests_served_by_a_driver_domain_keep_talking_while_dom0_dies_and_comes_back(
+    make_domain: Callable[..., str], lan: tuple[str, str]
+) -> None:
+    """Nothing of their data path is dom0's: an iperf3 stream between the two guests moves
+    data in every second of its run, dom0's death and restart included."""
+    bridge, net = lan
+    netvm = make_domain("memory: 256\nbackends: [vif]\n")
+    server = make_domain(guest_vif(bridge, f"{net}.2", netvm))
+    client = make_domain(guest_vif(bridge, f"{net}.3", netvm))
+    start_iperf3_server(server)
+    stream = in_domain(client, "iperf3", "-c", f"{net}.2", "-t", "8", "-i", "1", "-J")
+    try:
+        established = ["sh", "-c", "ss -tnH state established | grep -q :5201"]
+        wait_for(
+            lambda: hyperctl("exec", server, "--", *established, check=False).status == 0,
+            30,
+            "the stream to be established",
+        )
+        old, _ = kill_dom0()
+        wait_for(lambda: dom0_pid() not in (None, old), 30, "dom0 to serve again")
+        out, err = stream.communicate(timeout=60)
+    finally:
+        reap(stream)
+    assert stream.returncode == 0, err
+    per_second = [i["sum"]["bytes"] for i in iperf3_report(out)["intervals"]]
+    assert len(per_second) >= 8 and min(per_second) > 0, per_second
+    assert hyperctl("exec", client, "--", "ping", "-c", "1", "-W", "5", f"{net}.2").status == 0
