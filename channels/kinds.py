@@ -140,6 +140,12 @@ def _vif_keys(vif: VifConfig, devid: int, owner: int) -> StoreKeys:
     return front, back
 
 
+def _backend_domid(listing: Listing) -> object:
+    """The domain serving a device: its backend directory's ``/local/domain/<domid>/...``."""
+    parts = str(listing.get("backend") or "").split("/")
+    return parts[3] if len(parts) > 3 else "-"
+
+
 VIF = DeviceKind(
     xenbus_type="vif",
     config_key="vif",
@@ -170,6 +176,7 @@ VIF = DeviceKind(
     back_keys={},
     columns=(
         Column("Idx", 3, lambda d: d["devid"]),
+        Column("BE", 4, _backend_domid),
         Column("MAC", 17, _or_dash("mac"), left=True),
         Column("IP", 18, _or_dash("ip"), left=True),
         Column("State", 5, _or_dash("state")),
@@ -222,11 +229,6 @@ def _vbd_devid(disk: DiskConfig) -> int:
     from channels import blkif
 
     return blkif.vdev_number(disk.vdev)
-
-
-def _backend_domid(listing: Listing) -> object:
-    parts = str(listing.get("backend") or "").split("/")
-    return parts[3] if len(parts) > 3 else "-"
 
 
 VBD = DeviceKind(

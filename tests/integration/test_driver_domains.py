@@ -79,6 +79,12 @@ def test_two_guests_served_by_a_network_driver_domain_ping_and_pass_iperf3(
     )
     assert report["end"]["sum_received"]["bytes"] > 0
 
+    # network-list says which domain serves each vif (the BE column: its domid).
+    [vif] = json.loads(hyperctl("network-list", "--json", client).out)
+    assert vif["backend"] == f"/local/domain/{domid(netvm)}/backend/vif/{domid(client)}/0"
+    row = hyperctl("network-list", client).out.splitlines()[1].split()
+    assert row[:2] == ["0", str(domid(netvm))]
+
     # The guests' TAPs and their bridge are the driver domain's, not the host's.
     guests = [domid(server), domid(client)]
     assert not {f"vif{g}.0" for g in guests} & set(host_links())
