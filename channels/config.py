@@ -23,6 +23,7 @@ key             meaning (default)
 ``p9``          list of shared host directories, see :class:`P9Config` ([])
 ``backends``    device kinds this domain serves to other domains as a driver domain:
                 ``vif`` so far ([]); a guest's ``backend:`` may then name it
+``nics``        host interfaces a vif driver domain holds, see :class:`NicConfig` ([])
 =============== ======================================================================
 
 A ``vif``, ``disk`` or ``p9`` entry is either a mapping or, as in xl, a spec string of
@@ -391,6 +392,22 @@ class VifConfig(_Model):
         return self
 
 
+class NicConfig(_Model):
+    """A host interface a driver domain holds while it runs (Xen assigns a PCI device so): it
+    moves into the domain's network namespace and joins ``bridge`` there, the bridge its guests'
+    vifs name; it is given back to the host when the domain stops (as a crash leaves it, the
+    kernel's own way: a physical interface returns, a veth goes with the namespace). A plain
+    string is its name, on the default bridge."""
+
+    name: IfName
+    bridge: IfName = DEFAULT_BRIDGE
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_name(cls, data: Any) -> Any:
+        return {"name": data} if isinstance(data, str) else data
+
+
 class DiskConfig(_Model):
     """A virtual block device ``vdev`` backed by the image file ``target``.
 
@@ -539,6 +556,7 @@ class DomainConfig(_Model):
     disk: list[DiskConfig] = Field(default_factory=list)
     p9: list[P9Config] = Field(default_factory=list)
     backends: list[ServedKind] = Field(default_factory=list)
+    nics: list[NicConfig] = Field(default_factory=list)
 
     @field_validator("cap")
     @classmethod
@@ -577,6 +595,14 @@ class DomainConfig(_Model):
             if kind in kinds[:index]:
                 raise _located(str(index), f"{kind} is listed twice")
         return kinds
+
+    @field_validator("nics")
+    @classmethod
+    def _nics(cls, nics: list[NicConfig], info: ValidationInfo) -> list[NicConfig]:
+        if nics and "vif" not in (info.data.get("backends") or []):
+            raise ValueError("only a domain that serves vifs (backends: [vif]) holds nics")
+        _check_unique([n.name for n in nics], "name", "interface")
+        return nics
 
     def normalised(self) -> dict[str, Any]:
         """The normalised config as plain JSON-able data, keys in definition order."""

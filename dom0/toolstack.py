@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pyroute2 import IPRoute
+
 from backends.drivers import BackendDrivers
 from channels import control, pumps, xenbus
 from channels import hypercall as hc
@@ -54,6 +56,12 @@ class DomainState:
     running: threading.Event = field(default_factory=threading.Event)
     gone: threading.Event = field(default_factory=threading.Event)
     ended: str | None = None  # why it stopped, for a waiting create
+
+
+def host_interface(name: str) -> bool:
+    """Whether the host's network namespace (dom0's) has an interface ``name``."""
+    with IPRoute() as ipr:
+        return bool(ipr.link_lookup(ifname=name))
 
 
 class Toolstack:
@@ -320,6 +328,11 @@ class Toolstack:
             for kind in KINDS
             for index, entry in enumerate(entries(config, kind))
             if (problem := self._unserved(kind, entry.backend))
+        ]
+        unserved += [
+            f"{source}: nics.{index}.name: no interface {nic.name!r} on the host"
+            for index, nic in enumerate(config.nics)
+            if not host_interface(nic.name)
         ]
         if unserved:
             raise BadInput("a backend that cannot serve", unserved)

@@ -9,9 +9,10 @@ the sync socket. Steps:
 2. build the sandbox root in a new mount namespace and pivot into it (domu/sandbox.py);
 3. create the user namespace and ask hyperd to map it (``needs_id_map`` / ``mapped``);
 4. become the namespace's root (host uid: the domain's private range), drop every host group;
-5. unshare the mount, net, uts, ipc, pid and cgroup namespaces and fork the kernel, pid 1 of the
-   new pid namespace; report its host pid (``kernel_pid N``) and exit. hyperd, the child
-   subreaper, adopts the kernel.
+5. unshare the mount, net, uts, ipc, pid and cgroup namespaces; a driver domain with ``nics``
+   has hyperd move them into the new network namespace (``needs_nics`` / ``nics_given``);
+6. fork the kernel, pid 1 of the new pid namespace; report its host pid (``kernel_pid N``) and
+   exit. hyperd, the child subreaper, adopts the kernel.
 """
 
 from __future__ import annotations
@@ -64,6 +65,10 @@ def main(argv: list[str]) -> int:
     os.setresuid(0, 0, 0)
 
     linux.unshare(NAMESPACES)
+    if params.get("nics"):  # a driver domain's host interfaces, moved in before the kernel runs
+        sync.sendall(b"needs_nics\n")
+        if _read_line(sync).strip() != b"nics_given":
+            raise ConnectionError("hyperd could not give the domain its nics (see its log)")
     pid = os.fork()
     if pid == 0:
         sync.close()

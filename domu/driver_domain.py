@@ -7,6 +7,9 @@ the backend half of each device a guest's config points at it; hyperd lets the g
 domain share that device's channels and pools, and nothing else (hyperd/devlinks.py). The
 kernel then runs a backend bus over that directory, with the drivers of those kinds alone.
 
+Host interfaces its config lists in ``nics`` are in its network namespace before it runs (hyperd
+moves them there as it boots, hyperd/nics.py); ``attach_nics`` puts each on its bridge.
+
 Everything the drivers need of the host, they find in the domain: the TAPs and the bridges in
 its own network namespace (whose empty firewall needs no rule), each data-path worker forked by
 the kernel's fork server and dropped to a uid of its own inside the domain's user namespace,
@@ -17,8 +20,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from pyroute2 import IPRoute
+
 from backends.drivers import BackendDrivers
 from backends.host import BackendHost
+from backends.netback.tap import ensure_bridge
 from backends.privilege import WorkerIds
 from channels import xenbus
 from channels.hypercall import HypercallClient
@@ -35,6 +41,16 @@ WORKER_ID_BASE = 2 * WORKLOAD_UID
 def worker_modules(types: Sequence[str]) -> list[str]:
     """What the kernel's fork server must preload to start the workers of ``types``."""
     return [f"backends.{BY_TYPE[devtype].backend}.worker" for devtype in types]
+
+
+def attach_nics(nics: Sequence[dict[str, str]]) -> None:
+    """The host interfaces hyperd moved into our namespace (``nics``: ``{name, bridge}``), each
+    up on its bridge, made if missing: the one the guests' vifs on it name."""
+    with IPRoute() as ipr:
+        for nic in nics:
+            master = ensure_bridge(ipr, nic["bridge"], firewall_rule=False)
+            index = ipr.link_lookup(ifname=nic["name"])[0]
+            ipr.link("set", index=index, master=master, state="up")
 
 
 def start_backends(xs: XsClient, hc: HypercallClient, domid: int, types: Sequence[str]) -> Bus:

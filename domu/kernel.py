@@ -96,6 +96,7 @@ class Kernel:
         if served:  # a driver domain (domu/driver_domain.py)
             from domu import driver_domain
 
+            driver_domain.attach_nics(self.params.get("nics") or [])
             self.backends = driver_domain.start_backends(xs, self.hc, self.domid, served)
         self.hc.call(SchedBooted())
         kind, value = self.events.get()

@@ -286,6 +286,7 @@ def spawn_boot(domain: Domain, rootfs: Path, log_path: Path, spawner: ForkServer
         "command": domain.config.command,
         "env": domain.config.env,
         "backends": domain.config.backends,
+        "nics": [nic.model_dump() for nic in domain.config.nics],
     }
     sync_here.sendall(json.dumps(params).encode() + b"\n")
 

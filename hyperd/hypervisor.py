@@ -44,7 +44,7 @@ from channels import linux
 from channels.config import DomainConfig
 from channels.forkserver import Spawner
 from channels.paths import RunDir
-from hyperd import cgroup, state
+from hyperd import cgroup, nics, state
 from hyperd.adopt import KeeperLink, adopt_all
 from hyperd.budget import HYPERCALL_COST
 from hyperd.control_domain import Dom0Lifecycle
@@ -515,6 +515,12 @@ class Hypervisor:
             if word == "needs_id_map" and domain.boot is not None:
                 write_id_maps(domain.boot.pid, domain.domid)
                 domain.sync.sendall(b"mapped\n")
+            elif word == "needs_nics" and domain.boot is not None:
+                names = [nic.name for nic in domain.config.nics]
+                why = nics.give(names, domain.boot.pid)
+                if why is not None:
+                    log.error("dom%d: its nics: %s", domain.domid, why)
+                domain.sync.sendall(b"nics_given\n" if why is None else b"nics_refused\n")
             elif word == "kernel_pid":
                 # Our child's child, unreaped: its pid cannot have been reused yet.
                 domain.set_pid(int(arg))
@@ -646,6 +652,8 @@ class Hypervisor:
             with contextlib.suppress(ProcessLookupError):
                 signal.pidfd_send_signal(domain.pidfd, signal.SIGKILL)
             self.forget_pidfd(domain)
+        if domain.config.nics and domain.pid is not None and not domain.reaped:
+            nics.take_back([nic.name for nic in domain.config.nics], domain.pid)
         if domain.pid is not None and not domain.reaped:
             # Still our unreaped child, so the pid cannot have been reused by anyone else.
             with contextlib.suppress(ProcessLookupError):

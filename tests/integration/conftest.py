@@ -318,6 +318,20 @@ def lan() -> Iterator[tuple[str, str]]:
     firewall.revoke(f"hytest{n}")  # the bridge went by hand: its rule goes too
 
 
+@pytest.fixture
+def peer_namespace(lan: tuple[str, str]) -> Iterator[str]:
+    """A network namespace of the test's own (which the test joins to its bridge by a veth, at
+    .100 of its subnet); deleted afterwards with what is in it, and the veth's host end."""
+    _bridge, _net = lan
+    ns = f"hypeer{os.getpid()}"
+    subprocess.run(["ip", "netns", "add", ns], check=True)
+    try:
+        yield ns
+    finally:
+        subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+        subprocess.run(["ip", "link", "del", f"{ns}h"], capture_output=True)
+
+
 def in_domain(name: str, *argv: str) -> subprocess.Popen[str]:
     """``argv`` run in domain ``name`` through hyperctl exec; started, not waited for."""
     return subprocess.Popen(

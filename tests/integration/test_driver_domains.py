@@ -182,3 +182,41 @@ def test_guests_served_by_a_driver_domain_keep_talking_while_dom0_dies_and_comes
     per_second = [i["sum"]["bytes"] for i in iperf3_report(out)["intervals"]]
     assert len(per_second) >= 8 and min(per_second) > 0, per_second
     assert hyperctl("exec", client, "--", "ping", "-c", "1", "-W", "5", f"{net}.2").status == 0
+
+
+def test_a_host_veth_given_to_the_driver_domain_carries_a_guest_to_a_peer_namespace(
+    make_domain: Callable[..., str],
+    lan: tuple[str, str],
+    peer_namespace: str,
+    tmp_path: Path,
+) -> None:
+    """``nics:`` moves a host interface into the driver domain, on its guests' bridge, while it
+    runs, and gives it back when it stops; an interface the host does not have is refused."""
+    bridge, net = lan
+    ns = peer_namespace
+    nic = f"{ns}n"
+    subprocess.run(
+        ["ip", "link", "add", nic, "type", "veth", "peer", "name", "eth0", "netns", ns], check=True
+    )
+    subprocess.run(["ip", "-n", ns, "addr", "add", f"{net}.100/24", "dev", "eth0"], check=True)
+    subprocess.run(["ip", "-n", ns, "link", "set", "eth0", "up"], check=True)
+
+    missing = tmp_path / "missing.yaml"
+    missing.write_text("name: nonic\nbackends: [vif]\nnics: [hynosuch0]\n")
+    refused = hyperctl("create", str(missing), check=False)
+    assert refused.status == 2
+    assert refused.err.strip() == f"{missing}: nics.0.name: no interface 'hynosuch0' on the host"
+
+    netvm = make_domain(
+        f"memory: 256\nbackends: [vif]\nnics:\n  - {{name: {nic}, bridge: {bridge}}}\n"
+    )
+    assert nic not in host_links()
+    assert nic in hyperctl("exec", netvm, "--", "ip", "-o", "link", "show", "master", bridge).out
+    guest = make_domain(guest_vif(bridge, f"{net}.2", netvm))
+    assert hyperctl("exec", guest, "--", "ping", "-c", "2", "-W", "5", f"{net}.100").status == 0
+    pong = ["ip", "netns", "exec", ns, "ping", "-c", "2", "-W", "5", f"{net}.2"]
+    assert subprocess.run(pong, capture_output=True).returncode == 0
+
+    hyperctl("destroy", guest)
+    hyperctl("destroy", netvm)
+    assert nic in host_links(), "given back to the host"

@@ -100,19 +100,6 @@ def test_ipv6_domains_find_and_reach_each_other_through_the_source_check(
     assert [counters(name)[0]["tx_spoofed"] for name in (a, b)] == [0, 0]
 
 
-@pytest.fixture
-def peer_namespace(lan: tuple[str, str]) -> Iterator[str]:
-    """A network namespace joined to the test's bridge by a veth, at .100 of its subnet."""
-    _bridge, _net = lan
-    ns = f"hypeer{os.getpid()}"
-    subprocess.run(["ip", "netns", "add", ns], check=True)
-    try:
-        yield ns
-    finally:
-        subprocess.run(["ip", "netns", "del", ns], capture_output=True)
-        subprocess.run(["ip", "link", "del", f"{ns}h"], capture_output=True)
-
-
 def test_two_vcpus_give_a_vif_two_queues_and_streams_spread_over_both(
     make_domain: Callable[..., str], lan: tuple[str, str]
 ) -> None:

@@ -572,3 +572,23 @@ def test_random_mac_is_unicast_in_xens_oui() -> None:
     mac = random_mac()
     assert mac.startswith("00:16:3e:")
     assert parse_vif_spec(f"mac={mac}").mac == mac
+
+
+def test_a_driver_domain_lists_the_kinds_it_serves_and_the_nics_it_holds(tmp_path: Path) -> None:
+    text = "name: netvm\nbackends: [vif]\nnics: [veth0, {name: eth1, bridge: br1}]\n"
+    config = parse_config(text, source="x.yaml", base_dir=tmp_path)
+    assert config.backends == ["vif"]
+    assert [(nic.name, nic.bridge) for nic in config.nics] == [
+        ("veth0", "hyperbr0"),
+        ("eth1", "br1"),
+    ]
+    for text, error in (
+        ("backends: [vif, vif]", "backends.1: vif is listed twice"),
+        ("backends: [vbd]", "backends.0: Input should be 'vif'"),
+        ("nics: [veth0]", "nics: only a domain that serves vifs (backends: [vif]) holds nics"),
+        (
+            "backends: [vif]\nnics: [veth0, veth0]",
+            "nics.1.name: interface veth0 is already used by entry 0",
+        ),
+    ):
+        assert config_errors(f"name: a\n{text}\n", tmp_path) == [f"x.yaml: {error}"]
