@@ -16,6 +16,10 @@ Paths, all measured in the same run:
   stream stays on one queue.
 - **domU <-> domU**: two domains on the same bridge; every frame crosses two pairs of rings
   (the sender's tx ring, then the receiver's rx ring) and the bridge between their TAPs.
+- **domU <-> domU, driver domain**: the same, but both vifs are served by a driver domain (a
+  domU with ``backends: [vif]``, issue 15): the TAPs, the bridge and the netback workers are
+  that domain's, in its namespaces and cgroup, not dom0's. No target: the figure is reported
+  beside the previous path's, and the vifs' counters (dom0's) are not taken.
 - **slirp4netns** (when installed, unless ``--skip-slirp``): a namespace whose tap is served
   by slirp4netns (the user-mode network stack of rootless containers) to a server on the host's
   loopback, reached at 10.0.2.2.
@@ -96,7 +100,8 @@ from channels import control  # noqa: E402
 from hyperd.cgroup import CgroupError, DomainGroup, open_hierarchy  # noqa: E402
 
 VETH, PEER, DOMU, SLIRP = "veth", "domU -> peer", "domU <-> domU", "slirp4netns"
-PATHS = (VETH, PEER, DOMU, SLIRP)
+DRIVER = "domU <-> domU, driver domain"  # both vifs served by a domU, not dom0 (issue 15)
+PATHS = (VETH, PEER, DOMU, DRIVER, SLIRP)
 PARALLEL = 4
 
 
@@ -131,6 +136,7 @@ class Target:
 TARGETS = {PEER: Target(0.5, 0.4, 6.0), DOMU: Target(0.3, 0.25, 12.0)}
 HYPER_NET = "10.88.0"  # the bench bridge's /24; nothing on the host gets an address in it
 VETH_NET = "10.88.1"  # inside the two baseline namespaces only
+DRIVER_NET = "10.88.2"  # on the driver domain's bridge, inside it
 SLIRP_HOST = "10.0.2.2"  # slirp4netns's alias for the host's loopback
 SLIRP_MTU = 65520  # what rootless Podman and Docker give slirp4netns
 LISTEN_TIMEOUT = 20.0
@@ -511,15 +517,20 @@ class Lab:
         run(["ip", "-n", ns, "addr", "add", f"{address}/24", "dev", "eth0"])
         run(["ip", "-n", ns, "link", "set", "eth0", "up"])
 
-    def domain(self, role: str, address: str) -> tuple[str, int]:
-        """An idle domU with one vif on the bench bridge and a vcpu per host CPU; its name and
-        domid."""
+    def domain(
+        self, role: str, address: str | None, backend: str = "0", extra: str = ""
+    ) -> tuple[str, int]:
+        """An idle domU with a vcpu per host CPU and one vif with ``address`` on the bench
+        bridge (served by ``backend``: dom0, or a driver domain, in whose namespace the bridge
+        then is), none without an address, and ``extra`` config; its name and domid."""
         name = f"{self.tag}-{role}"
         config = self.workdir / f"{name}.yaml"
-        config.write_text(
-            f"name: {name}\nvcpus: {os.cpu_count() or 1}\n"
-            f"vif:\n  - bridge: {self.bridge}\n    ip: {address}/24\n"
+        vif = (
+            f"vif:\n  - bridge: {self.bridge}\n    ip: {address}/24\n    backend: {backend}\n"
+            if address
+            else ""
         )
+        config.write_text(f"name: {name}\nvcpus: {os.cpu_count() or 1}\n{extra}{vif}")
         # Registered before the create: an interrupted create may still finish.
         self.cleanup.callback(self._destroy, name)
         hyperctl("create", str(config))
@@ -631,6 +642,24 @@ def hyper_path(
         probes["cgroups"] = cpu
     probes["machine"] = MachineClock()
     return with_counters(domids, lambda: measure_path(client, server, settings, probes))
+
+
+def driver_path(lab: Lab, settings: Settings) -> dict[str, Any]:
+    """Two domUs whose vifs a driver domain serves: its netback workers, not dom0's, carry
+    every frame between them (its CPU shows in the cgroup figures as ``netvm``)."""
+    progress(f"{DRIVER}: two domUs whose vifs a driver domain serves")
+    netvm, netvm_id = lab.domain("netvm", None, extra="memory: 512\nbackends: [vif]\n")
+    a_name, a_id = lab.domain("da", f"{DRIVER_NET}.2", backend=netvm)
+    b_name, b_id = lab.domain("db", f"{DRIVER_NET}.3", backend=netvm)
+    a, b = in_domain(a_name, f"{DRIVER_NET}.2"), in_domain(b_name, f"{DRIVER_NET}.3")
+    probes: dict[str, Probe] = {}
+    cpu = CpuMeter.for_domains({a_name: a_id, b_name: b_id, "netvm": netvm_id})
+    if cpu is not None:
+        probes["cgroups"] = cpu
+    probes["machine"] = MachineClock()
+    result = measure_path(a, b, settings, probes)
+    result["exec_cpu_seconds"] = exec_cost(a.prefix)
+    return result
 
 
 def exec_cost(prefix: tuple[str, ...]) -> float:
@@ -939,6 +968,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         settings = Settings(args.time, args.pings, Path(tmp))
         paths[VETH] = attempt(VETH, lambda: veth_path(lab, settings))
         paths.update(hyper_paths(lab, settings))
+        paths[DRIVER] = attempt(DRIVER, lambda: driver_path(lab, settings))
         if args.skip_slirp:
             paths[SLIRP] = {"skipped": "skipped (--skip-slirp)"}
         else:
