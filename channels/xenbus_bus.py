@@ -112,8 +112,15 @@ class XenbusDevice:
         return int(value)
 
     def otherend_state(self) -> XenbusState:
-        """The other side's state; a missing or garbled node reads as Unknown, as in Linux."""
-        value = self.read_otherend("state")
+        """The other side's state; a node that is missing, garbled or unreadable reads as
+        Unknown, as in Linux (``xenbus_read_driver_state``): a driver domain's backend
+        directory goes with its home, which the guest may then no longer read (EACCES)."""
+        try:
+            value = self.read_otherend("state")
+        except XsError as exc:
+            if exc.errno_name != "EACCES":
+                raise
+            return XenbusState.Unknown
         try:
             return XenbusState(int(value or 0))
         except ValueError:

@@ -220,3 +220,29 @@ def test_a_host_veth_given_to_the_driver_domain_carries_a_guest_to_a_peer_namesp
     hyperctl("destroy", guest)
     hyperctl("destroy", netvm)
     assert nic in host_links(), "given back to the host"
+
+
+def test_a_destroyed_driver_domain_takes_its_guests_vifs_and_only_those(
+    make_domain: Callable[..., str], lan: tuple[str, str]
+) -> None:
+    """Its guests carry on without the vifs it served (their frontends see the backend gone and
+    close), their other devices and dom0's untouched; nothing of it is left on the host."""
+    bridge, net = lan
+    netvm = make_domain("memory: 256\nbackends: [vif]\n")
+    netvm_id = domid(netvm)
+    both = guest_vif(bridge, f"{net}.2", netvm) + f"  - bridge: {bridge}\n    ip: {net}.7/24\n"
+    guest = make_domain(both)  # eth0 through netvm, eth1 through dom0
+    links = ["ip", "-o", "link", "show"]
+    assert "eth0" in hyperctl("exec", guest, "--", *links).out
+
+    hyperctl("destroy", netvm)
+    wait_for(
+        lambda: "eth0" not in hyperctl("exec", guest, "--", *links).out,
+        30,
+        "the guest's frontend to let go of the vif netvm served",
+    )
+    listing = json.loads(hyperctl("network-list", "--json", guest).out)
+    assert [v["state"] for v in listing] == ["6", "4"], listing  # Closed; still Connected
+    assert "eth1" in hyperctl("exec", guest, "--", *links).out
+    assert not list(Path("/dev/shm").glob(f"hyper.d{netvm_id}.*"))
+    assert not view_dir(netvm_id).exists()
