@@ -113,7 +113,9 @@ def _or_dash(key: str) -> Callable[[Listing], object]:
 
 
 def _sum(*keys: str) -> Callable[[Listing], object]:
-    return lambda d: sum(int(d.get(k, 0)) for k in keys)
+    """The sum of counters ``keys``; "-" for a device with none (its backend's counters are
+    not dom0's to read: a driver domain's)."""
+    return lambda d: sum(int(d[k]) for k in keys if k in d) if any(k in d for k in keys) else "-"
 
 
 # -- vif ----------------------------------------------------------------------------------------

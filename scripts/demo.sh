@@ -2,7 +2,16 @@
 # The demo: set up, start the hypervisor with one domU from configs/domu.yaml, look at it from
 # outside and from inside, run a small workload in it, then tear everything down and say whether
 # anything was left on the host. Run as root. Teardown runs even when a step fails or on Ctrl-C.
+# With --driver-domain it also runs a network driver domain (configs/netvm.yaml) and two guests
+# whose vifs it serves (configs/netguest.yaml, netguest2.yaml): their frames never reach dom0.
 set -euo pipefail
+
+driver_domain=0
+case "${1:-}" in
+    "") ;;
+    --driver-domain) driver_domain=1 ;;
+    *) printf 'usage: %s [--driver-domain]\n' "$0" >&2; exit 2 ;;
+esac
 
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 run_dir=${HYPER_RUN_DIR:-/run/hyper}
@@ -60,8 +69,7 @@ teardown() {
     trap - EXIT INT TERM
     if hyperctl list >/dev/null 2>&1; then
         say "a step failed (status $status): destroying the domain and halting the hypervisor"
-        hyperctl destroy demo 2>/dev/null
-        hyperctl destroy demo-peer 2>/dev/null
+        for name in netguest2 netguest netvm demo-peer demo; do hyperctl destroy "$name" 2>/dev/null; done
         hyperctl halt
     fi
     if ! wait_until_clean 15; then
@@ -133,4 +141,23 @@ else
     exit 1
 fi
 step destroy demo-peer
+
+if [ "$driver_domain" = 1 ]; then
+    # A network driver domain: netback runs in netvm, a domU, for the two guests whose vifs name
+    # it; their TAPs and their bridge are in netvm's namespace, and no dom0 process maps their
+    # pages. network-list's BE column says which domain serves a vif.
+    step create configs/netvm.yaml
+    step create configs/netguest.yaml
+    step create configs/netguest2.yaml
+    step exec netguest -- ping -c 3 10.0.7.3
+    step exec netguest2 -- iperf3 -s -1 -D
+    for _ in $(seq 50); do
+        hyperctl exec netguest2 -- sh -c 'ss -ltn | grep -q :5201' && break
+        sleep 0.1
+    done
+    step exec netguest -- iperf3 -c 10.0.7.3 -t 3
+    step network-list netguest
+    step exec netvm -- ip -o link
+    for name in netguest2 netguest netvm; do step destroy "$name"; done
+fi
 step halt
