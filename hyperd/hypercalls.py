@@ -194,14 +194,14 @@ class Hypercalls:
         return domain_info(self.hv.build(op.config, op.owner))
 
     def do_domctl_link_device(self, caller: Domain, op: hc.DomctlLinkDevice) -> dict[str, Any]:
+        if not op.linked:  # whether or not either still lives: a dead one's links went with it
+            self.hv.links.unlink(op.frontend, op.backend, op.device)
+            return {}
         if op.frontend == op.backend:
             raise HvError("EINVAL", f"domain {op.frontend} cannot serve its own {op.device}")
         self._domu(op.frontend)
         self._domu(op.backend)
-        if op.linked:
-            self.hv.links.link(op.frontend, op.backend, op.device)
-        else:
-            self.hv.links.unlink(op.frontend, op.backend, op.device)
+        self.hv.links.link(op.frontend, op.backend, op.device)
         return {}
 
     def do_domctl_destroy(self, caller: Domain, op: hc.DomctlDestroy) -> dict[str, Any]:

@@ -216,6 +216,10 @@ def test_a_link_names_two_live_domus(hypervisor: hyperd.Hypervisor) -> None:
         op = hc.DomctlLinkDevice(frontend=frontend, backend=backend, device="vif/0")
         assert refused(hypervisor, dom0, op) == errno_name
     assert hypervisor.links.to_dict() == []
+    # Unlinking a device of a domain that is gone (a detach after its driver domain died) is
+    # no error: its links went with it.
+    gone = hc.DomctlLinkDevice(frontend=5, backend=9, device="vif/0", linked=False)
+    assert hypervisor.hypercalls.handle(dom0, gone) == {}
 
 
 def test_grant_pools_take_fresh_refs_and_go_with_their_domain() -> None:

@@ -19,6 +19,7 @@ from channels.forkserver import Child, Spawner
 from channels.paths import RunDir
 from hyperd import adopt, keeper, state
 from hyperd.cgroup import CgroupFs, DomainGroup, V2Group
+from hyperd.devlinks import DeviceLinks
 from hyperd.domain import Domain, RingInfo, Status, dom0_config
 from hyperd.evtchn import EventChannels
 from hyperd.gnttab import GrantTables
@@ -72,6 +73,10 @@ def populate(hv: Hypervisor, tmp_path: Path) -> None:
     evtchn.bind_interdomain(0, 3, vif_domu.port, dom3.resources)
     evtchn.alloc_unbound(3, 0, dom3.resources)  # still unbound
     gnttab.setup_pool(3, 0, "vif/0", 16, dom3.resources)
+    # dom3's second vif is served by a driver domain, dom4 (hyperd/devlinks.py).
+    hv.links.link(3, 4, "vif/1")
+    evtchn.alloc_unbound(3, 4, dom3.resources)
+    gnttab.setup_pool(3, 4, "vif/1", 8, dom3.resources)
     evtchn.orphan(0)
     hv.domains = {0: dom0, 3: dom3}
     hv.last_domid, hv.dom0_restarts = 3, 1
@@ -136,7 +141,7 @@ def test_restored_tables_go_on_numbering_where_they_stopped(tmp_path: Path) -> N
 
     last_port = max(p.port for p in before.evtchn.ports_of(3))
     assert after.evtchn.alloc_unbound(3, 0, paper).port == last_port + 1
-    [old_pool] = before.gnttab.pools_of(3)
+    old_pool = before.gnttab.pools_of(3)[-1]
     new_pool = after.gnttab.setup_pool(3, 0, "vif/0", 1, paper)
     assert new_pool.pool == old_pool.pool + 1
     assert new_pool.gref_base == old_pool.gref_base + old_pool.pages
@@ -146,11 +151,13 @@ def test_restored_grants_are_still_checked(tmp_path: Path) -> None:
     before = hypervisor(tmp_path)
     populate(before, tmp_path)
     after = through_the_file(before, tmp_path)
-    [pool] = after.gnttab.pools_of(3)
+    pool = after.gnttab.pools_of(3)[0]
 
     assert after.gnttab.pools_for(0, 3, "vif/0") == [pool]
     assert after.gnttab.pools_for(0, 3, "vbd/51712") == [], "for the vif, not the vbd"
     assert after.gnttab.pools_for(5, 3, "vif/0") == [], "granted to dom0, not to 5"
+    assert after.gnttab.pools_for(4, 3, "vif/1") == after.gnttab.pools_of(3)[1:]
+    assert after.links.serves(4, 3, "vif/1") and not after.links.serves(4, 3, "vif/0")
 
 
 def test_only_a_hypercall_that_changes_the_tables_rewrites_the_state_file(
@@ -302,9 +309,12 @@ def test_each_table_round_trips_on_its_own(tmp_path: Path) -> None:
     assert evtchn.to_dict() == hv.evtchn.to_dict()
     assert GrantTables.from_dict(hv.gnttab.to_dict()).to_dict() == hv.gnttab.to_dict()
     resources = hv.domains[3].resources
+    assert len(resources.peers) == 2, "the pool and the doorbell dom4 opens too"
     assert Resources.from_dict(resources.to_dict()) == Resources(
-        3, resources.segments, resources.doorbells
+        3, resources.segments, resources.doorbells, resources.peers
     )
+    assert DeviceLinks.from_dict(hv.links.to_dict()).to_dict() == hv.links.to_dict()
+    assert hv.links.serves(4, 3, "vif/1")
 
 
 # -- a missing, torn or foreign state file -------------------------------------------------------
