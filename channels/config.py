@@ -407,6 +407,12 @@ class NicConfig(_Model):
     def _from_name(cls, data: Any) -> Any:
         return {"name": data} if isinstance(data, str) else data
 
+    @model_validator(mode="after")
+    def _not_its_own_bridge(self) -> NicConfig:
+        if self.name == self.bridge:
+            raise _located("bridge", f"{self.name} cannot be its own bridge")
+        return self
+
 
 class DiskConfig(_Model):
     """A virtual block device ``vdev`` backed by the image file ``target``.

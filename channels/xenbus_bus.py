@@ -76,29 +76,30 @@ class XenbusDevice:
         return self.xs.read_optional(self.path(key))
 
     def write(self, key: str, value: str) -> bool:
-        """Write one of our keys, unless our directory is gone (the device is being removed:
-        a write would bring the directory back). False if it was gone."""
-
-        def write(tx: Any) -> bool:
-            if tx.read_optional(self.nodename) is None:
-                return False
-            tx.write(self.path(key), value)
-            return True
-
-        return bool(self.xs.transaction(write))
+        """Write one of our keys, unless our directory is gone or is another device's now (as
+        ``write_all``). False if so."""
+        return self.write_all({key: value})
 
     def write_all(self, entries: Mapping[str, str]) -> bool:
-        """Write several of our keys in one transaction, unless our directory is gone (as
-        ``write``: a device removed while it connects must stay removed). False if it was."""
+        """Write several of our keys in one transaction, unless our directory is gone (the
+        device is being removed: a write would bring the directory back) or was written again
+        for another other end (the toolstack re-attached the device to a driver domain that
+        came back: that is a new device's directory). False if so."""
 
         def write(tx: Any) -> bool:
-            if tx.read_optional(self.nodename) is None:
+            if tx.read_optional(self.path(self._otherend_key)) != self.otherend:
                 return False
             for key, value in entries.items():
                 tx.write(self.path(key), value)
             return True
 
         return bool(self.xs.transaction(write))
+
+    @property
+    def _otherend_key(self) -> str:
+        """Where our directory names the other end's: ``backend`` on the front (whose
+        ``frontend_id`` is -1), ``frontend`` on the back."""
+        return "backend" if self.frontend_id < 0 else "frontend"
 
     def read_otherend(self, key: str) -> str | None:
         return self.xs.read_optional(xenbus.join_path(self.otherend, key))
@@ -232,8 +233,12 @@ class Bus:
 
     def _dispatch(self, token: str) -> None:
         if token.startswith("otherend:"):
-            dev = self.devices.get(token.removeprefix("otherend:"))
+            nodename = token.removeprefix("otherend:")
+            dev = self.devices.get(nodename)
             if dev is None:
+                return
+            if self._otherend_moved(nodename):  # a stale event of the device it replaced
+                self._scan()
                 return
             state = dev.otherend_state()
             if (
@@ -248,12 +253,22 @@ class Bus:
 
     def _scan(self) -> None:
         present = set(self._device_dirs())
-        for nodename in sorted(set(self.devices) - present):
+        replaced = {n for n in present & set(self.devices) if self._otherend_moved(n)}
+        for nodename in sorted((set(self.devices) - present) | replaced):
             self._remove(self.devices.pop(nodename))
         for nodename in sorted(present - set(self.devices)):
             self._probe(nodename)
         for dev in list(self.devices.values()):
             self._check_own_state(dev)
+
+    def _otherend_moved(self, nodename: str) -> bool:
+        """A frontend directory removed and written again, for another backend, between two
+        looks (the toolstack re-attaching a device to a driver domain that came back): a new
+        device under the old name, which the old one's driver must let go of first."""
+        if self.side != "frontend":
+            return False
+        backend = self.xs.read_optional(xenbus.join_path(nodename, "backend"))
+        return backend is not None and backend != self.devices[nodename].otherend
 
     def _check_own_state(self, dev: XenbusDevice) -> None:
         """The toolstack closes a device by writing *our* state (libxl writes Closing into the

@@ -114,9 +114,18 @@ def remove_device(xs: XsClient, paths: DevicePaths, timeout: float = 10.0) -> bo
                     break
         finally:
             watch.unwatch()
-    xs.rm(paths.backend)
-    xs.rm(paths.frontend)
+    for path in (paths.backend, paths.frontend):
+        rm_if_there(xs, path)  # a driver domain's backend directory went with its home
     return closed
+
+
+def rm_if_there(xs: XsClient, path: str) -> None:
+    """Remove ``path``, which may be gone already, parent and all (the store's ENOENT)."""
+    try:
+        xs.rm(path)
+    except XsError as exc:
+        if exc.errno_name != "ENOENT":
+            raise
 
 
 #: How often a rollback looks whether the backends have released a domain's devices.
@@ -181,14 +190,48 @@ class Devices:
         frontend may share its channels and pools with it as soon as it sees them."""
         front, back = kind.store_keys(entry, devid, owner)
         backend = self._backend_domid(entry.backend)
+        device = xenbus.device_name(kind.xenbus_type, devid)
+        self.xs.write(_served_by(domid, kind, devid), str(backend))
         if backend != DOM0_DOMID:
-            self._link(domid, backend, xenbus.device_name(kind.xenbus_type, devid), True)
-        return add_device(self.xs, domid, backend, kind.xenbus_type, devid, front, back)
+            self._link(domid, backend, device, True)
+        try:
+            return add_device(self.xs, domid, backend, kind.xenbus_type, devid, front, back)
+        except XsError:
+            if backend != DOM0_DOMID:
+                self._link(domid, backend, device, False)
+            raise
+
+    def reattach(
+        self, domid: int, config: DomainConfig, owner: int, driver: str, driver_domid: int
+    ) -> list[str]:
+        """A driver domain named ``driver`` came (back) as ``driver_domid``: each device of
+        ``domid``'s config whose ``backend`` names it, and whose directories name another domain
+        (one that died: its guests' devices closed with it), is added again, served by the new
+        one, with the MAC it had (Qubes re-attaches so when a net VM restarts; the guest sees
+        its interface go and come back, and TCP carries on). The devices' names."""
+        done = []
+        for kind in KINDS:
+            for index, entry in enumerate(entries(config, kind)):
+                devid = kind.devid_of(entry)
+                devid = index if devid is None else devid
+                front = xenbus.frontend_path(domid, kind.xenbus_type, devid)
+                if entry.backend != driver or self.xs.read_optional(front) is None:
+                    continue
+                if self.backend_of(domid, kind, devid) == driver_domid:
+                    continue
+                mac = self.xs.read_optional(xenbus.join_path(front, "mac"))
+                if mac and "mac" in type(entry).model_fields and entry.mac is None:
+                    entry = entry.model_copy(update={"mac": mac})
+                remove_device(self.xs, self.paths(domid, kind, devid))
+                self.add(domid, kind, entry, devid, owner)
+                done.append(xenbus.device_name(kind.xenbus_type, devid))
+        return done
 
     def backend_of(self, domid: int, kind: DeviceKind, devid: int) -> int:
-        """The domain serving a device, as its frontend directory says (dom0 if it does not)."""
-        front = xenbus.frontend_path(domid, kind.xenbus_type, devid)
-        value = self.xs.read_optional(xenbus.join_path(front, xenbus.Key.BACKEND_ID))
+        """The domain serving a device, as the toolstack recorded it where only dom0 reads and
+        writes (never the frontend directory's ``backend-id``, which the guest may rewrite);
+        dom0 for a device recorded nowhere."""
+        value = self.xs.read_optional(_served_by(domid, kind, devid))
         return int(value) if value is not None and value.isdecimal() else DOM0_DOMID
 
     def paths(self, domid: int, kind: DeviceKind, devid: int) -> DevicePaths:
@@ -255,6 +298,10 @@ class Devices:
             self.wait_connected(domid, kind, devid, timeout)
         except HyperError:
             remove_device(self.xs, paths)
+            backend = self.backend_of(domid, kind, devid)
+            if backend != DOM0_DOMID:
+                self._link(domid, backend, xenbus.device_name(kind.xenbus_type, devid), False)
+            rm_if_there(self.xs, _served_by(domid, kind, devid))
             made.remove_created()
             raise
         attached: dict[str, Any] = {"domid": domid, "devid": devid}
@@ -274,6 +321,7 @@ class Devices:
         clean = remove_device(self.xs, paths)
         if backend != DOM0_DOMID:
             self._link(domid, backend, xenbus.device_name(kind.xenbus_type, found[0]), False)
+        rm_if_there(self.xs, _served_by(domid, kind, found[0]))
         return {"domid": domid, "devid": found[0], "clean": clean}
 
     def listing(self, domid: int, kind: DeviceKind) -> list[dict[str, Any]]:
@@ -323,6 +371,12 @@ class Devices:
             return str(devid)
         front, _ = kind.store_keys(entry, devid, 0)
         return front[kind.name_key]
+
+
+def _served_by(domid: int, kind: DeviceKind, devid: int) -> str:
+    """Where the toolstack records which domain serves a device: below the domain's tool
+    directory (libxl's /libxl/<domid>/device/...), dom0's alone."""
+    return xenbus.join_path(xenbus.tool_path(domid), "backend", kind.xenbus_type, str(devid))
 
 
 def entries(config: DomainConfig, kind: DeviceKind) -> list[Any]:

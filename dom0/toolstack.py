@@ -125,7 +125,28 @@ class Toolstack:
         if not adopted:
             config = DomainConfig.model_validate(info["config"], context=RECEIVED)
             self.devices.add_all(domid, config, info["owner"])
+            if config.backends:
+                self._reattach_guests(info)
         log.info("dom%d (%s) %s", domid, info["name"], "adopted" if adopted else "introduced")
+
+    def _reattach_guests(self, driver: dict[str, Any]) -> None:
+        """A driver domain came (back): the devices of running guests that name it and lost
+        their backend when a domain of its name died are served by it again."""
+        for guest in self._list():
+            if guest["domid"] in (0, driver["domid"]) or guest["status"] != "running":
+                continue
+            config = DomainConfig.model_validate(guest["config"], context=RECEIVED)
+            try:
+                done = self.devices.reattach(
+                    guest["domid"], config, guest["owner"], driver["name"], driver["domid"]
+                )
+            except (HyperError, XsError) as exc:
+                log.warning("dom%d: re-attaching to %s: %s", guest["domid"], driver["name"], exc)
+                continue
+            if done:
+                log.info(
+                    "dom%d: %s served by %s again", guest["domid"], ", ".join(done), driver["name"]
+                )
 
     def _in_store(self, info: dict[str, Any]) -> bool:
         """The store already holds this very domain (same domid, same uuid)."""

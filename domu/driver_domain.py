@@ -13,7 +13,10 @@ moves them there as it boots, hyperd/nics.py); ``attach_nics`` puts each on its 
 Everything the drivers need of the host, they find in the domain: the TAPs and the bridges in
 its own network namespace (whose empty firewall needs no rule), each data-path worker forked by
 the kernel's fork server and dropped to a uid of its own inside the domain's user namespace,
-with the domain's own group, the one the objects its guests share with it name.
+with the domain's own group, the one the objects its guests share with it name. So a worker a
+guest subverts reaches what the driver domain reaches, every guest it serves included, as a
+subverted netback in a Xen driver domain would: the guests it serves trust it, as they trust
+dom0 otherwise; nothing else does (hyperd/devlinks.py).
 """
 
 from __future__ import annotations

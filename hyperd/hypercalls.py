@@ -90,7 +90,7 @@ class Hypercalls:
         is dom0 (it dies with the domU); the caller when both are domUs, which must share a
         device (hyperd/devlinks.py), or EPERM."""
         if 0 not in (caller, other) and caller != other:
-            self._domu(other)
+            self._live(self._domu(other))
             if not self.hv.links.share(caller, other):
                 raise HvError("EPERM", f"domains {caller} and {other} share no device")
             return self._domu(caller).resources
@@ -199,10 +199,18 @@ class Hypercalls:
             return {}
         if op.frontend == op.backend:
             raise HvError("EINVAL", f"domain {op.frontend} cannot serve its own {op.device}")
-        self._domu(op.frontend)
-        self._domu(op.backend)
+        self._live(self._domu(op.frontend))
+        self._live(self._domu(op.backend))
         self.hv.links.link(op.frontend, op.backend, op.device)
         return {}
+
+    @staticmethod
+    def _live(domain: Domain) -> Domain:
+        """A domain being built or running: one preserved after its end has no view left to
+        share objects through."""
+        if domain.status not in (Status.BUILDING, Status.RUNNING):
+            raise HvError("ESRCH", f"domain {domain.domid} is {domain.status.value}")
+        return domain
 
     def do_domctl_destroy(self, caller: Domain, op: hc.DomctlDestroy) -> dict[str, Any]:
         self.hv.destroy(self._domu(op.domid))

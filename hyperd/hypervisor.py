@@ -647,13 +647,14 @@ class Hypervisor:
     def _stop(self, domain: Domain) -> None:
         """Kill every process and free every channel; keep the record (for preserve)."""
         domain.final_cpu_ns = cpu_ns(domain)
+        alive = domain.pid is not None and (domain.pidfd is not None or not domain.reaped)
+        if domain.config.nics and alive and domain.pid is not None:  # before any kill
+            nics.take_back([nic.name for nic in domain.config.nics], domain.pid)
         if domain.pidfd is not None:
             # Adopted: not our child, so only the pidfd names it safely; PID 1 reaps it.
             with contextlib.suppress(ProcessLookupError):
                 signal.pidfd_send_signal(domain.pidfd, signal.SIGKILL)
             self.forget_pidfd(domain)
-        if domain.config.nics and domain.pid is not None and not domain.reaped:
-            nics.take_back([nic.name for nic in domain.config.nics], domain.pid)
         if domain.pid is not None and not domain.reaped:
             # Still our unreaped child, so the pid cannot have been reused by anyone else.
             with contextlib.suppress(ProcessLookupError):

@@ -6,6 +6,12 @@ destroyed. Xen's assign_device and deassign, for the one native device a process
 handful of calls per driver domain, which would not repay pyroute2's import in hyperd.
 A domain that dies by itself cannot be asked first: its namespace goes with it, and the kernel
 returns a physical interface to the host's and deletes a veth.
+
+Interfaces are given back by name, so a driver domain that turned hostile can rename what it
+holds and have another interface of its making moved out instead: it is down in the host's
+namespace, with no address, and whatever joined it to the domain goes with the domain's
+namespace (a veth's other end, a tun's descriptors). It can keep the interfaces it was given,
+which it held anyway. Moving them back by identity (an ifindex taken when given) is to do.
 """
 
 from __future__ import annotations

@@ -114,7 +114,11 @@ class Resources:
         name = self._name(kind)
         create_segment(name, size, mode=0o660)
         self.segments.add(name)
-        self._share(name, [shm_path(name)], peer)
+        try:
+            self._share(name, [shm_path(name)], peer)
+        except OSError:
+            self.drop_segment(name)
+            raise
         return name
 
     def new_doorbell(self, kind: str, peer: int = 0) -> str:
@@ -122,7 +126,11 @@ class Resources:
         name = self._name(kind)
         create_doorbell(name, mode=0o660)
         self.doorbells.add(name)
-        self._share(name, list(bell_paths(name)), peer)
+        try:
+            self._share(name, list(bell_paths(name)), peer)
+        except OSError:
+            self.drop_doorbell(name)
+            raise
         return name
 
     def _share(self, name: str, paths: list[Path], peer: int) -> None:

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
+import signal
 import subprocess
 from collections.abc import Callable
 from pathlib import Path
@@ -246,3 +248,38 @@ def test_a_destroyed_driver_domain_takes_its_guests_vifs_and_only_those(
     assert "eth1" in hyperctl("exec", guest, "--", *links).out
     assert not list(Path("/dev/shm").glob(f"hyper.d{netvm_id}.*"))
     assert not view_dir(netvm_id).exists()
+
+
+def test_a_driver_domain_that_crashes_and_restarts_serves_its_guests_again(
+    make_domain: Callable[..., str], lan: tuple[str, str]
+) -> None:
+    """``on_crash: restart`` builds it again under a new domid; the toolstack re-attaches the
+    guests' vifs that name it to the new one, with the MACs they had, and they talk again."""
+    bridge, net = lan
+    netvm = make_domain("memory: 256\nbackends: [vif]\non_crash: restart\n")
+    a = make_domain(guest_vif(bridge, f"{net}.2", netvm))
+    make_domain(guest_vif(bridge, f"{net}.3", netvm))
+    [before] = json.loads(hyperctl("network-list", "--json", a).out)
+    first = domain_info(netvm)
+    assert first is not None
+    assert hyperctl("exec", a, "--", "ping", "-c", "1", "-W", "5", f"{net}.3").status == 0
+
+    os.kill(first["pid"], signal.SIGKILL)  # its kernel: the domain crashed
+    wait_for(
+        lambda: (
+            (info := domain_info(netvm)) is not None
+            and info["domid"] != first["domid"]
+            and info["status"] == "running"
+        ),
+        30,
+        "the driver domain to be running again",
+    )
+    ping = ["ping", "-c", "1", "-W", "1", f"{net}.3"]
+    wait_for(
+        lambda: hyperctl("exec", a, "--", *ping, check=False).status == 0,
+        30,
+        "the guests to talk again through the new driver domain",
+    )
+    [after] = json.loads(hyperctl("network-list", "--json", a).out)
+    assert after["mac"] == before["mac"]
+    assert after["backend"].startswith(f"/local/domain/{domid(netvm)}/backend/vif/")

@@ -18,7 +18,7 @@ import pytest
 from channels import xenbus
 from channels.xenbus import XenbusState
 from channels.xenbus_bus import Bus, Driver, XenbusDevice
-from dom0.devices import add_device, backend_state, remove_device
+from dom0.devices import add_device, backend_state, device_paths, remove_device
 from dom0.store.core import Store
 from dom0.store.local import connect_local
 
@@ -200,6 +200,8 @@ class RestartingFrontend(Recorder):
             dev.switch_state(S.Initialised)
         elif state == S.Connected and dev.state == S.Initialised:
             dev.switch_state(S.Connected)
+        elif state == S.Unknown:  # the backend is gone (its driver domain died)
+            dev.switch_state(S.Closed)
         self.note(dev, f"back {state.name}")
 
     def remove(self, dev: XenbusDevice) -> None:
@@ -269,3 +271,27 @@ def test_a_restart_is_seen_even_when_the_frontend_never_read_the_backends_connec
     back.switch_state(S.Connected)
     front.wait_for(("back Connected", 0, "Connected"))
     assert [e for e in front.log if e[0] == "restart"] == [("restart", 0, "Connected")]
+
+
+def test_a_frontend_directory_written_again_for_another_backend_is_a_new_device(
+    front_only: tuple[RestartingFrontend, object, object],
+) -> None:
+    """The toolstack re-attaches a device to a driver domain that came back: it removes the
+    frontend directory and writes it again, naming the new backend, while the bus thread is
+    busy. The bus lets go of the old device and probes the new one; the old one's last word
+    (Closed, its backend gone) never lands in the new directory."""
+    front, xs, dom0 = front_only
+    _, other = two_connected(front, xs, dom0)
+    front.gate.clear()
+    other.switch_state(S.Connected)  # holds the bus thread in device 1's driver
+    old = device_paths(DOMU, 0, "toy", 0)
+    remove_device(xs, old, timeout=0.01)  # type: ignore[arg-type]  # no backend driver to close
+    paths = add_device(xs, DOMU, 5, "toy", 0)  # type: ignore[arg-type]
+    front.gate.set()
+    front.wait_for(("remove", 0, "Connected"))
+    front.wait_for(("probe", 0, "Unknown"))
+    assert xs.read(xenbus.join_path(paths.frontend, "state")) == str(int(S.Initialising))  # type: ignore[attr-defined]
+
+    new_back = XenbusDevice(dom0, "toy", 0, paths.backend, paths.frontend, DOMU, DOMU)  # type: ignore[arg-type]
+    new_back.switch_state(S.InitWait)
+    front.wait_for(("back InitWait", 0, "Connected"))
