@@ -531,6 +531,9 @@ class Toolstack:
         if problem := self._unserved(kind, entry.backend):
             raise BadInput("a backend that cannot serve", [f"{kind.spec_name}: {problem}"])
         info = self._domu(request.domain)
+        if self._backend_domid(entry.backend) == info["domid"]:
+            own = f"{kind.spec_name}: backend: {info['name']} cannot serve its own {kind.what}"
+            raise BadInput("a backend that cannot serve", [own])
         if info["status"] != "running":
             raise HyperError(f"domain {info['name']} is not running")
         return self.devices.attach(

@@ -94,6 +94,11 @@ def test_two_guests_served_by_a_network_driver_domain_ping_and_pass_iperf3(
     inside = hyperctl("exec", netvm, "--", "ip", "-o", "link", "show").out
     assert all(f"vif{g}.0" in inside for g in guests) and bridge in inside
 
+    # A driver domain cannot be given a vif of its own making.
+    itself = hyperctl("network-attach", netvm, f"bridge={bridge},backend={netvm}", check=False)
+    assert itself.status == 2
+    assert itself.err.strip() == f"vifspec: backend: {netvm} cannot serve its own vif"
+
     # Only the guest itself and the driver domain map a guest's grant pools.
     for guest in guests:
         groups = mappers(f"hyper.d{guest}.gnt").values()
