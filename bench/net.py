@@ -636,12 +636,20 @@ def hyper_path(
     probes: dict[str, Probe] = {
         "vif_packets": VifPackets(domains),
         "stages": StageMeter(lambda: net_stages(domains)),
+        **cpu_probes(domids),
     }
+    return with_counters(domids, lambda: measure_path(client, server, settings, probes))
+
+
+def cpu_probes(domids: dict[str, int]) -> dict[str, Probe]:
+    """The CPU probes every hyper path takes, in their order: dom0's and ``domids``' cgroups
+    (when readable), then the whole machine's."""
+    probes: dict[str, Probe] = {}
     cpu = CpuMeter.for_domains(domids)
     if cpu is not None:
         probes["cgroups"] = cpu
     probes["machine"] = MachineClock()
-    return with_counters(domids, lambda: measure_path(client, server, settings, probes))
+    return probes
 
 
 def driver_path(lab: Lab, settings: Settings) -> dict[str, Any]:
@@ -652,11 +660,7 @@ def driver_path(lab: Lab, settings: Settings) -> dict[str, Any]:
     a_name, a_id = lab.domain("da", f"{DRIVER_NET}.2", backend=netvm)
     b_name, b_id = lab.domain("db", f"{DRIVER_NET}.3", backend=netvm)
     a, b = in_domain(a_name, f"{DRIVER_NET}.2"), in_domain(b_name, f"{DRIVER_NET}.3")
-    probes: dict[str, Probe] = {}
-    cpu = CpuMeter.for_domains({a_name: a_id, b_name: b_id, "netvm": netvm_id})
-    if cpu is not None:
-        probes["cgroups"] = cpu
-    probes["machine"] = MachineClock()
+    probes = cpu_probes({a_name: a_id, b_name: b_id, "netvm": netvm_id})
     result = measure_path(a, b, settings, probes)
     result["exec_cpu_seconds"] = exec_cost(a.prefix)
     return result

@@ -101,6 +101,13 @@ class XenbusDevice:
         ``frontend_id`` is -1), ``frontend`` on the back."""
         return "backend" if self.frontend_id < 0 else "frontend"
 
+    def replaced(self) -> bool:
+        """Our directory was removed and written again, naming another other end, between two
+        looks (the toolstack re-attaching a device to a driver domain that came back): it is a
+        new device's, which this one must let go of first."""
+        named = self.read(self._otherend_key)
+        return named is not None and named != self.otherend
+
     def read_otherend(self, key: str) -> str | None:
         return self.xs.read_optional(xenbus.join_path(self.otherend, key))
 
@@ -237,7 +244,7 @@ class Bus:
             dev = self.devices.get(nodename)
             if dev is None:
                 return
-            if self._otherend_moved(nodename):  # a stale event of the device it replaced
+            if dev.replaced():  # a stale event of the device it replaced
                 self._scan()
                 return
             state = dev.otherend_state()
@@ -253,22 +260,13 @@ class Bus:
 
     def _scan(self) -> None:
         present = set(self._device_dirs())
-        replaced = {n for n in present & set(self.devices) if self._otherend_moved(n)}
+        replaced = {n for n in present & set(self.devices) if self.devices[n].replaced()}
         for nodename in sorted((set(self.devices) - present) | replaced):
             self._remove(self.devices.pop(nodename))
         for nodename in sorted(present - set(self.devices)):
             self._probe(nodename)
         for dev in list(self.devices.values()):
             self._check_own_state(dev)
-
-    def _otherend_moved(self, nodename: str) -> bool:
-        """A frontend directory removed and written again, for another backend, between two
-        looks (the toolstack re-attaching a device to a driver domain that came back): a new
-        device under the old name, which the old one's driver must let go of first."""
-        if self.side != "frontend":
-            return False
-        backend = self.xs.read_optional(xenbus.join_path(nodename, "backend"))
-        return backend is not None and backend != self.devices[nodename].otherend
 
     def _check_own_state(self, dev: XenbusDevice) -> None:
         """The toolstack closes a device by writing *our* state (libxl writes Closing into the

@@ -14,7 +14,7 @@ connected. Nothing here names a kind.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -190,16 +190,21 @@ class Devices:
         frontend may share its channels and pools with it as soon as it sees them."""
         front, back = kind.store_keys(entry, devid, owner)
         backend = self._backend_domid(entry.backend)
-        device = xenbus.device_name(kind.xenbus_type, devid)
         self.xs.write(_served_by(domid, kind, devid), str(backend))
         if backend != DOM0_DOMID:
-            self._link(domid, backend, device, True)
+            self._link(domid, backend, xenbus.device_name(kind.xenbus_type, devid), True)
         try:
             return add_device(self.xs, domid, backend, kind.xenbus_type, devid, front, back)
         except XsError:
-            if backend != DOM0_DOMID:
-                self._link(domid, backend, device, False)
+            self._unserve(domid, kind, devid)
             raise
+
+    def _unserve(self, domid: int, kind: DeviceKind, devid: int) -> None:
+        """Forget which domain serves a device that is gone (``add``'s record and link)."""
+        backend = self.backend_of(domid, kind, devid)
+        if backend != DOM0_DOMID:
+            self._link(domid, backend, xenbus.device_name(kind.xenbus_type, devid), False)
+        rm_if_there(self.xs, _served_by(domid, kind, devid))
 
     def reattach(
         self, domid: int, config: DomainConfig, owner: int, driver: str, driver_domid: int
@@ -210,21 +215,18 @@ class Devices:
         one, with the MAC it had (Qubes re-attaches so when a net VM restarts; the guest sees
         its interface go and come back, and TCP carries on). The devices' names."""
         done = []
-        for kind in KINDS:
-            for index, entry in enumerate(entries(config, kind)):
-                devid = kind.devid_of(entry)
-                devid = index if devid is None else devid
-                front = xenbus.frontend_path(domid, kind.xenbus_type, devid)
-                if entry.backend != driver or self.xs.read_optional(front) is None:
-                    continue
-                if self.backend_of(domid, kind, devid) == driver_domid:
-                    continue
-                mac = self.xs.read_optional(xenbus.join_path(front, "mac"))
-                if mac and "mac" in type(entry).model_fields and entry.mac is None:
-                    entry = entry.model_copy(update={"mac": mac})
-                remove_device(self.xs, self.paths(domid, kind, devid))
-                self.add(domid, kind, entry, devid, owner)
-                done.append(xenbus.device_name(kind.xenbus_type, devid))
+        for kind, entry, devid in configured(config):
+            front = xenbus.frontend_path(domid, kind.xenbus_type, devid)
+            if entry.backend != driver or self.xs.read_optional(front) is None:
+                continue
+            if self.backend_of(domid, kind, devid) == driver_domid:
+                continue
+            mac = self.xs.read_optional(xenbus.join_path(front, "mac"))
+            if mac and "mac" in type(entry).model_fields and entry.mac is None:
+                entry = entry.model_copy(update={"mac": mac})
+            remove_device(self.xs, self.paths(domid, kind, devid))
+            self.add(domid, kind, entry, devid, owner)
+            done.append(xenbus.device_name(kind.xenbus_type, devid))
         return done
 
     def backend_of(self, domid: int, kind: DeviceKind, devid: int) -> int:
@@ -240,12 +242,9 @@ class Devices:
     def add_all(self, domid: int, config: DomainConfig, owner: int) -> list[tuple[DeviceKind, int]]:
         """A new domain's devices, every kind in table order; the (kind, devid) of each."""
         added = []
-        for kind in KINDS:
-            for index, entry in enumerate(entries(config, kind)):
-                devid = kind.devid_of(entry)
-                devid = index if devid is None else devid
-                self.add(domid, kind, entry, devid, owner)
-                added.append((kind, devid))
+        for kind, entry, devid in configured(config):
+            self.add(domid, kind, entry, devid, owner)
+            added.append((kind, devid))
         return added
 
     def wait_connected(self, domid: int, kind: DeviceKind, devid: int, timeout: float) -> None:
@@ -298,10 +297,7 @@ class Devices:
             self.wait_connected(domid, kind, devid, timeout)
         except HyperError:
             remove_device(self.xs, paths)
-            backend = self.backend_of(domid, kind, devid)
-            if backend != DOM0_DOMID:
-                self._link(domid, backend, xenbus.device_name(kind.xenbus_type, devid), False)
-            rm_if_there(self.xs, _served_by(domid, kind, devid))
+            self._unserve(domid, kind, devid)
             made.remove_created()
             raise
         attached: dict[str, Any] = {"domid": domid, "devid": devid}
@@ -316,12 +312,8 @@ class Devices:
         found = [devid for devid, label in names.items() if device in (str(devid), label)]
         if not found:
             raise NotFound(f"domain {name} has no {kind.what} {device}")
-        backend = self.backend_of(domid, kind, found[0])
-        paths = device_paths(domid, backend, kind.xenbus_type, found[0])
-        clean = remove_device(self.xs, paths)
-        if backend != DOM0_DOMID:
-            self._link(domid, backend, xenbus.device_name(kind.xenbus_type, found[0]), False)
-        rm_if_there(self.xs, _served_by(domid, kind, found[0]))
+        clean = remove_device(self.xs, self.paths(domid, kind, found[0]))
+        self._unserve(domid, kind, found[0])
         return {"domid": domid, "devid": found[0], "clean": clean}
 
     def listing(self, domid: int, kind: DeviceKind) -> list[dict[str, Any]]:
@@ -377,6 +369,15 @@ def _served_by(domid: int, kind: DeviceKind, devid: int) -> str:
     """Where the toolstack records which domain serves a device: below the domain's tool
     directory (libxl's /libxl/<domid>/device/...), dom0's alone."""
     return xenbus.join_path(xenbus.tool_path(domid), "backend", kind.xenbus_type, str(devid))
+
+
+def configured(config: DomainConfig) -> Iterator[tuple[DeviceKind, Any, int]]:
+    """The config's devices, every kind in table order: each kind, entry and devid (its own,
+    or its index among the kind's)."""
+    for kind in KINDS:
+        for index, entry in enumerate(entries(config, kind)):
+            devid = kind.devid_of(entry)
+            yield kind, entry, index if devid is None else devid
 
 
 def entries(config: DomainConfig, kind: DeviceKind) -> list[Any]:

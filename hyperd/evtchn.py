@@ -86,8 +86,7 @@ class EventChannels:
             if port not in used:
                 break
         self._last[domid] = port
-        other = remote_dom if resources.domid == domid else domid  # who else opens it
-        doorbell = resources.new_doorbell(f"evtchn{port}", other)
+        doorbell = resources.new_doorbell(f"evtchn{port}", resources.counterpart(domid, remote_dom))
         entry = Port(domid, port, remote_dom, doorbell, resources)
         self._ports[domid, port] = entry
         return entry

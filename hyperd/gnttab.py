@@ -85,8 +85,8 @@ class GrantTables:
         # Grant refs 0..7 are reserved, as in Xen (console and store rings live there).
         base = self._next_gref.get(granter, 8)
         pool_id = self._next_pool.get(granter, 0)
-        other = peer if resources.domid == granter else granter  # who else opens it
-        name = resources.new_segment(f"gnt{pool_id}", pool_bytes(pages), other)
+        opener = resources.counterpart(granter, peer)
+        name = resources.new_segment(f"gnt{pool_id}", pool_bytes(pages), opener)
         pool = Pool(pool_id, granter, peer, device, name, base, pages)
         self._pools[granter, pool_id] = pool
         self._next_gref[granter] = base + pages

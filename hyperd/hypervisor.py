@@ -647,8 +647,8 @@ class Hypervisor:
     def _stop(self, domain: Domain) -> None:
         """Kill every process and free every channel; keep the record (for preserve)."""
         domain.final_cpu_ns = cpu_ns(domain)
-        alive = domain.pid is not None and (domain.pidfd is not None or not domain.reaped)
-        if domain.config.nics and alive and domain.pid is not None:  # before any kill
+        alive = domain.pidfd is not None or not domain.reaped  # adopted, or our unreaped child
+        if domain.config.nics and domain.pid is not None and alive:  # before any kill
             nics.take_back([nic.name for nic in domain.config.nics], domain.pid)
         if domain.pidfd is not None:
             # Adopted: not our child, so only the pidfd names it safely; PID 1 reaps it.

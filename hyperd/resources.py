@@ -26,6 +26,7 @@ import secrets
 import shutil
 import stat
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -114,11 +115,7 @@ class Resources:
         name = self._name(kind)
         create_segment(name, size, mode=0o660)
         self.segments.add(name)
-        try:
-            self._share(name, [shm_path(name)], peer)
-        except OSError:
-            self.drop_segment(name)
-            raise
+        self._share(name, peer, self.drop_segment)
         return name
 
     def new_doorbell(self, kind: str, peer: int = 0) -> str:
@@ -126,65 +123,75 @@ class Resources:
         name = self._name(kind)
         create_doorbell(name, mode=0o660)
         self.doorbells.add(name)
-        try:
-            self._share(name, list(bell_paths(name)), peer)
-        except OSError:
-            self.drop_doorbell(name)
-            raise
+        self._share(name, peer, self.drop_doorbell)
         return name
 
-    def _share(self, name: str, paths: list[Path], peer: int) -> None:
+    def counterpart(self, a: int, b: int) -> int:
+        """Of two domains sharing an object we hold, the one that is not us."""
+        return b if self.domid == a else a
+
+    def _objects(self, name: str) -> tuple[Path, ...]:
+        """An object's entries in /dev/shm: a segment's one, a doorbell's semaphore and FIFO."""
+        return bell_paths(name) if name in self.doorbells else (shm_path(name),)
+
+    def _views(self, peer: int | None) -> list[Path]:
+        """The views an object is linked into: ours (dom0 has none) and its peer's."""
+        return [v for v in (self.view, None if peer is None else view_dir(peer)) if v]
+
+    def _share(self, name: str, peer: int, drop: Callable[[str], None]) -> None:
+        """Our group on the object, its links, and ``peer``'s ACL entry and link if it is
+        another domU; on failure the object goes (``drop``)."""
         other = peer if peer not in (0, self.domid) else None
         if other is not None:
             self.peers[name] = other
-        for path in paths:
-            os.chown(path, 0, host_gid(self.domid))
-            for view in (self.view, view_dir(other) if other is not None else None):
-                if view is not None:
+        try:
+            for path in self._objects(name):
+                os.chown(path, 0, host_gid(self.domid))
+                for view in self._views(other):
                     os.link(path, view / path.name)
-            if other is not None:
-                allow_group(path, host_gid(other))
+                if other is not None:
+                    allow_group(path, host_gid(other))
+        except OSError:
+            drop(name)
+            raise
 
     def drop_segment(self, name: str) -> None:
         if name in self.segments:
+            self._unlink_views(name)
             self.segments.discard(name)
-            self._unlink_views(name, shm_path(name).name)
             unlink_segment(name)
 
     def drop_doorbell(self, name: str) -> None:
         if name in self.doorbells:
+            self._unlink_views(name)
             self.doorbells.discard(name)
-            for path in bell_paths(name):
-                self._unlink_views(name, path.name)
             unlink_doorbell(name)
 
-    def _unlink_views(self, name: str, entry: str) -> None:
-        """An object's links in our view and in its peer's (gone already if the peer died)."""
-        peer = self.peers.get(name)
-        for view in (self.view, view_dir(peer) if peer is not None else None):
-            if view is not None:
-                (view / entry).unlink(missing_ok=True)
+    def _unlink_views(self, name: str) -> None:
+        """An object's links in our view and in its peer's (gone already if the peer died);
+        the peer is forgotten with it."""
+        views = self._views(self.peers.pop(name, None))
+        for path in self._objects(name):
+            for view in views:
+                (view / path.name).unlink(missing_ok=True)
 
     def release(self) -> None:
         for name in list(self.segments):
             self.drop_segment(name)
         for name in list(self.doorbells):
             self.drop_doorbell(name)
-        self.peers.clear()
         if self.view is not None:
             remove(self.view)
 
     def paths(self) -> set[Path]:
         """Where this domain's objects are in /dev/shm: the objects, their links (in its view
         and in its peers'), its view."""
-        names = {shm_path(n) for n in self.segments}
-        names |= {path for n in self.doorbells for path in bell_paths(n)}
-        found = set(names)
-        if self.view is not None:
-            found |= {self.view} | {self.view / p.name for p in names}
-        for name, peer in self.peers.items():
-            objects = bell_paths(name) if name in self.doorbells else (shm_path(name),)
-            found |= {view_dir(peer) / p.name for p in objects}
+        found = {self.view} if self.view is not None else set()
+        for name in self.segments | self.doorbells:
+            objects = self._objects(name)
+            found.update(objects)
+            for view in self._views(self.peers.get(name)):
+                found.update(view / path.name for path in objects)
         return found
 
     def to_dict(self) -> dict[str, Any]:

@@ -72,6 +72,7 @@ def test_a_segment_the_guest_shares_with_its_driver_domain(domains: dict[int, Re
 
     guest.drop_segment(name)
     assert not host.exists() and not in_driver_view.exists()
+    assert guest.peers == {}, "a dropped object is no one's to open any more"
 
 
 def test_a_doorbell_the_driver_domain_holds_and_the_guest_rings(

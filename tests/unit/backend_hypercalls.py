@@ -85,6 +85,8 @@ class PaperResources(Resources):
 
     def drop_segment(self, name: str) -> None:
         self.segments.discard(name)
+        self.peers.pop(name, None)
 
     def drop_doorbell(self, name: str) -> None:
         self.doorbells.discard(name)
+        self.peers.pop(name, None)

@@ -186,6 +186,10 @@ def test_two_domus_share_channels_and_pools_only_through_a_device_linked_between
     assert refused(hypervisor, netvm, hc.EvtchnAllocUnbound(remote_dom=7)) == "EPERM"
     assert refused(hypervisor, other, hc.GnttabMapPools(granter=5, device="vif/0")) == "EPERM"
 
+    # A released pool is no one's to open any more.
+    handle(guest, hc.GnttabReleasePool(pool=pool["pool"]))
+    assert pool["name"] not in guest.resources.peers
+
     handle(dom0, link.model_copy(update={"linked": False}))
     assert refused(hypervisor, netvm, hc.GnttabMapPools(granter=5, device="vif/0")) == "EPERM"
     assert refused(hypervisor, guest, hc.EvtchnAllocUnbound(remote_dom=6)) == "EPERM"
