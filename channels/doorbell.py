@@ -44,7 +44,8 @@ while the semaphore's count stays in its file; and a ringer killed between its p
 write leaves a count with no byte. Every later ringer would then see the count and stay
 silent. So opening a doorbell whose count is pending writes the byte again, and a wait that
 times out drains the count too (the waiter re-checks its ring after any wait): at worst one
-spurious wakeup.
+spurious wakeup. A process stopping its own waiter cannot wait for that timeout: ``wake``
+writes the byte whatever the count.
 
 A peer that vanished: the semaphore is a small file in /dev/shm that every handle maps and the
 pipe lives while any handle holds it, so ringing still succeeds after the peer exited or hyperd
@@ -182,6 +183,17 @@ class Doorbell:
         with contextlib.suppress(BlockingIOError):  # full: readable already
             os.write(self._fd, b"\1")
 
+    def wake(self) -> None:
+        """Wake the waiter whatever the semaphore holds: the byte alone, written every time.
+        A process stopping its own waiter (``kick``) calls this: ``ring`` stays silent while a
+        count is pending, and a peer killed between its post and its write (or a hostile one
+        posting without writing) leaves exactly that, which would hold the waiter asleep
+        until its heal timeout and its owner's stop with it."""
+        if self._fd < 0:
+            raise DoorbellError(f"doorbell {self.name}: woken after close")
+        with contextlib.suppress(BlockingIOError):  # full: readable already
+            os.write(self._fd, b"\1")
+
     def wait(self, timeout: float | None) -> bool:
         """Sleep until rung or `timeout` seconds pass (None: forever); True if rung."""
         fd = self.fileno()
@@ -248,8 +260,8 @@ class DoorbellPair:
         self._peer.ring()
 
     def kick(self) -> None:
-        """Ring our own doorbell: wakes our waiter (to stop it)."""
-        self._mine.ring()
+        """Wake our own waiter (to stop it), even past a count the peer left pending."""
+        self._mine.wake()
 
     def close(self) -> None:
         self._mine.close()

@@ -170,8 +170,9 @@ class EventChannel:
         return self._doorbell.wait(timeout)
 
     def kick(self) -> None:
-        """Ring our own doorbell: wakes whoever waits on this port (used to stop a waiter)."""
-        self._doorbell.ring()
+        """Wake whoever waits on this port (used to stop a waiter), even past a count the
+        peer left pending (Doorbell.wake)."""
+        self._doorbell.wake()
 
     def close(self) -> None:
         """Free the port. The peer's port returns to unbound (it may be re-bound later)."""

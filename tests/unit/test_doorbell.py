@@ -17,6 +17,7 @@ import pytest
 from channels.doorbell import (
     Doorbell,
     DoorbellError,
+    DoorbellPair,
     create_doorbell,
     fifo_path,
     sem_path,
@@ -163,6 +164,46 @@ def test_a_wait_that_times_out_takes_a_count_left_without_its_byte(
         assert waiter.wait(LONG) is True
     finally:
         raw.close()
+
+
+def test_wake_stops_a_waiter_past_a_count_left_without_its_byte(
+    name: str, pair: tuple[Doorbell, Doorbell]
+) -> None:
+    """The peer was killed between its post and its write, so ``ring`` stays silent; a backend
+    stopping its own dispatcher must still wake it at once, not after the heal timeout (a
+    blkback stop once waited out its 5 s join that way, CI run of 6572bdd)."""
+    own, waiter = pair  # opened before the count: opening would write its byte again
+    raw = posix_ipc.Semaphore("/" + name)
+    try:
+        raw.release()
+        result: list[bool] = []
+        sleeper = threading.Thread(target=lambda: result.append(waiter.wait(LONG)))
+        sleeper.start()
+        own.ring()  # silent: a count is pending
+        own.wake()
+        sleeper.join(LONG + 5)
+        assert result == [True]
+    finally:
+        raw.close()
+
+
+def test_kick_wakes_a_pairs_own_waiter_past_a_pending_count(name: str) -> None:
+    peer = f"{name}-peer"
+    create_doorbell(peer)
+    raw = posix_ipc.Semaphore("/" + name)
+    try:
+        pair = DoorbellPair(name, peer)
+        raw.release()  # after the open: the count stays without its byte
+        result: list[bool] = []
+        sleeper = threading.Thread(target=lambda: result.append(pair.wait(LONG)))
+        sleeper.start()
+        pair.kick()
+        sleeper.join(LONG + 5)
+        pair.close()
+        assert result == [True]
+    finally:
+        raw.close()
+        unlink_doorbell(peer)
 
 
 def test_a_full_fifo_is_silent_and_still_wakes(name: str, pair: tuple[Doorbell, Doorbell]) -> None:
