@@ -8,7 +8,7 @@ toolstack creates, and the toolstack asks it for its devices' counters.
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Mapping
 from typing import Protocol
 
 from backends.host import BackendHost
@@ -20,6 +20,13 @@ class BackendDriver(Driver, Protocol):
     """What the toolstack needs of a backend driver besides the bus's calls."""
 
     def stats(self, domid: int | None = None) -> list[dict[str, object]]: ...
+
+    def hand_over(self, back: Mapping[str, str]) -> int | None:
+        """For a device a driver domain serves, with backend directory ``back``: the
+        descriptor of the native resource dom0 opens for it here (the caller closes it once
+        hyperd holds its copy, hc.DomctlLinkDevice), or None when the kind's backend opens
+        nothing of the host's (a vif's TAP is made in the driver domain)."""
+        ...
 
 
 def driver_class(kind: DeviceKind) -> Callable[[BackendHost], BackendDriver]:
@@ -44,3 +51,6 @@ class BackendDrivers:
 
     def stats(self, kind: DeviceKind, domid: int | None = None) -> list[dict[str, object]]:
         return self.by_kind[kind.xenbus_type].stats(domid)
+
+    def hand_over(self, kind: DeviceKind, back: Mapping[str, str]) -> int | None:
+        return self.by_kind[kind.xenbus_type].hand_over(back)

@@ -2,10 +2,12 @@
 backend driver when it is made (backends/drivers.py).
 
 dom0 makes one with its hypercall socket and its fork server (dom0/main.py), and keeps the
-defaults: its workers take host ids from dom0's table and their frontend's host gid, and the
-bridges it makes are the host's, whose firewall must let their frames through. A driver domain
-(domu/kernel.py) hands ids inside its own user namespace, its own group (which the objects it
-shares with its guests name, hyperd/resources.py), and bridges in its own network namespace.
+defaults: its workers take host ids from dom0's table and their frontend's host gid, the
+bridges it makes are the host's, whose firewall must let their frames through, and its backends
+open the images they serve. A driver domain (domu/kernel.py) hands ids inside its own user
+namespace, its own group (which the objects it shares with its guests name,
+hyperd/resources.py), bridges in its own network namespace, and disks that dom0 opened and
+hyperd hands over (``handed``): it opens no image itself.
 """
 
 from __future__ import annotations
@@ -31,3 +33,7 @@ class BackendHost:
     #: the bridges made are the host's: frames between their ports need the FORWARD rule
     #: (backends/netback/firewall.py)
     firewall: bool = True
+    #: ``handed(frontend, device)``: the descriptor of the native resource dom0 opened for a
+    #: device this domain serves (a vbd's loop device), taken from hyperd once
+    #: (hc.DeviceTakeFd); None in dom0, whose backends open their resources themselves
+    handed: Callable[[int, str], int] | None = None

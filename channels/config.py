@@ -22,7 +22,7 @@ key             meaning (default)
 ``disk``        list of virtual block devices, see :class:`DiskConfig` ([])
 ``p9``          list of shared host directories, see :class:`P9Config` ([])
 ``backends``    device kinds this domain serves to other domains as a driver domain:
-                ``vif`` so far ([]); a guest's ``backend:`` may then name it
+                ``vif``, ``vbd`` or both ([]); a guest's ``backend:`` may then name it
 ``nics``        host interfaces a vif driver domain holds, see :class:`NicConfig` ([])
 =============== ======================================================================
 
@@ -274,7 +274,7 @@ Int = Annotated[int, BeforeValidator(_not_bool)]
 DomainName = Annotated[str, AfterValidator(_check_name)]
 DomainRef = Annotated[int | str, BeforeValidator(_domain_ref)]
 #: The device kinds (XenBus types) a driver domain can serve so far.
-ServedKind = Literal["vif"]
+ServedKind = Literal["vif", "vbd"]
 MacAddress = Annotated[str, BeforeValidator(_mac)]
 IfName = Annotated[str, AfterValidator(_ifname)]
 IPInterface = Annotated[

@@ -9,6 +9,10 @@ domid. A message is one JSON object:
               {"id": 7, "ok": false, "error": "EPERM", "message": "..."}
     event     {"event": "domain_state", "data": {...}}        (hyperd -> dom0 only)
 
+A message may carry one file descriptor (SCM_RIGHTS) where its op says so: dom0's
+``domctl_link_device`` gives one, the reply to ``device_take_fd`` hands it on. hyperd reads
+descriptors from dom0's socket alone; any other domain's go unread, and the kernel closes them.
+
 Each operation is a pydantic model below. Its docstring says who may call it; operations marked
 ``privileged`` are refused with EPERM to every domain but dom0. Arguments are validated on the
 hyperd side against these models (unknown keys forbidden), because a domU may send anything.
@@ -19,6 +23,7 @@ from __future__ import annotations
 import itertools
 import json
 import logging
+import os
 import socket
 import threading
 from collections.abc import Callable
@@ -26,6 +31,7 @@ from typing import Any, ClassVar, Literal, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from channels import linux
 from channels.config import RECEIVED, DomainConfig
 from channels.errors import Closed, HyperError
 
@@ -202,7 +208,12 @@ class DomctlLinkDevice(Op):
     """dom0: domain ``backend`` (a driver domain) serves ``device`` of domain ``frontend``
     (``linked``), or no longer does. Only domUs linked so share event channels, and a guest
     grants pools for a device only to the domain that serves it, which maps no other device's;
-    dom0 serves every device and needs no link (hyperd/devlinks.py)."""
+    dom0 serves every device and needs no link (hyperd/devlinks.py).
+
+    With ``linked``, dom0 may send one descriptor with the call (SCM_RIGHTS): the device's
+    native resource, opened by dom0 (a vbd's loop device), as Xen assigns a device to a driver
+    domain. hyperd holds it for the backend, which takes it once (DeviceTakeFd), and closes it
+    if the link goes first (unlinked, linked again, either domain dead, hyperd restarted)."""
 
     op = "domctl_link_device"
     privileged = True
@@ -210,6 +221,17 @@ class DomctlLinkDevice(Op):
     backend: int = Field(ge=1, le=DOMID_MAX)
     device: str = Field(pattern=DEVICE_PATTERN)
     linked: bool = True
+
+
+class DeviceTakeFd(Op):
+    """Any domain: the descriptor dom0 linked with ``device`` of domain ``frontend`` for the
+    caller to serve (DomctlLinkDevice), sent with the reply (SCM_RIGHTS) and no longer held by
+    hyperd: taken once. EPERM when the caller does not serve that device; ENOENT when no
+    descriptor waits (taken already, or none was given). Result: {}."""
+
+    op = "device_take_fd"
+    frontend: int = Field(ge=1, le=DOMID_MAX)
+    device: str = Field(pattern=DEVICE_PATTERN)
 
 
 class DomctlPause(Op):
@@ -298,6 +320,7 @@ OPS: dict[str, type[Op]] = {
         DomctlCreate,
         DomctlDestroy,
         DomctlLinkDevice,
+        DeviceTakeFd,
         DomctlPause,
         DomctlList,
         DomctlExecTarget,
@@ -330,6 +353,11 @@ def parse_request(data: bytes) -> tuple[int, Op]:
         raise ValueError(f"{cls.op}: {problems}") from exc
 
 
+def receive(sock: socket.socket, most_fds: int, flags: int = 0) -> tuple[bytes, list[int]]:
+    """One message and the descriptors it carried, up to ``most_fds`` (channels/linux.py)."""
+    return linux.recv_fds(sock, MAX_MESSAGE, most_fds, flags)
+
+
 def encode(obj: dict[str, Any]) -> bytes:
     return json.dumps(obj, separators=(",", ":")).encode()
 
@@ -339,6 +367,25 @@ class Hypercalls(Protocol):
     worker's link to dom0 (backends/datapath_worker.py's Dom0Link), whose calls dom0 makes."""
 
     def call(self, op: Op) -> dict[str, Any]: ...
+
+
+class _Slot:
+    """A call waiting for its reply, and the descriptor the reply carried."""
+
+    def __init__(self) -> None:
+        self.done = threading.Event()
+        self.reply: dict[str, Any] | None = None
+        self.fd: int | None = None
+
+    def drop_fd(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+
+def _close_all(fds: list[int]) -> None:
+    for fd in fds:
+        os.close(fd)
 
 
 class HypercallClient:
@@ -358,47 +405,71 @@ class HypercallClient:
         self._timeout = timeout
         self._ids = itertools.count(1)
         self._lock = threading.Lock()
-        self._waiting: dict[int, list[Any]] = {}
+        self._waiting: dict[int, _Slot] = {}
         self._closed = False
         self._reader = threading.Thread(target=self._read_loop, name="hypercall", daemon=True)
         self._reader.start()
 
-    def call(self, op: Op) -> dict[str, Any]:
+    def call(self, op: Op, fd: int | None = None) -> dict[str, Any]:
+        """Make the call (with ``fd`` sent along, where the op takes one); its result."""
+        result, received = self._call(op, fd)
+        if received is not None:
+            os.close(received)  # not asked for
+        return result
+
+    def take_fd(self, op: Op) -> tuple[dict[str, Any], int]:
+        """Make a call whose reply hands a descriptor on (DeviceTakeFd): the result and the
+        descriptor, which the caller now owns."""
+        result, received = self._call(op, None)
+        if received is None:
+            raise HypercallError(op.op, "EPROTO", "the reply carried no descriptor")
+        return result, received
+
+    def _call(self, op: Op, fd: int | None) -> tuple[dict[str, Any], int | None]:
         req_id = next(self._ids)
-        slot: list[Any] = [threading.Event(), None]
+        slot = _Slot()
         with self._lock:
             if self._closed:
                 raise HypervisorGone(op.op)
             self._waiting[req_id] = slot
+        message = encode({"id": req_id, "op": op.op, "args": op.model_dump(mode="json")})
         try:
-            self._sock.send(encode({"id": req_id, "op": op.op, "args": op.model_dump(mode="json")}))
+            if fd is None:
+                self._sock.send(message)
+            else:
+                socket.send_fds(self._sock, [message], [fd])
         except OSError as exc:
             raise HypervisorGone(op.op) from exc
-        if not slot[0].wait(self._timeout):
-            with self._lock:
+        if not slot.done.wait(self._timeout):
+            with self._lock:  # the reader fills a slot under the lock
                 self._waiting.pop(req_id, None)
+                slot.drop_fd()  # a reply that came as we gave up
             raise HypercallError(op.op, "ETIMEDOUT", f"no reply in {self._timeout:.0f} s")
-        reply = slot[1]
+        reply = slot.reply
         if reply is None:
             raise HypervisorGone(op.op)
         if not reply.get("ok"):
+            slot.drop_fd()
             raise HypercallError(op.op, reply.get("error", "EIO"), reply.get("message", ""))
-        return reply.get("result") or {}
+        return reply.get("result") or {}, slot.fd
 
     def _read_loop(self) -> None:
         while True:
             try:
-                data = self._sock.recv(MAX_MESSAGE)
+                data, fds = receive(self._sock, 1)
             except OSError:
-                data = b""
+                data, fds = b"", []
             if not data:
+                _close_all(fds)
                 break
             try:
                 msg = json.loads(data)
             except ValueError:
                 log.warning("hypercall: undecodable message from hyperd dropped")
+                _close_all(fds)
                 continue
             if "event" in msg:
+                _close_all(fds)  # events carry none
                 if self._on_event is not None:
                     try:
                         self._on_event(msg["event"], msg.get("data") or {})
@@ -407,14 +478,17 @@ class HypercallClient:
                 continue
             with self._lock:
                 slot = self._waiting.pop(msg.get("id"), None)
+                if slot is not None:
+                    slot.reply = msg
+                    slot.fd, fds = (fds[0], fds[1:]) if fds else (None, [])
+            _close_all(fds)  # none asked for (the caller gave up waiting), or one too many
             if slot is not None:
-                slot[1] = msg
-                slot[0].set()
+                slot.done.set()
         with self._lock:
             self._closed = True
             pending, self._waiting = self._waiting, {}
         for slot in pending.values():
-            slot[0].set()
+            slot.done.set()
         if self._on_event is not None:
             try:
                 self._on_event("hypervisor_gone", {})

@@ -1,4 +1,5 @@
-"""The Linux system calls Python 3.11's os module lacks: namespaces, mounts, prctl.
+"""The Linux system calls Python 3.11's os module lacks: namespaces, mounts, prctl; and a
+``recv_fds`` that honours its flags.
 
 Everything here is a thin ctypes wrapper that raises OSError with errno, so callers handle
 failures exactly as they would for os.* calls. Only the sandbox builder and the hypervisor's
@@ -7,9 +8,11 @@ spawn path use these; nothing else in hyper touches namespaces or mounts.
 
 from __future__ import annotations
 
+import array
 import ctypes
 import ctypes.util
 import os
+import socket
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
 
@@ -160,3 +163,19 @@ def set_comm(name: str) -> None:
         ),
         "prctl PR_SET_NAME",
     )
+
+
+def recv_fds(
+    sock: socket.socket, size: int, most_fds: int, flags: int = 0
+) -> tuple[bytes, list[int]]:
+    """One message of up to ``size`` bytes and the descriptors it carried, up to ``most_fds``
+    (the kernel closes any beyond, and all of them when ``most_fds`` is 0), received
+    close-on-exec. ``socket.recv_fds`` would do, but Python 3.11's drops its ``flags``: a
+    MSG_PEEK through it consumes the message, and MSG_CMSG_CLOEXEC is lost."""
+    fds = array.array("i")
+    room = socket.CMSG_SPACE(most_fds * fds.itemsize) if most_fds else 0
+    data, ancillary, _, _ = sock.recvmsg(size, room, flags | socket.MSG_CMSG_CLOEXEC)
+    for level, kind, payload in ancillary:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            fds.frombytes(payload[: len(payload) - len(payload) % fds.itemsize])
+    return data, list(fds)

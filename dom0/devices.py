@@ -13,6 +13,7 @@ connected. Nothing here names a kind.
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
@@ -156,15 +157,20 @@ class Images:
         self.created = []
 
 
-#: ``link(frontend, backend, device, linked)``: tell hyperd that domU ``backend`` serves (or no
-#: longer serves) ``device`` of ``frontend`` (hc.DomctlLinkDevice; hyperd/devlinks.py).
-Link = Callable[[int, int, str, bool], None]
+#: ``link(frontend, backend, device, linked, fd)``: tell hyperd that domU ``backend`` serves (or
+#: no longer serves) ``device`` of ``frontend``, handing it ``fd`` if not None
+#: (hc.DomctlLinkDevice; hyperd/devlinks.py).
+Link = Callable[[int, int, str, bool, int | None], None]
+#: ``hand_over(kind, back)``: the descriptor dom0 opens for a device a driver domain serves,
+#: given its backend keys, or None (backends/drivers.py).
+HandOver = Callable[[DeviceKind, Mapping[str, str]], int | None]
 
 
 class Devices:
     """Every kind's devices, through the kind table; ``stats`` asks dom0's backend of a kind,
     ``backend_domid`` turns a config's ``backend`` (a domid or a name) into a domid, ``link``
-    tells hyperd which driver domain serves which device."""
+    tells hyperd which driver domain serves which device, handing it what ``hand_over``
+    opens."""
 
     def __init__(
         self,
@@ -172,11 +178,13 @@ class Devices:
         stats: Callable[[DeviceKind, int | None], list[dict[str, object]]],
         backend_domid: Callable[[int | str], int],
         link: Link,
+        hand_over: HandOver,
     ) -> None:
         self.xs = xs
         self._stats = stats
         self._backend_domid = backend_domid
         self._link = link
+        self._hand_over = hand_over
 
     def ids(self, domid: int, kind: DeviceKind) -> list[int]:
         try:
@@ -187,23 +195,34 @@ class Devices:
 
     def add(self, domid: int, kind: DeviceKind, entry: Any, devid: int, owner: int) -> DevicePaths:
         """Write the device's two directories; a driver domain's link first, so that the
-        frontend may share its channels and pools with it as soon as it sees them."""
+        frontend may share its channels and pools with it as soon as it sees them, with what
+        dom0 opens for its backend (a vbd's loop device: the driver domain opens no image)."""
         front, back = kind.store_keys(entry, devid, owner)
         backend = self._backend_domid(entry.backend)
         self.xs.write(_served_by(domid, kind, devid), str(backend))
-        if backend != DOM0_DOMID:
-            self._link(domid, backend, xenbus.device_name(kind.xenbus_type, devid), True)
         try:
+            if backend != DOM0_DOMID:
+                self._link_handing_over(domid, backend, kind, devid, back)
             return add_device(self.xs, domid, backend, kind.xenbus_type, devid, front, back)
-        except XsError:
+        except (XsError, HyperError):
             self._unserve(domid, kind, devid)
             raise
+
+    def _link_handing_over(
+        self, domid: int, backend: int, kind: DeviceKind, devid: int, back: Mapping[str, str]
+    ) -> None:
+        fd = self._hand_over(kind, back)
+        try:
+            self._link(domid, backend, xenbus.device_name(kind.xenbus_type, devid), True, fd)
+        finally:
+            if fd is not None:
+                os.close(fd)  # hyperd holds its own copy now, or the link failed
 
     def _unserve(self, domid: int, kind: DeviceKind, devid: int) -> None:
         """Forget which domain serves a device that is gone (``add``'s record and link)."""
         backend = self.backend_of(domid, kind, devid)
         if backend != DOM0_DOMID:
-            self._link(domid, backend, xenbus.device_name(kind.xenbus_type, devid), False)
+            self._link(domid, backend, xenbus.device_name(kind.xenbus_type, devid), False, None)
         rm_if_there(self.xs, _served_by(domid, kind, devid))
 
     def reattach(
@@ -235,6 +254,19 @@ class Devices:
         dom0 for a device recorded nowhere."""
         value = self.xs.read_optional(_served_by(domid, kind, devid))
         return int(value) if value is not None and value.isdecimal() else DOM0_DOMID
+
+    def recorded(self, domid: int) -> list[DevicePaths]:
+        """Every device of ``domid``'s that ``add`` recorded and nothing removed since: what
+        its directories are, read from dom0's records (``_served_by``), which outlive the
+        domain's home."""
+        found = []
+        for kind in KINDS:
+            try:
+                devids = self.xs.directory(_records(domid, kind))
+            except XsError:
+                continue  # none of this kind
+            found += [self.paths(domid, kind, int(d)) for d in devids if d.isdecimal()]
+        return found
 
     def paths(self, domid: int, kind: DeviceKind, devid: int) -> DevicePaths:
         return device_paths(domid, self.backend_of(domid, kind, devid), kind.xenbus_type, devid)
@@ -368,7 +400,12 @@ class Devices:
 def _served_by(domid: int, kind: DeviceKind, devid: int) -> str:
     """Where the toolstack records which domain serves a device: below the domain's tool
     directory (libxl's /libxl/<domid>/device/...), dom0's alone."""
-    return xenbus.join_path(xenbus.tool_path(domid), "backend", kind.xenbus_type, str(devid))
+    return xenbus.join_path(_records(domid, kind), str(devid))
+
+
+def _records(domid: int, kind: DeviceKind) -> str:
+    """The directory of ``_served_by`` records of one kind of a domain's devices."""
+    return xenbus.join_path(xenbus.tool_path(domid), "backend", kind.xenbus_type)
 
 
 def configured(config: DomainConfig) -> Iterator[tuple[DeviceKind, Any, int]]:

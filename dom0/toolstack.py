@@ -12,7 +12,7 @@ import json
 import logging
 import queue
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -82,7 +82,9 @@ class Toolstack:
         self.events = events
         self.stopped = threading.Event()
         self.drivers: BackendDrivers | None = None  # set by dom0.main
-        self.devices = Devices(xs, self._device_stats, self._backend_domid, self._link_device)
+        self.devices = Devices(
+            xs, self._device_stats, self._backend_domid, self._link_device, self._hand_over
+        )
         self._event_handlers: dict[str, Callable[[dict[str, Any]], None]] = {
             "domain_introduced": self.on_domain_introduced,
             "domain_running": self.on_domain_running,
@@ -228,11 +230,9 @@ class Toolstack:
                 log.exception("teardown of dom%d: %s failed", domid, what)
 
     def _remove_nodes(self, domid: int, vm: str | None) -> None:
-        served = [  # its devices' backend directories, in dom0's tree or a driver domain's
-            self.devices.paths(domid, kind, devid).backend
-            for kind in KINDS
-            for devid in self.devices.ids(domid, kind)
-        ]
+        # Its devices' backend directories, in dom0's tree or a driver domain's, found through
+        # the toolstack's records: the store dropped the domain's home as it released it.
+        served = [paths.backend for paths in self.devices.recorded(domid)]
         paths = [
             *served,
             *(xenbus.backend_domain_path(0, kind.xenbus_type, domid) for kind in KINDS),
@@ -313,9 +313,16 @@ class Toolstack:
         """A config's ``backend`` (checked by ``_unserved``) as a domid."""
         return DOM0_DOMID if backend == DOM0_DOMID else int(self.find(backend)["domid"])
 
-    def _link_device(self, frontend: int, backend: int, device: str, linked: bool) -> None:
+    def _link_device(
+        self, frontend: int, backend: int, device: str, linked: bool, fd: int | None
+    ) -> None:
         op = hc.DomctlLinkDevice(frontend=frontend, backend=backend, device=device, linked=linked)
-        self.hc.call(op)
+        self.hc.call(op, fd)
+
+    def _hand_over(self, kind: DeviceKind, back: Mapping[str, str]) -> int | None:
+        if self.drivers is None:
+            raise HyperError("dom0's backends are not running yet")
+        return self.drivers.hand_over(kind, back)
 
     def find(self, domain: str | int) -> dict[str, Any]:
         for info in self._list():

@@ -10,8 +10,11 @@ kernel then runs a backend bus over that directory, with the drivers of those ki
 Host interfaces its config lists in ``nics`` are in its network namespace before it runs (hyperd
 moves them there as it boots, hyperd/nics.py); ``attach_nics`` puts each on its bridge.
 
-Everything the drivers need of the host, they find in the domain: the TAPs and the bridges in
-its own network namespace (whose empty firewall needs no rule), each data-path worker forked by
+Everything the drivers need of the host, they find in the domain or are handed: the TAPs and
+the bridges in its own network namespace (whose empty firewall needs no rule); each disk as the
+descriptor of a loop device dom0 attached with its own checks and hyperd handed over
+(``take_handed``), so that it opens no image and sees none but the ones it serves; each
+data-path worker forked by
 the kernel's fork server and dropped to a uid of its own inside the domain's user namespace,
 with the domain's own group, the one the objects its guests share with it name. So a worker a
 guest subverts reaches what the driver domain reaches, every guest it serves included, as a
@@ -30,7 +33,7 @@ from backends.host import BackendHost
 from backends.netback.tap import ensure_bridge
 from backends.privilege import WorkerIds
 from channels import xenbus
-from channels.hypercall import HypercallClient
+from channels.hypercall import DeviceTakeFd, HypercallClient
 from channels.ids import ID_RANGE, WORKLOAD_UID
 from channels.kinds import BY_TYPE
 from channels.xenbus_bus import Bus
@@ -56,6 +59,13 @@ def attach_nics(nics: Sequence[dict[str, str]]) -> None:
             ipr.link("set", index=index, master=master, state="up")
 
 
+def take_handed(hc: HypercallClient, frontend: int, device: str) -> int:
+    """The descriptor dom0 opened for ``device`` of ``frontend`` (a vbd's loop device), which
+    hyperd held for us: ours from now on."""
+    _, fd = hc.take_fd(DeviceTakeFd(frontend=frontend, device=device))
+    return fd
+
+
 def start_backends(xs: XsClient, hc: HypercallClient, domid: int, types: Sequence[str]) -> Bus:
     """The backend bus over this domain's backend directory, with the drivers of ``types``."""
     host = BackendHost(
@@ -65,6 +75,7 @@ def start_backends(xs: XsClient, hc: HypercallClient, domid: int, types: Sequenc
         worker_ids=WorkerIds(WORKER_ID_BASE, ID_RANGE - WORKER_ID_BASE),
         worker_gid=lambda frontend: 0,  # the domain's own group (backends/privilege.py)
         firewall=False,
+        handed=lambda frontend, device: take_handed(hc, frontend, device),
     )
     drivers = BackendDrivers(host, types)
     return Bus(xs, xenbus.backend_root_path(domid), "backend", drivers.by_type()).start()

@@ -10,10 +10,16 @@ that turns hostile reaches the guests it serves, and those only through their de
 
 The toolstack links a device before the frontend sets it up and unlinks it when it is gone; a
 domain's death unlinks everything it was part of.
+
+A link may hold one descriptor that dom0 opened for the backend (a vbd's loop device: Xen's
+device assignment), until the backend takes it (``take_fd``) or the link goes, which closes
+it. Held descriptors are not saved: a hyperd restarted before the backend took one has lost it,
+and the backend's device fails (the toolstack attaches it again to recover).
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,12 +34,34 @@ class DeviceLink:
 class DeviceLinks:
     def __init__(self) -> None:
         self._links: set[DeviceLink] = set()
+        self._fds: dict[DeviceLink, int] = {}  # descriptors waiting for their backend
 
-    def link(self, frontend: int, backend: int, device: str) -> None:
-        self._links.add(DeviceLink(frontend, backend, device))
+    def link(self, frontend: int, backend: int, device: str, fd: int | None = None) -> None:
+        """Link the device, holding ``fd`` (now ours) for its backend; linking it again
+        replaces what it held."""
+        link = DeviceLink(frontend, backend, device)
+        self._links.add(link)
+        self._drop_fd(link)
+        if fd is not None:
+            self._fds[link] = fd
 
     def unlink(self, frontend: int, backend: int, device: str) -> None:
-        self._links.discard(DeviceLink(frontend, backend, device))
+        link = DeviceLink(frontend, backend, device)
+        self._links.discard(link)
+        self._drop_fd(link)
+
+    def take_fd(self, frontend: int, backend: int, device: str) -> int | None:
+        """The descriptor held for ``backend``, now the caller's; None if none is held."""
+        return self._fds.pop(DeviceLink(frontend, backend, device), None)
+
+    def _drop_fd(self, link: DeviceLink) -> None:
+        fd = self._fds.pop(link, None)
+        if fd is not None:
+            os.close(fd)
+
+    def held(self) -> int:
+        """How many descriptors wait for their backends."""
+        return len(self._fds)
 
     def serves(self, backend: int, frontend: int, device: str) -> bool:
         """Does ``backend`` serve ``device`` of ``frontend``? dom0 serves everything."""
@@ -47,7 +75,10 @@ class DeviceLinks:
         )
 
     def release_domain(self, domid: int) -> None:
-        self._links = {link for link in self._links if domid not in (link.frontend, link.backend)}
+        gone = {link for link in self._links if domid in (link.frontend, link.backend)}
+        self._links -= gone
+        for link in gone:
+            self._drop_fd(link)
 
     def to_dict(self) -> list[dict[str, Any]]:
         """Every link, for hyperd's state file."""

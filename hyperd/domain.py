@@ -95,7 +95,9 @@ class Domain:
     shutdown_reason: str | None = None  # what the domain said in sched_shutdown
     exit_code: int | None = None
     final_cpu_ns: int = 0
-    outq: collections.deque[bytes] = field(default_factory=collections.deque)  # unsent replies
+    #: Unsent replies, each with the descriptor it hands on (DeviceTakeFd) or None; a
+    #: descriptor is hyperd's to close until sent.
+    outq: collections.deque[tuple[bytes, int | None]] = field(default_factory=collections.deque)
     bad_calls: int = 0
     #: What its hypercalls may still cost hyperd (hyperd/budget.py), and until when
     #: (monotonic) hyperd reads none of them, having run out (0: reading).

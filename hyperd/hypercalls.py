@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 import os
 import platform
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -43,6 +43,44 @@ class HvError(HyperError):
     def __init__(self, errno_name: str, message: str) -> None:
         super().__init__(message)
         self.errno_name = errno_name
+
+
+def close_all(fds: Iterable[int]) -> None:
+    for fd in fds:
+        os.close(fd)
+
+
+class Descriptors:
+    """The descriptors of one hypercall: the ones its request brought (dom0's, at most one),
+    until a handler takes them, and the one its reply hands on. Whatever is left at ``close``
+    is closed: nothing a call brought outlives it unless a handler kept it."""
+
+    def __init__(self, received: Iterable[int] = ()) -> None:
+        self._received = list(received)
+        self._reply: int | None = None
+
+    def take(self) -> int | None:
+        """The descriptor the request brought, now the caller's to close; None if none."""
+        return self._received.pop() if self._received else None
+
+    def hand_on(self, fd: int) -> None:
+        """Send ``fd`` with the reply (and close it once sent)."""
+        self._reply = fd
+
+    def take_reply(self) -> int | None:
+        fd, self._reply = self._reply, None
+        return fd
+
+    def close(self) -> None:
+        close_all(self._received)
+        self._received = []
+        reply = self.take_reply()
+        if reply is not None:
+            os.close(reply)
+
+
+#: A handler of an op that passes descriptors: as Handler, with the call's Descriptors.
+PassingHandler = Callable[[Domain, Any, Descriptors], dict[str, Any]]
 
 
 class Hypercalls:
@@ -71,13 +109,27 @@ class Hypercalls:
             hc.SysctlInfo: self.do_sysctl_info,
             hc.SysctlHalt: self.do_sysctl_halt,
             hc.EvtchnBindInterdomain: self.do_evtchn_bind_interdomain,
+        }
+        #: The ops whose request or reply carries a descriptor.
+        self.passing: dict[type[Op], PassingHandler] = {
             hc.DomctlLinkDevice: self.do_domctl_link_device,
+            hc.DeviceTakeFd: self.do_device_take_fd,
         }
 
-    def handle(self, caller: Domain, op: Op) -> dict[str, Any]:
+    def handle(self, caller: Domain, op: Op, passed: Descriptors | None = None) -> dict[str, Any]:
+        """Answer ``op``; ``passed`` holds the descriptors of the call (none if not given)."""
         if op.privileged and caller.domid != 0:
             raise HvError("EPERM", f"{op.op} is privileged; domain {caller.domid} may not call it")
-        return self.table[type(op)](caller, op)
+        passing = self.passing.get(type(op))
+        if passing is None:
+            return self.table[type(op)](caller, op)
+        if passed is not None:
+            return passing(caller, op, passed)
+        passed = Descriptors()
+        try:
+            return passing(caller, op, passed)
+        finally:
+            passed.close()
 
     def _domu(self, domid: int) -> Domain:
         domain = self.hv.domains.get(domid)
@@ -193,7 +245,9 @@ class Hypercalls:
             raise HvError("EEXIST", f"a domain named {name!r} already exists")
         return domain_info(self.hv.build(op.config, op.owner))
 
-    def do_domctl_link_device(self, caller: Domain, op: hc.DomctlLinkDevice) -> dict[str, Any]:
+    def do_domctl_link_device(
+        self, caller: Domain, op: hc.DomctlLinkDevice, passed: Descriptors
+    ) -> dict[str, Any]:
         if not op.linked:  # whether or not either still lives: a dead one's links went with it
             self.hv.links.unlink(op.frontend, op.backend, op.device)
             return {}
@@ -201,7 +255,17 @@ class Hypercalls:
             raise HvError("EINVAL", f"domain {op.frontend} cannot serve its own {op.device}")
         self._live(self._domu(op.frontend))
         self._live(self._domu(op.backend))
-        self.hv.links.link(op.frontend, op.backend, op.device)
+        self.hv.links.link(op.frontend, op.backend, op.device, passed.take())
+        return {}
+
+    def do_device_take_fd(
+        self, caller: Domain, op: hc.DeviceTakeFd, passed: Descriptors
+    ) -> dict[str, Any]:
+        self._check_serves(caller.domid, op.frontend, op.device)
+        fd = self.hv.links.take_fd(op.frontend, caller.domid, op.device)
+        if fd is None:
+            raise HvError("ENOENT", f"no descriptor waits for {op.device} of domain {op.frontend}")
+        passed.hand_on(fd)
         return {}
 
     @staticmethod

@@ -61,7 +61,7 @@ from hyperd.domain import (
 )
 from hyperd.evtchn import EventChannels, EvtchnError
 from hyperd.gnttab import GnttabError, GrantTables
-from hyperd.hypercalls import HvError, Hypercalls, cpu_ns, domain_info
+from hyperd.hypercalls import Descriptors, HvError, Hypercalls, close_all, cpu_ns, domain_info
 from hyperd.resources import Resources
 
 log = logging.getLogger("hyperd")
@@ -321,38 +321,43 @@ class Hypervisor:
         """Forget the events not yet sent: they were for a dom0 that died."""
         self._events.clear()
 
-    def _send(self, domain: Domain, message: bytes) -> None:
-        """Queue a message for a domain without ever blocking the loop. While a domain has
-        unsent replies it is not read from: one that never reads can queue only the replies
-        to what it already sent (and dom0, events, up to OUTQ_LIMIT)."""
+    def _send(self, domain: Domain, message: bytes, fd: int | None = None) -> None:
+        """Queue a message (with ``fd``, which is ours to close from now on) for a domain
+        without ever blocking the loop. While a domain has unsent replies it is not read from:
+        one that never reads can queue only the replies to what it already sent (and dom0,
+        events, up to OUTQ_LIMIT)."""
         if domain.sock is None:
+            _close(fd)
             return
         if not domain.outq:
             try:
-                domain.sock.send(message)
+                _send_one(domain.sock, message, fd)
+                _close(fd)
                 return
             except BlockingIOError:
                 pass
             except OSError as exc:
                 log.warning("dom%d: message lost: %s", domain.domid, exc)
+                _close(fd)
                 return
         if len(domain.outq) >= OUTQ_LIMIT:
             log.error("dom%d does not read its hypercall socket; dropping a message", domain.domid)
+            _close(fd)
             return
-        domain.outq.append(message)
+        domain.outq.append((message, fd))
         self._watch(domain)
 
     def _flush(self, domain: Domain) -> None:
         assert domain.sock is not None
         while domain.outq:
             try:
-                domain.sock.send(domain.outq[0])
+                _send_one(domain.sock, *domain.outq[0])
             except BlockingIOError:
                 return
             except OSError:
-                domain.outq.clear()
+                _clear(domain.outq)
                 break
-            domain.outq.popleft()
+            _close(domain.outq.popleft()[1])
         self._watch(domain)
 
     def _watch(self, domain: Domain) -> None:
@@ -385,24 +390,32 @@ class Hypervisor:
         died meanwhile) is done twice, and the one the caller never learns of is held, doorbell
         or pool, until its domain dies."""
         assert caller.sock is not None
+        # Only dom0 gives descriptors (DomctlLinkDevice); a domU's stay unread, and the kernel
+        # closes them with its message. Each peek receives its own copies: closed below.
+        most = 1 if caller.domid == 0 else 0
         try:
-            data = caller.sock.recv(hc.MAX_MESSAGE, socket.MSG_PEEK)
+            data, fds = hc.receive(caller.sock, most, socket.MSG_PEEK)
         except BlockingIOError:
             return
         except OSError:
-            data = b""
+            data, fds = b"", []
         if not data:
+            close_all(fds)
             self.drop_socket(caller)
             return
-        reply, read_only = self._answer(caller, data)
+        passed = Descriptors(fds)
         try:
-            self._commit()
-        finally:  # even if saving failed: a request left queued would be handled forever
-            self._reply(caller, reply)
-            if caller.sock is not None:
-                with contextlib.suppress(OSError):
-                    caller.sock.recv(hc.MAX_MESSAGE)  # done: consume it
-            self._charge(caller, HYPERCALL_COST[read_only])
+            reply, read_only = self._answer(caller, data, passed)
+            try:
+                self._commit()
+            finally:  # even if saving failed: a request left queued would be handled forever
+                self._send(caller, hc.encode(reply), passed.take_reply())
+                if caller.sock is not None:
+                    with contextlib.suppress(OSError):  # done: consume it
+                        close_all(hc.receive(caller.sock, most)[1])
+                self._charge(caller, HYPERCALL_COST[read_only])
+        finally:
+            passed.close()
 
     def _charge(self, caller: Domain, cost: float) -> None:
         """A domU pays for its call; one out of credit is not read from until it is back."""
@@ -414,7 +427,9 @@ class Hypervisor:
             self._paused[caller.domid] = caller
             self._watch(caller)
 
-    def _answer(self, caller: Domain, data: bytes) -> tuple[dict[str, Any], bool]:
+    def _answer(
+        self, caller: Domain, data: bytes, passed: Descriptors
+    ) -> tuple[dict[str, Any], bool]:
         """The reply to one request, and whether it was a call that changes nothing."""
         try:
             req_id, op = hc.parse_request(data)
@@ -428,7 +443,7 @@ class Hypervisor:
         if not op.read_only:  # no state-file encode for a call that changes nothing
             self._dirty = True
         try:
-            result = self.hypercalls.handle(caller, op)
+            result = self.hypercalls.handle(caller, op, passed)
             return {"id": req_id, "ok": True, "result": result}, op.read_only
         except (HvError, EvtchnError, GnttabError) as exc:
             error = {"id": req_id, "ok": False, "error": exc.errno_name, "message": str(exc)}
@@ -437,9 +452,6 @@ class Hypervisor:
             log.exception("dom%d: hypercall %s failed", caller.domid, op.op)
             return {"id": req_id, "ok": False, "error": "EIO", "message": str(exc)}, op.read_only
 
-    def _reply(self, caller: Domain, reply: dict[str, Any]) -> None:
-        self._send(caller, hc.encode(reply))
-
     def drop_socket(self, domain: Domain) -> None:
         if domain.sock is not None:
             with contextlib.suppress(KeyError, ValueError):  # a build that failed early
@@ -447,7 +459,7 @@ class Hypervisor:
             self.keeper.unkeep(domain)
             domain.sock.close()
             domain.sock = None
-            domain.outq.clear()
+            _clear(domain.outq)
             domain.calls_paused_until = 0.0
             self._forget_pause(domain)
 
@@ -750,6 +762,25 @@ def _terminate(pid: int, grace: float = 5.0) -> None:
         os.kill(pid, signal.SIGKILL)
     with contextlib.suppress(ChildProcessError):
         os.waitpid(pid, 0)
+
+
+def _send_one(sock: socket.socket, message: bytes, fd: int | None) -> None:
+    """One message, with its descriptor if any (which stays ours: the kernel sent a copy)."""
+    if fd is None:
+        sock.send(message)
+    else:
+        socket.send_fds(sock, [message], [fd])
+
+
+def _close(fd: int | None) -> None:
+    if fd is not None:
+        os.close(fd)
+
+
+def _clear(outq: collections.deque[tuple[bytes, int | None]]) -> None:
+    """Drop unsent messages, closing the descriptors they would have handed on."""
+    while outq:
+        _close(outq.popleft()[1])
 
 
 def _request_id(data: bytes) -> int | None:

@@ -43,6 +43,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from channels import linux
 from channels.errors import HyperError
 from channels.forkserver import Child, ChildSetup, Spawner
 from channels.paths import listen_root_only
@@ -79,7 +80,7 @@ def _send(sock: socket.socket, message: dict[str, Any], fds: list[int] | None = 
 def _receive(sock: socket.socket, maxfds: int) -> tuple[dict[str, Any] | None, list[int]]:
     """One message and its fds; (None, []) at end of stream. A message that is not a JSON
     object comes back as {}."""
-    data, fds, _, _ = socket.recv_fds(sock, MAX_MESSAGE, maxfds, socket.MSG_CMSG_CLOEXEC)
+    data, fds = linux.recv_fds(sock, MAX_MESSAGE, maxfds)
     if not data:
         _close_all(fds)
         return None, []

@@ -14,6 +14,7 @@ import errno
 import fcntl
 import logging
 import os
+import stat
 import struct
 import time
 from dataclasses import dataclass
@@ -24,6 +25,7 @@ from channels.errors import HyperError
 
 log = logging.getLogger(__name__)
 
+LOOP_MAJOR = 7
 LOOP_CTL_GET_FREE = 0x4C82
 LOOP_CONFIGURE = 0x4C0A
 LO_FLAGS_READ_ONLY = 1
@@ -70,6 +72,30 @@ class LoopDevice:
         deadline = time.monotonic() + DETACH_TIMEOUT
         while before is not None and _read(backing) == before and time.monotonic() < deadline:
             time.sleep(DETACH_POLL)
+
+    def hand_over(self) -> int:
+        """Our descriptor, now the caller's (dom0 hands it to a driver domain's blkback through
+        hyperd, then closes its own copy): the device stays attached while anyone holds it."""
+        fd, self.fd = self.fd, -1
+        return fd
+
+
+def adopt(fd: int) -> LoopDevice:
+    """The loop device behind ``fd``, which dom0 attached with its checks and handed over (a
+    driver domain's blkback opens no image itself): its size and access mode are the
+    descriptor's own, whatever the store says. Raises LoopError for any other descriptor; the
+    caller still owns ``fd`` then."""
+    st = os.fstat(fd)
+    if not stat.S_ISBLK(st.st_mode) or os.major(st.st_rdev) != LOOP_MAJOR:
+        raise LoopError("the descriptor handed over is not a loop device")
+    readonly = fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE == os.O_RDONLY
+    try:
+        size = _device_bytes(fd)
+    except OSError as exc:
+        raise LoopError(f"the loop device handed over: {exc.strerror}") from exc
+    if size < SECTOR_SIZE:
+        raise LoopError("the loop device handed over is not attached")
+    return LoopDevice(f"/dev/loop{os.minor(st.st_rdev)}", fd, size // SECTOR_SIZE, readonly)
 
 
 def _read(path: Path) -> str | None:

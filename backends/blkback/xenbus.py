@@ -2,7 +2,10 @@
 
 probe: attach the image (``params``, read-only unless ``mode`` is ``w``) to a loop device,
 publish the transport features, go InitWait. The image is opened only if nobody but root and
-``params-owner`` can redirect or change it (channels/images.py), checked on what is opened. When
+``params-owner`` can redirect or change it (channels/images.py), checked on what is opened. In a
+driver domain, blkback opens no image: dom0 attaches it (``hand_over``, the same checks) and
+hyperd hands the loop device's descriptor to the driver domain, which takes it as it probes
+(issue 15); its size and access mode are the descriptor's. When
 the frontend is Initialised (Linux also accepts Connected): read its ring ref, event channel
 and protocol, bind the channel, start the data path in a worker process, publish the disk's
 properties (``sectors``, ``sector-size``, ``info``) and go Connected. When either side closes:
@@ -23,14 +26,16 @@ from __future__ import annotations
 import logging
 import os
 import threading
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from backends.blkback.datapath import COUNTER_FIELDS
-from backends.blkback.loop import LoopDevice, LoopError, attach
+from backends.blkback.loop import LoopDevice, LoopError, adopt, attach
 from backends.datapath_worker import DataPath
 from backends.host import BackendHost
 from channels import blkif as B
+from channels import xenbus
 from channels.evtchn import EventChannel, bind_interdomain
 from channels.hypercall import HypercallError
 from channels.xenbus import XenbusState
@@ -72,19 +77,20 @@ class BlkbackDriver:
 
     # -- XenBus ---------------------------------------------------------------------------------
 
+    def hand_over(self, back: Mapping[str, str]) -> int:
+        """For a vbd a driver domain serves: the image attached here in dom0, with the checks
+        dom0's own blkback makes (``back`` is the backend directory the toolstack writes), as
+        the loop device's descriptor for hyperd to hand over (BackendHost.handed)."""
+        return _attach(back).hand_over()
+
     def probe(self, dev: XenbusDevice) -> None:
-        image = dev.read("params")
-        if not image:
-            dev.fatal("no params (image path) in the backend directory")
-            return
-        readonly = dev.read("mode") != "w"
-        owner = dev.read(B.BlkifKey.PARAMS_OWNER) or "0"
-        if not owner.isdecimal():
-            dev.fatal(f"{B.BlkifKey.PARAMS_OWNER} {owner!r} is not a uid")
-            return
+        image = dev.read("params") or "?"
         try:
-            loop = attach(image, readonly=readonly, owner=int(owner))
-        except LoopError as exc:
+            if self.host.handed is None:
+                loop = _attach({key: dev.read(key) or "" for key in _OPEN_KEYS})
+            else:
+                loop = self._take(dev)
+        except (LoopError, HypercallError) as exc:
             dev.fatal(f"attaching the image: {exc}")
             return
         vbd = Vbd(dev.frontend_id, dev.devid, dev.read("dev") or str(dev.devid), loop)
@@ -94,7 +100,7 @@ class BlkbackDriver:
         rdev = os.fstat(loop.fd).st_rdev
         features = {
             **TRANSPORT_FEATURES,
-            "feature-discard": "0" if readonly else "1",
+            "feature-discard": "0" if loop.readonly else "1",
             "discard-granularity": "4096",
             "discard-alignment": "0",
             "physical-device": f"{os.major(rdev):x}:{os.minor(rdev):x}",
@@ -104,6 +110,16 @@ class BlkbackDriver:
             dev.write(key, value)
         dev.switch_state(S.InitWait)
         log.info("%s: %s on %s, waiting for the frontend", vbd.name, image, loop.path)
+
+    def _take(self, dev: XenbusDevice) -> LoopDevice:
+        """The loop device dom0 attached for this vbd, handed over through hyperd."""
+        assert self.host.handed is not None
+        fd = self.host.handed(dev.frontend_id, xenbus.device_name("vbd", dev.devid))
+        try:
+            return adopt(fd)
+        except LoopError:
+            os.close(fd)
+            raise
 
     def otherend_changed(self, dev: XenbusDevice, state: XenbusState) -> None:
         vbd = dev.driver_data
@@ -187,6 +203,22 @@ class BlkbackDriver:
             }
             for v in vbds
         ]
+
+
+#: The backend keys that say which image to open, and how.
+_OPEN_KEYS = ("params", "mode", B.BlkifKey.PARAMS_OWNER)
+
+
+def _attach(back: Mapping[str, str]) -> LoopDevice:
+    """Attach the image the backend keys name (``params``), read-only unless ``mode`` is
+    ``w``, if only root and ``params-owner`` can change it (backends/blkback/loop.py)."""
+    image = back.get("params")
+    if not image:
+        raise LoopError("no params (image path) in the backend directory")
+    owner = back.get(B.BlkifKey.PARAMS_OWNER) or "0"
+    if not owner.isdecimal():
+        raise LoopError(f"{B.BlkifKey.PARAMS_OWNER} {owner!r} is not a uid")
+    return attach(image, readonly=back.get("mode") != "w", owner=int(owner))
 
 
 #: The driver channels/kinds.py names this folder for.

@@ -25,6 +25,7 @@ import logging
 import os
 import pwd
 import threading
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -164,6 +165,10 @@ class P9backDriver:
         for channel in share.channels:
             channel.close()
         share.channels, share.remote_ports = [], []
+
+    def hand_over(self, back: Mapping[str, str]) -> None:
+        """Nothing to hand over: no domain but dom0 serves shares (config's ServedKind)."""
+        return None
 
     def stats(self, domid: int | None = None) -> list[dict[str, object]]:
         with self._lock:

@@ -28,6 +28,7 @@ from tests.integration.conftest import (
     start_iperf3_server,
     wait_for,
 )
+from tests.integration.test_block import attached_loops, disk, sha256_of, vbds
 from tests.integration.test_faults import dom0_pid, kill_dom0, reap
 from tests.integration.test_grant_hostile import kernel_hypercall_socket
 
@@ -288,3 +289,119 @@ def test_a_driver_domain_that_crashes_and_restarts_serves_its_guests_again(
     [after] = json.loads(hyperctl("network-list", "--json", a).out)
     assert after["mac"] == before["mac"]
     assert after["backend"].startswith(f"/local/domain/{domid(netvm)}/backend/vif/")
+
+
+# -- block driver domains -------------------------------------------------------------------
+
+
+def guest_disk(image: Path, backend: str, size: str = "64M") -> str:
+    return "disk:\n" + disk(image, size=size) + f"    backend: {backend}\n"
+
+
+def holders(device: str) -> dict[int, str]:
+    """Every process with ``device`` open: its pid and its cgroup (a domain's is ``dom<N>``)."""
+    found = {}
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdecimal():
+            continue
+        try:
+            fds = [os.readlink(fd) for fd in (proc / "fd").iterdir()]
+            group = (proc / "cgroup").read_text()
+        except OSError:
+            continue
+        if device in fds:
+            found[int(proc.name)] = group
+    return found
+
+
+def test_a_disk_served_by_a_block_driver_domain_keeps_what_dd_wrote(
+    make_domain: Callable[..., str], tmp_path: Path
+) -> None:
+    """dom0 attaches the image and hands the driver domain the loop device alone; only the
+    driver domain holds it and maps the guest's pages; dd's fsynced data is in the image once
+    the guest is destroyed."""
+    blkvm = make_domain("memory: 256\nbackends: [vbd]\n")
+    image = tmp_path / "guest.img"
+    guest = make_domain(guest_disk(image, blkvm))
+    guest_id, blkvm_id = domid(guest), domid(blkvm)
+
+    [vbd] = vbds(guest)
+    assert vbd["backend"] == f"/local/domain/{blkvm_id}/backend/vbd/{guest_id}/51712"
+    row = hyperctl("block-list", guest).out.splitlines()[1].split()
+    assert row[:2] == ["xvda", str(blkvm_id)]
+    [loop] = attached_loops(image)
+    groups = holders(f"/dev/{loop}").values()
+    assert groups and all(f"dom{blkvm_id}" in g for g in groups), "the driver domain's alone"
+
+    write = "head -c 16M /dev/urandom > /tmp/data && dd if=/tmp/data of=/dev/xvda bs=1M "
+    write += "conv=fsync,notrunc 2>/dev/null && sha256sum /tmp/data"
+    inside = hyperctl("exec", guest, "--", "sh", "-c", write).out.split()[0]
+
+    pools = mappers(f"hyper.d{guest_id}.gnt").values()
+    assert any(f"dom{blkvm_id}" in g for g in pools), "the driver domain maps the guest's pools"
+    assert all(f"dom{guest_id}" in g or f"dom{blkvm_id}" in g for g in pools), pools
+
+    hyperctl("destroy", guest)
+    wait_for(lambda: not attached_loops(image), 10, "the driver domain to let the disk go")
+    assert sha256_of(image, 16 << 20) == inside
+
+
+def test_a_hostile_block_driver_domain_reaches_only_the_disks_it_serves(
+    make_domain: Callable[..., str], tmp_path: Path
+) -> None:
+    """Its kernel, played by the test, takes the descriptor of a disk it does not serve, or of
+    its own guest's disk a second time; and opens images and loop devices by path."""
+    blkvm = make_domain("memory: 256\nbackends: [vbd]\n")
+    served = make_domain(guest_disk(tmp_path / "served.img", blkvm))
+    stranger_image = tmp_path / "stranger.img"
+    stranger = make_domain("disk:\n" + disk(stranger_image, size="64M"))  # dom0 serves it
+    info = domain_info(blkvm)
+    assert info is not None
+    [stranger_loop] = attached_loops(stranger_image)
+
+    hyperctl("pause", blkvm)
+    try:
+        sock, ids = kernel_hypercall_socket(info["pid"]), itertools.count(1 << 40)
+        take = hc.DeviceTakeFd(frontend=domid(stranger), device="vbd/51712")
+        assert refusal(sock, take, ids) == "EPERM"
+        again = hc.DeviceTakeFd(frontend=domid(served), device="vbd/51712")
+        assert refusal(sock, again, ids) == "ENOENT", "its blkback took it, once"
+        sock.close()
+    finally:
+        hyperctl("unpause", blkvm)
+
+    for path in (stranger_image, f"/dev/{stranger_loop}", "/dev/loop-control"):
+        probe = as_kernel(blkvm, "cat", str(path), stdout=subprocess.DEVNULL)
+        _, err = probe.communicate(timeout=30)
+        assert probe.returncode != 0 and "No such file" in err, (path, err)
+
+
+def test_a_block_driver_domain_that_crashes_and_restarts_serves_its_guests_disk_again(
+    make_domain: Callable[..., str], tmp_path: Path
+) -> None:
+    """``on_crash: restart``: the toolstack attaches the image again and hands the new driver
+    domain the loop device; the guest's disk comes back with what was written on it."""
+    blkvm = make_domain("memory: 256\nbackends: [vbd]\non_crash: restart\n")
+    image = tmp_path / "guest.img"
+    guest = make_domain(guest_disk(image, blkvm))
+    write = "head -c 4M /dev/urandom | tee /tmp/data | dd of=/dev/xvda bs=1M conv=fsync "
+    write += "iflag=fullblock 2>/dev/null && sha256sum /tmp/data"
+    written = hyperctl("exec", guest, "--", "sh", "-c", write).out.split()[0]
+    first = domain_info(blkvm)
+    assert first is not None
+
+    os.kill(first["pid"], signal.SIGKILL)
+    read = ["sh", "-c", "head -c 4M /dev/xvda | sha256sum"]
+
+    def disk_back() -> bool:
+        info = domain_info(blkvm)
+        if info is None or info["domid"] == first["domid"] or info["status"] != "running":
+            return False
+        [vbd] = vbds(guest)
+        if not str(vbd["backend"]).startswith(f"/local/domain/{info['domid']}/"):
+            return False
+        back = hyperctl("exec", guest, "--", *read, check=False)
+        return back.status == 0 and back.out.split()[0] == written
+
+    wait_for(disk_back, 60, "the guest's disk to be served by the new driver domain")
+    assert len(attached_loops(image)) == 1

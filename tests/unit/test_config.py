@@ -575,16 +575,20 @@ def test_random_mac_is_unicast_in_xens_oui() -> None:
 
 
 def test_a_driver_domain_lists_the_kinds_it_serves_and_the_nics_it_holds(tmp_path: Path) -> None:
-    text = "name: netvm\nbackends: [vif]\nnics: [veth0, {name: eth1, bridge: br1}]\n"
+    text = "name: netvm\nbackends: [vif, vbd]\nnics: [veth0, {name: eth1, bridge: br1}]\n"
     config = parse_config(text, source="x.yaml", base_dir=tmp_path)
-    assert config.backends == ["vif"]
+    assert config.backends == ["vif", "vbd"]
     assert [(nic.name, nic.bridge) for nic in config.nics] == [
         ("veth0", "hyperbr0"),
         ("eth1", "br1"),
     ]
     for text, error in (
         ("backends: [vif, vif]", "backends.1: vif is listed twice"),
-        ("backends: [vbd]", "backends.0: Input should be 'vif'"),
+        ("backends: [p9]", "backends.0: Input should be 'vif' or 'vbd'"),
+        (
+            "backends: [vbd]\nnics: [veth0]",
+            "nics: only a domain that serves vifs (backends: [vif]) holds nics",
+        ),
         ("nics: [veth0]", "nics: only a domain that serves vifs (backends: [vif]) holds nics"),
         (
             "backends: [vif]\nnics: [veth0, veth0]",

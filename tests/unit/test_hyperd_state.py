@@ -23,6 +23,7 @@ from hyperd.devlinks import DeviceLinks
 from hyperd.domain import Domain, RingInfo, Status, dom0_config
 from hyperd.evtchn import EventChannels
 from hyperd.gnttab import GrantTables
+from hyperd.hypercalls import Descriptors
 from hyperd.hypervisor import DmesgHandler, Hypervisor, refuse_state
 from hyperd.keeper import KeeperClient
 from hyperd.resources import Resources
@@ -180,12 +181,14 @@ def test_only_a_hypercall_that_changes_the_tables_rewrites_the_state_file(
     port = dom3.store.domu_port if dom3.store else 0
 
     for _ in range(100):
-        reply, read_only = hv._answer(dom3, request("evtchn_status", port=port))
+        reply, read_only = hv._answer(dom3, request("evtchn_status", port=port), Descriptors())
         assert reply["ok"] and read_only, reply
         hv._commit()
     assert encodes == []
 
-    reply, read_only = hv._answer(dom3, request("evtchn_alloc_unbound", remote_dom=0))
+    reply, read_only = hv._answer(
+        dom3, request("evtchn_alloc_unbound", remote_dom=0), Descriptors()
+    )
     hv._commit()
     assert reply["ok"] and not read_only and encodes == [1]
     assert str(reply["result"]["port"]) in hv.run.state_file.read_text()
