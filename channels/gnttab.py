@@ -123,6 +123,15 @@ class GrantPool(_Pool):
         self._u16[index * 4] = flags
         return self.gref_base + index
 
+    def regrant(self, domid: int) -> None:
+        """Every page granted now is granted to ``domid`` instead: a frontend whose device moved
+        to another backend (its driver domain came back under a new domid) grants its pages
+        again, as a Xen frontend does for the backend it reconnects to. Done before the new
+        backend is told the frontend is ready, so it never sees the old grantee."""
+        for index in range(self.pages):
+            if self._u16[index * 4] & GTF_type_mask == GTF_permit_access:
+                self._u16[index * 4 + 1] = domid
+
     def end_access(self, gref: int) -> None:
         if gref not in self:
             raise GrantError(f"gref {gref} is not in this pool")

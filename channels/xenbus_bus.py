@@ -102,11 +102,20 @@ class XenbusDevice:
         return "backend" if self.frontend_id < 0 else "frontend"
 
     def replaced(self) -> bool:
-        """Our directory was removed and written again, naming another other end, between two
-        looks (the toolstack re-attaching a device to a driver domain that came back): it is a
-        new device's, which this one must let go of first."""
+        """Our directory names another other end than the one we follow: on the back, it
+        was removed and written again for another frontend between two looks (a new device's,
+        which this one must let go of first); on the front, the toolstack moved the device to
+        another backend (a driver domain that came back), which the bus then follows."""
         named = self.read(self._otherend_key)
         return named is not None and named != self.otherend
+
+    def moved(self) -> bool:
+        """On the front, our directory names another backend (``replaced``) yet holds the state
+        we are in (past Initialising): the toolstack moved the device, rather than removing
+        its directory and writing it anew (which starts it over at Initialising)."""
+        if self.state in (XenbusState.Unknown, XenbusState.Initialising):
+            return False
+        return self.read("state") == str(int(self.state))
 
     def read_otherend(self, key: str) -> str | None:
         return self.xs.read_optional(xenbus.join_path(self.otherend, key))
@@ -244,7 +253,7 @@ class Bus:
             dev = self.devices.get(nodename)
             if dev is None:
                 return
-            if dev.replaced():  # a stale event of the device it replaced
+            if dev.replaced():  # a stale event of the device it replaced, or of its old backend
                 self._scan()
                 return
             state = dev.otherend_state()
@@ -261,8 +270,11 @@ class Bus:
     def _scan(self) -> None:
         present = set(self._device_dirs())
         replaced = {n for n in present & set(self.devices) if self.devices[n].replaced()}
-        for nodename in sorted((set(self.devices) - present) | replaced):
+        moved = {n for n in replaced if self.side == "frontend" and self.devices[n].moved()}
+        for nodename in sorted((set(self.devices) - present) | (replaced - moved)):
             self._remove(self.devices.pop(nodename))
+        for nodename in sorted(moved):
+            self._follow(self.devices[nodename])
         for nodename in sorted(present - set(self.devices)):
             self._probe(nodename)
         for dev in list(self.devices.values()):
@@ -321,20 +333,45 @@ class Bus:
             log.warning("xenbus %s: ignoring %s: %s", self.side, nodename, exc)
             return
         self.devices[nodename] = dev
-        assert self._root_watch is not None
-        dev._watch = self.xs.watch(
-            xenbus.join_path(otherend, "state"),
-            f"otherend:{nodename}",
-            queue=self._root_watch.queue,
-        )
+        self._watch_otherend(dev)
         self._call(dev, "probe")
 
-    def _remove(self, dev: XenbusDevice) -> None:
+    def _follow(self, dev: XenbusDevice) -> None:
+        """The toolstack moved a frontend's device to another backend, keeping the frontend's
+        directory (the driver domain serving it came back, under a new domid): the device and
+        its driver stay; the bus watches the new backend instead, whose InitWait, a new
+        instance's, the driver takes for a restart's, and replays."""
+        otherend = self.xs.read_optional(dev.path("backend"))
+        other_id = self.xs.read_optional(dev.path("backend-id"))
+        try:
+            path = xenbus.validate_path(otherend or "")
+            domid = int(other_id or "")
+        except ValueError as exc:  # XsPathError is one
+            log.warning("xenbus %s: %s moved to a bad backend: %s", self.side, dev.nodename, exc)
+            return
+        self._unwatch(dev)
+        dev.otherend, dev.otherend_id, dev.otherend_instance = path, domid, None
+        log.info("xenbus %s: %s is served by %s now", self.side, dev.nodename, path)
+        self._watch_otherend(dev)
+
+    def _watch_otherend(self, dev: XenbusDevice) -> None:
+        assert self._root_watch is not None
+        dev._watch = self.xs.watch(
+            xenbus.join_path(dev.otherend, "state"),
+            f"otherend:{dev.nodename}",
+            queue=self._root_watch.queue,
+        )
+
+    def _unwatch(self, dev: XenbusDevice) -> None:
         if dev._watch is not None:
             try:
                 dev._watch.unwatch()
             except (XsError, XsTimeoutError, XsConnectionLost):
                 pass
+            dev._watch = None
+
+    def _remove(self, dev: XenbusDevice) -> None:
+        self._unwatch(dev)
         self._call(dev, "remove")
 
     def _call(self, dev: XenbusDevice, method: str, *args: object) -> None:

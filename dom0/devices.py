@@ -57,28 +57,72 @@ def add_device(
         "state": str(int(XenbusState.Initialising)),
         **(front or {}),
     }
-    back_entries = {
+
+    def write(tx: Transaction) -> None:
+        _write_dir(tx, paths.frontend, front_entries, _front_perms(domid, backend_domid))
+        _write_backend(tx, paths, domid, backend_domid, back)
+
+    xs.transaction(write)
+    return paths
+
+
+def move_device(
+    xs: XsClient,
+    domid: int,
+    backend_domid: int,
+    devtype: str,
+    devid: int,
+    back: Mapping[str, str] | None = None,
+) -> DevicePaths:
+    """Serve a device by ``backend_domid`` from now on, keeping its frontend directory and what
+    the frontend wrote there (its ring refs, its event channels, its state): in one transaction,
+    the new backend's directory, and the frontend's ``backend`` and ``backend-id`` naming it,
+    with every node of the frontend's readable by it and no longer by the old one. The frontend
+    takes the new backend's InitWait for a restart's (channels/xenbus_bus.py's ``moved``)."""
+    paths = device_paths(domid, backend_domid, devtype, devid)
+    perms = _front_perms(domid, backend_domid)
+
+    def write(tx: Transaction) -> None:
+        tx.write(xenbus.join_path(paths.frontend, "backend"), paths.backend)
+        tx.write(xenbus.join_path(paths.frontend, "backend-id"), str(backend_domid))
+        tx.set_perms(paths.frontend, perms)
+        for key in tx.directory(paths.frontend):
+            tx.set_perms(xenbus.join_path(paths.frontend, key), perms)
+        _write_backend(tx, paths, domid, backend_domid, back)
+
+    xs.transaction(write)
+    return paths
+
+
+def _front_perms(domid: int, backend_domid: int) -> list[Perm]:
+    return [Perm(domid, "n"), Perm(backend_domid, "r")]
+
+
+def _write_backend(
+    tx: Transaction,
+    paths: DevicePaths,
+    domid: int,
+    backend_domid: int,
+    back: Mapping[str, str] | None,
+) -> None:
+    entries = {
         "frontend": paths.frontend,
         "frontend-id": str(domid),
         "online": "1",
         "state": str(int(XenbusState.Initialising)),
         **(back or {}),
     }
+    _write_dir(tx, paths.backend, entries, [Perm(backend_domid, "n"), Perm(domid, "r")])
 
-    def write(tx: Transaction) -> None:
-        for base, entries, perms in (
-            (paths.frontend, front_entries, [Perm(domid, "n"), Perm(backend_domid, "r")]),
-            (paths.backend, back_entries, [Perm(backend_domid, "n"), Perm(domid, "r")]),
-        ):
-            tx.write(base, "")
-            tx.set_perms(base, perms)
-            for key, value in entries.items():
-                path = xenbus.join_path(base, key)
-                tx.write(path, value)
-                tx.set_perms(path, perms)
 
-    xs.transaction(write)
-    return paths
+def _write_dir(tx: Transaction, base: str, entries: Mapping[str, str], perms: list[Perm]) -> None:
+    """A device directory and its entries, each with ``perms`` (xen-split-driver.md §6.6)."""
+    tx.write(base, "")
+    tx.set_perms(base, perms)
+    for key, value in entries.items():
+        path = xenbus.join_path(base, key)
+        tx.write(path, value)
+        tx.set_perms(path, perms)
 
 
 def backend_state(xs: XsClient, paths: DevicePaths) -> XenbusState:
@@ -230,21 +274,30 @@ class Devices:
     ) -> list[str]:
         """A driver domain named ``driver`` came (back) as ``driver_domid``: each device of
         ``domid``'s config whose ``backend`` names it, and whose directories name another domain
-        (one that died: its guests' devices closed with it), is added again, served by the new
-        one, with the MAC it had (Qubes re-attaches so when a net VM restarts; the guest sees
-        its interface go and come back, and TCP carries on). The devices' names."""
+        (one that died: its guests' devices paused with it), is moved to the new one, with the
+        MAC it had (``move_device``): the frontend replays on the rings, channels and pools it
+        has, which hyperd hands the new backend (hyperd/evtchn.py). The devices' names."""
         done = []
         for kind, entry, devid in configured(config):
             front = xenbus.frontend_path(domid, kind.xenbus_type, devid)
             if entry.backend != driver or self.xs.read_optional(front) is None:
                 continue
+            old = self.paths(domid, kind, devid)
             if self.backend_of(domid, kind, devid) == driver_domid:
                 continue
             mac = self.xs.read_optional(xenbus.join_path(front, "mac"))
             if mac and "mac" in type(entry).model_fields and entry.mac is None:
                 entry = entry.model_copy(update={"mac": mac})
-            remove_device(self.xs, self.paths(domid, kind, devid))
-            self.add(domid, kind, entry, devid, owner)
+            _, back = kind.store_keys(entry, devid, owner)
+            self._link_handing_over(domid, driver_domid, kind, devid, back)
+            try:
+                move_device(self.xs, domid, driver_domid, kind.xenbus_type, devid, back)
+            except XsError:
+                name = xenbus.device_name(kind.xenbus_type, devid)
+                self._link(domid, driver_domid, name, False, None)
+                raise
+            self.xs.write(_served_by(domid, kind, devid), str(driver_domid))
+            rm_if_there(self.xs, old.backend)  # went with the dead domain's home, as a rule
             done.append(xenbus.device_name(kind.xenbus_type, devid))
         return done
 

@@ -67,6 +67,10 @@ class DeviceLinks:
         """Does ``backend`` serve ``device`` of ``frontend``? dom0 serves everything."""
         return backend == 0 or DeviceLink(frontend, backend, device) in self._links
 
+    def serves_some(self, backend: int, frontend: int) -> bool:
+        """Does domU ``backend`` serve any device of ``frontend``?"""
+        return any(link.backend == backend and link.frontend == frontend for link in self._links)
+
     def share(self, a: int, b: int) -> bool:
         """May domains ``a`` and ``b`` share channels and pools: one is dom0, or one serves a
         device of the other."""

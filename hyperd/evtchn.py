@@ -9,6 +9,13 @@ which is what lets a backend or a frontend reconnect.
 A restarted dom0 keeps its ports: when dom0 dies, its ports become *stale* (still bound, the
 frontends' doorbells untouched), and a new backend that binds to a frontend port held by a
 stale dom0 port gets that very port back, so the frontend sees its channel carry on.
+
+A driver domain's ports to the guests it serves are held by those guests (their doorbells are
+the guests' objects, hyperd/hypercalls.py), so they too become stale when it dies, instead of
+closing; a domain that serves the guest next (the driver domain restarted under a new domid,
+or created again) and binds to such a frontend port is handed the stale port, renumbered in
+its own port space, with the doorbell it had: the frontend replays on the channel it has. A
+stale port goes when its frontend port closes or its guest dies.
 """
 
 from __future__ import annotations
@@ -76,7 +83,8 @@ class EventChannels:
         self._ports: dict[tuple[int, int], Port] = {}
         self._last: dict[int, int] = {}
 
-    def _new_port(self, domid: int, remote_dom: int, resources: Resources) -> Port:
+    def _number(self, domid: int) -> int:
+        """The next free port number of ``domid``."""
         used = {p for (d, p) in self._ports if d == domid}
         if len(used) >= MAX_PORTS:
             raise EvtchnError("ENOSPC", f"domain {domid}: no free event-channel port")
@@ -86,6 +94,10 @@ class EventChannels:
             if port not in used:
                 break
         self._last[domid] = port
+        return port
+
+    def _new_port(self, domid: int, remote_dom: int, resources: Resources) -> Port:
+        port = self._number(domid)
         doorbell = resources.new_doorbell(f"evtchn{port}", resources.counterpart(domid, remote_dom))
         entry = Port(domid, port, remote_dom, doorbell, resources)
         self._ports[domid, port] = entry
@@ -114,6 +126,10 @@ class EventChannels:
             if held is not None and held.stale:
                 held.stale = False
                 return held
+        if remote is not None and remote.remote_port is not None and remote.remote_dom != 0:
+            held = self._ports.get((remote.remote_dom, remote.remote_port))
+            if held is not None and held.stale and held.domid != domid:
+                return self._hand_over(held, remote, domid)
         if remote is None or remote.remote_port is not None or remote.remote_dom != domid:
             raise EvtchnError(
                 "EINVAL", f"domain {remote_dom} port {remote_port} is not unbound for {domid}"
@@ -123,13 +139,26 @@ class EventChannels:
         remote.remote_port = local.port
         return local
 
+    def _hand_over(self, stale: Port, frontend: Port, domid: int) -> Port:
+        """A dead driver domain's ``stale`` port, bound to ``frontend``, becomes ``domid``'s
+        (see the module's doc); both doorbells are shared with ``domid`` instead."""
+        del self._ports[stale.domid, stale.port]
+        stale.domid, stale.port, stale.stale = domid, self._number(domid), False
+        self._ports[domid, stale.port] = stale
+        frontend.remote_dom, frontend.remote_port = domid, stale.port
+        stale.owner.reshare(stale.doorbell, domid)
+        frontend.owner.reshare(frontend.doorbell, domid)
+        return stale
+
     def close(self, domid: int, port: int) -> None:
         entry = self._ports.pop((domid, port), None)
         if entry is None:
             raise EvtchnError("EINVAL", f"domain {domid} has no port {port}")
         if entry.remote_port is not None:
             peer = self._ports.get((entry.remote_dom, entry.remote_port))
-            if peer is not None:
+            if peer is not None and peer.stale and peer.domid != 0:
+                self.close(peer.domid, peer.port)  # a dead driver domain's: nobody adopts it now
+            elif peer is not None:
                 peer.remote_port = None
         entry.owner.drop_doorbell(entry.doorbell)
 
@@ -139,14 +168,17 @@ class EventChannels:
             port.stale = True
 
     def close_domain(self, domid: int) -> None:
-        """A domain died: close its ports, and dom0's ports for it (their doorbells belong to
-        the dead domain's resources). Another domU's port for it stays that domU's, unbound,
-        for its driver to close (or to be bound again)."""
-        doomed = [
-            key
-            for key, p in self._ports.items()
-            if key[0] == domid or (p.remote_dom == domid and p.owner.domid == domid)
-        ]
+        """A domain died: close its ports, and the ports for it that it held (dom0's: their
+        doorbells belong to the dead domain's resources). Its ports held by a guest it served
+        become stale, bound still, for the guest's next server (see the module's doc); another
+        domU's own port for it stays that domU's, for its driver to close or a new server to
+        bind."""
+        doomed = []
+        for key, p in self._ports.items():
+            if key[0] == domid and p.owner.domid not in (0, domid) and p.remote_port is not None:
+                p.stale = True
+            elif key[0] == domid or (p.remote_dom == domid and p.owner.domid == domid):
+                doomed.append(key)
         for d, port in doomed:
             if (d, port) in self._ports:
                 self.close(d, port)

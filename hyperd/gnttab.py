@@ -10,7 +10,8 @@ checked by the grantee (channels/gnttab.py).
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 from channels.gnttab import pool_bytes
@@ -96,6 +97,27 @@ class GrantTables:
     def pools_for(self, caller: int, granter: int, device: str) -> list[Pool]:
         """The pools of ``granter`` for ``device`` that ``caller`` may map."""
         return [p for p in self.pools_of(granter) if p.peer == caller and p.device == device]
+
+    def hand_over(
+        self,
+        granter: int,
+        device: str,
+        to: int,
+        serves: Callable[[int], bool],
+        resources: Resources,
+    ) -> None:
+        """``granter``'s pools for ``device`` granted to a domain that no longer serves it (a
+        driver domain that died) go to ``to``, which serves it now: as a Xen frontend grants
+        its pages again to the backend it reconnects to, done here so that the pages in
+        flight stay where they are. ``serves(domid)`` says whether a domain serves the device;
+        ``resources`` are the granter's."""
+        for key, pool in list(self._pools.items()):
+            if pool.granter != granter or pool.device != device or pool.peer == to:
+                continue
+            if serves(pool.peer):
+                continue
+            resources.reshare(pool.name, to)
+            self._pools[key] = replace(pool, peer=to)
 
     def release_pool(self, granter: int, pool_id: int, resources: Resources) -> None:
         pool = self._pools.pop((granter, pool_id), None)

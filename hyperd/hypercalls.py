@@ -139,13 +139,15 @@ class Hypercalls:
 
     def _shared_resources(self, caller: int, other: int) -> Resources:
         """Who holds an object ``caller`` makes to share with ``other``: the domU when the other
-        is dom0 (it dies with the domU); the caller when both are domUs, which must share a
-        device (hyperd/devlinks.py), or EPERM."""
+        is dom0 (it dies with the domU); when both are domUs, which must share a device
+        (hyperd/devlinks.py, or EPERM), the one served: a device's channels and pools outlive
+        the driver domain serving it, for the one that serves it next (hyperd/evtchn.py)."""
         if 0 not in (caller, other) and caller != other:
             self._live(self._domu(other))
             if not self.hv.links.share(caller, other):
                 raise HvError("EPERM", f"domains {caller} and {other} share no device")
-            return self._domu(caller).resources
+            served = other if self.hv.links.serves_some(caller, other) else caller
+            return self._domu(served).resources
         return self._domu(other if caller == 0 else caller).resources
 
     def _check_serves(self, backend: int, frontend: int, device: str) -> None:
@@ -200,6 +202,13 @@ class Hypercalls:
     def do_gnttab_map_pools(self, caller: Domain, op: hc.GnttabMapPools) -> dict[str, Any]:
         self._check_serves(caller.domid, op.granter, op.device)
         granter = self.hv.domains.get(op.granter)
+        if granter is not None and caller.domid != 0:  # a driver domain serving it anew
+            links = self.hv.links
+
+            def serves(domid: int) -> bool:
+                return links.serves(domid, op.granter, op.device)
+
+            self.hv.gnttab.hand_over(op.granter, op.device, caller.domid, serves, granter.resources)
         pools = self.hv.gnttab.pools_for(caller.domid, op.granter, op.device)
         return {
             "pools": [p.result() for p in pools],

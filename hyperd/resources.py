@@ -21,6 +21,7 @@ it is linked into both views. Still root's: neither domain can change who may op
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import shutil
@@ -154,6 +155,21 @@ class Resources:
         except OSError:
             drop(name)
             raise
+
+    def reshare(self, name: str, peer: int) -> None:
+        """An object we hold goes from the domU it was shared with to ``peer``, which serves
+        its device now (a driver domain that came back, hyperd/evtchn.py): out of the old
+        one's view (gone with it, if it died) and its ACL entry, into ``peer``'s."""
+        old = self.peers.pop(name, None)
+        for path in self._objects(name):
+            if old is not None:
+                (view_dir(old) / path.name).unlink(missing_ok=True)
+            if peer not in (0, self.domid):
+                with contextlib.suppress(FileExistsError):
+                    os.link(path, view_dir(peer) / path.name)
+                allow_group(path, host_gid(peer))
+        if peer not in (0, self.domid):
+            self.peers[name] = peer
 
     def drop_segment(self, name: str) -> None:
         if name in self.segments:

@@ -16,6 +16,11 @@ data path died returns from Connected to InitWait, keeping its end of the event 
 frontend then recovers instead of closing: it tells the server to ``reset`` (start the ring
 over, replaying every request not yet answered), goes Initialised with the same ring, pools and
 channel, and Connected again once the backend is. Programs using the disk see a pause.
+
+The same when the driver domain serving the disk dies: its backend directory goes with it
+(the frontend waits, whatever state it reads as Unknown), and when a domain of its name serves
+the guest again the toolstack moves the device there (channels/xenbus_bus.py follows it), and
+hyperd hands the new backend the channel and pools the frontend has (hyperd/evtchn.py).
 """
 
 from __future__ import annotations
@@ -72,7 +77,7 @@ class BlkfrontDriver:
                 self._initialise(dev, bf)
                 dev.switch_state(S.Initialised)
             elif state == S.InitWait and dev.state == S.Connected and bf.server is not None:
-                self._recover(bf)
+                self._recover(dev, bf)
                 dev.switch_state(S.Initialised)
             elif state == S.Connected and dev.state == S.Initialised:
                 if bf.server is None:
@@ -81,7 +86,9 @@ class BlkfrontDriver:
                     raise ValueError(f"the restarted backend offers another disk: {_disk(dev)}")
                 dev.switch_state(S.Connected)
                 log.info("%s connected", bf.vdev)
-            elif state in (S.Closing, S.Closed, S.Unknown) and dev.state != S.Closed:
+            # Unknown (the backend's directory went with its driver domain) is a pause: the
+            # toolstack moves the device to the domain that serves it next (xenbus_bus.py).
+            elif state in (S.Closing, S.Closed) and dev.state != S.Closed:
                 self._release(bf)
                 dev.switch_state(S.Closed)
         except (OSError, ValueError, KeyError, HypercallError, TimeoutError) as exc:
@@ -147,10 +154,13 @@ class BlkfrontDriver:
         bf.server = FuseServer(dev, bf.vdev, "domu.blkfront.server:main", params)
         bf.server.wait_mounted(bf.mountpoint)
 
-    def _recover(self, bf: Blkfront) -> None:
-        """The backend restarted: have the server start the ring over (see the docstring)."""
+    def _recover(self, dev: XenbusDevice, bf: Blkfront) -> None:
+        """The backend restarted, or another serves the disk now: grant the pages to it, and
+        have the server start the ring over (see the docstring)."""
         assert bf.server is not None
         log.warning("%s: the backend restarted; replaying what it had not answered", bf.vdev)
+        for _, pool in bf.pools.values():
+            pool.regrant(dev.otherend_id)
         bf.server.reset(bf.mountpoint)
 
     def _release(self, bf: Blkfront) -> None:

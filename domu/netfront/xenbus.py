@@ -14,7 +14,8 @@ A backend that restarted (its data path was killed) returns from Connected to In
 its ends of the channels still bound. The frontend then stops its data path, starts both rings
 over on the same pages, posts every receive buffer again (frames that were in flight are lost,
 as on a wire; TCP sends them again) and goes Initialised, then Connected once the backend is.
-eth<devid>, its address and its open sockets never notice.
+eth<devid>, its address and its open sockets never notice. The same when the driver domain
+serving the vif dies and comes back (domu/blkfront/xenbus.py says how).
 """
 
 from __future__ import annotations
@@ -93,6 +94,9 @@ class NetfrontDriver:
         elif state == S.InitWait and dev.state == S.Connected and nf.has_paths:
             log.warning("%s: the backend restarted; starting the rings over", nf.name)
             self._stop_paths(nf)
+            for queue in nf.queues:  # to the domain serving the vif now, if another does
+                for _, pool, _ in queue.pools.values():
+                    pool.regrant(dev.otherend_id)
             if _offered_queues(dev) < len(nf.queues):
                 self._release(nf)
                 dev.fatal(f"{nf.name}: the backend came back offering fewer queues")
@@ -111,7 +115,9 @@ class NetfrontDriver:
                         channel.doorbell_names()
             except HypercallError as exc:
                 log.warning("%s: the backend's doorbells: %s", nf.name, exc)
-        elif state in (S.Closing, S.Closed, S.Unknown) and dev.state != S.Closed:
+        # Unknown (the backend's directory went with its driver domain) is a pause: the
+        # toolstack moves the device to the domain that serves it next (xenbus_bus.py).
+        elif state in (S.Closing, S.Closed) and dev.state != S.Closed:
             self._release(nf)
             dev.switch_state(S.Closed)
 

@@ -83,6 +83,10 @@ class PaperResources(Resources):
         if peer not in (0, self.domid):
             self.peers[name] = peer
 
+    def reshare(self, name: str, peer: int) -> None:
+        self.peers.pop(name, None)
+        self._note_peer(name, peer)
+
     def drop_segment(self, name: str) -> None:
         self.segments.discard(name)
         self.peers.pop(name, None)

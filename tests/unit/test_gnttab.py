@@ -84,6 +84,27 @@ def test_bad_grefs_are_refused(
         grantee.resolve(gref, write=write)
 
 
+def test_regrant_hands_every_granted_page_to_the_new_backend_and_keeps_its_kind(
+    pools: tuple[GrantPool, MappedPool],
+) -> None:
+    """The device moved from domain 7 to domain 0 (the mapper's): granted pages follow, read-only
+    ones stay read-only, ended ones stay ended."""
+    granter, grantee = pools
+    writable = granter.grant(0, 7, readonly=False)
+    readonly = granter.grant(1, 7, readonly=True)
+    ended = granter.grant(2, 7, readonly=False)
+    granter.end_access(ended)
+    with pytest.raises(GrantError, match="domain 7"):
+        grantee.resolve(writable, write=True)
+
+    granter.regrant(0)
+    assert len(grantee.resolve(writable, write=True)) == PAGE_SIZE
+    with pytest.raises(GrantError, match="read-only"):
+        grantee.resolve(readonly, write=True)
+    with pytest.raises(GrantError, match="not granted"):
+        grantee.resolve(ended, write=False)
+
+
 def test_a_readonly_grant_can_be_read(pools: tuple[GrantPool, MappedPool]) -> None:
     granter, grantee = pools
     gref = granter.grant(3, 0, readonly=True)

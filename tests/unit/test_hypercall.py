@@ -179,12 +179,14 @@ def test_two_domus_share_channels_and_pools_only_through_a_device_linked_between
     assert bound["peer_doorbell"] == hypervisor.evtchn.get(5, port).doorbell
     pool = handle(guest, setup)
     assert handle(netvm, hc.GnttabMapPools(granter=5, device="vif/0"))["pools"] == [pool]
-    # Each side holds its own objects; the other opens them through its view.
+    # The guest holds every object of its device, its server's port's doorbell included (it
+    # outlives the driver domain, for the next); the driver domain opens them through its view.
     assert guest.resources.peers == {
         hypervisor.evtchn.get(5, port).doorbell: 6,
+        bound["doorbell"]: 6,
         pool["name"]: 6,
     }
-    assert netvm.resources.peers == {bound["doorbell"]: 5}
+    assert netvm.resources.peers == {}
 
     # Only that device, and only between those two.
     other_device = hc.GnttabSetupPool(peer=6, device="vbd/51712", pages=4)
@@ -203,7 +205,43 @@ def test_two_domus_share_channels_and_pools_only_through_a_device_linked_between
     assert refused(hypervisor, guest, hc.EvtchnAllocUnbound(remote_dom=6)) == "EPERM"
 
 
-def test_a_driver_domains_death_leaves_its_guests_ports_unbound_and_its_links_gone(
+def test_a_dead_driver_domains_channels_and_pools_go_to_the_next_server_of_the_device(
+    hypervisor: hyperd.Hypervisor,
+) -> None:
+    """The driver domain dies: the guest's channel stays bound to a stale port that keeps its
+    doorbell, and its pools stay; the domain that serves the device next (a new domid) is
+    handed both as it binds and maps, and the frontend replays on what it has. A domain that
+    serves the guest nothing adopts nothing."""
+    guest, netvm, successor, stranger = domains_on_paper(hypervisor, 5, 6, 8, 9)
+    handle, dom0 = hypervisor.hypercalls.handle, hypervisor.domains[0]
+    handle(dom0, hc.DomctlLinkDevice(frontend=5, backend=6, device="vif/0"))
+    port = handle(guest, hc.EvtchnAllocUnbound(remote_dom=6))["port"]
+    bound = handle(netvm, hc.EvtchnBindInterdomain(remote_dom=5, remote_port=port))
+    pool = handle(guest, hc.GnttabSetupPool(peer=6, device="vif/0", pages=4))
+
+    hypervisor.evtchn.close_domain(6)  # as hyperd does when a domain dies
+    hypervisor.gnttab.release_domain(6, netvm.resources)
+    hypervisor.links.release_domain(6)
+    netvm.resources.release()
+    assert hypervisor.evtchn.get(5, port).state == "interdomain", "bound to the stale port"
+    bind = hc.EvtchnBindInterdomain(remote_dom=5, remote_port=port)
+    assert refused(hypervisor, stranger, bind) == "EPERM"
+
+    handle(dom0, hc.DomctlLinkDevice(frontend=5, backend=8, device="vif/0"))
+    again = handle(successor, bind)
+    assert again["doorbell"] == bound["doorbell"], "the doorbell the frontend rings"
+    assert again["peer_doorbell"] == hypervisor.evtchn.get(5, port).doorbell
+    assert hypervisor.evtchn.get(5, port).remote_dom == 8
+    assert handle(successor, hc.GnttabMapPools(granter=5, device="vif/0"))["pools"] == [pool]
+    assert guest.resources.peers == dict.fromkeys(
+        [hypervisor.evtchn.get(5, port).doorbell, bound["doorbell"], pool["name"]], 8
+    )
+
+    handle(guest, hc.EvtchnClose(port=port))  # a live server's port waits for it to close
+    assert hypervisor.evtchn.get(8, again["port"]).state == "unbound"
+
+
+def test_a_stale_port_nobody_adopts_goes_with_its_frontend_port(
     hypervisor: hyperd.Hypervisor,
 ) -> None:
     guest, netvm = domains_on_paper(hypervisor, 5, 6)
@@ -211,14 +249,13 @@ def test_a_driver_domains_death_leaves_its_guests_ports_unbound_and_its_links_go
     handle(hypervisor.domains[0], hc.DomctlLinkDevice(frontend=5, backend=6, device="vif/0"))
     port = handle(guest, hc.EvtchnAllocUnbound(remote_dom=6))["port"]
     bound = handle(netvm, hc.EvtchnBindInterdomain(remote_dom=5, remote_port=port))
-
     hypervisor.evtchn.close_domain(6)
     hypervisor.links.release_domain(6)
-    assert hypervisor.evtchn.get(5, port).state == "unbound", "the guest's port stays its own"
-    assert netvm.resources.doorbells == set()
-    with pytest.raises(EvtchnError):
-        hypervisor.evtchn.get(6, bound["port"])
     assert not hypervisor.links.share(5, 6)
+
+    handle(guest, hc.EvtchnClose(port=port))
+    assert hypervisor.evtchn.ports_of(6) == []
+    assert guest.resources.doorbells == set(), bound["doorbell"]
 
 
 def test_a_link_names_two_live_domus(hypervisor: hyperd.Hypervisor) -> None:

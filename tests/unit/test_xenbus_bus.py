@@ -18,7 +18,7 @@ import pytest
 from channels import xenbus
 from channels.xenbus import XenbusState
 from channels.xenbus_bus import Bus, Driver, XenbusDevice
-from dom0.devices import add_device, backend_state, device_paths, remove_device
+from dom0.devices import add_device, backend_state, device_paths, move_device, remove_device
 from dom0.store.core import Store
 from dom0.store.local import connect_local
 
@@ -200,8 +200,7 @@ class RestartingFrontend(Recorder):
             dev.switch_state(S.Initialised)
         elif state == S.Connected and dev.state == S.Initialised:
             dev.switch_state(S.Connected)
-        elif state == S.Unknown:  # the backend is gone (its driver domain died)
-            dev.switch_state(S.Closed)
+        # Unknown: the backend is gone (its driver domain died); the frontend waits.
         self.note(dev, f"back {state.name}")
 
     def remove(self, dev: XenbusDevice) -> None:
@@ -295,3 +294,30 @@ def test_a_frontend_directory_written_again_for_another_backend_is_a_new_device(
     new_back = XenbusDevice(dom0, "toy", 0, paths.backend, paths.frontend, DOMU, DOMU)  # type: ignore[arg-type]
     new_back.switch_state(S.InitWait)
     front.wait_for(("back InitWait", 0, "Connected"))
+
+
+def test_a_device_the_toolstack_moves_to_another_backend_is_followed_and_replays(
+    front_only: tuple[RestartingFrontend, object, object],
+) -> None:
+    """The driver domain serving device 0 died (its backend directory went with it) and came
+    back under a new domid: the toolstack moves the device, keeping the frontend's directory.
+    The bus follows the new backend, whose InitWait the driver takes for a restart's; the
+    device is neither removed nor probed again, and the new backend may read the frontend."""
+    front, xs, dom0 = front_only
+    back, _ = two_connected(front, xs, dom0)
+    xs.rm(back.nodename)  # type: ignore[attr-defined]
+    front.wait_for(("back Unknown", 0, "Connected"))
+
+    paths = move_device(xs, DOMU, 5, "toy", 0)  # type: ignore[arg-type]
+    front.wait_for(("back Initialising", 0, "Connected"))
+    for node in ("", "/backend", "/state"):
+        perms = xs.get_perms(paths.frontend + node)  # type: ignore[attr-defined]
+        assert [(p.domid, p.perm) for p in perms] == [(DOMU, "n"), (5, "r")], node
+    new_back = XenbusDevice(dom0, "toy", 0, paths.backend, paths.frontend, DOMU, DOMU)  # type: ignore[arg-type]
+    new_back.switch_state(S.InitWait)
+    front.wait_for(("restart", 0, "Connected"))
+    new_back.switch_state(S.Connected)
+    front.wait_for(("back Connected", 0, "Connected"))
+    assert not [
+        e for e in front.log if e[0] in ("remove", "probe") and e[1] == 0 and e[2] != "Unknown"
+    ]
