@@ -35,6 +35,8 @@ class DeviceLinks:
     def __init__(self) -> None:
         self._links: set[DeviceLink] = set()
         self._fds: dict[DeviceLink, int] = {}  # descriptors waiting for their backend
+        #: The devices whose backend died while their frontend lives: what each served.
+        self._orphaned: set[DeviceLink] = set()
 
     def link(self, frontend: int, backend: int, device: str, fd: int | None = None) -> None:
         """Link the device, holding ``fd`` (now ours) for its backend; linking it again
@@ -78,22 +80,49 @@ class DeviceLinks:
             a == 0 or b == 0 or any({link.frontend, link.backend} == {a, b} for link in self._links)
         )
 
+    def succeeds(self, backend: int, dead: int, frontend: int) -> bool:
+        """Does ``backend`` serve a device of ``frontend`` that the dead domain ``dead`` served
+        when it died? Only such a domain is handed what ``dead`` held for the frontend (its
+        stale ports, hyperd/evtchn.py): not another driver domain of the same guest."""
+        return any(
+            link.backend == backend
+            and link.frontend == frontend
+            and DeviceLink(frontend, dead, link.device) in self._orphaned
+            for link in self._links
+        )
+
     def release_domain(self, domid: int) -> None:
         gone = {link for link in self._links if domid in (link.frontend, link.backend)}
         self._links -= gone
         for link in gone:
             self._drop_fd(link)
+        orphaned = {link for link in gone if link.backend == domid}
+        again = {(link.frontend, link.device) for link in orphaned}  # the last server counts
+        self._orphaned = {
+            link
+            for link in self._orphaned
+            if link.frontend != domid and (link.frontend, link.device) not in again
+        }
+        self._orphaned |= orphaned
 
     def to_dict(self) -> list[dict[str, Any]]:
-        """Every link, for hyperd's state file."""
+        """Every link, and every device its backend's death left (``orphaned``), for hyperd's
+        state file."""
+        entries = [(link, False) for link in self._links]
+        entries += [(link, True) for link in self._orphaned]
         return [
             {"frontend": link.frontend, "backend": link.backend, "device": link.device}
-            for link in sorted(self._links)
+            | ({"orphaned": True} if orphaned else {})
+            for link, orphaned in sorted(entries)
         ]
 
     @classmethod
     def from_dict(cls, data: list[dict[str, Any]]) -> DeviceLinks:
         links = cls()
         for entry in data:
-            links.link(int(entry["frontend"]), int(entry["backend"]), str(entry["device"]))
+            link = DeviceLink(int(entry["frontend"]), int(entry["backend"]), str(entry["device"]))
+            if entry.get("orphaned"):
+                links._orphaned.add(link)
+            else:
+                links.link(link.frontend, link.backend, link.device)
         return links

@@ -20,7 +20,7 @@ stale port goes when its frontend port closes or its guest dies.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -118,8 +118,17 @@ class EventChannels:
         return self._new_port(domid, remote_dom, resources)
 
     def bind_interdomain(
-        self, domid: int, remote_dom: int, remote_port: int, resources: Resources
+        self,
+        domid: int,
+        remote_dom: int,
+        remote_port: int,
+        resources: Resources,
+        succeeds: Callable[[int], bool] = lambda dead: False,
     ) -> Port:
+        """Bind a new port of ``domid`` to ``remote_port`` of ``remote_dom``, unbound for it;
+        or hand it the stale port held for it (dom0 restarted), or the stale port of a dead
+        domain that ``succeeds(dead)`` says ``domid`` takes over from (see the module's
+        doc)."""
         remote = self._ports.get((remote_dom, remote_port))
         if remote is not None and remote.remote_dom == domid and remote.remote_port is not None:
             held = self._ports.get((domid, remote.remote_port))
@@ -128,7 +137,7 @@ class EventChannels:
                 return held
         if remote is not None and remote.remote_port is not None and remote.remote_dom != 0:
             held = self._ports.get((remote.remote_dom, remote.remote_port))
-            if held is not None and held.stale and held.domid != domid:
+            if held is not None and held.stale and held.domid != domid and succeeds(held.domid):
                 return self._hand_over(held, remote, domid)
         if remote is None or remote.remote_port is not None or remote.remote_dom != domid:
             raise EvtchnError(

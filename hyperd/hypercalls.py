@@ -164,9 +164,15 @@ class Hypercalls:
     def do_evtchn_bind_interdomain(
         self, caller: Domain, op: hc.EvtchnBindInterdomain
     ) -> dict[str, Any]:
-        evtchn = self.hv.evtchn
+        evtchn, links = self.hv.evtchn, self.hv.links
         resources = self._shared_resources(caller.domid, op.remote_dom)
-        port = evtchn.bind_interdomain(caller.domid, op.remote_dom, op.remote_port, resources)
+
+        def succeeds(dead: int) -> bool:
+            return links.succeeds(caller.domid, dead, op.remote_dom)
+
+        port = evtchn.bind_interdomain(
+            caller.domid, op.remote_dom, op.remote_port, resources, succeeds
+        )
         return {
             "port": port.port,
             "doorbell": port.doorbell,

@@ -21,6 +21,7 @@ from channels import hypercall as hc
 from channels.config import DomainConfig
 from channels.paths import RunDir
 from hyperd import hypervisor as hyperd
+from hyperd.devlinks import DeviceLinks
 from hyperd.domain import Domain, dom0_config
 from hyperd.evtchn import EventChannels, EvtchnError
 from hyperd.gnttab import (
@@ -226,6 +227,13 @@ def test_a_dead_driver_domains_channels_and_pools_go_to_the_next_server_of_the_d
     assert hypervisor.evtchn.get(5, port).state == "interdomain", "bound to the stale port"
     bind = hc.EvtchnBindInterdomain(remote_dom=5, remote_port=port)
     assert refused(hypervisor, stranger, bind) == "EPERM"
+    # Nor does the guest's other driver domain, which serves it another device.
+    handle(dom0, hc.DomctlLinkDevice(frontend=5, backend=9, device="vbd/51712"))
+    with pytest.raises(EvtchnError, match="not unbound for 9"):
+        handle(stranger, bind)
+    saved = DeviceLinks.from_dict(hypervisor.links.to_dict())  # across a hyperd restart
+    assert saved.to_dict() == hypervisor.links.to_dict()
+    hypervisor.links = saved
 
     handle(dom0, hc.DomctlLinkDevice(frontend=5, backend=8, device="vif/0"))
     again = handle(successor, bind)
