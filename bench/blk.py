@@ -21,6 +21,9 @@ run, over that same image:
   vcpus as the host has CPUs (the raw path's programs may use them all too); programs run
   inside through ``hyperctl exec`` as its unprivileged workload user, on ``/dev/xvda``: FUSE in
   the domU -> blkfront -> ring -> blkback in dom0 -> hyper's own loop device over the image.
+- **hyper, driver domain**: the same domU, its xvda served instead by blkback in a block driver
+  domain (``backends: [vbd]``), on the loop device dom0 attached and handed over: the same
+  path with another domU, not dom0, at the ring's far end.
 
 On each path, in this order: ``dd`` of 512 MiB in 1 MiB blocks, ``oflag=direct`` (write)
 then ``iflag=direct`` (read), the figure being bytes over dd's own seconds; then fio 4 KiB
@@ -99,7 +102,9 @@ from channels import control  # noqa: E402
 from hyperd.cgroup import CgroupError, open_hierarchy  # noqa: E402
 
 RAW, PASSTHROUGH, HYPER = "raw loop", "passthrough", "hyper"
-PATHS = {"raw": RAW, "passthrough": PASSTHROUGH, "hyper": HYPER}  # --only name -> path
+DRIVER = "hyper, driver domain"  # the same domU, its xvda served by a block driver domain
+#: --only name -> path
+PATHS = {"raw": RAW, "passthrough": PASSTHROUGH, "hyper": HYPER, "driver": DRIVER}
 MIB = 1 << 20
 GIB = 1 << 30
 SPAN_MIB = 512  # what dd copies and fio's --size: the region every path works in
@@ -366,20 +371,24 @@ class Lab:
         wait_mounted(proc, log)
         return stack, proc, mountpoint
 
-    def domain(self) -> tuple[str, int]:
-        """A domU with the image as its xvda; its name and domid."""
-        name = f"{self.tag}-disk"
+    def domain(self, kind: str = "disk", body: str | None = None) -> tuple[str, int]:
+        """A domU (``body``: its config past its name; default: the image as its xvda, served
+        by dom0); its name and domid."""
+        name = f"{self.tag}-{kind}"
         config = self.workdir / f"{name}.yaml"
-        config.write_text(
-            f"name: {name}\nvcpus: {os.cpu_count() or 1}\n"
-            f"disk:\n  - target: {self.image}\n    vdev: {VDEV}\n"
-        )
+        if body is None:
+            body = f"vcpus: {os.cpu_count() or 1}\n" + self.disk_entry()
+        config.write_text(f"name: {name}\n{body}")
         # Registered before the create: an interrupted create may still finish.
         self.cleanup.callback(run, [sys.executable, "-m", "hyper.cli", "destroy", name],
                               timeout=120, check=False)  # fmt: skip
         hyperctl("create", str(config))
         listed = json.loads(hyperctl("list", "--json"))
         return name, int(next(d["domid"] for d in listed if d["name"] == name))
+
+    def disk_entry(self, backend: str | None = None) -> str:
+        entry = f"disk:\n  - target: {self.image}\n    vdev: {VDEV}\n"
+        return entry + (f"    backend: {backend}\n" if backend else "")
 
 
 def wait_mounted(proc: subprocess.Popen[bytes], log: Path) -> None:
@@ -467,10 +476,35 @@ def hyper_path(lab: Lab, runtime: int) -> dict[str, Any]:
     probes["machine"] = MachineClock()
     exec_prefix = (sys.executable, "-m", "hyper.cli", "exec", name, "--")
     start_cost = exec_cost(exec_prefix)
-    result = measure_path(Target(HYPER, exec_prefix, f"/dev/{VDEV}"), probes, runtime)
+    try:
+        result = measure_path(Target(HYPER, exec_prefix, f"/dev/{VDEV}"), probes, runtime)
+    finally:
+        hyperctl("destroy", name)  # its loop device goes before another domain's takes the image
     result["hypervisor_start"] = start
     result["exec_cpu_seconds"] = start_cost
     return result
+
+
+def driver_path(lab: Lab, runtime: int) -> dict[str, Any]:
+    """The same runs with the domU's xvda served by blkback in a block driver domain (dom0
+    attaches the image and hands the driver domain the loop device); CPU of dom0, the driver
+    domain and the domU."""
+    lab.cleanup.enter_context(hypervisor())
+    progress(f"{DRIVER}: creating a block driver domain, and a domU whose xvda it serves")
+    driver, driver_domid = lab.domain("blkvm", "memory: 256\nbackends: [vbd]\n")
+    body = f"vcpus: {os.cpu_count() or 1}\n" + lab.disk_entry(backend=driver)
+    name, domid = lab.domain("guest", body)
+    probes: dict[str, Probe] = {}
+    guest, server = CpuClock.for_domain(domid), CpuClock.for_domain(driver_domid)
+    if guest is not None and server is not None:
+        probes["cpu"] = CpuClock({**guest.clocks, "driver domU": server.clocks["domU"]})
+    probes["machine"] = MachineClock()
+    exec_prefix = (sys.executable, "-m", "hyper.cli", "exec", name, "--")
+    try:
+        return measure_path(Target(DRIVER, exec_prefix, f"/dev/{VDEV}"), probes, runtime)
+    finally:
+        hyperctl("destroy", name)
+        hyperctl("destroy", driver)
 
 
 def loop_facts(device: str) -> dict[str, Any]:
@@ -507,6 +541,8 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
             )
         if HYPER in only:
             paths[HYPER] = attempt(HYPER, lambda: hyper_path(lab, args.runtime))
+        if DRIVER in only:
+            paths[DRIVER] = attempt(DRIVER, lambda: driver_path(lab, args.runtime))
     return results
 
 
@@ -538,13 +574,14 @@ def verdict(run_: Run, hyper: float | None, raw: float | None) -> tuple[str, str
 def main_table(results: dict[str, Any]) -> Table:
     paths = results["paths"]
     raw, pt, hyper = paths.get(RAW), paths.get(PASSTHROUGH), paths.get(HYPER)
+    driver = paths.get(DRIVER)
     t = Table(
         title=f"dd {SPAN_MIB} MiB (GB/s) and fio 4k over {SPAN_MIB} MiB (IOPS, "
-        f"{results['runtime']} s per run); pt = passthrough"
+        f"{results['runtime']} s per run); pt = passthrough; drv = {DRIVER}"
     )
     columns = (
-        "run", "unit", RAW, PASSTHROUGH, "x raw", HYPER, "x raw", "x pt", "target (hyper)",
-        "this run",
+        "run", "unit", RAW, PASSTHROUGH, "x raw", HYPER, "x raw", "x pt", "drv", "x raw",
+        "x hyper", "target (hyper)", "this run",
     )  # fmt: skip
     for col in columns:
         t.add_column(
@@ -552,9 +589,11 @@ def main_table(results: dict[str, Any]) -> Table:
         )
     for run_ in RUNS:
         r, p, h = figure(raw, run_.key), figure(pt, run_.key), figure(hyper, run_.key)
+        d = figure(driver, run_.key)
         t.add_row(
             run_.label, run_.unit, shown(r, run_), shown(p, run_), ratio(p, r), shown(h, run_),
-            ratio(h, r), ratio(h, p), *verdict(run_, h, r),
+            ratio(h, r), ratio(h, p), shown(d, run_), ratio(d, r), ratio(d, h),
+            *verdict(run_, h, r),
         )  # fmt: skip
     for name, path in paths.items():
         if "error" in path:
@@ -693,7 +732,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", action="store_true", help="print the figures as JSON")
     parser.add_argument(
         "--only", nargs="+", choices=list(PATHS), metavar="PATH",
-        help="measure only these paths: raw, passthrough, hyper (ratios need raw)",
+        help="measure only these paths: raw, passthrough, hyper, driver (ratios need raw)",
     )  # fmt: skip
     args = parser.parse_args(argv)
     if args.size < SPAN_MIB * MIB or args.size % 512:

@@ -3,7 +3,9 @@
 # outside and from inside, run a small workload in it, then tear everything down and say whether
 # anything was left on the host. Run as root. Teardown runs even when a step fails or on Ctrl-C.
 # With --driver-domain it also runs a network driver domain (configs/netvm.yaml) and two guests
-# whose vifs it serves (configs/netguest.yaml, netguest2.yaml): their frames never reach dom0.
+# whose vifs it serves (configs/netguest.yaml, netguest2.yaml): their frames never reach dom0;
+# then a block driver domain (configs/blkvm.yaml) serving a guest's disk (configs/blkguest.yaml),
+# killed and restarted under it.
 set -euo pipefail
 
 driver_domain=0
@@ -16,6 +18,7 @@ esac
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 run_dir=${HYPER_RUN_DIR:-/run/hyper}
 demo_image=/var/lib/hyper/images/hyper-demo-xvda.img # configs/domu.yaml's disk
+blk_image=/var/lib/hyper/images/blkguest.img # configs/blkguest.yaml's disk (--driver-domain)
 # The image's folders that do not exist yet: hyperctl makes them (root's, 0700) with the image,
 # and the demo removes them with it, innermost first.
 demo_dirs=()
@@ -50,6 +53,7 @@ leftovers() {
     [ ! -e "$run_dir" ] || echo "$run_dir"
     ip -o link show 2>/dev/null | awk -F': ' '$2 ~ /^vif[0-9]+\./ {print "interface " $2}'
     losetup -j "$demo_image" 2>/dev/null | sed 's/^/loop device /'
+    losetup -j "$blk_image" 2>/dev/null | sed 's/^/loop device /'
     pgrep -a -x hyper-kernel || true
     pgrep -a -x hyper-init || true
     pgrep -a -f 'hyper\.hyperd|-m dom0( |$)|domu\.boot' || true
@@ -69,7 +73,9 @@ teardown() {
     trap - EXIT INT TERM
     if hyperctl list >/dev/null 2>&1; then
         say "a step failed (status $status): destroying the domain and halting the hypervisor"
-        for name in netguest2 netguest netvm demo-peer demo; do hyperctl destroy "$name" 2>/dev/null; done
+        for name in blkguest blkvm netguest2 netguest netvm demo-peer demo; do
+            hyperctl destroy "$name" 2>/dev/null
+        done
         hyperctl halt
     fi
     if ! wait_until_clean 15; then
@@ -77,7 +83,7 @@ teardown() {
         hyperctl cleanup
         wait_until_clean 15
     fi
-    rm -f "$demo_image"
+    rm -f "$demo_image" "$blk_image"
     for dir in "${demo_dirs[@]}"; do rmdir "$dir" 2>/dev/null; done
     left=$(leftovers)
     printf '\n'
@@ -159,5 +165,26 @@ if [ "$driver_domain" = 1 ]; then
     step network-list netguest
     step exec netvm -- ip -o link
     for name in netguest2 netguest netvm; do step destroy "$name"; done
+
+    # A block driver domain: blkback runs in blkvm for blkguest's disk. dom0 opened the image
+    # and handed blkvm the loop device alone. Killed, blkvm comes back (on_crash: restart) and
+    # the guest's disk with it: what was written is read back through the new one.
+    step create configs/blkvm.yaml
+    step create configs/blkguest.yaml
+    step exec blkguest -- sh -c 'head -c 16M /dev/urandom > /tmp/data && dd if=/tmp/data of=/dev/xvda bs=1M conv=fsync,notrunc && sha256sum /tmp/data'
+    step block-list blkguest
+    served_by=$(hyperctl block-list blkguest | awk 'NR == 2 {print $2}')
+    kernel=$(hyperctl list --json | "$python" -c \
+        'import json, sys; print(next(d["pid"] for d in json.load(sys.stdin) if d["name"] == "blkvm"))')
+    printf '\n$ kill -9 %s   # blkvm'"'"'s kernel: it crashes; on_crash: restart builds it again\n' "$kernel"
+    kill -9 "$kernel"
+    for _ in $(seq 100); do
+        hyperctl block-list blkguest 2>/dev/null |
+            awk -v old="$served_by" 'NR == 2 && $2 != old && $3 == 4 {ok=1} END {exit !ok}' && break
+        sleep 0.2
+    done
+    step exec blkguest -- sh -c 'head -c 16M /dev/xvda | sha256sum'
+    step list
+    for name in blkguest blkvm; do step destroy "$name"; done
 fi
 step halt
