@@ -139,6 +139,14 @@ class EventChannels:
             held = self._ports.get((remote.remote_dom, remote.remote_port))
             if held is not None and held.stale and held.domid != domid and succeeds(held.domid):
                 return self._hand_over(held, remote, domid)
+        if (
+            remote is not None
+            and remote.remote_port is None
+            and remote.remote_dom not in (0, domid)
+            and succeeds(remote.remote_dom)
+        ):  # a port the frontend made for the dead domain, which never bound it: ours now
+            remote.remote_dom = domid
+            remote.owner.reshare(remote.doorbell, domid)
         if remote is None or remote.remote_port is not None or remote.remote_dom != domid:
             raise EvtchnError(
                 "EINVAL", f"domain {remote_dom} port {remote_port} is not unbound for {domid}"

@@ -219,6 +219,7 @@ def test_a_dead_driver_domains_channels_and_pools_go_to_the_next_server_of_the_d
     port = handle(guest, hc.EvtchnAllocUnbound(remote_dom=6))["port"]
     bound = handle(netvm, hc.EvtchnBindInterdomain(remote_dom=5, remote_port=port))
     pool = handle(guest, hc.GnttabSetupPool(peer=6, device="vif/0", pages=4))
+    unbound = handle(guest, hc.EvtchnAllocUnbound(remote_dom=6))["port"]  # 6 never binds it
 
     hypervisor.evtchn.close_domain(6)  # as hyperd does when a domain dies
     hypervisor.gnttab.release_domain(6, netvm.resources)
@@ -236,13 +237,17 @@ def test_a_dead_driver_domains_channels_and_pools_go_to_the_next_server_of_the_d
     hypervisor.links = saved
 
     handle(dom0, hc.DomctlLinkDevice(frontend=5, backend=8, device="vif/0"))
+    handle(successor, hc.EvtchnBindInterdomain(remote_dom=5, remote_port=unbound))
+    assert hypervisor.evtchn.get(5, unbound).remote_dom == 8
     again = handle(successor, bind)
     assert again["doorbell"] == bound["doorbell"], "the doorbell the frontend rings"
     assert again["peer_doorbell"] == hypervisor.evtchn.get(5, port).doorbell
     assert hypervisor.evtchn.get(5, port).remote_dom == 8
     assert handle(successor, hc.GnttabMapPools(granter=5, device="vif/0"))["pools"] == [pool]
+    # Every object of the device is shared with the successor now, and with nobody else.
+    assert bound["doorbell"] in guest.resources.doorbells
     assert guest.resources.peers == dict.fromkeys(
-        [hypervisor.evtchn.get(5, port).doorbell, bound["doorbell"], pool["name"]], 8
+        guest.resources.doorbells | guest.resources.segments, 8
     )
 
     handle(guest, hc.EvtchnClose(port=port))  # a live server's port waits for it to close
