@@ -420,3 +420,26 @@ def test_fio_verifies_across_a_sigkill_of_the_block_driver_domain(
     [vbd] = vbds(guest)
     assert str(vbd["backend"]).startswith(f"/local/domain/{domid(blkvm)}/backend/vbd/")
     check_dd_in_image(guest, image)
+
+
+def test_a_disk_served_by_a_driver_domain_carries_on_while_dom0_dies_and_comes_back(
+    make_domain: Callable[..., str], tmp_path: Path
+) -> None:
+    """Nothing of its data path is dom0's: fio, verifying what it writes, and an fsynced dd run
+    through dom0's death and restart, and the restarted dom0 leaves the disk where it is."""
+    blkvm = make_domain("memory: 256\nbackends: [vbd]\n")
+    image = tmp_path / "guest.img"
+    guest = make_domain(guest_disk(image, blkvm, size="128M"))
+    [before] = vbds(guest)
+    fio, dd = start_fio_and_dd(guest)
+    try:
+        written = 16 << 20
+        wait_for(lambda: image.stat().st_blocks * 512 >= written, 60, "fio and dd to write")
+        old, _ = kill_dom0()
+        wait_for(lambda: dom0_pid() not in (None, old), 30, "dom0 to serve again")
+        check_fio_and_dd(fio, dd)
+    finally:
+        reap(fio, dd)
+    [after] = vbds(guest)
+    assert after["backend"] == before["backend"], "still served by the same driver domain"
+    check_dd_in_image(guest, image)
