@@ -491,8 +491,10 @@ def driver_path(lab: Lab, runtime: int) -> dict[str, Any]:
     domain and the domU."""
     lab.cleanup.enter_context(hypervisor())
     progress(f"{DRIVER}: creating a block driver domain, and a domU whose xvda it serves")
-    driver, driver_domid = lab.domain("blkvm", "memory: 256\nbackends: [vbd]\n")
-    body = f"vcpus: {os.cpu_count() or 1}\n" + lab.disk_entry(backend=driver)
+    # As many vcpus as dom0 has CPUs: its blkback may use what dom0's does on the other path.
+    vcpus = f"vcpus: {os.cpu_count() or 1}\n"
+    driver, driver_domid = lab.domain("blkvm", f"memory: 256\n{vcpus}backends: [vbd]\n")
+    body = vcpus + lab.disk_entry(backend=driver)
     name, domid = lab.domain("guest", body)
     probes: dict[str, Probe] = {}
     guest, server = CpuClock.for_domain(domid), CpuClock.for_domain(driver_domid)
