@@ -111,10 +111,12 @@ class XenbusDevice:
 
     def moved(self) -> bool:
         """On the front, our directory names another backend (``replaced``) yet holds the state
-        we are in (past Initialising): the toolstack moved the device, rather than removing
-        its directory and writing it anew (which starts it over at Initialising)."""
-        if self.state in (XenbusState.Unknown, XenbusState.Initialising):
-            return False
+        we are in (one that connects: Initialised or Connected): the toolstack moved the
+        device, rather than removing its directory and writing it anew (which starts it over at
+        Initialising)."""
+        S = XenbusState
+        if self.state in (S.Unknown, S.Initialising, S.Closing, S.Closed):
+            return False  # nothing to carry over: the device starts again (remove, probe)
         return self.read("state") == str(int(self.state))
 
     def read_otherend(self, key: str) -> str | None:

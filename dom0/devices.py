@@ -85,13 +85,19 @@ def move_device(
     def write(tx: Transaction) -> None:
         tx.write(xenbus.join_path(paths.frontend, "backend"), paths.backend)
         tx.write(xenbus.join_path(paths.frontend, "backend-id"), str(backend_domid))
-        tx.set_perms(paths.frontend, perms)
-        for key in tx.directory(paths.frontend):
-            tx.set_perms(xenbus.join_path(paths.frontend, key), perms)
+        for node in _subtree(tx, paths.frontend):  # a vif's queue-<n>/ keys included
+            tx.set_perms(node, perms)
         _write_backend(tx, paths, domid, backend_domid, back)
 
     xs.transaction(write)
     return paths
+
+
+def _subtree(tx: Transaction, path: str) -> Iterator[str]:
+    """``path`` and every node below it."""
+    yield path
+    for child in tx.directory(path):
+        yield from _subtree(tx, xenbus.join_path(path, child))
 
 
 def _front_perms(domid: int, backend_domid: int) -> list[Perm]:

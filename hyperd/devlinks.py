@@ -14,7 +14,8 @@ domain's death unlinks everything it was part of.
 A link may hold one descriptor that dom0 opened for the backend (a vbd's loop device: Xen's
 device assignment), until the backend takes it (``take_fd``) or the link goes, which closes
 it. Held descriptors are not saved: a hyperd restarted before the backend took one has lost it,
-and the backend's device fails (the toolstack attaches it again to recover).
+and the backend's device fails until it is attached again (block-detach and block-attach, or
+the driver domain's restart).
 """
 
 from __future__ import annotations
@@ -48,9 +49,12 @@ class DeviceLinks:
             self._fds[link] = fd
 
     def unlink(self, frontend: int, backend: int, device: str) -> None:
+        """The device is no longer served by ``backend`` (detached): nobody succeeds a dead
+        domain that served it either."""
         link = DeviceLink(frontend, backend, device)
         self._links.discard(link)
         self._drop_fd(link)
+        self._orphaned = {o for o in self._orphaned if (o.frontend, o.device) != (frontend, device)}
 
     def take_fd(self, frontend: int, backend: int, device: str) -> int | None:
         """The descriptor held for ``backend``, now the caller's; None if none is held."""

@@ -159,8 +159,9 @@ class EventChannels:
     def _hand_over(self, stale: Port, frontend: Port, domid: int) -> Port:
         """A dead driver domain's ``stale`` port, bound to ``frontend``, becomes ``domid``'s
         (see the module's doc); both doorbells are shared with ``domid`` instead."""
+        number = self._number(domid)  # first: ENOSPC leaves everything as it was
         del self._ports[stale.domid, stale.port]
-        stale.domid, stale.port, stale.stale = domid, self._number(domid), False
+        stale.domid, stale.port, stale.stale = domid, number, False
         self._ports[domid, stale.port] = stale
         frontend.remote_dom, frontend.remote_port = domid, stale.port
         stale.owner.reshare(stale.doorbell, domid)

@@ -137,16 +137,18 @@ class Hypercalls:
             raise HvError("ESRCH", f"no domain {domid}")
         return domain
 
-    def _shared_resources(self, caller: int, other: int) -> Resources:
+    def _shared_resources(self, caller: int, other: int, *, binding: bool = False) -> Resources:
         """Who holds an object ``caller`` makes to share with ``other``: the domU when the other
         is dom0 (it dies with the domU); when both are domUs, which must share a device
         (hyperd/devlinks.py, or EPERM), the one served: a device's channels and pools outlive
-        the driver domain serving it, for the one that serves it next (hyperd/evtchn.py)."""
+        the driver domain serving it, for the one that serves it next (hyperd/evtchn.py). A
+        frontend makes its pools and unbound ports itself (the caller holds them); a backend
+        ``binding`` to a port of a domain it serves makes its end for that domain to hold."""
         if 0 not in (caller, other) and caller != other:
             self._live(self._domu(other))
             if not self.hv.links.share(caller, other):
                 raise HvError("EPERM", f"domains {caller} and {other} share no device")
-            served = other if self.hv.links.serves_some(caller, other) else caller
+            served = other if binding and self.hv.links.serves_some(caller, other) else caller
             return self._domu(served).resources
         return self._domu(other if caller == 0 else caller).resources
 
@@ -165,7 +167,7 @@ class Hypercalls:
         self, caller: Domain, op: hc.EvtchnBindInterdomain
     ) -> dict[str, Any]:
         evtchn, links = self.hv.evtchn, self.hv.links
-        resources = self._shared_resources(caller.domid, op.remote_dom)
+        resources = self._shared_resources(caller.domid, op.remote_dom, binding=True)
 
         def succeeds(dead: int) -> bool:
             return links.succeeds(caller.domid, dead, op.remote_dom)

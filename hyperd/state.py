@@ -16,7 +16,8 @@ first start; a file that is not such an object (cut short, edited by hand, from 
 is a ``StateError``, and hyperd refuses to start rather than guess which domains exist.
 
 ``VERSION`` changes with the form of any table (2: each grant pool names its device, issue 12;
-3: the device links between domUs, and the peers of each domain's objects, issue 15),
+3: the device links between domUs, and the peers of each domain's objects; 4: the devices a
+dead driver domain served, among the links, issue 15),
 so that a hyperd upgraded while domains run says which version it found, instead of failing on
 the first field it misses.
 """
@@ -31,7 +32,7 @@ from typing import Any
 
 from channels.errors import HyperError
 
-VERSION = 3
+VERSION = 4
 KEYS = ("last_domid", "dom0_restarts", "halting", "domains", "evtchn", "gnttab", "links")
 
 

@@ -79,6 +79,11 @@ class BlkfrontDriver:
             elif state == S.InitWait and dev.state == S.Connected and bf.server is not None:
                 self._recover(dev, bf)
                 dev.switch_state(S.Initialised)
+            elif state == S.InitWait and dev.state == S.Initialised:
+                # Moved while we waited for the backend we had published our ring to: the new
+                # one connects to that ring as it is; our pages must be granted to it.
+                for _, pool in bf.pools.values():
+                    pool.regrant(dev.otherend_id)
             elif state == S.Connected and dev.state == S.Initialised:
                 if bf.server is None:
                     self._connect(dev, bf)

@@ -292,10 +292,13 @@ def test_a_driver_domain_that_crashes_and_restarts_serves_its_guests_again(
     """``on_crash: restart`` builds it again under a new domid; the toolstack re-attaches the
     guests' vifs that name it to the new one, with the MACs they had, and they talk again."""
     bridge, net = lan
-    netvm = make_domain("memory: 256\nbackends: [vif]\non_crash: restart\n")
-    a = make_domain(guest_vif(bridge, f"{net}.2", netvm))
+    two = "vcpus: 2\n"  # a vif of two queues: their keys are below queue-<n>/
+    netvm = make_domain(f"memory: 256\n{two}backends: [vif]\non_crash: restart\n")
+    a = make_domain(two + guest_vif(bridge, f"{net}.2", netvm))
     make_domain(guest_vif(bridge, f"{net}.3", netvm))
     [before] = json.loads(hyperctl("network-list", "--json", a).out)
+    queues = f"/local/domain/{domid(a)}/device/vif/0/multi-queue-num-queues"
+    assert hyperctl("store", "read", queues).out.strip() == "2"
     first = domain_info(netvm)
     assert first is not None
     assert hyperctl("exec", a, "--", "ping", "-c", "1", "-W", "5", f"{net}.3").status == 0

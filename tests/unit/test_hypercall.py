@@ -20,6 +20,7 @@ import pytest
 from channels import hypercall as hc
 from channels.config import DomainConfig
 from channels.paths import RunDir
+from hyperd import evtchn as evtchn_module
 from hyperd import hypervisor as hyperd
 from hyperd.devlinks import DeviceLinks
 from hyperd.domain import Domain, dom0_config
@@ -252,6 +253,59 @@ def test_a_dead_driver_domains_channels_and_pools_go_to_the_next_server_of_the_d
 
     handle(guest, hc.EvtchnClose(port=port))  # a live server's port waits for it to close
     assert hypervisor.evtchn.get(8, again["port"]).state == "unbound"
+
+
+def test_what_a_dead_driver_domain_held_is_handed_to_nobody_once_its_device_is_detached(
+    hypervisor: hyperd.Hypervisor,
+) -> None:
+    guest, netvm, other = domains_on_paper(hypervisor, 5, 6, 8)
+    handle, dom0 = hypervisor.hypercalls.handle, hypervisor.domains[0]
+    link = hc.DomctlLinkDevice(frontend=5, backend=6, device="vif/0")
+    handle(dom0, link)
+    port = handle(guest, hc.EvtchnAllocUnbound(remote_dom=6))["port"]
+    handle(netvm, hc.EvtchnBindInterdomain(remote_dom=5, remote_port=port))
+    hypervisor.evtchn.close_domain(6)
+    hypervisor.links.release_domain(6)
+
+    handle(dom0, link.model_copy(update={"linked": False}))  # network-detach
+    handle(dom0, hc.DomctlLinkDevice(frontend=5, backend=8, device="vif/0"))  # a new vif 0
+    with pytest.raises(EvtchnError, match="not unbound for 8"):
+        handle(other, hc.EvtchnBindInterdomain(remote_dom=5, remote_port=port))
+
+
+def test_a_successor_out_of_ports_leaves_the_stale_port_as_it_was(
+    hypervisor: hyperd.Hypervisor, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    guest, netvm, successor = domains_on_paper(hypervisor, 5, 6, 8)
+    handle, dom0 = hypervisor.hypercalls.handle, hypervisor.domains[0]
+    handle(dom0, hc.DomctlLinkDevice(frontend=5, backend=6, device="vif/0"))
+    port = handle(guest, hc.EvtchnAllocUnbound(remote_dom=6))["port"]
+    bound = handle(netvm, hc.EvtchnBindInterdomain(remote_dom=5, remote_port=port))
+    hypervisor.evtchn.close_domain(6)
+    hypervisor.links.release_domain(6)
+    handle(dom0, hc.DomctlLinkDevice(frontend=5, backend=8, device="vif/0"))
+    handle(successor, hc.EvtchnAllocUnbound(remote_dom=0))
+    monkeypatch.setattr(evtchn_module, "MAX_PORTS", 1)  # the successor's one port is its last
+
+    with pytest.raises(EvtchnError, match="no free event-channel port"):
+        handle(successor, hc.EvtchnBindInterdomain(remote_dom=5, remote_port=port))
+    assert hypervisor.evtchn.peer_doorbell(hypervisor.evtchn.get(5, port)) == bound["doorbell"]
+
+
+def test_a_frontends_own_pools_stay_its_own_when_its_peer_is_also_its_guest(
+    hypervisor: hyperd.Hypervisor,
+) -> None:
+    """Domain 5 serves 6's disk and 6 serves 5's vif: each holds what it grants and what its
+    own frontend ports are, whoever serves whom."""
+    a, b = domains_on_paper(hypervisor, 5, 6)
+    handle, dom0 = hypervisor.hypercalls.handle, hypervisor.domains[0]
+    handle(dom0, hc.DomctlLinkDevice(frontend=6, backend=5, device="vbd/51712"))
+    handle(dom0, hc.DomctlLinkDevice(frontend=5, backend=6, device="vif/0"))
+    pool = handle(a, hc.GnttabSetupPool(peer=6, device="vif/0", pages=1))
+    port = handle(a, hc.EvtchnAllocUnbound(remote_dom=6))
+    assert pool["name"] in a.resources.segments and port["doorbell"] in a.resources.doorbells
+    bound = handle(b, hc.EvtchnBindInterdomain(remote_dom=5, remote_port=port["port"]))
+    assert bound["doorbell"] in a.resources.doorbells, "6 serves 5: its end is 5's to hold"
 
 
 def test_a_stale_port_nobody_adopts_goes_with_its_frontend_port(

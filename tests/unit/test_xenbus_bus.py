@@ -307,10 +307,12 @@ def test_a_device_the_toolstack_moves_to_another_backend_is_followed_and_replays
     back, _ = two_connected(front, xs, dom0)
     xs.rm(back.nodename)  # type: ignore[attr-defined]
     front.wait_for(("back Unknown", 0, "Connected"))
+    nested = "/queue-0/tx-ring-ref"  # as a vif of several queues writes its keys
+    xs.write(back.otherend + nested, "8")  # type: ignore[attr-defined]
 
     paths = move_device(xs, DOMU, 5, "toy", 0)  # type: ignore[arg-type]
     front.wait_for(("back Initialising", 0, "Connected"))
-    for node in ("", "/backend", "/state"):
+    for node in ("", "/backend", "/state", nested):
         perms = xs.get_perms(paths.frontend + node)  # type: ignore[attr-defined]
         assert [(p.domid, p.perm) for p in perms] == [(DOMU, "n"), (5, "r")], node
     new_back = XenbusDevice(dom0, "toy", 0, paths.backend, paths.frontend, DOMU, DOMU)  # type: ignore[arg-type]
