@@ -13,6 +13,7 @@ connected. Nothing here names a kind.
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -26,6 +27,8 @@ from channels.errors import BadInput, HyperError, NotFound
 from channels.kinds import KINDS, DeviceKind
 from channels.xenbus import XenbusState
 from channels.xs import Perm, Transaction, XsClient, XsError
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -294,18 +297,29 @@ class Devices:
             mac = self.xs.read_optional(xenbus.join_path(front, "mac"))
             if mac and "mac" in type(entry).model_fields and entry.mac is None:
                 entry = entry.model_copy(update={"mac": mac})
-            _, back = kind.store_keys(entry, devid, owner)
-            self._link_handing_over(domid, driver_domid, kind, devid, back)
+            name = xenbus.device_name(kind.xenbus_type, devid)
             try:
-                move_device(self.xs, domid, driver_domid, kind.xenbus_type, devid, back)
-            except XsError:
-                name = xenbus.device_name(kind.xenbus_type, devid)
-                self._link(domid, driver_domid, name, False, None)
-                raise
-            self.xs.write(_served_by(domid, kind, devid), str(driver_domid))
+                self._move(domid, kind, entry, devid, owner, driver_domid)
+            except (HyperError, XsError) as exc:  # this device waits on; the others are tried
+                log.warning("dom%d: %s stays paused: %s", domid, name, exc)
+                continue
             rm_if_there(self.xs, old.backend)  # went with the dead domain's home, as a rule
-            done.append(xenbus.device_name(kind.xenbus_type, devid))
+            done.append(name)
         return done
+
+    def _move(
+        self, domid: int, kind: DeviceKind, entry: Any, devid: int, owner: int, backend: int
+    ) -> None:
+        """Serve a device by ``backend`` from now on (``move_device``), handing it what dom0
+        opens for it; the link undone if the move fails."""
+        _, back = kind.store_keys(entry, devid, owner)
+        self._link_handing_over(domid, backend, kind, devid, back)
+        try:
+            move_device(self.xs, domid, backend, kind.xenbus_type, devid, back)
+        except XsError:
+            self._link(domid, backend, xenbus.device_name(kind.xenbus_type, devid), False, None)
+            raise
+        self.xs.write(_served_by(domid, kind, devid), str(backend))
 
     def backend_of(self, domid: int, kind: DeviceKind, devid: int) -> int:
         """The domain serving a device, as the toolstack recorded it where only dom0 reads and

@@ -95,6 +95,10 @@ class DeviceLinks:
             for link in self._links
         )
 
+    def remembers(self, domid: int) -> bool:
+        """Is ``domid`` a dead domain whose devices still wait for a successor?"""
+        return any(link.backend == domid for link in self._orphaned)
+
     def release_domain(self, domid: int) -> None:
         gone = {link for link in self._links if domid in (link.frontend, link.backend)}
         self._links -= gone

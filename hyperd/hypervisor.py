@@ -466,13 +466,18 @@ class Hypervisor:
     # -- building, reaping and destroying ----------------------------------------------------
 
     def _next_domid(self) -> int:
-        """Domain ids increase (as Xen's do) and wrap; a restarted domain gets a new one."""
+        """Domain ids increase (as Xen's do) and wrap; a restarted domain gets a new one. An id
+        a dead driver domain still stands for (its stale ports, the devices it served) is not
+        given out again: the new domain would take for its own what waits for its successor."""
         domid = self.last_domid
         while True:
             domid = domid % hc.DOMID_MAX + 1
-            if domid not in self.domains:
+            if domid not in self.domains and not self._remembered(domid):
                 self.last_domid = domid
                 return domid
+
+    def _remembered(self, domid: int) -> bool:
+        return bool(self.evtchn.ports_of(domid)) or self.links.remembers(domid)
 
     def build(self, config: DomainConfig, owner: int) -> Domain:
         domid = self._next_domid()

@@ -13,7 +13,7 @@ import socket
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import pytest
 
@@ -308,9 +308,9 @@ def test_a_frontends_own_pools_stay_its_own_when_its_peer_is_also_its_guest(
     assert bound["doorbell"] in a.resources.doorbells, "6 serves 5: its end is 5's to hold"
 
 
-def test_a_stale_port_nobody_adopts_goes_with_its_frontend_port(
-    hypervisor: hyperd.Hypervisor,
-) -> None:
+def served_then_dead(hypervisor: hyperd.Hypervisor) -> tuple[Domain, int, dict[str, Any]]:
+    """Guest 5's vif/0 served by driver domain 6, which then dies as hyperd has it die: the
+    guest, its port, and what 6's bind answered."""
     guest, netvm = domains_on_paper(hypervisor, 5, 6)
     handle = hypervisor.hypercalls.handle
     handle(hypervisor.domains[0], hc.DomctlLinkDevice(frontend=5, backend=6, device="vif/0"))
@@ -318,6 +318,31 @@ def test_a_stale_port_nobody_adopts_goes_with_its_frontend_port(
     bound = handle(netvm, hc.EvtchnBindInterdomain(remote_dom=5, remote_port=port))
     hypervisor.evtchn.close_domain(6)
     hypervisor.links.release_domain(6)
+    return guest, port, bound
+
+
+def test_a_dead_driver_domains_id_is_not_given_out_while_its_guests_wait_for_it(
+    hypervisor: hyperd.Hypervisor,
+) -> None:
+    guest, port, _ = served_then_dead(hypervisor)
+    handle = hypervisor.hypercalls.handle
+    del hypervisor.domains[6]
+    hypervisor.last_domid = 5
+
+    assert hypervisor._next_domid() == 7, "6 stands for the stale port and the orphaned vif"
+    handle(guest, hc.EvtchnClose(port=port))  # the stale port goes; the vif still waits
+    hypervisor.last_domid = 5
+    assert hypervisor._next_domid() == 7
+    hypervisor.links.unlink(5, 6, "vif/0")  # detached: nothing waits for 6 any more
+    hypervisor.last_domid = 5
+    assert hypervisor._next_domid() == 6
+
+
+def test_a_stale_port_nobody_adopts_goes_with_its_frontend_port(
+    hypervisor: hyperd.Hypervisor,
+) -> None:
+    guest, port, bound = served_then_dead(hypervisor)
+    handle = hypervisor.hypercalls.handle
     assert not hypervisor.links.share(5, 6)
 
     handle(guest, hc.EvtchnClose(port=port))
