@@ -423,7 +423,8 @@ def cmd_exec(args: argparse.Namespace) -> int:
         "--uts",
         "--ipc",
         "--cgroup",
-        "--wd=/tmp",
+        # No --wd: nsenter opens its directory before entering, which would give the command
+        # the host's /tmp (and through "..", the host's tree). env changes directory inside.
         "--",
         shutil.which("setpriv") or "/usr/bin/setpriv",
         f"--reuid={WORKLOAD_UID}",
@@ -433,6 +434,7 @@ def cmd_exec(args: argparse.Namespace) -> int:
         "--",
         shutil.which("env") or "/usr/bin/env",
         "-i",
+        "--chdir=/tmp",
         *env,
         *command,
     ]

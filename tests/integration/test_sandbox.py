@@ -172,3 +172,18 @@ def test_exec_leaves_the_callers_environment_and_terminal_behind(
     assert env["HOME"] == "/tmp"
     # Run from a pipe, the command gets no terminal at all (and none of the caller's).
     assert hyperctl("exec", name, "--", "tty", check=False).out.strip() == "not a tty"
+
+
+def test_exec_starts_in_the_domains_tmp_not_the_hosts(
+    make_domain: Callable[..., str], tmp_path: Path
+) -> None:
+    """The command's working directory is the domain's /tmp. nsenter's ``--wd=/tmp`` opened
+    the host's /tmp before entering the domain and handed the command that: through ``.`` and
+    ``..`` it reached the host's file system (a fio state file landed in the host's /tmp)."""
+    name = make_domain()
+    probe = f"hyper-escape-probe-{os.getpid()}"
+    script = f"test . -ef /tmp && touch {probe} && ls -a . .."
+    result = hyperctl("exec", name, "--", "sh", "-c", script, check=False)
+    assert result.status == 0, result
+    assert not (Path("/tmp") / probe).exists(), "the command wrote into the host's /tmp"
+    assert "pytest-of-root" not in result.out
