@@ -383,11 +383,6 @@ class _Slot:
             self.fd = None
 
 
-def _close_all(fds: list[int]) -> None:
-    for fd in fds:
-        os.close(fd)
-
-
 class HypercallClient:
     """The domain side of the hypercall socket: blocking calls, plus events for dom0.
 
@@ -460,16 +455,16 @@ class HypercallClient:
             except OSError:
                 data, fds = b"", []
             if not data:
-                _close_all(fds)
+                linux.close_fds(fds)
                 break
             try:
                 msg = json.loads(data)
             except ValueError:
                 log.warning("hypercall: undecodable message from hyperd dropped")
-                _close_all(fds)
+                linux.close_fds(fds)
                 continue
             if "event" in msg:
-                _close_all(fds)  # events carry none
+                linux.close_fds(fds)  # events carry none
                 if self._on_event is not None:
                     try:
                         self._on_event(msg["event"], msg.get("data") or {})
@@ -481,7 +476,7 @@ class HypercallClient:
                 if slot is not None:
                     slot.reply = msg
                     slot.fd, fds = (fds[0], fds[1:]) if fds else (None, [])
-            _close_all(fds)  # none asked for (the caller gave up waiting), or one too many
+            linux.close_fds(fds)  # none asked for (the caller gave up waiting), or one too many
             if slot is not None:
                 slot.done.set()
         with self._lock:

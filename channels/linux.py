@@ -9,10 +9,12 @@ spawn path use these; nothing else in hyper touches namespaces or mounts.
 from __future__ import annotations
 
 import array
+import contextlib
 import ctypes
 import ctypes.util
 import os
 import socket
+from collections.abc import Iterable
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
 
@@ -179,3 +181,10 @@ def recv_fds(
         if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
             fds.frombytes(payload[: len(payload) - len(payload) % fds.itemsize])
     return data, list(fds)
+
+
+def close_fds(fds: Iterable[int]) -> None:
+    """Close each of ``fds``; one already closed is no error."""
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            os.close(fd)

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from channels import hypercall as hc
+from channels import linux
 from channels.errors import HyperError
 from channels.hypercall import Op
 from hyperd import cgroup
@@ -43,11 +44,6 @@ class HvError(HyperError):
     def __init__(self, errno_name: str, message: str) -> None:
         super().__init__(message)
         self.errno_name = errno_name
-
-
-def close_all(fds: Iterable[int]) -> None:
-    for fd in fds:
-        os.close(fd)
 
 
 class Descriptors:
@@ -72,11 +68,9 @@ class Descriptors:
         return fd
 
     def close(self) -> None:
-        close_all(self._received)
-        self._received = []
         reply = self.take_reply()
-        if reply is not None:
-            os.close(reply)
+        linux.close_fds([*self._received, *([] if reply is None else [reply])])
+        self._received = []
 
 
 #: A handler of an op that passes descriptors: as Handler, with the call's Descriptors.

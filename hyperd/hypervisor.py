@@ -61,7 +61,7 @@ from hyperd.domain import (
 )
 from hyperd.evtchn import EventChannels, EvtchnError
 from hyperd.gnttab import GnttabError, GrantTables
-from hyperd.hypercalls import Descriptors, HvError, Hypercalls, close_all, cpu_ns, domain_info
+from hyperd.hypercalls import Descriptors, HvError, Hypercalls, cpu_ns, domain_info
 from hyperd.resources import Resources
 
 log = logging.getLogger("hyperd")
@@ -400,7 +400,7 @@ class Hypervisor:
         except OSError:
             data, fds = b"", []
         if not data:
-            close_all(fds)
+            linux.close_fds(fds)
             self.drop_socket(caller)
             return
         passed = Descriptors(fds)
@@ -412,7 +412,7 @@ class Hypervisor:
                 self._send(caller, hc.encode(reply), passed.take_reply())
                 if caller.sock is not None:
                     with contextlib.suppress(OSError):  # done: consume it
-                        close_all(hc.receive(caller.sock, most)[1])
+                        linux.close_fds(hc.receive(caller.sock, most)[1])
                 self._charge(caller, HYPERCALL_COST[read_only])
         finally:
             passed.close()

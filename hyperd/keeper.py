@@ -82,19 +82,13 @@ def _receive(sock: socket.socket, maxfds: int) -> tuple[dict[str, Any] | None, l
     object comes back as {}."""
     data, fds = linux.recv_fds(sock, MAX_MESSAGE, maxfds)
     if not data:
-        _close_all(fds)
+        linux.close_fds(fds)
         return None, []
     try:
         message = json.loads(data)
     except ValueError:
         message = {}
     return (message if isinstance(message, dict) else {}), fds
-
-
-def _close_all(fds: list[int]) -> None:
-    for fd in fds:
-        with contextlib.suppress(OSError):
-            os.close(fd)
 
 
 # -- the keeper process --------------------------------------------------------------------------
@@ -134,7 +128,7 @@ class Keeper:
         log.info("no hyperd and no live domain: nothing left to keep")
 
     def close(self) -> None:
-        _close_all(list(self.held.values()))
+        linux.close_fds(list(self.held.values()))
         self.held.clear()
         if self.client is not None:
             self.client.close()
@@ -185,7 +179,7 @@ class Keeper:
                 return
             if message.get("op") in ("put", "drop"):
                 self._apply(message, fds)
-            _close_all(fds)
+            linux.close_fds(fds)
 
     def _drop_client(self) -> None:
         assert self.client is not None
@@ -214,11 +208,11 @@ class Keeper:
                 log.warning("hand-over failed: %s", exc)
                 self._drop_client()
         elif op == "exit":
-            _close_all(fds)
+            linux.close_fds(fds)
             return False
         else:
             log.warning("ignored a bad message %r", str(message)[:80])
-        _close_all(fds)
+        linux.close_fds(fds)
         return True
 
     def _apply(self, message: dict[str, Any], fds: list[int]) -> None:
@@ -331,7 +325,7 @@ class KeeperClient:
                     raise KeeperError(f"{self.path}: the keeper hung up during a hand-over")
                 names = message.get("names")
                 if not isinstance(names, list) or len(names) != len(fds):
-                    _close_all(fds)
+                    linux.close_fds(fds)
                     raise KeeperError(f"{self.path}: a bad hand-over message")
                 for name, fd in zip(names, fds, strict=True):
                     found[str(name)] = socket.socket(fileno=fd)

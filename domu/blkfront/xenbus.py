@@ -82,8 +82,7 @@ class BlkfrontDriver:
             elif state == S.InitWait and dev.state == S.Initialised:
                 # Moved while we waited for the backend we had published our ring to: the new
                 # one connects to that ring as it is; our pages must be granted to it.
-                for _, pool in bf.pools.values():
-                    pool.regrant(dev.otherend_id)
+                _regrant(dev, bf)
             elif state == S.Connected and dev.state == S.Initialised:
                 if bf.server is None:
                     self._connect(dev, bf)
@@ -164,8 +163,7 @@ class BlkfrontDriver:
         have the server start the ring over (see the docstring)."""
         assert bf.server is not None
         log.warning("%s: the backend restarted; replaying what it had not answered", bf.vdev)
-        for _, pool in bf.pools.values():
-            pool.regrant(dev.otherend_id)
+        _regrant(dev, bf)
         bf.server.reset(bf.mountpoint)
 
     def _release(self, bf: Blkfront) -> None:
@@ -180,6 +178,12 @@ class BlkfrontDriver:
         for pool_id, pool in bf.pools.values():
             release_pool(self.hc, pool_id, pool)
         bf.pools = {}
+
+
+def _regrant(dev: XenbusDevice, bf: Blkfront) -> None:
+    """Our pages, granted to the backend that serves the disk now (GrantPool.regrant)."""
+    for _, pool in bf.pools.values():
+        pool.regrant(dev.otherend_id)
 
 
 def _disk(dev: XenbusDevice) -> tuple[int, bool]:

@@ -491,7 +491,7 @@ def test_descriptors_cross_the_hypercall_sockets_from_dom0_to_the_backend_only(
         with pytest.raises(hc.HypercallError):  # it has no port 1; the descriptor is the point
             answer(guest, clients[5].call, hc.EvtchnStatus(port=1), stray_r)
         os.close(stray_r)
-        assert not read_end_open(stray_w), "hyperd never read the domU's descriptor"
+        assert not read_end_open(stray_w), "hyperd keeps no copy of a domU's descriptor"
         os.close(stray_w)
     finally:
         os.close(w)
