@@ -2,7 +2,7 @@
 
 hyperd starts it with its hypercall socket (``--hypercall-fd``) and restarts it if it dies,
 with ``--recover``: the new dom0 then starts from the store the old one left on disk
-(dom0/store/journal.py), forgets the domains that ended meanwhile, takes each live domain's
+(xenstored/journal.py), forgets the domains that ended meanwhile, takes each live domain's
 store connection over and re-probes every backend device, whose frontends reconnect. If those
 files are of a format this dom0 does not read (a hyper upgraded while domains ran), it stops
 at once with one line naming the file, exit status 2, and leaves them as they are: hyperd
@@ -33,11 +33,11 @@ from channels.paths import RunDir
 from channels.xenbus_bus import Bus
 from dom0 import spawn
 from dom0.control import ControlServer
-from dom0.store.core import Store
-from dom0.store.journal import Journal, StoreFormatError
-from dom0.store.local import connect_local
 from dom0.storeview import StoreView
 from dom0.toolstack import Toolstack
+from xenstored.core import Store
+from xenstored.journal import Journal, StoreFormatError
+from xenstored.local import connect_local
 
 log = logging.getLogger("dom0")
 

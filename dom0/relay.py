@@ -63,8 +63,8 @@ from dom0.spawn import spawner
 
 if TYPE_CHECKING:
     from channels.hypercall import HypercallClient
-    from dom0.store.core import Store
-    from dom0.store.stream import StreamConnection
+    from xenstored.core import Store
+    from xenstored.stream import StreamConnection
 
 log = logging.getLogger("relay")
 
@@ -194,7 +194,7 @@ class Relay:
         # Imported here, not at the top: the relay process itself must stay small (one per
         # domain), and these bring pydantic and the store along.
         from channels.hypercall import EvtchnStatus
-        from dom0.store.stream import StreamConnection
+        from xenstored.stream import StreamConnection
 
         params: dict[str, Any] = {}
         ours: dict[str, socket.socket] = {}

@@ -37,7 +37,7 @@ from channels.xs import Perm, XsClient, XsError
 from dom0.console import ConsoleBackend
 from dom0.devices import Devices, Images, entries
 from dom0.relay import Relay
-from dom0.store.core import Store
+from xenstored.core import Store
 
 log = logging.getLogger(__name__)
 

@@ -20,7 +20,6 @@ from pathlib import Path
 
 import pytest
 
-from dom0.store import Quota
 from hyperd import cgroup
 from tests import hostile_guest
 from tests.integration.conftest import (
@@ -32,6 +31,7 @@ from tests.integration.conftest import (
     start_iperf3_server,
 )
 from tests.integration.test_block import disk, sha256_of
+from xenstored import Quota
 
 pytestmark = pytest.mark.root
 

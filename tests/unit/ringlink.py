@@ -20,8 +20,8 @@ from channels.evtchn import from_status
 from channels.shm import attach, create_segment, unlink_segment
 from channels.xs_ring import XenstoreRing
 from dom0.relay import relay
-from dom0.store.core import Store
-from dom0.store.stream import StreamConnection
+from xenstored.core import Store
+from xenstored.stream import StreamConnection
 
 _ids = itertools.count()
 

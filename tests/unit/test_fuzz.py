@@ -32,12 +32,12 @@ from channels import blkif as B
 from channels import netif as N
 from channels.errors import ProtocolViolation
 from channels.xs_wire import XsType, encode
-from dom0.store import Store
 from tests.unit.test_blkback_hostile import GREF_BASE, IMAGE_SECTORS, POOL_PAGES, Vbd, _build
 from tests.unit.test_netback_antispoof import ANY_IP, PASSES, REFUSED, V4, V6
 from tests.unit.test_netback_hostile import serving_vif
 from tests.unit.test_store_connection import RawPeer
 from tests.unit.test_store_connection import store as store
+from xenstored import Store
 
 
 def fuzz(cases_in_ci: int) -> settings:

@@ -1,8 +1,9 @@
 """The import graph reads top to bottom like Xen's tree, and nothing imports upward.
 
     hyper      the user's tools (xl's role): hyperctl, cleanup
-    dom0 domu  the domains, beside each other: toolstack and store; the frontends
+    dom0 domu  the domains, beside each other: toolstack and backends; the frontends
     backends   the backend drivers, which dom0 runs and so may a driver domain (a domU)
+    xenstored  the store, which dom0 runs and so may a stub domain (a domU)
     hyperd     the hypervisor
     channels   the public ABI every layer shares: rings, protocols, hypercalls, the store's
                wire, the toolstack's requests and the domain config they carry
@@ -25,10 +26,11 @@ REPO = Path(__file__).resolve().parents[2]
 #: Each package, and the packages its modules may import (besides the standard library and
 #: third-party ones). The order is the layering, top first.
 MAY_IMPORT: dict[str, frozenset[str]] = {
-    "hyper": frozenset({"hyper", "dom0", "domu", "backends", "hyperd", "channels"}),
-    "dom0": frozenset({"dom0", "backends", "channels"}),
-    "domu": frozenset({"domu", "backends", "channels"}),
+    "hyper": frozenset({"hyper", "dom0", "domu", "backends", "xenstored", "hyperd", "channels"}),
+    "dom0": frozenset({"dom0", "backends", "xenstored", "channels"}),
+    "domu": frozenset({"domu", "backends", "xenstored", "channels"}),
     "backends": frozenset({"backends", "channels"}),
+    "xenstored": frozenset({"xenstored", "channels"}),
     "hyperd": frozenset({"hyperd", "channels"}),
     "channels": frozenset({"channels"}),
 }

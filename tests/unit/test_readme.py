@@ -24,10 +24,10 @@ from channels import netif as N
 from channels.config import DiskConfig, DomainConfig, P9Config, VifConfig
 from channels.grants import BAD_GREF_BUDGET
 from channels.paths import RunDir
-from dom0.store.quota import Quota
 from domu.sandbox import PTYS_MAX
 from hyper.cli import CONTAINMENT, build_parser
 from hyperd.budget import HYPERCALL_COST, HYPERCALL_RATE, LOG_MAX, LOG_RATE
+from xenstored.quota import Quota
 
 REPO = Path(__file__).resolve().parents[2]
 README = REPO / "README.md"

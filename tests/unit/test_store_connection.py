@@ -26,7 +26,7 @@ from channels.xs_wire import (
     encode,
     join_strings,
 )
-from dom0.store import (
+from xenstored import (
     Quota,
     Store,
     StreamConnection,
@@ -34,8 +34,8 @@ from dom0.store import (
     connect_local,
     requests,
 )
-from dom0.store.connection import MAX_INPUT_BACKLOG
-from dom0.store.local import LocalTransport
+from xenstored.connection import MAX_INPUT_BACKLOG
+from xenstored.local import LocalTransport
 
 TIMEOUT = 5.0
 
@@ -240,7 +240,7 @@ def test_a_bug_in_a_handler_becomes_einval_and_is_logged(
     monkeypatch.setitem(requests.HANDLERS, XsType.READ, requests.Handler(broken))
     peer = RawPeer(store, 1)
 
-    with caplog.at_level(logging.ERROR, logger="dom0.store.connection"):
+    with caplog.at_level(logging.ERROR, logger="xenstored.connection"):
         answer = peer.reply(XsType.READ, b"data\0")
 
     assert error_name(answer) == "EINVAL"
@@ -312,7 +312,7 @@ def test_a_send_that_raises_drops_that_connection_only(
 
     conn = store.connect(1, broken_send)
 
-    with caplog.at_level(logging.ERROR, logger="dom0.store.connection"):
+    with caplog.at_level(logging.ERROR, logger="xenstored.connection"):
         conn.feed(encode(XsType.READ, b"data\0"))
 
     assert conn.closed

@@ -1,5 +1,5 @@
 """A domU's transactions live ``transaction_lifetime`` seconds, and whatever ends one frees what
-it held (dom0/store/core.py, transactions.py), with time driven by hand: the store's clock and
+it held (xenstored/core.py, transactions.py), with time driven by hand: the store's clock and
 its alarms are the test's."""
 
 from __future__ import annotations
@@ -12,9 +12,9 @@ import pytest
 from channels.xenbus import guest_rw_perms, home_perms
 from channels.xs import Transaction, XsClient, XsError
 from channels.xs_wire import XsType
-from dom0.store import Quota, Store, connect_local
-from dom0.store.core import EXPIRY_SLACK
-from dom0.store.local import LocalTransport
+from xenstored import Quota, Store, connect_local
+from xenstored.core import EXPIRY_SLACK
+from xenstored.local import LocalTransport
 
 LIFETIME = Quota().transaction_lifetime
 

@@ -1,5 +1,5 @@
 """The store's tree on disk: what a restarted dom0 finds, and what recording costs the host
-(dom0/store/journal.py)."""
+(xenstored/journal.py)."""
 
 from __future__ import annotations
 
@@ -19,10 +19,10 @@ from channels.xenbus import RELEASE_DOMAIN_WATCH, guest_rw_perms, home_perms
 from channels.xs import XsClient, XsConnectionLost, XsError
 from channels.xs_wire import Perm
 from dom0.main import main as dom0_main
-from dom0.store import Quota, Store, connect_local
-from dom0.store import journal as journal_module
-from dom0.store.journal import COMPACT_FLOOR, Journal
-from dom0.store.tree import Node
+from xenstored import Quota, Store, connect_local
+from xenstored import journal as journal_module
+from xenstored.journal import COMPACT_FLOOR, Journal
+from xenstored.tree import Node
 
 TIMEOUT = 5.0
 NAME = "n" * 3000  # a child's name of 3 KB, as issue 12's guest wrote them

@@ -1,5 +1,5 @@
 """The toolstack's teardown of a destroyed domain, over a store whose files cannot be written
-(dom0/toolstack.py, dom0/store/core.py); and the control socket's dispatch (dom0/control.py)."""
+(dom0/toolstack.py, xenstored/core.py); and the control socket's dispatch (dom0/control.py)."""
 
 from __future__ import annotations
 
@@ -14,11 +14,11 @@ import pytest
 
 from channels import control, xenbus
 from dom0.control import ControlServer
-from dom0.store import Store, connect_local
-from dom0.store.journal import Journal
 from dom0.storeview import StoreView
 from dom0.toolstack import DomainState, Toolstack
 from tests.unit.test_store_journal import _break_journal
+from xenstored import Store, connect_local
+from xenstored.journal import Journal
 
 DOMID = 1
 

@@ -9,7 +9,7 @@ import pytest
 from channels import xenbus as xb
 from channels.xs import XsTimeoutError
 from channels.xs_wire import Perm
-from dom0.store import Store, connect_local
+from xenstored import Store, connect_local
 
 TIMEOUT = 5.0
 

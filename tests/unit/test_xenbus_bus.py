@@ -19,8 +19,8 @@ from channels import xenbus
 from channels.xenbus import XenbusState
 from channels.xenbus_bus import Bus, Driver, XenbusDevice
 from dom0.devices import add_device, backend_state, device_paths, move_device, remove_device
-from dom0.store.core import Store
-from dom0.store.local import connect_local
+from xenstored.core import Store
+from xenstored.local import connect_local
 
 S = XenbusState
 DOMU = 7

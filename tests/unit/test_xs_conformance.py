@@ -37,8 +37,8 @@ from channels.xs import (
     XsStreamTransport,
 )
 from channels.xs_wire import Perm
-from dom0.store import Quota, Store, StreamConnection, connect_local
 from tests.unit.ringlink import ByteRingLink
+from xenstored import Quota, Store, StreamConnection, connect_local
 
 TIMEOUT = 5.0
 

@@ -23,10 +23,10 @@ from channels.xenbus import guest_rw_perms
 from channels.xs import XsConnectionLost, XsError
 from channels.xs_ring import XenstoreRing
 from dom0.relay import relay
-from dom0.store import connect_local
-from dom0.store.core import Store
-from dom0.store.stream import StreamConnection
 from tests.unit.ringlink import FakeHypercalls
+from xenstored import connect_local
+from xenstored.core import Store
+from xenstored.stream import StreamConnection
 
 TIMEOUT = 10.0
 DATA = "/local/domain/1/data"

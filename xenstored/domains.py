@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from channels.xs_wire import check_domid
-from dom0.store.perms import is_privileged
-from dom0.store.quota import Quota
+from xenstored.perms import is_privileged
+from xenstored.quota import Quota
 
 
 class Domains:

@@ -99,7 +99,7 @@ from typing import Protocol
 from channels.errors import HyperError
 from channels.xenbus import basename, parent_path, validate_path
 from channels.xs_wire import Perm
-from dom0.store.tree import Node
+from xenstored.tree import Node
 
 log = logging.getLogger(__name__)
 

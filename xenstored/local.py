@@ -11,7 +11,7 @@ from types import TracebackType
 from typing import Self
 
 from channels.xs import DEFAULT_TIMEOUT, XsClient, XsConnectionLost
-from dom0.store.core import Store
+from xenstored.core import Store
 
 
 class LocalTransport:

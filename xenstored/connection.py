@@ -50,9 +50,9 @@ from channels.xs_wire import (
 )
 
 if TYPE_CHECKING:
-    from dom0.store.core import Store
-    from dom0.store.transactions import Transaction
-    from dom0.store.watches import Watch
+    from xenstored.core import Store
+    from xenstored.transactions import Transaction
+    from xenstored.watches import Watch
 
 log = logging.getLogger(__name__)
 

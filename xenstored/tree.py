@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Protocol
 from channels.xs_wire import Perm
 
 if TYPE_CHECKING:
-    from dom0.store.journal import Journal
+    from xenstored.journal import Journal
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,7 +66,7 @@ class View(Protocol):
 
 class Tree:
     """The live tree (a View). Callers hold the store lock. With a ``journal``, each request's
-    changes are recorded when it commits (dom0/store/journal.py)."""
+    changes are recorded when it commits (xenstored/journal.py)."""
 
     def __init__(self, journal: Journal | None = None) -> None:
         self._nodes: dict[str, Node] = {}

@@ -51,14 +51,14 @@ from channels.xenbus import (
     parent_path,
 )
 from channels.xs_wire import Message, Perm, XsErrno, XsError, check_domid
-from dom0.store import nodes, perms, requests
-from dom0.store.connection import Connection, Send
-from dom0.store.domains import Domains
-from dom0.store.journal import Journal, JournalError
-from dom0.store.quota import Quota
-from dom0.store.transactions import Change, Held, Transaction
-from dom0.store.tree import Node, Tree, View
-from dom0.store.watches import Watch, WatchTable
+from xenstored import nodes, perms, requests
+from xenstored.connection import Connection, Send
+from xenstored.domains import Domains
+from xenstored.journal import Journal, JournalError
+from xenstored.quota import Quota
+from xenstored.transactions import Change, Held, Transaction
+from xenstored.tree import Node, Tree, View
+from xenstored.watches import Watch, WatchTable
 
 log = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-"""The store: dom0's XenStore, one module per concept (like xenstored).
+"""The store (xenstored): XenStore, run by dom0 or by a stub domain, one module per concept.
 
 Code map::
 
@@ -28,11 +28,11 @@ Typical use::
 
 from channels.errors import ProtocolViolation
 from channels.xs_wire import Perm, XsError
-from dom0.store.connection import Connection
-from dom0.store.core import Store
-from dom0.store.local import LocalTransport, connect_local
-from dom0.store.quota import Quota
-from dom0.store.stream import StreamConnection, UnixSocketServer
+from xenstored.connection import Connection
+from xenstored.core import Store
+from xenstored.local import LocalTransport, connect_local
+from xenstored.quota import Quota
+from xenstored.stream import StreamConnection, UnixSocketServer
 
 __all__ = [
     "Connection",

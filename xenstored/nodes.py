@@ -22,10 +22,10 @@ from dataclasses import replace
 
 from channels.xenbus import basename, parent_path
 from channels.xs_wire import XENSTORE_PAYLOAD_MAX, Perm, XsErrno, XsError
-from dom0.store import perms as P
-from dom0.store.quota import Quota
-from dom0.store.transactions import Change
-from dom0.store.tree import Node, View
+from xenstored import perms as P
+from xenstored.quota import Quota
+from xenstored.transactions import Change
+from xenstored.tree import Node, View
 
 
 def _missing(view: View, domid: int, path: str, access: P.Access) -> XsError:

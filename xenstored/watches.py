@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 from channels.xenbus import is_subpath
 
 if TYPE_CHECKING:
-    from dom0.store.connection import Connection
+    from xenstored.connection import Connection
 
 
 @dataclass(eq=False)

@@ -28,11 +28,11 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from channels.xs_wire import Perm, XsErrno, XsError
-from dom0.store.quota import Quota
-from dom0.store.tree import Node, Tree, content_bytes
+from xenstored.quota import Quota
+from xenstored.tree import Node, Tree, content_bytes
 
 if TYPE_CHECKING:
-    from dom0.store.connection import Connection
+    from xenstored.connection import Connection
 
 
 @dataclass(frozen=True, slots=True)

@@ -24,13 +24,13 @@ from channels.xs_wire import (
     join_strings,
     split_strings,
 )
-from dom0.store import nodes
-from dom0.store.perms import is_privileged
-from dom0.store.watches import Watch
+from xenstored import nodes
+from xenstored.perms import is_privileged
+from xenstored.watches import Watch
 
 if TYPE_CHECKING:
-    from dom0.store.connection import Connection
-    from dom0.store.core import Store
+    from xenstored.connection import Connection
+    from xenstored.core import Store
 
 # A watch event carries the changed path (up to 3072 bytes) and the token in one 4096-byte
 # payload; longer tokens could make an event for some other domain's write unsendable.

@@ -22,7 +22,7 @@ import threading
 from collections import deque
 
 from channels.errors import ProtocolViolation
-from dom0.store.core import Store
+from xenstored.core import Store
 
 log = logging.getLogger(__name__)
 
