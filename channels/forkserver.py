@@ -1,7 +1,7 @@
 """One spawn path: a fork server that starts hyper's Python processes without an interpreter start.
 
-Why. A process started as ``python -m dom0.relay`` pays the interpreter's start (36 ms here) and
-then imports what it needs (250-400 ms for pydantic, pyroute2 and channels), and each keeps a
+Why. A process started as ``python -m xenstored.relay`` pays the interpreter's start (36 ms here)
+and then imports what it needs (250-400 ms for pydantic, pyroute2 and channels), and each keeps a
 private copy of every module it imported (20-30 MiB PSS). A fork server imports those modules
 once, while it is still small and single-threaded, and forks one child per request: the child
 starts with everything imported and shares those pages with the server and its siblings for as

@@ -298,6 +298,17 @@ class SysctlInfo(Op):
     privileged = True
 
 
+class StoreRings(Op):
+    """The store's stub domain alone (``hyperd --store-domain``): the store rings it serves,
+    those of dom0 and of every domain being built or running, or of ``domid`` alone (after the
+    toolstack's INTRODUCE), each {"domid", "segment", "port"} with ``port`` the caller's own end
+    of the ring's event channel. EPERM for any other caller. Result: {"rings": [...]}."""
+
+    op = "store_rings"
+    read_only = True
+    domid: int | None = Field(default=None, ge=0, le=DOMID_MAX)
+
+
 class SysctlHalt(Op):
     """dom0: destroy every domU, then stop dom0 and hyperd."""
 
@@ -329,6 +340,7 @@ OPS: dict[str, type[Op]] = {
         SysctlDmesg,
         SysctlInfo,
         SysctlHalt,
+        StoreRings,
     )
 }
 

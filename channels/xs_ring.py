@@ -2,7 +2,8 @@
 
 The domain kernel produces requests into the page's request ring and consumes replies and watch
 events from its response ring, ringing its store event channel after every update. The server
-(dom0/relay.py, for dom0) reports a connection it has dropped through the page's error field.
+(xenstored/relay.py, for the store) reports a connection it has dropped through the page's
+error field.
 
 Reconnection (xenstore-ring.txt). A server that offers it (``server_features`` bit 1) sets
 ``error = XENSTORE_ERROR_COMM`` when it went away (dom0 died) and its successor will take the

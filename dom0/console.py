@@ -1,7 +1,7 @@
 """The console backend (xenconsoled's role): one per domU, fed by the domain's relay process.
 
 It keeps the last bytes each domain wrote (so `hyperctl console` shows what happened before it
-attached) and relays between the domain's console ring (through dom0/relay.py, which alone maps
+attached) and relays between the domain's console ring (through xenstored/relay.py, which alone maps
 it) and any attached `hyperctl console` sessions.
 """
 

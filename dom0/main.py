@@ -11,11 +11,19 @@ every domain, or the files are moved aside, after which dom0 starts from an empt
 Recovering an empty store silently instead would lose every domain's store for good.
 Threads: the hypercall reader, the toolstack's event thread (domain introductions and deaths
 from hyperd), the control socket, and one per domain for each backend.
+
+With the store in a stub domain (``--store-ring``: hyperd started with ``--store-domain``), dom0
+keeps no store of its own: it is the store's client over its own store ring, as every domain
+is, with dom0's privileges there, and a dom0 that restarts finds the store as it left it (the
+store domain keeps it). That ring's page is shared with the store domain only, which is as
+trusted as dom0 for the control plane (it holds every domain's configuration); dom0 maps it
+itself, so a store domain that truncated it would crash dom0, which hyperd restarts.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import queue
 import signal
@@ -28,9 +36,13 @@ from backends.drivers import BackendDrivers
 from backends.host import BackendHost
 from backends.netback.tap import remove_our_bridges
 from channels import xenbus
+from channels.evtchn import from_status
 from channels.hypercall import HypercallClient
 from channels.paths import RunDir
+from channels.shm import attach
 from channels.xenbus_bus import Bus
+from channels.xs import XsClient
+from channels.xs_ring import XenstoreRing
 from dom0 import spawn
 from dom0.control import ControlServer
 from dom0.storeview import StoreView
@@ -58,21 +70,36 @@ def _run(argv: list[str] | None) -> int:
     parser.add_argument(
         "--recover", action="store_true", help="a restart: take over the previous dom0's store"
     )
+    parser.add_argument(
+        "--store-ring",
+        type=json.loads,
+        default=None,
+        help="the store runs in a stub domain: dom0's store ring (JSON: segment, domu_port)",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s dom0 %(name)s: %(message)s")
     run = RunDir(args.run_dir) if args.run_dir else RunDir()
-    try:
-        store = Store(journal=Journal(run.root), recover=args.recover)
-    except StoreFormatError as exc:
-        log.error("%s", exc)
-        return 2
-    xs = connect_local(store, 0).client
+    store: Store | None = None
+    if args.store_ring is None:
+        try:
+            store = Store(journal=Journal(run.root), recover=args.recover)
+        except StoreFormatError as exc:
+            log.error("%s", exc)
+            return 2
     # Events may arrive as soon as the socket is read: queue them for the toolstack.
     events: queue.Queue[tuple[str, dict[str, Any]]] = queue.Queue()
     hc = HypercallClient(
         socket.socket(fileno=args.hypercall_fd),
         on_event=lambda name, data: events.put((name, data)),
     )
+    xs: XsClient
+    if store is not None:
+        xs = connect_local(store, 0).client
+    else:
+        ring = args.store_ring
+        evtchn = from_status(hc, ring["domu_port"])
+        page = attach(ring["segment"])  # mapped for as long as dom0 runs
+        xs = XenstoreRing(page.buf, evtchn, name="dom0-store").start().client
     toolstack = Toolstack(hc, store, xs, events)
     signal.signal(signal.SIGTERM, lambda *_: toolstack.stopped.set())
     if args.recover:

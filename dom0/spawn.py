@@ -1,6 +1,6 @@
 """dom0's fork server (channels/forkserver.py): every process dom0 starts comes from it.
 
-Those are each domain's relay (dom0/relay.py) and each device's data-path worker
+Those are each domain's relay (xenstored/relay.py) and each device's data-path worker
 (backends/datapath_worker.py). ``main`` starts it first thing, while dom0 is still single-threaded:
 it is then a fork of dom0 itself, every module already imported and its pages shared with
 dom0's, so a relay or a worker costs a fork, not an interpreter and its imports. Anything else
@@ -13,7 +13,7 @@ from channels.forkserver import Spawner
 
 #: What dom0's children run: the relay, and each device kind's backend worker.
 PRELOAD = (
-    "dom0.relay",
+    "xenstored.relay",
     "backends.netback.worker",
     "backends.blkback.worker",
     "backends.p9back.worker",

@@ -4,6 +4,11 @@ It owns the domain skeleton in the store (the paths and permissions of xen-split
 §6.6), starts the store and console backends of each domain when hyperd introduces it, and
 carries out the domain operations the control socket (dom0/control.py) dispatches to it. Each
 operation's docstring says when it is allowed.
+
+The store is dom0's own (``store``, in this process) or a stub domain's (``store`` None): then
+the toolstack reaches it through its client alone, introduces and releases domains with the
+store's INTRODUCE and RELEASE, as Xen's libxl does, and serves only each domain's console ring;
+the store domain serves the store rings.
 """
 
 from __future__ import annotations
@@ -34,10 +39,11 @@ from channels.config import (
 from channels.errors import BadInput, HyperError, NotFound
 from channels.kinds import BY_TYPE, KINDS, DeviceKind
 from channels.xs import Perm, XsClient, XsError
+from dom0 import spawn
 from dom0.console import ConsoleBackend
 from dom0.devices import Devices, Images, entries
-from dom0.relay import Relay
 from xenstored.core import Store
+from xenstored.relay import Relay
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +57,7 @@ class DomainState:
     domid: int
     name: str
     info: dict[str, Any]
-    relay: Relay | None = None  # the process that alone maps the domain's store and console rings
+    relay: Relay | None = None  # the process that alone maps the domain's rings we serve
     console: ConsoleBackend | None = None
     running: threading.Event = field(default_factory=threading.Event)
     gone: threading.Event = field(default_factory=threading.Event)
@@ -68,7 +74,7 @@ class Toolstack:
     def __init__(
         self,
         hcall: hc.HypercallClient,
-        store: Store,
+        store: Store | None,
         xs: XsClient,
         events: queue.Queue[tuple[str, dict[str, Any]]],
     ) -> None:
@@ -121,8 +127,16 @@ class Toolstack:
         adopted = self._in_store(info)
         if not adopted:
             self._write_skeleton(info)
-        self.store.introduce_domain(domid)
-        state.relay = Relay.start(self.hc, self.store, domid, info, reconnect=adopted)
+        rings = {"console": (info["console"]["segment"], info["console"]["dom0_port"])}
+        if self.store is not None:
+            self.store.introduce_domain(domid)
+            rings["store"] = (info["store"]["segment"], info["store"]["dom0_port"])
+        else:
+            self.xs.introduce(domid)
+        state.relay = Relay.start(
+            self.hc, spawn.spawner.server(), domid, rings, store=self.store, reconnect=adopted
+        )
+        assert state.relay.console is not None
         state.console = ConsoleBackend(domid, state.relay.console)
         if not adopted:
             config = DomainConfig.model_validate(info["config"], context=RECEIVED)
@@ -217,7 +231,7 @@ class Toolstack:
         domid = state.domid
         steps: list[tuple[str, Callable[[], None]]] = [
             ("stopping its backends", lambda: self._stop_backends(state)),
-            ("releasing it from the store", lambda: self.store.release_domain(domid)),
+            ("releasing it from the store", lambda: self._release(domid)),
             (
                 "removing its store nodes",
                 lambda: self._remove_nodes(domid, xenbus.vm_path(state.info["uuid"])),
@@ -228,6 +242,12 @@ class Toolstack:
                 step()
             except Exception:
                 log.exception("teardown of dom%d: %s failed", domid, what)
+
+    def _release(self, domid: int) -> None:
+        if self.store is not None:
+            self.store.release_domain(domid)
+        else:
+            self.xs.release(domid)
 
     def _remove_nodes(self, domid: int, vm: str | None) -> None:
         # Its devices' backend directories, in dom0's tree or a driver domain's, found through
@@ -336,6 +356,17 @@ class Toolstack:
             raise BadInput("that is dom0; use `hyperctl halt` to stop everything")
         return info
 
+    def _guest(self, domain: str | int) -> dict[str, Any]:
+        """A domU the toolstack runs: not the store's stub domain (hyperd/store_domain.py),
+        which has no store ring of its own and lives as long as the hypervisor."""
+        info = self._domu(domain)
+        if info["store"] is None:
+            raise BadInput(
+                f"{info['name']} is the store's stub domain: it has no console, and it runs "
+                "as long as the hypervisor does"
+            )
+        return info
+
     # -- operations -------------------------------------------------------------------------
 
     def create(self, request: control.Create) -> Any:
@@ -437,7 +468,7 @@ class Toolstack:
         return {"domid": info["domid"]}
 
     def _request_shutdown(self, domain: str, kind: str, wait: bool, timeout: float) -> Any:
-        info = self._domu(domain)
+        info = self._guest(domain)
         domid = info["domid"]
         with self.lock:
             state = self.domains.get(domid)
@@ -572,5 +603,6 @@ class Toolstack:
             state = self.domains.get(info["domid"])
         console = state.console if state else None
         if console is None:
+            self._guest(domain)  # the store domain says what it is
             raise NotFound(f"domain {info['name']} has no console")
         return info["domid"], console

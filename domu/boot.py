@@ -54,7 +54,9 @@ def main(argv: list[str]) -> int:
     os.umask(0o022)  # hyperd's umask is private; the sandbox's directories must not be
 
     linux.unshare(linux.CLONE_NEWNS)
-    sandbox.build_root(params["rootfs"], uid_base(int(params["domid"])), params["shm"])
+    sandbox.build_root(
+        params["rootfs"], uid_base(int(params["domid"])), params["shm"], params.get("state_dir")
+    )
 
     linux.unshare(linux.CLONE_NEWUSER)
     sync.sendall(b"needs_id_map\n")
@@ -73,7 +75,12 @@ def main(argv: list[str]) -> int:
     if pid == 0:
         sync.close()
         try:
-            code = kernel.main(params, hypercall_fd)
+            if params.get("role") == "xenstore":  # the store's stub domain
+                from domu import stubdom
+
+                code = stubdom.main(params, hypercall_fd)
+            else:
+                code = kernel.main(params, hypercall_fd)
         except BaseException:
             import traceback
 

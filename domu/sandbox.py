@@ -50,6 +50,8 @@ def hidden_ancestor(path: Path) -> Path | None:
 
 
 SCRATCH_DIRS = ("/tmp", "/run", "/var/tmp")
+#: Where a domain's own lasting directory is bound (under /run, the domain's scratch tmpfs).
+STATE_MOUNT = "/run/xenstored"
 
 
 def _under_scratch(path: Path) -> bool:
@@ -185,9 +187,11 @@ def _hide_host_pseudo(newroot: str, name: str) -> None:
 _PSEUDO_COVER = linux.MS_NOSUID | linux.MS_NODEV | linux.MS_NOEXEC
 
 
-def build_root(newroot: str, kernel_id: int, shm: str) -> None:
+def build_root(newroot: str, kernel_id: int, shm: str, state: str | None = None) -> None:
     """Make the domain's root file system and pivot into it. Runs as host root in a new mount ns.
-    ``shm``: the host directory holding links to the domain's rings and doorbells."""
+    ``shm``: the host directory holding links to the domain's rings and doorbells. ``state``: a
+    host directory of the domain's own that outlives it (the store domain's journal), bound
+    read-write at ``STATE_MOUNT``."""
     needed = interpreter_paths()
     linux.mount(None, "/", None, linux.MS_REC | linux.MS_PRIVATE)
     linux.mount("/", newroot, None, linux.MS_BIND | linux.MS_REC)
@@ -209,6 +213,15 @@ def build_root(newroot: str, kernel_id: int, shm: str) -> None:
     for path in needed:
         if _under_scratch(path):
             _bind_readonly(path, newroot + str(path))
+    if state is not None:
+        os.makedirs(newroot + STATE_MOUNT, mode=0o755, exist_ok=True)
+        linux.mount(state, newroot + STATE_MOUNT, None, linux.MS_BIND)
+        linux.mount(
+            None,
+            newroot + STATE_MOUNT,
+            None,
+            linux.MS_REMOUNT | linux.MS_BIND | linux.MS_NOSUID | linux.MS_NODEV | linux.MS_NOEXEC,
+        )
     os.chdir(newroot)
     linux.pivot_root(".", ".")
     linux.umount(".", linux.MNT_DETACH)

@@ -122,14 +122,15 @@ def _hyperd_running() -> bool:
     return True
 
 
-def ensure_hypervisor() -> None:
+def ensure_hypervisor(store_domain: bool = False) -> None:
     """Start hyperd in the background unless one runs; one started after a hyperd was killed
-    re-adopts the domains that run on (hyperd/adopt.py). Returns once dom0 answers."""
+    re-adopts the domains that run on (hyperd/adopt.py). ``store_domain``: a new hypervisor runs
+    the store in a stub domain. Returns once dom0 answers."""
     run = _run()
     if _hyperd_running():
         return
     if not _hyperd_alive(run):
-        _start_hyperd(run)
+        _start_hyperd(run, store_domain)
     deadline = time.monotonic() + HYPERD_START_TIMEOUT
     while time.monotonic() < deadline:
         if _hyperd_running():
@@ -138,9 +139,16 @@ def ensure_hypervisor() -> None:
     raise HyperError(f"the hypervisor did not start; see {run.log('hyperd')}")
 
 
-def _start_hyperd(run: RunDir) -> None:
+def _start_hyperd(run: RunDir, store_domain: bool) -> None:
     subprocess.Popen(
-        [sys.executable, "-m", "hyperd.hypervisor", "--run-dir", str(run.root)],
+        [
+            sys.executable,
+            "-m",
+            "hyperd.hypervisor",
+            "--run-dir",
+            str(run.root),
+            *(["--store-domain"] if store_domain else []),
+        ],
         stdin=subprocess.DEVNULL,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
@@ -158,10 +166,13 @@ def cmd_start(args: argparse.Namespace) -> int:
         print("the hypervisor is already running")
         return 0
     adopting = _hyperd_killed(run)
-    ensure_hypervisor()
+    ensure_hypervisor(args.store_domain)
     domus = [d for d in _call(control.List()) if d["domid"] != 0]
     if adopting:
+        # The store's place was chosen when it first started: its state says where it is.
         print(f"hyperd started again; it re-adopted {len(domus)} domain(s)")
+    elif args.store_domain:
+        print("the hypervisor is running, its store in the Xenstore domain")
     else:
         print("the hypervisor is running")
     return 0
@@ -188,7 +199,7 @@ def cmd_create(args: argparse.Namespace) -> int:
         if args.dry_run:
             print(config.normalised_json())
             return 0
-        ensure_hypervisor()
+        ensure_hypervisor(args.store_domain)
     path = Path(args.file)
     try:
         text = path.read_text(encoding="utf-8")
@@ -732,6 +743,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--dry-run", action="store_true", help="print the normalised config as JSON; create nothing"
     )
+    p.add_argument(
+        "--store-domain",
+        action="store_true",
+        help="if no hypervisor runs, start one with the store in a stub domain (Xenstore)",
+    )
     p.set_defaults(func=cmd_create)
 
     p = sub.add_parser("list", help="list domains")
@@ -818,9 +834,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-n", dest="count", type=int, default=None, help="watch: stop after N events")
     p.set_defaults(func=cmd_store)
 
-    sub.add_parser(
+    p = sub.add_parser(
         "start", help="start the hypervisor (after a killed hyperd: it re-adopts the domains)"
-    ).set_defaults(func=cmd_start)
+    )
+    p.add_argument(
+        "--store-domain",
+        action="store_true",
+        help="run the store in a stub domain of its own (Xenstore) instead of in dom0",
+    )
+    p.set_defaults(func=cmd_start)
     sub.add_parser("halt", help="destroy every domain and stop the hypervisor").set_defaults(
         func=cmd_halt
     )

@@ -9,6 +9,7 @@ restarted after a wait that doubles, up to a limit.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import selectors
@@ -21,7 +22,7 @@ from typing import TYPE_CHECKING
 from channels.config import DOM0_NAME
 from channels.forkserver import ChildSetup
 from hyperd import cgroup
-from hyperd.domain import Domain, Status, describe_wait_status, dom0_config
+from hyperd.domain import Domain, Status, describe_wait_status, dom0_config, ring_sizes
 from hyperd.hypercalls import domain_info, host_memory_mib
 from hyperd.resources import Resources
 
@@ -61,6 +62,8 @@ class Dom0Lifecycle:
             # dom0 is accounted, not limited: its group only measures what it uses.
             unlimited = cgroup.Limits(memory_mib=host_memory_mib(), pids_max=1 << 16)
             dom0.cgroup = self.hv.cgroups.create("dom0", unlimited)
+            if self.hv.store_domid is not None:  # dom0 is the store's client, as every domain
+                dom0.store = self.hv.ring(dom0, "store", ring_sizes()["store"])
             self.hv.domains[0] = dom0
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         assert dom0.cgroup is not None
@@ -75,6 +78,7 @@ class Dom0Lifecycle:
                     "--run-dir",
                     str(self.hv.run.root),
                     *(["--recover"] if self.hv.dom0_restarts else []),
+                    *(["--store-ring", json.dumps(dom0.store.as_dict())] if dom0.store else []),
                 ],
                 env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)},
                 stdin=subprocess.DEVNULL,
@@ -100,10 +104,15 @@ class Dom0Lifecycle:
         self.hv.selector.register(ours, selectors.EVENT_READ, ("hypercall", dom0))
         self.hv.keeper.keep(dom0)
         log.info("dom0 started, pid %d", proc.pid)
+        if self.hv.dom0_restarts:
+            self.hv.store_lifecycle.tell_dom0_restarted()
         # A restarted dom0 learns the domains that already exist, as if they were new (those
-        # being built too: what their build queued for the dead dom0 was dropped above).
+        # being built too: what their build queued for the dead dom0 was dropped above); the
+        # store domain is hyperd's, not the toolstack's.
         for domain in self.hv.domains.values():
-            if domain.domid != 0 and domain.status is not Status.DYING:
+            if domain.domid in (0, self.hv.store_domid):
+                continue
+            if domain.status is not Status.DYING:
                 self.hv.event("domain_introduced", domain_info(domain))
                 if domain.status is Status.RUNNING:
                     self.hv.event("domain_running", {"domid": domain.domid})

@@ -51,7 +51,8 @@ class Status(enum.Enum):
 
 @dataclass
 class RingInfo:
-    """A ring page and the two ends of its event channel."""
+    """A ring page and the two ends of its event channel: the domain's, and its server's
+    (``dom0_port``: dom0's, or the store domain's for a store ring when there is one)."""
 
     segment: str
     domu_port: int
@@ -246,17 +247,25 @@ BOOT_HYPERCALL_FD = 3
 BOOT_SYNC_FD = 4
 
 
-def spawn_boot(domain: Domain, rootfs: Path, log_path: Path, spawner: ForkServer) -> None:
+def spawn_boot(
+    domain: Domain,
+    rootfs: Path,
+    log_path: Path,
+    spawner: ForkServer,
+    extra: dict[str, Any] | None = None,
+    fresh_log: bool = True,
+) -> None:
     """Start the domain's boot process; its progress arrives on ``domain.sync``, and what it
     and the kernel write on their output on ``domain.log`` (a new domain, a new log: domids
-    are reused)."""
+    are reused; a store domain restarted in place adds to its own, ``fresh_log`` False).
+    ``extra``: more boot parameters (the store domain's, hyperd/store_domain.py)."""
     hyper_end, domain_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     sync_here, sync_there = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     log_here, log_there = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     # Room for what an honest kernel says while no hyperd reads (killed, or the domain past
     # its rate): its writes wait only past this.
     log_there.setsockopt(socket.SOL_SOCKET, SO_SNDBUFFORCE, LOG_BUFFER)
-    domain.log = GuestLog(log_path, log_here, fresh=True)
+    domain.log = GuestLog(log_path, log_here, fresh=fresh_log)
     assert domain.cgroup is not None
     domain.boot = spawner.spawn(
         "domu.boot:main",
@@ -289,6 +298,7 @@ def spawn_boot(domain: Domain, rootfs: Path, log_path: Path, spawner: ForkServer
         "env": domain.config.env,
         "backends": domain.config.backends,
         "nics": [nic.model_dump() for nic in domain.config.nics],
+        **(extra or {}),
     }
     sync_here.sendall(json.dumps(params).encode() + b"\n")
 

@@ -103,6 +103,7 @@ class Hypercalls:
             hc.SysctlInfo: self.do_sysctl_info,
             hc.SysctlHalt: self.do_sysctl_halt,
             hc.EvtchnBindInterdomain: self.do_evtchn_bind_interdomain,
+            hc.StoreRings: self.do_store_rings,
         }
         #: The ops whose request or reply carries a descriptor.
         self.passing: dict[type[Op], PassingHandler] = {
@@ -288,6 +289,8 @@ class Hypercalls:
         return domain
 
     def do_domctl_destroy(self, caller: Domain, op: hc.DomctlDestroy) -> dict[str, Any]:
+        if op.domid == self.hv.store_domid:
+            raise HvError("EPERM", "the store domain lives as long as the hypervisor")
         self.hv.destroy(self._domu(op.domid))
         return {}
 
@@ -348,6 +351,13 @@ class Hypercalls:
         return {"memory": op.memory}
 
     # -- the host, dom0 only (sysctl.c) ------------------------------------------------------
+
+    # -- the store's stub domain ---------------------------------------------------------------
+
+    def do_store_rings(self, caller: Domain, op: hc.StoreRings) -> dict[str, Any]:
+        if caller.domid != self.hv.store_domid:
+            raise HvError("EPERM", f"domain {caller.domid} is not the store domain")
+        return {"rings": self.hv.store_lifecycle.rings(op.domid)}
 
     def do_sysctl_dmesg(self, caller: Domain, op: hc.SysctlDmesg) -> dict[str, Any]:
         lines = list(self.hv.dmesg.lines)

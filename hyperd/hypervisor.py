@@ -63,6 +63,7 @@ from hyperd.evtchn import EventChannels, EvtchnError
 from hyperd.gnttab import GnttabError, GrantTables
 from hyperd.hypercalls import Descriptors, HvError, Hypercalls, cpu_ns, domain_info
 from hyperd.resources import Resources
+from hyperd.store_domain import StoreDomainLifecycle
 
 log = logging.getLogger("hyperd")
 
@@ -113,7 +114,10 @@ class Hypervisor:
         hierarchy: cgroup.Hierarchy,
         dmesg: DmesgHandler,
         spawner: Spawner | None = None,
+        store_domain: bool = False,
     ) -> None:
+        """``store_domain``: run the store in a stub domain (hyperd/store_domain.py) when
+        starting afresh; a hyperd that adopts running domains finds the choice in its state."""
         self.run = run
         #: Starts every process hyperd runs (dom0, the domains' boot processes, the keeper).
         self.spawner = spawner or Spawner(HYPERD_PRELOAD)
@@ -139,6 +143,10 @@ class Hypervisor:
         self.keeper = KeeperLink(run, self.spawner, lambda: self.domains.values())
         self.hypercalls = Hypercalls(self)
         self.dom0_lifecycle = Dom0Lifecycle(self)
+        self.want_store_domain = store_domain
+        #: The store's stub domain, if the store runs in one (else dom0 serves the store).
+        self.store_domid: int | None = None
+        self.store_lifecycle = StoreDomainLifecycle(self)
 
     # -- main loop -------------------------------------------------------------------------
 
@@ -153,6 +161,8 @@ class Hypervisor:
             adopt_all(self, dict(sockets or {}))
         else:
             self.keeper.forget(sockets or {})
+            if self.want_store_domain:
+                self.store_lifecycle.build()
             self.dom0_lifecycle.start()
         self._commit()
         while not (self.halting and not self.domains):
@@ -179,6 +189,7 @@ class Hypervisor:
             self._resume_due()
             changed = self._check_builds()
             changed |= self.dom0_lifecycle.restart_when_due(time.monotonic())
+            changed |= self.store_lifecycle.restart_when_due(time.monotonic())
             if self.halt_requested:
                 self.halt()
             if ready or changed:
@@ -216,9 +227,9 @@ class Hypervisor:
     def _select_timeout(self) -> float:
         due = [d.calls_paused_until for d in self._paused.values() if d.calls_paused_until]
         due += [d.log.paused_until for d in self._paused.values() if d.log and d.log.paused_until]
-        restart_at = self.dom0_lifecycle.restart_at
-        if restart_at is not None:
-            due.append(restart_at)
+        for restart_at in (self.dom0_lifecycle.restart_at, self.store_lifecycle.restart_at):
+            if restart_at is not None:
+                due.append(restart_at)
         return min(1.0, max(0.0, min(due, default=math.inf) - time.monotonic()))
 
     def _resume_due(self) -> None:
@@ -277,6 +288,7 @@ class Hypervisor:
         return {
             "last_domid": self.last_domid,
             "dom0_restarts": self.dom0_restarts,
+            "store_domid": self.store_domid,
             "halting": self.halting,
             "domains": [d.to_dict() for _, d in sorted(self.domains.items())],
             "evtchn": self.evtchn.to_dict(),
@@ -296,6 +308,8 @@ class Hypervisor:
             self.links = DeviceLinks.from_dict(saved["links"])
             self.last_domid = int(saved["last_domid"])
             self.dom0_restarts = int(saved["dom0_restarts"])
+            store_domid = saved["store_domid"]
+            self.store_domid = None if store_domid is None else int(store_domid)
             # A halt that had begun is finished at adoption (``adopt_all``).
             self.halt_requested = bool(saved["halting"])
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
@@ -316,6 +330,10 @@ class Hypervisor:
         """Tell dom0, once the change is in the state file (see ``_commit``)."""
         self._events.append((name, data))
         self._dirty = True
+
+    def send_event(self, domain: Domain, name: str, data: dict[str, Any]) -> None:
+        """Tell a domU at once (the store domain: dom0 restarted)."""
+        self._send(domain, hc.encode({"event": name, "data": data}))
 
     def drop_events(self) -> None:
         """Forget the events not yet sent: they were for a dom0 that died."""
@@ -465,7 +483,7 @@ class Hypervisor:
 
     # -- building, reaping and destroying ----------------------------------------------------
 
-    def _next_domid(self) -> int:
+    def next_domid(self) -> int:
         """Domain ids increase (as Xen's do) and wrap; a restarted domain gets a new one. An id
         a dead driver domain still stands for (its stale ports, the devices it served) is not
         given out again: the new domain would take for its own what waits for its successor."""
@@ -480,17 +498,17 @@ class Hypervisor:
         return bool(self.evtchn.ports_of(domid)) or self.links.remembers(domid)
 
     def build(self, config: DomainConfig, owner: int) -> Domain:
-        domid = self._next_domid()
+        domid = self.next_domid()
         domain = Domain(domid, config.name, config, Resources(domid), owner=owner)
         try:
             domain.cgroup = self.cgroups.create(f"dom{domid}", cgroup_limits(config))
             domain.resources.open_view()
             sizes = ring_sizes()
-            domain.store = self._ring(domain, "store", sizes["store"])
-            domain.console = self._ring(domain, "console", sizes["console"])
+            domain.store = self.ring(domain, "store", sizes["store"])
+            domain.console = self.ring(domain, "console", sizes["console"])
             spawn_boot(domain, self.run.rootfs, self.run.log(f"dom{domid}"), self.spawner.server())
         except Exception as exc:
-            self._release(domain)
+            self.release(domain)
             raise HvError("EIO", f"building domain {domid}: {exc}") from exc
         assert domain.sock is not None and domain.sync is not None
         domain.sock.setblocking(False)
@@ -505,11 +523,16 @@ class Hypervisor:
         self.event("domain_introduced", domain_info(domain))
         return domain
 
-    def _ring(self, domain: Domain, kind: str, size: int) -> RingInfo:
-        segment = domain.resources.new_segment(kind, size)
-        domu_port = self.evtchn.alloc_unbound(domain.domid, 0, domain.resources)
-        dom0_port = self.evtchn.bind_interdomain(0, domain.domid, domu_port.port, domain.resources)
-        return RingInfo(segment, domu_port.port, dom0_port.port)
+    def ring(self, domain: Domain, kind: str, size: int) -> RingInfo:
+        """A ring of ``domain`` and its server: dom0, or the store domain for the store ring
+        when there is one."""
+        server = self.store_domid if kind == "store" and self.store_domid is not None else 0
+        segment = domain.resources.new_segment(kind, size, peer=server)
+        domu_port = self.evtchn.alloc_unbound(domain.domid, server, domain.resources)
+        server_port = self.evtchn.bind_interdomain(
+            server, domain.domid, domu_port.port, domain.resources
+        )
+        return RingInfo(segment, domu_port.port, server_port.port)
 
     def _on_sync(self, domain: Domain) -> None:
         assert domain.sync is not None
@@ -637,7 +660,11 @@ class Hypervisor:
                     self.hypercalls.do_sched_shutdown(domain, op)
 
     def _finish(self, domain: Domain, reason: str) -> None:
-        """Apply the config's on_<reason> action to a domain that stopped."""
+        """Apply the config's on_<reason> action to a domain that stopped; the store domain
+        is restarted in place (hyperd/store_domain.py)."""
+        if domain.domid == self.store_domid and not self.halting:
+            self.store_lifecycle.on_death(domain, reason)
+            return
         config = domain.config
         actions = {
             "poweroff": config.on_poweroff,
@@ -663,6 +690,16 @@ class Hypervisor:
 
     def _stop(self, domain: Domain) -> None:
         """Kill every process and free every channel; keep the record (for preserve)."""
+        self.stop_processes(domain)
+        self.evtchn.close_domain(domain.domid)
+        self.gnttab.release_domain(domain.domid, domain.resources)
+        self.links.release_domain(domain.domid)
+        domain.resources.release()
+
+    def stop_processes(self, domain: Domain) -> None:
+        """Kill every process of the domain and close what hyperd had of them (its sockets,
+        its log); its channels and objects stay (a store domain restarted in place keeps
+        them)."""
         domain.final_cpu_ns = cpu_ns(domain)
         alive = domain.pidfd is not None or not domain.reaped  # adopted, or our unreaped child
         if domain.config.nics and domain.pid is not None and alive:  # before any kill
@@ -686,12 +723,8 @@ class Hypervisor:
         self.drop_socket(domain)
         self._end_sync(domain)
         self._end_log(domain)
-        self.evtchn.close_domain(domain.domid)
-        self.gnttab.release_domain(domain.domid, domain.resources)
-        self.links.release_domain(domain.domid)
-        domain.resources.release()
 
-    def _release(self, domain: Domain) -> None:
+    def release(self, domain: Domain) -> None:
         self._stop(domain)
         if domain.cgroup is not None:
             domain.cgroup.remove()
@@ -703,7 +736,7 @@ class Hypervisor:
         domain.status = Status.DYING
         self._dirty = True
         self._save()
-        self._release(domain)
+        self.release(domain)
         self.domains.pop(domain.domid, None)
         log.info("dom%d (%s) destroyed", domain.domid, domain.name)
         self.event("domain_destroyed", {"domid": domain.domid, "name": domain.name})
@@ -716,7 +749,9 @@ class Hypervisor:
         self._dirty = True
         self._save()  # a hyperd killed during the halt finishes it (``adopt_all``)
         log.info("halting: destroying every domain")
-        for domain in [d for d in self.domains.values() if d.domid != 0]:
+        # The store domain last: the others' ends go through the store while it lives.
+        ordered = sorted(self.domains.values(), key=lambda d: d.domid == self.store_domid)
+        for domain in [d for d in ordered if d.domid != 0]:
             self.destroy(domain)
         # dom0 hears of the destructions before it is told to stop (it may still read them).
         self._commit()
@@ -735,6 +770,8 @@ class Hypervisor:
                 dom0.process.returncode = 0
         if dom0.cgroup is not None:
             dom0.cgroup.remove()
+        self.evtchn.close_domain(0)
+        dom0.resources.release()  # its store ring's objects, with a store domain
 
 
 def _terminate_adopted(pidfd: int, grace: float = 5.0) -> None:
@@ -799,6 +836,11 @@ def _request_id(data: bytes) -> int | None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="hyperd", description="the hyper hypervisor")
     parser.add_argument("--run-dir", default=None, help="state directory (default /run/hyper)")
+    parser.add_argument(
+        "--store-domain",
+        action="store_true",
+        help="run the store in a stub domain of its own (Xenstore) instead of in dom0",
+    )
     args = parser.parse_args(argv)
     if os.geteuid() != 0:
         print("hyperd: must run as root", file=sys.stderr)
@@ -837,7 +879,7 @@ def main(argv: list[str] | None = None) -> int:
         saved = state.read(run.state_file)
     except state.StateError as exc:
         return refuse_state(exc)
-    hypervisor = Hypervisor(run, cgroup.open_hierarchy(), dmesg)
+    hypervisor = Hypervisor(run, cgroup.open_hierarchy(), dmesg, store_domain=args.store_domain)
     # From the main thread (the server dies with it), and now: its imports overlap ours.
     hypervisor.spawner.start()
     log.info("hyperd %d starting (cgroup v%d)", os.getpid(), hypervisor.cgroups.version)

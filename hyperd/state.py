@@ -17,7 +17,7 @@ is a ``StateError``, and hyperd refuses to start rather than guess which domains
 
 ``VERSION`` changes with the form of any table (2: each grant pool names its device, issue 12;
 3: the device links between domUs, and the peers of each domain's objects; 4: the devices a
-dead driver domain served, among the links, issue 15),
+dead driver domain served, among the links, issue 15; 5: the store's stub domain, if any),
 so that a hyperd upgraded while domains run says which version it found, instead of failing on
 the first field it misses.
 """
@@ -32,8 +32,17 @@ from typing import Any
 
 from channels.errors import HyperError
 
-VERSION = 4
-KEYS = ("last_domid", "dom0_restarts", "halting", "domains", "evtchn", "gnttab", "links")
+VERSION = 5
+KEYS = (
+    "last_domid",
+    "dom0_restarts",
+    "store_domid",
+    "halting",
+    "domains",
+    "evtchn",
+    "gnttab",
+    "links",
+)
 
 
 class StateError(HyperError):

@@ -44,12 +44,21 @@ python_ok() {
         "$python" -m pip --version >/dev/null 2>&1
 }
 
+# libFuzzer's runtime, which the native pumps' fuzzers link: Debian 12 and Ubuntu 24.04 ship it
+# apart from clang (libclang-rt-<major>-dev), and only as a recommendation.
+fuzzer_runtime_ok() {
+    local dir
+    dir=$(clang --print-runtime-dir 2>/dev/null) || return 1
+    compgen -G "$dir/libclang_rt.fuzzer*.a" >/dev/null
+}
+
 missing_host_tools() {
     local tool
     for tool in "${HOST_TOOLS[@]}"; do
         command -v "$tool" >/dev/null 2>&1 || printf '%s ' "$tool"
     done
     python_ok || printf '%s ' "$python>=3.11-with-pip"
+    fuzzer_runtime_ok || printf '%s ' "libFuzzer-runtime"
 }
 
 install_host_tools() {
@@ -63,6 +72,9 @@ install_host_tools() {
     export DEBIAN_FRONTEND=noninteractive # iperf3 would ask whether to start a daemon
     apt-get update -qq >&2
     apt-get install -y -qq --no-install-recommends "${APT_PACKAGES[@]}" >&2
+    if ! fuzzer_runtime_ok; then
+        apt-get install -y -qq --no-install-recommends "libclang-rt-$(clang -dumpversion | cut -d. -f1)-dev" >&2
+    fi
     missing=$(missing_host_tools)
     [ -z "$missing" ] ||
         die "still missing after apt-get: $missing (hyper needs Python >= 3.11; set PYTHON=...)"

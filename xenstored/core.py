@@ -117,6 +117,10 @@ class Store:
         self._alarm: tuple[float, Alarm] | None = None  # (when, alarm) for expiring transactions
         self._open: _OpenRequest | None = None
         self._held: dict[int, Held] = {}  # by domain, while it has open transactions
+        #: Told (store lock held) of each INTRODUCE and of each domain released, by a store
+        #: that serves the domains' rings itself (xenstored/rings.py).
+        self.on_introduce: Callable[[int], None] | None = None
+        self.on_release: Callable[[int], None] | None = None
         recovered = journal.load() if journal is not None and recover else {}
         if recovered:
             self.tree.restore(recovered)
@@ -151,6 +155,8 @@ class Store:
         with self.lock:
             if self.domains.introduce(domid):
                 self._fire_special(INTRODUCE_DOMAIN_WATCH)
+            if self.on_introduce is not None:
+                self.on_introduce(domid)
 
     def release_domain(self, domid: int) -> None:
         """Forget ``domid``: remove the nodes it owns with their subtrees, then (once that is
@@ -171,6 +177,8 @@ class Store:
             conn.close()
         self.domains.release(domid)
         self._fire_special(RELEASE_DOMAIN_WATCH)
+        if self.on_release is not None:
+            self.on_release(domid)
 
     def is_introduced(self, domid: int) -> bool:
         with self.lock:

@@ -17,7 +17,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Generator, Iterator
+from collections.abc import Callable, Generator, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -100,6 +100,7 @@ OUR_COMMS = (
     "hyper-forksrv",
     "hyper-boot",
     "hyper-dom0",
+    "hyper-xenstored",
     "hyper-keeper",
     "hyper-relay",
     "hyper-blkfront",
@@ -179,13 +180,13 @@ def _our_interfaces() -> list[str]:
 _started_with: dict[str, str] = {}
 
 
-def start_hypervisor(env: dict[str, str] | None = None) -> None:
-    """Start hyperd, with ``env`` added to its environment (which dom0, every domain and every
-    data-path worker inherit)."""
+def start_hypervisor(env: dict[str, str] | None = None, args: Sequence[str] = ()) -> None:
+    """Start hyperd with ``args``, and ``env`` added to its environment (which dom0, every
+    domain and every data-path worker inherit)."""
     _started_with.clear()
     _started_with.update(env or {})
     subprocess.Popen(
-        [sys.executable, "-m", "hyperd.hypervisor"],
+        [sys.executable, "-m", "hyperd.hypervisor", *args],
         cwd="/",
         start_new_session=True,
         stdin=subprocess.DEVNULL,
@@ -238,16 +239,18 @@ def own_hypervisor() -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def hypervisor_of_its_own(env: dict[str, str] | None = None) -> Iterator[None]:
-    """A hypervisor started with ``env`` added to its environment (by default, what the one
-    running now was started with), halted and cleaned up at the end; one already running is
-    halted first and started again afterwards, as it was."""
+def hypervisor_of_its_own(
+    env: dict[str, str] | None = None, args: Sequence[str] = ()
+) -> Iterator[None]:
+    """A hypervisor started with ``args`` and ``env`` added to its environment (by default,
+    what the one running now was started with), halted and cleaned up at the end; one already
+    running is halted first and started again afterwards, as it was."""
     require_root()
     shared = RUN.pidfile.exists()
     before = dict(_started_with)
     if shared:
         stop_hypervisor()
-    start_hypervisor(before if env is None else env)
+    start_hypervisor(before if env is None else env, args)
     try:
         yield
     finally:

@@ -19,8 +19,8 @@ from channels.doorbell import create_doorbell, unlink_doorbell
 from channels.evtchn import from_status
 from channels.shm import attach, create_segment, unlink_segment
 from channels.xs_ring import XenstoreRing
-from dom0.relay import relay
 from xenstored.core import Store
+from xenstored.relay import relay
 from xenstored.stream import StreamConnection
 
 _ids = itertools.count()

@@ -329,13 +329,13 @@ def test_a_dead_driver_domains_id_is_not_given_out_while_its_guests_wait_for_it(
     del hypervisor.domains[6]
     hypervisor.last_domid = 5
 
-    assert hypervisor._next_domid() == 7, "6 stands for the stale port and the orphaned vif"
+    assert hypervisor.next_domid() == 7, "6 stands for the stale port and the orphaned vif"
     handle(guest, hc.EvtchnClose(port=port))  # the stale port goes; the vif still waits
     hypervisor.last_domid = 5
-    assert hypervisor._next_domid() == 7
+    assert hypervisor.next_domid() == 7
     hypervisor.links.unlink(5, 6, "vif/0")  # detached: nothing waits for 6 any more
     hypervisor.last_domid = 5
-    assert hypervisor._next_domid() == 6
+    assert hypervisor.next_domid() == 6
 
 
 def test_a_stale_port_nobody_adopts_goes_with_its_frontend_port(
@@ -348,6 +348,31 @@ def test_a_stale_port_nobody_adopts_goes_with_its_frontend_port(
     handle(guest, hc.EvtchnClose(port=port))
     assert hypervisor.evtchn.ports_of(6) == []
     assert guest.resources.doorbells == set(), bound["doorbell"]
+
+
+def test_with_a_store_domain_it_serves_every_store_ring_and_alone_learns_them(
+    hypervisor: hyperd.Hypervisor,
+) -> None:
+    guest, store, other = domains_on_paper(hypervisor, 5, 1, 7)
+    dom0 = hypervisor.domains[0]
+    hypervisor.store_domid = store.domid
+    guest.store = hypervisor.ring(guest, "store", 4096)
+    guest.console = hypervisor.ring(guest, "console", 4096)
+    dom0.store = hypervisor.ring(dom0, "store", 4096)
+
+    # The store ring's far end is the store domain's; the console's stays dom0's.
+    assert hypervisor.evtchn.get(store.domid, guest.store.dom0_port).remote_dom == guest.domid
+    assert hypervisor.evtchn.get(0, guest.console.dom0_port).remote_dom == guest.domid
+    assert hypervisor.evtchn.get(store.domid, dom0.store.dom0_port).remote_dom == 0
+    rings = hypervisor.hypercalls.handle(store, hc.StoreRings())["rings"]
+    assert sorted(r["domid"] for r in rings) == [0, guest.domid]
+    one = hypervisor.hypercalls.handle(store, hc.StoreRings(domid=guest.domid))["rings"]
+    assert one == [
+        {"domid": guest.domid, "segment": guest.store.segment, "port": guest.store.dom0_port}
+    ]
+    for caller in (dom0, guest, other):
+        assert refused(hypervisor, caller, hc.StoreRings()) == "EPERM"
+    assert refused(hypervisor, dom0, hc.DomctlDestroy(domid=store.domid)) == "EPERM"
 
 
 def test_a_link_names_two_live_domus(hypervisor: hyperd.Hypervisor) -> None:
@@ -535,6 +560,7 @@ def test_only_calls_that_query_are_read_only() -> None:
         "domctl_exec_target",
         "sysctl_dmesg",
         "sysctl_info",
+        "store_rings",
     }
 
 

@@ -207,7 +207,7 @@ def test_a_destruction_is_in_the_state_file_before_anything_is_torn_down(tmp_pat
         assert saved is not None
         seen.extend(d["status"] for d in saved["domains"] if d["domid"] == domain.domid)
 
-    hv._release = release  # type: ignore[method-assign]
+    hv.release = release  # type: ignore[method-assign]
     hv.destroy(hv.domains[3])
     assert seen == [Status.DYING.value]
 
@@ -224,7 +224,7 @@ def test_a_halt_that_had_begun_is_finished_by_the_next_hyperd(
     after = through_the_file(before, tmp_path)
     released: list[Domain] = []
     monkeypatch.setattr(adopt, "reconcile", lambda domains, cgroups: None)  # (it scans /dev/shm)
-    after._release = lambda domain: released.append(domain)  # type: ignore[method-assign]
+    after.release = lambda domain: released.append(domain)  # type: ignore[method-assign]
 
     adopt.adopt_all(after, {})  # dom3's process (pid 4242 of another start time) is gone
     after._commit()

@@ -48,10 +48,16 @@ def toolstack(tmp_path: Path) -> Iterator[Toolstack]:
     store.tree.journal.close()
 
 
+def _store(toolstack: Toolstack) -> Store:
+    """The toolstack's own store (these toolstacks run with the store in dom0)."""
+    assert toolstack.store is not None
+    return toolstack.store
+
+
 def _introduce(toolstack: Toolstack, info: dict[str, Any]) -> DomainState:
     """The store side of on_domain_introduced (no relay, no devices)."""
     toolstack._write_skeleton(info)
-    toolstack.store.introduce_domain(info["domid"])
+    _store(toolstack).introduce_domain(info["domid"])
     state = DomainState(info["domid"], info["name"], info)
     toolstack.domains[info["domid"]] = state
     return state
@@ -63,7 +69,7 @@ def test_a_destroyed_domain_is_torn_down_whole_though_the_store_files_cannot_be_
     info = _info(DOMID)
     state = _introduce(toolstack, info)
     toolstack.xs.write(xenbus.domain_key_path(DOMID, "data") + "/mine", "guest's")
-    store = toolstack.store
+    store = _store(toolstack)
     assert store.node_count(DOMID) > 0
     _break_journal(store)  # as on a full tmpfs
 
@@ -102,7 +108,7 @@ def test_a_destroyed_domain_is_torn_down_whole_though_its_backends_fail_to_stop(
     relay = Backend()
     state.console = Backend(RuntimeError("console backend wedged"))  # type: ignore[assignment]
     state.relay = relay  # type: ignore[assignment]
-    store = toolstack.store
+    store = _store(toolstack)
 
     with caplog.at_level(logging.ERROR):
         toolstack.on_domain_destroyed({"domid": DOMID})

@@ -22,10 +22,10 @@ from channels.shm import attach, create_segment, unlink_segment
 from channels.xenbus import guest_rw_perms
 from channels.xs import XsConnectionLost, XsError
 from channels.xs_ring import XenstoreRing
-from dom0.relay import relay
 from tests.unit.ringlink import FakeHypercalls
 from xenstored import connect_local
 from xenstored.core import Store
+from xenstored.relay import relay
 from xenstored.stream import StreamConnection
 
 TIMEOUT = 10.0
@@ -61,7 +61,7 @@ class Page:
             "doorbell": self.names[2],
             "peer_doorbell": self.names[1],
             "fd": relay_end.detach(),
-            "dom0": os.pidfd_open(self.dom0.pid),
+            "server": os.pidfd_open(self.dom0.pid),
             "reconnect": reconnect,
         }
         self.relay_done = threading.Event()

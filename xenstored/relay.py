@@ -1,25 +1,30 @@
-"""A domain's store and console rings, served from a process of its own: ``python -m dom0.relay``.
+"""A domain's store and console rings, served from a process of its own: ``xenstored.relay:main``.
 
 The ring pages and doorbells a domU shares are files it can open read-write, so it could also
-truncate them, and whoever touches a truncated mapping faults (SIGBUS). dom0 itself therefore
-never maps them: one relay process per domU moves bytes between the domain's two byte rings
-(xenstore-ring.txt and Xen's console interface) and two sockets to dom0, where the store serves
-the first as that domain's connection and the console backend the second. A hostile domU can
-crash its own relay, nothing else.
+truncate them, and whoever touches a truncated mapping faults (SIGBUS). The server of a ring
+therefore never maps it: one relay process per domain moves bytes between the domain's byte
+rings (xenstore-ring.txt and Xen's console interface) and sockets to its server, where the
+store serves the first as that domain's connection and the console backend the second. A
+hostile domU can crash its own relay, nothing else. dom0 runs one relay per domU for both rings
+while the store is dom0's; with the store in a stub domain (domu/stubdom.py), that domain runs
+one per domain, dom0 included, for the store ring alone, and dom0 one for the console ring.
 
 Flow control is the sockets': the relay writes to a ring only as the guest reads it and reads
-a ring only as dom0 takes the bytes, so a domain that never reads holds up only its own relay.
+a ring only as its server takes the bytes, so a domain that never reads holds up only its own
+relay.
 
 The store page's error field tells the guest why its connection ended. The relay offers
-XenStore's reconnection (``server_features``). When dom0 dies, the relay sets
-``XENSTORE_ERROR_COMM`` and exits; the relay the restarted dom0 starts for the domain
-(``"reconnect": true``) waits for the guest's ``connection = XENSTORE_RECONNECT``, then zeroes
-the indices, clears the error and sets ``XENSTORE_CONNECTED``, as xenstored does (the guest
-side is channels/xs_ring.py). When a live dom0 drops the connection (the store dropped the
-domain), the relay sets ``XENSTORE_ERROR_PROTO`` and the guest's client fails at once.
+XenStore's reconnection (``server_features``). When the store's process dies (dom0, or the
+store domain), the relay sets ``XENSTORE_ERROR_COMM`` and exits; the relay the restarted server
+starts for the domain (``"reconnect": true``) waits for the guest's ``connection =
+XENSTORE_RECONNECT``, then zeroes the indices, clears the error and sets
+``XENSTORE_CONNECTED``, as xenstored does (the guest side is channels/xs_ring.py). When a live
+server drops the connection (the store dropped the domain), the relay sets
+``XENSTORE_ERROR_PROTO`` and the guest's client fails at once.
 
-Parameters arrive as one JSON object on stdin: for "store" and "console", the segment name, our
-doorbell and the guest's, and the number of the inherited socket; for "store", "reconnect" too.
+Parameters arrive as one JSON object on stdin: for "store" and for "console" (either may be
+absent), the segment name, our doorbell and the guest's, and the number of the inherited
+socket; for "store", "reconnect" too.
 """
 
 from __future__ import annotations
@@ -59,17 +64,18 @@ from channels.forkserver import Child, ChildSetup
 from channels.shm import attach
 from channels.stream import HEAL_TIMEOUT, RingStream, StreamClosed
 from channels.waiting import readable
-from dom0.spawn import spawner
 
 if TYPE_CHECKING:
+    from channels.forkserver import ForkServer
     from channels.hypercall import HypercallClient
     from xenstored.core import Store
     from xenstored.stream import StreamConnection
 
 log = logging.getLogger("relay")
 
-#: After the store socket ends, how long to look for dom0's death before calling it a drop.
-DOM0_EXIT_GRACE = 1.0
+#: After the store socket ends, how long to look for the server's death before calling it a
+#: drop.
+SERVER_EXIT_GRACE = 1.0
 
 
 def relay(
@@ -109,8 +115,8 @@ def relay(
         except StreamClosed:
             break
     if kind == "store" and not stream.closed:
-        # Tell the guest: reconnect (dom0 died, the next one takes over) or give up.
-        died = "dom0" in params and _dom0_died(params["dom0"])
+        # Tell the guest: reconnect (its server died, the next one takes over) or give up.
+        died = "server" in params and _server_died(params["server"])
         code = XENSTORE_ERROR_COMM if died else XENSTORE_ERROR_PROTO
         Word(segment.buf, XENSTORE_ERROR_OFFSET).set(code)
         evtchn.notify()
@@ -141,19 +147,24 @@ def _take_over(page: memoryview, evtchn: DoorbellPair) -> None:
     log.info("took over the store connection")
 
 
-def _dom0_died(pidfd: int) -> bool:
-    """dom0 closes a connection it drops while staying alive; its death closes every one."""
-    return bool(readable([pidfd], DOM0_EXIT_GRACE))
+def _server_died(pidfd: int) -> bool:
+    """The server closes a connection it drops while staying alive; its death closes every
+    one."""
+    return bool(readable([pidfd], SERVER_EXIT_GRACE))
 
 
 def main(argv: list[str] | None = None) -> int:
-    """The entry point dom0's fork server runs (no arguments: the parameters come on stdin)."""
+    """The entry point the server's fork server runs (no arguments: the parameters come on
+    stdin)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s relay: %(message)s")
     params = json.load(sys.stdin)
-    params["store"]["dom0"] = os.pidfd_open(os.getppid())
+    if "store" in params:
+        params["store"]["server"] = os.pidfd_open(os.getppid())
     done = threading.Event()
     layouts = {"store": lambda buf: xenstore_rings(buf), "console": _console}
     for kind, layout in layouts.items():
+        if kind not in params:
+            continue
         threading.Thread(
             target=relay, args=(kind, params[kind], layout, done), name=kind, daemon=True
         ).start()
@@ -171,10 +182,14 @@ if __name__ == "__main__":
 
 
 class Relay:
-    """dom0's handle on a domain's relay process: the store connection and the console socket."""
+    """The server's handle on a domain's relay process: the store connection and the console
+    socket, each None when this relay does not carry that ring."""
 
     def __init__(
-        self, process: Child, store_conn: StreamConnection, console: socket.socket
+        self,
+        process: Child,
+        store_conn: StreamConnection | None,
+        console: socket.socket | None,
     ) -> None:
         self.process = process
         self.store_conn = store_conn
@@ -184,13 +199,16 @@ class Relay:
     def start(
         cls,
         hc: HypercallClient,
-        store: Store,
+        server: ForkServer,
         domid: int,
-        info: dict[str, Any],
+        rings: dict[str, tuple[str, int]],
+        store: Store | None = None,
         reconnect: bool = False,
     ) -> Relay:
-        """Serve a domain's rings; ``reconnect``: the guest's store client is connected to
-        the relay of a dom0 that died, and this one takes over (see the module docstring)."""
+        """Serve a domain's ``rings`` ("store" and/or "console": the segment and our port) from a
+        process ``server`` forks; the store ring as a connection of ``domid`` to ``store``.
+        ``reconnect``: the guest's store client is connected to the relay of a server that died,
+        and this one takes over (see the module docstring)."""
         # Imported here, not at the top: the relay process itself must stay small (one per
         # domain), and these bring pydantic and the store along.
         from channels.hypercall import EvtchnStatus
@@ -199,20 +217,21 @@ class Relay:
         params: dict[str, Any] = {}
         ours: dict[str, socket.socket] = {}
         theirs: list[socket.socket] = []
-        for kind in ("store", "console"):
-            status = hc.call(EvtchnStatus(port=info[kind]["dom0_port"]))
+        for kind, (segment, port) in rings.items():
+            status = hc.call(EvtchnStatus(port=port))
             mine, peer = socket.socketpair()
             ours[kind] = mine
             theirs.append(peer)
             params[kind] = {
-                "segment": info[kind]["segment"],
+                "segment": segment,
                 "doorbell": status["doorbell"],
                 "peer_doorbell": status["peer_doorbell"],
                 "fd": peer.fileno(),
             }
-        params["store"]["reconnect"] = reconnect
-        process = spawner.server().spawn(
-            "dom0.relay:main",
+        if "store" in params:
+            params["store"]["reconnect"] = reconnect
+        process = server.spawn(
+            "xenstored.relay:main",
             stdin=subprocess.PIPE,
             pass_fds=[s.fileno() for s in theirs],
             setup=ChildSetup(comm="hyper-relay"),
@@ -222,10 +241,17 @@ class Relay:
         process.stdin.close()
         for peer in theirs:
             peer.close()
-        return cls(process, StreamConnection(store, domid, ours["store"]), ours["console"])
+        store_conn = None
+        if "store" in ours:
+            assert store is not None
+            store_conn = StreamConnection(store, domid, ours["store"])
+        return cls(process, store_conn, ours.get("console"))
 
     def stop(self) -> None:
         """End the relay (its domain is gone: nobody reads the page any more)."""
         self.process.kill()
         self.process.wait()
-        self.store_conn.close()
+        if self.store_conn is not None:
+            self.store_conn.close()
+        if self.console is not None:
+            self.console.close()
