@@ -302,7 +302,9 @@ class StoreRings(Op):
     """The store's stub domain alone (``hyperd --store-domain``): the store rings it serves,
     those of dom0 and of every domain being built or running, or of ``domid`` alone (after the
     toolstack's INTRODUCE), each {"domid", "segment", "port"} with ``port`` the caller's own end
-    of the ring's event channel. EPERM for any other caller. Result: {"rings": [...]}."""
+    of the ring's event channel; and how many times dom0 has restarted (hyperd's
+    ``dom0_restarted`` event says it again at each restart). EPERM for any other caller.
+    Result: {"rings": [...], "dom0_restarts": N}."""
 
     op = "store_rings"
     read_only = True

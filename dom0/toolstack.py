@@ -180,6 +180,10 @@ class Toolstack:
             vm = self.xs.read_optional(xenbus.domain_vm_path(domid))
             if (domid, vm) not in live:
                 log.info("dom%d ended while no dom0 ran: forgetting its store nodes", domid)
+                try:  # a store domain still serves its ring, and holds its connection
+                    self._release(domid)
+                except (XsError, ValueError) as exc:
+                    log.debug("dom%d: %s", domid, exc)
                 self._remove_nodes(domid, vm)
 
     def _children(self, path: str) -> list[str]:
@@ -358,12 +362,13 @@ class Toolstack:
 
     def _guest(self, domain: str | int) -> dict[str, Any]:
         """A domU the toolstack runs: not the store's stub domain (hyperd/store_domain.py),
-        which has no store ring of its own and lives as long as the hypervisor."""
+        which has no store ring of its own, no workload, console or devices, and lives as long
+        as the hypervisor (it may be paused, and its memory and weight set)."""
         info = self._domu(domain)
         if info["store"] is None:
             raise BadInput(
-                f"{info['name']} is the store's stub domain: it has no console, and it runs "
-                "as long as the hypervisor does"
+                f"{info['name']} is the store's stub domain: it runs the store alone (no "
+                "workload, console or devices), as long as the hypervisor does"
             )
         return info
 
@@ -516,7 +521,7 @@ class Toolstack:
 
     def exec_target(self, domain: str) -> Any:
         """A running, unpaused domU: where `hyperctl exec` must enter."""
-        info = self._domu(domain)
+        info = self._guest(domain)
         return self.hc.call(hc.DomctlExecTarget(domid=info["domid"]))
 
     def sched_credit(
@@ -568,7 +573,7 @@ class Toolstack:
             raise BadInput(f"invalid {kind.what}", exc.lines) from exc
         if problem := self._unserved(kind, entry.backend):
             raise BadInput("a backend that cannot serve", [f"{kind.spec_name}: {problem}"])
-        info = self._domu(request.domain)
+        info = self._guest(request.domain)
         if self._backend_domid(entry.backend) == info["domid"]:
             own = f"{kind.spec_name}: backend: {info['name']} cannot serve its own {kind.what}"
             raise BadInput("a backend that cannot serve", [own])
@@ -581,14 +586,14 @@ class Toolstack:
     def device_detach(self, request: control.DeviceDetach) -> Any:
         """A domU's device: close it through XenBus and remove it (its TAP, loop device or
         share goes with it)."""
-        info = self._domu(request.domain)
+        info = self._guest(request.domain)
         return self.devices.detach(
             info["domid"], info["name"], BY_TYPE[request.kind], request.device
         )
 
     def device_list(self, request: control.DeviceList) -> Any:
         """A domU: its devices of a kind with their configuration, state and counters."""
-        info = self._domu(request.domain)
+        info = self._guest(request.domain)
         return self.devices.listing(info["domid"], BY_TYPE[request.kind])
 
     def device_stats(self, request: control.DeviceStats) -> Any:

@@ -16,6 +16,7 @@ every ring over. It ends only when hyperd destroys it (at halt).
 from __future__ import annotations
 
 import logging
+import queue
 import signal
 import socket
 import threading
@@ -41,17 +42,17 @@ def main(params: dict[str, Any], hypercall_fd: int) -> int:
     spawn.start()
     stopped = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stopped.set())
-    rings: list[RingServer] = []
+    # hyperd's events may come before the ring server exists: they wait in its queue.
+    work: queue.Queue[tuple[str, int]] = queue.Queue()
 
     def on_event(name: str, data: dict[str, Any]) -> None:
-        if name == "dom0_restarted" and rings:
-            rings[0].dom0_restarted()
+        if name == "dom0_restarted":
+            RingServer.dom0_restarted(work, int(data["dom0_restarts"]))
 
     hc = HypercallClient(socket.socket(fileno=hypercall_fd), on_event=on_event)
     recover = bool(params.get("recover"))
     store = Store(journal=Journal(Path(sandbox.STATE_MOUNT)), recover=recover)
-    server = RingServer(hc, store, spawn.spawner.server)
-    rings.append(server)
+    server = RingServer(hc, store, spawn.spawner.server, work)
     server.serve_all(reconnect=recover)
     hc.call(SchedBooted())
     log.info("the store is up%s", ", recovered from its journal" if recover else "")

@@ -175,6 +175,8 @@ def adopt_all(hv: Hypervisor, sockets: dict[str, socket.socket]) -> None:
         hv.dom0_lifecycle.on_death(None)
     elif 0 not in hv.domains:
         hv.dom0_lifecycle.start()
+    # A dom0 restart the old hyperd had no time to tell the store domain of is told now.
+    hv.store_lifecycle.tell_dom0_restarted()
     log.info("re-adopted: %s", ", ".join(f"dom{d}" for d in sorted(hv.domains)))
 
 
@@ -202,6 +204,14 @@ def _adopt(
         hv.watch_log(domain)
     elif domain.domid != 0:
         log.error("dom%d: the fd keeper lost its log socket; its output is lost", domain.domid)
+    if domain.status is Status.BUILDING and domain.domid == hv.store_domid:
+        # The store domain, being (re)started: its boot died with the old hyperd's sync
+        # socket, and it is started again in place (hyperd/store_domain.py), never destroyed.
+        log.warning("dom%d (%s) was being started: starting it again", domain.domid, domain.name)
+        if domain.cgroup is not None:
+            domain.cgroup.kill_all()
+        hv.forget_pidfd(domain)
+        return False
     if domain.status is Status.BUILDING:
         # Its boot needed the sync socket, which died with the old hyperd: it cannot finish.
         log.warning("dom%d (%s) was being built: destroying it", domain.domid, domain.name)

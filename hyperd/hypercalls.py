@@ -357,7 +357,8 @@ class Hypercalls:
     def do_store_rings(self, caller: Domain, op: hc.StoreRings) -> dict[str, Any]:
         if caller.domid != self.hv.store_domid:
             raise HvError("EPERM", f"domain {caller.domid} is not the store domain")
-        return {"rings": self.hv.store_lifecycle.rings(op.domid)}
+        rings = self.hv.store_lifecycle.rings(op.domid)
+        return {"rings": rings, "dom0_restarts": self.hv.dom0_restarts}
 
     def do_sysctl_dmesg(self, caller: Domain, op: hc.SysctlDmesg) -> dict[str, Any]:
         lines = list(self.hv.dmesg.lines)

@@ -606,7 +606,9 @@ class Hypervisor:
         late = [
             d
             for d in self.domains.values()
-            if d.status is Status.BUILDING and now - d.created > BUILD_TIMEOUT
+            if d.status is Status.BUILDING
+            and now - d.created > BUILD_TIMEOUT
+            and not self.store_lifecycle.restarting(d)
         ]
         for domain in late:
             log.error("dom%d: did not boot in %.0f s", domain.domid, BUILD_TIMEOUT)
@@ -749,15 +751,23 @@ class Hypervisor:
         self._dirty = True
         self._save()  # a hyperd killed during the halt finishes it (``adopt_all``)
         log.info("halting: destroying every domain")
-        # The store domain last: the others' ends go through the store while it lives.
-        ordered = sorted(self.domains.values(), key=lambda d: d.domid == self.store_domid)
-        for domain in [d for d in ordered if d.domid != 0]:
+        # The store domain after dom0 (below): dom0's teardown of the others, and its own
+        # end, go through the store.
+        for domain in [d for d in self.domains.values() if d.domid not in (0, self.store_domid)]:
             self.destroy(domain)
         # dom0 hears of the destructions before it is told to stop (it may still read them).
         self._commit()
         dom0 = self.domains.pop(0, None)
-        if dom0 is None:
-            return
+        if dom0 is not None:
+            self._stop_dom0(dom0)
+        store = self.store_lifecycle.domain
+        if store is not None:
+            self.destroy(store)
+        if dom0 is not None:
+            self.evtchn.close_domain(0)
+            dom0.resources.release()  # its store ring's objects, with a store domain
+
+    def _stop_dom0(self, dom0: Domain) -> None:
         self._dirty = True
         self.drop_socket(dom0)
         if dom0.pidfd is not None:
@@ -770,8 +780,6 @@ class Hypervisor:
                 dom0.process.returncode = 0
         if dom0.cgroup is not None:
             dom0.cgroup.remove()
-        self.evtchn.close_domain(0)
-        dom0.resources.release()  # its store ring's objects, with a store domain
 
 
 def _terminate_adopted(pidfd: int, grace: float = 5.0) -> None:

@@ -26,6 +26,7 @@ import logging
 import os
 import selectors
 import time
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 from channels.config import DomainConfig
@@ -41,14 +42,19 @@ if TYPE_CHECKING:
 log = logging.getLogger("hyperd")
 
 STORE_DOMAIN_NAME = "Xenstore"
-#: Its tree, its connections' queues, and one relay process per domain (forks of its kernel).
-STORE_DOMAIN_MEMORY_MIB = 512
+#: Its tree, its connections' queues, and one relay process per domain (forks of its kernel):
+#: room for a few hundred domains, each at xenstored's default quota.
+STORE_DOMAIN_MEMORY_MIB = 1024
+#: Its tasks: the store's threads (two per connection) and each relay's (three).
+STORE_DOMAIN_PIDS = 16384
 STABLE = 5.0  # seconds up after which a death restarts it at once
 BACKOFF = (0.25, 30.0)  # first and longest wait before restarting one that keeps dying
 
 
 def store_domain_config() -> DomainConfig:
-    return DomainConfig(name=STORE_DOMAIN_NAME, memory=STORE_DOMAIN_MEMORY_MIB, vcpus=1)
+    """Every domain's store calls go through it: as many vcpus as the host has CPUs, as dom0."""
+    vcpus = os.cpu_count() or 1
+    return DomainConfig(name=STORE_DOMAIN_NAME, memory=STORE_DOMAIN_MEMORY_MIB, vcpus=vcpus)
 
 
 class StoreDomainLifecycle:
@@ -77,7 +83,8 @@ class StoreDomainLifecycle:
         domain = Domain(domid, config.name, config, Resources(domid))
         self.hv.store_domid = domid
         try:
-            domain.cgroup = self.hv.cgroups.create(f"dom{domid}", cgroup_limits(config))
+            limits = replace(cgroup_limits(config), pids_max=STORE_DOMAIN_PIDS)
+            domain.cgroup = self.hv.cgroups.create(f"dom{domid}", limits)
             domain.resources.open_view()
             self.state_dir.mkdir(mode=0o700, exist_ok=True)
             os.chown(self.state_dir, uid_base(domid), uid_base(domid))
@@ -109,6 +116,10 @@ class StoreDomainLifecycle:
         self.hv.keeper.keep(domain)
         self.hv.watch_log(domain)
 
+    def restarting(self, domain: Domain) -> bool:
+        """``domain`` is the store domain, waiting to be started again (not a slow boot)."""
+        return domain.domid == self.hv.store_domid and self.restart_at is not None
+
     def rings(self, domid: int | None) -> list[dict[str, Any]]:
         """The store rings it serves (of ``domid`` alone, if given): dom0's and every live
         domain's."""
@@ -126,7 +137,9 @@ class StoreDomainLifecycle:
         restart it once due (``restart_when_due``)."""
         log.error("the store domain dom%d stopped (%s); restarting it", domain.domid, reason)
         self.hv.stop_processes(domain)
+        self.hv.forget_pidfd(domain)
         domain.status = Status.BUILDING
+        domain.pid = domain.pid_start = None  # until its next kernel says its pid
         domain.shutdown_reason = domain.exit_code = None
         if time.monotonic() - self._started > STABLE:
             self._backoff = 0.0
@@ -151,9 +164,11 @@ class StoreDomainLifecycle:
         return True
 
     def tell_dom0_restarted(self) -> None:
+        """Tell it which life dom0 is in (at each dom0 start, and when a hyperd adopts it): a
+        life it has not served dom0's ring for makes it take that ring over."""
         domain = self.domain
         if domain is not None and domain.sock is not None:
-            self.hv.send_event(domain, "dom0_restarted", {})
+            self.hv.send_event(domain, "dom0_restarted", {"dom0_restarts": self.hv.dom0_restarts})
 
 
 def _ring(domid: int, ring: RingInfo) -> dict[str, Any]:

@@ -23,6 +23,7 @@ from tests.integration.conftest import (
     domain_info,
     hyperctl,
     hypervisor_of_its_own,
+    kill_hyperd,
     wait_for,
 )
 from tests.integration.test_faults import dom0_pid, kill_dom0
@@ -107,8 +108,10 @@ def test_the_store_runs_in_its_own_unprivileged_domain(guest: Callable[[], str])
     assert any(state.iterdir()), "no journal in the store domain's directory"
     listing = hyperctl("store", "ls", "/local/domain").out
     assert f'/local/domain/{domid(name)}/name = "{name}"' in listing
-    for ask in (["destroy"], ["shutdown"], ["console"]):
-        refused = hyperctl(*ask, "Xenstore", check=False)
+    for ask in (["destroy"], ["shutdown"], ["console"], ["exec"], ["block-list"]):
+        refused = hyperctl(
+            *ask, "Xenstore", *(["--", "true"] if ask == ["exec"] else []), check=False
+        )
         assert refused.status != 0 and "store" in refused.err, (ask, refused)
     assert the_store_domain()["pid"] == store["pid"]
 
@@ -123,8 +126,10 @@ def test_guests_survive_a_killed_store_domain_and_its_tree_is_kept(
     hyperctl("store", "write", f"{home}/data/before", "kept")
     before = store_tree()
 
+    dom0 = dom0_pid()
     kill_the_store_domain()
 
+    assert dom0_pid() == dom0, "dom0 restarted with the store"
     assert store_tree() == before, "the store lost or changed nodes across its restart"
     hyperctl("store", "write", f"{home}/data/after", "written")
     assert hyperctl("store", "read", f"{home}/data/after").out.strip() == "written"
@@ -167,5 +172,21 @@ def test_the_store_keeps_its_data_while_dom0_restarts(guest: Callable[[], str]) 
     assert the_store_domain()["pid"] == store, "the store domain restarted with dom0"
     assert store_tree() == before
     hyperctl("store", "write", f"{home}/data/later", "1")
+    hyperctl("shutdown", "-w", name)
+    assert domain_info(name) is None
+
+
+def test_a_restarted_hyperd_adopts_the_store_domain_and_restarts_it_when_it_dies(
+    guest: Callable[[], str],
+) -> None:
+    name = guest()
+    store = the_store_domain()["pid"]
+
+    kill_hyperd()
+    hyperctl("start")
+
+    assert the_store_domain()["pid"] == store, "the adopting hyperd replaced the store domain"
+    kill_the_store_domain()
+    hyperctl("store", "write", f"/local/domain/{domid(name)}/data/adopted", "1")
     hyperctl("shutdown", "-w", name)
     assert domain_info(name) is None
