@@ -9,7 +9,8 @@
 # and fsck.ext4 for the block tests), fuse3 (libfuse3, which blkfront's mfusepy loads), gcc and
 # python3-dev (the native data-path pumps, channels/native/), clang (their fuzzers: libFuzzer),
 # iptables (a bridge hyper makes lets its frames through FORWARD: backends/netback/firewall.py, and
-# the tests set a Docker-like DROP policy to check it).
+# the tests set a Docker-like DROP policy to check it), libxen-dev (Xen's public headers, which
+# the tests compare every shared page's layout with).
 # The native pumps are (re)built in place whenever a source under channels/native/ is newer
 # than its module; without a compiler the Python pumps run (``hyperctl info`` says which).
 # Python packages: `pip install -e '.[test]'` (hyper, editable, with its test extras) into the
@@ -28,7 +29,7 @@ repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 python=${PYTHON:-python3}
 
 APT_PACKAGES=(python3 python3-pip iproute2 util-linux procps iperf3 fio iputils-ping e2fsprogs fuse3
-    gcc python3-dev clang iptables)
+    gcc python3-dev clang iptables libxen-dev)
 HOST_TOOLS=(ip nsenter setpriv flock ps pgrep iperf3 fio ping mkfs.ext4 fsck.ext4 fusermount3 gcc
     clang iptables)
 
@@ -59,6 +60,8 @@ missing_host_tools() {
     done
     python_ok || printf '%s ' "$python>=3.11-with-pip"
     fuzzer_runtime_ok || printf '%s ' "libFuzzer-runtime"
+    # Xen's public headers: the tests compare every shared page's layout with them.
+    [ -e /usr/include/xen/io/ring.h ] || printf '%s ' "libxen-dev"
 }
 
 install_host_tools() {

@@ -3,7 +3,6 @@ its hostile indices, and the 9P2000.L codec (round trips, and lengths a peer lie
 
 from __future__ import annotations
 
-import shutil
 import struct
 import subprocess
 from pathlib import Path
@@ -13,8 +12,7 @@ import pytest
 from channels import p9fs as P
 from channels.errors import ProtocolViolation
 from channels.ring import MASK32, PAGE_SIZE
-
-HEADER = Path("/usr/include/xen/io/9pfs.h")
+from tests.unit.test_xen_headers import xen_headers_or_skip
 
 C_PROGRAM = r"""
 #include <stddef.h>
@@ -38,9 +36,8 @@ int main(void) {
 """
 
 
-@pytest.mark.skipif(not HEADER.exists(), reason="Xen's io/9pfs.h is not installed (libxen-dev)")
-@pytest.mark.skipif(shutil.which("cc") is None, reason="no C compiler")
 def test_the_interface_page_matches_xens_header(tmp_path: Path) -> None:
+    xen_headers_or_skip()
     source, binary = tmp_path / "layout.c", tmp_path / "layout"
     source.write_text(C_PROGRAM)
     subprocess.run(["cc", "-o", str(binary), str(source)], check=True, capture_output=True)
