@@ -365,7 +365,7 @@ def encode_request(request: Request) -> bytes:
 
 
 def error_reply(exc: HyperError) -> dict[str, Any]:
-    return {"ok": False, "kind": exc.kind, "error": str(exc), "lines": exc.lines}
+    return {"ok": False, "kind": exc.kind, "error": exc.summary, "lines": exc.lines}
 
 
 class NotRunning(Closed):

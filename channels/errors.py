@@ -29,7 +29,15 @@ class HyperError(Exception):
 
     def __init__(self, message: str, lines: Sequence[str] | None = None) -> None:
         super().__init__(message)
+        self.summary = message
         self.lines: list[str] = list(lines) if lines else [message]
+
+    def __str__(self) -> str:
+        """The summary, and the problems when they say more (a program's traceback shows
+        them, as hyperctl prints them)."""
+        if self.lines == [self.summary]:
+            return self.summary
+        return f"{self.summary}: {'; '.join(self.lines)}"
 
 
 class BadInput(HyperError):

@@ -436,7 +436,7 @@ class Toolstack:
         except HyperError as exc:
             self._roll_back(domid, made)
             undone = f"domain {config.name} was destroyed again: nothing of it is left"
-            raise HyperError(str(exc), [*exc.lines, undone]) from exc
+            raise HyperError(exc.summary, [*exc.lines, undone]) from exc
 
     def _roll_back(self, domid: int, made: Images) -> None:
         """Undo a create that failed after hyperd built the domain: destroy it, wait until its

@@ -18,7 +18,6 @@ import fcntl
 import json
 import os
 import select
-import shutil
 import stat
 import struct
 import subprocess
@@ -32,10 +31,9 @@ from pathlib import Path
 from typing import IO, Any
 
 from channels import control, linux
-from channels.control import NotRunning
 from channels.errors import BadInput, HyperError
 from channels.kinds import KINDS, DeviceKind
-from channels.paths import RunDir
+from hyper import api
 
 #: What a domU, its kernel included, can and cannot do to the host: `hyperctl --help` ends with
 #: it, and the README's sandbox section says exactly the same (tests/unit/test_readme.py).
@@ -74,100 +72,18 @@ What it cannot do:
 - reach another domain's pages, doorbells, store nodes or processes.
 """
 DETACH = b"\x1d"  # Ctrl-]
-HYPERD_START_TIMEOUT = 30.0
-HYPERD_DOWN = (
-    "the hypervisor (hyperd) is not running, but dom0 and the domains are: "
-    "`hyperctl start` starts it again and it re-adopts them; `hyperctl halt` stops them all"
-)
-WORKLOAD_UID = 1000
-
-
-def _run() -> RunDir:
-    return RunDir()
-
-
-def _call(request: control.Request, timeout: float | None = 120.0) -> Any:
-    _require_hyperd()
-    return control.call(_run().toolstack_socket, request, timeout=timeout)
-
-
-# -- create ------------------------------------------------------------------------------------
-
-
-def _hyperd_alive(run: RunDir) -> bool:
-    return run.hyperd_alive()
-
-
-def _hyperd_killed(run: RunDir) -> bool:
-    """hyperd is not running, but its state file says a run is not over: it was killed, and
-    dom0 and the domains may run on without it."""
-    return run.state_file.exists() and not _hyperd_alive(run)
-
-
-def _require_hyperd() -> None:
-    """Fail at once instead of waiting for a hypercall that no hyperd will answer (dom0's
-    toolstack still answers, but its hypercalls wait)."""
-    if _hyperd_killed(_run()):
-        raise HyperError(HYPERD_DOWN)
-
-
-def _hyperd_running() -> bool:
-    run = _run()
-    if not _hyperd_alive(run):
-        return False
-    try:
-        control.Connection(run.toolstack_socket, timeout=5.0).close()
-    except NotRunning:
-        return False
-    return True
-
-
-def ensure_hypervisor(store_domain: bool = False) -> None:
-    """Start hyperd in the background unless one runs; one started after a hyperd was killed
-    re-adopts the domains that run on (hyperd/adopt.py). ``store_domain``: a new hypervisor runs
-    the store in a stub domain. Returns once dom0 answers."""
-    run = _run()
-    if _hyperd_running():
-        return
-    if not _hyperd_alive(run):
-        _start_hyperd(run, store_domain)
-    deadline = time.monotonic() + HYPERD_START_TIMEOUT
-    while time.monotonic() < deadline:
-        if _hyperd_running():
-            return
-        time.sleep(0.1)
-    raise HyperError(f"the hypervisor did not start; see {run.log('hyperd')}")
-
-
-def _start_hyperd(run: RunDir, store_domain: bool) -> None:
-    subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "hyperd.hypervisor",
-            "--run-dir",
-            str(run.root),
-            *(["--store-domain"] if store_domain else []),
-        ],
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-        cwd="/",
-        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)},
-    )
 
 
 def cmd_start(args: argparse.Namespace) -> int:
     """Start the hypervisor (dom0 and hyperd), or a killed hyperd again, which re-adopts the
     domains that ran on without it; nothing to do when one runs."""
-    run = _run()
-    if _hyperd_running():
+    run = api.run_dir()
+    if api.hyperd_running():
         print("the hypervisor is already running")
         return 0
-    adopting = _hyperd_killed(run)
-    ensure_hypervisor(args.store_domain)
-    domus = [d for d in _call(control.List()) if d["domid"] != 0]
+    adopting = api.hyperd_killed(run)
+    api.ensure_hypervisor(args.store_domain)
+    domus = [d for d in api.call(control.List()) if d["domid"] != 0]
     if adopting:
         # The store's place was chosen when it first started: its state says where it is.
         print(f"hyperd started again; it re-adopted {len(domus)} domain(s)")
@@ -178,19 +94,9 @@ def cmd_start(args: argparse.Namespace) -> int:
     return 0
 
 
-def _invoking_uid() -> int:
-    """The user hyperctl acts for: under sudo, the one who ran sudo (``SUDO_UID``, believed
-    only when we are root: root could act as anyone anyway); else our real uid. Their disk
-    images are accepted besides root's (channels/images.py)."""
-    sudo_uid = os.environ.get("SUDO_UID", "")
-    if os.getuid() == 0 and sudo_uid.isdecimal():
-        return int(sudo_uid)
-    return os.getuid()
-
-
 def cmd_create(args: argparse.Namespace) -> int:
-    owner = _invoking_uid()
-    if args.dry_run or not _hyperd_running():
+    owner = api.invoking_uid()
+    if args.dry_run or not api.hyperd_running():
         # Checked here only when there is no toolstack to check it (nothing starts for a bad
         # config): pydantic costs ~0.1 s of start-up, half of what a create may take.
         from channels.config import load_config
@@ -199,7 +105,7 @@ def cmd_create(args: argparse.Namespace) -> int:
         if args.dry_run:
             print(config.normalised_json())
             return 0
-        ensure_hypervisor(args.store_domain)
+        api.ensure_hypervisor(args.store_domain)
     path = Path(args.file)
     try:
         text = path.read_text(encoding="utf-8")
@@ -208,7 +114,7 @@ def cmd_create(args: argparse.Namespace) -> int:
     request = control.Create(
         text=text, source=args.file, base_dir=str(path.resolve().parent), owner=owner
     )
-    info = _call(request)
+    info = api.call(request)
     print(f"Created domain {info['name']} (id {info['domid']})", file=sys.stderr)
     if args.console:
         return _console(str(info["domid"]))
@@ -219,12 +125,12 @@ def cmd_create(args: argparse.Namespace) -> int:
 
 def _wait_gone(domid: int) -> int:
     """Block until the domain is gone or stopped (xl create -F)."""
-    with control.Connection(_run().toolstack_socket, timeout=None) as conn:
+    with control.Connection(api.run_dir().toolstack_socket, timeout=None) as conn:
         conn.request(control.StoreWatch(path="@releaseDomain"))
         while True:
             alive = [
                 d
-                for d in _call(control.List())
+                for d in api.call(control.List())
                 if d["domid"] == domid and d["status"] in ("building", "running")
             ]
             if not alive:
@@ -237,7 +143,7 @@ def _wait_gone(domid: int) -> int:
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    domains = _call(control.List())
+    domains = api.call(control.List())
     if args.json:
         print(json.dumps(domains, indent=2))
         return 0
@@ -311,10 +217,10 @@ def cmd_top(args: argparse.Namespace) -> int:
         live.start()
     try:
         while args.iterations is None or iteration < args.iterations:
-            domains = _call(control.List())
+            domains = api.call(control.List())
             now = time.monotonic()
             devices = {
-                kind.xenbus_type: _call(control.DeviceStats(kind=kind.xenbus_type))
+                kind.xenbus_type: api.call(control.DeviceStats(kind=kind.xenbus_type))
                 for kind in KINDS
             }
             rows = _top_rows(before, domains, now - last, devices)
@@ -340,14 +246,14 @@ def cmd_top(args: argparse.Namespace) -> int:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    info = _call(control.Info())
+    info = api.call(control.Info())
     for key, value in info.items():
         print(f"{key:<20}: {value}")
     return 0
 
 
 def cmd_dmesg(args: argparse.Namespace) -> int:
-    for line in _call(control.Dmesg(clear=args.clear)):
+    for line in api.call(control.Dmesg(clear=args.clear)):
         print(line)
     return 0
 
@@ -360,7 +266,7 @@ OnOneDomain = type[control.Destroy | control.Reboot | control.Pause | control.Un
 
 def cmd_simple(kind: OnOneDomain) -> Any:
     def run(args: argparse.Namespace) -> int:
-        _call(kind(domain=args.domain))
+        api.call(kind(domain=args.domain))
         return 0
 
     return run
@@ -368,7 +274,7 @@ def cmd_simple(kind: OnOneDomain) -> Any:
 
 def cmd_shutdown(args: argparse.Namespace) -> int:
     request = control.Shutdown(domain=args.domain, wait=args.wait, grace=args.timeout)
-    result = _call(request, timeout=None)
+    result = api.call(request, timeout=None)
     if args.wait and not result.get("cooperative", True):
         print(
             f"{args.domain} did not shut down in {args.timeout:.0f} s: destroyed", file=sys.stderr
@@ -377,34 +283,26 @@ def cmd_shutdown(args: argparse.Namespace) -> int:
 
 
 def cmd_halt(args: argparse.Namespace) -> int:
-    if _hyperd_killed(_run()):
-        ensure_hypervisor()  # it re-adopts what runs, so that the halt can stop it all
-    try:
-        control.call(_run().toolstack_socket, control.Halt(), timeout=60.0)
-    except NotRunning:
+    if not api.halt():
         print("hyperctl: the hypervisor is not running", file=sys.stderr)
-        return 0
-    deadline = time.monotonic() + 60.0
-    while time.monotonic() < deadline and _run().pidfile.exists():
-        time.sleep(0.1)
     return 0
 
 
 def cmd_cleanup(args: argparse.Namespace) -> int:
     from hyper.cleanup import cleanup
 
-    for line in cleanup(_run()):  # HypervisorRunning when there is nothing to clean up
+    for line in cleanup(api.run_dir()):  # HypervisorRunning when there is nothing to clean up
         print(line)
     return 0
 
 
 def cmd_mem_set(args: argparse.Namespace) -> int:
-    _call(control.MemSet(domain=args.domain, memory=args.memory))
+    api.call(control.MemSet(domain=args.domain, memory=args.memory))
     return 0
 
 
 def cmd_sched_credit(args: argparse.Namespace) -> int:
-    result = _call(control.SchedCredit(domain=args.domain, cpu_weight=args.weight, cap=args.cap))
+    result = api.call(control.SchedCredit(domain=args.domain, cpu_weight=args.weight, cap=args.cap))
     print(f"{'Name':<40}{'Weight':>8}{'Cap':>6}")
     print(f"{args.domain:<40}{result['cpu_weight']:>8}{result['cap']:>6}")
     return 0
@@ -417,39 +315,10 @@ def cmd_exec(args: argparse.Namespace) -> int:
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
     if not command:
         raise BadInput("exec: no command given (hyperctl exec NAME -- CMD...)")
-    target = _call(control.ExecTarget(domain=args.domain))
-    env = [
-        "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
-        "HOME=/tmp",
-        f"TERM={os.environ.get('TERM', 'dumb')}",
-        "LANG=C.UTF-8",
-    ]
-    argv = [
-        shutil.which("nsenter") or "nsenter",
-        f"--target={target['pid']}",
-        "--user",
-        "--mount",
-        "--net",
-        "--pid",
-        "--uts",
-        "--ipc",
-        "--cgroup",
-        # No --wd: nsenter opens its directory before entering, which would give the command
-        # the host's /tmp (and through "..", the host's tree). env changes directory inside.
-        "--",
-        shutil.which("setpriv") or "/usr/bin/setpriv",
-        f"--reuid={WORKLOAD_UID}",
-        f"--regid={WORKLOAD_UID}",
-        "--clear-groups",
-        "--no-new-privs",
-        "--",
-        shutil.which("env") or "/usr/bin/env",
-        "-i",
-        "--chdir=/tmp",
-        *env,
-        *command,
-    ]
-    procs = [Path(p) for p in target["cgroup_procs"]]
+    target = api.call(control.ExecTarget(domain=args.domain))
+    env = {**api.EXEC_ENV, "TERM": os.environ.get("TERM", "dumb")}
+    argv = api.exec_argv(int(target["pid"]), command, env)
+    join_cgroup = api.entering(target["cgroup_procs"])
     interactive = sys.stdin.isatty() and sys.stdout.isatty()
     master, slave = -1, -1
     if interactive:
@@ -463,8 +332,7 @@ def cmd_exec(args: argparse.Namespace) -> int:
             interactive = False
 
     def enter_domain() -> None:
-        for path in procs:
-            path.write_text(f"{os.getpid()}\n")
+        join_cgroup()
         if interactive:
             fcntl.ioctl(0, termios.TIOCSCTTY, 0)
 
@@ -585,7 +453,7 @@ def _relay_pty(master: int, proc: subprocess.Popen[bytes]) -> None:
 
 
 def _console(domain: str) -> int:
-    conn = control.Connection(_run().toolstack_socket, timeout=None)
+    conn = control.Connection(api.run_dir().toolstack_socket, timeout=None)
     try:
         conn.request(control.Console(domain=domain))
     except HyperError:
@@ -651,9 +519,9 @@ def cmd_device_attach(kind: DeviceKind) -> Callable[[argparse.Namespace], int]:
             kind=kind.xenbus_type,
             spec=args.spec,
             base_dir=os.getcwd(),
-            owner=_invoking_uid(),
+            owner=api.invoking_uid(),
         )
-        result = _call(request)
+        result = api.call(request)
         label = result.get(kind.name_field or "", result["devid"])
         print(f"{kind.xenbus_type} {result['domid']}/{label} attached", file=sys.stderr)
         return 0
@@ -666,7 +534,7 @@ def cmd_device_detach(kind: DeviceKind) -> Callable[[argparse.Namespace], int]:
         request = control.DeviceDetach(
             domain=args.domain, kind=kind.xenbus_type, device=args.device
         )
-        if not _call(request)["clean"]:
+        if not api.call(request)["clean"]:
             print(
                 f"{kind.what} {args.device}: the backend did not close in time; removed anyway",
                 file=sys.stderr,
@@ -678,7 +546,7 @@ def cmd_device_detach(kind: DeviceKind) -> Callable[[argparse.Namespace], int]:
 
 def cmd_device_list(kind: DeviceKind) -> Callable[[argparse.Namespace], int]:
     def run(args: argparse.Namespace) -> int:
-        devices = _call(control.DeviceList(domain=args.domain, kind=kind.xenbus_type))
+        devices = api.call(control.DeviceList(domain=args.domain, kind=kind.xenbus_type))
         if args.json:
             print(json.dumps(devices, indent=2))
             return 0
@@ -695,18 +563,18 @@ def cmd_device_list(kind: DeviceKind) -> Callable[[argparse.Namespace], int]:
 
 def cmd_store(args: argparse.Namespace) -> int:
     if args.op == "ls":
-        for path, value in _call(control.StoreLs(path=args.path)):
+        for path, value in api.call(control.StoreLs(path=args.path)):
             print(f"{path} = {json.dumps(value)}")
     elif args.op == "read":
-        print(_call(control.StoreRead(path=args.path)))
+        print(api.call(control.StoreRead(path=args.path)))
     elif args.op == "write":
         if args.value is None:
             raise BadInput("store write: a value is required")
-        _call(control.StoreWrite(path=args.path, value=args.value))
+        api.call(control.StoreWrite(path=args.path, value=args.value))
     elif args.op == "rm":
-        _call(control.StoreRm(path=args.path))
+        api.call(control.StoreRm(path=args.path))
     elif args.op == "watch":
-        with control.Connection(_run().toolstack_socket, timeout=None) as conn:
+        with control.Connection(api.run_dir().toolstack_socket, timeout=None) as conn:
             conn.request(control.StoreWatch(path=args.path))
             count = 0
             while args.count is None or count < args.count:

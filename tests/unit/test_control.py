@@ -107,7 +107,8 @@ def test_an_error_reply_is_raised_again_as_its_kind_with_its_lines(
             conn.request(control.Destroy(domain="web"))
         server.join()
     assert type(info.value) is kind
-    assert (str(info.value), info.value.lines) == ("refused", ["a: one", "b: two"])
+    assert (info.value.summary, info.value.lines) == ("refused", ["a: one", "b: two"])
+    assert str(info.value) == "refused: a: one; b: two"  # what a program's traceback shows
 
 
 def test_hyperctl_builds_requests_without_pydantic() -> None:
