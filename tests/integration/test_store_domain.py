@@ -59,10 +59,14 @@ def guest(store_domain: None, tmp_path: Path) -> Iterator[Callable[[], str]]:
             hyperctl("destroy", name, check=False)
 
 
-def the_store_domain() -> dict[str, Any]:
-    info = domain_info("Xenstore")
-    assert info is not None, "no Xenstore domain"
+def the_domain(name: str) -> dict[str, Any]:
+    info = domain_info(name)
+    assert info is not None, f"no domain {name}"
     return info
+
+
+def the_store_domain() -> dict[str, Any]:
+    return the_domain("Xenstore")
 
 
 def domid(name: str) -> int:
@@ -190,3 +194,35 @@ def test_a_restarted_hyperd_adopts_the_store_domain_and_restarts_it_when_it_dies
     hyperctl("store", "write", f"/local/domain/{domid(name)}/data/adopted", "1")
     hyperctl("shutdown", "-w", name)
     assert domain_info(name) is None
+
+
+def store_relays() -> int:
+    """The relay processes the store domain runs (one per domain whose store ring it serves)."""
+    group = f"dom{the_store_domain()['domid']}"
+    count = 0
+    for proc in Path("/proc").iterdir():
+        try:
+            if (proc / "comm").read_text().strip() != "hyper-relay":
+                continue
+            if f"/{group}\n" in (proc / "cgroup").read_text() + "\n":
+                count += 1
+        except OSError:
+            continue
+    return count
+
+
+def test_a_domain_that_dies_while_dom0_is_dead_leaves_the_store(guest: Callable[[], str]) -> None:
+    """Its end reaches no dom0 (hyperd drops a dead dom0's events): the restarted dom0 releases
+    it from the store, whose relay for it stops, and its nodes go."""
+    keep, doomed = guest(), guest()
+    doomed_id, doomed_pid = domid(doomed), the_domain(doomed)["pid"]
+    assert store_relays() == 3  # dom0's and the two guests'
+
+    old, _ = kill_dom0()
+    os.kill(doomed_pid, signal.SIGKILL)  # on_crash: destroy
+    wait_for(lambda: dom0_pid() not in (None, old), 30, "dom0 to serve again")
+
+    wait_for(lambda: domain_info(doomed) is None, 30, "the dead domain to be gone")
+    wait_for(lambda: store_relays() == 2, 30, "the store to stop serving the dead domain's ring")
+    assert not any(f"/local/domain/{doomed_id}/" in line for line in store_tree())
+    assert hyperctl("exec", keep, "--", "true").status == 0
