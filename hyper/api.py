@@ -282,7 +282,10 @@ class Hypervisor:
         self.run = run or run_dir()
 
     def call(self, request: control.Request, timeout: float | None = 120.0) -> Any:
-        return call(request, timeout)
+        """One request to this hypervisor's toolstack (see ``call``)."""
+        if hyperd_killed(self.run):
+            raise HyperError(HYPERD_DOWN)
+        return control.call(self.run.toolstack_socket, request, timeout=timeout)
 
     def domains(self) -> list[DomainInfo]:
         """Every domain, dom0 included."""
