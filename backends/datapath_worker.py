@@ -166,6 +166,7 @@ class WorkerProcess:
         self._map_pools = map_pools
         self._on_fatal = on_fatal
         self._on_death = on_death
+        self._send_lock = threading.Lock()  # replies and settings share the control socket
         # What the worker's refreshes may cost dom0: as much as an honest mapper asks for.
         self._credit = Credit(grants.REFRESHES_PER_SECOND, grants.REFRESH_BURST)
         self._stopping = False
@@ -260,15 +261,20 @@ class WorkerProcess:
             pools = grants.open_pools(self._map_pools())
         except HypercallError as exc:
             error = {"id": message["id"], "error": exc.errno_name, "message": exc.message}
-            with contextlib.suppress(OSError):
+            with contextlib.suppress(OSError), self._send_lock:
                 self.control.sendall(json.dumps(error).encode() + b"\n")
             return True
         try:
-            with contextlib.suppress(OSError):
+            with contextlib.suppress(OSError), self._send_lock:
                 _send_pools(self.control, message["id"], pools)
         finally:
             grants.close_pool_fds(pools)
         return True
+
+    def send_settings(self, settings: dict[str, Any]) -> None:
+        """Tell the running worker a change of its device's settings (its faults)."""
+        with contextlib.suppress(OSError), self._send_lock:
+            self.control.sendall(json.dumps({"settings": settings}).encode() + b"\n")
 
     def _wait_for_credit(self) -> None:
         """Charge one refresh; wait out what it overdrew (only this worker's link waits)."""
@@ -472,6 +478,13 @@ class DataPath:
         with self._lock:
             self.worker = worker
 
+    def send_settings(self, settings: dict[str, Any]) -> None:
+        """Tell the worker, if one runs, a change of its device's settings."""
+        with self._lock:
+            worker = self.worker
+        if worker is not None:
+            worker.send_settings(settings)
+
     def _died(self, dev: XenbusDevice, name: str, how: str) -> None:
         """On the dead worker's link thread."""
         if dev.state != XenbusState.Connected:
@@ -602,6 +615,9 @@ class Dom0Link:
         self._replies: dict[int, Any] = {}
         self._arrived = threading.Condition()
         self.closed = threading.Event()
+        #: Told each change of the device's settings dom0 sends unasked (``{"faults": spec}``),
+        #: on the reader thread; the data path sets it before the reader starts.
+        self.on_settings: Callable[[dict[str, Any]], None] | None = None
 
     def start(self) -> None:
         threading.Thread(target=self._read, name="dom0-link", daemon=True).start()
@@ -610,6 +626,10 @@ class Dom0Link:
         fds: deque[int] = deque()
         for line in _lines(self._sock, fds=fds):  # dom0's replies: trusted
             reply = json.loads(line)
+            if "settings" in reply:  # unasked: dom0's, trusted as its replies are
+                if self.on_settings is not None:
+                    self.on_settings(reply["settings"])
+                continue
             _take_fds(reply, [fds.popleft() for _ in range(min(reply.get("fds", 0), len(fds)))])
             with self._arrived:
                 if reply["id"] in self._waiting:

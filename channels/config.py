@@ -426,11 +426,25 @@ class DiskConfig(_Model):
     vdev: str
     access: Annotated[Access, BeforeValidator(_access)] = Access.RW
     backend: DomainRef = DOM0_DOMID
+    #: Faults blkback injects into its requests (channels/faults.py), kept canonical.
+    faults: str | None = None
 
     @model_validator(mode="before")
     @classmethod
     def _from_spec(cls, data: Any) -> Any:
         return _entry(data, "target=disk.img,size=64M,vdev=xvdb")
+
+    @field_validator("faults")
+    @classmethod
+    def _faults(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        from channels.faults import parse_block
+
+        try:
+            return str(parse_block(value, "")) or None
+        except BadInput as exc:
+            raise ValueError("; ".join(exc.lines)) from None
 
     @field_validator("target", mode="before")
     @classmethod

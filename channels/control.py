@@ -291,6 +291,26 @@ class DeviceStats(DeviceRequest):
     method = "device_stats"
 
 
+@dataclass(frozen=True, kw_only=True)
+class FaultSet(Request):
+    """Allowed on a running domU: inject the faults of ``spec`` (channels/faults.py) into the
+    requests of its disk ``device`` (a vdev) from the next on; an empty ``spec`` clears them.
+    A vif's faults are not built yet, and are refused."""
+
+    method = "fault_set"
+    domain: DomainArg
+    device: str
+    spec: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class FaultList(Request):
+    """Allowed on any domU: each of its disks' faults and how many it injected."""
+
+    method = "fault_list"
+    domain: DomainArg
+
+
 #: Every request, by its name on the wire.
 REQUESTS: dict[str, type[Request]] = {
     cls.method: cls
@@ -318,6 +338,8 @@ REQUESTS: dict[str, type[Request]] = {
         DeviceDetach,
         DeviceList,
         DeviceStats,
+        FaultSet,
+        FaultList,
     )
 }
 

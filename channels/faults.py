@@ -1,7 +1,8 @@
 """Fault injection at the channel (issue 16): the spec a user writes, and the decisions a backend
 takes from it as each frame or request crosses the ring, the way netem and QEMU's blkdebug do.
 
-A spec is one string of comma-separated ``key=value`` items, as a device spec is:
+A spec is one string of comma-separated ``key=value`` items, as a device spec is (or
+semicolon-separated, inside a device spec: ``target=d.img,vdev=xvda,faults=eio=100;flush=fail``):
 
 net (a vif; each fault applies to ``dir``'s frames: ``tx`` from the domain, ``rx`` to it, or
 ``both``, the default)::
@@ -91,14 +92,14 @@ def parse_net(spec: str, where: str = "faults") -> NetFaults:
         elif key == "dir":
             if value not in NET_DIRECTIONS:
                 problems.append(
-                    f"{where}: dir: {value!r} is not one of {', '.join(NET_DIRECTIONS)}"
+                    f"{_at(where)}dir: {value!r} is not one of {', '.join(NET_DIRECTIONS)}"
                 )
             values[key] = value
         elif key == "seed":
             values[key] = _seed(value, where, problems)
         else:
             problems.append(
-                f"{where}: {key}: not a net fault (drop, duplicate, corrupt, delay, "
+                f"{_at(where)}{key}: not a net fault (drop, duplicate, corrupt, delay, "
                 "jitter, dir, seed)"
             )
     if problems:
@@ -118,18 +119,18 @@ def parse_block(spec: str, where: str = "faults") -> BlockFaults:
         elif key == "sectors":
             match = _RANGE.fullmatch(value)
             if match is None or int(match[1]) > int(match[2]):
-                problems.append(f"{where}: sectors: {value!r} is not a range like 2048-4095")
+                problems.append(f"{_at(where)}sectors: {value!r} is not a range like 2048-4095")
             else:
                 values[key] = (int(match[1]), int(match[2]))
         elif key == "flush":
             if value != "fail":
-                problems.append(f"{where}: flush: {value!r}: the only choice is fail")
+                problems.append(f"{_at(where)}flush: {value!r}: the only choice is fail")
             values[key] = value
         elif key == "seed":
             values[key] = _seed(value, where, problems)
         else:
             problems.append(
-                f"{where}: {key}: not a block fault (eio, sectors, latency, jitter, flush, seed)"
+                f"{_at(where)}{key}: not a block fault (eio, sectors, latency, jitter, flush, seed)"
             )
     if problems:
         raise BadInput("invalid faults", problems)
@@ -199,17 +200,22 @@ class BlockDice:
         return BlockDecision(fail=touches and not flush and eio * 100 < f.eio, delay=delay)
 
 
+def _at(where: str) -> str:
+    return f"{where}: " if where else ""
+
+
 def _items(spec: str, where: str) -> tuple[dict[str, str], list[str]]:
+    """The spec's items; ``;`` separates them too, so that a spec fits in a device spec."""
     items: dict[str, str] = {}
     problems: list[str] = []
-    for item in (part.strip() for part in spec.split(",")):
+    for item in (part.strip() for part in spec.replace(";", ",").split(",")):
         if not item:
             continue
         key, sep, value = item.partition("=")
         if not sep or not value:
-            problems.append(f"{where}: {item!r} is not key=value")
+            problems.append(f"{_at(where)}{item!r} is not key=value")
         elif key in items:
-            problems.append(f"{where}: {key}: given twice")
+            problems.append(f"{_at(where)}{key}: given twice")
         else:
             items[key.strip()] = value.strip()
     return items, problems
@@ -221,7 +227,7 @@ def _percent(value: str, where: str, key: str, problems: list[str]) -> float:
     except ValueError:
         number = -1.0
     if not 0.0 <= number <= 100.0:
-        problems.append(f"{where}: {key}: {value!r} is not a percentage from 0 to 100")
+        problems.append(f"{_at(where)}{key}: {value!r} is not a percentage from 0 to 100")
         return 0.0
     return number
 
@@ -230,14 +236,14 @@ def _time(value: str, where: str, key: str, problems: list[str]) -> float:
     match = _TIME.fullmatch(value)
     seconds = float(match[1]) * _UNITS[match[2]] if match else -1.0
     if not 0.0 <= seconds <= MAX_DELAY:
-        problems.append(f"{where}: {key}: {value!r} is not a time like 50ms (at most 10 s)")
+        problems.append(f"{_at(where)}{key}: {value!r} is not a time like 50ms (at most 10 s)")
         return 0.0
     return seconds
 
 
 def _seed(value: str, where: str, problems: list[str]) -> int:
     if not value.isdecimal():
-        problems.append(f"{where}: seed: {value!r} is not a whole number")
+        problems.append(f"{_at(where)}seed: {value!r} is not a whole number")
         return 0
     return int(value)
 

@@ -214,6 +214,7 @@ def _vbd_keys(disk: DiskConfig, devid: int, owner: int) -> StoreKeys:
         "params": str(disk.target),
         blkif.BlkifKey.PARAMS_OWNER: str(owner),
         "mode": "w" if disk.access == "rw" else "r",
+        **({"faults": disk.faults} if disk.faults else {}),
         "dev": disk.vdev,
         "type": "file",
         "device-type": "disk",
@@ -257,9 +258,10 @@ VBD = DeviceKind(
         "oo_req",
         "errors",
         "bad_grefs",
+        "faults",
     ),
     front_keys={"vdev": "dev", "state": "state", "backend": "backend"},
-    back_keys={"params": "params", "mode": "mode", "sectors": "sectors"},
+    back_keys={"params": "params", "mode": "mode", "sectors": "sectors", "fault_spec": "faults"},
     columns=(
         Column("Vdev", 5, lambda d: d.get("vdev") or d["devid"], left=True),
         Column("BE", 4, _backend_domid),
@@ -273,6 +275,7 @@ VBD = DeviceKind(
         Column("OO", 5, _sum("oo_req")),
         Column("Err", 5, _sum("errors")),
         Column("BadRef", 6, _sum("bad_grefs")),
+        Column("Faults", 6, _sum("faults")),
         Column("Target", 0, _or_dash("params"), left=True),
     ),
     top=(
@@ -282,6 +285,7 @@ VBD = DeviceKind(
         TopColumn("VBD_WR", _total("wr_req")),
         TopColumn("VBD_RSECT", _total("rd_sect")),
         TopColumn("VBD_WSECT", _total("wr_sect")),
+        TopColumn("VBD_FLT", _total("faults")),
     ),
 )
 

@@ -210,6 +210,13 @@ class Driver(Protocol):
     def remove(self, dev: XenbusDevice) -> None: ...
 
 
+class SettingsDriver(Driver, Protocol):
+    """A driver that also takes settings the toolstack changes in its own directory while the
+    device runs (blkback's ``faults``): ``settings_changed`` runs on each scan."""
+
+    def settings_changed(self, dev: XenbusDevice) -> None: ...
+
+
 class Bus:
     def __init__(self, xs: XsClient, root: str, side: Side, drivers: dict[str, Driver]):
         self.xs = xs
@@ -281,6 +288,8 @@ class Bus:
             self._probe(nodename)
         for dev in list(self.devices.values()):
             self._check_own_state(dev)
+            if hasattr(self.drivers[dev.devtype], "settings_changed"):
+                self._call(dev, "settings_changed")
 
     def _check_own_state(self, dev: XenbusDevice) -> None:
         """The toolstack closes a device by writing *our* state (libxl writes Closing into the

@@ -122,6 +122,8 @@ class ControlServer:
             control.DeviceDetach: ts.device_detach,
             control.DeviceList: ts.device_list,
             control.DeviceStats: ts.device_stats,
+            control.FaultSet: ts.fault_set,
+            control.FaultList: lambda req: ts.fault_list(req.domain),
         }
 
     def _stream_table(self) -> dict[type[control.Request], StreamHandler]:

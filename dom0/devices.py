@@ -13,6 +13,7 @@ connected. Nothing here names a kind.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
@@ -29,6 +30,8 @@ from channels.xenbus import XenbusState
 from channels.xs import Perm, Transaction, XsClient, XsError
 
 log = logging.getLogger(__name__)
+#: Where a device's fault spec lives in its backend directory (channels/faults.py).
+FAULTS_NODE = "faults"
 
 
 @dataclass(frozen=True)
@@ -413,13 +416,33 @@ class Devices:
     def detach(self, domid: int, name: str, kind: DeviceKind, device: str) -> dict[str, Any]:
         """Close one device through XenBus and remove it (and what backs it). ``device`` is
         its devid or, for a kind with one, its name (a disk's vdev, a share's tag)."""
+        devid = self._find(domid, name, kind, device)
+        clean = remove_device(self.xs, self.paths(domid, kind, devid))
+        self._unserve(domid, kind, devid)
+        return {"domid": domid, "devid": devid, "clean": clean}
+
+    def _find(self, domid: int, name: str, kind: DeviceKind, device: str) -> int:
+        """The devid of ``device``, a devid or (for a kind with one) a name; NotFound."""
         names = self._names(domid, kind)
         found = [devid for devid, label in names.items() if device in (str(devid), label)]
         if not found:
             raise NotFound(f"domain {name} has no {kind.what} {device}")
-        clean = remove_device(self.xs, self.paths(domid, kind, found[0]))
-        self._unserve(domid, kind, found[0])
-        return {"domid": domid, "devid": found[0], "clean": clean}
+        return found[0]
+
+    def set_faults(
+        self, domid: int, name: str, kind: DeviceKind, device: str, spec: str
+    ) -> dict[str, Any]:
+        """Give a device the faults of ``spec`` (checked, canonical; empty: none) where its
+        backend reads them, its own directory: the backend applies them from its next request
+        on (backends' ``settings_changed``)."""
+        devid = self._find(domid, name, kind, device)
+        node = xenbus.join_path(self.paths(domid, kind, devid).backend, FAULTS_NODE)
+        if spec:
+            self.xs.write(node, spec)
+        else:
+            with contextlib.suppress(XsError):  # ENOENT: it had none
+                self.xs.rm(node)
+        return {"domid": domid, "devid": devid, "faults": spec}
 
     def listing(self, domid: int, kind: DeviceKind) -> list[dict[str, Any]]:
         """A domain's devices of ``kind``: what each end's directory says, and the counters."""

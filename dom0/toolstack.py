@@ -37,7 +37,8 @@ from channels.config import (
     parse_size,
 )
 from channels.errors import BadInput, HyperError, NotFound
-from channels.kinds import BY_TYPE, KINDS, DeviceKind
+from channels.faults import parse_block
+from channels.kinds import BY_TYPE, KINDS, VBD, DeviceKind
 from channels.xs import Perm, XsClient, XsError
 from dom0 import spawn
 from dom0.console import ConsoleBackend
@@ -595,6 +596,31 @@ class Toolstack:
         """A domU: its devices of a kind with their configuration, state and counters."""
         info = self._guest(request.domain)
         return self.devices.listing(info["domid"], BY_TYPE[request.kind])
+
+    def fault_set(self, request: control.FaultSet) -> Any:
+        """A running domU's disk, by vdev: its faults, from its next request on."""
+        info = self._guest(request.domain)
+        if info["status"] != "running":
+            raise HyperError(f"domain {info['name']} is not running")
+        if request.device.startswith("vif"):
+            raise BadInput(
+                f"fault: {request.device}: faults on a vif are not built yet; a disk's are "
+                "(name it by its vdev, such as xvda)"
+            )
+        spec = str(parse_block(request.spec, "fault")) if request.spec else ""
+        return self.devices.set_faults(info["domid"], info["name"], VBD, request.device, spec)
+
+    def fault_list(self, domain: str) -> Any:
+        """Any domU: each disk's faults and the requests they failed."""
+        info = self._guest(domain)
+        return [
+            {
+                "device": disk.get("vdev") or str(disk["devid"]),
+                "faults": disk.get("fault_spec") or "",
+                "injected": disk.get("faults", 0),
+            }
+            for disk in self.devices.listing(info["domid"], VBD)
+        ]
 
     def device_stats(self, request: control.DeviceStats) -> Any:
         """Always allowed: every device of a kind's counters (for `hyperctl top`)."""

@@ -457,6 +457,22 @@ class Domain:
         )
         return bool(self.hv.call(request)["clean"])
 
+    def set_faults(self, device: str, spec: str) -> None:
+        """Inject ``spec``'s faults (channels/faults.py; such as ``eio=100,sectors=0-2047``)
+        into the requests of the disk ``device`` (its vdev), from its next request on
+        (`hyperctl fault set`)."""
+        if not spec.strip():
+            raise BadInput("set_faults: the spec is empty (clear_faults removes them)")
+        self.hv.call(control.FaultSet(domain=self.name, device=device, spec=spec))
+
+    def clear_faults(self, device: str) -> None:
+        self.hv.call(control.FaultSet(domain=self.name, device=device, spec=""))
+
+    def faults(self) -> dict[str, tuple[str, int]]:
+        """Each disk's faults (its canonical spec, "" for none) and the requests they failed."""
+        listing = self.hv.call(control.FaultList(domain=self.name))
+        return {e["device"]: (str(e["faults"]), int(e["injected"])) for e in listing}
+
     def devices(self, kind: str) -> list[dict[str, Any]]:
         """Its devices of ``kind``, with their configuration, state and counters."""
         request = control.DeviceList(domain=self.name, kind=_kind(kind).xenbus_type)

@@ -561,6 +561,29 @@ def cmd_device_list(kind: DeviceKind) -> Callable[[argparse.Namespace], int]:
 # -- store -------------------------------------------------------------------------------------
 
 
+def cmd_fault(args: argparse.Namespace) -> int:
+    """``fault set DOMAIN DEVICE SPEC``, ``fault clear DOMAIN DEVICE``, ``fault list DOMAIN``."""
+    wanted = {"set": 2, "clear": 1, "list": 0}[args.op]
+    given = [a for a in (args.device, args.spec) if a is not None]
+    if len(given) != wanted:
+        usage = {"set": "DEVICE SPEC", "clear": "DEVICE", "list": "nothing more"}[args.op]
+        raise BadInput(f"fault {args.op}: give {usage} after the domain")
+    if args.op == "list":
+        faults = api.call(control.FaultList(domain=args.domain))
+        if args.json:
+            print(json.dumps(faults, indent=2))
+            return 0
+        print(f"{'Device':<8} {'Injected':>9}  Faults")
+        for entry in faults:
+            print(f"{entry['device']:<8} {entry['injected']:>9}  {entry['faults'] or '-'}")
+        return 0
+    spec = args.spec if args.op == "set" else ""
+    if args.op == "set" and not spec.strip():
+        raise BadInput("fault set: the spec is empty (fault clear removes a device's faults)")
+    api.call(control.FaultSet(domain=args.domain, device=args.device, spec=spec))
+    return 0
+
+
 def cmd_store(args: argparse.Namespace) -> int:
     if args.op == "ls":
         for path, value in api.call(control.StoreLs(path=args.path)):
@@ -694,6 +717,14 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("domain")
         p.add_argument("--json", action="store_true")
         p.set_defaults(func=cmd_device_list(kind))
+
+    p = sub.add_parser("fault", help="inject faults into a domain's disk, clear them, list them")
+    p.add_argument("op", choices=["set", "clear", "list"])
+    p.add_argument("domain")
+    p.add_argument("device", nargs="?", help="a disk's vdev, such as xvda")
+    p.add_argument("spec", nargs="?", help="such as eio=100,sectors=2048-4095 (see README)")
+    p.add_argument("--json", action="store_true", help="list: as JSON")
+    p.set_defaults(func=cmd_fault)
 
     p = sub.add_parser("store", help="read and change the store")
     p.add_argument("op", choices=["ls", "read", "write", "rm", "watch"])

@@ -59,6 +59,7 @@ import queue
 import stat
 import struct
 import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
@@ -67,6 +68,7 @@ from channels import blkif as B
 from channels import kinds, pumps
 from channels.errors import BadInput, ProtocolViolation
 from channels.evtchn import Doorbells, LateEoi
+from channels.faults import BlockDecision, BlockDice, BlockFaults, parse_block
 from channels.gnttab import GrantError
 from channels.grants import GrantMapper
 from channels.ring import BackRing, RingError
@@ -89,6 +91,8 @@ _RW_OPS = (B.BLKIF_OP_READ, B.BLKIF_OP_WRITE)
 
 #: The order the native pump keeps them in too (channels/kinds.py declares them).
 COUNTER_FIELDS = kinds.VBD.counters
+#: ``_execute``'s status for a request an injected fault failed: answered BLKIF_RSP_ERROR.
+FAULTED = -1000
 
 
 class Counters(CounterPage):
@@ -113,6 +117,7 @@ class Counters(CounterPage):
     oo_req: int
     errors: int
     bad_grefs: int  # of the errors, refs in no pool the frontend set up (channels/grants.py)
+    faults: int  # of the errors, requests failed on purpose (channels/faults.py); Python's
 
 
 class BadRequest(BadInput):
@@ -134,6 +139,7 @@ class _Job:
     offset: int  # bytes from the start of the device
     nbytes: int
     views: list[memoryview]  # slices of granted pages, in device order
+    fault: BlockDecision | None = None  # what the injected faults do to it, decided in order
 
 
 # -- discard ------------------------------------------------------------------------------------
@@ -183,7 +189,10 @@ class VbdPath:
         counters: Counters,
         on_fatal: Callable[[str], None],
         io_threads: int = 8,
+        faults: str = "",
     ) -> None:
+        """``faults``: a disk's fault spec (channels/faults.py), as dom0 checked it; a path
+        with faults runs the Python path, which applies them (``set_faults`` changes them)."""
         if io_threads < 1:
             raise ValueError(f"blkback: io_threads must be at least 1, not {io_threads}")
         if not 0 <= sectors <= U64_MAX:
@@ -207,8 +216,10 @@ class VbdPath:
         self._stopping = False
         self._stopped = False
         self._fatal_sent = False
+        self._dice: BlockDice | None = None
         self.late_eoi = LateEoi()
         self.native = pumps.NativePump(self.late_eoi, pumps.BLKPUMP)
+        self.set_faults(faults)
         name = f"blkback {ring.name}"
         # Kernel names shared by all threads of a kind: per-thread figures add them up.
         self.threads = [
@@ -224,6 +235,15 @@ class VbdPath:
     def start(self) -> None:
         """Start the dispatcher; it starts the I/O threads if the Python path runs."""
         self.threads[0].start()
+
+    def set_faults(self, spec: str) -> None:
+        """Inject the faults of ``spec`` (none if empty) into the requests taken from now on.
+        The native pump, running, hands the ring to the Python path, which applies them; a
+        path that went to Python for faults stays there until its device reconnects."""
+        faults = parse_block(spec) if spec else BlockFaults()
+        self._dice = BlockDice(faults) if faults else None
+        if self._dice is not None:
+            self.native.interrupt()
 
     def stop(self) -> None:
         """Stop the dispatcher, let the I/O threads finish (and answer) what they hold, join
@@ -248,7 +268,7 @@ class VbdPath:
 
     def _dispatch(self) -> None:
         with self._guard():
-            if self._run_native():
+            if self._dice is None and self._run_native() and self._stopping:
                 return
             for thread in self.threads[1:]:
                 thread.start()
@@ -279,7 +299,12 @@ class VbdPath:
         if pump is None:
             return False
         self.native.serve_backend(
-            pump, self.ring, self.grants, lambda: self._stopping, RuntimeError, self._take_back
+            pump,
+            self.ring,
+            self.grants,
+            lambda: self._stopping or self._dice is not None,
+            RuntimeError,
+            self._take_back,
         )
         return True
 
@@ -313,7 +338,12 @@ class VbdPath:
         for start in range(0, len(block), _SLOT):
             req = B.Request.unpack(block[start : start + _SLOT])
             try:
-                jobs.append(self._prepare(req))
+                job = self._prepare(req)
+                if (dice := self._dice) is not None:  # decided here: in the ring's order
+                    flush = job.kind == B.BLKIF_OP_FLUSH_DISKCACHE
+                    sectors = job.nbytes // B.SECTOR_SIZE
+                    job.fault = dice.request(flush, job.offset // B.SECTOR_SIZE, sectors)
+                jobs.append(job)
             except BadRequest as exc:
                 log.debug("%s: request id %d refused: %s", self.ring.name, req.id, exc.reason)
                 replies += (req.id, _response_op(req), exc.status)
@@ -467,7 +497,13 @@ class VbdPath:
                 self._complete(job, status)
 
     def _execute(self, job: _Job) -> int:
-        """Do one request's I/O (one syscall, and fdatasync for a FLUSH); its status."""
+        """Do one request's I/O (one syscall, and fdatasync for a FLUSH); its status. A request
+        an injected fault fails does no I/O; one it delays waits first."""
+        if job.fault is not None:
+            if job.fault.delay:
+                time.sleep(job.fault.delay)
+            if job.fault.fail:
+                return FAULTED
         try:
             if job.kind == B.BLKIF_OP_DISCARD:
                 (blk_discard if self._blockdev else punch_hole)(self.fd, job.offset, job.nbytes)
@@ -499,12 +535,15 @@ class VbdPath:
             self._count(job, status)
             self._outstanding -= 1
             self._room.notify()
-            notify = self._respond((job.id, job.operation, status))
+            answer = B.BLKIF_RSP_ERROR if status == FAULTED else status
+            notify = self._respond((job.id, job.operation, answer))
         if notify:
             self.evtchn.notify()
 
     def _count(self, job: _Job, status: int) -> None:
         c = self.counters
+        if status == FAULTED:
+            c.faults += 1
         if status != B.BLKIF_RSP_OKAY:
             c.errors += 1
             return

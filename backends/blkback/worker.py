@@ -50,7 +50,9 @@ def start(
         counters=counters,
         on_fatal=link.fatal,
         io_threads=params["io_threads"],
+        faults=params.get("faults", ""),
     )
+    link.on_settings = lambda settings: path.set_faults(str(settings.get("faults", "")))
     path.start()
     return path.stop
 

@@ -36,7 +36,9 @@ from backends.datapath_worker import DataPath
 from backends.host import BackendHost
 from channels import blkif as B
 from channels import xenbus
+from channels.errors import BadInput
 from channels.evtchn import EventChannel, bind_interdomain
+from channels.faults import parse_block
 from channels.hypercall import HypercallError
 from channels.xenbus import XenbusState
 from channels.xenbus_bus import XenbusDevice
@@ -62,6 +64,7 @@ class Vbd:
     path: DataPath = field(default_factory=lambda: DataPath(COUNTER_FIELDS))
     channel: EventChannel | None = None
     remote_port: int | None = None  # the frontend's port, which channel is bound to
+    faults: str = ""  # the fault spec its data path runs with (channels/faults.py)
 
     @property
     def name(self) -> str:
@@ -137,6 +140,25 @@ class BlkbackDriver:
             dev.switch_state(S.Connected)
             log.info("%s: connected", vbd.name)
 
+    def settings_changed(self, dev: XenbusDevice) -> None:
+        """The toolstack set or cleared the vbd's faults (``hyperctl fault``): its data path
+        applies them from the next request on. A spec dom0 did not check fails nothing but
+        itself: it is logged and ignored."""
+        vbd = dev.driver_data
+        if not isinstance(vbd, Vbd):
+            return
+        spec = dev.read("faults") or ""
+        if spec == vbd.faults:
+            return
+        try:
+            spec = str(parse_block(spec)) if spec else ""
+        except BadInput as exc:
+            log.warning("%s: faults %r ignored: %s", vbd.name, spec, exc)
+            return
+        vbd.faults = spec
+        vbd.path.send_settings({"faults": spec})
+        log.info("%s: faults %s", vbd.name, spec or "cleared")
+
     def remove(self, dev: XenbusDevice) -> None:
         vbd = dev.driver_data
         if not isinstance(vbd, Vbd):
@@ -170,6 +192,7 @@ class BlkbackDriver:
             "sectors": vbd.loop.sectors,
             "readonly": vbd.loop.readonly,
             "io_threads": IO_THREADS,
+            "faults": vbd.faults,
         }
         vbd.path.start("backends.blkback.worker", params, vbd.loop.fd, self.host, dev, vbd.name)
         properties = {

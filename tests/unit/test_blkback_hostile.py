@@ -163,6 +163,7 @@ def _build(
     sectors: int = IMAGE_SECTORS,
     flags: int = os.O_RDWR,
     bad_gref_budget: int = BAD_GREF_BUDGET,
+    faults: str = "",
 ) -> Vbd:
     tag = f"hyper-test-blkback-{os.getpid()}-{next(_ids)}"
     ring_name, pool_name, bells = f"{tag}-ring", f"{tag}-pool", (f"{tag}-b", f"{tag}-f")
@@ -221,6 +222,7 @@ def _build(
         counters=counters,
         on_fatal=on_fatal,
         io_threads=io_threads,
+        faults=faults,
     )
     vbd = Vbd(front, back, pool, path, counters, counter_page, image, doorbell, fatal, fatal_event)
     path.start()

@@ -36,6 +36,8 @@ EXAMPLES: list[control.Request] = [
     control.DeviceDetach(domain="web", kind="vif", device="0"),
     control.DeviceList(domain="web", kind="vbd"),
     control.DeviceStats(kind="vif"),
+    control.FaultSet(domain="web", device="xvda", spec="eio=100,sectors=0-7"),
+    control.FaultList(domain="web"),
 ]
 
 
