@@ -13,7 +13,7 @@ from hyper import api
 pytestmark = pytest.mark.root
 
 
-def test_a_domain_created_run_given_a_disk_and_destroyed_through_the_api(
+def test_a_domain_created_run_given_a_faulty_disk_and_destroyed_through_the_api(
     hypervisor: None, tmp_path: Path
 ) -> None:
     hv = api.connect()
@@ -34,6 +34,13 @@ def test_a_domain_created_run_given_a_disk_and_destroyed_through_the_api(
         assert wrote.status == 0, wrote.err
         (disk,) = domain.devices("vbd")
         assert disk["vdev"] == "xvdb" and disk["wr_req"] > 0
+        domain.set_faults("xvdb", "eio=100")
+        read = ["dd", "if=/dev/xvdb", "of=/dev/null", "bs=1M", "count=1", "skip=8"]
+        failed = domain.exec(read)
+        assert failed.status != 0 and "Input/output error" in failed.err, failed
+        assert domain.faults()["xvdb"][1] > 0
+        domain.clear_faults("xvdb")
+        assert domain.exec(read).status == 0
         assert domain.detach("vbd", "xvdb")
         assert domain.devices("vbd") == []
 
