@@ -17,9 +17,7 @@ from __future__ import annotations
 
 import logging
 import queue
-import signal
 import socket
-import threading
 from pathlib import Path
 from typing import Any
 
@@ -40,8 +38,6 @@ def main(params: dict[str, Any], hypercall_fd: int) -> int:
     # Still no thread: the relays' fork server is a fork of us, the relay already imported.
     spawn.spawner.preload[:] = ["xenstored.relay"]
     spawn.start()
-    stopped = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stopped.set())
     # hyperd's events may come before the ring server exists: they wait in its queue.
     work: queue.Queue[tuple[str, int]] = queue.Queue()
 
@@ -56,5 +52,5 @@ def main(params: dict[str, Any], hypercall_fd: int) -> int:
     server.serve_all(reconnect=recover)
     hc.call(SchedBooted())
     log.info("the store is up%s", ", recovered from its journal" if recover else "")
-    server.run(stopped)
+    server.run()
     return 0

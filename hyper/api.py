@@ -74,8 +74,7 @@ def run_dir() -> RunDir:
 
 def call(request: control.Request, timeout: float | None = 120.0) -> Any:
     """One request to dom0's toolstack; its result, or its error raised again."""
-    require_hyperd()
-    return control.call(run_dir().toolstack_socket, request, timeout=timeout)
+    return Hypervisor().call(request, timeout)
 
 
 def hyperd_killed(run: RunDir) -> bool:

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import logging
 import queue
-import threading
 from collections.abc import Callable
 
 from channels.forkserver import ForkServer
@@ -75,14 +74,12 @@ class RingServer:
         """hyperd's event: dom0 is in its life number ``restarts``."""
         work.put(("dom0", restarts))
 
-    def run(self, stopped: threading.Event) -> None:
-        """Do the queued work until ``stopped``."""
-        while not stopped.is_set():
-            try:
-                what, domid = self._work.get(timeout=1.0)
-            except queue.Empty:
-                self._reap()
-                continue
+    def run(self) -> None:
+        """Do the queued work, for as long as the store runs (it ends with its domain). It
+        sleeps until there is some: a relay that ended on its own is forgotten at the next."""
+        while True:
+            what, domid = self._work.get()
+            self._reap()
             try:
                 if what == "stop":
                     self._stop(domid)
@@ -122,8 +119,8 @@ class RingServer:
             log.info("dom%d: its store ring is no longer served", domid)
 
     def _reap(self) -> None:
-        """A relay that ended on its own (its guest broke the page) is forgotten: the domain's
-        store connection is closed, as with dom0's relays."""
+        """A relay that ended on its own (its guest broke the page) is forgotten; its store
+        connection closed itself as the relay's socket ended."""
         for domid, relay in list(self.relays.items()):
             if relay.process.poll() is not None:
                 log.warning("dom%d: its store relay ended", domid)

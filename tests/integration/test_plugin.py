@@ -4,6 +4,7 @@ subprocess with hyper as installed; no hypervisor runs before, and nothing is le
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -96,6 +97,7 @@ def test_an_outside_project_tests_with_the_plugins_fixtures_alone(
     failed = run_pytest(project, "test_broken.py")
     assert failed.returncode == 1, failed.stdout[-4000:] + failed.stderr[-2000:]
     assert "1 failed" in failed.stdout
-    assert "'s log (" in failed.stdout and "dom" in failed.stdout, failed.stdout[-4000:]
+    log_section = re.search(r"hyper: t\d+-\d+'s log \(\S+/dom\d+\.log\)", failed.stdout)
+    assert log_section is not None, failed.stdout[-4000:]
     assert "console-mark-4711" in failed.stdout, "the domain's console is not in the report"
     wait_for(lambda: not leftovers(), 30, "a failed test's domain and hypervisor to be gone")
