@@ -361,6 +361,18 @@ class Rate(_Model):
         return self.bytes_per_second * self.window_us // 1_000_000
 
 
+def _fault_spec(value: str | None, kind: str) -> str | None:
+    """A device's ``faults`` key, canonical (channels/faults.py); ValueError naming the key."""
+    if value is None:
+        return None
+    from channels.faults import parse_block, parse_net
+
+    try:
+        return str((parse_net if kind == "net" else parse_block)(value, "")) or None
+    except BadInput as exc:
+        raise ValueError("; ".join(exc.lines)) from None
+
+
 class VifConfig(_Model):
     """A network interface: a TAP ``vif<domid>.<devid>`` on ``bridge``, eth<devid> inside."""
 
@@ -371,11 +383,18 @@ class VifConfig(_Model):
     mtu: Int = Field(default=DEFAULT_MTU, ge=68, le=65535)
     rate: Rate | None = None
     backend: DomainRef = DOM0_DOMID
+    #: Faults netback injects into its frames (channels/faults.py), kept canonical.
+    faults: str | None = None
 
     @model_validator(mode="before")
     @classmethod
     def _from_spec(cls, data: Any) -> Any:
         return _entry(data, "bridge=hyperbr0,ip=10.0.0.2/24")
+
+    @field_validator("faults")
+    @classmethod
+    def _faults(cls, value: str | None) -> str | None:
+        return _fault_spec(value, "net")
 
     @model_validator(mode="after")
     def _addresses(self) -> VifConfig:
@@ -437,14 +456,7 @@ class DiskConfig(_Model):
     @field_validator("faults")
     @classmethod
     def _faults(cls, value: str | None) -> str | None:
-        if value is None:
-            return None
-        from channels.faults import parse_block
-
-        try:
-            return str(parse_block(value, "")) or None
-        except BadInput as exc:
-            raise ValueError("; ".join(exc.lines)) from None
+        return _fault_spec(value, "block")
 
     @field_validator("target", mode="before")
     @classmethod

@@ -294,8 +294,8 @@ class DeviceStats(DeviceRequest):
 @dataclass(frozen=True, kw_only=True)
 class FaultSet(Request):
     """Allowed on a running domU: inject the faults of ``spec`` (channels/faults.py) into the
-    requests of its disk ``device`` (a vdev) from the next on; an empty ``spec`` clears them.
-    A vif's faults are not built yet, and are refused."""
+    frames of its vif ``device`` (``vif<N>``) or the requests of its disk ``device`` (a vdev)
+    from the next on; an empty ``spec`` clears them."""
 
     method = "fault_set"
     domain: DomainArg
@@ -305,7 +305,7 @@ class FaultSet(Request):
 
 @dataclass(frozen=True, kw_only=True)
 class FaultList(Request):
-    """Allowed on any domU: each of its disks' faults and how many it injected."""
+    """Allowed on any domU: each of its vifs' and disks' faults, and how many each injected."""
 
     method = "fault_list"
     domain: DomainArg

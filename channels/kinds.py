@@ -100,8 +100,8 @@ def _next_free(entry: Any) -> None:
     return None
 
 
-def _total(key: str, scale: int = 1) -> Callable[[Sequence[Listing]], int]:
-    return lambda devices: sum(int(d.get(key, 0)) for d in devices) // scale
+def _total(*keys: str, scale: int = 1) -> Callable[[Sequence[Listing]], int]:
+    return lambda devices: sum(int(d.get(key, 0)) for d in devices for key in keys) // scale
 
 
 def _count(devices: Sequence[Listing]) -> int:
@@ -139,6 +139,8 @@ def _vif_keys(vif: VifConfig, devid: int, owner: int) -> StoreKeys:
         back["ip"] = str(ipaddress.ip_interface(vif.ip).ip)
     if vif.rate is not None:
         back["rate"] = f"{vif.rate.bytes_per_window},{vif.rate.window_us}"
+    if vif.faults:
+        back["faults"] = vif.faults
     return front, back
 
 
@@ -147,6 +149,9 @@ def _backend_domid(listing: Listing) -> object:
     parts = str(listing.get("backend") or "").split("/")
     return parts[3] if len(parts) > 3 else "-"
 
+
+#: A vif's counters of injected faults, one per kind of fault.
+NET_FAULT_COUNTERS = ("fault_dropped", "fault_duplicated", "fault_corrupted", "fault_delayed")
 
 VIF = DeviceKind(
     xenbus_type="vif",
@@ -173,9 +178,15 @@ VIF = DeviceKind(
         "rx_errors",
         "rx_dropped",
         "bad_grefs",
+        # Frames the injected faults (channels/faults.py) dropped, sent twice, flipped a bit
+        # of, or held back; counted by the Python path, which runs while a vif has faults.
+        "fault_dropped",
+        "fault_duplicated",
+        "fault_corrupted",
+        "fault_delayed",
     ),
     front_keys={"mac": "mac", "ip": "ip", "mtu": "mtu", "state": "state", "backend": "backend"},
-    back_keys={},
+    back_keys={"fault_spec": "faults"},
     columns=(
         Column("Idx", 3, lambda d: d["devid"]),
         Column("BE", 4, _backend_domid),
@@ -191,12 +202,14 @@ VIF = DeviceKind(
         Column("Drop", 5, _sum("tx_dropped", "rx_dropped")),
         Column("Spoof", 5, _sum("tx_spoofed")),
         Column("BadRef", 6, _sum("bad_grefs")),
+        Column("Faults", 6, _sum(*NET_FAULT_COUNTERS)),
     ),
     top=(
         TopColumn("NETS", _count),
-        TopColumn("NETTX(k)", _total("tx_bytes", 1024)),
-        TopColumn("NETRX(k)", _total("rx_bytes", 1024)),
+        TopColumn("NETTX(k)", _total("tx_bytes", scale=1024)),
+        TopColumn("NETRX(k)", _total("rx_bytes", scale=1024)),
         TopColumn("NETSPOOF", _total("tx_spoofed")),
+        TopColumn("NET_FLT", _total(*NET_FAULT_COUNTERS)),
     ),
 )
 

@@ -237,6 +237,7 @@ class NativePump:
         self._lock = threading.Lock()
         self._pump: Any = None
         self._stopped = False
+        self._interrupted = False
         self._late_eoi = late_eoi  # where the pump's spurious wakeups are counted
         self._queue = queue
         self._side = side
@@ -251,7 +252,7 @@ class NativePump:
     ) -> Any:
         """The pump, or None when the Python path must run (not built, not wanted, stopped)."""
         with self._lock:
-            if not self._stopped:
+            if not self._stopped and not self._interrupted:
                 try:
                     self._pump = _make(kind, ring, tap_fd, doorbells, self._module, **kw)
                 except (OSError, ValueError) as exc:  # a doorbell gone, no AIO context, ...
@@ -267,8 +268,10 @@ class NativePump:
     def interrupt(self) -> None:
         """End the pump running now, as ``stop`` does, but not its path: the thread serving it
         returns (the pump answers what it has in flight first), and the Python path may carry
-        on from where the pump left the ring (blkback does, for injected faults)."""
+        on from where the pump left the ring (blkback and netback do, for injected faults).
+        A pump not started yet never starts: the Python path runs from the start."""
         with self._lock:
+            self._interrupted = True
             if self._pump is not None:
                 self._pump.stop()
 

@@ -669,6 +669,14 @@ class BackRing(_Ring):
         self._put_raw(prod, data)
         self.rsp_prod_pvt = (prod + 1) & MASK32
 
+    def unconsume(self, n: int) -> None:
+        """Take back the last ``n`` requests consumed and not answered, to be copied out
+        again (a native pump's held rx buffers, which the Python path takes over: the slots
+        are still the backend's, and what is read from them is checked again)."""
+        if n > (self.req_cons - self.rsp_prod_pvt) & MASK32:
+            raise RingError(f"{self.name} ring: cannot take back {n} requests")
+        self.req_cons = (self.req_cons - n) & MASK32
+
     def indices(self) -> tuple[int, int, int]:
         """(req_cons, rsp_prod_pvt, the rsp_prod last published): what a native pump
         (channels.pumps) takes over, and hands back with ``adopt``."""

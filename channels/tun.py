@@ -65,8 +65,13 @@ class TapWaiter:
         self._closed = False
 
     def wait(self) -> bool:
-        """True when the TAP is readable; False when interrupted."""
-        return self._r not in readable([self.tap_fd, self._r], None)
+        """True when the TAP is readable; False when interrupted (the interruption is then
+        taken: the caller looks at why it was woken before it waits again)."""
+        if self._r not in readable([self.tap_fd, self._r], None):
+            return True
+        with contextlib.suppress(BlockingIOError):
+            os.read(self._r, 64)
+        return False
 
     def interrupt(self) -> None:
         """Wake the waiter (a no-op once its thread has ended and closed us)."""

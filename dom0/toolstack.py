@@ -37,8 +37,8 @@ from channels.config import (
     parse_size,
 )
 from channels.errors import BadInput, HyperError, NotFound
-from channels.faults import parse_block
-from channels.kinds import BY_TYPE, KINDS, VBD, DeviceKind
+from channels.faults import parse_block, parse_net
+from channels.kinds import BY_TYPE, KINDS, NET_FAULT_COUNTERS, VBD, VIF, DeviceKind
 from channels.xs import Perm, XsClient, XsError
 from dom0 import spawn
 from dom0.console import ConsoleBackend
@@ -598,22 +598,27 @@ class Toolstack:
         return self.devices.listing(info["domid"], BY_TYPE[request.kind])
 
     def fault_set(self, request: control.FaultSet) -> Any:
-        """A running domU's disk, by vdev: its faults, from its next request on."""
+        """A running domU's vif (``vif<N>``) or disk (by vdev): its faults, from its next
+        frame or request on."""
         info = self._guest(request.domain)
         if info["status"] != "running":
             raise HyperError(f"domain {info['name']} is not running")
-        if request.device.startswith("vif"):
-            raise BadInput(
-                f"fault: {request.device}: faults on a vif are not built yet; a disk's are "
-                "(name it by its vdev, such as xvda)"
-            )
-        spec = str(parse_block(request.spec, "fault")) if request.spec else ""
-        return self.devices.set_faults(info["domid"], info["name"], VBD, request.device, spec)
+        kind, device = _fault_device(request.device)
+        parse = parse_net if kind is VIF else parse_block
+        spec = str(parse(request.spec, "fault")) if request.spec else ""
+        return self.devices.set_faults(info["domid"], info["name"], kind, device, spec)
 
     def fault_list(self, domain: str) -> Any:
-        """Any domU: each disk's faults and the requests they failed."""
+        """Any domU: each vif's and disk's faults, and how many each injected."""
         info = self._guest(domain)
         return [
+            {
+                "device": f"vif{vif['devid']}",
+                "faults": vif.get("fault_spec") or "",
+                "injected": sum(int(vif.get(name, 0)) for name in NET_FAULT_COUNTERS),
+            }
+            for vif in self.devices.listing(info["domid"], VIF)
+        ] + [
             {
                 "device": disk.get("vdev") or str(disk["devid"]),
                 "faults": disk.get("fault_spec") or "",
@@ -637,3 +642,14 @@ class Toolstack:
             self._guest(domain)  # the store domain says what it is
             raise NotFound(f"domain {info['name']} has no console")
         return info["domid"], console
+
+
+def _fault_device(device: str) -> tuple[DeviceKind, str]:
+    """The kind and the device a ``fault`` names: ``vif<N>`` a vif by its index, anything
+    else a disk by its vdev (or devid); BadInput for a vif named otherwise."""
+    if device.startswith("vif"):
+        index = device.removeprefix("vif")
+        if not index.isdecimal():
+            raise BadInput(f"fault: {device!r} is not a vif such as vif0, or a disk's vdev")
+        return VIF, str(int(index))
+    return VBD, device

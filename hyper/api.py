@@ -457,9 +457,9 @@ class Domain:
         return bool(self.hv.call(request)["clean"])
 
     def set_faults(self, device: str, spec: str) -> None:
-        """Inject ``spec``'s faults (channels/faults.py; such as ``eio=100,sectors=0-2047``)
-        into the requests of the disk ``device`` (its vdev), from its next request on
-        (`hyperctl fault set`)."""
+        """Inject ``spec``'s faults (channels/faults.py; such as ``drop=30,dir=rx`` or
+        ``eio=100,sectors=0-2047``) into the frames of the vif ``device`` (``vif<N>``) or the
+        requests of the disk ``device`` (its vdev), from the next on (`hyperctl fault set`)."""
         if not spec.strip():
             raise BadInput("set_faults: the spec is empty (clear_faults removes them)")
         self.hv.call(control.FaultSet(domain=self.name, device=device, spec=spec))
@@ -468,7 +468,8 @@ class Domain:
         self.hv.call(control.FaultSet(domain=self.name, device=device, spec=""))
 
     def faults(self) -> dict[str, tuple[str, int]]:
-        """Each disk's faults (its canonical spec, "" for none) and the requests they failed."""
+        """Each vif's and disk's faults (the canonical spec, "" for none) and how many frames
+        or requests they hit."""
         listing = self.hv.call(control.FaultList(domain=self.name))
         return {e["device"]: (str(e["faults"]), int(e["injected"])) for e in listing}
 

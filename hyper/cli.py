@@ -718,11 +718,13 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--json", action="store_true")
         p.set_defaults(func=cmd_device_list(kind))
 
-    p = sub.add_parser("fault", help="inject faults into a domain's disk, clear them, list them")
+    p = sub.add_parser(
+        "fault", help="inject faults into a domain's vif or disk, clear them, list them"
+    )
     p.add_argument("op", choices=["set", "clear", "list"])
     p.add_argument("domain")
-    p.add_argument("device", nargs="?", help="a disk's vdev, such as xvda")
-    p.add_argument("spec", nargs="?", help="such as eio=100,sectors=2048-4095 (see README)")
+    p.add_argument("device", nargs="?", help="vif<N>, or a disk's vdev such as xvda")
+    p.add_argument("spec", nargs="?", help="such as drop=30,dir=rx or eio=100 (see README)")
     p.add_argument("--json", action="store_true", help="list: as JSON")
     p.set_defaults(func=cmd_fault)
 

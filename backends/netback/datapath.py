@@ -86,6 +86,10 @@ class Counters(CounterPage):
     rx_errors: int
     rx_dropped: int
     bad_grefs: int  # refs in no pool the frontend set up (channels/grants.py counts them)
+    fault_dropped: int  # frames the injected faults hit (backends/netback/faults.py)
+    fault_duplicated: int
+    fault_corrupted: int
+    fault_delayed: int
 
     def error(self, reason: str) -> None:
         """A refused tx packet: counted; its reason goes to the log (not per packet above
@@ -195,10 +199,17 @@ class TxPath:
         self.late_eoi.stop()
         self.evtchn.kick()
 
+    def divert(self, fd: int) -> None:
+        """Send frames to ``fd`` instead of the TAP from now on (a fault line's:
+        backends/netback/faults.py); a native pump running hands the ring to this path."""
+        self.tap_fd = fd
+        self.native.interrupt()
+
     def _run(self) -> None:
         with _fatal_on_violation("tx", self.on_fatal):
-            # The native pump has no credit scheduler: a vif with a rate runs in Python.
-            if self.rate is None and self._run_native():
+            # The native pump has no credit scheduler: a vif with a rate runs in Python. A
+            # pump interrupted (the vif got faults) leaves the ring to the Python path.
+            if self.rate is None and self._run_native() and self.stopping:
                 return
             self.late_eoi.serve(
                 self._work,
@@ -446,6 +457,7 @@ class RxPath:
         self._header = bytearray(VNET_HDR_SIZE)
         self.late_eoi = LateEoi()  # the frontend ringing for no new buffers is slowed down
         self._rung = False
+        self._diverted: int | None = None  # a fault line's fd to read from instead of the TAP
         self.native = pumps.NativePump(self.late_eoi, queue=queue, side=pumps.RX)
         self.thread = NamedThread(target=self._run, name="netback-rx", daemon=True)
 
@@ -456,12 +468,24 @@ class RxPath:
         self.late_eoi.stop()
         self.evtchn.kick()
 
+    def divert(self, fd: int) -> None:
+        """Read frames from ``fd`` instead of the TAP from now on (a fault line's:
+        backends/netback/faults.py); a native pump running hands the ring to this path,
+        which switches over as it wakes."""
+        self._diverted = fd
+        self.native.interrupt()
+        self.waiter.interrupt()
+        self.evtchn.kick()
+
     def _run(self) -> None:
         try:
             with _fatal_on_violation("rx", self.on_fatal):
-                if self._run_native():
+                # A pump interrupted (the vif got faults) leaves the ring to the Python path.
+                if self._run_native() and self.stopping:
                     return
                 while not self.stopping:
+                    if self._diverted is not None and self.waiter.tap_fd != self._diverted:
+                        self.tap_fd = self.waiter.tap_fd = self._diverted
                     self._loop_once()
         finally:
             self._held.clear()
@@ -485,6 +509,10 @@ class RxPath:
         self.native.serve_backend(
             pump, self.ring, self.grants, lambda: self.stopping, ProtocolViolation, self._missed
         )
+        # The buffers the pump took off the ring and never filled are the last it took (it
+        # answered every one before them): this path takes them again.
+        with contextlib.suppress(RingError):
+            self.ring.unconsume(pump.held)
         return True
 
     def _missed(self, result: tuple[int, str, int]) -> None:

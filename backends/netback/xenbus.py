@@ -32,7 +32,9 @@ from backends.netback.antispoof import SourceFilter
 from backends.netback.datapath import COUNTER_FIELDS, RateLimit
 from backends.netback.tap import TapError, add_queue, create_tap, destroy_tap, vif_name
 from channels import netif as N
+from channels.errors import BadInput
 from channels.evtchn import EventChannel, bind_interdomain
+from channels.faults import parse_net
 from channels.gnttab import GrantError
 from channels.hypercall import HypercallError
 from channels.xenbus import XenbusState
@@ -63,6 +65,7 @@ class Vif:
     path: DataPath = field(default_factory=lambda: DataPath(COUNTER_FIELDS))
     channels: list[EventChannel] = field(default_factory=list)
     remote_ports: list[int] = field(default_factory=list)  # the frontend's, channels bound to
+    faults: str = ""  # the fault spec its data path runs with (channels/faults.py)
 
     @property
     def name(self) -> str:
@@ -122,6 +125,19 @@ class NetbackDriver:
             dev.switch_state(S.Connected)
             log.info("%s: connected", vif.name)
 
+    def settings_changed(self, dev: XenbusDevice) -> None:
+        """The toolstack set or cleared the vif's faults (``hyperctl fault``): its data path
+        applies them from the next frame on."""
+        vif = dev.driver_data
+        if not isinstance(vif, Vif):
+            return
+        spec = _checked_faults(dev, vif.name)
+        if spec == vif.faults:
+            return
+        vif.faults = spec
+        vif.path.send_settings({"faults": spec})
+        log.info("%s: faults %s", vif.name, spec or "cleared")
+
     def remove(self, dev: XenbusDevice) -> None:
         vif = dev.driver_data
         if not isinstance(vif, Vif):
@@ -170,6 +186,7 @@ class NetbackDriver:
             "rate": [rate.credit, rate.window_us] if rate else None,
             "mac": vif.mac,
             "ip": vif.ip,
+            "faults": vif.faults,
         }
         vif.path.start(
             "backends.netback.worker",
@@ -216,6 +233,17 @@ class NetbackDriver:
             }
             for v in vifs
         ]
+
+
+def _checked_faults(dev: XenbusDevice, name: str) -> str:
+    """The vif's fault spec from its backend directory, canonical; one dom0 did not check
+    fails nothing but itself: it is logged and ignored (no faults)."""
+    spec = dev.read("faults") or ""
+    try:
+        return str(parse_net(spec)) if spec else ""
+    except BadInput as exc:
+        log.warning("%s: faults %r ignored: %s", name, spec, exc)
+        return ""
 
 
 def _requested_queues(dev: XenbusDevice, offered: int) -> int:

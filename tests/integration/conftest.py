@@ -335,6 +335,19 @@ def peer_namespace(lan: tuple[str, str]) -> Iterator[str]:
         subprocess.run(["ip", "link", "del", f"{ns}h"], capture_output=True)
 
 
+def join_lan(ns: str, lan: tuple[str, str]) -> None:
+    """Join namespace ``ns`` (``peer_namespace``) to the test's bridge, once a domain has made
+    it, by a veth at .100 of its subnet."""
+    bridge, net = lan
+    for cmd in (
+        ["ip", "link", "add", f"{ns}h", "type", "veth", "peer", "name", "eth0", "netns", ns],
+        ["ip", "link", "set", f"{ns}h", "master", bridge, "up"],
+        ["ip", "-n", ns, "addr", "add", f"{net}.100/24", "dev", "eth0"],
+        ["ip", "-n", ns, "link", "set", "eth0", "up"],
+    ):
+        subprocess.run(cmd, check=True)
+
+
 def in_domain(name: str, *argv: str) -> subprocess.Popen[str]:
     """``argv`` run in domain ``name`` through hyperctl exec; started, not waited for."""
     return subprocess.Popen(

@@ -23,6 +23,7 @@ from tests.integration.conftest import (
     domain_info,
     hyperctl,
     iperf3_report,
+    join_lan,
     start_iperf3_server,
     wait_for,
 )
@@ -142,13 +143,7 @@ def test_a_peer_namespace_on_the_bridge_reaches_a_domain_both_ways(
     bridge, net = lan
     name = make_domain(vif(bridge, f"{net}.2"))
     ns = peer_namespace
-    for cmd in (
-        ["ip", "link", "add", f"{ns}h", "type", "veth", "peer", "name", "eth0", "netns", ns],
-        ["ip", "link", "set", f"{ns}h", "master", bridge, "up"],
-        ["ip", "-n", ns, "addr", "add", f"{net}.100/24", "dev", "eth0"],
-        ["ip", "-n", ns, "link", "set", "eth0", "up"],
-    ):
-        subprocess.run(cmd, check=True)
+    join_lan(ns, lan)
     assert (
         subprocess.run(
             ["ip", "netns", "exec", ns, "ping", "-c", "2", "-W", "5", f"{net}.2"],

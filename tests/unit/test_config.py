@@ -293,6 +293,7 @@ def test_vif_defaults(tmp_path: Path) -> None:
         "mtu": 1500,
         "rate": None,
         "backend": 0,
+        "faults": None,
     }
 
 
@@ -510,6 +511,7 @@ def test_vif_spec_string() -> None:
         "mtu": 9000,
         "rate": {"bytes_per_second": 1_000_000, "window_us": 20_000},
         "backend": "netvm",
+        "faults": None,
     }
 
 
@@ -596,3 +598,11 @@ def test_a_driver_domain_lists_the_kinds_it_serves_and_the_nics_it_holds(tmp_pat
         ),
     ):
         assert config_errors(f"name: a\n{text}\n", tmp_path) == [f"x.yaml: {error}"]
+
+
+def test_a_vifs_faults_are_kept_canonical_and_a_bad_one_is_named() -> None:
+    assert parse_vif_spec("bridge=br1,faults=dir=rx;drop=30%").faults == "drop=30,dir=rx"
+    with pytest.raises(ConfigError) as refused:
+        parse_vif_spec("bridge=br1,faults=drop=lots")
+    [line] = refused.value.lines
+    assert line.startswith("vif: faults") and "drop: 'lots' is not a percentage" in line
