@@ -19,8 +19,11 @@ channels/grants.py), and the uid and gid it drops to (``worker_id``, its own; ``
 its domain's: backends/privilege.py). Over the control socket, one JSON object per line, the worker
 asks dom0 which of the device's grant pools are live now (``{"id", "map_pools": {}}``: dom0
 holds the hypercall socket, and opens the pools: the answer comes with one fd per pool,
-SCM_RIGHTS, each pool's ``fd`` its index among them) and reports a fatal protocol error
-(``{"fatal"}``); dom0 hanging up tells it to stop. A setup the frontend broke (a ring ref it did
+SCM_RIGHTS, each pool's ``fd`` its index among them), reports a fatal protocol error
+(``{"fatal"}``) and, while dom0 has asked it to trace, sends trace records (``{"trace"}``,
+blkback's: checked by ``trace_record`` before anyone sees them); dom0 tells it changes of its
+device's settings unasked (``{"settings": {"faults": spec}}`` or ``{"trace": bool}``), and
+hanging up tells it to stop. A setup the frontend broke (a ring ref it did
 not grant, more pages for its device than the protocol can use, a pool it truncated) is such an
 error too, reported as the worker connects (``serve_device``). Its stdout and stderr are a
 socket dom0 reads into its own log, a line at a time, at a bounded rate.
@@ -56,6 +59,7 @@ import json
 import logging
 import mmap
 import os
+import re
 import socket
 import stat
 import subprocess
@@ -154,6 +158,7 @@ class WorkerProcess:
         on_fatal: Callable[[str], None],
         on_death: Callable[[str], None],
         counter_blocks: int = 1,
+        on_trace: Callable[[dict[str, Any]], None] | None = None,
     ) -> None:
         self.process = process
         self.counter_blocks = counter_blocks
@@ -166,6 +171,7 @@ class WorkerProcess:
         self._map_pools = map_pools
         self._on_fatal = on_fatal
         self._on_death = on_death
+        self._on_trace = on_trace
         self._send_lock = threading.Lock()  # replies and settings share the control socket
         # What the worker's refreshes may cost dom0: as much as an honest mapper asks for.
         self._credit = Credit(grants.REFRESHES_PER_SECOND, grants.REFRESH_BURST)
@@ -189,6 +195,7 @@ class WorkerProcess:
         host: BackendHost,
         extra_fds: Sequence[int] = (),
         counter_blocks: int = 1,
+        on_trace: Callable[[dict[str, Any]], None] | None = None,
     ) -> WorkerProcess:
         """Run ``module``'s ``main``, from ``host``'s fork server, with ``params``, the pools
         live now (``map_pools()``, each opened for it), a worker id of its own (from ``host``'s
@@ -196,7 +203,8 @@ class WorkerProcess:
         numbers; ``counter_blocks`` blocks of counters).
         ``map_pools()``: hyperd's answer on the pools of the worker's device, for its refreshes.
         ``on_fatal(reason)``: the worker reported a protocol violation. ``on_death(how)``: it
-        died without being stopped (killed, crashed)."""
+        died without being stopped (killed, crashed). ``on_trace(record)``: a trace record it
+        sent (blkback's, while it traces), checked (``trace_record``)."""
         pools = grants.open_pools(map_pools())
         try:
             label = f"{params.get('device')} of domain {params.get('frontend')}"
@@ -206,7 +214,7 @@ class WorkerProcess:
             )
         finally:
             grants.close_pool_fds(pools)  # the worker has its own now
-        return cls(process, links, map_pools, on_fatal, on_death, counter_blocks)
+        return cls(process, links, map_pools, on_fatal, on_death, counter_blocks, on_trace)
 
     def counter_blocks_values(self, fields: Sequence[str]) -> list[dict[str, int]]:
         """The worker's counters, named ``fields`` in page order, block by block (a block per
@@ -250,6 +258,11 @@ class WorkerProcess:
         if "fatal" in message:
             self._fatal(str(message["fatal"])[:500])
             return False
+        if "trace" in message:  # unasked while it traces; late ones (after a stop) dropped
+            record = trace_record(message["trace"])
+            if record is not None and self._on_trace is not None:
+                self._on_trace(record)
+            return True
         if "map_pools" not in message or "id" not in message:
             raise LinkError(f"not a request: {sorted(message)[:4]}")
         self._wait_for_credit()
@@ -424,6 +437,39 @@ def _log_output(sock: socket.socket, label: str) -> None:
             time.sleep(delay)
 
 
+#: A trace record's fields and their types (backends/blkback/datapath.py makes them); a
+#: worker may be subverted, so what it sends is checked before anyone sees it.
+TRACE_FIELDS: dict[str, type] = {
+    "ev": str,
+    "op": str,
+    "id": int,
+    "sector": int,
+    "count": int,
+    "status": str,
+    "latency_us": int,
+    "t": float,
+}
+_TRACE_WORD = re.compile(r"[a-z_]{1,16}")
+
+
+def trace_record(value: Any) -> dict[str, Any] | None:
+    """``value`` as a trace record: only TRACE_FIELDS, each of its type (words for strings),
+    or None when it is not one."""
+    if not isinstance(value, dict) or set(value) - set(TRACE_FIELDS):
+        return None
+    for key, kind in TRACE_FIELDS.items():
+        field = value.get(key)
+        if field is None:
+            continue
+        if kind is float and isinstance(field, int) and not isinstance(field, bool):
+            continue
+        if type(field) is not kind:
+            return None
+        if isinstance(field, str) and not _TRACE_WORD.fullmatch(field):
+            return None
+    return dict(value)
+
+
 class DataPath:
     """One device's data path across worker restarts: the worker running now (if any), what the
     ended ones counted, and when they died. Thread-safe: a worker's death is reported on its own
@@ -437,6 +483,7 @@ class DataPath:
         self.worker: WorkerProcess | None = None
         self._counted = dict.fromkeys(self.fields, 0)
         self._deaths: deque[float] = deque()
+        self._tracers: list[Callable[[dict[str, Any]], None]] = []
         self._lock = threading.Lock()
 
     def start(
@@ -474,9 +521,13 @@ class DataPath:
             host,
             extra_fds,
             counter_blocks,
+            self._traced,
         )
         with self._lock:
             self.worker = worker
+            tracing = bool(self._tracers)
+        if tracing:
+            worker.send_settings({"trace": True})
 
     def send_settings(self, settings: dict[str, Any]) -> None:
         """Tell the worker, if one runs, a change of its device's settings."""
@@ -484,6 +535,30 @@ class DataPath:
             worker = self.worker
         if worker is not None:
             worker.send_settings(settings)
+
+    def trace(self, sink: Callable[[dict[str, Any]], None]) -> Callable[[], None]:
+        """Have ``sink`` told each trace record of the device's requests (on a link thread),
+        until the function returned is called; the worker traces while anyone listens."""
+        with self._lock:
+            self._tracers.append(sink)
+            first, worker = len(self._tracers) == 1, self.worker
+        if first and worker is not None:
+            worker.send_settings({"trace": True})
+
+        def stop() -> None:
+            with self._lock:
+                self._tracers.remove(sink)
+                last, running = not self._tracers, self.worker
+            if last and running is not None:
+                running.send_settings({"trace": False})
+
+        return stop
+
+    def _traced(self, record: dict[str, Any]) -> None:
+        with self._lock:
+            sinks = list(self._tracers)
+        for sink in sinks:
+            sink(record)
 
     def _died(self, dev: XenbusDevice, name: str, how: str) -> None:
         """On the dead worker's link thread."""
@@ -644,6 +719,11 @@ class Dom0Link:
     def _send(self, message: dict[str, Any]) -> None:
         with self._lock:
             self._sock.sendall(json.dumps(message).encode() + b"\n")
+
+    def send_trace(self, record: dict[str, Any]) -> None:
+        """One trace record (TRACE_FIELDS) to dom0; dropped once the link is closed."""
+        with contextlib.suppress(OSError):
+            self._send({"trace": record})
 
     def call(self, op: hc.Op) -> dict[str, Any]:
         """Only the grant mapper's refresh travels this way (dom0 answers it for this worker's

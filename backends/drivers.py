@@ -11,6 +11,7 @@ import importlib
 from collections.abc import Callable, Collection, Mapping
 from typing import Protocol
 
+from backends.datapath_worker import DataPath
 from backends.host import BackendHost
 from channels.kinds import KINDS, DeviceKind
 from channels.xenbus_bus import Driver
@@ -54,3 +55,10 @@ class BackendDrivers:
 
     def hand_over(self, kind: DeviceKind, back: Mapping[str, str]) -> int | None:
         return self.by_kind[kind.xenbus_type].hand_over(back)
+
+    def data_path(self, kind: DeviceKind, domid: int, devid: int) -> DataPath | None:
+        """The data path of a device this backend serves (None for a kind without one that
+        can be asked, or a device it does not serve): for a trace."""
+        driver = self.by_kind.get(kind.xenbus_type)
+        find = getattr(driver, "data_path", None)
+        return find(domid, devid) if find is not None else None

@@ -311,6 +311,35 @@ class FaultList(Request):
     domain: DomainArg
 
 
+@dataclass(frozen=True, kw_only=True)
+class Capture(Request):
+    """Allowed on a running domU: streams the frames crossing its vif ``device`` (``vif<N>``),
+    both ways, as a pcap file (dom0/capture.py), after the reply line; it ends after ``count``
+    frames or ``duration`` seconds (0: no limit), or when the client hangs up."""
+
+    method = "capture"
+    streaming = True
+    domain: DomainArg
+    device: str
+    count: Annotated[int, Ge(0)] = 0
+    duration: Annotated[float, Ge(0)] = 0.0
+
+
+@dataclass(frozen=True, kw_only=True)
+class Trace(Request):
+    """Allowed on a running domU whose disk ``device`` (a vdev) dom0 serves: streams one JSON
+    line per blkif request and response as blkback handles them (dom0/trace.py), after the
+    reply line; it ends after ``count`` responses or ``duration`` seconds (0: no limit), or when
+    the client hangs up."""
+
+    method = "trace"
+    streaming = True
+    domain: DomainArg
+    device: str
+    count: Annotated[int, Ge(0)] = 0
+    duration: Annotated[float, Ge(0)] = 0.0
+
+
 #: Every request, by its name on the wire.
 REQUESTS: dict[str, type[Request]] = {
     cls.method: cls
@@ -340,6 +369,8 @@ REQUESTS: dict[str, type[Request]] = {
         DeviceStats,
         FaultSet,
         FaultList,
+        Capture,
+        Trace,
     )
 }
 

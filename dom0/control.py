@@ -10,23 +10,28 @@ server goes on serving the others.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import queue
 import socket
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from channels import control
 from channels.control import MAX_LINE, error_reply, read_line, send_json
-from channels.errors import HyperError, NotAllowed
+from channels.errors import HyperError, NotAllowed, NotFound
 from channels.paths import listen_root_only
+from dom0.capture import open_tap_socket, stream_pcap
 from dom0.storeview import StoreView
 from dom0.toolstack import Toolstack
 
 log = logging.getLogger(__name__)
 
 CONSOLE_CLIENT_TIMEOUT = 2.0
+TRACE_BACKLOG = 10_000  # trace records waiting for a slow client; more are counted as lost
 
 #: Answers a request with the reply's result.
 Handler = Callable[[Any], Any]
@@ -133,6 +138,8 @@ class ControlServer:
             control.StoreWatch: lambda client, buffer, req: self.store_watch(
                 client, buffer, req.path
             ),
+            control.Capture: lambda client, buffer, req: self.capture(client, req),
+            control.Trace: lambda client, buffer, req: self.trace(client, req),
         }
 
     # -- streaming requests -------------------------------------------------------------------
@@ -186,6 +193,62 @@ class ControlServer:
             pass
         finally:
             watch.unwatch()
+
+    def capture(self, client: socket.socket, req: control.Capture) -> None:
+        """A running domU's vif: its frames as a pcap stream (dom0/capture.py)."""
+        tap, netns_pid = self.toolstack.capture_target(req.domain, req.device)
+        try:
+            sock = open_tap_socket(tap, netns_pid)
+        except OSError as exc:
+            raise NotFound(f"capture: {req.device}: no interface {tap}: {exc.strerror}") from exc
+        with sock:
+            send_json(client, {"ok": True, "result": {"interface": tap}})
+            stream_pcap(sock, client, req.count, req.duration)
+
+    def trace(self, client: socket.socket, req: control.Trace) -> None:
+        """A running domU's disk dom0 serves: one JSON line per request and response blkback
+        handles (backends/blkback/datapath.py's trace records) until the client hangs up, or
+        ``count`` responses or ``duration`` seconds have passed. Records the client is too slow
+        for are dropped past TRACE_BACKLOG, and counted in a last ``lost`` record."""
+        path = self.toolstack.trace_target(req.domain, req.device)
+        records: queue.Queue[dict[str, Any] | None] = queue.Queue(TRACE_BACKLOG)
+        lost = 0
+
+        def sink(record: dict[str, Any]) -> None:
+            nonlocal lost
+            try:
+                records.put_nowait(record)
+            except queue.Full:
+                lost += 1
+
+        def hangup() -> None:
+            with contextlib.suppress(OSError):
+                while client.recv(MAX_LINE):
+                    pass
+            records.put(None)
+
+        stop = path.trace(sink)
+        try:
+            send_json(client, {"ok": True, "result": {}})
+            threading.Thread(target=hangup, name="trace-hangup", daemon=True).start()
+            deadline = time.monotonic() + req.duration if req.duration else None
+            responses = 0
+            while not req.count or responses < req.count:
+                wait = None if deadline is None else deadline - time.monotonic()
+                if wait is not None and wait <= 0:
+                    break
+                try:
+                    record = records.get(timeout=wait)
+                except queue.Empty:
+                    break
+                if record is None:
+                    return
+                send_json(client, record)
+                responses += record["ev"] == "rsp"
+            if lost:
+                send_json(client, {"ev": "lost", "count": lost})
+        finally:
+            stop()
 
 
 def _peer_is_root(client: socket.socket) -> bool:

@@ -416,12 +416,12 @@ class Devices:
     def detach(self, domid: int, name: str, kind: DeviceKind, device: str) -> dict[str, Any]:
         """Close one device through XenBus and remove it (and what backs it). ``device`` is
         its devid or, for a kind with one, its name (a disk's vdev, a share's tag)."""
-        devid = self._find(domid, name, kind, device)
+        devid = self.find(domid, name, kind, device)
         clean = remove_device(self.xs, self.paths(domid, kind, devid))
         self._unserve(domid, kind, devid)
         return {"domid": domid, "devid": devid, "clean": clean}
 
-    def _find(self, domid: int, name: str, kind: DeviceKind, device: str) -> int:
+    def find(self, domid: int, name: str, kind: DeviceKind, device: str) -> int:
         """The devid of ``device``, a devid or (for a kind with one) a name; NotFound."""
         names = self._names(domid, kind)
         found = [devid for devid, label in names.items() if device in (str(devid), label)]
@@ -435,7 +435,7 @@ class Devices:
         """Give a device the faults of ``spec`` (checked, canonical; empty: none) where its
         backend reads them, its own directory: the backend applies them from its next request
         on (backends' ``settings_changed``)."""
-        devid = self._find(domid, name, kind, device)
+        devid = self.find(domid, name, kind, device)
         node = xenbus.join_path(self.paths(domid, kind, devid).backend, FAULTS_NODE)
         if spec:
             self.xs.write(node, spec)

@@ -24,7 +24,9 @@ from typing import Any
 
 from pyroute2 import IPRoute
 
+from backends.datapath_worker import DataPath
 from backends.drivers import BackendDrivers
+from backends.netback.tap import vif_name
 from channels import control, pumps, xenbus
 from channels import hypercall as hc
 from channels.config import (
@@ -627,6 +629,39 @@ class Toolstack:
             for disk in self.devices.listing(info["domid"], VBD)
         ]
 
+    def capture_target(self, domain: str, device: str) -> tuple[str, int | None]:
+        """A running domU's vif ``vif<N>``: its TAP's name, and the pid of the driver domain
+        serving it, if one does (the TAP is then in that domain's network namespace)."""
+        domid, devid, backend = self._served(domain, device, VIF, "capture")
+        return vif_name(domid, devid), None if backend == DOM0_DOMID else self.find(backend)["pid"]
+
+    def trace_target(self, domain: str, device: str) -> DataPath:
+        """A running domU's disk (by vdev) that dom0 serves: its blkback data path."""
+        domid, devid, backend = self._served(domain, device, VBD, "trace")
+        if backend != DOM0_DOMID:
+            raise BadInput(
+                f"trace: {device} is served by driver domain {backend}; trace follows the "
+                "disks dom0 serves"
+            )
+        path = self.drivers.data_path(VBD, domid, devid) if self.drivers is not None else None
+        if path is None:
+            raise NotFound(f"trace: {device} of domain {domain} is not connected")
+        return path
+
+    def _served(
+        self, domain: str, device: str, kind: DeviceKind, what: str
+    ) -> tuple[int, int, int]:
+        """A running domU's device named ``device`` (``vif<N>`` for a vif): its domid, its
+        devid and the domain serving it."""
+        info = self._guest(domain)
+        if info["status"] != "running":
+            raise HyperError(f"domain {info['name']} is not running")
+        named, label = _fault_device(device)
+        if named is not kind:
+            raise BadInput(f"{what}: {device!r} is not a {kind.what}")
+        devid = self.devices.find(info["domid"], info["name"], kind, label)
+        return info["domid"], devid, self.devices.backend_of(info["domid"], kind, devid)
+
     def device_stats(self, request: control.DeviceStats) -> Any:
         """Always allowed: every device of a kind's counters (for `hyperctl top`)."""
         return self.devices.stats(BY_TYPE[request.kind])
@@ -645,11 +680,12 @@ class Toolstack:
 
 
 def _fault_device(device: str) -> tuple[DeviceKind, str]:
-    """The kind and the device a ``fault`` names: ``vif<N>`` a vif by its index, anything
-    else a disk by its vdev (or devid); BadInput for a vif named otherwise."""
+    """The kind and the device a ``fault``, ``capture`` or ``trace`` names: ``vif<N>`` a vif
+    by its index, anything else a disk by its vdev (or devid); BadInput for a vif named
+    otherwise."""
     if device.startswith("vif"):
         index = device.removeprefix("vif")
         if not index.isdecimal():
-            raise BadInput(f"fault: {device!r} is not a vif such as vif0, or a disk's vdev")
+            raise BadInput(f"{device!r} is not a vif such as vif0, or a disk's vdev")
         return VIF, str(int(index))
     return VBD, device

@@ -24,6 +24,7 @@ YAML text it stands for, which dom0 validates (with the host checks) as it does 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import select
 import shutil
@@ -32,10 +33,10 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 from channels import control
 from channels.control import NotRunning
@@ -472,6 +473,59 @@ class Domain:
         or requests they hit."""
         listing = self.hv.call(control.FaultList(domain=self.name))
         return {e["device"]: (str(e["faults"]), int(e["injected"])) for e in listing}
+
+    def capture(self, device: str, out: BinaryIO, count: int = 0, duration: float = 0.0) -> int:
+        """Write the frames crossing the vif ``device`` (``vif<N>``), both ways, to ``out`` as
+        a pcap file (tcpdump, tshark and Wireshark read it), until ``count`` frames or
+        ``duration`` seconds (0: no limit) have passed (or a KeyboardInterrupt, which closes
+        the connection: dom0 stops too); the bytes written. The pcap header is written (and
+        ``out`` flushed) as soon as the capture runs."""
+        request = control.Capture(domain=self.name, device=device, count=count, duration=duration)
+        written = 0
+        for chunk in self._stream(request):
+            out.write(chunk)
+            out.flush()
+            written += len(chunk)
+        return written
+
+    def trace(
+        self,
+        device: str,
+        count: int = 0,
+        duration: float = 0.0,
+        started: Callable[[], None] | None = None,
+    ) -> Iterator[dict[str, Any]]:
+        """Each blkif request and response of the disk ``device`` (its vdev, served by dom0)
+        as blkback handles it: ``ev`` ("req" or "rsp"), ``op``, ``id``, ``sector``, ``count``
+        (sectors), ``t`` (the host's clock) and, for a response, ``status`` and
+        ``latency_us``; until ``count`` responses or ``duration`` seconds (0: no limit), or
+        the caller stops iterating. A last ``{"ev": "lost", "count": N}`` says how many records
+        a slow reader missed. ``started()`` is called once dom0 traces."""
+        request = control.Trace(domain=self.name, device=device, count=count, duration=duration)
+        pending = b""
+        for chunk in self._stream(request, started):
+            *lines, pending = (pending + chunk).split(b"\n")
+            for line in lines:
+                yield json.loads(line)
+
+    def _stream(
+        self, request: control.Request, started: Callable[[], None] | None = None
+    ) -> Iterator[bytes]:
+        """What dom0 streams after its reply to ``request`` (then ``started()``), until it
+        ends the stream; the connection is closed when the caller stops (dom0 stops too)."""
+        conn = control.Connection(self.hv.run.toolstack_socket, timeout=None)
+        try:
+            conn.request(request)
+            if started is not None:
+                started()
+            if conn.buffer:
+                yield bytes(conn.buffer)
+            while chunk := conn.sock.recv(65536):
+                yield chunk
+        finally:
+            with contextlib.suppress(OSError):
+                conn.sock.shutdown(socket.SHUT_RDWR)
+            conn.close()
 
     def devices(self, kind: str) -> list[dict[str, Any]]:
         """Its devices of ``kind``, with their configuration, state and counters."""

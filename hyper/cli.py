@@ -584,6 +584,58 @@ def cmd_fault(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_capture(args: argparse.Namespace) -> int:
+    """``capture DOMAIN vif<N> [-w FILE] [-c COUNT] [--duration SECONDS]``: a pcap file."""
+    _limits("capture", args.count, args.duration)
+    domain = api.Hypervisor().domain(args.domain)
+    if args.file in (None, "-"):
+        if args.file is None and sys.stdout.isatty():
+            raise BadInput(
+                "capture: standard output is a terminal: give -w FILE, or pipe it into "
+                "`tcpdump -r -`"
+            )
+        domain.capture(args.device, sys.stdout.buffer, args.count, args.duration)
+        return 0
+    with open(args.file, "wb") as out:
+        domain.capture(args.device, out, args.count, args.duration)
+    return 0
+
+
+def cmd_trace(args: argparse.Namespace) -> int:
+    """``trace DOMAIN VDEV [--json] [-c COUNT] [--duration SECONDS]``: one line per request
+    and response."""
+    _limits("trace", args.count, args.duration)
+    domain = api.Hypervisor().domain(args.domain)
+
+    def started() -> None:
+        print(f"trace: {args.device} of {domain.name}: tracing", file=sys.stderr, flush=True)
+
+    for record in domain.trace(args.device, args.count, args.duration, started):
+        print(json.dumps(record) if args.json else _trace_line(record), flush=True)
+    return 0
+
+
+def _limits(command: str, count: int, duration: float) -> None:
+    if count < 0:
+        raise BadInput(f"{command}: -c: {count} is not a count of 0 or more")
+    if duration < 0:
+        raise BadInput(f"{command}: --duration: {duration} is not 0 or more seconds")
+
+
+def _trace_line(record: dict[str, Any]) -> str:
+    if record["ev"] == "lost":
+        return f"lost {record['count']} records (the reader was too slow)"
+    stamp = time.strftime("%H:%M:%S", time.localtime(record["t"]))
+    fraction = f"{record['t'] % 1:.6f}"[1:]
+    line = (
+        f"{stamp}{fraction} {record['ev']:<3} {record['op']:<7} sector={record['sector']} "
+        f"count={record['count']} id={record['id']}"
+    )
+    if record["ev"] == "rsp":
+        line += f" {record['status']} {record['latency_us']}us"
+    return line
+
+
 def cmd_store(args: argparse.Namespace) -> int:
     if args.op == "ls":
         for path, value in api.call(control.StoreLs(path=args.path)):
@@ -727,6 +779,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("spec", nargs="?", help="such as drop=30,dir=rx or eio=100 (see README)")
     p.add_argument("--json", action="store_true", help="list: as JSON")
     p.set_defaults(func=cmd_fault)
+
+    p = sub.add_parser("capture", help="write the frames crossing a domain's vif as pcap")
+    p.add_argument("domain")
+    p.add_argument("device", help="vif<N>")
+    p.add_argument("-w", dest="file", default=None, help="the pcap file to write; - for stdout")
+    p.add_argument("-c", dest="count", type=int, default=0, help="stop after COUNT frames")
+    p.add_argument("--duration", type=float, default=0.0, help="stop after SECONDS")
+    p.set_defaults(func=cmd_capture)
+
+    p = sub.add_parser("trace", help="print each request and response of a domain's disk")
+    p.add_argument("domain")
+    p.add_argument("device", help="a disk's vdev, such as xvda")
+    p.add_argument("--json", action="store_true", help="one JSON object a line")
+    p.add_argument("-c", dest="count", type=int, default=0, help="stop after COUNT responses")
+    p.add_argument("--duration", type=float, default=0.0, help="stop after SECONDS")
+    p.set_defaults(func=cmd_trace)
 
     p = sub.add_parser("store", help="read and change the store")
     p.add_argument("op", choices=["ls", "read", "write", "rm", "watch"])

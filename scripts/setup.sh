@@ -10,7 +10,8 @@
 # python3-dev (the native data-path pumps, channels/native/), clang (their fuzzers: libFuzzer),
 # iptables (a bridge hyper makes lets its frames through FORWARD: backends/netback/firewall.py, and
 # the tests set a Docker-like DROP policy to check it), libxen-dev (Xen's public headers, which
-# the tests compare every shared page's layout with).
+# the tests compare every shared page's layout with), tshark (the tests read `hyperctl capture`'s
+# pcap files with it).
 # The native pumps are (re)built in place whenever a source under channels/native/ is newer
 # than its module; without a compiler the Python pumps run (``hyperctl info`` says which).
 # Python packages: `pip install -e '.[test]'` (hyper, editable, with its test extras) into the
@@ -29,9 +30,9 @@ repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 python=${PYTHON:-python3}
 
 APT_PACKAGES=(python3 python3-pip iproute2 util-linux procps iperf3 fio iputils-ping e2fsprogs fuse3
-    gcc python3-dev clang iptables libxen-dev)
+    gcc python3-dev clang iptables libxen-dev tshark)
 HOST_TOOLS=(ip nsenter setpriv flock ps pgrep iperf3 fio ping mkfs.ext4 fsck.ext4 fusermount3 gcc
-    clang iptables)
+    clang iptables tshark)
 
 say() { printf 'setup: %s\n' "$*" >&2; }
 die() {

@@ -62,6 +62,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from backends.datapath_worker import CounterPage
 from channels import blkif as B
@@ -140,6 +141,7 @@ class _Job:
     nbytes: int
     views: list[memoryview]  # slices of granted pages, in device order
     fault: BlockDecision | None = None  # what the injected faults do to it, decided in order
+    started: float = 0.0  # when it was taken off the ring, while the vbd is traced
 
 
 # -- discard ------------------------------------------------------------------------------------
@@ -217,6 +219,7 @@ class VbdPath:
         self._stopped = False
         self._fatal_sent = False
         self._dice: BlockDice | None = None
+        self._trace: Callable[[dict[str, Any]], None] | None = None
         self.late_eoi = LateEoi()
         self.native = pumps.NativePump(self.late_eoi, pumps.BLKPUMP)
         self.set_faults(faults)
@@ -245,6 +248,14 @@ class VbdPath:
         if self._dice is not None:
             self.native.interrupt()
 
+    def set_trace(self, sink: Callable[[dict[str, Any]], None] | None) -> None:
+        """Tell ``sink`` each request as it is taken off the ring and each response as it is
+        put on (``trace_req``, ``trace_rsp``), from now on; None stops. As with faults, a
+        native pump running hands the ring to the Python path, which stays."""
+        self._trace = sink
+        if sink is not None:
+            self.native.interrupt()
+
     def stop(self) -> None:
         """Stop the dispatcher, let the I/O threads finish (and answer) what they hold, join
         everything; idempotent. Works on an idle path: the kick wakes the dispatcher."""
@@ -268,7 +279,7 @@ class VbdPath:
 
     def _dispatch(self) -> None:
         with self._guard():
-            if self._dice is None and self._run_native() and self._stopping:
+            if self._dice is None and self._trace is None and self._run_native() and self._stopping:
                 return
             for thread in self.threads[1:]:
                 thread.start()
@@ -302,7 +313,7 @@ class VbdPath:
             pump,
             self.ring,
             self.grants,
-            lambda: self._stopping or self._dice is not None,
+            lambda: self._stopping or self._dice is not None or self._trace is not None,
             RuntimeError,
             self._take_back,
         )
@@ -343,10 +354,15 @@ class VbdPath:
                     flush = job.kind == B.BLKIF_OP_FLUSH_DISKCACHE
                     sectors = job.nbytes // B.SECTOR_SIZE
                     job.fault = dice.request(flush, job.offset // B.SECTOR_SIZE, sectors)
+                if (trace := self._trace) is not None:
+                    job.started = time.monotonic()
+                    trace(trace_req(job))
                 jobs.append(job)
             except BadRequest as exc:
                 log.debug("%s: request id %d refused: %s", self.ring.name, req.id, exc.reason)
                 replies += (req.id, _response_op(req), exc.status)
+                if (trace := self._trace) is not None:
+                    trace(trace_refused(req, exc.status))
             except ProtocolViolation as exc:
                 violation = exc
                 break
@@ -539,6 +555,8 @@ class VbdPath:
             notify = self._respond((job.id, job.operation, answer))
         if notify:
             self.evtchn.notify()
+        if job.started and (trace := self._trace) is not None:
+            trace(trace_rsp(job, status))
 
     def _count(self, job: _Job, status: int) -> None:
         c = self.counters
@@ -594,6 +612,58 @@ class VbdPath:
                 return
             self._fatal_sent = True
         self.on_fatal(message)
+
+
+# -- tracing (`hyperctl trace`: backends/datapath_worker.py's TRACE_FIELDS) ----------------------
+
+_OP_NAMES = {
+    B.BLKIF_OP_READ: "read",
+    B.BLKIF_OP_WRITE: "write",
+    B.BLKIF_OP_FLUSH_DISKCACHE: "flush",
+    B.BLKIF_OP_DISCARD: "discard",
+}
+_STATUS_NAMES = {
+    B.BLKIF_RSP_OKAY: "ok",
+    B.BLKIF_RSP_ERROR: "error",
+    B.BLKIF_RSP_EOPNOTSUPP: "eopnotsupp",
+    FAULTED: "fault",  # an injected fault's, answered BLKIF_RSP_ERROR
+}
+
+
+def trace_req(job: _Job) -> dict[str, Any]:
+    """A request as it is taken off the ring."""
+    return {
+        "ev": "req",
+        "op": _OP_NAMES.get(job.kind, "other"),
+        "id": job.id,
+        "sector": job.offset // B.SECTOR_SIZE,
+        "count": job.nbytes // B.SECTOR_SIZE,
+        "t": time.time(),
+    }
+
+
+def trace_rsp(job: _Job, status: int) -> dict[str, Any]:
+    """Its response as it is put on the ring, with the time between."""
+    return {
+        **trace_req(job),
+        "ev": "rsp",
+        "status": _STATUS_NAMES.get(status, "error"),
+        "latency_us": int((time.monotonic() - job.started) * 1e6),
+    }
+
+
+def trace_refused(req: B.Request, status: int) -> dict[str, Any]:
+    """A request refused at once (its response with it): what the copy of it said."""
+    return {
+        "ev": "rsp",
+        "op": _OP_NAMES.get(_response_op(req), "other"),
+        "id": req.id,
+        "sector": req.sector_number,
+        "count": 0,
+        "status": _STATUS_NAMES.get(status, "error"),
+        "latency_us": 0,
+        "t": time.time(),
+    }
 
 
 def _join(thread: threading.Thread) -> None:

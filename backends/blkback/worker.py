@@ -52,7 +52,14 @@ def start(
         io_threads=params["io_threads"],
         faults=params.get("faults", ""),
     )
-    link.on_settings = lambda settings: path.set_faults(str(settings.get("faults", "")))
+
+    def settings(changed: dict[str, Any]) -> None:
+        if "faults" in changed:
+            path.set_faults(str(changed["faults"]))
+        if "trace" in changed:
+            path.set_trace(link.send_trace if changed["trace"] else None)
+
+    link.on_settings = settings
     path.start()
     return path.stop
 

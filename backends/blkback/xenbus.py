@@ -159,6 +159,12 @@ class BlkbackDriver:
         vbd.path.send_settings({"faults": spec})
         log.info("%s: faults %s", vbd.name, spec or "cleared")
 
+    def data_path(self, domid: int, devid: int) -> DataPath | None:
+        """The data path of the vbd ``devid`` of domain ``domid``, if it is served here."""
+        with self._lock:
+            vbd = self.vbds.get((domid, devid))
+        return vbd.path if vbd is not None else None
+
     def remove(self, dev: XenbusDevice) -> None:
         vbd = dev.driver_data
         if not isinstance(vbd, Vbd):

@@ -2,7 +2,8 @@
 network namespace of the domain that runs the backend (dom0's is the host's).
 
 A vif's backend side is the TAP ``vif<domid>.<devid>``: opened on /dev/net/tun (channels/tun.py),
-which creates it, then enslaved to its bridge and brought up through netlink. A bridge hyper
+which creates it, then enslaved to its bridge and brought up through netlink, with no IPv6 of
+its own (``no_ipv6``). A bridge hyper
 creates is marked by an alias so that it is removed with its last vif (and by `hyperctl
 cleanup`), and, on the host, frames between its ports are let through the host's firewall
 (backends/netback/firewall.py; a driver domain's own namespace has no such policy); a bridge
@@ -53,11 +54,24 @@ def ensure_bridge(ipr: IPRoute, name: str, firewall_rule: bool = True) -> int:
                 raise TapError(f"bridge {name}: {exc}") from exc
         index = _index(ipr, name)
         assert index is not None
+        no_ipv6(name)
         ipr.link("set", index=index, ifalias=OURS, state="up")
         if firewall_rule:
             firewall.allow(name)
         log.info("created bridge %s", name)
     return index
+
+
+def no_ipv6(name: str) -> None:
+    """No IPv6 on interface ``name`` (a TAP, a bridge hyper made), set before it comes up: a
+    bridge port or an address-less bridge has no use for a link-local address, and would
+    otherwise send router solicitations and MLD reports of its own into every guest's vif (as
+    a wire would carry a switch's chatter). Skipped where the kernel has no IPv6."""
+    try:
+        with open(f"/proc/sys/net/ipv6/conf/{name}/disable_ipv6", "w") as knob:
+            knob.write("1")
+    except FileNotFoundError:
+        pass
 
 
 def create_tap(domid: int, devid: int, bridge: str, mtu: int, firewall_rule: bool = True) -> int:
@@ -70,6 +84,7 @@ def create_tap(domid: int, devid: int, bridge: str, mtu: int, firewall_rule: boo
             master = ensure_bridge(ipr, bridge, firewall_rule)
             index = _index(ipr, name)
             assert index is not None
+            no_ipv6(name)
             ipr.link("set", index=index, mtu=mtu, master=master, state="up")
     except (NetlinkError, OSError, TapError) as exc:
         os.close(fd)

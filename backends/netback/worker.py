@@ -71,7 +71,7 @@ def start(
         paths.append((tx, rx))
     faults = Faults(params["name"], paths, counters)
     faults.set(params.get("faults", ""))
-    link.on_settings = lambda settings: faults.set(str(settings.get("faults", "")))
+    link.on_settings = lambda changed: faults.set(str(changed.get("faults", "")))
     for tx, rx in paths:
         tx.thread.start()
         rx.thread.start()

@@ -348,16 +348,21 @@ def join_lan(ns: str, lan: tuple[str, str]) -> None:
         subprocess.run(cmd, check=True)
 
 
-def in_domain(name: str, *argv: str) -> subprocess.Popen[str]:
-    """``argv`` run in domain ``name`` through hyperctl exec; started, not waited for."""
+def hyperctl_started(*args: str) -> subprocess.Popen[str]:
+    """`hyperctl ARGS` started, not waited for (stdout and stderr piped, text)."""
     return subprocess.Popen(
-        [sys.executable, "-m", "hyper.cli", "exec", name, "--", *argv],
+        [sys.executable, "-m", "hyper.cli", *args],
         cwd=REPO,
         env={**os.environ, "PYTHONPATH": str(REPO)},
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
     )
+
+
+def in_domain(name: str, *argv: str) -> subprocess.Popen[str]:
+    """``argv`` run in domain ``name`` through hyperctl exec; started, not waited for."""
+    return hyperctl_started("exec", name, "--", *argv)
 
 
 def as_kernel(name: str, *argv: str, **popen: Any) -> subprocess.Popen[str]:
