@@ -38,6 +38,8 @@ EXAMPLES: list[control.Request] = [
     control.DeviceStats(kind="vif"),
     control.FaultSet(domain="web", device="xvda", spec="eio=100,sectors=0-7"),
     control.FaultList(domain="web"),
+    control.Capture(domain="web", device="vif0", count=10, duration=2.5),
+    control.Trace(domain="web", device="xvda"),
 ]
 
 
