@@ -23,8 +23,8 @@
   test's own and ``n`` domains on it, at .2, .3, ... of a /24 of their own (each domain's
   address is its ``ip``); they and the bridge go at teardown.
 
-When a test that used them fails, its report carries the log of each domain it made (hyper's
-``dom<N>.log``) and what each wrote on its console lately.
+When a test that used them fails, its report carries the last of hyperd's and dom0's logs, the
+log of each domain it made (hyper's ``dom<N>.log``) and what each wrote on its console lately.
 """
 
 from __future__ import annotations
@@ -144,17 +144,31 @@ def _destroy(domains: list[TestDomain]) -> None:
             domain.destroy()
 
 
+def made_domains(item: pytest.Item) -> list[api.Domain]:
+    """The domains the fixtures made for test ``item`` (their logs go in its failed report)."""
+    return item.stash.get(_REPORTED, [])
+
+
+def reports_hypervisor_logs(item: pytest.Item) -> bool:
+    """Whether a failed report of ``item`` carries hyperd's and dom0's logs: it used ``hyper``."""
+    return "hyper" in getattr(item, "fixturenames", ())
+
+
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(
     item: pytest.Item, call: pytest.CallInfo[None]
 ) -> Generator[None, pluggy.Result[pytest.TestReport], None]:
     outcome = yield
     report = outcome.get_result()
-    domains = item.stash.get(_REPORTED, [])
-    if not report.failed or not domains:
+    if not report.failed or not reports_hypervisor_logs(item):
         return
     run = api.run_dir()
-    for domain in domains:
+    for name in ("hyperd", "dom0"):
+        log = run.log(name)
+        with contextlib.suppress(OSError):
+            lines = log.read_text(errors="replace").splitlines()[-40:]
+            report.sections.append((f"hyper: {name}'s log ({log})", "\n".join(lines)))
+    for domain in made_domains(item):
         log = run.log(f"dom{domain.domid}")
         with contextlib.suppress(OSError):
             lines = log.read_text(errors="replace").splitlines()[-60:]

@@ -1,10 +1,12 @@
 """Fixtures for the real-system tests: a running hypervisor, domains, and leak checks.
 
 Everything here is real: hyperd, dom0 and the domains are processes in namespaces and cgroups,
-driven through `hyperctl` exactly as a user would. The session starts one hypervisor and halts
-it at the end, then asserts the machine is as clean as it was. Each domain a test creates is
-destroyed by the fixture that made it, even when the test fails; a failing test also gets the
-hypervisor's log attached to its report.
+driven through `hyperctl` and the Python API exactly as a user would. The session's hypervisor
+and the domains tests make come from hyper's own pytest plugin (hyper/pytest_plugin.py: the
+``hyper`` and ``hyper_domain`` fixtures an outside project gets); around them, the session
+asserts the machine is clean before and after. Each domain a test creates is destroyed by the
+fixture that made it, even when the test fails; a failing test also gets the logs of the
+hypervisor and of its domains, and the host's network, in its report.
 """
 
 from __future__ import annotations
@@ -29,6 +31,8 @@ if TYPE_CHECKING:
 from backends.netback import firewall
 from channels import pumps
 from channels.paths import RunDir
+from hyper import api, pytest_plugin
+from hyper.pytest_plugin import TestDomain, made_domains
 
 REPO = Path(__file__).resolve().parents[2]
 RUN = RunDir()
@@ -218,16 +222,20 @@ def stop_hypervisor() -> None:
 
 
 @pytest.fixture(scope="session")
-def hypervisor() -> Iterator[None]:
-    """One hypervisor for the session; the machine must be clean before and after."""
+def clean_machine() -> Iterator[None]:
+    """The machine is clean before the session's hypervisor starts, and once it has halted."""
     require_root()
     stale = leftovers()
     assert not stale, f"the machine is not clean before the tests: {stale}"
-    start_hypervisor()
-    try:
-        yield
-    finally:
-        stop_hypervisor()
+    yield
+    wait_for(lambda: not leftovers(), 30, "the hypervisor to leave nothing behind")
+
+
+@pytest.fixture(scope="session")
+def hypervisor(clean_machine: None, hyper: api.Hypervisor) -> None:
+    """One hypervisor for the session: the one hyper's pytest plugin starts for its ``hyper``
+    fixture (hyper/pytest_plugin.py), as an outside project's tests get it, on a clean
+    machine."""
 
 
 @pytest.fixture
@@ -290,23 +298,19 @@ _names = itertools.count()
 
 @pytest.fixture
 def make_domain(
-    hypervisor: None, tmp_path: Path, request: pytest.FixtureRequest
-) -> Iterator[Callable[..., str]]:
-    """Create domains from YAML text (a unique name is filled in); destroys them afterwards."""
-    created: list[str] = []
+    hypervisor: None, hyper_domain: Callable[..., TestDomain], tmp_path: Path
+) -> Callable[..., str]:
+    """Create domains from YAML text (a unique name is filled in) with the plugin's
+    ``hyper_domain``, which destroys them afterwards and puts their logs and consoles in the
+    report of a test that failed; their names."""
 
-    def make(body: str = "", name: str | None = None, check: bool = True) -> str:
+    def make(body: str = "", name: str | None = None) -> str:
         name = name or f"t{os.getpid() % 1000}-{next(_names)}"
         config = tmp_path / f"{name}.yaml"
         config.write_text(f"name: {name}\n{body}")
-        created.append(name)
-        hyperctl("create", str(config), check=check)
-        return name
+        return hyper_domain(config).name
 
-    yield make
-    for name in created:
-        if domain_info(name) is not None:
-            hyperctl("destroy", name, check=False)
+    return make
 
 
 _subnets = itertools.count(10)
@@ -413,26 +417,33 @@ def iperf3_report(text: str) -> dict[str, Any]:
 def pytest_runtest_makereport(
     item: pytest.Item, call: pytest.CallInfo[None]
 ) -> Generator[None, pluggy.Result[pytest.TestReport], None]:
+    """What the plugin's report leaves out: the logs of the domains a test made by hand (with
+    `hyperctl create`), hyperd's and dom0's for a test that did not use the plugin, and the
+    host's network."""
     outcome = yield
     report = outcome.get_result()
     if report.failed and RUN.logs.exists():
-        for log in _logs_worth_showing():
+        for log in _logs_worth_showing(item):
             lines = log.read_text(errors="replace").splitlines()[-40:]
             if lines:
                 report.sections.append((f"hyper log {log.name}", "\n".join(lines)))
         report.sections.append(("host network", _host_network()))
 
 
-def _logs_worth_showing() -> list[Path]:
-    """hyperd's and dom0's logs and those of the domains running now (the failed test's: its
-    fixtures have not torn them down yet); every log if the domains cannot be listed. A domid's
-    log from an earlier hypervisor would only mislead."""
+def _logs_worth_showing(item: pytest.Item) -> list[Path]:
+    """The logs of the domains running now (the failed test's: its fixtures have not torn them
+    down yet) that the plugin does not report, and hyperd's and dom0's unless the plugin does;
+    every log if the domains cannot be listed. A domid's log from an earlier hypervisor would
+    only mislead."""
     every = sorted(RUN.logs.glob("*.log"))
     try:
         running = {f"dom{d['domid']}.log" for d in domains()}
     except (AssertionError, ValueError, subprocess.TimeoutExpired):
         return every
-    return [log for log in every if log.name in running | {"hyperd.log", "dom0.log"}]
+    running -= {f"dom{d.domid}.log" for d in made_domains(item)}
+    if not pytest_plugin.reports_hypervisor_logs(item):
+        running |= {"hyperd.log", "dom0.log"}
+    return [log for log in every if log.name in running]
 
 
 def _host_network() -> str:

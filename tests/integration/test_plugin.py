@@ -32,6 +32,14 @@ def test_two_domains_on_a_bridge_ping_each_other(hyper_network):
     assert result.status == 0, result.err
 
 
+def test_ping_through_a_lossy_link(hyper_network):
+    client, server = hyper_network(2)
+    client.set_faults("vif0", "drop=20,dir=tx,seed=1")  # 20 % of what it sends is lost
+    result = client.exec(["ping", "-c", "20", "-i", "0.2", "-W", "1", server.ip], timeout=60)
+    assert "packet loss" in result.out
+    assert client.faults()["vif0"][1] > 0  # the frames the faults hit
+
+
 def test_a_domain_runs_a_command_under_its_name(hyper_domain):
     domain = hyper_domain(memory=96)
     assert domain.exec(["hostname"]).out.strip() == domain.name
@@ -91,7 +99,7 @@ def test_an_outside_project_tests_with_the_plugins_fixtures_alone(
 
     passed = run_pytest(project, "test_network.py")
     assert passed.returncode == 0, passed.stdout[-4000:] + passed.stderr[-2000:]
-    assert "3 passed" in passed.stdout
+    assert "4 passed" in passed.stdout
     wait_for(lambda: not leftovers(), 30, "the plugin's hypervisor to leave nothing behind")
 
     failed = run_pytest(project, "test_broken.py")
