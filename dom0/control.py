@@ -221,11 +221,15 @@ class ControlServer:
             except queue.Full:
                 lost += 1
 
+        gone = threading.Event()
+
         def hangup() -> None:
             with contextlib.suppress(OSError):
                 while client.recv(MAX_LINE):
                     pass
-            records.put(None)
+            gone.set()
+            with contextlib.suppress(queue.Full):  # full: the loop sees ``gone`` as it drains
+                records.put_nowait(None)
 
         stop = path.trace(sink)
         try:
@@ -233,7 +237,7 @@ class ControlServer:
             threading.Thread(target=hangup, name="trace-hangup", daemon=True).start()
             deadline = time.monotonic() + req.duration if req.duration else None
             responses = 0
-            while not req.count or responses < req.count:
+            while (not req.count or responses < req.count) and not gone.is_set():
                 wait = None if deadline is None else deadline - time.monotonic()
                 if wait is not None and wait <= 0:
                     break
