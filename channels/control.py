@@ -88,7 +88,8 @@ class List(Request):
 
 @dataclass(frozen=True, kw_only=True)
 class Destroy(Request):
-    """Allowed on any domU: kills it now and releases everything it holds."""
+    """Allowed on any domU: kills it now and releases everything it holds; answered once
+    dom0's backends have released its devices (or DEVICE_TIMEOUT has passed)."""
 
     method = "destroy"
     domain: DomainArg

@@ -470,10 +470,21 @@ class Toolstack:
         return self._list()
 
     def destroy(self, domain: str) -> Any:
-        """Any domU, in any state: kill it now and release everything."""
+        """Any domU, in any state: kill it now and release everything. Returns once hyperd has
+        torn it down and dom0's backends have released its devices (its TAPs, loop devices and
+        shares are gone), as `xl destroy` returns after libxl's device teardown; ``released``
+        says whether that happened within DEVICE_TIMEOUT."""
         info = self._domu(domain)
-        self.hc.call(hc.DomctlDestroy(domid=info["domid"]))
-        return {"domid": info["domid"]}
+        domid = info["domid"]
+        with self.lock:
+            state = self.domains.get(domid)
+        self.hc.call(hc.DomctlDestroy(domid=domid))
+        released = (state is None or state.gone.wait(DEVICE_TIMEOUT)) and (
+            self.devices.wait_released(domid, DEVICE_TIMEOUT)
+        )
+        if not released:
+            log.warning("dom%d destroyed; its devices were not all released in time", domid)
+        return {"domid": domid, "released": released}
 
     def _request_shutdown(self, domain: str, kind: str, wait: bool, timeout: float) -> Any:
         info = self._guest(domain)

@@ -431,6 +431,7 @@ class Domain:
         self.hv.call(control.Reboot(domain=self.name))
 
     def destroy(self) -> None:
+        """Kill it now; returns once dom0's backends have let its devices go."""
         self.hv.call(control.Destroy(domain=self.name))
 
     def attach(self, kind: str, spec: str, *, base_dir: str | Path | None = None) -> str:
