@@ -114,6 +114,10 @@ class CounterPage:
     def __init__(self, buf: memoryview | None = None) -> None:
         size = 8 * len(self.FIELDS)
         self._values = (buf if buf is not None else memoryview(bytearray(size)))[:size].cast("Q")
+        #: Held around an increment of a counter that two threads count (netback's drops and
+        #: errors, which a queue's path and its fault line both count); one thread's own
+        #: counters need none.
+        self.lock = threading.Lock()
 
     @classmethod
     def blocks(cls, buf: memoryview, count: int) -> list[Self]:
@@ -172,6 +176,9 @@ class WorkerProcess:
         self._on_fatal = on_fatal
         self._on_death = on_death
         self._on_trace = on_trace
+        self._tracing = False
+        self._traced_until = 0.0
+        self._trace_credit = Credit(TRACE_RATE, TRACE_BURST)
         self._send_lock = threading.Lock()  # replies and settings share the control socket
         # What the worker's refreshes may cost dom0: as much as an honest mapper asks for.
         self._credit = Credit(grants.REFRESHES_PER_SECOND, grants.REFRESH_BURST)
@@ -258,11 +265,8 @@ class WorkerProcess:
         if "fatal" in message:
             self._fatal(str(message["fatal"])[:500])
             return False
-        if "trace" in message:  # unasked while it traces; late ones (after a stop) dropped
-            record = trace_record(message["trace"])
-            if record is not None and self._on_trace is not None:
-                self._on_trace(record)
-            return True
+        if "trace" in message:
+            return self._trace(message["trace"])
         if "map_pools" not in message or "id" not in message:
             raise LinkError(f"not a request: {sorted(message)[:4]}")
         self._wait_for_credit()
@@ -284,8 +288,27 @@ class WorkerProcess:
             grants.close_pool_fds(pools)
         return True
 
+    def _trace(self, value: Any) -> bool:
+        """A trace record, taken only while dom0 has the worker trace (and TRACE_GRACE after,
+        for the records already on their way) and at TRACE_RATE at most: the link waits out a
+        faster worker, whose sends then block. Unasked, it is a broken link (LinkError); a
+        record that is no record is dropped."""
+        if not self._tracing and time.monotonic() > self._traced_until:
+            raise LinkError("a trace record while not tracing")
+        delay = self._trace_credit.charge(1.0)
+        if delay:
+            time.sleep(delay)
+        record = trace_record(value)
+        if record is not None and self._on_trace is not None:
+            self._on_trace(record)
+        return True
+
     def send_settings(self, settings: dict[str, Any]) -> None:
-        """Tell the running worker a change of its device's settings (its faults)."""
+        """Tell the running worker a change of its device's settings (its faults; whether it
+        traces)."""
+        if "trace" in settings:
+            self._tracing = bool(settings["trace"])
+            self._traced_until = time.monotonic() + TRACE_GRACE
         with contextlib.suppress(OSError), self._send_lock:
             self.control.sendall(json.dumps({"settings": settings}).encode() + b"\n")
 
@@ -437,35 +460,43 @@ def _log_output(sock: socket.socket, label: str) -> None:
             time.sleep(delay)
 
 
-#: A trace record's fields and their types (backends/blkback/datapath.py makes them); a
-#: worker may be subverted, so what it sends is checked before anyone sees it.
-TRACE_FIELDS: dict[str, type] = {
+#: A trace record's fields and their types (backends/blkback/datapath.py makes them): a
+#: request's, and its response's (which adds ``status`` and ``latency_us``). A worker may be
+#: subverted, so what it sends is checked before anyone sees it.
+TRACE_REQ: dict[str, type] = {
     "ev": str,
     "op": str,
     "id": int,
     "sector": int,
     "count": int,
-    "status": str,
-    "latency_us": int,
     "t": float,
 }
+TRACE_RSP: dict[str, type] = {**TRACE_REQ, "status": str, "latency_us": int}
 _TRACE_WORD = re.compile(r"[a-z_]{1,16}")
+_TRACE_CLOCK = 2.0**40  # seconds: any time a host's clock can say, and finite
+TRACE_RATE, TRACE_BURST = 100_000.0, 20_000.0  # records a second a traced worker may send
+TRACE_GRACE = 2.0  # seconds after a trace ends in which its last records are still taken
+_U64_MAX = (1 << 64) - 1
 
 
 def trace_record(value: Any) -> dict[str, Any] | None:
-    """``value`` as a trace record: only TRACE_FIELDS, each of its type (words for strings),
-    or None when it is not one."""
-    if not isinstance(value, dict) or set(value) - set(TRACE_FIELDS):
+    """``value`` as a trace record: a request's or a response's fields exactly, each of its
+    type (words for strings, u64s for ints, a finite time), or None when it is not one."""
+    if not isinstance(value, dict):
         return None
-    for key, kind in TRACE_FIELDS.items():
-        field = value.get(key)
-        if field is None:
-            continue
-        if kind is float and isinstance(field, int) and not isinstance(field, bool):
-            continue
-        if type(field) is not kind:
-            return None
-        if isinstance(field, str) and not _TRACE_WORD.fullmatch(field):
+    fields = {"req": TRACE_REQ, "rsp": TRACE_RSP}.get(str(value.get("ev")))
+    if fields is None or set(value) != set(fields):
+        return None
+    for key, kind in fields.items():
+        field = value[key]
+        if kind is float:
+            if type(field) not in (int, float) or not 0 <= field < _TRACE_CLOCK:
+                return None
+        elif (
+            type(field) is not kind
+            or (isinstance(field, int) and not 0 <= field <= _U64_MAX)
+            or (isinstance(field, str) and not _TRACE_WORD.fullmatch(field))
+        ):
             return None
     return dict(value)
 

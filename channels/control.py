@@ -89,7 +89,7 @@ class List(Request):
 @dataclass(frozen=True, kw_only=True)
 class Destroy(Request):
     """Allowed on any domU: kills it now and releases everything it holds; answered once
-    dom0's backends have released its devices (or DEVICE_TIMEOUT has passed)."""
+    dom0's backends have released its devices (or dom0's DEVICE_TIMEOUT has passed)."""
 
     method = "destroy"
     domain: DomainArg
@@ -329,7 +329,7 @@ class Capture(Request):
 @dataclass(frozen=True, kw_only=True)
 class Trace(Request):
     """Allowed on a running domU whose disk ``device`` (a vdev) dom0 serves: streams one JSON
-    line per blkif request and response as blkback handles them (dom0/trace.py), after the
+    line per blkif request and response as blkback handles them (dom0/control.py), after the
     reply line; it ends after ``count`` responses or ``duration`` seconds (0: no limit), or when
     the client hangs up."""
 

@@ -3,8 +3,9 @@ as a pcap file, as one would run tcpdump on ``vif<domid>.<devid>`` in Xen's dom0
 
 The TAP is the backend's end of the vif: every frame netback takes off the tx ring is written
 into it, and every frame it puts on the rx ring is read from it. A packet socket bound to it
-(``ETH_P_ALL``) sees both, from the kernel's side: netback's data path is not touched, so a
-capture costs it nothing while it runs, and nothing at all when none does. A vif with faults
+(``ETH_P_ALL``) sees both, from the kernel's side: netback's code is not touched (the kernel
+hands the socket its own reference to each frame while a capture runs), and nothing at all is
+done when none runs. A vif with faults
 (backends/netback/faults.py) shows what its fault line let through on the way out of the
 domain, and what arrived for it on the way in (before the line drops or delays it). A vif
 served by a driver domain has its TAP in that domain's network namespace: the socket is made
@@ -17,13 +18,13 @@ frame) is written here: it is three structs, and a library for them would bring 
 from __future__ import annotations
 
 import os
-import select
 import socket
 import struct
 import threading
 import time
 
 from channels import linux
+from channels.waiting import readable
 
 ETH_P_ALL = 0x0003
 SNAPLEN = 262144  # a whole GSO frame (64 KiB and headers) with room to spare
@@ -63,6 +64,8 @@ def open_tap_socket(tap: str, netns_pid: int | None = None) -> socket.socket:
     thread.start()
     thread.join()
     if failed:
+        for sock in made:  # made, but the thread could not go home: not ours to keep
+            sock.close()
         raise failed[0]
     return made[0]
 
@@ -92,10 +95,10 @@ def stream_pcap(
         wait = None if deadline is None else deadline - time.monotonic()
         if wait is not None and wait <= 0:
             break
-        readable = select.select([sock, client], [], [], wait)[0]
-        if client in readable and not client.recv(4096):
+        ready = readable([sock.fileno(), client.fileno()], wait)
+        if client.fileno() in ready and not client.recv(4096):
             break  # hung up (anything it sends is ignored)
-        if sock not in readable:
+        if sock.fileno() not in ready:
             continue
         length = sock.recv_into(buffer, SNAPLEN, socket.MSG_TRUNC)
         kept = min(length, SNAPLEN)

@@ -232,9 +232,10 @@ class ControlServer:
                 records.put_nowait(None)
 
         stop = path.trace(sink)
+        watcher = threading.Thread(target=hangup, name="trace-hangup", daemon=True)
         try:
             send_json(client, {"ok": True, "result": {}})
-            threading.Thread(target=hangup, name="trace-hangup", daemon=True).start()
+            watcher.start()
             deadline = time.monotonic() + req.duration if req.duration else None
             responses = 0
             while (not req.count or responses < req.count) and not gone.is_set():
@@ -248,11 +249,17 @@ class ControlServer:
                 if record is None:
                     return
                 send_json(client, record)
-                responses += record["ev"] == "rsp"
+                responses += record.get("ev") == "rsp"
             if lost:
                 send_json(client, {"ev": "lost", "count": lost})
         finally:
             stop()
+            # The end of the stream: the client sees it, and the hang-up watcher wakes from its
+            # recv (closing the socket alone would not wake it).
+            with contextlib.suppress(OSError):
+                client.shutdown(socket.SHUT_RDWR)
+            if watcher.is_alive():
+                watcher.join(timeout=5.0)
 
 
 def _peer_is_root(client: socket.socket) -> bool:

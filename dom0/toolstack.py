@@ -17,6 +17,7 @@ import json
 import logging
 import queue
 import threading
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -479,8 +480,9 @@ class Toolstack:
         with self.lock:
             state = self.domains.get(domid)
         self.hc.call(hc.DomctlDestroy(domid=domid))
+        deadline = time.monotonic() + DEVICE_TIMEOUT
         released = (state is None or state.gone.wait(DEVICE_TIMEOUT)) and (
-            self.devices.wait_released(domid, DEVICE_TIMEOUT)
+            self.devices.wait_released(domid, max(0.0, deadline - time.monotonic()))
         )
         if not released:
             log.warning("dom%d destroyed; its devices were not all released in time", domid)

@@ -94,7 +94,8 @@ class Counters(CounterPage):
     def error(self, reason: str) -> None:
         """A refused tx packet: counted; its reason goes to the log (not per packet above
         debug level: a hostile frontend chooses how often)."""
-        self.tx_errors += 1
+        with self.lock:  # a fault line counts TAP refusals too
+            self.tx_errors += 1
         log.debug("tx packet refused: %s", reason)
 
     def spoofed(self, reason: str) -> None:
@@ -350,7 +351,8 @@ class TxPath:
         try:
             os.writev(self.tap_fd, views)
         except BlockingIOError:
-            self.counters.tx_dropped += 1
+            with self.counters.lock:  # a fault line counts its drops too
+                self.counters.tx_dropped += 1
         except OSError as exc:
             if exc.errno not in (errno.EIO, errno.EINVAL):
                 raise
@@ -579,11 +581,11 @@ class RxPath:
         try:
             offload = N.offload_from_vnet(self._header)
         except N.UnsupportedOffload:
-            self.counters.rx_dropped += 1
+            self._dropped()
             return True
         gso = offload.gso_type != N.XEN_NETIF_GSO_TYPE_NONE
         if gso and not self.gso:
-            self.counters.rx_dropped += 1
+            self._dropped()
             return True
         if not gso:
             for i in range(1, used):
@@ -592,6 +594,10 @@ class RxPath:
         self.counters.rx_packets += 1
         self.counters.rx_bytes += length
         return True
+
+    def _dropped(self) -> None:
+        with self.counters.lock:  # a fault line counts its drops too
+            self.counters.rx_dropped += 1
 
     def _respond(self, offload: N.Offload, length: int, used: int, gso: bool) -> None:
         flags = (N.NETRXF_csum_blank if offload.csum_blank else 0) | (

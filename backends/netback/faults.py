@@ -235,13 +235,13 @@ class FaultLine:
             for one in frames:
                 self._send(direction, one)
             return
-        _count(c, "fault_delayed")
         due = time.monotonic() + decision.delay
         for one in frames:
             if len(self._held) >= LIMIT:
                 _count(c, f"{direction}_dropped")
-                return
+                continue
             heapq.heappush(self._held, (due, next(self._order), direction, one))
+            _count(c, "fault_delayed")
 
     def _release(self) -> None:
         """Send every held frame that is due, earliest first."""
@@ -277,4 +277,7 @@ def _pair() -> tuple[int, int]:
 
 
 def _count(counters: Counters, name: str) -> None:
-    setattr(counters, name, getattr(counters, name) + 1)
+    """One more of ``name``; under the counters' lock, since the queue's paths count their
+    own drops and errors in the same fields."""
+    with counters.lock:
+        setattr(counters, name, getattr(counters, name) + 1)

@@ -3,7 +3,8 @@ network namespace of the domain that runs the backend (dom0's is the host's).
 
 A vif's backend side is the TAP ``vif<domid>.<devid>``: opened on /dev/net/tun (channels/tun.py),
 which creates it, then enslaved to its bridge and brought up through netlink, with no IPv6 of
-its own (``no_ipv6``). A bridge hyper
+its own (``no_ipv6``). A bridge hyper creates floods multicast instead of snooping it: like its
+TAPs, it says nothing of its own on the wire. A bridge hyper
 creates is marked by an alias so that it is removed with its last vif (and by `hyperctl
 cleanup`), and, on the host, frames between its ports are let through the host's firewall
 (backends/netback/firewall.py; a driver domain's own namespace has no such policy); a bridge
@@ -48,7 +49,9 @@ def ensure_bridge(ipr: IPRoute, name: str, firewall_rule: bool = True) -> int:
     index = _index(ipr, name)
     if index is None:
         try:
-            ipr.link("add", ifname=name, kind="bridge")
+            # A plain switch: it floods multicast rather than snooping it, so it never sends
+            # IGMP or MLD reports of its own (a snooping bridge joins the all-snoopers groups).
+            ipr.link("add", ifname=name, kind="bridge", br_mcast_snooping=0)
         except NetlinkError as exc:
             if exc.code != 17:  # EEXIST: another vif made it first
                 raise TapError(f"bridge {name}: {exc}") from exc

@@ -71,7 +71,12 @@ def start(
         paths.append((tx, rx))
     faults = Faults(params["name"], paths, counters)
     faults.set(params.get("faults", ""))
-    link.on_settings = lambda changed: faults.set(str(changed.get("faults", "")))
+
+    def settings(changed: dict[str, Any]) -> None:
+        if "faults" in changed:
+            faults.set(str(changed["faults"]))
+
+    link.on_settings = settings
     for tx, rx in paths:
         tx.thread.start()
         rx.thread.start()

@@ -223,8 +223,12 @@ def stop_hypervisor() -> None:
 
 @pytest.fixture(scope="session")
 def clean_machine() -> Iterator[None]:
-    """The machine is clean before the session's hypervisor starts, and once it has halted."""
+    """The machine is clean before the session's hypervisor starts, and once it has halted;
+    it has what hyper needs (the plugin's ``hyper`` would skip without it: here, a host that
+    cannot run the tests fails them)."""
     require_root()
+    missing = pytest_plugin.missing_requirements()
+    assert not missing, f"hyper cannot run on this host: missing {', '.join(missing)}"
     stale = leftovers()
     assert not stale, f"the machine is not clean before the tests: {stale}"
     yield
