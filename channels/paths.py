@@ -33,6 +33,18 @@ class RunDir:
         return self.root / "keeper.sock"
 
     @property
+    def store_dir(self) -> Path:
+        """The store's directory: its socket when dom0 runs it, its journal when the stub
+        domain does (that domain's kernel's alone, then)."""
+        return self.root / "xenstored"
+
+    @property
+    def store_socket(self) -> Path:
+        """Where dom0 serves the store to the host's root, as xenstored serves
+        ``/run/xenstored/socket``: Xen's xenstore tools reach it with ``XENSTORED_PATH``."""
+        return self.store_dir / "socket"
+
+    @property
     def state_file(self) -> Path:
         """hyperd's tables, rewritten after every change, for a restarted hyperd to adopt."""
         return self.root / "hyperd.state"

@@ -1,5 +1,9 @@
 """dom0: the store, the toolstack and the backends, in one privileged process.
 
+The store is also served to the host's root on ``/run/hyper/xenstored/socket`` (RunDir's
+``store_socket``), with dom0's privileges, as xenstored serves ``/run/xenstored/socket``: Xen's
+own ``xenstore-*`` tools and clients such as pyxs reach it with ``XENSTORED_PATH``.
+
 hyperd starts it with its hypercall socket (``--hypercall-fd``) and restarts it if it dies,
 with ``--recover``: the new dom0 then starts from the store the old one left on disk
 (xenstored/journal.py), forgets the domains that ended meanwhile, takes each live domain's
@@ -50,6 +54,7 @@ from dom0.toolstack import Toolstack
 from xenstored.core import Store
 from xenstored.journal import Journal, StoreFormatError
 from xenstored.local import connect_local
+from xenstored.stream import UnixSocketServer
 
 log = logging.getLogger("dom0")
 
@@ -101,6 +106,12 @@ def _run(argv: list[str] | None) -> int:
         page = attach(ring["segment"])  # mapped for as long as dom0 runs
         xs = XenstoreRing(page.buf, evtchn, name="dom0-store").start().client
     toolstack = Toolstack(hc, store, xs, events)
+    host_socket = None
+    if store is not None:  # Xen's own tools, root's alone (the run directory is root's, 0700)
+        run.store_dir.mkdir(mode=0o700, exist_ok=True)
+        run.store_socket.unlink(missing_ok=True)  # a killed dom0's
+        host_socket = UnixSocketServer(store, str(run.store_socket))
+        toolstack.store_socket = run.store_socket
     signal.signal(signal.SIGTERM, lambda *_: toolstack.stopped.set())
     if args.recover:
         toolstack.recover()
@@ -114,6 +125,8 @@ def _run(argv: list[str] | None) -> int:
     log.info("dom0 up; toolstack on %s", run.toolstack_socket)
     toolstack.stopped.wait()
     server.close()
+    if host_socket is not None:
+        host_socket.close()
     backends.stop()
     for bridge in remove_our_bridges():
         log.info("removed bridge %s", bridge)

@@ -92,6 +92,8 @@ class Toolstack:
         self.events = events
         self.stopped = threading.Event()
         self.drivers: BackendDrivers | None = None  # set by dom0.main
+        #: Where dom0 serves the store to the host (dom0.main sets it when it runs the store).
+        self.store_socket: Path | None = None
         self.devices = Devices(
             xs, self._device_stats, self._backend_domid, self._link_device, self._hand_over
         )
@@ -560,9 +562,15 @@ class Toolstack:
         return result
 
     def host_info(self) -> Any:
-        """Always allowed: host and hypervisor facts, and which data-path pumps the backends
-        dom0 starts run (channels.pumps: native or the Python reference)."""
-        return {**self.hc.call(hc.SysctlInfo()), "pumps": pumps.describe()}
+        """Always allowed: host and hypervisor facts, which data-path pumps the backends dom0
+        starts run (channels.pumps: native or the Python reference), and where dom0 serves
+        the store to Xen's own tools."""
+        served = (
+            str(self.store_socket)
+            if self.store_socket is not None
+            else "none (the store runs in its stub domain, Xenstore)"
+        )
+        return {**self.hc.call(hc.SysctlInfo()), "pumps": pumps.describe(), "store_socket": served}
 
     def dmesg(self, clear: bool = False) -> Any:
         """Always allowed: the hypervisor's log."""

@@ -74,7 +74,7 @@ class StoreDomainLifecycle:
     @property
     def state_dir(self) -> Path:
         """Where its journal lives on the host: the run directory's, its kernel's alone."""
-        return self.hv.run.root / "xenstored"
+        return self.hv.run.store_dir
 
     def build(self) -> Domain:
         """Build it (first thing, before dom0: dom0's store ring is made with it)."""

@@ -11,7 +11,8 @@
 # iptables (a bridge hyper makes lets its frames through FORWARD: backends/netback/firewall.py, and
 # the tests set a Docker-like DROP policy to check it), libxen-dev (Xen's public headers, which
 # the tests compare every shared page's layout with), tshark (the tests read `hyperctl capture`'s
-# pcap files with it).
+# pcap files with it), xenstore-utils (Xen's own xenstore-* tools, which the tests run against
+# dom0's store socket).
 # The native pumps are (re)built in place whenever a source under channels/native/ is newer
 # than its module; without a compiler the Python pumps run (``hyperctl info`` says which).
 # Python packages: `pip install -e '.[test]'` (hyper, editable, with its test extras) into the
@@ -30,9 +31,9 @@ repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 python=${PYTHON:-python3}
 
 APT_PACKAGES=(python3 python3-pip iproute2 util-linux procps iperf3 fio iputils-ping e2fsprogs fuse3
-    gcc python3-dev clang iptables libxen-dev tshark)
+    gcc python3-dev clang iptables libxen-dev tshark xenstore-utils)
 HOST_TOOLS=(ip nsenter setpriv flock ps pgrep iperf3 fio ping mkfs.ext4 fsck.ext4 fusermount3 gcc
-    clang iptables tshark)
+    clang iptables tshark xenstore-ls)
 
 say() { printf 'setup: %s\n' "$*" >&2; }
 die() {
