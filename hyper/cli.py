@@ -636,6 +636,32 @@ def _trace_line(record: dict[str, Any]) -> str:
     return line
 
 
+def cmd_metrics(args: argparse.Namespace) -> int:
+    """``metrics [--listen ADDR:PORT]``: the Prometheus text format, printed or served."""
+    from hyper import metrics  # prometheus_client: only for this command
+
+    hv = api.Hypervisor()
+    if args.listen is None:
+        sys.stdout.write(metrics.exposition(hv).decode())
+        return 0
+    address, sep, port = args.listen.rpartition(":")
+    if not sep or not port.isdecimal() or not 0 < int(port) < 65536:
+        raise BadInput(
+            f"metrics: --listen: {args.listen!r} is not ADDR:PORT, such as 127.0.0.1:9100"
+        )
+    hv.domains()  # fails now, with its one line, if no hypervisor runs
+    try:
+        metrics.serve(hv, address.strip("[]") or "0.0.0.0", int(port))
+    except OSError as exc:
+        raise BadInput(f"metrics: --listen {args.listen}: {exc.strerror}") from exc
+    print(f"metrics: serving http://{args.listen}/metrics (Ctrl-C stops)", file=sys.stderr)
+    try:
+        threading.Event().wait()
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
 def cmd_store(args: argparse.Namespace) -> int:
     if args.op == "ls":
         for path, value in api.call(control.StoreLs(path=args.path)):
@@ -795,6 +821,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-c", dest="count", type=int, default=0, help="stop after COUNT responses")
     p.add_argument("--duration", type=float, default=0.0, help="stop after SECONDS")
     p.set_defaults(func=cmd_trace)
+
+    p = sub.add_parser("metrics", help="the hypervisor's figures for Prometheus")
+    p.add_argument(
+        "--listen", default=None, metavar="ADDR:PORT", help="serve them over HTTP until stopped"
+    )
+    p.set_defaults(func=cmd_metrics)
 
     p = sub.add_parser("store", help="read and change the store")
     p.add_argument("op", choices=["ls", "read", "write", "rm", "watch"])
