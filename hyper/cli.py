@@ -636,6 +636,21 @@ def _trace_line(record: dict[str, Any]) -> str:
     return line
 
 
+def cmd_check(args: argparse.Namespace) -> int:
+    """``check [--demo] [--quiet] [--json]``: what hyper needs of this host; 0 if it can run."""
+    from hyper.check import OK, can_run, check
+
+    findings = check(demo=args.demo)
+    if args.json:
+        print(json.dumps([vars(f) for f in findings], indent=2))
+    for f in findings if not args.json else ():
+        if f.status == OK and args.quiet:
+            continue
+        line = f"{f.status:<15}  {f.what:<16} {f.detail}"
+        print(line + (f": {f.remedy}" if f.remedy and f.status != OK else ""))
+    return 0 if can_run(findings) else 1
+
+
 def cmd_metrics(args: argparse.Namespace) -> int:
     """``metrics [--listen ADDR:PORT]``: the Prometheus text format, printed or served."""
     from hyper import metrics  # prometheus_client: only for this command
@@ -821,6 +836,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-c", dest="count", type=int, default=0, help="stop after COUNT responses")
     p.add_argument("--duration", type=float, default=0.0, help="stop after SECONDS")
     p.set_defaults(func=cmd_trace)
+
+    p = sub.add_parser("check", help="whether hyper can run on this host, and what it lacks")
+    p.add_argument("--demo", action="store_true", help="also what the demo needs")
+    p.add_argument("--quiet", action="store_true", help="only what is not ok")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_check)
 
     p = sub.add_parser("metrics", help="the hypervisor's figures for Prometheus")
     p.add_argument(

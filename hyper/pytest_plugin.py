@@ -13,8 +13,9 @@
 
 - ``hyper`` (session): the hypervisor, as an ``api.Hypervisor``. One already running is used as
   it is; otherwise one is started for the session and halted at its end. The first test that
-  asks for it checks, once, what hyper needs (root, ``/dev/net/tun``, ``/dev/fuse``, ``nsenter``,
-  ``setpriv``); where one is missing every such test is skipped with one line saying which.
+  asks for it checks, once, what hyper needs (`hyperctl check`: root, ``/dev/net/tun``,
+  ``/dev/fuse``, namespaces, cgroups, ``nsenter``, ...); where one is missing every such test is
+  skipped with one line saying which, and its remedy.
 - ``hyper_domain`` (function): a factory. ``hyper_domain(config=None, **keys)`` creates a domain
   from a dict (or a YAML path, or a config model), with ``keys`` added and a unique name unless
   one is given, and returns it once it runs; every domain it made is destroyed at teardown,
@@ -32,7 +33,6 @@ from __future__ import annotations
 import contextlib
 import itertools
 import os
-import shutil
 import subprocess
 from collections.abc import Callable, Generator, Iterator
 from pathlib import Path
@@ -51,17 +51,11 @@ _REPORTED = pytest.StashKey[list[api.Domain]]()
 
 
 def missing_requirements() -> list[str]:
-    """What hyper needs of this host and does not find here, one short phrase each."""
-    missing = []
-    if os.geteuid() != 0:
-        missing.append("root")
-    for device in ("/dev/net/tun", "/dev/fuse"):
-        if not os.path.exists(device):
-            missing.append(device)
-    for tool in ("nsenter", "setpriv", "ip"):
-        if shutil.which(tool) is None:
-            missing.append(tool)
-    return missing
+    """What hyper needs of this host and does not find here (`hyperctl check`), one short
+    phrase each, with its remedy."""
+    from hyper.check import MISSING, check
+
+    return [f"{f.what} ({f.remedy})" for f in check() if f.status == MISSING]
 
 
 class TestDomain(api.Domain):

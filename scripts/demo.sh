@@ -33,6 +33,7 @@ python=$(bash "$repo/scripts/setup.sh")
 # From the checkout's top, `python -m hyper.cli` runs this checkout's hyperctl.
 cd "$repo"
 hyperctl() { "$python" -m hyper.cli "$@"; }
+hyperctl check --demo --quiet || { say "this host cannot run the demo: see above"; exit 1; }
 # Shows each command as one would type it: arguments with spaces or shell syntax in quotes.
 shown() {
     local arg out=()

@@ -165,5 +165,10 @@ if ! installed; then
     flock -u 9
 fi
 build_native
+# Whether this host can run hyper (as root: a user who only installs is not asked for root).
+if [ "$(id -u)" -eq 0 ]; then
+    (cd "$repo" && "$python" -m hyper.cli check --quiet >&2) ||
+        die "this host cannot run hyper: see above (hyperctl check lists everything)"
+fi
 say "ready: $python ($("$python" --version 2>&1)), hyper from $repo"
 echo "$python"

@@ -1,0 +1,131 @@
+"""`hyperctl check` (hyper/check.py) on fake hosts: a prepared directory holding what a host's
+/dev, /proc and /sys would, complete (everything ok) and then with each piece taken away (that
+piece, and only it, is missing, with its remedy)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from hyper.check import CHANGED, MISSING, NAMESPACES, OK, Host, can_run, check
+
+
+def fake_host(root: Path, cgroup: str = "v2") -> Path:
+    """A host with everything hyper needs: devices, namespaces, a cgroup hierarchy."""
+    for device in ("dev/net/tun", "dev/loop-control", "dev/fuse"):
+        (root / device).parent.mkdir(parents=True, exist_ok=True)
+        (root / device).touch()
+    (root / "proc/self/ns").mkdir(parents=True)
+    for ns in NAMESPACES:
+        (root / "proc/self/ns" / ns).touch()
+    (root / "proc/sys/user").mkdir(parents=True)
+    (root / "proc/sys/user/max_user_namespaces").write_text("15000\n")
+    (root / "sys/fs/cgroup").mkdir(parents=True)
+    if cgroup == "v2":
+        (root / "sys/fs/cgroup/cgroup.controllers").write_text("cpuset cpu io memory pids\n")
+        (root / "proc/self/mountinfo").write_text("")
+    else:
+        mounts = "".join(
+            f"3{i} 25 0:2{i} / {root}/sys/fs/cgroup/{c} rw - cgroup cgroup rw,{c}\n"
+            for i, c in enumerate(("memory", "cpu", "cpuacct", "pids", "freezer"))
+        )
+        (root / "proc/self/mountinfo").write_text(mounts)
+    return root
+
+
+def found(tool: str) -> str | None:
+    return f"/usr/bin/{tool}"
+
+
+def without(missing: str) -> Callable[[str], str | None]:
+    """A PATH on which every tool is but ``missing``."""
+    return lambda tool: None if tool == missing else found(tool)
+
+
+def statuses(host: Host) -> dict[str, str]:
+    return {f.what: f.status for f in check(host)}
+
+
+@pytest.mark.parametrize("cgroup", ["v1", "v2"])
+def test_a_complete_host_is_all_ok(tmp_path: Path, cgroup: str) -> None:
+    host = Host(root=fake_host(tmp_path, cgroup), euid=0, python=(3, 11), which=found)
+    findings = check(host)
+    assert {f.status for f in findings} == {OK}, findings
+    assert can_run(findings)
+    assert [f.detail for f in findings if f.what == "cgroups"] == [cgroup]
+
+
+TAKEN_AWAY: dict[str, Callable[[Path], object]] = {
+    "TUN/TAP": lambda root: (root / "dev/net/tun").unlink(),
+    "loop devices": lambda root: (root / "dev/loop-control").unlink(),
+    "FUSE": lambda root: (root / "dev/fuse").unlink(),
+    "namespaces": lambda root: (root / "proc/self/ns/user").unlink(),
+    "user namespaces": lambda root: (root / "proc/sys/user/max_user_namespaces").write_text("0"),
+    "cgroups": lambda root: (root / "sys/fs/cgroup/cgroup.controllers").write_text("cpu io\n"),
+}
+
+
+@pytest.mark.parametrize("what", TAKEN_AWAY)
+def test_each_missing_piece_is_reported_alone_with_its_remedy(tmp_path: Path, what: str) -> None:
+    root = fake_host(tmp_path)
+    TAKEN_AWAY[what](root)
+    findings = check(Host(root=root, euid=0, python=(3, 11), which=found))
+
+    assert [f.what for f in findings if f.status != OK] == [what]
+    (finding,) = [f for f in findings if f.what == what]
+    assert finding.status == MISSING and finding.remedy
+    assert not can_run(findings)
+
+
+def test_no_root_an_old_python_and_a_missing_tool_are_each_reported(tmp_path: Path) -> None:
+    host = Host(
+        root=fake_host(tmp_path),
+        euid=1000,
+        python=(3, 9),
+        which=lambda t: None if t == "nsenter" else found(t),
+    )
+    assert {w: s for w, s in statuses(host).items() if s != OK} == {
+        "root": MISSING,
+        "Python": MISSING,
+        "nsenter": MISSING,
+    }
+
+
+def test_the_demo_also_needs_iperf3_and_fio(tmp_path: Path) -> None:
+    host = Host(
+        root=fake_host(tmp_path),
+        euid=0,
+        python=(3, 11),
+        which=lambda t: None if t == "fio" else found(t),
+    )
+    assert can_run(check(host))
+    demo = {f.what: f.status for f in check(host, demo=True)}
+    assert demo["fio"] == MISSING and demo["iperf3"] == OK
+
+
+def test_a_bridge_firewall_is_what_hyper_changes_not_a_lack(tmp_path: Path) -> None:
+    root = fake_host(tmp_path)
+    (root / "proc/sys/net/bridge").mkdir(parents=True)
+    (root / "proc/sys/net/bridge/bridge-nf-call-iptables").write_text("1\n")
+    findings = check(Host(root=root, euid=0, python=(3, 11), which=found))
+    assert (
+        statuses(Host(root=root, euid=0, python=(3, 11), which=found))["bridge firewall"] == CHANGED
+    )
+    assert can_run(findings)
+
+
+def test_hyperctl_check_exits_0_on_this_host_and_lists_everything() -> None:
+    run = subprocess.run(
+        [sys.executable, "-m", "hyper.cli", "check"], capture_output=True, text=True
+    )
+    assert {line.split("  ")[0].strip() for line in run.stdout.splitlines()} <= {
+        OK,
+        MISSING,
+        CHANGED,
+    }
+    assert len(run.stdout.splitlines()) == len(check())
+    assert run.returncode == (0 if can_run(check()) else 1)
