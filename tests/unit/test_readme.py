@@ -34,7 +34,8 @@ README = REPO / "README.md"
 PACKAGES = ("channels", "hyperd", "backends", "dom0", "domu", "hyper", "bench")
 FIRST_SCREEN_LINES = 40
 
-_FENCE = re.compile(r"^```[^\n]*\n(.*?)^```", re.MULTILINE | re.DOTALL)
+#: A code block, with its language (commands are in a shell's, ```sh, or one that names none).
+_FENCE = re.compile(r"^```([^\n]*)\n(.*?)^```", re.MULTILINE | re.DOTALL)
 _CODE_MAP_LINE = re.compile(r"^- `([^`]+)`: \S")
 _CLI_LINE = re.compile(r"^- `hyperctl ([^`]+)`: \S")
 _OPTION = re.compile(r"(?<![\w-])--?[A-Za-z][\w-]*")
@@ -58,10 +59,12 @@ def section(title: str) -> str:
 
 
 def commands(text: str) -> list[str]:
-    """Every non-blank, non-comment line inside the code blocks of ``text``."""
+    """Every non-blank, non-comment line inside the shell code blocks of ``text`` (not the
+    Python, YAML or output ones)."""
     return [
         line.strip()
-        for block in _FENCE.findall(text)
+        for language, block in _FENCE.findall(text)
+        if language in ("", "sh", "bash")
         for line in block.splitlines()
         if line.strip() and not line.strip().startswith("#")
     ]
