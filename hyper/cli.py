@@ -161,7 +161,7 @@ def _top_rows(
     domains: list[dict[str, Any]],
     interval: float,
     devices: dict[str, list[dict[str, Any]]],
-) -> list[list[str]]:
+) -> list[list[Any]]:
     """One row per domain: xentop's columns, then each device kind's (channels/kinds.py)."""
     rows = []
     for d in domains:
@@ -170,17 +170,25 @@ def _top_rows(
         row = [
             d["name"],
             d["state"],
-            f"{d['cpu_time']:.1f}",
-            f"{pct:.1f}",
-            str(d.get("mem_usage", 0) // 1024),
-            str(d["memory"] * 1024),
-            str(d["vcpus"]),
+            round(float(d["cpu_time"]), 1),
+            round(pct, 1),
+            int(d.get("mem_usage", 0)) // 1024,
+            int(d["memory"]) * 1024,
+            int(d["vcpus"]),
         ]
         for kind in KINDS:
             mine = [v for v in devices[kind.xenbus_type] if v["domid"] == d["domid"]]
-            row += [str(column.value(mine)) for column in kind.top]
+            row += [column.value(mine) for column in kind.top]
         rows.append(row)
     return rows
+
+
+def _top_key(header: str) -> str:
+    """A top column's name in JSON: ``CPU(sec)`` is ``cpu_seconds``, ``NETTX(k)``
+    ``nettx_kib``."""
+    for unit, suffix in (("(k)", "_kib"), ("(sec)", "_seconds"), ("(%)", "_percent")):
+        header = header.replace(unit, suffix)
+    return header.lower()
 
 
 TOP_COLUMNS = [
@@ -195,7 +203,13 @@ TOP_COLUMNS = [
 ]
 
 
+def _cell(value: Any) -> str:
+    return f"{value:.1f}" if isinstance(value, float) else str(value)
+
+
 def cmd_top(args: argparse.Namespace) -> int:
+    if args.json and not args.batch:
+        raise BadInput("top: --json needs -b (batch mode)")
     from rich.console import Console
     from rich.live import Live
     from rich.table import Table
@@ -205,7 +219,7 @@ def cmd_top(args: argparse.Namespace) -> int:
         for col in TOP_COLUMNS:
             t.add_column(col, justify="left" if col in ("NAME", "STATE") else "right")
         for row in rows:
-            t.add_row(*row)
+            t.add_row(*map(_cell, row))
         return t
 
     before: dict[int, float] = {}
@@ -229,10 +243,14 @@ def cmd_top(args: argparse.Namespace) -> int:
             iteration += 1
             if live is not None:
                 live.update(table(rows), refresh=True)
+            elif args.json:
+                keys = [_top_key(c) for c in TOP_COLUMNS]
+                records = [dict(zip(keys, row, strict=True)) for row in rows]
+                print(json.dumps({"domains": records}), flush=True)
             else:
                 print(" ".join(f"{c:>10}" for c in TOP_COLUMNS))
                 for row in rows:
-                    print(" ".join(f"{c:>10}" for c in row))
+                    print(" ".join(f"{_cell(c):>10}" for c in row))
                 print(flush=True)
             if args.iterations is not None and iteration >= args.iterations:
                 break
@@ -247,13 +265,20 @@ def cmd_top(args: argparse.Namespace) -> int:
 
 def cmd_info(args: argparse.Namespace) -> int:
     info = api.call(control.Info())
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
     for key, value in info.items():
         print(f"{key:<20}: {value}")
     return 0
 
 
 def cmd_dmesg(args: argparse.Namespace) -> int:
-    for line in api.call(control.Dmesg(clear=args.clear)):
+    lines = api.call(control.Dmesg(clear=args.clear))
+    if args.json:
+        print(json.dumps(lines, indent=2))
+        return 0
+    for line in lines:
         print(line)
     return 0
 
@@ -679,7 +704,11 @@ def cmd_metrics(args: argparse.Namespace) -> int:
 
 def cmd_store(args: argparse.Namespace) -> int:
     if args.op == "ls":
-        for path, value in api.call(control.StoreLs(path=args.path)):
+        nodes = api.call(control.StoreLs(path=args.path))
+        if args.json:
+            print(json.dumps([{"path": path, "value": value} for path, value in nodes], indent=2))
+            return 0
+        for path, value in nodes:
             print(f"{path} = {json.dumps(value)}")
     elif args.op == "read":
         print(api.call(control.StoreRead(path=args.path)))
@@ -768,14 +797,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("domain")
     p.set_defaults(func=cmd_console)
 
-    sub.add_parser("info", help="host and hypervisor information").set_defaults(func=cmd_info)
+    p = sub.add_parser("info", help="host and hypervisor information")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_info)
 
     p = sub.add_parser("dmesg", help="the hypervisor's log")
     p.add_argument("-c", dest="clear", action="store_true", help="clear it after printing")
+    p.add_argument("--json", action="store_true", help="as a JSON list of lines")
     p.set_defaults(func=cmd_dmesg)
 
     p = sub.add_parser("top", help="per-domain CPU and memory, refreshing")
     p.add_argument("-b", dest="batch", action="store_true", help="batch output")
+    p.add_argument(
+        "--json", action="store_true", help="with -b: one JSON object a round (a line each)"
+    )
     p.add_argument("-n", dest="iterations", type=int, default=None)
     p.add_argument("-d", dest="delay", type=float, default=3.0)
     p.set_defaults(func=cmd_top)
@@ -854,6 +889,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("path")
     p.add_argument("value", nargs="?")
     p.add_argument("-n", dest="count", type=int, default=None, help="watch: stop after N events")
+    p.add_argument("--json", action="store_true", help="ls: as a JSON list")
     p.set_defaults(func=cmd_store)
 
     p = sub.add_parser(
