@@ -62,6 +62,7 @@ def check(host: Host | None = None, demo: bool = False) -> list[Finding]:
         _device(host, "/dev/fuse", "FUSE", "modprobe fuse"),
         _namespaces(host),
         _user_namespaces(host),
+        _apparmor_userns(host),
         _cgroups(host),
         _bridge_firewall(host),
     ]
@@ -115,6 +116,20 @@ def _user_namespaces(host: Host) -> Finding:
         MISSING,
         "max_user_namespaces is 0",
         "sysctl -w user.max_user_namespaces=15000",
+    )
+
+
+def _apparmor_userns(host: Host) -> Finding:
+    """Ubuntu 24.04's AppArmor restriction on unprivileged user namespaces: it covers a process
+    without CAP_SYS_ADMIN, and a domain's boot process makes its user namespace as host root
+    (domu/boot.py), before it drops anything."""
+    setting = host.read("/proc/sys/kernel/apparmor_restrict_unprivileged_userns")
+    if setting != "1":
+        return Finding("AppArmor userns", OK, "no restriction on user namespaces")
+    return Finding(
+        "AppArmor userns",
+        OK,
+        "restricted for unprivileged processes; hyper makes its user namespaces as root",
     )
 
 

@@ -129,3 +129,13 @@ def test_hyperctl_check_exits_0_on_this_host_and_lists_everything() -> None:
     }
     assert len(run.stdout.splitlines()) == len(check())
     assert run.returncode == (0 if can_run(check()) else 1)
+
+
+def test_ubuntus_apparmor_restriction_is_reported_and_does_not_stop_hyper(tmp_path: Path) -> None:
+    root = fake_host(tmp_path)
+    (root / "proc/sys/kernel").mkdir(parents=True)
+    (root / "proc/sys/kernel/apparmor_restrict_unprivileged_userns").write_text("1\n")
+    findings = check(Host(root=root, euid=0, python=(3, 11), which=found))
+    (apparmor,) = [f for f in findings if f.what == "AppArmor userns"]
+    assert apparmor.status == OK and "as root" in apparmor.detail
+    assert can_run(findings)
