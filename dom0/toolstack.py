@@ -626,7 +626,7 @@ class Toolstack:
         info = self._guest(request.domain)
         if info["status"] != "running":
             raise HyperError(f"domain {info['name']} is not running")
-        kind, device = _fault_device(request.device)
+        kind, device = _named_device(request.device)
         parse = parse_net if kind is VIF else parse_block
         spec = str(parse(request.spec, "fault")) if request.spec else ""
         return self.devices.set_faults(info["domid"], info["name"], kind, device, spec)
@@ -677,7 +677,7 @@ class Toolstack:
         info = self._guest(domain)
         if info["status"] != "running":
             raise HyperError(f"domain {info['name']} is not running")
-        named, label = _fault_device(device)
+        named, label = _named_device(device)
         if named is not kind:
             raise BadInput(f"{what}: {device!r} is not a {kind.what}")
         devid = self.devices.find(info["domid"], info["name"], kind, label)
@@ -700,7 +700,7 @@ class Toolstack:
         return info["domid"], console
 
 
-def _fault_device(device: str) -> tuple[DeviceKind, str]:
+def _named_device(device: str) -> tuple[DeviceKind, str]:
     """The kind and the device a ``fault``, ``capture`` or ``trace`` names: ``vif<N>`` a vif
     by its index, anything else a disk by its vdev (or devid); BadInput for a vif named
     otherwise."""

@@ -668,11 +668,10 @@ def cmd_check(args: argparse.Namespace) -> int:
     findings = check(demo=args.demo)
     if args.json:
         print(json.dumps([vars(f) for f in findings], indent=2))
-    for f in findings if not args.json else ():
-        if f.status == OK and args.quiet:
-            continue
-        line = f"{f.status:<15}  {f.what:<16} {f.detail}"
-        print(line + (f": {f.remedy}" if f.remedy and f.status != OK else ""))
+    else:
+        for f in (f for f in findings if f.status != OK or not args.quiet):
+            line = f"{f.status:<15}  {f.what:<16} {f.detail}"
+            print(line + (f": {f.remedy}" if f.remedy and f.status != OK else ""))
     return 0 if can_run(findings) else 1
 
 

@@ -8,13 +8,13 @@ review the diff."""
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from tests.golden import assert_matches_golden
 from tests.integration.conftest import domain_info, hyperctl
 from tests.integration.test_block import disk
 from tests.integration.test_network import vif
@@ -67,12 +67,7 @@ def test_json_output_matches_its_golden_schema(
 
     actual = json.dumps(shape(json.loads(hyperctl(*argv).out)), indent=2) + "\n"
 
-    golden = GOLDEN / f"{command}.json"
-    if os.environ.get("HYPER_UPDATE_GOLDEN") == "1":
-        golden.parent.mkdir(parents=True, exist_ok=True)
-        golden.write_text(actual)
-    assert golden.exists(), f"no golden file {golden}; run with HYPER_UPDATE_GOLDEN=1"
-    assert actual == golden.read_text()
+    assert_matches_golden(actual, GOLDEN / f"{command}.json")
 
 
 def test_every_golden_schema_has_its_command() -> None:

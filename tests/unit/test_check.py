@@ -4,6 +4,7 @@ piece, and only it, is missing, with its remedy)."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from collections.abc import Callable
@@ -128,7 +129,8 @@ def test_hyperctl_check_exits_0_on_this_host_and_lists_everything() -> None:
         CHANGED,
     }
     assert len(run.stdout.splitlines()) == len(check())
-    assert run.returncode == (0 if can_run(check()) else 1)
+    # This host (and CI's) runs hyper as root; without root, that is what is missing.
+    assert run.returncode == (0 if os.geteuid() == 0 else 1), run.stdout
 
 
 def test_ubuntus_apparmor_restriction_is_reported_and_does_not_stop_hyper(tmp_path: Path) -> None:

@@ -27,6 +27,7 @@ from channels.config import (
     parse_vif_spec,
     random_mac,
 )
+from tests.golden import assert_matches_golden
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = ROOT / "configs"
@@ -57,12 +58,7 @@ def test_configs_folder_has_the_demo_domain() -> None:
 @pytest.mark.parametrize("path", CONFIG_FILES, ids=lambda p: p.stem)
 def test_dry_run_output_matches_golden(path: Path) -> None:
     actual = golden_text(load_config(path))
-    golden = GOLDEN / f"{path.stem}.json"
-    if os.environ.get("HYPER_UPDATE_GOLDEN") == "1":
-        golden.parent.mkdir(parents=True, exist_ok=True)
-        golden.write_text(actual)
-    assert golden.exists(), f"no golden file {golden}; run with HYPER_UPDATE_GOLDEN=1"
-    assert actual == golden.read_text()
+    assert_matches_golden(actual, GOLDEN / f"{path.stem}.json")
 
 
 def test_every_golden_file_has_a_config() -> None:
