@@ -12,7 +12,8 @@ inherited: ``device_fd`` (the native device; a device of several queues passes t
 fds too, named in its own parameters), ``control_fd`` (a socket to dom0) and ``counters_fd``
 (a page of u64 counters that dom0 reads whenever it is asked, sealed at its size: the worker
 can neither shrink it under dom0's reads nor grow it; a device of several queues counts each
-queue in a block of its own, which dom0 adds up). The parameters name the
+queue in a block of its own, which dom0 adds up; after the blocks, each of the device's rings
+counts its figures, channels/ring.py's RING_FIGURES: ``ring_figures``). The parameters name the
 frontend's domain (``frontend``), the device (``device``, ``<type>/<devid>``), the grant pools
 live for it as the worker starts (``pools``, each opened by dom0: its ``fd`` is inherited too;
 channels/grants.py), and the uid and gid it drops to (``worker_id``, its own; ``worker_gid``,
@@ -79,6 +80,7 @@ from channels.errors import HyperError, ProtocolViolation
 from channels.forkserver import Child, ChildSetup, Spawner
 from channels.gnttab import GrantError
 from channels.hypercall import HypercallError
+from channels.ring import RING_FIGURES
 from channels.xenbus import XenbusState
 from channels.xenbus_bus import XenbusDevice
 
@@ -138,6 +140,15 @@ class CounterPage:
         self._values.release()
 
 
+def ring_figures(page: memoryview, fields: int, blocks: int, rings: int) -> list[memoryview]:
+    """Each ring's figures (channels/ring.py's RING_FIGURES, native u64s) in a device's counter
+    page, after its ``blocks`` blocks of ``fields`` counters; ValueError if they overflow it."""
+    start, size = 8 * fields * blocks, 8 * len(RING_FIGURES)
+    if start + rings * size > len(page):
+        raise ValueError(f"{rings} rings' figures after {blocks} blocks overflow the page")
+    return [page[start + r * size : start + (r + 1) * size].cast("Q") for r in range(rings)]
+
+
 def _counter(index: int) -> property:
     def get(self: CounterPage) -> int:
         return int(self._values[index])
@@ -163,9 +174,11 @@ class WorkerProcess:
         on_death: Callable[[str], None],
         counter_blocks: int = 1,
         on_trace: Callable[[dict[str, Any]], None] | None = None,
+        rings: Sequence[str] = ("ring",),
     ) -> None:
         self.process = process
         self.counter_blocks = counter_blocks
+        self.rings = tuple(rings)  # the names of the device's rings, in page order
         self.control = links.control
         self.worker_id = links.worker_id
         self._ids = links.ids
@@ -203,11 +216,12 @@ class WorkerProcess:
         extra_fds: Sequence[int] = (),
         counter_blocks: int = 1,
         on_trace: Callable[[dict[str, Any]], None] | None = None,
+        rings: Sequence[str] = ("ring",),
     ) -> WorkerProcess:
         """Run ``module``'s ``main``, from ``host``'s fork server, with ``params``, the pools
         live now (``map_pools()``, each opened for it), a worker id of its own (from ``host``'s
         table), and the device, control and counter fds (and ``extra_fds``, under the same
-        numbers; ``counter_blocks`` blocks of counters).
+        numbers; ``counter_blocks`` blocks of counters, then the figures of ``rings``).
         ``map_pools()``: hyperd's answer on the pools of the worker's device, for its refreshes.
         ``on_fatal(reason)``: the worker reported a protocol violation. ``on_death(how)``: it
         died without being stopped (killed, crashed). ``on_trace(record)``: a trace record it
@@ -221,7 +235,7 @@ class WorkerProcess:
             )
         finally:
             grants.close_pool_fds(pools)  # the worker has its own now
-        return cls(process, links, map_pools, on_fatal, on_death, counter_blocks, on_trace)
+        return cls(process, links, map_pools, on_fatal, on_death, counter_blocks, on_trace, rings)
 
     def counter_blocks_values(self, fields: Sequence[str]) -> list[dict[str, int]]:
         """The worker's counters, named ``fields`` in page order, block by block (a block per
@@ -239,6 +253,21 @@ class WorkerProcess:
         """The worker's counters, named ``fields``: every block's added up."""
         blocks = self.counter_blocks_values(fields)
         return {name: sum(block[name] for block in blocks) for name in fields}
+
+    def ring_values(self, fields: Sequence[str]) -> list[dict[str, Any]]:
+        """Each ring's figures, after the counter blocks (``fields`` a block): its name as
+        ``ring``, then RING_FIGURES."""
+        views = ring_figures(
+            memoryview(self._page), len(fields), self.counter_blocks, len(self.rings)
+        )
+        try:
+            return [
+                {"ring": name, **{f: int(view[i]) for i, f in enumerate(RING_FIGURES)}}
+                for name, view in zip(self.rings, views, strict=True)
+            ]
+        finally:
+            for view in views:
+                view.release()
 
     def _serve(self) -> None:
         """Answer the worker until it hangs up or reports a fatal error, or breaks the link
@@ -527,11 +556,13 @@ class DataPath:
         name: str,
         extra_fds: Sequence[int] = (),
         counter_blocks: int = 1,
+        rings: Sequence[str] = ("ring",),
     ) -> None:
         """Run the worker of backend device ``dev`` (``name`` in messages), from ``host``'s fork
         server, with the device's
         frontend, name and live grant pools added to ``params`` (and ``extra_fds``, a device's
-        other queues; ``counter_blocks``, one per queue); its refreshes are answered for that
+        other queues; ``counter_blocks``, one per queue; ``rings``, the names of its rings,
+        whose figures follow the blocks); its refreshes are answered for that
         device alone. A protocol violation it reports fails the device; its death restarts
         the data path through the frontend: the device returns to InitWait (see the backends'
         docstrings)."""
@@ -553,6 +584,7 @@ class DataPath:
             extra_fds,
             counter_blocks,
             self._traced,
+            rings,
         )
         with self._lock:
             self.worker = worker
@@ -613,13 +645,21 @@ class DataPath:
         worker = self.worker
         return worker.counter_blocks_values(self.fields) if worker is not None else []
 
+    def ring_values(self) -> list[dict[str, Any]]:
+        """The running worker's rings' figures ([] when none runs): a new worker starts its
+        rings over, and their figures with them."""
+        worker = self.worker
+        return worker.ring_values(self.fields) if worker is not None else []
+
     def stats(self) -> dict[str, object]:
-        """``connected`` (a worker runs), its ``worker_pid``, and the counters."""
+        """``connected`` (a worker runs), its ``worker_pid``, the counters, and ``rings``: each
+        ring's figures."""
         worker = self.worker
         return {
             "connected": worker is not None,
             "worker_pid": worker.process.pid if worker is not None else None,
             **self.counter_values(),
+            "rings": self.ring_values(),
         }
 
     def stop(self) -> None:

@@ -20,6 +20,7 @@ import threading
 from collections.abc import Callable
 from typing import Any, Protocol
 
+from channels import ring
 from channels.doorbell import Doorbell
 from channels.hypercall import (
     EvtchnAllocUnbound,
@@ -45,6 +46,9 @@ class LateEoi:
     def __init__(self) -> None:
         self.run = 0  # spurious wakeups in a row
         self._spurious = 0  # all of them, in Python
+        #: The ring's figures (channels/ring.py's RING_FIGURES), where the wakeups, the
+        #: spurious ones and the back-offs are counted too; None: not counted.
+        self.figures: memoryview | None = None
         #: A native pump serving the channel in our place (channels.pumps), which counts its
         #: own; ``spurious`` adds them up.
         self.native: Any = None
@@ -82,7 +86,13 @@ class LateEoi:
                 continue
             if rung:
                 self.back_off()
-            rung = not final_check() and running() and wait(heal)
+            rung = not final_check() and running() and self.woke(wait(heal))
+
+    def woke(self, rung: bool) -> bool:
+        """A wait on the channel returned ``rung``: counted as a wakeup if so; ``rung``."""
+        if rung and self.figures is not None:
+            self.figures[ring.FIG_WAKEUPS] += 1
+        return rung
 
     def back_off(self) -> None:
         """A rung wakeup found no work: wait as above before sleeping on the channel again."""
@@ -99,6 +109,10 @@ class LateEoi:
         """A wakeup found no work: seconds to wait before sleeping on the channel again."""
         self.run += 1
         self._spurious += 1
+        figures = self.figures
+        if figures is not None:
+            figures[ring.FIG_SPURIOUS] += 1
+            figures[ring.FIG_BACKOFFS] += self.run >= 2
         # The exponent stops growing once past LONGEST: 2.0 ** 1100 would overflow a float.
         return 0.0 if self.run < 2 else min(self.LONGEST, self.FIRST * 2 ** min(self.run - 2, 30))
 

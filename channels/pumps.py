@@ -284,7 +284,10 @@ class NativePump:
         self, kind: int, ring: BackRing, fd: int, evtchn: Any, counters: Any, grants: Any, **kw: Any
     ) -> Any:
         """A backend's pump (``start``) over its device ``fd``, counting in ``counters``' page
-        and looking refs up in the pools ``grants`` maps now, as granted to us."""
+        (and in the ring's figures, where it has some) and looking refs up in the pools
+        ``grants`` maps now, as granted to us."""
+        if ring.figures is not None:
+            kw["figures"] = ring.figures
         return self.start(
             kind,
             ring,

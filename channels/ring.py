@@ -43,6 +43,11 @@ and every later call on that ring object raises it again: the caller disconnects
 
 Indices are accessed only through native u32 views (:func:`u32_view`), one load or store each;
 ``close()`` a ring before unmapping its segment (later calls raise RingError "closed").
+
+Figures: a backend ring given ``figures`` (RING_FIGURES u64s, in a page dom0 reads) counts the
+requests it takes and the responses it pushes, and each push as a notification sent or
+suppressed; its loop's LateEoi counts the wakeups (channels/evtchn.py). A native pump serving
+the ring counts in the same words (channels/native/pump.h's RF_*).
 """
 
 from __future__ import annotations
@@ -76,6 +81,28 @@ RSP_EVENT_OFFSET = 12
 # packing, so a peer can observe a transient 0 in the index (the first stress run did).
 _REQ_PROD, _REQ_EVENT, _RSP_PROD, _RSP_EVENT = 0, 1, 2, 3  # u32 positions in the header
 _HEADER = struct.Struct("<IIII")  # only for SHARED_RING_INIT, before the page is shared
+
+#: A backend ring's figures, u64s in this order: requests taken, responses pushed, pushes that
+#: rang the frontend and pushes its event index let pass, rung wakeups, those that found no
+#: work, and the late-EOI waits that followed them (channels/native/pump.h's RF_* too).
+RING_FIGURES = (
+    "requests",
+    "responses",
+    "notify_sent",
+    "notify_suppressed",
+    "wakeups",
+    "spurious_wakeups",
+    "late_eoi_backoffs",
+)
+(
+    FIG_REQUESTS,
+    FIG_RESPONSES,
+    FIG_NOTIFY_SENT,
+    FIG_NOTIFY_SUPPRESSED,
+    FIG_WAKEUPS,
+    FIG_SPURIOUS,
+    FIG_BACKOFFS,
+) = range(len(RING_FIGURES))
 
 if sys.byteorder != "little" or struct.calcsize("I") != 4:
     raise ImportError("channels.ring needs a little-endian host with 32-bit unsigned int")
@@ -541,7 +568,15 @@ class BackRing(_Ring):
     """The backend's end: consumes requests, produces responses into the same slots.
     Make one with ``attach``."""
 
-    __slots__ = ("_pack_rsp", "_req_prod", "_rsp_prod", "_unpack_req", "req_cons", "rsp_prod_pvt")
+    __slots__ = (
+        "_pack_rsp",
+        "_req_prod",
+        "_rsp_prod",
+        "_unpack_req",
+        "figures",
+        "req_cons",
+        "rsp_prod_pvt",
+    )
 
     @staticmethod
     def _produced(rtype: RingType) -> struct.Struct:
@@ -555,6 +590,8 @@ class BackRing(_Ring):
         self.rsp_prod_pvt = 0  # next response slot to fill (not yet published)
         self._req_prod = 0  # validated snapshot of the frontend's req_prod
         self._rsp_prod = 0  # last value we published
+        #: RING_FIGURES u64s this ring counts in (a native "Q" view), or None
+        self.figures: memoryview | None = None
 
     @classmethod
     def attach(cls, rtype: RingType, area: memoryview, name: str | None = None) -> BackRing:
@@ -605,21 +642,21 @@ class BackRing(_Ring):
         """RING_COPY_REQUEST: copy the next request out of its slot (once) and consume it."""
         cons = self._next_request()
         values = self._unpack_req(self._area, self._offsets[cons & self._mask])
-        self.req_cons = (cons + 1) & MASK32
+        self._took(cons, 1)
         return values
 
     def get_request_raw(self) -> bytes:
         """Copy the next request slot out as bytes (once) and consume it."""
         cons = self._next_request()
         data: bytes = self._raw.unpack_from(self._area, self._offsets[cons & self._mask])[0]
-        self.req_cons = (cons + 1) & MASK32
+        self._took(cons, 1)
         return data
 
     def get_requests(self, limit: int | None = None) -> list[tuple]:
         """Copy out and consume up to `limit` requests (all available if None)."""
         n = self._available(limit)
         out = self._take(self._unpack_req, self.req_cons, n)
-        self.req_cons = (self.req_cons + n) & MASK32
+        self._took(self.req_cons, n)
         return out
 
     def get_requests_block(self, limit: int | None = None) -> bytes:
@@ -627,15 +664,21 @@ class BackRing(_Ring):
         fast path; read it with ``rtype.request_slot.iter_unpack``)."""
         n = self._available(limit)
         out = self._copy_slots(self.req_cons, n)
-        self.req_cons = (self.req_cons + n) & MASK32
+        self._took(self.req_cons, n)
         return out
 
     def get_requests_raw(self, limit: int | None = None) -> list[bytes]:
         """Like get_requests, but each slot is returned whole as bytes."""
         n = self._available(limit)
         out = [t[0] for t in self._take(self._raw.unpack_from, self.req_cons, n)]
-        self.req_cons = (self.req_cons + n) & MASK32
+        self._took(self.req_cons, n)
         return out
+
+    def _took(self, cons: int, n: int) -> None:
+        self.req_cons = (cons + n) & MASK32
+        figures = self.figures
+        if figures is not None:
+            figures[FIG_REQUESTS] += n
 
     # responses
 
@@ -676,6 +719,8 @@ class BackRing(_Ring):
         if n > (self.req_cons - self.rsp_prod_pvt) & MASK32:
             raise RingError(f"{self.name} ring: cannot take back {n} requests")
         self.req_cons = (self.req_cons - n) & MASK32
+        if self.figures is not None:  # taken again, and counted again, by the next get
+            self.figures[FIG_REQUESTS] -= n
 
     def indices(self) -> tuple[int, int, int]:
         """(req_cons, rsp_prod_pvt, the rsp_prod last published): what a native pump
@@ -695,7 +740,12 @@ class BackRing(_Ring):
         """Publish rsp_prod_pvt; True if the frontend asked to be notified."""
         self._check()
         old, self._rsp_prod = self._rsp_prod, self.rsp_prod_pvt
-        return self._push(_RSP_PROD, _RSP_EVENT, old, self.rsp_prod_pvt)
+        notify = self._push(_RSP_PROD, _RSP_EVENT, old, self.rsp_prod_pvt)
+        figures = self.figures
+        if figures is not None and old != self.rsp_prod_pvt:
+            figures[FIG_RESPONSES] += (self.rsp_prod_pvt - old) & MASK32
+            figures[FIG_NOTIFY_SENT if notify else FIG_NOTIFY_SUPPRESSED] += 1
+        return notify
 
     def final_check_for_requests(self) -> bool:
         """RING_FINAL_CHECK_FOR_REQUESTS: True if there is work; else arm req_event first."""

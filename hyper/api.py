@@ -336,6 +336,28 @@ class Hypervisor:
         """Destroy every domain and stop the hypervisor."""
         halt()
 
+    def rings(self, domain: str | int | None = None) -> list[dict[str, Any]]:
+        """The figures of each ring a backend serves (of ``domain``'s devices, or every
+        domain's): ``domain``, ``domid``, ``kind``, ``device`` (``vif<N>``, a disk's vdev, a
+        share's tag), ``ring`` (a vif's ``q<N>-tx``/``-rx``), then channels/ring.py's
+        RING_FIGURES. A device a driver domain serves has none here (they are that domain's)."""
+        names = {int(d["domid"]): str(d["name"]) for d in self.call(control.List())}
+        wanted = None if domain is None else self.domain(domain).domid
+        rows = []
+        for kind in BY_TYPE.values():
+            for device in self.call(control.DeviceStats(kind=kind.xenbus_type)):
+                domid = int(device["domid"])
+                if wanted not in (None, domid):
+                    continue
+                who = {
+                    "domain": names.get(domid, str(domid)),
+                    "domid": domid,
+                    "kind": kind.xenbus_type,
+                    "device": device_label(kind.xenbus_type, device),
+                }
+                rows += [{**who, **ring} for ring in device.get("rings", [])]
+        return rows
+
 
 class Domain:
     """One domain of a hypervisor, by name (its domid as of when it was looked up)."""
@@ -546,6 +568,14 @@ def start(store_domain: bool = False) -> Hypervisor:
     """The hypervisor running on this host, started first if none runs."""
     ensure_hypervisor(store_domain)
     return Hypervisor()
+
+
+def device_label(kind: str, device: Mapping[str, Any]) -> str:
+    """The name a user knows a device of ``kind`` by: ``vif<N>``, a disk's vdev, a share's
+    tag (its devid where it has none)."""
+    if kind == "vif":
+        return f"vif{device['devid']}"
+    return str(device.get("vdev") or device.get("tag") or device["devid"])
 
 
 def _kind(name: str) -> DeviceKind:

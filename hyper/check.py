@@ -147,7 +147,17 @@ def _cgroups(host: Host) -> Finding:
             str(exc),
             "mount cgroup v2 with cpu, memory and pids delegated, or the v1 controllers",
         )
-    return Finding("cgroups", OK, "v2" if isinstance(hierarchy, cgroup.V2Hierarchy) else "v1")
+    if hierarchy.scope is None:
+        return Finding("cgroups", OK, f"v{hierarchy.version}")
+    scope = f"{cgroup.SYSTEMD_SLICE}/{cgroup.SYSTEMD_SCOPE}"
+    if host.which("busctl") is None:
+        return Finding(
+            "cgroups",
+            MISSING,
+            f"v2, owned by systemd, and no busctl to ask it for {scope}",
+            "install systemd's busctl (the systemd package)",
+        )
+    return Finding("cgroups", CHANGED, f"v2, owned by systemd: hyperd runs in {scope}, delegated")
 
 
 def _bridge_firewall(host: Host) -> Finding:

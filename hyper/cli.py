@@ -675,6 +675,32 @@ def cmd_check(args: argparse.Namespace) -> int:
     return 0 if can_run(findings) else 1
 
 
+#: ``rings``' columns: a ring figure (channels/ring.py's RING_FIGURES) and its heading.
+RING_COLUMNS = (
+    ("requests", "Requests"),
+    ("responses", "Responses"),
+    ("notify_sent", "Notified"),
+    ("notify_suppressed", "Suppressed"),
+    ("wakeups", "Wakeups"),
+    ("spurious_wakeups", "Spurious"),
+    ("late_eoi_backoffs", "Backoffs"),
+)
+
+
+def cmd_rings(args: argparse.Namespace) -> int:
+    """``rings [DOMAIN] [--json]``: each ring's figures, as its backend counts them."""
+    rings = api.Hypervisor().rings(args.domain)
+    if args.json:
+        print(json.dumps(rings, indent=2))
+        return 0
+    heads = "".join(f" {head:>10}" for _, head in RING_COLUMNS)
+    print(f"{'Domain':<16} {'Device':<8} {'Ring':<6}{heads}")
+    for ring in rings:
+        cells = "".join(f" {ring[name]:>10}" for name, _ in RING_COLUMNS)
+        print(f"{ring['domain']:<16} {ring['device']:<8} {ring['ring']:<6}{cells}")
+    return 0
+
+
 def cmd_metrics(args: argparse.Namespace) -> int:
     """``metrics [--listen ADDR:PORT]``: the Prometheus text format, printed or served."""
     from hyper import metrics  # prometheus_client: only for this command
@@ -876,6 +902,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="only what is not ok")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_check)
+
+    p = sub.add_parser("rings", help="each ring's figures: requests, notifications, wakeups")
+    p.add_argument("domain", nargs="?", default=None, help="one domain's (default: every)")
+    p.add_argument("--json", action="store_true", help="as a JSON list")
+    p.set_defaults(func=cmd_rings)
 
     p = sub.add_parser("metrics", help="the hypervisor's figures for Prometheus")
     p.add_argument(

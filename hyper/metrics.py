@@ -13,6 +13,13 @@ unit in the name, ``_total`` for counters.
   counter: ``hyper_<kind>_<counter>_total{domain,domid,device}``, such as
   ``hyper_vif_tx_bytes_total`` and ``hyper_vbd_wr_req_total``. A device a driver domain serves
   has no counters here (they are that domain's): it has none of these series.
+- Each ring a backend serves (``hyperctl rings``), labelled ``{domain,domid,kind,device,ring}``:
+  ``hyper_ring_requests_total`` and ``hyper_ring_responses_total`` (taken and pushed),
+  ``hyper_ring_notifications_total{...,outcome="sent"|"suppressed"}`` (pushes that rang the
+  frontend, and those its event index let pass), ``hyper_ring_wakeups_total`` (rung wakeups of
+  the backend), ``hyper_ring_spurious_wakeups_total`` (those that found no work) and
+  ``hyper_ring_late_eoi_backoffs_total`` (the waits late EOI put after them). A new data-path
+  worker starts its rings, and their figures, over.
 """
 
 from __future__ import annotations
@@ -63,6 +70,7 @@ class HyperCollector(Collector):
         for kind in KINDS:
             stats = self.hv.call(control.DeviceStats(kind=kind.xenbus_type))
             yield from _device_metrics(kind.xenbus_type, kind.counters, stats, names)
+        yield from _ring_metrics(self.hv.rings())
 
 
 def _domain_metrics(domains: list[dict[str, Any]]) -> Iterator[Metric]:
@@ -106,13 +114,32 @@ def _device_metrics(
         for device in stats:
             if counter in device:
                 domid = int(device["domid"])
-                who = [names.get(domid, str(domid)), str(domid), _device_name(kind, device)]
+                who = [names.get(domid, str(domid)), str(domid), api.device_label(kind, device)]
                 family.add_metric(who, float(device[counter]))
         yield family
 
 
-def _device_name(kind: str, device: dict[str, Any]) -> str:
-    """The name a user knows a device by: ``vif<N>``, a disk's vdev, a share's tag."""
-    if kind == "vif":
-        return f"vif{device['devid']}"
-    return str(device.get("vdev") or device.get("tag") or device["devid"])
+def _ring_metrics(rings: list[dict[str, Any]]) -> Iterator[Metric]:
+    labels = ["domain", "domid", "kind", "device", "ring"]
+    families = {
+        name: CounterMetricFamily(f"hyper_ring_{name}", text, labels=labels)
+        for name, text in (
+            ("requests", "Requests the backend took off the ring"),
+            ("responses", "Responses the backend pushed onto the ring"),
+            ("wakeups", "Times the backend was woken by the ring's event channel"),
+            ("spurious_wakeups", "Wakeups of the backend that found no work"),
+            ("late_eoi_backoffs", "Waits late EOI put after spurious wakeups in a row"),
+        )
+    }
+    notifications = CounterMetricFamily(
+        "hyper_ring_notifications",
+        "The backend's pushes: sent rang the frontend, suppressed did not need to",
+        labels=[*labels, "outcome"],
+    )
+    for ring in rings:
+        who = [str(ring[k]) for k in labels]
+        for name, family in families.items():
+            family.add_metric(who, float(ring[name]))
+        notifications.add_metric([*who, "sent"], float(ring["notify_sent"]))
+        notifications.add_metric([*who, "suppressed"], float(ring["notify_suppressed"]))
+    yield from (*families.values(), notifications)

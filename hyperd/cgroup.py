@@ -11,6 +11,15 @@ Detection (``open_hierarchy``):
   and lists ``cpu``, ``memory`` and ``pids``. Domain groups are children of the parent; the
   parent itself never holds a process (v2's no-internal-process rule). Freezing is the core
   ``cgroup.freeze`` interface and needs no controller.
+- **v2 owned by systemd** when the root also has ``init.scope`` (systemd puts PID 1 there):
+  systemd's rule is that a program changes only a subtree delegated to it, so hyper asks for
+  one. ``prepare()`` starts the transient unit ``hyper.scope`` in ``system.slice`` with
+  ``Delegate=yes`` (systemd's D-Bus ``StartTransientUnit``, through ``busctl``), holding the
+  calling process; or, when the scope already runs (domains outlive a restarted hyperd), it
+  joins it. Then, because a group whose ``subtree_control`` enables controllers may hold no
+  process, every process in the scope moves to its leaf ``hyper.scope/supervisor``, and the
+  scope enables the controllers for its children. hyper's parent is
+  ``system.slice/hyper.scope/hyper``. systemd removes the scope when its last process exits.
 - **v1** otherwise, when ``memory``, ``cpu``, ``cpuacct``, ``pids`` and ``freezer`` are all
   mounted. Each controller's mount point comes from ``/proc/self/mountinfo``, so separate
   mounts (``/sys/fs/cgroup/cpu`` and ``/sys/fs/cgroup/cpuacct``) and co-mounted ones
@@ -66,7 +75,9 @@ import errno
 import logging
 import os
 import re
+import shutil
 import signal
+import subprocess
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -86,6 +97,12 @@ V1_CONTROLLERS = ("memory", "cpu", "cpuacct", "pids", "freezer")
 V2_CONTROLLERS = ("cpu", "memory", "pids")
 #: Used where the host has it, for placement only (the quota is the vcpus ceiling).
 CPUSET = "cpuset"
+#: hyper's delegated subtree on a host whose cgroups systemd owns, and the leaf in it where
+#: the processes that are not domains (hyperd and its helpers) live.
+SYSTEMD_SLICE = "system.slice"
+SYSTEMD_SCOPE = "hyper.scope"
+SUPERVISOR = "supervisor"
+SYSTEMD_TIMEOUT = 10.0
 
 # Letters, digits, '-' and '_': no '/', no '..', and no '.' at all, so a group can never be
 # mistaken for (or collide with) an interface file such as "memory.max" or "cgroup.procs".
@@ -185,16 +202,20 @@ def _read(path: Path) -> str:
         raise CgroupError(f"cannot read {path}: {exc.strerror or exc}") from exc
 
 
-def _write(path: Path, value: str) -> None:
+def _write_file(path: Path, value: str) -> None:
     # No O_CREAT: an interface file the kernel does not provide is an error, not a new file.
     # One write() call, because the kernel parses each write to a cgroup file on its own.
     # O_TRUNC is what a shell's '>' does; the kernel ignores it.
+    fd = os.open(path, os.O_WRONLY | os.O_TRUNC | os.O_CLOEXEC)
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_TRUNC | os.O_CLOEXEC)
-        try:
-            os.write(fd, value.encode())
-        finally:
-            os.close(fd)
+        os.write(fd, value.encode())
+    finally:
+        os.close(fd)
+
+
+def _write(path: Path, value: str) -> None:
+    try:
+        _write_file(path, value)
     except OSError as exc:
         raise CgroupError(f"cannot write {value!r} to {path}: {exc.strerror or exc}") from exc
 
@@ -230,10 +251,13 @@ def _wait_for(done: Callable[[], bool], timeout: float, what: str) -> None:
 
 
 class CgroupFs:
-    """The two directory operations where cgroupfs differs from an ordinary filesystem.
+    """The operations where cgroupfs (and systemd, its owner on most v2 hosts) differs from an
+    ordinary filesystem.
 
-    The kernel fills a new group with its interface files and rmdir removes a group with
-    them; a test substitutes a fake that does the same in a temporary directory.
+    The kernel fills a new group with its interface files, rmdir removes a group with them, a
+    pid written into one group's ``cgroup.procs`` leaves every other, and v2 refuses a process
+    in a group that enables controllers for its children (and the reverse) with EBUSY. A test
+    substitutes a fake that does the same in a temporary directory.
     """
 
     def mkdir(self, path: Path) -> None:
@@ -241,6 +265,48 @@ class CgroupFs:
 
     def rmdir(self, path: Path) -> None:
         os.rmdir(path)
+
+    def move(self, pid: int, procs: Path) -> None:
+        """Move process pid (all its threads) into the group whose cgroup.procs is procs."""
+        _write_file(procs, str(pid))
+
+    def enable(self, group: Path, controllers: Sequence[str]) -> None:
+        """Enable controllers for group's children (v2's cgroup.subtree_control)."""
+        _write_file(group / "cgroup.subtree_control", " ".join(f"+{c}" for c in controllers))
+
+    def own_group(self) -> str:
+        """This process's v2 group, from the hierarchy's root: "/system.slice/x.service"."""
+        for line in _read(Path("/proc/self/cgroup")).splitlines():
+            if line.startswith("0::"):
+                return line[3:]
+        raise CgroupError("/proc/self/cgroup has no cgroup v2 line")
+
+    def start_scope(self, unit: str, slice_: str, pid: int) -> None:
+        """Have systemd start the transient scope ``unit`` in ``slice_``, holding pid, with its
+        subtree delegated: the Manager's StartTransientUnit, called through ``busctl`` (which
+        every systemd host has) rather than a D-Bus library only this call would need."""
+        busctl = shutil.which("busctl")
+        if busctl is None:
+            raise CgroupError(
+                f"systemd owns the cgroup tree, but busctl is missing: cannot ask it for {unit}"
+            )
+        # StartTransientUnit(name, mode, properties a(sv), aux a(sa(sv))): busctl writes an
+        # array as its length then its items, and a variant as its signature then its value.
+        properties = [
+            ("PIDs", "au", "1", str(pid)),
+            ("Delegate", "b", "true"),
+            ("Slice", "s", slice_),
+            ("CollectMode", "s", "inactive-or-failed"),
+            ("Description", "s", "hyper: the hypervisor and its domains"),
+        ]
+        manager = ("org.freedesktop.systemd1", "/org/freedesktop/systemd1")
+        command = [busctl, "call", *manager, "org.freedesktop.systemd1.Manager"]
+        command += ["StartTransientUnit", "ssa(sv)a(sa(sv))", unit, "fail"]
+        command += [str(len(properties)), *(item for p in properties for item in p), "0"]
+        done = subprocess.run(command, capture_output=True, text=True, check=False)
+        if done.returncode != 0:
+            reason = done.stderr.strip().splitlines()[-1:] or [f"exit {done.returncode}"]
+            raise CgroupError(f"systemd did not start {unit}: {reason[0]}")
 
 
 def _mkdir(fs: CgroupFs, path: Path) -> None:
@@ -270,6 +336,13 @@ def _rmdir(fs: CgroupFs, path: Path, timeout: float) -> None:
         return True
 
     _wait_for(removed, timeout, f"cgroup {path} to become removable")
+
+
+def _move(fs: CgroupFs, pid: int, procs: Path) -> None:
+    try:
+        fs.move(pid, procs)
+    except OSError as exc:
+        raise CgroupError(f"cannot move process {pid} into {procs.parent}: {exc.strerror}") from exc
 
 
 def _unique(paths: Mapping[str, Path]) -> tuple[Path, ...]:
@@ -324,13 +397,15 @@ def open_hierarchy(
     check_name(parent)
     fs = fs or CgroupFs()
     if (root / "cgroup.controllers").exists():
-        available = _read(root / "cgroup.controllers").split()
-        missing = [c for c in V2_CONTROLLERS if c not in available]
+        available, missing = _v2_controllers(root)
         if missing:
             raise CgroupError(
                 f"cgroup v2 at {root} lacks controllers {', '.join(missing)} "
                 f"(cgroup.controllers: {' '.join(available) or 'empty'})"
             )
+        if (root / "init.scope").is_dir():  # systemd's: PID 1 lives there
+            scope = SystemdScope(root, fs)
+            return V2Hierarchy(scope.path / parent, fs, scope)
         return V2Hierarchy(root / parent, fs)
     mounts = v1_mounts(mountinfo)
     missing = [c for c in V1_CONTROLLERS if c not in mounts]
@@ -402,7 +477,7 @@ class DomainGroup(ABC):
     def attach(self, pid: int) -> None:
         """Move process pid (with all its threads) into this group."""
         for procs in self.procs_file_paths():
-            _write(procs, str(pid))
+            _move(self._fs, pid, procs)
 
     def pids(self) -> list[int]:
         """Every process in the group, in any controller (a partly removed group is fine)."""
@@ -612,6 +687,8 @@ class Hierarchy(ABC):
     """hyper's parent group on one host hierarchy, and the domain groups under it."""
 
     version: ClassVar[Literal[1, 2]]
+    #: The subtree systemd delegated to hyper, where it owns the host's (v2) tree.
+    scope: SystemdScope | None = None
 
     def __init__(self, parents: Mapping[str, Path], fs: CgroupFs) -> None:
         self._parents = dict(parents)  # controller -> <mount>/<parent>
@@ -646,6 +723,11 @@ class Hierarchy(ABC):
             raise
         log.debug("created cgroup %r with %s", group, limits)
         return group
+
+    def prepare(self) -> None:
+        """Make hyper's parent group ready for domains, as ``create`` does: hyperd calls it when
+        it starts, so that on a systemd host it and its helpers live in hyper's own scope."""
+        self._ensure_parent()
 
     def host_cpus(self) -> tuple[int, ...] | None:
         """The CPUs hyper's groups may be placed on; None where the host has no cpuset."""
@@ -692,6 +774,8 @@ class Hierarchy(ABC):
             _rmdir(self._fs, parent, timeout)
 
     def _ensure_parent(self) -> None:
+        if self.scope is not None:
+            self.scope.claim()
         created: list[Path] = []
         try:
             for parent in self.parent_dirs():
@@ -749,30 +833,90 @@ class V2Hierarchy(Hierarchy):
 
     version = 2
 
-    def __init__(self, parent: Path, fs: CgroupFs) -> None:
+    def __init__(self, parent: Path, fs: CgroupFs, scope: SystemdScope | None = None) -> None:
         # cpuset only where delegated: its files are in a group only if it is enabled there.
         controllers = (*V2_CONTROLLERS, "cpuacct", "freezer", CPUSET)
         super().__init__({c: parent for c in controllers}, fs)
         self._parent = parent
+        self.scope = scope
 
     def _group(self, name: str) -> DomainGroup:
         dirs = {c: parent / name for c, parent in self._parents.items()}
         return V2Group(name, dirs, self._fs)
 
     def _enable_controllers(self) -> None:
-        # A controller reaches the parent only if the root's subtree_control enables it;
-        # that file belongs to the host, so hyper reports the gap instead of writing it.
-        available = _read(self._parent / "cgroup.controllers").split()
-        missing = [c for c in V2_CONTROLLERS if c not in available]
-        if missing:
+        # A controller reaches the parent only if its own parent's subtree_control enables
+        # it; that file belongs to the host (or to hyper's scope, enabled when claimed).
+        _enable_v2(self._fs, self._parent)
+
+
+def _v2_controllers(group: Path) -> tuple[list[str], list[str]]:
+    """The controllers a v2 group may enable (its cgroup.controllers), and hyper's among the
+    ones it may not."""
+    available = _read(group / "cgroup.controllers").split()
+    return available, [c for c in V2_CONTROLLERS if c not in available]
+
+
+def _enable_v2(fs: CgroupFs, group: Path) -> None:
+    """Enable hyper's controllers (and cpuset, where group has it) for group's children;
+    CgroupError naming the file to change if group's parent does not pass one down."""
+    available, missing = _v2_controllers(group)
+    if missing:
+        raise CgroupError(
+            f"{group.parent / 'cgroup.subtree_control'} does not delegate "
+            f"{', '.join(missing)} to {group}; enable them there (hyper does not "
+            "change cgroups it did not create)"
+        )
+    enabled = _read(group / "cgroup.subtree_control").split()
+    optional = [CPUSET] if CPUSET in available else []
+    wanted = [c for c in (*V2_CONTROLLERS, *optional) if c not in enabled]
+    if wanted:
+        try:
+            fs.enable(group, wanted)
+        except OSError as exc:
             raise CgroupError(
-                f"{self._parent.parent / 'cgroup.subtree_control'} does not delegate "
-                f"{', '.join(missing)} to {self._parent}; enable them there (hyper does not "
-                "change cgroups it did not create)"
-            )
-        subtree = self._parent / "cgroup.subtree_control"
-        enabled = _read(subtree).split()
-        optional = [CPUSET] if CPUSET in available else []
-        wanted = [f"+{c}" for c in (*V2_CONTROLLERS, *optional) if c not in enabled]
-        if wanted:
-            _write(subtree, " ".join(wanted))
+                f"cannot enable {' '.join(wanted)} in {group / 'cgroup.subtree_control'}: "
+                f"{exc.strerror}"
+            ) from exc
+
+
+class SystemdScope:
+    """hyper's delegated subtree, ``system.slice/hyper.scope``, on a host whose cgroup tree
+    systemd owns (the module's docstring says why and how)."""
+
+    def __init__(self, root: Path, fs: CgroupFs) -> None:
+        self.root = root
+        self.path = root / SYSTEMD_SLICE / SYSTEMD_SCOPE
+        self._fs = fs
+
+    def __repr__(self) -> str:
+        return f"<SystemdScope {self.path}>"
+
+    def inside(self) -> bool:
+        """Whether this process is in the scope (or a group under it)."""
+        own = self.root / self._fs.own_group().lstrip("/")
+        return own == self.path or self.path in own.parents
+
+    def claim(self) -> None:
+        """Put this process in the scope's leaf, starting the scope if it is not running, move
+        every other process out of the scope itself into the leaf, and enable the controllers
+        for the scope's children."""
+        if not self.path.is_dir():
+            self._fs.start_scope(SYSTEMD_SCOPE, SYSTEMD_SLICE, os.getpid())
+            _wait_for(self.inside, SYSTEMD_TIMEOUT, f"systemd to start {SYSTEMD_SCOPE}")
+        leaf = self.path / SUPERVISOR
+        if not leaf.is_dir():
+            try:
+                _mkdir(self._fs, leaf)
+            except CgroupError:
+                if not leaf.is_dir():  # else another process made it first
+                    raise
+        if not self.inside():
+            _move(self._fs, os.getpid(), leaf / "cgroup.procs")
+        for pid in _read(self.path / "cgroup.procs").split():
+            try:
+                _move(self._fs, int(pid), leaf / "cgroup.procs")
+            except CgroupError:
+                if pid in _read(self.path / "cgroup.procs").split():
+                    raise  # else it exited meanwhile
+        _enable_v2(self._fs, self.path)

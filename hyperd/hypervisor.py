@@ -887,7 +887,14 @@ def main(argv: list[str] | None = None) -> int:
         saved = state.read(run.state_file)
     except state.StateError as exc:
         return refuse_state(exc)
-    hypervisor = Hypervisor(run, cgroup.open_hierarchy(), dmesg, store_domain=args.store_domain)
+    try:
+        # Before any helper starts: on a systemd host this moves hyperd into hyper's scope.
+        cgroups = cgroup.open_hierarchy()
+        cgroups.prepare()
+    except cgroup.CgroupError as exc:
+        log.error("cannot run domains: %s", exc)
+        return 1
+    hypervisor = Hypervisor(run, cgroups, dmesg, store_domain=args.store_domain)
     # From the main thread (the server dies with it), and now: its imports overlap ours.
     hypervisor.spawner.start()
     log.info("hyperd %d starting (cgroup v%d)", os.getpid(), hypervisor.cgroups.version)

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from typing import Any
 
 from backends.blkback.datapath import Counters, VbdPath
-from backends.datapath_worker import Dom0Link, serve_device, worker_main
+from backends.datapath_worker import Dom0Link, ring_figures, serve_device, worker_main
 from channels import blkif as B
 from channels.evtchn import EventChannel
 from channels.grants import DeviceGrants, GrantMapper
@@ -40,6 +40,7 @@ def start(
     ring = BackRing.attach(
         B.BLK_RING, grants.resolve(params["ring_ref"], write=True), name=params["name"]
     )
+    (ring.figures,) = ring_figures(counter_page, len(Counters.FIELDS), 1, 1)
     path = VbdPath(
         ring,
         channel,
@@ -52,6 +53,7 @@ def start(
         io_threads=params["io_threads"],
         faults=params.get("faults", ""),
     )
+    path.late_eoi.figures = ring.figures
 
     def settings(changed: dict[str, Any]) -> None:
         if "faults" in changed:

@@ -250,7 +250,9 @@ class TxPath:
         while self._slots and not self.stopping:  # rewritten meanwhile: finish it
             if self._work(FATAL_SLOTS):
                 self.late_eoi.worked()
-            elif not self.ring.final_check_for_requests() and self.evtchn.wait(HEAL_TIMEOUT):
+            elif not self.ring.final_check_for_requests() and self.late_eoi.woke(
+                self.evtchn.wait(HEAL_TIMEOUT)
+            ):
                 self.late_eoi.back_off()
 
     def _work(self, limit: int = BUDGET_SLOTS) -> bool:
@@ -546,7 +548,9 @@ class RxPath:
                 self.late_eoi.worked()
             elif self._rung:  # woken for no new buffer
                 self.late_eoi.back_off()
-            self._rung = not self.ring.final_check_for_requests() and self.evtchn.wait(HEAL_TIMEOUT)
+            self._rung = not self.ring.final_check_for_requests() and self.late_eoi.woke(
+                self.evtchn.wait(HEAL_TIMEOUT)
+            )
             return
         self._rung = False
         if not self.waiter.wait():

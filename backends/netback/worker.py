@@ -21,7 +21,7 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-from backends.datapath_worker import Dom0Link, serve_device, worker_main
+from backends.datapath_worker import Dom0Link, ring_figures, serve_device, worker_main
 from backends.netback.antispoof import SourceFilter
 from backends.netback.datapath import Counters, RateLimit, RxPath, TxPath
 from backends.netback.faults import FaultLine, VifFaults
@@ -47,6 +47,8 @@ def start(
 ) -> Callable[[], None]:
     queues = params["queues"]
     counters = Counters.blocks(counter_page, len(queues))
+    # Each queue's tx ring's figures, then its rx ring's (xenbus.py names them so).
+    figures = ring_figures(counter_page, len(Counters.FIELDS), len(queues), 2 * len(queues))
     device = DeviceGrants(
         params["frontend"], params["device"], N.MAX_GRANT_PAGES * len(queues), params["backend"]
     )
@@ -68,6 +70,8 @@ def start(
         loop = pumps.QueueLoop("netback-q") if rate is None else None
         tx = TxPath(tx_ring, tx_ch, grants, tap_fd, counters[q], rate, link.fatal, sources, loop)
         rx = RxPath(rx_ring, rx_ch, grants, tap_fd, counters[q], params["gso"], link.fatal, loop)
+        for path, view in ((tx, figures[2 * q]), (rx, figures[2 * q + 1])):
+            path.ring.figures = path.late_eoi.figures = view
         paths.append((tx, rx))
     faults = Faults(params["name"], paths, counters)
     faults.set(params.get("faults", ""))

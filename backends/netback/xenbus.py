@@ -197,6 +197,7 @@ class NetbackDriver:
             vif.name,
             extra_fds=vif.tap_fds[1:],
             counter_blocks=queues,
+            rings=[f"q{q}-{d}" for q in range(queues) for d in ("tx", "rx")],
         )
 
     def _disconnect(self, vif: Vif) -> None:

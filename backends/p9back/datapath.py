@@ -36,7 +36,7 @@ from channels import p9fs as P
 from channels.errors import ProtocolViolation
 from channels.evtchn import Doorbells, LateEoi
 from channels.grants import GrantMapper
-from channels.ring import RingError
+from channels.ring import FIG_NOTIFY_SENT, FIG_REQUESTS, FIG_RESPONSES, RingError
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +81,9 @@ class RingPath:
         self.name = name
         self.pending: bytes | None = None  # the reply the in ring had no room for yet
         self.late_eoi = LateEoi()
+        #: The ring's figures (channels/ring.py's RING_FIGURES), or None. A flex ring has no
+        #: event index: every notification is sent, none suppressed.
+        self.figures: memoryview | None = None
         self.thread = threading.Thread(target=self._run, name=f"p9back {name}", daemon=True)
 
     def _run(self) -> None:
@@ -96,17 +99,24 @@ class RingPath:
             if not self.in_ring.write(self.pending):
                 return False  # the frontend has yet to make room: nothing else until it does
             self.pending, moved = None, True
-            self.evtchn.notify()
+            self._notify(FIG_RESPONSES)
         raw = self._next_request()
         if raw is not None:
-            self.evtchn.notify()  # out_cons moved: room for the frontend's next requests
+            self._notify(FIG_REQUESTS)  # out_cons moved: room for the frontend's next requests
             reply = self.device.answer(raw)
             if not self.in_ring.write(reply):
                 self.pending = reply
             else:
-                self.evtchn.notify()
+                self._notify(FIG_RESPONSES)
             moved = True
         return moved
+
+    def _notify(self, figure: int) -> None:
+        """Ring the frontend for a request taken or a reply written (``figure``)."""
+        self.evtchn.notify()
+        if self.figures is not None:
+            self.figures[figure] += 1
+            self.figures[FIG_NOTIFY_SENT] += 1
 
     def has_work(self) -> bool:
         """The final check before sleeping: a reply that fits now, or a whole request."""

@@ -17,7 +17,7 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from backends.datapath_worker import Dom0Link, serve_device, worker_main
+from backends.datapath_worker import Dom0Link, ring_figures, serve_device, worker_main
 from backends.p9back.datapath import Counters, P9Device, max_grant_pages
 from backends.p9back.server import P9Server
 from channels.evtchn import EventChannel
@@ -52,6 +52,10 @@ def start(
         on_fatal=link.fatal,
         name=params["name"],
     )
+    for ring, view in zip(
+        p9.rings, ring_figures(counter_page, len(Counters.FIELDS), 1, len(refs)), strict=True
+    ):
+        ring.figures = ring.late_eoi.figures = view
     p9.start()
 
     def stop() -> None:

@@ -154,7 +154,13 @@ class P9backDriver:
             **_credentials(share.owner),
         }
         share.data.start(
-            "backends.p9back.worker", params, share.root_fd, self.host, dev, share.name
+            "backends.p9back.worker",
+            params,
+            share.root_fd,
+            self.host,
+            dev,
+            share.name,
+            rings=[f"ring{n}" for n in range(len(params["ring_refs"]))],
         )
 
     def _disconnect(self, share: Share) -> None:

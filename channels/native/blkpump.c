@@ -254,7 +254,7 @@ static int blk_take(blk_t *b, int64_t avail, const uint32_t *slots, int *ngo, re
         int verdict = blk_prepare(b, raw, job, &status);
         if (verdict == REQ_PYTHON)
             return PUMP_FALLBACK;
-        b->ring.cons++;
+        ring_took(&b->ring, 1);
         if (verdict == REQ_GO)
             (*ngo)++;
         else
@@ -480,6 +480,7 @@ static int run_blkback(blk_t *b) {
         rung = !more && !b->stopping &&
                spin_then_wait(&b->spin, worked, &b->stopping, has_requests, b, &b->mine,
                               b->stop_fd);
+        ring_count(&b->ring, RF_WAKEUPS, (uint64_t)rung);
         worked = 0;
     }
     drain(b, thread);

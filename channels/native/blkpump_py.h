@@ -48,8 +48,8 @@ static int Pump_init(Pump *self, PyObject *args, PyObject *kw) {
     static char *names[] = {"kind",   "area",  "slot_size", "nr_ents",  "cons",
                             "prod_pvt", "pushed", "fd",     "mine",     "peer",
                             "counters", "pools", "domid",   "sectors",  "readonly",
-                            "outstanding", NULL};
-    PyObject *area, *mine, *peer, *counters, *pools;
+                            "outstanding", "figures", NULL};
+    PyObject *area, *mine, *peer, *counters, *pools, *figures = Py_None;
     unsigned int kind, slot, nr, cons, prod_pvt, pushed, domid = 0, outstanding = 32;
     unsigned long long sectors = 0;
     int fd, readonly = 0;
@@ -57,10 +57,10 @@ static int Pump_init(Pump *self, PyObject *args, PyObject *kw) {
         PyErr_SetString(PyExc_RuntimeError, "a Pump is initialised once");
         return -1;
     }
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "IOIIIIIiUU|$OOIKpI", names, &kind, &area,
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "IOIIIIIiUU|$OOIKpIO", names, &kind, &area,
                                      &slot, &nr, &cons, &prod_pvt, &pushed, &fd, &mine, &peer,
                                      &counters, &pools, &domid, &sectors, &readonly,
-                                     &outstanding))
+                                     &outstanding, &figures))
         return -1;
     blk_t *b = &self->b;
     memset(b, 0, sizeof *b);
@@ -80,7 +80,9 @@ static int Pump_init(Pump *self, PyObject *args, PyObject *kw) {
         return -1;
     }
     b->ring = (ring_t){(volatile uint32_t *)view->buf, (uint8_t *)view->buf + RING_HEADER,
-                       nr, nr - 1, slot, cons, prod_pvt, pushed, 0};
+                       nr, nr - 1, slot, cons, prod_pvt, pushed, 0, NULL};
+    if (figures_keep(&self->views, figures, &b->ring, &b->eoi) < 0)
+        return -1;
     if (counters) {
         if (views_keep(&self->views, counters, 1, &view) < 0)
             return -1;
@@ -228,7 +230,7 @@ PyMODINIT_FUNC PyInit__blkpump(void) {
     static const constant_t constants[] = {
         {"BLKBACK", BLKBACK}, {"STOPPED", PUMP_STOPPED}, {"FATAL", PUMP_FATAL},
         {"FALLBACK", PUMP_FALLBACK}, {"MISS", PUMP_MISS}, {"BROKEN", PUMP_BROKEN},
-        {"N_COUNTERS", N_COUNTERS}, {"MAX_OUTSTANDING", MAX_OUTSTANDING},
+        {"N_COUNTERS", N_COUNTERS}, {"MAX_OUTSTANDING", MAX_OUTSTANDING}, {"RING_FIGURES", RF_N},
     };
     return pump_module(&module, &PumpType, constants, sizeof constants / sizeof constants[0]);
 }

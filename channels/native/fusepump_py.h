@@ -80,7 +80,7 @@ static int Pump_init(Pump *self, PyObject *args, PyObject *kw) {
         return -1;
     }
     f->ring = (ring_t){(volatile uint32_t *)view->buf, (uint8_t *)view->buf + RING_HEADER,
-                       nr, nr - 1, BLK_SLOT, cons, prod_pvt, pushed, 0};
+                       nr, nr - 1, BLK_SLOT, cons, prod_pvt, pushed, 0, NULL};
     if (views_keep(&self->views, data, 1, &view) < 0)
         return -1;
     f->data = view->buf;

@@ -421,7 +421,7 @@ static int64_t netback_tx_work(pump_t *p) {
         } else {
             p->counters[TX_ERRORS]++;
         }
-        p->ring.cons += (uint32_t)k;
+        ring_took(&p->ring, (uint32_t)k);
         tx_respond(p, s[0].id, status);
         for (int i = 0; i < extras; i++)
             tx_respond(p, 0, NETIF_RSP_NULL);
@@ -464,7 +464,7 @@ static int netback_rx_fill(pump_t *p) {
         uint32_t at = (p->held_head + p->held_len++) % 512;
         p->held_id[at] = get16(slot);
         p->held_page[at] = page;
-        p->ring.cons++;
+        ring_took(&p->ring, 1);
     }
     return 0;
 }
@@ -735,7 +735,9 @@ static int netfront_rx_batch(pump_t *p) {
 /* Sleep on our doorbell, spinning first on `has_work` if the last round worked (pump.h's
  * spin_then_wait). Returns 1 if rung, 0 on timeout or when work turned up during the spin. */
 static int sleep_on_bell(pump_t *p, int worked, int (*has_work)(void *)) {
-    return spin_then_wait(&p->spin, worked, &p->stopping, has_work, p, &p->mine, p->stop_fd);
+    int rung = spin_then_wait(&p->spin, worked, &p->stopping, has_work, p, &p->mine, p->stop_fd);
+    ring_count(&p->ring, RF_WAKEUPS, (uint64_t)rung);
+    return rung;
 }
 
 /* Wait for the TAP, spinning first after work; 1 when readable, 0 when told to stop, -1 when
@@ -1002,10 +1004,12 @@ static int queue_wait(queue_t *q) {
     if (got > 0 && itx >= 0 && fds[itx].revents & POLLIN) {
         bell_consume(&q->tx->mine);
         q->txm.rung = 1;
+        ring_count(&q->tx->ring, RF_WAKEUPS, 1);
     }
     if (got > 0 && irx >= 0 && fds[irx].revents & POLLIN) {
         bell_consume(&q->rx->mine);
         q->rxm.rung = 1;
+        ring_count(&q->rx->ring, RF_WAKEUPS, 1);
     }
     return 0;
 }

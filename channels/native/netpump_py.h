@@ -70,19 +70,19 @@ static int uint_list(PyObject *obj, uint32_t **out, Py_ssize_t *len) {
 static int Pump_init(Pump *self, PyObject *args, PyObject *kw) {
     static char *names[] = {"kind", "area", "slot_size", "nr_ents", "cons", "prod_pvt",
                             "pushed", "tap_fd", "mine", "peer", "counters", "pools", "domid",
-                            "pages", "grefs", "slot_page", "gso", "sources", NULL};
+                            "pages", "grefs", "slot_page", "gso", "sources", "figures", NULL};
     PyObject *area, *mine, *peer, *counters = Py_None, *pools = NULL, *pages = Py_None;
-    PyObject *grefs = NULL, *slot_page = NULL, *sources = Py_None;
+    PyObject *grefs = NULL, *slot_page = NULL, *sources = Py_None, *figures = Py_None;
     unsigned int slot, nr, cons, prod_pvt, pushed, domid = 0;
     int tap_fd, gso = 0;
     if (self->views.n || self->p.mine.sem) {
         PyErr_SetString(PyExc_RuntimeError, "a Pump is initialised once");
         return -1;
     }
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "iOIIIIIiUU|$OOIOOOpO", names, &self->kind,
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "iOIIIIIiUU|$OOIOOOpOO", names, &self->kind,
                                      &area, &slot, &nr, &cons, &prod_pvt, &pushed, &tap_fd,
                                      &mine, &peer, &counters, &pools, &domid, &pages, &grefs,
-                                     &slot_page, &gso, &sources))
+                                     &slot_page, &gso, &sources, &figures))
         return -1;
     if (domid > 0xFFFF) {
         PyErr_Format(PyExc_ValueError, "domid %u is not a domain id", domid);
@@ -110,7 +110,9 @@ static int Pump_init(Pump *self, PyObject *args, PyObject *kw) {
         return -1;
     }
     p->ring = (ring_t){(volatile uint32_t *)view->buf, (uint8_t *)view->buf + RING_HEADER,
-                       nr, nr - 1, slot, cons, prod_pvt, pushed, 0};
+                       nr, nr - 1, slot, cons, prod_pvt, pushed, 0, NULL};
+    if (figures_keep(&self->views, figures, &p->ring, &p->eoi) < 0)
+        return -1;
     if (counters != Py_None) {
         if (views_keep(&self->views, counters, 1, &view) < 0)
             return -1;
@@ -359,6 +361,7 @@ PyMODINIT_FUNC PyInit__netpump(void) {
         {"NETFRONT_RX", NETFRONT_RX}, {"STOPPED", PUMP_STOPPED}, {"FATAL", PUMP_FATAL},
         {"FALLBACK", PUMP_FALLBACK}, {"MISS", PUMP_MISS}, {"BROKEN", PUMP_BROKEN},
         {"IOERROR", PUMP_IOERROR}, {"N_COUNTERS", N_COUNTERS}, {"MAX_POOLS", MAX_POOLS},
+        {"RING_FIGURES", RF_N},
     };
     return pump_module(&module, &PumpType, constants, sizeof constants / sizeof constants[0]);
 }

@@ -57,6 +57,12 @@ static inline uint64_t now_ns(void) {
 
 enum { REQ_PROD, REQ_EVENT, RSP_PROD, RSP_EVENT };
 
+/* A backend ring's figures (channels/ring.py's RING_FIGURES, in that order): requests taken,
+ * responses pushed, pushes that rang the peer and pushes its event index let pass, rung
+ * wakeups, those that found no work, and the late-EOI waits that followed them. */
+enum { RF_REQUESTS, RF_RESPONSES, RF_NOTIFY_SENT, RF_NOTIFY_SUPPRESSED, RF_WAKEUPS,
+       RF_SPURIOUS, RF_BACKOFFS, RF_N };
+
 typedef struct {
     volatile uint32_t *sring; /* the header's four indices */
     uint8_t *slots;
@@ -65,7 +71,19 @@ typedef struct {
        req_pushed. The same three words, named by the end that uses them. */
     uint32_t cons, prod_pvt, pushed;
     int broken;
+    uint64_t *fig; /* RF_N u64, a backend's page dom0 reads (NULL: not counted) */
 } ring_t;
+
+static inline void ring_count(ring_t *r, int figure, uint64_t n) {
+    if (r->fig)
+        r->fig[figure] += n;
+}
+
+/* A back end took `n` requests off the ring (RING_COPY_REQUEST, n times). */
+static inline void ring_took(ring_t *r, uint32_t n) {
+    r->cons += n;
+    ring_count(r, RF_REQUESTS, n);
+}
 
 static inline uint8_t *ring_slot(const ring_t *r, uint32_t idx) {
     return r->slots + (size_t)(idx & r->mask) * r->slot;
@@ -106,7 +124,11 @@ static inline int ring_push(ring_t *r, int prod, int event) {
     r->pushed = new_;
     store32(&r->sring[prod], new_);
     mb();
-    return (uint32_t)(new_ - load32(&r->sring[event])) < (uint32_t)(new_ - old);
+    int notify = (uint32_t)(new_ - load32(&r->sring[event])) < (uint32_t)(new_ - old);
+    if (prod == RSP_PROD)
+        ring_count(r, RF_RESPONSES, new_ - old);
+    ring_count(r, notify ? RF_NOTIFY_SENT : RF_NOTIFY_SUPPRESSED, 1);
+    return notify;
 }
 
 /* final_check_for_*: 1 if there is work; else arm our event index and look once more. */
@@ -174,14 +196,19 @@ static inline int bell_wait(bell_t *b, int stop_fd, uint64_t timeout_ns) {
 typedef struct {
     uint32_t run;      /* spurious wakeups in a row */
     uint64_t spurious; /* all of them */
+    uint64_t *fig;     /* the ring's figures (RF_*), or NULL */
 } late_eoi_t;
 
 /* LateEoi.idle: nanoseconds to hold off before sleeping on the channel again. */
 static inline uint64_t late_eoi_idle(late_eoi_t *l) {
     l->run++;
     l->spurious++;
+    if (l->fig)
+        l->fig[RF_SPURIOUS]++;
     if (l->run < 2)
         return 0;
+    if (l->fig)
+        l->fig[RF_BACKOFFS]++;
     uint32_t shift = l->run - 2 < 30 ? l->run - 2 : 30;
     uint64_t ns = 1000000ull << shift; /* 1 ms, 2, 4, ... */
     return ns < 1000000000ull ? ns : 1000000000ull;

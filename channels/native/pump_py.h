@@ -12,7 +12,7 @@
 #include <sys/stat.h>
 
 typedef struct {
-    Py_buffer view[2 + MAX_POOLS * 4];
+    Py_buffer view[3 + MAX_POOLS * 4];
     int n;
 } views_t;
 
@@ -33,6 +33,22 @@ static void views_release(views_t *v) {
     for (int i = 0; i < v->n; i++)
         PyBuffer_Release(&v->view[i]);
     v->n = 0;
+}
+
+/* A backend ring's figures (RF_N u64s, channels/ring.py's RING_FIGURES) counted in `figures`
+ * (a buffer held for the pump's life), by the ring and by its late EOI; None: not counted. */
+static inline int figures_keep(views_t *v, PyObject *figures, ring_t *ring, late_eoi_t *eoi) {
+    Py_buffer *view;
+    if (figures == Py_None)
+        return 0;
+    if (views_keep(v, figures, 1, &view) < 0)
+        return -1;
+    if (view->len < (Py_ssize_t)(RF_N * 8) || (uintptr_t)view->buf % 8) {
+        PyErr_SetString(PyExc_ValueError, "figures: too small or unaligned");
+        return -1;
+    }
+    ring->fig = eoi->fig = view->buf;
+    return 0;
 }
 
 /* A doorbell opened by name, as channels/doorbell.py's Doorbell opens it: 0, or -1 with an

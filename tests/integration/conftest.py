@@ -33,6 +33,7 @@ from channels import pumps
 from channels.paths import RunDir
 from hyper import api, pytest_plugin
 from hyper.pytest_plugin import TestDomain, made_domains
+from hyperd import cgroup
 
 REPO = Path(__file__).resolve().parents[2]
 RUN = RunDir()
@@ -115,9 +116,7 @@ OUR_COMMS = (
 def leftovers() -> list[str]:
     """Everything of hyper's that could be on the host: it must be empty when nothing runs."""
     found = [f"/dev/shm/{p.name}" for p in Path("/dev/shm").iterdir() if "hyper." in p.name]
-    found += [str(group) for group in Path("/sys/fs/cgroup").glob("*/hyper")]
-    if Path("/sys/fs/cgroup/hyper").is_dir():  # cgroup v2
-        found.append("/sys/fs/cgroup/hyper")
+    found += [str(group) for group in cgroup.open_hierarchy().parent_dirs() if group.exists()]
     for mount in Path("/proc/self/mounts").read_text().splitlines():
         if "/run/hyper" in mount:
             found.append(f"mount {mount.split()[1]}")
@@ -378,8 +377,6 @@ def as_kernel(name: str, *argv: str, **popen: Any) -> subprocess.Popen[str]:
     user namespace (every capability there), in the kernel's mount, net, pid, uts, ipc and
     cgroup namespaces and in the domain's cgroup. Started, not waited for; ``popen`` overrides
     the pipes (stdout and stderr by default, text)."""
-    from hyperd import cgroup
-
     info = domain_info(name)
     assert info is not None and info["pid"], f"no running domain {name}"
     group = cgroup.open_hierarchy().open(f"dom{info['domid']}")

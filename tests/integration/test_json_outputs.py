@@ -36,6 +36,7 @@ COMMANDS = {
     "block-list": ["block-list", "--json", "DOMAIN"],
     "p9-list": ["p9-list", "--json", "DOMAIN"],
     "fault-list": ["fault", "list", "DOMAIN", "--json"],
+    "rings": ["rings", "DOMAIN", "--json"],
     "check": ["check", "--json"],
 }
 

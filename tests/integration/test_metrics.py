@@ -56,6 +56,29 @@ def test_the_exposition_parses_and_holds_a_busy_domains_counters(talked: str) ->
     assert of(found, "hyper_domain_memory_bytes", domain=talked) > 0
     assert of(found, "hyper_vif_tx_packets_total", domain=talked, device="vif0") >= 10
     assert of(found, "hyper_vif_rx_bytes_total", domain=talked, device="vif0") >= 10 * 98
+    # The rings' own figures: ten echo requests out on the tx ring, ten replies on the rx.
+    for ring in ("q0-tx", "q0-rx"):
+        where = {"domain": talked, "kind": "vif", "device": "vif0", "ring": ring}
+        assert of(found, "hyper_ring_requests_total", **where) >= 10
+        assert of(found, "hyper_ring_responses_total", **where) >= 10
+        sent = of(found, "hyper_ring_notifications_total", outcome="sent", **where)
+        suppressed = of(found, "hyper_ring_notifications_total", outcome="suppressed", **where)
+        assert sent >= 1 and sent + suppressed >= 10
+    tx = {"domain": talked, "device": "vif0", "ring": "q0-tx"}
+    assert of(found, "hyper_ring_wakeups_total", **tx) >= 1  # the domain rang for each echo
+    assert of(found, "hyper_ring_late_eoi_backoffs_total", **tx) >= 0  # present, even if 0
+
+
+def test_rings_lists_each_ring_its_backends_serve(talked: str) -> None:
+    lines = hyperctl("rings", talked).out.splitlines()
+
+    assert lines[0].split() == [
+        "Domain", "Device", "Ring", "Requests", "Responses", "Notified", "Suppressed",
+        "Wakeups", "Spurious", "Backoffs",
+    ]  # fmt: skip
+    rows = {tuple(line.split()[1:3]): line.split()[3:] for line in lines[1:]}
+    assert set(rows) == {("vif0", "q0-tx"), ("vif0", "q0-rx")}
+    assert all(int(rows[ring][0]) >= 10 for ring in rows)  # requests
 
 
 def test_listen_serves_the_same_over_http(talked: str) -> None:

@@ -94,15 +94,23 @@ def rmdir_like_cgroupfs(path: Path) -> None:
 
 
 class FakeV2Fs(CgroupFs):
-    """mkdir adds the core files and those of the controllers the parent enables."""
+    """cgroupfs v2 as Documentation/admin-guide/cgroup-v2.rst describes it.
 
-    def __init__(self, omit: frozenset[str] = frozenset()) -> None:
+    mkdir adds the core files and those of the controllers the parent enables. A pid written
+    into a group leaves every other. Enabling a controller the group's parent does not pass
+    down fails with ENOENT; a process in a non-root group that enables controllers for its
+    children, or enabling them in a non-root group that holds a process, fails with EBUSY
+    (the no-internal-process rule). subtree_control reads back as the kernel writes it: names
+    without '+', in the root's order.
+    """
+
+    def __init__(self, root: Path, omit: frozenset[str] = frozenset()) -> None:
+        self.root = root
         self.omit = omit
 
     def mkdir(self, path: Path) -> None:
         os.mkdir(path)
-        subtree = (path.parent / "cgroup.subtree_control").read_text().split()
-        enabled = [c.lstrip("+") for c in subtree]
+        enabled = (path.parent / "cgroup.subtree_control").read_text().split()
         files = {**V2_CORE, "cgroup.controllers": " ".join(enabled)}
         for controller in enabled:
             files.update(V2_CONTROLLER_FILES[controller])
@@ -110,6 +118,61 @@ class FakeV2Fs(CgroupFs):
 
     def rmdir(self, path: Path) -> None:
         rmdir_like_cgroupfs(path)
+
+    def move(self, pid: int, procs: Path) -> None:
+        group = procs.parent
+        if group != self.root and (group / "cgroup.subtree_control").read_text().split():
+            raise OSError(errno.EBUSY, os.strerror(errno.EBUSY), str(procs))
+        for other in self.root.rglob("cgroup.procs"):
+            pids = other.read_text().split()
+            if str(pid) in pids:
+                other.write_text("".join(f"{p}\n" for p in pids if p != str(pid)))
+        procs.write_text(procs.read_text() + f"{pid}\n")
+
+    def enable(self, group: Path, controllers: Sequence[str]) -> None:
+        subtree = group / "cgroup.subtree_control"
+        if group != self.root and (group / "cgroup.procs").read_text().split():
+            raise OSError(errno.EBUSY, os.strerror(errno.EBUSY), str(subtree))
+        available = (group / "cgroup.controllers").read_text().split()
+        if any(c not in available for c in controllers):
+            raise OSError(errno.ENOENT, os.strerror(errno.ENOENT), str(subtree))
+        enabled = {*subtree.read_text().split(), *controllers}
+        order = (self.root / "cgroup.controllers").read_text().split()
+        subtree.write_text(" ".join(c for c in order if c in enabled) + "\n")
+        for child in (p for p in group.iterdir() if p.is_dir()):  # their files appear
+            (child / "cgroup.controllers").write_text(subtree.read_text())
+            for controller in controllers:
+                files = V2_CONTROLLER_FILES[controller]
+                absent = files.keys() - {p.name for p in child.iterdir()}
+                write_files(child, {name: files[name] for name in absent}, self.omit)
+
+    def own_group(self) -> str:
+        for procs in self.root.rglob("cgroup.procs"):
+            if str(os.getpid()) in procs.read_text().split():
+                return "/" + str(procs.parent.relative_to(self.root)).removeprefix(".")
+        raise AssertionError("this process is in no group of the fake tree")
+
+
+class FakeSystemd(FakeV2Fs):
+    """A v2 tree systemd owns: PID 1 in init.scope, services in system.slice, and a D-Bus
+    StartTransientUnit that starts a delegated scope (its controllers enabled on the way
+    down, as systemd does for Delegate=yes) holding the given pid."""
+
+    DELEGATED = ("cpuset", "cpu", "io", "memory", "pids")
+
+    def __init__(self, root: Path, refuse: str | None = None) -> None:
+        super().__init__(root)
+        self.refuse = refuse
+        self.started: list[tuple[str, str, int]] = []
+
+    def start_scope(self, unit: str, slice_: str, pid: int) -> None:
+        if self.refuse is not None:
+            raise CgroupError(f"systemd did not start {unit}: {self.refuse}")
+        self.started.append((unit, slice_, pid))
+        for group in (self.root, self.root / slice_):
+            self.enable(group, self.DELEGATED)
+        self.mkdir(self.root / slice_ / unit)
+        self.move(pid, self.root / slice_ / unit / "cgroup.procs")
 
 
 class FakeV1Fs(CgroupFs):
@@ -141,7 +204,28 @@ def make_v2(
     (root / "cgroup.procs").write_text("1\n")
     mountinfo = tmp_path / "mountinfo"
     mountinfo.write_text(f"30 23 0:26 / {root} rw,nosuid - cgroup2 cgroup2 rw,nsdelegate\n")
-    return root, open_hierarchy(root, mountinfo=mountinfo, fs=FakeV2Fs(omit))
+    return root, open_hierarchy(root, mountinfo=mountinfo, fs=FakeV2Fs(root, omit))
+
+
+def make_systemd(tmp_path: Path, refuse: str | None = None) -> tuple[Path, FakeSystemd]:
+    """A v2 tree as systemd leaves it: memory and pids enabled at the root, PID 1 in
+    init.scope, and this process beside the runner's own in a service (no delegation)."""
+    root = tmp_path / "cgroup"
+    root.mkdir()
+    (root / "cgroup.controllers").write_text("cpuset cpu io memory hugetlb pids rdma misc\n")
+    (root / "cgroup.subtree_control").write_text("memory pids\n")
+    (root / "cgroup.procs").write_text("")
+    fs = FakeSystemd(root, refuse)
+    for group in ("init.scope", "system.slice", "system.slice/runner.service"):
+        fs.mkdir(root / group)
+    fs.move(1, root / "init.scope/cgroup.procs")
+    fs.move(4100, root / RUNNER / "cgroup.procs")
+    fs.move(os.getpid(), root / RUNNER / "cgroup.procs")
+    return root, fs
+
+
+RUNNER = "system.slice/runner.service"
+SCOPE = "system.slice/hyper.scope"
 
 
 def make_v1(
@@ -273,7 +357,7 @@ def test_v1_without_cpuset_places_nothing(tmp_path: Path):
 def test_v2_cpuset_where_delegated_places_a_domain(tmp_path: Path):
     root, hierarchy = make_v2(tmp_path, delegated="cpuset cpu io memory pids")
     assert hierarchy.host_cpus() == (0, 1, 2, 3)
-    assert "+cpuset" in read(root / "hyper/cgroup.subtree_control").split()
+    assert "cpuset" in read(root / "hyper/cgroup.subtree_control").split()
     hierarchy.create("dom2", Limits(memory_mib=64, vcpus=2))
     group = hierarchy.create("dom3", Limits(memory_mib=64, vcpus=2))  # beside dom2's
     assert read(root / "hyper/dom3/cpuset.cpus") == "2,3"
@@ -309,7 +393,7 @@ def test_group_and_parent_names_are_validated(tmp_path: Path, name: str):
     with pytest.raises(CgroupError, match="invalid cgroup name"):
         hierarchy.create(name, LIMITS)
     with pytest.raises(CgroupError, match="invalid cgroup name"):
-        open_hierarchy(root, parent=name, fs=FakeV2Fs())
+        open_hierarchy(root, parent=name, fs=FakeV2Fs(root))
     assert not (root / "hyper").exists()
 
 
@@ -394,7 +478,7 @@ def test_v2_enables_controllers_in_hypers_own_subtree_control_only(tmp_path: Pat
     root, hierarchy = make_v2(tmp_path)
     hierarchy.create("dom3", LIMITS)
     assert read(root / "cgroup.subtree_control") == "cpu io memory pids"
-    assert read(root / "hyper" / "cgroup.subtree_control").split() == ["+cpu", "+memory", "+pids"]
+    assert read(root / "hyper" / "cgroup.subtree_control") == "cpu memory pids"
     assert read(root / "hyper" / "cgroup.procs") == ""
 
 
@@ -495,6 +579,92 @@ def test_remove_of_a_missing_group_is_fine(tmp_path: Path):
     group.remove(timeout=1.0)
     group.remove(timeout=1.0)
     assert not (root / "hyper" / "dom3").exists()
+
+
+# --- v2 under systemd -----------------------------------------------------------------------
+
+
+def test_under_systemd_hyperd_gets_a_delegated_scope_and_lives_in_its_leaf(tmp_path: Path):
+    root, fs = make_systemd(tmp_path)
+    hierarchy = open_hierarchy(root, fs=fs)
+    hierarchy.prepare()
+    assert fs.started == [("hyper.scope", "system.slice", os.getpid())]
+    assert fs.own_group() == f"/{SCOPE}/supervisor"
+    assert read(root / SCOPE / "cgroup.procs") == ""  # no process in an inner node
+    assert read(root / SCOPE / "cgroup.subtree_control") == "cpuset cpu memory pids"
+    assert read(root / RUNNER / "cgroup.procs") == "4100"  # the runner's own is left alone
+
+    group = hierarchy.create("dom3", LIMITS)
+    assert group.dirs == [root / SCOPE / "hyper/dom3"]
+    assert read(root / SCOPE / "hyper/dom3/memory.max") == str(64 * MIB)
+    assert read(root / SCOPE / "hyper/dom3/cpu.max") == "50000 100000"
+    assert read(root / SCOPE / "hyper/cgroup.procs") == ""
+    group.attach(4300)
+    assert read(root / SCOPE / "hyper/dom3/cgroup.procs") == "4300"
+
+
+def test_under_systemd_every_process_in_the_scope_moves_to_its_leaf(tmp_path: Path):
+    # A scope started by someone else (systemd-run --scope -p Delegate=yes), with a process
+    # at its root: the controllers cannot be enabled for its children until it moves.
+    root, fs = make_systemd(tmp_path)
+    FakeSystemd.start_scope(fs, "hyper.scope", "system.slice", 4100)
+    fs.move(os.getpid(), root / SCOPE / "cgroup.procs")
+    open_hierarchy(root, fs=fs).prepare()
+    assert read(root / SCOPE / "cgroup.procs") == ""
+    assert sorted(read(root / SCOPE / "supervisor/cgroup.procs").split()) == sorted(
+        ["4100", str(os.getpid())]
+    )
+    assert "cpu" in read(root / SCOPE / "cgroup.subtree_control").split()
+
+
+def test_under_systemd_a_restarted_hyperd_joins_the_running_scope(tmp_path: Path):
+    root, fs = make_systemd(tmp_path)
+    first = open_hierarchy(root, fs=fs)
+    first.create("dom3", LIMITS).attach(4300)
+    fs.move(os.getpid(), root / RUNNER / "cgroup.procs")  # as a new hyperd starts outside
+
+    second = open_hierarchy(root, fs=fs)
+    second.prepare()
+    assert len(fs.started) == 1  # joined, not started again
+    assert fs.own_group() == f"/{SCOPE}/supervisor"
+    assert second.list() == ["dom3"]
+    assert second.open("dom3").pids() == [4300]
+
+
+def test_under_systemd_other_processes_find_the_groups_without_joining(tmp_path: Path):
+    root, fs = make_systemd(tmp_path)
+    open_hierarchy(root, fs=fs).create("dom3", LIMITS)
+    fs.move(os.getpid(), root / RUNNER / "cgroup.procs")  # hyperctl, or a test
+    assert open_hierarchy(root, fs=fs).open("dom3").dirs == [root / SCOPE / "hyper/dom3"]
+    assert fs.own_group() == f"/{RUNNER}"
+
+
+def test_under_systemd_a_refused_scope_is_one_error_and_creates_nothing(tmp_path: Path):
+    root, fs = make_systemd(tmp_path, refuse="Access denied")
+    with pytest.raises(CgroupError, match=r"systemd did not start hyper\.scope: Access denied"):
+        open_hierarchy(root, fs=fs).create("dom3", LIMITS)
+    assert not (root / SCOPE).exists()
+    assert fs.own_group() == f"/{RUNNER}"
+
+
+def test_under_systemd_remove_all_leaves_the_scope_to_systemd(tmp_path: Path):
+    root, fs = make_systemd(tmp_path)
+    hierarchy = open_hierarchy(root, fs=fs)
+    hierarchy.create("dom3", LIMITS)
+    hierarchy.remove_all(timeout=1.0)
+    assert not (root / SCOPE / "hyper").exists()
+    assert fs.own_group() == f"/{SCOPE}/supervisor"  # systemd removes it once hyperd exits
+
+
+def test_the_fake_tree_keeps_the_no_internal_process_rule(tmp_path: Path):
+    root, fs = make_systemd(tmp_path)
+    with pytest.raises(OSError, match="busy"):
+        fs.enable(root / RUNNER, ["memory"])  # it holds processes
+    fs.enable(root / "system.slice", ["memory"])
+    with pytest.raises(OSError, match="busy"):
+        fs.move(4242, root / "system.slice" / "cgroup.procs")
+    with pytest.raises(OSError, match="No such file"):
+        fs.enable(root / "system.slice", ["cpu"])  # the root does not pass cpu down
 
 
 # --- v1 -------------------------------------------------------------------------------------

@@ -15,7 +15,7 @@ import pytest
 from hyper.check import CHANGED, MISSING, NAMESPACES, OK, Host, can_run, check
 
 
-def fake_host(root: Path, cgroup: str = "v2") -> Path:
+def fake_host(root: Path, cgroup: str = "v2", systemd: bool = False) -> Path:
     """A host with everything hyper needs: devices, namespaces, a cgroup hierarchy."""
     for device in ("dev/net/tun", "dev/loop-control", "dev/fuse"):
         (root / device).parent.mkdir(parents=True, exist_ok=True)
@@ -28,6 +28,8 @@ def fake_host(root: Path, cgroup: str = "v2") -> Path:
     (root / "sys/fs/cgroup").mkdir(parents=True)
     if cgroup == "v2":
         (root / "sys/fs/cgroup/cgroup.controllers").write_text("cpuset cpu io memory pids\n")
+        if systemd:
+            (root / "sys/fs/cgroup/init.scope").mkdir()
         (root / "proc/self/mountinfo").write_text("")
     else:
         mounts = "".join(
@@ -141,3 +143,12 @@ def test_ubuntus_apparmor_restriction_is_reported_and_does_not_stop_hyper(tmp_pa
     (apparmor,) = [f for f in findings if f.what == "AppArmor userns"]
     assert apparmor.status == OK and "as root" in apparmor.detail
     assert can_run(findings)
+
+
+def test_a_systemd_host_gets_a_delegated_scope_which_needs_busctl(tmp_path: Path) -> None:
+    root = fake_host(tmp_path, systemd=True)
+    (cgroups,) = [f for f in check(Host(root=root, euid=0, which=found)) if f.what == "cgroups"]
+    assert cgroups.status == CHANGED and "system.slice/hyper.scope" in cgroups.detail
+    findings = check(Host(root=root, euid=0, which=without("busctl")))
+    assert statuses(Host(root=root, euid=0, which=without("busctl")))["cgroups"] == MISSING
+    assert not can_run(findings)

@@ -26,6 +26,7 @@ from backends.netback.datapath import COUNTER_FIELDS, FATAL_SLOTS
 from channels import netif as N
 from channels import pumps
 from channels.doorbell import DoorbellPair, create_doorbell, unlink_doorbell
+from channels.ring import FIG_RESPONSES, RING_FIGURES
 from tests.unit import test_netback_hostile as back
 from tests.unit import test_netfront_hostile as front
 
@@ -69,6 +70,30 @@ def test_the_native_module_speaks_the_same_numbers() -> None:
     # Every pool of a vif with the most queues (three each: domu/netfront/xenbus.py) is one
     # the pump can map; more would send the vif to the Python path.
     assert module.MAX_POOLS >= 3 * N.MAX_QUEUES
+    assert len(RING_FIGURES) == module.RING_FIGURES  # pump.h's RF_N
+
+
+def tx_figures(packets: int) -> dict[str, int]:
+    """A ring's figures once netback has answered ``packets`` one-slot packets sent at once."""
+    with back.serving_vif(SOURCES) as vif:
+        gref = vif.page(0, IPV4 + TCP)
+        vif.send(*[(gref, 0, 0, i, len(IPV4 + TCP)) for i in range(packets)])
+        assert len(vif.responses(packets)) == packets
+        done = threading.Event()
+        while vif.figures[FIG_RESPONSES] < packets and not done.wait(0.01):  # counted after
+            pass  # the push the frontend saw
+        vif.tx.stop()
+        vif.tx.thread.join(5)
+        return dict(zip(RING_FIGURES, vif.figures.tolist(), strict=True))
+
+
+def test_the_ring_figures_count_as_python_does() -> None:
+    native, python = both(tx_figures, 5)
+    for figures in (native, python):
+        assert (figures["requests"], figures["responses"]) == (5, 5)
+        # The frontend armed rsp_event at 1 (FrontRing.init): the first push rings it.
+        assert figures["notify_sent"] >= 1
+        assert figures["spurious_wakeups"] >= figures["late_eoi_backoffs"]
 
 
 # -- netback tx: slots a hostile frontend wrote -------------------------------------------------

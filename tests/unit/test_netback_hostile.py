@@ -26,6 +26,7 @@ from pathlib import Path
 
 import pytest
 
+from backends.datapath_worker import ring_figures
 from backends.netback.antispoof import SourceFilter
 from backends.netback.datapath import COUNTER_FIELDS, Counters, RxPath, TxPath
 from channels import netif as N
@@ -34,7 +35,7 @@ from channels.doorbell import create_doorbell, unlink_doorbell
 from channels.evtchn import from_status
 from channels.gnttab import GrantPool, pool_bytes
 from channels.grants import BAD_GREF_BUDGET, DeviceGrants, GrantMapper
-from channels.ring import PAGE_SIZE, BackRing, FrontRing, u32_view
+from channels.ring import PAGE_SIZE, RING_FIGURES, BackRing, FrontRing, u32_view
 from channels.shm import attach, create_segment, unlink_segment
 from tests.unit.backend_hypercalls import Hypercalls, storm
 from tests.unit.pumps import both_pumps  # noqa: F401  (runs each test with both)
@@ -50,6 +51,7 @@ class Vif:
     peer: socket.socket
     tx: TxPath
     counters: Counters
+    figures: memoryview  # the tx ring's (channels/ring.py's RING_FIGURES)
     rx: RxPath | None = None  # the queue's other half (paired), its ring with nothing posted
     fatal: list[str] = field(default_factory=list)
     fatal_event: threading.Event = field(default_factory=threading.Event)
@@ -137,8 +139,9 @@ def serving_queues(
         stack.callback(pool.close)
         for i in range(8):
             pool.grant(i, 0, readonly=True)
-        page = memoryview(bytearray(8 * len(COUNTER_FIELDS) * queues))
+        page = memoryview(bytearray(8 * (len(COUNTER_FIELDS) + 2 * len(RING_FIGURES)) * queues))
         counters = Counters.blocks(page, queues)
+        figures = ring_figures(page, len(COUNTER_FIELDS), queues, 2 * queues)
         calls = [Hypercalls([(pool_name, 8, 8)], pair) for pair in bells]
         device = DeviceGrants(FRONT, "vif/0", N.MAX_GRANT_PAGES * queues)
         grants = GrantMapper(
@@ -156,7 +159,7 @@ def serving_queues(
             tap, peer = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
             stack.callback(peer.close)
             stack.callback(tap.close)
-            state = Vif(front, pool, peer, None, counters[q])  # type: ignore[arg-type]
+            state = Vif(front, pool, peer, None, counters[q], figures[2 * q])  # type: ignore[arg-type]
 
             def on_fatal(message: str, state: Vif = state) -> None:
                 state.fatal.append(message)
@@ -167,6 +170,7 @@ def serving_queues(
             state.tx = TxPath(
                 back, evtchn, grants, tap.fileno(), counters[q], None, on_fatal, sources, loop
             )
+            back.figures = state.tx.late_eoi.figures = figures[2 * q]  # as the worker counts
             if paired:
                 rx_segment = attach(rings[queues + q])
                 stack.callback(rx_segment.close)
@@ -179,6 +183,7 @@ def serving_queues(
                 state.rx = RxPath(
                     rx_back, rx_evtchn, grants, tap.fileno(), counters[q], True, on_fatal, loop
                 )
+                rx_back.figures = state.rx.late_eoi.figures = figures[2 * q + 1]
             vifs.append(state)
         for state in vifs:
             for path in (state.tx, state.rx):

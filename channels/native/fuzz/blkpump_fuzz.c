@@ -53,12 +53,14 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
     memset(pool, 0, (1 + POOL_PAGES) * PAGE_SIZE);
     blk_t b;
     memset(&b, 0, sizeof b);
+    uint64_t figures[RF_N] = {0}; /* the ring's figures, counted as a worker's are */
     uint8_t mode = 0, n = 0;
     uint32_t idx[4] = {0, 0, 0, 0};
     take(&data, &size, &mode, 1);
     take(&data, &size, idx, sizeof idx);
     b.ring = (ring_t){(volatile uint32_t *)ring_area, ring_area + RING_HEADER, NR_ENTS,
-                      NR_ENTS - 1, BLK_SLOT, idx[0], idx[1], idx[2], 0};
+                      NR_ENTS - 1, BLK_SLOT, idx[0], idx[1], idx[2], 0, figures};
+    b.eoi.fig = figures;
     b.counters = b.scratch;
     b.fd = device;
     b.readonly = !!(mode & 2);

@@ -50,7 +50,7 @@ static void setup(front_t *f, uint8_t mode) {
     memset(ring_area, 0, sizeof ring_area);
     ((uint32_t *)ring_area)[REQ_EVENT] = ((uint32_t *)ring_area)[RSP_EVENT] = 1;
     f->ring = (ring_t){(volatile uint32_t *)ring_area, ring_area + RING_HEADER, NR_ENTS,
-                       NR_ENTS - 1, BLK_SLOT, 0, 0, 0, 0};
+                       NR_ENTS - 1, BLK_SLOT, 0, 0, 0, 0, NULL};
     f->data = data_pool;
     f->npages = POOL_PAGES;
     f->data_gref = 8;

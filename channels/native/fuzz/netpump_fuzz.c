@@ -55,6 +55,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
     memset(checked, 0, sizeof checked);
     pump_t p;
     memset(&p, 0, sizeof p);
+    uint64_t figures[RF_N] = {0}; /* the ring's figures, counted as a worker's are */
     int kind = TARGET;
     uint32_t slot = kind == NETBACK_TX || kind == NETFRONT_TX ? TX_SLOT : RX_SLOT, nr = 256;
     uint8_t mode = 0, n = 0;
@@ -62,7 +63,8 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
     take(&data, &size, &mode, 1);
     take(&data, &size, idx, sizeof idx);
     p.ring = (ring_t){(volatile uint32_t *)ring_area, ring_area + RING_HEADER, nr, nr - 1, slot,
-                      idx[0], idx[1], idx[2], 0};
+                      idx[0], idx[1], idx[2], 0, figures};
+    p.eoi.fig = figures;
     p.counters = p.scratch;
     p.mine = p.peer = bell;
     p.stop_fd = devnull;
