@@ -26,7 +26,7 @@ import termios
 import threading
 import time
 import tty
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
@@ -74,6 +74,48 @@ What it cannot do:
 DETACH = b"\x1d"  # Ctrl-]
 
 
+# -- progress on a terminal ------------------------------------------------------------------
+
+
+class Progress:
+    """What a command waiting on the hypervisor shows while it waits (``progress``)."""
+
+    def __init__(self, bar: Any = None, task: Any = None) -> None:
+        self._bar, self._task = bar, task
+
+    @property
+    def visible(self) -> bool:
+        """Whether anything is shown (standard error is a terminal)."""
+        return self._bar is not None
+
+    def update(self, text: str | None = None, done: int | None = None) -> None:
+        """Say ``text`` now, or that ``done`` of the total are done."""
+        if self._bar is not None:
+            self._bar.update(self._task, description=text, completed=done, refresh=True)
+
+
+@contextlib.contextmanager
+def progress(text: str, total: int | None = None, console: Any = None) -> Iterator[Progress]:
+    """``text`` on standard error while the block runs, with a spinner and the seconds so far
+    (with ``total``, a bar and how many are done), taken away when it ends: rich's, as xl's
+    users see in apt and pip. Nothing at all when standard error is not a terminal (a
+    script, a pipe, a CI log); ``console`` (a rich Console) stands for the terminal."""
+    from rich.console import Console
+
+    console = console or Console(stderr=True)
+    if not console.is_terminal:
+        yield Progress()
+        return
+    from rich import progress as bars
+
+    columns: list[Any] = [bars.SpinnerColumn(), bars.TextColumn("{task.description}")]
+    if total is not None:
+        columns += [bars.BarColumn(), bars.MofNCompleteColumn()]
+    columns.append(bars.TimeElapsedColumn())
+    with bars.Progress(*columns, console=console, transient=True) as bar:
+        yield Progress(bar, bar.add_task(text, total=total))
+
+
 def cmd_start(args: argparse.Namespace) -> int:
     """Start the hypervisor (dom0 and hyperd), or a killed hyperd again, which re-adopts the
     domains that ran on without it; nothing to do when one runs."""
@@ -105,7 +147,8 @@ def cmd_create(args: argparse.Namespace) -> int:
         if args.dry_run:
             print(config.normalised_json())
             return 0
-        api.ensure_hypervisor(args.store_domain)
+        with progress("starting the hypervisor"):
+            api.ensure_hypervisor(args.store_domain)
     path = Path(args.file)
     try:
         text = path.read_text(encoding="utf-8")
@@ -114,7 +157,8 @@ def cmd_create(args: argparse.Namespace) -> int:
     request = control.Create(
         text=text, source=args.file, base_dir=str(path.resolve().parent), owner=owner
     )
-    info = api.call(request)
+    with progress(f"creating the domain of {args.file}"):
+        info = api.call(request)
     print(f"Created domain {info['name']} (id {info['domid']})", file=sys.stderr)
     if args.console:
         return _console(str(info["domid"]))
@@ -207,6 +251,17 @@ def _cell(value: Any) -> str:
     return f"{value:.1f}" if isinstance(value, float) else str(value)
 
 
+def _fitting(headers: list[str], rows: list[list[str]], width: int) -> int:
+    """How many of the first columns fit in ``width`` characters, each as wide as its header
+    or its widest cell, one space each side (as xentop does, the leftmost columns first)."""
+    used = 0
+    for n, header in enumerate(headers):
+        used += max([len(header), *(len(row[n]) for row in rows)]) + 2
+        if used > width:
+            return max(n, 1)
+    return len(headers)
+
+
 def cmd_top(args: argparse.Namespace) -> int:
     if args.json and not args.batch:
         raise BadInput("top: --json needs -b (batch mode)")
@@ -215,21 +270,31 @@ def cmd_top(args: argparse.Namespace) -> int:
     from rich.table import Table
 
     def table(rows: list[list[str]]) -> Table:
-        t = Table(box=None, header_style="bold")
-        for col in TOP_COLUMNS:
-            t.add_column(col, justify="left" if col in ("NAME", "STATE") else "right")
-        for row in rows:
-            t.add_row(*map(_cell, row))
+        cells = [[_cell(value) for value in row] for row in rows]
+        shown = _fitting(TOP_COLUMNS, cells, console.width)
+        caption = f"every {args.delay:g} s; q quits" if keys is not None else ""
+        if shown < len(TOP_COLUMNS):
+            caption += f"; {len(TOP_COLUMNS) - shown} more columns in a wider terminal"
+        t = Table(box=None, header_style="bold", caption=caption or None)
+        for col in TOP_COLUMNS[:shown]:
+            left = col in ("NAME", "STATE")
+            t.add_column(col, justify="left" if left else "right", no_wrap=True)
+        for row in cells:
+            t.add_row(*row[:shown])
         return t
 
     before: dict[int, float] = {}
     last = time.monotonic()
     iteration = 0
     live: Live | None = None
-    if not args.batch:
-        live = Live(table([]), console=Console(), auto_refresh=False)
-        live.start()
+    keys: Keys | None = None
+    console = Console()
     try:
+        if not args.batch:
+            if sys.stdin.isatty():
+                keys = Keys(sys.stdin.fileno())
+            live = Live(table([]), console=console, auto_refresh=False)
+            live.start()
         while args.iterations is None or iteration < args.iterations:
             domains = api.call(control.List())
             now = time.monotonic()
@@ -244,8 +309,8 @@ def cmd_top(args: argparse.Namespace) -> int:
             if live is not None:
                 live.update(table(rows), refresh=True)
             elif args.json:
-                keys = [_top_key(c) for c in TOP_COLUMNS]
-                records = [dict(zip(keys, row, strict=True)) for row in rows]
+                names = [_top_key(c) for c in TOP_COLUMNS]
+                records = [dict(zip(names, row, strict=True)) for row in rows]
                 print(json.dumps({"domains": records}), flush=True)
             else:
                 print(" ".join(f"{c:>10}" for c in TOP_COLUMNS))
@@ -254,13 +319,37 @@ def cmd_top(args: argparse.Namespace) -> int:
                 print(flush=True)
             if args.iterations is not None and iteration >= args.iterations:
                 break
-            time.sleep(args.delay)
+            if keys is None:
+                time.sleep(args.delay)
+            elif "q" in keys.wait(args.delay).lower():
+                break
     except KeyboardInterrupt:
         pass
     finally:
         if live is not None:
             live.stop()
+        if keys is not None:
+            keys.restore()
     return 0
+
+
+class Keys:
+    """A terminal's keys, one at a time as they are typed (cbreak mode: no echo, no line
+    editing; Ctrl-C still interrupts) until ``restore``."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self._saved = termios.tcgetattr(fd)
+        tty.setcbreak(fd)
+
+    def wait(self, timeout: float) -> str:
+        """What was typed within ``timeout`` seconds ("" if nothing)."""
+        if not select.select([self.fd], [], [], timeout)[0]:
+            return ""
+        return os.read(self.fd, 64).decode(errors="replace")
+
+    def restore(self) -> None:
+        termios.tcsetattr(self.fd, termios.TCSADRAIN, self._saved)
 
 
 def cmd_info(args: argparse.Namespace) -> int:
@@ -299,7 +388,9 @@ def cmd_simple(kind: OnOneDomain) -> Any:
 
 def cmd_shutdown(args: argparse.Namespace) -> int:
     request = control.Shutdown(domain=args.domain, wait=args.wait, grace=args.timeout)
-    result = api.call(request, timeout=None)
+    waiting = f"waiting for {args.domain} to shut down (destroyed after {args.timeout:.0f} s)"
+    with progress(waiting) if args.wait else contextlib.nullcontext():
+        result = api.call(request, timeout=None)
     if args.wait and not result.get("cooperative", True):
         print(
             f"{args.domain} did not shut down in {args.timeout:.0f} s: destroyed", file=sys.stderr
@@ -308,9 +399,37 @@ def cmd_shutdown(args: argparse.Namespace) -> int:
 
 
 def cmd_halt(args: argparse.Namespace) -> int:
-    if not api.halt():
+    try:
+        domains = {d["domid"] for d in api.call(control.List()) if d["domid"] != 0}
+    except HyperError:  # not running, or killed: api.halt says what it does about it
+        domains = set()
+    with progress(f"halting: destroying {len(domains)} domains", len(domains)) as shown:
+        halted = _halt_watched(domains, shown) if shown.visible else api.halt()
+    if not halted:
         print("hyperctl: the hypervisor is not running", file=sys.stderr)
     return 0
+
+
+def _halt_watched(domains: set[int], shown: Progress) -> bool:
+    """api.halt() in a thread, showing how many of ``domains`` are gone four times a second."""
+    outcome: list[bool | BaseException] = []
+
+    def halt() -> None:
+        try:
+            outcome.append(api.halt())
+        except BaseException as exc:  # raised again below, in the command's own thread
+            outcome.append(exc)
+
+    halting = threading.Thread(target=halt, name="halt")
+    halting.start()
+    while halting.is_alive():
+        halting.join(0.25)
+        with contextlib.suppress(HyperError):  # stopping: it answers no more
+            left = {d["domid"] for d in api.call(control.List(), timeout=1.0)}
+            shown.update(done=len(domains - left))
+    if isinstance(outcome[0], BaseException):
+        raise outcome[0]
+    return outcome[0]
 
 
 def cmd_cleanup(args: argparse.Namespace) -> int:

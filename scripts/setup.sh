@@ -31,9 +31,9 @@ repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 python=${PYTHON:-python3}
 
 APT_PACKAGES=(python3 python3-pip iproute2 util-linux procps iperf3 fio iputils-ping e2fsprogs fuse3
-    gcc python3-dev clang iptables libxen-dev tshark xenstore-utils)
+    gcc python3-dev clang iptables libxen-dev tshark xenstore-utils tmux)
 HOST_TOOLS=(ip nsenter setpriv flock ps pgrep iperf3 fio ping mkfs.ext4 fsck.ext4 fusermount3 gcc
-    clang iptables tshark xenstore-ls)
+    clang iptables tshark xenstore-ls tmux)
 
 say() { printf 'setup: %s\n' "$*" >&2; }
 die() {
