@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 
+from tests.golden import assert_matches_schema
 from tests.integration.conftest import as_kernel, hyperctl, hyperctl_started, wait_for
 from tests.integration.test_block import disk
 from tests.integration.test_network import vif
@@ -89,13 +90,18 @@ def test_trace_shows_each_write_of_dd_with_its_sectors(
         assert ready and "tracing" in trace.stderr.readline(), "trace never started"
         hyperctl("exec", name, "--", *dd)
         writes: list[dict[str, Any]] = []
+        first: dict[str, dict[str, Any]] = {}  # a request's record and a response's
         while len(writes) < 4:
             record = json.loads(lines.get(timeout=15))
+            first.setdefault(record["ev"], record)
             if record["ev"] == "rsp" and record["op"] == "write":
                 writes.append(record)
     finally:
         trace.kill()
         trace.wait()
+
+    # trace --json's schema, golden-tested as every --json output is (test_json_outputs).
+    assert_matches_schema(first, "trace")
 
     assert [(w["sector"], w["count"], w["status"]) for w in writes] == [
         (800, 8, "ok"),
