@@ -85,6 +85,7 @@ from channels.xenbus import XenbusState
 from channels.xenbus_bus import XenbusDevice
 
 log = logging.getLogger(__name__)
+_T = TypeVar("_T")
 
 #: The longest line a worker may send dom0: a request is a few dozen bytes, a fatal report a
 #: few hundred.
@@ -183,6 +184,7 @@ class WorkerProcess:
         self.worker_id = links.worker_id
         self._ids = links.ids
         self._page = mmap.mmap(links.counters_fd, mmap.PAGESIZE)
+        self._page_lock = threading.Lock()  # a read of it, or its close at stop
         os.close(links.counters_fd)
         self._output = links.output
         self._map_pools = map_pools
@@ -237,17 +239,34 @@ class WorkerProcess:
             grants.close_pool_fds(pools)  # the worker has its own now
         return cls(process, links, map_pools, on_fatal, on_death, counter_blocks, on_trace, rings)
 
+    def _read_page(self, read: Callable[[memoryview], _T], stopped: _T) -> _T:
+        """``read(page)`` of the counter page, or ``stopped`` once ``stop`` closed it (a stats
+        call racing the device's disconnection: DataPath holds what the worker counted)."""
+        with self._page_lock:
+            if self._page.closed:
+                return stopped
+            page = memoryview(self._page)
+            try:
+                return read(page)
+            finally:
+                page.release()
+
     def counter_blocks_values(self, fields: Sequence[str]) -> list[dict[str, int]]:
         """The worker's counters, named ``fields`` in page order, block by block (a block per
         queue)."""
-        values = memoryview(self._page)[: 8 * len(fields) * self.counter_blocks].cast("Q")
-        try:
-            return [
-                {name: int(values[b * len(fields) + i]) for i, name in enumerate(fields)}
-                for b in range(self.counter_blocks)
-            ]
-        finally:
-            values.release()
+
+        def read(page: memoryview) -> list[dict[str, int]]:
+            values = page[: 8 * len(fields) * self.counter_blocks].cast("Q")
+            try:
+                return [
+                    {name: int(values[b * len(fields) + i]) for i, name in enumerate(fields)}
+                    for b in range(self.counter_blocks)
+                ]
+            finally:
+                values.release()
+
+        zero = dict.fromkeys(fields, 0)
+        return self._read_page(read, [dict(zero) for _ in range(self.counter_blocks)])
 
     def counter_values(self, fields: Sequence[str]) -> dict[str, int]:
         """The worker's counters, named ``fields``: every block's added up."""
@@ -257,17 +276,19 @@ class WorkerProcess:
     def ring_values(self, fields: Sequence[str]) -> list[dict[str, Any]]:
         """Each ring's figures, after the counter blocks (``fields`` a block): its name as
         ``ring``, then RING_FIGURES."""
-        views = ring_figures(
-            memoryview(self._page), len(fields), self.counter_blocks, len(self.rings)
-        )
-        try:
-            return [
-                {"ring": name, **{f: int(view[i]) for i, f in enumerate(RING_FIGURES)}}
-                for name, view in zip(self.rings, views, strict=True)
-            ]
-        finally:
-            for view in views:
-                view.release()
+
+        def read(page: memoryview) -> list[dict[str, Any]]:
+            views = ring_figures(page, len(fields), self.counter_blocks, len(self.rings))
+            try:
+                return [
+                    {"ring": name, **{f: int(view[i]) for i, f in enumerate(RING_FIGURES)}}
+                    for name, view in zip(self.rings, views, strict=True)
+                ]
+            finally:
+                for view in views:
+                    view.release()
+
+        return self._read_page(read, [])
 
     def _serve(self) -> None:
         """Answer the worker until it hangs up or reports a fatal error, or breaks the link
@@ -370,7 +391,8 @@ class WorkerProcess:
         self._logger.join(timeout=5.0)
         self._output.close()
         self.control.close()
-        self._page.close()
+        with self._page_lock:
+            self._page.close()
 
 
 class WorkerLinks:

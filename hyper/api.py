@@ -338,25 +338,32 @@ class Hypervisor:
 
     def rings(self, domain: str | int | None = None) -> list[dict[str, Any]]:
         """The figures of each ring a backend serves (of ``domain``'s devices, or every
-        domain's): ``domain``, ``domid``, ``kind``, ``device`` (``vif<N>``, a disk's vdev, a
-        share's tag), ``ring`` (a vif's ``q<N>-tx``/``-rx``), then channels/ring.py's
-        RING_FIGURES. A device a driver domain serves has none here (they are that domain's)."""
+        domain's): see ``ring_rows``."""
         names = {int(d["domid"]): str(d["name"]) for d in self.call(control.List())}
+        stats = {kind: self.call(control.DeviceStats(kind=kind)) for kind in sorted(BY_TYPE)}
         wanted = None if domain is None else self.domain(domain).domid
-        rows = []
-        for kind in BY_TYPE.values():
-            for device in self.call(control.DeviceStats(kind=kind.xenbus_type)):
-                domid = int(device["domid"])
-                if wanted not in (None, domid):
-                    continue
-                who = {
-                    "domain": names.get(domid, str(domid)),
-                    "domid": domid,
-                    "kind": kind.xenbus_type,
-                    "device": device_label(kind.xenbus_type, device),
-                }
-                rows += [{**who, **ring} for ring in device.get("rings", [])]
-        return rows
+        return [r for r in ring_rows(names, stats) if wanted in (None, r["domid"])]
+
+
+def ring_rows(
+    names: Mapping[int, str], stats: Mapping[str, Sequence[Mapping[str, Any]]]
+) -> list[dict[str, Any]]:
+    """One row per ring of the devices in ``stats`` (each kind's DeviceStats): ``domain`` (from
+    ``names``, by domid), ``domid``, ``kind``, ``device`` (``vif<N>``, a disk's vdev, a share's
+    tag), ``ring`` (a vif's ``q<N>-tx``/``-rx``), then channels/ring.py's RING_FIGURES. A
+    device a driver domain serves has none (they are that domain's)."""
+    rows = []
+    for kind, devices in stats.items():
+        for device in devices:
+            domid = int(device["domid"])
+            who = {
+                "domain": names.get(domid, str(domid)),
+                "domid": domid,
+                "kind": kind,
+                "device": device_label(kind, device),
+            }
+            rows += [{**who, **ring} for ring in device.get("rings", [])]
+    return rows
 
 
 class Domain:

@@ -18,6 +18,7 @@ import fcntl
 import json
 import os
 import select
+import signal
 import stat
 import struct
 import subprocess
@@ -102,8 +103,9 @@ def progress(text: str, total: int | None = None, console: Any = None) -> Iterat
     script, a pipe, a CI log); ``console`` (a rich Console) stands for the terminal."""
     from rich.console import Console
 
-    console = console or Console(stderr=True)
-    if not console.is_terminal:
+    if console is None:  # rich would take FORCE_COLOR for a terminal: a CI log is none
+        console = Console(stderr=True) if sys.stderr.isatty() else None
+    if console is None or not console.is_terminal:
         yield Progress()
         return
     from rich import progress as bars
@@ -272,10 +274,10 @@ def cmd_top(args: argparse.Namespace) -> int:
     def table(rows: list[list[str]]) -> Table:
         cells = [[_cell(value) for value in row] for row in rows]
         shown = _fitting(TOP_COLUMNS, cells, console.width)
-        caption = f"every {args.delay:g} s; q quits" if keys is not None else ""
+        notes = [f"every {args.delay:g} s; q quits"] if keys is not None else []
         if shown < len(TOP_COLUMNS):
-            caption += f"; {len(TOP_COLUMNS) - shown} more columns in a wider terminal"
-        t = Table(box=None, header_style="bold", caption=caption or None)
+            notes.append(f"{len(TOP_COLUMNS) - shown} more columns in a wider terminal")
+        t = Table(box=None, header_style="bold", caption="; ".join(notes) or None)
         for col in TOP_COLUMNS[:shown]:
             left = col in ("NAME", "STATE")
             t.add_column(col, justify="left" if left else "right", no_wrap=True)
@@ -321,35 +323,51 @@ def cmd_top(args: argparse.Namespace) -> int:
                 break
             if keys is None:
                 time.sleep(args.delay)
-            elif "q" in keys.wait(args.delay).lower():
-                break
+            else:
+                typed = keys.wait(args.delay)
+                if typed is None or "q" in typed.lower():
+                    break
     except KeyboardInterrupt:
         pass
     finally:
-        if live is not None:
-            live.stop()
-        if keys is not None:
-            keys.restore()
+        try:
+            if live is not None:
+                live.stop()
+        finally:
+            if keys is not None:
+                keys.restore()
     return 0
 
 
 class Keys:
     """A terminal's keys, one at a time as they are typed (cbreak mode: no echo, no line
-    editing; Ctrl-C still interrupts) until ``restore``."""
+    editing; Ctrl-C still interrupts) until ``restore``. SIGTERM and SIGHUP end the command
+    as Ctrl-C does meanwhile, so that the terminal is restored whatever ends it."""
 
     def __init__(self, fd: int) -> None:
         self.fd = fd
         self._saved = termios.tcgetattr(fd)
+        self._handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGHUP)}
+        for sig in self._handlers:
+            signal.signal(sig, signal.default_int_handler)
         tty.setcbreak(fd)
 
-    def wait(self, timeout: float) -> str:
-        """What was typed within ``timeout`` seconds ("" if nothing)."""
+    def wait(self, timeout: float) -> str | None:
+        """What was typed within ``timeout`` seconds ("" if nothing), None once the terminal
+        has hung up."""
         if not select.select([self.fd], [], [], timeout)[0]:
             return ""
-        return os.read(self.fd, 64).decode(errors="replace")
+        try:
+            typed = os.read(self.fd, 64)
+        except OSError:  # EIO: the terminal went away
+            return None
+        return typed.decode(errors="replace") if typed else None
 
     def restore(self) -> None:
-        termios.tcsetattr(self.fd, termios.TCSADRAIN, self._saved)
+        with contextlib.suppress(termios.error):  # a terminal gone has nothing to restore
+            termios.tcsetattr(self.fd, termios.TCSADRAIN, self._saved)
+        for sig, handler in self._handlers.items():
+            signal.signal(sig, handler)
 
 
 def cmd_info(args: argparse.Namespace) -> int:
@@ -420,11 +438,11 @@ def _halt_watched(domains: set[int], shown: Progress) -> bool:
         except BaseException as exc:  # raised again below, in the command's own thread
             outcome.append(exc)
 
-    halting = threading.Thread(target=halt, name="halt")
+    halting = threading.Thread(target=halt, name="halt", daemon=True)  # Ctrl-C leaves it
     halting.start()
     while halting.is_alive():
         halting.join(0.25)
-        with contextlib.suppress(HyperError):  # stopping: it answers no more
+        with contextlib.suppress(HyperError, OSError):  # busy or stopping: no answer now
             left = {d["domid"] for d in api.call(control.List(), timeout=1.0)}
             shown.update(done=len(domains - left))
     if isinstance(outcome[0], BaseException):

@@ -67,10 +67,14 @@ class HyperCollector(Collector):
         domains = self.hv.call(control.List())
         names = {int(d["domid"]): str(d["name"]) for d in domains}
         yield from _domain_metrics(domains)
+        stats = {
+            k.xenbus_type: self.hv.call(control.DeviceStats(kind=k.xenbus_type)) for k in KINDS
+        }
         for kind in KINDS:
-            stats = self.hv.call(control.DeviceStats(kind=kind.xenbus_type))
-            yield from _device_metrics(kind.xenbus_type, kind.counters, stats, names)
-        yield from _ring_metrics(self.hv.rings())
+            yield from _device_metrics(
+                kind.xenbus_type, kind.counters, stats[kind.xenbus_type], names
+            )
+        yield from _ring_metrics(api.ring_rows(names, stats))  # the same moment's
 
 
 def _domain_metrics(domains: list[dict[str, Any]]) -> Iterator[Metric]:

@@ -13,13 +13,15 @@ Detection (``open_hierarchy``):
   ``cgroup.freeze`` interface and needs no controller.
 - **v2 owned by systemd** when the root also has ``init.scope`` (systemd puts PID 1 there):
   systemd's rule is that a program changes only a subtree delegated to it, so hyper asks for
-  one. ``prepare()`` starts the transient unit ``hyper.scope`` in ``system.slice`` with
-  ``Delegate=yes`` (systemd's D-Bus ``StartTransientUnit``, through ``busctl``), holding the
-  calling process; or, when the scope already runs (domains outlive a restarted hyperd), it
-  joins it. Then, because a group whose ``subtree_control`` enables controllers may hold no
-  process, every process in the scope moves to its leaf ``hyper.scope/supervisor``, and the
-  scope enables the controllers for its children. hyper's parent is
-  ``system.slice/hyper.scope/hyper``. systemd removes the scope when its last process exits.
+  one. ``prepare()``, which hyperd alone calls, starts the transient unit ``hyper.scope`` in
+  ``system.slice`` with ``Delegate=yes`` (systemd's D-Bus ``StartTransientUnit``, through
+  ``busctl``), holding hyperd; or, when systemd says the scope is active (domains outlive a
+  restarted hyperd), has systemd move hyperd into it (``AttachProcessesToUnit``). Then,
+  because a group whose ``subtree_control`` enables controllers may hold no process, every
+  process in the scope moves to its leaf ``hyper.scope/supervisor``, and the scope enables the
+  controllers for its children. hyper's parent is ``system.slice/hyper.scope/hyper``; other
+  processes (hyperctl, tests) find the groups there without joining. systemd removes the
+  scope when its last process exits.
 - **v1** otherwise, when ``memory``, ``cpu``, ``cpuacct``, ``pids`` and ``freezer`` are all
   mounted. Each controller's mount point comes from ``/proc/self/mountinfo``, so separate
   mounts (``/sys/fs/cgroup/cpu`` and ``/sys/fs/cgroup/cpuacct``) and co-mounted ones
@@ -103,6 +105,7 @@ SYSTEMD_SLICE = "system.slice"
 SYSTEMD_SCOPE = "hyper.scope"
 SUPERVISOR = "supervisor"
 SYSTEMD_TIMEOUT = 10.0
+SYSTEMD_RETRY = 0.25  # seconds between starts of a scope systemd still holds the last one of
 
 # Letters, digits, '-' and '_': no '/', no '..', and no '.' at all, so a group can never be
 # mistaken for (or collide with) an interface file such as "memory.max" or "cgroup.procs".
@@ -281,15 +284,20 @@ class CgroupFs:
                 return line[3:]
         raise CgroupError("/proc/self/cgroup has no cgroup v2 line")
 
+    # systemd's Manager, through ``busctl`` (which every systemd host has) rather than a
+    # D-Bus library only these three calls would need.
+
+    def unit_state(self, unit: str) -> str:
+        """systemd's ActiveState of ``unit``: "active", "inactive", "deactivating", ..."""
+        reply = _busctl(
+            "get-property", "org.freedesktop.systemd1", unit_object(unit),
+            "org.freedesktop.systemd1.Unit", "ActiveState",
+        )  # fmt: skip
+        return reply.split('"')[1] if reply.count('"') == 2 else reply
+
     def start_scope(self, unit: str, slice_: str, pid: int) -> None:
         """Have systemd start the transient scope ``unit`` in ``slice_``, holding pid, with its
-        subtree delegated: the Manager's StartTransientUnit, called through ``busctl`` (which
-        every systemd host has) rather than a D-Bus library only this call would need."""
-        busctl = shutil.which("busctl")
-        if busctl is None:
-            raise CgroupError(
-                f"systemd owns the cgroup tree, but busctl is missing: cannot ask it for {unit}"
-            )
+        subtree delegated (StartTransientUnit)."""
         # StartTransientUnit(name, mode, properties a(sv), aux a(sa(sv))): busctl writes an
         # array as its length then its items, and a variant as its signature then its value.
         properties = [
@@ -299,14 +307,43 @@ class CgroupFs:
             ("CollectMode", "s", "inactive-or-failed"),
             ("Description", "s", "hyper: the hypervisor and its domains"),
         ]
-        manager = ("org.freedesktop.systemd1", "/org/freedesktop/systemd1")
-        command = [busctl, "call", *manager, "org.freedesktop.systemd1.Manager"]
-        command += ["StartTransientUnit", "ssa(sv)a(sa(sv))", unit, "fail"]
-        command += [str(len(properties)), *(item for p in properties for item in p), "0"]
-        done = subprocess.run(command, capture_output=True, text=True, check=False)
-        if done.returncode != 0:
-            reason = done.stderr.strip().splitlines()[-1:] or [f"exit {done.returncode}"]
-            raise CgroupError(f"systemd did not start {unit}: {reason[0]}")
+        _busctl(
+            "call", *_MANAGER, "StartTransientUnit", "ssa(sv)a(sa(sv))", unit, "fail",
+            str(len(properties)), *(item for p in properties for item in p), "0",
+        )  # fmt: skip
+
+    def join_unit(self, unit: str, subgroup: str, pid: int) -> None:
+        """Have systemd move pid into ``subgroup`` of the running ``unit``'s delegated subtree
+        (AttachProcessesToUnit, systemd 238 and later)."""
+        _busctl("call", *_MANAGER, "AttachProcessesToUnit", "ssau", unit, subgroup, "1", str(pid))
+
+
+_MANAGER = (
+    "org.freedesktop.systemd1",
+    "/org/freedesktop/systemd1",
+    "org.freedesktop.systemd1.Manager",
+)
+
+
+def unit_object(unit: str) -> str:
+    """systemd's D-Bus object of ``unit``, named as sd_bus_path_encode escapes it: every byte
+    but a letter or a digit (a leading digit too) as ``_`` and two hex digits."""
+    escaped = "".join(
+        c if c.isascii() and c.isalnum() and not (i == 0 and c.isdigit()) else f"_{ord(c):02x}"
+        for i, c in enumerate(unit)
+    )
+    return f"/org/freedesktop/systemd1/unit/{escaped}"
+
+
+def _busctl(*args: str) -> str:
+    busctl = shutil.which("busctl")
+    if busctl is None:
+        raise CgroupError("systemd owns the cgroup tree, but busctl is missing")
+    done = subprocess.run([busctl, *args], capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        reason = done.stderr.strip().splitlines()[-1:] or [f"exit {done.returncode}"]
+        raise CgroupError(reason[0])
+    return done.stdout.strip()
 
 
 def _mkdir(fs: CgroupFs, path: Path) -> None:
@@ -725,8 +762,11 @@ class Hierarchy(ABC):
         return group
 
     def prepare(self) -> None:
-        """Make hyper's parent group ready for domains, as ``create`` does: hyperd calls it when
-        it starts, so that on a systemd host it and its helpers live in hyper's own scope."""
+        """Make hyper's parent group ready for domains, as ``create`` does, first taking the
+        subtree systemd delegates to hyper where it owns the tree: hyperd calls it when it
+        starts, so that it and its helpers live in hyper's own scope, and only hyperd does."""
+        if self.scope is not None:
+            self.scope.claim()
         self._ensure_parent()
 
     def host_cpus(self) -> tuple[int, ...] | None:
@@ -774,8 +814,8 @@ class Hierarchy(ABC):
             _rmdir(self._fs, parent, timeout)
 
     def _ensure_parent(self) -> None:
-        if self.scope is not None:
-            self.scope.claim()
+        if self.scope is not None and not self.scope.path.is_dir():
+            raise CgroupError(f"{self.scope.path} does not exist: hyperd starts it (prepare)")
         created: list[Path] = []
         try:
             for parent in self.parent_dirs():
@@ -864,8 +904,8 @@ def _enable_v2(fs: CgroupFs, group: Path) -> None:
     if missing:
         raise CgroupError(
             f"{group.parent / 'cgroup.subtree_control'} does not delegate "
-            f"{', '.join(missing)} to {group}; enable them there (hyper does not "
-            "change cgroups it did not create)"
+            f"{', '.join(missing)} to {group}; enable them there (hyper changes only the "
+            "groups it made and those systemd delegates to it)"
         )
     enabled = _read(group / "cgroup.subtree_control").split()
     optional = [CPUSET] if CPUSET in available else []
@@ -898,21 +938,24 @@ class SystemdScope:
         return own == self.path or self.path in own.parents
 
     def claim(self) -> None:
-        """Put this process in the scope's leaf, starting the scope if it is not running, move
-        every other process out of the scope itself into the leaf, and enable the controllers
-        for the scope's children."""
-        if not self.path.is_dir():
-            self._fs.start_scope(SYSTEMD_SCOPE, SYSTEMD_SLICE, os.getpid())
-            _wait_for(self.inside, SYSTEMD_TIMEOUT, f"systemd to start {SYSTEMD_SCOPE}")
+        """Put this process in the scope's leaf: systemd moves it there if the scope runs,
+        else starts the scope holding it. Then move every other process out of the scope
+        itself into the leaf, and enable the controllers for the scope's children."""
         leaf = self.path / SUPERVISOR
-        if not leaf.is_dir():
-            try:
-                _mkdir(self._fs, leaf)
-            except CgroupError:
-                if not leaf.is_dir():  # else another process made it first
-                    raise
-        if not self.inside():
-            _move(self._fs, os.getpid(), leaf / "cgroup.procs")
+        running = False
+        try:
+            running = self._fs.unit_state(SYSTEMD_SCOPE) == "active"
+            if running:  # domains outlived the last hyperd: join them
+                _make_leaf(self._fs, leaf)
+                if not self.inside():
+                    self._fs.join_unit(SYSTEMD_SCOPE, f"/{SUPERVISOR}", os.getpid())
+            else:
+                self._start()
+        except CgroupError as exc:
+            verb = "join" if running else "start"
+            raise CgroupError(f"systemd did not {verb} {SYSTEMD_SCOPE}: {exc}") from exc
+        _wait_for(self.inside, SYSTEMD_TIMEOUT, f"systemd to put us in {SYSTEMD_SCOPE}")
+        _make_leaf(self._fs, leaf)
         for pid in _read(self.path / "cgroup.procs").split():
             try:
                 _move(self._fs, int(pid), leaf / "cgroup.procs")
@@ -920,3 +963,25 @@ class SystemdScope:
                 if pid in _read(self.path / "cgroup.procs").split():
                     raise  # else it exited meanwhile
         _enable_v2(self._fs, self.path)
+
+    def _start(self) -> None:
+        """StartTransientUnit, again while systemd still holds the last scope of that name
+        (stopping, or not yet collected): "Unit hyper.scope was already loaded"."""
+        deadline = time.monotonic() + SYSTEMD_TIMEOUT
+        while True:
+            try:
+                self._fs.start_scope(SYSTEMD_SCOPE, SYSTEMD_SLICE, os.getpid())
+                return
+            except CgroupError as exc:
+                if "already" not in str(exc) or time.monotonic() > deadline:
+                    raise
+            time.sleep(SYSTEMD_RETRY)
+
+
+def _make_leaf(fs: CgroupFs, leaf: Path) -> None:
+    if not leaf.is_dir():
+        try:
+            _mkdir(fs, leaf)
+        except CgroupError:
+            if not leaf.is_dir():  # else another process made it first
+                raise

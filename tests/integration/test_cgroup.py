@@ -51,6 +51,7 @@ def children() -> Iterator[list[subprocess.Popen[str]]]:
 @pytest.fixture
 def hierarchy(children: list[subprocess.Popen[str]]) -> Iterator[Hierarchy]:
     hierarchy = open_hierarchy(parent=f"hyper-test-{secrets.token_hex(4)}")
+    hierarchy.prepare()  # as hyperd does (on a systemd host, the test joins hyper's scope)
     yield hierarchy
     hierarchy.remove_all(timeout=30)
     leftovers = [p for p in hierarchy.parent_dirs() if p.exists()]

@@ -30,6 +30,19 @@ def domain_objects(domid: int) -> list[str]:
     return found
 
 
+def described(leftover: str) -> str:
+    """A leftover, and for a process, its state and parent (a zombie whose parent is hyperd
+    is one it has yet to reap)."""
+    if not leftover.startswith("process "):
+        return leftover
+    try:
+        status = Path(f"/proc/{leftover.split()[1]}/status").read_text().splitlines()
+    except OSError:
+        return f"{leftover} (gone)"
+    fields = dict(line.split(":\t", 1) for line in status if ":\t" in line)
+    return f"{leftover} ({fields.get('State', '?')}, parent {fields.get('PPid', '?')})"
+
+
 def test_fifty_create_destroy_cycles_leave_nothing(
     make_domain: Callable[..., str], tmp_path: Path
 ) -> None:
@@ -44,7 +57,15 @@ def test_fifty_create_destroy_cycles_leave_nothing(
         assert domain_info(name) is None
         assert domain_objects(info["domid"]) == [], f"cycle {cycle} left objects behind"
         assert not Path(f"/proc/{kernel}").exists(), f"cycle {cycle} left its kernel"
-        assert set(leftovers()) == before, f"cycle {cycle} left something behind"
+        # A process of the domain's that died with it is reaped by hyperd (their subreaper)
+        # as its SIGCHLD arrives, which may be just after destroy returned: give it a moment.
+        if set(leftovers()) != before:
+            extra = set(leftovers()) - before
+            wait_for(
+                lambda: set(leftovers()) == before,
+                5,
+                f"cycle {cycle}'s leftovers to go: {', '.join(map(described, extra))}",
+            )
 
 
 def test_shutdown_is_cooperative_and_poweroff_destroys(make_domain: Callable[..., str]) -> None:

@@ -26,6 +26,7 @@ from hyperd.cgroup import (
     open_hierarchy,
     parse_cpu_list,
     place_vcpus,
+    unit_object,
     v1_cpu_shares,
     v1_mounts,
     v2_cpu_weight,
@@ -154,25 +155,49 @@ class FakeV2Fs(CgroupFs):
 
 
 class FakeSystemd(FakeV2Fs):
-    """A v2 tree systemd owns: PID 1 in init.scope, services in system.slice, and a D-Bus
-    StartTransientUnit that starts a delegated scope (its controllers enabled on the way
-    down, as systemd does for Delegate=yes) holding the given pid."""
+    """A v2 tree systemd owns: PID 1 in init.scope, services in system.slice, and the D-Bus
+    calls hyper makes: a unit's ActiveState (a scope is active while a process is in its
+    subtree), StartTransientUnit starting a delegated scope (its controllers enabled on the
+    way down, as systemd does for Delegate=yes) holding the given pid, and
+    AttachProcessesToUnit moving a pid into a running scope's subgroup. ``refuse``: the
+    error every start gets; ``lingering``: starts refused as systemd refuses a name it still
+    holds, before one succeeds."""
 
     DELEGATED = ("cpuset", "cpu", "io", "memory", "pids")
 
-    def __init__(self, root: Path, refuse: str | None = None) -> None:
+    def __init__(self, root: Path, refuse: str | None = None, lingering: int = 0) -> None:
         super().__init__(root)
         self.refuse = refuse
+        self.lingering = lingering
         self.started: list[tuple[str, str, int]] = []
+        self.joined: list[tuple[str, str, int]] = []
+
+    def scope(self, unit: str) -> Path:
+        return self.root / "system.slice" / unit
+
+    def unit_state(self, unit: str) -> str:
+        held = self.scope(unit).is_dir() and any(
+            procs.read_text().split() for procs in self.scope(unit).rglob("cgroup.procs")
+        )
+        return "active" if held else "inactive"
 
     def start_scope(self, unit: str, slice_: str, pid: int) -> None:
         if self.refuse is not None:
-            raise CgroupError(f"systemd did not start {unit}: {self.refuse}")
+            raise CgroupError(self.refuse)
+        if self.lingering:
+            self.lingering -= 1
+            raise CgroupError(f"Unit {unit} was already loaded or has a fragment file.")
         self.started.append((unit, slice_, pid))
         for group in (self.root, self.root / slice_):
             self.enable(group, self.DELEGATED)
-        self.mkdir(self.root / slice_ / unit)
-        self.move(pid, self.root / slice_ / unit / "cgroup.procs")
+        if not self.scope(unit).is_dir():
+            self.mkdir(self.scope(unit))
+        self.move(pid, self.scope(unit) / "cgroup.procs")
+
+    def join_unit(self, unit: str, subgroup: str, pid: int) -> None:
+        assert self.unit_state(unit) == "active", "systemd refuses a unit that is not running"
+        self.joined.append((unit, subgroup, pid))
+        self.move(pid, self.scope(unit) / subgroup.lstrip("/") / "cgroup.procs")
 
 
 class FakeV1Fs(CgroupFs):
@@ -207,7 +232,9 @@ def make_v2(
     return root, open_hierarchy(root, mountinfo=mountinfo, fs=FakeV2Fs(root, omit))
 
 
-def make_systemd(tmp_path: Path, refuse: str | None = None) -> tuple[Path, FakeSystemd]:
+def make_systemd(
+    tmp_path: Path, refuse: str | None = None, lingering: int = 0
+) -> tuple[Path, FakeSystemd]:
     """A v2 tree as systemd leaves it: memory and pids enabled at the root, PID 1 in
     init.scope, and this process beside the runner's own in a service (no delegation)."""
     root = tmp_path / "cgroup"
@@ -215,7 +242,7 @@ def make_systemd(tmp_path: Path, refuse: str | None = None) -> tuple[Path, FakeS
     (root / "cgroup.controllers").write_text("cpuset cpu io memory hugetlb pids rdma misc\n")
     (root / "cgroup.subtree_control").write_text("memory pids\n")
     (root / "cgroup.procs").write_text("")
-    fs = FakeSystemd(root, refuse)
+    fs = FakeSystemd(root, refuse, lingering)
     for group in ("init.scope", "system.slice", "system.slice/runner.service"):
         fs.mkdir(root / group)
     fs.move(1, root / "init.scope/cgroup.procs")
@@ -620,20 +647,39 @@ def test_under_systemd_every_process_in_the_scope_moves_to_its_leaf(tmp_path: Pa
 def test_under_systemd_a_restarted_hyperd_joins_the_running_scope(tmp_path: Path):
     root, fs = make_systemd(tmp_path)
     first = open_hierarchy(root, fs=fs)
+    first.prepare()
     first.create("dom3", LIMITS).attach(4300)
     fs.move(os.getpid(), root / RUNNER / "cgroup.procs")  # as a new hyperd starts outside
 
     second = open_hierarchy(root, fs=fs)
     second.prepare()
-    assert len(fs.started) == 1  # joined, not started again
+    assert len(fs.started) == 1  # joined through systemd, not started again
+    assert fs.joined == [("hyper.scope", "/supervisor", os.getpid())]
     assert fs.own_group() == f"/{SCOPE}/supervisor"
     assert second.list() == ["dom3"]
     assert second.open("dom3").pids() == [4300]
 
 
+def test_under_systemd_a_scope_it_still_holds_is_started_again(tmp_path: Path):
+    root, fs = make_systemd(tmp_path, lingering=2)  # the last one stopping, then collected
+    open_hierarchy(root, fs=fs).prepare()
+    assert fs.started == [("hyper.scope", "system.slice", os.getpid())]
+    assert fs.own_group() == f"/{SCOPE}/supervisor"
+
+
+def test_under_systemd_only_prepare_takes_the_scope(tmp_path: Path):
+    root, fs = make_systemd(tmp_path)
+    with pytest.raises(CgroupError, match=r"hyper\.scope does not exist: hyperd starts it"):
+        open_hierarchy(root, fs=fs).create("dom3", LIMITS)
+    assert fs.started == [] and fs.own_group() == f"/{RUNNER}"
+    assert not (root / SCOPE).exists()
+
+
 def test_under_systemd_other_processes_find_the_groups_without_joining(tmp_path: Path):
     root, fs = make_systemd(tmp_path)
-    open_hierarchy(root, fs=fs).create("dom3", LIMITS)
+    hyperd = open_hierarchy(root, fs=fs)
+    hyperd.prepare()
+    hyperd.create("dom3", LIMITS)
     fs.move(os.getpid(), root / RUNNER / "cgroup.procs")  # hyperctl, or a test
     assert open_hierarchy(root, fs=fs).open("dom3").dirs == [root / SCOPE / "hyper/dom3"]
     assert fs.own_group() == f"/{RUNNER}"
@@ -642,7 +688,7 @@ def test_under_systemd_other_processes_find_the_groups_without_joining(tmp_path:
 def test_under_systemd_a_refused_scope_is_one_error_and_creates_nothing(tmp_path: Path):
     root, fs = make_systemd(tmp_path, refuse="Access denied")
     with pytest.raises(CgroupError, match=r"systemd did not start hyper\.scope: Access denied"):
-        open_hierarchy(root, fs=fs).create("dom3", LIMITS)
+        open_hierarchy(root, fs=fs).prepare()
     assert not (root / SCOPE).exists()
     assert fs.own_group() == f"/{RUNNER}"
 
@@ -650,10 +696,17 @@ def test_under_systemd_a_refused_scope_is_one_error_and_creates_nothing(tmp_path
 def test_under_systemd_remove_all_leaves_the_scope_to_systemd(tmp_path: Path):
     root, fs = make_systemd(tmp_path)
     hierarchy = open_hierarchy(root, fs=fs)
+    hierarchy.prepare()
     hierarchy.create("dom3", LIMITS)
     hierarchy.remove_all(timeout=1.0)
     assert not (root / SCOPE / "hyper").exists()
     assert fs.own_group() == f"/{SCOPE}/supervisor"  # systemd removes it once hyperd exits
+
+
+def test_units_are_named_on_the_bus_as_systemd_escapes_them():
+    assert unit_object("hyper.scope") == "/org/freedesktop/systemd1/unit/hyper_2escope"
+    assert unit_object("a-b@1.service") == "/org/freedesktop/systemd1/unit/a_2db_401_2eservice"
+    assert unit_object("0x") == "/org/freedesktop/systemd1/unit/_30x"
 
 
 def test_the_fake_tree_keeps_the_no_internal_process_rule(tmp_path: Path):

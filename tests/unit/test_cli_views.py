@@ -5,7 +5,9 @@ in tests/integration/test_terminal.py (tmux); here rich's Console stands for one
 from __future__ import annotations
 
 import io
+import sys
 
+import pytest
 from rich.console import Console
 
 from hyper.cli import TOP_COLUMNS, _fitting, progress
@@ -34,6 +36,15 @@ def test_progress_shows_nothing_where_there_is_no_terminal() -> None:
         shown.update("still waiting")
         assert not shown.visible
     assert screen.getvalue() == ""
+
+
+def test_force_color_does_not_make_a_pipe_a_terminal(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FORCE_COLOR", "1")  # which rich would take for a terminal
+    pipe = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", pipe)
+    with progress("waiting") as shown:
+        assert not shown.visible
+    assert pipe.getvalue() == ""
 
 
 def test_top_keeps_the_leftmost_columns_that_fit() -> None:

@@ -442,6 +442,20 @@ def test_a_worker_cannot_shrink_the_counter_page_dom0_reads(tmp_path: Path) -> N
         assert worker.counter_values(("first",)) == {"first": 0}, "dom0 still reads it"
 
 
+def test_a_stopped_workers_counters_read_as_zero_not_as_an_error(tmp_path: Path) -> None:
+    """`hyperctl top` asks for a device's counters as the device disconnects: a stats call
+    that took the worker just before DataPath retired it reads the page after the worker's
+    stop closed it (DataPath holds what it counted by then)."""
+    dev = Device(state=XenbusState.Closed)
+    with running(
+        "tests.unit.subverted_worker", attack(tmp_path, "truncate"), Hyperd(), dev
+    ) as worker:
+        ended(worker)
+        worker.stop()
+        assert worker.counter_values(("first",)) == {"first": 0}
+        assert worker.ring_values(("first",)) == []
+
+
 def alive(pid: int) -> bool:
     """The process exists and is not a zombie."""
     try:
