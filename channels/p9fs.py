@@ -167,8 +167,10 @@ class DataIntf:
         return order, refs
 
     def close(self) -> None:
+        """Release the index views and drop the page, so that its pool can be unmapped."""
         for view in (self.in_cons, self.in_prod, self.out_cons, self.out_prod):
             view.release()
+        self.page = memoryview(b"")
 
 
 class FlexRing:
@@ -198,6 +200,7 @@ class FlexRing:
         self._cons, self._prod = cons, prod
         self._producer = producer
         self._dead: str | None = None
+        self._closed = False
         # Ours, private: whatever the peer writes over the shared copy, we go on from here.
         self._mine = int(prod[0] if producer else cons[0])
         self._snapshot()  # a peer that lies already is refused at attach
@@ -206,12 +209,20 @@ class FlexRing:
     def broken(self) -> bool:
         return self._dead is not None
 
+    def close(self) -> None:
+        """Drop the data pages (so that their pool can be unmapped); later calls raise
+        RingError, as a closed ring does (channels/ring.py)."""
+        self._pages = ()
+        self._closed = True
+
     def _break(self, reason: str) -> ProtocolViolation:
         self._dead = f"{self.name}: {reason}"
         return ProtocolViolation(self._dead)
 
     def _snapshot(self) -> int:
         """Bytes queued: the peer's index read once, ours checked against our copy."""
+        if self._closed:
+            raise RingError(f"{self.name}: closed")
         if self._dead is not None:
             raise ProtocolViolation(self._dead)
         own = self._prod if self._producer else self._cons

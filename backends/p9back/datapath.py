@@ -213,7 +213,9 @@ class P9Device:
         for ring in self.rings:
             if ring.thread.ident is not None:
                 ring.thread.join(JOIN_TIMEOUT)
-        for ring in self.rings:
+        for ring in self.rings:  # their pages go, so the mapper can unmap their pools
+            ring.in_ring.close()
+            ring.out.close()
             ring.intf.close()
         self.server.close()
 

@@ -185,3 +185,16 @@ def test_a_client_whose_backend_answers_an_unknown_tag_is_broken(make_link: Make
     assert caught.value.errno == errno.EIO
     assert client.broken is not None and "tag 77" in client.broken
     client.close()
+
+
+def test_a_stopped_device_lets_its_pools_be_unmapped(
+    share: int, caplog: pytest.LogCaptureFixture
+) -> None:
+    """p9back's stop drops every view it had of the frontend's pages (its rings' and their
+    interface pages'), so the grant mapper unmaps the pools at once, not at exit."""
+    with contextlib.ExitStack() as stack:
+        link = P9Link(stack, share)
+        assert_serving(link)
+        stack.callback(link.front_in.close)  # the test's frontend lets go of its own too
+        stack.callback(link.front_out.close)
+    assert "views still exported" not in caplog.text
