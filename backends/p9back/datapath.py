@@ -112,11 +112,12 @@ class RingPath:
         return moved
 
     def _notify(self, figure: int) -> None:
-        """Ring the frontend for a request taken or a reply written (``figure``)."""
-        self.evtchn.notify()
+        """Ring the frontend for a request taken or a reply written (``figure``), counted
+        first: whoever the frontend tells next sees the figures that led to it."""
         if self.figures is not None:
             self.figures[figure] += 1
             self.figures[FIG_NOTIFY_SENT] += 1
+        self.evtchn.notify()
 
     def has_work(self) -> bool:
         """The final check before sleeping: a reply that fits now, or a whole request."""

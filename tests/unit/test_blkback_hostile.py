@@ -33,6 +33,7 @@ import pytest
 
 from backends.blkback import datapath
 from backends.blkback.datapath import COUNTER_FIELDS, Counters, VbdPath
+from backends.datapath_worker import ring_figures
 from channels.blkif import (
     BLK_RING,
     BLKIF_OP_DISCARD,
@@ -54,7 +55,14 @@ from channels.doorbell import Doorbell, create_doorbell, unlink_doorbell
 from channels.evtchn import from_status
 from channels.gnttab import GrantPool, pool_bytes
 from channels.grants import BAD_GREF_BUDGET, DeviceGrants, GrantMapper
-from channels.ring import PAGE_SIZE, BackRing, FrontRing, u32_view
+from channels.ring import (
+    FIG_RESPONSES,
+    PAGE_SIZE,
+    RING_FIGURES,
+    BackRing,
+    FrontRing,
+    u32_view,
+)
 from channels.shm import attach, create_segment, unlink_segment
 from tests.unit.backend_hypercalls import Hypercalls, storm
 from tests.unit.pumps import both_pumps  # noqa: F401  (runs each test with both)
@@ -189,6 +197,7 @@ def _build(
     counter_page = bytearray(PAGE_SIZE)
     counters = Counters(memoryview(counter_page))
     stack.callback(counters.release)
+    (back.figures,) = ring_figures(memoryview(counter_page), len(COUNTER_FIELDS), 1, 1)
     calls = Hypercalls([(pool_name, GREF_BASE, POOL_PAGES)], bells)
     grants = GrantMapper(
         calls,
@@ -224,6 +233,7 @@ def _build(
         io_threads=io_threads,
         faults=faults,
     )
+    path.late_eoi.figures = back.figures  # as the worker has them counted
     vbd = Vbd(front, back, pool, path, counters, counter_page, image, doorbell, fatal, fatal_event)
     path.start()
     stack.callback(_stop, vbd)
@@ -272,6 +282,20 @@ def test_a_read_fills_the_page_from_the_right_sectors(vbd: Vbd) -> None:
 def test_the_counters_live_in_the_page_dom0_reads(vbd: Vbd) -> None:
     vbd.answer(Request.rw(BLKIF_OP_READ, 1, 0, [vbd.full(0)]))
     assert struct.unpack_from("<8Q", vbd.counter_page) == (1, 8, 0, 0, 0, 0, 0, 0)
+
+
+def test_the_ring_figures_count_each_request_and_response(vbd: Vbd) -> None:
+    for i in range(4):
+        vbd.answer(Request.rw(BLKIF_OP_READ, i, 0, [vbd.full(0)]))
+    assert vbd.back.figures is not None
+    figures = vbd.back.figures
+    deadline = time.monotonic() + 5  # counted just after the push the frontend saw
+    while figures[FIG_RESPONSES] < 4 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    counted = dict(zip(RING_FIGURES, figures.tolist(), strict=True))
+    assert (counted["requests"], counted["responses"]) == (4, 4)
+    assert counted["notify_sent"] >= 1  # FrontRing.init armed rsp_event at 1
+    assert counted["wakeups"] >= 1  # the frontend rang for its first request at least
 
 
 def test_a_write_lands_at_the_right_byte_offset_of_the_image(vbd: Vbd) -> None:

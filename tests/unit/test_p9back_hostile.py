@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from channels import p9fs as P
-from channels.ring import MASK32
+from channels.ring import MASK32, RING_FIGURES
 from domu.p9front.client import P9Client
 from tests.unit.p9rings import P9Link
 
@@ -198,3 +198,13 @@ def test_a_stopped_device_lets_its_pools_be_unmapped(
         stack.callback(link.front_in.close)  # the test's frontend lets go of its own too
         stack.callback(link.front_out.close)
     assert "views still exported" not in caplog.text
+
+
+def test_the_ring_figures_count_each_request_reply_and_kick(make_link: MakeLink) -> None:
+    link = make_link()
+    assert_serving(link)  # version, attach, walk, lopen, read: five requests
+    counted = dict(zip(RING_FIGURES, link.figures.tolist(), strict=True))
+    assert (counted["requests"], counted["responses"]) == (5, 5)
+    # A flex ring has no event index: a kick for each request taken and each reply written.
+    assert (counted["notify_sent"], counted["notify_suppressed"]) == (10, 0)
+    assert counted["wakeups"] >= 1
