@@ -141,15 +141,6 @@ class CounterPage:
         self._values.release()
 
 
-def ring_figures(page: memoryview, fields: int, blocks: int, rings: int) -> list[memoryview]:
-    """Each ring's figures (channels/ring.py's RING_FIGURES, native u64s) in a device's counter
-    page, after its ``blocks`` blocks of ``fields`` counters; ValueError if they overflow it."""
-    start, size = 8 * fields * blocks, 8 * len(RING_FIGURES)
-    if start + rings * size > len(page):
-        raise ValueError(f"{rings} rings' figures after {blocks} blocks overflow the page")
-    return [page[start + r * size : start + (r + 1) * size].cast("Q") for r in range(rings)]
-
-
 def _counter(index: int) -> property:
     def get(self: CounterPage) -> int:
         return int(self._values[index])
@@ -158,6 +149,22 @@ def _counter(index: int) -> property:
         self._values[index] = value
 
     return property(get, put)
+
+
+class RingFigures(CounterPage):
+    """One ring's figures (channels/ring.py's RING_FIGURES), which its BackRing, its loop's
+    LateEoi and a native pump serving it count in (``page``)."""
+
+    FIELDS = RING_FIGURES
+
+
+def ring_figures(page: memoryview, fields: int, blocks: int, rings: int) -> list[RingFigures]:
+    """Each ring's figures in a device's counter page, after its ``blocks`` blocks of
+    ``fields`` counters; ValueError if they overflow it."""
+    start = 8 * fields * blocks
+    if start + rings * 8 * len(RingFigures.FIELDS) > len(page):
+        raise ValueError(f"{rings} rings' figures after {blocks} blocks overflow the page")
+    return RingFigures.blocks(page[start:], rings)
 
 
 # -- dom0's side --------------------------------------------------------------------------------
@@ -278,15 +285,15 @@ class WorkerProcess:
         ``ring``, then RING_FIGURES."""
 
         def read(page: memoryview) -> list[dict[str, Any]]:
-            views = ring_figures(page, len(fields), self.counter_blocks, len(self.rings))
+            rings = ring_figures(page, len(fields), self.counter_blocks, len(self.rings))
             try:
                 return [
-                    {"ring": name, **{f: int(view[i]) for i, f in enumerate(RING_FIGURES)}}
-                    for name, view in zip(self.rings, views, strict=True)
+                    {"ring": name, **figures.as_dict()}
+                    for name, figures in zip(self.rings, rings, strict=True)
                 ]
             finally:
-                for view in views:
-                    view.release()
+                for figures in rings:
+                    figures.release()
 
         return self._read_page(read, [])
 

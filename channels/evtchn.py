@@ -112,9 +112,12 @@ class LateEoi:
         figures = self.figures
         if figures is not None:
             figures[ring.FIG_SPURIOUS] += 1
-            figures[ring.FIG_BACKOFFS] += self.run >= 2
+        if self.run < 2:
+            return 0.0
+        if figures is not None:
+            figures[ring.FIG_BACKOFFS] += 1
         # The exponent stops growing once past LONGEST: 2.0 ** 1100 would overflow a float.
-        return 0.0 if self.run < 2 else min(self.LONGEST, self.FIRST * 2 ** min(self.run - 2, 30))
+        return min(self.LONGEST, self.FIRST * 2 ** min(self.run - 2, 30))
 
 
 class Doorbells(Protocol):

@@ -91,6 +91,13 @@ class DeviceKind:
     def name_meaning(self) -> str:
         return self.name_field or "devid"
 
+    def label(self, device: Mapping[str, Any]) -> str:
+        """The name a user knows a device by, from its listing or stats entry: a vif's
+        ``vif<N>``; else its ``name_field`` (a disk's vdev, a share's tag), or its devid."""
+        if self.name_field is None:
+            return f"{self.xenbus_type}{device['devid']}"
+        return str(device.get(self.name_field) or device["devid"])
+
 
 def _no_image(entry: Any) -> None:
     return None

@@ -447,17 +447,25 @@ class Toolstack:
     def _roll_back(self, domid: int, made: Images) -> None:
         """Undo a create that failed after hyperd built the domain: destroy it, wait until its
         teardown is over (its backends, TAPs and loop devices gone), then remove its images."""
+        try:
+            if not self._destroy_and_release(domid):
+                log.warning("rolling back dom%d: its devices were not all released in time", domid)
+        except hc.HypercallError as exc:  # gone already, say: its devices may still be going
+            log.warning("rolling back dom%d: %s", domid, exc)
+            self.devices.wait_released(domid, DEVICE_TIMEOUT)
+        made.remove_created()
+
+    def _destroy_and_release(self, domid: int) -> bool:
+        """Destroy the domain, then wait until hyperd has torn it down and dom0's backends have
+        released its devices (its TAPs, loop devices and shares gone): whether that happened
+        within DEVICE_TIMEOUT."""
         with self.lock:
             state = self.domains.get(domid)
-        try:
-            self.hc.call(hc.DomctlDestroy(domid=domid))
-        except hc.HypercallError as exc:
-            log.warning("rolling back dom%d: %s", domid, exc)
-        if state is not None and not state.gone.wait(DEVICE_TIMEOUT):
-            log.warning("rolling back dom%d: its teardown did not finish", domid)
-        if not self.devices.wait_released(domid, DEVICE_TIMEOUT):
-            log.warning("rolling back dom%d: a backend still holds one of its devices", domid)
-        made.remove_created()
+        self.hc.call(hc.DomctlDestroy(domid=domid))
+        deadline = time.monotonic() + DEVICE_TIMEOUT
+        return (state is None or state.gone.wait(DEVICE_TIMEOUT)) and self.devices.wait_released(
+            domid, max(0.0, deadline - time.monotonic())
+        )
 
     def _wait_state(self, domid: int) -> DomainState:
         """The toolstack's record of a domain hyperd has just built (its introduction event
@@ -477,15 +485,8 @@ class Toolstack:
         torn it down and dom0's backends have released its devices (its TAPs, loop devices and
         shares are gone), as `xl destroy` returns after libxl's device teardown; ``released``
         says whether that happened within DEVICE_TIMEOUT."""
-        info = self._domu(domain)
-        domid = info["domid"]
-        with self.lock:
-            state = self.domains.get(domid)
-        self.hc.call(hc.DomctlDestroy(domid=domid))
-        deadline = time.monotonic() + DEVICE_TIMEOUT
-        released = (state is None or state.gone.wait(DEVICE_TIMEOUT)) and (
-            self.devices.wait_released(domid, max(0.0, deadline - time.monotonic()))
-        )
+        domid = self._domu(domain)["domid"]
+        released = self._destroy_and_release(domid)
         if not released:
             log.warning("dom%d destroyed; its devices were not all released in time", domid)
         return {"domid": domid, "released": released}
@@ -636,14 +637,14 @@ class Toolstack:
         info = self._guest(domain)
         return [
             {
-                "device": f"vif{vif['devid']}",
+                "device": VIF.label(vif),
                 "faults": vif.get("fault_spec") or "",
                 "injected": sum(int(vif.get(name, 0)) for name in NET_FAULT_COUNTERS),
             }
             for vif in self.devices.listing(info["domid"], VIF)
         ] + [
             {
-                "device": disk.get("vdev") or str(disk["devid"]),
+                "device": VBD.label(disk),
                 "faults": disk.get("fault_spec") or "",
                 "injected": disk.get("faults", 0),
             }

@@ -339,10 +339,14 @@ class Hypervisor:
     def rings(self, domain: str | int | None = None) -> list[dict[str, Any]]:
         """The figures of each ring a backend serves (of ``domain``'s devices, or every
         domain's): see ``ring_rows``."""
-        names = {int(d["domid"]): str(d["name"]) for d in self.call(control.List())}
-        stats = {kind: self.call(control.DeviceStats(kind=kind)) for kind in sorted(BY_TYPE)}
+        names = {info.domid: info.name for info in self.domains()}
         wanted = None if domain is None else self.domain(domain).domid
-        return [r for r in ring_rows(names, stats) if wanted in (None, r["domid"])]
+        rows = ring_rows(names, self.device_stats())
+        return [r for r in rows if wanted in (None, r["domid"])]
+
+    def device_stats(self) -> dict[str, list[dict[str, Any]]]:
+        """Every device's counters (and its rings' figures), kind by kind (``vif``, ...)."""
+        return {kind: list(self.call(control.DeviceStats(kind=kind))) for kind in BY_TYPE}
 
 
 def ring_rows(
@@ -360,7 +364,7 @@ def ring_rows(
                 "domain": names.get(domid, str(domid)),
                 "domid": domid,
                 "kind": kind,
-                "device": device_label(kind, device),
+                "device": BY_TYPE[kind].label(device),
             }
             rows += [{**who, **ring} for ring in device.get("rings", [])]
     return rows
@@ -575,14 +579,6 @@ def start(store_domain: bool = False) -> Hypervisor:
     """The hypervisor running on this host, started first if none runs."""
     ensure_hypervisor(store_domain)
     return Hypervisor()
-
-
-def device_label(kind: str, device: Mapping[str, Any]) -> str:
-    """The name a user knows a device of ``kind`` by: ``vif<N>``, a disk's vdev, a share's
-    tag (its devid where it has none)."""
-    if kind == "vif":
-        return f"vif{device['devid']}"
-    return str(device.get("vdev") or device.get("tag") or device["devid"])
 
 
 def _kind(name: str) -> DeviceKind:

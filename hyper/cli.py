@@ -34,6 +34,7 @@ from typing import IO, Any
 from channels import control, linux
 from channels.errors import BadInput, HyperError
 from channels.kinds import KINDS, DeviceKind
+from channels.waiting import readable
 from hyper import api
 
 #: What a domU, its kernel included, can and cannot do to the host: `hyperctl --help` ends with
@@ -89,10 +90,15 @@ class Progress:
         """Whether anything is shown (standard error is a terminal)."""
         return self._bar is not None
 
-    def update(self, text: str | None = None, done: int | None = None) -> None:
-        """Say ``text`` now, or that ``done`` of the total are done."""
+    def update(
+        self, text: str | None = None, done: int | None = None, total: int | None = None
+    ) -> None:
+        """Say ``text`` now, or that ``done`` of the ``total`` (given now or at the start)
+        are done."""
         if self._bar is not None:
-            self._bar.update(self._task, description=text, completed=done, refresh=True)
+            self._bar.update(
+                self._task, description=text, completed=done, total=total, refresh=True
+            )
 
 
 @contextlib.contextmanager
@@ -300,10 +306,7 @@ def cmd_top(args: argparse.Namespace) -> int:
         while args.iterations is None or iteration < args.iterations:
             domains = api.call(control.List())
             now = time.monotonic()
-            devices = {
-                kind.xenbus_type: api.call(control.DeviceStats(kind=kind.xenbus_type))
-                for kind in KINDS
-            }
+            devices = api.Hypervisor().device_stats()
             rows = _top_rows(before, domains, now - last, devices)
             before = {d["domid"]: d["cpu_time"] for d in domains}
             last = now
@@ -355,7 +358,7 @@ class Keys:
     def wait(self, timeout: float) -> str | None:
         """What was typed within ``timeout`` seconds ("" if nothing), None once the terminal
         has hung up."""
-        if not select.select([self.fd], [], [], timeout)[0]:
+        if not readable([self.fd], timeout):
             return ""
         try:
             typed = os.read(self.fd, 64)
@@ -417,19 +420,20 @@ def cmd_shutdown(args: argparse.Namespace) -> int:
 
 
 def cmd_halt(args: argparse.Namespace) -> int:
-    try:
-        domains = {d["domid"] for d in api.call(control.List()) if d["domid"] != 0}
-    except HyperError:  # not running, or killed: api.halt says what it does about it
-        domains = set()
-    with progress(f"halting: destroying {len(domains)} domains", len(domains)) as shown:
-        halted = _halt_watched(domains, shown) if shown.visible else api.halt()
+    with progress("halting", total=0) as shown:
+        halted = _halt_watched(shown) if shown.visible else api.halt()
     if not halted:
         print("hyperctl: the hypervisor is not running", file=sys.stderr)
     return 0
 
 
-def _halt_watched(domains: set[int], shown: Progress) -> bool:
-    """api.halt() in a thread, showing how many of ``domains`` are gone four times a second."""
+def _halt_watched(shown: Progress) -> bool:
+    """api.halt() in a thread, showing how many of the domains are gone four times a second."""
+    try:
+        domains = {d["domid"] for d in api.call(control.List()) if d["domid"] != 0}
+    except HyperError:  # not running, or killed: api.halt says what it does about it
+        domains = set()
+    shown.update(f"halting: destroying {len(domains)} domains", total=len(domains))
     outcome: list[bool | BaseException] = []
 
     def halt() -> None:

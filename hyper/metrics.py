@@ -32,7 +32,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from channels import control
-from channels.kinds import KINDS
+from channels.kinds import BY_TYPE, KINDS
 from hyper import api
 
 MIB = 1 << 20
@@ -67,9 +67,7 @@ class HyperCollector(Collector):
         domains = self.hv.call(control.List())
         names = {int(d["domid"]): str(d["name"]) for d in domains}
         yield from _domain_metrics(domains)
-        stats = {
-            k.xenbus_type: self.hv.call(control.DeviceStats(kind=k.xenbus_type)) for k in KINDS
-        }
+        stats = self.hv.device_stats()
         for kind in KINDS:
             yield from _device_metrics(
                 kind.xenbus_type, kind.counters, stats[kind.xenbus_type], names
@@ -118,7 +116,7 @@ def _device_metrics(
         for device in stats:
             if counter in device:
                 domid = int(device["domid"])
-                who = [names.get(domid, str(domid)), str(domid), api.device_label(kind, device)]
+                who = [names.get(domid, str(domid)), str(domid), BY_TYPE[kind].label(device)]
                 family.add_metric(who, float(device[counter]))
         yield family
 

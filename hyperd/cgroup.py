@@ -818,14 +818,7 @@ class Hierarchy(ABC):
             raise CgroupError(f"{self.scope.path} does not exist: hyperd starts it (prepare)")
         created: list[Path] = []
         try:
-            for parent in self.parent_dirs():
-                if not parent.is_dir():
-                    try:
-                        _mkdir(self._fs, parent)
-                        created.append(parent)
-                    except CgroupError:
-                        if not parent.is_dir():  # else another hyperd made it first
-                            raise
+            created += [parent for parent in self.parent_dirs() if _make_group(self._fs, parent)]
             self._enable_controllers()
         except BaseException:
             for path in reversed(created):
@@ -946,7 +939,7 @@ class SystemdScope:
         try:
             running = self._fs.unit_state(SYSTEMD_SCOPE) == "active"
             if running:  # domains outlived the last hyperd: join them
-                _make_leaf(self._fs, leaf)
+                _make_group(self._fs, leaf)
                 if not self.inside():
                     self._fs.join_unit(SYSTEMD_SCOPE, f"/{SUPERVISOR}", os.getpid())
             else:
@@ -955,7 +948,8 @@ class SystemdScope:
             verb = "join" if running else "start"
             raise CgroupError(f"systemd did not {verb} {SYSTEMD_SCOPE}: {exc}") from exc
         _wait_for(self.inside, SYSTEMD_TIMEOUT, f"systemd to put us in {SYSTEMD_SCOPE}")
-        _make_leaf(self._fs, leaf)
+        if not running:
+            _make_group(self._fs, leaf)
         for pid in _read(self.path / "cgroup.procs").split():
             try:
                 _move(self._fs, int(pid), leaf / "cgroup.procs")
@@ -978,10 +972,15 @@ class SystemdScope:
             time.sleep(SYSTEMD_RETRY)
 
 
-def _make_leaf(fs: CgroupFs, leaf: Path) -> None:
-    if not leaf.is_dir():
-        try:
-            _mkdir(fs, leaf)
-        except CgroupError:
-            if not leaf.is_dir():  # else another process made it first
-                raise
+def _make_group(fs: CgroupFs, path: Path) -> bool:
+    """Create group ``path`` unless it exists (another process may make it at the same time):
+    True if this call made it."""
+    if path.is_dir():
+        return False
+    try:
+        _mkdir(fs, path)
+    except CgroupError:
+        if not path.is_dir():  # else another process made it first
+            raise
+        return False
+    return True

@@ -3,6 +3,7 @@ change with ``HYPER_UPDATE_GOLDEN=1`` (then review the diff)."""
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from pathlib import Path
@@ -22,15 +23,33 @@ def assert_matches_golden(actual: str, golden: Path) -> None:
 
 
 def shape(value: Any) -> Any:
-    """The schema of a JSON value: a type's name, an object's keys' shapes, a list's last
-    element's shape (the test's domain's, in a list of domains; an empty list: [])."""
+    """The schema of a JSON value: a type's name, an object's keys' shapes, a list's one
+    shape that every element has (merged: an object's keys from all of them, ``int|null``
+    for a field that is sometimes null; an empty list: [])."""
     if isinstance(value, dict):
         return {key: shape(value[key]) for key in sorted(value)}
     if isinstance(value, list):
-        return [shape(value[-1])] if value else []
+        shapes = [shape(v) for v in value]
+        return [functools.reduce(_merged, shapes)] if shapes else []
     if value is None:
         return "null"
     return {bool: "bool", int: "int", float: "float", str: "str"}[type(value)]
+
+
+def _merged(a: Any, b: Any) -> Any:
+    """One shape for two elements' shapes: an object's keys from both (``absent`` joins a
+    key's type where one of them lacks it), a list's elements merged, two types as ``a|b``
+    (an object and a type: ``{"one of": [...]}``)."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        return {k: _merged(a.get(k, ABSENT), b.get(k, ABSENT)) for k in sorted(a.keys() | b.keys())}
+    if isinstance(a, list) and isinstance(b, list):
+        return [_merged(a[0], b[0])] if a and b else a or b
+    if a == b or not isinstance(a, str) or not isinstance(b, str):
+        return a if b == ABSENT or a == b else b if a == ABSENT else {"one of": [a, b]}
+    return "|".join(sorted({*a.split("|"), *b.split("|")}))
+
+
+ABSENT = "absent"
 
 
 def assert_matches_schema(value: Any, command: str) -> None:

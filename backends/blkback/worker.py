@@ -40,7 +40,8 @@ def start(
     ring = BackRing.attach(
         B.BLK_RING, grants.resolve(params["ring_ref"], write=True), name=params["name"]
     )
-    (ring.figures,) = ring_figures(counter_page, len(Counters.FIELDS), 1, 1)
+    (figures,) = ring_figures(counter_page, len(Counters.FIELDS), 1, 1)
+    ring.figures = figures.page
     path = VbdPath(
         ring,
         channel,

@@ -70,7 +70,7 @@ def start(
         loop = pumps.QueueLoop("netback-q") if rate is None else None
         tx = TxPath(tx_ring, tx_ch, grants, tap_fd, counters[q], rate, link.fatal, sources, loop)
         rx = RxPath(rx_ring, rx_ch, grants, tap_fd, counters[q], params["gso"], link.fatal, loop)
-        for path, view in ((tx, figures[2 * q]), (rx, figures[2 * q + 1])):
+        for path, view in ((tx, figures[2 * q].page), (rx, figures[2 * q + 1].page)):
             path.ring.figures = path.late_eoi.figures = view
         paths.append((tx, rx))
     faults = Faults(params["name"], paths, counters)

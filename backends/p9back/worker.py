@@ -52,10 +52,10 @@ def start(
         on_fatal=link.fatal,
         name=params["name"],
     )
-    for ring, view in zip(
+    for ring, figures in zip(
         p9.rings, ring_figures(counter_page, len(Counters.FIELDS), 1, len(refs)), strict=True
     ):
-        ring.figures = ring.late_eoi.figures = view
+        ring.figures = ring.late_eoi.figures = figures.page
     p9.start()
 
     def stop() -> None:

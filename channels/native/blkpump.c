@@ -254,7 +254,7 @@ static int blk_take(blk_t *b, int64_t avail, const uint32_t *slots, int *ngo, re
         int verdict = blk_prepare(b, raw, job, &status);
         if (verdict == REQ_PYTHON)
             return PUMP_FALLBACK;
-        ring_took(&b->ring, 1);
+        b->ring.cons++;
         if (verdict == REQ_GO)
             (*ngo)++;
         else
@@ -394,7 +394,9 @@ static int64_t blk_work(blk_t *b) {
     }
     refusal_t refused[MAX_OUTSTANDING];
     int ngo, nrefused;
+    uint32_t start = b->ring.cons;
     int end = blk_take(b, avail, go, &ngo, refused, &nrefused);
+    ring_took_since(&b->ring, start);
     pthread_mutex_lock(&b->lock);
     for (int i = 0; i < nrefused; i++)
         blk_respond(b, refused[i].id, refused[i].op, refused[i].status);

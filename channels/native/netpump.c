@@ -381,6 +381,7 @@ static int tx_packet(pump_t *p, uint32_t cons, uint32_t avail, tx_req_t *s, int 
 /* TxPath._work: every whole packet published (up to BUDGET_SLOTS), answered and pushed.
  * Returns slots handled (>= 0), or -PUMP_* to end run(). */
 static int64_t netback_tx_work(pump_t *p) {
+    uint32_t start = p->ring.cons;
     p->tx_pending = 0;
     int64_t avail = requests_or_broken(p);
     if (avail < 0)
@@ -421,7 +422,7 @@ static int64_t netback_tx_work(pump_t *p) {
         } else {
             p->counters[TX_ERRORS]++;
         }
-        ring_took(&p->ring, (uint32_t)k);
+        p->ring.cons += (uint32_t)k;
         tx_respond(p, s[0].id, status);
         for (int i = 0; i < extras; i++)
             tx_respond(p, 0, NETIF_RSP_NULL);
@@ -431,6 +432,7 @@ static int64_t netback_tx_work(pump_t *p) {
         /* Answered at once, not at the end of the batch: a frontend waiting for room refills
            the ring while we send the rest (the push rings only if it asked). */
     }
+    ring_took_since(&p->ring, start);
     if (ring_push(&p->ring, RSP_PROD, RSP_EVENT))
         bell_ring(&p->peer);
     return end ? end : done;
@@ -438,8 +440,8 @@ static int64_t netback_tx_work(pump_t *p) {
 
 /* -- netback rx ----------------------------------------------------------------------------- */
 
-/* RxPath._fill: posted buffers off the ring until a whole frame fits. */
-static int netback_rx_fill(pump_t *p) {
+/* RxPath._fill's batch (netback_rx_fill counts what it took). */
+static int netback_rx_take(pump_t *p) {
     if (p->held_len >= RX_NEED)
         return 0;
     int64_t avail = requests_or_broken(p);
@@ -464,9 +466,17 @@ static int netback_rx_fill(pump_t *p) {
         uint32_t at = (p->held_head + p->held_len++) % 512;
         p->held_id[at] = get16(slot);
         p->held_page[at] = page;
-        ring_took(&p->ring, 1);
+        p->ring.cons++;
     }
     return 0;
+}
+
+/* RxPath._fill: posted buffers off the ring until a whole frame fits. */
+static int netback_rx_fill(pump_t *p) {
+    uint32_t start = p->ring.cons;
+    int r = netback_rx_take(p);
+    ring_took_since(&p->ring, start);
+    return r;
 }
 
 #define HELD(p, i) ((p)->held_page[((p)->held_head + (i)) % 512])

@@ -79,10 +79,9 @@ static inline void ring_count(ring_t *r, int figure, uint64_t n) {
         r->fig[figure] += n;
 }
 
-/* A back end took `n` requests off the ring (RING_COPY_REQUEST, n times). */
-static inline void ring_took(ring_t *r, uint32_t n) {
-    r->cons += n;
-    ring_count(r, RF_REQUESTS, n);
+/* A back end's batch took the requests from `start` to its req_cons: counted once a batch. */
+static inline void ring_took_since(ring_t *r, uint32_t start) {
+    ring_count(r, RF_REQUESTS, r->cons - start);
 }
 
 static inline uint8_t *ring_slot(const ring_t *r, uint32_t idx) {

@@ -59,12 +59,12 @@ def test_fifty_create_destroy_cycles_leave_nothing(
         assert not Path(f"/proc/{kernel}").exists(), f"cycle {cycle} left its kernel"
         # A process of the domain's that died with it is reaped by hyperd (their subreaper)
         # as its SIGCHLD arrives, which may be just after destroy returned: give it a moment.
-        if set(leftovers()) != before:
-            extra = set(leftovers()) - before
+        now = set(leftovers())
+        if now != before:
             wait_for(
                 lambda: set(leftovers()) == before,
                 5,
-                f"cycle {cycle}'s leftovers to go: {', '.join(map(described, extra))}",
+                f"cycle {cycle}'s leftovers to go: {', '.join(map(described, now ^ before))}",
             )
 
 

@@ -36,7 +36,7 @@ class P9Link:
     def __init__(
         self, stack: contextlib.ExitStack, root_fd: int, *, readonly: bool = False, order: int = 2
     ) -> None:
-        tag = f"hyper-test-p9-{os.getpid()}-{next(_ids)}"
+        tag = self.tag = f"hyper-test-p9-{os.getpid()}-{next(_ids)}"
         half = 1 << order >> 1
         names = (f"{tag}-ring", f"{tag}-out")
         sizes = (1 + half, half)

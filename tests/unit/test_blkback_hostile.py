@@ -197,7 +197,8 @@ def _build(
     counter_page = bytearray(PAGE_SIZE)
     counters = Counters(memoryview(counter_page))
     stack.callback(counters.release)
-    (back.figures,) = ring_figures(memoryview(counter_page), len(COUNTER_FIELDS), 1, 1)
+    (figures,) = ring_figures(memoryview(counter_page), len(COUNTER_FIELDS), 1, 1)
+    back.figures = figures.page
     calls = Hypercalls([(pool_name, GREF_BASE, POOL_PAGES)], bells)
     grants = GrantMapper(
         calls,

@@ -94,7 +94,12 @@ def test_the_ring_figures_count_as_python_does() -> None:
         assert (figures["requests"], figures["responses"]) == (5, 5)
         # The frontend armed rsp_event at 1 (FrontRing.init): the first push rings it.
         assert figures["notify_sent"] >= 1
-        assert figures["spurious_wakeups"] >= figures["late_eoi_backoffs"]
+        # An honest frontend rings for work: nothing for late EOI to slow down (only the
+        # wakeup that stops the path may find none).
+        assert figures["late_eoi_backoffs"] == 0
+    # How each batched its pushes may differ; what they took and answered may not.
+    taken = ("requests", "responses")
+    assert {f: native[f] for f in taken} == {f: python[f] for f in taken}
 
 
 # -- netback tx: slots a hostile frontend wrote -------------------------------------------------

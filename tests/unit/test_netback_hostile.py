@@ -141,7 +141,7 @@ def serving_queues(
             pool.grant(i, 0, readonly=True)
         page = memoryview(bytearray(8 * (len(COUNTER_FIELDS) + 2 * len(RING_FIGURES)) * queues))
         counters = Counters.blocks(page, queues)
-        figures = ring_figures(page, len(COUNTER_FIELDS), queues, 2 * queues)
+        figures = [f.page for f in ring_figures(page, len(COUNTER_FIELDS), queues, 2 * queues)]
         calls = [Hypercalls([(pool_name, 8, 8)], pair) for pair in bells]
         device = DeviceGrants(FRONT, "vif/0", N.MAX_GRANT_PAGES * queues)
         grants = GrantMapper(

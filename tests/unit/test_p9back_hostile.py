@@ -198,6 +198,8 @@ def test_a_stopped_device_lets_its_pools_be_unmapped(
         stack.callback(link.front_in.close)  # the test's frontend lets go of its own too
         stack.callback(link.front_out.close)
     assert "views still exported" not in caplog.text
+    mapped = Path("/proc/self/maps").read_text()
+    assert link.tag not in mapped  # every pool unmapped now, not at exit
 
 
 def test_the_ring_figures_count_each_request_reply_and_kick(make_link: MakeLink) -> None:

@@ -46,9 +46,7 @@ def test_it_runs_the_readmes_test_command_as_root_with_its_interpreter(
     runs = [s.get("run", "") for s in steps(workflow)]
     (test,) = [r for r in runs if "scripts/test.sh" in r]
     assert test.startswith("sudo ") and "PYTHON=${{ steps.python.outputs.python-path }}" in test
-    (python,) = [
-        s for s in steps(workflow) if str(s.get("uses", "")).startswith("actions/setup-python")
-    ]
+    (python,) = using(workflow, "actions/setup-python")
     assert python["id"] == "python"
     readme = WORKFLOW.parents[2].joinpath("README.md").read_text()
     assert "scripts/test.sh" in readme
